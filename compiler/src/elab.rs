@@ -1,0 +1,1 @@
+//! Elaboration (in progress).

@@ -1,0 +1,14 @@
+//! The graph IR. See DESIGN.md, "Graph IR".
+
+pub mod dim;
+pub mod graph;
+pub mod infer;
+pub mod op;
+pub mod print;
+pub mod types;
+pub mod verify;
+
+pub use dim::Dim;
+pub use graph::{Graph, Init, InputInfo, Node, NodeId, ParamInfo};
+pub use op::{BinaryOp, EinsumSpec, F64Bits, Op, ReduceOp, UnaryOp};
+pub use types::{DType, TensorType};

@@ -1,0 +1,5 @@
+//! tnc's compiler: elaboration of the AST into the graph IR, and (in later stages)
+//! passes and code generation. See `../shared/DESIGN.md` for the pipeline.
+
+pub mod elab;
+pub mod ir;
