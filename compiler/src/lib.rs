@@ -1,5 +1,7 @@
 //! tnc's compiler: elaboration of the AST into the graph IR, and (in later stages)
 //! passes and code generation. See `../shared/DESIGN.md` for the pipeline.
 
+pub mod autodiff;
 pub mod elab;
+pub mod interp;
 pub mod ir;

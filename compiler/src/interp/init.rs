@@ -1,0 +1,83 @@
+//! Parameter initialization, deterministic across machines: element `i` of parameter `p`
+//! draws from the counter-based generator keyed by `(seed, stable_hash(p.name))` at
+//! counter `(i, 0)`, so a parameter's values depend only on the seed and its name —
+//! not on the order parameters were declared in, nor on other parameters' sizes.
+
+use super::eval::{evaluate, EvalOptions};
+use super::tensor::{checked_numel, Tensor};
+use crate::ir::{Graph, Init, ParamInfo};
+use std::collections::HashMap;
+use tnc_runtime::rng;
+
+/// Initial values of every parameter and buffer of `g`, in `g.params` order.
+pub fn init_params(g: &Graph, seed: u64) -> Result<Vec<Tensor>, String> {
+    g.params.iter().map(|p| init_param(p, seed)).collect()
+}
+
+pub fn init_param(p: &ParamInfo, seed: u64) -> Result<Tensor, String> {
+    let shape: Vec<usize> =
+        p.ty.shape
+            .iter()
+            .map(|d| {
+                d.as_const()
+                    .and_then(|c| usize::try_from(c).ok())
+                    .ok_or_else(|| format!("parameter `{}` has a non-constant size `{d}`", p.name))
+            })
+            .collect::<Result<_, _>>()?;
+    let n = checked_numel(&shape).map_err(|e| format!("parameter `{}`: {e}", p.name))?;
+    let seed = p.seed.unwrap_or(seed);
+    let stream = rng::stable_hash(&p.name);
+    let draw = |f: &dyn Fn(u64) -> f64| -> Vec<f64> { (0..n as u64).map(f).collect() };
+    let data = match &p.init {
+        Init::Zeros => vec![0.0; n],
+        Init::Ones => vec![1.0; n],
+        Init::Constant(c) => vec![*c; n],
+        Init::Normal { mean, std } => draw(&|i| mean + std * rng::normal(seed, stream, i, 0)),
+        Init::Uniform { lo, hi } => draw(&|i| lo + (hi - lo) * rng::uniform(seed, stream, i, 0)),
+        Init::Xavier { gain } => {
+            let bound =
+                gain * xavier_bound(&shape).map_err(|e| format!("parameter `{}`: {e}", p.name))?;
+            draw(&|i| bound * (2.0 * rng::uniform(seed, stream, i, 0) - 1.0))
+        }
+        Init::Computed(graph) => return computed(p, graph, shape),
+    };
+    Tensor::new(shape, data)
+}
+
+/// `sqrt(6 / (fan_in + fan_out))` for a `[…, fan_in, fan_out]` weight, both fans scaled
+/// by the product of the leading axes (see [`Init::Xavier`]).
+pub fn xavier_bound(shape: &[usize]) -> Result<f64, String> {
+    if shape.len() < 2 {
+        return Err(format!(
+            "Xavier initialization needs a weight of rank ≥ 2, got shape {shape:?}"
+        ));
+    }
+    let r = shape.len();
+    let lead: usize = shape[..r - 2].iter().product();
+    let fans = (shape[r - 2] + shape[r - 1]) as f64 * lead as f64;
+    if fans == 0.0 {
+        return Err("Xavier initialization of an empty weight".into());
+    }
+    Ok((6.0 / fans).sqrt())
+}
+
+fn computed(p: &ParamInfo, graph: &Graph, shape: Vec<usize>) -> Result<Tensor, String> {
+    if !graph.inputs.is_empty() || !graph.params.is_empty() || graph.outputs.len() != 1 {
+        return Err(format!(
+            "the initializer of `{}` must be a constant graph with one output",
+            p.name
+        ));
+    }
+    let ev = evaluate(graph, &HashMap::new(), &[], &EvalOptions::default())
+        .map_err(|e| format!("initializer of `{}`: {e}", p.name))?;
+    let out = ev
+        .get(graph.outputs[0].1)
+        .ok_or_else(|| format!("initializer of `{}` has no value", p.name))?;
+    if out.shape != shape {
+        return Err(format!(
+            "the initializer of `{}` gives shape {:?}, the parameter has {shape:?}",
+            p.name, out.shape
+        ));
+    }
+    Ok(out.clone())
+}
