@@ -1,0 +1,143 @@
+//! `tnc`'s command line: argument parsing and reporting. Each subcommand is a thin layer
+//! over the compiler crate.
+//!
+//! Exit status: 0 on success, 1 on an error in the user's model, 2 on bad usage
+//! (unknown flags, malformed `--set`, unknown pass names).
+
+mod check;
+mod ir;
+
+use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tnc_compiler::frontend::{self, Input, Request};
+use tnc_compiler::ir::Graph;
+use tnc_grammar::{Diagnostic, SourceMap};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tnc",
+    version,
+    about = "Compile TransNormer-style linear-attention models to fused kernels",
+    long_about = "tnc compiles a model written in the tnc language (.tn files) into fused kernels.\n\
+                  Start with `tnc check models/transnormer_t1.tn`, then look at the graph with `tnc ir`."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags shared by every command that reads a model.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// The model file (.tn).
+    pub file: PathBuf,
+    /// Override a hyper-parameter: `name=value` for the model's, `function.argument=value`
+    /// for a function's default. Repeatable. Values are expressions: `dim=256`,
+    /// `phi=relu`, `eps=1e-6`.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    pub sets: Vec<String>,
+    /// Which model to compile when the file defines several.
+    #[arg(long)]
+    pub model: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Parse, elaborate and type-check a model; print parameters, inputs, outputs and op counts.
+    Check {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Print the graph IR after a pass, as text or Graphviz DOT.
+    Ir {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Print Graphviz DOT instead of text.
+        #[arg(long)]
+        dot: bool,
+        /// The pass after which to print (`tnc ir FILE --after list` lists them).
+        #[arg(long, default_value = "elaborate")]
+        after: String,
+    },
+}
+
+/// Parse arguments and run; returns the process exit status.
+pub fn run<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let result = match cli.command {
+        Command::Check { model } => check::run(&model),
+        Command::Ir { model, dot, after } => ir::run(&model, dot, &after),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            failure.report();
+            ExitCode::from(failure.status)
+        }
+    }
+}
+
+/// A failed command: the diagnostic, the sources it points into, and the exit status.
+pub struct Failure {
+    pub diagnostic: Diagnostic,
+    pub sources: SourceMap,
+    pub status: u8,
+}
+
+impl Failure {
+    pub fn usage(d: Diagnostic) -> Failure {
+        Failure {
+            diagnostic: d,
+            sources: SourceMap::new(),
+            status: 2,
+        }
+    }
+
+    fn report(&self) {
+        let stderr = std::io::stderr();
+        if stderr.is_terminal() && std::env::var_os("NO_COLOR").is_none() {
+            let mut out = codespan_reporting::term::termcolor::StandardStream::stderr(
+                codespan_reporting::term::termcolor::ColorChoice::Always,
+            );
+            self.diagnostic.emit(&self.sources, &mut out);
+        } else {
+            eprint!("{}", self.diagnostic.render(&self.sources));
+        }
+    }
+}
+
+/// Load and elaborate the model named on the command line.
+pub fn elaborate(args: &ModelArgs) -> Result<(Graph, SourceMap), Failure> {
+    let req = Request {
+        sets: &args.sets,
+        model: args.model.as_deref(),
+    };
+    let (sources, result) = frontend::elaborate(Input::Path(&args.file), &req);
+    match result {
+        Ok(g) => Ok((g, sources)),
+        Err(d) => {
+            let status = if frontend::is_usage_error(&d, &sources) {
+                2
+            } else {
+                1
+            };
+            Err(Failure {
+                diagnostic: d,
+                sources,
+                status,
+            })
+        }
+    }
+}

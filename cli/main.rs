@@ -1,0 +1,5 @@
+//! The `tnc` command. All logic lives in `cli/lib.rs` so tests can call it in-process.
+
+fn main() -> std::process::ExitCode {
+    tnc::run(std::env::args_os())
+}

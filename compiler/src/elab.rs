@@ -1,1 +1,0 @@
-//! Elaboration (in progress).
