@@ -3,5 +3,7 @@
 
 pub mod autodiff;
 pub mod elab;
+pub mod frontend;
 pub mod interp;
 pub mod ir;
+pub mod passes;
