@@ -9,8 +9,7 @@ use tnc_compiler::autodiff::{differentiate, differentiate_wrt, grad_name, GradOp
 use tnc_compiler::interp::{compare, evaluate, init_params, EvalOptions, Tensor};
 use tnc_compiler::ir::verify::verify;
 use tnc_compiler::ir::{
-    BinaryOp, DType, Dim, EinsumSpec, Graph, Init, NodeId, Op, ParamInfo, ReduceOp, TensorType,
-    UnaryOp,
+    BinaryOp, DType, Dim, EinsumSpec, Graph, Init, NodeId, Op, ParamInfo, ReduceOp, TensorType, UnaryOp,
 };
 use tnc_grammar::{FileId, Span};
 
@@ -20,49 +19,27 @@ fn t(shape: &[usize], data: &[f64]) -> Tensor {
 
 fn sum_all(g: &mut Graph, y: NodeId) -> NodeId {
     let axes = (0..g.ty(y).rank()).collect();
-    g.add(
-        Op::Reduce {
-            op: ReduceOp::Sum,
-            axes,
-        },
-        &[y],
-        None,
-    )
-    .unwrap()
+    g.add(Op::Reduce { op: ReduceOp::Sum, axes }, &[y], None).unwrap()
 }
 
 /// Gradients of `sum(f(inputs))` w.r.t. each input, by autodiff in f64.
-fn grads_of_sum(
-    inputs: &[(&str, Tensor)],
-    f: impl Fn(&mut Graph, &[NodeId]) -> NodeId,
-) -> Vec<Tensor> {
+fn grads_of_sum(inputs: &[(&str, Tensor)], f: impl Fn(&mut Graph, &[NodeId]) -> NodeId) -> Vec<Tensor> {
     let mut g = Graph::new("kink");
-    let ids: Vec<NodeId> = inputs
-        .iter()
-        .map(|(n, v)| g.add_input(*n, TensorType::new(DType::F32, dims(&v.shape)), None))
-        .collect();
+    let ids: Vec<NodeId> =
+        inputs.iter().map(|(n, v)| g.add_input(*n, TensorType::new(DType::F32, dims(&v.shape)), None)).collect();
     let y = f(&mut g, &ids);
     let loss = sum_all(&mut g, y);
     let names: Vec<&str> = inputs.iter().map(|(n, _)| *n).collect();
     differentiate_wrt(&mut g, loss, &names).unwrap();
     verify(&g).unwrap();
-    let vals: HashMap<String, Tensor> = inputs
-        .iter()
-        .map(|(n, v)| (n.to_string(), v.clone()))
-        .collect();
+    let vals: HashMap<String, Tensor> = inputs.iter().map(|(n, v)| (n.to_string(), v.clone())).collect();
     let ev = evaluate(&g, &vals, &[], &EvalOptions::default()).unwrap();
-    names
-        .iter()
-        .map(|n| ev.output(&g, &grad_name(n)).unwrap().clone())
-        .collect()
+    names.iter().map(|n| ev.output(&g, &grad_name(n)).unwrap().clone()).collect()
 }
 
 fn unary_grad(u: UnaryOp, xs: &[f64]) -> Tensor {
     let x = t(&[xs.len()], xs);
-    grads_of_sum(&[("x", x)], |g, ids| {
-        g.add(Op::Unary(u), &[ids[0]], None).unwrap()
-    })
-    .remove(0)
+    grads_of_sum(&[("x", x)], |g, ids| g.add(Op::Unary(u), &[ids[0]], None).unwrap()).remove(0)
 }
 
 fn eval_unary(u: UnaryOp, x: f64) -> f64 {
@@ -70,11 +47,7 @@ fn eval_unary(u: UnaryOp, x: f64) -> f64 {
     let i = g.add_input("x", TensorType::scalar(DType::F32), None);
     let y = g.add(Op::Unary(u), &[i], None).unwrap();
     let vals = HashMap::from([("x".to_string(), Tensor::scalar(x))]);
-    evaluate(&g, &vals, &[], &EvalOptions::default())
-        .unwrap()
-        .get(y)
-        .unwrap()
-        .data[0]
+    evaluate(&g, &vals, &[], &EvalOptions::default()).unwrap().get(y).unwrap().data[0]
 }
 
 #[test]
@@ -109,10 +82,9 @@ fn derivatives_at_zero_follow_the_documented_branch() {
 fn ties_go_to_the_first_operand_and_to_every_maximum() {
     let a = t(&[3], &[1.0, 2.0, 3.0]);
     let b = t(&[3], &[1.0, 5.0, 0.0]);
-    for (op, ga, gb) in [
-        (BinaryOp::Max, [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]),
-        (BinaryOp::Min, [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]),
-    ] {
+    for (op, ga, gb) in
+        [(BinaryOp::Max, [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]), (BinaryOp::Min, [1.0, 1.0, 0.0], [0.0, 0.0, 1.0])]
+    {
         let g = grads_of_sum(&[("a", a.clone()), ("b", b.clone())], |g, ids| {
             g.add(Op::Binary(op), &[ids[0], ids[1]], None).unwrap()
         });
@@ -121,13 +93,10 @@ fn ties_go_to_the_first_operand_and_to_every_maximum() {
     }
     // reduce_max: both tied maxima get the full cotangent.
     let x = t(&[2, 3], &[1.0, 3.0, 3.0, -1.0, -2.0, -1.0]);
-    for (op, want) in [
-        (ReduceOp::Max, [0.0, 1.0, 1.0, 1.0, 0.0, 1.0]),
-        (ReduceOp::Min, [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
-    ] {
+    for (op, want) in [(ReduceOp::Max, [0.0, 1.0, 1.0, 1.0, 0.0, 1.0]), (ReduceOp::Min, [1.0, 0.0, 0.0, 0.0, 1.0, 0.0])]
+    {
         let g = grads_of_sum(&[("x", x.clone())], |g, ids| {
-            g.add(Op::Reduce { op, axes: vec![1] }, &[ids[0]], None)
-                .unwrap()
+            g.add(Op::Reduce { op, axes: vec![1] }, &[ids[0]], None).unwrap()
         });
         assert_eq!(g[0].data, want, "{op:?}");
     }
@@ -138,30 +107,18 @@ fn pow_with_a_zero_base_has_a_finite_exponent_gradient() {
     let a = t(&[2], &[0.0, 2.0]);
     let b = t(&[2], &[2.5, 3.0]);
     let g = grads_of_sum(&[("a", a), ("b", b)], |g, ids| {
-        g.add(Op::Binary(BinaryOp::Pow), &[ids[0], ids[1]], None)
-            .unwrap()
+        g.add(Op::Binary(BinaryOp::Pow), &[ids[0], ids[1]], None).unwrap()
     });
     // d/da: b·a^(b-1) = [0, 3·4]; d/db: y·log(a) = [0 (log 0 read as 0), 8·log 2].
-    assert!(
-        compare(&g[0], &t(&[2], &[0.0, 12.0])).within(1e-12),
-        "{:?}",
-        g[0]
-    );
-    assert!(
-        compare(&g[1], &t(&[2], &[0.0, 8.0 * 2f64.ln()])).within(1e-12),
-        "{:?}",
-        g[1]
-    );
+    assert!(compare(&g[0], &t(&[2], &[0.0, 12.0])).within(1e-12), "{:?}", g[0]);
+    assert!(compare(&g[1], &t(&[2], &[0.0, 8.0 * 2f64.ln()])).within(1e-12), "{:?}", g[1]);
 }
 
 fn param(g: &mut Graph, name: &str, shape: &[usize], trainable: bool) -> NodeId {
     g.add_param(ParamInfo {
         name: name.into(),
         ty: TensorType::new(DType::F32, dims(shape)),
-        init: Init::Normal {
-            mean: 0.0,
-            std: 0.5,
-        },
+        init: Init::Normal { mean: 0.0, std: 0.5 },
         trainable,
         attrs: vec![],
         seed: None,
@@ -189,24 +146,8 @@ fn mlp() -> (Graph, NodeId) {
     let h = g.add(mm(["bi", "ij"], "bj"), &[x, w1], None).unwrap();
     let h = g.add(Op::Unary(UnaryOp::Silu), &[h], None).unwrap();
     let o = g.add(mm(["bj", "jk"], "bk"), &[h, w2], None).unwrap();
-    let s = g
-        .add(
-            Op::Reshape {
-                shape: dims(&[1, 1]),
-            },
-            &[scale],
-            None,
-        )
-        .unwrap();
-    let s = g
-        .add(
-            Op::Broadcast {
-                shape: sym(&["B", "2"]),
-            },
-            &[s],
-            None,
-        )
-        .unwrap();
+    let s = g.add(Op::Reshape { shape: dims(&[1, 1]) }, &[scale], None).unwrap();
+    let s = g.add(Op::Broadcast { shape: sym(&["B", "2"]) }, &[s], None).unwrap();
     let o = g.add(Op::Binary(BinaryOp::Mul), &[o, s], None).unwrap();
     let loss = sum_all(&mut g, o);
     g.add_output("loss", loss);
@@ -221,16 +162,11 @@ fn parameter_gradients_match_finite_differences() {
     verify(&g).unwrap();
     let names: Vec<&str> = g.outputs.iter().map(|(n, _)| n.as_str()).collect();
     // Trainable parameters and the f32 input; not the buffer, not the i32 input.
-    assert_eq!(
-        names,
-        ["loss", "grad.w1", "grad.w2", "grad.unused", "grad.x"]
-    );
+    assert_eq!(names, ["loss", "grad.w1", "grad.w2", "grad.unused", "grad.x"]);
 
     let params = init_params(&g, 3).unwrap();
-    let inputs = HashMap::from([
-        ("x".to_string(), normal("mlp x", &[2, 3])),
-        ("ids".to_string(), ints("mlp ids", &[2], 9)),
-    ]);
+    let inputs =
+        HashMap::from([("x".to_string(), normal("mlp x", &[2, 3])), ("ids".to_string(), ints("mlp ids", &[2], 9))]);
     let opts = EvalOptions::default();
     let ev = evaluate(&g, &inputs, &params, &opts).unwrap();
     let loss_at = |ps: &[Tensor]| {
@@ -261,17 +197,9 @@ fn parameter_gradients_match_finite_differences() {
 
 #[test]
 fn errors_carry_the_span_of_the_offending_node() {
-    let span = Span {
-        file: FileId(0),
-        start: 3,
-        end: 9,
-    };
+    let span = Span { file: FileId(0), start: 3, end: 9 };
     let mut g = Graph::new("bad");
-    let tok = g.add_input(
-        "tokens",
-        TensorType::new(DType::I32, sym(&["N"])),
-        Some(span),
-    );
+    let tok = g.add_input("tokens", TensorType::new(DType::I32, sym(&["N"])), Some(span));
     let x = g.add_input("x", TensorType::new(DType::F32, sym(&["N"])), None);
     let e = differentiate_wrt(&mut g, x, &[]).unwrap_err();
     assert!(e.message.contains("scalar"), "{e}");
@@ -279,20 +207,13 @@ fn errors_carry_the_span_of_the_offending_node() {
     let loss = sum_all(&mut g, x);
     let e = differentiate_wrt(&mut g, loss, &["tokens"]).unwrap_err();
     assert_eq!(e.span, Some(span));
-    assert!(
-        e.message.contains("tokens") && e.message.contains("i32"),
-        "{e}"
-    );
+    assert!(e.message.contains("tokens") && e.message.contains("i32"), "{e}");
     assert!(differentiate_wrt(&mut g, loss, &["nope"]).is_err());
     let _ = tok;
 
     // A non-scalar loss points at the loss expression.
     let mut g2 = Graph::new("vec");
-    let v = g2.add_input(
-        "v",
-        TensorType::new(DType::F32, vec![Dim::constant(2)]),
-        None,
-    );
+    let v = g2.add_input("v", TensorType::new(DType::F32, vec![Dim::constant(2)]), None);
     let y = g2.add(Op::Unary(UnaryOp::Exp), &[v], Some(span)).unwrap();
     let e = differentiate(&mut g2, y, &GradOptions::default()).unwrap_err();
     assert_eq!(e.span, Some(span));

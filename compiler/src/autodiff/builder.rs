@@ -15,17 +15,12 @@ pub(crate) struct Builder<'g> {
 
 impl Builder<'_> {
     pub fn err(&self, message: impl Into<String>) -> AutodiffError {
-        AutodiffError {
-            message: message.into(),
-            span: self.span,
-        }
+        AutodiffError { message: message.into(), span: self.span }
     }
 
     pub fn add(&mut self, op: Op, operands: &[NodeId]) -> R<NodeId> {
         let kind = op.kind();
-        self.g
-            .add(op, operands, self.span)
-            .map_err(|e| self.err(format!("building the gradient (`{kind}`): {e}")))
+        self.g.add(op, operands, self.span).map_err(|e| self.err(format!("building the gradient (`{kind}`): {e}")))
     }
 
     pub fn shape(&self, x: NodeId) -> Vec<Dim> {
@@ -34,13 +29,7 @@ impl Builder<'_> {
 
     /// A scalar f32 constant.
     pub fn scalar(&mut self, v: f64) -> R<NodeId> {
-        self.add(
-            Op::Constant {
-                value: F64Bits::new(v),
-                dtype: DType::F32,
-            },
-            &[],
-        )
+        self.add(Op::Constant { value: F64Bits::new(v), dtype: DType::F32 }, &[])
     }
 
     /// An f32 constant of the given shape: a scalar reshaped to all-ones, then broadcast.
@@ -51,12 +40,7 @@ impl Builder<'_> {
         }
         let ones = vec![Dim::constant(1); shape.len()];
         let c = self.add(Op::Reshape { shape: ones }, &[c])?;
-        self.add(
-            Op::Broadcast {
-                shape: shape.to_vec(),
-            },
-            &[c],
-        )
+        self.add(Op::Broadcast { shape: shape.to_vec() }, &[c])
     }
 
     /// An f32 constant shaped like `x`.
@@ -125,46 +109,20 @@ impl Builder<'_> {
         let kept: Vec<Dim> = full
             .iter()
             .enumerate()
-            .map(|(i, d)| {
-                if axes.contains(&i) {
-                    Dim::constant(1)
-                } else {
-                    d.clone()
-                }
-            })
+            .map(|(i, d)| if axes.contains(&i) { Dim::constant(1) } else { d.clone() })
             .collect();
-        let x = if self.shape(x) == kept {
-            x
-        } else {
-            self.add(
-                Op::Reshape {
-                    shape: kept.clone(),
-                },
-                &[x],
-            )?
-        };
+        let x = if self.shape(x) == kept { x } else { self.add(Op::Reshape { shape: kept.clone() }, &[x])? };
         if kept == full {
             return Ok(x);
         }
-        self.add(
-            Op::Broadcast {
-                shape: full.to_vec(),
-            },
-            &[x],
-        )
+        self.add(Op::Broadcast { shape: full.to_vec() }, &[x])
     }
 
     pub fn reduce_sum(&mut self, x: NodeId, axes: Vec<usize>) -> R<NodeId> {
         if axes.is_empty() {
             return Ok(x);
         }
-        self.add(
-            Op::Reduce {
-                op: ReduceOp::Sum,
-                axes,
-            },
-            &[x],
-        )
+        self.add(Op::Reduce { op: ReduceOp::Sum, axes }, &[x])
     }
 
     pub fn slice(&mut self, x: NodeId, axis: usize, start: Dim, end: Dim) -> R<NodeId> {
@@ -172,22 +130,13 @@ impl Builder<'_> {
     }
 
     pub fn pad(&mut self, x: NodeId, axis: usize, before: Dim, after: Dim) -> R<NodeId> {
-        self.add(
-            Op::Pad {
-                axis,
-                before,
-                after,
-            },
-            &[x],
-        )
+        self.add(Op::Pad { axis, before, after }, &[x])
     }
 
     /// Size of `axis` minus one (for shifting a sequence by one step).
     fn axis_minus_one(&self, x: NodeId, axis: usize) -> R<(Dim, Dim)> {
         let n = self.shape(x)[axis].clone();
-        let m = n
-            .checked_sub(&Dim::constant(1))
-            .ok_or_else(|| self.err("size overflow"))?;
+        let m = n.checked_sub(&Dim::constant(1)).ok_or_else(|| self.err("size overflow"))?;
         Ok((n, m))
     }
 

@@ -49,9 +49,7 @@ pub fn grad_name(name: &str) -> String {
 /// f32 input if `opts.wrt_inputs`) to `g`, as outputs `grad.<name>`.
 pub fn differentiate(g: &mut Graph, loss: NodeId, opts: &GradOptions) -> Result<(), AutodiffError> {
     let inputs: Vec<usize> = if opts.wrt_inputs {
-        (0..g.inputs.len())
-            .filter(|&i| g.inputs[i].ty.dtype == DType::F32)
-            .collect()
+        (0..g.inputs.len()).filter(|&i| g.inputs[i].ty.dtype == DType::F32).collect()
     } else {
         Vec::new()
     };
@@ -60,24 +58,13 @@ pub fn differentiate(g: &mut Graph, loss: NodeId, opts: &GradOptions) -> Result<
 
 /// Like [`differentiate`], w.r.t. the trainable parameters and the named inputs. An
 /// unknown or non-f32 input is an error (pointing at the input's declaration).
-pub fn differentiate_wrt(
-    g: &mut Graph,
-    loss: NodeId,
-    inputs: &[&str],
-) -> Result<(), AutodiffError> {
+pub fn differentiate_wrt(g: &mut Graph, loss: NodeId, inputs: &[&str]) -> Result<(), AutodiffError> {
     let mut chosen = Vec::new();
     for name in inputs {
-        let i = g
-            .inputs
-            .iter()
-            .position(|x| x.name == *name)
-            .ok_or_else(|| AutodiffError {
-                message: format!(
-                    "graph `{}` has no input `{name}` to differentiate with respect to",
-                    g.name
-                ),
-                span: None,
-            })?;
+        let i = g.inputs.iter().position(|x| x.name == *name).ok_or_else(|| AutodiffError {
+            message: format!("graph `{}` has no input `{name}` to differentiate with respect to", g.name),
+            span: None,
+        })?;
         let info = &g.inputs[i];
         if info.ty.dtype != DType::F32 {
             return Err(AutodiffError {
@@ -95,10 +82,7 @@ pub fn differentiate_wrt(
 
 fn run(g: &mut Graph, loss: NodeId, inputs: &[usize]) -> Result<(), AutodiffError> {
     let Some(loss_node) = g.dag.node_weight(loss) else {
-        return Err(AutodiffError {
-            message: "the loss is not a node of the graph".into(),
-            span: None,
-        });
+        return Err(AutodiffError { message: "the loss is not a node of the graph".into(), span: None });
     };
     if loss_node.ty.dtype != DType::F32 || loss_node.ty.rank() != 0 {
         return Err(AutodiffError {
@@ -111,10 +95,7 @@ fn run(g: &mut Graph, loss: NodeId, inputs: &[usize]) -> Result<(), AutodiffErro
     for p in g.params.iter().filter(|p| p.trainable) {
         if p.ty.dtype != DType::F32 {
             return Err(AutodiffError {
-                message: format!(
-                    "trainable parameter `{}` is {}; only f32 parameters can be trained",
-                    p.name, p.ty
-                ),
+                message: format!("trainable parameter `{}` is {}; only f32 parameters can be trained", p.name, p.ty),
                 span: p.span,
             });
         }
@@ -127,9 +108,7 @@ fn run(g: &mut Graph, loss: NodeId, inputs: &[usize]) -> Result<(), AutodiffErro
     for (name, _, span) in &leaves {
         if g.outputs.iter().any(|(n, _)| n == name) {
             return Err(AutodiffError {
-                message: format!(
-                    "the graph already has an output `{name}`; was it differentiated twice?"
-                ),
+                message: format!("the graph already has an output `{name}`; was it differentiated twice?"),
                 span: *span,
             });
         }
@@ -190,10 +169,7 @@ fn active_values(g: &Graph, order: &[NodeId], leaves: &HashSet<NodeId>) -> HashS
         let node = g.node(n);
         let is_active = leaves.contains(&n)
             || (node.ty.dtype == DType::F32
-                && !matches!(
-                    node.op,
-                    Op::Constant { .. } | Op::Iota { .. } | Op::SizeOf { .. }
-                )
+                && !matches!(node.op, Op::Constant { .. } | Op::Iota { .. } | Op::SizeOf { .. })
                 && g.operands(n).iter().any(|o| active.contains(o)));
         if is_active {
             active.insert(n);

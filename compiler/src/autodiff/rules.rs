@@ -16,12 +16,7 @@
 use super::builder::{Builder, R};
 use crate::ir::{BinaryOp, DType, Dim, EinsumSpec, NodeId, Op, ReduceOp, UnaryOp};
 
-pub(crate) fn vjp(
-    b: &mut Builder,
-    y: NodeId,
-    gy: NodeId,
-    needs: &[bool],
-) -> R<Vec<Option<NodeId>>> {
+pub(crate) fn vjp(b: &mut Builder, y: NodeId, gy: NodeId, needs: &[bool]) -> R<Vec<Option<NodeId>>> {
     let op = b.g.node(y).op.clone();
     let xs = b.g.operands(y);
     let mut out: Vec<Option<NodeId>> = vec![None; xs.len()];
@@ -62,9 +57,9 @@ pub(crate) fn vjp(
             }
         }
         Op::Einsum(spec) => {
-            for k in 0..xs.len() {
+            for (k, slot) in out.iter_mut().enumerate() {
                 if need(k) {
-                    out[k] = Some(einsum(b, &spec, &xs, k, gy)?);
+                    *slot = Some(einsum(b, &spec, &xs, k, gy)?);
                 }
             }
         }
@@ -80,11 +75,7 @@ pub(crate) fn vjp(
                 let from = b.shape(xs[0]);
                 let axes: Vec<usize> = (0..from.len()).filter(|&i| from[i] != shape[i]).collect();
                 let g = b.reduce_sum(gy, axes.clone())?;
-                out[0] = Some(if axes.is_empty() {
-                    g
-                } else {
-                    b.add(Op::Reshape { shape: from }, &[g])?
-                });
+                out[0] = Some(if axes.is_empty() { g } else { b.add(Op::Reshape { shape: from }, &[g])? });
             }
         }
         Op::Permute { perm } => {
@@ -106,9 +97,7 @@ pub(crate) fn vjp(
         Op::Pad { axis, before, .. } => {
             if need(0) {
                 let n = b.shape(xs[0])[axis].clone();
-                let end = before
-                    .checked_add(&n)
-                    .ok_or_else(|| b.err("size overflow"))?;
+                let end = before.checked_add(&n).ok_or_else(|| b.err("size overflow"))?;
                 out[0] = Some(b.slice(gy, axis, before, end)?);
             }
         }
@@ -116,9 +105,7 @@ pub(crate) fn vjp(
             let mut start = Dim::constant(0);
             for (k, &x) in xs.iter().enumerate() {
                 let n = b.shape(x)[axis].clone();
-                let end = start
-                    .checked_add(&n)
-                    .ok_or_else(|| b.err("size overflow"))?;
+                let end = start.checked_add(&n).ok_or_else(|| b.err("size overflow"))?;
                 if need(k) {
                     out[k] = Some(b.slice(gy, axis, start.clone(), end.clone())?);
                 }
@@ -238,14 +225,8 @@ fn binary(
     let (x0, x1) = (xs[0], xs[1]);
     let (ga, gb) = match op {
         BinaryOp::Add => (Some(gy), Some(gy)),
-        BinaryOp::Sub => (
-            Some(gy),
-            need_b.then(|| b.un(UnaryOp::Neg, gy)).transpose()?,
-        ),
-        BinaryOp::Mul => (
-            need_a.then(|| b.mul(gy, x1)).transpose()?,
-            need_b.then(|| b.mul(gy, x0)).transpose()?,
-        ),
+        BinaryOp::Sub => (Some(gy), need_b.then(|| b.un(UnaryOp::Neg, gy)).transpose()?),
+        BinaryOp::Mul => (need_a.then(|| b.mul(gy, x1)).transpose()?, need_b.then(|| b.mul(gy, x0)).transpose()?),
         // d(a/b)/da = 1/b; d(a/b)/db = -a/b² = -y/b.
         BinaryOp::Div => {
             let ga = need_a.then(|| b.div(gy, x1)).transpose()?;
@@ -281,11 +262,7 @@ fn binary(
             (ga, gb)
         }
         BinaryOp::Max | BinaryOp::Min => {
-            let cmp = if op == BinaryOp::Max {
-                BinaryOp::Ge
-            } else {
-                BinaryOp::Le
-            };
+            let cmp = if op == BinaryOp::Max { BinaryOp::Ge } else { BinaryOp::Le };
             let first = b.bin(cmp, x0, x1)?;
             let (on, off) = b.route(first, gy)?;
             (Some(on), Some(off))
@@ -318,13 +295,7 @@ fn einsum(b: &mut Builder, spec: &EinsumSpec, xs: &[NodeId], k: usize, gy: NodeI
     let g = if inputs.len() == 1 && inputs[0] == kept {
         gy
     } else {
-        b.add(
-            Op::Einsum(EinsumSpec {
-                inputs,
-                output: kept,
-            }),
-            &operands,
-        )?
+        b.add(Op::Einsum(EinsumSpec { inputs, output: kept }), &operands)?
     };
     let full = b.shape(xs[k]);
     b.expand(g, &dropped, &full)
@@ -346,31 +317,20 @@ fn scan(
     needs: &[bool],
     out: &mut [Option<NodeId>],
 ) -> R<()> {
-    let back = Op::Scan {
-        axis,
-        reverse: !reverse,
-    };
+    let back = Op::Scan { axis, reverse: !reverse };
     let Some(&d) = xs.get(1) else {
         if needs.first() == Some(&true) {
             out[0] = Some(b.add(back, &[gy])?);
         }
         return Ok(());
     };
-    let e = if reverse {
-        b.shift_prev(d, axis)?
-    } else {
-        b.shift_next(d, axis)?
-    };
+    let e = if reverse { b.shift_prev(d, axis)? } else { b.shift_next(d, axis)? };
     let t = b.add(back, &[gy, e])?;
     if needs.first() == Some(&true) {
         out[0] = Some(t);
     }
     if needs.get(1) == Some(&true) {
-        let s_before = if reverse {
-            b.shift_next(y, axis)?
-        } else {
-            b.shift_prev(y, axis)?
-        };
+        let s_before = if reverse { b.shift_next(y, axis)? } else { b.shift_prev(y, axis)? };
         out[1] = Some(b.mul(t, s_before)?);
     }
     Ok(())
@@ -387,44 +347,15 @@ fn gather(b: &mut Builder, table: NodeId, index: NodeId, gy: NodeId) -> R<NodeId
     let m = prod(&ishape)?;
     let r = prod(&tshape[1..])?;
     let one = Dim::constant(1);
-    let idx = b.add(
-        Op::Reshape {
-            shape: vec![m.clone(), one.clone()],
-        },
-        &[index],
-    )?;
-    let idx = b.add(
-        Op::Broadcast {
-            shape: vec![m.clone(), v.clone()],
-        },
-        &[idx],
-    )?;
-    let iota = b.add(
-        Op::Iota {
-            len: v.clone(),
-            dtype: DType::I32,
-        },
-        &[],
-    )?;
-    let iota = b.add(
-        Op::Reshape {
-            shape: vec![one, v.clone()],
-        },
-        &[iota],
-    )?;
-    let iota = b.add(
-        Op::Broadcast {
-            shape: vec![m.clone(), v.clone()],
-        },
-        &[iota],
-    )?;
+    let idx = b.add(Op::Reshape { shape: vec![m.clone(), one.clone()] }, &[index])?;
+    let idx = b.add(Op::Broadcast { shape: vec![m.clone(), v.clone()] }, &[idx])?;
+    let iota = b.add(Op::Iota { len: v.clone(), dtype: DType::I32 }, &[])?;
+    let iota = b.add(Op::Reshape { shape: vec![one, v.clone()] }, &[iota])?;
+    let iota = b.add(Op::Broadcast { shape: vec![m.clone(), v.clone()] }, &[iota])?;
     let hit = b.bin(BinaryOp::Eq, idx, iota)?;
     let onehot = b.add(Op::Cast { to: DType::F32 }, &[hit])?;
     let g2 = b.add(Op::Reshape { shape: vec![m, r] }, &[gy])?;
-    let spec = EinsumSpec {
-        inputs: vec![b"mv".to_vec(), b"mr".to_vec()],
-        output: b"vr".to_vec(),
-    };
+    let spec = EinsumSpec { inputs: vec![b"mv".to_vec(), b"mr".to_vec()], output: b"vr".to_vec() };
     let dt = b.add(Op::Einsum(spec), &[onehot, g2])?;
     b.add(Op::Reshape { shape: tshape }, &[dt])
 }

@@ -26,11 +26,7 @@ pub struct Closeness {
 pub fn compare(actual: &Tensor, expected: &Tensor) -> Closeness {
     let has_nan = actual.data.iter().chain(&expected.data).any(|x| x.is_nan());
     if actual.shape != expected.shape {
-        return Closeness {
-            rel_l2: f64::INFINITY,
-            max_abs: f64::INFINITY,
-            has_nan,
-        };
+        return Closeness { rel_l2: f64::INFINITY, max_abs: f64::INFINITY, has_nan };
     }
     let (mut diff2, mut norm2, mut max_abs) = (0.0f64, 0.0f64, 0.0f64);
     for (&a, &e) in actual.data.iter().zip(&expected.data) {
@@ -40,11 +36,7 @@ pub fn compare(actual: &Tensor, expected: &Tensor) -> Closeness {
         norm2 += e * e;
         max_abs = max_abs.max(d);
     }
-    Closeness {
-        rel_l2: diff2.sqrt() / norm2.sqrt().max(TINY),
-        max_abs,
-        has_nan,
-    }
+    Closeness { rel_l2: diff2.sqrt() / norm2.sqrt().max(TINY), max_abs, has_nan }
 }
 
 impl Closeness {

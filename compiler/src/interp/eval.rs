@@ -11,6 +11,10 @@ use crate::ir::dim::shape_to_string;
 use crate::ir::{DType, Dim, Graph, NodeId, Op};
 use std::collections::HashMap;
 
+/// Evaluates a size expression / a shape with the bound symbols.
+type SizeFn<'a> = &'a dyn Fn(&Dim) -> Result<i64, String>;
+type ShapeFn<'a> = &'a dyn Fn(&[Dim]) -> Result<Vec<usize>, String>;
+
 #[derive(Clone, Debug, Default)]
 pub struct EvalOptions {
     pub precision: Precision,
@@ -42,10 +46,7 @@ impl Evaluation {
 
     /// All graph outputs, in the graph's order.
     pub fn outputs(&self, g: &Graph) -> Vec<(String, Tensor)> {
-        g.outputs
-            .iter()
-            .filter_map(|(n, id)| self.values.get(id).map(|t| (n.clone(), t.clone())))
-            .collect()
+        g.outputs.iter().filter_map(|(n, id)| self.values.get(id).map(|t| (n.clone(), t.clone()))).collect()
     }
 }
 
@@ -57,12 +58,7 @@ pub fn evaluate(
     opts: &EvalOptions,
 ) -> Result<Evaluation, String> {
     if params.len() != g.params.len() {
-        return Err(format!(
-            "graph `{}` has {} parameters, {} were given",
-            g.name,
-            g.params.len(),
-            params.len()
-        ));
+        return Err(format!("graph `{}` has {} parameters, {} were given", g.name, g.params.len(), params.len()));
     }
     let symbols = bind_symbols(g, inputs, &opts.symbols)?;
     let size = |d: &Dim| -> Result<i64, String> {
@@ -93,15 +89,11 @@ pub fn evaluate(
     for id in g.topo_order() {
         let node = g.node(id);
         let operands = g.operands(id);
-        let args: Vec<&Tensor> = operands
-            .iter()
-            .map(|o| values.get(o).ok_or("an operand was not evaluated"))
-            .collect::<Result<_, _>>()?;
+        let args: Vec<&Tensor> =
+            operands.iter().map(|o| values.get(o).ok_or("an operand was not evaluated")).collect::<Result<_, _>>()?;
         let arg_dtype = operands.first().map(|&o| g.ty(o).dtype);
-        let result = eval_op(
-            &node.op, arg_dtype, &args, inputs, params, g, opts, &size, &sizes,
-        )
-        .map_err(|e| format!("evaluating node {id:?} ({}): {e}", node.op.kind()))?;
+        let result = eval_op(&node.op, arg_dtype, &args, inputs, params, g, opts, &size, &sizes)
+            .map_err(|e| format!("evaluating node {id:?} ({}): {e}", node.op.kind()))?;
         let mut result = result;
         if node.ty.dtype == DType::F32 && opts.precision == Precision::F32 {
             for v in &mut result.data {
@@ -122,15 +114,10 @@ fn bind_symbols(
 ) -> Result<HashMap<String, i64>, String> {
     let mut symbols = given.clone();
     let mismatch = |name: &str, want: &[Dim], got: &[usize]| {
-        format!(
-            "input `{name}` should have shape {} but has {got:?}",
-            shape_to_string(want)
-        )
+        format!("input `{name}` should have shape {} but has {got:?}", shape_to_string(want))
     };
     for info in &g.inputs {
-        let t = inputs
-            .get(&info.name)
-            .ok_or_else(|| format!("missing input `{}`", info.name))?;
+        let t = inputs.get(&info.name).ok_or_else(|| format!("missing input `{}`", info.name))?;
         if t.rank() != info.ty.rank() {
             return Err(mismatch(&info.name, &info.ty.shape, &t.shape));
         }
@@ -160,10 +147,7 @@ fn bind_symbols(
             }
         }
     }
-    if let Some(extra) = inputs
-        .keys()
-        .find(|k| !g.inputs.iter().any(|i| &i.name == *k))
-    {
+    if let Some(extra) = inputs.keys().find(|k| !g.inputs.iter().any(|i| &i.name == *k)) {
         return Err(format!("graph `{}` has no input `{extra}`", g.name));
     }
     Ok(symbols)
@@ -178,27 +162,18 @@ fn eval_op(
     params: &[Tensor],
     g: &Graph,
     opts: &EvalOptions,
-    size: &dyn Fn(&Dim) -> Result<i64, String>,
-    sizes: &dyn Fn(&[Dim]) -> Result<Vec<usize>, String>,
+    size: SizeFn,
+    sizes: ShapeFn,
 ) -> Result<Tensor, String> {
-    let arg = |i: usize| -> Result<&Tensor, String> {
-        args.get(i)
-            .copied()
-            .ok_or_else(|| format!("missing operand {i}"))
-    };
+    let arg =
+        |i: usize| -> Result<&Tensor, String> { args.get(i).copied().ok_or_else(|| format!("missing operand {i}")) };
     let dtype = arg_dtype.unwrap_or(DType::F32);
     match op {
         Op::Input { index } => {
             let info = g.inputs.get(*index as usize).ok_or("bad input index")?;
-            inputs
-                .get(&info.name)
-                .cloned()
-                .ok_or_else(|| format!("missing input `{}`", info.name))
+            inputs.get(&info.name).cloned().ok_or_else(|| format!("missing input `{}`", info.name))
         }
-        Op::Param { index } => params
-            .get(*index as usize)
-            .cloned()
-            .ok_or_else(|| "bad parameter index".into()),
+        Op::Param { index } => params.get(*index as usize).cloned().ok_or_else(|| "bad parameter index".into()),
         Op::Constant { value, .. } => Ok(Tensor::scalar(value.get())),
         Op::Iota { len, .. } => {
             let n = sizes(std::slice::from_ref(len))?[0];
@@ -216,11 +191,7 @@ fn eval_op(
         Op::Broadcast { shape: s } => shape::broadcast(arg(0)?, sizes(s)?),
         Op::Permute { perm } => shape::permute(arg(0)?, perm),
         Op::Slice { axis, start, end } => shape::slice(arg(0)?, *axis, size(start)?, size(end)?),
-        Op::Pad {
-            axis,
-            before,
-            after,
-        } => shape::pad(arg(0)?, *axis, size(before)?, size(after)?),
+        Op::Pad { axis, before, after } => shape::pad(arg(0)?, *axis, size(before)?, size(after)?),
         Op::Concat { axis } => shape::concat(args, *axis),
         Op::Gather => shape::gather(arg(0)?, arg(1)?),
         Op::Dropout { rate, salt } => match opts.dropout {

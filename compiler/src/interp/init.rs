@@ -35,8 +35,7 @@ pub fn init_param(p: &ParamInfo, seed: u64) -> Result<Tensor, String> {
         Init::Normal { mean, std } => draw(&|i| mean + std * rng::normal(seed, stream, i, 0)),
         Init::Uniform { lo, hi } => draw(&|i| lo + (hi - lo) * rng::uniform(seed, stream, i, 0)),
         Init::Xavier { gain } => {
-            let bound =
-                gain * xavier_bound(&shape).map_err(|e| format!("parameter `{}`: {e}", p.name))?;
+            let bound = gain * xavier_bound(&shape).map_err(|e| format!("parameter `{}`: {e}", p.name))?;
             draw(&|i| bound * (2.0 * rng::uniform(seed, stream, i, 0) - 1.0))
         }
         Init::Computed(graph) => return computed(p, graph, shape),
@@ -48,9 +47,7 @@ pub fn init_param(p: &ParamInfo, seed: u64) -> Result<Tensor, String> {
 /// by the product of the leading axes (see [`Init::Xavier`]).
 pub fn xavier_bound(shape: &[usize]) -> Result<f64, String> {
     if shape.len() < 2 {
-        return Err(format!(
-            "Xavier initialization needs a weight of rank ≥ 2, got shape {shape:?}"
-        ));
+        return Err(format!("Xavier initialization needs a weight of rank ≥ 2, got shape {shape:?}"));
     }
     let r = shape.len();
     let lead: usize = shape[..r - 2].iter().product();
@@ -63,16 +60,11 @@ pub fn xavier_bound(shape: &[usize]) -> Result<f64, String> {
 
 fn computed(p: &ParamInfo, graph: &Graph, shape: Vec<usize>) -> Result<Tensor, String> {
     if !graph.inputs.is_empty() || !graph.params.is_empty() || graph.outputs.len() != 1 {
-        return Err(format!(
-            "the initializer of `{}` must be a constant graph with one output",
-            p.name
-        ));
+        return Err(format!("the initializer of `{}` must be a constant graph with one output", p.name));
     }
     let ev = evaluate(graph, &HashMap::new(), &[], &EvalOptions::default())
         .map_err(|e| format!("initializer of `{}`: {e}", p.name))?;
-    let out = ev
-        .get(graph.outputs[0].1)
-        .ok_or_else(|| format!("initializer of `{}` has no value", p.name))?;
+    let out = ev.get(graph.outputs[0].1).ok_or_else(|| format!("initializer of `{}` has no value", p.name))?;
     if out.shape != shape {
         return Err(format!(
             "the initializer of `{}` gives shape {:?}, the parameter has {shape:?}",

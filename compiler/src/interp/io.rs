@@ -14,28 +14,18 @@ pub enum FileDType {
     I32,
 }
 
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, &Tensor)],
-    dtype: FileDType,
-) -> Result<(), String> {
+pub fn write_safetensors(path: &Path, tensors: &[(String, &Tensor)], dtype: FileDType) -> Result<(), String> {
     let file = path.display();
     let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let bytes = match dtype {
-            FileDType::F32 => t
-                .data
-                .iter()
-                .flat_map(|&x| (x as f32).to_le_bytes())
-                .collect(),
+            FileDType::F32 => t.data.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect(),
             FileDType::F64 => t.data.iter().flat_map(|&x| x.to_le_bytes()).collect(),
             FileDType::I32 => {
                 let mut b = Vec::with_capacity(t.data.len() * 4);
                 for &x in &t.data {
                     if x.fract() != 0.0 || x < i32::MIN as f64 || x > i32::MAX as f64 {
-                        return Err(format!(
-                            "{file}: tensor `{name}` holds {x}, which is not an i32"
-                        ));
+                        return Err(format!("{file}: tensor `{name}` holds {x}, which is not an i32"));
                     }
                     b.extend((x as i32).to_le_bytes());
                 }
@@ -51,8 +41,8 @@ pub fn write_safetensors(
     };
     let mut views = Vec::with_capacity(bufs.len());
     for (name, shape, bytes) in &bufs {
-        let view = TensorView::new(st_dtype, shape.clone(), bytes)
-            .map_err(|e| format!("{file}: tensor `{name}`: {e}"))?;
+        let view =
+            TensorView::new(st_dtype, shape.clone(), bytes).map_err(|e| format!("{file}: tensor `{name}`: {e}"))?;
         views.push((name.clone(), view));
     }
     safetensors::serialize_to_file(views, None, path).map_err(|e| format!("{file}: {e}"))
@@ -70,26 +60,19 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, String> {
     for (name, view) in entries {
         let raw = view.data();
         let data: Vec<f64> = match view.dtype() {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-                .collect(),
+            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
             Dtype::F64 => raw
                 .chunks_exact(8)
                 .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
                 .collect(),
-            Dtype::I32 => raw
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-                .collect(),
+            Dtype::I32 => raw.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
             other => {
                 return Err(format!(
                     "{file}: tensor `{name}` has element type {other:?}; only F32, F64 and I32 are supported"
                 ))
             }
         };
-        let t = Tensor::new(view.shape().to_vec(), data)
-            .map_err(|e| format!("{file}: tensor `{name}`: {e}"))?;
+        let t = Tensor::new(view.shape().to_vec(), data).map_err(|e| format!("{file}: tensor `{name}`: {e}"))?;
         out.push((name, t));
     }
     Ok(out)

@@ -34,11 +34,9 @@ pub fn unary(op: UnaryOp, dtype: DType, x: &Tensor) -> Tensor {
             UnaryOp::Sqrt => v.sqrt(),
             UnaryOp::Rsqrt => 1.0 / v.sqrt(),
             UnaryOp::Recip => 1.0 / v,
-            // `max(v, 0)` would return -0.0 for -0.0 on some paths; be explicit.
+            // Explicit branches: NaN stays NaN, and -0.0 becomes +0.0.
             UnaryOp::Relu => {
-                if v > 0.0 {
-                    v
-                } else if v.is_nan() {
+                if v > 0.0 || v.is_nan() {
                     v
                 } else {
                     0.0
@@ -65,24 +63,13 @@ pub fn unary(op: UnaryOp, dtype: DType, x: &Tensor) -> Tensor {
             }
         }
     };
-    Tensor {
-        shape: x.shape.clone(),
-        data: x.data.iter().map(|&v| f(v)).collect(),
-    }
+    Tensor { shape: x.shape.clone(), data: x.data.iter().map(|&v| f(v)).collect() }
 }
 
 /// `operand_dtype` is the dtype of both operands (inference makes them equal).
-pub fn binary(
-    op: BinaryOp,
-    operand_dtype: DType,
-    a: &Tensor,
-    b: &Tensor,
-) -> Result<Tensor, String> {
+pub fn binary(op: BinaryOp, operand_dtype: DType, a: &Tensor, b: &Tensor) -> Result<Tensor, String> {
     if a.shape != b.shape {
-        return Err(format!(
-            "`{op:?}` got shapes {:?} and {:?}",
-            a.shape, b.shape
-        ));
+        return Err(format!("`{op:?}` got shapes {:?} and {:?}", a.shape, b.shape));
     }
     let int = operand_dtype == DType::I32;
     let bool_ = |c: bool| if c { 1.0 } else { 0.0 };
@@ -134,32 +121,15 @@ pub fn binary(
         };
         data.push(v);
     }
-    Ok(Tensor {
-        shape: a.shape.clone(),
-        data,
-    })
+    Ok(Tensor { shape: a.shape.clone(), data })
 }
 
 pub fn select(c: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor, String> {
     if c.shape != a.shape || a.shape != b.shape {
-        return Err(format!(
-            "`where` got shapes {:?}, {:?} and {:?}",
-            c.shape, a.shape, b.shape
-        ));
+        return Err(format!("`where` got shapes {:?}, {:?} and {:?}", c.shape, a.shape, b.shape));
     }
-    let data = (0..c.data.len())
-        .map(|i| {
-            if c.data[i] != 0.0 {
-                a.data[i]
-            } else {
-                b.data[i]
-            }
-        })
-        .collect();
-    Ok(Tensor {
-        shape: a.shape.clone(),
-        data,
-    })
+    let data = (0..c.data.len()).map(|i| if c.data[i] != 0.0 { a.data[i] } else { b.data[i] }).collect();
+    Ok(Tensor { shape: a.shape.clone(), data })
 }
 
 /// Casts: f32 → i32 truncates toward zero and saturates (NaN → 0), anything → bool is
@@ -178,24 +148,15 @@ pub fn cast(to: DType, x: &Tensor) -> Tensor {
             }
         }
     };
-    Tensor {
-        shape: x.shape.clone(),
-        data: x.data.iter().map(|&v| f(v)).collect(),
-    }
+    Tensor { shape: x.shape.clone(), data: x.data.iter().map(|&v| f(v)).collect() }
 }
 
 /// Reduce the listed axes away. An empty reduction gives 0 (sum), -inf (max), +inf (min).
 pub fn reduce(op: ReduceOp, axes: &[usize], x: &Tensor) -> Result<Tensor, String> {
     if let Some(&a) = axes.iter().find(|&&a| a >= x.rank()) {
-        return Err(format!(
-            "reduction axis {a} out of range for shape {:?}",
-            x.shape
-        ));
+        return Err(format!("reduction axis {a} out of range for shape {:?}", x.shape));
     }
-    let out_shape: Vec<usize> = (0..x.rank())
-        .filter(|i| !axes.contains(i))
-        .map(|i| x.shape[i])
-        .collect();
+    let out_shape: Vec<usize> = (0..x.rank()).filter(|i| !axes.contains(i)).map(|i| x.shape[i]).collect();
     let out_st = strides(&out_shape);
     // Output strides seen from the input's axes: zero along reduced axes.
     let mut mapped = Vec::with_capacity(x.rank());
@@ -252,10 +213,7 @@ pub fn einsum(spec: &EinsumSpec, xs: &[&Tensor]) -> Result<Tensor, String> {
             let slot = &mut size[letter(l)?];
             match slot {
                 Some(m) if *m != n => {
-                    return Err(format!(
-                        "einsum `{spec}`: index `{}` has sizes {m} and {n}",
-                        l as char
-                    ))
+                    return Err(format!("einsum `{spec}`: index `{}` has sizes {m} and {n}", l as char))
                 }
                 _ => *slot = Some(n),
             }
@@ -272,19 +230,14 @@ pub fn einsum(spec: &EinsumSpec, xs: &[&Tensor]) -> Result<Tensor, String> {
     }
     let mut loop_shape = Vec::with_capacity(order.len());
     for &l in &order {
-        loop_shape.push(size[letter(l)?].ok_or_else(|| {
-            format!(
-                "einsum `{spec}`: output index `{}` is in no operand",
-                l as char
-            )
-        })?);
+        loop_shape.push(
+            size[letter(l)?]
+                .ok_or_else(|| format!("einsum `{spec}`: output index `{}` is in no operand", l as char))?,
+        );
     }
     let stride_of = |letters: &[u8], shape: &[usize]| -> Vec<usize> {
         let st = strides(shape);
-        order
-            .iter()
-            .map(|l| letters.iter().position(|m| m == l).map_or(0, |p| st[p]))
-            .collect()
+        order.iter().map(|l| letters.iter().position(|m| m == l).map_or(0, |p| st[p])).collect()
     };
     let out_shape: Vec<usize> = loop_shape[..spec.output.len()].to_vec();
     let out_st = stride_of(&spec.output, &out_shape);
@@ -296,37 +249,21 @@ pub fn einsum(spec: &EinsumSpec, xs: &[&Tensor]) -> Result<Tensor, String> {
         None => (&one, vec![0; order.len()]),
     };
     let mut out = Tensor::zeros(out_shape);
-    walk(
-        &loop_shape,
-        [&out_st, &a_st, &b_st],
-        [0, 0, 0],
-        |[o, i, j]| {
-            out.data[o] += a.data[i] * b.data[j];
-        },
-    );
+    walk(&loop_shape, [&out_st, &a_st, &b_st], [0, 0, 0], |[o, i, j]| {
+        out.data[o] += a.data[i] * b.data[j];
+    });
     Ok(out)
 }
 
 /// Inclusive scan along `axis`: `s_n = x_n + d_n · s_{n-1}` (plain when `decay` is None),
 /// running from the end when `reverse`.
-pub fn scan(
-    axis: usize,
-    reverse: bool,
-    x: &Tensor,
-    decay: Option<&Tensor>,
-) -> Result<Tensor, String> {
+pub fn scan(axis: usize, reverse: bool, x: &Tensor, decay: Option<&Tensor>) -> Result<Tensor, String> {
     if axis >= x.rank() {
-        return Err(format!(
-            "scan axis {axis} out of range for shape {:?}",
-            x.shape
-        ));
+        return Err(format!("scan axis {axis} out of range for shape {:?}", x.shape));
     }
     if let Some(d) = decay {
         if d.shape != x.shape {
-            return Err(format!(
-                "scan decay has shape {:?}, values {:?}",
-                d.shape, x.shape
-            ));
+            return Err(format!("scan decay has shape {:?}, values {:?}", d.shape, x.shape));
         }
     }
     let outer: usize = x.shape[..axis].iter().product();
@@ -387,47 +324,26 @@ mod tests {
     #[test]
     fn scans_forward_reverse_decayed() {
         let x = t(&[2, 3], &[1., 2., 3., 4., 5., 6.]);
-        assert_eq!(
-            scan(1, false, &x, None).unwrap().data,
-            vec![1., 3., 6., 4., 9., 15.]
-        );
-        assert_eq!(
-            scan(1, true, &x, None).unwrap().data,
-            vec![6., 5., 3., 15., 11., 6.]
-        );
-        assert_eq!(
-            scan(0, false, &x, None).unwrap().data,
-            vec![1., 2., 3., 5., 7., 9.]
-        );
+        assert_eq!(scan(1, false, &x, None).unwrap().data, vec![1., 3., 6., 4., 9., 15.]);
+        assert_eq!(scan(1, true, &x, None).unwrap().data, vec![6., 5., 3., 15., 11., 6.]);
+        assert_eq!(scan(0, false, &x, None).unwrap().data, vec![1., 2., 3., 5., 7., 9.]);
         let d = t(&[2, 3], &[9., 0.5, 0.5, 9., 2., 0.]);
         // Row 0: 1, 2 + 0.5·1 = 2.5, 3 + 0.5·2.5 = 4.25 (d_0 is never used).
         // Row 1: 4, 5 + 2·4 = 13, 6 + 0·13 = 6.
-        assert_eq!(
-            scan(1, false, &x, Some(&d)).unwrap().data,
-            vec![1., 2.5, 4.25, 4., 13., 6.]
-        );
+        assert_eq!(scan(1, false, &x, Some(&d)).unwrap().data, vec![1., 2.5, 4.25, 4., 13., 6.]);
         // Reverse: s_2 = 3, s_1 = 2 + 0.5·3 = 3.5, s_0 = 1 + 9·3.5 = 32.5 (d_2 unused).
-        assert_eq!(
-            scan(1, true, &x, Some(&d)).unwrap().data[..3],
-            [32.5, 3.5, 3.]
-        );
+        assert_eq!(scan(1, true, &x, Some(&d)).unwrap().data[..3], [32.5, 3.5, 3.]);
     }
 
     #[test]
     fn reductions_and_integer_semantics() {
         let x = t(&[2, 3], &[1., -2., 3., 4., 5., -6.]);
-        assert_eq!(
-            reduce(ReduceOp::Sum, &[0], &x).unwrap().data,
-            vec![5., 3., -3.]
-        );
+        assert_eq!(reduce(ReduceOp::Sum, &[0], &x).unwrap().data, vec![5., 3., -3.]);
         assert_eq!(reduce(ReduceOp::Max, &[1], &x).unwrap().data, vec![3., 5.]);
         assert_eq!(reduce(ReduceOp::Min, &[0, 1], &x).unwrap().data, vec![-6.]);
         let a = t(&[2], &[7., -7.]);
         let b = t(&[2], &[2., 2.]);
-        assert_eq!(
-            binary(BinaryOp::Div, DType::I32, &a, &b).unwrap().data,
-            vec![3., -3.]
-        );
+        assert_eq!(binary(BinaryOp::Div, DType::I32, &a, &b).unwrap().data, vec![3., -3.]);
         assert!(binary(BinaryOp::Div, DType::I32, &a, &t(&[2], &[0., 1.])).is_err());
         assert_eq!(cast(DType::I32, &t(&[2], &[2.7, -2.7])).data, vec![2., -2.]);
     }

@@ -8,10 +8,7 @@ pub fn reshape(x: &Tensor, shape: Vec<usize>) -> Result<Tensor, String> {
     if checked_numel(&shape)? != x.numel() {
         return Err(format!("cannot reshape {:?} to {shape:?}", x.shape));
     }
-    Ok(Tensor {
-        shape,
-        data: x.data.clone(),
-    })
+    Ok(Tensor { shape, data: x.data.clone() })
 }
 
 pub fn broadcast(x: &Tensor, shape: Vec<usize>) -> Result<Tensor, String> {
@@ -32,15 +29,8 @@ pub fn broadcast(x: &Tensor, shape: Vec<usize>) -> Result<Tensor, String> {
 
 pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor, String> {
     let mut seen = vec![false; x.rank()];
-    if perm.len() != x.rank()
-        || perm
-            .iter()
-            .any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true))
-    {
-        return Err(format!(
-            "{perm:?} is not a permutation for shape {:?}",
-            x.shape
-        ));
+    if perm.len() != x.rank() || perm.iter().any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true)) {
+        return Err(format!("{perm:?} is not a permutation for shape {:?}", x.shape));
     }
     let xs = strides(&x.shape);
     let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
@@ -51,64 +41,42 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor, String> {
 }
 
 pub fn slice(x: &Tensor, axis: usize, start: i64, end: i64) -> Result<Tensor, String> {
-    let n = *x
-        .shape
-        .get(axis)
-        .ok_or_else(|| format!("slice axis {axis} out of range for {:?}", x.shape))?;
+    let n = *x.shape.get(axis).ok_or_else(|| format!("slice axis {axis} out of range for {:?}", x.shape))?;
     if start < 0 || end < start || end as u64 > n as u64 {
-        return Err(format!(
-            "slice {start}:{end} is out of range for axis {axis} of size {n}"
-        ));
+        return Err(format!("slice {start}:{end} is out of range for axis {axis} of size {n}"));
     }
     let st = strides(&x.shape);
     let mut shape = x.shape.clone();
     shape[axis] = (end - start) as usize;
     let mut data = Vec::with_capacity(checked_numel(&shape)?);
-    walk(&shape, [&st], [start as usize * st[axis]], |[i]| {
-        data.push(x.data[i])
-    });
+    walk(&shape, [&st], [start as usize * st[axis]], |[i]| data.push(x.data[i]));
     Ok(Tensor { shape, data })
 }
 
 pub fn pad(x: &Tensor, axis: usize, before: i64, after: i64) -> Result<Tensor, String> {
     if axis >= x.rank() || before < 0 || after < 0 {
-        return Err(format!(
-            "cannot pad axis {axis} of {:?} by ({before}, {after})",
-            x.shape
-        ));
+        return Err(format!("cannot pad axis {axis} of {:?} by ({before}, {after})", x.shape));
     }
     let mut shape = x.shape.clone();
     shape[axis] += (before + after) as usize;
     let ost = strides(&shape);
     let mut out = Tensor::zeros(shape);
     let xst = strides(&x.shape);
-    walk(
-        &x.shape,
-        [&xst, &ost],
-        [0, before as usize * ost[axis]],
-        |[i, o]| out.data[o] = x.data[i],
-    );
+    walk(&x.shape, [&xst, &ost], [0, before as usize * ost[axis]], |[i, o]| out.data[o] = x.data[i]);
     Ok(out)
 }
 
 pub fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor, String> {
     let first = xs.first().ok_or("concat needs at least one operand")?;
     if axis >= first.rank() {
-        return Err(format!(
-            "concat axis {axis} out of range for {:?}",
-            first.shape
-        ));
+        return Err(format!("concat axis {axis} out of range for {:?}", first.shape));
     }
     let mut shape = first.shape.clone();
     shape[axis] = 0;
     for x in xs {
-        let same = x.rank() == first.rank()
-            && (0..x.rank()).all(|i| i == axis || x.shape[i] == first.shape[i]);
+        let same = x.rank() == first.rank() && (0..x.rank()).all(|i| i == axis || x.shape[i] == first.shape[i]);
         if !same {
-            return Err(format!(
-                "concat along axis {axis}: shapes {:?} and {:?}",
-                first.shape, x.shape
-            ));
+            return Err(format!("concat along axis {axis}: shapes {:?} and {:?}", first.shape, x.shape));
         }
         shape[axis] += x.shape[axis];
     }
@@ -117,9 +85,7 @@ pub fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor, String> {
     let mut offset = 0;
     for x in xs {
         let xst = strides(&x.shape);
-        walk(&x.shape, [&xst, &ost], [0, offset * ost[axis]], |[i, o]| {
-            out.data[o] = x.data[i]
-        });
+        walk(&x.shape, [&xst, &ost], [0, offset * ost[axis]], |[i, o]| out.data[o] = x.data[i]);
         offset += x.shape[axis];
     }
     Ok(out)
@@ -128,19 +94,14 @@ pub fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor, String> {
 /// `table [V, rest…]` indexed by `index [I…]` gives `[I…, rest…]`. An index outside
 /// `0..V` is an error (naming the position), never a wrapped or clamped read.
 pub fn gather(table: &Tensor, index: &Tensor) -> Result<Tensor, String> {
-    let v = *table
-        .shape
-        .first()
-        .ok_or("gather needs a table of rank ≥ 1")?;
+    let v = *table.shape.first().ok_or("gather needs a table of rank ≥ 1")?;
     let row: usize = table.shape[1..].iter().product();
     let mut shape = index.shape.clone();
     shape.extend_from_slice(&table.shape[1..]);
     let mut data = Vec::with_capacity(checked_numel(&shape)?);
     for (pos, &i) in index.data.iter().enumerate() {
         if !(i >= 0.0 && i < v as f64) {
-            return Err(format!(
-                "gather index {i} at flat position {pos} is out of range for a table of {v} rows"
-            ));
+            return Err(format!("gather index {i} at flat position {pos} is out of range for a table of {v} rows"));
         }
         let r = i as usize;
         data.extend_from_slice(&table.data[r * row..(r + 1) * row]);
@@ -156,18 +117,9 @@ pub fn dropout(x: &Tensor, rate: f64, salt: u64, seed: u64, step: u64) -> Tensor
         .data
         .iter()
         .enumerate()
-        .map(|(i, &v)| {
-            if rng::dropout_keep(seed, salt, i as u64, step, rate) {
-                v * scale
-            } else {
-                0.0
-            }
-        })
+        .map(|(i, &v)| if rng::dropout_keep(seed, salt, i as u64, step, rate) { v * scale } else { 0.0 })
         .collect();
-    Tensor {
-        shape: x.shape.clone(),
-        data,
-    }
+    Tensor { shape: x.shape.clone(), data }
 }
 
 #[cfg(test)]

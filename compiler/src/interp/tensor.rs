@@ -38,27 +38,18 @@ impl Tensor {
     pub fn new(shape: Vec<usize>, data: Vec<f64>) -> Result<Tensor, String> {
         let n = checked_numel(&shape)?;
         if n != data.len() {
-            return Err(format!(
-                "a tensor of shape {shape:?} needs {n} elements, got {}",
-                data.len()
-            ));
+            return Err(format!("a tensor of shape {shape:?} needs {n} elements, got {}", data.len()));
         }
         Ok(Tensor { shape, data })
     }
 
     pub fn scalar(x: f64) -> Tensor {
-        Tensor {
-            shape: Vec::new(),
-            data: vec![x],
-        }
+        Tensor { shape: Vec::new(), data: vec![x] }
     }
 
     pub fn full(shape: Vec<usize>, x: f64) -> Tensor {
         let n = shape.iter().product();
-        Tensor {
-            shape,
-            data: vec![x; n],
-        }
+        Tensor { shape, data: vec![x; n] }
     }
 
     pub fn zeros(shape: Vec<usize>) -> Tensor {
@@ -99,12 +90,7 @@ impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const SHOWN: usize = 16;
         write!(f, "Tensor{:?} ", self.shape)?;
-        let head: Vec<String> = self
-            .data
-            .iter()
-            .take(SHOWN)
-            .map(|x| format!("{x}"))
-            .collect();
+        let head: Vec<String> = self.data.iter().take(SHOWN).map(|x| format!("{x}")).collect();
         if self.data.len() > SHOWN {
             write!(f, "[{}, … ({} total)]", head.join(", "), self.data.len())
         } else {
@@ -136,12 +122,7 @@ pub fn strides(shape: &[usize]) -> Vec<usize> {
 /// to date incrementally (offset `k` advances by `strides[k][axis]` along `axis`). The
 /// callback receives the offsets. This is the one loop behind broadcast, permute, slice,
 /// pad, concat, reduce and einsum, so none of them allocates per element.
-pub fn walk<const K: usize>(
-    shape: &[usize],
-    strides: [&[usize]; K],
-    base: [usize; K],
-    mut f: impl FnMut([usize; K]),
-) {
+pub fn walk<const K: usize>(shape: &[usize], strides: [&[usize]; K], base: [usize; K], mut f: impl FnMut([usize; K])) {
     if shape.contains(&0) {
         return;
     }
@@ -180,9 +161,7 @@ mod tests {
     fn walk_visits_row_major_with_offsets() {
         // Transposed read of a 2x3 tensor: the second offset uses swapped strides.
         let mut seen = Vec::new();
-        walk(&[2, 3], [&[3, 1], &[1, 2]], [0, 0], |[a, b]| {
-            seen.push((a, b))
-        });
+        walk(&[2, 3], [&[3, 1], &[1, 2]], [0, 0], |[a, b]| seen.push((a, b)));
         assert_eq!(seen, vec![(0, 0), (1, 2), (2, 4), (3, 1), (4, 3), (5, 5)]);
         // A scalar is visited once; an empty shape never.
         let mut n = 0;

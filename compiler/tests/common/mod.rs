@@ -34,18 +34,14 @@ fn stream(tag: &str) -> u64 {
 /// Standard normal values, keyed by `tag` so every test draws its own data.
 pub fn normal(tag: &str, shape: &[usize]) -> Tensor {
     let n: usize = shape.iter().product();
-    let data = (0..n as u64)
-        .map(|i| rng::normal(1, stream(tag), i, 0))
-        .collect();
+    let data = (0..n as u64).map(|i| rng::normal(1, stream(tag), i, 0)).collect();
     Tensor::new(shape.to_vec(), data).unwrap()
 }
 
 /// Uniform in `[lo, hi)`.
 pub fn uniform(tag: &str, shape: &[usize], lo: f64, hi: f64) -> Tensor {
     let n: usize = shape.iter().product();
-    let data = (0..n as u64)
-        .map(|i| lo + (hi - lo) * rng::uniform(1, stream(tag), i, 0))
-        .collect();
+    let data = (0..n as u64).map(|i| lo + (hi - lo) * rng::uniform(1, stream(tag), i, 0)).collect();
     Tensor::new(shape.to_vec(), data).unwrap()
 }
 
@@ -54,9 +50,7 @@ pub fn uniform(tag: &str, shape: &[usize], lo: f64, hi: f64) -> Tensor {
 /// finite-difference step.
 pub fn spaced(tag: &str, shape: &[usize]) -> Tensor {
     let n: usize = shape.iter().product();
-    let mut keys: Vec<(f64, usize)> = (0..n)
-        .map(|i| (rng::uniform(1, stream(tag), i as u64, 0), i))
-        .collect();
+    let mut keys: Vec<(f64, usize)> = (0..n).map(|i| (rng::uniform(1, stream(tag), i as u64, 0), i)).collect();
     keys.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut data = vec![0.0; n];
     for (rank, (_, i)) in keys.into_iter().enumerate() {
@@ -74,6 +68,9 @@ pub fn ints(tag: &str, shape: &[usize], hi: usize) -> Tensor {
     Tensor::new(t.shape, t.data.iter().map(|x| x.floor()).collect()).unwrap()
 }
 
+/// Builds the op under test from the input nodes.
+pub type Build<'a> = dyn Fn(&mut Graph, &[NodeId]) -> Result<NodeId, String> + 'a;
+
 /// One input of a gradient check.
 pub struct Arg {
     pub name: &'static str,
@@ -86,33 +83,18 @@ pub struct Arg {
 /// An f32 input to differentiate, with a constant shape.
 pub fn x(name: &'static str, value: Tensor) -> Arg {
     let ty = TensorType::new(DType::F32, dims(&value.shape));
-    Arg {
-        name,
-        ty,
-        value,
-        diff: true,
-    }
+    Arg { name, ty, value, diff: true }
 }
 
 /// An f32 input to differentiate whose graph shape is symbolic.
 pub fn xs(name: &'static str, shape: Vec<Dim>, value: Tensor) -> Arg {
-    Arg {
-        name,
-        ty: TensorType::new(DType::F32, shape),
-        value,
-        diff: true,
-    }
+    Arg { name, ty: TensorType::new(DType::F32, shape), value, diff: true }
 }
 
 /// An input that is not differentiated (indices, conditions).
 pub fn fixed(name: &'static str, dtype: DType, value: Tensor) -> Arg {
     let ty = TensorType::new(dtype, dims(&value.shape));
-    Arg {
-        name,
-        ty,
-        value,
-        diff: false,
-    }
+    Arg { name, ty, value, diff: false }
 }
 
 /// Build `loss = sum(op(args) * w)` with a fixed random `w` shaped like the op's result.
@@ -120,39 +102,22 @@ pub fn fixed(name: &'static str, dtype: DType, value: Tensor) -> Arg {
 pub fn loss_graph(
     tag: &str,
     args: &[Arg],
-    build: &dyn Fn(&mut Graph, &[NodeId]) -> Result<NodeId, String>,
+    build: &Build<'_>,
     opts: &EvalOptions,
 ) -> (Graph, NodeId, HashMap<String, Tensor>) {
     let mut g = Graph::new(tag);
-    let ids: Vec<NodeId> = args
-        .iter()
-        .map(|a| g.add_input(a.name, a.ty.clone(), None))
-        .collect();
+    let ids: Vec<NodeId> = args.iter().map(|a| g.add_input(a.name, a.ty.clone(), None)).collect();
     let y = build(&mut g, &ids).unwrap_or_else(|e| panic!("{tag}: building the op: {e}"));
-    let mut values: HashMap<String, Tensor> = args
-        .iter()
-        .map(|a| (a.name.to_string(), a.value.clone()))
-        .collect();
+    let mut values: HashMap<String, Tensor> = args.iter().map(|a| (a.name.to_string(), a.value.clone())).collect();
     // The op's concrete result shape decides the weights' shape.
     let ev = evaluate(&g, &values, &[], opts).unwrap_or_else(|e| panic!("{tag}: {e}"));
     let yshape = ev.get(y).unwrap().shape.clone();
     let wty = TensorType::new(DType::F32, g.ty(y).shape.clone());
     let w = g.add_input("w", wty, None);
     values.insert("w".into(), normal(&format!("{tag}/w"), &yshape));
-    let p = g
-        .add(Op::Binary(tnc_compiler::ir::BinaryOp::Mul), &[y, w], None)
-        .unwrap();
+    let p = g.add(Op::Binary(tnc_compiler::ir::BinaryOp::Mul), &[y, w], None).unwrap();
     let axes: Vec<usize> = (0..yshape.len()).collect();
-    let loss = g
-        .add(
-            Op::Reduce {
-                op: ReduceOp::Sum,
-                axes,
-            },
-            &[p],
-            None,
-        )
-        .unwrap();
+    let loss = g.add(Op::Reduce { op: ReduceOp::Sum, axes }, &[p], None).unwrap();
     g.add_output("loss", loss);
     (g, loss, values)
 }
@@ -164,12 +129,7 @@ pub fn loss_value(g: &Graph, values: &HashMap<String, Tensor>, opts: &EvalOption
 }
 
 /// Central differences of the loss w.r.t. every element of input `name`.
-pub fn finite_difference(
-    g: &Graph,
-    values: &HashMap<String, Tensor>,
-    name: &str,
-    opts: &EvalOptions,
-) -> Tensor {
+pub fn finite_difference(g: &Graph, values: &HashMap<String, Tensor>, name: &str, opts: &EvalOptions) -> Tensor {
     let mut vals = values.clone();
     let x0 = values[name].clone();
     let mut grad = Tensor::zeros(x0.shape.clone());
@@ -199,42 +159,21 @@ pub fn autodiff_grads(
     differentiate_wrt(&mut gd, loss, &names).unwrap_or_else(|e| panic!("{tag}: {e}"));
     verify(&gd).unwrap_or_else(|e| panic!("{tag}: the differentiated graph is invalid: {e}"));
     let ev = evaluate(&gd, values, &[], opts).unwrap_or_else(|e| panic!("{tag}: {e}"));
-    names
-        .iter()
-        .map(|n| {
-            (
-                n.to_string(),
-                ev.output(&gd, &grad_name(n)).unwrap().clone(),
-            )
-        })
-        .collect()
+    names.iter().map(|n| (n.to_string(), ev.output(&gd, &grad_name(n)).unwrap().clone())).collect()
 }
 
 /// Check autodiff against central differences in f64 for every differentiated input.
-pub fn gradcheck_with(
-    tag: &str,
-    args: Vec<Arg>,
-    opts: &EvalOptions,
-    build: &dyn Fn(&mut Graph, &[NodeId]) -> Result<NodeId, String>,
-) {
+pub fn gradcheck_with(tag: &str, args: Vec<Arg>, opts: &EvalOptions, build: &Build<'_>) {
     let (g, loss, values) = loss_graph(tag, &args, build, opts);
     let grads = autodiff_grads(tag, &g, loss, &args, &values, opts);
     for a in args.iter().filter(|a| a.diff) {
         let fd = finite_difference(&g, &values, a.name, opts);
         let ad = &grads[a.name];
         let c = compare(ad, &fd);
-        assert!(
-            c.within(FD_TOL),
-            "{tag}: gradient of `{}`: {c}\n autodiff {ad:?}\n fin.diff {fd:?}",
-            a.name
-        );
+        assert!(c.within(FD_TOL), "{tag}: gradient of `{}`: {c}\n autodiff {ad:?}\n fin.diff {fd:?}", a.name);
     }
 }
 
-pub fn gradcheck(
-    tag: &str,
-    args: Vec<Arg>,
-    build: &dyn Fn(&mut Graph, &[NodeId]) -> Result<NodeId, String>,
-) {
+pub fn gradcheck(tag: &str, args: Vec<Arg>, build: &Build<'_>) {
     gradcheck_with(tag, args, &EvalOptions::default(), build)
 }
