@@ -24,10 +24,7 @@ fn block_of(name: &str) -> String {
 }
 
 fn numel(t: &tnc_compiler::ir::TensorType) -> u128 {
-    t.shape
-        .iter()
-        .map(|d| d.as_const().unwrap_or(0).max(0) as u128)
-        .product()
+    t.shape.iter().map(|d| d.as_const().unwrap_or(0).max(0) as u128).product()
 }
 
 fn thousands(n: u128) -> String {
@@ -45,12 +42,7 @@ fn thousands(n: u128) -> String {
 pub fn summary(g: &Graph, file: &str) -> String {
     let mut s = String::new();
     let total = g.trainable_parameter_count();
-    let buffers: u128 = g
-        .params
-        .iter()
-        .filter(|p| !p.trainable)
-        .map(|p| numel(&p.ty))
-        .sum();
+    let buffers: u128 = g.params.iter().filter(|p| !p.trainable).map(|p| numel(&p.ty)).sum();
     let _ = writeln!(s, "model {} ({file})", g.name);
     let _ = writeln!(
         s,

@@ -16,11 +16,7 @@ pub fn run(args: &ModelArgs, dot: bool, after: &str) -> Result<(), Failure> {
         return Err(Failure::usage(d));
     };
     let (graph, sources) = elaborate(args)?;
-    let graph = passes::run_until(graph, stop).map_err(|d| Failure {
-        diagnostic: d,
-        sources,
-        status: 1,
-    })?;
+    let graph = passes::run_until(graph, stop).map_err(|d| Failure { diagnostic: d, sources, status: 1 })?;
     print!("{}", if dot { to_dot(&graph) } else { to_text(&graph) });
     Ok(())
 }

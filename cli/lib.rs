@@ -98,11 +98,7 @@ pub struct Failure {
 
 impl Failure {
     pub fn usage(d: Diagnostic) -> Failure {
-        Failure {
-            diagnostic: d,
-            sources: SourceMap::new(),
-            status: 2,
-        }
+        Failure { diagnostic: d, sources: SourceMap::new(), status: 2 }
     }
 
     fn report(&self) {
@@ -120,24 +116,13 @@ impl Failure {
 
 /// Load and elaborate the model named on the command line.
 pub fn elaborate(args: &ModelArgs) -> Result<(Graph, SourceMap), Failure> {
-    let req = Request {
-        sets: &args.sets,
-        model: args.model.as_deref(),
-    };
+    let req = Request { sets: &args.sets, model: args.model.as_deref() };
     let (sources, result) = frontend::elaborate(Input::Path(&args.file), &req);
     match result {
         Ok(g) => Ok((g, sources)),
         Err(d) => {
-            let status = if frontend::is_usage_error(&d, &sources) {
-                2
-            } else {
-                1
-            };
-            Err(Failure {
-                diagnostic: d,
-                sources,
-                status,
-            })
+            let status = if frontend::is_usage_error(&d, &sources) { 2 } else { 1 };
+            Err(Failure { diagnostic: d, sources, status })
         }
     }
 }

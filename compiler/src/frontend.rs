@@ -34,26 +34,16 @@ pub fn elaborate(input: Input<'_>, req: &Request<'_>) -> (SourceMap, Result<Grap
             Ok(handle) => handle.join().unwrap_or_else(|_| {
                 (
                     SourceMap::new(),
-                    Err(Diagnostic::error(
-                        "internal error: the front end panicked (please report this)",
-                    )),
+                    Err(Diagnostic::error("internal error: the front end panicked (please report this)")),
                 )
             }),
-            Err(e) => (
-                SourceMap::new(),
-                Err(Diagnostic::error(format!(
-                    "cannot start the front-end thread: {e}"
-                ))),
-            ),
+            Err(e) => (SourceMap::new(), Err(Diagnostic::error(format!("cannot start the front-end thread: {e}")))),
         }
     })
 }
 
 /// The same on the calling thread (which must have a large enough stack).
-pub fn elaborate_here(
-    input: Input<'_>,
-    req: &Request<'_>,
-) -> (SourceMap, Result<Graph, Diagnostic>) {
+pub fn elaborate_here(input: Input<'_>, req: &Request<'_>) -> (SourceMap, Result<Graph, Diagnostic>) {
     let mut sources = SourceMap::new();
     let program = match input {
         Input::Path(p) => elab::load_program(p, &mut sources),
@@ -69,7 +59,5 @@ pub fn elaborate_here(
 /// True when the diagnostic is about the command line rather than the model file
 /// (used for the exit status: 2 for bad usage, 1 for an error in the model).
 pub fn is_usage_error(d: &Diagnostic, sources: &SourceMap) -> bool {
-    d.span.is_some_and(|s| {
-        (s.file.0 as usize) < sources.len() && sources.file(s.file).name == "<command line>"
-    })
+    d.span.is_some_and(|s| (s.file.0 as usize) < sources.len() && sources.file(s.file).name == "<command line>")
 }

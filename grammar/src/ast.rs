@@ -74,7 +74,7 @@ pub enum TensorKind {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Stmt {
-    /// `param wq, wk: [D, D] ~ xavier @no_decay` (or `buffer …`).
+    /// `param wq, wk: [D, D] @no_decay ~ xavier` (or `buffer …`).
     Tensor {
         kind: TensorKind,
         names: Vec<Ident>,
@@ -209,11 +209,7 @@ pub enum IndexItem {
     /// `...`: as many full axes as needed.
     Ellipsis(Span),
     /// `a:b`, `:b`, `a:`, `:`.
-    Range {
-        start: Option<Expr>,
-        end: Option<Expr>,
-        span: Span,
-    },
+    Range { start: Option<Expr>, end: Option<Expr>, span: Span },
     /// A single position; the axis is dropped.
     At(Expr),
 }

@@ -37,10 +37,7 @@ impl Diagnostic {
     }
 
     pub fn at(message: impl Into<String>, span: Span) -> Diagnostic {
-        Diagnostic {
-            span: Some(span),
-            ..Diagnostic::error(message)
-        }
+        Diagnostic { span: Some(span), ..Diagnostic::error(message) }
     }
 
     pub fn with_label(mut self, label: impl Into<String>) -> Diagnostic {
@@ -49,10 +46,7 @@ impl Diagnostic {
     }
 
     pub fn with_secondary(mut self, span: Span, message: impl Into<String>) -> Diagnostic {
-        self.secondary.push(Label {
-            span,
-            message: message.into(),
-        });
+        self.secondary.push(Label { span, message: message.into() });
         self
     }
 
@@ -87,17 +81,12 @@ impl Diagnostic {
         let mut labels = Vec::new();
         if let Some(span) = self.span {
             if (span.file.0 as usize) < sources.len() {
-                labels.push(
-                    CsLabel::primary(span.file, clamp(span, sources)).with_message(&self.label),
-                );
+                labels.push(CsLabel::primary(span.file, clamp(span, sources)).with_message(&self.label));
             }
         }
         for l in &self.secondary {
             if (l.span.file.0 as usize) < sources.len() {
-                labels.push(
-                    CsLabel::secondary(l.span.file, clamp(l.span, sources))
-                        .with_message(&l.message),
-                );
+                labels.push(CsLabel::secondary(l.span.file, clamp(l.span, sources)).with_message(&l.message));
             }
         }
         cs = cs.with_labels(labels);
@@ -129,14 +118,11 @@ fn clamp(span: Span, sources: &SourceMap) -> std::ops::Range<usize> {
 }
 
 /// The closest candidate by edit distance, for "did you mean ...?" hints.
-pub fn did_you_mean<'a>(
-    name: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> Option<String> {
+pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
     let mut best: Option<(usize, &str)> = None;
     for c in candidates {
         let d = edit_distance(name, c);
-        let limit = (name.len().max(c.len()) / 3).max(1);
+        let limit = ((name.len().max(c.len()) + 2) / 3).max(1);
         if d <= limit && best.is_none_or(|(bd, bc)| d < bd || (d == bd && c < bc)) {
             best = Some((d, c));
         }

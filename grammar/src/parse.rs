@@ -35,10 +35,7 @@ pub fn parse_file(text: &str, file: FileId) -> Result<File, Diagnostic> {
     prescan(text, file)?;
     let pairs = TnParser::parse(Rule::file, text).map_err(|e| syntax_error(e, file, text))?;
     let mut b = Builder { file };
-    let file_pair = pairs
-        .into_iter()
-        .next()
-        .expect("pest returns the `file` rule");
+    let file_pair = pairs.into_iter().next().expect("pest returns the `file` rule");
     let mut items = Vec::new();
     for p in file_pair.into_inner() {
         match p.as_rule() {
@@ -59,11 +56,8 @@ pub fn parse_expr(text: &str, file: FileId) -> Result<Expr, Diagnostic> {
     let p = pairs.next().expect("pest returns the `expr` rule");
     if p.as_span().end() != text.trim_end().len() {
         let end = p.as_span().end();
-        return Err(Diagnostic::at(
-            "unexpected text after the value",
-            Span::new(file, end..text.len()),
-        )
-        .with_label("expected the end of the value"));
+        return Err(Diagnostic::at("unexpected text after the value", Span::new(file, end..text.len()))
+            .with_label("expected the end of the value"));
     }
     Builder { file }.expr(p)
 }
@@ -90,12 +84,9 @@ fn prescan(text: &str, file: FileId) -> Result<(), Diagnostic> {
             b'(' | b'[' | b'{' => {
                 depth += 1;
                 if depth > MAX_NESTING {
-                    return Err(Diagnostic::at(
-                        "brackets are nested too deeply",
-                        Span::new(file, i..i + 1),
-                    )
-                    .with_label(format!("more than {MAX_NESTING} levels of nesting"))
-                    .with_hint("split the expression with intermediate variables"));
+                    return Err(Diagnostic::at("brackets are nested too deeply", Span::new(file, i..i + 1))
+                        .with_label(format!("more than {MAX_NESTING} levels of nesting"))
+                        .with_hint("split the expression with intermediate variables"));
                 }
             }
             b')' | b']' | b'}' => depth = depth.saturating_sub(1),
@@ -103,10 +94,7 @@ fn prescan(text: &str, file: FileId) -> Result<(), Diagnostic> {
                 // Each lambda recurses in the parser; bound them like brackets.
                 lambdas += 1;
                 if lambdas > 2 * 4096 {
-                    return Err(Diagnostic::at(
-                        "too many lambdas in one file",
-                        Span::new(file, i..i + 1),
-                    ));
+                    return Err(Diagnostic::at("too many lambdas in one file", Span::new(file, i..i + 1)));
                 }
             }
             _ => {}
@@ -137,12 +125,8 @@ fn describe(rule: &Rule) -> &'static str {
         Rule::for_stmt => "`for`",
         Rule::assign_stmt => "an assignment",
         Rule::expr => "an expression",
-        Rule::pow | Rule::add | Rule::sub | Rule::mul | Rule::div | Rule::rem | Rule::matmul => {
-            "an operator"
-        }
-        Rule::eq | Rule::ne | Rule::le | Rule::ge | Rule::lt | Rule::gt | Rule::and | Rule::or => {
-            "an operator"
-        }
+        Rule::pow | Rule::add | Rule::sub | Rule::mul | Rule::div | Rule::rem | Rule::matmul => "an operator",
+        Rule::eq | Rule::ne | Rule::le | Rule::ge | Rule::lt | Rule::gt | Rule::and | Rule::or => "an operator",
         Rule::neg | Rule::not => "an expression",
         Rule::call => "arguments `(…)`",
         Rule::arg => "an argument",
@@ -167,19 +151,13 @@ fn syntax_error(e: pest::error::Error<Rule>, file: FileId, text: &str) -> Diagno
         InputLocation::Pos(p) => p,
         InputLocation::Span((s, _)) => s,
     };
-    // Underline the offending character (or the end of the file).
-    let end = text[start..]
-        .chars()
-        .next()
-        .map_or(start, |c| start + c.len_utf8());
+    // Underline the offending character (nothing at the end of a line or of the file).
+    let end = text[start..].chars().next().filter(|c| *c != '\n').map_or(start, |c| start + c.len_utf8());
     let found = match text[start..].chars().next() {
-        None => "the end of the file".to_string(),
-        Some('\n') => "the end of the line".to_string(),
+        None => "end of file".to_string(),
+        Some('\n') => "end of line".to_string(),
         Some(_) => {
-            let word: String = text[start..]
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
+            let word: String = text[start..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
             if word.is_empty() {
                 format!("`{}`", &text[start..end])
             } else {
@@ -193,12 +171,27 @@ fn syntax_error(e: pest::error::Error<Rule>, file: FileId, text: &str) -> Diagno
     };
     expected.sort();
     expected.dedup();
+    // Many kinds of expression may start here: say "an expression" once instead.
+    const STARTS_OF_EXPRESSION: &[&str] = &[
+        "`(`",
+        "`if`",
+        "`true` or `false`",
+        "a block `{ … }`",
+        "a lambda `|x| …`",
+        "a list `[…]`",
+        "a name",
+        "a number",
+        "a string",
+    ];
+    if expected.iter().filter(|e| STARTS_OF_EXPRESSION.contains(e)).count() >= 3 {
+        expected.retain(|e| !STARTS_OF_EXPRESSION.contains(e));
+        if !expected.contains(&"an expression") {
+            expected.push("an expression");
+        }
+    }
     let message = format!("syntax error: unexpected {found}");
-    let label = if expected.is_empty() {
-        "not expected here".to_string()
-    } else {
-        format!("expected {}", join_or(&expected))
-    };
+    let label =
+        if expected.is_empty() { "not expected here".to_string() } else { format!("expected {}", join_or(&expected)) };
     let mut d = Diagnostic::at(message, Span::new(file, start..end)).with_label(label);
     if text[start..].starts_with('=') && expected.contains(&"an operator") {
         d = d.with_hint("use `==` to compare; `=` only assigns at the start of a statement");
@@ -258,10 +251,7 @@ impl Builder {
     }
 
     fn ident(&self, p: Pair<Rule>) -> Ident {
-        Ident {
-            name: p.as_str().to_string(),
-            span: self.span(&p),
-        }
+        Ident { name: p.as_str().to_string(), span: self.span(&p) }
     }
 
     fn use_item(&mut self, p: Pair<Rule>) -> Result<Item, Diagnostic> {
@@ -274,15 +264,9 @@ impl Builder {
             }
             _ if target.as_str() == "std" => UseTarget::Std,
             _ => {
-                return Err(Diagnostic::at(
-                    format!("unknown library `{}`", target.as_str()),
-                    self.span(&target),
-                )
-                .with_label("only `std` is built in")
-                .with_hint(format!(
-                    "to import a file, write `use \"{}.tn\"`",
-                    target.as_str()
-                )))
+                return Err(Diagnostic::at(format!("unknown library `{}`", target.as_str()), self.span(&target))
+                    .with_label("only `std` is built in")
+                    .with_hint(format!("to import a file, write `use \"{}.tn\"`", target.as_str())))
             }
         };
         Ok(Item::Use(Use { target, span }))
@@ -299,22 +283,14 @@ impl Builder {
                 Rule::param_list => params = self.param_list(q)?,
                 Rule::block => {
                     let b = self.block(q)?;
-                    body = Some(Expr {
-                        span: b.span,
-                        kind: ExprKind::Block(b),
-                    });
+                    body = Some(Expr { span: b.span, kind: ExprKind::Block(b) });
                 }
                 Rule::expr => body = Some(self.expr(q)?),
                 r => unreachable!("unexpected {r:?} in fn"),
             }
         }
         let body = body.expect("grammar: fn has a body");
-        Ok(FnDecl {
-            name,
-            params,
-            body,
-            span,
-        })
+        Ok(FnDecl { name, params, body, span })
     }
 
     fn param_list(&mut self, p: Pair<Rule>) -> Result<Vec<ParamDecl>, Diagnostic> {
@@ -368,11 +344,7 @@ impl Builder {
         let rule = p.as_rule();
         match rule {
             Rule::param_stmt | Rule::buffer_stmt => {
-                let kind = if rule == Rule::param_stmt {
-                    TensorKind::Param
-                } else {
-                    TensorKind::Buffer
-                };
+                let kind = if rule == Rule::param_stmt { TensorKind::Param } else { TensorKind::Buffer };
                 let mut names = Vec::new();
                 let mut ty = None;
                 let mut init = None;
@@ -381,23 +353,12 @@ impl Builder {
                     match q.as_rule() {
                         Rule::ident_list => names = q.into_inner().map(|i| self.ident(i)).collect(),
                         Rule::type_ann => ty = Some(self.type_ann(q)?),
-                        Rule::init => {
-                            init = Some(self.expr(q.into_inner().next().expect("grammar: init"))?)
-                        }
-                        Rule::attr => {
-                            attrs.push(self.ident(q.into_inner().next().expect("grammar: attr")))
-                        }
+                        Rule::init => init = Some(self.expr(q.into_inner().next().expect("grammar: init"))?),
+                        Rule::attr => attrs.push(self.ident(q.into_inner().next().expect("grammar: attr"))),
                         r => unreachable!("unexpected {r:?} in param"),
                     }
                 }
-                Ok(Stmt::Tensor {
-                    kind,
-                    names,
-                    ty: ty.expect("grammar: param has a type"),
-                    init,
-                    attrs,
-                    span,
-                })
+                Ok(Stmt::Tensor { kind, names, ty: ty.expect("grammar: param has a type"), init, attrs, span })
             }
             Rule::input_stmt => {
                 let mut inner = p.into_inner();
@@ -417,13 +378,7 @@ impl Builder {
                 let start = self.expr(inner.next().expect("grammar"))?;
                 let end = self.expr(inner.next().expect("grammar"))?;
                 let body = self.block(inner.next().expect("grammar"))?;
-                Ok(Stmt::For {
-                    var,
-                    start,
-                    end,
-                    body,
-                    span,
-                })
+                Ok(Stmt::For { var, start, end, body, span })
             }
             Rule::assign_stmt => {
                 let mut inner = p.into_inner();
@@ -455,33 +410,16 @@ impl Builder {
             .map_prefix(|op, rhs| {
                 let (rhs, d) = rhs?;
                 let span = this.borrow().span(&op).to(rhs.span);
-                let op = if op.as_rule() == Rule::neg {
-                    UnOp::Neg
-                } else {
-                    UnOp::Not
-                };
-                node(
-                    ExprKind::Unary {
-                        op,
-                        operand: Box::new(rhs),
-                    },
-                    span,
-                    d + 1,
-                )
+                let op = if op.as_rule() == Rule::neg { UnOp::Neg } else { UnOp::Not };
+                node(ExprKind::Unary { op, operand: Box::new(rhs) }, span, d + 1)
             })
             .map_postfix(|lhs, op| {
                 let (lhs, d) = lhs?;
                 let mut b = this.borrow_mut();
                 let span = lhs.span.to(b.span(&op));
                 let kind = match op.as_rule() {
-                    Rule::call => ExprKind::Call {
-                        callee: Box::new(lhs),
-                        args: b.args(op)?,
-                    },
-                    _ => ExprKind::Index {
-                        base: Box::new(lhs),
-                        items: b.index_items(op)?,
-                    },
+                    Rule::call => ExprKind::Call { callee: Box::new(lhs), args: b.args(op)? },
+                    _ => ExprKind::Index { base: Box::new(lhs), items: b.index_items(op)? },
                 };
                 node(kind, span, d + 1)
             })
@@ -506,15 +444,7 @@ impl Builder {
                     Rule::or => BinOp::Or,
                     r => unreachable!("unexpected operator {r:?}"),
                 };
-                node(
-                    ExprKind::Binary {
-                        op,
-                        lhs: Box::new(lhs),
-                        rhs: Box::new(rhs),
-                    },
-                    span,
-                    dl.max(dr) + 1,
-                )
+                node(ExprKind::Binary { op, lhs: Box::new(lhs), rhs: Box::new(rhs) }, span, dl.max(dr) + 1)
             })
             .parse(p.into_inner());
         result
@@ -526,19 +456,16 @@ impl Builder {
             Rule::int => {
                 let digits: String = p.as_str().chars().filter(|c| *c != '_').collect();
                 let v = digits.parse::<i64>().map_err(|_| {
-                    Diagnostic::at("integer literal is too large", span)
-                        .with_label(format!("larger than {}", i64::MAX))
+                    Diagnostic::at("integer literal is too large", span).with_label(format!("larger than {}", i64::MAX))
                 })?;
                 ExprKind::Int(v)
             }
             Rule::float => {
-                let v: f64 = p
-                    .as_str()
-                    .parse()
-                    .map_err(|_| Diagnostic::at("malformed number", span))?;
+                let v: f64 = p.as_str().parse().map_err(|_| Diagnostic::at("malformed number", span))?;
                 if !v.is_finite() {
-                    return Err(Diagnostic::at("number literal is out of range", span)
-                        .with_label("this overflows to infinity"));
+                    return Err(
+                        Diagnostic::at("number literal is out of range", span).with_label("this overflows to infinity")
+                    );
                 }
                 ExprKind::Float(v)
             }
@@ -566,10 +493,7 @@ impl Builder {
                         _ => body = Some(self.expr(q)?),
                     }
                 }
-                ExprKind::Lambda {
-                    params,
-                    body: Box::new(body.expect("grammar: lambda body")),
-                }
+                ExprKind::Lambda { params, body: Box::new(body.expect("grammar: lambda body")) }
             }
             Rule::if_expr => {
                 let mut branches = Vec::new();
@@ -585,10 +509,7 @@ impl Builder {
                         _ => otherwise = Some(self.block(q)?),
                     }
                 }
-                ExprKind::If {
-                    branches,
-                    otherwise,
-                }
+                ExprKind::If { branches, otherwise }
             }
             r => unreachable!("unexpected primary {r:?}"),
         };

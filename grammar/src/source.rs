@@ -16,11 +16,7 @@ pub struct Span {
 
 impl Span {
     pub fn new(file: FileId, range: Range<usize>) -> Span {
-        Span {
-            file,
-            start: range.start as u32,
-            end: range.end as u32,
-        }
+        Span { file, start: range.start as u32, end: range.end as u32 }
     }
 
     pub fn range(&self) -> Range<usize> {
@@ -32,11 +28,7 @@ impl Span {
         if self.file != other.file {
             return *self;
         }
-        Span {
-            file: self.file,
-            start: self.start.min(other.start),
-            end: self.end.max(other.end),
-        }
+        Span { file: self.file, start: self.start.min(other.start), end: self.end.max(other.end) }
     }
 }
 
@@ -61,14 +53,8 @@ impl SourceMap {
 
     pub fn add(&mut self, name: impl Into<String>, text: impl Into<String>) -> FileId {
         let text = text.into();
-        let line_starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-            .collect();
-        self.files.push(SourceFile {
-            name: name.into(),
-            text,
-            line_starts,
-        });
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        self.files.push(SourceFile { name: name.into(), text, line_starts });
         FileId(self.files.len() as u32 - 1)
     }
 
@@ -93,15 +79,9 @@ impl SourceMap {
     /// 1-based line and column of a byte offset.
     pub fn line_col(&self, file: FileId, offset: usize) -> (usize, usize) {
         let f = self.file(file);
-        let line = f
-            .line_starts
-            .partition_point(|&s| s <= offset)
-            .saturating_sub(1);
+        let line = f.line_starts.partition_point(|&s| s <= offset).saturating_sub(1);
         let start = f.line_starts[line];
-        let col = f
-            .text
-            .get(start..offset.min(f.text.len()))
-            .map_or(1, |s| s.chars().count() + 1);
+        let col = f.text.get(start..offset.min(f.text.len())).map_or(1, |s| s.chars().count() + 1);
         (line + 1, col)
     }
 }
@@ -112,53 +92,25 @@ impl<'a> codespan_reporting::files::Files<'a> for SourceMap {
     type Source = &'a str;
 
     fn name(&'a self, id: FileId) -> Result<&'a str, codespan_reporting::files::Error> {
-        self.files
-            .get(id.0 as usize)
-            .map(|f| f.name.as_str())
-            .ok_or(codespan_reporting::files::Error::FileMissing)
+        self.files.get(id.0 as usize).map(|f| f.name.as_str()).ok_or(codespan_reporting::files::Error::FileMissing)
     }
 
     fn source(&'a self, id: FileId) -> Result<&'a str, codespan_reporting::files::Error> {
-        self.files
-            .get(id.0 as usize)
-            .map(|f| f.text.as_str())
-            .ok_or(codespan_reporting::files::Error::FileMissing)
+        self.files.get(id.0 as usize).map(|f| f.text.as_str()).ok_or(codespan_reporting::files::Error::FileMissing)
     }
 
-    fn line_index(
-        &'a self,
-        id: FileId,
-        byte_index: usize,
-    ) -> Result<usize, codespan_reporting::files::Error> {
-        let f = self
-            .files
-            .get(id.0 as usize)
-            .ok_or(codespan_reporting::files::Error::FileMissing)?;
-        Ok(f.line_starts
-            .partition_point(|&s| s <= byte_index)
-            .saturating_sub(1))
+    fn line_index(&'a self, id: FileId, byte_index: usize) -> Result<usize, codespan_reporting::files::Error> {
+        let f = self.files.get(id.0 as usize).ok_or(codespan_reporting::files::Error::FileMissing)?;
+        Ok(f.line_starts.partition_point(|&s| s <= byte_index).saturating_sub(1))
     }
 
-    fn line_range(
-        &'a self,
-        id: FileId,
-        line_index: usize,
-    ) -> Result<Range<usize>, codespan_reporting::files::Error> {
-        let f = self
-            .files
-            .get(id.0 as usize)
-            .ok_or(codespan_reporting::files::Error::FileMissing)?;
-        let start = *f.line_starts.get(line_index).ok_or(
-            codespan_reporting::files::Error::LineTooLarge {
-                given: line_index,
-                max: f.line_starts.len() - 1,
-            },
-        )?;
-        let end = f
-            .line_starts
-            .get(line_index + 1)
-            .copied()
-            .unwrap_or(f.text.len());
+    fn line_range(&'a self, id: FileId, line_index: usize) -> Result<Range<usize>, codespan_reporting::files::Error> {
+        let f = self.files.get(id.0 as usize).ok_or(codespan_reporting::files::Error::FileMissing)?;
+        let start = *f.line_starts.get(line_index).ok_or(codespan_reporting::files::Error::LineTooLarge {
+            given: line_index,
+            max: f.line_starts.len() - 1,
+        })?;
+        let end = f.line_starts.get(line_index + 1).copied().unwrap_or(f.text.len());
         Ok(start..end)
     }
 }

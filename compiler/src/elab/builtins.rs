@@ -133,10 +133,7 @@ impl Args {
 fn expect_int(v: &Value, span: Span, what: &str) -> R<i64> {
     match v {
         Value::Int(i) => Ok(*i),
-        other => Err(Diagnostic::at(
-            format!("{what} must be an integer, found {}", other.kind()),
-            span,
-        )),
+        other => Err(Diagnostic::at(format!("{what} must be an integer, found {}", other.kind()), span)),
     }
 }
 
@@ -144,20 +141,14 @@ fn expect_float(v: &Value, span: Span, what: &str) -> R<f64> {
     match v {
         Value::Int(i) => Ok(*i as f64),
         Value::Float(x) => Ok(*x),
-        other => Err(Diagnostic::at(
-            format!("{what} must be a number, found {}", other.kind()),
-            span,
-        )),
+        other => Err(Diagnostic::at(format!("{what} must be a number, found {}", other.kind()), span)),
     }
 }
 
 fn expect_bool(v: &Value, span: Span, what: &str) -> R<bool> {
     match v {
         Value::Bool(b) => Ok(*b),
-        other => Err(Diagnostic::at(
-            format!("{what} must be `true` or `false`, found {}", other.kind()),
-            span,
-        )),
+        other => Err(Diagnostic::at(format!("{what} must be `true` or `false`, found {}", other.kind()), span)),
     }
 }
 
@@ -165,10 +156,7 @@ fn seed(v: &Value, span: Span) -> R<Option<u64>> {
     match v {
         Value::Unit => Ok(None),
         Value::Int(i) if *i >= 0 => Ok(Some(*i as u64)),
-        other => Err(Diagnostic::at(
-            format!("a seed must be a non-negative integer, found {other}"),
-            span,
-        )),
+        other => Err(Diagnostic::at(format!("a seed must be a non-negative integer, found {other}"), span)),
     }
 }
 
@@ -178,9 +166,7 @@ impl Elaborator<'_> {
         if let Some((op, fold)) = b.unary_op() {
             let (x, sx) = args.get(0);
             return match x {
-                Value::Int(_) | Value::Float(_) => {
-                    Ok(Value::Float(fold(expect_float(x, sx, "the argument")?)))
-                }
+                Value::Int(_) | Value::Float(_) => Ok(Value::Float(fold(expect_float(x, sx, "the argument")?))),
                 _ => {
                     let n = self.as_tensor(x, Some(DType::F32), sx)?;
                     let r = self.unary(op, n, span)?;
@@ -192,20 +178,12 @@ impl Elaborator<'_> {
             Builtin::Maximum | Builtin::Minimum => {
                 let ((a, sa), (c, sc)) = (args.get(0), args.get(1));
                 if let (Some(x), Some(y)) = (num(a), num(c)) {
-                    return Ok(Value::Float(if b == Builtin::Maximum {
-                        x.max(y)
-                    } else {
-                        x.min(y)
-                    }));
+                    return Ok(Value::Float(if b == Builtin::Maximum { x.max(y) } else { x.min(y) }));
                 }
                 let x = self.as_tensor(a, Some(DType::F32), sa)?;
                 let y = self.as_tensor(c, Some(DType::F32), sc)?;
                 let v = self.broadcast_all(&[(x, sa), (y, sc)], span)?;
-                let op = if b == Builtin::Maximum {
-                    crate::ir::BinaryOp::Max
-                } else {
-                    crate::ir::BinaryOp::Min
-                };
+                let op = if b == Builtin::Maximum { crate::ir::BinaryOp::Max } else { crate::ir::BinaryOp::Min };
                 let r = self.node(Op::Binary(op), &v, span)?;
                 Ok(self.tensor_value(r))
             }
@@ -217,11 +195,8 @@ impl Elaborator<'_> {
                 });
                 let cn = self.as_tensor(c, Some(DType::Bool), scond)?;
                 if self.ty(cn).dtype != DType::Bool {
-                    return Err(Diagnostic::at(
-                        "the condition of `where` must be a bool tensor",
-                        scond,
-                    )
-                    .with_hint("compare with `>`, `==`, … to get one"));
+                    return Err(Diagnostic::at("the condition of `where` must be a bool tensor", scond)
+                        .with_hint("compare with `>`, `==`, … to get one"));
                 }
                 let an = self.as_tensor(a, like, sa)?;
                 let xn = self.as_tensor(x, like, sx)?;
@@ -254,11 +229,7 @@ impl Elaborator<'_> {
                 let (x, sx) = args.get(0);
                 let x = self.as_tensor(x, Some(DType::F32), sx)?;
                 let t = self.ty(x).clone();
-                let axis = self.axis(
-                    expect_int(args.get(1).0, args.get(1).1, "`axis`")?,
-                    t.rank(),
-                    args.get(1).1,
-                )?;
+                let axis = self.axis(expect_int(args.get(1).0, args.get(1).1, "`axis`")?, t.rank(), args.get(1).1)?;
                 let reverse = expect_bool(args.get(2).0, args.get(2).1, "`reverse`")?;
                 let mut operands = vec![x];
                 if args.is_set(3) {
@@ -278,21 +249,13 @@ impl Elaborator<'_> {
             Builtin::Einsum => {
                 let (spec, sspec) = args.get(0);
                 let Value::Str(spec) = spec else {
-                    return Err(Diagnostic::at(
-                        "the einsum spec must be a string such as \"bnd,de->bne\"",
-                        sspec,
-                    ));
+                    return Err(Diagnostic::at("the einsum spec must be a string such as \"bnd,de->bne\"", sspec));
                 };
-                let spec = parse_einsum(spec, if args.is_set(2) { 2 } else { 1 })
-                    .map_err(|m| Diagnostic::at(m, sspec))?;
-                let mut operands =
-                    vec![self.as_tensor(args.get(1).0, Some(DType::F32), args.get(1).1)?];
+                let spec =
+                    parse_einsum(spec, if args.is_set(2) { 2 } else { 1 }).map_err(|m| Diagnostic::at(m, sspec))?;
+                let mut operands = vec![self.as_tensor(args.get(1).0, Some(DType::F32), args.get(1).1)?];
                 if args.is_set(2) {
-                    operands.push(self.as_tensor(
-                        args.get(2).0,
-                        Some(DType::F32),
-                        args.get(2).1,
-                    )?);
+                    operands.push(self.as_tensor(args.get(2).0, Some(DType::F32), args.get(2).1)?);
                 }
                 let r = self.node(Op::Einsum(spec), &operands, span)?;
                 Ok(self.tensor_value(r))
@@ -311,10 +274,7 @@ impl Elaborator<'_> {
                 let rank = self.ty(x).rank();
                 let (axes, saxes) = args.get(1);
                 let Value::List(items) = axes else {
-                    return Err(Diagnostic::at(
-                        "`axes` must be a list of axes such as [0, 2, 1, 3]",
-                        saxes,
-                    ));
+                    return Err(Diagnostic::at("`axes` must be a list of axes such as [0, 2, 1, 3]", saxes));
                 };
                 let perm = items
                     .iter()
@@ -327,16 +287,8 @@ impl Elaborator<'_> {
                 let (x, sx) = args.get(0);
                 let x = self.as_tensor(x, None, sx)?;
                 let rank = self.ty(x).rank();
-                let a = self.axis(
-                    expect_int(args.get(1).0, args.get(1).1, "an axis")?,
-                    rank,
-                    args.get(1).1,
-                )?;
-                let c = self.axis(
-                    expect_int(args.get(2).0, args.get(2).1, "an axis")?,
-                    rank,
-                    args.get(2).1,
-                )?;
+                let a = self.axis(expect_int(args.get(1).0, args.get(1).1, "an axis")?, rank, args.get(1).1)?;
+                let c = self.axis(expect_int(args.get(2).0, args.get(2).1, "an axis")?, rank, args.get(2).1)?;
                 let mut perm: Vec<usize> = (0..rank).collect();
                 perm.swap(a, c);
                 let r = self.node(Op::Permute { perm }, &[x], span)?;
@@ -346,11 +298,8 @@ impl Elaborator<'_> {
                 let (x, sx) = args.get(0);
                 let x = self.as_tensor(x, None, sx)?;
                 let mut shape = self.ty(x).shape.clone();
-                let axis = self.axis(
-                    expect_int(args.get(1).0, args.get(1).1, "`axis`")?,
-                    shape.len() + 1,
-                    args.get(1).1,
-                )?;
+                let axis =
+                    self.axis(expect_int(args.get(1).0, args.get(1).1, "`axis`")?, shape.len() + 1, args.get(1).1)?;
                 shape.insert(axis, Dim::constant(1));
                 let r = self.node(Op::Reshape { shape }, &[x], span)?;
                 Ok(self.tensor_value(r))
@@ -359,46 +308,24 @@ impl Elaborator<'_> {
                 let (x, sx) = args.get(0);
                 let x = self.as_tensor(x, None, sx)?;
                 let rank = self.ty(x).rank();
-                let axis = self.axis(
-                    expect_int(args.get(1).0, args.get(1).1, "`axis`")?,
-                    rank,
-                    args.get(1).1,
-                )?;
+                let axis = self.axis(expect_int(args.get(1).0, args.get(1).1, "`axis`")?, rank, args.get(1).1)?;
                 let before = self.size_arg(args.get(2))?;
                 let after = self.size_arg(args.get(3))?;
-                let r = self.node(
-                    Op::Pad {
-                        axis,
-                        before,
-                        after,
-                    },
-                    &[x],
-                    span,
-                )?;
+                let r = self.node(Op::Pad { axis, before, after }, &[x], span)?;
                 Ok(self.tensor_value(r))
             }
             Builtin::Concat => {
                 let (xs, sxs) = args.get(0);
                 let Value::List(items) = xs else {
-                    return Err(Diagnostic::at(
-                        "`concat` takes a list of tensors, e.g. concat([a, b], -1)",
-                        sxs,
-                    ));
+                    return Err(Diagnostic::at("`concat` takes a list of tensors, e.g. concat([a, b], -1)", sxs));
                 };
                 let items = items.clone();
-                let ns = items
-                    .iter()
-                    .map(|v| self.as_tensor(v, None, sxs))
-                    .collect::<R<Vec<_>>>()?;
+                let ns = items.iter().map(|v| self.as_tensor(v, None, sxs)).collect::<R<Vec<_>>>()?;
                 let Some(&first) = ns.first() else {
                     return Err(Diagnostic::at("`concat` needs at least one tensor", sxs));
                 };
                 let rank = self.ty(first).rank();
-                let axis = self.axis(
-                    expect_int(args.get(1).0, args.get(1).1, "`axis`")?,
-                    rank,
-                    args.get(1).1,
-                )?;
+                let axis = self.axis(expect_int(args.get(1).0, args.get(1).1, "`axis`")?, rank, args.get(1).1)?;
                 let r = self.node(Op::Concat { axis }, &ns, span)?;
                 Ok(self.tensor_value(r))
             }
@@ -410,23 +337,12 @@ impl Elaborator<'_> {
             }
             Builtin::Iota => {
                 let len = self.size_arg(args.get(0))?;
-                let r = self.node(
-                    Op::Iota {
-                        len,
-                        dtype: DType::I32,
-                    },
-                    &[],
-                    span,
-                )?;
+                let r = self.node(Op::Iota { len, dtype: DType::I32 }, &[], span)?;
                 Ok(self.tensor_value(r))
             }
             Builtin::Float | Builtin::Int => {
                 let (x, sx) = args.get(0);
-                let to = if b == Builtin::Float {
-                    DType::F32
-                } else {
-                    DType::I32
-                };
+                let to = if b == Builtin::Float { DType::F32 } else { DType::I32 };
                 match (x, to) {
                     (Value::Int(i), DType::F32) => return Ok(Value::Float(*i as f64)),
                     (Value::Float(f), DType::I32) if f.is_finite() && f.abs() < 9.0e15 => {
@@ -446,34 +362,23 @@ impl Elaborator<'_> {
                 let (x, sx) = args.get(0);
                 let x = self.as_tensor(x, None, sx)?;
                 let shape = self.ty(x).shape.clone();
-                let axis = self.axis(
-                    expect_int(args.get(1).0, args.get(1).1, "`axis`")?,
-                    shape.len(),
-                    args.get(1).1,
-                )?;
+                let axis =
+                    self.axis(expect_int(args.get(1).0, args.get(1).1, "`axis`")?, shape.len(), args.get(1).1)?;
                 Ok(dim_value(shape[axis].clone()))
             }
             Builtin::Shape => {
                 let (x, sx) = args.get(0);
                 let x = self.as_tensor(x, None, sx)?;
-                Ok(Value::List(
-                    self.ty(x).shape.iter().cloned().map(dim_value).collect(),
-                ))
+                Ok(Value::List(self.ty(x).shape.iter().cloned().map(dim_value).collect()))
             }
             Builtin::CeilDiv => {
                 let a = self.size_arg(args.get(0))?;
                 let (bv, sb) = args.get(1);
                 let k = expect_int(bv, sb, "the divisor")?;
                 if k <= 0 {
-                    return Err(Diagnostic::at(
-                        format!("the divisor must be positive, got {k}"),
-                        sb,
-                    ));
+                    return Err(Diagnostic::at(format!("the divisor must be positive, got {k}"), sb));
                 }
-                Ok(dim_value(
-                    a.ceil_div(k)
-                        .ok_or_else(|| Diagnostic::at("size overflow", span))?,
-                ))
+                Ok(dim_value(a.ceil_div(k).ok_or_else(|| Diagnostic::at("size overflow", span))?))
             }
             Builtin::Dropout => {
                 let (x, sx) = args.get(0);
@@ -481,23 +386,13 @@ impl Elaborator<'_> {
                 let (r, sr) = args.get(1);
                 let rate = expect_float(r, sr, "the dropout rate")?;
                 if !(0.0..1.0).contains(&rate) {
-                    return Err(Diagnostic::at(
-                        format!("the dropout rate must be in [0, 1), got {rate}"),
-                        sr,
-                    ));
+                    return Err(Diagnostic::at(format!("the dropout rate must be in [0, 1), got {rate}"), sr));
                 }
                 if rate == 0.0 {
                     return Ok(self.tensor_value(x));
                 }
                 let salt = self.dropout_salt();
-                let n = self.node(
-                    Op::Dropout {
-                        rate: F64Bits::new(rate),
-                        salt,
-                    },
-                    &[x],
-                    span,
-                )?;
+                let n = self.node(Op::Dropout { rate: F64Bits::new(rate), salt }, &[x], span)?;
                 Ok(self.tensor_value(n))
             }
             Builtin::Assert => {
@@ -513,30 +408,18 @@ impl Elaborator<'_> {
                         Err(Diagnostic::at(msg, span).with_label("assertion failed"))
                     }
                     other => Err(Diagnostic::at(
-                        format!(
-                            "`assert` needs a condition known at compile time, found {}",
-                            other.kind()
-                        ),
+                        format!("`assert` needs a condition known at compile time, found {}", other.kind()),
                         sc,
                     )),
                 }
             }
-            Builtin::Zeros => Ok(Value::Init(InitValue {
-                init: Init::Zeros,
-                seed: None,
-            })),
-            Builtin::Ones => Ok(Value::Init(InitValue {
-                init: Init::Ones,
-                seed: None,
-            })),
+            Builtin::Zeros => Ok(Value::Init(InitValue { init: Init::Zeros, seed: None })),
+            Builtin::Ones => Ok(Value::Init(InitValue { init: Init::Ones, seed: None })),
             Builtin::Normal => {
                 let std = expect_float(args.get(0).0, args.get(0).1, "`std`")?;
                 let mean = expect_float(args.get(1).0, args.get(1).1, "`mean`")?;
                 if std.is_nan() || std < 0.0 {
-                    return Err(Diagnostic::at(
-                        format!("`std` must be non-negative, got {std}"),
-                        args.get(0).1,
-                    ));
+                    return Err(Diagnostic::at(format!("`std` must be non-negative, got {std}"), args.get(0).1));
                 }
                 Ok(Value::Init(InitValue {
                     init: Init::Normal { mean, std },
@@ -547,22 +430,13 @@ impl Elaborator<'_> {
                 let lo = expect_float(args.get(0).0, args.get(0).1, "`lo`")?;
                 let hi = expect_float(args.get(1).0, args.get(1).1, "`hi`")?;
                 if lo.is_nan() || hi.is_nan() || lo > hi {
-                    return Err(Diagnostic::at(
-                        format!("`uniform` needs lo ≤ hi, got {lo} and {hi}"),
-                        span,
-                    ));
+                    return Err(Diagnostic::at(format!("`uniform` needs lo ≤ hi, got {lo} and {hi}"), span));
                 }
-                Ok(Value::Init(InitValue {
-                    init: Init::Uniform { lo, hi },
-                    seed: seed(args.get(2).0, args.get(2).1)?,
-                }))
+                Ok(Value::Init(InitValue { init: Init::Uniform { lo, hi }, seed: seed(args.get(2).0, args.get(2).1)? }))
             }
             Builtin::Xavier => {
                 let gain = expect_float(args.get(0).0, args.get(0).1, "`gain`")?;
-                Ok(Value::Init(InitValue {
-                    init: Init::Xavier { gain },
-                    seed: seed(args.get(1).0, args.get(1).1)?,
-                }))
+                Ok(Value::Init(InitValue { init: Init::Xavier { gain }, seed: seed(args.get(1).0, args.get(1).1)? }))
             }
             _ => unreachable!("unary builtins are handled above"),
         }
@@ -573,29 +447,20 @@ impl Elaborator<'_> {
         match v {
             Value::Unit => Ok((0..rank).collect()),
             Value::Int(a) => Ok(vec![self.axis(*a, rank, span)?]),
-            Value::List(items) => items
-                .iter()
-                .map(|i| self.axis(expect_int(i, span, "an axis")?, rank, span))
-                .collect(),
+            Value::List(items) => {
+                items.iter().map(|i| self.axis(expect_int(i, span, "an axis")?, rank, span)).collect()
+            }
             other => Err(Diagnostic::at(
-                format!(
-                    "`axis` must be an integer or a list of integers, found {}",
-                    other.kind()
-                ),
+                format!("`axis` must be an integer or a list of integers, found {}", other.kind()),
                 span,
             )),
         }
     }
 
     fn size_arg(&self, (v, span): (&Value, Span)) -> R<Dim> {
-        let d = v
-            .as_dim()
-            .ok_or_else(|| Diagnostic::at(format!("expected a size, found {}", v.kind()), span))?;
+        let d = v.as_dim().ok_or_else(|| Diagnostic::at(format!("expected a size, found {}", v.kind()), span))?;
         if d.as_const().is_some_and(|c| c < 0) {
-            return Err(Diagnostic::at(
-                format!("a size cannot be negative, got {d}"),
-                span,
-            ));
+            return Err(Diagnostic::at(format!("a size cannot be negative, got {d}"), span));
         }
         Ok(d)
     }
@@ -603,10 +468,7 @@ impl Elaborator<'_> {
     /// The target of `reshape`, with at most one `-1` inferred from the element count.
     fn reshape_target(&self, x: crate::ir::NodeId, shape: &Value, span: Span) -> R<Vec<Dim>> {
         let Value::List(items) = shape else {
-            return Err(Diagnostic::at(
-                "the shape must be a list such as [B, N, 8, 64]",
-                span,
-            ));
+            return Err(Diagnostic::at("the shape must be a list such as [B, N, 8, 64]", span));
         };
         let mut dims = Vec::new();
         let mut infer_at = None;
@@ -620,23 +482,15 @@ impl Elaborator<'_> {
             }
         }
         if let Some(i) = infer_at {
-            let total = crate::ir::dim::numel(&self.ty(x).shape)
-                .ok_or_else(|| Diagnostic::at("size overflow", span))?;
-            let known = crate::ir::dim::numel(&dims)
-                .ok_or_else(|| Diagnostic::at("size overflow", span))?;
-            let inferred = known
-                .as_const()
-                .filter(|&k| k > 0)
-                .and_then(|k| total.div_exact(k))
-                .ok_or_else(|| {
-                    Diagnostic::at(
-                        format!(
-                            "cannot infer the -1 in this shape: {total} elements into {}",
-                            shape_list(&dims, i)
-                        ),
-                        span,
-                    )
-                })?;
+            let total =
+                crate::ir::dim::numel(&self.ty(x).shape).ok_or_else(|| Diagnostic::at("size overflow", span))?;
+            let known = crate::ir::dim::numel(&dims).ok_or_else(|| Diagnostic::at("size overflow", span))?;
+            let inferred = known.as_const().filter(|&k| k > 0).and_then(|k| total.div_exact(k)).ok_or_else(|| {
+                Diagnostic::at(
+                    format!("cannot infer the -1 in this shape: {total} elements into {}", shape_list(&dims, i)),
+                    span,
+                )
+            })?;
             dims[i] = inferred;
         }
         Ok(dims)
@@ -644,17 +498,8 @@ impl Elaborator<'_> {
 }
 
 fn shape_list(dims: &[Dim], infer_at: usize) -> String {
-    let parts: Vec<String> = dims
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            if i == infer_at {
-                "-1".into()
-            } else {
-                d.to_string()
-            }
-        })
-        .collect();
+    let parts: Vec<String> =
+        dims.iter().enumerate().map(|(i, d)| if i == infer_at { "-1".into() } else { d.to_string() }).collect();
     format!("[{}]", parts.join(", "))
 }
 
@@ -677,26 +522,16 @@ pub fn dim_value(d: Dim) -> Value {
 /// `"bhnd,bhne->bhde"` to a spec; whitespace is ignored.
 fn parse_einsum(s: &str, operands: usize) -> Result<EinsumSpec, String> {
     let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-    let (lhs, rhs) = s
-        .split_once("->")
-        .ok_or_else(|| format!("einsum spec `{s}` needs `->` and the output indices"))?;
+    let (lhs, rhs) =
+        s.split_once("->").ok_or_else(|| format!("einsum spec `{s}` needs `->` and the output indices"))?;
     let inputs: Vec<Vec<u8>> = lhs.split(',').map(|p| p.bytes().collect()).collect();
     if inputs.len() != operands {
-        return Err(format!(
-            "einsum spec `{s}` names {} operands but {operands} were given",
-            inputs.len()
-        ));
+        return Err(format!("einsum spec `{s}` names {} operands but {operands} were given", inputs.len()));
     }
     for b in inputs.iter().flatten().chain(rhs.as_bytes()) {
         if !b.is_ascii_lowercase() {
-            return Err(format!(
-                "einsum indices must be lowercase letters; `{}` is not",
-                *b as char
-            ));
+            return Err(format!("einsum indices must be lowercase letters; `{}` is not", *b as char));
         }
     }
-    Ok(EinsumSpec {
-        inputs,
-        output: rhs.bytes().collect(),
-    })
+    Ok(EinsumSpec { inputs, output: rhs.bytes().collect() })
 }

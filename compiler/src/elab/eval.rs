@@ -16,18 +16,12 @@ const KNOWN_ATTRS: &[&str] = &["no_decay"];
 
 impl Elaborator<'_> {
     pub(super) fn elaborate_model(&mut self, model: &FnDecl, overrides: &[&Override]) -> R<()> {
-        let mut frame = Frame {
-            vars: HashMap::new(),
-            is_model: true,
-        };
+        let mut frame = Frame { vars: HashMap::new(), is_model: true };
         for o in overrides {
             if !model.params.iter().any(|p| p.name.name == o.target) {
                 let names: Vec<&str> = model.params.iter().map(|p| p.name.name.as_str()).collect();
                 let mut d = Diagnostic::at(
-                    format!(
-                        "`--set {}`: model `{}` has no hyper-parameter `{}`",
-                        o.target, model.name.name, o.target
-                    ),
+                    format!("`--set {}`: model `{}` has no hyper-parameter `{}`", o.target, model.name.name, o.target),
                     o.span,
                 )
                 .with_note(format!("its hyper-parameters are: {}", names.join(", ")));
@@ -39,27 +33,15 @@ impl Elaborator<'_> {
         }
         for p in &model.params {
             let value = match overrides.iter().rev().find(|o| o.target == p.name.name) {
-                Some(o) => self.eval(
-                    &o.value,
-                    &mut Frame {
-                        vars: HashMap::new(),
-                        is_model: false,
-                    },
-                )?,
+                Some(o) => self.eval(&o.value, &mut Frame { vars: HashMap::new(), is_model: false })?,
                 None => match &p.default {
                     Some(e) => self.eval(e, &mut frame)?,
                     None => {
                         return Err(Diagnostic::at(
-                            format!(
-                                "hyper-parameter `{}` of a model needs a default value",
-                                p.name.name
-                            ),
+                            format!("hyper-parameter `{}` of a model needs a default value", p.name.name),
                             p.name.span,
                         )
-                        .with_hint(format!(
-                            "write `{} = …` in the model's parameter list",
-                            p.name.name
-                        )))
+                        .with_hint(format!("write `{} = …` in the model's parameter list", p.name.name)))
                     }
                 },
             };
@@ -85,13 +67,7 @@ impl Elaborator<'_> {
                 frame.vars.insert(name.name.clone(), v);
                 Ok(Value::Unit)
             }
-            Stmt::For {
-                var,
-                start,
-                end,
-                body,
-                span,
-            } => {
+            Stmt::For { var, start, end, body, span } => {
                 let lo = self.int_of(start, frame, "a loop bound")?;
                 let hi = self.int_of(end, frame, "a loop bound")?;
                 if hi.saturating_sub(lo) > MAX_LOOP_TRIPS {
@@ -117,37 +93,25 @@ impl Elaborator<'_> {
             }
             Stmt::Input { name, ty, span } => {
                 if !frame.is_model {
-                    return Err(
-                        Diagnostic::at("`input` can only be declared in a model", *span)
-                            .with_hint("pass the tensor to this function as an argument"),
-                    );
+                    return Err(Diagnostic::at("`input` can only be declared in a model", *span)
+                        .with_hint("pass the tensor to this function as an argument"));
                 }
                 if self.graph().inputs.iter().any(|i| i.name == name.name) {
-                    return Err(Diagnostic::at(
-                        format!("input `{}` is declared twice", name.name),
-                        name.span,
-                    ));
+                    return Err(Diagnostic::at(format!("input `{}` is declared twice", name.name), name.span));
                 }
                 let t = self.input_type(ty, frame)?;
-                let n = self
-                    .graph_mut()
-                    .add_input(name.name.clone(), t, Some(name.span));
+                let n = self.graph_mut().add_input(name.name.clone(), t, Some(name.span));
                 frame.vars.insert(name.name.clone(), self.tensor_value(n));
                 Ok(Value::Unit)
             }
             Stmt::Output { name, value, span } => {
                 if !frame.is_model {
-                    return Err(
-                        Diagnostic::at("`output` can only be declared in a model", *span)
-                            .with_hint("return the value from this function instead"),
-                    );
+                    return Err(Diagnostic::at("`output` can only be declared in a model", *span)
+                        .with_hint("return the value from this function instead"));
                 }
                 if let Some(prev) = self.outputs_seen.get(&name.name) {
-                    return Err(Diagnostic::at(
-                        format!("output `{}` is declared twice", name.name),
-                        name.span,
-                    )
-                    .with_secondary(*prev, "first declared here"));
+                    return Err(Diagnostic::at(format!("output `{}` is declared twice", name.name), name.span)
+                        .with_secondary(*prev, "first declared here"));
                 }
                 let v = self.eval(value, frame)?;
                 let n = self.as_tensor(&v, None, value.span)?;
@@ -166,14 +130,7 @@ impl Elaborator<'_> {
                 frame.vars.insert(name.name.clone(), v);
                 Ok(Value::Unit)
             }
-            Stmt::Tensor {
-                kind,
-                names,
-                ty,
-                init,
-                attrs,
-                span,
-            } => {
+            Stmt::Tensor { kind, names, ty, init, attrs, span } => {
                 self.declare_tensors(*kind, names, ty, init.as_ref(), attrs, *span, frame)?;
                 Ok(Value::Unit)
             }
@@ -198,51 +155,31 @@ impl Elaborator<'_> {
             match v {
                 Value::Int(i) if i > 0 => shape.push(Dim::constant(i)),
                 Value::Int(i) => {
-                    return Err(Diagnostic::at(
-                        format!("a parameter's size must be positive, got {i}"),
-                        d.span,
-                    ))
+                    return Err(Diagnostic::at(format!("a parameter's size must be positive, got {i}"), d.span))
                 }
                 Value::Size(s) => {
                     return Err(Diagnostic::at(
-                        format!(
-                            "a parameter's size must be known at compile time, but this is {s}"
-                        ),
+                        format!("a parameter's size must be known at compile time, but this is {s}"),
                         d.span,
                     )
                     .with_label("depends on the input's shape")
-                    .with_hint(
-                        "parameters are allocated once; derive their sizes from hyper-parameters",
-                    ))
+                    .with_hint("parameters are allocated once; derive their sizes from hyper-parameters"))
                 }
                 Value::Float(x) => return Err(not_integer_size(d, x)),
-                other => {
-                    return Err(Diagnostic::at(
-                        format!("expected a size, found {}", other.kind()),
-                        d.span,
-                    ))
-                }
+                other => return Err(Diagnostic::at(format!("expected a size, found {}", other.kind()), d.span)),
             }
         }
-        let numel = shape
-            .iter()
-            .try_fold(1i64, |acc, d| acc.checked_mul(d.as_const().unwrap_or(1)));
+        let numel = shape.iter().try_fold(1i64, |acc, d| acc.checked_mul(d.as_const().unwrap_or(1)));
         if numel.is_none_or(|n| n > 1i64 << 40) {
-            return Err(Diagnostic::at("this tensor is too large", ty.span)
-                .with_label(shape_to_string(&shape)));
+            return Err(Diagnostic::at("this tensor is too large", ty.span).with_label(shape_to_string(&shape)));
         }
         let mut attr_names = Vec::new();
         for a in attrs {
             if !KNOWN_ATTRS.contains(&a.name.as_str()) {
-                let mut d = Diagnostic::at(format!("unknown attribute `@{}`", a.name), a.span)
-                    .with_note(format!(
-                        "known attributes: {}",
-                        KNOWN_ATTRS
-                            .iter()
-                            .map(|k| format!("@{k}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ));
+                let mut d = Diagnostic::at(format!("unknown attribute `@{}`", a.name), a.span).with_note(format!(
+                    "known attributes: {}",
+                    KNOWN_ATTRS.iter().map(|k| format!("@{k}")).collect::<Vec<_>>().join(", ")
+                ));
                 if let Some(h) = did_you_mean(&a.name, KNOWN_ATTRS.iter().copied()) {
                     d = d.with_hint(h);
                 }
@@ -253,21 +190,16 @@ impl Elaborator<'_> {
         let t = TensorType::new(dtype, shape);
         let (init, seed) = match init {
             Some(e) => self.initializer(e, &t, frame)?,
-            None if kind == TensorKind::Param && t.rank() >= 2 => {
-                (Init::Xavier { gain: 1.0 }, None)
-            }
+            None if kind == TensorKind::Param && t.rank() >= 2 => (Init::Xavier { gain: 1.0 }, None),
             None => (Init::Zeros, None),
         };
         for name in names {
-            if frame.vars.contains_key(&name.name)
-                && matches!(frame.vars.get(&name.name), Some(Value::Tensor(_)))
-            {
+            if frame.vars.contains_key(&name.name) && matches!(frame.vars.get(&name.name), Some(Value::Tensor(_))) {
                 // Re-declaring shadows; names stay unique through the scope path below.
             }
             let full = self.qualified(&name.name);
             if let Some(prev) = self.graph().params.iter().find(|p| p.name == full) {
-                let mut d =
-                    Diagnostic::at(format!("parameter `{full}` is declared twice"), name.span);
+                let mut d = Diagnostic::at(format!("parameter `{full}` is declared twice"), name.span);
                 if let Some(s) = prev.span {
                     d = d.with_secondary(s, "first declared here");
                 }
@@ -291,12 +223,7 @@ impl Elaborator<'_> {
 
     /// The initializer after `~`: an initializer value, a number, or a tensor computed
     /// from constants (elaborated into a graph of its own).
-    fn initializer(
-        &mut self,
-        e: &Expr,
-        t: &TensorType,
-        frame: &mut Frame,
-    ) -> R<(Init, Option<u64>)> {
+    fn initializer(&mut self, e: &Expr, t: &TensorType, frame: &mut Frame) -> R<(Init, Option<u64>)> {
         let id = self.next_graph_id;
         self.next_graph_id += 1;
         self.graphs.push((id, Graph::new("init")));
@@ -317,35 +244,55 @@ impl Elaborator<'_> {
                 let mut node = r.node;
                 if got.shape != t.shape {
                     let broadcastable = got.rank() <= t.rank()
-                        && got.shape.iter().rev().zip(t.shape.iter().rev()).all(|(a, b)| a == b || a.as_const() == Some(1));
+                        && got
+                            .shape
+                            .iter()
+                            .rev()
+                            .zip(t.shape.iter().rev())
+                            .all(|(a, b)| a == b || a.as_const() == Some(1));
                     if !broadcastable {
                         return Err(Diagnostic::at(
-                            format!("the initializer has shape {} but the tensor is {}", shape_to_string(&got.shape), shape_to_string(&t.shape)),
+                            format!(
+                                "the initializer has shape {} but the tensor is {}",
+                                shape_to_string(&got.shape),
+                                shape_to_string(&t.shape)
+                            ),
                             e.span,
                         ));
                     }
                     let mut padded = vec![Dim::constant(1); t.rank() - got.rank()];
                     padded.extend(got.shape.iter().cloned());
-                    node = g.add(Op::Reshape { shape: padded }, &[node], Some(e.span)).map_err(|m| Diagnostic::at(m, e.span))?;
-                    node = g.add(Op::Broadcast { shape: t.shape.clone() }, &[node], Some(e.span)).map_err(|m| Diagnostic::at(m, e.span))?;
+                    node = g
+                        .add(Op::Reshape { shape: padded }, &[node], Some(e.span))
+                        .map_err(|m| Diagnostic::at(m, e.span))?;
+                    node = g
+                        .add(Op::Broadcast { shape: t.shape.clone() }, &[node], Some(e.span))
+                        .map_err(|m| Diagnostic::at(m, e.span))?;
                 }
                 if g.ty(node).dtype != t.dtype {
-                    node = g.add(Op::Cast { to: t.dtype }, &[node], Some(e.span)).map_err(|m| Diagnostic::at(m, e.span))?;
+                    node = g
+                        .add(Op::Cast { to: t.dtype }, &[node], Some(e.span))
+                        .map_err(|m| Diagnostic::at(m, e.span))?;
                 }
                 g.add_output("value", node);
                 Ok((Init::Computed(Box::new(g)), None))
             }
-            other => Err(Diagnostic::at(format!("expected an initializer, found {}", other.kind()), e.span)
-                .with_hint("use zeros, ones, a number, normal(std), uniform(lo, hi), xavier, or an expression of constants")),
+            Value::Tensor(_) => Err(Diagnostic::at("an initializer can only be computed from constants", e.span)
+                .with_label("this is a tensor of the model")
+                .with_hint(
+                    "use iota, numbers and hyper-parameters; parameters and inputs have no value at initialization",
+                )),
+            other => Err(Diagnostic::at(format!("expected an initializer, found {}", other.kind()), e.span).with_hint(
+                "use zeros, ones, a number, normal(std), uniform(lo, hi), xavier, or an expression of constants",
+            )),
         }
     }
 
     fn dtype_of(&self, ty: &TypeAnn) -> R<DType> {
         match &ty.dtype {
             None => Ok(DType::F32),
-            Some(d) => DType::from_name(&d.name).ok_or_else(|| {
-                Diagnostic::at(format!("unknown element type `{}`", d.name), d.span)
-            }),
+            Some(d) => DType::from_name(&d.name)
+                .ok_or_else(|| Diagnostic::at(format!("unknown element type `{}`", d.name), d.span)),
         }
     }
 
@@ -367,12 +314,7 @@ impl Elaborator<'_> {
                 Value::Int(i) if i > 0 => shape.push(Dim::constant(i)),
                 Value::Size(s) => shape.push(s),
                 Value::Float(x) => return Err(not_integer_size(d, x)),
-                other => {
-                    return Err(Diagnostic::at(
-                        format!("expected a positive size, found {other}"),
-                        d.span,
-                    ))
-                }
+                other => return Err(Diagnostic::at(format!("expected a positive size, found {other}"), d.span)),
             }
         }
         Ok(TensorType::new(dtype, shape))
@@ -382,10 +324,7 @@ impl Elaborator<'_> {
         match self.eval(e, frame)? {
             Value::Int(i) => Ok(i),
             other => Err(Diagnostic::at(
-                format!(
-                    "{what} must be an integer known at compile time, found {}",
-                    other.kind()
-                ),
+                format!("{what} must be an integer known at compile time, found {}", other.kind()),
                 e.span,
             )),
         }
@@ -399,24 +338,19 @@ impl Elaborator<'_> {
             ExprKind::Bool(b) => Ok(Value::Bool(*b)),
             ExprKind::Str(s) => Ok(Value::Str(s.clone())),
             ExprKind::Name(n) => self.lookup(n, e.span, frame),
-            ExprKind::List(items) => Ok(Value::List(
-                items
-                    .iter()
-                    .map(|i| self.eval(i, frame))
-                    .collect::<R<_>>()?,
-            )),
+            ExprKind::List(items) => Ok(Value::List(items.iter().map(|i| self.eval(i, frame)).collect::<R<_>>()?)),
             ExprKind::Block(b) => self.exec_block(b, frame),
-            ExprKind::If {
-                branches,
-                otherwise,
-            } => {
+            ExprKind::If { branches, otherwise } => {
                 for (cond, body) in branches {
                     match self.eval(cond, frame)? {
                         Value::Bool(true) => return self.exec_block(body, frame),
                         Value::Bool(false) => {}
                         other => {
                             return Err(Diagnostic::at(
-                                format!("the condition of `if` must be a boolean known at compile time, found {}", other.kind()),
+                                format!(
+                                    "the condition of `if` must be a boolean known at compile time, found {}",
+                                    other.kind()
+                                ),
                                 cond.span,
                             )
                             .with_hint("use `where(cond, a, b)` to choose between tensors elementwise"))
@@ -444,8 +378,7 @@ impl Elaborator<'_> {
             ExprKind::Binary { op, lhs, rhs } => {
                 // `and`/`or` on compile-time booleans short-circuit.
                 let a = self.eval(lhs, frame)?;
-                if let (BinOp::And, Value::Bool(false)) | (BinOp::Or, Value::Bool(true)) = (op, &a)
-                {
+                if let (BinOp::And, Value::Bool(false)) | (BinOp::Or, Value::Bool(true)) = (op, &a) {
                     return Ok(a);
                 }
                 let b = self.eval(rhs, frame)?;
@@ -454,11 +387,8 @@ impl Elaborator<'_> {
             ExprKind::Call { callee, args } => {
                 let f = self.eval(callee, frame)?;
                 let Value::Func(f) = f else {
-                    return Err(Diagnostic::at(
-                        format!("{} is not a function", f.kind()),
-                        callee.span,
-                    )
-                    .with_label(format!("this is {f}")));
+                    return Err(Diagnostic::at(format!("{} is not a function", f.kind()), callee.span)
+                        .with_label(format!("this is {f}")));
                 };
                 let mut values = Vec::with_capacity(args.len());
                 for a in args {
@@ -485,16 +415,10 @@ impl Elaborator<'_> {
             return Ok(Value::Unit);
         }
         if let Some(f) = self.program.functions.get(n) {
-            return Ok(Value::Func(Rc::new(Func {
-                callee: Callee::User(f.clone()),
-                bound: Vec::new(),
-            })));
+            return Ok(Value::Func(Rc::new(Func { callee: Callee::User(f.clone()), bound: Vec::new() })));
         }
         if let Some(b) = Builtin::from_name(n) {
-            return Ok(Value::Func(Rc::new(Func {
-                callee: Callee::Builtin(b),
-                bound: Vec::new(),
-            })));
+            return Ok(Value::Func(Rc::new(Func { callee: Callee::Builtin(b), bound: Vec::new() })));
         }
         let candidates = frame
             .vars
@@ -502,83 +426,47 @@ impl Elaborator<'_> {
             .map(|s| s.as_str())
             .chain(self.program.functions.keys().map(|s| s.as_str()))
             .chain(Builtin::ALL.iter().map(|b| b.name()));
-        let mut d = Diagnostic::at(format!("unknown name `{n}`"), span)
-            .with_label("not found in this scope");
+        let mut d = Diagnostic::at(format!("unknown name `{n}`"), span).with_label("not found in this scope");
         if let Some(h) = did_you_mean(n, candidates) {
             d = d.with_hint(h);
-        } else if super::load::STD_SOURCE.contains(&format!("fn {n}("))
-            && !self.program.functions.contains_key(n)
-        {
-            d = d.with_hint(format!(
-                "`{n}` is defined in the standard library: add `use std` at the top of the file"
-            ));
+        } else if super::load::STD_SOURCE.contains(&format!("fn {n}(")) && !self.program.functions.contains_key(n) {
+            d = d.with_hint(format!("`{n}` is defined in the standard library: add `use std` at the top of the file"));
         }
         Err(d)
     }
 
     fn unary_value(&mut self, op: UnOp, v: Value, span: Span, sv: Span) -> R<Value> {
         match (op, v) {
-            (UnOp::Neg, Value::Int(i)) => i
-                .checked_neg()
-                .map(Value::Int)
-                .ok_or_else(|| overflow(span)),
+            (UnOp::Neg, Value::Int(i)) => i.checked_neg().map(Value::Int).ok_or_else(|| overflow(span)),
             (UnOp::Neg, Value::Float(x)) => Ok(Value::Float(-x)),
-            (UnOp::Neg, Value::Size(d)) => {
-                Ok(dim_value(d.checked_neg().ok_or_else(|| overflow(span))?))
-            }
+            (UnOp::Neg, Value::Size(d)) => Ok(dim_value(d.checked_neg().ok_or_else(|| overflow(span))?)),
             (UnOp::Not, Value::Bool(b)) => Ok(Value::Bool(!b)),
             (op, v @ Value::Tensor(_)) => {
                 let n = self.as_tensor(&v, None, sv)?;
-                let u = if op == UnOp::Neg {
-                    UnaryOp::Neg
-                } else {
-                    UnaryOp::Not
-                };
+                let u = if op == UnOp::Neg { UnaryOp::Neg } else { UnaryOp::Not };
                 let r = self.unary(u, n, span)?;
                 Ok(self.tensor_value(r))
             }
             (op, v) => Err(Diagnostic::at(
-                format!(
-                    "`{}` cannot be applied to {}",
-                    if op == UnOp::Neg { "-" } else { "not" },
-                    v.kind()
-                ),
+                format!("`{}` cannot be applied to {}", if op == UnOp::Neg { "-" } else { "not" }, v.kind()),
                 span,
             )),
         }
     }
 
-    fn binary_value(
-        &mut self,
-        op: BinOp,
-        a: Value,
-        b: Value,
-        span: Span,
-        sa: Span,
-        sb: Span,
-    ) -> R<Value> {
+    fn binary_value(&mut self, op: BinOp, a: Value, b: Value, span: Span, sa: Span, sb: Span) -> R<Value> {
         use Value::*;
         let mismatch = |a: &Value, b: &Value| {
-            Diagnostic::at(
-                format!(
-                    "`{}` cannot combine {} and {}",
-                    op.symbol(),
-                    a.kind(),
-                    b.kind()
-                ),
-                span,
-            )
-            .with_secondary(sa, format!("this is {}", a.kind()))
-            .with_secondary(sb, format!("this is {}", b.kind()))
+            Diagnostic::at(format!("`{}` cannot combine {} and {}", op.symbol(), a.kind(), b.kind()), span)
+                .with_secondary(sa, format!("this is {}", a.kind()))
+                .with_secondary(sb, format!("this is {}", b.kind()))
         };
         match (&a, &b) {
             // `x == none` asks whether an optional argument was given.
             (Unit, _) | (_, Unit) if matches!(op, BinOp::Eq | BinOp::Ne) => {
                 Ok(Bool(matches!((&a, &b), (Unit, Unit)) == (op == BinOp::Eq)))
             }
-            (List(x), List(y)) if op == BinOp::Add => {
-                Ok(List(x.iter().chain(y).cloned().collect()))
-            }
+            (List(x), List(y)) if op == BinOp::Add => Ok(List(x.iter().chain(y).cloned().collect())),
             (Tensor(_), _) | (_, Tensor(_)) => self.tensor_binary(op, &a, &b, span, sa, sb),
             (Int(x), Int(y)) => int_binary(op, *x, *y, span, sb),
             (Int(_) | Float(_), Int(_) | Float(_)) => {
@@ -607,24 +495,16 @@ impl Elaborator<'_> {
                     BinOp::Mul => x.checked_mul(&y),
                     BinOp::Div => {
                         let Some(k) = y.as_const() else {
-                            return Err(Diagnostic::at(
-                                "a size can only be divided by a constant",
-                                sb,
-                            ));
+                            return Err(Diagnostic::at("a size can only be divided by a constant", sb));
                         };
                         return x.div_exact(k).map(dim_value).ok_or_else(|| {
                             Diagnostic::at(format!("{x} is not divisible by {k}"), span)
-                                .with_hint(format!(
-                                "use `ceil_div({x}, {k})` and pad the tensor to a multiple of {k}"
-                            ))
+                                .with_hint(format!("use `ceil_div({x}, {k})` and pad the tensor to a multiple of {k}"))
                         });
                     }
                     BinOp::Eq => return Ok(Bool(x == y)),
                     BinOp::Ne => return Ok(Bool(x != y)),
-                    _ => {
-                        return Err(mismatch(&a, &b)
-                            .with_note("sizes known only at run time support + - * / == !="))
-                    }
+                    _ => return Err(mismatch(&a, &b).with_note("sizes known only at run time support + - * / == !=")),
                 };
                 Ok(dim_value(r.ok_or_else(|| overflow(span))?))
             }
@@ -642,10 +522,8 @@ impl Elaborator<'_> {
                 _ => Err(mismatch(&a, &b)),
             },
             (Func(f), Func(g)) if matches!(op, BinOp::Eq | BinOp::Ne) => {
-                let same = Rc::ptr_eq(f, g)
-                    || (f.bound.is_empty()
-                        && g.bound.is_empty()
-                        && same_callee(&f.callee, &g.callee));
+                let same =
+                    Rc::ptr_eq(f, g) || (f.bound.is_empty() && g.bound.is_empty() && same_callee(&f.callee, &g.callee));
                 Ok(Bool(same == (op == BinOp::Eq)))
             }
             _ => Err(mismatch(&a, &b)),
@@ -663,28 +541,15 @@ impl Elaborator<'_> {
     ) -> R<Value> {
         self.step(span)?;
         let params: Vec<(String, Option<Span>)> = match &f.callee {
-            Callee::User(d) => d
-                .params
-                .iter()
-                .map(|p| (p.name.name.clone(), Some(p.name.span)))
-                .collect(),
-            Callee::Lambda { params, .. } => params
-                .iter()
-                .map(|p| (p.name.clone(), Some(p.span)))
-                .collect(),
-            Callee::Builtin(b) => b
-                .params()
-                .iter()
-                .map(|(n, _)| (n.to_string(), None))
-                .collect(),
+            Callee::User(d) => d.params.iter().map(|p| (p.name.name.clone(), Some(p.name.span))).collect(),
+            Callee::Lambda { params, .. } => params.iter().map(|p| (p.name.clone(), Some(p.span))).collect(),
+            Callee::Builtin(b) => b.params().iter().map(|(n, _)| (n.to_string(), None)).collect(),
         };
         let has_default = |i: usize| -> bool {
             match &f.callee {
                 Callee::User(d) => {
                     d.params[i].default.is_some()
-                        || self
-                            .fn_overrides
-                            .contains_key(&(d.name.name.clone(), d.params[i].name.name.clone()))
+                        || self.fn_overrides.contains_key(&(d.name.name.clone(), d.params[i].name.name.clone()))
                 }
                 Callee::Lambda { .. } => false,
                 Callee::Builtin(b) => !matches!(b.params()[i].1, builtins::ArgDefault::Required),
@@ -697,8 +562,7 @@ impl Elaborator<'_> {
                 slots[i] = Some((v.clone(), span));
             }
         }
-        let positional: Vec<&(Option<Ident>, Value, Span)> =
-            args.iter().filter(|a| a.0.is_none()).collect();
+        let positional: Vec<&(Option<Ident>, Value, Span)> = args.iter().filter(|a| a.0.is_none()).collect();
         let mut next = 0;
         for (_, v, s) in &positional {
             while next < slots.len() && slots[next].is_some() {
@@ -723,32 +587,19 @@ impl Elaborator<'_> {
         for (name, v, s) in args.iter().filter(|a| a.0.is_some()) {
             let name = name.as_ref().expect("filtered");
             let Some(i) = params.iter().position(|(p, _)| *p == name.name) else {
-                let mut d = Diagnostic::at(
-                    format!("`{}` has no parameter `{}`", f.name(), name.name),
-                    name.span,
-                )
-                .with_note(format!("its parameters are: {}", names_of(&params)));
+                let mut d = Diagnostic::at(format!("`{}` has no parameter `{}`", f.name(), name.name), name.span)
+                    .with_note(format!("its parameters are: {}", names_of(&params)));
                 if let Some(h) = did_you_mean(&name.name, params.iter().map(|(p, _)| p.as_str())) {
                     d = d.with_hint(h);
                 }
                 return Err(d);
             };
-            if args
-                .iter()
-                .filter(|a| a.0.as_ref().is_some_and(|n| n.name == name.name))
-                .count()
-                > 1
-            {
-                return Err(Diagnostic::at(
-                    format!("argument `{}` is given twice", name.name),
-                    name.span,
-                ));
+            if args.iter().filter(|a| a.0.as_ref().is_some_and(|n| n.name == name.name)).count() > 1 {
+                return Err(Diagnostic::at(format!("argument `{}` is given twice", name.name), name.span));
             }
             slots[i] = Some((v.clone(), *s));
         }
-        let missing: Vec<usize> = (0..slots.len())
-            .filter(|&i| slots[i].is_none() && !has_default(i))
-            .collect();
+        let missing: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_none() && !has_default(i)).collect();
         if !missing.is_empty() {
             if positional.is_empty() && !args.is_empty() {
                 // Keyword arguments only: a partial application, completed by a later call.
@@ -758,22 +609,11 @@ impl Elaborator<'_> {
                     bound.retain(|(n, _)| *n != name);
                     bound.push((name, v.clone()));
                 }
-                return Ok(Value::Func(Rc::new(Func {
-                    callee: clone_callee(&f.callee),
-                    bound,
-                })));
+                return Ok(Value::Func(Rc::new(Func { callee: clone_callee(&f.callee), bound })));
             }
-            let names: Vec<String> = missing
-                .iter()
-                .map(|&i| format!("`{}`", params[i].0))
-                .collect();
+            let names: Vec<String> = missing.iter().map(|&i| format!("`{}`", params[i].0)).collect();
             let mut d = Diagnostic::at(
-                format!(
-                    "missing argument{} {} in call to `{}`",
-                    plural(missing.len()),
-                    names.join(", "),
-                    f.name()
-                ),
+                format!("missing argument{} {} in call to `{}`", plural(missing.len()), names.join(", "), f.name()),
                 span,
             )
             .with_note(format!("its parameters are: {}", names_of(&params)));
@@ -795,32 +635,16 @@ impl Elaborator<'_> {
                         };
                     }
                 }
-                self.call_builtin(
-                    *b,
-                    builtins::Args {
-                        values: slots,
-                        span,
-                    },
-                )
+                self.call_builtin(*b, builtins::Args { values: slots, span })
             }
             Callee::User(decl) => {
                 let decl = decl.clone();
                 self.call_user(&decl, slots, span, scope_name)
             }
-            Callee::Lambda {
-                params,
-                body,
-                captured,
-                ..
-            } => {
-                let mut frame = Frame {
-                    vars: captured.clone(),
-                    is_model: false,
-                };
+            Callee::Lambda { params, body, captured, .. } => {
+                let mut frame = Frame { vars: captured.clone(), is_model: false };
                 for (p, slot) in params.iter().zip(slots) {
-                    frame
-                        .vars
-                        .insert(p.name.clone(), slot.expect("all bound").0);
+                    frame.vars.insert(p.name.clone(), slot.expect("all bound").0);
                 }
                 self.enter_call(span)?;
                 let pushed = scope_name.map(|n| self.enter_scope(n)).unwrap_or(0);
@@ -836,9 +660,7 @@ impl Elaborator<'_> {
         if self.call_depth > MAX_CALL_DEPTH {
             return Err(Diagnostic::at("calls are nested too deeply", span)
                 .with_label(format!("more than {MAX_CALL_DEPTH} nested calls"))
-                .with_hint(
-                    "is a function calling itself? Recursion is not supported; use a `for` loop",
-                ));
+                .with_hint("is a function calling itself? Recursion is not supported; use a `for` loop"));
         }
         Ok(())
     }
@@ -857,16 +679,14 @@ impl Elaborator<'_> {
         span: Span,
         scope_name: Option<&str>,
     ) -> R<Value> {
-        self.enter_call(span)
-            .inspect_err(|_| self.call_depth -= 1)?;
+        self.enter_call(span).inspect_err(|_| self.call_depth -= 1)?;
         let pushed = scope_name.map(|n| self.enter_scope(n)).unwrap_or(0);
         let r = self.call_user_inner(decl, slots);
         self.leave_call(pushed);
         r.map_err(|d| {
             // Errors deep inside a function also show where it was called from.
-            if d.span.is_some_and(|s| {
-                s.file != span.file || !(span.start <= s.start && s.end <= span.end)
-            }) && d.secondary.len() < 3
+            if d.span.is_some_and(|s| s.file != span.file || !(span.start <= s.start && s.end <= span.end))
+                && d.secondary.len() < 3
             {
                 d.with_secondary(span, format!("in this call to `{}`", decl.name.name))
             } else {
@@ -876,10 +696,7 @@ impl Elaborator<'_> {
     }
 
     fn call_user_inner(&mut self, decl: &FnDecl, slots: Vec<Option<(Value, Span)>>) -> R<Value> {
-        let mut frame = Frame {
-            vars: HashMap::new(),
-            is_model: false,
-        };
+        let mut frame = Frame { vars: HashMap::new(), is_model: false };
         for (p, slot) in decl.params.iter().zip(slots) {
             let (v, s) = match slot {
                 Some(x) => x,
@@ -888,19 +705,10 @@ impl Elaborator<'_> {
                     // so `e = D / heads` can use them. `--set fn.arg=` replaces them.
                     let key = (decl.name.name.clone(), p.name.name.clone());
                     let (expr, mut f2) = match self.fn_overrides.get(&key) {
-                        Some(o) => (
-                            &o.value,
-                            Frame {
-                                vars: HashMap::new(),
-                                is_model: false,
-                            },
-                        ),
+                        Some(o) => (&o.value, Frame { vars: HashMap::new(), is_model: false }),
                         None => (
                             p.default.as_ref().expect("checked by has_default"),
-                            Frame {
-                                vars: frame.vars.clone(),
-                                is_model: false,
-                            },
+                            Frame { vars: frame.vars.clone(), is_model: false },
                         ),
                     };
                     let v = self.eval(expr, &mut f2)?;
@@ -917,29 +725,16 @@ impl Elaborator<'_> {
 
     /// Match an argument against `x: f32[B, N, D]`: unbound names bind to the argument's
     /// sizes, bound names and expressions must equal them.
-    fn check_annotation(
-        &mut self,
-        v: &Value,
-        vspan: Span,
-        ann: &TypeAnn,
-        pname: &Ident,
-        frame: &mut Frame,
-    ) -> R<()> {
+    fn check_annotation(&mut self, v: &Value, vspan: Span, ann: &TypeAnn, pname: &Ident, frame: &mut Frame) -> R<()> {
         let Value::Tensor(TensorRef { node, .. }) = v else {
-            return Err(Diagnostic::at(
-                format!("`{}` must be a tensor, found {}", pname.name, v.kind()),
-                vspan,
-            )
-            .with_secondary(ann.span, "declared as a tensor here"));
+            return Err(Diagnostic::at(format!("`{}` must be a tensor, found {}", pname.name, v.kind()), vspan)
+                .with_secondary(ann.span, "declared as a tensor here"));
         };
         let t = self.ty(*node).clone();
         if let Some(d) = &ann.dtype {
             if DType::from_name(&d.name) != Some(t.dtype) {
-                return Err(Diagnostic::at(
-                    format!("`{}` must be {}, found {}", pname.name, d.name, t),
-                    vspan,
-                )
-                .with_secondary(ann.span, "declared here"));
+                return Err(Diagnostic::at(format!("`{}` must be {}, found {}", pname.name, d.name, t), vspan)
+                    .with_secondary(ann.span, "declared here"));
             }
         }
         if ann.shape.len() != t.rank() {
@@ -984,14 +779,7 @@ impl Elaborator<'_> {
         Ok(())
     }
 
-    fn index(
-        &mut self,
-        base: Value,
-        items: &[IndexItem],
-        span: Span,
-        sbase: Span,
-        frame: &mut Frame,
-    ) -> R<Value> {
+    fn index(&mut self, base: Value, items: &[IndexItem], span: Span, sbase: Span, frame: &mut Frame) -> R<Value> {
         if let Value::List(list) = &base {
             let len = list.len() as i64;
             if let [IndexItem::Range { start, end, .. }] = items {
@@ -1007,10 +795,7 @@ impl Elaborator<'_> {
                 return Ok(Value::List(list[a as usize..(b.max(a)) as usize].to_vec()));
             }
             let [IndexItem::At(i)] = items else {
-                return Err(Diagnostic::at(
-                    "a list takes one integer index or a range",
-                    span,
-                ));
+                return Err(Diagnostic::at("a list takes one integer index or a range", span));
             };
             let k = self.int_of(i, frame, "a list index")?;
             let j = if k < 0 { k + len } else { k };
@@ -1018,46 +803,25 @@ impl Elaborator<'_> {
                 .get(j as usize)
                 .filter(|_| (0..len).contains(&j))
                 .cloned()
-                .ok_or_else(|| {
-                    Diagnostic::at(
-                        format!("index {k} is out of range for a list of {len}"),
-                        i.span,
-                    )
-                });
+                .ok_or_else(|| Diagnostic::at(format!("index {k} is out of range for a list of {len}"), i.span));
         }
         let mut x = self.as_tensor(&base, None, sbase)?;
         let rank = self.ty(x).rank();
-        let ellipses = items
-            .iter()
-            .filter(|i| matches!(i, IndexItem::Ellipsis(_)))
-            .count();
+        let ellipses = items.iter().filter(|i| matches!(i, IndexItem::Ellipsis(_))).count();
         if ellipses > 1 {
-            return Err(Diagnostic::at(
-                "only one `...` is allowed in an index",
-                span,
-            ));
+            return Err(Diagnostic::at("only one `...` is allowed in an index", span));
         }
         let explicit = items.len() - ellipses;
         if explicit > rank {
-            return Err(Diagnostic::at(
-                format!("{explicit} indices for a tensor of rank {rank}"),
-                span,
-            )
-            .with_secondary(
-                sbase,
-                format!("this is {}", shape_to_string(&self.ty(x).shape)),
-            ));
+            return Err(Diagnostic::at(format!("{explicit} indices for a tensor of rank {rank}"), span)
+                .with_secondary(sbase, format!("this is {}", shape_to_string(&self.ty(x).shape))));
         }
         let mut axis = 0;
         let mut dropped = Vec::new();
         for item in items {
             match item {
                 IndexItem::Ellipsis(_) => axis += rank - explicit,
-                IndexItem::Range {
-                    start,
-                    end,
-                    span: s,
-                } => {
+                IndexItem::Range { start, end, span: s } => {
                     let a = match start {
                         Some(e) => Some(self.eval(e, frame)?),
                         None => None,
@@ -1075,18 +839,9 @@ impl Elaborator<'_> {
                         Value::Int(-1) => None,
                         Value::Int(i) if *i < 0 => Some(Value::Int(i + 1)),
                         other => Some(dim_value(
-                            other
-                                .as_dim()
-                                .and_then(|d| d.checked_add(&Dim::constant(1)))
-                                .ok_or_else(|| {
-                                    Diagnostic::at(
-                                        format!(
-                                            "an index must be an integer, found {}",
-                                            other.kind()
-                                        ),
-                                        e.span,
-                                    )
-                                })?,
+                            other.as_dim().and_then(|d| d.checked_add(&Dim::constant(1))).ok_or_else(|| {
+                                Diagnostic::at(format!("an index must be an integer, found {}", other.kind()), e.span)
+                            })?,
                         )),
                     };
                     x = self.slice(x, axis, Some(v), end, e.span)?;
@@ -1111,27 +866,16 @@ impl Elaborator<'_> {
 }
 
 fn is_init_builtin(b: Builtin) -> bool {
-    matches!(
-        b,
-        Builtin::Zeros | Builtin::Ones | Builtin::Normal | Builtin::Xavier
-    )
+    matches!(b, Builtin::Zeros | Builtin::Ones | Builtin::Normal | Builtin::Xavier)
 }
 
 fn clone_callee(c: &Callee) -> Callee {
     match c {
         Callee::User(d) => Callee::User(d.clone()),
         Callee::Builtin(b) => Callee::Builtin(*b),
-        Callee::Lambda {
-            params,
-            body,
-            captured,
-            span,
-        } => Callee::Lambda {
-            params: params.clone(),
-            body: body.clone(),
-            captured: captured.clone(),
-            span: *span,
-        },
+        Callee::Lambda { params, body, captured, span } => {
+            Callee::Lambda { params: params.clone(), body: body.clone(), captured: captured.clone(), span: *span }
+        }
     }
 }
 
@@ -1148,11 +892,7 @@ fn names_of(params: &[(String, Option<Span>)]) -> String {
     if params.is_empty() {
         return "none".into();
     }
-    params
-        .iter()
-        .map(|(p, _)| p.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
+    params.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 fn plural(n: usize) -> &'static str {
@@ -1176,23 +916,13 @@ fn as_f64(v: &Value) -> f64 {
 }
 
 fn not_integer_size(d: &Expr, x: f64) -> Diagnostic {
-    let mut diag = Diagnostic::at(
-        format!(
-            "a size must be a whole number, but this is {}",
-            crate::ir::op::fmt_f64(x)
-        ),
-        d.span,
-    );
-    if let ExprKind::Binary {
-        op: BinOp::Div,
-        lhs,
-        rhs,
-    } = &d.kind
-    {
-        diag = diag
-            .with_label("this division is not exact")
-            .with_secondary(rhs.span, "must divide")
-            .with_secondary(lhs.span, "this");
+    let mut diag =
+        Diagnostic::at(format!("a size must be a whole number, but this is {}", crate::ir::op::fmt_f64(x)), d.span);
+    if let ExprKind::Binary { op: BinOp::Div, lhs, rhs } = &d.kind {
+        diag = diag.with_label("this division is not exact");
+        if let (ExprKind::Name(a), ExprKind::Name(b)) = (&lhs.kind, &rhs.kind) {
+            diag = diag.with_hint(format!("`{b}` must divide `{a}`"));
+        }
     }
     diag
 }
@@ -1223,10 +953,7 @@ fn int_binary(op: BinOp, x: i64, y: i64, span: Span, sy: Span) -> R<Value> {
         }
         BinOp::Pow => {
             if y >= 0 {
-                Int(u32::try_from(y)
-                    .ok()
-                    .and_then(|e| x.checked_pow(e))
-                    .ok_or_else(ov)?)
+                Int(u32::try_from(y).ok().and_then(|e| x.checked_pow(e)).ok_or_else(ov)?)
             } else {
                 Float((x as f64).powf(y as f64))
             }
@@ -1238,10 +965,7 @@ fn int_binary(op: BinOp, x: i64, y: i64, span: Span, sy: Span) -> R<Value> {
         BinOp::Gt => Bool(x > y),
         BinOp::Ge => Bool(x >= y),
         BinOp::And | BinOp::Or | BinOp::MatMul => {
-            return Err(Diagnostic::at(
-                format!("`{}` cannot combine two integers", op.symbol()),
-                span,
-            ))
+            return Err(Diagnostic::at(format!("`{}` cannot combine two integers", op.symbol()), span))
         }
     })
 }

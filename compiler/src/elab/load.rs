@@ -30,11 +30,7 @@ struct Loader<'a> {
 }
 
 /// Read a file, reporting unreadable files and invalid UTF-8 as diagnostics.
-pub fn read_source(
-    path: &Path,
-    sources: &mut SourceMap,
-    at: Option<Span>,
-) -> Result<FileId, Diagnostic> {
+pub fn read_source(path: &Path, sources: &mut SourceMap, at: Option<Span>) -> Result<FileId, Diagnostic> {
     let bytes = std::fs::read(path).map_err(|e| {
         let d = Diagnostic::error(format!("cannot read `{}`: {e}", path.display()));
         match at {
@@ -49,12 +45,9 @@ pub fn read_source(
             let lossy = String::from_utf8_lossy(e.as_bytes()).into_owned();
             // Offsets before the first bad byte are the same in the lossy text.
             let id = sources.add(path.display().to_string(), lossy);
-            Err(Diagnostic::at(
-                format!("`{}` is not valid UTF-8", path.display()),
-                Span::new(id, offset..offset + 1),
-            )
-            .with_label(format!("invalid byte at offset {offset}"))
-            .with_hint("model files must be UTF-8 text"))
+            Err(Diagnostic::at(format!("`{}` is not valid UTF-8", path.display()), Span::new(id, offset..offset + 1))
+                .with_label(format!("invalid byte at offset {offset}"))
+                .with_hint("model files must be UTF-8 text"))
         }
     }
 }
@@ -62,12 +55,7 @@ pub fn read_source(
 /// Load the root model file and everything it imports.
 pub fn load_program(path: &Path, sources: &mut SourceMap) -> Result<Program, Diagnostic> {
     let root = read_source(path, sources, None)?;
-    let mut loader = Loader {
-        sources,
-        program: Program::default(),
-        loaded: HashMap::new(),
-        stack: Vec::new(),
-    };
+    let mut loader = Loader { sources, program: Program::default(), loaded: HashMap::new(), stack: Vec::new() };
     loader.program.root = Some(root);
     let key = canonical(path);
     loader.load_file(root, key, true)?;
@@ -76,18 +64,9 @@ pub fn load_program(path: &Path, sources: &mut SourceMap) -> Result<Program, Dia
 
 /// Load a program from text held in memory (tests, fuzzing). Relative imports resolve
 /// against the current directory.
-pub fn load_program_from_text(
-    name: &str,
-    text: &str,
-    sources: &mut SourceMap,
-) -> Result<Program, Diagnostic> {
+pub fn load_program_from_text(name: &str, text: &str, sources: &mut SourceMap) -> Result<Program, Diagnostic> {
     let root = sources.add(name, text);
-    let mut loader = Loader {
-        sources,
-        program: Program::default(),
-        loaded: HashMap::new(),
-        stack: Vec::new(),
-    };
+    let mut loader = Loader { sources, program: Program::default(), loaded: HashMap::new(), stack: Vec::new() };
     loader.program.root = Some(root);
     loader.load_file(root, PathBuf::from(name), true)?;
     Ok(loader.program)
@@ -131,12 +110,7 @@ impl Loader<'_> {
             let cycle: Vec<String> = self.stack[pos..]
                 .iter()
                 .chain(std::iter::once(&key))
-                .map(|p| {
-                    p.file_name().map_or_else(
-                        || p.display().to_string(),
-                        |n| n.to_string_lossy().into_owned(),
-                    )
-                })
+                .map(|p| p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned()))
                 .collect();
             return Err(Diagnostic::at("import cycle", span)
                 .with_label("this import closes a cycle")
@@ -155,25 +129,18 @@ impl Loader<'_> {
 
     fn define(&mut self, f: FnDecl) -> Result<(), Diagnostic> {
         if let Some(prev) = self.program.functions.get(&f.name.name) {
-            return Err(
-                Diagnostic::at(format!("`{}` is defined twice", f.name.name), f.name.span)
-                    .with_label("second definition")
-                    .with_secondary(prev.name.span, "first definition")
-                    .with_hint("rename one of them"),
-            );
+            return Err(Diagnostic::at(format!("`{}` is defined twice", f.name.name), f.name.span)
+                .with_label("second definition")
+                .with_secondary(prev.name.span, "first definition")
+                .with_hint("rename one of them"));
         }
         if super::builtins::Builtin::from_name(&f.name.name).is_some() {
             return Err(Diagnostic::at(
-                format!(
-                    "`{}` is a builtin function and cannot be redefined",
-                    f.name.name
-                ),
+                format!("`{}` is a builtin function and cannot be redefined", f.name.name),
                 f.name.span,
             ));
         }
-        self.program
-            .functions
-            .insert(f.name.name.clone(), Rc::new(f));
+        self.program.functions.insert(f.name.name.clone(), Rc::new(f));
         Ok(())
     }
 }

@@ -29,8 +29,8 @@ pub(crate) type R<T> = Result<T, Diagnostic>;
 /// Budgets that keep elaboration finite on any input.
 pub const MAX_CALL_DEPTH: usize = 64;
 pub const MAX_LOOP_TRIPS: i64 = 100_000;
-pub const MAX_GRAPH_NODES: usize = 2_000_000;
-pub const MAX_STEPS: u64 = 20_000_000;
+pub const MAX_GRAPH_NODES: usize = 1_000_000;
+pub const MAX_STEPS: u64 = 5_000_000;
 
 /// `--set name=value` (a model hyper-parameter) or `--set fn.arg=value` (the default of
 /// a function's argument), with the value parsed as an expression.
@@ -55,26 +55,15 @@ pub fn parse_overrides(sets: &[String], sources: &mut SourceMap) -> R<Vec<Overri
             .with_hint("for example `--set layers=12`"));
         };
         let name_span = Span::new(id, 6..6 + name.len());
-        let valid = name
-            .split('.')
-            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_'));
+        let valid = name.split('.').all(|p| !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_'));
         if !valid || name.split('.').count() > 2 {
-            return Err(Diagnostic::at(
-                format!("`{name}` is not a hyper-parameter name"),
-                name_span,
-            )
-            .with_hint(
-                "use `name=value` for a model hyper-parameter or `function.argument=value`",
-            ));
+            return Err(Diagnostic::at(format!("`{name}` is not a hyper-parameter name"), name_span)
+                .with_hint("use `name=value` for a model hyper-parameter or `function.argument=value`"));
         }
         let offset = 6 + name.len() + 1;
         let padded = format!("{}{}", " ".repeat(offset), value);
         let expr = tnc_grammar::parse::parse_expr(&padded, id)?;
-        out.push(Override {
-            target: name.to_string(),
-            value: expr,
-            span: Span::new(id, 6..6 + s.len()),
-        });
+        out.push(Override { target: name.to_string(), value: expr, span: Span::new(id, 6..6 + s.len()) });
     }
     Ok(out)
 }
@@ -110,28 +99,18 @@ pub fn elaborate(program: &Program, overrides: &[Override], model_name: Option<&
         match o.target.split_once('.') {
             Some((f, a)) => {
                 let Some(decl) = program.functions.get(f) else {
-                    let hint = tnc_grammar::diag::did_you_mean(
-                        f,
-                        program.functions.keys().map(|s| s.as_str()),
-                    );
-                    let mut d = Diagnostic::at(
-                        format!("`--set {}`: there is no function `{f}`", o.target),
-                        o.span,
-                    );
+                    let hint = tnc_grammar::diag::did_you_mean(f, program.functions.keys().map(|s| s.as_str()));
+                    let mut d = Diagnostic::at(format!("`--set {}`: there is no function `{f}`", o.target), o.span);
                     if let Some(h) = hint {
                         d = d.with_hint(h);
                     }
                     return Err(d);
                 };
                 if !decl.params.iter().any(|p| p.name.name == a) {
-                    let names: Vec<&str> =
-                        decl.params.iter().map(|p| p.name.name.as_str()).collect();
-                    return Err(Diagnostic::at(
-                        format!("`--set {}`: `{f}` has no argument `{a}`", o.target),
-                        o.span,
-                    )
-                    .with_secondary(decl.name.span, format!("`{f}` is defined here"))
-                    .with_note(format!("its arguments are: {}", names.join(", "))));
+                    let names: Vec<&str> = decl.params.iter().map(|p| p.name.name.as_str()).collect();
+                    return Err(Diagnostic::at(format!("`--set {}`: `{f}` has no argument `{a}`", o.target), o.span)
+                        .with_secondary(decl.name.span, format!("`{f}` is defined here"))
+                        .with_note(format!("its arguments are: {}", names.join(", "))));
                 }
                 fn_overrides.insert((f.to_string(), a.to_string()), o);
             }
@@ -151,63 +130,37 @@ pub fn elaborate(program: &Program, overrides: &[Override], model_name: Option<&
         outputs_seen: HashMap::new(),
     };
     el.elaborate_model(&model, &model_overrides)?;
-    let (_, graph) = el
-        .graphs
-        .pop()
-        .expect("the model graph is at the bottom of the stack");
+    let (_, graph) = el.graphs.pop().expect("the model graph is at the bottom of the stack");
     if graph.outputs.is_empty() {
-        return Err(Diagnostic::at(
-            format!("model `{}` declares no output", model.name.name),
-            model.name.span,
-        )
-        .with_hint("declare the loss with `output loss = cross_entropy(…)`"));
+        return Err(Diagnostic::at(format!("model `{}` declares no output", model.name.name), model.name.span)
+            .with_hint("declare the loss with `output loss = cross_entropy(…)`"));
     }
     verify(&graph).map_err(|e| {
-        Diagnostic::at(
-            format!("internal error: elaboration produced an invalid graph: {e}"),
-            model.span,
-        )
+        Diagnostic::at(format!("internal error: elaboration produced an invalid graph: {e}"), model.span)
     })?;
     Ok(graph)
 }
 
 fn pick_model(program: &Program, name: Option<&str>) -> R<Rc<tnc_grammar::ast::FnDecl>> {
-    let names: Vec<&str> = program
-        .models
-        .iter()
-        .map(|m| m.name.name.as_str())
-        .collect();
+    let names: Vec<&str> = program.models.iter().map(|m| m.name.name.as_str()).collect();
     match name {
-        Some(n) => program
-            .models
-            .iter()
-            .find(|m| m.name.name == n)
-            .cloned()
-            .ok_or_else(|| {
-                Diagnostic::error(format!("there is no model `{n}` in this file")).with_note(
-                    format!(
-                        "models here: {}",
-                        if names.is_empty() {
-                            "none".into()
-                        } else {
-                            names.join(", ")
-                        }
-                    ),
-                )
-            }),
+        Some(n) => program.models.iter().find(|m| m.name.name == n).cloned().ok_or_else(|| {
+            Diagnostic::error(format!("there is no model `{n}` in this file"))
+                .with_note(format!("models here: {}", if names.is_empty() { "none".into() } else { names.join(", ") }))
+        }),
         None => match program.models.as_slice() {
             [m] => Ok(m.clone()),
             [] => {
                 let root = program.root.unwrap_or(FileId(0));
-                Err(
-                    Diagnostic::at("this file defines no model", Span::new(root, 0..0))
-                        .with_hint("a model file needs `model name(hyper = default, …) { … }`"),
-                )
+                Err(Diagnostic::at("this file defines no model", Span::new(root, 0..0))
+                    .with_hint("a model file needs `model name(hyper = default, …) { … }`"))
             }
-            _ => Err(Diagnostic::error(
-                "this file defines several models; choose one with `--model`",
-            )
-            .with_note(format!("models here: {}", names.join(", ")))),
+            [first, second, ..] => {
+                Err(Diagnostic::at("this file defines several models; choose one with `--model`", second.name.span)
+                    .with_label("second model")
+                    .with_secondary(first.name.span, "first model")
+                    .with_note(format!("models here: {}", names.join(", "))))
+            }
         },
     }
 }
@@ -218,11 +171,7 @@ impl Elaborator<'_> {
     }
 
     fn graph_mut(&mut self) -> &mut Graph {
-        &mut self
-            .graphs
-            .last_mut()
-            .expect("graph stack is never empty")
-            .1
+        &mut self.graphs.last_mut().expect("graph stack is never empty").1
     }
 
     fn graph_id(&self) -> u32 {
@@ -243,17 +192,9 @@ impl Elaborator<'_> {
     /// Enter a naming scope; returns how many segments were pushed.
     fn enter_scope(&mut self, segment: &str) -> usize {
         let base = self.scope.join(".");
-        let key = if base.is_empty() {
-            segment.to_string()
-        } else {
-            format!("{base}.{segment}")
-        };
+        let key = if base.is_empty() { segment.to_string() } else { format!("{base}.{segment}") };
         let uses = self.scope_uses.entry(key).or_insert(0);
-        let name = if *uses == 0 {
-            segment.to_string()
-        } else {
-            format!("{segment}_{uses}")
-        };
+        let name = if *uses == 0 { segment.to_string() } else { format!("{segment}_{uses}") };
         *uses += 1;
         self.scope.push(name);
         1
@@ -270,10 +211,6 @@ impl Elaborator<'_> {
     /// A stable salt for a dropout site: its scope path and its order within the model.
     fn dropout_salt(&mut self) -> u64 {
         self.dropout_sites += 1;
-        tnc_runtime::rng::stable_hash(&format!(
-            "{}#dropout{}",
-            self.scope.join("."),
-            self.dropout_sites
-        ))
+        tnc_runtime::rng::stable_hash(&format!("{}#dropout{}", self.scope.join("."), self.dropout_sites))
     }
 }

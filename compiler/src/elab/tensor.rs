@@ -4,9 +4,7 @@
 use super::value::{TensorRef, Value};
 use super::{Elaborator, R};
 use crate::ir::dim::shape_to_string;
-use crate::ir::{
-    BinaryOp, DType, Dim, EinsumSpec, F64Bits, NodeId, Op, ReduceOp, TensorType, UnaryOp,
-};
+use crate::ir::{BinaryOp, DType, Dim, EinsumSpec, F64Bits, NodeId, Op, ReduceOp, TensorType, UnaryOp};
 use tnc_grammar::ast::BinOp;
 use tnc_grammar::{Diagnostic, Span};
 
@@ -14,16 +12,10 @@ impl Elaborator<'_> {
     /// Add a node to the graph being built; type errors point at `span`.
     pub(super) fn node(&mut self, op: Op, operands: &[NodeId], span: Span) -> R<NodeId> {
         if self.graph().len() >= super::MAX_GRAPH_NODES {
-            return Err(
-                Diagnostic::at("the model is too large", span).with_label(format!(
-                    "elaborating this exceeds the budget of {} graph nodes",
-                    super::MAX_GRAPH_NODES
-                )),
-            );
+            return Err(Diagnostic::at("the model is too large", span)
+                .with_label(format!("elaborating this exceeds the budget of {} graph nodes", super::MAX_GRAPH_NODES)));
         }
-        self.graph_mut()
-            .add(op, operands, Some(span))
-            .map_err(|m| Diagnostic::at(m, span))
+        self.graph_mut().add(op, operands, Some(span)).map_err(|m| Diagnostic::at(m, span))
     }
 
     pub(super) fn ty(&self, n: NodeId) -> &TensorType {
@@ -31,21 +23,11 @@ impl Elaborator<'_> {
     }
 
     pub(super) fn tensor_value(&self, n: NodeId) -> Value {
-        Value::Tensor(TensorRef {
-            graph: self.graph_id(),
-            node: n,
-        })
+        Value::Tensor(TensorRef { graph: self.graph_id(), node: n })
     }
 
     pub(super) fn constant(&mut self, x: f64, dtype: DType, span: Span) -> R<NodeId> {
-        self.node(
-            Op::Constant {
-                value: F64Bits::new(x),
-                dtype,
-            },
-            &[],
-            span,
-        )
+        self.node(Op::Constant { value: F64Bits::new(x), dtype }, &[], span)
     }
 
     /// The node of a tensor value, or a constant for a number, where a tensor of element
@@ -54,11 +36,8 @@ impl Elaborator<'_> {
         match v {
             Value::Tensor(t) => {
                 if t.graph != self.graph_id() {
-                    return Err(Diagnostic::at(
-                        "an initializer can only be computed from constants",
-                        span,
-                    )
-                    .with_label("this is a tensor of the model, not a constant"));
+                    return Err(Diagnostic::at("an initializer can only be computed from constants", span)
+                        .with_label("this is a tensor of the model, not a constant"));
                 }
                 Ok(t.node)
             }
@@ -72,18 +51,8 @@ impl Elaborator<'_> {
                 self.constant(*x, DType::F32, span)
             }
             Value::Bool(b) => self.constant(if *b { 1.0 } else { 0.0 }, DType::Bool, span),
-            Value::Size(d) => self.node(
-                Op::SizeOf {
-                    size: d.clone(),
-                    dtype: like.unwrap_or(DType::F32),
-                },
-                &[],
-                span,
-            ),
-            other => Err(Diagnostic::at(
-                format!("expected a tensor, found {}", other.kind()),
-                span,
-            )),
+            Value::Size(d) => self.node(Op::SizeOf { size: d.clone(), dtype: like.unwrap_or(DType::F32) }, &[], span),
+            other => Err(Diagnostic::at(format!("expected a tensor, found {}", other.kind()), span)),
         }
     }
 
@@ -102,13 +71,7 @@ impl Elaborator<'_> {
         let mut padded = vec![Dim::constant(1); shape.len().saturating_sub(t.rank())];
         padded.extend(t.shape.iter().cloned());
         let r = self.reshape(n, padded, span)?;
-        self.node(
-            Op::Broadcast {
-                shape: shape.to_vec(),
-            },
-            &[r],
-            span,
-        )
+        self.node(Op::Broadcast { shape: shape.to_vec() }, &[r], span)
     }
 
     /// NumPy broadcasting of two shapes: align trailing axes; sizes must be equal or 1.
@@ -117,16 +80,8 @@ impl Elaborator<'_> {
         let one = Dim::constant(1);
         let mut out = Vec::with_capacity(rank);
         for i in 0..rank {
-            let da = if i + a.len() >= rank {
-                &a[i + a.len() - rank]
-            } else {
-                &one
-            };
-            let db = if i + b.len() >= rank {
-                &b[i + b.len() - rank]
-            } else {
-                &one
-            };
+            let da = if i + a.len() >= rank { &a[i + a.len() - rank] } else { &one };
+            let db = if i + b.len() >= rank { &b[i + b.len() - rank] } else { &one };
             out.push(if da == db || *db == one {
                 da.clone()
             } else if *da == one {
@@ -146,7 +101,11 @@ impl Elaborator<'_> {
             shape = self.broadcast_shapes(&shape, &t).ok_or_else(|| {
                 let prev = &ns[i - 1];
                 Diagnostic::at(
-                    format!("shapes {} and {} cannot be broadcast together", shape_to_string(&shape), shape_to_string(&t)),
+                    format!(
+                        "shapes {} and {} cannot be broadcast together",
+                        shape_to_string(&shape),
+                        shape_to_string(&t)
+                    ),
                     span,
                 )
                 .with_secondary(prev.1, format!("this is {}", shape_to_string(&self.ty(prev.0).shape)))
@@ -154,38 +113,20 @@ impl Elaborator<'_> {
                 .with_note("sizes are compared from the last axis; each pair must be equal or one of them 1")
             })?;
         }
-        ns.iter()
-            .map(|&(n, _)| self.broadcast_to(n, &shape, span))
-            .collect()
+        ns.iter().map(|&(n, _)| self.broadcast_to(n, &shape, span)).collect()
     }
 
     /// The element type two operands of an arithmetic op agree on.
-    fn common_dtype(
-        &self,
-        a: &Value,
-        b: &Value,
-        span: Span,
-        sa: Span,
-        sb: Span,
-    ) -> R<Option<DType>> {
-        let da = if let Value::Tensor(t) = a {
-            Some(self.graph().ty(t.node).dtype)
-        } else {
-            None
-        };
-        let db = if let Value::Tensor(t) = b {
-            Some(self.graph().ty(t.node).dtype)
-        } else {
-            None
-        };
+    fn common_dtype(&self, a: &Value, b: &Value, span: Span, sa: Span, sb: Span) -> R<Option<DType>> {
+        let da = if let Value::Tensor(t) = a { Some(self.graph().ty(t.node).dtype) } else { None };
+        let db = if let Value::Tensor(t) = b { Some(self.graph().ty(t.node).dtype) } else { None };
         match (da, db) {
-            (Some(x), Some(y)) if x != y => Err(Diagnostic::at(
-                format!("element types {} and {} do not match", x.name(), y.name()),
-                span,
-            )
-            .with_secondary(sa, format!("this is {}", x.name()))
-            .with_secondary(sb, format!("this is {}", y.name()))
-            .with_hint("convert with `float(…)` or `int(…)`")),
+            (Some(x), Some(y)) if x != y => {
+                Err(Diagnostic::at(format!("element types {} and {} do not match", x.name(), y.name()), span)
+                    .with_secondary(sa, format!("this is {}", x.name()))
+                    .with_secondary(sb, format!("this is {}", y.name()))
+                    .with_hint("convert with `float(…)` or `int(…)`"))
+            }
             (x, y) => Ok(x.or(y)),
         }
     }
@@ -224,10 +165,7 @@ impl Elaborator<'_> {
             BinOp::And => BinaryOp::And,
             BinOp::Or => BinaryOp::Or,
             BinOp::Rem | BinOp::MatMul => {
-                return Err(Diagnostic::at(
-                    format!("`{}` is not defined on tensors", op.symbol()),
-                    span,
-                ))
+                return Err(Diagnostic::at(format!("`{}` is not defined on tensors", op.symbol()), span))
             }
         };
         let n = self.node(Op::Binary(bop), &v, span)?;
@@ -240,14 +178,7 @@ impl Elaborator<'_> {
 
     /// `a @ b`: the last axis of `a` with the second-to-last of `b`; leading axes broadcast.
     /// A rank-2 `b` (a weight) is shared by all leading axes of `a`.
-    pub(super) fn matmul(
-        &mut self,
-        a: NodeId,
-        b: NodeId,
-        span: Span,
-        sa: Span,
-        sb: Span,
-    ) -> R<Value> {
+    pub(super) fn matmul(&mut self, a: NodeId, b: NodeId, span: Span, sa: Span, sb: Span) -> R<Value> {
         let (ta, tb) = (self.ty(a).clone(), self.ty(b).clone());
         if ta.rank() < 2 || tb.rank() < 2 {
             return Err(Diagnostic::at("`@` needs operands of rank 2 or more", span)
@@ -272,23 +203,15 @@ impl Elaborator<'_> {
         let (a, b, batch) = if tb.rank() == 2 {
             (a, b, ta.rank() - 2)
         } else {
-            let batch = self
-                .broadcast_shapes(&ta.shape[..ta.rank() - 2], &tb.shape[..tb.rank() - 2])
-                .ok_or_else(|| {
-                    Diagnostic::at(
-                        "the leading axes of `@`'s operands cannot be broadcast together",
-                        span,
-                    )
+            let batch =
+                self.broadcast_shapes(&ta.shape[..ta.rank() - 2], &tb.shape[..tb.rank() - 2]).ok_or_else(|| {
+                    Diagnostic::at("the leading axes of `@`'s operands cannot be broadcast together", span)
                 })?;
             let mut sa_full = batch.clone();
             sa_full.extend_from_slice(&ta.shape[ta.rank() - 2..]);
             let mut sb_full = batch.clone();
             sb_full.extend_from_slice(&tb.shape[tb.rank() - 2..]);
-            (
-                self.broadcast_to(a, &sa_full, span)?,
-                self.broadcast_to(b, &sb_full, span)?,
-                batch.len(),
-            )
+            (self.broadcast_to(a, &sa_full, span)?, self.broadcast_to(b, &sb_full, span)?, batch.len())
         };
         if batch > letters.len() {
             return Err(Diagnostic::at("too many axes for `@`", span));
@@ -296,22 +219,11 @@ impl Elaborator<'_> {
         let lead = &letters[..batch];
         let mut ia = lead.to_vec();
         ia.extend([i, k]);
-        let mut ib = if self.ty(b).rank() == 2 {
-            Vec::new()
-        } else {
-            lead.to_vec()
-        };
+        let mut ib = if self.ty(b).rank() == 2 { Vec::new() } else { lead.to_vec() };
         ib.extend([k, j]);
         let mut out = lead.to_vec();
         out.extend([i, j]);
-        let n = self.node(
-            Op::Einsum(EinsumSpec {
-                inputs: vec![ia, ib],
-                output: out,
-            }),
-            &[a, b],
-            span,
-        )?;
+        let n = self.node(Op::Einsum(EinsumSpec { inputs: vec![ia, ib], output: out }), &[a, b], span)?;
         Ok(self.tensor_value(n))
     }
 
@@ -319,40 +231,19 @@ impl Elaborator<'_> {
     pub(super) fn axis(&self, axis: i64, rank: usize, span: Span) -> R<usize> {
         let a = if axis < 0 { axis + rank as i64 } else { axis };
         if a < 0 || a >= rank as i64 {
-            return Err(Diagnostic::at(
-                format!("axis {axis} is out of range for a tensor of rank {rank}"),
-                span,
-            )
-            .with_label(format!(
-                "valid axes are {} to {}",
-                -(rank as i64),
-                rank as i64 - 1
-            )));
+            return Err(Diagnostic::at(format!("axis {axis} is out of range for a tensor of rank {rank}"), span)
+                .with_label(format!("valid axes are {} to {}", -(rank as i64), rank as i64 - 1)));
         }
         Ok(a as usize)
     }
 
     /// A reduction; `keep` leaves the reduced axes in place with size 1.
-    pub(super) fn reduce(
-        &mut self,
-        op: ReduceOp,
-        x: NodeId,
-        axes: Vec<usize>,
-        keep: bool,
-        span: Span,
-    ) -> R<NodeId> {
+    pub(super) fn reduce(&mut self, op: ReduceOp, x: NodeId, axes: Vec<usize>, keep: bool, span: Span) -> R<NodeId> {
         let mut axes = axes;
         axes.sort();
         axes.dedup();
         let t = self.ty(x).clone();
-        let r = self.node(
-            Op::Reduce {
-                op,
-                axes: axes.clone(),
-            },
-            &[x],
-            span,
-        )?;
+        let r = self.node(Op::Reduce { op, axes: axes.clone() }, &[x], span)?;
         if !keep {
             return Ok(r);
         }
@@ -360,13 +251,7 @@ impl Elaborator<'_> {
             .shape
             .iter()
             .enumerate()
-            .map(|(i, d)| {
-                if axes.contains(&i) {
-                    Dim::constant(1)
-                } else {
-                    d.clone()
-                }
-            })
+            .map(|(i, d)| if axes.contains(&i) { Dim::constant(1) } else { d.clone() })
             .collect();
         self.reshape(r, shape, span)
     }
@@ -376,20 +261,11 @@ impl Elaborator<'_> {
         let t = self.ty(x).clone();
         let mut n = Dim::constant(1);
         for &a in axes {
-            n = n
-                .checked_mul(&t.shape[a])
-                .ok_or_else(|| Diagnostic::at("size overflow", span))?;
+            n = n.checked_mul(&t.shape[a]).ok_or_else(|| Diagnostic::at("size overflow", span))?;
         }
         match n.as_const() {
             Some(c) => self.constant(c as f64, DType::F32, span),
-            None => self.node(
-                Op::SizeOf {
-                    size: n,
-                    dtype: DType::F32,
-                },
-                &[],
-                span,
-            ),
+            None => self.node(Op::SizeOf { size: n, dtype: DType::F32 }, &[], span),
         }
     }
 
@@ -406,15 +282,12 @@ impl Elaborator<'_> {
         let bound = |v: Option<Value>, default: Dim| -> R<Dim> {
             match v {
                 None => Ok(default),
-                Some(Value::Int(i)) if i < 0 => size
-                    .checked_add(&Dim::constant(i))
-                    .ok_or_else(|| Diagnostic::at("size overflow", span)),
-                Some(v) => v.as_dim().ok_or_else(|| {
-                    Diagnostic::at(
-                        format!("a slice bound must be a size, found {}", v.kind()),
-                        span,
-                    )
-                }),
+                Some(Value::Int(i)) if i < 0 => {
+                    size.checked_add(&Dim::constant(i)).ok_or_else(|| Diagnostic::at("size overflow", span))
+                }
+                Some(v) => v
+                    .as_dim()
+                    .ok_or_else(|| Diagnostic::at(format!("a slice bound must be a size, found {}", v.kind()), span)),
             }
         };
         let s = bound(start, Dim::constant(0))?;
@@ -422,14 +295,6 @@ impl Elaborator<'_> {
         if s == Dim::constant(0) && e == size {
             return Ok(x);
         }
-        self.node(
-            Op::Slice {
-                axis,
-                start: s,
-                end: e,
-            },
-            &[x],
-            span,
-        )
+        self.node(Op::Slice { axis, start: s, end: e }, &[x], span)
     }
 }

@@ -44,12 +44,7 @@ pub struct InitValue {
 #[derive(Debug)]
 pub enum Callee {
     User(Rc<FnDecl>),
-    Lambda {
-        params: Vec<Ident>,
-        body: Rc<Expr>,
-        captured: HashMap<String, Value>,
-        span: Span,
-    },
+    Lambda { params: Vec<Ident>, body: Rc<Expr>, captured: HashMap<String, Value>, span: Span },
     Builtin(Builtin),
 }
 

@@ -219,9 +219,7 @@ pub fn shape_to_string(shape: &[Dim]) -> String {
 
 /// Product of a shape's sizes (`None` on overflow).
 pub fn numel(shape: &[Dim]) -> Option<Dim> {
-    shape
-        .iter()
-        .try_fold(Dim::constant(1), |acc, d| acc.checked_mul(d))
+    shape.iter().try_fold(Dim::constant(1), |acc, d| acc.checked_mul(d))
 }
 
 #[cfg(test)]

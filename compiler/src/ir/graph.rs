@@ -83,10 +83,7 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Graph {
-        Graph {
-            name: name.into(),
-            ..Graph::default()
-        }
+        Graph { name: name.into(), ..Graph::default() }
     }
 
     pub fn node(&self, id: NodeId) -> &Node {
@@ -105,35 +102,17 @@ impl Graph {
         self.dag.node_count() == 0
     }
 
-    pub fn add_input(
-        &mut self,
-        name: impl Into<String>,
-        ty: TensorType,
-        span: Option<Span>,
-    ) -> NodeId {
+    pub fn add_input(&mut self, name: impl Into<String>, ty: TensorType, span: Option<Span>) -> NodeId {
         let index = self.inputs.len() as u32;
-        let node = self.dag.add_node(Node {
-            op: Op::Input { index },
-            ty: ty.clone(),
-            span,
-        });
-        self.inputs.push(InputInfo {
-            name: name.into(),
-            ty,
-            span,
-            node,
-        });
+        let node = self.dag.add_node(Node { op: Op::Input { index }, ty: ty.clone(), span });
+        self.inputs.push(InputInfo { name: name.into(), ty, span, node });
         node
     }
 
     /// Register a parameter or buffer; `info.node` is filled in.
     pub fn add_param(&mut self, mut info: ParamInfo) -> NodeId {
         let index = self.params.len() as u32;
-        let node = self.dag.add_node(Node {
-            op: Op::Param { index },
-            ty: info.ty.clone(),
-            span: info.span,
-        });
+        let node = self.dag.add_node(Node { op: Op::Param { index }, ty: info.ty.clone(), span: info.span });
         info.node = node;
         self.params.push(info);
         node
@@ -141,12 +120,7 @@ impl Graph {
 
     /// Add an op, inferring its type from its operands. The error is a plain message;
     /// callers attach the source span.
-    pub fn add(
-        &mut self,
-        op: Op,
-        operands: &[NodeId],
-        span: Option<Span>,
-    ) -> Result<NodeId, String> {
+    pub fn add(&mut self, op: Op, operands: &[NodeId], span: Option<Span>) -> Result<NodeId, String> {
         let tys: Vec<&TensorType> = operands.iter().map(|&o| &self.dag[o].ty).collect();
         let ty = infer(&op, &tys)?;
         let node = self.dag.add_node(Node { op, ty, span });
@@ -162,21 +136,15 @@ impl Graph {
 
     /// Operands in position order.
     pub fn operands(&self, id: NodeId) -> Vec<NodeId> {
-        let mut edges: Vec<(u8, NodeId)> = self
-            .dag
-            .edges_directed(id, Direction::Incoming)
-            .map(|e| (*e.weight(), e.source()))
-            .collect();
+        let mut edges: Vec<(u8, NodeId)> =
+            self.dag.edges_directed(id, Direction::Incoming).map(|e| (*e.weight(), e.source())).collect();
         edges.sort_by_key(|&(pos, _)| pos);
         edges.into_iter().map(|(_, n)| n).collect()
     }
 
     /// Users of a value (each once, in node order).
     pub fn users(&self, id: NodeId) -> Vec<NodeId> {
-        let mut u: Vec<NodeId> = self
-            .dag
-            .neighbors_directed(id, Direction::Outgoing)
-            .collect();
+        let mut u: Vec<NodeId> = self.dag.neighbors_directed(id, Direction::Outgoing).collect();
         u.sort();
         u.dedup();
         u
@@ -185,23 +153,15 @@ impl Graph {
     /// A topological order that is stable: among ready nodes the lowest index goes first,
     /// so printing the same graph twice gives the same text.
     pub fn topo_order(&self) -> Vec<NodeId> {
-        let mut indegree: std::collections::HashMap<NodeId, usize> = self
-            .dag
-            .node_indices()
-            .map(|n| (n, self.dag.edges_directed(n, Direction::Incoming).count()))
-            .collect();
-        let mut ready: BinaryHeap<std::cmp::Reverse<NodeId>> = indegree
-            .iter()
-            .filter(|(_, &d)| d == 0)
-            .map(|(&n, _)| std::cmp::Reverse(n))
-            .collect();
+        let mut indegree: std::collections::HashMap<NodeId, usize> =
+            self.dag.node_indices().map(|n| (n, self.dag.edges_directed(n, Direction::Incoming).count())).collect();
+        let mut ready: BinaryHeap<std::cmp::Reverse<NodeId>> =
+            indegree.iter().filter(|(_, &d)| d == 0).map(|(&n, _)| std::cmp::Reverse(n)).collect();
         let mut order = Vec::with_capacity(self.dag.node_count());
         while let Some(std::cmp::Reverse(n)) = ready.pop() {
             order.push(n);
             for e in self.dag.edges_directed(n, Direction::Outgoing) {
-                let d = indegree
-                    .get_mut(&e.target())
-                    .expect("edge target is a node");
+                let d = indegree.get_mut(&e.target()).expect("edge target is a node");
                 *d -= 1;
                 if *d == 0 {
                     ready.push(std::cmp::Reverse(e.target()));
@@ -216,12 +176,7 @@ impl Graph {
         self.params
             .iter()
             .filter(|p| p.trainable)
-            .map(|p| {
-                p.ty.shape
-                    .iter()
-                    .map(|d| d.as_const().unwrap_or(0).max(0) as u128)
-                    .product::<u128>()
-            })
+            .map(|p| p.ty.shape.iter().map(|d| d.as_const().unwrap_or(0).max(0) as u128).product::<u128>())
             .sum()
     }
 }

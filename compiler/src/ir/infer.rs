@@ -10,11 +10,7 @@ fn arity(op: &Op, n: usize, expected: std::ops::RangeInclusive<usize>) -> Result
     if expected.contains(&n) {
         Ok(())
     } else {
-        Err(format!(
-            "`{}` takes {:?} operands, got {n}",
-            op.kind(),
-            expected
-        ))
+        Err(format!("`{}` takes {:?} operands, got {n}", op.kind(), expected))
     }
 }
 
@@ -22,17 +18,13 @@ fn check_axis(axis: usize, rank: usize, what: &str) -> Result<(), String> {
     if axis < rank {
         Ok(())
     } else {
-        Err(format!(
-            "{what}: axis {axis} is out of range for a tensor of rank {rank}"
-        ))
+        Err(format!("{what}: axis {axis} is out of range for a tensor of rank {rank}"))
     }
 }
 
 pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
     match op {
-        Op::Input { .. } | Op::Param { .. } => {
-            Err("inputs and parameters are typed by their tables".into())
-        }
+        Op::Input { .. } | Op::Param { .. } => Err("inputs and parameters are typed by their tables".into()),
         Op::Constant { dtype, .. } => {
             arity(op, ops.len(), 0..=0)?;
             Ok(TensorType::scalar(*dtype))
@@ -83,11 +75,7 @@ pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
             } else if b.is_comparison() {
                 Ok(a.with_dtype(DType::Bool))
             } else if !a.dtype.is_numeric() {
-                Err(format!(
-                    "`{}` needs numbers, got {}",
-                    op.kind(),
-                    a.dtype.name()
-                ))
+                Err(format!("`{}` needs numbers, got {}", op.kind(), a.dtype.name()))
             } else if *b == BinaryOp::Pow && a.dtype != DType::F32 {
                 Err("`**` needs f32 operands".into())
             } else {
@@ -97,10 +85,7 @@ pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
         Op::Select => {
             arity(op, ops.len(), 3..=3)?;
             if ops[0].dtype != DType::Bool {
-                return Err(format!(
-                    "`where` needs a bool condition, got {}",
-                    ops[0].dtype.name()
-                ));
+                return Err(format!("`where` needs a bool condition, got {}", ops[0].dtype.name()));
             }
             if ops[0].shape != ops[1].shape || ops[1].shape != ops[2].shape {
                 return Err("`where` needs equal shapes".into());
@@ -128,23 +113,13 @@ pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
             for &a in axes {
                 check_axis(a, t.rank(), "reduction")?;
             }
-            let shape = t
-                .shape
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !axes.contains(i))
-                .map(|(_, d)| d.clone())
-                .collect();
+            let shape = t.shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, d)| d.clone()).collect();
             Ok(TensorType::new(t.dtype, shape))
         }
         Op::Einsum(spec) => {
             arity(op, ops.len(), 1..=2)?;
             if spec.inputs.len() != ops.len() {
-                return Err(format!(
-                    "einsum `{spec}` names {} operands, got {}",
-                    spec.inputs.len(),
-                    ops.len()
-                ));
+                return Err(format!("einsum `{spec}` names {} operands, got {}", spec.inputs.len(), ops.len()));
             }
             let mut size: [Option<Dim>; 26] = Default::default();
             for (letters, t) in spec.inputs.iter().zip(ops) {
@@ -162,16 +137,10 @@ pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
                 }
                 for (i, &l) in letters.iter().enumerate() {
                     if !l.is_ascii_lowercase() {
-                        return Err(format!(
-                            "einsum indices must be letters a-z, got `{}`",
-                            l as char
-                        ));
+                        return Err(format!("einsum indices must be letters a-z, got `{}`", l as char));
                     }
                     if letters[..i].contains(&l) {
-                        return Err(format!(
-                            "einsum `{spec}`: index `{}` repeats within one operand",
-                            l as char
-                        ));
+                        return Err(format!("einsum `{spec}`: index `{}` repeats within one operand", l as char));
                     }
                     let slot = &mut size[(l - b'a') as usize];
                     match slot {
@@ -189,20 +158,11 @@ pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
             let mut shape = Vec::new();
             for (i, &l) in spec.output.iter().enumerate() {
                 if spec.output[..i].contains(&l) {
-                    return Err(format!(
-                        "einsum `{spec}`: output index `{}` repeats",
-                        l as char
-                    ));
+                    return Err(format!("einsum `{spec}`: output index `{}` repeats", l as char));
                 }
-                let s = l
-                    .is_ascii_lowercase()
-                    .then(|| size[(l - b'a') as usize].clone())
-                    .flatten()
-                    .ok_or_else(|| {
-                        format!(
-                            "einsum `{spec}`: output index `{}` is not in any operand",
-                            l as char
-                        )
+                let s =
+                    l.is_ascii_lowercase().then(|| size[(l - b'a') as usize].clone()).flatten().ok_or_else(|| {
+                        format!("einsum `{spec}`: output index `{}` is not in any operand", l as char)
                     })?;
                 shape.push(s);
             }
@@ -262,10 +222,7 @@ pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
             let t = ops[0];
             let mut seen = vec![false; t.rank()];
             if perm.len() != t.rank() {
-                return Err(format!(
-                    "permutation {perm:?} does not match rank {}",
-                    t.rank()
-                ));
+                return Err(format!("permutation {perm:?} does not match rank {}", t.rank()));
             }
             for &p in perm {
                 if p >= t.rank() || seen[p] {
@@ -273,10 +230,7 @@ pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
                 }
                 seen[p] = true;
             }
-            Ok(TensorType::new(
-                t.dtype,
-                perm.iter().map(|&p| t.shape[p].clone()).collect(),
-            ))
+            Ok(TensorType::new(t.dtype, perm.iter().map(|&p| t.shape[p].clone()).collect()))
         }
         Op::Slice { axis, start, end } => {
             arity(op, ops.len(), 1..=1)?;
@@ -302,19 +256,13 @@ pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
             shape[*axis] = len;
             Ok(TensorType::new(t.dtype, shape))
         }
-        Op::Pad {
-            axis,
-            before,
-            after,
-        } => {
+        Op::Pad { axis, before, after } => {
             arity(op, ops.len(), 1..=1)?;
             let t = ops[0];
             check_axis(*axis, t.rank(), "pad")?;
             let mut shape = t.shape.clone();
-            shape[*axis] = shape[*axis]
-                .checked_add(before)
-                .and_then(|d| d.checked_add(after))
-                .ok_or("size overflow")?;
+            shape[*axis] =
+                shape[*axis].checked_add(before).and_then(|d| d.checked_add(after)).ok_or("size overflow")?;
             Ok(TensorType::new(t.dtype, shape))
         }
         Op::Concat { axis } => {
@@ -326,9 +274,7 @@ pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
             let mut total = Dim::constant(0);
             for o in ops {
                 if o.dtype != t.dtype || o.rank() != t.rank() {
-                    return Err(format!(
-                        "concat needs operands of one element type and rank, got {t} and {o}"
-                    ));
+                    return Err(format!("concat needs operands of one element type and rank, got {t} and {o}"));
                 }
                 for (i, (a, b)) in o.shape.iter().zip(&t.shape).enumerate() {
                     if i != *axis && a != b {
@@ -352,10 +298,7 @@ pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
                 return Err("gather needs a table of rank ≥ 1".into());
             }
             if idx.dtype != DType::I32 {
-                return Err(format!(
-                    "gather needs i32 indices, got {}",
-                    idx.dtype.name()
-                ));
+                return Err(format!("gather needs i32 indices, got {}", idx.dtype.name()));
             }
             let shape = idx.shape.iter().chain(&table.shape[1..]).cloned().collect();
             Ok(TensorType::new(table.dtype, shape))

@@ -97,10 +97,7 @@ pub enum BinaryOp {
 
 impl BinaryOp {
     pub fn is_comparison(self) -> bool {
-        matches!(
-            self,
-            BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge | BinaryOp::Eq | BinaryOp::Ne
-        )
+        matches!(self, BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge | BinaryOp::Eq | BinaryOp::Ne)
     }
 
     pub fn is_logical(self) -> bool {
@@ -126,17 +123,8 @@ pub struct EinsumSpec {
 
 impl fmt::Display for EinsumSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ins: Vec<String> = self
-            .inputs
-            .iter()
-            .map(|i| String::from_utf8_lossy(i).into_owned())
-            .collect();
-        write!(
-            f,
-            "{}->{}",
-            ins.join(","),
-            String::from_utf8_lossy(&self.output)
-        )
+        let ins: Vec<String> = self.inputs.iter().map(|i| String::from_utf8_lossy(i).into_owned()).collect();
+        write!(f, "{}->{}", ins.join(","), String::from_utf8_lossy(&self.output))
     }
 }
 

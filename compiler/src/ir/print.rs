@@ -26,11 +26,7 @@ fn attrs(op: &Op, g: &Graph) -> String {
         Op::Reshape { shape } | Op::Broadcast { shape } => shape_to_string(shape),
         Op::Permute { perm } => format!("[{}]", join(perm)),
         Op::Slice { axis, start, end } => format!("[axis={axis}, {start}:{end}]"),
-        Op::Pad {
-            axis,
-            before,
-            after,
-        } => format!("[axis={axis}, {before}, {after}]"),
+        Op::Pad { axis, before, after } => format!("[axis={axis}, {before}, {after}]"),
         Op::Concat { axis } => format!("[axis={axis}]"),
         Op::Dropout { rate, salt } => format!("[rate={}, salt={salt:#x}]", fmt_f64(rate.get())),
         Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Gather => String::new(),
@@ -38,10 +34,7 @@ fn attrs(op: &Op, g: &Graph) -> String {
 }
 
 fn join(xs: &[usize]) -> String {
-    xs.iter()
-        .map(|x| x.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    xs.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 pub fn init_to_string(init: &Init) -> String {
@@ -71,13 +64,7 @@ pub fn to_text(g: &Graph) -> String {
     let _ = writeln!(s, "graph {} {{", g.name);
     for p in &g.params {
         let kind = if p.trainable { "param" } else { "buffer" };
-        let _ = write!(
-            s,
-            "  {kind} {}: {} ~ {}",
-            p.name,
-            p.ty,
-            init_to_string(&p.init)
-        );
+        let _ = write!(s, "  {kind} {}: {} ~ {}", p.name, p.ty, init_to_string(&p.init));
         if let Some(seed) = p.seed {
             let _ = write!(s, " seed={seed}");
         }
@@ -88,25 +75,9 @@ pub fn to_text(g: &Graph) -> String {
     }
     for n in &order {
         let node = g.node(*n);
-        let operands: Vec<String> = g
-            .operands(*n)
-            .iter()
-            .map(|o| format!("%{}", num[o]))
-            .collect();
-        let args = if operands.is_empty() {
-            String::new()
-        } else {
-            format!("({})", operands.join(", "))
-        };
-        let _ = writeln!(
-            s,
-            "  %{} = {}{}{} : {}",
-            num[n],
-            node.op.kind(),
-            attrs(&node.op, g),
-            args,
-            node.ty
-        );
+        let operands: Vec<String> = g.operands(*n).iter().map(|o| format!("%{}", num[o])).collect();
+        let args = if operands.is_empty() { String::new() } else { format!("({})", operands.join(", ")) };
+        let _ = writeln!(s, "  %{} = {}{}{} : {}", num[n], node.op.kind(), attrs(&node.op, g), args, node.ty);
     }
     for (name, n) in &g.outputs {
         let _ = writeln!(s, "  output {name} = %{}", num[n]);
@@ -118,32 +89,18 @@ pub fn to_text(g: &Graph) -> String {
 pub fn to_dot(g: &Graph) -> String {
     let (order, num) = numbering(g);
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "digraph \"{}\" {{\n  node [shape=box, fontname=monospace];",
-        g.name
-    );
+    let _ = writeln!(s, "digraph \"{}\" {{\n  node [shape=box, fontname=monospace];", g.name);
     for n in &order {
         let node = g.node(*n);
-        let label = format!(
-            "%{} = {}{}\\n{}",
-            num[n],
-            node.op.kind(),
-            attrs(&node.op, g),
-            node.ty
-        )
-        .replace('"', "\\\"");
+        let label =
+            format!("%{} = {}{}\\n{}", num[n], node.op.kind(), attrs(&node.op, g), node.ty).replace('"', "\\\"");
         let _ = writeln!(s, "  n{} [label=\"{label}\"];", num[n]);
         for (pos, o) in g.operands(*n).iter().enumerate() {
             let _ = writeln!(s, "  n{} -> n{} [label=\"{pos}\"];", num[o], num[n]);
         }
     }
     for (name, n) in &g.outputs {
-        let _ = writeln!(
-            s,
-            "  out_{name} [shape=ellipse, label=\"{name}\"];\n  n{} -> out_{name};",
-            num[n]
-        );
+        let _ = writeln!(s, "  out_{name} [shape=ellipse, label=\"{name}\"];\n  n{} -> out_{name};", num[n]);
     }
     s.push_str("}\n");
     s

@@ -46,10 +46,7 @@ impl TensorType {
     }
 
     pub fn scalar(dtype: DType) -> TensorType {
-        TensorType {
-            dtype,
-            shape: Vec::new(),
-        }
+        TensorType { dtype, shape: Vec::new() }
     }
 
     pub fn rank(&self) -> usize {
@@ -57,10 +54,7 @@ impl TensorType {
     }
 
     pub fn with_dtype(&self, dtype: DType) -> TensorType {
-        TensorType {
-            dtype,
-            shape: self.shape.clone(),
-        }
+        TensorType { dtype, shape: self.shape.clone() }
     }
 }
 

@@ -14,12 +14,7 @@ pub fn verify(g: &Graph) -> Result<(), String> {
     for (i, inp) in g.inputs.iter().enumerate() {
         match g.dag.node_weight(inp.node).map(|n| &n.op) {
             Some(Op::Input { index }) if *index as usize == i => {}
-            _ => {
-                return Err(format!(
-                    "input `{}` does not point at its input node",
-                    inp.name
-                ))
-            }
+            _ => return Err(format!("input `{}` does not point at its input node", inp.name)),
         }
     }
     for (i, p) in g.params.iter().enumerate() {
@@ -28,10 +23,7 @@ pub fn verify(g: &Graph) -> Result<(), String> {
             _ => return Err(format!("parameter `{}` does not point at its node", p.name)),
         }
         if p.ty.shape.iter().any(|d| !d.is_const()) {
-            return Err(format!(
-                "parameter `{}` has a run-time size: {}",
-                p.name, p.ty
-            ));
+            return Err(format!("parameter `{}` has a run-time size: {}", p.name, p.ty));
         }
     }
     for (name, n) in &g.outputs {
@@ -41,29 +33,15 @@ pub fn verify(g: &Graph) -> Result<(), String> {
     }
     for n in g.dag.node_indices() {
         let node = g.node(n);
-        let mut positions: Vec<u8> = g
-            .dag
-            .edges_directed(n, petgraph::Direction::Incoming)
-            .map(|e| *e.weight())
-            .collect();
+        let mut positions: Vec<u8> =
+            g.dag.edges_directed(n, petgraph::Direction::Incoming).map(|e| *e.weight()).collect();
         positions.sort();
         if positions.iter().enumerate().any(|(i, &p)| p as usize != i) {
-            return Err(format!(
-                "node {n:?} ({}) has operand positions {positions:?}",
-                node.op.kind()
-            ));
+            return Err(format!("node {n:?} ({}) has operand positions {positions:?}", node.op.kind()));
         }
         let expected = match &node.op {
-            Op::Input { index } => g
-                .inputs
-                .get(*index as usize)
-                .map(|i| i.ty.clone())
-                .ok_or("bad input index")?,
-            Op::Param { index } => g
-                .params
-                .get(*index as usize)
-                .map(|p| p.ty.clone())
-                .ok_or("bad param index")?,
+            Op::Input { index } => g.inputs.get(*index as usize).map(|i| i.ty.clone()).ok_or("bad input index")?,
+            Op::Param { index } => g.params.get(*index as usize).map(|p| p.ty.clone()).ok_or("bad param index")?,
             op => {
                 let ops = g.operands(n);
                 let tys: Vec<&TensorType> = ops.iter().map(|&o| g.ty(o)).collect();

@@ -1,0 +1,73 @@
+//! The `tnc` binary: exit status 0 on success, 1 for an error in the model, 2 for bad usage.
+
+mod common;
+use common::repo;
+use std::process::Command;
+
+fn tnc(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tnc")).args(args).current_dir(repo()).output().expect("tnc runs");
+    (
+        out.status.code().expect("exited normally, not by a signal"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_prints_a_summary() {
+    let (code, out, err) = tnc(&["check", "models/transnormer_t1.tn"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("parameters: 155,988,156 trainable"), "{out}");
+    assert!(out.contains("tokens: i32[B, N]"), "{out}");
+    assert!(out.contains("loss: f32[]"), "{out}");
+    assert!(out.contains("layers.5"), "{out}");
+}
+
+#[test]
+fn model_errors_exit_with_1() {
+    let (code, _, err) = tnc(&["check", "tests/malformed/unknown_name_typo.tn"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("did you mean `srms_norm`?"), "{err}");
+    assert!(err.contains("unknown_name_typo.tn:5:7"), "{err}");
+}
+
+#[test]
+fn usage_errors_exit_with_2() {
+    assert_eq!(tnc(&["check"]).0, 2, "missing file argument");
+    assert_eq!(tnc(&["frobnicate"]).0, 2, "unknown command");
+    assert_eq!(tnc(&["check", "models/transnormer_t1.tn", "--set", "layres=2"]).0, 2, "unknown hyper-parameter");
+    assert_eq!(tnc(&["check", "models/transnormer_t1.tn", "--set", "dim"]).0, 2, "malformed --set");
+    let (code, _, err) = tnc(&["ir", "models/transnormer_t1.tn", "--after", "optimise"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("the passes are, in order: elaborate"), "{err}");
+}
+
+#[test]
+fn missing_file_is_an_error_not_a_panic() {
+    let (code, _, err) = tnc(&["check", "no/such/model.tn"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read `no/such/model.tn`"), "{err}");
+}
+
+#[test]
+fn ir_prints_text_and_dot() {
+    let tiny = ["--set", "vocab=32", "--set", "dim=16", "--set", "heads=2", "--set", "layers=2", "--set", "block=4"];
+    let mut args = vec!["ir", "models/transnormer_t1.tn"];
+    args.extend(tiny);
+    let (code, text, err) = tnc(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(text.starts_with("graph transnormer_t1 {"), "{text}");
+    assert!(text.contains("output loss = %"), "{text}");
+    args.push("--dot");
+    let (code, dot, _) = tnc(&args);
+    assert_eq!(code, 0);
+    assert!(dot.starts_with("digraph \"transnormer_t1\" {"), "{dot}");
+    assert!(dot.contains("->"), "{dot}");
+}
+
+#[test]
+fn help_explains_set() {
+    let (code, out, _) = tnc(&["check", "--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("--set <NAME=VALUE>"), "{out}");
+}

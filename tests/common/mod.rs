@@ -1,0 +1,57 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use tnc_compiler::frontend::{self, Input, Request};
+use tnc_compiler::ir::Graph;
+use tnc_grammar::{Diagnostic, SourceMap};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every model file under `models/` (not the standard library), sorted.
+pub fn model_files() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for dir in ["models", "models/ablations"] {
+        for e in std::fs::read_dir(repo().join(dir)).expect("models/ exists") {
+            let p = e.expect("readable").path();
+            if p.extension().is_some_and(|x| x == "tn") && p.file_name().is_some_and(|n| n != "std.tn") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The tiny configuration used by snapshot and numerical tests.
+pub fn tiny_sets(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).expect("model readable");
+    let mut sets = vec!["vocab=32", "dim=16", "heads=2", "layers=2", "glu_dim=24"];
+    if text.contains("block = ") {
+        sets.push("block=4");
+    }
+    sets.into_iter().map(String::from).collect()
+}
+
+pub fn elaborate_path(path: &Path, sets: &[String]) -> (SourceMap, Result<Graph, Diagnostic>) {
+    frontend::elaborate(Input::Path(path), &Request { sets, model: None })
+}
+
+pub fn elaborate_text(name: &str, text: &str, sets: &[String]) -> (SourceMap, Result<Graph, Diagnostic>) {
+    frontend::elaborate(Input::Text { name, text }, &Request { sets, model: None })
+}
+
+/// Render an elaboration failure; panics (failing the test) if elaboration succeeded.
+pub fn expect_error(result: (SourceMap, Result<Graph, Diagnostic>)) -> String {
+    match result {
+        (sources, Err(d)) => d.render(&sources),
+        (_, Ok(g)) => panic!("expected a diagnostic, but `{}` elaborated", g.name),
+    }
+}
+
+/// Paths in rendered diagnostics are made relative to the repository.
+pub fn relative(s: &str) -> String {
+    s.replace(&format!("{}/", repo().display()), "")
+}

@@ -1,0 +1,117 @@
+//! Malformed inputs: each must produce a diagnostic (never a panic) that points at the
+//! source with a caret and says what was expected. The rendered text is snapshotted.
+
+mod common;
+use common::*;
+
+/// Every `tests/malformed/*.tn` fixture, snapshotted by file name.
+#[test]
+fn malformed_fixtures() {
+    let dir = repo().join("tests/malformed");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "tn"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 40, "expected at least 40 fixtures, found {}", files.len());
+    for f in files {
+        let name = f.file_stem().unwrap().to_string_lossy().into_owned();
+        let sets: Vec<String> = Vec::new();
+        let rendered = relative(&expect_error(elaborate_path(&f, &sets)));
+        assert!(rendered.contains("error"), "{name}: {rendered}");
+        insta::assert_snapshot!(name, rendered);
+    }
+}
+
+#[test]
+fn cyclic_import() {
+    let rendered = relative(&expect_error(elaborate_path(&repo().join("tests/malformed/cycle/a.tn"), &[])));
+    insta::assert_snapshot!(rendered);
+}
+
+#[test]
+fn empty_file() {
+    insta::assert_snapshot!(expect_error(elaborate_text("empty.tn", "", &[])));
+}
+
+#[test]
+fn non_utf8_bytes() {
+    let dir = std::env::temp_dir().join(format!("tnc-nonutf8-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("latin1.tn");
+    std::fs::write(&path, b"model m() {\n  output loss = 1.0 // caf\xe9\n}\n").unwrap();
+    let rendered = expect_error(elaborate_path(&path, &[])).replace(&dir.display().to_string(), "<tmp>");
+    std::fs::remove_dir_all(&dir).unwrap();
+    insta::assert_snapshot!(rendered);
+}
+
+#[test]
+fn one_megabyte_of_open_parens() {
+    let text = format!("model m() {{\n  x = {}\n}}\n", "(".repeat(1 << 20));
+    let rendered = expect_error(elaborate_text("parens.tn", &text, &[]));
+    assert!(rendered.contains("nested too deeply"), "{rendered}");
+    insta::assert_snapshot!(rendered.lines().take(3).collect::<Vec<_>>().join("\n"));
+}
+
+#[test]
+fn one_megabyte_of_garbage() {
+    // Deterministic printable garbage (an LCG), not valid tnc.
+    let mut state: u32 = 12345;
+    let text: String = (0..(1 << 20))
+        .map(|_| {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (b' ' + ((state >> 16) % 95) as u8) as char
+        })
+        .collect();
+    let rendered = expect_error(elaborate_text("garbage.tn", &text, &[]));
+    assert!(rendered.contains("syntax error"), "{}", &rendered[..rendered.len().min(500)]);
+}
+
+#[test]
+fn very_long_expression_chain() {
+    let text = format!("model m() {{\n  x = 1.0{}\n  output loss = x\n}}\n", " + 1.0".repeat(100_000));
+    let rendered = expect_error(elaborate_text("chain.tn", &text, &[]));
+    assert!(rendered.contains("nested too deeply"), "{}", &rendered[..rendered.len().min(500)]);
+}
+
+#[test]
+fn many_prefix_operators() {
+    let text = format!("model m() {{\n  output loss = {}1.0\n}}\n", "-".repeat(100_000));
+    let rendered = expect_error(elaborate_text("minus.tn", &text, &[]));
+    assert!(rendered.contains("syntax error"), "{}", &rendered[..rendered.len().min(500)]);
+}
+
+fn t1() -> std::path::PathBuf {
+    repo().join("models/transnormer_t1.tn")
+}
+
+#[test]
+fn bad_set_unknown_name() {
+    let rendered = relative(&expect_error(elaborate_path(&t1(), &["layres=2".into()])));
+    insta::assert_snapshot!(rendered);
+}
+
+#[test]
+fn bad_set_missing_value() {
+    let rendered = relative(&expect_error(elaborate_path(&t1(), &["dim=".into()])));
+    insta::assert_snapshot!(rendered);
+}
+
+#[test]
+fn bad_set_no_equals() {
+    let rendered = relative(&expect_error(elaborate_path(&t1(), &["dim".into()])));
+    insta::assert_snapshot!(rendered);
+}
+
+#[test]
+fn bad_set_unknown_function_argument() {
+    let rendered = relative(&expect_error(elaborate_path(&t1(), &["srms_norm.epsilon=1e-6".into()])));
+    insta::assert_snapshot!(rendered);
+}
+
+#[test]
+fn bad_set_heads_do_not_divide_width() {
+    let rendered = relative(&expect_error(elaborate_path(&t1(), &["heads=7".into()])));
+    insta::assert_snapshot!(rendered);
+}
