@@ -9,7 +9,7 @@ use tnc_compiler::autodiff::{differentiate, differentiate_wrt, grad_name, GradOp
 use tnc_compiler::interp::{compare, evaluate, init_params, EvalOptions, Tensor};
 use tnc_compiler::ir::verify::verify;
 use tnc_compiler::ir::{
-    BinaryOp, DType, Dim, EinsumSpec, Graph, Init, NodeId, Op, ParamInfo, ReduceOp, TensorType, UnaryOp,
+    BinaryOp, DType, Dim, EinsumSpec, F64Bits, Graph, Init, NodeId, Op, ParamInfo, ReduceOp, TensorType, UnaryOp,
 };
 use tnc_grammar::{FileId, Span};
 
@@ -68,6 +68,23 @@ fn derivatives_at_zero_follow_the_documented_branch() {
     // abs'(0) = 0 (the subgradient midpoint).
     let g = unary_grad(UnaryOp::Abs, &at);
     assert!(close(&g, &[0.0, -1.0, 1.0]), "{g:?}");
+
+    // sqrt'(0) = 0, not +inf: a norm of an all-zero row must not produce NaN.
+    let g = unary_grad(UnaryOp::Sqrt, &[0.0, 0.25]);
+    assert!(close(&g, &[0.0, 1.0]), "{g:?}");
+    let x = t(&[2], &[0.0, 0.0]);
+    let g = grads_of_sum(&[("x", x)], |g, ids| {
+        // sum(x / (sqrt(sum(x * x)) + eps)) at x = 0 has gradient 1/eps per element.
+        let sq = g.add(Op::Binary(BinaryOp::Mul), &[ids[0], ids[0]], None).unwrap();
+        let ss = sum_all(g, sq);
+        let r = g.add(Op::Unary(UnaryOp::Sqrt), &[ss], None).unwrap();
+        let eps = g.add(Op::Constant { value: F64Bits::new(1e-3), dtype: DType::F32 }, &[], None).unwrap();
+        let d = g.add(Op::Binary(BinaryOp::Add), &[r, eps], None).unwrap();
+        let d = g.add(Op::Reshape { shape: dims(&[1]) }, &[d], None).unwrap();
+        let d = g.add(Op::Broadcast { shape: dims(&[2]) }, &[d], None).unwrap();
+        g.add(Op::Binary(BinaryOp::Div), &[ids[0], d], None).unwrap()
+    });
+    assert!(close(&g[0], &[1e3, 1e3]), "{:?}", g[0]);
 
     // The same values against one-sided differences from the documented side.
     let h = 1e-7;

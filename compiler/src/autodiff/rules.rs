@@ -10,6 +10,10 @@
 //!   at a tie the first operand gets all of it.
 //! - `reduce_max/min`: every position equal to the result gets the full cotangent (ties
 //!   are not split).
+//! - `sqrt'(0) = 0` instead of +inf. Square roots of exact zeros come from norms of
+//!   all-zero rows (`sqrt(mean(x²))` after a ReLU feature map), where the inner
+//!   derivative `2x` is 0 too: the chain rule's `inf · 0` would be NaN, while 0 gives
+//!   the true derivative of `x / (sqrt(mean(x²)) + ε)` at `x = 0`, namely `1/ε`.
 //! - `pow(a, b)` w.r.t. `b` is `y · log(a)` with `log(0)` read as 0 (as JAX does), so
 //!   `0 ** b` has a zero, not NaN, gradient in `b`.
 
@@ -134,10 +138,12 @@ fn unary(b: &mut Builder, u: UnaryOp, x: NodeId, y: NodeId, gy: NodeId) -> R<Nod
         Neg => b.un(Neg, gy),
         Exp => b.mul(gy, y),
         Log => b.div(gy, x),
-        // d sqrt(x) = 1 / (2 sqrt(x)).
+        // d sqrt(x) = 1 / (2 sqrt(x)), taken as 0 at x = 0 (see the module comment).
         Sqrt => {
             let two_y = b.scale(y, 2.0)?;
-            b.div(gy, two_y)
+            let d = b.div(gy, two_y)?;
+            let m = b.positive(y)?;
+            Ok(b.route(m, d)?.0)
         }
         // d x^{-1/2} = -1/2 · x^{-3/2} = -1/2 · y³.
         Rsqrt => {
