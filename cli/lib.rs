@@ -6,6 +6,7 @@
 
 mod check;
 mod ir;
+mod run;
 
 use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
@@ -57,10 +58,15 @@ pub enum Command {
         /// Print Graphviz DOT instead of text.
         #[arg(long)]
         dot: bool,
-        /// The pass after which to print (`tnc ir FILE --after list` lists them).
+        /// The pass after which to print (an unknown name lists them).
         #[arg(long, default_value = "elaborate")]
         after: String,
     },
+    /// Evaluate a model with the reference interpreter and write its outputs (and, with
+    /// --grad, every parameter gradient) as safetensors.
+    Run(run::RunArgs),
+    /// Initialize a model's parameters and buffers from a seed and write them as safetensors.
+    Init(run::InitArgs),
 }
 
 /// Parse arguments and run; returns the process exit status.
@@ -79,6 +85,8 @@ where
     let result = match cli.command {
         Command::Check { model } => check::run(&model),
         Command::Ir { model, dot, after } => ir::run(&model, dot, &after),
+        Command::Run(args) => run::run(&args),
+        Command::Init(args) => run::init(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

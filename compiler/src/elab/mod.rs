@@ -9,6 +9,8 @@
 //! A second call of the same name in one scope adds `f_1`, `f_2`, ….
 
 mod builtins;
+mod call;
+mod decl;
 mod eval;
 mod load;
 mod tensor;

@@ -8,6 +8,7 @@ pub mod eval;
 pub mod init;
 pub mod io;
 mod math;
+pub mod params;
 mod shape;
 pub mod tensor;
 
@@ -15,4 +16,5 @@ pub use closeness::{compare, Closeness};
 pub use eval::{evaluate, EvalOptions, Evaluation};
 pub use init::{init_param, init_params, xavier_bound};
 pub use io::{read_safetensors, write_safetensors, FileDType};
+pub use params::{bind_params, check_inputs};
 pub use tensor::{Precision, Tensor};
