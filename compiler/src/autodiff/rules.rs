@@ -29,6 +29,7 @@ pub(crate) fn vjp(b: &mut Builder, y: NodeId, gy: NodeId, needs: &[bool]) -> R<V
         // Leaves and values without a derivative.
         Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Iota { .. } => {}
         Op::SizeOf { .. } => {}
+        Op::LinearAttention(la) => super::normal_form::linear_attention(b, &la, &xs, gy, &mut out, needs)?,
         Op::Unary(u) => {
             if need(0) {
                 out[0] = Some(unary(b, u, xs[0], y, gy)?);

@@ -4,6 +4,7 @@
 //! checked against, so it favors obviousness: one op at a time, in topological order,
 //! every intermediate value kept (tests inspect them).
 
+use super::linear_attention;
 use super::math;
 use super::shape;
 use super::tensor::{Precision, Tensor};
@@ -24,6 +25,9 @@ pub struct EvalOptions {
     /// Symbol values given up front, for symbols no input shape determines (a graph
     /// whose only use of `N` is a `SizeOf`). Input shapes must agree with them.
     pub symbols: HashMap<String, i64>,
+    /// How normal-form ops are evaluated: `None` by their naive definition, `Some(C)` by
+    /// the chunked algorithm with chunks of C tokens.
+    pub chunk: Option<usize>,
 }
 
 /// The value of every node, and the symbol values the inputs bound.
@@ -92,7 +96,7 @@ pub fn evaluate(
         let args: Vec<&Tensor> =
             operands.iter().map(|o| values.get(o).ok_or("an operand was not evaluated")).collect::<Result<_, _>>()?;
         let arg_dtype = operands.first().map(|&o| g.ty(o).dtype);
-        let result = eval_op(&node.op, arg_dtype, &args, inputs, params, g, opts, &size, &sizes)
+        let result = eval_op(&node.op, arg_dtype, &args, inputs, params, g, opts, &size, &sizes, &symbols)
             .map_err(|e| format!("evaluating node {id:?} ({}): {e}", node.op.kind()))?;
         let mut result = result;
         if node.ty.dtype == DType::F32 && opts.precision == Precision::F32 {
@@ -164,6 +168,7 @@ fn eval_op(
     opts: &EvalOptions,
     size: SizeFn,
     sizes: ShapeFn,
+    symbols: &HashMap<String, i64>,
 ) -> Result<Tensor, String> {
     let arg =
         |i: usize| -> Result<&Tensor, String> { args.get(i).copied().ok_or_else(|| format!("missing operand {i}")) };
@@ -198,5 +203,12 @@ fn eval_op(
             None => Ok(arg(0)?.clone()),
             Some((seed, step)) => Ok(shape::dropout(arg(0)?, rate.get(), *salt, seed, step)),
         },
+        Op::LinearAttention(la) => {
+            let (qa, ka, va, lam) = la.split(args);
+            let q = linear_attention::eval_region(&la.q, qa, symbols, opts)?;
+            let k = linear_attention::eval_region(&la.k, ka, symbols, opts)?;
+            let v = linear_attention::eval_region(&la.v, va, symbols, opts)?;
+            linear_attention::eval(la, &q, &k, &v, lam.copied(), opts.chunk)
+        }
     }
 }

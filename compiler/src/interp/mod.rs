@@ -7,6 +7,7 @@ pub mod closeness;
 pub mod eval;
 pub mod init;
 pub mod io;
+pub mod linear_attention;
 mod math;
 pub mod params;
 mod shape;

@@ -303,6 +303,7 @@ pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
             let shape = idx.shape.iter().chain(&table.shape[1..]).cloned().collect();
             Ok(TensorType::new(table.dtype, shape))
         }
+        Op::LinearAttention(la) => la.infer(ops),
         Op::Dropout { rate, .. } => {
             arity(op, ops.len(), 1..=1)?;
             let r = rate.get();

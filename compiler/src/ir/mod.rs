@@ -3,12 +3,16 @@
 pub mod dim;
 pub mod graph;
 pub mod infer;
+pub mod normal_form;
 pub mod op;
 pub mod print;
+pub mod region;
 pub mod types;
 pub mod verify;
 
 pub use dim::Dim;
 pub use graph::{Graph, Init, InputInfo, Node, NodeId, ParamInfo};
+pub use normal_form::{Direction, LinearAttention};
 pub use op::{BinaryOp, EinsumSpec, F64Bits, Op, ReduceOp, UnaryOp};
+pub use region::{Region, RegionValue};
 pub use types::{DType, TensorType};

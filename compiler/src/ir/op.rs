@@ -210,6 +210,8 @@ pub enum Op {
         rate: F64Bits,
         salt: u64,
     },
+    /// Normal form of linear attention (see `normal_form.rs`), created by `recognize`.
+    LinearAttention(Box<super::normal_form::LinearAttention>),
 }
 
 impl Op {
@@ -272,6 +274,7 @@ impl Op {
             Op::Concat { .. } => "concat",
             Op::Gather => "gather",
             Op::Dropout { .. } => "dropout",
+            Op::LinearAttention(_) => "linear_attention",
         }
     }
 }

@@ -14,6 +14,15 @@ fn attrs(op: &Op, g: &Graph) -> String {
     match op {
         Op::Input { index } => format!(" {}", g.inputs[*index as usize].name),
         Op::Param { index } => format!(" {}", g.params[*index as usize].name),
+        _ => op_attrs(op),
+    }
+}
+
+/// The attributes of an op as printed after its name (`[axis=2]`, `[bnd,de->bne]`).
+pub fn op_attrs(op: &Op) -> String {
+    match op {
+        Op::Input { index } => format!(" #{index}"),
+        Op::Param { index } => format!(" #{index}"),
         Op::Constant { value, .. } => format!(" {}", fmt_f64(value.get())),
         Op::Iota { len, .. } => format!("[{len}]"),
         Op::SizeOf { size, .. } => format!("[{size}]"),
@@ -29,6 +38,24 @@ fn attrs(op: &Op, g: &Graph) -> String {
         Op::Pad { axis, before, after } => format!("[axis={axis}, {before}, {after}]"),
         Op::Concat { axis } => format!("[axis={axis}]"),
         Op::Dropout { rate, salt } => format!("[rate={}, salt={salt:#x}]", fmt_f64(rate.get())),
+        Op::LinearAttention(la) => {
+            let region = |name: &str, r: &super::region::Region| {
+                if r.is_identity() {
+                    String::new()
+                } else {
+                    format!(", {name}: {{ {} }}", r.to_text())
+                }
+            };
+            format!(
+                "[{:?}{}{}{}{}]",
+                la.direction,
+                if la.decay { ", decay" } else { "" },
+                region("q", &la.q),
+                region("k", &la.k),
+                region("v", &la.v)
+            )
+            .to_lowercase()
+        }
         Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Gather => String::new(),
     }
 }

@@ -1,0 +1,120 @@
+//! Gradients of normal-form ops, written with normal-form ops again so the backward is as
+//! fused as the forward (DESIGN.md, "Recognize before differentiating").
+//!
+//! Linear attention with prologue regions `q' = P_q(q…)` (likewise k', v') and decay λ:
+//!
+//! ```text
+//! O  = causal(q', k', v')       dq' = causal(dO, v', k')
+//! dk' = anticausal(v', dO, q')  dv' = anticausal(k', q', dO)
+//! ```
+//!
+//! (anticausal and full mirror this). The backward ops reuse the forward's regions, so
+//! q', k', v' are recomputed inside them rather than stored. What remains is the
+//! gradient of each region w.r.t. its own arguments: the region is inlined once
+//! (recomputed) and differentiated with the primitive rules, by a local reverse sweep.
+
+use super::builder::{Builder, R};
+use crate::ir::{Direction, LinearAttention, NodeId, Op, Region};
+use std::collections::HashMap;
+
+pub(crate) fn linear_attention(
+    b: &mut Builder,
+    la: &LinearAttention,
+    xs: &[NodeId],
+    gy: NodeId,
+    out: &mut [Option<NodeId>],
+    needs: &[bool],
+) -> R<()> {
+    let (na, nb, nc) = (la.q.args.len(), la.k.args.len(), la.v.args.len());
+    let (qa, ka, va, lam) = la.split(xs);
+    if la.decay && needs.get(na + nb + nc).copied().unwrap_or(false) {
+        return Err(b.err(
+            "the decay λ of this linear attention depends on trained parameters; a trainable decay is not \
+             supported yet (it needs d(log λ) = Σ_t t·(q_t·dq_t − k_t·dk_t)): make λ a constant or a buffer",
+        ));
+    }
+    let need_q = needs[..na].iter().any(|&n| n);
+    let need_k = needs[na..na + nb].iter().any(|&n| n);
+    let need_v = needs[na + nb..na + nb + nc].iter().any(|&n| n);
+    let reverse = match la.direction {
+        Direction::Causal => Direction::Anticausal,
+        Direction::Anticausal => Direction::Causal,
+        Direction::Full => Direction::Full,
+    };
+    let identity = |t: &crate::ir::TensorType| Region::identity(t.clone());
+    let dy_ty = b.g.ty(gy).clone();
+    // A backward attention: three regions with their argument lists.
+    let attend = |b: &mut Builder, dir, parts: [(&Region, Vec<NodeId>); 3]| -> R<NodeId> {
+        let [(q, qv), (k, kv), (v, vv)] = parts;
+        let op = LinearAttention { direction: dir, decay: la.decay, q: q.clone(), k: k.clone(), v: v.clone() };
+        let mut operands: Vec<NodeId> = qv.into_iter().chain(kv).chain(vv).collect();
+        operands.extend(lam.copied());
+        b.add(Op::LinearAttention(Box::new(op)), &operands)
+    };
+    let dy = identity(&dy_ty);
+    if need_q {
+        let dq = attend(b, la.direction, [(&dy, vec![gy]), (&la.v, va.to_vec()), (&la.k, ka.to_vec())])?;
+        region_vjp(b, &la.q, qa, dq, &needs[..na], &mut out[..na])?;
+    }
+    if need_k {
+        let dk = attend(b, reverse, [(&la.v, va.to_vec()), (&dy, vec![gy]), (&la.q, qa.to_vec())])?;
+        region_vjp(b, &la.k, ka, dk, &needs[na..na + nb], &mut out[na..na + nb])?;
+    }
+    if need_v {
+        let dv = attend(b, reverse, [(&la.k, ka.to_vec()), (&la.q, qa.to_vec()), (&dy, vec![gy])])?;
+        region_vjp(b, &la.v, va, dv, &needs[na + nb..na + nb + nc], &mut out[na + nb..na + nb + nc])?;
+    }
+    Ok(())
+}
+
+/// Gradients of a region's arguments given the cotangent of its result: inline the region
+/// and sweep its nodes in reverse with the primitive rules.
+fn region_vjp(
+    b: &mut Builder,
+    r: &Region,
+    args: &[NodeId],
+    g_out: NodeId,
+    needs: &[bool],
+    out: &mut [Option<NodeId>],
+) -> R<()> {
+    if r.is_identity() {
+        if needs[0] {
+            out[0] = Some(g_out);
+        }
+        return Ok(());
+    }
+    let (result, inlined) = r.inline_nodes(b.g, args, b.span).map_err(|e| b.err(format!("inlining a region: {e}")))?;
+    let mut cot: HashMap<NodeId, NodeId> = HashMap::new();
+    cot.insert(result, g_out);
+    // Arguments that need gradients, and the inlined values that depend on them.
+    let mut active: std::collections::HashSet<NodeId> =
+        args.iter().zip(needs).filter(|(_, &n)| n).map(|(&a, _)| a).collect();
+    for &n in &inlined {
+        if b.g.ty(n).dtype == crate::ir::DType::F32 && b.g.operands(n).iter().any(|o| active.contains(o)) {
+            active.insert(n);
+        }
+    }
+    for &y in inlined.iter().rev() {
+        let Some(&gy) = cot.get(&y) else { continue };
+        let operands = b.g.operands(y);
+        let op_needs: Vec<bool> = operands.iter().map(|o| active.contains(o)).collect();
+        if !op_needs.iter().any(|&n| n) {
+            continue;
+        }
+        let grads = super::rules::vjp(b, y, gy, &op_needs)?;
+        for (x, gx) in operands.into_iter().zip(grads) {
+            let Some(gx) = gx else { continue };
+            let acc = match cot.get(&x) {
+                Some(&prev) => b.sum(prev, gx)?,
+                None => gx,
+            };
+            cot.insert(x, acc);
+        }
+    }
+    for (i, a) in args.iter().enumerate() {
+        if needs[i] {
+            out[i] = cot.get(a).copied();
+        }
+    }
+    Ok(())
+}
