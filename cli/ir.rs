@@ -6,17 +6,21 @@ use tnc_compiler::passes;
 use tnc_grammar::Diagnostic;
 
 pub fn run(args: &ModelArgs, dot: bool, after: &str) -> Result<(), Failure> {
-    let Some(stop) = passes::Pass::from_name(after) else {
-        let names: Vec<&str> = passes::Pass::ALL.iter().map(|p| p.name()).collect();
+    let names = passes::names();
+    if !names.contains(&after) {
         let mut d = Diagnostic::error(format!("unknown pass `{after}`"))
             .with_note(format!("the passes are, in order: {}", names.join(", ")));
         if let Some(h) = tnc_grammar::diag::did_you_mean(after, names.iter().copied()) {
             d = d.with_hint(h);
         }
         return Err(Failure::usage(d));
-    };
+    }
     let (graph, sources) = elaborate(args)?;
-    let graph = passes::run_until(graph, stop).map_err(|d| Failure { diagnostic: d, sources, status: 1 })?;
+    let graph = passes::run_until(graph, after).expect("the name was checked above").map_err(|d| Failure {
+        diagnostic: d,
+        sources,
+        status: 1,
+    })?;
     print!("{}", if dot { to_dot(&graph) } else { to_text(&graph) });
     Ok(())
 }

@@ -1,0 +1,55 @@
+//! The pipeline: a list of named graph passes, read top to bottom. Each pass is a type
+//! with one `run` method; `tnc ir --after NAME` runs the pipeline up to `NAME` and prints
+//! the graph. In debug builds the verifier checks the graph after every pass.
+
+mod autodiff;
+
+pub use autodiff::{differentiate_loss, Autodiff};
+
+use crate::ir::{verify::verify, Graph};
+use tnc_grammar::Diagnostic;
+
+/// A graph-to-graph pass.
+pub trait Pass {
+    /// The name `tnc ir --after` knows it by.
+    fn name(&self) -> &'static str;
+    fn run(&self, g: Graph) -> Result<Graph, Diagnostic>;
+}
+
+/// The passes after elaboration, in order.
+pub fn pipeline() -> Vec<Box<dyn Pass>> {
+    vec![Box::new(Autodiff)]
+}
+
+/// Every name `--after` accepts: `elaborate` (the graph as elaborated), then the pipeline.
+pub fn names() -> Vec<&'static str> {
+    std::iter::once("elaborate").chain(pipeline().iter().map(|p| p.name())).collect()
+}
+
+/// Run the pipeline up to and including the pass called `stop` (`elaborate`: none).
+/// `None` if there is no such pass.
+pub fn run_until(mut g: Graph, stop: &str) -> Option<Result<Graph, Diagnostic>> {
+    if stop == "elaborate" {
+        return Some(Ok(g));
+    }
+    let passes = pipeline();
+    passes.iter().position(|p| p.name() == stop)?;
+    for p in passes {
+        g = match p.run(g) {
+            Ok(g) => g,
+            Err(d) => return Some(Err(d)),
+        };
+        if cfg!(debug_assertions) {
+            if let Err(e) = verify(&g) {
+                return Some(Err(Diagnostic::error(format!(
+                    "internal error: pass `{}` broke the graph: {e}",
+                    p.name()
+                ))));
+            }
+        }
+        if p.name() == stop {
+            break;
+        }
+    }
+    Some(Ok(g))
+}
