@@ -55,3 +55,22 @@ pub fn expect_error(result: (SourceMap, Result<Graph, Diagnostic>)) -> String {
 pub fn relative(s: &str) -> String {
     s.replace(&format!("{}/", repo().display()), "")
 }
+
+/// Initial parameters plus deterministic noise on every tensor, so that zero-initialized
+/// biases are exercised too.
+pub fn perturbed_params(g: &Graph, seed: u64) -> Vec<tnc_compiler::interp::Tensor> {
+    let mut params = tnc_compiler::interp::init_params(g, seed).expect("init");
+    for (p, t) in g.params.iter().zip(params.iter_mut()) {
+        let stream = tnc_runtime::rng::stable_hash(&p.name);
+        for (i, v) in t.data.iter_mut().enumerate() {
+            *v += 0.1 * tnc_runtime::rng::normal(seed ^ 0x5eed, stream, i as u64, 1);
+        }
+    }
+    params
+}
+
+/// Token ids `[b, n]` below `vocab`, deterministic.
+pub fn token_tensor(b: usize, n: usize, vocab: usize, salt: u64) -> tnc_compiler::interp::Tensor {
+    let data = (0..b * n).map(|i| (tnc_runtime::rng::uniform(salt, 7, i as u64, 0) * vocab as f64).floor()).collect();
+    tnc_compiler::interp::Tensor::new(vec![b, n], data).expect("shape")
+}

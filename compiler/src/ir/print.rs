@@ -46,15 +46,18 @@ pub fn op_attrs(op: &Op) -> String {
                     format!(", {name}: {{ {} }}", r.to_text())
                 }
             };
+            let direction = match la.direction {
+                super::normal_form::Direction::Causal => "causal",
+                super::normal_form::Direction::Anticausal => "anticausal",
+                super::normal_form::Direction::Full => "full",
+            };
             format!(
-                "[{:?}{}{}{}{}]",
-                la.direction,
+                "[{direction}{}{}{}{}]",
                 if la.decay { ", decay" } else { "" },
                 region("q", &la.q),
                 region("k", &la.k),
                 region("v", &la.v)
             )
-            .to_lowercase()
         }
         Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Gather => String::new(),
     }

@@ -3,8 +3,10 @@
 //! the graph. In debug builds the verifier checks the graph after every pass.
 
 mod autodiff;
+mod recognize;
 
 pub use autodiff::{differentiate_loss, Autodiff};
+pub use recognize::Recognize;
 
 use crate::ir::{verify::verify, Graph};
 use tnc_grammar::Diagnostic;
@@ -18,7 +20,7 @@ pub trait Pass {
 
 /// The passes after elaboration, in order.
 pub fn pipeline() -> Vec<Box<dyn Pass>> {
-    vec![Box::new(Autodiff)]
+    vec![Box::new(Recognize), Box::new(Autodiff)]
 }
 
 /// Every name `--after` accepts: `elaborate` (the graph as elaborated), then the pipeline.

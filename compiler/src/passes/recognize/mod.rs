@@ -1,0 +1,152 @@
+//! `recognize`: rewrite every spelling of linear attention into one normal-form op
+//! (`Op::LinearAttention`), with the feature map, LRPE and head splitting carried inside
+//! as prologue regions. Runs after `canonicalize` and before `autodiff`, so the op's own
+//! backward (three linear attentions) replaces the naive backward of its spelling.
+//!
+//! Recognized spellings (any index names, operand order and axis order):
+//! - `einsum(q, cumsum(einsum(k, v)))`: the cumulative sum of outer products (causal, or
+//!   anticausal for a reverse scan), with an optional decay constant along positions;
+//! - `einsum(where(mask, einsum(q, k), 0), v)` or `einsum(einsum(q, k) * mask, v)`: the
+//!   authors' quadratic form, with a constant mask found by evaluation to be `m ≤ n`,
+//!   `m ≥ n` or all ones;
+//! - `einsum(q, einsum(k, v))` summing over positions: bidirectional `Q (Kᵀ V)`.
+//!
+//! Look-alikes are left alone because they do not have these structures: an exclusive
+//! cumsum (`cumsum(kv) - kv` is not a scan feeding the einsum), a cumsum over a feature
+//! axis (the scanned letter is not shared by k and v), a nonlinearity between scores and
+//! v (the scores are not masked by `where`/`*` alone), a mask without its diagonal (its
+//! values are none of the accepted masks). The quadratic form with a decay matrix is not
+//! recognized (its decay is data, not a constant mask); write decay as a decayed cumsum.
+
+mod linear;
+mod mask;
+mod region;
+
+use super::Pass;
+use crate::ir::{Dim, Graph, LinearAttention, NodeId, Op};
+use linear::{Found, Role};
+use petgraph::visit::EdgeRef;
+use std::collections::HashMap;
+use tnc_grammar::Diagnostic;
+
+pub struct Recognize;
+
+impl Pass for Recognize {
+    fn name(&self) -> &'static str {
+        "recognize"
+    }
+
+    fn run(&self, mut g: Graph) -> Result<Graph, Diagnostic> {
+        for o in g.topo_order() {
+            if g.dag.node_weight(o).is_none() || !matches!(g.node(o).op, Op::Einsum(_)) {
+                continue;
+            }
+            let found = linear::cumsum_form(&g, o)
+                .or_else(|| linear::quadratic_form(&g, o))
+                .or_else(|| linear::bidirectional_form(&g, o));
+            if let Some(f) = found {
+                rewrite(&mut g, o, f)?;
+            }
+        }
+        Ok(g)
+    }
+}
+
+/// The permutation taking axes with `roles` to the canonical order
+/// `[Batch(0), …, Batch(nb−1), Pos, Feat]`.
+fn to_canonical(roles: &[Role], nb: usize) -> Vec<usize> {
+    let mut canonical: Vec<Role> = (0..nb).map(Role::Batch).collect();
+    canonical.extend([Role::Pos, Role::Feat]);
+    canonical.iter().map(|r| roles.iter().position(|x| x == r).expect("every role is present")).collect()
+}
+
+fn permute(g: &mut Graph, n: NodeId, perm: Vec<usize>, span: Option<tnc_grammar::Span>) -> Result<NodeId, Diagnostic> {
+    if perm.iter().enumerate().all(|(i, &p)| i == p) {
+        return Ok(n);
+    }
+    g.add(Op::Permute { perm }, &[n], span).map_err(internal)
+}
+
+fn internal(e: String) -> Diagnostic {
+    Diagnostic::error(format!("internal error in `recognize`: {e}"))
+}
+
+/// Does `n` depend on a trainable parameter?
+fn depends_on_trainable(g: &Graph, n: NodeId) -> bool {
+    let mut stack = vec![n];
+    let mut seen = std::collections::HashSet::new();
+    while let Some(x) = stack.pop() {
+        if !seen.insert(x) {
+            continue;
+        }
+        if let Op::Param { index } = g.node(x).op {
+            if g.params[index as usize].trainable {
+                return true;
+            }
+        }
+        stack.extend(g.operands(x));
+    }
+    false
+}
+
+fn rewrite(g: &mut Graph, o: NodeId, f: Found) -> Result<(), Diagnostic> {
+    let span = g.node(o).span;
+    let nb = f.batch_axes;
+    let order: HashMap<NodeId, usize> = g.topo_order().into_iter().enumerate().map(|(i, n)| (n, i)).collect();
+    let mut parts = Vec::new();
+    for operand in [&f.q, &f.k, &f.v] {
+        let root = permute(g, operand.node, to_canonical(&operand.roles, nb), span)?;
+        parts.push(region::prologue(g, root, &order));
+    }
+    let mut lambda = None;
+    if let Some((src, batch_positions)) = &f.decay {
+        if depends_on_trainable(g, *src) {
+            let at = g.node(f.anchor).span;
+            let mut d = Diagnostic::error("a trainable decay λ is not supported yet").with_hint(
+                "make λ a constant or a buffer; training it needs d(log λ) = Σ_t t·(q_t·dq_t − k_t·dk_t), \
+                 which tnc does not generate yet",
+            );
+            if let Some(s) = at {
+                d = d.or_at(s).with_label("this decayed cumulative sum uses a trained parameter");
+            }
+            return Err(d);
+        }
+        let shape: Vec<Dim> = batch_positions.iter().map(|&i| g.ty(*src).shape[i].clone()).collect();
+        lambda = Some(g.add(Op::Reshape { shape }, &[*src], span).map_err(internal)?);
+    }
+    let [(q, qa), (k, ka), (v, va)] = <[_; 3]>::try_from(parts).map_err(|_| internal("three operands".into()))?;
+    let la = LinearAttention { direction: f.direction, decay: lambda.is_some(), q, k, v };
+    let mut operands: Vec<NodeId> = qa.into_iter().chain(ka).chain(va).collect();
+    operands.extend(lambda);
+    let attn = g.add(Op::LinearAttention(Box::new(la)), &operands, span).map_err(internal)?;
+    // Back to the replaced einsum's axis order.
+    let canonical_to_out = {
+        let canon = to_canonical(&f.out, nb);
+        let mut inv = vec![0; canon.len()];
+        for (i, &c) in canon.iter().enumerate() {
+            inv[c] = i;
+        }
+        inv
+    };
+    let result = permute(g, attn, canonical_to_out, span)?;
+    if g.ty(result) != g.ty(o) {
+        return Err(internal(format!("the rewrite changed the type {} to {}", g.ty(o), g.ty(result))));
+    }
+    replace_uses(g, o, result);
+    Ok(())
+}
+
+/// Point every user of `old` (and any output) at `new`.
+fn replace_uses(g: &mut Graph, old: NodeId, new: NodeId) {
+    let edges: Vec<(NodeId, u8, petgraph::stable_graph::EdgeIndex<u32>)> =
+        g.dag.edges_directed(old, petgraph::Direction::Outgoing).map(|e| (e.target(), *e.weight(), e.id())).collect();
+    for (user, pos, id) in edges {
+        g.dag.remove_edge(id);
+        g.dag.add_edge(new, user, pos);
+    }
+    for (_, n) in g.outputs.iter_mut() {
+        if *n == old {
+            *n = new;
+        }
+    }
+}
