@@ -225,27 +225,29 @@ fn is_splat(g: &Graph, mut n: NodeId, value: f64) -> bool {
 }
 
 /// The authors' spelling: scores `q·k` masked by a constant lower-triangular mask
-/// (diagonal included) with `where(mask, s, 0)` or `s * mask`, then `· v`.
+/// (diagonal included) with `where(mask, s, 0)` or `s * mask`, then `· v`; unmasked
+/// scores are bidirectional attention.
 pub fn quadratic_form(g: &Graph, o: NodeId) -> Option<Found> {
     let (spec2, a, b) = einsum2(g, o)?;
     for (p_idx, p_node, v_node) in [(0usize, a, b), (1, b, a)] {
-        // The masked scores.
+        // The scores, masked or not.
         let (scores, mask_node) = match g.node(p_node).op {
             Op::Select => {
                 let ops = g.operands(p_node);
                 if !is_splat(g, ops[2], 0.0) {
                     continue;
                 }
-                (ops[1], ops[0])
+                (ops[1], Some(ops[0]))
             }
             Op::Binary(crate::ir::BinaryOp::Mul) => {
                 let ops = g.operands(p_node);
                 if einsum2(g, ops[0]).is_some() {
-                    (ops[0], ops[1])
+                    (ops[0], Some(ops[1]))
                 } else {
-                    (ops[1], ops[0])
+                    (ops[1], Some(ops[0]))
                 }
             }
+            Op::Einsum(_) => (p_node, None),
             _ => continue,
         };
         let Some((spec1, s0, s1)) = einsum2(g, scores) else { continue };
@@ -291,7 +293,13 @@ pub fn quadratic_form(g: &Graph, o: NodeId) -> Option<Found> {
             if shape[n_axis] != shape[m_axis] {
                 continue;
             }
-            let Some(direction) = mask::classify(g, mask_node, n_axis, m_axis) else { continue };
+            let direction = match mask_node {
+                None => Direction::Full,
+                Some(m) => match mask::classify(g, m, n_axis, m_axis) {
+                    Some(d) => d,
+                    None => continue,
+                },
+            };
             return Some(Found {
                 direction,
                 q: Operand { node: qn, roles: roles(ql, &batch_s, n, d)? },

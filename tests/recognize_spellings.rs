@@ -1,0 +1,267 @@
+//! Property test: linear attention written in many equivalent ways — random feature maps
+//! built from primitive ops, random norms, decay on or off, LRPE on or off, causal or
+//! bidirectional, and random spellings (cumsum of outer products, tril-masked quadratic
+//! form, decayed scan, renamed indices, swapped and transposed operands, permuted
+//! layouts) — is always recognized as exactly one linear-attention op, and the optimized
+//! graph matches the unoptimized one forward and in every gradient. Look-alikes that are
+//! different functions are left alone and still match.
+
+mod common;
+use common::*;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use std::collections::HashMap;
+use tnc_compiler::interp::{compare, evaluate, EvalOptions, Tensor};
+use tnc_compiler::ir::{Graph, Op};
+use tnc_compiler::passes;
+
+const UNARY: &[&str] = &["elu", "relu", "silu", "sigmoid", "tanh", "exp", "sin", "abs"];
+
+/// A random elementwise feature map of `t`, as tnc source.
+fn feature_map(choice: &[usize]) -> String {
+    let mut e = "t".to_string();
+    for (i, &c) in choice.iter().enumerate() {
+        e = match (c + i) % 6 {
+            0 => format!("{}({e})", UNARY[c % UNARY.len()]),
+            1 => format!("1 + {}({e})", UNARY[(c / 2) % UNARY.len()]),
+            2 => format!("({e}) * 0.5"),
+            3 => format!("{}({e}) ** 2", UNARY[(c / 3) % UNARY.len()]),
+            4 => format!("maximum({e}, 0.1 * ({e}))"),
+            _ => e,
+        };
+    }
+    e
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    phi: Vec<usize>,
+    norm: usize,
+    decay: bool,
+    lrpe: bool,
+    causal: bool,
+    spelling: usize,
+    letters: Vec<u8>,
+    swap: bool,
+    kv_order: usize,
+    mask_style: usize,
+    n: usize,
+    chunk: usize,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        prop::collection::vec(0usize..48, 0..3),
+        0usize..4,
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        0usize..3,
+        Just((b'a'..=b'z').collect::<Vec<u8>>()).prop_shuffle().prop_map(|mut l| {
+            l.truncate(6);
+            l
+        }),
+        any::<bool>(),
+        0usize..3,
+        0usize..4,
+        1usize..12,
+        1usize..9,
+    )
+        .prop_map(|(phi, norm, decay, lrpe, causal, spelling, letters, swap, kv_order, mask_style, n, chunk)| {
+            Case { phi, norm, decay, lrpe, causal, spelling, letters, swap, kv_order, mask_style, n, chunk }
+        })
+}
+
+/// An einsum call with operands possibly swapped.
+fn einsum(a: (&str, &str), b: (&str, &str), out: &str, swap: bool) -> String {
+    if swap {
+        format!("einsum(\"{},{}->{out}\", {}, {})", b.0, a.0, b.1, a.1)
+    } else {
+        format!("einsum(\"{},{}->{out}\", {}, {})", a.0, b.0, a.1, b.1)
+    }
+}
+
+/// The attention core of a case, producing `o: [B, H, N, E]` from `q, k, v: [B, H, N, E]`.
+fn attention(c: &Case) -> String {
+    let l = |i: usize| (c.letters[i] as char).to_string();
+    let (b, h, n, m, d, e) = (l(0), l(1), l(2), l(3), l(4), l(5));
+    let q = format!("{b}{h}{n}{d}");
+    let k = format!("{b}{h}{n}{d}");
+    let v = format!("{b}{h}{n}{e}");
+    let out = format!("{b}{h}{n}{e}");
+    // Decay is only written as a decayed scan; a causal case with decay always uses it.
+    let spelling = if c.decay && c.causal { 0 } else { c.spelling };
+    if c.causal && spelling != 1 {
+        // The cumulative sum of outer products, with the kv state in one of three layouts.
+        let (kv, axis, lam_shape) = match c.kv_order {
+            0 => (format!("{b}{h}{n}{d}{e}"), 2, "[1, heads, 1, 1, 1]"),
+            1 => (format!("{h}{b}{n}{e}{d}"), 2, "[heads, 1, 1, 1, 1]"),
+            _ => (format!("{b}{n}{h}{d}{e}"), 1, "[1, 1, heads, 1, 1]"),
+        };
+        let decay = if c.decay { format!(", decay = reshape(lam, {lam_shape})") } else { String::new() };
+        let scan = if spelling == 2 && !c.decay {
+            // A decayed scan whose decay is the constant 1 is a plain cumulative sum.
+            format!("cumsum(kv, {axis}, decay = 1.0)")
+        } else {
+            format!("cumsum(kv, {axis}{decay})")
+        };
+        format!(
+            "kv = {}\n  state = {scan}\n  o = {}",
+            einsum((&k, "k"), (&v, "v"), &kv, c.swap),
+            einsum((&q, "q"), (&kv, "state"), &out, !c.swap)
+        )
+    } else if c.causal || spelling == 1 {
+        // The quadratic form, masked (causal) or not.
+        let scores = einsum((&q, "q"), (&format!("{b}{h}{m}{d}"), "k"), &format!("{b}{h}{n}{m}"), c.swap);
+        let mask = match c.mask_style {
+            0 => "causal_mask(N)".to_string(),
+            1 => "unsqueeze(iota(N), -1) >= iota(N)".to_string(),
+            2 => "iota(N) <= unsqueeze(iota(N), -1)".to_string(),
+            _ => "not (unsqueeze(iota(N), -1) < iota(N))".to_string(),
+        };
+        let p = match (c.causal, c.mask_style % 2) {
+            (false, _) => "scores".to_string(),
+            (true, 0) => format!("where({mask}, scores, 0.0)"),
+            (true, _) => format!("scores * float({mask})"),
+        };
+        format!(
+            "scores = {scores}\n  p = {p}\n  o = {}",
+            einsum((&format!("{b}{h}{n}{m}"), "p"), (&format!("{b}{h}{m}{e}"), "v"), &out, c.swap)
+        )
+    } else {
+        // Bidirectional Q (Kᵀ V).
+        format!(
+            "kv = {}\n  o = {}",
+            einsum((&k, "k"), (&v, "v"), &format!("{b}{h}{d}{e}"), c.swap),
+            einsum((&q, "q"), (&format!("{b}{h}{d}{e}"), "kv"), &out, c.swap)
+        )
+    }
+}
+
+fn source(c: &Case) -> String {
+    let norm = ["srms_norm", "rms_norm", "layer_norm", "identity"][c.norm];
+    let lrpe = if c.lrpe {
+        "rotate = lrpe(E)\n  pos = float(iota(N))\n  q = rotate(q, pos)\n  k = rotate(k, pos)\n"
+    } else {
+        ""
+    };
+    format!(
+        "use std
+model spelled(dim = 8, heads = 2, vocab = 11) {{
+  input tokens: i32[B, N]
+  param embedding: [vocab, dim] ~ normal(0.5)
+  buffer lam: [heads] ~ exp(-(0.05 + 0.3 * float(iota(heads))))
+  x = embed(tokens, embedding)
+  E = dim / heads
+  param wq, wk, wv, wo: [dim, dim] ~ xavier
+  phi = |t| {phi}
+  q = phi(split_heads(x @ wq, heads))
+  k = phi(split_heads(x @ wk, heads))
+  v = split_heads(x @ wv, heads)
+  {lrpe}  {attention}
+  y = {norm}(merge_heads(o)) @ wo
+  output loss = mean(y * y) + mean(y)
+}}
+",
+        phi = feature_map(&c.phi),
+        attention = attention(c)
+    )
+}
+
+fn count_la(g: &Graph) -> usize {
+    g.dag.node_weights().filter(|n| matches!(n.op, Op::LinearAttention(_))).count()
+}
+
+fn outputs(g: &Graph, params: &[Tensor], tokens: &Tensor, chunk: Option<usize>) -> HashMap<String, Tensor> {
+    let inputs = HashMap::from([("tokens".to_string(), tokens.clone())]);
+    let e = evaluate(g, &inputs, params, &EvalOptions { chunk, ..EvalOptions::default() }).expect("evaluates");
+    e.outputs(g).into_iter().collect()
+}
+
+/// Elaborate `text`; check the number of linear attentions after `recognize`, and that
+/// loss and gradients match the unoptimized graph.
+fn check(text: &str, expected_la: usize, n: usize, chunk: usize) -> Result<(), String> {
+    let (sources, g) = elaborate_text("spelled.tn", text, &[]);
+    let g = g.map_err(|d| format!("{}\n{text}", d.render(&sources)))?;
+    let reference = passes::differentiate_loss(g.clone()).map_err(|d| d.message)?;
+    let recognized = passes::run_until(g.clone(), "recognize").unwrap().map_err(|d| d.message)?;
+    let found = count_la(&recognized);
+    if found != expected_la {
+        return Err(format!("{found} linear attentions after recognize, expected {expected_la}\n{text}"));
+    }
+    let optimized = passes::run_until(g, "autodiff").unwrap().map_err(|d| d.message)?;
+    let params = perturbed_params(&reference, n as u64);
+    let tokens = token_tensor(2, n, 11, 3);
+    let want = outputs(&reference, &params, &tokens, None);
+    for c in [None, Some(chunk)] {
+        let got = outputs(&optimized, &params, &tokens, c);
+        for (name, w) in &want {
+            let cl = compare(&got[name], w);
+            if !cl.within(1e-10) {
+                return Err(format!("`{name}` differs (chunk {c:?}): {cl:?}\n{text}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn every_spelling_is_recognized_and_exact() {
+    let mut runner = TestRunner::new(Config { cases: 256, failure_persistence: None, ..Config::default() });
+    runner
+        .run(&case(), |c| {
+            check(&source(&c), 1, c.n, c.chunk).map_err(TestCaseError::fail)?;
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Look-alikes: each is a different function, must stay unrecognized, and still match.
+#[test]
+fn look_alikes_are_left_alone() {
+    let base = Case {
+        phi: vec![0],
+        norm: 0,
+        decay: false,
+        lrpe: false,
+        causal: true,
+        spelling: 0,
+        letters: b"bhnmde".to_vec(),
+        swap: false,
+        kv_order: 0,
+        mask_style: 1,
+        n: 9,
+        chunk: 4,
+    };
+    let cumsum = source(&base);
+    let quadratic = source(&Case { spelling: 1, mask_style: 2, ..base.clone() });
+    let fixtures = [
+        ("exclusive cumsum", cumsum.replace("state = cumsum(kv, 2)", "state = cumsum(kv, 2) - kv")),
+        ("cumsum over a feature axis", cumsum.replace("state = cumsum(kv, 2)", "state = cumsum(kv, 3)")),
+        (
+            "sum of cumsums over two axes",
+            cumsum.replace("state = cumsum(kv, 2)", "state = cumsum(kv, 2) * 0.5 + cumsum(kv, 1)"),
+        ),
+        ("nonlinearity between scores and v", quadratic.replace("scores, 0.0)", "exp(scores), 0.0)")),
+        ("mask without its diagonal", quadratic.replace("iota(N) <= unsqueeze", "iota(N) < unsqueeze")),
+        (
+            "banded mask",
+            quadratic.replace(
+                "where(iota(N) <= unsqueeze(iota(N), -1),",
+                "where((iota(N) <= unsqueeze(iota(N), -1)) and (unsqueeze(iota(N), -1) < iota(N) + 3),",
+            ),
+        ),
+        (
+            "decay that varies along positions",
+            cumsum.replace(
+                "state = cumsum(kv, 2)",
+                "state = cumsum(kv, 2, decay = reshape(1.0 / (1.0 + float(iota(N))), [1, 1, N, 1, 1]))",
+            ),
+        ),
+    ];
+    for (what, text) in fixtures {
+        assert_ne!(text, cumsum, "{what}: the fixture edit did not apply");
+        assert_ne!(text, quadratic, "{what}: the fixture edit did not apply");
+        check(&text, 0, 9, 4).unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+}
