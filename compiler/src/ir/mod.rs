@@ -7,6 +7,7 @@ pub mod normal_form;
 pub mod op;
 pub mod print;
 pub mod region;
+pub mod rewrite;
 pub mod types;
 pub mod verify;
 

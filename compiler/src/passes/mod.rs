@@ -3,10 +3,18 @@
 //! the graph. In debug builds the verifier checks the graph after every pass.
 
 mod autodiff;
+pub mod canonicalize;
+pub mod cse;
+pub mod dce;
 mod recognize;
+pub mod simplify;
 
 pub use autodiff::{differentiate_loss, Autodiff};
+pub use canonicalize::Canonicalize;
+pub use cse::Cse;
+pub use dce::Dce;
 pub use recognize::Recognize;
+pub use simplify::Simplify;
 
 use crate::ir::{verify::verify, Graph};
 use tnc_grammar::Diagnostic;
@@ -20,7 +28,14 @@ pub trait Pass {
 
 /// The passes after elaboration, in order.
 pub fn pipeline() -> Vec<Box<dyn Pass>> {
-    vec![Box::new(Recognize), Box::new(Autodiff)]
+    vec![
+        Box::new(Canonicalize),
+        Box::new(Recognize),
+        Box::new(Autodiff),
+        Box::new(Simplify),
+        Box::new(Cse),
+        Box::new(Dce),
+    ]
 }
 
 /// Every name `--after` accepts: `elaborate` (the graph as elaborated), then the pipeline.
