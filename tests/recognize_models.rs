@@ -1,5 +1,6 @@
 //! `recognize` on every model: each NormAttention becomes one linear-attention op, its
-//! backward at most three more, and the optimized graph computes the same loss and
+//! backward at most three more; each DiagAttention (and each softmax attention of the
+//! baseline) one block-attention op each way; and the optimized graph computes the same loss and
 //! gradients as the unoptimized one (f64, within 1e-10), with the normal form evaluated
 //! naively and by chunks of 1, 7 and ≥ N tokens.
 
@@ -17,6 +18,20 @@ fn tiny(path: &std::path::Path) -> Graph {
 
 fn count_linear_attention(g: &Graph) -> usize {
     g.dag.node_weights().filter(|n| matches!(n.op, Op::LinearAttention(_))).count()
+}
+
+fn count_kind(g: &Graph, kind: &str) -> usize {
+    g.dag.node_weights().filter(|n| n.op.kind() == kind).count()
+}
+
+/// Softmax/ReLU attentions (DiagAttention layers, or every layer of the baseline).
+fn expected_block_attentions(path: &std::path::Path) -> usize {
+    let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+    match name.as_str() {
+        "transformer" => 2,
+        "tnl" | "t1_all_norm" => 0,
+        _ => 1,
+    }
 }
 
 /// NormAttention layers in a model's tiny configuration (2 layers), by model.
@@ -46,6 +61,10 @@ fn every_norm_attention_becomes_one_op_and_numerics_are_preserved() {
         let optimized = passes::run_until(g, "autodiff").unwrap().unwrap();
         let expected = expected_linear_attentions(&path);
         assert_eq!(count_linear_attention(&forward), expected, "{}: forward", path.display());
+        let blocks = expected_block_attentions(&path);
+        assert_eq!(count_kind(&forward, "block_attention"), blocks, "{}", path.display());
+        assert_eq!(count_kind(&optimized, "block_attention"), blocks, "{}: one op forward", path.display());
+        assert_eq!(count_kind(&optimized, "block_attention_grad"), blocks, "{}: one op backward", path.display());
         let total = count_linear_attention(&optimized);
         assert!(total <= 4 * expected && total >= 2 * expected, "{}: {total} in forward+backward", path.display());
 

@@ -14,7 +14,7 @@
 //! (recomputed) and differentiated with the primitive rules, by a local reverse sweep.
 
 use super::builder::{Builder, R};
-use crate::ir::{Direction, LinearAttention, NodeId, Op, Region};
+use crate::ir::{BlockAttention, BlockAttentionGrad, Direction, Graph, LinearAttention, NodeId, Op, Region};
 use std::collections::HashMap;
 
 pub(crate) fn linear_attention(
@@ -115,6 +115,58 @@ fn region_vjp(
         if needs[i] {
             out[i] = cot.get(a).copied();
         }
+    }
+    Ok(())
+}
+
+/// Block attention: one backward op computing `[dq' | dk' | dv']` (with the weights
+/// region's VJP as a region of its own), then the prologue regions' VJPs.
+pub(crate) fn block_attention(
+    b: &mut Builder,
+    ba: &BlockAttention,
+    xs: &[NodeId],
+    gy: NodeId,
+    out: &mut [Option<NodeId>],
+    needs: &[bool],
+) -> R<()> {
+    // dS from (S, dP): the weights region differentiated in a scratch graph, then
+    // extracted as a region of those two arguments.
+    let scores = ba.weights.args[0].clone();
+    let mut scratch = Graph::new("weights_vjp");
+    let s = scratch.add_input("scores", scores.clone(), None);
+    let dp = scratch.add_input("d_weights", scores.clone(), None);
+    let ds = {
+        let mut sb = Builder { g: &mut scratch, span: b.span };
+        let mut ds = [None];
+        region_vjp(&mut sb, &ba.weights, &[s], dp, &[true], &mut ds)?;
+        match ds[0] {
+            Some(d) => d,
+            None => sb.splat(0.0, &scores.shape)?,
+        }
+    };
+    let weights_vjp = Region::extract(&scratch, ds, &[s, dp], &|op| !op.is_normal_form())
+        .ok_or_else(|| b.err("the attention weights' gradient is not expressible as a region"))?;
+    let grad = BlockAttentionGrad { forward: ba.clone(), weights_vjp };
+    let mut operands = xs.to_vec();
+    operands.push(gy);
+    let packed = b.add(Op::BlockAttentionGrad(Box::new(grad)), &operands)?;
+    // Unpack along the feature axis.
+    let (q, k) = (ba.q.result_type().clone(), ba.k.result_type().clone());
+    let r = q.rank();
+    let (dq_w, dk_w) = (q.shape[r - 1].clone(), k.shape[r - 1].clone());
+    let two = dq_w.checked_add(&dk_w).ok_or_else(|| b.err("size overflow"))?;
+    let end = b.g.ty(packed).shape[r - 1].clone();
+    let bounds = [(crate::ir::Dim::constant(0), dq_w.clone()), (dq_w, two.clone()), (two, end)];
+    let (na, nb) = (ba.q.args.len(), ba.k.args.len());
+    let (qa, ka, va) = ba.split(xs);
+    let parts: [(&Region, &[NodeId], std::ops::Range<usize>); 3] =
+        [(&ba.q, qa, 0..na), (&ba.k, ka, na..na + nb), (&ba.v, va, na + nb..xs.len())];
+    for ((region, args, range), (start, end)) in parts.into_iter().zip(bounds) {
+        if !needs[range.clone()].iter().any(|&n| n) {
+            continue;
+        }
+        let g_part = b.add(Op::Slice { axis: r - 1, start, end }, &[packed])?;
+        region_vjp(b, region, args, g_part, &needs[range.clone()], &mut out[range])?;
     }
     Ok(())
 }

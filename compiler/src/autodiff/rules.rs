@@ -30,6 +30,10 @@ pub(crate) fn vjp(b: &mut Builder, y: NodeId, gy: NodeId, needs: &[bool]) -> R<V
         Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Iota { .. } => {}
         Op::SizeOf { .. } => {}
         Op::LinearAttention(la) => super::normal_form::linear_attention(b, &la, &xs, gy, &mut out, needs)?,
+        Op::BlockAttention(ba) => super::normal_form::block_attention(b, &ba, &xs, gy, &mut out, needs)?,
+        Op::BlockAttentionGrad(_) => {
+            return Err(b.err("second derivatives of block attention are not supported"));
+        }
         Op::Unary(u) => {
             if need(0) {
                 out[0] = Some(unary(b, u, xs[0], y, gy)?);

@@ -4,6 +4,7 @@
 //! checked against, so it favors obviousness: one op at a time, in topological order,
 //! every intermediate value kept (tests inspect them).
 
+use super::block_attention;
 use super::linear_attention;
 use super::math;
 use super::shape;
@@ -203,6 +204,8 @@ fn eval_op(
             None => Ok(arg(0)?.clone()),
             Some((seed, step)) => Ok(shape::dropout(arg(0)?, rate.get(), *salt, seed, step)),
         },
+        Op::BlockAttention(ba) => block_attention::eval(ba, args, symbols, opts),
+        Op::BlockAttentionGrad(bg) => block_attention::eval_grad(bg, args, symbols, opts),
         Op::LinearAttention(la) => {
             let (qa, ka, va, lam) = la.split(args);
             let q = linear_attention::eval_region(&la.q, qa, symbols, opts)?;

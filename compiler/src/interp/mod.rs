@@ -3,6 +3,7 @@
 //! metric every numerical test uses. It is the ground truth for gradients, fused ops and
 //! generated kernels, so it is written for clarity first.
 
+pub mod block_attention;
 pub mod closeness;
 pub mod eval;
 pub mod init;

@@ -304,6 +304,8 @@ pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
             Ok(TensorType::new(table.dtype, shape))
         }
         Op::LinearAttention(la) => la.infer(ops),
+        Op::BlockAttention(ba) => ba.infer(ops),
+        Op::BlockAttentionGrad(bg) => bg.infer(ops),
         Op::Dropout { rate, .. } => {
             arity(op, ops.len(), 1..=1)?;
             let r = rate.get();

@@ -13,7 +13,7 @@ pub mod verify;
 
 pub use dim::Dim;
 pub use graph::{Graph, Init, InputInfo, Node, NodeId, ParamInfo};
-pub use normal_form::{Direction, LinearAttention};
+pub use normal_form::{BlockAttention, BlockAttentionGrad, Direction, LinearAttention};
 pub use op::{BinaryOp, EinsumSpec, F64Bits, Op, ReduceOp, UnaryOp};
 pub use region::{Region, RegionValue};
 pub use types::{DType, TensorType};

@@ -92,3 +92,105 @@ impl LinearAttention {
         Ok(v.clone())
     }
 }
+
+/// Softmax or ReLU attention inside independent groups of positions — DiagAttention's
+/// blocks, or the whole sequence as one group for vanilla attention:
+///
+/// `S = q'·k'ᵀ` (over features), `P = weights(S)`, `O = P · v'`
+///
+/// with `q'`, `k'`: `[batch…, w, d]`, `v'`: `[batch…, w, e]`, `S`, `P`: `[batch…, w, w]`
+/// (query position, key position). `weights` is a region of one argument (the scores)
+/// holding the scaling, the mask and the activation, so no kind of attention is special.
+/// Operands: the `q`, `k`, `v` regions' arguments in order.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BlockAttention {
+    pub q: Region,
+    pub k: Region,
+    pub v: Region,
+    pub weights: Region,
+}
+
+/// The backward of [`BlockAttention`] as one op: given the same operands and `dO`
+/// (last), it returns `[dq' | dk' | dv']` concatenated along the feature axis, computed
+/// as `dV = Pᵀ dO`, `dP = dO v'ᵀ`, `dS = weights_vjp(S, dP)`, `dQ = dS k'`, `dK = dSᵀ q'`.
+/// `weights_vjp` is the weights region differentiated with the primitive rules.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BlockAttentionGrad {
+    pub forward: BlockAttention,
+    pub weights_vjp: Region,
+}
+
+impl BlockAttention {
+    pub fn operand_count(&self) -> usize {
+        self.q.args.len() + self.k.args.len() + self.v.args.len()
+    }
+
+    pub fn split<'a, T>(&self, ops: &'a [T]) -> (&'a [T], &'a [T], &'a [T]) {
+        let (a, b) = (self.q.args.len(), self.k.args.len());
+        (&ops[..a], &ops[a..a + b], &ops[a + b..self.operand_count()])
+    }
+
+    /// The types of q', k', v' and of the scores, checked against each other.
+    fn check(&self, ops: &[&TensorType]) -> Result<(TensorType, TensorType, TensorType, TensorType), String> {
+        if ops.len() < self.operand_count() {
+            return Err(format!("block attention takes {} operands, got {}", self.operand_count(), ops.len()));
+        }
+        let (qa, ka, va) = self.split(ops);
+        for (name, r, a) in [("q", &self.q, qa), ("k", &self.k, ka), ("v", &self.v, va)] {
+            r.verify().map_err(|e| format!("the {name} region: {e}"))?;
+            for (i, (want, got)) in r.args.iter().zip(a).enumerate() {
+                if want != *got {
+                    return Err(format!("the {name} region's argument {i} is {want} but the operand is {got}"));
+                }
+            }
+        }
+        self.weights.verify().map_err(|e| format!("the weights region: {e}"))?;
+        let (q, k, v) = (self.q.result_type().clone(), self.k.result_type().clone(), self.v.result_type().clone());
+        let r = q.rank();
+        if r < 2 || k.rank() != r || v.rank() != r || q.shape != k.shape || q.shape[..r - 1] != v.shape[..r - 1] {
+            return Err(format!(
+                "block attention needs q, k of one shape and v matching all but its last axis: {q}, {k}, {v}"
+            ));
+        }
+        let mut s = q.shape[..r - 1].to_vec();
+        s.push(q.shape[r - 2].clone());
+        let scores = TensorType::new(DType::F32, s);
+        if self.weights.args != [scores.clone()] || *self.weights.result_type() != scores {
+            return Err(format!("the weights region must map the scores {scores} to a tensor of the same type"));
+        }
+        Ok((q, k, v, scores))
+    }
+
+    pub fn infer(&self, ops: &[&TensorType]) -> Result<TensorType, String> {
+        if ops.len() != self.operand_count() {
+            return Err(format!("block attention takes {} operands, got {}", self.operand_count(), ops.len()));
+        }
+        Ok(self.check(ops)?.2)
+    }
+}
+
+impl BlockAttentionGrad {
+    pub fn infer(&self, ops: &[&TensorType]) -> Result<TensorType, String> {
+        let f = &self.forward;
+        if ops.len() != f.operand_count() + 1 {
+            return Err(format!(
+                "block attention's backward takes {} operands, got {}",
+                f.operand_count() + 1,
+                ops.len()
+            ));
+        }
+        let (q, k, v, scores) = f.check(ops)?;
+        if ops[f.operand_count()] != &v {
+            return Err(format!("the output gradient must be {v}, got {}", ops[f.operand_count()]));
+        }
+        self.weights_vjp.verify().map_err(|e| format!("the weights VJP region: {e}"))?;
+        if self.weights_vjp.args != [scores.clone(), scores.clone()] || *self.weights_vjp.result_type() != scores {
+            return Err(format!("the weights VJP region must map (scores, dP) {scores} to dS"));
+        }
+        let r = q.rank();
+        let width = q.shape[r - 1].checked_add(&k.shape[r - 1]).and_then(|x| x.checked_add(&v.shape[r - 1]));
+        let mut shape = q.shape[..r - 1].to_vec();
+        shape.push(width.ok_or("size overflow")?);
+        Ok(TensorType::new(DType::F32, shape))
+    }
+}

@@ -212,9 +212,18 @@ pub enum Op {
     },
     /// Normal form of linear attention (see `normal_form.rs`), created by `recognize`.
     LinearAttention(Box<super::normal_form::LinearAttention>),
+    /// Normal form of softmax/ReLU attention within blocks (see `normal_form.rs`).
+    BlockAttention(Box<super::normal_form::BlockAttention>),
+    /// Its backward, one op returning `[dq' | dk' | dv']`.
+    BlockAttentionGrad(Box<super::normal_form::BlockAttentionGrad>),
 }
 
 impl Op {
+    /// Ops created by `recognize` (they cannot appear inside regions).
+    pub fn is_normal_form(&self) -> bool {
+        matches!(self, Op::LinearAttention(_) | Op::BlockAttention(_) | Op::BlockAttentionGrad(_))
+    }
+
     /// Short, stable name used in printed IR and op-count tables.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -275,6 +284,8 @@ impl Op {
             Op::Gather => "gather",
             Op::Dropout { .. } => "dropout",
             Op::LinearAttention(_) => "linear_attention",
+            Op::BlockAttention(_) => "block_attention",
+            Op::BlockAttentionGrad(_) => "block_attention_grad",
         }
     }
 }

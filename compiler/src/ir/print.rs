@@ -38,6 +38,8 @@ pub fn op_attrs(op: &Op) -> String {
         Op::Pad { axis, before, after } => format!("[axis={axis}, {before}, {after}]"),
         Op::Concat { axis } => format!("[axis={axis}]"),
         Op::Dropout { rate, salt } => format!("[rate={}, salt={salt:#x}]", fmt_f64(rate.get())),
+        Op::BlockAttention(ba) => block_attrs(ba, None),
+        Op::BlockAttentionGrad(bg) => block_attrs(&bg.forward, Some(&bg.weights_vjp)),
         Op::LinearAttention(la) => {
             let region = |name: &str, r: &super::region::Region| {
                 if r.is_identity() {
@@ -61,6 +63,26 @@ pub fn op_attrs(op: &Op) -> String {
         }
         Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Gather => String::new(),
     }
+}
+
+fn region_attr(name: &str, r: &super::region::Region) -> String {
+    if r.is_identity() {
+        String::new()
+    } else {
+        format!(", {name}: {{ {} }}", r.to_text())
+    }
+}
+
+fn block_attrs(ba: &super::normal_form::BlockAttention, vjp: Option<&super::region::Region>) -> String {
+    let mut s = format!("[weights: {{ {} }}", ba.weights.to_text());
+    s.push_str(&region_attr("q", &ba.q));
+    s.push_str(&region_attr("k", &ba.k));
+    s.push_str(&region_attr("v", &ba.v));
+    if let Some(r) = vjp {
+        s.push_str(&format!(", weights_vjp: {{ {} }}", r.to_text()));
+    }
+    s.push(']');
+    s
 }
 
 fn join(xs: &[usize]) -> String {

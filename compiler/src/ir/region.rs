@@ -124,7 +124,7 @@ impl Region {
                     RegionValue::Node(_) => Err("region nodes are not in topological order"),
                 })
                 .collect::<Result<_, _>>()?;
-            if matches!(n.op, Op::LinearAttention(_) | Op::Input { .. } | Op::Param { .. }) {
+            if n.op.is_normal_form() || matches!(n.op, Op::Input { .. } | Op::Param { .. }) {
                 return Err(format!("`{}` cannot appear inside a region", n.op.kind()));
             }
             let t = infer(&n.op, &tys)?;

@@ -18,12 +18,13 @@
 //! values are none of the accepted masks). The quadratic form with a decay matrix is not
 //! recognized (its decay is data, not a constant mask); write decay as a decayed cumsum.
 
+mod block;
 mod linear;
 mod mask;
 mod region;
 
 use super::Pass;
-use crate::ir::{Dim, Graph, LinearAttention, NodeId, Op};
+use crate::ir::{BlockAttention, Dim, Graph, LinearAttention, NodeId, Op};
 use linear::{Found, Role};
 use petgraph::visit::EdgeRef;
 use std::collections::HashMap;
@@ -46,6 +47,11 @@ impl Pass for Recognize {
                 .or_else(|| linear::bidirectional_form(&g, o));
             if let Some(f) = found {
                 rewrite(&mut g, o, f)?;
+                continue;
+            }
+            let order: HashMap<NodeId, usize> = g.topo_order().into_iter().enumerate().map(|(i, n)| (n, i)).collect();
+            if let Some(f) = block::block_form(&g, o, &order) {
+                rewrite_block(&mut g, o, f)?;
             }
         }
         Ok(g)
@@ -92,12 +98,7 @@ fn depends_on_trainable(g: &Graph, n: NodeId) -> bool {
 fn rewrite(g: &mut Graph, o: NodeId, f: Found) -> Result<(), Diagnostic> {
     let span = g.node(o).span;
     let nb = f.batch_axes;
-    let order: HashMap<NodeId, usize> = g.topo_order().into_iter().enumerate().map(|(i, n)| (n, i)).collect();
-    let mut parts = Vec::new();
-    for operand in [&f.q, &f.k, &f.v] {
-        let root = permute(g, operand.node, to_canonical(&operand.roles, nb), span)?;
-        parts.push(region::prologue(g, root, &order));
-    }
+    let parts = operand_regions(g, [&f.q, &f.k, &f.v], nb, span)?;
     let mut lambda = None;
     if let Some((src, batch_positions)) = &f.decay {
         if depends_on_trainable(g, *src) {
@@ -119,9 +120,32 @@ fn rewrite(g: &mut Graph, o: NodeId, f: Found) -> Result<(), Diagnostic> {
     let mut operands: Vec<NodeId> = qa.into_iter().chain(ka).chain(va).collect();
     operands.extend(lambda);
     let attn = g.add(Op::LinearAttention(Box::new(la)), &operands, span).map_err(internal)?;
-    // Back to the replaced einsum's axis order.
+    finish(g, o, attn, &f.out, nb)
+}
+
+/// The regions of q, k and v: each operand permuted to the canonical layout, then its
+/// prologue region grown upward from there.
+fn operand_regions(
+    g: &mut Graph,
+    operands: [&linear::Operand; 3],
+    nb: usize,
+    span: Option<tnc_grammar::Span>,
+) -> Result<Vec<(crate::ir::Region, Vec<NodeId>)>, Diagnostic> {
+    let order: HashMap<NodeId, usize> = g.topo_order().into_iter().enumerate().map(|(i, n)| (n, i)).collect();
+    let mut parts = Vec::new();
+    for operand in operands {
+        let root = permute(g, operand.node, to_canonical(&operand.roles, nb), span)?;
+        parts.push(region::prologue(g, root, &order));
+    }
+    Ok(parts)
+}
+
+/// Permute the new op's canonical result back to the replaced einsum's layout and
+/// redirect the einsum's users to it.
+fn finish(g: &mut Graph, o: NodeId, attn: NodeId, out_roles: &[Role], nb: usize) -> Result<(), Diagnostic> {
+    let span = g.node(o).span;
     let canonical_to_out = {
-        let canon = to_canonical(&f.out, nb);
+        let canon = to_canonical(out_roles, nb);
         let mut inv = vec![0; canon.len()];
         for (i, &c) in canon.iter().enumerate() {
             inv[c] = i;
@@ -134,6 +158,16 @@ fn rewrite(g: &mut Graph, o: NodeId, f: Found) -> Result<(), Diagnostic> {
     }
     replace_uses(g, o, result);
     Ok(())
+}
+
+fn rewrite_block(g: &mut Graph, o: NodeId, f: block::BlockFound) -> Result<(), Diagnostic> {
+    let span = g.node(o).span;
+    let parts = operand_regions(g, [&f.q, &f.k, &f.v], f.batch_axes, span)?;
+    let [(q, qa), (k, ka), (v, va)] = <[_; 3]>::try_from(parts).map_err(|_| internal("three operands".into()))?;
+    let operands: Vec<NodeId> = qa.into_iter().chain(ka).chain(va).collect();
+    let ba = BlockAttention { q, k, v, weights: f.weights };
+    let attn = g.add(Op::BlockAttention(Box::new(ba)), &operands, span).map_err(internal)?;
+    finish(g, o, attn, &f.out, f.batch_axes)
 }
 
 /// Point every user of `old` (and any output) at `new`.
