@@ -40,12 +40,7 @@ fn key(g: &Graph, n: NodeId) -> Key {
     let node = g.node(n);
     let mut ops = g.operands(n);
     let op = match &node.op {
-        Op::Binary(b)
-            if matches!(
-                b,
-                BinaryOp::Add | BinaryOp::Mul | BinaryOp::Eq | BinaryOp::Ne | BinaryOp::And | BinaryOp::Or
-            ) =>
-        {
+        Op::Binary(BinaryOp::Add | BinaryOp::Mul | BinaryOp::Eq | BinaryOp::Ne | BinaryOp::And | BinaryOp::Or) => {
             ops.sort();
             node.op.clone()
         }

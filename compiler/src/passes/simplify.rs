@@ -207,6 +207,28 @@ mod tests {
     }
 
     #[test]
+    fn zeros_flow_through_einsum_pad_and_sum() {
+        // sum(pad(einsum(x, 0))) is a zero splat; the einsum and x's exp are dropped.
+        let mut g = Graph::new("t");
+        let x = g.add_input("x", f32s(&[3]), None);
+        let e = g.add(Op::Unary(UnaryOp::Exp), &[x], None).unwrap();
+        let r = g.add(Op::Reshape { shape: f32s(&[3, 1]).shape }, &[e], None).unwrap();
+        let zero = constant(&mut g, 0.0, &[1, 2]);
+        let spec = crate::ir::EinsumSpec { inputs: vec![b"ij".to_vec(), b"jk".to_vec()], output: b"ik".to_vec() };
+        let p = g.add(Op::Einsum(spec), &[r, zero], None).unwrap();
+        let p = g.add(Op::Pad { axis: 0, before: Dim::constant(1), after: Dim::constant(0) }, &[p], None).unwrap();
+        let p = g.add(Op::Reduce { op: ReduceOp::Sum, axes: vec![0] }, &[p], None).unwrap();
+        let p = g.add(Op::Reshape { shape: f32s(&[2, 1]).shape }, &[p], None).unwrap();
+        let p = g.add(Op::Broadcast { shape: f32s(&[2, 3]).shape }, &[p], None).unwrap();
+        let s = g.add(Op::Reduce { op: ReduceOp::Sum, axes: vec![0] }, &[p], None).unwrap();
+        let y = bin(&mut g, BinaryOp::Add, x, s);
+        g.add_output("y", y);
+        let h = run(&g, &x3());
+        assert_eq!(h.outputs[0].1, x);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
     fn broadcast_of_broadcast_folds() {
         let mut g = Graph::new("t");
         let x = g.add_input("x", f32s(&[1, 1]), None);
