@@ -4,6 +4,8 @@
 pub mod autodiff;
 pub mod elab;
 pub mod frontend;
+pub mod fusion;
 pub mod interp;
 pub mod ir;
+pub mod memory;
 pub mod passes;

@@ -131,6 +131,32 @@ impl Dim {
         Some(Dim::atom(Atom::CeilDiv(Box::new(self.clone()), k)))
     }
 
+    /// The degree of this polynomial in the symbol `sym` (`ceil(p/k)` counts as `p`):
+    /// `2` for `B*N*N + N`, `0` for a constant.
+    pub fn degree_in(&self, sym: &str) -> u32 {
+        self.terms
+            .keys()
+            .map(|m| {
+                m.iter()
+                    .map(|a| match a {
+                        Atom::Sym(s) => u32::from(s == sym),
+                        Atom::CeilDiv(d, _) => d.degree_in(sym),
+                    })
+                    .sum::<u32>()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// `self ≥ other` for every value of the symbols ≥ 1, proven by a sufficient test:
+    /// `self − other` has no negative coefficient (every atom is ≥ 0 there).
+    pub fn dominates(&self, other: &Dim) -> bool {
+        match self.checked_sub(other) {
+            Some(d) => d.terms.values().all(|&c| c >= 0),
+            None => false,
+        }
+    }
+
     /// The run-time symbols this size mentions.
     pub fn symbols(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -252,6 +278,21 @@ mod tests {
         assert_eq!(padded.eval(&v), Some(192));
         assert_eq!(Dim::constant(130).ceil_div(64), Some(Dim::constant(3)));
         assert_eq!(n.checked_scale(64).unwrap().ceil_div(64), Some(n));
+    }
+
+    #[test]
+    fn degree_and_dominance() {
+        let n = Dim::sym("N");
+        let b = Dim::sym("B");
+        let quad = b.checked_mul(&n).unwrap().checked_mul(&n).unwrap().checked_add(&n).unwrap();
+        assert_eq!(quad.degree_in("N"), 2);
+        assert_eq!(quad.degree_in("B"), 1);
+        assert_eq!(Dim::constant(7).degree_in("N"), 0);
+        assert_eq!(n.ceil_div(64).unwrap().checked_scale(64).unwrap().degree_in("N"), 1);
+        let bn = b.checked_mul(&n).unwrap();
+        assert!(bn.dominates(&bn.checked_sub(&b).unwrap()));
+        assert!(!bn.checked_sub(&b).unwrap().dominates(&bn));
+        assert!(bn.dominates(&bn));
     }
 
     #[test]

@@ -1,0 +1,814 @@
+//! `fuse`: group the ops of an optimized forward + backward graph into kernel groups.
+//!
+//! `fuse` is not a graph-to-graph [`crate::passes::Pass`]: it runs after the whole
+//! pipeline and returns a [`FusionPlan`] over the unchanged graph. `tnc ir --after fuse`
+//! prints the plan with [`to_text`]; `plan_memory` and `tnc compile --report` consume it.
+//!
+//! # Cost policy
+//!
+//! The policy is greedy and structural; every rule below is applied only if the merged
+//! group stays acyclic (no path leaves the group and comes back into it).
+//!
+//! * **Op classes.** `Input`/`Param` are not kernels (they are buffers). Elementwise ops
+//!   are `Unary`, `Binary`, `Select`, `Cast`, `Dropout`, the shape ops `Reshape`,
+//!   `Broadcast`, `Permute`, `Slice`, `Pad`, `Concat`, the generators `Constant`, `Iota`,
+//!   `SizeOf`, and an einsum without summed letters (an outer product is a broadcast
+//!   multiply). A reduction over the last axis only is a *row reduction*; any other is
+//!   a *general reduction*. Contractions (einsums that sum), `Scan`, `Gather` and
+//!   `LinearAttention` are *anchors* (so is any other op, e.g. a fused normal-form op): at most one per group, never merged with another
+//!   anchor nor with a reduction.
+//! * **Cheap values are recomputed, never stored.** Views (`Reshape`, `Broadcast`,
+//!   `Permute`, `Slice`, `Pad`, `Concat`: index arithmetic over their sources) and
+//!   index-only values (generators and elementwise ops over generators only: masks,
+//!   positions, constants) are recomputed in every group that needs them. Reading a view's
+//!   source costs no more bytes than reading the view, so this never adds traffic. The
+//!   node is owned by the first group (in execution order) that uses it and listed as
+//!   `recomputed` in the others. Nothing else is ever duplicated.
+//! * **1. Single-consumer producers fuse into their consumer** (visited from the outputs
+//!   back). An elementwise value, a row reduction or a general reduction whose users all
+//!   lie in one group (and that is not a graph output) joins that group: its tensor is
+//!   never written. Into an anchor this is a *prologue* (the GLU gate `a * act(g)` before
+//!   `@ w3`, the one-hot of an embedding gradient, the outer product feeding a scan).
+//! * **2. Multi-consumer elementwise values** must be written anyway; their group joins,
+//!   in this order of preference, (a) a consumer *row* group (the residual add joins the
+//!   norm that reads it), (b) a producer row, elementwise or reduction group, (c) a
+//!   producer anchor as *epilogue* (bias add, activation or gate after a projection), (d)
+//!   a consumer elementwise group. Each merge saves a launch and a read of the value.
+//! * **Domains.** A row group iterates over rows: all its elementwise ops have the row
+//!   count as their element count or as the element count of all but their last axis
+//!   (so a norm with its residual, gate and bias ops fuses: `mul, reduce_sum, sqrt, add,
+//!   div` + the residual add). An anchor's or a general reduction's epilogue has exactly as
+//!   many elements as the anchor's (reduction's) result; a prologue is unrestricted.
+//!
+//! # Estimates
+//!
+//! FLOPs: one per element for elementwise arithmetic (shape ops and generators are free),
+//! one per input element for a reduction, `2·∏ sizes of all letters` for a contraction,
+//! one (two with decay) per element for a scan, and for linear attention the chunked
+//! algorithm with chunk [`CHUNK`]: `batch·N·(2·C·(d+e) + 4·d·e)` plus its regions. Bytes:
+//! every group input read once and every output written once (re-reads of matmul tiles
+//! are not modelled). Workspace: linear attention keeps one f32 `d×e` state per batch
+//! index. Other fused ops count one FLOP per result element. All are polynomials ([`Dim`]) in `B` and `N`.
+
+use crate::ir::dim::numel;
+use crate::ir::normal_form::LinearAttention;
+use crate::ir::print::{numbering, op_attrs};
+use crate::ir::{DType, Dim, Graph, NodeId, Op};
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::fmt::Write;
+
+/// The chunk length assumed by the linear-attention cost estimate.
+pub const CHUNK: i64 = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GroupKind {
+    /// Elementwise and shape ops only.
+    Elementwise,
+    /// Reductions over the last axis with the elementwise ops before and after them.
+    Row,
+    /// A reduction over other axes (e.g. a bias gradient over batch and tokens).
+    Reduce,
+    /// An einsum that sums over at least one letter (a matmul), with prologue/epilogue.
+    Contraction,
+    LinearAttention,
+    Scan,
+    Gather,
+    /// Any other op with its own kernel (normal-form ops such as block attention or fused
+    /// cross-entropy), named by `Op::kind()`.
+    Op(&'static str),
+}
+
+impl GroupKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupKind::Elementwise => "elementwise",
+            GroupKind::Row => "row",
+            GroupKind::Reduce => "reduce",
+            GroupKind::Contraction => "contraction",
+            GroupKind::LinearAttention => "linear_attention",
+            GroupKind::Scan => "scan",
+            GroupKind::Gather => "gather",
+            GroupKind::Op(name) => name,
+        }
+    }
+}
+
+/// One kernel.
+#[derive(Clone, Debug)]
+pub struct Group {
+    pub kind: GroupKind,
+    /// The ops this group owns, in topological order. Every non-leaf node of the graph is
+    /// owned by exactly one group.
+    pub nodes: Vec<NodeId>,
+    /// Cheap ops (views, index-only values) owned by another group and recomputed here.
+    pub recomputed: Vec<NodeId>,
+    /// Values read from memory (produced by another group, or parameters and inputs).
+    pub inputs: Vec<NodeId>,
+    /// Values written to memory (read by another group, or graph outputs).
+    pub outputs: Vec<NodeId>,
+    /// Estimated floating-point operations.
+    pub flops: Dim,
+    /// Estimated bytes read and written.
+    pub bytes: Dim,
+    /// Scratch memory the kernel needs while it runs, in bytes.
+    pub workspace: Dim,
+    /// `op.kind()` of each owned node, parallel to `nodes`.
+    pub ops: Vec<&'static str>,
+}
+
+impl Group {
+    pub fn contains(&self, n: NodeId) -> bool {
+        self.nodes.contains(&n)
+    }
+
+    /// Owned ops of the given kind name (`"einsum"`, `"reduce_sum"`, …).
+    pub fn count_ops(&self, kind_name: &str) -> usize {
+        self.ops.iter().filter(|k| **k == kind_name).count()
+    }
+}
+
+/// Kernel groups in a valid execution order (every group after the groups it reads from).
+#[derive(Clone, Debug, Default)]
+pub struct FusionPlan {
+    pub groups: Vec<Group>,
+    owner: HashMap<NodeId, usize>,
+}
+
+impl FusionPlan {
+    /// The index of the group that owns `node` (`None` for parameters and inputs).
+    pub fn group_of(&self, node: NodeId) -> Option<usize> {
+        self.owner.get(&node).copied()
+    }
+
+    pub fn group(&self, index: usize) -> &Group {
+        &self.groups[index]
+    }
+
+    pub fn groups_with(&self, kind: GroupKind) -> Vec<&Group> {
+        self.groups.iter().filter(|g| g.kind == kind).collect()
+    }
+
+    /// Owned ops of a kind over all groups (equals the graph's count of that kind).
+    pub fn count_ops(&self, kind_name: &str) -> usize {
+        self.groups.iter().map(|g| g.count_ops(kind_name)).sum()
+    }
+
+    /// Number of kernel launches.
+    pub fn kernels(&self) -> usize {
+        self.groups.len()
+    }
+
+    pub fn total_flops(&self) -> Dim {
+        sum(self.groups.iter().map(|g| &g.flops))
+    }
+
+    pub fn total_bytes(&self) -> Dim {
+        sum(self.groups.iter().map(|g| &g.bytes))
+    }
+}
+
+fn sum<'a>(ds: impl Iterator<Item = &'a Dim>) -> Dim {
+    ds.fold(Dim::constant(0), |a, d| a.checked_add(d).unwrap_or(a))
+}
+
+/// Group the graph's ops into kernels under the policy in the module documentation.
+pub fn fuse(g: &Graph) -> Result<FusionPlan, String> {
+    Fuser::new(g).run(true)
+}
+
+/// One kernel per op (views and index-only values are still recomputed by their users):
+/// the baseline the fused plan is compared with.
+pub fn unfused(g: &Graph) -> Result<FusionPlan, String> {
+    Fuser::new(g).run(false)
+}
+
+pub fn dtype_bytes(d: DType) -> i64 {
+    match d {
+        DType::F32 | DType::I32 => 4,
+        DType::Bool => 1,
+    }
+}
+
+/// Size in bytes of a node's value.
+pub fn value_bytes(g: &Graph, n: NodeId) -> Option<Dim> {
+    let t = g.ty(n);
+    numel(&t.shape)?.checked_scale(dtype_bytes(t.dtype))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    Leaf,
+    /// Recomputed where used: views and index-only values.
+    Dup,
+    Elementwise,
+    RowReduce,
+    Reduce,
+    Anchor(GroupKind),
+}
+
+fn is_view(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Reshape { .. }
+            | Op::Broadcast { .. }
+            | Op::Permute { .. }
+            | Op::Slice { .. }
+            | Op::Pad { .. }
+            | Op::Concat { .. }
+    )
+}
+
+fn is_outer_product(op: &Op) -> bool {
+    match op {
+        Op::Einsum(s) => s.inputs.iter().flatten().all(|l| s.output.contains(l)),
+        _ => false,
+    }
+}
+
+fn is_elementwise(op: &Op) -> bool {
+    is_view(op)
+        || is_outer_product(op)
+        || matches!(
+            op,
+            Op::Unary(_)
+                | Op::Binary(_)
+                | Op::Select
+                | Op::Cast { .. }
+                | Op::Constant { .. }
+                | Op::Iota { .. }
+                | Op::SizeOf { .. }
+                | Op::Dropout { .. }
+        )
+}
+
+/// Owned nodes, recomputed nodes, union-find root (`usize::MAX`: a lone Dup node).
+type GroupSets = (Vec<usize>, Vec<usize>, usize);
+
+/// Per-group state while merging (indexed by the union-find root).
+#[derive(Clone, Debug, Default)]
+struct Acc {
+    members: Vec<usize>,
+    anchor: Option<usize>,
+    /// Row count of a row group.
+    row: Option<Dim>,
+    reduce: Option<usize>,
+    max_pos: usize,
+}
+
+struct Fuser<'a> {
+    g: &'a Graph,
+    /// Nodes in stable topological order; internal ids are positions in this order.
+    order: Vec<NodeId>,
+    pos: HashMap<NodeId, usize>,
+    operands: Vec<Vec<usize>>,
+    class: Vec<Class>,
+    numel: Vec<Dim>,
+    /// Element count of all but the last axis.
+    prefix: Vec<Dim>,
+    /// Effective operands/users: through `Dup` nodes, leaves excluded.
+    eff_ops: Vec<Vec<usize>>,
+    eff_users: Vec<Vec<usize>>,
+    /// The value must be written: a graph output, or read by one through views.
+    pinned: Vec<bool>,
+    parent: Vec<usize>,
+    acc: Vec<Acc>,
+    stamp: Vec<u32>,
+    generation: u32,
+}
+
+impl<'a> Fuser<'a> {
+    fn new(g: &'a Graph) -> Fuser<'a> {
+        let (order, pos) = numbering(g);
+        let n = order.len();
+        let operands: Vec<Vec<usize>> =
+            order.iter().map(|&id| g.operands(id).iter().map(|o| pos[o]).collect()).collect();
+        let mut class = Vec::with_capacity(n);
+        let mut index_only = vec![false; n];
+        for (i, &id) in order.iter().enumerate() {
+            let op = &g.node(id).op;
+            index_only[i] = match op {
+                Op::Constant { .. } | Op::Iota { .. } | Op::SizeOf { .. } => true,
+                Op::Dropout { .. } => false,
+                _ => is_elementwise(op) && operands[i].iter().all(|&o| index_only[o]),
+            };
+            class.push(match op {
+                Op::Input { .. } | Op::Param { .. } => Class::Leaf,
+                _ if index_only[i] || is_view(op) => Class::Dup,
+                _ if is_elementwise(op) => Class::Elementwise,
+                Op::Reduce { axes, .. } => {
+                    let rank = g.ty(g.operands(id)[0]).rank();
+                    if rank >= 1 && axes.as_slice() == [rank - 1] {
+                        Class::RowReduce
+                    } else {
+                        Class::Reduce
+                    }
+                }
+                Op::Scan { .. } => Class::Anchor(GroupKind::Scan),
+                Op::Gather => Class::Anchor(GroupKind::Gather),
+                Op::LinearAttention(_) => Class::Anchor(GroupKind::LinearAttention),
+                Op::Einsum(_) => Class::Anchor(GroupKind::Contraction),
+                op => Class::Anchor(GroupKind::Op(op.kind())),
+            });
+        }
+        let one = Dim::constant(1);
+        let numel_of = |s: &[Dim]| numel(s).unwrap_or_else(|| Dim::constant(i64::MAX));
+        let numels: Vec<Dim> = order.iter().map(|&id| numel_of(&g.ty(id).shape)).collect();
+        let prefix: Vec<Dim> = order
+            .iter()
+            .map(|&id| {
+                let s = &g.ty(id).shape;
+                if s.is_empty() {
+                    one.clone()
+                } else {
+                    numel_of(&s[..s.len() - 1])
+                }
+            })
+            .collect();
+        // Effective operands: look through Dup nodes.
+        let mut eff_ops: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let mut dup_sources: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for i in 0..n {
+            let mut out = BTreeSet::new();
+            for &o in &operands[i] {
+                match class[o] {
+                    Class::Leaf => {}
+                    Class::Dup => out.extend(dup_sources[o].iter().copied()),
+                    _ => {
+                        out.insert(o);
+                    }
+                }
+            }
+            if class[i] == Class::Dup {
+                dup_sources[i] = out.into_iter().collect();
+            } else {
+                eff_ops[i] = out.into_iter().collect();
+            }
+        }
+        let mut eff_users: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for i in 0..n {
+            for &o in &eff_ops[i] {
+                eff_users[o].push(i);
+            }
+        }
+        let mut pinned = vec![false; n];
+        for (_, id) in &g.outputs {
+            let i = pos[id];
+            pinned[i] = true;
+            for &s in &dup_sources[i] {
+                pinned[s] = true;
+            }
+        }
+        let acc = (0..n)
+            .map(|i| Acc {
+                members: vec![i],
+                anchor: matches!(class[i], Class::Anchor(_)).then_some(i),
+                row: (class[i] == Class::RowReduce).then(|| numels[i].clone()),
+                reduce: (class[i] == Class::Reduce).then_some(i),
+                max_pos: i,
+            })
+            .collect();
+        Fuser {
+            g,
+            order,
+            pos,
+            operands,
+            class,
+            numel: numels,
+            prefix,
+            eff_ops,
+            eff_users,
+            pinned,
+            parent: (0..n).collect(),
+            acc,
+            stamp: vec![0; n],
+            generation: 0,
+        }
+    }
+
+    fn grouped(&self, i: usize) -> bool {
+        !matches!(self.class[i], Class::Leaf | Class::Dup)
+    }
+
+    fn find(&mut self, mut i: usize) -> usize {
+        let mut root = i;
+        while self.parent[root] != root {
+            root = self.parent[root];
+        }
+        while self.parent[i] != root {
+            let next = self.parent[i];
+            self.parent[i] = root;
+            i = next;
+        }
+        root
+    }
+
+    /// Whether the group `producer` may merge with the group `consumer` (kinds and
+    /// domains only; the caller checks cycles).
+    fn can_merge(&self, producer: usize, consumer: usize) -> bool {
+        let (p, c) = (&self.acc[producer], &self.acc[consumer]);
+        if p.anchor.is_some() && c.anchor.is_some() || p.reduce.is_some() && c.reduce.is_some() {
+            return false;
+        }
+        let row = match (&p.row, &c.row) {
+            (Some(a), Some(b)) if a != b => return false,
+            (a, b) => a.clone().or_else(|| b.clone()),
+        };
+        let anchor = p.anchor.or(c.anchor);
+        let reduce = p.reduce.or(c.reduce);
+        if anchor.is_some() && (row.is_some() || reduce.is_some()) || row.is_some() && reduce.is_some() {
+            return false;
+        }
+        if let Some(r) = &row {
+            let fits = |m: &usize| match self.class[*m] {
+                Class::Elementwise => self.numel[*m] == *r || self.prefix[*m] == *r,
+                _ => true,
+            };
+            if !p.members.iter().chain(&c.members).all(fits) {
+                return false;
+            }
+        }
+        // An epilogue covers exactly the anchor's (reduction's) result.
+        if let Some(a) = p.anchor.or(p.reduce) {
+            if !c.members.iter().all(|m| self.numel[*m] == self.numel[a]) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Is there a path from group `from` to group `to` through a node of neither?
+    fn path_between(&mut self, from: usize, to: usize) -> bool {
+        self.generation += 1;
+        let gen = self.generation;
+        let limit = self.acc[to].max_pos;
+        let mut stack: Vec<usize> = Vec::new();
+        let members = self.acc[from].members.clone();
+        for m in members {
+            for k in 0..self.eff_users[m].len() {
+                let u = self.eff_users[m][k];
+                let r = self.find(u);
+                if r != from && r != to && u < limit && self.stamp[u] != gen {
+                    self.stamp[u] = gen;
+                    stack.push(u);
+                }
+            }
+        }
+        while let Some(u) = stack.pop() {
+            for k in 0..self.eff_users[u].len() {
+                let w = self.eff_users[u][k];
+                if w > limit || self.stamp[w] == gen {
+                    continue;
+                }
+                self.stamp[w] = gen;
+                if self.find(w) == to {
+                    return true;
+                }
+                stack.push(w);
+            }
+        }
+        false
+    }
+
+    /// Merge if legal and acyclic; returns whether it merged.
+    fn try_merge(&mut self, producer: usize, consumer: usize) -> bool {
+        let (p, c) = (self.find(producer), self.find(consumer));
+        if p == c || !self.can_merge(p, c) || self.path_between(p, c) || self.path_between(c, p) {
+            return false;
+        }
+        let (keep, gone) = if self.acc[p].members.len() >= self.acc[c].members.len() { (p, c) } else { (c, p) };
+        let other = std::mem::take(&mut self.acc[gone]);
+        let a = &mut self.acc[keep];
+        a.members.extend(other.members);
+        a.anchor = a.anchor.or(other.anchor);
+        a.row = a.row.take().or(other.row);
+        a.reduce = a.reduce.or(other.reduce);
+        a.max_pos = a.max_pos.max(other.max_pos);
+        self.parent[gone] = keep;
+        true
+    }
+
+    fn is_pure_elementwise(&self, root: usize) -> bool {
+        let a = &self.acc[root];
+        a.anchor.is_none() && a.row.is_none() && a.reduce.is_none()
+    }
+
+    fn run(mut self, fuse: bool) -> Result<FusionPlan, String> {
+        let n = self.order.len();
+        if fuse {
+            // 1. Single-consumer producers into their consumer, from the outputs back.
+            for c in (0..n).rev() {
+                if !self.grouped(c) {
+                    continue;
+                }
+                for k in 0..self.eff_ops[c].len() {
+                    let p = self.eff_ops[c][k];
+                    if matches!(self.class[p], Class::Anchor(_)) || self.pinned[p] {
+                        continue;
+                    }
+                    let cg = self.find(c);
+                    let users = self.eff_users[p].clone();
+                    if users.iter().all(|&u| self.find(u) == cg) {
+                        self.try_merge(p, c);
+                    }
+                }
+            }
+            // 2. Multi-consumer elementwise groups, in execution order.
+            for i in 0..n {
+                if self.class[i] != Class::Elementwise {
+                    continue;
+                }
+                let r = self.find(i);
+                if !self.is_pure_elementwise(r) || self.acc[r].members.iter().min() != Some(&i) {
+                    continue;
+                }
+                let members = self.acc[r].members.clone();
+                let mut consumers: Vec<usize> = members.iter().flat_map(|&m| self.eff_users[m].clone()).collect();
+                let mut producers: Vec<usize> = members.iter().flat_map(|&m| self.eff_ops[m].clone()).collect();
+                consumers.sort();
+                consumers.dedup();
+                producers.sort();
+                producers.dedup();
+                // (a) consumer rows
+                for &u in &consumers {
+                    let ur = self.find(u);
+                    if self.acc[ur].row.is_some() {
+                        self.try_merge(i, u);
+                    }
+                }
+                // (b) producer rows, elementwise groups and reductions
+                for &p in &producers {
+                    let pr = self.find(p);
+                    if self.acc[pr].anchor.is_none() {
+                        self.try_merge(p, i);
+                    }
+                }
+                // (c) producer anchors: epilogue
+                for &p in &producers {
+                    let pr = self.find(p);
+                    if self.acc[pr].anchor.is_some() {
+                        self.try_merge(p, i);
+                    }
+                }
+                // (d) consumer elementwise groups
+                for &u in &consumers {
+                    let ur = self.find(u);
+                    if self.is_pure_elementwise(ur) {
+                        self.try_merge(i, u);
+                    }
+                }
+            }
+        }
+        self.assemble()
+    }
+
+    fn kind_of(&self, root: usize) -> GroupKind {
+        let a = &self.acc[root];
+        match (a.anchor, &a.row, a.reduce) {
+            (Some(x), _, _) => match self.class[x] {
+                Class::Anchor(k) => k,
+                _ => GroupKind::Contraction,
+            },
+            (None, Some(_), _) => GroupKind::Row,
+            (None, None, Some(_)) => GroupKind::Reduce,
+            _ => GroupKind::Elementwise,
+        }
+    }
+
+    /// Add a group owning `nodes`, with the Dup nodes it reads: owned if no earlier group
+    /// owns them, recomputed otherwise.
+    fn add_group(&self, nodes: Vec<usize>, root: usize, owner: &mut [Option<usize>], sets: &mut Vec<GroupSets>) {
+        let k = sets.len();
+        let mut owned = nodes.clone();
+        let mut recomputed = Vec::new();
+        let mut seen: BTreeSet<usize> = nodes.iter().copied().collect();
+        let mut stack: Vec<usize> = nodes.clone();
+        while let Some(x) = stack.pop() {
+            for &o in &self.operands[x] {
+                if self.class[o] == Class::Dup && seen.insert(o) {
+                    stack.push(o);
+                    match owner[o] {
+                        None => {
+                            owner[o] = Some(k);
+                            owned.push(o);
+                        }
+                        Some(_) => recomputed.push(o),
+                    }
+                }
+            }
+        }
+        for &x in &nodes {
+            owner[x] = Some(k);
+        }
+        owned.sort();
+        recomputed.sort();
+        sets.push((owned, recomputed, root));
+    }
+
+    fn assemble(mut self) -> Result<FusionPlan, String> {
+        let n = self.order.len();
+        // Groups of grouped nodes, ordered topologically (ties: earliest first node).
+        let root_of: Vec<usize> = (0..n).map(|i| self.find(i)).collect();
+        let mut roots: Vec<usize> = (0..n).filter(|&i| self.grouped(i)).map(|i| root_of[i]).collect();
+        roots.sort();
+        roots.dedup();
+        let gindex: HashMap<usize, usize> = roots.iter().enumerate().map(|(k, &r)| (r, k)).collect();
+        let mut members: Vec<Vec<usize>> = roots.iter().map(|&r| self.acc[r].members.clone()).collect();
+        for m in &mut members {
+            m.sort();
+        }
+        let mut succ: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); roots.len()];
+        let mut indeg = vec![0usize; roots.len()];
+        for (k, ms) in members.iter().enumerate() {
+            for &m in ms {
+                for &o in &self.eff_ops[m] {
+                    let from = gindex[&root_of[o]];
+                    if from != k && succ[from].insert(k) {
+                        indeg[k] += 1;
+                    }
+                }
+            }
+        }
+        let mut ready: BinaryHeap<std::cmp::Reverse<(usize, usize)>> =
+            (0..roots.len()).filter(|&k| indeg[k] == 0).map(|k| std::cmp::Reverse((members[k][0], k))).collect();
+        let mut sequence: Vec<usize> = Vec::with_capacity(roots.len());
+        while let Some(std::cmp::Reverse((_, k))) = ready.pop() {
+            sequence.push(k);
+            for &s in &succ[k] {
+                indeg[s] -= 1;
+                if indeg[s] == 0 {
+                    ready.push(std::cmp::Reverse((members[s][0], s)));
+                }
+            }
+        }
+        if sequence.len() != roots.len() {
+            return Err("internal error: the fusion groups form a cycle".into());
+        }
+        // Owned and recomputed node sets, with the Dup nodes each group needs.
+        let mut owner: Vec<Option<usize>> = vec![None; n];
+        let mut sets: Vec<GroupSets> = Vec::new();
+        for &k in &sequence {
+            self.add_group(members[k].clone(), roots[k], &mut owner, &mut sets);
+        }
+        // Dup nodes no group reads (graph outputs, dead values): a group of their own.
+        for i in (0..n).rev() {
+            if self.class[i] == Class::Dup && owner[i].is_none() {
+                self.add_group(vec![i], usize::MAX, &mut owner, &mut sets);
+            }
+        }
+        // Inputs and outputs.
+        let mut inputs: Vec<Vec<usize>> = Vec::with_capacity(sets.len());
+        let mut written = vec![false; n];
+        for (owned, recomputed, _) in &sets {
+            let inside: BTreeSet<usize> = owned.iter().chain(recomputed).copied().collect();
+            let mut ins = BTreeSet::new();
+            for &x in &inside {
+                for &o in &self.operands[x] {
+                    if !inside.contains(&o) {
+                        ins.insert(o);
+                        written[o] = true;
+                    }
+                }
+            }
+            inputs.push(ins.into_iter().collect());
+        }
+        for (_, id) in &self.g.outputs {
+            written[self.pos[id]] = true;
+        }
+        let g = self.g;
+        let ids = |v: &[usize]| -> Vec<NodeId> { v.iter().map(|&i| self.order[i]).collect() };
+        let mut groups = Vec::with_capacity(sets.len());
+        let mut owner_map = HashMap::new();
+        for (k, ((owned, recomputed, root), ins)) in sets.iter().zip(&inputs).enumerate() {
+            let kind = if *root == usize::MAX { GroupKind::Elementwise } else { self.kind_of(*root) };
+            let outs: Vec<usize> =
+                owned.iter().copied().filter(|&x| written[x] && self.class[x] != Class::Leaf).collect();
+            let mut flops = Dim::constant(0);
+            let mut workspace = Dim::constant(0);
+            for &x in owned.iter().chain(recomputed) {
+                let (f, w) = op_cost(g, self.order[x]).ok_or("size overflow in the cost estimate")?;
+                flops = flops.checked_add(&f).ok_or("size overflow")?;
+                workspace = workspace.checked_add(&w).ok_or("size overflow")?;
+            }
+            let mut bytes = Dim::constant(0);
+            for &x in ins.iter().chain(&outs) {
+                let b = value_bytes(g, self.order[x]).ok_or("size overflow")?;
+                bytes = bytes.checked_add(&b).ok_or("size overflow")?;
+            }
+            for &x in owned {
+                owner_map.insert(self.order[x], k);
+            }
+            groups.push(Group {
+                kind,
+                nodes: ids(owned),
+                recomputed: ids(recomputed),
+                inputs: ids(ins),
+                outputs: ids(&outs),
+                flops,
+                bytes,
+                workspace,
+                ops: owned.iter().map(|&x| g.node(self.order[x]).op.kind()).collect(),
+            });
+        }
+        Ok(FusionPlan { groups, owner: owner_map })
+    }
+}
+
+/// Estimated FLOPs and workspace bytes of one op.
+fn op_cost(g: &Graph, id: NodeId) -> Option<(Dim, Dim)> {
+    let node = g.node(id);
+    let out = numel(&node.ty.shape)?;
+    let zero = Dim::constant(0);
+    let operands = g.operands(id);
+    Some(match &node.op {
+        Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Iota { .. } | Op::SizeOf { .. } => {
+            (zero.clone(), zero)
+        }
+        op if is_view(op) => (zero.clone(), zero),
+        Op::Gather => (zero.clone(), zero),
+        Op::Reduce { .. } => (numel(&g.ty(operands[0]).shape)?, zero),
+        Op::Scan { .. } => (out.checked_scale(if operands.len() > 1 { 2 } else { 1 })?, zero),
+        Op::Einsum(spec) => {
+            if is_outer_product(&node.op) {
+                (out, zero)
+            } else {
+                let mut sizes: std::collections::BTreeMap<u8, Dim> = Default::default();
+                for (letters, &o) in spec.inputs.iter().zip(&operands) {
+                    for (l, d) in letters.iter().zip(&g.ty(o).shape) {
+                        sizes.insert(*l, d.clone());
+                    }
+                }
+                let prod = sizes.values().try_fold(Dim::constant(2), |a, d| a.checked_mul(d))?;
+                (prod, zero)
+            }
+        }
+        Op::LinearAttention(la) => linear_attention_cost(la, &node.ty.shape)?,
+        _ => (out, zero),
+    })
+}
+
+fn linear_attention_cost(la: &LinearAttention, out_shape: &[Dim]) -> Option<(Dim, Dim)> {
+    let q = la.q.result_type();
+    let rank = q.rank();
+    let d = q.shape[rank - 1].clone();
+    let e = out_shape[rank - 1].clone();
+    let batch = numel(&q.shape[..rank - 2])?;
+    let tokens = q.shape[rank - 2].clone();
+    let per_token = d.checked_add(&e)?.checked_scale(2 * CHUNK)?.checked_add(&d.checked_mul(&e)?.checked_scale(4)?)?;
+    let mut flops = batch.checked_mul(&tokens)?.checked_mul(&per_token)?;
+    for r in [&la.q, &la.k, &la.v] {
+        for n in &r.nodes {
+            if !is_view(&n.op) {
+                flops = flops.checked_add(&numel(&n.ty.shape)?)?;
+            }
+        }
+    }
+    let workspace = batch.checked_mul(&d)?.checked_mul(&e)?.checked_scale(4)?;
+    Some((flops, workspace))
+}
+
+/// Stable text form: one block per kernel with its ops in the IR's `%n` numbering.
+pub fn to_text(g: &Graph, plan: &FusionPlan) -> String {
+    let (_, num) = numbering(g);
+    let names = |v: &[NodeId]| v.iter().map(|n| format!("%{}", num[n])).collect::<Vec<_>>().join(", ");
+    let mut s = String::new();
+    let _ = writeln!(s, "fusion {} {{", g.name);
+    let _ = writeln!(s, "  // {} kernels, flops {}, bytes {}", plan.kernels(), plan.total_flops(), plan.total_bytes());
+    for (k, grp) in plan.groups.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "  kernel {k} {} reads({}) writes({}) flops {} bytes {}{}",
+            grp.kind.name(),
+            names(&grp.inputs),
+            names(&grp.outputs),
+            grp.flops,
+            grp.bytes,
+            if grp.workspace.as_const() == Some(0) { String::new() } else { format!(" workspace {}", grp.workspace) }
+        );
+        let mut all: Vec<(usize, NodeId, bool)> = grp
+            .nodes
+            .iter()
+            .map(|&n| (num[&n], n, false))
+            .chain(grp.recomputed.iter().map(|&n| (num[&n], n, true)))
+            .collect();
+        all.sort();
+        for (i, n, re) in all {
+            let node = g.node(n);
+            let operands: Vec<String> = g.operands(n).iter().map(|o| format!("%{}", num[o])).collect();
+            let args = if operands.is_empty() { String::new() } else { format!("({})", operands.join(", ")) };
+            let _ = writeln!(
+                s,
+                "    {}%{i} = {}{}{} : {}",
+                if re { "~" } else { "" },
+                node.op.kind(),
+                op_attrs(&node.op),
+                args,
+                node.ty
+            );
+        }
+    }
+    s.push_str("}\n");
+    s
+}
+
+#[cfg(test)]
+mod tests;
