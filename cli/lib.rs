@@ -5,6 +5,7 @@
 //! (unknown flags, malformed `--set`, unknown pass names).
 
 mod check;
+mod compile;
 mod ir;
 mod run;
 
@@ -65,6 +66,9 @@ pub enum Command {
     /// Evaluate a model with the reference interpreter and write its outputs (and, with
     /// --grad, every parameter gradient) as safetensors.
     Run(run::RunArgs),
+    /// Compile a model. Code generation is not implemented yet: `--report` prints the fused
+    /// kernels with estimated FLOPs and bytes and the memory plan.
+    Compile(compile::CompileArgs),
     /// Initialize a model's parameters and buffers from a seed and write them as safetensors.
     Init(run::InitArgs),
 }
@@ -87,6 +91,7 @@ where
         Command::Ir { model, dot, after } => ir::run(&model, dot, &after),
         Command::Run(args) => run::run(&args),
         Command::Init(args) => run::init(&args),
+        Command::Compile(args) => compile::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

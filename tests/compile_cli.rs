@@ -1,0 +1,70 @@
+//! `tnc compile`: `--report` prints kernels and the memory plan; code generation is not
+//! implemented yet, so without `--report` it is a usage error (exit 2).
+
+mod common;
+use common::repo;
+use std::process::Command;
+
+fn tnc(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tnc")).args(args).current_dir(repo()).output().expect("tnc runs");
+    (
+        out.status.code().expect("exited normally, not by a signal"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const TINY: [&str; 8] = ["--set", "vocab=32", "--set", "dim=16", "--set", "heads=2", "--set", "layers=2"];
+
+#[test]
+fn report_prints_kernels_and_the_peak() {
+    let mut args = vec!["compile", "models/transnormer_t1.tn", "--report", "--batch", "2", "--seq", "128"];
+    args.extend(TINY);
+    let (code, out, err) = tnc(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("at B = 2, N = 128"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("kernel") && l.contains("contraction") && l.contains("flops")), "{out}");
+    let peak = out.lines().find(|l| l.starts_with("peak ")).unwrap_or_else(|| panic!("no peak line: {out}"));
+    assert!(peak.contains("bytes") && peak.contains("MiB") && peak.contains("activations"), "{peak}");
+    assert!(out.contains("activation bytes per token:"), "{out}");
+    assert!(out.contains("activation memory grows linearly with N"), "{out}");
+}
+
+#[test]
+fn default_sizes_are_b1_n2048() {
+    let mut args = vec!["compile", "models/tnl.tn", "--report"];
+    args.extend(TINY);
+    let (code, out, err) = tnc(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("at B = 1, N = 2048"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("peak ")), "{out}");
+}
+
+#[test]
+fn without_report_it_fails_with_a_clear_error() {
+    let (code, out, err) = tnc(&["compile", "models/transnormer_t1.tn"]);
+    assert_eq!(code, 2);
+    assert!(out.is_empty());
+    assert!(err.contains("code generation is not implemented yet"), "{err}");
+    assert!(err.contains("--report"), "{err}");
+}
+
+#[test]
+fn errors_keep_their_exit_codes() {
+    assert_eq!(tnc(&["compile", "models/transnormer_t1.tn", "--report", "--seq", "0"]).0, 2, "N ≥ 1");
+    assert_eq!(tnc(&["compile", "models/transnormer_t1.tn", "--report", "--set", "layres=2"]).0, 2);
+    assert_eq!(tnc(&["compile", "tests/malformed/unknown_name_typo.tn", "--report"]).0, 1);
+}
+
+#[test]
+fn ir_after_fuse_prints_the_plan() {
+    let mut args = vec!["ir", "models/tnl.tn", "--after", "fuse"];
+    args.extend(TINY);
+    let (code, out, err) = tnc(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("fusion tnl {"), "{out}");
+    assert!(out.contains("kernel 0 "), "{out}");
+    let (code, _, err) = tnc(&["ir", "models/tnl.tn", "--after", "fsue"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("fuse"), "{err}");
+}
