@@ -7,5 +7,6 @@ pub mod frontend;
 pub mod fusion;
 pub mod interp;
 pub mod ir;
+pub mod kernel;
 pub mod memory;
 pub mod passes;

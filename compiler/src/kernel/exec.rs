@@ -1,0 +1,308 @@
+//! The reference executor of kernel IR: runs a kernel on host buffers with f32
+//! arithmetic, as generated code would. Tests use it to check schedules against the
+//! graph interpreter before any code generator is involved; an out-of-bounds access is
+//! an error, not undefined behaviour.
+
+use super::ir::*;
+use std::collections::HashMap;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Buffer {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+    U8(Vec<u8>),
+}
+
+impl Buffer {
+    pub fn zeros(elem: Elem, len: usize) -> Buffer {
+        match elem {
+            Elem::F32 => Buffer::F32(vec![0.0; len]),
+            Elem::I32 => Buffer::I32(vec![0; len]),
+            Elem::U8 => Buffer::U8(vec![0; len]),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Buffer::F32(v) => v.len(),
+            Buffer::I32(v) => v.len(),
+            Buffer::U8(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Val {
+    F(f32),
+    I(i64),
+    B(bool),
+}
+
+impl Val {
+    fn f(self) -> Result<f32, String> {
+        match self {
+            Val::F(x) => Ok(x),
+            v => Err(format!("expected an f32, got {v:?}")),
+        }
+    }
+    fn i(self) -> Result<i64, String> {
+        match self {
+            Val::I(x) => Ok(x),
+            v => Err(format!("expected an integer, got {v:?}")),
+        }
+    }
+    fn b(self) -> Result<bool, String> {
+        match self {
+            Val::B(x) => Ok(x),
+            v => Err(format!("expected a bool, got {v:?}")),
+        }
+    }
+}
+
+struct Machine<'a> {
+    kernel: &'a Kernel,
+    buffers: &'a mut [Buffer],
+    sizes: &'a [i64],
+    vars: HashMap<Var, Val>,
+    arrays: HashMap<Var, Vec<Val>>,
+}
+
+/// Run iterations `begin..end` of `kernel`'s parallel loop. `sizes` holds the size
+/// symbols then the extra scalars, in the kernel's order.
+pub fn run(kernel: &Kernel, buffers: &mut [Buffer], sizes: &[i64], begin: i64, end: i64) -> Result<(), String> {
+    if buffers.len() != kernel.buffers.len() {
+        return Err(format!("kernel `{}` takes {} buffers, got {}", kernel.name, kernel.buffers.len(), buffers.len()));
+    }
+    let mut m = Machine { kernel, buffers, sizes, vars: HashMap::new(), arrays: HashMap::new() };
+    for i in begin..end {
+        m.vars.insert(kernel.index, Val::I(i));
+        m.block(&kernel.body).map_err(|e| format!("kernel `{}`, iteration {i}: {e}", kernel.name))?;
+    }
+    Ok(())
+}
+
+/// Run the whole parallel range.
+pub fn run_all(kernel: &Kernel, buffers: &mut [Buffer], sizes: &[i64]) -> Result<(), String> {
+    let mut m = Machine { kernel, buffers: &mut [], sizes, vars: HashMap::new(), arrays: HashMap::new() };
+    let extent = m.eval(&kernel.extent)?.i()?;
+    drop(m);
+    run(kernel, buffers, sizes, 0, extent)
+}
+
+fn unary(op: Unary, v: Val) -> Result<Val, String> {
+    if op == Unary::Not {
+        return Ok(Val::B(!v.b()?));
+    }
+    if let (Unary::Neg, Val::I(i)) = (op, v) {
+        return Ok(Val::I(i.wrapping_neg()));
+    }
+    if let (Unary::Abs, Val::I(i)) = (op, v) {
+        return Ok(Val::I(i.wrapping_abs()));
+    }
+    let x = v.f()?;
+    Ok(Val::F(match op {
+        Unary::Neg => -x,
+        Unary::Exp => x.exp(),
+        Unary::Log => x.ln(),
+        Unary::Sqrt => x.sqrt(),
+        Unary::Rsqrt => 1.0 / x.sqrt(),
+        Unary::Recip => 1.0 / x,
+        Unary::Abs => x.abs(),
+        Unary::Tanh => x.tanh(),
+        Unary::Sin => x.sin(),
+        Unary::Cos => x.cos(),
+        Unary::Not => unreachable!("handled above"),
+    }))
+}
+
+fn binary(op: Binary, a: Val, b: Val) -> Result<Val, String> {
+    use Binary::*;
+    Ok(match (a, b) {
+        (Val::F(x), Val::F(y)) => match op {
+            Add => Val::F(x + y),
+            Sub => Val::F(x - y),
+            Mul => Val::F(x * y),
+            Div => Val::F(x / y),
+            Rem => Val::F(x % y),
+            Max => Val::F(if x.is_nan() || y.is_nan() { f32::NAN } else { x.max(y) }),
+            Min => Val::F(if x.is_nan() || y.is_nan() { f32::NAN } else { x.min(y) }),
+            Pow => Val::F(x.powf(y)),
+            Lt => Val::B(x < y),
+            Le => Val::B(x <= y),
+            Gt => Val::B(x > y),
+            Ge => Val::B(x >= y),
+            Eq => Val::B(x == y),
+            Ne => Val::B(x != y),
+            And | Or => return Err("logical op on f32".into()),
+        },
+        (Val::I(x), Val::I(y)) => match op {
+            Add => Val::I(x.wrapping_add(y)),
+            Sub => Val::I(x.wrapping_sub(y)),
+            Mul => Val::I(x.wrapping_mul(y)),
+            Div => Val::I(if y == 0 { return Err("integer division by zero".into()) } else { x.wrapping_div(y) }),
+            Rem => Val::I(if y == 0 { return Err("integer remainder by zero".into()) } else { x.wrapping_rem(y) }),
+            Max => Val::I(x.max(y)),
+            Min => Val::I(x.min(y)),
+            Pow => Val::I(x.wrapping_pow(y.clamp(0, u32::MAX as i64) as u32)),
+            Lt => Val::B(x < y),
+            Le => Val::B(x <= y),
+            Gt => Val::B(x > y),
+            Ge => Val::B(x >= y),
+            Eq => Val::B(x == y),
+            Ne => Val::B(x != y),
+            And | Or => return Err("logical op on integers".into()),
+        },
+        (Val::B(x), Val::B(y)) => match op {
+            And => Val::B(x && y),
+            Or => Val::B(x || y),
+            Eq => Val::B(x == y),
+            Ne => Val::B(x != y),
+            _ => return Err(format!("{op:?} on bools")),
+        },
+        (a, b) => return Err(format!("{op:?} on mismatched operands {a:?} and {b:?}")),
+    })
+}
+
+impl Machine<'_> {
+    fn eval(&mut self, e: &Expr) -> Result<Val, String> {
+        Ok(match e {
+            Expr::F32(x) => Val::F(*x),
+            Expr::I64(i) => Val::I(*i),
+            Expr::Bool(b) => Val::B(*b),
+            Expr::Var(v) => *self.vars.get(v).ok_or_else(|| format!("{v} is not defined"))?,
+            Expr::Size(i) => Val::I(*self.sizes.get(*i).ok_or_else(|| format!("size argument {i} is missing"))?),
+            Expr::Load { buffer, index } => {
+                let i = self.eval(index)?.i()?;
+                let buf = self.buffers.get(*buffer).ok_or_else(|| format!("buffer {buffer} is missing"))?;
+                let name = &self.kernel.buffers[*buffer].name;
+                let oob = || format!("load {name}[{i}] is out of bounds (length {})", buf.len());
+                let at = usize::try_from(i).map_err(|_| oob())?;
+                match buf {
+                    Buffer::F32(v) => Val::F(*v.get(at).ok_or_else(oob)?),
+                    Buffer::I32(v) => Val::I(*v.get(at).ok_or_else(oob)? as i64),
+                    Buffer::U8(v) => Val::B(*v.get(at).ok_or_else(oob)? != 0),
+                }
+            }
+            Expr::LoadArray { array, index } => {
+                let i = self.eval(index)?.i()?;
+                let arr = self.arrays.get(array).ok_or_else(|| format!("array {array} is not defined"))?;
+                *usize::try_from(i)
+                    .ok()
+                    .and_then(|i| arr.get(i))
+                    .ok_or_else(|| format!("array {array}[{i}] is out of bounds (length {})", arr.len()))?
+            }
+            Expr::Unary(op, a) => {
+                let a = self.eval(a)?;
+                unary(*op, a)?
+            }
+            Expr::Binary(op, a, b) => {
+                let a = self.eval(a)?;
+                let b = self.eval(b)?;
+                binary(*op, a, b)?
+            }
+            Expr::Select(c, a, b) => {
+                if self.eval(c)?.b()? {
+                    self.eval(a)?
+                } else {
+                    self.eval(b)?
+                }
+            }
+            Expr::Cast(to, a) => {
+                let v = self.eval(a)?;
+                match (to, v) {
+                    (Scalar::F32, Val::F(x)) => Val::F(x),
+                    (Scalar::F32, Val::I(i)) => Val::F(i as f32),
+                    (Scalar::F32, Val::B(b)) => Val::F(if b { 1.0 } else { 0.0 }),
+                    (Scalar::I32, Val::F(x)) => Val::I(x as i32 as i64),
+                    (Scalar::I32, Val::I(i)) => Val::I(i as i32 as i64),
+                    (Scalar::I64, Val::F(x)) => Val::I(x as i64),
+                    (Scalar::I64, Val::I(i)) => Val::I(i),
+                    (Scalar::I32 | Scalar::I64, Val::B(b)) => Val::I(b as i64),
+                    (Scalar::Bool, Val::I(i)) => Val::B(i != 0),
+                    (Scalar::Bool, Val::F(x)) => Val::B(x != 0.0),
+                    (Scalar::Bool, Val::B(b)) => Val::B(b),
+                }
+            }
+            Expr::DropoutKeep { seed, salt, index, step, rate } => {
+                let seed = self.eval(seed)?.i()? as u64;
+                let index = self.eval(index)?.i()? as u64;
+                let step = self.eval(step)?.i()? as u64;
+                Val::B(tnc_runtime::rng::dropout_keep(seed, *salt, index, step, *rate))
+            }
+        })
+    }
+
+    fn block(&mut self, body: &[Stmt]) -> Result<(), String> {
+        for s in body {
+            self.stmt(s)?;
+        }
+        Ok(())
+    }
+
+    fn stmt(&mut self, s: &Stmt) -> Result<(), String> {
+        match s {
+            Stmt::For { var, extent, body, .. } => {
+                let n = self.eval(extent)?.i()?;
+                for i in 0..n {
+                    self.vars.insert(*var, Val::I(i));
+                    self.block(body)?;
+                }
+            }
+            Stmt::Let { var, value } | Stmt::Assign { var, value } => {
+                let v = self.eval(value)?;
+                self.vars.insert(*var, v);
+            }
+            Stmt::Mut { var, init, .. } => {
+                let v = self.eval(init)?;
+                self.vars.insert(*var, v);
+            }
+            Stmt::Store { buffer, index, value } => {
+                let i = self.eval(index)?.i()?;
+                let v = self.eval(value)?;
+                let name = self.kernel.buffers[*buffer].name.clone();
+                let buf = self.buffers.get_mut(*buffer).ok_or_else(|| format!("buffer {buffer} is missing"))?;
+                let len = buf.len();
+                let at = usize::try_from(i)
+                    .ok()
+                    .filter(|&a| a < len)
+                    .ok_or_else(|| format!("store {name}[{i}] is out of bounds (length {len})"))?;
+                match (buf, v) {
+                    (Buffer::F32(b), Val::F(x)) => b[at] = x,
+                    (Buffer::I32(b), Val::I(x)) => b[at] = x as i32,
+                    (Buffer::U8(b), Val::B(x)) => b[at] = x as u8,
+                    (_, v) => return Err(format!("store of {v:?} into buffer `{name}` of another type")),
+                }
+            }
+            Stmt::Array { var, elem, len } => {
+                let zero = match elem {
+                    Scalar::F32 => Val::F(0.0),
+                    Scalar::Bool => Val::B(false),
+                    _ => Val::I(0),
+                };
+                self.arrays.insert(*var, vec![zero; *len]);
+            }
+            Stmt::StoreArray { array, index, value } => {
+                let i = self.eval(index)?.i()?;
+                let v = self.eval(value)?;
+                let arr = self.arrays.get_mut(array).ok_or_else(|| format!("array {array} is not defined"))?;
+                let len = arr.len();
+                *usize::try_from(i)
+                    .ok()
+                    .and_then(|i| arr.get_mut(i))
+                    .ok_or_else(|| format!("array {array}[{i}] is out of bounds (length {len})"))? = v;
+            }
+            Stmt::If { cond, then, otherwise } => {
+                if self.eval(cond)?.b()? {
+                    self.block(then)?;
+                } else {
+                    self.block(otherwise)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

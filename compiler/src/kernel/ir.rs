@@ -1,0 +1,222 @@
+//! The kernel IR: small loop nests over flat buffers, the common input of every back end
+//! (LLVM → native objects, LLVM → PTX, the reference executor and the GPU-semantics
+//! executor). It knows nothing of the graph IR.
+//!
+//! A kernel is a function of (buffers, run-time sizes, a range of its outermost parallel
+//! loop). Every kernel has the same calling convention, so the runtime can launch any of
+//! them without per-kernel glue:
+//!
+//! ```text
+//! void name(void **buffers, const int64_t *sizes, int64_t begin, int64_t end)
+//! ```
+//!
+//! `buffers[i]` points at the i-th declared buffer; `sizes[i]` is the value of the i-th
+//! size symbol (e.g. `B`, `N`); the kernel runs the iterations `begin..end` of its top
+//! `Parallel` loop, so the runtime splits that range over threads (or, on GPUs, blocks).
+
+use std::fmt;
+
+/// Scalar types of kernel values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scalar {
+    F32,
+    I32,
+    /// Index arithmetic.
+    I64,
+    Bool,
+}
+
+/// Element type of a buffer (bools are stored as one byte).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Elem {
+    F32,
+    I32,
+    U8,
+}
+
+impl Elem {
+    pub fn bytes(self) -> usize {
+        match self {
+            Elem::F32 | Elem::I32 => 4,
+            Elem::U8 => 1,
+        }
+    }
+
+    /// The scalar a load produces.
+    pub fn scalar(self) -> Scalar {
+        match self {
+            Elem::F32 => Scalar::F32,
+            Elem::I32 => Scalar::I32,
+            Elem::U8 => Scalar::Bool,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    Read,
+    Write,
+    ReadWrite,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BufferDecl {
+    pub name: String,
+    pub elem: Elem,
+    pub access: Access,
+}
+
+/// A local variable (loop index, let-bound value or accumulator), numbered per kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Var(pub u32);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Unary {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Recip,
+    Abs,
+    Tanh,
+    Sin,
+    Cos,
+    Not,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Binary {
+    Add,
+    Sub,
+    Mul,
+    /// Float division; for I64/I32 it is truncating integer division (operands ≥ 0 in
+    /// index arithmetic).
+    Div,
+    /// Integer remainder (index arithmetic, operands ≥ 0).
+    Rem,
+    Max,
+    Min,
+    Pow,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+    And,
+    Or,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expr {
+    F32(f32),
+    I64(i64),
+    Bool(bool),
+    Var(Var),
+    /// The run-time value of size symbol `i` (an I64).
+    Size(usize),
+    Load {
+        buffer: usize,
+        index: Box<Expr>,
+    },
+    /// A read of a local array (see [`Stmt::Array`]).
+    LoadArray {
+        array: Var,
+        index: Box<Expr>,
+    },
+    Unary(Unary, Box<Expr>),
+    Binary(Binary, Box<Expr>, Box<Expr>),
+    Select(Box<Expr>, Box<Expr>, Box<Expr>),
+    Cast(Scalar, Box<Expr>),
+    /// Dropout's keep decision, `rng::dropout_keep` (Philox4x32-10): a Bool.
+    /// `seed` and `step` are I64 expressions (run-time arguments), `index` the element.
+    DropoutKeep {
+        seed: Box<Expr>,
+        salt: u64,
+        index: Box<Expr>,
+        step: Box<Expr>,
+        rate: f64,
+    },
+}
+
+/// How a loop may be executed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LoopKind {
+    Serial,
+    /// Iterations are independent; the kernel's outermost parallel loop is the one the
+    /// runtime splits over threads or GPU blocks.
+    Parallel,
+    /// Iterations are independent and contiguous in memory: a vectorization hint.
+    Vector,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stmt {
+    /// `for var in 0..extent`.
+    For {
+        var: Var,
+        extent: Expr,
+        kind: LoopKind,
+        body: Vec<Stmt>,
+    },
+    /// An immutable local.
+    Let {
+        var: Var,
+        value: Expr,
+    },
+    /// A mutable local (accumulators) with its initial value; update with `Assign`.
+    Mut {
+        var: Var,
+        ty: Scalar,
+        init: Expr,
+    },
+    Assign {
+        var: Var,
+        value: Expr,
+    },
+    Store {
+        buffer: usize,
+        index: Expr,
+        value: Expr,
+    },
+    /// A local array of `len` elements (stack / registers on CPU, shared memory for a
+    /// GPU block), zero-initialized.
+    Array {
+        var: Var,
+        elem: Scalar,
+        len: usize,
+    },
+    StoreArray {
+        array: Var,
+        index: Expr,
+        value: Expr,
+    },
+    If {
+        cond: Expr,
+        then: Vec<Stmt>,
+        otherwise: Vec<Stmt>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    pub name: String,
+    pub buffers: Vec<BufferDecl>,
+    /// Size symbols in the order of the `sizes` argument.
+    pub sizes: Vec<String>,
+    /// Run-time scalar arguments beyond sizes (dropout seed and step), appended to
+    /// `sizes` in this order.
+    pub scalars: Vec<String>,
+    /// The parallel iteration: `body` runs once for every `index` in `0..extent`
+    /// (`extent` depends on sizes only); a launch runs a sub-range `begin..end`.
+    pub index: Var,
+    pub extent: Expr,
+    pub body: Vec<Stmt>,
+}
+
+impl fmt::Display for Var {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "v{}", self.0)
+    }
+}

@@ -1,0 +1,8 @@
+//! Kernels: the loop-nest IR every back end prints (see `ir.rs`), its text form, and a
+//! reference executor used to test schedules without a code generator.
+
+pub mod exec;
+pub mod ir;
+pub mod print;
+
+pub use ir::*;
