@@ -345,8 +345,8 @@ impl<'a> Fuser<'a> {
             }
         }
         let mut eff_users: Vec<Vec<usize>> = vec![Vec::new(); n];
-        for i in 0..n {
-            for &o in &eff_ops[i] {
+        for (i, ops) in eff_ops.iter().enumerate() {
+            for &o in ops {
                 eff_users[o].push(i);
             }
         }
