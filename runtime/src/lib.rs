@@ -1,6 +1,35 @@
 //! The tnc runtime. It must never depend on LLVM or on the compiler crate: it loads
-//! what the compiler wrote and runs it. For now it holds the pieces that compiled code,
-//! the runtime and the reference interpreter must share bit for bit: the counter-based
-//! random generator behind dropout and parameter initialization.
+//! what the compiler wrote and runs it.
+//!
+//! - [`manifest`]: the bundle format (`manifest.json`, checksums, size polynomials);
+//! - [`bundle`]: loading and verifying a bundle ([`Bundle::load`]);
+//! - [`cpu`]: the CPU executor ([`Executor`]) running `kernels.so` on threads;
+//! - [`init`]: parameter initialization from a seed, shared bit for bit with the
+//!   compiler's reference interpreter;
+//! - [`rng`]: the counter-based random generator behind dropout and initialization;
+//! - [`tensor`]: host tensors in and out.
+//!
+//! ```no_run
+//! use tnc_runtime::{Bundle, Executor, Tensor};
+//! let bundle = Bundle::load("model.bundle")?;
+//! let mut exec = Executor::new(&bundle, 4)?;
+//! exec.set_params_from_seed(0)?;
+//! let tokens = Tensor::i32(vec![1, 3], vec![5, 7, 9]);
+//! exec.forward(&[("tokens", &tokens)])?;
+//! let loss = exec.output("loss")?;
+//! exec.backward(&[])?;
+//! let grads = exec.gradients()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
+pub mod bundle;
+pub mod cpu;
+pub mod init;
+pub mod manifest;
 pub mod rng;
+pub mod tensor;
+
+pub use bundle::{Bundle, BundleError};
+pub use cpu::{ExecError, Executor};
+pub use manifest::{InitSpec, Manifest, Poly, FORMAT_VERSION};
+pub use tensor::{Tensor, TensorData};

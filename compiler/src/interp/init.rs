@@ -7,7 +7,8 @@ use super::eval::{evaluate, EvalOptions};
 use super::tensor::{checked_numel, Tensor};
 use crate::ir::{Graph, Init, ParamInfo};
 use std::collections::HashMap;
-use tnc_runtime::rng;
+use tnc_runtime::init;
+use tnc_runtime::manifest::InitSpec;
 
 /// Initial values of every parameter and buffer of `g`, in `g.params` order.
 pub fn init_params(g: &Graph, seed: u64) -> Result<Vec<Tensor>, String> {
@@ -25,37 +26,26 @@ pub fn init_param(p: &ParamInfo, seed: u64) -> Result<Tensor, String> {
             })
             .collect::<Result<_, _>>()?;
     let n = checked_numel(&shape).map_err(|e| format!("parameter `{}`: {e}", p.name))?;
-    let seed = p.seed.unwrap_or(seed);
-    let stream = rng::stable_hash(&p.name);
-    let draw = |f: &dyn Fn(u64) -> f64| -> Vec<f64> { (0..n as u64).map(f).collect() };
-    let data = match &p.init {
-        Init::Zeros => vec![0.0; n],
-        Init::Ones => vec![1.0; n],
-        Init::Constant(c) => vec![*c; n],
-        Init::Normal { mean, std } => draw(&|i| mean + std * rng::normal(seed, stream, i, 0)),
-        Init::Uniform { lo, hi } => draw(&|i| lo + (hi - lo) * rng::uniform(seed, stream, i, 0)),
-        Init::Xavier { gain } => {
-            let bound = gain * xavier_bound(&shape).map_err(|e| format!("parameter `{}`: {e}", p.name))?;
-            draw(&|i| bound * (2.0 * rng::uniform(seed, stream, i, 0) - 1.0))
-        }
+    let spec = match &p.init {
+        Init::Zeros => InitSpec::Zeros,
+        Init::Ones => InitSpec::Ones,
+        Init::Constant(c) => InitSpec::Constant(*c),
+        Init::Normal { mean, std } => InitSpec::Normal { mean: *mean, std: *std },
+        Init::Uniform { lo, hi } => InitSpec::Uniform { lo: *lo, hi: *hi },
+        Init::Xavier { gain } => InitSpec::Xavier { gain: *gain },
         Init::Computed(graph) => return computed(p, graph, shape),
     };
+    // Shared with the runtime (`tnc_runtime::init`), so bundles initialize bit for bit alike.
+    let data = init::init_values(&spec, &shape, &p.name, p.seed.unwrap_or(seed))
+        .map_err(|e| format!("parameter `{}`: {e}", p.name))?;
+    debug_assert_eq!(data.len(), n);
     Tensor::new(shape, data)
 }
 
 /// `sqrt(6 / (fan_in + fan_out))` for a `[…, fan_in, fan_out]` weight, both fans scaled
 /// by the product of the leading axes (see [`Init::Xavier`]).
 pub fn xavier_bound(shape: &[usize]) -> Result<f64, String> {
-    if shape.len() < 2 {
-        return Err(format!("Xavier initialization needs a weight of rank ≥ 2, got shape {shape:?}"));
-    }
-    let r = shape.len();
-    let lead: usize = shape[..r - 2].iter().product();
-    let fans = (shape[r - 2] + shape[r - 1]) as f64 * lead as f64;
-    if fans == 0.0 {
-        return Err("Xavier initialization of an empty weight".into());
-    }
-    Ok((6.0 / fans).sqrt())
+    init::xavier_bound(shape).map_err(|e| e.to_string())
 }
 
 fn computed(p: &ParamInfo, graph: &Graph, shape: Vec<usize>) -> Result<Tensor, String> {
