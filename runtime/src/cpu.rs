@@ -142,6 +142,9 @@ impl Buf {
     }
 }
 
+// SAFETY: a `Buf` owns its allocation exclusively, like a `Vec<u8>`.
+unsafe impl Send for Buf {}
+
 impl Drop for Buf {
     fn drop(&mut self) {
         self.free();
@@ -585,7 +588,7 @@ impl Executor {
     fn bind_inputs(&mut self, entry: &str, inputs: &[(&str, &Tensor)]) -> Result<Vec<i64>, ExecError> {
         let m = &self.manifest;
         let expected: Vec<_> = m.inputs.iter().filter(|io| io.entry == entry).collect();
-        let mut given = HashMap::new();
+        let mut given: Vec<(&str, &crate::manifest::IoEntry, &Tensor)> = Vec::new();
         for &(name, t) in inputs {
             let Some(io) = expected.iter().find(|io| io.name == name) else {
                 return Err(ExecError::Input {
@@ -596,9 +599,10 @@ impl Executor {
                     ),
                 });
             };
-            if given.insert(name, (*io, t)).is_some() {
+            if given.iter().any(|g| g.0 == name) {
                 return Err(ExecError::Input { name: name.into(), message: "given twice".into() });
             }
+            given.push((name, io, t));
             if t.dtype() != io.dtype {
                 return Err(ExecError::Input {
                     name: name.into(),
@@ -612,7 +616,7 @@ impl Executor {
                 });
             }
         }
-        if let Some(io) = expected.iter().find(|io| !given.contains_key(io.name.as_str())) {
+        if let Some(io) = expected.iter().find(|io| !given.iter().any(|g| g.0 == io.name)) {
             return Err(ExecError::Input { name: io.name.clone(), message: format!("missing (needed by `{entry}`)") });
         }
         let shape_err = |io: &crate::manifest::IoEntry, t: &Tensor, env: Option<&HashMap<&str, i64>>| {
@@ -629,7 +633,7 @@ impl Executor {
         // Sizes: explicit or previous values, overridden by dimensions that are a bare symbol.
         let mut sizes = self.sizes.clone();
         let mut from: Vec<Option<&str>> = vec![None; sizes.len()];
-        for (name, (io, t)) in given.iter().map(|(n, v)| (*n, v)) {
+        for &(name, io, t) in &given {
             if t.shape.len() != io.shape.len() {
                 return Err(shape_err(io, t, None));
             }
@@ -667,7 +671,7 @@ impl Executor {
             })
             .collect::<Result<_, _>>()?;
         let env: HashMap<&str, i64> = m.sizes.iter().map(String::as_str).zip(sizes.iter().copied()).collect();
-        for (io, t) in given.values() {
+        for &(_, io, t) in &given {
             let ok = io.shape.iter().zip(&t.shape).all(|(d, &v)| d.eval(&env).ok() == Some(v as i64));
             if !ok {
                 return Err(shape_err(io, t, Some(&env)));

@@ -624,3 +624,22 @@ fn init_matches_the_interpreter_draws() {
     assert_eq!(g, golden, "{:?}", g.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
     assert_eq!(golden[0], -1.6786880688719672);
 }
+
+#[test]
+fn documented_example_parses() {
+    let doc = include_str!("../../docs/bundle.md");
+    let start = doc.find("```json\n").expect("a json block") + 8;
+    let end = start + doc[start..].find("```").unwrap();
+    let m: Manifest = serde_json::from_str(&doc[start..end]).unwrap();
+    m.validate().unwrap();
+    assert_eq!(m.kernels[2].extent.to_string(), "64*ceil((N)/64)");
+    assert_eq!(m.kernels[2].gpu.as_ref().unwrap().grid[0], Poly::sym("B"));
+    let env = std::collections::HashMap::from([("B", 2), ("N", 65)]);
+    assert_eq!(m.buffers[5].bytes.eval(&env).unwrap(), 512);
+}
+
+#[test]
+fn executor_is_send() {
+    fn send<T: Send>() {}
+    send::<Executor>();
+}
