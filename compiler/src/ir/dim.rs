@@ -44,6 +44,11 @@ impl Dim {
         Dim { terms }
     }
 
+    /// The terms `coefficient · atom · atom …` (the constant has no atoms).
+    pub fn terms(&self) -> Vec<(i64, &[Atom])> {
+        self.terms.iter().map(|(m, c)| (*c, m.as_slice())).collect()
+    }
+
     /// The value if this size does not depend on any run-time symbol.
     pub fn as_const(&self) -> Option<i64> {
         match self.terms.len() {

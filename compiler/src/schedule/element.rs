@@ -1,0 +1,461 @@
+//! Element expressions: the value of a graph node (or of a node inside a region) at one
+//! index, built from the values of its operands. Views (reshape, broadcast, permute,
+//! slice, pad, concat) are index arithmetic; reductions and contractions open
+//! accumulation loops; values written by other kernels are loads.
+
+use super::emit::{add, bin, div, mul, rem, sub, Emitter};
+use crate::ir::{BinaryOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Region, RegionValue, TensorType, UnaryOp};
+use crate::kernel::{Access, Binary, Elem, Expr, LoopKind, Scalar, Stmt, Unary};
+use std::collections::HashMap;
+
+pub fn scalar_of(d: DType) -> Scalar {
+    match d {
+        DType::F32 => Scalar::F32,
+        DType::I32 => Scalar::I32,
+        DType::Bool => Scalar::Bool,
+    }
+}
+
+pub fn elem_of(d: DType) -> Elem {
+    match d {
+        DType::F32 => Elem::F32,
+        DType::I32 => Elem::I32,
+        DType::Bool => Elem::U8,
+    }
+}
+
+/// Where a value comes from: a graph node, or a value inside a region whose arguments are
+/// graph nodes.
+#[derive(Clone, Copy)]
+pub enum Source<'g> {
+    Node(NodeId),
+    Region { region: &'g Region, value: RegionValue, args: &'g [NodeId] },
+}
+
+pub struct Lowering<'g> {
+    pub g: &'g Graph,
+    /// Values in memory: node → global buffer id.
+    pub stored: &'g HashMap<NodeId, usize>,
+    /// Names of global buffers, for readable kernels.
+    pub names: &'g dyn Fn(usize) -> String,
+    pub e: Emitter,
+}
+
+fn key(idx: &[Expr]) -> String {
+    format!("{idx:?}")
+}
+
+impl<'g> Lowering<'g> {
+    pub fn ty(&self, s: Source<'g>) -> &'g TensorType {
+        match s {
+            Source::Node(n) => &self.g.node(n).ty,
+            Source::Region { region, value, args } => match value {
+                RegionValue::Arg(i) => &self.g.node(args[i as usize]).ty,
+                RegionValue::Node(j) => &region.nodes[j as usize].ty,
+            },
+        }
+    }
+
+    /// Row-major linear index of `idx` in `shape`.
+    pub fn linear(&mut self, idx: &[Expr], shape: &[Dim]) -> Result<Expr, String> {
+        let mut lin = Expr::I64(0);
+        let mut stride = Expr::I64(1);
+        for (i, d) in idx.iter().zip(shape).rev() {
+            lin = add(lin, mul(i.clone(), stride.clone()));
+            let size = self.e.dim(d)?;
+            stride = self.e.bind(mul(stride, size));
+        }
+        Ok(self.e.bind(lin))
+    }
+
+    /// Split a linear index into an index of `shape`.
+    pub fn unravel(&mut self, lin: Expr, shape: &[Dim]) -> Result<Vec<Expr>, String> {
+        let mut out = vec![Expr::I64(0); shape.len()];
+        let mut rest = lin;
+        for (i, d) in shape.iter().enumerate().rev() {
+            let size = self.e.dim(d)?;
+            if i == 0 {
+                out[i] = rest.clone();
+            } else {
+                out[i] = self.e.bind(rem(rest.clone(), size.clone()));
+                rest = self.e.bind(div(rest, size));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The load of a stored node at `idx`.
+    pub fn load(&mut self, n: NodeId, idx: &[Expr]) -> Result<Expr, String> {
+        let global = self.stored[&n];
+        let ty = &self.g.node(n).ty;
+        let name = (self.names)(global);
+        let b = self.e.buffer(global, &name, elem_of(ty.dtype), Access::Read);
+        let lin = self.linear(idx, &ty.shape.clone())?;
+        let load = Expr::Load { buffer: b, index: Box::new(lin) };
+        Ok(self.e.bind(load))
+    }
+
+    /// The value of `s` at `idx`: loaded if it is in memory, else computed.
+    pub fn value(&mut self, s: Source<'g>, idx: &[Expr]) -> Result<Expr, String> {
+        if let Source::Node(n) = s {
+            if self.stored.contains_key(&n) {
+                return self.load(n, idx);
+            }
+        }
+        self.compute(s, idx)
+    }
+
+    /// The value of `s` at `idx` computed from its operands (the value a kernel writes).
+    pub fn compute(&mut self, s: Source<'g>, idx: &[Expr]) -> Result<Expr, String> {
+        match s {
+            Source::Node(n) => {
+                let k = format!("n{}:{}", n.index(), key(idx));
+                if let Some(v) = self.e.memo_get(&k) {
+                    return Ok(v);
+                }
+                let node = self.g.node(n);
+                let operands: Vec<Source<'g>> = self.g.operands(n).into_iter().map(Source::Node).collect();
+                let v = self
+                    .op(&node.op, &node.ty, &operands, idx)
+                    .map_err(|e| format!("{} ({n:?}): {e}", node.op.kind()))?;
+                let v = self.e.bind(v);
+                self.e.memo_put(k, v.clone());
+                Ok(v)
+            }
+            Source::Region { region, value, args } => match value {
+                RegionValue::Arg(i) => self.value(Source::Node(args[i as usize]), idx),
+                RegionValue::Node(j) => {
+                    let k = format!("r{:p}/{j}/{args:?}:{}", region as *const Region, key(idx));
+                    if let Some(v) = self.e.memo_get(&k) {
+                        return Ok(v);
+                    }
+                    let rn = &region.nodes[j as usize];
+                    let operands: Vec<Source<'g>> =
+                        rn.operands.iter().map(|&v| Source::Region { region, value: v, args }).collect();
+                    let v = self.op(&rn.op, &rn.ty, &operands, idx)?;
+                    let v = self.e.bind(v);
+                    self.e.memo_put(k, v.clone());
+                    Ok(v)
+                }
+            },
+        }
+    }
+
+    fn op(&mut self, op: &Op, ty: &TensorType, xs: &[Source<'g>], idx: &[Expr]) -> Result<Expr, String> {
+        let s = scalar_of(ty.dtype);
+        Ok(match op {
+            Op::Constant { value, dtype } => match dtype {
+                DType::F32 => Expr::F32(value.get() as f32),
+                DType::I32 => Expr::Cast(Scalar::I32, Box::new(Expr::I64(value.get() as i64))),
+                DType::Bool => Expr::Bool(value.get() != 0.0),
+            },
+            Op::Iota { .. } => Expr::Cast(s, Box::new(idx[0].clone())),
+            Op::SizeOf { size, .. } => Expr::Cast(s, Box::new(self.e.dim(size)?)),
+            Op::Unary(u) => {
+                let x = self.value(xs[0], idx)?;
+                unary(*u, x, s)
+            }
+            Op::Binary(b) => {
+                let x = self.value(xs[0], idx)?;
+                let y = self.value(xs[1], idx)?;
+                binary(*b, x, y)
+            }
+            Op::Select => {
+                let c = self.value(xs[0], idx)?;
+                let a = self.value(xs[1], idx)?;
+                let b = self.value(xs[2], idx)?;
+                Expr::Select(Box::new(c), Box::new(a), Box::new(b))
+            }
+            Op::Cast { to } => {
+                let x = self.value(xs[0], idx)?;
+                Expr::Cast(scalar_of(*to), Box::new(x))
+            }
+            Op::Reduce { op, axes } => {
+                let input = self.ty(xs[0]).clone();
+                let init = match (op, input.dtype) {
+                    (ReduceOp::Sum, DType::F32) => Expr::F32(0.0),
+                    (ReduceOp::Max, DType::F32) => Expr::F32(f32::NEG_INFINITY),
+                    (ReduceOp::Min, DType::F32) => Expr::F32(f32::INFINITY),
+                    (ReduceOp::Sum, _) => Expr::Cast(Scalar::I32, Box::new(Expr::I64(0))),
+                    (ReduceOp::Max, _) => Expr::Cast(Scalar::I32, Box::new(Expr::I64(i32::MIN as i64))),
+                    (ReduceOp::Min, _) => Expr::Cast(Scalar::I32, Box::new(Expr::I64(i32::MAX as i64))),
+                };
+                let combine = match op {
+                    ReduceOp::Sum => Binary::Add,
+                    ReduceOp::Max => Binary::Max,
+                    ReduceOp::Min => Binary::Min,
+                };
+                let extents: Vec<Dim> = axes.iter().map(|&a| input.shape[a].clone()).collect();
+                self.accumulate(s, init, combine, idx, &extents, |lw, loops| {
+                    let mut full = Vec::with_capacity(input.rank());
+                    let (mut k, mut r) = (0, 0);
+                    for a in 0..input.rank() {
+                        if axes.contains(&a) {
+                            full.push(Expr::Var(loops[r]));
+                            r += 1;
+                        } else {
+                            full.push(idx[k].clone());
+                            k += 1;
+                        }
+                    }
+                    lw.value(xs[0], &full)
+                })?
+            }
+            Op::Einsum(spec) => {
+                let mut letter_idx: HashMap<u8, Expr> = HashMap::new();
+                for (l, i) in spec.output.iter().zip(idx) {
+                    letter_idx.insert(*l, i.clone());
+                }
+                let mut summed: Vec<(u8, Dim)> = Vec::new();
+                for (letters, x) in spec.inputs.iter().zip(xs) {
+                    let t = self.ty(*x).clone();
+                    for (l, d) in letters.iter().zip(&t.shape) {
+                        if !spec.output.contains(l) && !summed.iter().any(|(s, _)| s == l) {
+                            summed.push((*l, d.clone()));
+                        }
+                    }
+                }
+                let extents: Vec<Dim> = summed.iter().map(|(_, d)| d.clone()).collect();
+                let product = |lw: &mut Lowering<'g>, loops: &[crate::kernel::Var]| -> Result<Expr, String> {
+                    let mut map = letter_idx.clone();
+                    for ((l, _), v) in summed.iter().zip(loops) {
+                        map.insert(*l, Expr::Var(*v));
+                    }
+                    let mut prod: Option<Expr> = None;
+                    for (letters, x) in spec.inputs.iter().zip(xs) {
+                        let at: Vec<Expr> = letters.iter().map(|l| map[l].clone()).collect();
+                        let v = lw.value(*x, &at)?;
+                        prod = Some(match prod {
+                            None => v,
+                            Some(p) => bin(Binary::Mul, p, v),
+                        });
+                    }
+                    Ok(prod.expect("an einsum has an operand"))
+                };
+                if summed.is_empty() {
+                    product(self, &[])?
+                } else {
+                    self.accumulate(Scalar::F32, Expr::F32(0.0), Binary::Add, idx, &extents, product)?
+                }
+            }
+            Op::Reshape { shape } => {
+                let from = self.ty(xs[0]).shape.clone();
+                let at = if squeeze_only(&from, shape) {
+                    // Only size-1 axes inserted or removed: map the other axes directly.
+                    let kept: Vec<Expr> = idx
+                        .iter()
+                        .zip(shape)
+                        .filter(|(_, d)| d.as_const() != Some(1))
+                        .map(|(i, _)| i.clone())
+                        .collect();
+                    let mut it = kept.into_iter();
+                    from.iter()
+                        .map(|d| if d.as_const() == Some(1) { Expr::I64(0) } else { it.next().unwrap_or(Expr::I64(0)) })
+                        .collect()
+                } else {
+                    let lin = self.linear(idx, shape)?;
+                    self.unravel(lin, &from)?
+                };
+                self.value(xs[0], &at)?
+            }
+            Op::Broadcast { shape } => {
+                let from = self.ty(xs[0]).shape.clone();
+                let at: Vec<Expr> = from
+                    .iter()
+                    .zip(shape)
+                    .zip(idx)
+                    .map(
+                        |((f, t), i)| {
+                            if f.as_const() == Some(1) && t.as_const() != Some(1) {
+                                Expr::I64(0)
+                            } else {
+                                i.clone()
+                            }
+                        },
+                    )
+                    .collect();
+                self.value(xs[0], &at)?
+            }
+            Op::Permute { perm } => {
+                let mut at = vec![Expr::I64(0); perm.len()];
+                for (i, &p) in perm.iter().enumerate() {
+                    at[p] = idx[i].clone();
+                }
+                self.value(xs[0], &at)?
+            }
+            Op::Slice { axis, start, .. } => {
+                let mut at = idx.to_vec();
+                at[*axis] = self.e.bind(add(idx[*axis].clone(), self.e.dim(start)?));
+                self.value(xs[0], &at)?
+            }
+            Op::Pad { axis, before, .. } => {
+                let size = self.ty(xs[0]).shape[*axis].clone();
+                let j = self.e.bind(sub(idx[*axis].clone(), self.e.dim(before)?));
+                let n = self.e.dim(&size)?;
+                let inside =
+                    bin(Binary::And, bin(Binary::Ge, j.clone(), Expr::I64(0)), bin(Binary::Lt, j.clone(), n.clone()));
+                let inside = self.e.bind(inside);
+                // Clamped so that the load is in bounds even where the value is unused.
+                let clamped = bin(Binary::Max, bin(Binary::Min, j, sub(n, Expr::I64(1))), Expr::I64(0));
+                let mut at = idx.to_vec();
+                at[*axis] = self.e.bind(clamped);
+                let v = self.value(xs[0], &at)?;
+                Expr::Select(Box::new(inside), Box::new(v), Box::new(zero(s)))
+            }
+            Op::Concat { axis } => {
+                let mut result: Option<Expr> = None;
+                let mut offset = Expr::I64(0);
+                let mut parts = Vec::new();
+                for x in xs {
+                    let size = self.e.dim(&self.ty(*x).shape[*axis].clone())?;
+                    let j = self.e.bind(sub(idx[*axis].clone(), offset.clone()));
+                    let clamped =
+                        bin(Binary::Max, bin(Binary::Min, j.clone(), sub(size.clone(), Expr::I64(1))), Expr::I64(0));
+                    let mut at = idx.to_vec();
+                    at[*axis] = self.e.bind(clamped);
+                    let v = self.value(*x, &at)?;
+                    parts.push((bin(Binary::Lt, j, size.clone()), v));
+                    offset = self.e.bind(add(offset, size));
+                }
+                for (cond, v) in parts.into_iter().rev() {
+                    result = Some(match result {
+                        None => v,
+                        Some(r) => Expr::Select(Box::new(cond), Box::new(v), Box::new(r)),
+                    });
+                }
+                result.ok_or("concat of nothing")?
+            }
+            Op::Gather => {
+                let index_ty = self.ty(xs[1]).clone();
+                let table = self.ty(xs[0]).clone();
+                let k = index_ty.rank();
+                let row = self.value(xs[1], &idx[..k])?;
+                let rows = self.e.dim(&table.shape[0])?;
+                // Out-of-range ids are clamped (the interpreter reports them as errors).
+                let row = bin(
+                    Binary::Max,
+                    bin(Binary::Min, Expr::Cast(Scalar::I64, Box::new(row)), sub(rows, Expr::I64(1))),
+                    Expr::I64(0),
+                );
+                let mut at = vec![self.e.bind(row)];
+                at.extend(idx[k..].iter().cloned());
+                self.value(xs[0], &at)?
+            }
+            Op::Dropout { rate, salt } => {
+                let x = self.value(xs[0], idx)?;
+                let lin = self.linear(idx, &ty.shape.clone())?;
+                let keep = Expr::DropoutKeep {
+                    seed: Box::new(self.e.size("seed")?),
+                    salt: *salt,
+                    index: Box::new(lin),
+                    step: Box::new(self.e.size("step")?),
+                    rate: rate.get(),
+                };
+                let scaled = bin(Binary::Mul, x.clone(), Expr::F32((1.0 / (1.0 - rate.get())) as f32));
+                let dropped = Expr::Select(Box::new(keep), Box::new(scaled), Box::new(Expr::F32(0.0)));
+                // The `train` argument switches dropout on; evaluation passes 0.
+                let train = bin(Binary::Ne, self.e.size("train")?, Expr::I64(0));
+                Expr::Select(Box::new(train), Box::new(dropped), Box::new(x))
+            }
+            other => return Err(format!("`{}` must be computed by its own kernel", other.kind())),
+        })
+    }
+
+    /// `acc = init; for loops… { acc = combine(acc, body) }`, placed at the outermost
+    /// level where `idx` is known, so a row's reduction runs once per row.
+    pub fn accumulate(
+        &mut self,
+        ty: Scalar,
+        init: Expr,
+        combine: Binary,
+        idx: &[Expr],
+        extents: &[Dim],
+        body: impl FnOnce(&mut Lowering<'g>, &[crate::kernel::Var]) -> Result<Expr, String>,
+    ) -> Result<Expr, String> {
+        let level = idx.iter().map(|i| self.e.level_of(i)).max().unwrap_or(0);
+        let acc = self.e.accumulator(level, ty, init);
+        let saved = self.e.enter(level);
+        let mut loops = Vec::new();
+        let mut ext = Vec::new();
+        for d in extents {
+            ext.push(self.e.dim(d)?);
+            loops.push(self.e.open());
+        }
+        let v = body(self, &loops)?;
+        self.e.push(Stmt::Assign { var: acc, value: bin(combine, Expr::Var(acc), v) });
+        for (var, extent) in loops.into_iter().zip(ext).rev() {
+            self.e.close(var, extent, LoopKind::Serial);
+        }
+        self.e.leave(saved);
+        Ok(Expr::Var(acc))
+    }
+}
+
+fn zero(s: Scalar) -> Expr {
+    match s {
+        Scalar::F32 => Expr::F32(0.0),
+        Scalar::Bool => Expr::Bool(false),
+        other => Expr::Cast(other, Box::new(Expr::I64(0))),
+    }
+}
+
+/// Does a reshape only insert or remove axes of size 1?
+fn squeeze_only(a: &[Dim], b: &[Dim]) -> bool {
+    let strip = |s: &[Dim]| -> Vec<Dim> { s.iter().filter(|d| d.as_const() != Some(1)).cloned().collect() };
+    strip(a) == strip(b)
+}
+
+pub fn unary(u: UnaryOp, x: Expr, s: Scalar) -> Expr {
+    let f = |v: f32| Expr::F32(v);
+    let un = |op: Unary, e: Expr| Expr::Unary(op, Box::new(e));
+    match u {
+        UnaryOp::Neg => un(Unary::Neg, x),
+        UnaryOp::Exp => un(Unary::Exp, x),
+        UnaryOp::Log => un(Unary::Log, x),
+        UnaryOp::Sqrt => un(Unary::Sqrt, x),
+        UnaryOp::Rsqrt => un(Unary::Rsqrt, x),
+        UnaryOp::Recip => un(Unary::Recip, x),
+        UnaryOp::Abs => un(Unary::Abs, x),
+        UnaryOp::Tanh => un(Unary::Tanh, x),
+        UnaryOp::Sin => un(Unary::Sin, x),
+        UnaryOp::Cos => un(Unary::Cos, x),
+        UnaryOp::Not => un(Unary::Not, x),
+        UnaryOp::Relu => {
+            // NaN stays NaN, as in the interpreter: x where x > 0 or x is NaN, else 0.
+            let keep = bin(Binary::Or, bin(Binary::Gt, x.clone(), f(0.0)), bin(Binary::Ne, x.clone(), x.clone()));
+            Expr::Select(Box::new(keep), Box::new(x), Box::new(zero(s)))
+        }
+        UnaryOp::Elu => Expr::Select(
+            Box::new(bin(Binary::Gt, x.clone(), f(0.0))),
+            Box::new(x.clone()),
+            Box::new(bin(Binary::Sub, un(Unary::Exp, x), f(1.0))),
+        ),
+        UnaryOp::Sigmoid => bin(Binary::Div, f(1.0), bin(Binary::Add, f(1.0), un(Unary::Exp, un(Unary::Neg, x)))),
+        UnaryOp::Silu => bin(
+            Binary::Mul,
+            x.clone(),
+            bin(Binary::Div, f(1.0), bin(Binary::Add, f(1.0), un(Unary::Exp, un(Unary::Neg, x)))),
+        ),
+    }
+}
+
+pub fn binary(b: BinaryOp, x: Expr, y: Expr) -> Expr {
+    let op = match b {
+        BinaryOp::Add => Binary::Add,
+        BinaryOp::Sub => Binary::Sub,
+        BinaryOp::Mul => Binary::Mul,
+        BinaryOp::Div => Binary::Div,
+        BinaryOp::Pow => Binary::Pow,
+        BinaryOp::Max => Binary::Max,
+        BinaryOp::Min => Binary::Min,
+        BinaryOp::Lt => Binary::Lt,
+        BinaryOp::Le => Binary::Le,
+        BinaryOp::Gt => Binary::Gt,
+        BinaryOp::Ge => Binary::Ge,
+        BinaryOp::Eq => Binary::Eq,
+        BinaryOp::Ne => Binary::Ne,
+        BinaryOp::And => Binary::And,
+        BinaryOp::Or => Binary::Or,
+    };
+    bin(op, x, y)
+}

@@ -1,0 +1,275 @@
+//! `schedule`: lower every fused group to kernels of the kernel IR, and the program that
+//! runs them — which kernel, on which buffers, in the `forward` or `backward` entry.
+//!
+//! Each group becomes:
+//! - one kernel per op that needs a loop structure of its own (scans and the normal-form
+//!   ops: linear attention's chunked scan, block attention, the fused cross-entropy,
+//!   scatter-add), writing its value to memory (a workspace buffer when the value is
+//!   internal to the group);
+//! - one kernel per "row space" of the group's other outputs: the parallel index runs
+//!   over all axes but the last, an inner vector loop over the last, and every value is
+//!   an element expression of the group's ops (see `element.rs`). Reductions over the
+//!   last axis are computed once per row by the emitter's placement rule.
+//!
+//! Identical kernels (the same layer, unrolled L times) are kept once.
+
+mod element;
+mod emit;
+pub mod run;
+mod special;
+
+use crate::fusion::FusionPlan;
+use crate::ir::{Dim, Graph, NodeId, Op};
+use crate::kernel::{print::to_text, Access, Expr, Kernel, LoopKind, Stmt};
+use crate::memory::{MemClass, MemoryPlan};
+use element::{elem_of, Lowering, Source};
+use std::collections::{HashMap, HashSet};
+
+pub use element::scalar_of;
+
+/// What a buffer holds, for the manifest and the runtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Activation,
+    Param,
+    Grad,
+    Input,
+    Output,
+    Workspace,
+}
+
+#[derive(Clone, Debug)]
+pub struct BufferInfo {
+    pub bytes: Dim,
+    pub role: Role,
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Entry {
+    Forward,
+    Backward,
+}
+
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub kernel: usize,
+    /// Global buffer id for each of the kernel's buffers.
+    pub buffers: Vec<usize>,
+    pub entry: Entry,
+}
+
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    pub kernels: Vec<Kernel>,
+    pub buffers: Vec<BufferInfo>,
+    pub steps: Vec<Step>,
+    /// Run-time arguments of every kernel: size symbols then scalars.
+    pub sizes: Vec<String>,
+    pub scalars: Vec<String>,
+    /// The buffer holding each parameter, input and output.
+    pub params: Vec<usize>,
+    pub inputs: Vec<usize>,
+    pub outputs: Vec<(String, usize)>,
+}
+
+/// Ops that get a kernel of their own.
+fn is_special(op: &Op) -> bool {
+    matches!(op, Op::Scan { .. }) || op.is_normal_form() || op.kind() == "scatter_add"
+}
+
+/// Size symbols of a graph (from its inputs and every shape), sorted.
+fn symbols(g: &Graph) -> Vec<String> {
+    let mut s: Vec<String> = g.dag.node_weights().flat_map(|n| n.ty.shape.iter().flat_map(|d| d.symbols())).collect();
+    s.sort();
+    s.dedup();
+    s
+}
+
+pub fn schedule(g: &Graph, plan: &FusionPlan, mem: &MemoryPlan) -> Result<Schedule, String> {
+    let mut sizes = symbols(g);
+    // Dropout's seed and step, and whether to apply it (1 in training, 0 in evaluation).
+    let scalars = vec!["seed".to_string(), "step".to_string(), "train".to_string()];
+    let all_args: Vec<String> = sizes.iter().chain(&scalars).cloned().collect();
+    let mut buffers: Vec<BufferInfo> = mem
+        .buffers
+        .iter()
+        .map(|b| BufferInfo {
+            bytes: b.bytes.clone(),
+            role: match b.class {
+                MemClass::Activation => Role::Activation,
+                MemClass::Parameter => Role::Param,
+                MemClass::Gradient => Role::Grad,
+                MemClass::Workspace => Role::Workspace,
+            },
+            name: None,
+        })
+        .collect();
+    let mut stored: HashMap<NodeId, usize> = HashMap::new();
+    for v in &mem.values {
+        stored.insert(v.node, v.buffer);
+    }
+    let buffer_of = |n: NodeId, stored: &HashMap<NodeId, usize>| -> Result<usize, String> {
+        stored.get(&n).copied().ok_or_else(|| format!("no buffer for {n:?} ({})", g.node(n).op.kind()))
+    };
+    let params = g.params.iter().map(|p| buffer_of(p.node, &stored)).collect::<Result<Vec<_>, _>>()?;
+    let inputs = g.inputs.iter().map(|i| buffer_of(i.node, &stored)).collect::<Result<Vec<_>, _>>()?;
+    let outputs = g
+        .outputs
+        .iter()
+        .map(|(n, id)| Ok((n.clone(), buffer_of(*id, &stored)?)))
+        .collect::<Result<Vec<_>, String>>()?;
+    for (i, p) in g.params.iter().enumerate() {
+        buffers[params[i]].name = Some(p.name.clone());
+    }
+    for (i, inp) in g.inputs.iter().enumerate() {
+        buffers[inputs[i]].role = Role::Input;
+        buffers[inputs[i]].name = Some(inp.name.clone());
+    }
+    for (name, b) in &outputs {
+        if !name.starts_with("grad.") {
+            buffers[*b].role = Role::Output;
+        }
+        buffers[*b].name = Some(name.clone());
+    }
+
+    // Values the forward entry must produce: everything the non-gradient outputs need.
+    let forward: HashSet<NodeId> = {
+        let mut seen = HashSet::new();
+        let mut stack: Vec<NodeId> =
+            g.outputs.iter().filter(|(n, _)| !n.starts_with("grad.")).map(|(_, id)| *id).collect();
+        while let Some(n) = stack.pop() {
+            if seen.insert(n) {
+                stack.extend(g.operands(n));
+            }
+        }
+        seen
+    };
+
+    let mut out = Program { kernels: Vec::new(), text: HashMap::new(), steps: Vec::new() };
+    for (gi, group) in plan.groups.iter().enumerate() {
+        let entry = if group.nodes.iter().any(|n| forward.contains(n)) { Entry::Forward } else { Entry::Backward };
+        // Ops with kernels of their own first, each writing its value to memory.
+        for &n in group.nodes.iter().filter(|&&n| is_special(&g.node(n).op)) {
+            if !stored.contains_key(&n) {
+                let bytes = crate::fusion::value_bytes(g, n).ok_or("size overflow")?;
+                buffers.push(BufferInfo { bytes, role: Role::Workspace, name: None });
+                stored.insert(n, buffers.len() - 1);
+            }
+            let names = |b: usize| format!("b{b}");
+            let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
+            let (kernel, bindings) = special::kernel(&mut lw, n, format!("g{gi}_{}", g.node(n).op.kind()))
+                .map_err(|e| format!("group {gi}: {e}"))?;
+            drop(lw);
+            out.add(kernel, bindings, entry);
+        }
+        // The other outputs, one kernel per row space.
+        let rest: Vec<NodeId> = group.outputs.iter().copied().filter(|&n| !is_special(&g.node(n).op)).collect();
+        let mut classes: Vec<(Vec<Dim>, Vec<NodeId>)> = Vec::new();
+        for n in rest {
+            let shape = &g.ty(n).shape;
+            let rows = shape[..shape.len().saturating_sub(1)].to_vec();
+            match classes.iter_mut().find(|(r, _)| *r == rows) {
+                Some((_, v)) => v.push(n),
+                None => classes.push((rows, vec![n])),
+            }
+        }
+        // Within the group, its own outputs are computed, never read back: a kernel cannot
+        // read what it (or a later kernel of the group) has not written yet.
+        let mut reads = stored.clone();
+        for n in group.outputs.iter().filter(|&&n| !is_special(&g.node(n).op)) {
+            reads.remove(n);
+        }
+        for (ci, (rows, values)) in classes.into_iter().enumerate() {
+            let names = |b: usize| format!("b{b}");
+            let mut lw = Lowering { g, stored: &reads, names: &names, e: emit::Emitter::new(&all_args) };
+            let kernel_name = format!("g{gi}_{}_{ci}", group.kind.name());
+            let (kernel, bindings) =
+                rows_kernel(&mut lw, &stored, &rows, &values, kernel_name).map_err(|e| format!("group {gi}: {e}"))?;
+            drop(lw);
+            out.add(kernel, bindings, entry);
+        }
+    }
+    sizes.shrink_to_fit();
+    Ok(Schedule { kernels: out.kernels, buffers, steps: out.steps, sizes, scalars, params, inputs, outputs })
+}
+
+/// Kernels deduplicated by text (modulo name) and the steps that launch them.
+struct Program {
+    kernels: Vec<Kernel>,
+    text: HashMap<String, usize>,
+    steps: Vec<Step>,
+}
+
+impl Program {
+    fn add(&mut self, kernel: Kernel, buffers: Vec<usize>, entry: Entry) {
+        let body = to_text(&Kernel { name: String::new(), ..kernel.clone() });
+        let k = *self.text.entry(body).or_insert_with(|| {
+            self.kernels.push(kernel);
+            self.kernels.len() - 1
+        });
+        self.steps.push(Step { kernel: k, buffers, entry });
+    }
+}
+
+/// A kernel computing `values` (all with the row space `rows`) element by element.
+fn rows_kernel(
+    lw: &mut Lowering,
+    stored: &HashMap<NodeId, usize>,
+    rows: &[Dim],
+    values: &[NodeId],
+    name: String,
+) -> Result<(Kernel, Vec<usize>), String> {
+    let g = lw.g;
+    let row_idx = lw.unravel(Expr::Var(lw.e.index), rows)?;
+    // One inner loop per distinct last-axis size.
+    let mut inner: Vec<(Option<Dim>, Vec<NodeId>)> = Vec::new();
+    for &n in values {
+        let last = g.ty(n).shape.last().cloned().filter(|_| g.ty(n).rank() > 0);
+        match inner.iter_mut().find(|(d, _)| *d == last) {
+            Some((_, v)) => v.push(n),
+            None => inner.push((last, vec![n])),
+        }
+    }
+    for (last, nodes) in inner {
+        let (var, extent) = match &last {
+            Some(d) => {
+                let extent = lw.e.dim(d)?;
+                (Some(lw.e.open()), extent)
+            }
+            None => (None, Expr::I64(1)),
+        };
+        for n in nodes {
+            let mut idx = row_idx.clone();
+            if let Some(v) = var {
+                idx.push(Expr::Var(v));
+            }
+            let value = lw.compute(Source::Node(n), &idx)?;
+            let global = *stored.get(&n).ok_or("an output has no buffer")?;
+            let ty = g.ty(n).clone();
+            let b = lw.e.buffer(global, &format!("b{global}"), elem_of(ty.dtype), Access::Write);
+            let lin = lw.linear(&idx, &ty.shape)?;
+            lw.e.push(Stmt::Store { buffer: b, index: lin, value });
+        }
+        if let Some(v) = var {
+            lw.e.close(v, extent, LoopKind::Vector);
+        }
+    }
+    let mut extent = Expr::I64(1);
+    for d in rows {
+        extent = emit::mul(extent, lw.e.dim(d)?);
+    }
+    finish(lw, name, extent)
+}
+
+/// Package the emitter's statements as a kernel.
+pub(crate) fn finish(lw: &mut Lowering, name: String, extent: Expr) -> Result<(Kernel, Vec<usize>), String> {
+    let e = std::mem::replace(&mut lw.e, emit::Emitter::new(&[]));
+    let sizes = e.sizes_list();
+    let (body, buffers, bindings, index) = e.finish();
+    let n_sym = sizes.iter().take_while(|s| *s != "seed").count();
+    Ok((
+        Kernel { name, buffers, sizes: sizes[..n_sym].to_vec(), scalars: sizes[n_sym..].to_vec(), index, extent, body },
+        bindings,
+    ))
+}

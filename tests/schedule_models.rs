@@ -1,0 +1,73 @@
+//! `schedule`: every model, fused and lowered to kernels, run by the reference kernel
+//! executor (f32, buffers NaN-filled first), matches the graph interpreter (f64) in the
+//! loss and every gradient within 1e-4 relative L2, at several lengths (N = 2, N not a
+//! multiple of the block or chunk, B = 3), one schedule for every length. (N = 1 leaves
+//! a language model no token to predict: its loss is a mean over nothing.)
+
+mod common;
+use common::*;
+use std::collections::HashMap;
+use tnc_compiler::interp::{compare, evaluate, EvalOptions, Tensor};
+use tnc_compiler::ir::Graph;
+use tnc_compiler::{fusion, memory, passes, schedule};
+
+fn tiny(path: &std::path::Path) -> Graph {
+    let (sources, g) = elaborate_path(path, &tiny_sets(path));
+    g.unwrap_or_else(|d| panic!("{}", d.render(&sources)))
+}
+
+/// The pipeline, optionally without `recognize` (to exercise the generic lowering of
+/// every primitive op, scans included).
+fn optimize(g: Graph, recognize: bool) -> Graph {
+    let mut g = g;
+    for p in passes::pipeline() {
+        if p.name() == "recognize" && !recognize {
+            continue;
+        }
+        g = p.run(g).unwrap_or_else(|d| panic!("{}: {}", p.name(), d.message));
+    }
+    g
+}
+
+fn check(path: &std::path::Path, recognize: bool) {
+    let g = tiny(path);
+    let reference = passes::differentiate_loss(g.clone()).unwrap();
+    let optimized = optimize(g, recognize);
+    let plan = fusion::fuse(&optimized).unwrap();
+    let mem = memory::plan_memory(&optimized, &plan).unwrap();
+    let s = schedule::schedule(&optimized, &plan, &mem).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let params = perturbed_params(&reference, 5);
+    let vocab =
+        reference.params.iter().find(|p| p.name == "embedding").unwrap().ty.shape[0].as_const().unwrap() as usize;
+    for (b, n) in [(3usize, 6usize), (2, 13), (1, 2)] {
+        let tokens = token_tensor(b, n, vocab, n as u64);
+        let inputs = HashMap::from([("tokens".to_string(), tokens.clone())]);
+        // Evaluation, and training with dropout masks drawn from (seed, step).
+        let dropout = if n == 6 { Some((7, 3)) } else { None };
+        let opts = EvalOptions { dropout, ..EvalOptions::default() };
+        let want = evaluate(&reference, &inputs, &params, &opts).unwrap().outputs(&reference);
+        let sizes = HashMap::from([("B".to_string(), b as i64), ("N".to_string(), n as i64)]);
+        let got = schedule::run::run(&s, &sizes, &[tokens], &params, dropout)
+            .unwrap_or_else(|e| panic!("{} B={b} N={n}: {e}", path.display()));
+        for (name, w) in want {
+            let mut t: Tensor = got[&name].clone();
+            t.shape = w.shape.clone();
+            let c = compare(&t, &w);
+            // Relative L2 for every tensor; gradients that are zero up to f32 rounding
+            // (|g| < 1e-6 everywhere) only need to be as small.
+            let tiny = w.data.iter().all(|x| x.abs() < 1e-6) && c.max_abs < 1e-6;
+            assert!(
+                c.within(1e-4) || (tiny && !c.has_nan),
+                "{} (recognize: {recognize}) B={b} N={n} `{name}`: {c:?}",
+                path.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn generic_lowering_of_every_model_matches_the_interpreter() {
+    for path in model_files() {
+        check(&path, false);
+    }
+}
