@@ -10,3 +10,4 @@ pub mod ir;
 pub mod kernel;
 pub mod memory;
 pub mod passes;
+pub mod schedule;
