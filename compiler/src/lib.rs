@@ -2,6 +2,7 @@
 //! passes and code generation. See `../shared/DESIGN.md` for the pipeline.
 
 pub mod autodiff;
+pub mod backend;
 pub mod elab;
 pub mod frontend;
 pub mod fusion;

@@ -1,0 +1,178 @@
+//! The LLVM back end for CPUs: kernel IR → LLVM IR ([`writer`]) → O3 → a native object,
+//! then `cc -shared` links objects into `kernels.so`.
+//!
+//! LLVM is driven defensively: a diagnostic handler collects errors instead of letting
+//! LLVM's default handler exit the process, and every module is verified before it is
+//! optimized or compiled (Debian's LLVM has no assertions, so invalid IR could crash
+//! code generation). Every failure is an `Err(String)`.
+
+pub mod writer;
+
+use super::target::CpuTarget;
+use crate::kernel::Kernel;
+use inkwell::context::Context;
+use inkwell::llvm_sys::core::{LLVMContextSetDiagnosticHandler, LLVMDisposeMessage};
+use inkwell::llvm_sys::core::{LLVMGetDiagInfoDescription, LLVMGetDiagInfoSeverity};
+use inkwell::llvm_sys::prelude::LLVMDiagnosticInfoRef;
+use inkwell::llvm_sys::LLVMDiagnosticSeverity;
+use inkwell::module::Module;
+use inkwell::passes::PassBuilderOptions;
+use inkwell::targets::{CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetMachine, TargetTriple};
+use inkwell::OptimizationLevel;
+use std::ffi::{c_void, CStr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, Once};
+pub use writer::FnAttrs;
+
+fn init_targets() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        Target::initialize_x86(&InitializationConfig::default());
+        Target::initialize_nvptx(&InitializationConfig::default());
+    });
+}
+
+/// Errors LLVM reported through the context's diagnostic handler.
+type Diagnostics = Mutex<Vec<String>>;
+
+extern "C" fn diagnostic_handler(info: LLVMDiagnosticInfoRef, sink: *mut c_void) {
+    // SAFETY: `sink` is the `Diagnostics` installed with the handler, which outlives the
+    // context (see `with_module`); LLVM passes a valid `info`.
+    unsafe {
+        if LLVMGetDiagInfoSeverity(info) != LLVMDiagnosticSeverity::LLVMDSError {
+            return;
+        }
+        let d = LLVMGetDiagInfoDescription(info);
+        let msg = if d.is_null() {
+            "unknown LLVM error".to_string()
+        } else {
+            CStr::from_ptr(d).to_string_lossy().into_owned()
+        };
+        if !d.is_null() {
+            LLVMDisposeMessage(d);
+        }
+        if let Ok(mut v) = (*(sink as *const Diagnostics)).lock() {
+            v.push(msg);
+        }
+    }
+}
+
+fn check_diagnostics(diags: &Diagnostics) -> Result<(), String> {
+    let v = diags.lock().map_err(|_| "LLVM diagnostics lock poisoned".to_string())?;
+    if v.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("LLVM: {}", v.join("; ")))
+    }
+}
+
+/// The target machine for `target`: O3, position-independent code (for a shared object).
+pub fn target_machine(target: &CpuTarget) -> Result<TargetMachine, String> {
+    init_targets();
+    let triple = TargetTriple::create(&target.triple);
+    let t = Target::from_triple(&triple).map_err(|e| format!("LLVM target `{}`: {e}", target.triple))?;
+    t.create_target_machine(
+        &triple,
+        &target.cpu,
+        &target.features,
+        OptimizationLevel::Aggressive,
+        RelocMode::PIC,
+        CodeModel::Default,
+    )
+    .ok_or_else(|| format!("LLVM cannot create a target machine for `{}` ({})", target.triple, target.cpu))
+}
+
+/// The function attributes kernels get for `target`.
+pub fn fn_attrs(target: &CpuTarget) -> FnAttrs {
+    FnAttrs {
+        cpu: target.cpu.clone(),
+        features: target.features.clone(),
+        prefer_vector_width: target.has_avx512().then_some(512),
+    }
+}
+
+/// Build a verified module of `kernels` for `target`, optionally run O3 on it, and hand it
+/// with its target machine to `f`.
+fn with_module<R>(
+    kernels: &[Kernel],
+    target: &CpuTarget,
+    optimize: bool,
+    f: impl FnOnce(&Module, &TargetMachine) -> Result<R, String>,
+) -> Result<R, String> {
+    let tm = target_machine(target)?;
+    // Declared before the context, so dropped after it.
+    let diags: Box<Diagnostics> = Box::new(Mutex::new(Vec::new()));
+    let ctx = Context::create();
+    unsafe {
+        LLVMContextSetDiagnosticHandler(
+            ctx.raw(),
+            Some(diagnostic_handler),
+            &*diags as *const Diagnostics as *mut c_void,
+        )
+    };
+    let module = ctx.create_module("tnc_kernels");
+    module.set_triple(&tm.get_triple());
+    module.set_data_layout(&tm.get_target_data().get_data_layout());
+    let attrs = fn_attrs(target);
+    for k in kernels {
+        writer::write_kernel(&ctx, &module, k, &attrs)?;
+    }
+    module.verify().map_err(|e| format!("LLVM verifier: {}", e.to_string().trim()))?;
+    check_diagnostics(&diags)?;
+    if optimize {
+        module.run_passes("default<O3>", &tm, PassBuilderOptions::create()).map_err(|e| format!("LLVM O3: {e}"))?;
+        check_diagnostics(&diags)?;
+    }
+    let r = f(&module, &tm)?;
+    check_diagnostics(&diags)?;
+    Ok(r)
+}
+
+/// A native object file (ELF) defining one function per kernel, named as the kernel.
+pub fn emit_object(kernels: &[Kernel], target: &CpuTarget) -> Result<Vec<u8>, String> {
+    with_module(kernels, target, true, |m, tm| {
+        let buf = tm.write_to_memory_buffer(m, FileType::Object).map_err(|e| format!("LLVM codegen: {e}"))?;
+        Ok(buf.as_slice().to_vec())
+    })
+}
+
+/// The LLVM IR of `kernels`, after O3 when `optimized`, else as the writer produced it.
+pub fn emit_llvm_ir(kernels: &[Kernel], target: &CpuTarget, optimized: bool) -> Result<String, String> {
+    with_module(kernels, target, optimized, |m, _| Ok(m.print_to_string().to_string()))
+}
+
+/// The assembly LLVM generates for `kernels` (after O3).
+pub fn emit_asm(kernels: &[Kernel], target: &CpuTarget) -> Result<String, String> {
+    with_module(kernels, target, true, |m, tm| {
+        let buf = tm.write_to_memory_buffer(m, FileType::Assembly).map_err(|e| format!("LLVM codegen: {e}"))?;
+        Ok(String::from_utf8_lossy(buf.as_slice()).into_owned())
+    })
+}
+
+/// Link objects into a shared object with the system C compiler driver (`$CC`, default
+/// `cc`): `cc -shared -o out objects... -lm`. Generated code calls libm (expf, logf,
+/// tanhf, ...), hence `-lm`. The driver is only used to link.
+pub fn link_shared(objects: &[PathBuf], out: &Path) -> Result<(), String> {
+    let cc = std::env::var("CC").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "cc".to_string());
+    let output =
+        Command::new(&cc).arg("-shared").arg("-o").arg(out).args(objects).arg("-lm").output().map_err(|e| {
+            match e.kind() {
+                std::io::ErrorKind::NotFound => format!(
+                    "linking {}: the C compiler driver `{cc}` was not found; it is needed to link kernel objects \
+                 into a shared object (install gcc, e.g. with scripts/setup.sh, or set CC)",
+                    out.display()
+                ),
+                _ => format!("linking {}: cannot run `{cc}`: {e}", out.display()),
+            }
+        })?;
+    if !output.status.success() {
+        return Err(format!(
+            "linking {}: `{cc} -shared` failed ({}): {}",
+            out.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,814 @@
+//! Kernel IR → LLVM IR: each [`Kernel`] becomes one external function
+//!
+//! ```text
+//! void name(void **buffers, const int64_t *sizes, int64_t begin, int64_t end)
+//! ```
+//!
+//! that runs the kernel body for every `index` in `begin..end` (see `kernel/ir.rs`). It
+//! depends only on the kernel IR.
+//!
+//! Semantics follow the reference executor (`kernel::exec`) exactly, f32 for f32:
+//! - integers (I32 and I64 alike) are i64 values, as in the executor: a load from an i32
+//!   buffer sign-extends, a cast to I32 truncates to 32 bits and sign-extends back, a
+//!   store to an i32 buffer truncates; integer arithmetic wraps;
+//! - float → integer casts saturate (NaN → 0), like Rust's `as` (`llvm.fptosi.sat`);
+//! - `max`/`min` on f32 propagate NaN (`llvm.maximum`/`llvm.minimum`);
+//! - exp, log, sqrt, sin, cos, pow, fabs are LLVM intrinsics (libm calls for the
+//!   transcendental ones), tanh calls libm's `tanhf`, so the shared object links `-lm`;
+//!   rsqrt is `1 / sqrt(x)` and recip `1 / x`, correctly rounded as in the executor;
+//! - `Select` evaluates only the chosen operand when an operand may trap (a load, an
+//!   integer division), as the executor does; otherwise it is an LLVM `select`;
+//! - `DropoutKeep` is Philox4x32-10 inlined, the same function as
+//!   `tnc_runtime::rng::dropout_keep`.
+//!
+//! What the executor reports as an error at run time (an out-of-bounds access, integer
+//! division by zero) is undefined behaviour in generated code. Type errors (a store of an
+//! f32 into an i32 buffer, an undefined variable, a bool where a number is needed) are
+//! reported here, as `Err`, before LLVM sees the function.
+
+use crate::kernel::print;
+use crate::kernel::{Binary, Elem, Expr, Kernel, LoopKind, Scalar, Stmt, Unary, Var};
+use inkwell::attributes::{Attribute, AttributeLoc};
+use inkwell::builder::{Builder, BuilderError};
+use inkwell::context::Context;
+use inkwell::intrinsics::Intrinsic;
+use inkwell::module::{Linkage, Module};
+use inkwell::types::{BasicType, BasicTypeEnum};
+use inkwell::values::{AsValueRef, BasicValue, BasicValueEnum, FloatValue, FunctionValue, IntValue, PointerValue};
+use inkwell::{FloatPredicate, IntPredicate};
+use std::collections::HashMap;
+
+/// Function attributes for the target, set on every kernel (LLVM uses them, not the
+/// target machine's defaults, to pick instructions and vector widths).
+#[derive(Clone, Debug)]
+pub struct FnAttrs {
+    pub cpu: String,
+    pub features: String,
+    /// `prefer-vector-width`, e.g. 512 for AVX-512 (LLVM otherwise stays at 256 bits).
+    pub prefer_vector_width: Option<u32>,
+}
+
+/// Value classes: every integer is an i64, as in the reference executor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ty {
+    F,
+    I,
+    B,
+}
+
+impl Ty {
+    fn of(s: Scalar) -> Ty {
+        match s {
+            Scalar::F32 => Ty::F,
+            Scalar::I32 | Scalar::I64 => Ty::I,
+            Scalar::Bool => Ty::B,
+        }
+    }
+
+    fn of_elem(e: Elem) -> Ty {
+        Ty::of(e.scalar())
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Ty::F => "f32",
+            Ty::I => "an integer",
+            Ty::B => "bool",
+        }
+    }
+}
+
+fn be(e: BuilderError) -> String {
+    format!("LLVM builder: {e}")
+}
+
+struct Fx<'a, 'ctx> {
+    ctx: &'ctx Context,
+    module: &'a Module<'ctx>,
+    b: Builder<'ctx>,
+    /// Positioned in the entry block, for allocas.
+    entry: Builder<'ctx>,
+    kernel: &'a Kernel,
+    func: FunctionValue<'ctx>,
+    buffers: Vec<PointerValue<'ctx>>,
+    sizes: Vec<IntValue<'ctx>>,
+    vars: HashMap<Var, (PointerValue<'ctx>, Ty)>,
+    arrays: HashMap<Var, (PointerValue<'ctx>, Ty, usize)>,
+}
+
+/// Append `kernel` to `module` as an external function named `kernel.name`.
+pub fn write_kernel<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    kernel: &Kernel,
+    attrs: &FnAttrs,
+) -> Result<FunctionValue<'ctx>, String> {
+    let err = |e: String| format!("kernel `{}`: {e}", kernel.name);
+    if kernel.name.is_empty() || kernel.name.contains('\0') {
+        return Err(err("invalid function name".into()));
+    }
+    if module.get_function(&kernel.name).is_some() {
+        return Err(err("a function of this name is already in the module".into()));
+    }
+    let ptr = ctx.ptr_type(Default::default());
+    let i64t = ctx.i64_type();
+    let fn_ty = ctx.void_type().fn_type(&[ptr.into(), ptr.into(), i64t.into(), i64t.into()], false);
+    let func = module.add_function(&kernel.name, fn_ty, Some(Linkage::External));
+    set_attrs(ctx, func, attrs);
+    let names = ["buffers", "sizes", "begin", "end"];
+    for (p, n) in func.get_param_iter().zip(names) {
+        p.set_name(n);
+    }
+    let entry_bb = ctx.append_basic_block(func, "entry");
+    let entry = ctx.create_builder();
+    entry.position_at_end(entry_bb);
+    let b = ctx.create_builder();
+    let mut fx = Fx {
+        ctx,
+        module,
+        b,
+        entry,
+        kernel,
+        func,
+        buffers: vec![],
+        sizes: vec![],
+        vars: HashMap::new(),
+        arrays: HashMap::new(),
+    };
+    match fx.write() {
+        Ok(()) => Ok(func),
+        Err(e) => {
+            // Leave no half-written function behind.
+            unsafe { func.delete() };
+            Err(err(e))
+        }
+    }
+}
+
+fn set_attrs<'ctx>(ctx: &'ctx Context, func: FunctionValue<'ctx>, attrs: &FnAttrs) {
+    let f = AttributeLoc::Function;
+    func.add_attribute(f, ctx.create_string_attribute("target-cpu", &attrs.cpu));
+    if !attrs.features.is_empty() {
+        func.add_attribute(f, ctx.create_string_attribute("target-features", &attrs.features));
+    }
+    if let Some(w) = attrs.prefer_vector_width {
+        func.add_attribute(f, ctx.create_string_attribute("prefer-vector-width", &w.to_string()));
+    }
+    let enum_attr = |name: &str| ctx.create_enum_attribute(Attribute::get_named_enum_kind_id(name), 0);
+    func.add_attribute(f, enum_attr("nounwind"));
+    // The kernel reads the buffer and size tables and never keeps pointers to them.
+    for p in 0..2 {
+        func.add_attribute(AttributeLoc::Param(p), enum_attr("nocapture"));
+        func.add_attribute(AttributeLoc::Param(p), enum_attr("readonly"));
+    }
+}
+
+impl<'a, 'ctx> Fx<'a, 'ctx> {
+    fn llvm_ty(&self, t: Ty) -> BasicTypeEnum<'ctx> {
+        match t {
+            Ty::F => self.ctx.f32_type().into(),
+            Ty::I => self.ctx.i64_type().into(),
+            Ty::B => self.ctx.bool_type().into(),
+        }
+    }
+
+    fn elem_ty(&self, e: Elem) -> BasicTypeEnum<'ctx> {
+        match e {
+            Elem::F32 => self.ctx.f32_type().into(),
+            Elem::I32 => self.ctx.i32_type().into(),
+            Elem::U8 => self.ctx.i8_type().into(),
+        }
+    }
+
+    /// In-memory type of local array elements (bools as bytes).
+    fn array_elem_ty(&self, t: Ty) -> BasicTypeEnum<'ctx> {
+        match t {
+            Ty::B => self.ctx.i8_type().into(),
+            t => self.llvm_ty(t),
+        }
+    }
+
+    fn i64c(&self, v: i64) -> IntValue<'ctx> {
+        self.ctx.i64_type().const_int(v as u64, true)
+    }
+
+    fn i32c(&self, v: u32) -> IntValue<'ctx> {
+        self.ctx.i32_type().const_int(v as u64, false)
+    }
+
+    fn f32c(&self, v: f32) -> FloatValue<'ctx> {
+        self.ctx.f32_type().const_float(v as f64)
+    }
+
+    fn write(&mut self) -> Result<(), String> {
+        let k = self.kernel;
+        let ptr = self.ctx.ptr_type(Default::default());
+        let i64t = self.ctx.i64_type();
+        let bufs = self.func.get_nth_param(0).unwrap().into_pointer_value();
+        let sizes = self.func.get_nth_param(1).unwrap().into_pointer_value();
+        // Load the buffer and size tables once: stores into the buffers cannot change them.
+        for i in 0..k.buffers.len() {
+            let p = unsafe { self.entry.build_in_bounds_gep(ptr, bufs, &[self.i64c(i as i64)], "") }.map_err(be)?;
+            let v = self.entry.build_load(ptr, p, &k.buffers[i].name).map_err(be)?;
+            self.buffers.push(v.into_pointer_value());
+        }
+        for i in 0..k.sizes.len() + k.scalars.len() {
+            let name = k.sizes.iter().chain(&k.scalars).nth(i).unwrap();
+            let p = unsafe { self.entry.build_in_bounds_gep(i64t, sizes, &[self.i64c(i as i64)], "") }.map_err(be)?;
+            let v = self.entry.build_load(i64t, p, name).map_err(be)?;
+            self.sizes.push(v.into_int_value());
+        }
+        let start = self.ctx.append_basic_block(self.func, "start");
+        self.b.position_at_end(start);
+        let begin = self.func.get_nth_param(2).unwrap().into_int_value();
+        let end = self.func.get_nth_param(3).unwrap().into_int_value();
+        let index = k.index;
+        self.emit_loop(index, begin, end, None, &k.body)?;
+        self.b.build_return(None).map_err(be)?;
+        self.entry.build_unconditional_branch(start).map_err(be)?;
+        Ok(())
+    }
+
+    /// The storage of variable `v` of class `t`, created on first definition.
+    fn var_slot(&mut self, v: Var, t: Ty) -> Result<PointerValue<'ctx>, String> {
+        if let Some(&(p, old)) = self.vars.get(&v) {
+            if old != t {
+                return Err(format!("{v} is redefined as {} (it was {})", t.name(), old.name()));
+            }
+            return Ok(p);
+        }
+        let p = self.entry.build_alloca(self.llvm_ty(t), &v.to_string()).map_err(be)?;
+        self.vars.insert(v, (p, t));
+        Ok(p)
+    }
+
+    /// `for var in begin..end { body }` with an optional `llvm.loop` hint on the latch.
+    fn emit_loop(
+        &mut self,
+        var: Var,
+        begin: IntValue<'ctx>,
+        end: IntValue<'ctx>,
+        kind: Option<LoopKind>,
+        body: &[Stmt],
+    ) -> Result<(), String> {
+        let slot = self.var_slot(var, Ty::I)?;
+        let pre = self.b.get_insert_block().unwrap();
+        let header = self.ctx.append_basic_block(self.func, &format!("{var}.header"));
+        let body_bb = self.ctx.append_basic_block(self.func, &format!("{var}.body"));
+        let exit = self.ctx.append_basic_block(self.func, &format!("{var}.exit"));
+        self.b.build_unconditional_branch(header).map_err(be)?;
+        self.b.position_at_end(header);
+        let i = self.b.build_phi(self.ctx.i64_type(), &var.to_string()).map_err(be)?;
+        i.add_incoming(&[(&begin, pre)]);
+        let iv = i.as_basic_value().into_int_value();
+        let more = self.b.build_int_compare(IntPredicate::SLT, iv, end, "").map_err(be)?;
+        self.b.build_conditional_branch(more, body_bb, exit).map_err(be)?;
+        self.b.position_at_end(body_bb);
+        self.b.build_store(slot, iv).map_err(be)?;
+        self.block(body)?;
+        let next = self.b.build_int_add(iv, self.i64c(1), "").map_err(be)?;
+        let latch = self.b.get_insert_block().unwrap();
+        let br = self.b.build_unconditional_branch(header).map_err(be)?;
+        i.add_incoming(&[(&next, latch)]);
+        if kind == Some(LoopKind::Vector) {
+            self.loop_hint(br, "llvm.loop.vectorize.enable")?;
+        }
+        self.b.position_at_end(exit);
+        Ok(())
+    }
+
+    /// Attach `!llvm.loop !{self, !{name, i1 true}}` to a loop latch branch.
+    fn loop_hint(&self, br: inkwell::values::InstructionValue<'ctx>, name: &str) -> Result<(), String> {
+        use inkwell::llvm_sys::core::{LLVMMDNodeInContext2, LLVMMDStringInContext2, LLVMMetadataAsValue};
+        use inkwell::llvm_sys::core::{LLVMSetMetadata, LLVMValueAsMetadata};
+        use inkwell::llvm_sys::debuginfo::{LLVMMetadataReplaceAllUsesWith, LLVMTemporaryMDNode};
+        let c = self.ctx.raw();
+        unsafe {
+            let s = LLVMMDStringInContext2(c, name.as_ptr().cast(), name.len());
+            let t = LLVMValueAsMetadata(self.ctx.bool_type().const_int(1, false).as_value_ref());
+            let mut hint = [s, t];
+            let hint = LLVMMDNodeInContext2(c, hint.as_mut_ptr(), 2);
+            let tmp = LLVMTemporaryMDNode(c, std::ptr::null_mut(), 0);
+            let mut ops = [tmp, hint];
+            let node = LLVMMDNodeInContext2(c, ops.as_mut_ptr(), 2);
+            LLVMMetadataReplaceAllUsesWith(tmp, node);
+            let kind = self.ctx.get_kind_id("llvm.loop");
+            LLVMSetMetadata(br.as_value_ref(), kind, LLVMMetadataAsValue(c, node));
+        }
+        Ok(())
+    }
+
+    fn block(&mut self, body: &[Stmt]) -> Result<(), String> {
+        for s in body {
+            self.stmt(s)?;
+        }
+        Ok(())
+    }
+
+    fn expect(&mut self, e: &Expr, t: Ty, what: &str) -> Result<BasicValueEnum<'ctx>, String> {
+        let (v, got) = self.expr(e)?;
+        if got != t {
+            return Err(format!("{what} must be {}, got {}: `{}`", t.name(), got.name(), print::expr(self.kernel, e)));
+        }
+        Ok(v)
+    }
+
+    fn int(&mut self, e: &Expr, what: &str) -> Result<IntValue<'ctx>, String> {
+        Ok(self.expect(e, Ty::I, what)?.into_int_value())
+    }
+
+    fn buffer(&self, buffer: usize) -> Result<(PointerValue<'ctx>, Elem), String> {
+        match self.buffers.get(buffer) {
+            Some(&p) => Ok((p, self.kernel.buffers[buffer].elem)),
+            None => Err(format!("buffer {buffer} is not declared ({} buffers)", self.kernel.buffers.len())),
+        }
+    }
+
+    fn array(&self, a: Var) -> Result<(PointerValue<'ctx>, Ty, usize), String> {
+        self.arrays.get(&a).copied().ok_or_else(|| format!("array {a} is used before it is defined"))
+    }
+
+    fn stmt(&mut self, s: &Stmt) -> Result<(), String> {
+        match s {
+            Stmt::For { var, extent, kind, body } => {
+                let n = self.int(extent, "a loop extent")?;
+                self.emit_loop(*var, self.i64c(0), n, Some(*kind), body)?;
+            }
+            Stmt::Let { var, value } => {
+                let (v, t) = self.expr(value)?;
+                let slot = self.var_slot(*var, t)?;
+                self.b.build_store(slot, v).map_err(be)?;
+            }
+            Stmt::Mut { var, ty, init } => {
+                let t = Ty::of(*ty);
+                let v = self.expect(init, t, &format!("the initial value of {var}"))?;
+                let slot = self.var_slot(*var, t)?;
+                self.b.build_store(slot, v).map_err(be)?;
+            }
+            Stmt::Assign { var, value } => {
+                let &(slot, t) = self.vars.get(var).ok_or_else(|| format!("assignment to undefined {var}"))?;
+                let v = self.expect(value, t, &format!("a value assigned to {var}"))?;
+                self.b.build_store(slot, v).map_err(be)?;
+            }
+            Stmt::Store { buffer, index, value } => {
+                let (base, elem) = self.buffer(*buffer)?;
+                let name = &self.kernel.buffers[*buffer].name;
+                let i = self.int(index, &format!("an index of `{name}`"))?;
+                let v = self.expect(value, Ty::of_elem(elem), &format!("a value stored into `{name}`"))?;
+                let v: BasicValueEnum = match elem {
+                    Elem::F32 => v,
+                    Elem::I32 => {
+                        self.b.build_int_truncate(v.into_int_value(), self.ctx.i32_type(), "").map_err(be)?.into()
+                    }
+                    Elem::U8 => {
+                        self.b.build_int_z_extend(v.into_int_value(), self.ctx.i8_type(), "").map_err(be)?.into()
+                    }
+                };
+                let p = unsafe { self.b.build_in_bounds_gep(self.elem_ty(elem), base, &[i], "") }.map_err(be)?;
+                let st = self.b.build_store(p, v).map_err(be)?;
+                st.set_alignment(elem.bytes() as u32).map_err(|e| e.to_string())?;
+            }
+            Stmt::Array { var, elem, len } => {
+                let t = Ty::of(*elem);
+                let ety = self.array_elem_ty(t);
+                let p = match self.arrays.get(var) {
+                    Some(&(p, old, old_len)) if old == t && old_len == *len => p,
+                    Some(_) => return Err(format!("array {var} is redefined with another type or length")),
+                    None => {
+                        let aty = ety.array_type(u32::try_from(*len).map_err(|_| format!("array {var} is too long"))?);
+                        let p = self.entry.build_alloca(aty, &var.to_string()).map_err(be)?;
+                        self.arrays.insert(*var, (p, t, *len));
+                        p
+                    }
+                };
+                let bytes = ety.size_of().unwrap().const_mul(self.i64c(*len as i64));
+                self.b.build_memset(p, 8, self.ctx.i8_type().const_zero(), bytes).map_err(be)?;
+            }
+            Stmt::StoreArray { array, index, value } => {
+                let (p, t, _) = self.array(*array)?;
+                let i = self.int(index, &format!("an index of {array}"))?;
+                let mut v = self.expect(value, t, &format!("a value stored into {array}"))?;
+                if t == Ty::B {
+                    v = self.b.build_int_z_extend(v.into_int_value(), self.ctx.i8_type(), "").map_err(be)?.into();
+                }
+                let ep = unsafe { self.b.build_in_bounds_gep(self.array_elem_ty(t), p, &[i], "") }.map_err(be)?;
+                self.b.build_store(ep, v).map_err(be)?;
+            }
+            Stmt::If { cond, then, otherwise } => {
+                let c = self.expect(cond, Ty::B, "an `if` condition")?.into_int_value();
+                let then_bb = self.ctx.append_basic_block(self.func, "then");
+                let else_bb = self.ctx.append_basic_block(self.func, "else");
+                let merge = self.ctx.append_basic_block(self.func, "endif");
+                self.b.build_conditional_branch(c, then_bb, else_bb).map_err(be)?;
+                self.b.position_at_end(then_bb);
+                self.block(then)?;
+                self.b.build_unconditional_branch(merge).map_err(be)?;
+                self.b.position_at_end(else_bb);
+                self.block(otherwise)?;
+                self.b.build_unconditional_branch(merge).map_err(be)?;
+                self.b.position_at_end(merge);
+            }
+        }
+        Ok(())
+    }
+
+    fn call(
+        &self,
+        name: &str,
+        overloads: &[BasicTypeEnum<'ctx>],
+        args: &[BasicValueEnum<'ctx>],
+    ) -> Result<BasicValueEnum<'ctx>, String> {
+        let f = Intrinsic::find(name)
+            .and_then(|i| i.get_declaration(self.module, overloads))
+            .ok_or_else(|| format!("LLVM has no intrinsic `{name}`"))?;
+        self.call_fn(f, args)
+    }
+
+    fn call_fn(&self, f: FunctionValue<'ctx>, args: &[BasicValueEnum<'ctx>]) -> Result<BasicValueEnum<'ctx>, String> {
+        let args: Vec<_> = args.iter().map(|&a| a.into()).collect();
+        let c = self.b.build_call(f, &args, "").map_err(be)?;
+        match c.try_as_basic_value() {
+            inkwell::values::ValueKind::Basic(v) => Ok(v),
+            _ => Err("call without a result".into()),
+        }
+    }
+
+    fn libm_f32(&self, name: &str) -> FunctionValue<'ctx> {
+        self.module.get_function(name).unwrap_or_else(|| {
+            let f32t = self.ctx.f32_type();
+            let f = self.module.add_function(name, f32t.fn_type(&[f32t.into()], false), Some(Linkage::External));
+            let nounwind = Attribute::get_named_enum_kind_id("nounwind");
+            f.add_attribute(AttributeLoc::Function, self.ctx.create_enum_attribute(nounwind, 0));
+            f
+        })
+    }
+
+    /// Whether evaluating `e` may trap or touch memory (so a `Select` must not evaluate it
+    /// unless chosen).
+    fn may_trap(e: &Expr) -> bool {
+        match e {
+            Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Var(_) | Expr::Size(_) => false,
+            Expr::Load { .. } | Expr::LoadArray { .. } => true,
+            Expr::Binary(Binary::Div | Binary::Rem, _, _) => true,
+            Expr::Unary(_, a) | Expr::Cast(_, a) => Self::may_trap(a),
+            Expr::Binary(_, a, b) => Self::may_trap(a) || Self::may_trap(b),
+            Expr::Select(c, a, b) => Self::may_trap(c) || Self::may_trap(a) || Self::may_trap(b),
+            Expr::DropoutKeep { seed, index, step, .. } => {
+                Self::may_trap(seed) || Self::may_trap(index) || Self::may_trap(step)
+            }
+        }
+    }
+
+    fn expr(&mut self, e: &Expr) -> Result<(BasicValueEnum<'ctx>, Ty), String> {
+        let b = &self.b;
+        Ok(match e {
+            Expr::F32(x) => (self.f32c(*x).into(), Ty::F),
+            Expr::I64(i) => (self.i64c(*i).into(), Ty::I),
+            Expr::Bool(v) => (self.ctx.bool_type().const_int(*v as u64, false).into(), Ty::B),
+            Expr::Var(v) => {
+                let &(p, t) = self.vars.get(v).ok_or_else(|| format!("{v} is used before it is defined"))?;
+                (b.build_load(self.llvm_ty(t), p, &v.to_string()).map_err(be)?, t)
+            }
+            Expr::Size(i) => match self.sizes.get(*i) {
+                Some(&v) => (v.into(), Ty::I),
+                None => {
+                    return Err(format!("size argument {i} is not declared ({} sizes and scalars)", self.sizes.len()))
+                }
+            },
+            Expr::Load { buffer, index } => {
+                let (base, elem) = self.buffer(*buffer)?;
+                let name = self.kernel.buffers[*buffer].name.clone();
+                let i = self.int(index, &format!("an index of `{name}`"))?;
+                let b = &self.b;
+                let p = unsafe { b.build_in_bounds_gep(self.elem_ty(elem), base, &[i], "") }.map_err(be)?;
+                let v = b.build_load(self.elem_ty(elem), p, &name).map_err(be)?;
+                v.as_instruction_value().unwrap().set_alignment(elem.bytes() as u32).map_err(|e| e.to_string())?;
+                match elem {
+                    Elem::F32 => (v, Ty::F),
+                    Elem::I32 => {
+                        (b.build_int_s_extend(v.into_int_value(), self.ctx.i64_type(), "").map_err(be)?.into(), Ty::I)
+                    }
+                    Elem::U8 => {
+                        let z = self.ctx.i8_type().const_zero();
+                        (b.build_int_compare(IntPredicate::NE, v.into_int_value(), z, "").map_err(be)?.into(), Ty::B)
+                    }
+                }
+            }
+            Expr::LoadArray { array, index } => {
+                let (p, t, _) = self.array(*array)?;
+                let i = self.int(index, &format!("an index of {array}"))?;
+                let b = &self.b;
+                let ety = self.array_elem_ty(t);
+                let ep = unsafe { b.build_in_bounds_gep(ety, p, &[i], "") }.map_err(be)?;
+                let v = b.build_load(ety, ep, "").map_err(be)?;
+                if t == Ty::B {
+                    let z = self.ctx.i8_type().const_zero();
+                    (b.build_int_compare(IntPredicate::NE, v.into_int_value(), z, "").map_err(be)?.into(), t)
+                } else {
+                    (v, t)
+                }
+            }
+            Expr::Unary(op, a) => {
+                let (v, t) = self.expr(a)?;
+                self.unary(*op, v, t).map_err(|m| format!("{m}: `{}`", print::expr(self.kernel, e)))?
+            }
+            Expr::Binary(op, x, y) => {
+                let (a, ta) = self.expr(x)?;
+                let (c, tc) = self.expr(y)?;
+                if ta != tc {
+                    return Err(format!(
+                        "{op:?} of {} and {}: `{}`",
+                        ta.name(),
+                        tc.name(),
+                        print::expr(self.kernel, e)
+                    ));
+                }
+                self.binary(*op, a, c, ta).map_err(|m| format!("{m}: `{}`", print::expr(self.kernel, e)))?
+            }
+            Expr::Select(c, x, y) => {
+                let cv = self.expect(c, Ty::B, "a select condition")?.into_int_value();
+                if !Self::may_trap(x) && !Self::may_trap(y) {
+                    let (a, ta) = self.expr(x)?;
+                    let (d, td) = self.expr(y)?;
+                    if ta != td {
+                        return Err(format!(
+                            "select of {} and {}: `{}`",
+                            ta.name(),
+                            td.name(),
+                            print::expr(self.kernel, e)
+                        ));
+                    }
+                    (self.b.build_select(cv, a, d, "").map_err(be)?, ta)
+                } else {
+                    let then_bb = self.ctx.append_basic_block(self.func, "sel.then");
+                    let else_bb = self.ctx.append_basic_block(self.func, "sel.else");
+                    let merge = self.ctx.append_basic_block(self.func, "sel.end");
+                    self.b.build_conditional_branch(cv, then_bb, else_bb).map_err(be)?;
+                    self.b.position_at_end(then_bb);
+                    let (a, ta) = self.expr(x)?;
+                    let then_end = self.b.get_insert_block().unwrap();
+                    self.b.build_unconditional_branch(merge).map_err(be)?;
+                    self.b.position_at_end(else_bb);
+                    let (d, td) = self.expr(y)?;
+                    let else_end = self.b.get_insert_block().unwrap();
+                    self.b.build_unconditional_branch(merge).map_err(be)?;
+                    if ta != td {
+                        return Err(format!(
+                            "select of {} and {}: `{}`",
+                            ta.name(),
+                            td.name(),
+                            print::expr(self.kernel, e)
+                        ));
+                    }
+                    self.b.position_at_end(merge);
+                    let phi = self.b.build_phi(self.llvm_ty(ta), "").map_err(be)?;
+                    phi.add_incoming(&[(&a, then_end), (&d, else_end)]);
+                    (phi.as_basic_value(), ta)
+                }
+            }
+            Expr::Cast(to, a) => {
+                let (v, t) = self.expr(a)?;
+                (self.cast(*to, v, t)?, Ty::of(*to))
+            }
+            Expr::DropoutKeep { seed, salt, index, step, rate } => {
+                let seed = self.int(seed, "a dropout seed")?;
+                let index = self.int(index, "a dropout index")?;
+                let step = self.int(step, "a dropout step")?;
+                (self.dropout_keep(seed, *salt, index, step, *rate)?.into(), Ty::B)
+            }
+        })
+    }
+
+    fn unary(&self, op: Unary, v: BasicValueEnum<'ctx>, t: Ty) -> Result<(BasicValueEnum<'ctx>, Ty), String> {
+        let b = &self.b;
+        let f32t: BasicTypeEnum = self.ctx.f32_type().into();
+        match (op, t) {
+            (Unary::Not, Ty::B) => Ok((b.build_not(v.into_int_value(), "").map_err(be)?.into(), Ty::B)),
+            (Unary::Neg, Ty::I) => Ok((b.build_int_neg(v.into_int_value(), "").map_err(be)?.into(), Ty::I)),
+            (Unary::Abs, Ty::I) => {
+                // wrapping_abs: abs(i64::MIN) = i64::MIN, so not poison.
+                let poison = self.ctx.bool_type().const_zero().into();
+                Ok((self.call("llvm.abs", &[self.ctx.i64_type().into()], &[v, poison])?, Ty::I))
+            }
+            (Unary::Not, _) => Err(format!("not of {}", t.name())),
+            (_, Ty::F) => {
+                let x = v.into_float_value();
+                let one = self.f32c(1.0);
+                let r: BasicValueEnum = match op {
+                    Unary::Neg => b.build_float_neg(x, "").map_err(be)?.into(),
+                    Unary::Exp => self.call("llvm.exp", &[f32t], &[v])?,
+                    Unary::Log => self.call("llvm.log", &[f32t], &[v])?,
+                    Unary::Sqrt => self.call("llvm.sqrt", &[f32t], &[v])?,
+                    Unary::Rsqrt => {
+                        let s = self.call("llvm.sqrt", &[f32t], &[v])?.into_float_value();
+                        b.build_float_div(one, s, "").map_err(be)?.into()
+                    }
+                    Unary::Recip => b.build_float_div(one, x, "").map_err(be)?.into(),
+                    Unary::Abs => self.call("llvm.fabs", &[f32t], &[v])?,
+                    Unary::Tanh => self.call_fn(self.libm_f32("tanhf"), &[v])?,
+                    Unary::Sin => self.call("llvm.sin", &[f32t], &[v])?,
+                    Unary::Cos => self.call("llvm.cos", &[f32t], &[v])?,
+                    Unary::Not => unreachable!("handled above"),
+                };
+                Ok((r, Ty::F))
+            }
+            _ => Err(format!("{op:?} of {}", t.name())),
+        }
+    }
+
+    fn binary(
+        &self,
+        op: Binary,
+        a: BasicValueEnum<'ctx>,
+        c: BasicValueEnum<'ctx>,
+        t: Ty,
+    ) -> Result<(BasicValueEnum<'ctx>, Ty), String> {
+        use Binary::*;
+        let b = &self.b;
+        match t {
+            Ty::F => {
+                let (x, y) = (a.into_float_value(), c.into_float_value());
+                let f32t: BasicTypeEnum = self.ctx.f32_type().into();
+                let cmp = |p| -> Result<(BasicValueEnum<'ctx>, Ty), String> {
+                    Ok((b.build_float_compare(p, x, y, "").map_err(be)?.into(), Ty::B))
+                };
+                let r: BasicValueEnum = match op {
+                    Add => b.build_float_add(x, y, "").map_err(be)?.into(),
+                    Sub => b.build_float_sub(x, y, "").map_err(be)?.into(),
+                    Mul => b.build_float_mul(x, y, "").map_err(be)?.into(),
+                    Div => b.build_float_div(x, y, "").map_err(be)?.into(),
+                    Rem => b.build_float_rem(x, y, "").map_err(be)?.into(),
+                    Max => self.call("llvm.maximum", &[f32t], &[a, c])?,
+                    Min => self.call("llvm.minimum", &[f32t], &[a, c])?,
+                    Pow => self.call("llvm.pow", &[f32t], &[a, c])?,
+                    Lt => return cmp(FloatPredicate::OLT),
+                    Le => return cmp(FloatPredicate::OLE),
+                    Gt => return cmp(FloatPredicate::OGT),
+                    Ge => return cmp(FloatPredicate::OGE),
+                    Eq => return cmp(FloatPredicate::OEQ),
+                    // Rust's `!=` is true when either side is NaN.
+                    Ne => return cmp(FloatPredicate::UNE),
+                    And | Or => return Err("logical operation on f32".into()),
+                };
+                Ok((r, Ty::F))
+            }
+            Ty::I => {
+                let (x, y) = (a.into_int_value(), c.into_int_value());
+                let i64t: BasicTypeEnum = self.ctx.i64_type().into();
+                let cmp = |p| -> Result<(BasicValueEnum<'ctx>, Ty), String> {
+                    Ok((b.build_int_compare(p, x, y, "").map_err(be)?.into(), Ty::B))
+                };
+                let r: BasicValueEnum = match op {
+                    Add => b.build_int_add(x, y, "").map_err(be)?.into(),
+                    Sub => b.build_int_sub(x, y, "").map_err(be)?.into(),
+                    Mul => b.build_int_mul(x, y, "").map_err(be)?.into(),
+                    Div => b.build_int_signed_div(x, y, "").map_err(be)?.into(),
+                    Rem => b.build_int_signed_rem(x, y, "").map_err(be)?.into(),
+                    Max => self.call("llvm.smax", &[i64t], &[a, c])?,
+                    Min => self.call("llvm.smin", &[i64t], &[a, c])?,
+                    Pow => self.int_pow(x, y)?.into(),
+                    Lt => return cmp(IntPredicate::SLT),
+                    Le => return cmp(IntPredicate::SLE),
+                    Gt => return cmp(IntPredicate::SGT),
+                    Ge => return cmp(IntPredicate::SGE),
+                    Eq => return cmp(IntPredicate::EQ),
+                    Ne => return cmp(IntPredicate::NE),
+                    And | Or => return Err("logical operation on integers".into()),
+                };
+                Ok((r, Ty::I))
+            }
+            Ty::B => {
+                let (x, y) = (a.into_int_value(), c.into_int_value());
+                let r = match op {
+                    And => b.build_and(x, y, "").map_err(be)?,
+                    Or => b.build_or(x, y, "").map_err(be)?,
+                    Eq => b.build_int_compare(IntPredicate::EQ, x, y, "").map_err(be)?,
+                    Ne => b.build_xor(x, y, "").map_err(be)?,
+                    _ => return Err(format!("{op:?} on bools")),
+                };
+                Ok((r.into(), Ty::B))
+            }
+        }
+    }
+
+    /// `x.wrapping_pow(y.clamp(0, u32::MAX))` by repeated squaring.
+    fn int_pow(&self, x: IntValue<'ctx>, y: IntValue<'ctx>) -> Result<IntValue<'ctx>, String> {
+        let i64t = self.ctx.i64_type();
+        let lo = self.call("llvm.smax", &[i64t.into()], &[y.into(), self.i64c(0).into()])?;
+        let e0 = self.call("llvm.smin", &[i64t.into()], &[lo, self.i64c(u32::MAX as i64).into()])?.into_int_value();
+        let b = &self.b;
+        let pre = b.get_insert_block().unwrap();
+        let header = self.ctx.append_basic_block(self.func, "pow.header");
+        let body = self.ctx.append_basic_block(self.func, "pow.body");
+        let exit = self.ctx.append_basic_block(self.func, "pow.exit");
+        b.build_unconditional_branch(header).map_err(be)?;
+        b.position_at_end(header);
+        let acc = b.build_phi(i64t, "acc").map_err(be)?;
+        let base = b.build_phi(i64t, "base").map_err(be)?;
+        let e = b.build_phi(i64t, "exp").map_err(be)?;
+        let (accv, basev, ev) = (
+            acc.as_basic_value().into_int_value(),
+            base.as_basic_value().into_int_value(),
+            e.as_basic_value().into_int_value(),
+        );
+        let more = b.build_int_compare(IntPredicate::NE, ev, self.i64c(0), "").map_err(be)?;
+        b.build_conditional_branch(more, body, exit).map_err(be)?;
+        b.position_at_end(body);
+        let bit = b.build_and(ev, self.i64c(1), "").map_err(be)?;
+        let odd = b.build_int_compare(IntPredicate::NE, bit, self.i64c(0), "").map_err(be)?;
+        let prod = b.build_int_mul(accv, basev, "").map_err(be)?;
+        let acc2 = b.build_select(odd, prod, accv, "").map_err(be)?.into_int_value();
+        let base2 = b.build_int_mul(basev, basev, "").map_err(be)?;
+        let e2 = b.build_right_shift(ev, self.i64c(1), false, "").map_err(be)?;
+        b.build_unconditional_branch(header).map_err(be)?;
+        acc.add_incoming(&[(&self.i64c(1), pre), (&acc2, body)]);
+        base.add_incoming(&[(&x, pre), (&base2, body)]);
+        e.add_incoming(&[(&e0, pre), (&e2, body)]);
+        b.position_at_end(exit);
+        Ok(accv)
+    }
+
+    fn cast(&self, to: Scalar, v: BasicValueEnum<'ctx>, from: Ty) -> Result<BasicValueEnum<'ctx>, String> {
+        let b = &self.b;
+        let (i64t, i32t, f32t) = (self.ctx.i64_type(), self.ctx.i32_type(), self.ctx.f32_type());
+        Ok(match (to, from) {
+            (Scalar::F32, Ty::F) | (Scalar::I64, Ty::I) | (Scalar::Bool, Ty::B) => v,
+            (Scalar::F32, Ty::I) => b.build_signed_int_to_float(v.into_int_value(), f32t, "").map_err(be)?.into(),
+            (Scalar::F32, Ty::B) => b.build_unsigned_int_to_float(v.into_int_value(), f32t, "").map_err(be)?.into(),
+            (Scalar::I32, Ty::F) => {
+                let r = self.call("llvm.fptosi.sat", &[i32t.into(), f32t.into()], &[v])?.into_int_value();
+                b.build_int_s_extend(r, i64t, "").map_err(be)?.into()
+            }
+            (Scalar::I64, Ty::F) => self.call("llvm.fptosi.sat", &[i64t.into(), f32t.into()], &[v])?,
+            (Scalar::I32, Ty::I) => {
+                let r = b.build_int_truncate(v.into_int_value(), i32t, "").map_err(be)?;
+                b.build_int_s_extend(r, i64t, "").map_err(be)?.into()
+            }
+            (Scalar::I32 | Scalar::I64, Ty::B) => {
+                b.build_int_z_extend(v.into_int_value(), i64t, "").map_err(be)?.into()
+            }
+            (Scalar::Bool, Ty::I) => {
+                b.build_int_compare(IntPredicate::NE, v.into_int_value(), self.i64c(0), "").map_err(be)?.into()
+            }
+            // Rust's `x != 0.0`: NaN is true.
+            (Scalar::Bool, Ty::F) => {
+                b.build_float_compare(FloatPredicate::UNE, v.into_float_value(), self.f32c(0.0), "").map_err(be)?.into()
+            }
+        })
+    }
+
+    /// `tnc_runtime::rng::dropout_keep(seed, salt, index, step, rate)`: Philox4x32-10 with
+    /// key = split(seed ^ rotl(salt, 29)·φ64) and counter = (index lo, index hi, step lo,
+    /// step hi); kept iff (word0 >> 8) ≥ rate·2^24.
+    fn dropout_keep(
+        &self,
+        seed: IntValue<'ctx>,
+        salt: u64,
+        index: IntValue<'ctx>,
+        step: IntValue<'ctx>,
+        rate: f64,
+    ) -> Result<IntValue<'ctx>, String> {
+        const M0: u32 = 0xD251_1F53;
+        const M1: u32 = 0xCD9E_8D57;
+        const W0: u32 = 0x9E37_79B9;
+        const W1: u32 = 0xBB67_AE85;
+        let b = &self.b;
+        let (i32t, i64t) = (self.ctx.i32_type(), self.ctx.i64_type());
+        let lo = |x: IntValue<'ctx>| b.build_int_truncate(x, i32t, "").map_err(be);
+        let hi = |x: IntValue<'ctx>| -> Result<IntValue<'ctx>, String> {
+            let s = b.build_right_shift(x, i64t.const_int(32, false), false, "").map_err(be)?;
+            b.build_int_truncate(s, i32t, "").map_err(be)
+        };
+        let mix = salt.rotate_left(29).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let key = b.build_xor(seed, i64t.const_int(mix, false), "").map_err(be)?;
+        let mut k = [lo(key)?, hi(key)?];
+        let mut c = [lo(index)?, hi(index)?, lo(step)?, hi(step)?];
+        let wide = |x: IntValue<'ctx>| b.build_int_z_extend(x, i64t, "").map_err(be);
+        for round in 0..10 {
+            let p0 = b.build_int_mul(wide(c[0])?, i64t.const_int(M0 as u64, false), "").map_err(be)?;
+            let p1 = b.build_int_mul(wide(c[2])?, i64t.const_int(M1 as u64, false), "").map_err(be)?;
+            let x0 = b.build_xor(hi(p1)?, c[1], "").map_err(be)?;
+            let x2 = b.build_xor(hi(p0)?, c[3], "").map_err(be)?;
+            c = [b.build_xor(x0, k[0], "").map_err(be)?, lo(p1)?, b.build_xor(x2, k[1], "").map_err(be)?, lo(p0)?];
+            if round < 9 {
+                k = [
+                    b.build_int_add(k[0], self.i32c(W0), "").map_err(be)?,
+                    b.build_int_add(k[1], self.i32c(W1), "").map_err(be)?,
+                ];
+            }
+        }
+        let w = b.build_right_shift(c[0], self.i32c(8), false, "").map_err(be)?;
+        // (w as f64) >= t  ⇔  w >= ceil(t) for an integer w in [0, 2^24).
+        let t = rate * (1u32 << 24) as f64;
+        let bool_c = |v: bool| self.ctx.bool_type().const_int(v as u64, false);
+        Ok(if t.is_nan() {
+            bool_c(false)
+        } else if t <= 0.0 {
+            bool_c(true)
+        } else if t > ((1u32 << 24) - 1) as f64 {
+            bool_c(false)
+        } else {
+            b.build_int_compare(IntPredicate::UGE, w, self.i32c(t.ceil() as u32), "keep").map_err(be)?
+        })
+    }
+}

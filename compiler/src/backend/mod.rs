@@ -1,0 +1,50 @@
+//! Code generation from kernel IR (see `../shared/DESIGN.md`, "Kernels and code
+//! generation"). The writers depend only on `crate::kernel`, never on the graph IR.
+//!
+//! - [`target`]: `--target` names for CPUs, the LLVM CPU and features they mean, and the
+//!   CPU features a bundle needs at run time;
+//! - [`llvm`]: kernel IR → LLVM IR → native objects, linked into `kernels.so` by `cc`.
+
+pub mod llvm;
+pub mod target;
+
+use crate::kernel::{print, Kernel};
+use std::collections::{BTreeMap, HashMap};
+
+pub use llvm::{emit_asm, emit_llvm_ir, emit_object, link_shared};
+pub use target::{CpuTarget, CPU_TARGETS};
+
+/// Kernels with duplicates removed: two kernels are identical when their text forms
+/// (`kernel::print::to_text`) are equal modulo the kernel name, e.g. the same layer
+/// unrolled L times.
+#[derive(Clone, Debug)]
+pub struct Dedup {
+    /// One kernel per distinct text, keeping the first one's name, in first-seen order.
+    pub kernels: Vec<Kernel>,
+    /// Every input kernel's name → the name of the kernel emitted for it.
+    pub names: BTreeMap<String, String>,
+}
+
+/// Remove identical kernels (see [`Dedup`]). Kernels with the same name must be
+/// identical; otherwise it is an error.
+pub fn dedup_kernels(kernels: &[Kernel]) -> Result<Dedup, String> {
+    let mut by_text: HashMap<String, String> = HashMap::new();
+    let mut text_of: HashMap<&str, String> = HashMap::new();
+    let mut out = Dedup { kernels: vec![], names: BTreeMap::new() };
+    for k in kernels {
+        let text = print::to_text(&Kernel { name: String::new(), ..k.clone() });
+        if let Some(prev) = text_of.get(k.name.as_str()) {
+            if *prev != text {
+                return Err(format!("two different kernels are named `{}`", k.name));
+            }
+            continue;
+        }
+        text_of.insert(&k.name, text.clone());
+        let target = by_text.entry(text).or_insert_with(|| {
+            out.kernels.push(k.clone());
+            k.name.clone()
+        });
+        out.names.insert(k.name.clone(), target.clone());
+    }
+    Ok(out)
+}

@@ -1,0 +1,195 @@
+//! CPU targets for `--target`: which CPU and features LLVM compiles for, and which CPU
+//! features a bundle needs at run time (written to the manifest so the runtime can refuse
+//! a bundle the host can't run).
+//!
+//! Names are validated here: LLVM only prints a warning for an unknown CPU name and then
+//! emits baseline code, which would silently lose the target the user asked for.
+
+use inkwell::targets::TargetMachine;
+
+/// The `--target` names for CPUs.
+pub const CPU_TARGETS: &[&str] = &["native", "x86-64-v3", "x86-64-v4"];
+
+/// x86 features a bundle may require, as (LLVM feature name, run-time name). Run-time
+/// names are those `std::is_x86_feature_detected!` accepts (see [`host_has_feature`]).
+const FEATURES: &[(&str, &str)] = &[
+    ("sse4.1", "sse4.1"),
+    ("sse4.2", "sse4.2"),
+    ("popcnt", "popcnt"),
+    ("avx", "avx"),
+    ("avx2", "avx2"),
+    ("bmi", "bmi1"),
+    ("bmi2", "bmi2"),
+    ("f16c", "f16c"),
+    ("fma", "fma"),
+    ("lzcnt", "lzcnt"),
+    ("movbe", "movbe"),
+    ("avx512f", "avx512f"),
+    ("avx512bw", "avx512bw"),
+    ("avx512cd", "avx512cd"),
+    ("avx512dq", "avx512dq"),
+    ("avx512vl", "avx512vl"),
+    ("avx512ifma", "avx512ifma"),
+    ("avx512vbmi", "avx512vbmi"),
+    ("avx512vbmi2", "avx512vbmi2"),
+    ("avx512vnni", "avx512vnni"),
+    ("avx512bitalg", "avx512bitalg"),
+    ("avx512vpopcntdq", "avx512vpopcntdq"),
+    ("avx512bf16", "avx512bf16"),
+    ("avx512fp16", "avx512fp16"),
+    ("gfni", "gfni"),
+    ("vaes", "vaes"),
+    ("vpclmulqdq", "vpclmulqdq"),
+];
+
+/// x86-64-v3 (Haswell and later): the psABI level's features beyond baseline SSE2.
+const V3: &[&str] = &["sse4.1", "sse4.2", "popcnt", "avx", "avx2", "bmi", "bmi2", "f16c", "fma", "lzcnt", "movbe"];
+/// x86-64-v4 adds AVX-512 F, BW, CD, DQ and VL.
+const V4_EXTRA: &[&str] = &["avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"];
+
+/// A CPU code-generation target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuTarget {
+    /// The `--target` name it was parsed from (`native`, `x86-64-v3`, `x86-64-v4`).
+    pub name: String,
+    /// The LLVM target triple.
+    pub triple: String,
+    /// The LLVM CPU name (`x86-64-v4`, or the host's, e.g. `sapphirerapids`, for `native`).
+    pub cpu: String,
+    /// The LLVM feature string (`+avx2,+fma,...`), set as the `target-features` attribute.
+    pub features: String,
+    /// CPU features the generated code needs at run time, in `is_x86_feature_detected!`
+    /// names (e.g. `avx2`, `fma`, `avx512f`), for the bundle manifest.
+    pub required_features: Vec<String>,
+}
+
+fn llvm_features(names: &[&str]) -> String {
+    names.iter().map(|n| format!("+{n}")).collect::<Vec<_>>().join(",")
+}
+
+fn runtime_names(llvm_names: &[&str]) -> Vec<String> {
+    FEATURES.iter().filter(|(l, _)| llvm_names.contains(l)).map(|(_, r)| r.to_string()).collect()
+}
+
+impl CpuTarget {
+    /// Parse a `--target` name. Unknown names are an error listing the valid ones.
+    pub fn parse(name: &str) -> Result<CpuTarget, String> {
+        match name {
+            "native" => CpuTarget::native(),
+            "x86-64-v3" | "x86-64-v4" => {
+                let mut feats: Vec<&str> = V3.to_vec();
+                if name == "x86-64-v4" {
+                    feats.extend_from_slice(V4_EXTRA);
+                }
+                Ok(CpuTarget {
+                    name: name.to_string(),
+                    triple: "x86_64-unknown-linux-gnu".to_string(),
+                    cpu: name.to_string(),
+                    features: llvm_features(&feats),
+                    required_features: runtime_names(&feats),
+                })
+            }
+            _ => Err(format!("unknown CPU target `{name}`; valid CPU targets are: {}", CPU_TARGETS.join(", "))),
+        }
+    }
+
+    /// The host: its CPU name and features as LLVM detects them.
+    pub fn native() -> Result<CpuTarget, String> {
+        let triple = TargetMachine::get_default_triple().as_str().to_string_lossy().into_owned();
+        if !triple.starts_with("x86_64") {
+            return Err(format!("`native`: the host triple `{triple}` is not x86-64, the only CPU back end built"));
+        }
+        let cpu = TargetMachine::get_host_cpu_name().to_string();
+        let features = TargetMachine::get_host_cpu_features().to_string();
+        let enabled: Vec<&str> = features.split(',').filter_map(|f| f.strip_prefix('+')).collect();
+        Ok(CpuTarget { name: "native".to_string(), triple, cpu, required_features: runtime_names(&enabled), features })
+    }
+
+    /// Whether the code may use 512-bit vectors (AVX-512F): then functions get
+    /// `prefer-vector-width=512`, without which LLVM keeps to 256-bit vectors.
+    pub fn has_avx512(&self) -> bool {
+        self.features.split(',').any(|f| f == "+avx512f")
+    }
+
+    /// Whether the host running this process can execute code for this target.
+    pub fn host_supports(&self) -> bool {
+        self.required_features.iter().all(|f| host_has_feature(f) == Some(true))
+    }
+}
+
+/// Whether the host has a CPU feature named as in [`CpuTarget::required_features`];
+/// `None` for a name this build does not know.
+pub fn host_has_feature(name: &str) -> Option<bool> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! detect {
+            ($($n:tt),*) => {
+                match name {
+                    $($n => Some(std::is_x86_feature_detected!($n)),)*
+                    _ => None,
+                }
+            };
+        }
+        detect!(
+            "sse4.1",
+            "sse4.2",
+            "popcnt",
+            "avx",
+            "avx2",
+            "bmi1",
+            "bmi2",
+            "f16c",
+            "fma",
+            "lzcnt",
+            "movbe",
+            "avx512f",
+            "avx512bw",
+            "avx512cd",
+            "avx512dq",
+            "avx512vl",
+            "avx512ifma",
+            "avx512vbmi",
+            "avx512vbmi2",
+            "avx512vnni",
+            "avx512bitalg",
+            "avx512vpopcntdq",
+            "avx512bf16",
+            "avx512fp16",
+            "gfni",
+            "vaes",
+            "vpclmulqdq"
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        FEATURES.iter().any(|(_, r)| *r == name).then_some(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels() {
+        let v3 = CpuTarget::parse("x86-64-v3").unwrap();
+        assert!(v3.required_features.contains(&"avx2".to_string()));
+        assert!(v3.required_features.contains(&"fma".to_string()));
+        assert!(!v3.has_avx512());
+        let v4 = CpuTarget::parse("x86-64-v4").unwrap();
+        for f in ["avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx2"] {
+            assert!(v4.required_features.contains(&f.to_string()), "{f}");
+        }
+        assert!(v4.has_avx512());
+        // Every run-time name is one `host_has_feature` knows.
+        for (_, r) in FEATURES {
+            assert!(host_has_feature(r).is_some(), "{r}");
+        }
+    }
+
+    #[test]
+    fn unknown_name_lists_valid_ones() {
+        let e = CpuTarget::parse("x86-64-v5").unwrap_err();
+        assert!(e.contains("x86-64-v5") && e.contains("native, x86-64-v3, x86-64-v4"), "{e}");
+    }
+}
