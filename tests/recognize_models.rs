@@ -78,6 +78,12 @@ fn every_norm_attention_becomes_one_op_and_numerics_are_preserved() {
                 assert_eq!(got.len(), want.len());
                 for (name, w) in &want {
                     let c = compare(&got[name], w);
+                    // Zero in exact arithmetic (softmax attention's key bias) is roundoff
+                    // whose relative error means nothing: every entry within 1e-14.
+                    if w.data.iter().map(|v| v * v).sum::<f64>().sqrt() < 1e-12 {
+                        assert!(!c.has_nan && c.max_abs <= 1e-14, "{} N={n} `{name}`: {c:?}", path.display());
+                        continue;
+                    }
                     assert!(c.within(1e-10), "{} N={n} chunk={chunk:?} `{name}`: {c:?}", path.display());
                 }
             }

@@ -97,6 +97,12 @@ fn assert_same_outputs(tag: &str, reference: &Graph, optimized: &Graph) {
         assert!(want.contains_key("loss") && want.len() > 1, "{tag}: a loss and gradients");
         for (name, w) in &want {
             let c = compare(&got[name], w);
+            // Zero in exact arithmetic (softmax attention's key bias) is roundoff whose
+            // relative error means nothing (fused cross-entropy rounds differently).
+            if w.data.iter().map(|v| v * v).sum::<f64>().sqrt() < 1e-12 {
+                assert!(!c.has_nan && c.max_abs <= 1e-14, "{tag} N={n} `{name}`: {c}");
+                continue;
+            }
             assert!(c.within(TOL), "{tag} N={n} `{name}`: {c}");
         }
     }

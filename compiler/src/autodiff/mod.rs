@@ -10,6 +10,7 @@
 //! to autodiff. The per-op rules and their conventions at kinks are in `rules.rs`.
 
 mod builder;
+mod cross_entropy;
 mod normal_form;
 mod rules;
 

@@ -30,6 +30,10 @@ pub(crate) fn vjp(b: &mut Builder, y: NodeId, gy: NodeId, needs: &[bool]) -> R<V
         Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Iota { .. } => {}
         Op::SizeOf { .. } => {}
         Op::LinearAttention(la) => super::normal_form::linear_attention(b, &la, &xs, gy, &mut out, needs)?,
+        Op::CrossEntropy(ce) => super::cross_entropy::cross_entropy(b, &ce, &xs, gy, &mut out, needs)?,
+        Op::CrossEntropyGradX(_) | Op::CrossEntropyGradTable(_) => {
+            return Err(super::cross_entropy::second_derivative(b, &op));
+        }
         Op::BlockAttention(ba) => super::normal_form::block_attention(b, &ba, &xs, gy, &mut out, needs)?,
         Op::BlockAttentionGrad(_) => {
             return Err(b.err("second derivatives of block attention are not supported"));
@@ -123,7 +127,12 @@ pub(crate) fn vjp(b: &mut Builder, y: NodeId, gy: NodeId, needs: &[bool]) -> R<V
         }
         Op::Gather => {
             if need(0) {
-                out[0] = Some(gather(b, xs[0], xs[1], gy)?);
+                out[0] = Some(super::cross_entropy::gather(b, xs[0], xs[1], gy)?);
+            }
+        }
+        Op::ScatterAdd { .. } => {
+            if need(0) {
+                out[0] = Some(super::cross_entropy::scatter_add(b, xs[1], gy)?);
             }
         }
         Op::Dropout { rate, salt } => {
@@ -345,28 +354,4 @@ fn scan(
         out[1] = Some(b.mul(t, s_before)?);
     }
     Ok(())
-}
-
-/// Gather's adjoint scatter-adds rows of `gy` into the table. Without a scatter op it
-/// is `onehotᵀ · gy`: flatten indices to `[M]` and `gy` to `[M, R]`, build
-/// `onehot[m, v] = (index[m] == v)` from an iota, contract over `m`, reshape to the table.
-fn gather(b: &mut Builder, table: NodeId, index: NodeId, gy: NodeId) -> R<NodeId> {
-    let tshape = b.shape(table);
-    let ishape = b.shape(index);
-    let v = tshape[0].clone();
-    let prod = |ds: &[Dim]| crate::ir::dim::numel(ds).ok_or_else(|| b.err("size overflow"));
-    let m = prod(&ishape)?;
-    let r = prod(&tshape[1..])?;
-    let one = Dim::constant(1);
-    let idx = b.add(Op::Reshape { shape: vec![m.clone(), one.clone()] }, &[index])?;
-    let idx = b.add(Op::Broadcast { shape: vec![m.clone(), v.clone()] }, &[idx])?;
-    let iota = b.add(Op::Iota { len: v.clone(), dtype: DType::I32 }, &[])?;
-    let iota = b.add(Op::Reshape { shape: vec![one, v.clone()] }, &[iota])?;
-    let iota = b.add(Op::Broadcast { shape: vec![m.clone(), v.clone()] }, &[iota])?;
-    let hit = b.bin(BinaryOp::Eq, idx, iota)?;
-    let onehot = b.add(Op::Cast { to: DType::F32 }, &[hit])?;
-    let g2 = b.add(Op::Reshape { shape: vec![m, r] }, &[gy])?;
-    let spec = EinsumSpec { inputs: vec![b"mv".to_vec(), b"mr".to_vec()], output: b"vr".to_vec() };
-    let dt = b.add(Op::Einsum(spec), &[onehot, g2])?;
-    b.add(Op::Reshape { shape: tshape }, &[dt])
 }

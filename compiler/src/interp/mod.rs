@@ -5,12 +5,14 @@
 
 pub mod block_attention;
 pub mod closeness;
+pub mod cross_entropy;
 pub mod eval;
 pub mod init;
 pub mod io;
 pub mod linear_attention;
 mod math;
 pub mod params;
+mod scatter;
 mod shape;
 pub mod tensor;
 

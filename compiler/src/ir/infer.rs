@@ -304,6 +304,25 @@ pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
             Ok(TensorType::new(table.dtype, shape))
         }
         Op::LinearAttention(la) => la.infer(ops),
+        Op::CrossEntropy(ce) => ce.infer(super::cross_entropy::CeOp::Loss, ops),
+        Op::CrossEntropyGradX(ce) => ce.infer(super::cross_entropy::CeOp::GradX, ops),
+        Op::CrossEntropyGradTable(ce) => ce.infer(super::cross_entropy::CeOp::GradTable, ops),
+        Op::ScatterAdd { rows } => {
+            arity(op, ops.len(), 2..=2)?;
+            let (values, idx) = (ops[0], ops[1]);
+            if idx.dtype != DType::I32 {
+                return Err(format!("scatter_add needs i32 indices, got {}", idx.dtype.name()));
+            }
+            if values.rank() < idx.rank() || values.shape[..idx.rank()] != idx.shape[..] {
+                return Err(format!(
+                    "scatter_add needs values {} that start with the index shape {}",
+                    shape_to_string(&values.shape),
+                    shape_to_string(&idx.shape)
+                ));
+            }
+            let shape = std::iter::once(rows.clone()).chain(values.shape[idx.rank()..].iter().cloned()).collect();
+            Ok(TensorType::new(values.dtype, shape))
+        }
         Op::BlockAttention(ba) => ba.infer(ops),
         Op::BlockAttentionGrad(bg) => bg.infer(ops),
         Op::Dropout { rate, .. } => {

@@ -1,5 +1,6 @@
 //! The graph IR. See DESIGN.md, "Graph IR".
 
+pub mod cross_entropy;
 pub mod dim;
 pub mod graph;
 pub mod infer;
@@ -11,6 +12,7 @@ pub mod rewrite;
 pub mod types;
 pub mod verify;
 
+pub use cross_entropy::{CeOp, CrossEntropy};
 pub use dim::Dim;
 pub use graph::{Graph, Init, InputInfo, Node, NodeId, ParamInfo};
 pub use normal_form::{BlockAttention, BlockAttentionGrad, Direction, LinearAttention};

@@ -203,6 +203,11 @@ pub enum Op {
     },
     /// `(table [V, rest…], index: i32 [I…])` → `[I…, rest…]`.
     Gather,
+    /// `(values [I…, rest…], index: i32 [I…])` → `[rows, rest…]`: each row of `values` is
+    /// added into row `index[i]` of zeros (repeats accumulate). The adjoint of `Gather`.
+    ScatterAdd {
+        rows: Dim,
+    },
     /// Zero each element with probability `rate` and scale the rest by `1/(1-rate)`,
     /// using the counter-based generator keyed by (run seed, step, `salt`, element index).
     /// Identity in evaluation.
@@ -212,6 +217,11 @@ pub enum Op {
     },
     /// Normal form of linear attention (see `normal_form.rs`), created by `recognize`.
     LinearAttention(Box<super::normal_form::LinearAttention>),
+    /// Per-token cross-entropy against a vocabulary table, `(x, table, targets)`, and its
+    /// two backward ops `(x, table, targets, g)` (see `cross_entropy.rs`).
+    CrossEntropy(super::cross_entropy::CrossEntropy),
+    CrossEntropyGradX(super::cross_entropy::CrossEntropy),
+    CrossEntropyGradTable(super::cross_entropy::CrossEntropy),
     /// Normal form of softmax/ReLU attention within blocks (see `normal_form.rs`).
     BlockAttention(Box<super::normal_form::BlockAttention>),
     /// Its backward, one op returning `[dq' | dk' | dv']`.
@@ -221,7 +231,8 @@ pub enum Op {
 impl Op {
     /// Ops created by `recognize` (they cannot appear inside regions).
     pub fn is_normal_form(&self) -> bool {
-        matches!(self, Op::LinearAttention(_) | Op::BlockAttention(_) | Op::BlockAttentionGrad(_))
+        matches!(self, Op::CrossEntropy(_) | Op::CrossEntropyGradX(_) | Op::CrossEntropyGradTable(_))
+            || matches!(self, Op::LinearAttention(_) | Op::BlockAttention(_) | Op::BlockAttentionGrad(_))
     }
 
     /// Short, stable name used in printed IR and op-count tables.
@@ -282,8 +293,12 @@ impl Op {
             Op::Pad { .. } => "pad",
             Op::Concat { .. } => "concat",
             Op::Gather => "gather",
+            Op::ScatterAdd { .. } => "scatter_add",
             Op::Dropout { .. } => "dropout",
             Op::LinearAttention(_) => "linear_attention",
+            Op::CrossEntropy(_) => "cross_entropy",
+            Op::CrossEntropyGradX(_) => "cross_entropy_grad_x",
+            Op::CrossEntropyGradTable(_) => "cross_entropy_grad_table",
             Op::BlockAttention(_) => "block_attention",
             Op::BlockAttentionGrad(_) => "block_attention_grad",
         }

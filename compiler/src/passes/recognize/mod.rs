@@ -19,6 +19,7 @@
 //! recognized (its decay is data, not a constant mask); write decay as a decayed cumsum.
 
 mod block;
+mod cross_entropy;
 mod linear;
 mod mask;
 mod region;
@@ -54,6 +55,7 @@ impl Pass for Recognize {
                 rewrite_block(&mut g, o, f)?;
             }
         }
+        cross_entropy::run(&mut g)?;
         Ok(g)
     }
 }
