@@ -29,7 +29,7 @@ fn optimize(g: Graph, recognize: bool) -> Graph {
     g
 }
 
-fn check(path: &std::path::Path, recognize: bool) {
+fn check(path: &std::path::Path, recognize: bool, lengths: &[(usize, usize)]) {
     let g = tiny(path);
     let reference = passes::differentiate_loss(g.clone()).unwrap();
     let optimized = optimize(g, recognize);
@@ -39,7 +39,7 @@ fn check(path: &std::path::Path, recognize: bool) {
     let params = perturbed_params(&reference, 5);
     let vocab =
         reference.params.iter().find(|p| p.name == "embedding").unwrap().ty.shape[0].as_const().unwrap() as usize;
-    for (b, n) in [(3usize, 6usize), (2, 13), (1, 2)] {
+    for &(b, n) in lengths {
         let tokens = token_tensor(b, n, vocab, n as u64);
         let inputs = HashMap::from([("tokens".to_string(), tokens.clone())]);
         // Evaluation, and training with dropout masks drawn from (seed, step).
@@ -68,6 +68,14 @@ fn check(path: &std::path::Path, recognize: bool) {
 #[test]
 fn generic_lowering_of_every_model_matches_the_interpreter() {
     for path in model_files() {
-        check(&path, false);
+        check(&path, false, &[(3, 6), (2, 13), (1, 2)]);
+    }
+}
+
+#[test]
+fn fused_normal_forms_of_every_model_match_the_interpreter() {
+    for path in model_files() {
+        // The reference executor interprets kernels; two lengths keep this test short.
+        check(&path, true, &[(3, 6), (1, 9)]);
     }
 }

@@ -7,6 +7,7 @@ use super::emit::{add, bin, div, mul, rem, sub, Emitter};
 use crate::ir::{BinaryOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Region, RegionValue, TensorType, UnaryOp};
 use crate::kernel::{Access, Binary, Elem, Expr, LoopKind, Scalar, Stmt, Unary};
 use std::collections::HashMap;
+use std::rc::Rc;
 
 pub fn scalar_of(d: DType) -> Scalar {
     match d {
@@ -26,10 +27,10 @@ pub fn elem_of(d: DType) -> Elem {
 
 /// Where a value comes from: a graph node, or a value inside a region whose arguments are
 /// graph nodes.
-#[derive(Clone, Copy)]
-pub enum Source<'g> {
+#[derive(Clone)]
+pub enum Source {
     Node(NodeId),
-    Region { region: &'g Region, value: RegionValue, args: &'g [NodeId] },
+    Region { region: Rc<Region>, value: RegionValue, args: Rc<[NodeId]> },
 }
 
 pub struct Lowering<'g> {
@@ -46,12 +47,12 @@ fn key(idx: &[Expr]) -> String {
 }
 
 impl<'g> Lowering<'g> {
-    pub fn ty(&self, s: Source<'g>) -> &'g TensorType {
+    pub fn ty(&self, s: &Source) -> TensorType {
         match s {
-            Source::Node(n) => &self.g.node(n).ty,
+            Source::Node(n) => self.g.node(*n).ty.clone(),
             Source::Region { region, value, args } => match value {
-                RegionValue::Arg(i) => &self.g.node(args[i as usize]).ty,
-                RegionValue::Node(j) => &region.nodes[j as usize].ty,
+                RegionValue::Arg(i) => self.g.node(args[*i as usize]).ty.clone(),
+                RegionValue::Node(j) => region.nodes[*j as usize].ty.clone(),
             },
         }
     }
@@ -96,7 +97,7 @@ impl<'g> Lowering<'g> {
     }
 
     /// The value of `s` at `idx`: loaded if it is in memory, else computed.
-    pub fn value(&mut self, s: Source<'g>, idx: &[Expr]) -> Result<Expr, String> {
+    pub fn value(&mut self, s: Source, idx: &[Expr]) -> Result<Expr, String> {
         if let Source::Node(n) = s {
             if self.stored.contains_key(&n) {
                 return self.load(n, idx);
@@ -106,7 +107,7 @@ impl<'g> Lowering<'g> {
     }
 
     /// The value of `s` at `idx` computed from its operands (the value a kernel writes).
-    pub fn compute(&mut self, s: Source<'g>, idx: &[Expr]) -> Result<Expr, String> {
+    pub fn compute(&mut self, s: Source, idx: &[Expr]) -> Result<Expr, String> {
         match s {
             Source::Node(n) => {
                 let k = format!("n{}:{}", n.index(), key(idx));
@@ -114,7 +115,7 @@ impl<'g> Lowering<'g> {
                     return Ok(v);
                 }
                 let node = self.g.node(n);
-                let operands: Vec<Source<'g>> = self.g.operands(n).into_iter().map(Source::Node).collect();
+                let operands: Vec<Source> = self.g.operands(n).into_iter().map(Source::Node).collect();
                 let v = self
                     .op(&node.op, &node.ty, &operands, idx)
                     .map_err(|e| format!("{} ({n:?}): {e}", node.op.kind()))?;
@@ -125,13 +126,16 @@ impl<'g> Lowering<'g> {
             Source::Region { region, value, args } => match value {
                 RegionValue::Arg(i) => self.value(Source::Node(args[i as usize]), idx),
                 RegionValue::Node(j) => {
-                    let k = format!("r{:p}/{j}/{args:?}:{}", region as *const Region, key(idx));
+                    let k = format!("r{:p}/{j}/{args:?}:{}", Rc::as_ptr(&region), key(idx));
                     if let Some(v) = self.e.memo_get(&k) {
                         return Ok(v);
                     }
-                    let rn = &region.nodes[j as usize];
-                    let operands: Vec<Source<'g>> =
-                        rn.operands.iter().map(|&v| Source::Region { region, value: v, args }).collect();
+                    let rn = region.nodes[j as usize].clone();
+                    let operands: Vec<Source> = rn
+                        .operands
+                        .iter()
+                        .map(|&v| Source::Region { region: region.clone(), value: v, args: args.clone() })
+                        .collect();
                     let v = self.op(&rn.op, &rn.ty, &operands, idx)?;
                     let v = self.e.bind(v);
                     self.e.memo_put(k, v.clone());
@@ -141,7 +145,7 @@ impl<'g> Lowering<'g> {
         }
     }
 
-    fn op(&mut self, op: &Op, ty: &TensorType, xs: &[Source<'g>], idx: &[Expr]) -> Result<Expr, String> {
+    fn op(&mut self, op: &Op, ty: &TensorType, xs: &[Source], idx: &[Expr]) -> Result<Expr, String> {
         let s = scalar_of(ty.dtype);
         Ok(match op {
             Op::Constant { value, dtype } => match dtype {
@@ -152,26 +156,26 @@ impl<'g> Lowering<'g> {
             Op::Iota { .. } => Expr::Cast(s, Box::new(idx[0].clone())),
             Op::SizeOf { size, .. } => Expr::Cast(s, Box::new(self.e.dim(size)?)),
             Op::Unary(u) => {
-                let x = self.value(xs[0], idx)?;
+                let x = self.value(xs[0].clone(), idx)?;
                 unary(*u, x, s)
             }
             Op::Binary(b) => {
-                let x = self.value(xs[0], idx)?;
-                let y = self.value(xs[1], idx)?;
+                let x = self.value(xs[0].clone(), idx)?;
+                let y = self.value(xs[1].clone(), idx)?;
                 binary(*b, x, y)
             }
             Op::Select => {
-                let c = self.value(xs[0], idx)?;
-                let a = self.value(xs[1], idx)?;
-                let b = self.value(xs[2], idx)?;
+                let c = self.value(xs[0].clone(), idx)?;
+                let a = self.value(xs[1].clone(), idx)?;
+                let b = self.value(xs[2].clone(), idx)?;
                 Expr::Select(Box::new(c), Box::new(a), Box::new(b))
             }
             Op::Cast { to } => {
-                let x = self.value(xs[0], idx)?;
+                let x = self.value(xs[0].clone(), idx)?;
                 Expr::Cast(scalar_of(*to), Box::new(x))
             }
             Op::Reduce { op, axes } => {
-                let input = self.ty(xs[0]).clone();
+                let input = self.ty(&xs[0]);
                 let init = match (op, input.dtype) {
                     (ReduceOp::Sum, DType::F32) => Expr::F32(0.0),
                     (ReduceOp::Max, DType::F32) => Expr::F32(f32::NEG_INFINITY),
@@ -198,7 +202,7 @@ impl<'g> Lowering<'g> {
                             k += 1;
                         }
                     }
-                    lw.value(xs[0], &full)
+                    lw.value(xs[0].clone(), &full)
                 })?
             }
             Op::Einsum(spec) => {
@@ -208,7 +212,7 @@ impl<'g> Lowering<'g> {
                 }
                 let mut summed: Vec<(u8, Dim)> = Vec::new();
                 for (letters, x) in spec.inputs.iter().zip(xs) {
-                    let t = self.ty(*x).clone();
+                    let t = self.ty(x);
                     for (l, d) in letters.iter().zip(&t.shape) {
                         if !spec.output.contains(l) && !summed.iter().any(|(s, _)| s == l) {
                             summed.push((*l, d.clone()));
@@ -224,7 +228,7 @@ impl<'g> Lowering<'g> {
                     let mut prod: Option<Expr> = None;
                     for (letters, x) in spec.inputs.iter().zip(xs) {
                         let at: Vec<Expr> = letters.iter().map(|l| map[l].clone()).collect();
-                        let v = lw.value(*x, &at)?;
+                        let v = lw.value(x.clone(), &at)?;
                         prod = Some(match prod {
                             None => v,
                             Some(p) => bin(Binary::Mul, p, v),
@@ -239,7 +243,7 @@ impl<'g> Lowering<'g> {
                 }
             }
             Op::Reshape { shape } => {
-                let from = self.ty(xs[0]).shape.clone();
+                let from = self.ty(&xs[0]).shape;
                 let at = if squeeze_only(&from, shape) {
                     // Only size-1 axes inserted or removed: map the other axes directly.
                     let kept: Vec<Expr> = idx
@@ -256,10 +260,10 @@ impl<'g> Lowering<'g> {
                     let lin = self.linear(idx, shape)?;
                     self.unravel(lin, &from)?
                 };
-                self.value(xs[0], &at)?
+                self.value(xs[0].clone(), &at)?
             }
             Op::Broadcast { shape } => {
-                let from = self.ty(xs[0]).shape.clone();
+                let from = self.ty(&xs[0]).shape;
                 let at: Vec<Expr> = from
                     .iter()
                     .zip(shape)
@@ -274,22 +278,22 @@ impl<'g> Lowering<'g> {
                         },
                     )
                     .collect();
-                self.value(xs[0], &at)?
+                self.value(xs[0].clone(), &at)?
             }
             Op::Permute { perm } => {
                 let mut at = vec![Expr::I64(0); perm.len()];
                 for (i, &p) in perm.iter().enumerate() {
                     at[p] = idx[i].clone();
                 }
-                self.value(xs[0], &at)?
+                self.value(xs[0].clone(), &at)?
             }
             Op::Slice { axis, start, .. } => {
                 let mut at = idx.to_vec();
                 at[*axis] = self.e.bind(add(idx[*axis].clone(), self.e.dim(start)?));
-                self.value(xs[0], &at)?
+                self.value(xs[0].clone(), &at)?
             }
             Op::Pad { axis, before, .. } => {
-                let size = self.ty(xs[0]).shape[*axis].clone();
+                let size = self.ty(&xs[0]).shape[*axis].clone();
                 let j = self.e.bind(sub(idx[*axis].clone(), self.e.dim(before)?));
                 let n = self.e.dim(&size)?;
                 let inside =
@@ -299,7 +303,7 @@ impl<'g> Lowering<'g> {
                 let clamped = bin(Binary::Max, bin(Binary::Min, j, sub(n, Expr::I64(1))), Expr::I64(0));
                 let mut at = idx.to_vec();
                 at[*axis] = self.e.bind(clamped);
-                let v = self.value(xs[0], &at)?;
+                let v = self.value(xs[0].clone(), &at)?;
                 Expr::Select(Box::new(inside), Box::new(v), Box::new(zero(s)))
             }
             Op::Concat { axis } => {
@@ -307,13 +311,13 @@ impl<'g> Lowering<'g> {
                 let mut offset = Expr::I64(0);
                 let mut parts = Vec::new();
                 for x in xs {
-                    let size = self.e.dim(&self.ty(*x).shape[*axis].clone())?;
+                    let size = self.e.dim(&self.ty(x).shape[*axis].clone())?;
                     let j = self.e.bind(sub(idx[*axis].clone(), offset.clone()));
                     let clamped =
                         bin(Binary::Max, bin(Binary::Min, j.clone(), sub(size.clone(), Expr::I64(1))), Expr::I64(0));
                     let mut at = idx.to_vec();
                     at[*axis] = self.e.bind(clamped);
-                    let v = self.value(*x, &at)?;
+                    let v = self.value(x.clone(), &at)?;
                     parts.push((bin(Binary::Lt, j, size.clone()), v));
                     offset = self.e.bind(add(offset, size));
                 }
@@ -326,10 +330,10 @@ impl<'g> Lowering<'g> {
                 result.ok_or("concat of nothing")?
             }
             Op::Gather => {
-                let index_ty = self.ty(xs[1]).clone();
-                let table = self.ty(xs[0]).clone();
+                let index_ty = self.ty(&xs[1]);
+                let table = self.ty(&xs[0]);
                 let k = index_ty.rank();
-                let row = self.value(xs[1], &idx[..k])?;
+                let row = self.value(xs[1].clone(), &idx[..k])?;
                 let rows = self.e.dim(&table.shape[0])?;
                 // Out-of-range ids are clamped (the interpreter reports them as errors).
                 let row = bin(
@@ -339,10 +343,10 @@ impl<'g> Lowering<'g> {
                 );
                 let mut at = vec![self.e.bind(row)];
                 at.extend(idx[k..].iter().cloned());
-                self.value(xs[0], &at)?
+                self.value(xs[0].clone(), &at)?
             }
             Op::Dropout { rate, salt } => {
-                let x = self.value(xs[0], idx)?;
+                let x = self.value(xs[0].clone(), idx)?;
                 let lin = self.linear(idx, &ty.shape.clone())?;
                 let keep = Expr::DropoutKeep {
                     seed: Box::new(self.e.size("seed")?),

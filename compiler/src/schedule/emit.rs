@@ -149,11 +149,6 @@ impl Emitter {
         self.levels.last_mut().expect("level 0 always exists").push(s);
     }
 
-    /// Emit a statement at `level`.
-    pub fn push_at(&mut self, level: usize, s: Stmt) {
-        self.levels[level].push(s);
-    }
-
     /// Open `for var in 0..extent`; returns the loop variable.
     pub fn open(&mut self) -> Var {
         let v = self.fresh();

@@ -13,6 +13,8 @@
 //!
 //! Identical kernels (the same layer, unrolled L times) are kept once.
 
+mod compose;
+mod cross_entropy;
 mod element;
 mod emit;
 pub mod run;
@@ -106,7 +108,9 @@ pub fn schedule(g: &Graph, plan: &FusionPlan, mem: &MemoryPlan) -> Result<Schedu
         })
         .collect();
     let mut stored: HashMap<NodeId, usize> = HashMap::new();
-    for v in &mem.values {
+    // Workspace entries of the memory plan name a group, not a value: kernels here
+    // allocate their own scratch.
+    for v in mem.values.iter().filter(|v| v.class != MemClass::Workspace) {
         stored.insert(v.node, v.buffer);
     }
     let buffer_of = |n: NodeId, stored: &HashMap<NodeId, usize>| -> Result<usize, String> {
@@ -157,9 +161,31 @@ pub fn schedule(g: &Graph, plan: &FusionPlan, mem: &MemoryPlan) -> Result<Schedu
                 stored.insert(n, buffers.len() - 1);
             }
             let names = |b: usize| format!("b{b}");
+            let kind = g.node(n).op.kind();
+            if cross_entropy::is_cross_entropy(&g.node(n).op) {
+                // Each token's logsumexp first, into a workspace vector.
+                let x = g.operands(n)[0];
+                let x_ty = g.ty(x);
+                let tokens = crate::ir::dim::numel(&x_ty.shape[..x_ty.rank() - 1]).ok_or("size overflow")?;
+                buffers.push(BufferInfo {
+                    bytes: tokens.checked_scale(4).ok_or("size overflow")?,
+                    role: Role::Workspace,
+                    name: None,
+                });
+                let lse = buffers.len() - 1;
+                let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
+                let (k, b) = cross_entropy::lse_kernel(&mut lw, n, lse, format!("g{gi}_{kind}_lse"))
+                    .map_err(|e| format!("group {gi}: {e}"))?;
+                out.add(k, b, entry);
+                let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
+                let (k, b) = cross_entropy::op_kernel(&mut lw, n, lse, format!("g{gi}_{kind}"))
+                    .map_err(|e| format!("group {gi}: {e}"))?;
+                out.add(k, b, entry);
+                continue;
+            }
             let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
-            let (kernel, bindings) = special::kernel(&mut lw, n, format!("g{gi}_{}", g.node(n).op.kind()))
-                .map_err(|e| format!("group {gi}: {e}"))?;
+            let (kernel, bindings) =
+                special::kernel(&mut lw, n, format!("g{gi}_{kind}")).map_err(|e| format!("group {gi}: {e}"))?;
             drop(lw);
             out.add(kernel, bindings, entry);
         }

@@ -2,17 +2,37 @@
 //! to its buffer; operands are read through element expressions, so producers fused into
 //! the op's group (and the op's own regions) are computed on the fly.
 
+use super::compose::{letters, Composer};
 use super::element::{elem_of, Lowering, Source};
 use super::emit::{bin, mul, sub};
-use crate::ir::{NodeId, Op};
+use crate::ir::{
+    BinaryOp, BlockAttention, BlockAttentionGrad, DType, Dim, Direction, LinearAttention, NodeId, Op, Region,
+    RegionValue, TensorType, UnaryOp,
+};
 use crate::kernel::{Access, Binary, Expr, Kernel, LoopKind, Scalar, Stmt};
 
 pub fn kernel(lw: &mut Lowering, n: NodeId, name: String) -> Result<(Kernel, Vec<usize>), String> {
     match &lw.g.node(n).op {
         Op::Scan { axis, reverse } => scan(lw, n, *axis, *reverse, name),
         Op::ScatterAdd { .. } => scatter_add(lw, n, name),
+        Op::LinearAttention(la) => {
+            let r = linear_attention_region(la, &operand_types(lw, n))?;
+            composed(lw, n, r, name)
+        }
+        Op::BlockAttention(ba) => {
+            let r = block_attention_region(ba, &operand_types(lw, n))?;
+            composed(lw, n, r, name)
+        }
+        Op::BlockAttentionGrad(bg) => {
+            let r = block_attention_grad_region(bg, &operand_types(lw, n))?;
+            composed(lw, n, r, name)
+        }
         other => Err(format!("no kernel template for `{}` yet", other.kind())),
     }
+}
+
+fn operand_types(lw: &Lowering, n: NodeId) -> Vec<TensorType> {
+    lw.g.operands(n).iter().map(|&o| lw.g.ty(o).clone()).collect()
 }
 
 /// Inclusive scan along `axis`: parallel over every other axis, a serial loop with an
@@ -103,6 +123,113 @@ fn scatter_add(lw: &mut Lowering, n: NodeId, name: String) -> Result<(Kernel, Ve
     lw.e.close(i, total, LoopKind::Serial);
     let mut extent = Expr::I64(1);
     for d in &rest {
+        extent = mul(extent, lw.e.dim(d)?);
+    }
+    super::finish(lw, name, extent)
+}
+
+/// Region arguments of consecutive slices of an op's operands, as composed-region values.
+fn arg_values(start: usize, count: usize) -> Vec<RegionValue> {
+    (start..start + count).map(|i| RegionValue::Arg(i as u32)).collect()
+}
+
+/// Block attention as one composed region: `einsum(weights(einsum(q', k')), v')`.
+fn block_attention_region(ba: &BlockAttention, operands: &[TensorType]) -> Result<Region, String> {
+    let mut c = Composer::new(operands.to_vec());
+    let (na, nb, nc) = (ba.q.args.len(), ba.k.args.len(), ba.v.args.len());
+    let q = c.embed(&ba.q, &arg_values(0, na));
+    let k = c.embed(&ba.k, &arg_values(na, nb));
+    let v = c.embed(&ba.v, &arg_values(na + nb, nc));
+    let rank = c.ty(q).rank();
+    let l = |x: &str| letters(rank - 2, x);
+    let s = c.einsum((&l("ix"), q), (&l("jx"), k), &l("ij"))?;
+    let p = c.embed(&ba.weights, &[s]);
+    let o = c.einsum((&l("ij"), p), (&l("jy"), v), &l("iy"))?;
+    Ok(c.finish(o))
+}
+
+/// The backward of block attention as one composed region producing `[dq' | dk' | dv']`.
+fn block_attention_grad_region(bg: &BlockAttentionGrad, operands: &[TensorType]) -> Result<Region, String> {
+    let ba = &bg.forward;
+    let mut c = Composer::new(operands.to_vec());
+    let (na, nb, nc) = (ba.q.args.len(), ba.k.args.len(), ba.v.args.len());
+    let q = c.embed(&ba.q, &arg_values(0, na));
+    let k = c.embed(&ba.k, &arg_values(na, nb));
+    let v = c.embed(&ba.v, &arg_values(na + nb, nc));
+    let d_o = RegionValue::Arg((na + nb + nc) as u32);
+    let rank = c.ty(q).rank();
+    let l = |x: &str| letters(rank - 2, x);
+    let s = c.einsum((&l("ix"), q), (&l("jx"), k), &l("ij"))?;
+    let p = c.embed(&ba.weights, &[s]);
+    let dv = c.einsum((&l("ij"), p), (&l("iy"), d_o), &l("jy"))?;
+    let dp = c.einsum((&l("iy"), d_o), (&l("jy"), v), &l("ij"))?;
+    let ds = c.embed(&bg.weights_vjp, &[s, dp]);
+    let dq = c.einsum((&l("ij"), ds), (&l("jx"), k), &l("ix"))?;
+    let dk = c.einsum((&l("ij"), ds), (&l("ix"), q), &l("jx"))?;
+    let out = c.add(Op::Concat { axis: rank - 1 }, &[dq, dk, dv])?;
+    Ok(c.finish(out))
+}
+
+/// Linear attention in its quadratic form, `einsum(mask · λ^{|n−m|} · einsum(q', k'), v')`.
+fn linear_attention_region(la: &LinearAttention, operands: &[TensorType]) -> Result<Region, String> {
+    let mut c = Composer::new(operands.to_vec());
+    let (na, nb, nc) = (la.q.args.len(), la.k.args.len(), la.v.args.len());
+    let q = c.embed(&la.q, &arg_values(0, na));
+    let k = c.embed(&la.k, &arg_values(na, nb));
+    let v = c.embed(&la.v, &arg_values(na + nb, nc));
+    let rank = c.ty(q).rank();
+    let l = |x: &str| letters(rank - 2, x);
+    let s = c.einsum((&l("ix"), q), (&l("jx"), k), &l("ij"))?;
+    let shape = c.ty(s).shape.clone();
+    let n = shape[rank - 2].clone();
+    let qi = c.position(&n, &shape, rank - 2)?;
+    let kj = c.position(&n, &shape, rank - 1)?;
+    let mask = match la.direction {
+        Direction::Causal => c.binary(BinaryOp::Ge, qi, kj)?,
+        Direction::Anticausal => c.binary(BinaryOp::Le, qi, kj)?,
+        Direction::Full => c.binary(BinaryOp::Eq, qi, qi)?,
+    };
+    let mut weighted = s;
+    if la.decay {
+        // λ^{|n−m|}, λ broadcast from the batch axes.
+        let lam = RegionValue::Arg((na + nb + nc) as u32);
+        let lam_ty = c.ty(lam).clone();
+        let mut lshape = lam_ty.shape.clone();
+        lshape.extend([Dim::constant(1), Dim::constant(1)]);
+        let r = c.add(Op::Reshape { shape: lshape }, &[lam])?;
+        let lam = c.add(Op::Broadcast { shape: shape.clone() }, &[r])?;
+        let diff = c.binary(BinaryOp::Sub, qi, kj)?;
+        let dist = c.add(Op::Cast { to: DType::F32 }, &[diff])?;
+        let dist = c.unary(UnaryOp::Abs, dist)?;
+        let decay = c.binary(BinaryOp::Pow, lam, dist)?;
+        weighted = c.binary(BinaryOp::Mul, s, decay)?;
+    }
+    let zero = c.splat(0.0, DType::F32, &shape)?;
+    let w = c.add(Op::Select, &[mask, weighted, zero])?;
+    let o = c.einsum((&l("ij"), w), (&l("jy"), v), &l("iy"))?;
+    Ok(c.finish(o))
+}
+
+/// A normal-form op whose value is one composed region of its operands.
+fn composed(lw: &mut Lowering, n: NodeId, region: Region, name: String) -> Result<(Kernel, Vec<usize>), String> {
+    let g = lw.g;
+    let ty = g.ty(n).clone();
+    let operands: std::rc::Rc<[NodeId]> = g.operands(n).into();
+    let rows = ty.shape[..ty.rank() - 1].to_vec();
+    let row_idx = lw.unravel(Expr::Var(lw.e.index), &rows)?;
+    let last = lw.e.dim(&ty.shape[ty.rank() - 1])?;
+    let j = lw.e.open();
+    let mut idx = row_idx;
+    idx.push(Expr::Var(j));
+    let region = std::rc::Rc::new(region);
+    let value = lw.value(Source::Region { region: region.clone(), value: region.result, args: operands }, &idx)?;
+    let global = lw.stored[&n];
+    let b = lw.e.buffer(global, &format!("b{global}"), elem_of(ty.dtype), Access::Write);
+    let lin = lw.linear(&idx, &ty.shape)?;
+    lw.e.push(Stmt::Store { buffer: b, index: lin, value });
+    lw.e.close(j, last, LoopKind::Vector);
+    let mut extent = Expr::I64(1);
+    for d in &rows {
         extent = mul(extent, lw.e.dim(d)?);
     }
     super::finish(lw, name, extent)
