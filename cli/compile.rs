@@ -1,6 +1,6 @@
-//! `tnc compile FILE --report`: run the pipeline, fuse, plan memory, and print the kernels
+//! `tnc compile FILE --target T [-o out.tnb]`: compile a model into a bundle and print a
+//! summary. With `--report`: run the pipeline, fuse, plan memory, and print the kernels
 //! with their estimated FLOPs and bytes and the memory plan at the given `B` and `N`.
-//! Code generation does not exist yet: without `--report` the command is a usage error.
 
 use crate::{elaborate, Failure, ModelArgs};
 use std::fmt::Write;
@@ -23,17 +23,27 @@ pub struct CompileArgs {
     /// Sequence length N at which the report evaluates sizes.
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(i64).range(1..))]
     pub seq: i64,
-    /// Code-generation target (`sm80`, `x86-64-v4`, `native`, …); not implemented yet.
+    /// Code-generation target: `native`, `x86-64-v3`, `x86-64-v4` (CPUs) or `sm80`,
+    /// `sm86`, `sm89`, `sm90`, `sm90a` (NVIDIA GPUs).
     #[arg(long)]
     pub target: Option<String>,
+    /// The bundle directory to write (default: the model's name with `.tnb`).
+    #[arg(short = 'o', long = "out")]
+    pub out: Option<std::path::PathBuf>,
+    /// Also write the LLVM IR (`llvm`) or assembly (`asm`) next to the bundle.
+    #[arg(long, value_enum)]
+    pub emit: Vec<EmitKind>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmitKind {
+    Llvm,
+    Asm,
 }
 
 pub fn run(args: &CompileArgs) -> Result<(), Failure> {
     if !args.report {
-        return Err(Failure::usage(
-            Diagnostic::error("code generation is not implemented yet")
-                .with_hint("use `--report` to see the fused kernels and the memory plan"),
-        ));
+        return compile(args);
     }
     let (graph, sources) = elaborate(&args.model)?;
     let last = passes::names().last().copied().unwrap_or("elaborate");
@@ -77,4 +87,64 @@ fn kernel_report(g: &Graph, plan: &FusionPlan, b: i64, n: i64) -> String {
         );
     }
     s
+}
+
+/// Compile to a bundle and print what was made.
+fn compile(args: &CompileArgs) -> Result<(), Failure> {
+    let Some(target) = args.target.as_deref() else {
+        return Err(Failure::usage(
+            Diagnostic::error("`tnc compile` needs `--target`")
+                .with_note("CPU targets: native, x86-64-v3, x86-64-v4; GPU targets: sm80, sm86, sm89, sm90, sm90a")
+                .with_hint("or use `--report` to see the kernels and the memory plan without generating code"),
+        ));
+    };
+    let started = std::time::Instant::now();
+    let (graph, _sources) = elaborate(&args.model)?;
+    let front = started.elapsed();
+    let out = args.out.clone().unwrap_or_else(|| {
+        let stem =
+            args.model.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        std::path::PathBuf::from(format!("{stem}.tnb"))
+    });
+    let emit = tnc_compiler::driver::Emit {
+        llvm: args.emit.contains(&EmitKind::Llvm),
+        asm: args.emit.contains(&EmitKind::Asm),
+    };
+    let compiled = tnc_compiler::driver::compile(graph, target, &out, emit, vec![("parse + elaborate", front)])
+        .map_err(|e| {
+            let usage =
+                e.contains("unknown target") || e.contains("is not a valid target") || e.contains("valid targets");
+            let d = Diagnostic::error(e);
+            if usage {
+                Failure::usage(d)
+            } else {
+                Failure { diagnostic: d, sources: Default::default(), status: 1 }
+            }
+        })?;
+    let mut s = String::new();
+    let _ = writeln!(s, "compiled {} for {target} into {}", compiled.graph.name, out.display());
+    let _ = writeln!(
+        s,
+        "  {} kernels ({} launches: {} forward, {} backward) from {} fused groups",
+        compiled.schedule.kernels.len(),
+        compiled.schedule.steps.len(),
+        compiled.schedule.steps.iter().filter(|st| st.entry == tnc_compiler::schedule::Entry::Forward).count(),
+        compiled.schedule.steps.iter().filter(|st| st.entry == tnc_compiler::schedule::Entry::Backward).count(),
+        compiled.plan.kernels()
+    );
+    if let Some(n) = compiled.memory.report().eval(args.batch, args.seq) {
+        let _ = writeln!(s, "  peak memory at B = {}, N = {}: {:.1} MiB", args.batch, args.seq, mib(n.peak));
+    }
+    let _ = writeln!(s, "  compile time:");
+    let mut total = std::time::Duration::ZERO;
+    for (stage, t) in &compiled.stages {
+        total += *t;
+        let _ = writeln!(s, "    {stage:<18} {:>9.1} ms", t.as_secs_f64() * 1e3);
+    }
+    let _ = writeln!(s, "    {:<18} {:>9.1} ms", "total", total.as_secs_f64() * 1e3);
+    for f in &compiled.extra_files {
+        let _ = writeln!(s, "  wrote {}", f.display());
+    }
+    print!("{s}");
+    Ok(())
 }

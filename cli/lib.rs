@@ -4,10 +4,12 @@
 //! Exit status: 0 on success, 1 on an error in the user's model, 2 on bad usage
 //! (unknown flags, malformed `--set`, unknown pass names).
 
+mod bundle_run;
 mod check;
 mod compile;
 mod ir;
 mod run;
+mod verify;
 
 use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
@@ -63,14 +65,18 @@ pub enum Command {
         #[arg(long, default_value = "elaborate")]
         after: String,
     },
-    /// Evaluate a model with the reference interpreter and write its outputs (and, with
-    /// --grad, every parameter gradient) as safetensors.
+    /// Run a model (FILE.tn, with the reference interpreter) or a compiled bundle (a
+    /// directory) and write its outputs (and, with --grad, every parameter gradient) as
+    /// safetensors.
     Run(run::RunArgs),
-    /// Compile a model. Code generation is not implemented yet: `--report` prints the fused
-    /// kernels with estimated FLOPs and bytes and the memory plan.
+    /// Compile a model into a bundle for a CPU or GPU target (`--report`: print the fused
+    /// kernels with estimated FLOPs and bytes and the memory plan instead).
     Compile(compile::CompileArgs),
     /// Initialize a model's parameters and buffers from a seed and write them as safetensors.
     Init(run::InitArgs),
+    /// Check a compiled bundle (or a model, compiled on the fly) against the reference
+    /// interpreter on random inputs: forward and every gradient.
+    Verify(verify::VerifyArgs),
 }
 
 /// Parse arguments and run; returns the process exit status.
@@ -91,6 +97,7 @@ where
         Command::Ir { model, dot, after } => ir::run(&model, dot, &after),
         Command::Run(args) => run::run(&args),
         Command::Init(args) => run::init(&args),
+        Command::Verify(args) => verify::run(&args),
         Command::Compile(args) => compile::run(&args),
     };
     match result {

@@ -36,6 +36,9 @@ pub struct RunArgs {
     /// Arithmetic precision of the interpreter, and the element type written.
     #[arg(long, value_enum, default_value_t)]
     pub dtype: DTypeArg,
+    /// CPU threads for a compiled bundle (results are bitwise identical for a given count).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -71,6 +74,9 @@ fn write(path: &Path, tensors: &[(String, Tensor)], dtype: DTypeArg) -> Result<(
 }
 
 pub fn run(args: &RunArgs) -> Result<(), Failure> {
+    if crate::bundle_run::is_bundle(&args.model.file) {
+        return crate::bundle_run::run(args);
+    }
     let (graph, _) = elaborate(&args.model)?;
     let graph = if args.grad {
         passes::differentiate_loss(graph).map_err(|d| Failure {

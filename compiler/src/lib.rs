@@ -3,6 +3,8 @@
 
 pub mod autodiff;
 pub mod backend;
+pub mod bundle;
+pub mod driver;
 pub mod elab;
 pub mod frontend;
 pub mod fusion;

@@ -1,0 +1,132 @@
+//! `tnc verify`: a compiled bundle against the reference interpreter, on random inputs
+//! and parameters, forward and every gradient. Prints the closeness of every tensor and
+//! exits with status 1 on a mismatch.
+
+use crate::bundle_run::{execute, is_bundle, Params};
+use crate::{elaborate, Failure, ModelArgs};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use tnc_compiler::interp::{self, compare, EvalOptions, Tensor};
+use tnc_compiler::ir::{DType, Graph, Op};
+use tnc_grammar::{Diagnostic, SourceMap};
+use tnc_runtime::rng;
+
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// When FILE is a bundle: the model it was compiled from (with the same --set).
+    #[arg(long)]
+    pub source: Option<PathBuf>,
+    /// Target to compile for when FILE is a model.
+    #[arg(long, default_value = "native")]
+    pub target: String,
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 13)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Largest relative L2 error accepted per tensor (f32 kernels against f64).
+    #[arg(long, default_value_t = 1e-4)]
+    pub tol: f64,
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+}
+
+fn fail(message: impl Into<String>) -> Failure {
+    Failure { diagnostic: Diagnostic::error(message.into()), sources: SourceMap::new(), status: 1 }
+}
+
+/// Rows of the tables an integer input indexes (so random ids stay in range).
+fn id_range(g: &Graph, input: usize) -> usize {
+    let node = g.inputs[input].node;
+    g.dag
+        .node_indices()
+        .filter(|&n| matches!(g.node(n).op, Op::Gather) && g.operands(n).get(1) == Some(&node))
+        .filter_map(|n| g.ty(g.operands(n)[0]).shape[0].as_const())
+        .min()
+        .unwrap_or(2) as usize
+}
+
+pub fn run(args: &VerifyArgs) -> Result<(), Failure> {
+    let bundle_given = is_bundle(&args.model.file);
+    let source_args = if bundle_given {
+        let Some(src) = &args.source else {
+            return Err(Failure::usage(
+                Diagnostic::error("verifying a bundle needs the model it was compiled from")
+                    .with_hint("pass `--source MODEL.tn` with the same `--set` values"),
+            ));
+        };
+        ModelArgs { file: src.clone(), ..args.model.clone() }
+    } else {
+        args.model.clone()
+    };
+    let (graph, _) = elaborate(&source_args)?;
+    let bundle_dir = if bundle_given {
+        args.model.file.clone()
+    } else {
+        let dir = std::env::temp_dir().join(format!("tnc-verify-{}.tnb", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        tnc_compiler::driver::compile(graph.clone(), &args.target, &dir, Default::default(), Vec::new())
+            .map_err(fail)?;
+        dir
+    };
+    let reference = tnc_compiler::passes::differentiate_loss(graph).map_err(|d| fail(d.message))?;
+    // Random inputs and parameters (initial values plus noise, so biases are not zero).
+    let mut inputs = HashMap::new();
+    for (i, inp) in reference.inputs.iter().enumerate() {
+        let shape: Vec<usize> = inp
+            .ty
+            .shape
+            .iter()
+            .map(|d| {
+                d.eval(&|s| Some(if s == "B" { args.batch as i64 } else { args.seq as i64 })).unwrap_or(1) as usize
+            })
+            .collect();
+        let n: usize = shape.iter().product();
+        let stream = rng::stable_hash(&inp.name);
+        let data = if inp.ty.dtype == DType::I32 {
+            let range = id_range(&reference, i) as f64;
+            (0..n).map(|j| (rng::uniform(args.seed, stream, j as u64, 0) * range).floor()).collect()
+        } else {
+            (0..n).map(|j| rng::normal(args.seed, stream, j as u64, 0)).collect()
+        };
+        inputs.insert(inp.name.clone(), Tensor::new(shape, data).map_err(fail)?);
+    }
+    let mut params = interp::init_params(&reference, args.seed).map_err(fail)?;
+    for (p, t) in reference.params.iter().zip(params.iter_mut()) {
+        let stream = rng::stable_hash(&format!("verify/{}", p.name));
+        for (j, v) in t.data.iter_mut().enumerate() {
+            *v = ((*v + 0.1 * rng::normal(args.seed, stream, j as u64, 1)) as f32) as f64;
+        }
+    }
+    let want =
+        interp::evaluate(&reference, &inputs, &params, &EvalOptions::default()).map_err(fail)?.outputs(&reference);
+    let named: Vec<(String, Tensor)> = reference.params.iter().map(|p| p.name.clone()).zip(params).collect();
+    let got: HashMap<String, Tensor> =
+        execute(&bundle_dir, &inputs, Params::Values(named), true, args.threads)?.into_iter().collect();
+    let mut bad = 0;
+    println!("{:<40} {:>12} {:>12}  verdict", "tensor", "rel L2", "max abs");
+    for (name, w) in &want {
+        let Some(g) = got.get(name) else {
+            println!("{name:<40} missing from the bundle's outputs");
+            bad += 1;
+            continue;
+        };
+        let mut g = g.clone();
+        g.shape = w.shape.clone();
+        let c = compare(&g, w);
+        let ok = c.within(args.tol) || (w.data.iter().all(|x| x.abs() < 1e-6) && c.max_abs < 1e-6 && !c.has_nan);
+        bad += usize::from(!ok);
+        println!("{name:<40} {:>12.3e} {:>12.3e}  {}", c.rel_l2, c.max_abs, if ok { "ok" } else { "MISMATCH" });
+    }
+    if !bundle_given {
+        let _ = std::fs::remove_dir_all(&bundle_dir);
+    }
+    if bad > 0 {
+        return Err(fail(format!("{bad} of {} tensors differ by more than {} (relative L2)", want.len(), args.tol)));
+    }
+    println!("all {} tensors match within {} (B = {}, N = {})", want.len(), args.tol, args.batch, args.seq);
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! `tnc compile`: the whole pipeline from an elaborated graph to a bundle on disk, with
+//! the time each stage took.
+
+use crate::backend::{self, CpuTarget};
+use crate::bundle::{self, TargetInfo};
+use crate::fusion::{fuse, FusionPlan};
+use crate::ir::Graph;
+use crate::memory::{plan_memory, MemoryPlan};
+use crate::passes;
+use crate::schedule::{schedule, Schedule};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tnc_runtime::manifest::TargetKind;
+
+/// What `--emit` asks for besides the bundle.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Emit {
+    pub llvm: bool,
+    pub asm: bool,
+}
+
+pub struct Compiled {
+    pub graph: Graph,
+    pub plan: FusionPlan,
+    pub memory: MemoryPlan,
+    pub schedule: Schedule,
+    /// (stage, time) in pipeline order.
+    pub stages: Vec<(&'static str, Duration)>,
+    /// Files written besides the bundle (`--emit`).
+    pub extra_files: Vec<PathBuf>,
+}
+
+fn timed<T>(
+    stages: &mut Vec<(&'static str, Duration)>,
+    name: &'static str,
+    f: impl FnOnce() -> Result<T, String>,
+) -> Result<T, String> {
+    let t = Instant::now();
+    let r = f()?;
+    stages.push((name, t.elapsed()));
+    Ok(r)
+}
+
+/// Optimize, fuse, plan memory and schedule (everything that does not depend on the target).
+pub fn lower(
+    graph: Graph,
+    stages: &mut Vec<(&'static str, Duration)>,
+) -> Result<(Graph, FusionPlan, MemoryPlan, Schedule), String> {
+    let mut g = graph;
+    for p in passes::pipeline() {
+        let t = Instant::now();
+        g = p.run(g).map_err(|d| d.message)?;
+        stages.push((p.name(), t.elapsed()));
+    }
+    let plan = timed(stages, "fuse", || fuse(&g))?;
+    let memory = timed(stages, "plan_memory", || plan_memory(&g, &plan))?;
+    let sched = timed(stages, "schedule", || schedule(&g, &plan, &memory))?;
+    Ok((g, plan, memory, sched))
+}
+
+/// Compile `graph` for `target` into the bundle directory `out`.
+pub fn compile(
+    graph: Graph,
+    target: &str,
+    out: &Path,
+    emit: Emit,
+    mut stages: Vec<(&'static str, Duration)>,
+) -> Result<Compiled, String> {
+    let cpu = CpuTarget::parse(target)?;
+    let (graph, plan, memory, sched) = lower(graph, &mut stages)?;
+    let mut extra_files = Vec::new();
+    let object = timed(&mut stages, "llvm", || backend::emit_object(&sched.kernels, &cpu))?;
+    let scratch = tempdir(out)?;
+    let obj_path = scratch.join("kernels.o");
+    let so_path = scratch.join("kernels.so");
+    std::fs::write(&obj_path, &object).map_err(|e| format!("cannot write {}: {e}", obj_path.display()))?;
+    timed(&mut stages, "link", || backend::link_shared(&[obj_path.clone()], &so_path))?;
+    let so = std::fs::read(&so_path).map_err(|e| format!("cannot read {}: {e}", so_path.display()))?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    if emit.llvm {
+        let p = with_suffix(out, "ll");
+        std::fs::write(&p, backend::emit_llvm_ir(&sched.kernels, &cpu, true)?).map_err(|e| e.to_string())?;
+        extra_files.push(p);
+    }
+    if emit.asm {
+        let p = with_suffix(out, "s");
+        std::fs::write(&p, backend::emit_asm(&sched.kernels, &cpu)?).map_err(|e| e.to_string())?;
+        extra_files.push(p);
+    }
+    // Features the runtime can check; `native` lists every host feature LLVM knows, some
+    // of which no runtime check exists for (they are implied by the checked ones).
+    let cpu_features =
+        cpu.required_features.iter().filter(|f| tnc_runtime::bundle::host_has_feature(f).is_some()).cloned().collect();
+    let info = TargetInfo { name: cpu.name.clone(), kind: TargetKind::Cpu, cpu_features };
+    let (manifest, baked) = bundle::manifest(&graph, &sched, info)?;
+    let init_bytes = if baked.is_empty() {
+        None
+    } else {
+        let tmp = scratch_file(out, "init.safetensors")?;
+        let refs: Vec<(String, &crate::interp::Tensor)> = baked.iter().map(|(n, t)| (n.clone(), t)).collect();
+        crate::interp::write_safetensors(&tmp, &refs, crate::interp::FileDType::F32)?;
+        let b = std::fs::read(&tmp).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(&tmp);
+        Some(b)
+    };
+    let mut files: Vec<(&str, &[u8])> = vec![("kernels.so", &so)];
+    if let Some(b) = &init_bytes {
+        files.push((bundle::INIT_FILE, b));
+    }
+    timed(&mut stages, "write bundle", || {
+        if out.exists()
+            && !out.join("manifest.json").exists()
+            && out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false)
+        {
+            return Err(format!("`{}` exists and is not a bundle; refusing to overwrite it", out.display()));
+        }
+        manifest.write_bundle(out, &files).map_err(|e| format!("cannot write the bundle {}: {e}", out.display()))
+    })?;
+    Ok(Compiled { graph, plan, memory, schedule: sched, stages, extra_files })
+}
+
+fn with_suffix(out: &Path, ext: &str) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(format!(".{ext}"));
+    PathBuf::from(s)
+}
+
+fn tempdir(near: &Path) -> Result<PathBuf, String> {
+    let d = std::env::temp_dir().join(format!(
+        "tnc-compile-{}-{}",
+        std::process::id(),
+        near.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    ));
+    std::fs::create_dir_all(&d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+    Ok(d)
+}
+
+fn scratch_file(near: &Path, name: &str) -> Result<PathBuf, String> {
+    Ok(tempdir(near)?.join(name))
+}
