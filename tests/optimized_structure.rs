@@ -1,0 +1,65 @@
+//! The structure of every optimized forward+backward graph, through the fusion inspector:
+//! each causal NormAttention is one linear-attention op forward and at most three
+//! backward, each DiagAttention one block-attention op each way, the loss one fused
+//! cross-entropy, and no tensor of the kinds that make memory blow up: no value has both
+//! a position axis and a d×e state (`[.., N, d, e]`), no N×N value exists (except in the
+//! softmax baseline before recognition), and no [B, N, V] logits.
+
+mod common;
+use common::*;
+use tnc_compiler::fusion::fuse;
+use tnc_compiler::ir::{Dim, Graph};
+use tnc_compiler::passes;
+
+fn optimized(path: &std::path::Path) -> Graph {
+    let (sources, g) = elaborate_path(path, &tiny_sets(path));
+    let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    let last = *passes::names().last().unwrap();
+    passes::run_until(g, last).unwrap().unwrap()
+}
+
+fn depends_on_n(d: &Dim) -> bool {
+    d.symbols().iter().any(|s| s == "N")
+}
+
+#[test]
+fn optimized_graphs_have_the_fused_structure() {
+    for path in model_files() {
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let g = optimized(&path);
+        let plan = fuse(&g).unwrap();
+        let (norm, diag) = match name.as_str() {
+            "transformer" => (0, 2),
+            "tnl" | "t1_all_norm" => (2, 0),
+            _ => (1, 1),
+        };
+        let la = plan.count_ops("linear_attention");
+        assert!(la >= norm && la <= 4 * norm, "{name}: {la} linear-attention ops for {norm} NormAttention layers");
+        assert_eq!(plan.count_ops("block_attention"), diag, "{name}");
+        assert_eq!(plan.count_ops("block_attention_grad"), diag, "{name}");
+        assert_eq!(plan.count_ops("cross_entropy"), 1, "{name}");
+        let vocab = g.params.iter().find(|p| p.name == "embedding").unwrap().ty.shape[0].clone();
+        for n in g.dag.node_indices() {
+            let ty = g.ty(n);
+            let s = &ty.shape;
+            let n_axes = s.iter().filter(|d| depends_on_n(d)).count();
+            assert!(n_axes <= 1, "{name}: {} {ty} has two position axes (N×N)", g.node(n).op.kind());
+            if n_axes == 1 {
+                assert!(!s.contains(&vocab), "{name}: {} {ty} is logits-sized [.., N, V]", g.node(n).op.kind());
+                // A per-head state d×e next to a position axis: two trailing head-width axes.
+                let head = Dim::constant(8);
+                let state = s.len() >= 2 && s[s.len() - 1] == head && s[s.len() - 2] == head;
+                assert!(!state, "{name}: {} {ty} holds a d×e state per position", g.node(n).op.kind());
+            }
+        }
+        // Every node belongs to exactly one kernel group (or is a parameter/input).
+        for n in g.dag.node_indices() {
+            let op = &g.node(n).op;
+            if matches!(op, tnc_compiler::ir::Op::Param { .. } | tnc_compiler::ir::Op::Input { .. }) {
+                continue;
+            }
+            let owners = plan.groups.iter().filter(|gr| gr.contains(n)).count();
+            assert_eq!(owners, 1, "{name}: {} owned by {owners} groups", op.kind());
+        }
+    }
+}
