@@ -21,6 +21,9 @@ use std::ptr::NonNull;
 /// The kernels' C calling convention.
 pub type KernelFn = unsafe extern "C" fn(*mut *mut c_void, *const i64, i64, i64);
 
+/// The message of [`ExecError::NoDriver`].
+pub const NO_DRIVER: &str = "no CUDA driver found (libcuda.so could not be loaded)";
+
 /// Why an executor could not be built or could not run.
 #[derive(Debug)]
 pub enum ExecError {
@@ -55,6 +58,13 @@ pub enum ExecError {
         path: PathBuf,
         error: std::io::Error,
     },
+    /// The CUDA driver library (`libcuda.so`) is not installed on this host.
+    NoDriver,
+    /// A CUDA driver call failed: what was being done, and the driver's message.
+    Cuda {
+        what: String,
+        message: String,
+    },
 }
 
 impl fmt::Display for ExecError {
@@ -65,13 +75,15 @@ impl fmt::Display for ExecError {
             ExecError::Symbol { kernel, symbol, message } => {
                 write!(f, "kernel `{kernel}`: symbol `{symbol}` not found in {CPU_KERNELS_FILE}: {message}")
             }
-            ExecError::Unsupported(m) => write!(f, "not supported by the CPU executor: {m}"),
+            ExecError::Unsupported(m) => write!(f, "not supported by this executor: {m}"),
             ExecError::Sizes(m) => f.write_str(m),
             ExecError::Input { name, message } => write!(f, "input `{name}`: {message}"),
             ExecError::Params(m) => f.write_str(m),
             ExecError::Order(m) => f.write_str(m),
             ExecError::Output(m) => f.write_str(m),
             ExecError::Io { path, error } => write!(f, "{}: {error}", path.display()),
+            ExecError::NoDriver => f.write_str(NO_DRIVER),
+            ExecError::Cuda { what, message } => write!(f, "CUDA error {what}: {message}"),
         }
     }
 }
@@ -586,97 +598,7 @@ impl Executor {
 
     /// Checks `inputs` against `entry`'s inputs and returns the sizes they imply.
     fn bind_inputs(&mut self, entry: &str, inputs: &[(&str, &Tensor)]) -> Result<Vec<i64>, ExecError> {
-        let m = &self.manifest;
-        let expected: Vec<_> = m.inputs.iter().filter(|io| io.entry == entry).collect();
-        let mut given: Vec<(&str, &crate::manifest::IoEntry, &Tensor)> = Vec::new();
-        for &(name, t) in inputs {
-            let Some(io) = expected.iter().find(|io| io.name == name) else {
-                return Err(ExecError::Input {
-                    name: name.into(),
-                    message: format!(
-                        "`{entry}` has no such input (its inputs are {:?})",
-                        expected.iter().map(|io| &io.name).collect::<Vec<_>>()
-                    ),
-                });
-            };
-            if given.iter().any(|g| g.0 == name) {
-                return Err(ExecError::Input { name: name.into(), message: "given twice".into() });
-            }
-            given.push((name, io, t));
-            if t.dtype() != io.dtype {
-                return Err(ExecError::Input {
-                    name: name.into(),
-                    message: format!("has element type {}, expected {}", t.dtype(), io.dtype),
-                });
-            }
-            if t.len() != t.shape.iter().product::<usize>() {
-                return Err(ExecError::Input {
-                    name: name.into(),
-                    message: format!("has {} values for shape {:?}", t.len(), t.shape),
-                });
-            }
-        }
-        if let Some(io) = expected.iter().find(|io| !given.iter().any(|g| g.0 == io.name)) {
-            return Err(ExecError::Input { name: io.name.clone(), message: format!("missing (needed by `{entry}`)") });
-        }
-        let shape_err = |io: &crate::manifest::IoEntry, t: &Tensor, env: Option<&HashMap<&str, i64>>| {
-            let decl = io.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
-            let vals = env
-                .and_then(|env| io.shape.iter().map(|d| d.eval(env).ok()).collect::<Option<Vec<_>>>())
-                .map(|v| format!(" = {v:?}"))
-                .unwrap_or_default();
-            ExecError::Input {
-                name: io.name.clone(),
-                message: format!("has shape {:?}, expected [{decl}]{vals}", t.shape),
-            }
-        };
-        // Sizes: explicit or previous values, overridden by dimensions that are a bare symbol.
-        let mut sizes = self.sizes.clone();
-        let mut from: Vec<Option<&str>> = vec![None; sizes.len()];
-        for &(name, io, t) in &given {
-            if t.shape.len() != io.shape.len() {
-                return Err(shape_err(io, t, None));
-            }
-            for (d, &v) in io.shape.iter().zip(&t.shape) {
-                if let Some(s) = d.as_sym() {
-                    let Some(i) = m.sizes.iter().position(|x| x == s) else { continue };
-                    match from[i] {
-                        Some(other) if sizes[i] != Some(v as i64) => {
-                            return Err(ExecError::Input {
-                                name: name.into(),
-                                message: format!(
-                                    "has {s} = {v} (shape {:?}), but input `{other}` has {s} = {}",
-                                    t.shape,
-                                    sizes[i].unwrap_or(0)
-                                ),
-                            });
-                        }
-                        _ => {
-                            sizes[i] = Some(v as i64);
-                            from[i] = Some(name);
-                        }
-                    }
-                }
-            }
-        }
-        let sizes: Vec<i64> = sizes
-            .iter()
-            .zip(&m.sizes)
-            .map(|(v, s)| {
-                v.ok_or_else(|| {
-                    ExecError::Sizes(format!(
-                        "size `{s}` is unknown: no input of `{entry}` has it as a dimension; call set_sizes"
-                    ))
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        let env: HashMap<&str, i64> = m.sizes.iter().map(String::as_str).zip(sizes.iter().copied()).collect();
-        for &(_, io, t) in &given {
-            let ok = io.shape.iter().zip(&t.shape).all(|(d, &v)| d.eval(&env).ok() == Some(v as i64));
-            if !ok {
-                return Err(shape_err(io, t, Some(&env)));
-            }
-        }
+        let sizes = bind_sizes(&self.manifest, &self.sizes, entry, inputs)?;
         self.sizes = sizes.iter().map(|&v| Some(v)).collect();
         Ok(sizes)
     }
@@ -709,25 +631,7 @@ impl Executor {
         seed: u64,
         files: &mut HashMap<String, Vec<u8>>,
     ) -> Result<Vec<f32>, ExecError> {
-        if p.dtype != DType::F32 {
-            return Err(ExecError::Unsupported(format!("parameter `{}` has element type {}", p.name, p.dtype)));
-        }
-        if let InitSpec::Baked { file, tensor } = &p.init {
-            if !files.contains_key(file) {
-                let path = self.dir.join(file);
-                let bytes = std::fs::read(&path).map_err(|error| ExecError::Io { path: path.clone(), error })?;
-                files.insert(file.clone(), bytes);
-            }
-            let st = safetensors::SafeTensors::deserialize(&files[file])
-                .map_err(|e| ExecError::Params(format!("bundle file `{file}` is not a safetensors file: {e}")))?;
-            let t = st.tensor(tensor).map_err(|_| {
-                ExecError::Params(format!("bundle file `{file}` has no tensor `{tensor}` for `{}`", p.name))
-            })?;
-            return tensor_values(&t, p, &format!("bundle file `{file}`"));
-        }
-        let shape: Vec<usize> = p.shape.iter().map(|&d| d as usize).collect();
-        init_values_f32(&p.init, &shape, &p.name, p.seed.unwrap_or(seed))
-            .map_err(|e| ExecError::Params(format!("parameter `{}`: {e}", p.name)))
+        initial_values(&self.dir, p, seed, files)
     }
 
     fn write_param(&mut self, p: &ParamEntry, values: &[f32]) {
@@ -738,7 +642,135 @@ impl Executor {
     }
 }
 
-fn numel(p: &ParamEntry) -> Result<usize, ExecError> {
+/// Checks `inputs` against `entry`'s inputs of `m` and returns the sizes they imply:
+/// `current` (explicit or previous values) overridden by input dimensions that are a bare
+/// size symbol; every input's shape must then evaluate to what was given.
+pub(crate) fn bind_sizes(
+    m: &Manifest,
+    current: &[Option<i64>],
+    entry: &str,
+    inputs: &[(&str, &Tensor)],
+) -> Result<Vec<i64>, ExecError> {
+    let expected: Vec<_> = m.inputs.iter().filter(|io| io.entry == entry).collect();
+    let mut given: Vec<(&str, &crate::manifest::IoEntry, &Tensor)> = Vec::new();
+    for &(name, t) in inputs {
+        let Some(io) = expected.iter().find(|io| io.name == name) else {
+            return Err(ExecError::Input {
+                name: name.into(),
+                message: format!(
+                    "`{entry}` has no such input (its inputs are {:?})",
+                    expected.iter().map(|io| &io.name).collect::<Vec<_>>()
+                ),
+            });
+        };
+        if given.iter().any(|g| g.0 == name) {
+            return Err(ExecError::Input { name: name.into(), message: "given twice".into() });
+        }
+        given.push((name, io, t));
+        if t.dtype() != io.dtype {
+            return Err(ExecError::Input {
+                name: name.into(),
+                message: format!("has element type {}, expected {}", t.dtype(), io.dtype),
+            });
+        }
+        if t.len() != t.shape.iter().product::<usize>() {
+            return Err(ExecError::Input {
+                name: name.into(),
+                message: format!("has {} values for shape {:?}", t.len(), t.shape),
+            });
+        }
+    }
+    if let Some(io) = expected.iter().find(|io| !given.iter().any(|g| g.0 == io.name)) {
+        return Err(ExecError::Input { name: io.name.clone(), message: format!("missing (needed by `{entry}`)") });
+    }
+    let shape_err = |io: &crate::manifest::IoEntry, t: &Tensor, env: Option<&HashMap<&str, i64>>| {
+        let decl = io.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+        let vals = env
+            .and_then(|env| io.shape.iter().map(|d| d.eval(env).ok()).collect::<Option<Vec<_>>>())
+            .map(|v| format!(" = {v:?}"))
+            .unwrap_or_default();
+        ExecError::Input { name: io.name.clone(), message: format!("has shape {:?}, expected [{decl}]{vals}", t.shape) }
+    };
+    // Sizes: explicit or previous values, overridden by dimensions that are a bare symbol.
+    let mut sizes = current.to_vec();
+    let mut from: Vec<Option<&str>> = vec![None; sizes.len()];
+    for &(name, io, t) in &given {
+        if t.shape.len() != io.shape.len() {
+            return Err(shape_err(io, t, None));
+        }
+        for (d, &v) in io.shape.iter().zip(&t.shape) {
+            if let Some(s) = d.as_sym() {
+                let Some(i) = m.sizes.iter().position(|x| x == s) else { continue };
+                match from[i] {
+                    Some(other) if sizes[i] != Some(v as i64) => {
+                        return Err(ExecError::Input {
+                            name: name.into(),
+                            message: format!(
+                                "has {s} = {v} (shape {:?}), but input `{other}` has {s} = {}",
+                                t.shape,
+                                sizes[i].unwrap_or(0)
+                            ),
+                        });
+                    }
+                    _ => {
+                        sizes[i] = Some(v as i64);
+                        from[i] = Some(name);
+                    }
+                }
+            }
+        }
+    }
+    let sizes: Vec<i64> = sizes
+        .iter()
+        .zip(&m.sizes)
+        .map(|(v, s)| {
+            v.ok_or_else(|| {
+                ExecError::Sizes(format!(
+                    "size `{s}` is unknown: no input of `{entry}` has it as a dimension; call set_sizes"
+                ))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let env: HashMap<&str, i64> = m.sizes.iter().map(String::as_str).zip(sizes.iter().copied()).collect();
+    for &(_, io, t) in &given {
+        let ok = io.shape.iter().zip(&t.shape).all(|(d, &v)| d.eval(&env).ok() == Some(v as i64));
+        if !ok {
+            return Err(shape_err(io, t, Some(&env)));
+        }
+    }
+    Ok(sizes)
+}
+
+/// The initial values of parameter `p`: baked ones read from the bundle in `dir` (files
+/// cached in `files`), else drawn from its own seed or `seed`.
+pub(crate) fn initial_values(
+    dir: &Path,
+    p: &ParamEntry,
+    seed: u64,
+    files: &mut HashMap<String, Vec<u8>>,
+) -> Result<Vec<f32>, ExecError> {
+    if p.dtype != DType::F32 {
+        return Err(ExecError::Unsupported(format!("parameter `{}` has element type {}", p.name, p.dtype)));
+    }
+    if let InitSpec::Baked { file, tensor } = &p.init {
+        if !files.contains_key(file) {
+            let path = dir.join(file);
+            let bytes = std::fs::read(&path).map_err(|error| ExecError::Io { path: path.clone(), error })?;
+            files.insert(file.clone(), bytes);
+        }
+        let st = safetensors::SafeTensors::deserialize(&files[file])
+            .map_err(|e| ExecError::Params(format!("bundle file `{file}` is not a safetensors file: {e}")))?;
+        let t = st.tensor(tensor).map_err(|_| {
+            ExecError::Params(format!("bundle file `{file}` has no tensor `{tensor}` for `{}`", p.name))
+        })?;
+        return tensor_values(&t, p, &format!("bundle file `{file}`"));
+    }
+    let shape: Vec<usize> = p.shape.iter().map(|&d| d as usize).collect();
+    init_values_f32(&p.init, &shape, &p.name, p.seed.unwrap_or(seed))
+        .map_err(|e| ExecError::Params(format!("parameter `{}`: {e}", p.name)))
+}
+
+pub(crate) fn numel(p: &ParamEntry) -> Result<usize, ExecError> {
     p.shape
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(usize::try_from(d).ok()?))
@@ -746,7 +778,11 @@ fn numel(p: &ParamEntry) -> Result<usize, ExecError> {
 }
 
 /// f32 values of a safetensors tensor for parameter `p`, checking its shape.
-fn tensor_values(t: &safetensors::tensor::TensorView<'_>, p: &ParamEntry, source: &str) -> Result<Vec<f32>, ExecError> {
+pub(crate) fn tensor_values(
+    t: &safetensors::tensor::TensorView<'_>,
+    p: &ParamEntry,
+    source: &str,
+) -> Result<Vec<f32>, ExecError> {
     let want: Vec<usize> = p.shape.iter().map(|&d| d as usize).collect();
     if t.shape() != want.as_slice() {
         return Err(ExecError::Params(format!(
@@ -769,7 +805,7 @@ fn tensor_values(t: &safetensors::tensor::TensorView<'_>, p: &ParamEntry, source
 }
 
 /// Native-order element bytes to little-endian (safetensors' byte order).
-fn le_bytes(dtype: DType, bytes: &[u8]) -> Vec<u8> {
+pub(crate) fn le_bytes(dtype: DType, bytes: &[u8]) -> Vec<u8> {
     if cfg!(target_endian = "little") || dtype == DType::U8 {
         return bytes.to_vec();
     }

@@ -4,6 +4,8 @@
 //! - [`manifest`]: the bundle format (`manifest.json`, checksums, size polynomials);
 //! - [`bundle`]: loading and verifying a bundle ([`Bundle::load`]);
 //! - [`cpu`]: the CPU executor ([`Executor`]) running `kernels.so` on threads;
+//! - [`cuda`] (feature `cuda`, on by default): the CUDA executor ([`CudaExecutor`])
+//!   running `kernels.ptx` through the driver API;
 //! - [`init`]: parameter initialization from a seed, shared bit for bit with the
 //!   compiler's reference interpreter;
 //! - [`rng`]: the counter-based random generator behind dropout and initialization;
@@ -24,12 +26,16 @@
 
 pub mod bundle;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod init;
 pub mod manifest;
 pub mod rng;
 pub mod tensor;
 
 pub use bundle::{Bundle, BundleError};
-pub use cpu::{ExecError, Executor};
+pub use cpu::{ExecError, Executor, NO_DRIVER};
+#[cfg(feature = "cuda")]
+pub use cuda::{CudaExecutor, DeviceInfo};
 pub use manifest::{InitSpec, Manifest, Poly, FORMAT_VERSION};
 pub use tensor::{Tensor, TensorData};

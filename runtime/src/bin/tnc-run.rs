@@ -1,0 +1,433 @@
+//! `tnc-run`: runs a compiled bundle with the runtime alone (no compiler, no LLVM), so it
+//! can be copied to a machine that has only a GPU driver.
+//!
+//! ```text
+//! tnc-run BUNDLE --device cpu|cuda --inputs in.safetensors [--params p.safetensors | --seed S]
+//!         --out out.safetensors [--grad] [--threads T] [--debug-nan]
+//! tnc-run bench BUNDLE --device cuda|cpu --batch B --seq N [--iters K] [--warmup W] [--seed S]
+//! ```
+//!
+//! The first form runs `forward` (and with `--grad` `backward`) and writes every output,
+//! and every gradient as `grad.<param>`, to one safetensors file (f32). The second times
+//! `forward` and `forward` + `backward` on generated inputs and prints the medians in
+//! milliseconds. Exit status 0 on success, 1 on any error, 2 on bad usage.
+
+use clap::{Parser, ValueEnum};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+use tnc_runtime::manifest::{DType, Manifest};
+use tnc_runtime::{Bundle, Executor, Tensor, TensorData};
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Device {
+    Cpu,
+    Cuda,
+}
+
+/// Run a compiled tnc bundle: forward (and backward) on given inputs.
+#[derive(Parser, Debug)]
+#[command(
+    name = "tnc-run",
+    version,
+    about = "Run a compiled tnc bundle (runtime only)",
+    after_help = "Timing: tnc-run bench BUNDLE --device cuda --batch B --seq N [--iters K]"
+)]
+struct RunArgs {
+    /// The bundle directory (written by `tnc compile`).
+    bundle: PathBuf,
+    /// Where to run it.
+    #[arg(long, value_enum)]
+    device: Device,
+    /// Input tensors by name (safetensors; f64 and i64 are converted to f32 and i32).
+    #[arg(long)]
+    inputs: PathBuf,
+    /// Parameters by name (safetensors); without it, parameters are initialized from --seed.
+    #[arg(long, conflicts_with = "seed")]
+    params: Option<PathBuf>,
+    /// Seed for parameter initialization (default 0).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Where to write every output (and with --grad every gradient as `grad.<name>`).
+    #[arg(long)]
+    out: PathBuf,
+    /// Also run backward and write the gradient of every parameter.
+    #[arg(long)]
+    grad: bool,
+    /// CPU worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Fill every buffer an entry point writes with NaN first (finds unwritten outputs).
+    #[arg(long)]
+    debug_nan: bool,
+}
+
+/// Time forward and forward + backward of a bundle on generated inputs.
+#[derive(Parser, Debug)]
+#[command(name = "tnc-run bench", bin_name = "tnc-run bench")]
+struct BenchArgs {
+    /// The bundle directory.
+    bundle: PathBuf,
+    #[arg(long, value_enum, default_value = "cuda")]
+    device: Device,
+    /// Batch size B.
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+    batch: i64,
+    /// Sequence length N.
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+    seq: i64,
+    /// Timed iterations (the median is reported).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    iters: u32,
+    /// Untimed iterations first.
+    #[arg(long, default_value_t = 2)]
+    warmup: u32,
+    /// Seed for parameters and generated inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Integer inputs (tokens) are drawn from 0..VOCAB; by default from 0..(the smallest
+    /// leading dimension of any rank-2 parameter), which a gather table cannot be below.
+    #[arg(long)]
+    vocab: Option<i64>,
+    /// Only forward (for bundles without backward).
+    #[arg(long)]
+    forward_only: bool,
+    /// CPU worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+type Error = Box<dyn std::error::Error>;
+
+fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let result = if args.get(1).is_some_and(|a| a == "bench") {
+        let mut rest = vec![args[0].clone()];
+        rest.extend(args[2..].iter().cloned());
+        match BenchArgs::try_parse_from(rest) {
+            Ok(a) => bench(&a),
+            Err(e) => return usage(e),
+        }
+    } else {
+        match RunArgs::try_parse_from(args) {
+            Ok(a) => run(&a),
+            Err(e) => return usage(e),
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn usage(e: clap::Error) -> ExitCode {
+    let _ = e.print();
+    ExitCode::from(if e.use_stderr() { 2 } else { 0 })
+}
+
+fn threads(t: Option<usize>) -> usize {
+    t.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1)
+}
+
+/// The two executors behind one interface.
+enum Exec {
+    Cpu(Box<Executor>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<tnc_runtime::CudaExecutor>),
+}
+
+macro_rules! both {
+    ($e:expr, $x:ident => $body:expr) => {
+        match $e {
+            Exec::Cpu($x) => $body,
+            #[cfg(feature = "cuda")]
+            Exec::Cuda($x) => $body,
+        }
+    };
+}
+
+impl Exec {
+    fn new(bundle: &Bundle, device: Device, threads: usize) -> Result<Exec, Error> {
+        Ok(match device {
+            Device::Cpu => Exec::Cpu(Box::new(Executor::new(bundle, threads)?)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda => {
+                let ex = tnc_runtime::CudaExecutor::new(bundle)?;
+                let d = ex.device();
+                eprintln!(
+                    "tnc-run: device {} ({}, compute capability {}.{}, {:.1} GiB)",
+                    d.ordinal,
+                    d.name,
+                    d.compute_capability.0,
+                    d.compute_capability.1,
+                    d.total_bytes as f64 / (1u64 << 30) as f64
+                );
+                Exec::Cuda(Box::new(ex))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => return Err("this tnc-run was built without the `cuda` feature".into()),
+        })
+    }
+
+    fn manifest(&self) -> &Manifest {
+        both!(self, e => e.manifest())
+    }
+
+    fn set_debug_nan(&mut self, on: bool) {
+        both!(self, e => e.set_debug_nan(on))
+    }
+
+    fn set_params_from_seed(&mut self, seed: u64) -> Result<(), Error> {
+        both!(self, e => Ok(e.set_params_from_seed(seed)?))
+    }
+
+    fn set_params_from_file(&mut self, p: &Path) -> Result<(), Error> {
+        both!(self, e => Ok(e.set_params_from_file(p)?))
+    }
+
+    fn forward(&mut self, inputs: &[(&str, &Tensor)]) -> Result<(), Error> {
+        both!(self, e => Ok(e.forward(inputs)?))
+    }
+
+    fn backward(&mut self) -> Result<(), Error> {
+        both!(self, e => Ok(e.backward(&[])?))
+    }
+
+    fn outputs(&self) -> Result<BTreeMap<String, Tensor>, Error> {
+        both!(self, e => Ok(e.outputs()?))
+    }
+
+    fn gradients(&self) -> Result<BTreeMap<String, Tensor>, Error> {
+        both!(self, e => Ok(e.gradients()?))
+    }
+}
+
+fn run(a: &RunArgs) -> Result<(), Error> {
+    let bundle = Bundle::load(&a.bundle)?;
+    let mut ex = Exec::new(&bundle, a.device, threads(a.threads))?;
+    ex.set_debug_nan(a.debug_nan);
+    match &a.params {
+        Some(p) => ex.set_params_from_file(p)?,
+        None => ex.set_params_from_seed(a.seed.unwrap_or(0))?,
+    }
+    let file = read_tensors(&a.inputs)?;
+    let wanted: Vec<String> =
+        ex.manifest().inputs.iter().filter(|io| io.entry == "forward").map(|io| io.name.clone()).collect();
+    for name in file.keys().filter(|n| !wanted.contains(n)) {
+        eprintln!("tnc-run: ignoring `{name}` of {} (not an input of the bundle)", a.inputs.display());
+    }
+    let mut inputs = Vec::new();
+    for name in &wanted {
+        let t = file.get(name).ok_or_else(|| {
+            format!("{} has no tensor `{name}` (the bundle's inputs are {wanted:?})", a.inputs.display())
+        })?;
+        inputs.push((name.as_str(), t));
+    }
+    let t0 = Instant::now();
+    ex.forward(&inputs)?;
+    let mut out: Vec<(String, Tensor)> = ex.outputs()?.into_iter().collect();
+    if a.grad {
+        ex.backward()?;
+        out.extend(ex.outputs()?.into_iter().filter(|(n, _)| !out.iter().any(|(m, _)| m == n)).collect::<Vec<_>>());
+        out.extend(ex.gradients()?.into_iter().map(|(n, t)| (format!("grad.{n}"), t)));
+    }
+    let elapsed = t0.elapsed();
+    write_tensors(&a.out, &out)?;
+    for (name, t) in &out {
+        if let (1, Some(v)) = (t.len(), t.as_f32()) {
+            println!("{name} = {}", v[0]);
+        }
+    }
+    println!("wrote {} tensors to {} ({:.1} ms)", out.len(), a.out.display(), elapsed.as_secs_f64() * 1e3);
+    Ok(())
+}
+
+fn bench(a: &BenchArgs) -> Result<(), Error> {
+    let bundle = Bundle::load(&a.bundle)?;
+    let mut ex = Exec::new(&bundle, a.device, threads(a.threads))?;
+    ex.set_params_from_seed(a.seed)?;
+    let m = ex.manifest().clone();
+    let env: std::collections::HashMap<&str, i64> = m
+        .sizes
+        .iter()
+        .map(String::as_str)
+        .map(|s| {
+            (
+                s,
+                if s == "B" {
+                    a.batch
+                } else if s == "N" {
+                    a.seq
+                } else {
+                    1
+                },
+            )
+        })
+        .collect();
+    let vocab = a.vocab.unwrap_or_else(|| {
+        m.params.iter().filter(|p| p.shape.len() == 2).map(|p| p.shape[0]).min().unwrap_or(2).max(1)
+    });
+    let mut owned = Vec::new();
+    for (i, io) in m.inputs.iter().filter(|io| io.entry == "forward").enumerate() {
+        let shape = io
+            .shape
+            .iter()
+            .map(|d| d.eval(&env).map(|v| v.max(0) as usize))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("shape of input `{}`: {e}", io.name))?;
+        owned.push((io.name.clone(), generate(io.dtype, shape, a.seed ^ ((i as u64 + 1) << 32), vocab)));
+    }
+    let inputs: Vec<(&str, &Tensor)> = owned.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let backward = !a.forward_only && m.entry_points.get("backward").is_some_and(|s| !s.is_empty());
+    // The first forward uploads the inputs; later ones reuse them on the device.
+    ex.forward(&inputs)?;
+    let mut fwd = Vec::new();
+    let mut both = Vec::new();
+    for it in 0..a.warmup + a.iters {
+        let (f, fb) = match &mut ex {
+            Exec::Cpu(e) => {
+                let t = Instant::now();
+                e.forward(&inputs)?;
+                let f = t.elapsed().as_secs_f64() * 1e3;
+                let t = Instant::now();
+                e.forward(&inputs)?;
+                if backward {
+                    e.backward(&[])?;
+                }
+                (f, t.elapsed().as_secs_f64() * 1e3)
+            }
+            #[cfg(feature = "cuda")]
+            Exec::Cuda(e) => {
+                let f = e.time_ms(&["forward"])? as f64;
+                let fb = if backward { e.time_ms(&["forward", "backward"])? as f64 } else { f };
+                (f, fb)
+            }
+        };
+        if it >= a.warmup {
+            fwd.push(f);
+            both.push(fb);
+        }
+    }
+    let sizes = m.sizes.iter().map(|s| format!("{s}={}", env[s.as_str()])).collect::<Vec<_>>().join(" ");
+    println!(
+        "bench {} {sizes} device={:?} iters={}: forward {:.3} ms, forward+backward {} ms",
+        m.model,
+        a.device,
+        a.iters,
+        median(&mut fwd),
+        if backward { format!("{:.3}", median(&mut both)) } else { "n/a".into() }
+    );
+    println!(
+        "BENCH_JSON {{\"model\": \"{}\", \"forward_ms\": {:.4}, \"fwd_bwd_ms\": {}}}",
+        m.model,
+        median(&mut fwd),
+        if backward { format!("{:.4}", median(&mut both)) } else { "null".into() }
+    );
+    Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Generated bench inputs: f32 uniform in [-1, 1), integers in `0..vocab`, bytes 0/1.
+/// A fast splitmix64 stream split over threads (the values only need to be plausible).
+fn generate(dtype: DType, shape: Vec<usize>, seed: u64, vocab: i64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mix = |i: u64| {
+        let mut z = seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    fn fill<T: Send + Default + Clone>(n: usize, f: impl Fn(u64) -> T + Sync) -> Vec<T> {
+        let mut v = vec![T::default(); n];
+        let t = std::thread::available_parallelism().map(|x| x.get()).unwrap_or(1);
+        let chunk = n.div_ceil(t).max(1 << 16);
+        std::thread::scope(|s| {
+            for (c, part) in v.chunks_mut(chunk).enumerate() {
+                let f = &f;
+                s.spawn(move || {
+                    for (j, x) in part.iter_mut().enumerate() {
+                        *x = f((c * chunk + j) as u64);
+                    }
+                });
+            }
+        });
+        v
+    }
+    let data = match dtype {
+        DType::F32 => TensorData::F32(fill(n, |i| (mix(i) >> 40) as f32 / (1u64 << 23) as f32 - 1.0)),
+        DType::I32 => TensorData::I32(fill(n, |i| (mix(i) % vocab.max(1) as u64) as i32)),
+        DType::U8 => TensorData::U8(fill(n, |i| (mix(i) & 1) as u8)),
+    };
+    Tensor { shape, data }
+}
+
+/// Every tensor of a safetensors file, converted to the runtime's element types.
+fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, Error> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| format!("{} is not a safetensors file: {e}", path.display()))?;
+    let mut out = BTreeMap::new();
+    for (name, t) in st.tensors() {
+        let shape = t.shape().to_vec();
+        let d = t.data();
+        let data = match t.dtype() {
+            safetensors::Dtype::F32 => {
+                TensorData::F32(d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+            }
+            safetensors::Dtype::F64 => {
+                TensorData::F32(d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect())
+            }
+            safetensors::Dtype::I32 => {
+                TensorData::I32(d.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect())
+            }
+            safetensors::Dtype::I64 => TensorData::I32(
+                d.chunks_exact(8)
+                    .map(|c| {
+                        let v = i64::from_le_bytes(c.try_into().unwrap());
+                        i32::try_from(v)
+                            .map_err(|_| format!("tensor `{name}` of {}: {v} does not fit i32", path.display()))
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            safetensors::Dtype::U8 | safetensors::Dtype::BOOL => TensorData::U8(d.to_vec()),
+            other => return Err(format!("tensor `{name}` of {} has unsupported type {other:?}", path.display()).into()),
+        };
+        out.insert(name, Tensor { shape, data });
+    }
+    Ok(out)
+}
+
+fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), Error> {
+    let owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let (dt, bytes) = match &t.data {
+                TensorData::F32(v) => (safetensors::Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                TensorData::I32(v) => (safetensors::Dtype::I32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                TensorData::U8(v) => (safetensors::Dtype::U8, v.clone()),
+            };
+            (n.clone(), dt, t.shape.clone(), bytes)
+        })
+        .collect();
+    let views = owned
+        .iter()
+        .map(|(n, dt, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*dt, s.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    safetensors::serialize_to_file(views, None, path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(())
+}
