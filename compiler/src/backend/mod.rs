@@ -3,7 +3,9 @@
 //!
 //! - [`target`]: `--target` names for CPUs, the LLVM CPU and features they mean, and the
 //!   CPU features a bundle needs at run time;
-//! - [`llvm`]: kernel IR → LLVM IR → native objects, linked into `kernels.so` by `cc`.
+//! - [`llvm`]: kernel IR → LLVM IR → native objects, linked into `kernels.so` by `cc`,
+//!   or PTX for NVIDIA GPUs (`--target sm80|sm86|sm89|sm90|sm90a`, [`emit_ptx`], launched
+//!   with [`gpu_launch`]'s shape).
 
 pub mod llvm;
 pub mod target;
@@ -11,8 +13,9 @@ pub mod target;
 use crate::kernel::{print, Kernel};
 use std::collections::{BTreeMap, HashMap};
 
+pub use llvm::ptx::{emit_nvptx_ir, emit_ptx, gpu_launch, libdevice_path, GPU_BLOCK};
 pub use llvm::{emit_asm, emit_llvm_ir, emit_object, link_shared};
-pub use target::{CpuTarget, CPU_TARGETS};
+pub use target::{CpuTarget, GpuTarget, CPU_TARGETS, GPU_TARGETS};
 
 /// Kernels with duplicates removed: two kernels are identical when their text forms
 /// (`kernel::print::to_text`) are equal modulo the kernel name, e.g. the same layer

@@ -1,4 +1,4 @@
-//! CPU targets for `--target`: which CPU and features LLVM compiles for, and which CPU
+//! Targets for `--target`: which CPU and features LLVM compiles for, and which CPU
 //! features a bundle needs at run time (written to the manifest so the runtime can refuse
 //! a bundle the host can't run).
 //!
@@ -166,6 +166,74 @@ pub fn host_has_feature(name: &str) -> Option<bool> {
     }
 }
 
+/// The `--target` names for NVIDIA GPUs.
+pub const GPU_TARGETS: &[&str] = &["sm80", "sm86", "sm89", "sm90", "sm90a"];
+
+/// An NVIDIA GPU code-generation target: PTX for one compute capability.
+///
+/// Each target pins the oldest PTX ISA version that supports its architecture, so the PTX
+/// loads on the oldest driver that knows the GPU (LLVM 19 would otherwise choose):
+///
+/// | target  | `.target` | `.version` | first CUDA |
+/// |---------|-----------|------------|------------|
+/// | `sm80`  | `sm_80`   | 7.0        | 11.0       |
+/// | `sm86`  | `sm_86`   | 7.1        | 11.1       |
+/// | `sm89`  | `sm_89`   | 7.8        | 11.8       |
+/// | `sm90`  | `sm_90`   | 7.8        | 11.8       |
+/// | `sm90a` | `sm_90a`  | 8.0        | 12.0       |
+///
+/// Newer architectures (`sm100`, `sm120`, ...) are not supported: LLVM 19's NVPTX back end
+/// does not know them and, given an unknown name, only warns and emits PTX the assembler
+/// rejects, so names are checked here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuTarget {
+    /// The `--target` name it was parsed from (`sm80`, ..., `sm90a`).
+    pub name: String,
+    /// The LLVM target triple, `nvptx64-nvidia-cuda` (64-bit pointers).
+    pub triple: String,
+    /// The LLVM CPU name, which is the PTX `.target` (`sm_90a`).
+    pub sm: String,
+    /// The PTX ISA version × 10 (`80` for PTX 8.0).
+    pub ptx_version: u32,
+    /// The LLVM feature string pinning the PTX version, e.g. `+ptx80`.
+    pub features: String,
+}
+
+impl GpuTarget {
+    /// Parse a `--target` name. Unknown names are an error listing the valid ones.
+    pub fn parse(name: &str) -> Result<GpuTarget, String> {
+        let (sm, ptx_version) = match name {
+            "sm80" => ("sm_80", 70),
+            "sm86" => ("sm_86", 71),
+            "sm89" => ("sm_89", 78),
+            "sm90" => ("sm_90", 78),
+            "sm90a" => ("sm_90a", 80),
+            _ => {
+                let valid = GPU_TARGETS.join(", ");
+                let digits = name.strip_prefix("sm").map(|d| d.trim_start_matches('_').trim_end_matches('a'));
+                return Err(match digits.and_then(|d| d.parse::<u32>().ok()) {
+                    Some(cc) if cc > 90 => {
+                        format!("{name} is not supported by LLVM 19's NVPTX back end; valid GPU targets are: {valid}")
+                    }
+                    _ => format!("unknown GPU target `{name}`; valid GPU targets are: {valid}"),
+                });
+            }
+        };
+        Ok(GpuTarget {
+            name: name.to_string(),
+            triple: "nvptx64-nvidia-cuda".to_string(),
+            sm: sm.to_string(),
+            ptx_version,
+            features: format!("+ptx{ptx_version}"),
+        })
+    }
+
+    /// The compute capability × 10 (`90` for `sm_90` and `sm_90a`).
+    pub fn compute_capability(&self) -> u32 {
+        self.sm.trim_start_matches("sm_").trim_end_matches('a').parse().expect("a known target")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +252,29 @@ mod tests {
         // Every run-time name is one `host_has_feature` knows.
         for (_, r) in FEATURES {
             assert!(host_has_feature(r).is_some(), "{r}");
+        }
+    }
+
+    #[test]
+    fn gpu_targets() {
+        for (name, sm, ptx) in [
+            ("sm80", "sm_80", 70),
+            ("sm86", "sm_86", 71),
+            ("sm89", "sm_89", 78),
+            ("sm90", "sm_90", 78),
+            ("sm90a", "sm_90a", 80),
+        ] {
+            let t = GpuTarget::parse(name).unwrap();
+            assert_eq!((t.sm.as_str(), t.ptx_version, t.features.clone()), (sm, ptx, format!("+ptx{ptx}")));
+            assert!(GPU_TARGETS.contains(&name));
+        }
+        assert_eq!(GpuTarget::parse("sm90a").unwrap().compute_capability(), 90);
+        let e = GpuTarget::parse("sm100").unwrap_err();
+        assert!(e.contains("sm100 is not supported by LLVM 19's NVPTX back end"), "{e}");
+        assert!(e.contains("sm80, sm86, sm89, sm90, sm90a"), "{e}");
+        for bad in ["sm_80", "sm75", "sm70", "native", "", "sm120a"] {
+            let e = GpuTarget::parse(bad).unwrap_err();
+            assert!(e.contains("sm80, sm86, sm89, sm90, sm90a"), "{e}");
         }
     }
 

@@ -1,11 +1,13 @@
 //! The LLVM back end for CPUs: kernel IR → LLVM IR ([`writer`]) → O3 → a native object,
-//! then `cc -shared` links objects into `kernels.so`.
+//! then `cc -shared` links objects into `kernels.so`; and for NVIDIA GPUs ([`ptx`]):
+//! kernel IR → LLVM IR + libdevice → O3 → PTX text.
 //!
 //! LLVM is driven defensively: a diagnostic handler collects errors instead of letting
 //! LLVM's default handler exit the process, and every module is verified before it is
 //! optimized or compiled (Debian's LLVM has no assertions, so invalid IR could crash
 //! code generation). Every failure is an `Err(String)`.
 
+pub mod ptx;
 pub mod writer;
 
 use super::target::CpuTarget;
@@ -23,7 +25,7 @@ use std::ffi::{c_void, CStr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, Once};
-pub use writer::FnAttrs;
+pub use writer::{Device, FnAttrs};
 
 fn init_targets() {
     static INIT: Once = Once::new();
@@ -89,6 +91,7 @@ pub fn fn_attrs(target: &CpuTarget) -> FnAttrs {
         cpu: target.cpu.clone(),
         features: target.features.clone(),
         prefer_vector_width: target.has_avx512().then_some(512),
+        device: Device::Cpu,
     }
 }
 

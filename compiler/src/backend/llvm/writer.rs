@@ -7,6 +7,20 @@
 //! that runs the kernel body for every `index` in `begin..end` (see `kernel/ir.rs`). It
 //! depends only on the kernel IR.
 //!
+//! The same writer serves CPUs and NVIDIA GPUs ([`Device`]); the GPU differences are few:
+//! - a GPU kernel is a `ptx_kernel` (an `.entry`) and runs the body once per thread, for
+//!   `index = begin + blockIdx.x · blockDim.x + threadIdx.x` when `index < end`, instead of
+//!   looping over `begin..end` (the launch shape is `backend::gpu_launch`);
+//! - buffer accesses go through global-address-space pointers (`addrspace(1)`, PTX
+//!   `ld.global`/`st.global`): the tables `buffers` and `sizes` are generic pointers (kernel
+//!   parameters, as on the CPU) into device memory, cast to the global space once, and so
+//!   is every buffer pointer loaded from the table;
+//! - local arrays and variables are per-thread allocas (registers after SROA, otherwise
+//!   local memory);
+//! - transcendental functions (exp, log, sin, cos, tanh, pow) and float remainder call
+//!   libdevice (`__nv_expf`, ...), linked in by the PTX back end, since NVPTX has no libm;
+//! - `Vector` loops get no vectorization hint (a GPU thread is scalar).
+//!
 //! Semantics follow the reference executor (`kernel::exec`) exactly, f32 for f32:
 //! - integers (I32 and I64 alike) are i64 values, as in the executor: a load from an i32
 //!   buffer sign-extends, a cast to I32 truncates to 32 bits and sign-extends back, a
@@ -35,7 +49,7 @@ use inkwell::intrinsics::Intrinsic;
 use inkwell::module::{Linkage, Module};
 use inkwell::types::{BasicType, BasicTypeEnum};
 use inkwell::values::{AsValueRef, BasicValue, BasicValueEnum, FloatValue, FunctionValue, IntValue, PointerValue};
-use inkwell::{FloatPredicate, IntPredicate};
+use inkwell::{AddressSpace, FloatPredicate, IntPredicate};
 use std::collections::HashMap;
 
 /// Function attributes for the target, set on every kernel (LLVM uses them, not the
@@ -46,6 +60,33 @@ pub struct FnAttrs {
     pub features: String,
     /// `prefer-vector-width`, e.g. 512 for AVX-512 (LLVM otherwise stays at 256 bits).
     pub prefer_vector_width: Option<u32>,
+    /// What the function is for: a CPU function or a GPU kernel.
+    pub device: Device,
+}
+
+/// The kind of processor a kernel is written for (see the module documentation for the
+/// differences).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// A C function looping over `begin..end`; math calls libm.
+    Cpu,
+    /// An NVPTX kernel (`ptx_kernel`), one thread per iteration; math calls libdevice.
+    Nvptx,
+}
+
+/// LLVM's `PTX_Kernel` calling convention: the function is a kernel entry point.
+const PTX_KERNEL_CC: u32 = 71;
+
+/// The libdevice function for `op`, where the GPU calls one (see [`Device::Nvptx`]).
+pub fn libdevice_name(op: Unary) -> Option<&'static str> {
+    Some(match op {
+        Unary::Exp => "__nv_expf",
+        Unary::Log => "__nv_logf",
+        Unary::Sin => "__nv_sinf",
+        Unary::Cos => "__nv_cosf",
+        Unary::Tanh => "__nv_tanhf",
+        _ => return None,
+    })
 }
 
 /// Value classes: every integer is an i64, as in the reference executor.
@@ -90,6 +131,7 @@ struct Fx<'a, 'ctx> {
     entry: Builder<'ctx>,
     kernel: &'a Kernel,
     func: FunctionValue<'ctx>,
+    device: Device,
     buffers: Vec<PointerValue<'ctx>>,
     sizes: Vec<IntValue<'ctx>>,
     vars: HashMap<Var, (PointerValue<'ctx>, Ty)>,
@@ -115,6 +157,9 @@ pub fn write_kernel<'ctx>(
     let fn_ty = ctx.void_type().fn_type(&[ptr.into(), ptr.into(), i64t.into(), i64t.into()], false);
     let func = module.add_function(&kernel.name, fn_ty, Some(Linkage::External));
     set_attrs(ctx, func, attrs);
+    if attrs.device == Device::Nvptx {
+        func.set_call_conventions(PTX_KERNEL_CC);
+    }
     let names = ["buffers", "sizes", "begin", "end"];
     for (p, n) in func.get_param_iter().zip(names) {
         p.set_name(n);
@@ -130,6 +175,7 @@ pub fn write_kernel<'ctx>(
         entry,
         kernel,
         func,
+        device: attrs.device,
         buffers: vec![],
         sizes: vec![],
         vars: HashMap::new(),
@@ -204,13 +250,23 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
         let k = self.kernel;
         let ptr = self.ctx.ptr_type(Default::default());
         let i64t = self.ctx.i64_type();
-        let bufs = self.func.get_nth_param(0).unwrap().into_pointer_value();
-        let sizes = self.func.get_nth_param(1).unwrap().into_pointer_value();
+        let mut bufs = self.func.get_nth_param(0).unwrap().into_pointer_value();
+        let mut sizes = self.func.get_nth_param(1).unwrap().into_pointer_value();
+        let gpu = self.device == Device::Nvptx;
+        let global = self.ctx.ptr_type(AddressSpace::from(1u16));
+        if gpu {
+            // The tables live in device memory: read them with `ld.global`.
+            bufs = self.entry.build_address_space_cast(bufs, global, "buffers.global").map_err(be)?;
+            sizes = self.entry.build_address_space_cast(sizes, global, "sizes.global").map_err(be)?;
+        }
         // Load the buffer and size tables once: stores into the buffers cannot change them.
         for i in 0..k.buffers.len() {
             let p = unsafe { self.entry.build_in_bounds_gep(ptr, bufs, &[self.i64c(i as i64)], "") }.map_err(be)?;
-            let v = self.entry.build_load(ptr, p, &k.buffers[i].name).map_err(be)?;
-            self.buffers.push(v.into_pointer_value());
+            let mut v = self.entry.build_load(ptr, p, &k.buffers[i].name).map_err(be)?.into_pointer_value();
+            if gpu {
+                v = self.entry.build_address_space_cast(v, global, "").map_err(be)?;
+            }
+            self.buffers.push(v);
         }
         for i in 0..k.sizes.len() + k.scalars.len() {
             let name = k.sizes.iter().chain(&k.scalars).nth(i).unwrap();
@@ -223,7 +279,11 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
         let begin = self.func.get_nth_param(2).unwrap().into_int_value();
         let end = self.func.get_nth_param(3).unwrap().into_int_value();
         let index = k.index;
-        self.emit_loop(index, begin, end, None, &k.body)?;
+        if gpu {
+            self.emit_thread(index, begin, end, &k.body)?;
+        } else {
+            self.emit_loop(index, begin, end, None, &k.body)?;
+        }
         self.b.build_return(None).map_err(be)?;
         self.entry.build_unconditional_branch(start).map_err(be)?;
         Ok(())
@@ -240,6 +300,38 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
         let p = self.entry.build_alloca(self.llvm_ty(t), &v.to_string()).map_err(be)?;
         self.vars.insert(v, (p, t));
         Ok(p)
+    }
+
+    /// The GPU form of the parallel loop: this thread's iteration
+    /// `var = begin + ctaid.x · ntid.x + tid.x`, run when `var < end` (a launch has
+    /// `ceil((end − begin) / ntid.x)` blocks, so the last one is partly idle).
+    fn emit_thread(
+        &mut self,
+        var: Var,
+        begin: IntValue<'ctx>,
+        end: IntValue<'ctx>,
+        body: &[Stmt],
+    ) -> Result<(), String> {
+        let slot = self.var_slot(var, Ty::I)?;
+        let i64t = self.ctx.i64_type();
+        let sreg = |name: &str| -> Result<IntValue<'ctx>, String> {
+            let v = self.call(&format!("llvm.nvvm.read.ptx.sreg.{name}"), &[], &[])?.into_int_value();
+            self.b.build_int_z_extend(v, i64t, name).map_err(be)
+        };
+        let (block, width, thread) = (sreg("ctaid.x")?, sreg("ntid.x")?, sreg("tid.x")?);
+        let first = self.b.build_int_mul(block, width, "").map_err(be)?;
+        let offset = self.b.build_int_add(first, thread, "").map_err(be)?;
+        let iv = self.b.build_int_add(begin, offset, &var.to_string()).map_err(be)?;
+        let body_bb = self.ctx.append_basic_block(self.func, &format!("{var}.body"));
+        let exit = self.ctx.append_basic_block(self.func, &format!("{var}.exit"));
+        let inside = self.b.build_int_compare(IntPredicate::SLT, iv, end, "").map_err(be)?;
+        self.b.build_conditional_branch(inside, body_bb, exit).map_err(be)?;
+        self.b.position_at_end(body_bb);
+        self.b.build_store(slot, iv).map_err(be)?;
+        self.block(body)?;
+        self.b.build_unconditional_branch(exit).map_err(be)?;
+        self.b.position_at_end(exit);
+        Ok(())
     }
 
     /// `for var in begin..end { body }` with an optional `llvm.loop` hint on the latch.
@@ -270,7 +362,7 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
         let latch = self.b.get_insert_block().unwrap();
         let br = self.b.build_unconditional_branch(header).map_err(be)?;
         i.add_incoming(&[(&next, latch)]);
-        if kind == Some(LoopKind::Vector) {
+        if kind == Some(LoopKind::Vector) && self.device == Device::Cpu {
             self.loop_hint(br, "llvm.loop.vectorize.enable")?;
         }
         self.b.position_at_end(exit);
@@ -433,10 +525,12 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
         }
     }
 
-    fn libm_f32(&self, name: &str) -> FunctionValue<'ctx> {
+    /// An external `float name(float, ...)` with `arity` arguments (libm or libdevice).
+    fn extern_f32(&self, name: &str, arity: usize) -> FunctionValue<'ctx> {
         self.module.get_function(name).unwrap_or_else(|| {
             let f32t = self.ctx.f32_type();
-            let f = self.module.add_function(name, f32t.fn_type(&[f32t.into()], false), Some(Linkage::External));
+            let params = vec![f32t.into(); arity];
+            let f = self.module.add_function(name, f32t.fn_type(&params, false), Some(Linkage::External));
             let nounwind = Attribute::get_named_enum_kind_id("nounwind");
             f.add_attribute(AttributeLoc::Function, self.ctx.create_enum_attribute(nounwind, 0));
             f
@@ -596,6 +690,9 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
                 let one = self.f32c(1.0);
                 let r: BasicValueEnum = match op {
                     Unary::Neg => b.build_float_neg(x, "").map_err(be)?.into(),
+                    _ if self.device == Device::Nvptx && libdevice_name(op).is_some() => {
+                        self.call_fn(self.extern_f32(libdevice_name(op).unwrap(), 1), &[v])?
+                    }
                     Unary::Exp => self.call("llvm.exp", &[f32t], &[v])?,
                     Unary::Log => self.call("llvm.log", &[f32t], &[v])?,
                     Unary::Sqrt => self.call("llvm.sqrt", &[f32t], &[v])?,
@@ -605,7 +702,7 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
                     }
                     Unary::Recip => b.build_float_div(one, x, "").map_err(be)?.into(),
                     Unary::Abs => self.call("llvm.fabs", &[f32t], &[v])?,
-                    Unary::Tanh => self.call_fn(self.libm_f32("tanhf"), &[v])?,
+                    Unary::Tanh => self.call_fn(self.extern_f32("tanhf", 1), &[v])?,
                     Unary::Sin => self.call("llvm.sin", &[f32t], &[v])?,
                     Unary::Cos => self.call("llvm.cos", &[f32t], &[v])?,
                     Unary::Not => unreachable!("handled above"),
@@ -632,7 +729,11 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
                 let cmp = |p| -> Result<(BasicValueEnum<'ctx>, Ty), String> {
                     Ok((b.build_float_compare(p, x, y, "").map_err(be)?.into(), Ty::B))
                 };
+                let gpu = self.device == Device::Nvptx;
                 let r: BasicValueEnum = match op {
+                    // NVPTX has no exact `frem` (it expands to x − trunc(x/y)·y).
+                    Rem if gpu => self.call_fn(self.extern_f32("__nv_fmodf", 2), &[a, c])?,
+                    Pow if gpu => self.call_fn(self.extern_f32("__nv_powf", 2), &[a, c])?,
                     Add => b.build_float_add(x, y, "").map_err(be)?.into(),
                     Sub => b.build_float_sub(x, y, "").map_err(be)?.into(),
                     Mul => b.build_float_mul(x, y, "").map_err(be)?.into(),

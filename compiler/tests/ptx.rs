@@ -1,0 +1,730 @@
+//! The NVPTX back end: PTX that NVIDIA's assembler accepts. Hand-built kernels (the same
+//! as `llvm_cpu.rs`: elementwise, reductions, every math function, branches, casts, local
+//! arrays, dropout) and every model's schedule (full pipeline, `recognize` on) are emitted
+//! as PTX for each GPU target and assembled with `ptxas -v` for sm_80 and sm_90; the
+//! registers and spills `ptxas` reports are printed per kernel (`--nocapture`).
+//!
+//! `ptxas` and `libdevice.10.bc` come from the `nvidia-cuda-nvcc-cu12` wheel, which
+//! `scripts/setup.sh` installs: without it these tests fail (they do not skip). There is
+//! no GPU here: running the PTX is the runtime's job.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tnc_compiler::backend::{self, GpuTarget};
+use tnc_compiler::kernel::*;
+
+// ---- building kernels by hand ----
+
+fn v(n: u32) -> Var {
+    Var(n)
+}
+fn var(n: u32) -> Expr {
+    Expr::Var(Var(n))
+}
+fn f(x: f32) -> Expr {
+    Expr::F32(x)
+}
+fn i(x: i64) -> Expr {
+    Expr::I64(x)
+}
+fn size(i: usize) -> Expr {
+    Expr::Size(i)
+}
+fn ld(buffer: usize, index: Expr) -> Expr {
+    Expr::Load { buffer, index: Box::new(index) }
+}
+fn lda(array: u32, index: Expr) -> Expr {
+    Expr::LoadArray { array: Var(array), index: Box::new(index) }
+}
+fn un(op: Unary, a: Expr) -> Expr {
+    Expr::Unary(op, Box::new(a))
+}
+fn bin(op: Binary, a: Expr, b: Expr) -> Expr {
+    Expr::Binary(op, Box::new(a), Box::new(b))
+}
+fn add(a: Expr, b: Expr) -> Expr {
+    bin(Binary::Add, a, b)
+}
+fn mul(a: Expr, b: Expr) -> Expr {
+    bin(Binary::Mul, a, b)
+}
+fn sel(c: Expr, a: Expr, b: Expr) -> Expr {
+    Expr::Select(Box::new(c), Box::new(a), Box::new(b))
+}
+fn cast(s: Scalar, a: Expr) -> Expr {
+    Expr::Cast(s, Box::new(a))
+}
+fn store(buffer: usize, index: Expr, value: Expr) -> Stmt {
+    Stmt::Store { buffer, index, value }
+}
+fn for_(var: u32, extent: Expr, kind: LoopKind, body: Vec<Stmt>) -> Stmt {
+    Stmt::For { var: Var(var), extent, kind, body }
+}
+fn let_(var: u32, value: Expr) -> Stmt {
+    Stmt::Let { var: Var(var), value }
+}
+fn buf(name: &str, elem: Elem, access: Access) -> BufferDecl {
+    BufferDecl { name: name.into(), elem, access }
+}
+
+fn kernel(
+    name: &str,
+    buffers: Vec<BufferDecl>,
+    sizes: &[&str],
+    scalars: &[&str],
+    extent: Expr,
+    body: Vec<Stmt>,
+) -> Kernel {
+    Kernel {
+        name: name.into(),
+        buffers,
+        sizes: sizes.iter().map(|s| s.to_string()).collect(),
+        scalars: scalars.iter().map(|s| s.to_string()).collect(),
+        index: Var(0),
+        extent,
+        body,
+    }
+}
+
+/// out[r, d] = x[r, d] * w[d] + bias[r % N] over rows r in 0..B*N: broadcasting index math.
+fn broadcast_kernel() -> Kernel {
+    let (r, d) = (0, 1);
+    let at = add(mul(var(r), size(2)), var(d));
+    kernel(
+        "broadcast",
+        vec![
+            buf("x", Elem::F32, Access::Read),
+            buf("w", Elem::F32, Access::Read),
+            buf("bias", Elem::F32, Access::Read),
+            buf("out", Elem::F32, Access::Write),
+        ],
+        &["B", "N", "D"],
+        &[],
+        mul(size(0), size(1)),
+        vec![for_(
+            d,
+            size(2),
+            LoopKind::Vector,
+            vec![store(3, at.clone(), add(mul(ld(0, at), ld(1, var(d))), ld(2, bin(Binary::Rem, var(r), size(1)))))],
+        )],
+    )
+}
+
+const MATH: [Unary; 11] = [
+    Unary::Neg,
+    Unary::Exp,
+    Unary::Log,
+    Unary::Sqrt,
+    Unary::Rsqrt,
+    Unary::Recip,
+    Unary::Abs,
+    Unary::Tanh,
+    Unary::Sin,
+    Unary::Cos,
+    Unary::Neg,
+];
+
+/// One output row per math function: unary functions (on x, |x| for log and roots), then
+/// pow, max, min (NaN-propagating), float remainder and the comparisons as 0/1.
+fn math_kernel() -> Kernel {
+    let x = || ld(0, var(0));
+    let n = || size(0);
+    let mut body = vec![];
+    let mut row = 0i64;
+    let mut out = |value: Expr, body: &mut Vec<Stmt>| {
+        body.push(store(1, add(mul(i(row), n()), var(0)), value));
+        row += 1;
+    };
+    for op in MATH {
+        let arg = match op {
+            Unary::Log | Unary::Sqrt | Unary::Rsqrt => un(Unary::Abs, x()),
+            _ => x(),
+        };
+        out(un(op, arg), &mut body);
+    }
+    out(bin(Binary::Pow, un(Unary::Abs, x()), f(1.7)), &mut body);
+    out(bin(Binary::Pow, x(), f(3.0)), &mut body);
+    out(bin(Binary::Max, x(), ld(0, bin(Binary::Rem, add(var(0), i(1)), n()))), &mut body);
+    out(bin(Binary::Min, x(), ld(0, bin(Binary::Rem, add(var(0), i(1)), n()))), &mut body);
+    out(bin(Binary::Rem, x(), f(1.3)), &mut body);
+    out(bin(Binary::Sub, bin(Binary::Div, x(), f(3.0)), f(0.25)), &mut body);
+    for op in [Binary::Lt, Binary::Le, Binary::Gt, Binary::Ge, Binary::Eq, Binary::Ne] {
+        out(cast(Scalar::F32, bin(op, x(), ld(0, bin(Binary::Rem, add(var(0), i(1)), n())))), &mut body);
+    }
+    kernel(
+        "math",
+        vec![buf("x", Elem::F32, Access::Read), buf("out", Elem::F32, Access::Write)],
+        &["n"],
+        &[],
+        size(0),
+        body,
+    )
+}
+
+/// Row mean and max with accumulators.
+fn reduce_kernel() -> Kernel {
+    let (r, j, acc, m) = (0, 1, 2, 3);
+    let x = || ld(0, add(mul(var(r), size(1)), var(j)));
+    kernel(
+        "reduce",
+        vec![
+            buf("x", Elem::F32, Access::Read),
+            buf("mean", Elem::F32, Access::Write),
+            buf("max", Elem::F32, Access::Write),
+        ],
+        &["R", "C"],
+        &[],
+        size(0),
+        vec![
+            Stmt::Mut { var: v(acc), ty: Scalar::F32, init: f(0.0) },
+            Stmt::Mut { var: v(m), ty: Scalar::F32, init: f(f32::NEG_INFINITY) },
+            for_(
+                j,
+                size(1),
+                LoopKind::Serial,
+                vec![
+                    Stmt::Assign { var: v(acc), value: add(var(acc), x()) },
+                    Stmt::Assign { var: v(m), value: bin(Binary::Max, var(m), x()) },
+                ],
+            ),
+            store(1, var(r), bin(Binary::Div, var(acc), cast(Scalar::F32, size(1)))),
+            store(2, var(r), var(m)),
+        ],
+    )
+}
+
+/// A loop with `If`, an i32 counter, a u8 flag, and a guarded load (`Select`).
+fn branch_kernel() -> Kernel {
+    let (r, j, cnt) = (0, 1, 2);
+    let at = || add(mul(var(r), i(4)), var(j));
+    kernel(
+        "branch",
+        vec![
+            buf("x", Elem::F32, Access::Read),
+            buf("y", Elem::F32, Access::ReadWrite),
+            buf("count", Elem::I32, Access::Write),
+            buf("many", Elem::U8, Access::Write),
+            buf("next", Elem::F32, Access::Write),
+        ],
+        &["R"],
+        &[],
+        size(0),
+        vec![
+            Stmt::Mut { var: v(cnt), ty: Scalar::I32, init: i(0) },
+            for_(
+                j,
+                i(4),
+                LoopKind::Serial,
+                vec![Stmt::If {
+                    cond: bin(Binary::Gt, ld(0, at()), f(0.0)),
+                    then: vec![Stmt::Assign { var: v(cnt), value: add(var(cnt), i(1)) }, store(1, at(), ld(0, at()))],
+                    otherwise: vec![Stmt::If {
+                        cond: bin(Binary::Lt, ld(0, at()), f(-2.0)),
+                        then: vec![store(1, at(), mul(ld(0, at()), f(0.1)))],
+                        otherwise: vec![],
+                    }],
+                }],
+            ),
+            store(2, var(r), var(cnt)),
+            store(3, var(r), bin(Binary::Gt, var(cnt), i(2))),
+            // The load is out of bounds where the condition is false: it must not run.
+            store(
+                4,
+                var(r),
+                sel(bin(Binary::Lt, add(var(r), i(1)), size(0)), ld(0, mul(add(var(r), i(1)), i(4))), f(-1.0)),
+            ),
+        ],
+    )
+}
+
+/// Casts and integer arithmetic over i32, u8 and f32 buffers.
+fn cast_kernel() -> Kernel {
+    let a = || ld(0, var(0)); // i32
+    let x = || ld(1, var(0)); // f32
+    let m = || ld(2, var(0)); // u8
+    let ints = vec![
+        cast(Scalar::I32, x()),
+        cast(Scalar::I32, mul(a(), i(3_000_000_017))),
+        cast(Scalar::I32, cast(Scalar::I64, x())),
+        bin(Binary::Div, a(), i(7)),
+        bin(Binary::Rem, a(), i(7)),
+        un(Unary::Abs, a()),
+        un(Unary::Neg, a()),
+        bin(Binary::Max, a(), i(5)),
+        bin(Binary::Min, a(), i(-5)),
+        cast(Scalar::I32, bin(Binary::Pow, a(), i(3))),
+        cast(Scalar::I32, bin(Binary::Pow, i(3), bin(Binary::Rem, un(Unary::Abs, a()), i(50)))),
+        bin(Binary::Pow, a(), i(-2)),
+        cast(Scalar::I32, m()),
+        cast(Scalar::I64, bin(Binary::Ge, a(), i(0))),
+        sel(bin(Binary::Lt, a(), i(0)), sub_i(i(0), a()), a()),
+    ];
+    let floats = vec![
+        cast(Scalar::F32, a()),
+        cast(Scalar::F32, m()),
+        cast(Scalar::F32, mul(mul(a(), a()), mul(a(), i(12_345)))),
+        cast(Scalar::F32, cast(Scalar::I32, x())),
+    ];
+    let bools = vec![
+        cast(Scalar::Bool, x()),
+        cast(Scalar::Bool, a()),
+        bin(Binary::And, m(), bin(Binary::Gt, x(), f(0.0))),
+        bin(Binary::Or, un(Unary::Not, m()), bin(Binary::Eq, a(), i(0))),
+        bin(Binary::Ne, x(), x()),
+        bin(Binary::Eq, m(), bin(Binary::Lt, a(), i(0))),
+        bin(Binary::Ne, m(), bin(Binary::Lt, a(), i(0))),
+        cast(Scalar::Bool, f(0.5)),
+    ];
+    let mut body = vec![];
+    for (out, vals) in [(3usize, ints), (4, floats), (5, bools)] {
+        let k = vals.len() as i64;
+        for (j, e) in vals.into_iter().enumerate() {
+            body.push(store(out, add(mul(var(0), i(k)), i(j as i64)), e));
+        }
+    }
+    kernel(
+        "casts",
+        vec![
+            buf("a", Elem::I32, Access::Read),
+            buf("x", Elem::F32, Access::Read),
+            buf("m", Elem::U8, Access::Read),
+            buf("oi", Elem::I32, Access::Write),
+            buf("of", Elem::F32, Access::Write),
+            buf("ob", Elem::U8, Access::Write),
+        ],
+        &["n"],
+        &[],
+        size(0),
+        body,
+    )
+}
+
+fn sub_i(a: Expr, b: Expr) -> Expr {
+    bin(Binary::Sub, a, b)
+}
+
+/// Local arrays of f32, bool and i64: zero-initialized, written and read back.
+fn array_kernel() -> Kernel {
+    let (r, j, t, flags, ints, z, s) = (0, 1, 2, 3, 4, 5, 6);
+    let x = || ld(0, add(mul(var(r), i(8)), var(j)));
+    let rev = || sub_i(i(7), var(j));
+    kernel(
+        "arrays",
+        vec![
+            buf("x", Elem::F32, Access::Read),
+            buf("out", Elem::F32, Access::Write),
+            buf("zeros", Elem::F32, Access::Write),
+        ],
+        &["R"],
+        &[],
+        size(0),
+        vec![
+            Stmt::Array { var: v(t), elem: Scalar::F32, len: 8 },
+            Stmt::Array { var: v(flags), elem: Scalar::Bool, len: 8 },
+            Stmt::Array { var: v(ints), elem: Scalar::I64, len: 8 },
+            Stmt::Array { var: v(z), elem: Scalar::F32, len: 4 },
+            for_(
+                j,
+                i(8),
+                LoopKind::Serial,
+                vec![
+                    Stmt::StoreArray { array: v(t), index: var(j), value: mul(x(), f(2.0)) },
+                    Stmt::StoreArray { array: v(flags), index: var(j), value: bin(Binary::Gt, x(), f(0.0)) },
+                    Stmt::StoreArray { array: v(ints), index: var(j), value: mul(var(j), var(j)) },
+                ],
+            ),
+            Stmt::Mut { var: v(s), ty: Scalar::F32, init: f(0.0) },
+            for_(
+                j,
+                i(8),
+                LoopKind::Serial,
+                vec![Stmt::Assign {
+                    var: v(s),
+                    value: add(
+                        add(var(s), sel(lda(flags, rev()), lda(t, rev()), f(1.0))),
+                        cast(Scalar::F32, lda(ints, var(j))),
+                    ),
+                }],
+            ),
+            store(1, var(r), var(s)),
+            Stmt::StoreArray { array: v(z), index: i(1), value: ld(0, mul(var(r), i(8))) },
+            store(2, var(r), add(add(lda(z, i(0)), lda(z, i(1))), add(lda(z, i(2)), lda(z, i(3))))),
+        ],
+    )
+}
+
+/// Dropout masks: rates 0.3, 0 and 1, an index beyond 2^32, seed and step from scalars.
+fn dropout_kernel() -> Kernel {
+    let keep = |salt: u64, index: Expr, rate: f64| Expr::DropoutKeep {
+        seed: Box::new(size(1)),
+        salt,
+        index: Box::new(index),
+        step: Box::new(size(2)),
+        rate,
+    };
+    kernel(
+        "dropout",
+        vec![
+            buf("x", Elem::F32, Access::Read),
+            buf("y", Elem::F32, Access::Write),
+            buf("mask", Elem::U8, Access::Write),
+        ],
+        &["n"],
+        &["seed", "step"],
+        size(0),
+        vec![
+            let_(1, keep(0x1234_5678_9abc, var(0), 0.3)),
+            store(1, var(0), sel(var(1), bin(Binary::Div, ld(0, var(0)), f(0.7)), f(0.0))),
+            store(2, mul(var(0), i(4)), var(1)),
+            store(2, add(mul(var(0), i(4)), i(1)), keep(7, add(var(0), i(1 << 33)), 0.5)),
+            store(2, add(mul(var(0), i(4)), i(2)), keep(7, var(0), 0.0)),
+            store(2, add(mul(var(0), i(4)), i(3)), keep(7, var(0), 1.0)),
+        ],
+    )
+}
+
+// ---- ptxas ----
+
+/// `ptxas` from the `nvidia-cuda-nvcc-cu12` wheel (or `$TNC_PTXAS`). Panics, failing the
+/// test, when it is missing: CI installs it with scripts/setup.sh.
+fn ptxas() -> PathBuf {
+    if let Some(p) = std::env::var_os("TNC_PTXAS").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let dir = backend::llvm::ptx::cuda_nvcc_dir().unwrap_or_else(|| {
+        panic!(
+            "the `nvidia-cuda-nvcc-cu12` Python wheel (ptxas and libdevice) is not installed: run \
+             scripts/setup.sh (or `python3 -m pip install nvidia-cuda-nvcc-cu12`)"
+        )
+    });
+    let p = dir.join("bin/ptxas");
+    assert!(p.is_file(), "{} is missing: reinstall the wheel with scripts/setup.sh", p.display());
+    p
+}
+
+/// What `ptxas -v` reports for one kernel.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Stats {
+    name: String,
+    registers: u32,
+    stack: u32,
+    spill_stores: u32,
+    spill_loads: u32,
+    shared: u32,
+}
+
+/// The number before `unit` in `text` (`"12 registers"` → 12).
+fn number_before(text: &str, unit: &str) -> Option<u32> {
+    let at = text.find(unit)?;
+    text[..at].split_whitespace().last()?.parse().ok()
+}
+
+/// Parse `ptxas -v` output: per function, "Compiling entry function 'NAME' for 'sm_80'",
+/// "N bytes stack frame, N bytes spill stores, N bytes spill loads", "Used N registers,
+/// ... N bytes smem ...".
+fn parse_ptxas(out: &str) -> Vec<Stats> {
+    let mut all: Vec<Stats> = vec![];
+    for line in out.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or_default().to_string();
+            all.push(Stats { name, ..Stats::default() });
+            continue;
+        }
+        let Some(s) = all.last_mut() else { continue };
+        if line.contains("stack frame") {
+            s.stack = number_before(line, "bytes stack frame").unwrap_or(0);
+            s.spill_stores = number_before(line, "bytes spill stores").unwrap_or(0);
+            s.spill_loads = number_before(line, "bytes spill loads").unwrap_or(0);
+        }
+        if line.contains("Used ") {
+            s.registers = number_before(line, "registers").unwrap_or(0);
+            s.shared = number_before(line, "bytes smem").unwrap_or(0);
+        }
+    }
+    all
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Assemble `ptx` for `arch` (`sm_80`, ...) with `ptxas -v`; panic with ptxas' messages on
+/// any error or warning. Returns each entry's statistics.
+fn assemble(ptx: &str, arch: &str, what: &str) -> Vec<Stats> {
+    let dir = std::env::temp_dir().join(format!(
+        "tnc-ptx-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (src, obj) = (dir.join("kernels.ptx"), dir.join("kernels.cubin"));
+    std::fs::write(&src, ptx).unwrap();
+    let out = Command::new(ptxas())
+        .arg(format!("-arch={arch}"))
+        .args(["-v", "--warning-as-error", "-o"])
+        .arg(&obj)
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run ptxas: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{what}: ptxas -arch={arch} failed ({}):\n{text}", out.status);
+    assert!(!text.contains("error") && !text.contains("warning"), "{what}: ptxas -arch={arch}:\n{text}");
+    parse_ptxas(&text)
+}
+
+fn report(what: &str, arch: &str, stats: &[Stats]) {
+    for s in stats {
+        eprintln!(
+            "{what} {arch} {:<40} {:>3} registers, {:>4} B stack, {:>4} B spill stores, {:>4} B spill loads, {} B smem",
+            s.name, s.registers, s.stack, s.spill_stores, s.spill_loads, s.shared
+        );
+    }
+}
+
+/// Emit `kernels` for `targets`, check the PTX's header and entries, and assemble
+/// it for sm_80 and sm_90 (from the `sm80` and `sm90` PTX). Returns the sm_80 and sm_90
+/// statistics.
+fn check_kernels(kernels: &[Kernel], what: &str, targets: &[&str]) -> Vec<(String, Vec<Stats>)> {
+    let mut out = vec![];
+    for name in targets {
+        let target = GpuTarget::parse(name).unwrap();
+        let ptx = backend::emit_ptx(kernels, &target).unwrap_or_else(|e| panic!("{what} {name}: {e}"));
+        let version = format!(".version {}.{}", target.ptx_version / 10, target.ptx_version % 10);
+        assert!(ptx.contains(&version), "{what} {name}: no `{version}`:\n{ptx}");
+        assert!(ptx.contains(&format!(".target {}", target.sm)), "{what} {name}: wrong .target");
+        assert!(ptx.contains(".address_size 64"), "{what} {name}");
+        for k in kernels {
+            assert!(ptx.contains(&format!(".entry {}(", k.name)), "{what} {name}: no entry `{}`:\n{ptx}", k.name);
+        }
+        assert_eq!(ptx.matches(".entry ").count(), kernels.len(), "{what} {name}: one .entry per kernel");
+        assert!(!ptx.contains(".extern"), "{what} {name}: unresolved functions:\n{ptx}");
+        if let Some(dir) = std::env::var_os("TNC_PTX_DUMP") {
+            let file = format!("{}-{name}.ptx", what.replace(['/', ' '], "_"));
+            std::fs::write(Path::new(&dir).join(file), &ptx).unwrap();
+        }
+        if matches!(*name, "sm80" | "sm90" | "sm90a") {
+            let stats = assemble(&ptx, &target.sm, what);
+            assert_eq!(stats.len(), kernels.len(), "{what} {name}: ptxas compiled {stats:?}");
+            report(what, &target.sm, &stats);
+            if *name != "sm90a" {
+                out.push((target.sm.clone(), stats));
+            }
+        }
+    }
+    out
+}
+
+fn hand_kernels() -> Vec<Kernel> {
+    vec![
+        broadcast_kernel(),
+        math_kernel(),
+        reduce_kernel(),
+        branch_kernel(),
+        cast_kernel(),
+        array_kernel(),
+        dropout_kernel(),
+    ]
+}
+
+// ---- tests ----
+
+#[test]
+fn hand_built_kernels_assemble() {
+    let kernels = hand_kernels();
+    // One module with every kernel, and each kernel alone (libdevice only where needed).
+    for (_, stats) in check_kernels(&kernels, "hand-built", backend::GPU_TARGETS) {
+        for s in stats {
+            assert_eq!((s.spill_stores, s.spill_loads), (0, 0), "{s:?}");
+        }
+    }
+    for k in &kernels {
+        check_kernels(std::slice::from_ref(k), &k.name, backend::GPU_TARGETS);
+    }
+}
+
+#[test]
+fn ptx_has_the_gpu_mapping() {
+    let target = GpuTarget::parse("sm90").unwrap();
+    let ptx = backend::emit_ptx(&[broadcast_kernel()], &target).unwrap();
+    // The calling convention: two pointers and two 64-bit integers.
+    for s in [
+        ".visible .entry broadcast(",
+        ".param .u64 broadcast_param_0",
+        ".param .u64 broadcast_param_1",
+        ".param .u64 broadcast_param_2",
+        ".param .u64 broadcast_param_3",
+        "%ctaid.x",
+        "%ntid.x",
+        "%tid.x",
+        "ld.global",
+        "st.global",
+    ] {
+        assert!(ptx.contains(s), "missing `{s}`:\n{ptx}");
+    }
+    // Math goes through libdevice, exact where the executor is exact.
+    let ir = backend::emit_nvptx_ir(&[math_kernel()], &target, false).unwrap();
+    for f in ["__nv_expf", "__nv_logf", "__nv_sinf", "__nv_cosf", "__nv_tanhf", "__nv_powf", "__nv_fmodf"] {
+        assert!(ir.contains(&format!("@{f}(")), "no call to {f}");
+    }
+    assert!(ir.contains("ptx_kernel void @math(") && ir.contains("!\"kernel\", i32 1"), "{ir}");
+    assert!(ir.contains("addrspace(1)"), "{ir}");
+    let ptx = backend::emit_ptx(&[math_kernel()], &target).unwrap();
+    // libdevice's functions use `ex2.approx.ftz`, `rcp.approx.ftz` and `div.approx` on
+    // reduced arguments, within their documented error bounds; everything else keeps
+    // subnormals.
+    let ftz: Vec<&str> = ptx.lines().filter(|l| l.contains(".ftz") && !l.contains(".approx")).collect();
+    assert!(ftz.is_empty(), "{}", ftz.join("\n"));
+    // Without libdevice: sqrt, division, reciprocal and rsqrt are IEEE, correctly rounded.
+    let ops = [Unary::Sqrt, Unary::Rsqrt, Unary::Recip];
+    let mut body: Vec<Stmt> = ops
+        .iter()
+        .enumerate()
+        .map(|(j, &op)| store(1, add(mul(var(0), i(4)), i(j as i64)), un(op, ld(0, var(0)))))
+        .collect();
+    body.push(store(1, add(mul(var(0), i(4)), i(3)), bin(Binary::Div, ld(0, var(0)), f(3.0))));
+    let k = kernel(
+        "ieee",
+        vec![buf("x", Elem::F32, Access::Read), buf("o", Elem::F32, Access::Write)],
+        &["n"],
+        &[],
+        size(0),
+        body,
+    );
+    let ptx = backend::emit_ptx(&[k], &target).unwrap();
+    let fast: Vec<&str> = ptx.lines().filter(|l| l.contains(".ftz") || l.contains(".approx")).collect();
+    assert!(fast.is_empty(), "{}", fast.join("\n"));
+    assert!(ptx.contains("sqrt.rn.f32") && ptx.contains("div.rn.f32"), "{ptx}");
+}
+
+#[test]
+fn unknown_gpu_targets_are_rejected() {
+    for bad in ["sm100", "sm100a", "sm120", "sm_90", "sm75", "sm70", "x86-64-v3", "gfx90a"] {
+        let e = GpuTarget::parse(bad).unwrap_err();
+        assert!(e.contains(bad) && e.contains("sm80, sm86, sm89, sm90, sm90a"), "{e}");
+    }
+    let e = GpuTarget::parse("sm100").unwrap_err();
+    assert!(e.contains("sm100 is not supported by LLVM 19's NVPTX back end"), "{e}");
+}
+
+#[test]
+fn launch_shape() {
+    assert_eq!(backend::GPU_BLOCK, 256);
+    assert_eq!(backend::gpu_launch(0), (0, 256));
+    assert_eq!(backend::gpu_launch(1), (1, 256));
+    assert_eq!(backend::gpu_launch(512), (2, 256));
+    assert_eq!(backend::gpu_launch(513), (3, 256));
+}
+
+#[test]
+fn invalid_kernels_are_errors() {
+    let target = GpuTarget::parse("sm80").unwrap();
+    let k =
+        kernel("bad", vec![buf("o", Elem::I32, Access::Write)], &["n"], &[], size(0), vec![store(0, var(0), f(1.0))]);
+    let e = backend::emit_ptx(&[k], &target).unwrap_err();
+    assert!(e.contains("stored into `o` must be an integer"), "{e}");
+    let e = backend::emit_ptx(&[reduce_kernel(), reduce_kernel()], &target).unwrap_err();
+    assert!(e.contains("already in the module"), "{e}");
+}
+
+#[test]
+fn missing_libdevice_is_a_clear_error() {
+    // In a child process, so the environment of other tests is untouched.
+    if std::env::var("TNC_TEST_MISSING_LIBDEVICE").is_ok() {
+        let target = GpuTarget::parse("sm80").unwrap();
+        let e = backend::emit_ptx(&[math_kernel()], &target).unwrap_err();
+        assert!(e.contains("TNC_LIBDEVICE") && e.contains("/nonexistent/libdevice.10.bc"), "{e}");
+        // Kernels without math need no libdevice.
+        backend::emit_ptx(&[reduce_kernel()], &target).unwrap();
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new(exe)
+        .args(["--exact", "missing_libdevice_is_a_clear_error", "--nocapture"])
+        .env("TNC_TEST_MISSING_LIBDEVICE", "1")
+        .env("TNC_LIBDEVICE", "/nonexistent/libdevice.10.bc")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn ptxas_output_is_parsed() {
+    let text = "ptxas info    : 0 bytes gmem\n\
+        ptxas info    : Compiling entry function 'g3_linear_attention' for 'sm_80'\n\
+        ptxas info    : Function properties for g3_linear_attention\n    \
+        24 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n\
+        ptxas info    : Used 40 registers, used 0 barriers, 384 bytes cmem[0], 1024 bytes smem\n";
+    let s = parse_ptxas(text);
+    let want = Stats {
+        name: "g3_linear_attention".into(),
+        registers: 40,
+        stack: 24,
+        spill_stores: 8,
+        spill_loads: 12,
+        shared: 1024,
+    };
+    assert_eq!(s, [want]);
+}
+
+// ---- models ----
+
+fn models() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut out = vec![];
+    for dir in ["models", "models/ablations"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "tn") && p.file_name().is_some_and(|n| n != "std.tn") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The tiny configuration of the model tests (`tests/common`).
+fn tiny_sets(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut sets = vec!["vocab=32", "dim=16", "heads=2", "layers=2", "glu_dim=24"];
+    if text.contains("block = ") {
+        sets.push("block=4");
+    }
+    sets.into_iter().map(String::from).collect()
+}
+
+/// The full pipeline (recognize on), fusion, memory plan, schedule: the model's kernels.
+fn model_kernels(path: &Path) -> Vec<Kernel> {
+    use tnc_compiler::frontend::{self, Input, Request};
+    use tnc_compiler::{fusion, memory, passes, schedule};
+    let sets = tiny_sets(path);
+    let (sources, g) = frontend::elaborate(Input::Path(path), &Request { sets: &sets, model: None });
+    let mut g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    for p in passes::pipeline() {
+        g = p.run(g).unwrap_or_else(|d| panic!("{}: {}", p.name(), d.message));
+    }
+    let plan = fusion::fuse(&g).unwrap();
+    let mem = memory::plan_memory(&g, &plan).unwrap();
+    let s = schedule::schedule(&g, &plan, &mem).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    backend::dedup_kernels(&s.kernels).unwrap().kernels
+}
+
+#[test]
+fn every_model_assembles() {
+    let mut attention_spills = vec![];
+    for path in models() {
+        let model = path.file_name().unwrap().to_string_lossy().into_owned();
+        let kernels = model_kernels(&path);
+        let mut worst = (0u32, 0u32);
+        for (arch, stats) in check_kernels(&kernels, &model, &["sm80", "sm90"]) {
+            for s in &stats {
+                worst = (worst.0.max(s.registers), worst.1.max(s.spill_stores + s.spill_loads));
+                if s.name.contains("attention") && s.spill_stores + s.spill_loads > 0 {
+                    attention_spills.push(format!("{model} {arch} {s:?}"));
+                }
+            }
+        }
+        eprintln!("{model}: {} kernels, at most {} registers, worst spills {} B", kernels.len(), worst.0, worst.1);
+    }
+    assert!(attention_spills.is_empty(), "attention kernels spill:\n{}", attention_spills.join("\n"));
+}
