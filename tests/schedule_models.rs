@@ -73,8 +73,13 @@ fn generic_lowering_of_every_model_matches_the_interpreter() {
 }
 
 #[test]
-fn fused_normal_forms_of_every_model_match_the_interpreter() {
-    for path in model_files() {
+fn fused_normal_forms_match_the_interpreter() {
+    // The reference executor interprets kernels slowly; these three models cover every
+    // normal form (linear attention with and without decay and LRPE, block attention with
+    // ReLU and softmax weights, the fused cross-entropy). tests/bundles.rs runs every model
+    // compiled.
+    let chosen = ["transnormer_t1", "tnl", "transformer"];
+    for path in model_files().into_iter().filter(|p| chosen.iter().any(|c| p.file_stem().unwrap() == *c)) {
         // The reference executor interprets kernels; two lengths keep this test short.
         check(&path, true, &[(3, 6), (1, 9)]);
     }

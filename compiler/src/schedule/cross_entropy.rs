@@ -127,32 +127,39 @@ pub fn op_kernel(lw: &mut Lowering, n: NodeId, lse: usize, name: String) -> Resu
             super::finish(lw, name, token_count)
         }
         CeOp::GradX => {
+            // Σ_v (p_tv − [v = y_t]) E_v, accumulated term by term: subtracting E_y at the
+            // end instead would cancel catastrophically when p_ty is close to 1.
             let t = lw.unravel(Expr::Var(lw.e.index), &tokens)?;
             let acc = lw.e.fresh();
             lw.e.push(Stmt::Array { var: acc, elem: Scalar::F32, len: d_len });
             let lse = lw.e.bind(Expr::Load { buffer: lse_b, index: Box::new(Expr::Var(lw.e.index)) });
+            let y = target(lw, &ops, transposed, &t)?;
             let v = lw.e.open();
             let z = logit(lw, &ops, transposed, &t, Expr::Var(v))?;
-            let p = lw.e.bind(Expr::Unary(Unary::Exp, Box::new(bin(Binary::Sub, z, lse.clone()))));
+            let p = Expr::Unary(Unary::Exp, Box::new(bin(Binary::Sub, z, lse.clone())));
+            let hit = Expr::Select(
+                Box::new(bin(Binary::Eq, y.clone(), Expr::Var(v))),
+                Box::new(Expr::F32(1.0)),
+                Box::new(Expr::F32(0.0)),
+            );
+            let c = lw.e.bind(bin(Binary::Sub, p, hit));
             let d = lw.e.open();
             let e = table(lw, ops[1], transposed, Expr::Var(v), Expr::Var(d))?;
             let old = Expr::LoadArray { array: acc, index: Box::new(Expr::Var(d)) };
             lw.e.push(Stmt::StoreArray {
                 array: acc,
                 index: Expr::Var(d),
-                value: bin(Binary::Add, old, bin(Binary::Mul, p, e)),
+                value: bin(Binary::Add, old, bin(Binary::Mul, c, e)),
             });
             lw.e.close(d, Expr::I64(d_len as i64), LoopKind::Vector);
             lw.e.close(v, words, LoopKind::Serial);
-            let y = target(lw, &ops, transposed, &t)?;
             let g = lw.value(Source::Node(ops[3]), &t)?;
             let d = lw.e.open();
-            let ey = table(lw, ops[1], transposed, y, Expr::Var(d))?;
             let sum = Expr::LoadArray { array: acc, index: Box::new(Expr::Var(d)) };
             let mut at = t.clone();
             at.push(Expr::Var(d));
             let lin = lw.linear(&at, &out_ty.shape)?;
-            lw.e.push(Stmt::Store { buffer: out, index: lin, value: bin(Binary::Mul, g, bin(Binary::Sub, sum, ey)) });
+            lw.e.push(Stmt::Store { buffer: out, index: lin, value: bin(Binary::Mul, g, sum) });
             lw.e.close(d, Expr::I64(d_len as i64), LoopKind::Vector);
             super::finish(lw, name, token_count)
         }

@@ -22,6 +22,8 @@ pub struct Emitter {
     var_level: HashMap<Var, usize>,
     /// Values already bound, by a caller-chosen key, with the level they live at.
     memo: HashMap<String, (Expr, usize)>,
+    /// Accumulators (declared with `Mut`).
+    mutable: std::collections::HashSet<Var>,
     pub buffers: Vec<BufferDecl>,
     buffer_ids: HashMap<usize, usize>,
     /// Global buffer id of each kernel buffer, parallel to `buffers`.
@@ -38,6 +40,7 @@ impl Emitter {
             levels: vec![Vec::new()],
             var_level: HashMap::new(),
             memo: HashMap::new(),
+            mutable: Default::default(),
             buffers: Vec::new(),
             buffer_ids: HashMap::new(),
             bindings: Vec::new(),
@@ -110,11 +113,20 @@ impl Emitter {
         Ok(total.unwrap_or(Expr::I64(0)))
     }
 
-    /// The loop level an expression can be computed at.
+    /// The loop level an expression can be computed at. An expression that reads a
+    /// mutable variable stays where it is: its value changes as loops run.
     pub fn level_of(&self, e: &Expr) -> usize {
         let mut l = 0;
-        visit_vars(e, &mut |v| l = l.max(self.var_level.get(&v).copied().unwrap_or(0)));
-        l
+        let mut reads_mutable = false;
+        visit_vars(e, &mut |v| {
+            reads_mutable |= self.mutable.contains(&v);
+            l = l.max(self.var_level.get(&v).copied().unwrap_or(0));
+        });
+        if reads_mutable {
+            self.depth()
+        } else {
+            l
+        }
     }
 
     /// Bind `e` to a variable at the outermost level it can live at.
@@ -190,9 +202,16 @@ impl Emitter {
     /// A mutable accumulator declared at `level`.
     pub fn accumulator(&mut self, level: usize, ty: Scalar, init: Expr) -> Var {
         let v = self.fresh();
+        self.mutable.insert(v);
         self.levels[level].push(Stmt::Mut { var: v, ty, init });
         self.var_level.insert(v, level);
         v
+    }
+
+    /// An accumulator whose loop has finished: from now on its value no longer changes,
+    /// so expressions reading it may be placed at its level again.
+    pub fn freeze(&mut self, var: Var) {
+        self.mutable.remove(&var);
     }
 
     /// Take the finished kernel body.
