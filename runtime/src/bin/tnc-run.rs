@@ -233,7 +233,13 @@ fn run(a: &RunArgs) -> Result<(), Error> {
     if a.grad {
         ex.backward()?;
         out.extend(ex.outputs()?.into_iter().filter(|(n, _)| !out.iter().any(|(m, _)| m == n)).collect::<Vec<_>>());
-        out.extend(ex.gradients()?.into_iter().map(|(n, t)| (format!("grad.{n}"), t)));
+        // Gradients may also be declared as outputs of `backward` under the same names.
+        for (n, t) in ex.gradients()? {
+            let name = format!("grad.{n}");
+            if !out.iter().any(|(m, _)| *m == name) {
+                out.push((name, t));
+            }
+        }
     }
     let elapsed = t0.elapsed();
     write_tensors(&a.out, &out)?;
@@ -321,9 +327,13 @@ fn bench(a: &BenchArgs) -> Result<(), Error> {
         median(&mut fwd),
         if backward { format!("{:.3}", median(&mut both)) } else { "n/a".into() }
     );
+    let sizes_json = m.sizes.iter().map(|s| format!("\"{s}\": {}", env[s.as_str()])).collect::<Vec<_>>().join(", ");
     println!(
-        "BENCH_JSON {{\"model\": \"{}\", \"forward_ms\": {:.4}, \"fwd_bwd_ms\": {}}}",
+        "BENCH_JSON {{\"impl\": \"tnc\", \"dtype\": \"f32\", \"device\": \"{:?}\", \"model\": {:?}, \
+         \"sizes\": {{{sizes_json}}}, \"iters\": {}, \"forward_ms\": {:.4}, \"fwd_bwd_ms\": {}}}",
+        a.device,
         m.model,
+        a.iters,
         median(&mut fwd),
         if backward { format!("{:.4}", median(&mut both)) } else { "null".into() }
     );
@@ -413,6 +423,11 @@ fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, Error> {
 }
 
 fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), Error> {
+    for (i, (n, _)) in tensors.iter().enumerate() {
+        if tensors[..i].iter().any(|(m, _)| m == n) {
+            return Err(format!("two tensors named `{n}` to write to {}", path.display()).into());
+        }
+    }
     let owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, t)| {

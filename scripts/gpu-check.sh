@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# The GPU check, run from the folder scripts/gpu-prepare.sh wrote (as its check.sh) on a
+# machine with an NVIDIA GPU, its driver, Python 3 and PyTorch; no Rust, no network.
+#
+# 1. The runtime's own CUDA tests (hand-written PTX), when bin/runtime-cuda-tests is there.
+# 2. Correctness: every cases/NAME is run with `tnc-run --device cuda --grad`, and the
+#    forward outputs and every gradient are compared with the interpreter's f64 reference
+#    (relative L2 below 1e-3).
+# 3. Timing: `tnc-run bench` of the linear attention at B 4, H 32, d 128, N 2K/8K/32K and
+#    of TransNormer T1 at B 4, N 2048, and PyTorch peers at the same attention shapes
+#    (masked quadratic and a chunked loop, each in f32 and bf16), printed as one table.
+#
+# Finishes in under 8 minutes (each command has a timeout; the peers stop starting new
+# measurements past a time budget). Exit status 1 when a correctness check fails.
+# Environment: TNC_CHECK_DEVICE (default cuda; `cpu` exercises the script with a CPU
+# bundle set), TNC_CHECK_QUICK=1 (N 2K only), TNC_CHECK_SEQS ("2048 8192 32768"),
+# TNC_CHECK_BATCH (4), TNC_CHECK_T1_SEQ (2048), OUT_DIR (default out/).
+set -u
+cd "$(dirname "$0")"
+DEVICE=${TNC_CHECK_DEVICE:-cuda}
+OUT=${OUT_DIR:-out}
+RUN=./bin/tnc-run
+mkdir -p "$OUT"
+RESULTS=$OUT/results.jsonl
+: >"$RESULTS"
+START=$(date +%s)
+elapsed() { echo $(($(date +%s) - START)); }
+status=0
+PY=python3
+
+echo "== host"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
+ldd --version 2>/dev/null | head -1
+$PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>/dev/null || echo "(no torch)"
+
+if [ -x bin/runtime-cuda-tests ] && [ "$DEVICE" = cuda ]; then
+    echo "== runtime CUDA tests (hand-written PTX)"
+    if TNC_RUN_BIN=$RUN timeout 120 bin/runtime-cuda-tests --test-threads 1 >"$OUT/runtime-tests.log" 2>&1; then
+        grep -E "^test |test result" "$OUT/runtime-tests.log"
+    else
+        tail -40 "$OUT/runtime-tests.log"
+        echo "FAIL runtime CUDA tests"
+        status=1
+    fi
+fi
+
+echo "== correctness (tnc-run --device $DEVICE vs the interpreter in f64; rel L2 < 1e-3)"
+for case in cases/*/; do
+    case=${case%/}
+    name=$(basename "$case")
+    bundle=$case/bundle
+    [ -f "$case/bundle_ref" ] && bundle=$(cat "$case/bundle_ref")
+    if timeout 180 $RUN "$bundle" --device "$DEVICE" --inputs "$case/inputs.safetensors" \
+        --params "$case/params.safetensors" --out "$OUT/$name.safetensors" --grad >"$OUT/$name.log" 2>&1; then
+        $PY compare.py "$case/ref.safetensors" "$OUT/$name.safetensors" --label "$name" || status=1
+        if [ "$DEVICE" = cuda ]; then
+            # Again with every written buffer NaN-filled first: a kernel that misses part of
+            # its output shows up as non-finite values.
+            if timeout 180 $RUN "$bundle" --device "$DEVICE" --inputs "$case/inputs.safetensors" --debug-nan \
+                --params "$case/params.safetensors" --out "$OUT/$name.nan.safetensors" --grad >"$OUT/$name.nan.log" 2>&1; then
+                $PY compare.py "$case/ref.safetensors" "$OUT/$name.nan.safetensors" --label "$name (NaN-filled)" |
+                    tail -1
+                [ "${PIPESTATUS[0]}" = 0 ] || status=1
+            else
+                echo "FAIL $name (NaN-filled): tnc-run failed:"
+                tail -5 "$OUT/$name.nan.log"
+                status=1
+            fi
+        fi
+    else
+        echo "FAIL $name: tnc-run failed:"
+        tail -20 "$OUT/$name.log"
+        status=1
+    fi
+done
+
+echo "== timing"
+# bench LABEL BUNDLE B N ITERS [extra tnc-run args]
+bench() {
+    local bundle=$1 b=$2 n=$3 iters=$4
+    shift 4
+    local model
+    model=$(basename "$bundle")
+    if [ ! -d "$bundle" ]; then
+        printf '{"impl": "tnc", "dtype": "f32", "model": "%s", "sizes": {"B": %s, "N": %s}, "error": "no bundle"}\n' \
+            "$model" "$b" "$n" >>"$RESULTS"
+        return
+    fi
+    if [ "$(elapsed)" -gt 330 ]; then
+        printf '{"impl": "tnc", "dtype": "f32", "model": "%s", "sizes": {"B": %s, "N": %s}, "error": "skipped (time budget)"}\n' \
+            "$model" "$b" "$n" >>"$RESULTS"
+        return
+    fi
+    local log=$OUT/bench-$model-$b-$n.log
+    echo "tnc-run bench $bundle --batch $b --seq $n --iters $iters $*"
+    timeout 150 $RUN bench "$bundle" --device "$DEVICE" --batch "$b" --seq "$n" --iters "$iters" "$@" >"$log" 2>&1
+    local rc=$?
+    if [ $rc = 0 ]; then
+        grep '^BENCH_JSON' "$log" | sed 's/^BENCH_JSON //' >>"$RESULTS"
+    else
+        local why
+        why=$(grep -m1 '^error' "$log" | cut -c1-100 | tr '"' "'")
+        [ -n "$why" ] || why="exit status $rc (124: timeout; see $log)"
+        printf '{"impl": "tnc", "dtype": "f32", "model": "%s", "sizes": {"B": %s, "N": %s}, "error": "%s"}\n' \
+            "$model" "$b" "$n" "$why" >>"$RESULTS"
+        tail -3 "$log"
+    fi
+}
+
+SEQS=${TNC_CHECK_SEQS:-2048 8192 32768}
+[ "${TNC_CHECK_QUICK:-0}" = 1 ] && SEQS=2048
+BATCH=${TNC_CHECK_BATCH:-4}
+for n in $SEQS; do
+    iters=10
+    [ "$n" -ge 8192 ] && iters=5
+    [ "$n" -ge 32768 ] && iters=3
+    bench bench/linear_attention "$BATCH" "$n" "$iters" --warmup 1
+done
+bench bench/transnormer_t1 "$BATCH" "${TNC_CHECK_T1_SEQ:-2048}" 5 --warmup 1 --vocab 267744
+
+if [ "$DEVICE" = cuda ]; then
+    echo "python3 peers.py (PyTorch)"
+    seqs=$(echo "$SEQS" | tr ' ' ',')
+    budget=$((400 - $(elapsed)))
+    [ "$budget" -gt 20 ] || budget=20
+    timeout $((budget + 60)) $PY peers.py --batch "$BATCH" --heads 32 --dim 128 --seqs "$seqs" --iters 10,5,3 \
+        --budget-s "$budget" >>"$RESULTS" 2>"$OUT/peers.log" || {
+        echo "peers.py failed or timed out:"
+        tail -5 "$OUT/peers.log"
+    }
+fi
+
+echo "== results ($(elapsed) s; tnc kernels in f32; peers as labelled, TF32 off)"
+$PY table.py "$RESULTS"
+if [ $status = 0 ]; then echo "check: correctness OK"; else echo "check: correctness FAILED"; fi
+exit $status

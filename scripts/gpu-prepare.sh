@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Prepares the GPU check on a development machine (Rust and LLVM; no GPU needed): builds
+# the runtime-only `tnc-run` and `tnc`, compiles the bundles for a CUDA target, writes
+# inputs, parameters and f64 interpreter references, and gathers everything that
+# scripts/gpu-check.sh needs into one folder (default gpu-check/, git-ignored, < 64 MiB).
+# The folder runs on a GPU machine with a driver, Python and PyTorch, and no Rust:
+#
+#     scripts/gpu-prepare.sh            # here
+#     gpu-check/check.sh                # there
+#
+# Contents:
+#   bin/tnc-run             stripped, links neither LLVM nor the compiler
+#   bin/runtime-cuda-tests  the runtime's CUDA tests (hand-written PTX), if they built
+#   cases/NAME/             correctness: bundle (or bundle_ref), inputs, params, ref (f64)
+#   bench/NAME/             timing bundles (parameters drawn from a seed on the device)
+#   check.sh, *.py          the check itself
+#
+# Environment: TNC_GPU_TARGET (default sm80), TNC_PREPARE_SKIP_BUILD=1 to reuse binaries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DEST=${1:-gpu-check}
+TARGET=${TNC_GPU_TARGET:-sm80}
+LIMIT_MIB=64
+
+say() { echo "prepare: $*" >&2; }
+
+if [ "${TNC_PREPARE_SKIP_BUILD:-0}" != 1 ]; then
+    say "building tnc-run and tnc (release)"
+    cargo build --release -p tnc-runtime --bin tnc-run
+    cargo build --release --bin tnc
+fi
+TNC=$ROOT/target/release/tnc
+RUN=$ROOT/target/release/tnc-run
+if ldd "$RUN" | grep -qi llvm; then
+    say "error: $RUN links LLVM"
+    exit 1
+fi
+
+rm -rf "$DEST"
+mkdir -p "$DEST/bin" "$DEST/cases" "$DEST/bench"
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+
+# Compiles MODEL for the GPU target into DIR; the first failure explains itself and stops.
+compile() {
+    local dir=$1 model=$2
+    shift 2
+    if ! "$TNC" compile "$model" "$@" --target "$TARGET" -o "$dir" >"$LOG" 2>&1; then
+        say "error: \`tnc compile $model $* --target $TARGET\` failed:"
+        sed 's/^/    /' "$LOG" >&2
+        if grep -qiE "not (yet )?(implemented|supported)|unknown ([a-z]+ )?target|valid ([a-z]+ )?targets|no .*back ?end" "$LOG"; then
+            say "the $TARGET code generator (\`tnc compile --target $TARGET\`) is not available yet; nothing to prepare"
+        fi
+        exit 1
+    fi
+    # (A CPU target, e.g. TNC_GPU_TARGET=native, only exercises the scripts.)
+    if [[ $TARGET == sm* ]] && { [ ! -f "$dir/kernels.ptx" ] || ! grep -q '"kind": *"cuda"' "$dir/manifest.json"; }; then
+        say "error: \`tnc compile --target $TARGET\` did not write a CUDA bundle (no kernels.ptx / target kind cuda) in $dir"
+        exit 1
+    fi
+}
+
+# A correctness case: bundle, inputs, parameters from `tnc init`, and the interpreter's
+# f64 outputs and gradients (`tnc run --grad --dtype f64`).
+reference() {
+    local case=$1 model=$2 inputs=$3
+    shift 3
+    "$TNC" init "$model" "$@" --seed 7 --out "$case/params.safetensors" >/dev/null
+    say "reference for $(basename "$case") (interpreter, f64)"
+    "$TNC" run "$model" "$@" --inputs "$inputs" --params "$case/params.safetensors" \
+        --out "$case/ref.safetensors" --grad --dtype f64 >"$LOG" 2>&1 || {
+        say "error: the interpreter reference failed:"
+        sed 's/^/    /' "$LOG" >&2
+        exit 1
+    }
+}
+
+GPU=$ROOT/scripts/gpu
+T1_TINY=(--set vocab=64 --set dim=32 --set heads=2 --set layers=2 --set glu_dim=48 --set block=8 --set drop=0.0)
+
+say "compiling tiny T1 for $TARGET"
+C=$DEST/cases/t1_tiny
+mkdir -p "$C"
+compile "$C/bundle" models/transnormer_t1.tn "${T1_TINY[@]}"
+python3 "$GPU/make_inputs.py" "$C/inputs.safetensors" 1 tokens:i32:2x37:int\<64
+reference "$C" models/transnormer_t1.tn "$C/inputs.safetensors" "${T1_TINY[@]}"
+
+say "compiling the linear attention (B any, H 32, d 128) for $TARGET"
+LA=$DEST/bench/linear_attention
+compile "$LA" models/bench/linear_attention.tn
+C=$DEST/cases/linear_attention
+mkdir -p "$C"
+echo "bench/linear_attention" >"$C/bundle_ref"
+python3 "$GPU/make_inputs.py" "$C/inputs.safetensors" 2 \
+    q:f32:1x32x70x128:normal k:f32:1x32x70x128:normal v:f32:1x32x70x128:normal
+reference "$C" models/bench/linear_attention.tn "$C/inputs.safetensors"
+
+say "compiling TransNormer T1 (full size) for $TARGET"
+compile "$DEST/bench/transnormer_t1" models/transnormer_t1.tn
+
+strip -o "$DEST/bin/tnc-run" "$RUN"
+cp scripts/gpu-check.sh "$DEST/check.sh"
+cp "$GPU"/st.py "$GPU"/compare.py "$GPU"/peers.py "$GPU"/table.py "$DEST/"
+chmod +x "$DEST/check.sh" "$DEST/bin/tnc-run"
+
+# The runtime's CUDA tests (hand-written PTX through CudaExecutor and tnc-run), optional.
+if [ "${TNC_PREPARE_SKIP_BUILD:-0}" != 1 ]; then
+    TEST_BIN=$(cargo test --release -p tnc-runtime --test cuda --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for l in sys.stdin:
+    try: m = json.loads(l)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda": print(m["executable"])' |
+        tail -1)
+    if [ -n "$TEST_BIN" ]; then
+        strip -o "$DEST/bin/runtime-cuda-tests" "$TEST_BIN"
+    fi
+fi
+
+SIZE_KIB=$(du -sk "$DEST" | cut -f1)
+say "$(objdump -T "$RUN" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1) is the newest glibc symbol tnc-run needs"
+say "wrote $DEST ($((SIZE_KIB / 1024)) MiB):"
+du -sh "$DEST"/bin/* "$DEST"/cases/* "$DEST"/bench/* >&2
+if [ "$SIZE_KIB" -ge $((LIMIT_MIB * 1024)) ]; then
+    say "error: $DEST is over $LIMIT_MIB MiB"
+    exit 1
+fi
+say "run it on a GPU machine: $DEST/check.sh"
