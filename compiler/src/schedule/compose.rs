@@ -1,12 +1,11 @@
 //! Composing regions into one: a normal-form op whose math is a few contractions around
-//! its regions (block attention and its backward, the quadratic form of linear
-//! attention) becomes a single region of primitive ops over the op's operands, which the
+//! its regions (block attention and its backward) becomes a single region of primitive ops over the op's operands, which the
 //! generic element lowering then turns into a kernel. Nothing the op computes in between
 //! is written to memory.
 
 use crate::ir::infer::infer;
 use crate::ir::region::RegionNode;
-use crate::ir::{BinaryOp, DType, Dim, EinsumSpec, F64Bits, Op, Region, RegionValue, TensorType, UnaryOp};
+use crate::ir::{EinsumSpec, Op, Region, RegionValue, TensorType};
 
 pub struct Composer {
     args: Vec<TensorType>,
@@ -54,34 +53,6 @@ impl Composer {
         let spec =
             EinsumSpec { inputs: vec![a.0.bytes().collect(), b.0.bytes().collect()], output: out.bytes().collect() };
         self.add(Op::Einsum(spec), &[a.1, b.1])
-    }
-
-    /// A constant of the given shape.
-    pub fn splat(&mut self, x: f64, dtype: DType, shape: &[Dim]) -> Result<RegionValue, String> {
-        let c = self.add(Op::Constant { value: F64Bits::new(x), dtype }, &[])?;
-        if shape.is_empty() {
-            return Ok(c);
-        }
-        let r = self.add(Op::Reshape { shape: vec![Dim::constant(1); shape.len()] }, &[c])?;
-        self.add(Op::Broadcast { shape: shape.to_vec() }, &[r])
-    }
-
-    /// Position `p` of an axis of size `n`, as an f32 or i32 tensor of `shape` varying
-    /// along axis `axis`.
-    pub fn position(&mut self, n: &Dim, shape: &[Dim], axis: usize) -> Result<RegionValue, String> {
-        let iota = self.add(Op::Iota { len: n.clone(), dtype: DType::I32 }, &[])?;
-        let mut s = vec![Dim::constant(1); shape.len()];
-        s[axis] = n.clone();
-        let r = self.add(Op::Reshape { shape: s }, &[iota])?;
-        self.add(Op::Broadcast { shape: shape.to_vec() }, &[r])
-    }
-
-    pub fn binary(&mut self, op: BinaryOp, a: RegionValue, b: RegionValue) -> Result<RegionValue, String> {
-        self.add(Op::Binary(op), &[a, b])
-    }
-
-    pub fn unary(&mut self, op: UnaryOp, a: RegionValue) -> Result<RegionValue, String> {
-        self.add(Op::Unary(op), &[a])
     }
 
     pub fn finish(self, result: RegionValue) -> Region {

@@ -17,6 +17,7 @@ mod compose;
 mod cross_entropy;
 mod element;
 mod emit;
+mod linear_attention;
 pub mod run;
 mod special;
 
@@ -88,7 +89,30 @@ fn symbols(g: &Graph) -> Vec<String> {
     s
 }
 
+/// Choices of the schedule that do not change what it computes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduleOptions {
+    /// Tokens per chunk of the linear-attention scan kernels (≥ 1).
+    pub chunk: usize,
+}
+
+impl Default for ScheduleOptions {
+    fn default() -> Self {
+        ScheduleOptions { chunk: linear_attention::DEFAULT_CHUNK }
+    }
+}
+
+/// [`schedule_with`] the default options.
 pub fn schedule(g: &Graph, plan: &FusionPlan, mem: &MemoryPlan) -> Result<Schedule, String> {
+    schedule_with(g, plan, mem, &ScheduleOptions::default())
+}
+
+pub fn schedule_with(
+    g: &Graph,
+    plan: &FusionPlan,
+    mem: &MemoryPlan,
+    opts: &ScheduleOptions,
+) -> Result<Schedule, String> {
     let mut sizes = symbols(g);
     // Dropout's seed and step, and whether to apply it (1 in training, 0 in evaluation).
     let scalars = vec!["seed".to_string(), "step".to_string(), "train".to_string()];
@@ -185,7 +209,7 @@ pub fn schedule(g: &Graph, plan: &FusionPlan, mem: &MemoryPlan) -> Result<Schedu
             }
             let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
             let (kernel, bindings) =
-                special::kernel(&mut lw, n, format!("g{gi}_{kind}")).map_err(|e| format!("group {gi}: {e}"))?;
+                special::kernel(&mut lw, n, opts, format!("g{gi}_{kind}")).map_err(|e| format!("group {gi}: {e}"))?;
             drop(lw);
             out.add(kernel, bindings, entry);
         }

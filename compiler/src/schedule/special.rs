@@ -5,20 +5,19 @@
 use super::compose::{letters, Composer};
 use super::element::{elem_of, Lowering, Source};
 use super::emit::{bin, mul, sub};
-use crate::ir::{
-    BinaryOp, BlockAttention, BlockAttentionGrad, DType, Dim, Direction, LinearAttention, NodeId, Op, Region,
-    RegionValue, TensorType, UnaryOp,
-};
+use crate::ir::{BlockAttention, BlockAttentionGrad, NodeId, Op, Region, RegionValue, TensorType};
 use crate::kernel::{Access, Binary, Expr, Kernel, LoopKind, Scalar, Stmt};
 
-pub fn kernel(lw: &mut Lowering, n: NodeId, name: String) -> Result<(Kernel, Vec<usize>), String> {
+pub fn kernel(
+    lw: &mut Lowering,
+    n: NodeId,
+    opts: &super::ScheduleOptions,
+    name: String,
+) -> Result<(Kernel, Vec<usize>), String> {
     match &lw.g.node(n).op {
         Op::Scan { axis, reverse } => scan(lw, n, *axis, *reverse, name),
         Op::ScatterAdd { .. } => scatter_add(lw, n, name),
-        Op::LinearAttention(la) => {
-            let r = linear_attention_region(la, &operand_types(lw, n))?;
-            composed(lw, n, r, name)
-        }
+        Op::LinearAttention(la) => super::linear_attention::kernel(lw, n, la, opts.chunk, name),
         Op::BlockAttention(ba) => {
             let r = block_attention_region(ba, &operand_types(lw, n))?;
             composed(lw, n, r, name)
@@ -168,46 +167,6 @@ fn block_attention_grad_region(bg: &BlockAttentionGrad, operands: &[TensorType])
     let dk = c.einsum((&l("ij"), ds), (&l("ix"), q), &l("jx"))?;
     let out = c.add(Op::Concat { axis: rank - 1 }, &[dq, dk, dv])?;
     Ok(c.finish(out))
-}
-
-/// Linear attention in its quadratic form, `einsum(mask · λ^{|n−m|} · einsum(q', k'), v')`.
-fn linear_attention_region(la: &LinearAttention, operands: &[TensorType]) -> Result<Region, String> {
-    let mut c = Composer::new(operands.to_vec());
-    let (na, nb, nc) = (la.q.args.len(), la.k.args.len(), la.v.args.len());
-    let q = c.embed(&la.q, &arg_values(0, na));
-    let k = c.embed(&la.k, &arg_values(na, nb));
-    let v = c.embed(&la.v, &arg_values(na + nb, nc));
-    let rank = c.ty(q).rank();
-    let l = |x: &str| letters(rank - 2, x);
-    let s = c.einsum((&l("ix"), q), (&l("jx"), k), &l("ij"))?;
-    let shape = c.ty(s).shape.clone();
-    let n = shape[rank - 2].clone();
-    let qi = c.position(&n, &shape, rank - 2)?;
-    let kj = c.position(&n, &shape, rank - 1)?;
-    let mask = match la.direction {
-        Direction::Causal => c.binary(BinaryOp::Ge, qi, kj)?,
-        Direction::Anticausal => c.binary(BinaryOp::Le, qi, kj)?,
-        Direction::Full => c.binary(BinaryOp::Eq, qi, qi)?,
-    };
-    let mut weighted = s;
-    if la.decay {
-        // λ^{|n−m|}, λ broadcast from the batch axes.
-        let lam = RegionValue::Arg((na + nb + nc) as u32);
-        let lam_ty = c.ty(lam).clone();
-        let mut lshape = lam_ty.shape.clone();
-        lshape.extend([Dim::constant(1), Dim::constant(1)]);
-        let r = c.add(Op::Reshape { shape: lshape }, &[lam])?;
-        let lam = c.add(Op::Broadcast { shape: shape.clone() }, &[r])?;
-        let diff = c.binary(BinaryOp::Sub, qi, kj)?;
-        let dist = c.add(Op::Cast { to: DType::F32 }, &[diff])?;
-        let dist = c.unary(UnaryOp::Abs, dist)?;
-        let decay = c.binary(BinaryOp::Pow, lam, dist)?;
-        weighted = c.binary(BinaryOp::Mul, s, decay)?;
-    }
-    let zero = c.splat(0.0, DType::F32, &shape)?;
-    let w = c.add(Op::Select, &[mask, weighted, zero])?;
-    let o = c.einsum((&l("ij"), w), (&l("jy"), v), &l("iy"))?;
-    Ok(c.finish(o))
 }
 
 /// A normal-form op whose value is one composed region of its operands.

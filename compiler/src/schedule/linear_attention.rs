@@ -1,0 +1,313 @@
+//! The one generic chunked-scan kernel of the linear-attention normal form
+//! (`ir::LinearAttention`), for every direction, with or without decay, whatever prologue
+//! regions the op carries (Lightning Attention, arXiv 2401.04658):
+//!
+//! ```text
+//! parallel b over the flattened batch axes (batch, heads):
+//!   S[d×e] = 0 (f32);  P[k] = λ_b^k for k in 0..=C (decay only)
+//!   for each chunk of C tokens (in order; from the end when anticausal):
+//!     stage q', k' (len×d) and v' (len×e) of the chunk into local arrays, evaluating
+//!       the regions once per element
+//!     for each row i of the chunk:
+//!       W[m] = λ^{|i−m|} q_i·k_m for m ∈ dir(i) inside the chunk   (intra-chunk scores)
+//!       O[:] = λ^{dist(i)} q_i S + Σ_m W[m] v_m                     (inter + intra)
+//!       out[b, start + i, :] = O
+//!     S ← λ^{len} S + Σ_m λ^{w(m)} k_mᵀ v_m                         (carry the state)
+//! ```
+//!
+//! with, as in the interpreter's `chunked`: causal `dist(i) = i + 1`, `w(m) = len − 1 − m`;
+//! anticausal `dist(i) = len − i`, `w(m) = m` (positions relative to the chunk start).
+//! `Full` (never decayed) builds `S = Σ_m k_mᵀ v_m` in one pass over the chunks, then
+//! `o_n = q_n S` in a second.
+//!
+//! The last chunk may be partial: every loop over a chunk's rows runs to the chunk's
+//! run-time length, so nothing past `N` is read or written. d and e (head widths) must be
+//! constants; `N` and the batch sizes are run-time sizes. Memory is linear in `N`: the
+//! kernel writes only its output, everything else lives in local arrays of constant size
+//! (`C·(2d + e) + d·e + e + 2C + 1` floats).
+
+use super::element::{elem_of, Lowering, Source};
+use super::emit::{add, bin, div, mul, sub};
+use crate::ir::{Direction, LinearAttention, NodeId, Region};
+use crate::kernel::{Access, Binary, Expr, Kernel, LoopKind, Scalar, Stmt, Var};
+use std::rc::Rc;
+
+/// The chunk length used when none is given.
+pub const DEFAULT_CHUNK: usize = 64;
+
+fn load(array: Var, index: Expr) -> Expr {
+    Expr::LoadArray { array, index: Box::new(index) }
+}
+
+fn f(op: Binary, a: Expr, b: Expr) -> Expr {
+    bin(op, a, b)
+}
+
+/// A zero-initialized local f32 array of `len` elements, declared at the current level.
+fn array(lw: &mut Lowering, len: usize) -> Var {
+    let v = lw.e.fresh();
+    lw.e.push(Stmt::Array { var: v, elem: Scalar::F32, len });
+    v
+}
+
+/// `acc = init; for x in 0..extent { acc += term(x) }`, at the current level; returns
+/// the accumulator. The term may read local arrays (it is never hoisted).
+fn sum(lw: &mut Lowering, init: Expr, extent: Expr, term: impl FnOnce(&mut Lowering, Expr) -> Expr) -> Expr {
+    let level = lw.e.depth();
+    let acc = lw.e.accumulator(level, Scalar::F32, init);
+    let x = lw.e.open();
+    let t = term(lw, Expr::Var(x));
+    lw.e.push(Stmt::Assign { var: acc, value: f(Binary::Add, Expr::Var(acc), t) });
+    lw.e.close(x, extent, LoopKind::Serial);
+    Expr::Var(acc)
+}
+
+/// One of the three prologue regions, applied to its slice of the op's operands.
+struct Operand {
+    region: Rc<Region>,
+    args: Rc<[NodeId]>,
+}
+
+impl Operand {
+    fn at(&self, lw: &mut Lowering, idx: &[Expr]) -> Result<Expr, String> {
+        let s = Source::Region { region: self.region.clone(), value: self.region.result, args: self.args.clone() };
+        lw.value(s, idx)
+    }
+}
+
+/// The chunked kernel of linear attention node `n`, with chunks of `chunk` tokens.
+pub fn kernel(
+    lw: &mut Lowering,
+    n: NodeId,
+    la: &LinearAttention,
+    chunk: usize,
+    name: String,
+) -> Result<(Kernel, Vec<usize>), String> {
+    let g = lw.g;
+    let c = chunk.max(1);
+    let ops = g.operands(n);
+    let (na, nb, nc) = (la.q.args.len(), la.k.args.len(), la.v.args.len());
+    let part = |r: &Region, from: usize, count: usize| Operand {
+        region: Rc::new(r.clone()),
+        args: ops[from..from + count].to_vec().into(),
+    };
+    let (q, k, v) = (part(&la.q, 0, na), part(&la.k, na, nb), part(&la.v, na + nb, nc));
+    let lam_node = if la.decay { Some(ops[na + nb + nc]) } else { None };
+    if la.direction == Direction::Full && lam_node.is_some() {
+        return Err("a decayed linear attention must be causal or anticausal".into());
+    }
+    let out_ty = g.ty(n).clone();
+    let qt = la.q.result_type().clone();
+    let r = qt.rank();
+    let batch = qt.shape[..r - 2].to_vec();
+    let len_n = lw.e.dim(&qt.shape[r - 2])?;
+    let width = |d: &crate::ir::Dim, what: &str| -> Result<usize, String> {
+        d.as_const()
+            .filter(|&x| x > 0)
+            .map(|x| x as usize)
+            .ok_or_else(|| format!("linear attention needs a constant {what} width, got {d}"))
+    };
+    let d = width(&qt.shape[r - 1], "key")?;
+    let e = width(&out_ty.shape[r - 1], "value")?;
+    let (di, ei, ci) = (Expr::I64(d as i64), Expr::I64(e as i64), Expr::I64(c as i64));
+
+    let b_idx = lw.unravel(Expr::Var(lw.e.index), &batch)?;
+    let global = lw.stored[&n];
+    let out = lw.e.buffer(global, &format!("b{global}"), elem_of(out_ty.dtype), Access::Write);
+
+    // Local arrays: the state, the chunk's staged rows, one row of scores and of output,
+    // and the powers of the decay.
+    let s = array(lw, d * e);
+    let qs = array(lw, c * d);
+    let ks = array(lw, c * d);
+    let vs = array(lw, c * e);
+    let w = array(lw, c);
+    let o = array(lw, e);
+    let pw = match lam_node {
+        Some(l) => {
+            // λ of this batch index, size-1 axes broadcast.
+            let lt = g.ty(l).clone();
+            let at: Vec<Expr> = lt
+                .shape
+                .iter()
+                .zip(&b_idx)
+                .map(|(dim, i)| if dim.as_const() == Some(1) { Expr::I64(0) } else { i.clone() })
+                .collect();
+            let lam = lw.value(Source::Node(l), &at)?;
+            let pw = array(lw, c + 1);
+            let p = lw.e.open();
+            let value = f(Binary::Pow, lam, Expr::Cast(Scalar::F32, Box::new(Expr::Var(p))));
+            lw.e.push(Stmt::StoreArray { array: pw, index: Expr::Var(p), value });
+            lw.e.close(p, Expr::I64(c as i64 + 1), LoopKind::Serial);
+            Some(pw)
+        }
+        None => None,
+    };
+    // `λ^k`, or nothing without decay.
+    let power = |k: Expr| pw.map(|pw| load(pw, k));
+    let scaled = |x: Expr, k: Expr| match power(k) {
+        Some(p) => f(Binary::Mul, x, p),
+        None => x,
+    };
+
+    let chunks = lw.e.bind(div(add(len_n.clone(), Expr::I64(c as i64 - 1)), ci.clone()));
+
+    // Opens the loop over chunks (order given by `reverse`); returns its variable, the
+    // chunk's start and its length.
+    let open_chunk = |lw: &mut Lowering, reverse: bool| -> (Var, Expr, Expr) {
+        let t = lw.e.open();
+        let index = if reverse { sub(sub(chunks.clone(), Expr::I64(1)), Expr::Var(t)) } else { Expr::Var(t) };
+        let index = lw.e.bind(index);
+        let start = lw.e.bind(mul(index, ci.clone()));
+        let len = lw.e.bind(bin(Binary::Min, ci.clone(), sub(len_n.clone(), start.clone())));
+        (t, start, len)
+    };
+    // Stage the chunk's rows of the given operands (`(operand, array, width)`).
+    let stage = |lw: &mut Lowering, start: &Expr, len: &Expr, which: &[(&Operand, Var, usize)]| -> Result<(), String> {
+        let i = lw.e.open();
+        let pos = lw.e.bind(add(start.clone(), Expr::Var(i)));
+        for &(operand, arr, wdt) in which {
+            let row = lw.e.bind(mul(Expr::Var(i), Expr::I64(wdt as i64)));
+            let a = lw.e.open();
+            let mut idx = b_idx.clone();
+            idx.extend([pos.clone(), Expr::Var(a)]);
+            let value = operand.at(lw, &idx)?;
+            let at = lw.e.bind(add(row, Expr::Var(a)));
+            lw.e.push(Stmt::StoreArray { array: arr, index: at, value });
+            lw.e.close(a, Expr::I64(wdt as i64), LoopKind::Vector);
+        }
+        lw.e.close(i, len.clone(), LoopKind::Serial);
+        Ok(())
+    };
+    // Set `o[:]` to `scale · q_i S` for staged row `i` (`scale = None`: 1).
+    let inter = |lw: &mut Lowering, i: &Expr, scale: Option<Expr>| {
+        let j = lw.e.open();
+        lw.e.push(Stmt::StoreArray { array: o, index: Expr::Var(j), value: Expr::F32(0.0) });
+        lw.e.close(j, ei.clone(), LoopKind::Vector);
+        let a = lw.e.open();
+        let qa = load(qs, lw.e.bind(add(mul(i.clone(), di.clone()), Expr::Var(a))));
+        let qa = match scale {
+            Some(sc) => f(Binary::Mul, qa, sc),
+            None => qa,
+        };
+        let srow = lw.e.bind(mul(Expr::Var(a), ei.clone()));
+        let j = lw.e.open();
+        let sv = load(s, lw.e.bind(add(srow, Expr::Var(j))));
+        let old = load(o, Expr::Var(j));
+        lw.e.push(Stmt::StoreArray {
+            array: o,
+            index: Expr::Var(j),
+            value: f(Binary::Add, old, f(Binary::Mul, qa, sv)),
+        });
+        lw.e.close(j, ei.clone(), LoopKind::Vector);
+        lw.e.close(a, di.clone(), LoopKind::Serial);
+    };
+    // Store `o[:]` as the output row at position `pos`.
+    let store_row = |lw: &mut Lowering, pos: &Expr| -> Result<(), String> {
+        let j = lw.e.open();
+        let mut idx = b_idx.clone();
+        idx.extend([pos.clone(), Expr::Var(j)]);
+        let lin = lw.linear(&idx, &out_ty.shape)?;
+        lw.e.push(Stmt::Store { buffer: out, index: lin, value: load(o, Expr::Var(j)) });
+        lw.e.close(j, ei.clone(), LoopKind::Vector);
+        Ok(())
+    };
+    // `S ← λ^{len} S + Σ_m λ^{w(m)} k_mᵀ v_m` over the staged chunk.
+    let update = |lw: &mut Lowering, len: &Expr, reverse: bool| {
+        let a = lw.e.open();
+        let srow = lw.e.bind(mul(Expr::Var(a), ei.clone()));
+        if let Some(carry) = power(len.clone()) {
+            let j = lw.e.open();
+            let at = lw.e.bind(add(srow.clone(), Expr::Var(j)));
+            lw.e.push(Stmt::StoreArray { array: s, index: at.clone(), value: f(Binary::Mul, load(s, at), carry) });
+            lw.e.close(j, ei.clone(), LoopKind::Vector);
+        }
+        let m = lw.e.open();
+        let ka = load(ks, lw.e.bind(add(mul(Expr::Var(m), di.clone()), Expr::Var(a))));
+        let exp = if reverse { Expr::Var(m) } else { lw.e.bind(sub(sub(len.clone(), Expr::I64(1)), Expr::Var(m))) };
+        let coef = scaled(ka, exp);
+        let vrow = lw.e.bind(mul(Expr::Var(m), ei.clone()));
+        let j = lw.e.open();
+        let at = lw.e.bind(add(srow, Expr::Var(j)));
+        let vj = load(vs, lw.e.bind(add(vrow, Expr::Var(j))));
+        let value = f(Binary::Add, load(s, at.clone()), f(Binary::Mul, coef, vj));
+        lw.e.push(Stmt::StoreArray { array: s, index: at, value });
+        lw.e.close(j, ei.clone(), LoopKind::Vector);
+        lw.e.close(m, len.clone(), LoopKind::Serial);
+        lw.e.close(a, di.clone(), LoopKind::Serial);
+    };
+
+    match la.direction {
+        Direction::Causal | Direction::Anticausal => {
+            let reverse = la.direction == Direction::Anticausal;
+            let (t, start, len) = open_chunk(lw, reverse);
+            stage(lw, &start, &len, &[(&q, qs, d), (&k, ks, d), (&v, vs, e)])?;
+            let i = lw.e.open();
+            let iv = Expr::Var(i);
+            // Intra-chunk scores W[m] = λ^{|i−m|} q_i·k_m for m ∈ dir(i) in the chunk:
+            // causal m = x ∈ 0..=i, the state `i + 1` steps away; anticausal m = i + x,
+            // x ∈ 0..len − i, the state `len − i` steps away.
+            let count = lw.e.bind(if reverse { sub(len.clone(), iv.clone()) } else { add(iv.clone(), Expr::I64(1)) });
+            let m_of = |lw: &mut Lowering, x: Var| {
+                if reverse {
+                    lw.e.bind(add(iv.clone(), Expr::Var(x)))
+                } else {
+                    Expr::Var(x)
+                }
+            };
+            let x = lw.e.open();
+            let m = m_of(lw, x);
+            let exp = if reverse { Expr::Var(x) } else { lw.e.bind(sub(iv.clone(), Expr::Var(x))) };
+            let qrow = lw.e.bind(mul(iv.clone(), di.clone()));
+            let krow = lw.e.bind(mul(m.clone(), di.clone()));
+            let dot = sum(lw, Expr::F32(0.0), di.clone(), |lw, a| {
+                let qa = load(qs, lw.e.bind(add(qrow.clone(), a.clone())));
+                let kb = load(ks, lw.e.bind(add(krow.clone(), a)));
+                f(Binary::Mul, qa, kb)
+            });
+            lw.e.push(Stmt::StoreArray { array: w, index: m.clone(), value: scaled(dot, exp) });
+            lw.e.close(x, count.clone(), LoopKind::Serial);
+            // O = λ^{dist} q_i S + Σ_m W[m] v_m.
+            inter(lw, &iv, power(count.clone()));
+            let x = lw.e.open();
+            let m = m_of(lw, x);
+            let wm = load(w, m.clone());
+            let vrow = lw.e.bind(mul(m, ei.clone()));
+            let j = lw.e.open();
+            let vj = load(vs, lw.e.bind(add(vrow, Expr::Var(j))));
+            let old = load(o, Expr::Var(j));
+            lw.e.push(Stmt::StoreArray {
+                array: o,
+                index: Expr::Var(j),
+                value: f(Binary::Add, old, f(Binary::Mul, wm, vj)),
+            });
+            lw.e.close(j, ei.clone(), LoopKind::Vector);
+            lw.e.close(x, count, LoopKind::Serial);
+            let pos = lw.e.bind(add(start.clone(), iv));
+            store_row(lw, &pos)?;
+            lw.e.close(i, len.clone(), LoopKind::Serial);
+            update(lw, &len, reverse);
+            lw.e.close(t, chunks.clone(), LoopKind::Serial);
+        }
+        Direction::Full => {
+            // S = Σ_m k_mᵀ v_m over the whole sequence, then o_n = q_n S.
+            let (t, start, len) = open_chunk(lw, false);
+            stage(lw, &start, &len, &[(&k, ks, d), (&v, vs, e)])?;
+            update(lw, &len, false);
+            lw.e.close(t, chunks.clone(), LoopKind::Serial);
+            let (t, start, len) = open_chunk(lw, false);
+            stage(lw, &start, &len, &[(&q, qs, d)])?;
+            let i = lw.e.open();
+            inter(lw, &Expr::Var(i), None);
+            let pos = lw.e.bind(add(start, Expr::Var(i)));
+            store_row(lw, &pos)?;
+            lw.e.close(i, len, LoopKind::Serial);
+            lw.e.close(t, chunks.clone(), LoopKind::Serial);
+        }
+    }
+    let mut extent = Expr::I64(1);
+    for dim in &batch {
+        extent = mul(extent, lw.e.dim(dim)?);
+    }
+    super::finish(lw, name, extent)
+}
