@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tnc_compiler::backend::{self, GpuTarget};
+use tnc_compiler::kernel::exec;
 use tnc_compiler::kernel::*;
 
 // ---- building kernels by hand ----
@@ -727,4 +728,217 @@ fn every_model_assembles() {
         eprintln!("{model}: {} kernels, at most {} registers, worst spills {} B", kernels.len(), worst.0, worst.1);
     }
     assert!(attention_spills.is_empty(), "attention kernels spill:\n{}", attention_spills.join("\n"));
+}
+
+// ---- cases for a GPU ----
+
+/// Input data for a dumped case.
+fn fill(elem: Elem, n: usize, seed: u64) -> exec::Buffer {
+    match elem {
+        Elem::F32 => exec::Buffer::F32(data(n, seed).into_iter().map(|x| x * 0.3).collect()),
+        Elem::I32 => exec::Buffer::I32((0..n).map(|j| ((j as u64 * 7 + seed) % 32) as i32).collect()),
+        Elem::U8 => exec::Buffer::U8((0..n).map(|j| ((j as u64 + seed) % 3 == 0) as u8).collect()),
+    }
+}
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    (0..n).map(|i| (tnc_runtime::rng::normal(seed, 1, i as u64, 0) * 3.0) as f32).collect()
+}
+
+fn bytes(b: &exec::Buffer) -> Vec<u8> {
+    match b {
+        exec::Buffer::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        exec::Buffer::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        exec::Buffer::U8(v) => v.clone(),
+    }
+}
+
+fn typed(bytes: &[u8], elem: Elem) -> exec::Buffer {
+    match elem {
+        Elem::F32 => {
+            exec::Buffer::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+        }
+        Elem::I32 => {
+            exec::Buffer::I32(bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect())
+        }
+        Elem::U8 => exec::Buffer::U8(bytes.to_vec()),
+    }
+}
+
+/// The value of an extent expression.
+fn int(e: &Expr, sizes: &[i64]) -> i64 {
+    match e {
+        Expr::I64(i) => *i,
+        Expr::Size(i) => sizes[*i],
+        Expr::Binary(op, a, b) => {
+            let (a, b) = (int(a, sizes), int(b, sizes));
+            match op {
+                Binary::Add => a + b,
+                Binary::Sub => a - b,
+                Binary::Mul => a * b,
+                Binary::Div => a / b,
+                Binary::Rem => a % b,
+                Binary::Max => a.max(b),
+                Binary::Min => a.min(b),
+                _ => panic!("extent operator {op:?}"),
+            }
+        }
+        e => panic!("extent {e:?}"),
+    }
+}
+
+/// Writes a set of cases for `scripts/ptx_run.py`: `<set>.ptx` and `<set>.json` (per case:
+/// kernel, sizes, extent, and per buffer its element type, access, input file and the
+/// executor's result file).
+struct Cases {
+    dir: PathBuf,
+    set: String,
+    /// Whether written buffers start as 0xFF bytes on the GPU, so that an element the
+    /// kernel should write but doesn't is caught: only where the kernel writes all of
+    /// them (a model's buffers are shared, its kernels write parts of them).
+    prefill: bool,
+    cases: Vec<serde_json::Value>,
+}
+
+impl Cases {
+    fn add(&mut self, k: &Kernel, entry: &str, inputs: &[exec::Buffer], sizes: &[i64]) -> Vec<exec::Buffer> {
+        let mut want = inputs.to_vec();
+        exec::run_all(k, &mut want, sizes).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+        let c = self.cases.len();
+        let mut bufs = vec![];
+        for (j, (d, (i, w))) in k.buffers.iter().zip(inputs.iter().zip(&want)).enumerate() {
+            let (fi, fw) = (format!("{}_{c}_{j}_in.bin", self.set), format!("{}_{c}_{j}_want.bin", self.set));
+            std::fs::write(self.dir.join(&fi), bytes(i)).unwrap();
+            std::fs::write(self.dir.join(&fw), bytes(w)).unwrap();
+            let elem = match d.elem {
+                Elem::F32 => "f32",
+                Elem::I32 => "i32",
+                Elem::U8 => "u8",
+            };
+            let access = match d.access {
+                Access::Read => "r",
+                Access::Write => "w",
+                Access::ReadWrite => "rw",
+            };
+            bufs.push(serde_json::json!({"name": d.name, "elem": elem, "access": access, "in": fi, "want": fw}));
+        }
+        let extent = int(&k.extent, sizes);
+        self.cases.push(serde_json::json!({"kernel": entry, "sizes": sizes, "extent": extent, "buffers": bufs}));
+        want
+    }
+
+    fn finish(self, ptx: String) {
+        std::fs::write(self.dir.join(format!("{}.ptx", self.set)), ptx).unwrap();
+        let text =
+            serde_json::to_string_pretty(&serde_json::json!({"prefill": self.prefill, "cases": self.cases})).unwrap();
+        std::fs::write(self.dir.join(format!("{}.json", self.set)), text).unwrap();
+    }
+}
+
+/// Not a check: with `TNC_GPU_CASES=<dir>`, writes PTX plus inputs and the reference
+/// executor's outputs for the hand-built kernels (sm80 and sm90 PTX) and every model's
+/// steps (sm90 PTX), for `scripts/ptx_run.py` to run on a GPU and compare.
+#[test]
+#[ignore]
+fn dump_gpu_cases() {
+    let Some(dir) = std::env::var_os("TNC_GPU_CASES") else { return };
+    let dir = PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernels = hand_kernels();
+    for t in ["sm80", "sm90"] {
+        let target = GpuTarget::parse(t).unwrap();
+        let mut cases = Cases { dir: dir.clone(), set: format!("hand_{t}"), prefill: true, cases: vec![] };
+        let n = 1000i64;
+        for k in &kernels {
+            let mut sizes: Vec<i64> = k.sizes.iter().map(|_| 0).collect();
+            // Sizes: rows n, and inner dimensions as the kernels expect.
+            match k.name.as_str() {
+                "broadcast" => sizes.copy_from_slice(&[3, 5, 37]),
+                "reduce" => sizes.copy_from_slice(&[19, 101]),
+                _ => sizes[0] = n,
+            }
+            sizes.extend([0xDEAD_BEEF_1234_5678u64 as i64, (1i64 << 32) + 17].iter().take(k.scalars.len()));
+            let extent = int(&k.extent, &sizes) as usize;
+            let len = match k.name.as_str() {
+                "broadcast" => vec![3 * 5 * 37, 37, 5, 3 * 5 * 37],
+                "reduce" => vec![19 * 101, 19, 19],
+                "math" => vec![extent, extent * 23],
+                "branch" => vec![extent * 4, extent * 4, extent, extent, extent],
+                "casts" => vec![extent, extent, extent, extent * 15, extent * 4, extent * 8],
+                "arrays" => vec![extent * 8, extent, extent],
+                "dropout" => vec![extent, extent, extent * 4],
+                other => panic!("{other}"),
+            };
+            let mut inputs: Vec<exec::Buffer> =
+                k.buffers.iter().zip(&len).enumerate().map(|(j, (d, &l))| fill(d.elem, l, j as u64 + 1)).collect();
+            if k.name == "math" {
+                if let exec::Buffer::F32(x) = &mut inputs[0] {
+                    x[..8].copy_from_slice(&[
+                        0.0,
+                        -0.0,
+                        f32::NAN,
+                        f32::INFINITY,
+                        f32::NEG_INFINITY,
+                        1e-30,
+                        88.0,
+                        -100.0,
+                    ]);
+                    for (j, v) in x.iter_mut().enumerate().skip(8).step_by(7) {
+                        *v *= 30.0 * (j % 5) as f32;
+                    }
+                }
+            }
+            cases.add(k, &k.name, &inputs, &sizes);
+        }
+        cases.finish(backend::emit_ptx(&kernels, &target).unwrap());
+    }
+    let target = GpuTarget::parse("sm90").unwrap();
+    for path in models() {
+        use tnc_compiler::frontend::{self, Input, Request};
+        use tnc_compiler::{fusion, memory, passes, schedule};
+        let model = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let sets = tiny_sets(&path);
+        let (_, g) = frontend::elaborate(Input::Path(&path), &Request { sets: &sets, model: None });
+        let mut g = g.unwrap();
+        for p in passes::pipeline() {
+            g = p.run(g).unwrap_or_else(|d| panic!("{}: {}", p.name(), d.message));
+        }
+        let plan = fusion::fuse(&g).unwrap();
+        let mem = memory::plan_memory(&g, &plan).unwrap();
+        let s = schedule::schedule(&g, &plan, &mem).unwrap();
+        let dedup = backend::dedup_kernels(&s.kernels).unwrap();
+        let (b, n) = (2i64, 7i64);
+        let mut args: Vec<i64> = s.sizes.iter().map(|x| if x == "B" { b } else { n }).collect();
+        assert!(s.sizes.iter().all(|x| x == "B" || x == "N"), "{:?}", s.sizes);
+        args.extend([7, 3, 1]);
+        let value_of = |name: &str| match name {
+            "B" => Some(b),
+            "N" => Some(n),
+            _ => None,
+        };
+        let mut memory: Vec<Vec<u8>> =
+            s.buffers.iter().map(|x| vec![0u8; x.bytes.eval(&value_of).unwrap().max(0) as usize]).collect();
+        for &bi in &s.inputs {
+            let tokens = s.buffers[bi].name.as_deref() == Some("tokens");
+            let count = memory[bi].len() / 4;
+            memory[bi] = if tokens { bytes(&fill(Elem::I32, count, 3)) } else { bytes(&fill(Elem::F32, count, 3)) };
+        }
+        for (j, &bi) in s.params.iter().enumerate() {
+            let count = memory[bi].len() / 4;
+            memory[bi] = bytes(&fill(Elem::F32, count, 100 + j as u64));
+        }
+        let mut cases = Cases { dir: dir.clone(), set: model.clone(), prefill: false, cases: vec![] };
+        for step in &s.steps {
+            let k = &s.kernels[step.kernel];
+            let inputs: Vec<exec::Buffer> =
+                k.buffers.iter().zip(&step.buffers).map(|(d, &g)| typed(&memory[g], d.elem)).collect();
+            let want = cases.add(k, &dedup.names[&k.name], &inputs, &args);
+            for (w, &g) in want.iter().zip(&step.buffers) {
+                let mut v = bytes(w);
+                v.resize(memory[g].len(), 0);
+                memory[g] = v;
+            }
+        }
+        cases.finish(backend::emit_ptx(&dedup.kernels, &target).unwrap());
+    }
 }
