@@ -46,6 +46,7 @@ fi
 
 echo "== correctness (tnc-run --device $DEVICE vs the interpreter in f64; rel L2 < 1e-3)"
 for case in cases/*/; do
+    [ -d "$case" ] || { echo "(no cases: prepare with scripts/gpu-prepare.sh)"; break; }
     case=${case%/}
     name=$(basename "$case")
     bundle=$case/bundle
