@@ -1,0 +1,32 @@
+//! Shared set-up for the benchmarks: compile a model with `--set` values into a bundle
+//! for the host and load it into the CPU runtime.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use tnc_compiler::frontend::{self, Input, Request};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn compile(model: &str, sets: &[&str], tag: &str) -> PathBuf {
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let (sources, g) = frontend::elaborate(Input::Path(&repo().join(model)), &Request { sets: &sets, model: None });
+    let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    let dir = std::env::temp_dir().join(format!("tnc-bench-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    tnc_compiler::driver::compile(g, "native", &dir, Default::default(), Vec::new()).expect("compiles");
+    dir
+}
+
+pub fn executor(dir: &Path) -> tnc_runtime::Executor {
+    let bundle = tnc_runtime::Bundle::load_cpu(dir).expect("loads");
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut exec = tnc_runtime::Executor::new(&bundle, threads).expect("executor");
+    exec.set_params_from_seed(0).expect("params");
+    exec
+}
+
+pub fn tokens(b: usize, n: usize, vocab: usize) -> tnc_runtime::Tensor {
+    tnc_runtime::Tensor::i32(vec![b, n], (0..b * n).map(|i| ((i * 7919) % vocab) as i32).collect())
+}
