@@ -6,7 +6,11 @@
 //!
 //! `ptxas` and `libdevice.10.bc` come from the `nvidia-cuda-nvcc-cu12` wheel, which
 //! `scripts/setup.sh` installs: without it these tests fail (they do not skip). There is
-//! no GPU here: running the PTX is the runtime's job.
+//! GPU here. On a machine with one, `dump_gpu_cases` (ignored; `TNC_GPU_CASES=dir cargo
+//! test -p tnc-compiler --test ptx -- --ignored dump_gpu_cases`) writes PTX, inputs and the
+//! executor's outputs, and `scripts/ptx_run.py dir SET...` runs and compares them through
+//! the CUDA driver. On an H100 (driver 580): the hand-built kernels (sm80 and sm90 PTX)
+//! match within 1.2e-7 relative, every step of every model (sm90 PTX) within 7.1e-6.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
