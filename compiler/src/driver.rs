@@ -1,7 +1,7 @@
 //! `tnc compile`: the whole pipeline from an elaborated graph to a bundle on disk, with
 //! the time each stage took.
 
-use crate::backend::{self, CpuTarget};
+use crate::backend::{self, CpuTarget, GpuTarget};
 use crate::bundle::{self, TargetInfo};
 use crate::fusion::{fuse, FusionPlan};
 use crate::ir::Graph;
@@ -58,15 +58,98 @@ pub fn lower(
     Ok((g, plan, memory, sched))
 }
 
-/// Compile `graph` for `target` into the bundle directory `out`.
+/// Compile `graph` for `target` (a CPU or GPU name) into the bundle directory `out`.
 pub fn compile(
+    graph: Graph,
+    target: &str,
+    out: &Path,
+    emit: Emit,
+    stages: Vec<(&'static str, Duration)>,
+) -> Result<Compiled, String> {
+    if target.starts_with("sm") {
+        return compile_gpu(graph, target, out, emit, stages);
+    }
+    let cpu =
+        CpuTarget::parse(target).map_err(|e| format!("{e}; GPU targets are: {}", backend::GPU_TARGETS.join(", ")))?;
+    compile_cpu(graph, cpu, out, emit, stages)
+}
+
+/// A bundle of PTX for an NVIDIA GPU: one thread per parallel iteration, blocks of
+/// `backend::GPU_BLOCK` threads (the launch shape is written in the manifest).
+fn compile_gpu(
     graph: Graph,
     target: &str,
     out: &Path,
     emit: Emit,
     mut stages: Vec<(&'static str, Duration)>,
 ) -> Result<Compiled, String> {
-    let cpu = CpuTarget::parse(target)?;
+    let gpu = GpuTarget::parse(target)?;
+    let (graph, plan, memory, sched) = lower(graph, &mut stages)?;
+    let ptx = timed(&mut stages, "llvm (nvptx)", || backend::emit_ptx(&sched.kernels, &gpu))?;
+    let mut extra_files = Vec::new();
+    if emit.llvm {
+        let p = with_suffix(out, "ll");
+        std::fs::write(&p, backend::emit_nvptx_ir(&sched.kernels, &gpu, true)?).map_err(|e| e.to_string())?;
+        extra_files.push(p);
+    }
+    if emit.asm {
+        let p = with_suffix(out, "ptx");
+        std::fs::write(&p, &ptx).map_err(|e| e.to_string())?;
+        extra_files.push(p);
+    }
+    let info = TargetInfo { name: gpu.name.clone(), kind: TargetKind::Cuda, cpu_features: Vec::new() };
+    let (mut manifest, baked) = bundle::manifest(&graph, &sched, info)?;
+    for k in &mut manifest.kernels {
+        // Grid = ceil(range / block); the runtime computes it for each launch's range.
+        k.gpu = Some(tnc_runtime::manifest::GpuLaunch {
+            block: [backend::GPU_BLOCK, 1, 1],
+            grid: [
+                tnc_runtime::manifest::Poly::ceil_div(k.extent.clone(), backend::GPU_BLOCK as i64),
+                tnc_runtime::manifest::Poly::constant(1),
+                tnc_runtime::manifest::Poly::constant(1),
+            ],
+            shared_bytes: 0,
+        });
+    }
+    let init_bytes = baked_bytes(out, &baked)?;
+    let mut files: Vec<(&str, &[u8])> = vec![("kernels.ptx", ptx.as_bytes())];
+    if let Some(b) = &init_bytes {
+        files.push((bundle::INIT_FILE, b));
+    }
+    timed(&mut stages, "write bundle", || write(out, &manifest, &files))?;
+    Ok(Compiled { graph, plan, memory, schedule: sched, stages, extra_files })
+}
+
+fn write(out: &Path, manifest: &tnc_runtime::Manifest, files: &[(&str, &[u8])]) -> Result<(), String> {
+    let non_bundle = out.exists()
+        && !out.join("manifest.json").exists()
+        && out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false);
+    if non_bundle {
+        return Err(format!("`{}` exists and is not a bundle; refusing to overwrite it", out.display()));
+    }
+    manifest.write_bundle(out, files).map_err(|e| format!("cannot write the bundle {}: {e}", out.display()))
+}
+
+/// Initial values computed at compile time, as a safetensors file's bytes.
+fn baked_bytes(out: &Path, baked: &[(String, crate::interp::Tensor)]) -> Result<Option<Vec<u8>>, String> {
+    if baked.is_empty() {
+        return Ok(None);
+    }
+    let tmp = scratch_file(out, "init.safetensors")?;
+    let refs: Vec<(String, &crate::interp::Tensor)> = baked.iter().map(|(n, t)| (n.clone(), t)).collect();
+    crate::interp::write_safetensors(&tmp, &refs, crate::interp::FileDType::F32)?;
+    let b = std::fs::read(&tmp).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&tmp);
+    Ok(Some(b))
+}
+
+fn compile_cpu(
+    graph: Graph,
+    cpu: CpuTarget,
+    out: &Path,
+    emit: Emit,
+    mut stages: Vec<(&'static str, Duration)>,
+) -> Result<Compiled, String> {
     let (graph, plan, memory, sched) = lower(graph, &mut stages)?;
     let mut extra_files = Vec::new();
     let object = timed(&mut stages, "llvm", || backend::emit_object(&sched.kernels, &cpu))?;
@@ -93,29 +176,12 @@ pub fn compile(
         cpu.required_features.iter().filter(|f| tnc_runtime::bundle::host_has_feature(f).is_some()).cloned().collect();
     let info = TargetInfo { name: cpu.name.clone(), kind: TargetKind::Cpu, cpu_features };
     let (manifest, baked) = bundle::manifest(&graph, &sched, info)?;
-    let init_bytes = if baked.is_empty() {
-        None
-    } else {
-        let tmp = scratch_file(out, "init.safetensors")?;
-        let refs: Vec<(String, &crate::interp::Tensor)> = baked.iter().map(|(n, t)| (n.clone(), t)).collect();
-        crate::interp::write_safetensors(&tmp, &refs, crate::interp::FileDType::F32)?;
-        let b = std::fs::read(&tmp).map_err(|e| e.to_string())?;
-        let _ = std::fs::remove_file(&tmp);
-        Some(b)
-    };
+    let init_bytes = baked_bytes(out, &baked)?;
     let mut files: Vec<(&str, &[u8])> = vec![("kernels.so", &so)];
     if let Some(b) = &init_bytes {
         files.push((bundle::INIT_FILE, b));
     }
-    timed(&mut stages, "write bundle", || {
-        if out.exists()
-            && !out.join("manifest.json").exists()
-            && out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false)
-        {
-            return Err(format!("`{}` exists and is not a bundle; refusing to overwrite it", out.display()));
-        }
-        manifest.write_bundle(out, &files).map_err(|e| format!("cannot write the bundle {}: {e}", out.display()))
-    })?;
+    timed(&mut stages, "write bundle", || write(out, &manifest, &files))?;
     Ok(Compiled { graph, plan, memory, schedule: sched, stages, extra_files })
 }
 
