@@ -1,13 +1,17 @@
-//! `tnc ir`: print the graph after a pass.
+//! `tnc ir`: print the graph after a pass, the kernel groups after `fuse`, or the kernels
+//! after `schedule`.
 
 use crate::{elaborate, Failure, ModelArgs};
 use tnc_compiler::ir::print::{to_dot, to_text};
 use tnc_compiler::passes;
 use tnc_grammar::Diagnostic;
 
+/// Stages after the graph pipeline that `--after` also accepts.
+const LOWERING: [&str; 2] = ["fuse", "schedule"];
+
 pub fn run(args: &ModelArgs, dot: bool, after: &str) -> Result<(), Failure> {
-    // `fuse` runs after the whole pipeline and prints the kernel groups.
-    let names: Vec<&str> = passes::names().into_iter().chain(["fuse"]).collect();
+    let graph_passes = passes::names();
+    let names: Vec<&str> = graph_passes.iter().copied().chain(LOWERING).collect();
     if !names.contains(&after) {
         let mut d = Diagnostic::error(format!("unknown pass `{after}`"))
             .with_note(format!("the passes are, in order: {}", names.join(", ")));
@@ -17,18 +21,29 @@ pub fn run(args: &ModelArgs, dot: bool, after: &str) -> Result<(), Failure> {
         return Err(Failure::usage(d));
     }
     let (graph, sources) = elaborate(args)?;
-    let stop = if after == "fuse" { names[names.len() - 2] } else { after };
+    let stop = if LOWERING.contains(&after) { *graph_passes.last().expect("passes exist") } else { after };
     let graph = passes::run_until(graph, stop).expect("the name was checked above").map_err(|d| Failure {
         diagnostic: d,
         sources,
         status: 1,
     })?;
-    if after == "fuse" {
-        let plan = tnc_compiler::fusion::fuse(&graph)
-            .map_err(|e| Failure::usage(Diagnostic::error(format!("internal error: {e}"))))?;
-        print!("{}", tnc_compiler::fusion::to_text(&graph, &plan));
-        return Ok(());
+    let internal = |e: String| Failure {
+        diagnostic: Diagnostic::error(format!("internal error: {e}")),
+        sources: Default::default(),
+        status: 1,
+    };
+    match after {
+        "fuse" => {
+            let plan = tnc_compiler::fusion::fuse(&graph).map_err(internal)?;
+            print!("{}", tnc_compiler::fusion::to_text(&graph, &plan));
+        }
+        "schedule" => {
+            let plan = tnc_compiler::fusion::fuse(&graph).map_err(internal)?;
+            let memory = tnc_compiler::memory::plan_memory(&graph, &plan).map_err(internal)?;
+            let s = tnc_compiler::schedule::schedule(&graph, &plan, &memory).map_err(internal)?;
+            print!("{}", tnc_compiler::schedule::to_text(&s));
+        }
+        _ => print!("{}", if dot { to_dot(&graph) } else { to_text(&graph) }),
     }
-    print!("{}", if dot { to_dot(&graph) } else { to_text(&graph) });
     Ok(())
 }

@@ -23,7 +23,7 @@ mod special;
 
 use crate::fusion::FusionPlan;
 use crate::ir::{Dim, Graph, NodeId, Op};
-use crate::kernel::{print::to_text, Access, Expr, Kernel, LoopKind, Stmt};
+use crate::kernel::{print, Access, Expr, Kernel, LoopKind, Stmt};
 use crate::memory::{MemClass, MemoryPlan};
 use element::{elem_of, Lowering, Source};
 use std::collections::{HashMap, HashSet};
@@ -253,7 +253,7 @@ struct Program {
 
 impl Program {
     fn add(&mut self, kernel: Kernel, buffers: Vec<usize>, entry: Entry) {
-        let body = to_text(&Kernel { name: String::new(), ..kernel.clone() });
+        let body = print::to_text(&Kernel { name: String::new(), ..kernel.clone() });
         let k = *self.text.entry(body).or_insert_with(|| {
             self.kernels.push(kernel);
             self.kernels.len() - 1
@@ -322,4 +322,19 @@ pub(crate) fn finish(lw: &mut Lowering, name: String, extent: Expr) -> Result<(K
         Kernel { name, buffers, sizes: sizes[..n_sym].to_vec(), scalars: sizes[n_sym..].to_vec(), index, extent, body },
         bindings,
     ))
+}
+
+/// The program as text: every launch in order, with its entry point and buffers, and each
+/// kernel's loop nest the first time it is launched.
+pub fn to_text(s: &Schedule) -> String {
+    let mut out = String::new();
+    let mut printed = HashSet::new();
+    for (i, st) in s.steps.iter().enumerate() {
+        let k = &s.kernels[st.kernel];
+        out.push_str(&format!("// launch {i}: {} ({:?}) on buffers {:?}\n", k.name, st.entry, st.buffers));
+        if printed.insert(st.kernel) {
+            out.push_str(&print::to_text(k));
+        }
+    }
+    out
 }
