@@ -14,7 +14,8 @@
 # measurements past a time budget). Exit status 1 when a correctness check fails.
 # Environment: TNC_CHECK_DEVICE (default cuda; `cpu` exercises the script with a CPU
 # bundle set), TNC_CHECK_QUICK=1 (N 2K only), TNC_CHECK_SEQS ("2048 8192 32768"),
-# TNC_CHECK_BATCH (4), TNC_CHECK_T1_SEQ (2048), OUT_DIR (default out/).
+# TNC_CHECK_BATCH (4), TNC_CHECK_T1_SEQ (2048), TNC_CHECK_BENCH_TIMEOUT (150 s per
+# bench), TNC_CHECK_PEERS=0 (skip the PyTorch peers), OUT_DIR (default out/).
 set -u
 cd "$(dirname "$0")"
 DEVICE=${TNC_CHECK_DEVICE:-cuda}
@@ -94,7 +95,7 @@ bench() {
     fi
     local log=$OUT/bench-$model-$b-$n.log
     echo "tnc-run bench $bundle --batch $b --seq $n --iters $iters $*"
-    timeout 150 $RUN bench "$bundle" --device "$DEVICE" --batch "$b" --seq "$n" --iters "$iters" "$@" >"$log" 2>&1
+    timeout "${TNC_CHECK_BENCH_TIMEOUT:-150}" $RUN bench "$bundle" --device "$DEVICE" --batch "$b" --seq "$n" --iters "$iters" "$@" >"$log" 2>&1
     local rc=$?
     if [ $rc = 0 ]; then
         grep '^BENCH_JSON' "$log" | sed 's/^BENCH_JSON //' >>"$RESULTS"
@@ -119,7 +120,7 @@ for n in $SEQS; do
 done
 bench bench/transnormer_t1 "$BATCH" "${TNC_CHECK_T1_SEQ:-2048}" 5 --warmup 1 --vocab 267744
 
-if [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ] && [ "${TNC_CHECK_PEERS:-1}" = 1 ]; then
     echo "python3 peers.py (PyTorch)"
     seqs=$(echo "$SEQS" | tr ' ' ',')
     budget=$((400 - $(elapsed)))

@@ -15,7 +15,8 @@
 #   bench/NAME/             timing bundles (parameters drawn from a seed on the device)
 #   check.sh, *.py          the check itself
 #
-# Environment: TNC_GPU_TARGET (default sm80), TNC_PREPARE_SKIP_BUILD=1 to reuse binaries.
+# Environment: TNC_GPU_TARGET (default sm80), TNC_PREPARE_SKIP_BUILD=1 to reuse binaries,
+# TNC_BIN (the tnc to use; default target/release/tnc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -30,7 +31,7 @@ if [ "${TNC_PREPARE_SKIP_BUILD:-0}" != 1 ]; then
     cargo build --release -p tnc-runtime --bin tnc-run
     cargo build --release --bin tnc
 fi
-TNC=$ROOT/target/release/tnc
+TNC=${TNC_BIN:-$ROOT/target/release/tnc}
 RUN=$ROOT/target/release/tnc-run
 if ldd "$RUN" | grep -qi llvm; then
     say "error: $RUN links LLVM"

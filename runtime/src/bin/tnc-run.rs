@@ -290,7 +290,9 @@ fn bench(a: &BenchArgs) -> Result<(), Error> {
     let inputs: Vec<(&str, &Tensor)> = owned.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let backward = !a.forward_only && m.entry_points.get("backward").is_some_and(|s| !s.is_empty());
     // The first forward uploads the inputs; later ones reuse them on the device.
+    let t = Instant::now();
     ex.forward(&inputs)?;
+    eprintln!("tnc-run bench: inputs uploaded, first forward queued ({:.1} ms)", t.elapsed().as_secs_f64() * 1e3);
     let mut fwd = Vec::new();
     let mut both = Vec::new();
     for it in 0..a.warmup + a.iters {
@@ -313,6 +315,9 @@ fn bench(a: &BenchArgs) -> Result<(), Error> {
                 (f, fb)
             }
         };
+        // Per iteration on stderr, so a run cut short by a timeout still tells something.
+        let kind = if it < a.warmup { "warm-up" } else { "iteration" };
+        eprintln!("tnc-run bench: {kind} {}: forward {f:.3} ms, forward+backward {fb:.3} ms", it + 1);
         if it >= a.warmup {
             fwd.push(f);
             both.push(fb);
