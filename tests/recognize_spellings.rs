@@ -265,3 +265,44 @@ fn look_alikes_are_left_alone() {
         check(&text, 0, 9, 4).unwrap_or_else(|e| panic!("{what}: {e}"));
     }
 }
+
+/// 100 random spellings, fused and scheduled, run by the reference kernel executor (f32
+/// kernels, buffers NaN-filled) against the interpreter (f64): loss and every gradient
+/// within 1e-4 relative L2 — one schedule at two lengths.
+#[test]
+fn scheduled_spellings_match_the_interpreter() {
+    use tnc_compiler::{fusion, memory, schedule};
+    let mut runner = TestRunner::new(Config { cases: 100, failure_persistence: None, ..Config::default() });
+    runner
+        .run(&case(), |c| {
+            let text = source(&c);
+            let (sources, g) = elaborate_text("spelled.tn", &text, &[]);
+            let g = g.map_err(|d| TestCaseError::fail(d.render(&sources)))?;
+            let reference = passes::differentiate_loss(g.clone()).unwrap();
+            let last = *passes::names().last().unwrap();
+            let optimized = passes::run_until(g, last).unwrap().unwrap();
+            let plan = fusion::fuse(&optimized).unwrap();
+            let mem = memory::plan_memory(&optimized, &plan).unwrap();
+            let s =
+                schedule::schedule(&optimized, &plan, &mem).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+            let params = perturbed_params(&reference, 1);
+            for n in [c.n, c.n + 5] {
+                let tokens = token_tensor(2, n, 11, 3);
+                let want = outputs(&reference, &params, &tokens, None);
+                let sizes = HashMap::from([("B".to_string(), 2), ("N".to_string(), n as i64)]);
+                let got = schedule::run::run(&s, &sizes, &[tokens], &params, None)
+                    .map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+                for (name, w) in &want {
+                    let mut t = got[name].clone();
+                    t.shape = w.shape.clone();
+                    let cl = compare(&t, w);
+                    let tiny = w.data.iter().all(|x| x.abs() < 1e-6) && cl.max_abs < 1e-6;
+                    if !(cl.within(1e-4) || (tiny && !cl.has_nan)) {
+                        return Err(TestCaseError::fail(format!("N={n} `{name}`: {cl:?}\n{text}")));
+                    }
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+}

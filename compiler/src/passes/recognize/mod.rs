@@ -43,9 +43,14 @@ impl Pass for Recognize {
             if g.dag.node_weight(o).is_none() || !matches!(g.node(o).op, Op::Einsum(_)) {
                 continue;
             }
+            // A product of einsums can often be read as attention in more than one way
+            // (e.g. Q (Kᵀ V) also as attention over the feature axis); the normal form
+            // wants the run-time axis as positions and constant features.
+            let ok = |f: &Found| features_are_constant(&g, f);
             let found = linear::cumsum_form(&g, o)
-                .or_else(|| linear::quadratic_form(&g, o))
-                .or_else(|| linear::bidirectional_form(&g, o));
+                .filter(ok)
+                .or_else(|| linear::quadratic_form(&g, o).filter(ok))
+                .or_else(|| linear::bidirectional_form(&g, o).filter(ok));
             if let Some(f) = found {
                 rewrite(&mut g, o, f)?;
                 continue;
@@ -58,6 +63,14 @@ impl Pass for Recognize {
         cross_entropy::run(&mut g)?;
         Ok(g)
     }
+}
+
+/// Are the feature widths of q, k and v compile-time constants?
+fn features_are_constant(g: &Graph, f: &Found) -> bool {
+    [&f.q, &f.k, &f.v].iter().all(|o| {
+        let i = o.roles.iter().position(|r| *r == Role::Feat).expect("a feature axis");
+        g.ty(o.node).shape[i].is_const()
+    })
 }
 
 /// The permutation taking axes with `roles` to the canonical order
