@@ -14,7 +14,8 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("linear_attention_d64");
     group.sample_size(10);
     for n in [1024usize, 4096, 16384, 65536] {
-        let x = tnc_runtime::Tensor::f32(vec![1, 1, n, 64], (0..n * 64).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect());
+        let x =
+            tnc_runtime::Tensor::f32(vec![1, 1, n, 64], (0..n * 64).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect());
         group.throughput(Throughput::Elements(n as u64));
         let inputs = [("q", &x), ("k", &x), ("v", &x)];
         group.bench_function(format!("forward N{n}"), |b| b.iter(|| exec.forward(&inputs).unwrap()));

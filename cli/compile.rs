@@ -112,8 +112,8 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     };
     let compiled = tnc_compiler::driver::compile(graph, target, &out, emit, vec![("parse + elaborate", front)])
         .map_err(|e| {
-            let usage =
-                e.contains("unknown target") || e.contains("is not a valid target") || e.contains("valid targets");
+            // An unknown target name is bad usage (exit 2); anything else is an error (1).
+            let usage = e.contains("valid CPU targets") || e.contains("valid GPU targets");
             let d = Diagnostic::error(e);
             if usage {
                 Failure::usage(d)

@@ -63,7 +63,7 @@ fn every_model_compiled_for_the_host_matches_the_interpreter() {
                 let data: Vec<f64> = got.as_f32().unwrap().iter().map(|&x| x as f64).collect();
                 let got = tnc_compiler::interp::Tensor { shape: w.shape.clone(), data };
                 let c = compare(&got, &w);
-                let tiny = w.data.iter().all(|x| x.abs() < 1e-6) && c.max_abs < 1e-6;
+                let tiny = c.max_abs < 1e-6; // within f32 resolution of every element
                 assert!(c.within(1e-4) || (tiny && !c.has_nan), "{} B={b} N={n} `{name}`: {c:?}", path.display());
             }
         }

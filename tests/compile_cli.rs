@@ -41,12 +41,36 @@ fn default_sizes_are_b1_n2048() {
 }
 
 #[test]
-fn without_report_it_fails_with_a_clear_error() {
+fn without_a_target_it_asks_for_one() {
     let (code, out, err) = tnc(&["compile", "models/transnormer_t1.tn"]);
     assert_eq!(code, 2);
     assert!(out.is_empty());
-    assert!(err.contains("code generation is not implemented yet"), "{err}");
+    assert!(err.contains("needs `--target`"), "{err}");
+    assert!(err.contains("sm80") && err.contains("x86-64-v4"), "{err}");
     assert!(err.contains("--report"), "{err}");
+}
+
+#[test]
+fn compiling_writes_a_bundle_and_unknown_targets_are_usage_errors() {
+    let dir = std::env::temp_dir().join(format!("tnc-compile-cli-{}", std::process::id()));
+    let out = dir.join("tnl.tnb");
+    let out_s = out.display().to_string();
+    for target in ["x86-64-v3", "sm80"] {
+        let mut args = vec!["compile", "models/tnl.tn", "--target", target, "-o", &out_s];
+        args.extend(TINY);
+        let (code, stdout, err) = tnc(&args);
+        assert_eq!(code, 0, "{target}: {err}");
+        assert!(stdout.contains("kernels") && stdout.contains("compile time"), "{stdout}");
+        let code_file = if target.starts_with("sm") { "kernels.ptx" } else { "kernels.so" };
+        assert!(out.join("manifest.json").is_file() && out.join(code_file).is_file(), "{target}");
+    }
+    let (code, _, err) = tnc(&["compile", "models/tnl.tn", "--target", "sm100", "-o", &out_s]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("sm90a"), "{err}");
+    let (code, _, err) = tnc(&["compile", "models/tnl.tn", "--target", "pentium", "-o", &out_s]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("native") && err.contains("sm80"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

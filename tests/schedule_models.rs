@@ -53,9 +53,9 @@ fn check(path: &std::path::Path, recognize: bool, lengths: &[(usize, usize)]) {
             let mut t: Tensor = got[&name].clone();
             t.shape = w.shape.clone();
             let c = compare(&t, &w);
-            // Relative L2 for every tensor; gradients that are zero up to f32 rounding
-            // (|g| < 1e-6 everywhere) only need to be as small.
-            let tiny = w.data.iter().all(|x| x.abs() < 1e-6) && c.max_abs < 1e-6;
+            // Relative L2 within 1e-4, or (for gradients that are nearly zero, where a
+            // relative error means nothing) every element within 1e-6.
+            let tiny = c.max_abs < 1e-6; // within f32 resolution of every element
             assert!(
                 c.within(1e-4) || (tiny && !c.has_nan),
                 "{} (recognize: {recognize}) B={b} N={n} `{name}`: {c:?}",

@@ -839,14 +839,15 @@ impl Cases {
     }
 }
 
-/// Not a check: with `TNC_GPU_CASES=<dir>`, writes PTX plus inputs and the reference
-/// executor's outputs for the hand-built kernels (sm80 and sm90 PTX) and every model's
-/// steps (sm90 PTX), for `scripts/ptx_run.py` to run on a GPU and compare.
+/// Writes PTX plus inputs and the reference executor's outputs for the hand-built kernels
+/// (sm80 and sm90 PTX) and, with `TNC_GPU_CASES=<dir>`, every model's steps (sm90 PTX),
+/// for `scripts/ptx_run.py` to run on a GPU and compare. Without the variable it writes the
+/// hand-built cases to a temporary folder and checks that they are complete.
 #[test]
-#[ignore]
 fn dump_gpu_cases() {
-    let Some(dir) = std::env::var_os("TNC_GPU_CASES") else { return };
-    let dir = PathBuf::from(dir);
+    let requested = std::env::var_os("TNC_GPU_CASES").map(PathBuf::from);
+    let dir =
+        requested.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("tnc-gpu-cases-{}", std::process::id())));
     std::fs::create_dir_all(&dir).unwrap();
     let kernels = hand_kernels();
     for t in ["sm80", "sm90"] {
@@ -895,6 +896,17 @@ fn dump_gpu_cases() {
             cases.add(k, &k.name, &inputs, &sizes);
         }
         cases.finish(backend::emit_ptx(&kernels, &target).unwrap());
+    }
+    if requested.is_none() {
+        for t in ["sm80", "sm90"] {
+            let json: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join(format!("hand_{t}.json"))).unwrap()).unwrap();
+            assert_eq!(json["cases"].as_array().unwrap().len(), kernels.len(), "one case per hand-built kernel");
+            let ptx = std::fs::read_to_string(dir.join(format!("hand_{t}.ptx"))).unwrap();
+            assert!(kernels.iter().all(|k| ptx.contains(&format!(".entry {}", k.name))), "every kernel is in the PTX");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
     }
     let target = GpuTarget::parse("sm90").unwrap();
     for path in models() {
