@@ -17,7 +17,7 @@ fn bench(c: &mut Criterion) {
         let x =
             tnc_runtime::Tensor::f32(vec![1, 1, n, 64], (0..n * 64).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect());
         group.throughput(Throughput::Elements(n as u64));
-        let inputs = [("q", &x), ("k", &x), ("v", &x)];
+        let inputs = [("x", &x)];
         group.bench_function(format!("forward N{n}"), |b| b.iter(|| exec.forward(&inputs).unwrap()));
         group.bench_function(format!("forward+backward N{n}"), |b| {
             b.iter(|| {
