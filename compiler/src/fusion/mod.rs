@@ -173,13 +173,37 @@ fn sum<'a>(ds: impl Iterator<Item = &'a Dim>) -> Dim {
 
 /// Group the graph's ops into kernels under the policy in the module documentation.
 pub fn fuse(g: &Graph) -> Result<FusionPlan, String> {
-    Fuser::new(g).run(true)
+    Ok(forward_first(g, Fuser::new(g).run(true)?))
 }
 
 /// One kernel per op (views and index-only values are still recomputed by their users):
 /// the baseline the fused plan is compared with.
 pub fn unfused(g: &Graph) -> Result<FusionPlan, String> {
-    Fuser::new(g).run(false)
+    Ok(forward_first(g, Fuser::new(g).run(false)?))
+}
+
+/// Order the groups so that every group writing a value the forward outputs need (the
+/// `forward` entry point) comes before every other group (`backward`). The runtime runs
+/// the two entry points one after the other, so the memory plan must see this order.
+/// It is still a valid execution order: a forward group only reads forward values.
+fn forward_first(g: &Graph, mut plan: FusionPlan) -> FusionPlan {
+    let mut forward = std::collections::HashSet::new();
+    let mut stack: Vec<NodeId> = g.outputs.iter().filter(|(n, _)| !n.starts_with("grad.")).map(|(_, id)| *id).collect();
+    while let Some(n) = stack.pop() {
+        if forward.insert(n) {
+            stack.extend(g.operands(n));
+        }
+    }
+    let (fwd, bwd): (Vec<Group>, Vec<Group>) =
+        plan.groups.into_iter().partition(|gr| gr.outputs.iter().any(|n| forward.contains(n)));
+    plan.groups = fwd.into_iter().chain(bwd).collect();
+    plan.owner.clear();
+    for (i, gr) in plan.groups.iter().enumerate() {
+        for &n in &gr.nodes {
+            plan.owner.insert(n, i);
+        }
+    }
+    plan
 }
 
 pub fn dtype_bytes(d: DType) -> i64 {

@@ -176,7 +176,9 @@ pub fn schedule_with(
 
     let mut out = Program { kernels: Vec::new(), text: HashMap::new(), steps: Vec::new() };
     for (gi, group) in plan.groups.iter().enumerate() {
-        let entry = if group.nodes.iter().any(|n| forward.contains(n)) { Entry::Forward } else { Entry::Backward };
+        // A group runs in `forward` when it writes a value the forward outputs need; a group
+        // that only recomputes forward values for the backward stays in `backward`.
+        let entry = if group.outputs.iter().any(|n| forward.contains(n)) { Entry::Forward } else { Entry::Backward };
         // Ops with kernels of their own first, each writing its value to memory.
         for &n in group.nodes.iter().filter(|&&n| is_special(&g.node(n).op)) {
             if !stored.contains_key(&n) {
