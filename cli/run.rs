@@ -39,6 +39,9 @@ pub struct RunArgs {
     /// CPU threads for a compiled bundle (results are bitwise identical for a given count).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Where a compiled bundle runs (the interpreter always runs on the CPU).
+    #[arg(long, value_enum, default_value_t)]
+    pub device: crate::bundle_run::Device,
 }
 
 #[derive(clap::Args, Debug)]

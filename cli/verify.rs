@@ -2,7 +2,7 @@
 //! and parameters, forward and every gradient. Prints the closeness of every tensor and
 //! exits with status 1 on a mismatch.
 
-use crate::bundle_run::{execute, is_bundle, Params};
+use crate::bundle_run::{execute, is_bundle, Device, Params};
 use crate::{elaborate, Failure, ModelArgs};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,9 +18,13 @@ pub struct VerifyArgs {
     /// When FILE is a bundle: the model it was compiled from (with the same --set).
     #[arg(long)]
     pub source: Option<PathBuf>,
-    /// Target to compile for when FILE is a model.
-    #[arg(long, default_value = "native")]
-    pub target: String,
+    /// Target to compile for when FILE is a model (default: `native` on the CPU, `sm80`
+    /// with `--device cuda`).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Where the bundle runs.
+    #[arg(long, value_enum, default_value_t)]
+    pub device: Device,
     #[arg(long, default_value_t = 2)]
     pub batch: usize,
     #[arg(long, default_value_t = 13)]
@@ -68,8 +72,9 @@ pub fn run(args: &VerifyArgs) -> Result<(), Failure> {
     } else {
         let dir = std::env::temp_dir().join(format!("tnc-verify-{}.tnb", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        tnc_compiler::driver::compile(graph.clone(), &args.target, &dir, Default::default(), Vec::new())
-            .map_err(fail)?;
+        let default = if args.device == Device::Cuda { "sm80" } else { "native" };
+        let target = args.target.as_deref().unwrap_or(default);
+        tnc_compiler::driver::compile(graph.clone(), target, &dir, Default::default(), Vec::new()).map_err(fail)?;
         dir
     };
     let reference = tnc_compiler::passes::differentiate_loss(graph).map_err(|d| fail(d.message))?;
@@ -105,7 +110,7 @@ pub fn run(args: &VerifyArgs) -> Result<(), Failure> {
         interp::evaluate(&reference, &inputs, &params, &EvalOptions::default()).map_err(fail)?.outputs(&reference);
     let named: Vec<(String, Tensor)> = reference.params.iter().map(|p| p.name.clone()).zip(params).collect();
     let got: HashMap<String, Tensor> =
-        execute(&bundle_dir, &inputs, Params::Values(named), true, args.threads)?.into_iter().collect();
+        execute(&bundle_dir, args.device, &inputs, Params::Values(named), true, args.threads)?.into_iter().collect();
     let mut bad = 0;
     println!("{:<40} {:>12} {:>12}  verdict", "tensor", "rel L2", "max abs");
     for (name, w) in &want {

@@ -92,3 +92,34 @@ fn ir_after_fuse_prints_the_plan() {
     assert_eq!(code, 2);
     assert!(err.contains("fuse"), "{err}");
 }
+
+#[test]
+fn cuda_bundles_run_or_say_there_is_no_driver() {
+    let dir = std::env::temp_dir().join(format!("tnc-cuda-cli-{}", std::process::id()));
+    let out = dir.join("tnl.tnb").display().to_string();
+    let mut args = vec!["compile", "models/tnl.tn", "--target", "sm80", "-o", &out];
+    args.extend(TINY);
+    assert_eq!(tnc(&args).0, 0);
+    let inputs = dir.join("in.safetensors");
+    let tokens = tnc_compiler::interp::Tensor::new(vec![1, 5], vec![1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
+    tnc_compiler::interp::write_safetensors(
+        &inputs,
+        &[("tokens".into(), &tokens)],
+        tnc_compiler::interp::FileDType::I32,
+    )
+    .unwrap();
+    let result = dir.join("out.safetensors");
+    let (inp, res) = (inputs.display().to_string(), result.display().to_string());
+    let (code, _, err) = tnc(&["run", &out, "--device", "cuda", "--inputs", &inp, "--out", &res, "--grad"]);
+    if tnc_runtime::cuda::driver_present() {
+        assert_eq!(code, 0, "{err}");
+    } else {
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("no CUDA driver found"), "{err}");
+    }
+    // A GPU bundle on the CPU is refused with the reason.
+    let (code, _, err) = tnc(&["run", &out, "--inputs", &inp, "--out", &res]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cuda"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
