@@ -324,26 +324,13 @@ impl Executor {
 
     /// Sets a run-time scalar (`seed`, `step`, …) passed to kernels after the sizes.
     pub fn set_scalar(&mut self, name: &str, value: i64) -> Result<(), ExecError> {
-        let i = self.manifest.scalars.iter().position(|s| s == name).ok_or_else(|| {
-            ExecError::Sizes(format!("the bundle has no scalar `{name}` (it has {:?})", self.manifest.scalars))
-        })?;
-        self.scalars[i] = value;
-        Ok(())
+        set_scalar(&self.manifest, &mut self.scalars, name, value)
     }
 
     /// Sets size symbols explicitly (needed only when no input of an entry point has the
     /// symbol as a dimension). Inputs passed later must agree.
     pub fn set_sizes(&mut self, sizes: &[(&str, i64)]) -> Result<(), ExecError> {
-        for &(name, v) in sizes {
-            let i = self.manifest.sizes.iter().position(|s| s == name).ok_or_else(|| {
-                ExecError::Sizes(format!("the bundle has no size `{name}` (it has {:?})", self.manifest.sizes))
-            })?;
-            if v < 0 {
-                return Err(ExecError::Sizes(format!("size `{name}` = {v} is negative")));
-            }
-            self.sizes[i] = Some(v);
-        }
-        Ok(())
+        set_sizes(&self.manifest, &mut self.sizes, sizes)
     }
 
     /// The current value of each size symbol.
@@ -810,4 +797,31 @@ pub(crate) fn le_bytes(dtype: DType, bytes: &[u8]) -> Vec<u8> {
         return bytes.to_vec();
     }
     bytes.chunks_exact(4).flat_map(|c| [c[3], c[2], c[1], c[0]]).collect()
+}
+
+/// Set the scalar `name` in `scalars` (in the manifest's order); shared by the executors.
+pub(crate) fn set_scalar(manifest: &Manifest, scalars: &mut [i64], name: &str, value: i64) -> Result<(), ExecError> {
+    let i = manifest.scalars.iter().position(|s| s == name).ok_or_else(|| {
+        ExecError::Sizes(format!("the bundle has no scalar `{name}` (it has {:?})", manifest.scalars))
+    })?;
+    scalars[i] = value;
+    Ok(())
+}
+
+/// Set size symbols in `values` (in the manifest's order); shared by the executors.
+pub(crate) fn set_sizes(
+    manifest: &Manifest,
+    values: &mut [Option<i64>],
+    sizes: &[(&str, i64)],
+) -> Result<(), ExecError> {
+    for &(name, v) in sizes {
+        let i = manifest.sizes.iter().position(|s| s == name).ok_or_else(|| {
+            ExecError::Sizes(format!("the bundle has no size `{name}` (it has {:?})", manifest.sizes))
+        })?;
+        if v < 0 {
+            return Err(ExecError::Sizes(format!("size `{name}` = {v} is negative")));
+        }
+        values[i] = Some(v);
+    }
+    Ok(())
 }

@@ -401,26 +401,13 @@ impl CudaExecutor {
 
     /// Sets a run-time scalar (`seed`, `step`, …) passed to kernels after the sizes.
     pub fn set_scalar(&mut self, name: &str, value: i64) -> Result<(), ExecError> {
-        let i = self.manifest.scalars.iter().position(|s| s == name).ok_or_else(|| {
-            ExecError::Sizes(format!("the bundle has no scalar `{name}` (it has {:?})", self.manifest.scalars))
-        })?;
-        self.scalars[i] = value;
-        Ok(())
+        crate::cpu::set_scalar(&self.manifest, &mut self.scalars, name, value)
     }
 
     /// Sets size symbols explicitly (needed only when no input of an entry point has the
     /// symbol as a dimension). Inputs passed later must agree.
     pub fn set_sizes(&mut self, sizes: &[(&str, i64)]) -> Result<(), ExecError> {
-        for &(name, v) in sizes {
-            let i = self.manifest.sizes.iter().position(|s| s == name).ok_or_else(|| {
-                ExecError::Sizes(format!("the bundle has no size `{name}` (it has {:?})", self.manifest.sizes))
-            })?;
-            if v < 0 {
-                return Err(ExecError::Sizes(format!("size `{name}` = {v} is negative")));
-            }
-            self.sizes[i] = Some(v);
-        }
-        Ok(())
+        crate::cpu::set_sizes(&self.manifest, &mut self.sizes, sizes)
     }
 
     /// The current value of each size symbol.
