@@ -553,16 +553,8 @@ impl Executor {
             return Err(ExecError::Order("gradients need a backward pass first".into()));
         }
         let mut out = BTreeMap::new();
-        for (i, b) in self.manifest.buffers.iter().enumerate() {
-            if b.role != BufferRole::Grad {
-                continue;
-            }
-            let name = b.name.as_deref().ok_or_else(|| {
-                ExecError::Bundle(BundleError::Invalid(format!("gradient buffer {i} does not name its parameter")))
-            })?;
-            let p = self.manifest.params.iter().find(|p| p.name == name).ok_or_else(|| {
-                ExecError::Bundle(BundleError::Invalid(format!("gradient buffer {i} names unknown parameter `{name}`")))
-            })?;
+        for (i, p) in gradient_buffers(&self.manifest)? {
+            let name = p.name.as_str();
             let shape: Vec<usize> = p.shape.iter().map(|&d| d as usize).collect();
             let n = numel(p)? * p.dtype.bytes();
             let bytes = self.bufs[i].bytes();
@@ -824,4 +816,23 @@ pub(crate) fn set_sizes(
         values[i] = Some(v);
     }
     Ok(())
+}
+
+/// Every gradient buffer (role `grad`) with the parameter it belongs to; shared by the
+/// executors.
+pub(crate) fn gradient_buffers(manifest: &Manifest) -> Result<Vec<(usize, &ParamEntry)>, ExecError> {
+    let mut out = Vec::new();
+    for (i, b) in manifest.buffers.iter().enumerate() {
+        if b.role != BufferRole::Grad {
+            continue;
+        }
+        let name = b.name.as_deref().ok_or_else(|| {
+            ExecError::Bundle(BundleError::Invalid(format!("gradient buffer {i} does not name its parameter")))
+        })?;
+        let p = manifest.params.iter().find(|p| p.name == name).ok_or_else(|| {
+            ExecError::Bundle(BundleError::Invalid(format!("gradient buffer {i} names unknown parameter `{name}`")))
+        })?;
+        out.push((i, p));
+    }
+    Ok(out)
 }

@@ -649,16 +649,8 @@ impl CudaExecutor {
             return Err(ExecError::Order("gradients need a backward pass first".into()));
         }
         let mut out = BTreeMap::new();
-        for (i, b) in self.manifest.buffers.iter().enumerate() {
-            if b.role != BufferRole::Grad {
-                continue;
-            }
-            let name = b.name.as_deref().ok_or_else(|| {
-                ExecError::Bundle(BundleError::Invalid(format!("gradient buffer {i} does not name its parameter")))
-            })?;
-            let p = self.manifest.params.iter().find(|p| p.name == name).ok_or_else(|| {
-                ExecError::Bundle(BundleError::Invalid(format!("gradient buffer {i} names unknown parameter `{name}`")))
-            })?;
+        for (i, p) in crate::cpu::gradient_buffers(&self.manifest)? {
+            let name = p.name.as_str();
             let shape: Vec<usize> = p.shape.iter().map(|&d| d as usize).collect();
             let n = numel(p)? * p.dtype.bytes();
             if n > self.bufs[i].len {
