@@ -38,6 +38,24 @@ fn init_targets() {
 /// Errors LLVM reported through the context's diagnostic handler.
 type Diagnostics = Mutex<Vec<String>>;
 
+/// Run `f` with a fresh LLVM context whose errors are collected in `Diagnostics` (LLVM's
+/// default handler would print them and exit the process); `f` checks them with
+/// `check_diagnostics` after each stage.
+pub(crate) fn with_context<R>(f: impl FnOnce(&Context, &Diagnostics) -> Result<R, String>) -> Result<R, String> {
+    // Declared before the context, so dropped after it.
+    let diags: Box<Diagnostics> = Box::new(Mutex::new(Vec::new()));
+    let ctx = Context::create();
+    // SAFETY: `diags` outlives `ctx`, and the handler only reads it as `Diagnostics`.
+    unsafe {
+        LLVMContextSetDiagnosticHandler(
+            ctx.raw(),
+            Some(diagnostic_handler),
+            &*diags as *const Diagnostics as *mut c_void,
+        )
+    };
+    f(&ctx, &diags)
+}
+
 extern "C" fn diagnostic_handler(info: LLVMDiagnosticInfoRef, sink: *mut c_void) {
     // SAFETY: `sink` is the `Diagnostics` installed with the handler, which outlives the
     // context (see `with_module`); LLVM passes a valid `info`.
@@ -104,32 +122,24 @@ fn with_module<R>(
     f: impl FnOnce(&Module, &TargetMachine) -> Result<R, String>,
 ) -> Result<R, String> {
     let tm = target_machine(target)?;
-    // Declared before the context, so dropped after it.
-    let diags: Box<Diagnostics> = Box::new(Mutex::new(Vec::new()));
-    let ctx = Context::create();
-    unsafe {
-        LLVMContextSetDiagnosticHandler(
-            ctx.raw(),
-            Some(diagnostic_handler),
-            &*diags as *const Diagnostics as *mut c_void,
-        )
-    };
-    let module = ctx.create_module("tnc_kernels");
-    module.set_triple(&tm.get_triple());
-    module.set_data_layout(&tm.get_target_data().get_data_layout());
-    let attrs = fn_attrs(target);
-    for k in kernels {
-        writer::write_kernel(&ctx, &module, k, &attrs)?;
-    }
-    module.verify().map_err(|e| format!("LLVM verifier: {}", e.to_string().trim()))?;
-    check_diagnostics(&diags)?;
-    if optimize {
-        module.run_passes("default<O3>", &tm, PassBuilderOptions::create()).map_err(|e| format!("LLVM O3: {e}"))?;
-        check_diagnostics(&diags)?;
-    }
-    let r = f(&module, &tm)?;
-    check_diagnostics(&diags)?;
-    Ok(r)
+    with_context(|ctx, diags| {
+        let module = ctx.create_module("tnc_kernels");
+        module.set_triple(&tm.get_triple());
+        module.set_data_layout(&tm.get_target_data().get_data_layout());
+        let attrs = fn_attrs(target);
+        for k in kernels {
+            writer::write_kernel(ctx, &module, k, &attrs)?;
+        }
+        module.verify().map_err(|e| format!("LLVM verifier: {}", e.to_string().trim()))?;
+        check_diagnostics(diags)?;
+        if optimize {
+            module.run_passes("default<O3>", &tm, PassBuilderOptions::create()).map_err(|e| format!("LLVM O3: {e}"))?;
+            check_diagnostics(diags)?;
+        }
+        let r = f(&module, &tm)?;
+        check_diagnostics(diags)?;
+        Ok(r)
+    })
 }
 
 /// A native object file (ELF) defining one function per kernel, named as the kernel.

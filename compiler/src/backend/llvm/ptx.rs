@@ -51,21 +51,18 @@
 //! and the reference executor in the last bits (more accurate, not less).
 
 use super::writer::{self, Device, FnAttrs};
-use super::{check_diagnostics, diagnostic_handler, init_targets, Diagnostics};
+use super::{check_diagnostics, init_targets, with_context};
 use crate::backend::target::GpuTarget;
 use crate::kernel::Kernel;
-use inkwell::context::Context;
-use inkwell::llvm_sys::core::LLVMContextSetDiagnosticHandler;
 use inkwell::module::{FlagBehavior, Linkage, Module};
 use inkwell::passes::PassBuilderOptions;
 use inkwell::targets::{CodeModel, FileType, RelocMode, Target, TargetMachine, TargetTriple};
 use inkwell::values::BasicMetadataValueEnum;
 use inkwell::OptimizationLevel;
 use std::collections::HashSet;
-use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 /// Threads per block of every GPU kernel launch (see the module documentation).
 pub const GPU_BLOCK: u32 = 256;
@@ -164,68 +161,62 @@ fn with_module<R>(
     f: impl FnOnce(&Module, &TargetMachine) -> Result<R, String>,
 ) -> Result<R, String> {
     let tm = target_machine(target)?;
-    // Declared before the context, so dropped after it.
-    let diags: Box<Diagnostics> = Box::new(Mutex::new(Vec::new()));
-    let ctx = Context::create();
-    unsafe {
-        LLVMContextSetDiagnosticHandler(
-            ctx.raw(),
-            Some(diagnostic_handler),
-            &*diags as *const Diagnostics as *mut c_void,
-        )
-    };
-    let module = ctx.create_module("tnc_kernels");
-    let triple = tm.get_triple();
-    let layout = tm.get_target_data().get_data_layout();
-    module.set_triple(&triple);
-    module.set_data_layout(&layout);
-    let attrs = fn_attrs(target);
-    let i32t = ctx.i32_type();
-    let mut names = HashSet::new();
-    for k in kernels {
-        let func = writer::write_kernel(&ctx, &module, k, &attrs)?;
-        names.insert(k.name.clone());
-        // `.entry`: implied by the calling convention too, stated for every reader of
-        // NVVM IR. No `.maxntid` (see the module documentation).
-        let fp: BasicMetadataValueEnum = func.as_global_value().as_pointer_value().into();
-        let node = ctx.metadata_node(&[fp, ctx.metadata_string("kernel").into(), i32t.const_int(1, false).into()]);
-        module.add_global_metadata("nvvm.annotations", &node).map_err(|e| format!("LLVM metadata: {e}"))?;
-    }
-    module.verify().map_err(|e| format!("LLVM verifier: {}", e.to_string().trim()))?;
-    check_diagnostics(&diags)?;
-
-    // libdevice, when a kernel calls it: `__nvvm_reflect("__CUDA_FTZ")` reads this flag
-    // (NVPTX's pipeline runs NVVMReflect); 0 keeps subnormals.
-    module.add_basic_value_flag("nvvm-reflect-ftz", FlagBehavior::Override, i32t.const_zero());
-    let needs_libdevice = module
-        .get_functions()
-        .any(|f| f.count_basic_blocks() == 0 && f.get_name().to_str().is_ok_and(|n| n.starts_with("__nv_")));
-    if needs_libdevice {
-        let path = libdevice_path()?;
-        let lib = Module::parse_bitcode_from_path(&path, &ctx)
-            .map_err(|e| format!("reading libdevice `{}`: {}", path.display(), e.to_string().trim()))?;
-        lib.set_triple(&triple);
-        lib.set_data_layout(&layout);
-        module
-            .link_in_module(lib)
-            .map_err(|e| format!("linking libdevice `{}`: {}", path.display(), e.to_string().trim()))?;
-        // Only the kernels are entry points: the rest is inlined or removed by O3.
-        for func in module.get_functions() {
-            let name = func.get_name().to_string_lossy();
-            if func.count_basic_blocks() > 0 && !names.contains(name.as_ref()) {
-                func.set_linkage(Linkage::Internal);
-            }
+    with_context(|ctx, diags| {
+        let module = ctx.create_module("tnc_kernels");
+        let triple = tm.get_triple();
+        let layout = tm.get_target_data().get_data_layout();
+        module.set_triple(&triple);
+        module.set_data_layout(&layout);
+        let attrs = fn_attrs(target);
+        let i32t = ctx.i32_type();
+        let mut names = HashSet::new();
+        for k in kernels {
+            let func = writer::write_kernel(ctx, &module, k, &attrs)?;
+            names.insert(k.name.clone());
+            // `.entry`: implied by the calling convention too, stated for every reader of
+            // NVVM IR. No `.maxntid` (see the module documentation).
+            let fp: BasicMetadataValueEnum = func.as_global_value().as_pointer_value().into();
+            let node = ctx.metadata_node(&[fp, ctx.metadata_string("kernel").into(), i32t.const_int(1, false).into()]);
+            module.add_global_metadata("nvvm.annotations", &node).map_err(|e| format!("LLVM metadata: {e}"))?;
         }
-        module.verify().map_err(|e| format!("LLVM verifier (after linking libdevice): {}", e.to_string().trim()))?;
-        check_diagnostics(&diags)?;
-    }
-    if optimize {
-        module.run_passes("default<O3>", &tm, PassBuilderOptions::create()).map_err(|e| format!("LLVM O3: {e}"))?;
-        check_diagnostics(&diags)?;
-    }
-    let r = f(&module, &tm)?;
-    check_diagnostics(&diags)?;
-    Ok(r)
+        module.verify().map_err(|e| format!("LLVM verifier: {}", e.to_string().trim()))?;
+        check_diagnostics(diags)?;
+
+        // libdevice, when a kernel calls it: `__nvvm_reflect("__CUDA_FTZ")` reads this flag
+        // (NVPTX's pipeline runs NVVMReflect); 0 keeps subnormals.
+        module.add_basic_value_flag("nvvm-reflect-ftz", FlagBehavior::Override, i32t.const_zero());
+        let needs_libdevice = module
+            .get_functions()
+            .any(|f| f.count_basic_blocks() == 0 && f.get_name().to_str().is_ok_and(|n| n.starts_with("__nv_")));
+        if needs_libdevice {
+            let path = libdevice_path()?;
+            let lib = Module::parse_bitcode_from_path(&path, ctx)
+                .map_err(|e| format!("reading libdevice `{}`: {}", path.display(), e.to_string().trim()))?;
+            lib.set_triple(&triple);
+            lib.set_data_layout(&layout);
+            module
+                .link_in_module(lib)
+                .map_err(|e| format!("linking libdevice `{}`: {}", path.display(), e.to_string().trim()))?;
+            // Only the kernels are entry points: the rest is inlined or removed by O3.
+            for func in module.get_functions() {
+                let name = func.get_name().to_string_lossy();
+                if func.count_basic_blocks() > 0 && !names.contains(name.as_ref()) {
+                    func.set_linkage(Linkage::Internal);
+                }
+            }
+            module
+                .verify()
+                .map_err(|e| format!("LLVM verifier (after linking libdevice): {}", e.to_string().trim()))?;
+            check_diagnostics(diags)?;
+        }
+        if optimize {
+            module.run_passes("default<O3>", &tm, PassBuilderOptions::create()).map_err(|e| format!("LLVM O3: {e}"))?;
+            check_diagnostics(diags)?;
+        }
+        let r = f(&module, &tm)?;
+        check_diagnostics(diags)?;
+        Ok(r)
+    })
 }
 
 /// The PTX module of `kernels` for `target`: one `.entry` per kernel, named as the kernel,
