@@ -2,6 +2,8 @@
 //! gradient check of `loss = sum(op(x) * w)` for a graph built by a closure.
 #![allow(dead_code)]
 
+pub mod kernels;
+
 use std::collections::HashMap;
 use tnc_compiler::autodiff::{differentiate_wrt, grad_name};
 use tnc_compiler::interp::{compare, evaluate, EvalOptions, Tensor};
