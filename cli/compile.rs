@@ -33,6 +33,10 @@ pub struct CompileArgs {
     /// Also write the LLVM IR (`llvm`) or assembly (`asm`) next to the bundle.
     #[arg(long, value_enum)]
     pub emit: Vec<EmitKind>,
+    /// A training bundle: adds AdamW (`accumulate`, `grad_norm` and `step` entry points)
+    /// and a per-token accuracy output `correct`, as `tnc train` uses.
+    #[arg(long)]
+    pub train: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,7 +114,8 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         llvm: args.emit.contains(&EmitKind::Llvm),
         asm: args.emit.contains(&EmitKind::Asm),
     };
-    let compiled = tnc_compiler::driver::compile(graph, target, &out, emit, vec![("parse + elaborate", front)])
+    let opts = tnc_compiler::driver::Options { emit, train: args.train };
+    let compiled = tnc_compiler::driver::compile(graph, target, &out, opts, vec![("parse + elaborate", front)])
         .map_err(|e| {
             // An unknown target name is bad usage (exit 2); anything else is an error (1).
             let usage = e.contains("valid CPU targets") || e.contains("valid GPU targets");
@@ -123,13 +128,17 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         })?;
     let mut s = String::new();
     let _ = writeln!(s, "compiled {} for {target} into {}", compiled.graph.name, out.display());
+    use tnc_compiler::schedule::Entry;
+    let launches = |e: Entry| compiled.schedule.steps.iter().filter(|st| st.entry == e).count();
+    let optimizer = launches(Entry::Accumulate) + launches(Entry::GradNorm) + launches(Entry::Step);
     let _ = writeln!(
         s,
-        "  {} kernels ({} launches: {} forward, {} backward) from {} fused groups",
+        "  {} kernels ({} launches: {} forward, {} backward{}) from {} fused groups",
         compiled.schedule.kernels.len(),
         compiled.schedule.steps.len(),
-        compiled.schedule.steps.iter().filter(|st| st.entry == tnc_compiler::schedule::Entry::Forward).count(),
-        compiled.schedule.steps.iter().filter(|st| st.entry == tnc_compiler::schedule::Entry::Backward).count(),
+        launches(Entry::Forward),
+        launches(Entry::Backward),
+        if optimizer > 0 { format!(", {optimizer} optimizer") } else { String::new() },
         compiled.plan.kernels()
     );
     if let Some(n) = compiled.memory.report().eval(args.batch, args.seq) {

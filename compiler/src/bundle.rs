@@ -8,7 +8,7 @@ use crate::interp;
 use crate::ir::dim::Atom as DimAtom;
 use crate::ir::{DType, Dim, Graph, Init};
 use crate::kernel::{self, Binary, Expr, Kernel};
-use crate::schedule::{Entry, Role, Schedule};
+use crate::schedule::{Role, Schedule};
 use std::collections::BTreeMap;
 use tnc_runtime::manifest::{self as m, Manifest, Poly};
 
@@ -155,6 +155,7 @@ pub fn manifest(
                 Role::Input => m::BufferRole::Input,
                 Role::Output => m::BufferRole::Output,
                 Role::Workspace => m::BufferRole::Workspace,
+                Role::Optimizer => m::BufferRole::Optimizer,
             },
             name: b.name.as_ref().map(|n| n.strip_prefix("grad.").unwrap_or(n).to_string()),
         })
@@ -188,13 +189,9 @@ pub fn manifest(
         entry_points.insert(name.into(), Vec::new());
     }
     for st in &s.steps {
-        let entry = match st.entry {
-            Entry::Forward => "forward",
-            Entry::Backward => "backward",
-        };
         entry_points
-            .get_mut(entry)
-            .expect("inserted above")
+            .entry(st.entry.name().to_string())
+            .or_default()
             .push(m::Step { kernel: st.kernel, buffers: st.buffers.clone() });
     }
     let manifest = Manifest {

@@ -7,7 +7,7 @@ use crate::fusion::{fuse, FusionPlan};
 use crate::ir::Graph;
 use crate::memory::{plan_memory, MemoryPlan};
 use crate::passes;
-use crate::schedule::{schedule, Schedule};
+use crate::schedule::{add_optimizer, schedule, Schedule};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tnc_runtime::manifest::TargetKind;
@@ -17,6 +17,15 @@ use tnc_runtime::manifest::TargetKind;
 pub struct Emit {
     pub llvm: bool,
     pub asm: bool,
+}
+
+/// Choices of `tnc compile` beyond the target.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    pub emit: Emit,
+    /// A training bundle: adds the optimizer's entry points (`accumulate`, `grad_norm`,
+    /// `step`; see `schedule/optimizer.rs`) and the per-token accuracy output `correct`.
+    pub train: bool,
 }
 
 pub struct Compiled {
@@ -44,17 +53,25 @@ fn timed<T>(
 /// Optimize, fuse, plan memory and schedule (everything that does not depend on the target).
 pub fn lower(
     graph: Graph,
+    train: bool,
     stages: &mut Vec<(&'static str, Duration)>,
 ) -> Result<(Graph, FusionPlan, MemoryPlan, Schedule), String> {
     let mut g = graph;
-    for p in passes::pipeline() {
+    let mut pipeline = passes::pipeline();
+    if train {
+        pipeline.push(Box::new(passes::Accuracy));
+    }
+    for p in pipeline {
         let t = Instant::now();
         g = p.run(g).map_err(|d| d.message)?;
         stages.push((p.name(), t.elapsed()));
     }
     let plan = timed(stages, "fuse", || fuse(&g))?;
     let memory = timed(stages, "plan_memory", || plan_memory(&g, &plan))?;
-    let sched = timed(stages, "schedule", || schedule(&g, &plan, &memory))?;
+    let mut sched = timed(stages, "schedule", || schedule(&g, &plan, &memory))?;
+    if train {
+        timed(stages, "optimizer", || add_optimizer(&mut sched, &g))?;
+    }
     Ok((g, plan, memory, sched))
 }
 
@@ -63,15 +80,15 @@ pub fn compile(
     graph: Graph,
     target: &str,
     out: &Path,
-    emit: Emit,
+    opts: Options,
     stages: Vec<(&'static str, Duration)>,
 ) -> Result<Compiled, String> {
     if target.starts_with("sm") {
-        return compile_gpu(graph, target, out, emit, stages);
+        return compile_gpu(graph, target, out, opts, stages);
     }
     let cpu =
         CpuTarget::parse(target).map_err(|e| format!("{e}; GPU targets are: {}", backend::GPU_TARGETS.join(", ")))?;
-    compile_cpu(graph, cpu, out, emit, stages)
+    compile_cpu(graph, cpu, out, opts, stages)
 }
 
 /// A bundle of PTX for an NVIDIA GPU: one thread per parallel iteration, blocks of
@@ -80,11 +97,12 @@ fn compile_gpu(
     graph: Graph,
     target: &str,
     out: &Path,
-    emit: Emit,
+    opts: Options,
     mut stages: Vec<(&'static str, Duration)>,
 ) -> Result<Compiled, String> {
+    let emit = opts.emit;
     let gpu = GpuTarget::parse(target)?;
-    let (graph, plan, memory, sched) = lower(graph, &mut stages)?;
+    let (graph, plan, memory, sched) = lower(graph, opts.train, &mut stages)?;
     let ptx = timed(&mut stages, "llvm (nvptx)", || backend::emit_ptx(&sched.kernels, &gpu))?;
     let mut extra_files = Vec::new();
     if emit.llvm {
@@ -147,10 +165,11 @@ fn compile_cpu(
     graph: Graph,
     cpu: CpuTarget,
     out: &Path,
-    emit: Emit,
+    opts: Options,
     mut stages: Vec<(&'static str, Duration)>,
 ) -> Result<Compiled, String> {
-    let (graph, plan, memory, sched) = lower(graph, &mut stages)?;
+    let emit = opts.emit;
+    let (graph, plan, memory, sched) = lower(graph, opts.train, &mut stages)?;
     let mut extra_files = Vec::new();
     let object = timed(&mut stages, "llvm", || backend::emit_object(&sched.kernels, &cpu))?;
     let scratch = tempdir(out)?;

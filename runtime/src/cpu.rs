@@ -291,6 +291,16 @@ impl Executor {
             }
             bufs[p.buffer].resize(want)?;
         }
+        // Optimizer state is allocated once, zeroed, and kept like the parameters.
+        for (i, b) in m.buffers.iter().enumerate().filter(|(_, b)| b.role == BufferRole::Optimizer) {
+            let bytes = b.bytes.as_const().filter(|&n| n >= 0).ok_or_else(|| {
+                ExecError::Bundle(BundleError::Invalid(format!(
+                    "optimizer buffer {i} has size `{}`, not a constant",
+                    b.bytes
+                )))
+            })?;
+            bufs[i].resize(bytes as usize)?;
+        }
         Ok(Executor {
             sizes: vec![None; m.sizes.len()],
             scalars: vec![0; m.scalars.len()],
@@ -449,6 +459,9 @@ impl Executor {
         if entry == "backward" && !self.ran.contains("forward") {
             return Err(ExecError::Order("backward needs a forward pass with the same sizes first".into()));
         }
+        if entry == "accumulate" && !self.ran.contains("backward") {
+            return Err(ExecError::Order("accumulate needs a backward pass first".into()));
+        }
 
         // Debug: NaN into every buffer this entry writes before reading.
         if self.debug_nan {
@@ -461,7 +474,9 @@ impl Executor {
             }
             for (b, access) in first {
                 let role = self.manifest.buffers[b].role;
-                if access == Access::Write && !matches!(role, BufferRole::Param | BufferRole::Input) {
+                if access == Access::Write
+                    && !matches!(role, BufferRole::Param | BufferRole::Input | BufferRole::Optimizer)
+                {
                     for c in self.bufs[b].bytes_mut().chunks_mut(4) {
                         let n = c.len();
                         c.copy_from_slice(&f32::NAN.to_ne_bytes()[..n]);
@@ -569,6 +584,52 @@ impl Executor {
         Ok(out)
     }
 
+    /// The f32 values of the optimizer buffer `name` (`hyper`, `adam_m.<param>`, …; see
+    /// [`BufferRole::Optimizer`]).
+    pub fn optimizer_buffer(&self, name: &str) -> Result<Vec<f32>, ExecError> {
+        let i = optimizer_buffer_index(&self.manifest, name)?;
+        Ok(self.bufs[i].bytes().chunks_exact(4).map(|c| f32::from_ne_bytes(c.try_into().unwrap())).collect())
+    }
+
+    /// Overwrites the optimizer buffer `name`; `values` must fill it exactly.
+    pub fn set_optimizer_buffer(&mut self, name: &str, values: &[f32]) -> Result<(), ExecError> {
+        let i = optimizer_buffer_index(&self.manifest, name)?;
+        let dst = self.bufs[i].bytes_mut();
+        if dst.len() != values.len() * 4 {
+            return Err(ExecError::Params(format!(
+                "optimizer buffer `{name}` holds {} values, got {}",
+                dst.len() / 4,
+                values.len()
+            )));
+        }
+        for (c, v) in dst.chunks_exact_mut(4).zip(values) {
+            c.copy_from_slice(&v.to_ne_bytes());
+        }
+        Ok(())
+    }
+
+    /// Overwrites parameter `name` (f32, in row-major order; the length must match).
+    pub fn set_param(&mut self, name: &str, values: &[f32]) -> Result<(), ExecError> {
+        let p = self
+            .manifest
+            .params
+            .iter()
+            .find(|p| p.name == name)
+            .cloned()
+            .ok_or_else(|| ExecError::Params(format!("the bundle has no parameter `{name}`")))?;
+        if numel(&p)? != values.len() || p.dtype != DType::F32 {
+            return Err(ExecError::Params(format!(
+                "parameter `{name}` has shape {:?} ({}), got {} f32 values",
+                p.shape,
+                p.dtype,
+                values.len()
+            )));
+        }
+        self.write_param(&p, values);
+        self.params_set = true;
+        Ok(())
+    }
+
     // -----------------------------------------------------------------------------------
 
     fn env(&self, sizes: &[i64]) -> HashMap<&str, i64> {
@@ -595,7 +656,7 @@ impl Executor {
             lens.push(v);
         }
         for (i, len) in lens.into_iter().enumerate() {
-            if self.manifest.buffers[i].role != BufferRole::Param {
+            if !matches!(self.manifest.buffers[i].role, BufferRole::Param | BufferRole::Optimizer) {
                 self.bufs[i].resize(len)?;
             }
         }
@@ -816,6 +877,17 @@ pub(crate) fn set_sizes(
         values[i] = Some(v);
     }
     Ok(())
+}
+
+/// The index of the optimizer buffer called `name`; shared by the executors.
+pub(crate) fn optimizer_buffer_index(manifest: &Manifest, name: &str) -> Result<usize, ExecError> {
+    manifest.buffers.iter().position(|b| b.role == BufferRole::Optimizer && b.name.as_deref() == Some(name)).ok_or_else(
+        || {
+            ExecError::Params(format!(
+                "the bundle has no optimizer buffer `{name}` (compile it with `tnc compile --train`)"
+            ))
+        },
+    )
 }
 
 /// Every gradient buffer (role `grad`) with the parameter it belongs to; shared by the

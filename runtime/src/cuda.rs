@@ -840,7 +840,10 @@ impl CudaExecutor {
         for (b, access) in first {
             let role = self.manifest.buffers[b].role;
             let buf = &self.bufs[b];
-            if access == Access::Write && !matches!(role, BufferRole::Param | BufferRole::Input) && buf.len > 0 {
+            if access == Access::Write
+                && !matches!(role, BufferRole::Param | BufferRole::Input | BufferRole::Optimizer)
+                && buf.len > 0
+            {
                 // SAFETY: `len` bytes are allocated.
                 unsafe { result::memset_d8_async(buf.ptr, 0xff, buf.len, self.stream) }
                     .map_err(cuda_err("filling buffers with NaN"))?;

@@ -204,6 +204,48 @@ pub enum BufferRole {
     Output,
     /// Scratch memory whose contents do not outlive one step.
     Workspace,
+    /// Optimizer state of a training bundle (`tnc compile --train`), of constant size and
+    /// kept across steps like parameters: AdamW's moments `adam_m.<param>` and
+    /// `adam_v.<param>`, the gradient sums `grad_sum.<param>` of accumulation, the squared
+    /// gradient norms `grad_sqnorm.<param>` and the hyper-parameters [`OPTIMIZER_HYPER`]
+    /// (see [`Hyper`]).
+    Optimizer,
+}
+
+/// The name of the optimizer buffer holding the f32 hyper-parameters of `step`, indexed
+/// by [`Hyper`]. The runtime writes it before `grad_norm` and `step`; kernels write
+/// [`Hyper::ClipFactor`] and [`Hyper::GradNorm`].
+pub const OPTIMIZER_HYPER: &str = "hyper";
+
+/// Slots of the [`OPTIMIZER_HYPER`] buffer. Training bundles run, per optimizer step:
+/// `accumulate` after every `backward` (adds the gradients into `grad_sum.*`), then
+/// `grad_norm` (writes `grad_sqnorm.*`, the global norm and the clipping factor), then
+/// `step` (AdamW on every trainable parameter, then zeroes `grad_sum.*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Hyper {
+    LearningRate = 0,
+    Beta1 = 1,
+    Beta2 = 2,
+    Eps = 3,
+    WeightDecay = 4,
+    /// `1 − β1^t` for step `t` (counted from 1).
+    BiasCorrection1 = 5,
+    /// `1 − β2^t`.
+    BiasCorrection2 = 6,
+    /// Multiplies the gradient sums: `1 / K` for `K` accumulated backward passes.
+    GradScale = 7,
+    /// Largest global gradient norm; 0 disables clipping.
+    ClipNorm = 8,
+    /// Written by `grad_norm`: `min(1, clip / norm)`, or 1 without clipping.
+    ClipFactor = 9,
+    /// Written by `grad_norm`: the global norm of the scaled gradient.
+    GradNorm = 10,
+}
+
+impl Hyper {
+    /// Number of slots.
+    pub const LEN: usize = 11;
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

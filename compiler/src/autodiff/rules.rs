@@ -34,6 +34,8 @@ pub(crate) fn vjp(b: &mut Builder, y: NodeId, gy: NodeId, needs: &[bool]) -> R<V
         Op::CrossEntropyGradX(_) | Op::CrossEntropyGradTable(_) => {
             return Err(super::cross_entropy::second_derivative(b, &op));
         }
+        // A 0/1 count: piecewise constant, so no cotangent flows through it.
+        Op::CrossEntropyCorrect(_) => {}
         Op::BlockAttention(ba) => super::normal_form::block_attention(b, &ba, &xs, gy, &mut out, needs)?,
         Op::BlockAttentionGrad(_) => {
             return Err(b.err("second derivatives of block attention are not supported"));

@@ -96,7 +96,7 @@ pub fn eval(
     g: Option<&Tensor>,
     chunk: Option<usize>,
 ) -> Result<Tensor, String> {
-    if (which == CeOp::Loss) != g.is_none() {
+    if matches!(which, CeOp::Loss | CeOp::Correct) != g.is_none() {
         return Err("the cross-entropy backward ops (only) take a loss cotangent".into());
     }
     let w = view(ce, x, table, targets, g)?;
@@ -111,7 +111,19 @@ pub fn eval(
         },
         (CeOp::GradX, c) => grad_x(&w, c, x.shape.clone()),
         (CeOp::GradTable, c) => grad_table(&w, c, table.shape.clone()),
+        (CeOp::Correct, _) => Tensor { shape: tokens, data: (0..w.t).map(|t| correct(&w, t)).collect() },
     })
+}
+
+/// 1 when the target's logit is a largest one of token `t`'s row, else 0.
+fn correct(w: &View, t: usize) -> f64 {
+    let zy = w.z(t, w.targets[t]);
+    let best = (0..w.v).map(|v| w.z(t, v)).fold(f64::NEG_INFINITY, f64::max);
+    if zy >= best {
+        1.0
+    } else {
+        0.0
+    }
 }
 
 /// `log Σ_w exp(z_tw)` from the whole row, shifted by its max.

@@ -201,14 +201,18 @@ fn eval_op(
         Op::Concat { axis } => shape::concat(args, *axis),
         Op::Gather => shape::gather(arg(0)?, arg(1)?),
         Op::ScatterAdd { rows } => super::scatter::scatter_add(arg(0)?, arg(1)?, sizes(std::slice::from_ref(rows))?[0]),
-        Op::CrossEntropy(ce) | Op::CrossEntropyGradX(ce) | Op::CrossEntropyGradTable(ce) => {
+        Op::CrossEntropy(ce)
+        | Op::CrossEntropyGradX(ce)
+        | Op::CrossEntropyGradTable(ce)
+        | Op::CrossEntropyCorrect(ce) => {
             use crate::ir::cross_entropy::CeOp;
             let which = match op {
                 Op::CrossEntropy(_) => CeOp::Loss,
                 Op::CrossEntropyGradX(_) => CeOp::GradX,
+                Op::CrossEntropyCorrect(_) => CeOp::Correct,
                 _ => CeOp::GradTable,
             };
-            let g = if which == CeOp::Loss { None } else { Some(arg(3)?) };
+            let g = if matches!(which, CeOp::Loss | CeOp::Correct) { None } else { Some(arg(3)?) };
             super::cross_entropy::eval(ce, which, arg(0)?, arg(1)?, arg(2)?, g, opts.chunk)
         }
         Op::Dropout { rate, salt } => match opts.dropout {

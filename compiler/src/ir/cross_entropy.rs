@@ -26,6 +26,10 @@ pub enum CeOp {
     Loss,
     GradX,
     GradTable,
+    /// `(x, E, y) → c [T…]`, `c_t = 1` when the target's logit is a largest one
+    /// (`z_{t,y_t} ≥ max_v z_tv`, ties count as correct), else 0: per-token accuracy for
+    /// evaluation. It has no derivative.
+    Correct,
 }
 
 /// Attributes shared by the three ops.
@@ -51,8 +55,9 @@ impl CrossEntropy {
             CeOp::Loss => "cross_entropy",
             CeOp::GradX => "cross_entropy_grad_x",
             CeOp::GradTable => "cross_entropy_grad_table",
+            CeOp::Correct => "cross_entropy_correct",
         };
-        let want = if which == CeOp::Loss { 3 } else { 4 };
+        let want = if matches!(which, CeOp::Loss | CeOp::Correct) { 3 } else { 4 };
         if ops.len() != want {
             return Err(format!("`{name}` takes {want} operands, got {}", ops.len()));
         }
@@ -83,14 +88,14 @@ impl CrossEntropy {
                 shape_to_string(tokens)
             ));
         }
-        if which != CeOp::Loss {
+        if !matches!(which, CeOp::Loss | CeOp::Correct) {
             let g = ops[3];
             if g.dtype != DType::F32 || g.shape != tokens {
                 return Err(format!("`{name}`: the loss cotangent must be f32{}, got {g}", shape_to_string(tokens)));
             }
         }
         Ok(match which {
-            CeOp::Loss => TensorType::new(DType::F32, tokens.to_vec()),
+            CeOp::Loss | CeOp::Correct => TensorType::new(DType::F32, tokens.to_vec()),
             CeOp::GradX => x.clone(),
             CeOp::GradTable => table.clone(),
         })

@@ -307,6 +307,7 @@ pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
         Op::CrossEntropy(ce) => ce.infer(super::cross_entropy::CeOp::Loss, ops),
         Op::CrossEntropyGradX(ce) => ce.infer(super::cross_entropy::CeOp::GradX, ops),
         Op::CrossEntropyGradTable(ce) => ce.infer(super::cross_entropy::CeOp::GradTable, ops),
+        Op::CrossEntropyCorrect(ce) => ce.infer(super::cross_entropy::CeOp::Correct, ops),
         Op::ScatterAdd { rows } => {
             arity(op, ops.len(), 2..=2)?;
             let (values, idx) = (ops[0], ops[1]);

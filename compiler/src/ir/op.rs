@@ -222,6 +222,7 @@ pub enum Op {
     CrossEntropy(super::cross_entropy::CrossEntropy),
     CrossEntropyGradX(super::cross_entropy::CrossEntropy),
     CrossEntropyGradTable(super::cross_entropy::CrossEntropy),
+    CrossEntropyCorrect(super::cross_entropy::CrossEntropy),
     /// Normal form of softmax/ReLU attention within blocks (see `normal_form.rs`).
     BlockAttention(Box<super::normal_form::BlockAttention>),
     /// Its backward, one op returning `[dq' | dk' | dv']`.
@@ -231,8 +232,10 @@ pub enum Op {
 impl Op {
     /// Ops created by `recognize` (they cannot appear inside regions).
     pub fn is_normal_form(&self) -> bool {
-        matches!(self, Op::CrossEntropy(_) | Op::CrossEntropyGradX(_) | Op::CrossEntropyGradTable(_))
-            || matches!(self, Op::LinearAttention(_) | Op::BlockAttention(_) | Op::BlockAttentionGrad(_))
+        matches!(
+            self,
+            Op::CrossEntropy(_) | Op::CrossEntropyGradX(_) | Op::CrossEntropyGradTable(_) | Op::CrossEntropyCorrect(_)
+        ) || matches!(self, Op::LinearAttention(_) | Op::BlockAttention(_) | Op::BlockAttentionGrad(_))
     }
 
     /// Short, stable name used in printed IR and op-count tables.
@@ -299,6 +302,7 @@ impl Op {
             Op::CrossEntropy(_) => "cross_entropy",
             Op::CrossEntropyGradX(_) => "cross_entropy_grad_x",
             Op::CrossEntropyGradTable(_) => "cross_entropy_grad_table",
+            Op::CrossEntropyCorrect(_) => "cross_entropy_correct",
             Op::BlockAttention(_) => "block_attention",
             Op::BlockAttentionGrad(_) => "block_attention_grad",
         }

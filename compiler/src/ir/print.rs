@@ -38,7 +38,10 @@ pub fn op_attrs(op: &Op) -> String {
         Op::Pad { axis, before, after } => format!("[axis={axis}, {before}, {after}]"),
         Op::Concat { axis } => format!("[axis={axis}]"),
         Op::ScatterAdd { rows } => format!("[{rows}]"),
-        Op::CrossEntropy(ce) | Op::CrossEntropyGradX(ce) | Op::CrossEntropyGradTable(ce) => ce.attrs(),
+        Op::CrossEntropy(ce)
+        | Op::CrossEntropyGradX(ce)
+        | Op::CrossEntropyGradTable(ce)
+        | Op::CrossEntropyCorrect(ce) => ce.attrs(),
         Op::Dropout { rate, salt } => format!("[rate={}, salt={salt:#x}]", fmt_f64(rate.get())),
         Op::BlockAttention(ba) => block_attrs(ba, None),
         Op::BlockAttentionGrad(bg) => block_attrs(&bg.forward, Some(&bg.weights_vjp)),

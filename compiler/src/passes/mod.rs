@@ -2,6 +2,7 @@
 //! with one `run` method; `tnc ir --after NAME` runs the pipeline up to `NAME` and prints
 //! the graph. In debug builds the verifier checks the graph after every pass.
 
+pub mod accuracy;
 mod autodiff;
 pub mod canonicalize;
 pub mod cse;
@@ -9,6 +10,7 @@ pub mod dce;
 mod recognize;
 pub mod simplify;
 
+pub use accuracy::Accuracy;
 pub use autodiff::{differentiate_loss, Autodiff};
 pub use canonicalize::Canonicalize;
 pub use cse::Cse;

@@ -6,7 +6,8 @@
 //! - dX: `g_t (Σ_v p_tv E_v − E_{y_t})`, parallel over tokens, the row accumulated in a
 //!   local array of width D;
 //! - dE: `Σ_t g_t (p_tv − [y_t = v]) x_t`, parallel over words, serial over tokens (so
-//!   the sum's order, and the result, do not depend on the thread count).
+//!   the sum's order, and the result, do not depend on the thread count);
+//! - correct: `z_{t,y_t} ≥ max_v z_tv`, parallel over tokens, one sweep (no logsumexp).
 
 use super::element::{Lowering, Source};
 use super::emit::{bin, mul, sub};
@@ -18,12 +19,48 @@ fn which(op: &Op) -> Option<(CeOp, bool)> {
         Op::CrossEntropy(c) => Some((CeOp::Loss, c.transposed)),
         Op::CrossEntropyGradX(c) => Some((CeOp::GradX, c.transposed)),
         Op::CrossEntropyGradTable(c) => Some((CeOp::GradTable, c.transposed)),
+        Op::CrossEntropyCorrect(c) => Some((CeOp::Correct, c.transposed)),
         _ => None,
     }
 }
 
 pub fn is_cross_entropy(op: &Op) -> bool {
     which(op).is_some()
+}
+
+/// Whether the op's kernel reads the logsumexp of [`lse_kernel`].
+pub fn needs_lse(op: &Op) -> bool {
+    matches!(which(op), Some((kind, _)) if kind != CeOp::Correct)
+}
+
+/// The per-token accuracy kernel: 1 where the target's logit is a largest one, else 0.
+pub fn correct_kernel(lw: &mut Lowering, n: NodeId, name: String) -> Result<(Kernel, Vec<usize>), String> {
+    let (_, transposed) = which(&lw.g.node(n).op).ok_or("not a cross-entropy op")?;
+    let ops = lw.g.operands(n);
+    let x_ty = lw.g.ty(ops[0]).clone();
+    let tokens = x_ty.shape[..x_ty.rank() - 1].to_vec();
+    let t = lw.unravel(Expr::Var(lw.e.index), &tokens)?;
+    let best = lw.e.accumulator(0, Scalar::F32, Expr::F32(f32::NEG_INFINITY));
+    let words = lw.e.dim(&vocab(lw, &ops, transposed))?;
+    let v = lw.e.open();
+    let z = logit(lw, &ops, transposed, &t, Expr::Var(v))?;
+    lw.e.push(Stmt::Assign { var: best, value: bin(Binary::Max, Expr::Var(best), z) });
+    lw.e.close(v, words, LoopKind::Serial);
+    let y = target(lw, &ops, transposed, &t)?;
+    let zy = logit(lw, &ops, transposed, &t, y)?;
+    let value = Expr::Select(
+        Box::new(bin(Binary::Ge, zy, Expr::Var(best))),
+        Box::new(Expr::F32(1.0)),
+        Box::new(Expr::F32(0.0)),
+    );
+    let global = lw.stored[&n];
+    let out = lw.e.buffer(global, &format!("b{global}"), Elem::F32, Access::Write);
+    lw.e.push(Stmt::Store { buffer: out, index: Expr::Var(lw.e.index), value });
+    let mut extent = Expr::I64(1);
+    for d in &tokens {
+        extent = mul(extent, lw.e.dim(d)?);
+    }
+    super::finish(lw, name, extent)
 }
 
 /// `E_v[d]`.
@@ -200,5 +237,6 @@ pub fn op_kernel(lw: &mut Lowering, n: NodeId, lse: usize, name: String) -> Resu
             lw.e.close(d, Expr::I64(d_len as i64), LoopKind::Vector);
             super::finish(lw, name, words)
         }
+        CeOp::Correct => Err("the accuracy op has its own kernel (correct_kernel)".into()),
     }
 }

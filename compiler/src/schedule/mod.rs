@@ -18,6 +18,7 @@ mod cross_entropy;
 mod element;
 mod emit;
 mod linear_attention;
+pub mod optimizer;
 pub mod run;
 mod special;
 
@@ -29,6 +30,7 @@ use element::{elem_of, Lowering, Source};
 use std::collections::{HashMap, HashSet};
 
 pub use element::scalar_of;
+pub use optimizer::add_optimizer;
 
 /// What a buffer holds, for the manifest and the runtime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -39,6 +41,8 @@ pub enum Role {
     Input,
     Output,
     Workspace,
+    /// Optimizer state of a training bundle (`optimizer.rs`), kept across steps.
+    Optimizer,
 }
 
 #[derive(Clone, Debug)]
@@ -52,6 +56,23 @@ pub struct BufferInfo {
 pub enum Entry {
     Forward,
     Backward,
+    /// The optimizer's entry points (`optimizer.rs`).
+    Accumulate,
+    GradNorm,
+    Step,
+}
+
+impl Entry {
+    /// The entry point's name in the manifest.
+    pub fn name(self) -> &'static str {
+        match self {
+            Entry::Forward => "forward",
+            Entry::Backward => "backward",
+            Entry::Accumulate => "accumulate",
+            Entry::GradNorm => "grad_norm",
+            Entry::Step => "step",
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -188,6 +209,13 @@ pub fn schedule_with(
             }
             let names = |b: usize| format!("b{b}");
             let kind = g.node(n).op.kind();
+            if cross_entropy::is_cross_entropy(&g.node(n).op) && !cross_entropy::needs_lse(&g.node(n).op) {
+                let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
+                let (k, b) = cross_entropy::correct_kernel(&mut lw, n, format!("g{gi}_{kind}"))
+                    .map_err(|e| format!("group {gi}: {e}"))?;
+                out.add(k, b, entry);
+                continue;
+            }
             if cross_entropy::is_cross_entropy(&g.node(n).op) {
                 // Each token's logsumexp first, into a workspace vector.
                 let x = g.operands(n)[0];
