@@ -4,11 +4,15 @@
 //! Exit status: 0 on success, 1 on an error in the user's model, 2 on bad usage
 //! (unknown flags, malformed `--set`, unknown pass names).
 
+mod ablate;
+mod bundle_cache;
 mod bundle_run;
 mod check;
 mod compile;
+mod eval;
 mod ir;
 mod run;
+mod train;
 mod verify;
 
 use clap::{Parser, Subcommand};
@@ -77,6 +81,15 @@ pub enum Command {
     /// Check a compiled bundle (or a model, compiled on the fly) against the reference
     /// interpreter on random inputs: forward and every gradient.
     Verify(verify::VerifyArgs),
+    /// Train a model (a .tn file, compiled with `--train` and cached, or a training
+    /// bundle) with AdamW on a data source; metrics, checkpoints and a loss plot go to `--out`.
+    Train(train::TrainArgs),
+    /// Evaluate a training run (its latest checkpoint) or a checkpoint on a data source's
+    /// validation split: loss, perplexity, bits per byte/token, accuracy on task answers.
+    Eval(eval::EvalArgs),
+    /// Train a model and variants of it with the same seed, data and budget; print a
+    /// Markdown table and plot every variant's loss curve.
+    Ablate(ablate::AblateArgs),
 }
 
 /// Parse arguments and run; returns the process exit status.
@@ -99,6 +112,9 @@ where
         Command::Init(args) => run::init(&args),
         Command::Verify(args) => verify::run(&args),
         Command::Compile(args) => compile::run(&args),
+        Command::Train(args) => train::run(&args),
+        Command::Eval(args) => eval::run(&args),
+        Command::Ablate(args) => ablate::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

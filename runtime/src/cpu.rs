@@ -513,7 +513,11 @@ impl Executor {
             launches.push(Launch { f, ptrs, extent });
         }
         let args: Vec<i64> = sizes.iter().chain(&self.scalars).copied().collect();
-        execute(&Launches(launches), &args, self.threads);
+        if std::env::var_os("TNC_PROFILE").is_some() {
+            self.profile(entry, &steps, launches, &args);
+        } else {
+            execute(&Launches(launches), &args, self.threads);
+        }
         if entry == "forward" {
             self.ran.clear();
         }
@@ -584,6 +588,12 @@ impl Executor {
         Ok(out)
     }
 
+    /// Bytes allocated for buffers (parameters, optimizer state, activations, gradients
+    /// and workspace) at the current sizes.
+    pub fn allocated_bytes(&self) -> usize {
+        self.bufs.iter().map(|b| b.cap).sum()
+    }
+
     /// The f32 values of the optimizer buffer `name` (`hyper`, `adam_m.<param>`, …; see
     /// [`BufferRole::Optimizer`]).
     pub fn optimizer_buffer(&self, name: &str) -> Result<Vec<f32>, ExecError> {
@@ -631,6 +641,32 @@ impl Executor {
     }
 
     // -----------------------------------------------------------------------------------
+
+    /// `TNC_PROFILE=1`: runs the launches one at a time and prints the kernels that took
+    /// the longest (to standard error), for finding a slow schedule.
+    fn profile(&self, entry: &str, steps: &[crate::manifest::Step], launches: Vec<Launch>, args: &[i64]) {
+        let mut times: HashMap<usize, (usize, f64)> = HashMap::new();
+        let total = std::time::Instant::now();
+        for (s, l) in steps.iter().zip(launches) {
+            let t = std::time::Instant::now();
+            execute(&Launches(vec![l]), args, self.threads);
+            let e = times.entry(s.kernel).or_default();
+            e.0 += 1;
+            e.1 += t.elapsed().as_secs_f64();
+        }
+        let total = total.elapsed().as_secs_f64();
+        let mut v: Vec<_> = times.into_iter().collect();
+        v.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        eprintln!("profile of `{entry}`: {:.3} ms in {} launches", total * 1e3, steps.len());
+        for (k, (count, secs)) in v.into_iter().take(8) {
+            eprintln!(
+                "  {:>10.3} ms {:>5.1}%  {count}× {}",
+                secs * 1e3,
+                100.0 * secs / total.max(1e-12),
+                self.manifest.kernels[k].name
+            );
+        }
+    }
 
     fn env(&self, sizes: &[i64]) -> HashMap<&str, i64> {
         self.manifest.sizes.iter().map(String::as_str).zip(sizes.iter().copied()).collect()

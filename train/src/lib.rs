@@ -13,9 +13,11 @@ pub mod metrics;
 pub mod plot;
 mod tasks;
 mod text;
+pub mod trainer;
 
 pub use checkpoint::{latest_valid, Checkpoint};
 pub use data::{Batch, DataSource};
 pub use lr::{lr, Schedule};
 pub use metrics::MetricsLog;
 pub use plot::{loss_plot, Series};
+pub use trainer::{Config, EvalReport, StepReport, Trainer};

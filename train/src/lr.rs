@@ -15,7 +15,8 @@ use std::fmt;
 /// The floor of the cosine schedule, as a fraction of the base rate.
 pub const COSINE_FLOOR: f64 = 0.1;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Schedule {
     Constant,
     Cosine,

@@ -5,6 +5,7 @@
 
 use super::emit::{add, bin, div, mul, rem, sub, Emitter};
 use crate::ir::{BinaryOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Region, RegionValue, TensorType, UnaryOp};
+use crate::kernel::Var;
 use crate::kernel::{Access, Binary, Elem, Expr, LoopKind, Scalar, Stmt, Unary};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -25,12 +26,45 @@ pub fn elem_of(d: DType) -> Elem {
     }
 }
 
-/// Where a value comes from: a graph node, or a value inside a region whose arguments are
-/// graph nodes.
+/// Where a value comes from: a graph node, a value inside a region (whose arguments are
+/// sources in turn), or a local array a kernel staged.
 #[derive(Clone)]
 pub enum Source {
     Node(NodeId),
-    Region { region: Rc<Region>, value: RegionValue, args: Rc<[NodeId]> },
+    Region {
+        region: Rc<Region>,
+        value: RegionValue,
+        args: Rc<[Source]>,
+    },
+    /// A local array holding the trailing `keep` axes of a value of type `ty`, the
+    /// leading axes being fixed by the loops around its use: element `idx` is at the
+    /// row-major position of `idx[rank − keep..]`. Arrays are rewritten as the loops run,
+    /// so reads of them are never hoisted (the array is registered as mutable).
+    Array {
+        array: Var,
+        ty: TensorType,
+        keep: usize,
+    },
+}
+
+impl Source {
+    /// A region applied to graph nodes.
+    pub fn region(region: Rc<Region>, args: &[NodeId]) -> Source {
+        let args: Rc<[Source]> = args.iter().map(|&n| Source::Node(n)).collect();
+        Source::Region { value: region.result, region, args }
+    }
+
+    /// A short key naming the source in memo tables.
+    fn key(&self) -> String {
+        match self {
+            Source::Node(n) => format!("n{}", n.index()),
+            Source::Region { region, value, args } => {
+                let args: Vec<String> = args.iter().map(Source::key).collect();
+                format!("r{:p}/{value:?}({})", Rc::as_ptr(region), args.join(","))
+            }
+            Source::Array { array, .. } => format!("a{}", array.0),
+        }
+    }
 }
 
 pub struct Lowering<'g> {
@@ -51,9 +85,10 @@ impl<'g> Lowering<'g> {
         match s {
             Source::Node(n) => self.g.node(*n).ty.clone(),
             Source::Region { region, value, args } => match value {
-                RegionValue::Arg(i) => self.g.node(args[*i as usize]).ty.clone(),
+                RegionValue::Arg(i) => self.ty(&args[*i as usize]),
                 RegionValue::Node(j) => region.nodes[*j as usize].ty.clone(),
             },
+            Source::Array { ty, .. } => ty.clone(),
         }
     }
 
@@ -123,10 +158,17 @@ impl<'g> Lowering<'g> {
                 self.e.memo_put(k, v.clone());
                 Ok(v)
             }
+            Source::Array { array, ty, keep } => {
+                let rank = ty.rank();
+                let keep = keep.min(rank).min(idx.len());
+                let at = self.linear(&idx[idx.len() - keep..], &ty.shape[rank - keep..])?;
+                Ok(Expr::LoadArray { array, index: Box::new(at) })
+            }
             Source::Region { region, value, args } => match value {
-                RegionValue::Arg(i) => self.value(Source::Node(args[i as usize]), idx),
+                RegionValue::Arg(i) => self.value(args[i as usize].clone(), idx),
                 RegionValue::Node(j) => {
-                    let k = format!("r{:p}/{j}/{args:?}:{}", Rc::as_ptr(&region), key(idx));
+                    let args_key: Vec<String> = args.iter().map(Source::key).collect();
+                    let k = format!("r{:p}/{j}/{}:{}", Rc::as_ptr(&region), args_key.join(","), key(idx));
                     if let Some(v) = self.e.memo_get(&k) {
                         return Ok(v);
                     }
@@ -367,6 +409,18 @@ impl<'g> Lowering<'g> {
 
     /// `acc = init; for loops… { acc = combine(acc, body) }`, placed at the outermost
     /// level where `idx` is known, so a row's reduction runs once per row.
+    /// `acc = init; for x in 0..extent { acc += term(x) }` as a serial loop at the
+    /// current level (terms may read local arrays); returns the accumulator.
+    pub fn serial_sum(&mut self, init: Expr, extent: Expr, term: impl FnOnce(&mut Lowering<'g>, Expr) -> Expr) -> Expr {
+        let level = self.e.depth();
+        let acc = self.e.accumulator(level, Scalar::F32, init);
+        let x = self.e.open();
+        let t = term(self, Expr::Var(x));
+        self.e.push(Stmt::Assign { var: acc, value: bin(Binary::Add, Expr::Var(acc), t) });
+        self.e.close(x, extent, LoopKind::Serial);
+        Expr::Var(acc)
+    }
+
     pub fn accumulate(
         &mut self,
         ty: Scalar,
@@ -386,9 +440,15 @@ impl<'g> Lowering<'g> {
             loops.push(self.e.open());
         }
         let v = body(self, &loops)?;
-        if combine == Binary::Add && ty == Scalar::F32 {
-            // Compensated (Kahan) summation: f32 sums over thousands of terms (a matmul's
-            // inner dimension, a mean over tokens) otherwise lose the 1e-4 agreement with the
+        // Sums of at most this many terms known at compile time (a projection's inner
+        // width, a row norm) are plain: their f32 rounding stays far below the 1e-4
+        // agreement the tests require, and a plain sum is 3-4× cheaper than a compensated one.
+        const PLAIN_SUM_TERMS: i64 = 4096;
+        let short =
+            extents.iter().try_fold(1i64, |a, d| a.checked_mul(d.as_const()?)).is_some_and(|n| n <= PLAIN_SUM_TERMS);
+        if combine == Binary::Add && ty == Scalar::F32 && !short {
+            // Compensated (Kahan) summation: f32 sums over many terms (a mean over tokens,
+            // a reduction over the sequence) otherwise lose the 1e-4 agreement with the
             // f64 reference that the tests require. `comp` carries the rounding error of each
             // addition into the next; no fast-math is used, so the code keeps its order.
             let comp = self.e.accumulator(level, Scalar::F32, Expr::F32(0.0));

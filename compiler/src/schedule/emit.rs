@@ -208,6 +208,16 @@ impl Emitter {
         v
     }
 
+    /// A zero-initialized local f32 array of `len` elements declared at the current
+    /// level. Its contents change as loops run, so nothing that reads it is hoisted.
+    pub fn array(&mut self, len: usize) -> Var {
+        let v = self.fresh();
+        self.mutable.insert(v);
+        self.var_level.insert(v, self.depth());
+        self.push(Stmt::Array { var: v, elem: Scalar::F32, len });
+        v
+    }
+
     /// An accumulator whose loop has finished: from now on its value no longer changes,
     /// so expressions reading it may be placed at its level again.
     pub fn freeze(&mut self, var: Var) {

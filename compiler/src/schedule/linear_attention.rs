@@ -43,23 +43,13 @@ fn f(op: Binary, a: Expr, b: Expr) -> Expr {
     bin(op, a, b)
 }
 
-/// A zero-initialized local f32 array of `len` elements, declared at the current level.
+/// A local f32 array of `len` elements (see `Emitter::array`).
 fn array(lw: &mut Lowering, len: usize) -> Var {
-    let v = lw.e.fresh();
-    lw.e.push(Stmt::Array { var: v, elem: Scalar::F32, len });
-    v
+    lw.e.array(len)
 }
 
-/// `acc = init; for x in 0..extent { acc += term(x) }`, at the current level; returns
-/// the accumulator. The term may read local arrays (it is never hoisted).
 fn sum(lw: &mut Lowering, init: Expr, extent: Expr, term: impl FnOnce(&mut Lowering, Expr) -> Expr) -> Expr {
-    let level = lw.e.depth();
-    let acc = lw.e.accumulator(level, Scalar::F32, init);
-    let x = lw.e.open();
-    let t = term(lw, Expr::Var(x));
-    lw.e.push(Stmt::Assign { var: acc, value: f(Binary::Add, Expr::Var(acc), t) });
-    lw.e.close(x, extent, LoopKind::Serial);
-    Expr::Var(acc)
+    lw.serial_sum(init, extent, term)
 }
 
 /// One of the three prologue regions, applied to its slice of the op's operands.
@@ -70,7 +60,7 @@ struct Operand {
 
 impl Operand {
     fn at(&self, lw: &mut Lowering, idx: &[Expr]) -> Result<Expr, String> {
-        let s = Source::Region { region: self.region.clone(), value: self.region.result, args: self.args.clone() };
+        let s = Source::region(self.region.clone(), &self.args);
         lw.value(s, idx)
     }
 }

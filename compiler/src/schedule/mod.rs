@@ -13,6 +13,7 @@
 //!
 //! Identical kernels (the same layer, unrolled L times) are kept once.
 
+mod block_attention;
 mod compose;
 mod cross_entropy;
 mod element;

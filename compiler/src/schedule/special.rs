@@ -18,6 +18,14 @@ pub fn kernel(
         Op::Scan { axis, reverse } => scan(lw, n, *axis, *reverse, name),
         Op::ScatterAdd { .. } => scatter_add(lw, n, name),
         Op::LinearAttention(la) => super::linear_attention::kernel(lw, n, la, opts.chunk, name),
+        // Constant block widths (DiagAttention): staged per block. The whole sequence as
+        // one block (softmax baseline, w = N): one composed region per output element.
+        Op::BlockAttention(ba) if super::block_attention::constant_widths(ba).is_some() => {
+            super::block_attention::forward(lw, n, ba, name)
+        }
+        Op::BlockAttentionGrad(bg) if super::block_attention::constant_widths(&bg.forward).is_some() => {
+            super::block_attention::backward(lw, n, bg, name)
+        }
         Op::BlockAttention(ba) => {
             let r = block_attention_region(ba, &operand_types(lw, n))?;
             composed(lw, n, r, name)
@@ -173,7 +181,7 @@ fn block_attention_grad_region(bg: &BlockAttentionGrad, operands: &[TensorType])
 fn composed(lw: &mut Lowering, n: NodeId, region: Region, name: String) -> Result<(Kernel, Vec<usize>), String> {
     let g = lw.g;
     let ty = g.ty(n).clone();
-    let operands: std::rc::Rc<[NodeId]> = g.operands(n).into();
+    let operands = g.operands(n);
     let rows = ty.shape[..ty.rank() - 1].to_vec();
     let row_idx = lw.unravel(Expr::Var(lw.e.index), &rows)?;
     let last = lw.e.dim(&ty.shape[ty.rank() - 1])?;
@@ -181,7 +189,7 @@ fn composed(lw: &mut Lowering, n: NodeId, region: Region, name: String) -> Resul
     let mut idx = row_idx;
     idx.push(Expr::Var(j));
     let region = std::rc::Rc::new(region);
-    let value = lw.value(Source::Region { region: region.clone(), value: region.result, args: operands }, &idx)?;
+    let value = lw.value(Source::region(region, &operands), &idx)?;
     let global = lw.stored[&n];
     let b = lw.e.buffer(global, &format!("b{global}"), elem_of(ty.dtype), Access::Write);
     let lin = lw.linear(&idx, &ty.shape)?;

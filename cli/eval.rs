@@ -1,0 +1,84 @@
+//! `tnc eval RUN_DIR|CHECKPOINT [--data SOURCE]`: evaluate a trained model on the
+//! validation split of a data source: loss, perplexity, bits per byte (text) or per
+//! token, and for the synthetic tasks the accuracy on the answer tokens.
+
+use crate::train::{describe_eval, fail};
+use crate::Failure;
+use std::path::{Path, PathBuf};
+use tnc_grammar::Diagnostic;
+use tnc_train::checkpoint::{self, Checkpoint};
+use tnc_train::trainer::{bundle_hash, checkpoint_dir, evaluate, restore};
+use tnc_train::{Config, DataSource};
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// A run directory of `tnc train` (its latest valid checkpoint) or a checkpoint file.
+    pub run: PathBuf,
+    /// The data to evaluate on (default: the run's own); its validation split is used.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Validation batches (default: the run's `--eval-batches`).
+    #[arg(long)]
+    pub batches: Option<usize>,
+    /// Sequences per batch (default: the run's).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Tokens per sequence (default: the run's).
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Worker threads (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+pub fn run(args: &EvalArgs) -> Result<(), Failure> {
+    let (path, ckpt) = find_checkpoint(&args.run)?;
+    let meta = |k: &str| ckpt.meta.get(&format!("meta.{k}")).or_else(|| ckpt.meta.get(k)).cloned();
+    let bundle_dir = meta("bundle").ok_or_else(|| fail(format!("{} does not name its bundle", path.display())))?;
+    let config: Config = meta("config")
+        .and_then(|c| serde_json::from_str(&c).ok())
+        .ok_or_else(|| fail(format!("{} has no readable training configuration", path.display())))?;
+    let spec = match &args.data {
+        Some(d) => d.clone(),
+        None => meta("data").ok_or_else(|| fail(format!("{} does not name its data; pass --data", path.display())))?,
+    };
+    let data = DataSource::parse(&spec).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
+    let bundle = tnc_runtime::Bundle::load_cpu(&bundle_dir)
+        .map_err(|e| fail(format!("the run's bundle {bundle_dir} cannot be loaded ({e}); retrain or recompile it")))?;
+    if meta("bundle_sha256") != Some(bundle_hash(&bundle).map_err(fail)?) {
+        return Err(fail(format!("{bundle_dir} has changed since {} was written", path.display())));
+    }
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut exec = tnc_runtime::Executor::new(&bundle, threads).map_err(|e| fail(e.to_string()))?;
+    restore(&mut exec, &ckpt, &[]).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    let (b, n) = (args.batch.unwrap_or(config.batch), args.seq.unwrap_or(config.seq));
+    let batches = data.eval_batches(config.seed, b, n, args.batches.unwrap_or(config.eval_batches)).map_err(fail)?;
+    let report = evaluate(&mut exec, &batches).map_err(fail)?;
+    println!("{} at step {} on {data} (validation split):", path.display(), ckpt.step);
+    println!("  {}", describe_eval(&report, &data));
+    Ok(())
+}
+
+/// The checkpoint a path names: a checkpoint file, or a run directory's latest valid one.
+fn find_checkpoint(path: &Path) -> Result<(PathBuf, Checkpoint), Failure> {
+    if path.is_file() {
+        let c = checkpoint::load(path).map_err(fail)?;
+        return Ok((path.to_path_buf(), c));
+    }
+    if !path.is_dir() {
+        return Err(Failure::usage(Diagnostic::error(format!(
+            "{} is neither a run directory nor a checkpoint file",
+            path.display()
+        ))));
+    }
+    let dir = checkpoint_dir(path);
+    match checkpoint::latest_valid(&dir).map_err(fail)? {
+        Some((p, c, warnings)) => {
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            Ok((p, c))
+        }
+        None => Err(fail(format!("{} has no checkpoint (is it a `tnc train` run directory?)", path.display()))),
+    }
+}

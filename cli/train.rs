@@ -1,0 +1,340 @@
+//! `tnc train MODEL.tn|BUNDLE --data SOURCE --out RUN_DIR …`: train a model with a
+//! compiled training bundle (compiled on the fly, and cached, from a .tn file), with a
+//! progress bar, `metrics.jsonl`, checkpoints, `--resume`, and a loss plot at the end.
+//!
+//! A run directory holds `run.json` (what was trained, for `tnc eval`), `metrics.jsonl`,
+//! `checkpoints/ckpt-<step>.safetensors` and `loss.svg`.
+
+use crate::{bundle_cache, Failure, ModelArgs};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tnc_grammar::Diagnostic;
+use tnc_train::{Config, DataSource, EvalReport, Schedule, Trainer};
+
+pub(crate) fn fail(message: impl Into<String>) -> Failure {
+    Failure { diagnostic: Diagnostic::error(message.into()), sources: Default::default(), status: 1 }
+}
+
+/// The training flags shared by `tnc train` and `tnc ablate`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrainFlags {
+    /// Training data: `copy[:len=L,vocab=V]`, `mqar[:pairs=K,vocab=V]` (synthetic tasks
+    /// generated from the seed; nothing to download) or `text:PATH` (bytes of a file,
+    /// vocabulary 256; the last 10% is the validation split).
+    #[arg(long, default_value = "copy")]
+    pub data: String,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 200)]
+    pub steps: u64,
+    /// Sequences per batch (B).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch: u64,
+    /// Tokens per sequence (N).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(2..))]
+    pub seq: u64,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Batches (forward + backward) per optimizer step.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub accumulate: u64,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u64,
+    /// Learning-rate schedule after warm-up: cosine (to 10% of the peak), inverse-sqrt or constant.
+    #[arg(long, default_value = "cosine", value_parser = parse_schedule)]
+    pub schedule: Schedule,
+    /// Clip the global gradient norm to this value (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Dropout rate: compiles the model with `--set drop=P` (.tn models with a `drop` argument).
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// AdamW's decoupled weight decay (not applied to `@no_decay` parameters).
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// AdamW's β1.
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    /// AdamW's β2.
+    #[arg(long, default_value_t = 0.98)]
+    pub beta2: f64,
+    /// AdamW's ε.
+    #[arg(long, default_value_t = 1e-8)]
+    pub eps: f64,
+    /// Seed of the parameters, the data and dropout.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Evaluate every K steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
+    /// Validation batches per evaluation.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    pub eval_batches: u64,
+    /// Checkpoint every K steps (0: only at the end).
+    #[arg(long, default_value_t = 100)]
+    pub save_every: u64,
+    /// Checkpoints to keep (0: all).
+    #[arg(long, default_value_t = 3)]
+    pub keep_last: u64,
+    /// Worker threads (default: every core). Bit-identical results need the same count.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// CPU target of the compiled bundle.
+    #[arg(long, default_value = "native")]
+    pub target: String,
+}
+
+fn parse_schedule(s: &str) -> Result<Schedule, String> {
+    Schedule::parse(s)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// The model (.tn file, compiled with `--train` and cached) or a training bundle directory.
+    pub model: PathBuf,
+    /// Override a hyper-parameter of a .tn model (`name=value`); repeatable.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    pub sets: Vec<String>,
+    #[command(flatten)]
+    pub flags: TrainFlags,
+    /// The run directory: metrics, checkpoints and plots go here.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run in `--out` from its latest valid checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+impl TrainFlags {
+    pub fn config(&self) -> Config {
+        Config {
+            steps: self.steps,
+            batch: self.batch as usize,
+            seq: self.seq as usize,
+            lr: self.lr,
+            accumulate: self.accumulate as usize,
+            warmup: self.warmup,
+            schedule: self.schedule,
+            clip: self.clip,
+            seed: self.seed,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            eval_every: self.eval_every,
+            eval_batches: self.eval_batches as usize,
+            save_every: self.save_every,
+            keep_last: self.keep_last as usize,
+            threads: self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        }
+    }
+}
+
+/// The bundle for `model`: a directory is used as it is; a .tn file is compiled (cached).
+pub(crate) fn resolve_bundle(
+    model: &Path,
+    sets: &[String],
+    flags: &TrainFlags,
+    status: &mut dyn FnMut(&str),
+) -> Result<PathBuf, Failure> {
+    if model.is_dir() {
+        if !sets.is_empty() || flags.dropout.is_some() {
+            return Err(Failure::usage(
+                Diagnostic::error("`--set` and `--dropout` need a .tn model; a bundle is already compiled")
+                    .with_hint("pass the model file instead, or recompile the bundle with the new values"),
+            ));
+        }
+        return Ok(model.to_path_buf());
+    }
+    let mut sets = sets.to_vec();
+    if let Some(p) = flags.dropout {
+        sets.push(format!("drop={p}"));
+    }
+    let args = ModelArgs { file: model.to_path_buf(), sets, model: None };
+    bundle_cache::training_bundle(&args, &flags.target, status)
+}
+
+/// What `run.json` records about a run.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct RunInfo {
+    pub model: String,
+    pub sets: Vec<String>,
+    pub data: String,
+    pub bundle: PathBuf,
+    pub config: Config,
+}
+
+pub fn run(args: &TrainArgs) -> Result<(), Failure> {
+    let bar = ProgressBar::new(args.flags.steps);
+    let summary = train_one(&args.model, &args.sets, &args.flags, &args.out, args.resume, &bar)?;
+    print_summary(&summary, &args.out);
+    Ok(())
+}
+
+/// The result of one run.
+pub(crate) struct Summary {
+    pub model: String,
+    pub data: DataSource,
+    pub steps: u64,
+    /// Mean training loss of the last tenth of the steps (at least one).
+    pub final_loss: f64,
+    pub eval: Option<EvalReport>,
+    /// Median tokens per second over the run's steps.
+    pub tokens_per_s: f64,
+    pub parameters: u64,
+    /// Bytes the runtime allocated for the model at the run's B and N.
+    pub memory_bytes: u64,
+    /// (step, training loss) of every step.
+    pub losses: Vec<(f64, f64)>,
+}
+
+/// Trains `model` into `out`, showing progress on `bar`; writes `run.json`, metrics,
+/// checkpoints and `loss.svg`.
+pub(crate) fn train_one(
+    model: &Path,
+    sets: &[String],
+    flags: &TrainFlags,
+    out: &Path,
+    resume: bool,
+    bar: &ProgressBar,
+) -> Result<Summary, Failure> {
+    let data = DataSource::parse(&flags.data).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
+    let cfg = flags.config();
+    let bundle_dir = resolve_bundle(model, sets, flags, &mut |s| say(bar, s))?;
+    let bundle = tnc_runtime::Bundle::load_cpu(&bundle_dir).map_err(|e| fail(e.to_string()))?;
+    std::fs::create_dir_all(out).map_err(|e| fail(format!("cannot create {}: {e}", out.display())))?;
+    let info = RunInfo {
+        model: model.display().to_string(),
+        sets: sets.to_vec(),
+        data: data.to_string(),
+        bundle: std::fs::canonicalize(&bundle_dir).unwrap_or(bundle_dir.clone()),
+        config: cfg.clone(),
+    };
+    let meta = BTreeMap::from([
+        ("model".to_string(), info.model.clone()),
+        ("data".to_string(), info.data.clone()),
+        ("bundle".to_string(), info.bundle.display().to_string()),
+    ]);
+    let mut trainer = Trainer::new(&bundle, data.clone(), cfg.clone(), out, resume, meta, &mut |w| {
+        say(bar, &format!("warning: {w}"))
+    })
+    .map_err(fail)?;
+    write_atomically(&out.join("run.json"), serde_json::to_string_pretty(&info).expect("serializable").as_bytes())?;
+
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} [{elapsed} < {eta}]").expect("valid template"),
+    );
+    bar.set_length(cfg.steps);
+    bar.set_position(trainer.step_count());
+    if trainer.step_count() > 0 {
+        say(bar, &format!("resuming {} at step {}", out.display(), trainer.step_count()));
+    }
+    let mut speeds = Vec::new();
+    let mut eval = None;
+    while !trainer.done() {
+        let r = trainer.step().map_err(fail)?;
+        speeds.push(r.tokens_per_s);
+        bar.set_position(r.step);
+        bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", r.loss, r.lr, r.tokens_per_s));
+        if trainer.eval_due() {
+            let e = trainer.evaluate().map_err(fail)?;
+            say(bar, &format!("step {}: {}", r.step, describe_eval(&e, &data)));
+            eval = Some(e);
+        }
+        if trainer.save_due() {
+            trainer.save().map_err(fail)?;
+        }
+    }
+    if eval.is_none() {
+        // Resumed at (or past) the end: evaluate what there is.
+        eval = Some(trainer.evaluate().map_err(fail)?);
+    }
+    bar.finish_and_clear();
+
+    let records = tnc_train::metrics::read(&out.join("metrics.jsonl")).map_err(fail)?;
+    let series = |key: &str| -> Vec<(f64, f64)> {
+        records.iter().filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?))).collect::<Vec<_>>()
+    };
+    let losses = series("loss");
+    let eval_losses = series("eval_loss");
+    let mut plot = vec![tnc_train::Series { label: "train loss".into(), points: losses.clone() }];
+    if !eval_losses.is_empty() {
+        plot.push(tnc_train::Series { label: "eval loss".into(), points: eval_losses.clone() });
+    }
+    let name = model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    tnc_train::loss_plot(&out.join("loss.svg"), &format!("{name} on {data}"), &plot).map_err(fail)?;
+
+    let tail = (losses.len() / 10).max(1).min(losses.len());
+    let final_loss = losses[losses.len() - tail..].iter().map(|p| p.1).sum::<f64>() / tail.max(1) as f64;
+    speeds.sort_by(f64::total_cmp);
+    let m = trainer.executor().manifest();
+    let parameters = m.params.iter().filter(|p| p.trainable).map(|p| p.shape.iter().product::<i64>() as u64).sum();
+    Ok(Summary {
+        model: name,
+        data,
+        steps: trainer.step_count(),
+        final_loss,
+        eval,
+        tokens_per_s: speeds.get(speeds.len() / 2).copied().unwrap_or(0.0),
+        parameters,
+        memory_bytes: trainer.executor().allocated_bytes() as u64,
+        losses,
+    })
+}
+
+/// A line above the progress bar, or on standard error when the bar is hidden (not a
+/// terminal), so logs of non-interactive runs keep it.
+pub(crate) fn say(bar: &ProgressBar, line: &str) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
+/// One line describing an evaluation.
+pub(crate) fn describe_eval(e: &EvalReport, data: &DataSource) -> String {
+    let unit = if matches!(data, DataSource::Text { .. }) { "bits per byte" } else { "bits per token" };
+    let mut s = format!(
+        "eval loss {:.4}, perplexity {:.3}, {unit} {:.4} on {} tokens ({} sequences)",
+        e.loss,
+        e.perplexity(),
+        e.bits_per_token(),
+        e.tokens,
+        e.sequences
+    );
+    if let Some(a) = e.accuracy {
+        s.push_str(&format!(", accuracy {:.2}% on {} answers", 100.0 * a, e.answers));
+    }
+    s
+}
+
+fn print_summary(s: &Summary, out: &Path) {
+    println!("trained {} on {} for {} steps", s.model, s.data, s.steps);
+    println!("  final train loss {:.4} (mean of the last tenth of the steps)", s.final_loss);
+    if let Some(e) = &s.eval {
+        println!("  {}", describe_eval(e, &s.data));
+    }
+    println!(
+        "  {:.0} tokens/s (median), {} parameters, {:.1} MiB allocated",
+        s.tokens_per_s,
+        s.parameters,
+        s.memory_bytes as f64 / 1048576.0
+    );
+    println!(
+        "  wrote {}/metrics.jsonl, {}/loss.svg, checkpoints in {}/checkpoints",
+        out.display(),
+        out.display(),
+        out.display()
+    );
+}
+
+/// Writes a small file through a temporary file and a rename.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| fail(format!("cannot write {}: {e}", path.display())))
+}

@@ -1,0 +1,217 @@
+//! Block attention (`ir::BlockAttention`) and its backward as staged kernels: one
+//! parallel iteration per block (the flattened batch axes: batch, head, block index),
+//! scores never written to memory.
+//!
+//! ```text
+//! forward, per block:
+//!   stage q', k' (w×d) and v' (w×e) into local arrays, each region element computed once
+//!   S = q' k'ᵀ (w×w)
+//!   for each row i:  P[:] = weights(S)[i, :];  out[i, :] = P v'
+//! backward, per block (operands: the forward's, then dO):
+//!   stage q', k', v', dO;  S = q' k'ᵀ;  P = weights(S);  dP = dO v'ᵀ
+//!   dS = weights_vjp(S, dP)
+//!   out[i, 0..d] = dS k'   out[j, d..2d] = dSᵀ q'   out[j, 2d..2d+e] = Pᵀ dO
+//! ```
+//!
+//! The weights regions (scaling, mask, activation: softmax or ReLU) read S and dP from
+//! the local arrays through [`Source::Array`], so their row reductions (softmax's max and
+//! sum) run once per row. Needs the block width w and the head widths d, e to be
+//! constants; full-sequence attention (w = N, the softmax baseline) keeps the composed
+//! kernel of `special.rs`. Local memory per block: `w·(2d + e) + w² + w + e` floats
+//! forward, `w·(2d + 2e) + 4w²` backward.
+
+use super::element::{elem_of, Lowering, Source};
+use super::emit::{add, mul};
+use crate::ir::{BlockAttention, BlockAttentionGrad, NodeId, Region, TensorType};
+use crate::kernel::{Access, Binary, Expr, Kernel, LoopKind, Stmt, Var};
+use std::rc::Rc;
+
+/// The constant (block width w, key width d, value width e) of a block attention, or
+/// `None` when one of them is a run-time size.
+pub fn constant_widths(ba: &BlockAttention) -> Option<(usize, usize, usize)> {
+    let (q, v) = (ba.q.result_type(), ba.v.result_type());
+    let r = q.rank();
+    let c = |d: &crate::ir::Dim| d.as_const().filter(|&x| x > 0).map(|x| x as usize);
+    Some((c(&q.shape[r - 2])?, c(&q.shape[r - 1])?, c(&v.shape[r - 1])?))
+}
+
+fn load(array: Var, index: Expr) -> Expr {
+    Expr::LoadArray { array, index: Box::new(index) }
+}
+
+/// What both kernels share: the block's index, its staged operands and widths.
+struct Block {
+    b_idx: Vec<Expr>,
+    w: usize,
+    d: usize,
+    e: usize,
+    q: Var,
+    k: Var,
+    v: Var,
+    /// The scores' type `[batch…, w, w]`, for reading S (and dP) as region arguments.
+    scores: TensorType,
+}
+
+impl Block {
+    /// Stages q', k', v' of the block (and declares the arrays).
+    fn stage(lw: &mut Lowering, ba: &BlockAttention, ops: &[NodeId]) -> Result<Block, String> {
+        let (w, d, e) = constant_widths(ba).ok_or("block attention needs constant block and head widths")?;
+        let qt = ba.q.result_type().clone();
+        let r = qt.rank();
+        let batch = qt.shape[..r - 2].to_vec();
+        let b_idx = lw.unravel(Expr::Var(lw.e.index), &batch)?;
+        let (na, nb, nc) = (ba.q.args.len(), ba.k.args.len(), ba.v.args.len());
+        let mut scores = qt.clone();
+        scores.shape[r - 1] = qt.shape[r - 2].clone();
+        let mut block = Block { b_idx, w, d, e, q: Var(0), k: Var(0), v: Var(0), scores };
+        block.q = block.stage_region(lw, &ba.q, &ops[..na], d)?;
+        block.k = block.stage_region(lw, &ba.k, &ops[na..na + nb], d)?;
+        block.v = block.stage_region(lw, &ba.v, &ops[na + nb..na + nb + nc], e)?;
+        Ok(block)
+    }
+
+    /// A `w × width` array holding `source` at the block's rows.
+    fn stage_source(&self, lw: &mut Lowering, source: Source, width: usize) -> Result<Var, String> {
+        let arr = lw.e.array(self.w * width);
+        let i = lw.e.open();
+        let a = lw.e.open();
+        let mut idx = self.b_idx.clone();
+        idx.extend([Expr::Var(i), Expr::Var(a)]);
+        let value = lw.value(source, &idx)?;
+        let at = add(mul(Expr::Var(i), Expr::I64(width as i64)), Expr::Var(a));
+        lw.e.push(Stmt::StoreArray { array: arr, index: at, value });
+        lw.e.close(a, Expr::I64(width as i64), LoopKind::Vector);
+        lw.e.close(i, Expr::I64(self.w as i64), LoopKind::Serial);
+        Ok(arr)
+    }
+
+    fn stage_region(&self, lw: &mut Lowering, region: &Region, args: &[NodeId], width: usize) -> Result<Var, String> {
+        self.stage_source(lw, Source::region(Rc::new(region.clone()), args), width)
+    }
+
+    /// `out[i·w + j] = Σ_x a[i·ka + x·sa] · b[j·kb + x·sb]` for all i, j < w over x < n:
+    /// the products of the block's small matrices.
+    #[allow(clippy::too_many_arguments)]
+    fn product(&self, lw: &mut Lowering, out: Var, a: (Var, usize, usize), b: (Var, usize, usize), n: usize) {
+        let i = lw.e.open();
+        let j = lw.e.open();
+        let (iv, jv) = (Expr::Var(i), Expr::Var(j));
+        let dot = lw.serial_sum(Expr::F32(0.0), Expr::I64(n as i64), |_, x| {
+            let ai = add(mul(iv.clone(), Expr::I64(a.1 as i64)), mul(x.clone(), Expr::I64(a.2 as i64)));
+            let bi = add(mul(jv.clone(), Expr::I64(b.1 as i64)), mul(x, Expr::I64(b.2 as i64)));
+            Expr::Binary(Binary::Mul, Box::new(load(a.0, ai)), Box::new(load(b.0, bi)))
+        });
+        let at = add(mul(iv, Expr::I64(self.w as i64)), jv);
+        lw.e.push(Stmt::StoreArray { array: out, index: at, value: dot });
+        lw.e.close(j, Expr::I64(self.w as i64), LoopKind::Serial);
+        lw.e.close(i, Expr::I64(self.w as i64), LoopKind::Serial);
+    }
+
+    /// A `w × w` array of `region(args…)` (arguments: local `w × w` arrays).
+    fn apply(&self, lw: &mut Lowering, region: &Region, args: &[Var]) -> Result<Var, String> {
+        let out = lw.e.array(self.w * self.w);
+        let args: Rc<[Source]> =
+            args.iter().map(|&a| Source::Array { array: a, ty: self.scores.clone(), keep: 2 }).collect();
+        let source = Source::Region { region: Rc::new(region.clone()), value: region.result, args };
+        let i = lw.e.open();
+        let j = lw.e.open();
+        let mut idx = self.b_idx.clone();
+        idx.extend([Expr::Var(i), Expr::Var(j)]);
+        let value = lw.value(source, &idx)?;
+        let at = add(mul(Expr::Var(i), Expr::I64(self.w as i64)), Expr::Var(j));
+        lw.e.push(Stmt::StoreArray { array: out, index: at, value });
+        lw.e.close(j, Expr::I64(self.w as i64), LoopKind::Serial);
+        lw.e.close(i, Expr::I64(self.w as i64), LoopKind::Serial);
+        Ok(out)
+    }
+
+    /// Stores `Σ_x m[x·sm + r·tm] · a[x·width + c]` at `out[b…, r, offset + c]` for every
+    /// row r < w and column c < width: a (transposed) block matrix times a staged operand.
+    #[allow(clippy::too_many_arguments)]
+    fn store_product(
+        &self,
+        lw: &mut Lowering,
+        out: (usize, &TensorType),
+        offset: usize,
+        m: (Var, usize, usize),
+        a: Var,
+        width: usize,
+    ) -> Result<(), String> {
+        let row = lw.e.open();
+        let col = lw.e.open();
+        let (rv, cv) = (Expr::Var(row), Expr::Var(col));
+        let value = lw.serial_sum(Expr::F32(0.0), Expr::I64(self.w as i64), |_, x| {
+            let mi = add(mul(x.clone(), Expr::I64(m.1 as i64)), mul(rv.clone(), Expr::I64(m.2 as i64)));
+            let ai = add(mul(x, Expr::I64(width as i64)), cv.clone());
+            Expr::Binary(Binary::Mul, Box::new(load(m.0, mi)), Box::new(load(a, ai)))
+        });
+        let mut idx = self.b_idx.clone();
+        idx.extend([rv, add(cv, Expr::I64(offset as i64))]);
+        let lin = lw.linear(&idx, &out.1.shape)?;
+        lw.e.push(Stmt::Store { buffer: out.0, index: lin, value });
+        lw.e.close(col, Expr::I64(width as i64), LoopKind::Vector);
+        lw.e.close(row, Expr::I64(self.w as i64), LoopKind::Serial);
+        Ok(())
+    }
+}
+
+fn finish_block(lw: &mut Lowering, ba: &BlockAttention, name: String) -> Result<(Kernel, Vec<usize>), String> {
+    let qt = ba.q.result_type();
+    let mut extent = Expr::I64(1);
+    for dim in &qt.shape[..qt.rank() - 2] {
+        extent = mul(extent, lw.e.dim(dim)?);
+    }
+    super::finish(lw, name, extent)
+}
+
+/// The forward kernel of block attention node `n`.
+pub fn forward(
+    lw: &mut Lowering,
+    n: NodeId,
+    ba: &BlockAttention,
+    name: String,
+) -> Result<(Kernel, Vec<usize>), String> {
+    let g = lw.g;
+    let ops = g.operands(n);
+    let out_ty = g.ty(n).clone();
+    let global = lw.stored[&n];
+    let out = lw.e.buffer(global, &format!("b{global}"), elem_of(out_ty.dtype), Access::Write);
+    let blk = Block::stage(lw, ba, &ops)?;
+    let (w, d, e) = (blk.w, blk.d, blk.e);
+    let s = lw.e.array(w * w);
+    blk.product(lw, s, (blk.q, d, 1), (blk.k, d, 1), d);
+    let p = blk.apply(lw, &ba.weights, &[s])?;
+    // out[i, y] = Σ_j P[i, j] v'[j, y]: P read row-major (x = j at stride 1, row i at w).
+    blk.store_product(lw, (out, &out_ty), 0, (p, 1, w), blk.v, e)?;
+    finish_block(lw, ba, name)
+}
+
+/// The backward kernel of block attention: `[dq' | dk' | dv']` of node `n`.
+pub fn backward(
+    lw: &mut Lowering,
+    n: NodeId,
+    bg: &BlockAttentionGrad,
+    name: String,
+) -> Result<(Kernel, Vec<usize>), String> {
+    let g = lw.g;
+    let ba = &bg.forward;
+    let ops = g.operands(n);
+    let out_ty = g.ty(n).clone();
+    let global = lw.stored[&n];
+    let out = lw.e.buffer(global, &format!("b{global}"), elem_of(out_ty.dtype), Access::Write);
+    let blk = Block::stage(lw, ba, &ops)?;
+    let (w, d, e) = (blk.w, blk.d, blk.e);
+    let d_o = *ops.get(ba.operand_count()).ok_or("block attention's backward has no output cotangent")?;
+    let go = blk.stage_source(lw, Source::Node(d_o), e)?;
+    let s = lw.e.array(w * w);
+    blk.product(lw, s, (blk.q, d, 1), (blk.k, d, 1), d);
+    let p = blk.apply(lw, &ba.weights, &[s])?;
+    let dp = lw.e.array(w * w);
+    blk.product(lw, dp, (go, e, 1), (blk.v, e, 1), e);
+    let ds = blk.apply(lw, &bg.weights_vjp, &[s, dp])?;
+    // dq'[i] = Σ_j dS[i, j] k'[j];  dk'[j] = Σ_i dS[i, j] q'[i];  dv'[j] = Σ_i P[i, j] dO[i].
+    blk.store_product(lw, (out, &out_ty), 0, (ds, 1, w), blk.k, d)?;
+    blk.store_product(lw, (out, &out_ty), d, (ds, w, 1), blk.q, d)?;
+    blk.store_product(lw, (out, &out_ty), 2 * d, (p, w, 1), go, e)?;
+    finish_block(lw, ba, name)
+}
