@@ -238,6 +238,29 @@ pub fn schedule_with(
                 out.add(k, b, entry);
                 continue;
             }
+            if special::is_full_block_attention(&g.node(n).op) {
+                // q', k', v' into workspaces first, then the attention reads them.
+                let lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
+                let prologues = special::block_attention_prologues(&lw, n).map_err(|e| format!("group {gi}: {e}"))?;
+                drop(lw);
+                let mut kept = Vec::new();
+                for (pi, (source, ty)) in prologues.into_iter().enumerate() {
+                    let bytes =
+                        crate::ir::dim::numel(&ty.shape).and_then(|d| d.checked_scale(4)).ok_or("size overflow")?;
+                    buffers.push(BufferInfo { bytes, role: Role::Workspace, name: None });
+                    let buffer = buffers.len() - 1;
+                    let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
+                    let (k, b) = special::materialize(&mut lw, source, &ty, buffer, format!("g{gi}_{kind}_in{pi}"))
+                        .map_err(|e| format!("group {gi}: {e}"))?;
+                    out.add(k, b, entry);
+                    kept.push((buffer, ty));
+                }
+                let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
+                let (k, b) = special::block_attention_full(&mut lw, n, &kept, format!("g{gi}_{kind}"))
+                    .map_err(|e| format!("group {gi}: {e}"))?;
+                out.add(k, b, entry);
+                continue;
+            }
             let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
             let (kernel, bindings) =
                 special::kernel(&mut lw, n, opts, format!("g{gi}_{kind}")).map_err(|e| format!("group {gi}: {e}"))?;

@@ -26,20 +26,11 @@ pub fn kernel(
         Op::BlockAttentionGrad(bg) if super::block_attention::constant_widths(&bg.forward).is_some() => {
             super::block_attention::backward(lw, n, bg, name)
         }
-        Op::BlockAttention(ba) => {
-            let r = block_attention_region(ba, &operand_types(lw, n))?;
-            composed(lw, n, r, name)
-        }
-        Op::BlockAttentionGrad(bg) => {
-            let r = block_attention_grad_region(bg, &operand_types(lw, n))?;
-            composed(lw, n, r, name)
+        Op::BlockAttention(_) | Op::BlockAttentionGrad(_) => {
+            Err("full-sequence block attention is scheduled by `block_attention_full`".into())
         }
         other => Err(format!("no kernel template for `{}` yet", other.kind())),
     }
-}
-
-fn operand_types(lw: &Lowering, n: NodeId) -> Vec<TensorType> {
-    lw.g.operands(n).iter().map(|&o| lw.g.ty(o).clone()).collect()
 }
 
 /// Inclusive scan along `axis`: parallel over every other axis, a serial loop with an
@@ -177,11 +168,104 @@ fn block_attention_grad_region(bg: &BlockAttentionGrad, operands: &[TensorType])
     Ok(c.finish(out))
 }
 
-/// A normal-form op whose value is one composed region of its operands.
-fn composed(lw: &mut Lowering, n: NodeId, region: Region, name: String) -> Result<(Kernel, Vec<usize>), String> {
+/// Whether node `n` is block attention (or its backward) over the whole sequence (a
+/// run-time block width): scheduled by [`block_attention_full`], not [`kernel`].
+pub fn is_full_block_attention(op: &Op) -> bool {
+    forward_of(op).is_some_and(|ba| super::block_attention::constant_widths(ba).is_none())
+}
+
+/// The forward attention of a block attention or its backward.
+fn forward_of(op: &Op) -> Option<&BlockAttention> {
+    match op {
+        Op::BlockAttention(ba) => Some(ba),
+        Op::BlockAttentionGrad(bg) => Some(&bg.forward),
+        _ => None,
+    }
+}
+
+/// The prologue values q', k', v' of a full-sequence block attention: each region with
+/// its slice of the operands, and its type. The schedule stores them in workspace buffers
+/// first ([`materialize`]) so the attention kernel reads them instead of recomputing
+/// the projections for every score it needs.
+pub fn block_attention_prologues(lw: &Lowering, n: NodeId) -> Result<Vec<(Source, TensorType)>, String> {
+    let ba = forward_of(&lw.g.node(n).op).ok_or("not block attention")?;
+    let ops = lw.g.operands(n);
+    let (na, nb, nc) = (ba.q.args.len(), ba.k.args.len(), ba.v.args.len());
+    let part = |r: &Region, from: usize, count: usize| {
+        (Source::region(std::rc::Rc::new(r.clone()), &ops[from..from + count]), r.result_type().clone())
+    };
+    Ok(vec![part(&ba.q, 0, na), part(&ba.k, na, nb), part(&ba.v, na + nb, nc)])
+}
+
+/// A kernel storing `source` (of type `ty`) into global buffer `global`: parallel over
+/// all axes but the last, a vector loop over the last.
+pub fn materialize(
+    lw: &mut Lowering,
+    source: Source,
+    ty: &TensorType,
+    global: usize,
+    name: String,
+) -> Result<(Kernel, Vec<usize>), String> {
+    let rows = ty.shape[..ty.rank() - 1].to_vec();
+    let row_idx = lw.unravel(Expr::Var(lw.e.index), &rows)?;
+    let last = lw.e.dim(&ty.shape[ty.rank() - 1])?;
+    let j = lw.e.open();
+    let mut idx = row_idx;
+    idx.push(Expr::Var(j));
+    let value = lw.value(source, &idx)?;
+    let b = lw.e.buffer(global, &format!("b{global}"), elem_of(ty.dtype), Access::Write);
+    let lin = lw.linear(&idx, &ty.shape)?;
+    lw.e.push(Stmt::Store { buffer: b, index: lin, value });
+    lw.e.close(j, last, LoopKind::Vector);
+    let mut extent = Expr::I64(1);
+    for d in &rows {
+        extent = mul(extent, lw.e.dim(d)?);
+    }
+    super::finish(lw, name, extent)
+}
+
+/// Full-sequence block attention (forward or backward) reading its prologue values
+/// q', k', v' from `stored` (buffers written by [`materialize`]): one composed region per
+/// output element over identity prologues.
+pub fn block_attention_full(
+    lw: &mut Lowering,
+    n: NodeId,
+    stored: &[(usize, TensorType)],
+    name: String,
+) -> Result<(Kernel, Vec<usize>), String> {
+    let op = lw.g.node(n).op.clone();
+    let ba = forward_of(&op).ok_or("not block attention")?;
+    let plain = BlockAttention {
+        q: Region::identity(stored[0].1.clone()),
+        k: Region::identity(stored[1].1.clone()),
+        v: Region::identity(stored[2].1.clone()),
+        weights: ba.weights.clone(),
+    };
+    let mut args: Vec<Source> = stored.iter().map(|(b, ty)| Source::Buffer { buffer: *b, ty: ty.clone() }).collect();
+    let mut types: Vec<TensorType> = stored.iter().map(|(_, ty)| ty.clone()).collect();
+    let region = match &op {
+        Op::BlockAttentionGrad(bg) => {
+            let d_o = *lw.g.operands(n).last().ok_or("no output cotangent")?;
+            args.push(Source::Node(d_o));
+            types.push(lw.g.ty(d_o).clone());
+            let grad = BlockAttentionGrad { forward: plain, weights_vjp: bg.weights_vjp.clone() };
+            block_attention_grad_region(&grad, &types)?
+        }
+        _ => block_attention_region(&plain, &types)?,
+    };
+    composed(lw, n, region, args, name)
+}
+
+/// A normal-form op whose value is one composed region of `args`.
+fn composed(
+    lw: &mut Lowering,
+    n: NodeId,
+    region: Region,
+    args: Vec<Source>,
+    name: String,
+) -> Result<(Kernel, Vec<usize>), String> {
     let g = lw.g;
     let ty = g.ty(n).clone();
-    let operands = g.operands(n);
     let rows = ty.shape[..ty.rank() - 1].to_vec();
     let row_idx = lw.unravel(Expr::Var(lw.e.index), &rows)?;
     let last = lw.e.dim(&ty.shape[ty.rank() - 1])?;
@@ -189,7 +273,7 @@ fn composed(lw: &mut Lowering, n: NodeId, region: Region, name: String) -> Resul
     let mut idx = row_idx;
     idx.push(Expr::Var(j));
     let region = std::rc::Rc::new(region);
-    let value = lw.value(Source::region(region, &operands), &idx)?;
+    let value = lw.value(Source::Region { value: region.result, region, args: args.into() }, &idx)?;
     let global = lw.stored[&n];
     let b = lw.e.buffer(global, &format!("b{global}"), elem_of(ty.dtype), Access::Write);
     let lin = lw.linear(&idx, &ty.shape)?;
