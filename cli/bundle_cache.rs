@@ -1,6 +1,7 @@
 //! The cache of training bundles: `tnc train MODEL.tn` compiles once per distinct
 //! (source text of every file the model reads, `--set` values, model name, target, tnc
-//! version) and reuses the bundle afterwards.
+//! version and build) and reuses the bundle afterwards. The build is the size and time
+//! of the `tnc` executable, so a rebuilt compiler never reuses bundles of the old one.
 //!
 //! Location: `$TNC_CACHE_DIR`, else `$XDG_CACHE_HOME/tnc`, else `~/.cache/tnc`, each with
 //! `bundles/<key>.tnb` under it. A bundle is compiled into a temporary directory and
@@ -26,12 +27,24 @@ pub fn cache_dir() -> PathBuf {
     base.join("bundles")
 }
 
+/// The size and modification time of the running executable (empty if unknown).
+fn build_id() -> String {
+    let meta = std::env::current_exe().and_then(std::fs::metadata);
+    match meta {
+        Ok(m) => {
+            let t = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default();
+            format!("{}-{}.{}", m.len(), t.as_secs(), t.subsec_nanos())
+        }
+        Err(_) => String::new(),
+    }
+}
+
 /// A training bundle for `model` and `target`, from the cache or freshly compiled.
 /// `status` hears what happens ("compiling …", "using cached …").
 pub fn training_bundle(model: &ModelArgs, target: &str, status: &mut dyn FnMut(&str)) -> Result<PathBuf, Failure> {
     let (graph, sources) = elaborate(model)?;
     let mut h = Sha256::new();
-    h.update(format!("tnc {}\ntarget {target}\ntrain\n", env!("CARGO_PKG_VERSION")));
+    h.update(format!("tnc {} {}\ntarget {target}\ntrain\n", env!("CARGO_PKG_VERSION"), build_id()));
     h.update(format!("model {:?}\n", model.model));
     for s in &model.sets {
         h.update(format!("set {s}\n"));

@@ -298,6 +298,7 @@ impl Trainer {
             "lr": report.lr,
             "grad_norm": report.grad_norm,
             "tokens_per_s": report.tokens_per_s,
+            "bundle_sha256": self.bundle_hash,
         }))?;
         Ok(report)
     }

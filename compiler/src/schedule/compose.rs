@@ -1,7 +1,5 @@
-//! Composing regions into one: a normal-form op whose math is a few contractions around
-//! its regions (block attention and its backward) becomes a single region of primitive ops over the op's operands, which the
-//! generic element lowering then turns into a kernel. Nothing the op computes in between
-//! is written to memory.
+//! Building small regions of primitive ops (the contractions of full-sequence attention's
+//! stages, `special.rs`), which the generic element lowering turns into kernels.
 
 use crate::ir::infer::infer;
 use crate::ir::region::RegionNode;
@@ -29,23 +27,6 @@ impl Composer {
         let ty = infer(&op, &tys)?;
         self.nodes.push(RegionNode { op, operands: operands.to_vec(), ty });
         Ok(RegionValue::Node(self.nodes.len() as u32 - 1))
-    }
-
-    /// Copy `r` in, with its arguments bound to `args`.
-    pub fn embed(&mut self, r: &Region, args: &[RegionValue]) -> RegionValue {
-        let base = self.nodes.len() as u32;
-        let map = |v: RegionValue| match v {
-            RegionValue::Arg(i) => args[i as usize],
-            RegionValue::Node(i) => RegionValue::Node(base + i),
-        };
-        for n in &r.nodes {
-            self.nodes.push(RegionNode {
-                op: n.op.clone(),
-                operands: n.operands.iter().map(|&v| map(v)).collect(),
-                ty: n.ty.clone(),
-            });
-        }
-        map(r.result)
     }
 
     /// `einsum(spec)` with letters given as strings.

@@ -255,10 +255,41 @@ pub fn schedule_with(
                     out.add(k, b, entry);
                     kept.push((buffer, ty));
                 }
-                let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
-                let (k, b) = special::block_attention_full(&mut lw, n, &kept, format!("g{gi}_{kind}"))
-                    .map_err(|e| format!("group {gi}: {e}"))?;
-                out.add(k, b, entry);
+                let types: Vec<_> = kept.iter().map(|(_, ty)| ty.clone()).collect();
+                let lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
+                let stages = special::full_attention_stages(&lw, n, &types).map_err(|e| format!("group {gi}: {e}"))?;
+                drop(lw);
+                let count = stages.len();
+                let mut done: Vec<(usize, crate::ir::TensorType)> = Vec::new();
+                for (si, st) in stages.into_iter().enumerate() {
+                    let ty = st.region.result_type().clone();
+                    let buffer = if si + 1 == count {
+                        stored[&n]
+                    } else {
+                        let bytes =
+                            crate::ir::dim::numel(&ty.shape).and_then(|d| d.checked_scale(4)).ok_or("size overflow")?;
+                        buffers.push(BufferInfo { bytes, role: Role::Workspace, name: None });
+                        buffers.len() - 1
+                    };
+                    let args: std::rc::Rc<[Source]> = st
+                        .args
+                        .iter()
+                        .map(|a| match *a {
+                            special::StageArg::Prologue(i) => {
+                                Source::Buffer { buffer: kept[i].0, ty: kept[i].1.clone() }
+                            }
+                            special::StageArg::Stage(i) => Source::Buffer { buffer: done[i].0, ty: done[i].1.clone() },
+                            special::StageArg::Node(node) => Source::Node(node),
+                        })
+                        .collect();
+                    let region = std::rc::Rc::new(st.region);
+                    let source = Source::Region { value: region.result, region, args };
+                    let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
+                    let (k, b) = special::materialize(&mut lw, source, &ty, buffer, format!("g{gi}_{kind}_s{si}"))
+                        .map_err(|e| format!("group {gi}: {e}"))?;
+                    out.add(k, b, entry);
+                    done.push((buffer, ty));
+                }
                 continue;
             }
             let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };

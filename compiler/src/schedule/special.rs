@@ -5,7 +5,7 @@
 use super::compose::{letters, Composer};
 use super::element::{elem_of, Lowering, Source};
 use super::emit::{bin, mul, sub};
-use crate::ir::{BlockAttention, BlockAttentionGrad, NodeId, Op, Region, RegionValue, TensorType};
+use crate::ir::{BlockAttention, NodeId, Op, Region, RegionValue, TensorType};
 use crate::kernel::{Access, Binary, Expr, Kernel, LoopKind, Scalar, Stmt};
 
 pub fn kernel(
@@ -126,48 +126,6 @@ fn scatter_add(lw: &mut Lowering, n: NodeId, name: String) -> Result<(Kernel, Ve
     super::finish(lw, name, extent)
 }
 
-/// Region arguments of consecutive slices of an op's operands, as composed-region values.
-fn arg_values(start: usize, count: usize) -> Vec<RegionValue> {
-    (start..start + count).map(|i| RegionValue::Arg(i as u32)).collect()
-}
-
-/// Block attention as one composed region: `einsum(weights(einsum(q', k')), v')`.
-fn block_attention_region(ba: &BlockAttention, operands: &[TensorType]) -> Result<Region, String> {
-    let mut c = Composer::new(operands.to_vec());
-    let (na, nb, nc) = (ba.q.args.len(), ba.k.args.len(), ba.v.args.len());
-    let q = c.embed(&ba.q, &arg_values(0, na));
-    let k = c.embed(&ba.k, &arg_values(na, nb));
-    let v = c.embed(&ba.v, &arg_values(na + nb, nc));
-    let rank = c.ty(q).rank();
-    let l = |x: &str| letters(rank - 2, x);
-    let s = c.einsum((&l("ix"), q), (&l("jx"), k), &l("ij"))?;
-    let p = c.embed(&ba.weights, &[s]);
-    let o = c.einsum((&l("ij"), p), (&l("jy"), v), &l("iy"))?;
-    Ok(c.finish(o))
-}
-
-/// The backward of block attention as one composed region producing `[dq' | dk' | dv']`.
-fn block_attention_grad_region(bg: &BlockAttentionGrad, operands: &[TensorType]) -> Result<Region, String> {
-    let ba = &bg.forward;
-    let mut c = Composer::new(operands.to_vec());
-    let (na, nb, nc) = (ba.q.args.len(), ba.k.args.len(), ba.v.args.len());
-    let q = c.embed(&ba.q, &arg_values(0, na));
-    let k = c.embed(&ba.k, &arg_values(na, nb));
-    let v = c.embed(&ba.v, &arg_values(na + nb, nc));
-    let d_o = RegionValue::Arg((na + nb + nc) as u32);
-    let rank = c.ty(q).rank();
-    let l = |x: &str| letters(rank - 2, x);
-    let s = c.einsum((&l("ix"), q), (&l("jx"), k), &l("ij"))?;
-    let p = c.embed(&ba.weights, &[s]);
-    let dv = c.einsum((&l("ij"), p), (&l("iy"), d_o), &l("jy"))?;
-    let dp = c.einsum((&l("iy"), d_o), (&l("jy"), v), &l("ij"))?;
-    let ds = c.embed(&bg.weights_vjp, &[s, dp]);
-    let dq = c.einsum((&l("ij"), ds), (&l("jx"), k), &l("ix"))?;
-    let dk = c.einsum((&l("ij"), ds), (&l("ix"), q), &l("jx"))?;
-    let out = c.add(Op::Concat { axis: rank - 1 }, &[dq, dk, dv])?;
-    Ok(c.finish(out))
-}
-
 /// Whether node `n` is block attention (or its backward) over the whole sequence (a
 /// run-time block width): scheduled by [`block_attention_full`], not [`kernel`].
 pub fn is_full_block_attention(op: &Op) -> bool {
@@ -224,64 +182,73 @@ pub fn materialize(
     super::finish(lw, name, extent)
 }
 
-/// Full-sequence block attention (forward or backward) reading its prologue values
-/// q', k', v' from `stored` (buffers written by [`materialize`]): one composed region per
-/// output element over identity prologues.
-pub fn block_attention_full(
-    lw: &mut Lowering,
-    n: NodeId,
-    stored: &[(usize, TensorType)],
-    name: String,
-) -> Result<(Kernel, Vec<usize>), String> {
-    let op = lw.g.node(n).op.clone();
-    let ba = forward_of(&op).ok_or("not block attention")?;
-    let plain = BlockAttention {
-        q: Region::identity(stored[0].1.clone()),
-        k: Region::identity(stored[1].1.clone()),
-        v: Region::identity(stored[2].1.clone()),
-        weights: ba.weights.clone(),
-    };
-    let mut args: Vec<Source> = stored.iter().map(|(b, ty)| Source::Buffer { buffer: *b, ty: ty.clone() }).collect();
-    let mut types: Vec<TensorType> = stored.iter().map(|(_, ty)| ty.clone()).collect();
-    let region = match &op {
-        Op::BlockAttentionGrad(bg) => {
-            let d_o = *lw.g.operands(n).last().ok_or("no output cotangent")?;
-            args.push(Source::Node(d_o));
-            types.push(lw.g.ty(d_o).clone());
-            let grad = BlockAttentionGrad { forward: plain, weights_vjp: bg.weights_vjp.clone() };
-            block_attention_grad_region(&grad, &types)?
-        }
-        _ => block_attention_region(&plain, &types)?,
-    };
-    composed(lw, n, region, args, name)
+/// An argument of a [`Stage`]: a prologue value (0 = q', 1 = k', 2 = v'), an earlier
+/// stage's value, or a graph node (the backward's dO).
+#[derive(Clone, Copy, Debug)]
+pub enum StageArg {
+    Prologue(usize),
+    Stage(usize),
+    Node(NodeId),
 }
 
-/// A normal-form op whose value is one composed region of `args`.
-fn composed(
-    lw: &mut Lowering,
-    n: NodeId,
-    region: Region,
-    args: Vec<Source>,
-    name: String,
-) -> Result<(Kernel, Vec<usize>), String> {
-    let g = lw.g;
-    let ty = g.ty(n).clone();
-    let rows = ty.shape[..ty.rank() - 1].to_vec();
-    let row_idx = lw.unravel(Expr::Var(lw.e.index), &rows)?;
-    let last = lw.e.dim(&ty.shape[ty.rank() - 1])?;
-    let j = lw.e.open();
-    let mut idx = row_idx;
-    idx.push(Expr::Var(j));
-    let region = std::rc::Rc::new(region);
-    let value = lw.value(Source::Region { value: region.result, region, args: args.into() }, &idx)?;
-    let global = lw.stored[&n];
-    let b = lw.e.buffer(global, &format!("b{global}"), elem_of(ty.dtype), Access::Write);
-    let lin = lw.linear(&idx, &ty.shape)?;
-    lw.e.push(Stmt::Store { buffer: b, index: lin, value });
-    lw.e.close(j, last, LoopKind::Vector);
-    let mut extent = Expr::I64(1);
-    for d in &rows {
-        extent = mul(extent, lw.e.dim(d)?);
+/// One kernel of full-sequence attention: `region` over `args`, stored whole.
+pub struct Stage {
+    pub region: Region,
+    pub args: Vec<StageArg>,
+}
+
+/// Full-sequence block attention (the softmax baseline, w = N) as a few materialized
+/// stages over q', k', v' (stored by [`materialize`] first): `S = q'k'ᵀ`, `P = weights(S)`,
+/// `O = P v'`; backward also `dP = dO v'ᵀ`, `dS = weights_vjp(S, dP)` and the output
+/// `[dS k' | dSᵀ q' | Pᵀ dO]`. Each stage reads whole rows of the one before, so nothing
+/// is recomputed per element; S and P take `N²` memory per head, which DESIGN.md allows
+/// for the quadratic baseline only. The last stage is the op's value.
+pub fn full_attention_stages(lw: &Lowering, n: NodeId, prologues: &[TensorType]) -> Result<Vec<Stage>, String> {
+    let op = &lw.g.node(n).op;
+    let ba = forward_of(op).ok_or("not block attention")?;
+    let (qt, kt, vt) = (&prologues[0], &prologues[1], &prologues[2]);
+    let l = |x: &str| letters(qt.rank() - 2, x);
+    let mut stages = Vec::new();
+    let mut c = Composer::new(vec![qt.clone(), kt.clone()]);
+    let s = c.einsum((&l("ix"), RegionValue::Arg(0)), (&l("jx"), RegionValue::Arg(1)), &l("ij"))?;
+    stages.push(Stage { region: c.finish(s), args: vec![StageArg::Prologue(0), StageArg::Prologue(1)] });
+    stages.push(Stage { region: ba.weights.clone(), args: vec![StageArg::Stage(0)] });
+    let probs = ba.weights.result_type().clone();
+    match op {
+        Op::BlockAttentionGrad(bg) => {
+            let d_o = *lw.g.operands(n).last().ok_or("no output cotangent")?;
+            let dot = lw.g.ty(d_o).clone();
+            let mut c = Composer::new(vec![dot.clone(), vt.clone()]);
+            let dp = c.einsum((&l("iy"), RegionValue::Arg(0)), (&l("jy"), RegionValue::Arg(1)), &l("ij"))?;
+            stages.push(Stage { region: c.finish(dp), args: vec![StageArg::Node(d_o), StageArg::Prologue(2)] });
+            stages.push(Stage { region: bg.weights_vjp.clone(), args: vec![StageArg::Stage(0), StageArg::Stage(2)] });
+            let ds_ty = bg.weights_vjp.result_type().clone();
+            let mut c = Composer::new(vec![ds_ty, kt.clone(), qt.clone(), probs, dot]);
+            let (ds, k, q, p, go) = (
+                RegionValue::Arg(0),
+                RegionValue::Arg(1),
+                RegionValue::Arg(2),
+                RegionValue::Arg(3),
+                RegionValue::Arg(4),
+            );
+            let dq = c.einsum((&l("ij"), ds), (&l("jx"), k), &l("ix"))?;
+            let dk = c.einsum((&l("ij"), ds), (&l("ix"), q), &l("jx"))?;
+            let dv = c.einsum((&l("ij"), p), (&l("iy"), go), &l("jy"))?;
+            let out = c.add(Op::Concat { axis: qt.rank() - 1 }, &[dq, dk, dv])?;
+            let args = vec![
+                StageArg::Stage(3),
+                StageArg::Prologue(1),
+                StageArg::Prologue(0),
+                StageArg::Stage(1),
+                StageArg::Node(d_o),
+            ];
+            stages.push(Stage { region: c.finish(out), args });
+        }
+        _ => {
+            let mut c = Composer::new(vec![probs, vt.clone()]);
+            let o = c.einsum((&l("ij"), RegionValue::Arg(0)), (&l("jy"), RegionValue::Arg(1)), &l("iy"))?;
+            stages.push(Stage { region: c.finish(o), args: vec![StageArg::Stage(1), StageArg::Prologue(2)] });
+        }
     }
-    super::finish(lw, name, extent)
+    Ok(stages)
 }
