@@ -312,12 +312,12 @@ impl Trainer {
 
     /// Whether the configuration asks for an evaluation after the current step.
     pub fn eval_due(&self) -> bool {
-        self.done() || (self.cfg.eval_every > 0 && self.step % self.cfg.eval_every == 0)
+        self.done() || self.step.is_multiple_of(self.cfg.eval_every)
     }
 
     /// Whether the configuration asks for a checkpoint after the current step.
     pub fn save_due(&self) -> bool {
-        self.done() || (self.cfg.save_every > 0 && self.step % self.cfg.save_every == 0)
+        self.done() || self.step.is_multiple_of(self.cfg.save_every)
     }
 
     /// Evaluates on the validation batches and logs the result with the current step.

@@ -91,7 +91,6 @@ impl Block {
 
     /// `out[i·w + j] = Σ_x a[i·ka + x·sa] · b[j·kb + x·sb]` for all i, j < w over x < n:
     /// the products of the block's small matrices.
-    #[allow(clippy::too_many_arguments)]
     fn product(&self, lw: &mut Lowering, out: Var, a: (Var, usize, usize), b: (Var, usize, usize), n: usize) {
         let i = lw.e.open();
         let j = lw.e.open();
@@ -164,6 +163,17 @@ fn finish_block(lw: &mut Lowering, ba: &BlockAttention, name: String) -> Result<
     super::finish(lw, name, extent)
 }
 
+/// What both kernels start with: the output buffer slot and type, the staged block,
+/// and the node's operands.
+fn begin(lw: &mut Lowering, n: NodeId, ba: &BlockAttention) -> Result<(Block, usize, TensorType, Vec<NodeId>), String> {
+    let ops = lw.g.operands(n);
+    let out_ty = lw.g.ty(n).clone();
+    let global = lw.stored[&n];
+    let out = lw.e.buffer(global, &format!("b{global}"), elem_of(out_ty.dtype), Access::Write);
+    let blk = Block::stage(lw, ba, &ops)?;
+    Ok((blk, out, out_ty, ops))
+}
+
 /// The forward kernel of block attention node `n`.
 pub fn forward(
     lw: &mut Lowering,
@@ -171,12 +181,7 @@ pub fn forward(
     ba: &BlockAttention,
     name: String,
 ) -> Result<(Kernel, Vec<usize>), String> {
-    let g = lw.g;
-    let ops = g.operands(n);
-    let out_ty = g.ty(n).clone();
-    let global = lw.stored[&n];
-    let out = lw.e.buffer(global, &format!("b{global}"), elem_of(out_ty.dtype), Access::Write);
-    let blk = Block::stage(lw, ba, &ops)?;
+    let (blk, out, out_ty, _) = begin(lw, n, ba)?;
     let (w, d, e) = (blk.w, blk.d, blk.e);
     let s = lw.e.array(w * w);
     blk.product(lw, s, (blk.q, d, 1), (blk.k, d, 1), d);
@@ -193,13 +198,8 @@ pub fn backward(
     bg: &BlockAttentionGrad,
     name: String,
 ) -> Result<(Kernel, Vec<usize>), String> {
-    let g = lw.g;
     let ba = &bg.forward;
-    let ops = g.operands(n);
-    let out_ty = g.ty(n).clone();
-    let global = lw.stored[&n];
-    let out = lw.e.buffer(global, &format!("b{global}"), elem_of(out_ty.dtype), Access::Write);
-    let blk = Block::stage(lw, ba, &ops)?;
+    let (blk, out, out_ty, ops) = begin(lw, n, ba)?;
     let (w, d, e) = (blk.w, blk.d, blk.e);
     let d_o = *ops.get(ba.operand_count()).ok_or("block attention's backward has no output cotangent")?;
     let go = blk.stage_source(lw, Source::Node(d_o), e)?;
