@@ -197,6 +197,8 @@ pub fn schedule_with(
     };
 
     let mut out = Program { kernels: Vec::new(), text: HashMap::new(), steps: Vec::new() };
+    // The logsumexp workspace of each cross-entropy's (x, E, y).
+    let mut lse_of: HashMap<Vec<NodeId>, usize> = HashMap::new();
     for (gi, group) in plan.groups.iter().enumerate() {
         // A group runs in `forward` when it writes a value the forward outputs need; a group
         // that only recomputes forward values for the backward stays in `backward`.
@@ -218,20 +220,29 @@ pub fn schedule_with(
                 continue;
             }
             if cross_entropy::is_cross_entropy(&g.node(n).op) {
-                // Each token's logsumexp first, into a workspace vector.
-                let x = g.operands(n)[0];
-                let x_ty = g.ty(x);
-                let tokens = crate::ir::dim::numel(&x_ty.shape[..x_ty.rank() - 1]).ok_or("size overflow")?;
-                buffers.push(BufferInfo {
-                    bytes: tokens.checked_scale(4).ok_or("size overflow")?,
-                    role: Role::Workspace,
-                    name: None,
-                });
-                let lse = buffers.len() - 1;
-                let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
-                let (k, b) = cross_entropy::lse_kernel(&mut lw, n, lse, format!("g{gi}_{kind}_lse"))
-                    .map_err(|e| format!("group {gi}: {e}"))?;
-                out.add(k, b, entry);
+                // Each token's logsumexp first, into a workspace vector, once per (x, E, y):
+                // the backward ops read the one the forward computed (a forward with the same
+                // sizes always runs before a backward, and x, E, y are kept for the backward).
+                let xey = g.operands(n)[..3].to_vec();
+                let lse = match lse_of.get(&xey) {
+                    Some(&lse) => lse,
+                    None => {
+                        let x_ty = g.ty(xey[0]);
+                        let tokens = crate::ir::dim::numel(&x_ty.shape[..x_ty.rank() - 1]).ok_or("size overflow")?;
+                        buffers.push(BufferInfo {
+                            bytes: tokens.checked_scale(4).ok_or("size overflow")?,
+                            role: Role::Workspace,
+                            name: None,
+                        });
+                        let lse = buffers.len() - 1;
+                        let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
+                        let (k, b) = cross_entropy::lse_kernel(&mut lw, n, lse, format!("g{gi}_{kind}_lse"))
+                            .map_err(|e| format!("group {gi}: {e}"))?;
+                        out.add(k, b, entry);
+                        lse_of.insert(xey, lse);
+                        lse
+                    }
+                };
                 let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
                 let (k, b) = cross_entropy::op_kernel(&mut lw, n, lse, format!("g{gi}_{kind}"))
                     .map_err(|e| format!("group {gi}: {e}"))?;
