@@ -171,3 +171,35 @@ fn eval_reports_loss_and_accuracy_of_a_run() {
     assert!(out.contains("at step 3"), "{out}");
     assert!(out.contains("eval loss") && out.contains("perplexity") && out.contains("accuracy"), "{out}");
 }
+
+#[test]
+fn ablate_trains_every_variant_and_writes_one_table_and_one_plot() {
+    let out = fresh("ablate");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tasks/mqar_t2.tn");
+    let other = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tasks/mqar_all_norm.tn");
+    let mut c = tnc();
+    c.arg("ablate")
+        .arg(&model)
+        .args(["--set", "vocab=16", "--set", "dim=16", "--set", "heads=2", "--set", "layers=2", "--set", "glu_dim=24"])
+        .args(["--variant", "block2:block=2"])
+        .arg("--variant-file")
+        .arg(&other)
+        .args(["--data", "mqar:pairs=2,vocab=16", "--steps", "3", "--batch", "4", "--seq", "16", "--threads", "2"])
+        .args(["--accumulate", "2", "--out"])
+        .arg(&out);
+    let (stdout, _) = run_ok(c);
+    for row in ["| mqar_t2 |", "| block2 |", "| mqar_all_norm |"] {
+        assert!(stdout.contains(row), "the table has a row `{row}`:\n{stdout}");
+    }
+    assert!(stdout.contains("eval accuracy"), "{stdout}");
+    let table = std::fs::read_to_string(out.join("ablation.md")).unwrap();
+    assert_eq!(table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| variant")).count(), 3);
+    let svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"));
+    for name in ["mqar_t2", "block2", "mqar_all_norm"] {
+        assert!(svg.contains(name), "the plot's legend names {name}");
+        // Each variant trained its 3 steps in its own run directory.
+        let records = tnc_train::metrics::read(&out.join(name).join("metrics.jsonl")).unwrap();
+        assert_eq!(records.iter().filter(|r| r.get("loss").is_some()).count(), 3, "{name}");
+    }
+}
