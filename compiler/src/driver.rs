@@ -171,7 +171,9 @@ fn compile_cpu(
     let emit = opts.emit;
     let (graph, plan, memory, sched) = lower(graph, opts.train, &mut stages)?;
     let mut extra_files = Vec::new();
-    let object = timed(&mut stages, "llvm", || backend::emit_object(&sched.kernels, &cpu))?;
+    // CPUs only: reductions inside vector loops turned inside out so LLVM vectorizes them.
+    let kernels: Vec<_> = sched.kernels.iter().map(crate::kernel::interchange::interchange_reductions).collect();
+    let object = timed(&mut stages, "llvm", || backend::emit_object(&kernels, &cpu))?;
     let scratch = tempdir(out)?;
     let obj_path = scratch.join("kernels.o");
     let so_path = scratch.join("kernels.so");
@@ -181,12 +183,12 @@ fn compile_cpu(
     let _ = std::fs::remove_dir_all(&scratch);
     if emit.llvm {
         let p = with_suffix(out, "ll");
-        std::fs::write(&p, backend::emit_llvm_ir(&sched.kernels, &cpu, true)?).map_err(|e| e.to_string())?;
+        std::fs::write(&p, backend::emit_llvm_ir(&kernels, &cpu, true)?).map_err(|e| e.to_string())?;
         extra_files.push(p);
     }
     if emit.asm {
         let p = with_suffix(out, "s");
-        std::fs::write(&p, backend::emit_asm(&sched.kernels, &cpu)?).map_err(|e| e.to_string())?;
+        std::fs::write(&p, backend::emit_asm(&kernels, &cpu)?).map_err(|e| e.to_string())?;
         extra_files.push(p);
     }
     // Features the runtime can check; `native` lists every host feature LLVM knows, some

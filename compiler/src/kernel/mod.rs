@@ -2,6 +2,7 @@
 //! reference executor used to test schedules without a code generator.
 
 pub mod exec;
+pub mod interchange;
 pub mod ir;
 pub mod print;
 

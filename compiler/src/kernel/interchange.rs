@@ -1,0 +1,224 @@
+//! A rewrite of the kernel IR for CPUs: a vector loop over output columns whose body
+//! reduces over an inner serial loop (a dot product per column, with its Kahan
+//! compensation) is turned inside out, so the columns become the innermost loop:
+//!
+//! ```text
+//! for vector c in 0..E {                  acc[E], comp[E] (local arrays)
+//!   var acc = 0; var comp = 0             for vector c { acc[c] = 0; comp[c] = 0 }
+//!   for k in 0..K { acc, comp ← … }   →   for k in 0..K { for vector c { acc[c], comp[c] ← … } }
+//!   out[c] = f(acc)                       for vector c { out[c] = f(acc[c]) }
+//! }
+//! ```
+//!
+//! Each column still adds its terms in the same order, so results are bit-identical; but
+//! the inner loop now has no loop-carried dependence across iterations, which LLVM's loop
+//! vectorizer turns into SIMD code (a serial reduction cannot be vectorized without
+//! reassociating floating-point sums). Only constant column counts are rewritten (the
+//! accumulators become arrays of that length). GPU schedules are left as they are.
+
+use super::ir::{Expr, Kernel, LoopKind, Stmt, Var};
+use std::collections::HashMap;
+
+/// Columns above this stay as they are (the accumulator arrays live on the stack).
+const MAX_COLUMNS: i64 = 4096;
+
+/// `k` with every matching vector loop interchanged with its reduction.
+pub fn interchange_reductions(k: &Kernel) -> Kernel {
+    let mut next = max_var(&k.body).max(k.index.0) + 1;
+    let body = rewrite(k.body.clone(), &mut next);
+    Kernel { body, ..k.clone() }
+}
+
+fn max_var(stmts: &[Stmt]) -> u32 {
+    let mut m = 0;
+    for s in stmts {
+        m = m.max(match s {
+            Stmt::For { var, body, .. } => var.0.max(max_var(body)),
+            Stmt::Let { var, .. } | Stmt::Mut { var, .. } | Stmt::Assign { var, .. } => var.0,
+            Stmt::Array { var, .. } => var.0,
+            Stmt::If { then, otherwise, .. } => max_var(then).max(max_var(otherwise)),
+            Stmt::Store { .. } | Stmt::StoreArray { .. } => 0,
+        });
+    }
+    m
+}
+
+fn rewrite(stmts: Vec<Stmt>, next: &mut u32) -> Vec<Stmt> {
+    let mut out = Vec::with_capacity(stmts.len());
+    for s in stmts {
+        match s {
+            Stmt::For { var, extent: Expr::I64(e), kind: LoopKind::Vector, body } if e > 0 && e <= MAX_COLUMNS => {
+                match interchange(var, e, &body, next) {
+                    Some(stmts) => out.extend(stmts),
+                    None => out.push(Stmt::For {
+                        var,
+                        extent: Expr::I64(e),
+                        kind: LoopKind::Vector,
+                        body: rewrite(body, next),
+                    }),
+                }
+            }
+            Stmt::For { var, extent, kind, body } => {
+                out.push(Stmt::For { var, extent, kind, body: rewrite(body, next) })
+            }
+            Stmt::If { cond, then, otherwise } => {
+                out.push(Stmt::If { cond, then: rewrite(then, next), otherwise: rewrite(otherwise, next) })
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// The interchanged form of `for vector c in 0..e { body }`, if `body` is
+/// `Let…/Mut… ; for k { Let…/Assign… } ; rest` with the loop's assignments all to those
+/// accumulators, its extent independent of the column, and `rest` not assigning them.
+fn interchange(c: Var, e: i64, body: &[Stmt], next: &mut u32) -> Option<Vec<Stmt>> {
+    let split = body.iter().position(|s| matches!(s, Stmt::For { .. }))?;
+    let (prefix, rest) = body.split_at(split);
+    let Stmt::For { var: k, extent: k_extent, kind: LoopKind::Serial, body: k_body } = &rest[0] else {
+        return None;
+    };
+    let suffix = &rest[1..];
+    let mut accs: Vec<(Var, crate::kernel::Scalar, Expr)> = Vec::new();
+    let mut lets: Vec<Var> = Vec::new();
+    for s in prefix {
+        match s {
+            Stmt::Mut { var, ty, init } => accs.push((*var, *ty, init.clone())),
+            Stmt::Let { var, .. } => lets.push(*var),
+            _ => return None,
+        }
+    }
+    if accs.is_empty() {
+        return None;
+    }
+    let is_acc = |v: &Var| accs.iter().any(|(a, _, _)| a == v);
+    // The reduction's extent must not depend on the column.
+    let mut depends = false;
+    visit(k_extent, &mut |v| depends |= v == c || lets.contains(&v) || is_acc(&v));
+    if depends {
+        return None;
+    }
+    let mut assigned = false;
+    for s in k_body {
+        match s {
+            Stmt::Let { .. } => {}
+            Stmt::Assign { var, .. } if is_acc(var) => assigned = true,
+            _ => return None,
+        }
+    }
+    if !assigned || assigns_any(suffix, &is_acc) {
+        return None;
+    }
+    // One array per accumulator.
+    let arrays: HashMap<Var, Var> = accs
+        .iter()
+        .map(|(a, _, _)| {
+            *next += 1;
+            (*a, Var(*next))
+        })
+        .collect();
+    let col = Expr::Var(c);
+    let lets_only: Vec<Stmt> = prefix.iter().filter(|s| matches!(s, Stmt::Let { .. })).cloned().collect();
+    let mut out: Vec<Stmt> =
+        accs.iter().map(|(a, ty, _)| Stmt::Array { var: arrays[a], elem: *ty, len: e as usize }).collect();
+    let mut init = lets_only.clone();
+    for (a, _, value) in &accs {
+        init.push(Stmt::StoreArray { array: arrays[a], index: col.clone(), value: subst(value, &arrays, &col) });
+    }
+    out.push(Stmt::For { var: c, extent: Expr::I64(e), kind: LoopKind::Vector, body: init });
+    let mut inner = lets_only.clone();
+    inner.extend(k_body.iter().map(|s| subst_stmt(s, &arrays, &col)));
+    out.push(Stmt::For {
+        var: *k,
+        extent: k_extent.clone(),
+        kind: LoopKind::Serial,
+        body: vec![Stmt::For { var: c, extent: Expr::I64(e), kind: LoopKind::Vector, body: inner }],
+    });
+    let mut tail = lets_only;
+    tail.extend(suffix.iter().map(|s| subst_stmt(s, &arrays, &col)));
+    out.push(Stmt::For { var: c, extent: Expr::I64(e), kind: LoopKind::Vector, body: rewrite(tail, next) });
+    Some(out)
+}
+
+fn assigns_any(stmts: &[Stmt], is_acc: &dyn Fn(&Var) -> bool) -> bool {
+    stmts.iter().any(|s| match s {
+        Stmt::Assign { var, .. } | Stmt::Mut { var, .. } | Stmt::Let { var, .. } => is_acc(var),
+        Stmt::For { body, .. } => assigns_any(body, is_acc),
+        Stmt::If { then, otherwise, .. } => assigns_any(then, is_acc) || assigns_any(otherwise, is_acc),
+        _ => false,
+    })
+}
+
+/// `s` with accumulator reads turned into array loads and assignments into array stores.
+fn subst_stmt(s: &Stmt, arrays: &HashMap<Var, Var>, col: &Expr) -> Stmt {
+    let e = |x: &Expr| subst(x, arrays, col);
+    match s {
+        Stmt::Assign { var, value } if arrays.contains_key(var) => {
+            Stmt::StoreArray { array: arrays[var], index: col.clone(), value: e(value) }
+        }
+        Stmt::Assign { var, value } => Stmt::Assign { var: *var, value: e(value) },
+        Stmt::Let { var, value } => Stmt::Let { var: *var, value: e(value) },
+        Stmt::Mut { var, ty, init } => Stmt::Mut { var: *var, ty: *ty, init: e(init) },
+        Stmt::Store { buffer, index, value } => Stmt::Store { buffer: *buffer, index: e(index), value: e(value) },
+        Stmt::StoreArray { array, index, value } => {
+            Stmt::StoreArray { array: *array, index: e(index), value: e(value) }
+        }
+        Stmt::For { var, extent, kind, body } => Stmt::For {
+            var: *var,
+            extent: e(extent),
+            kind: *kind,
+            body: body.iter().map(|s| subst_stmt(s, arrays, col)).collect(),
+        },
+        Stmt::If { cond, then, otherwise } => Stmt::If {
+            cond: e(cond),
+            then: then.iter().map(|s| subst_stmt(s, arrays, col)).collect(),
+            otherwise: otherwise.iter().map(|s| subst_stmt(s, arrays, col)).collect(),
+        },
+        Stmt::Array { .. } => s.clone(),
+    }
+}
+
+fn subst(x: &Expr, arrays: &HashMap<Var, Var>, col: &Expr) -> Expr {
+    let r = |y: &Expr| Box::new(subst(y, arrays, col));
+    match x {
+        Expr::Var(v) if arrays.contains_key(v) => Expr::LoadArray { array: arrays[v], index: Box::new(col.clone()) },
+        Expr::Var(_) | Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Size(_) => x.clone(),
+        Expr::Load { buffer, index } => Expr::Load { buffer: *buffer, index: r(index) },
+        Expr::LoadArray { array, index } => Expr::LoadArray { array: *array, index: r(index) },
+        Expr::Unary(u, a) => Expr::Unary(*u, r(a)),
+        Expr::Binary(b, a, c) => Expr::Binary(*b, r(a), r(c)),
+        Expr::Select(c, a, b) => Expr::Select(r(c), r(a), r(b)),
+        Expr::Cast(t, a) => Expr::Cast(*t, r(a)),
+        Expr::DropoutKeep { seed, salt, index, step, rate } => {
+            Expr::DropoutKeep { seed: r(seed), salt: *salt, index: r(index), step: r(step), rate: *rate }
+        }
+    }
+}
+
+fn visit(x: &Expr, f: &mut dyn FnMut(Var)) {
+    match x {
+        Expr::Var(v) => f(*v),
+        Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Size(_) => {}
+        Expr::Load { index, .. } => visit(index, f),
+        Expr::LoadArray { array, index } => {
+            f(*array);
+            visit(index, f)
+        }
+        Expr::Unary(_, a) | Expr::Cast(_, a) => visit(a, f),
+        Expr::Binary(_, a, b) => {
+            visit(a, f);
+            visit(b, f)
+        }
+        Expr::Select(c, a, b) => {
+            visit(c, f);
+            visit(a, f);
+            visit(b, f)
+        }
+        Expr::DropoutKeep { seed, index, step, .. } => {
+            visit(seed, f);
+            visit(index, f);
+            visit(step, f)
+        }
+    }
+}
