@@ -116,3 +116,61 @@ fn the_runtime_links_neither_llvm_nor_the_compiler() {
         assert!(!tree.contains(forbidden), "the runtime depends on {forbidden}:\n{tree}");
     }
 }
+
+/// N = 1 end to end: a model whose loss is defined for one position (the benchmark's
+/// linear attention, loss mean(o²)) matches the interpreter in the loss and every
+/// gradient at N = 1 (and, with the same bundle, at N = 65, past one chunk). A language
+/// model at N = 1 has no token to predict: its loss is a mean over nothing, NaN in the
+/// bundle exactly as in the interpreter, and the run itself neither fails nor crashes.
+#[test]
+fn one_position_runs_end_to_end() {
+    let path = repo().join("models/bench/linear_attention.tn");
+    let (sources, g) = elaborate_path(&path, &["heads=2", "head_dim=4"].map(String::from));
+    let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    let dir = scratch("n1");
+    driver::compile(g.clone(), "native", &dir, Default::default(), Vec::new()).unwrap();
+    let reference = passes::differentiate_loss(g).unwrap();
+    let params = tnc_compiler::interp::init_params(&reference, 0).unwrap();
+    let bundle = tnc_runtime::Bundle::load_cpu(&dir).unwrap();
+    let mut exec = tnc_runtime::Executor::new(&bundle, 2).unwrap();
+    exec.set_debug_nan(true);
+    exec.set_params_from_seed(0).unwrap();
+    for (b, n) in [(3usize, 1usize), (2, 65)] {
+        let input = |salt: u64| {
+            let data = (0..b * 2 * n * 4).map(|i| tnc_runtime::rng::normal(salt, 1, i as u64, 0)).collect();
+            tnc_compiler::interp::Tensor::new(vec![b, 2, n, 4], data).unwrap()
+        };
+        let (q, k, v) = (input(1), input(2), input(3));
+        let inputs =
+            HashMap::from([("q".to_string(), q.clone()), ("k".to_string(), k.clone()), ("v".to_string(), v.clone())]);
+        let want = evaluate(&reference, &inputs, &params, &EvalOptions::default()).unwrap().outputs(&reference);
+        let (q, k, v) = (to_rt(&q, false), to_rt(&k, false), to_rt(&v, false));
+        exec.forward(&[("q", &q), ("k", &k), ("v", &v)]).unwrap();
+        exec.backward(&[]).unwrap();
+        for (name, w) in want {
+            let got = exec.output(&name).unwrap();
+            let data: Vec<f64> = got.as_f32().unwrap().iter().map(|&x| x as f64).collect();
+            let c = compare(&tnc_compiler::interp::Tensor { shape: w.shape.clone(), data }, &w);
+            assert!(c.within(1e-4), "B={b} N={n} `{name}`: {c:?}");
+        }
+    }
+
+    // A language model at N = 1.
+    let path = repo().join("models/transnormer_t2.tn");
+    let (_, g) = elaborate_path(&path, &tiny_sets(&path));
+    let g = g.unwrap();
+    let dir = scratch("n1-lm");
+    driver::compile(g.clone(), "native", &dir, Default::default(), Vec::new()).unwrap();
+    let reference = passes::differentiate_loss(g).unwrap();
+    let params = tnc_compiler::interp::init_params(&reference, 0).unwrap();
+    let tokens = token_tensor(2, 1, 32, 1);
+    let inputs = HashMap::from([("tokens".to_string(), tokens.clone())]);
+    let want = evaluate(&reference, &inputs, &params, &EvalOptions::default()).unwrap().outputs(&reference);
+    let loss = &want.iter().find(|(n, _)| n == "loss").unwrap().1;
+    assert!(loss.data[0].is_nan(), "the interpreter's loss over no token is NaN");
+    let bundle = tnc_runtime::Bundle::load_cpu(&dir).unwrap();
+    let mut exec = tnc_runtime::Executor::new(&bundle, 2).unwrap();
+    exec.set_params_from_seed(0).unwrap();
+    exec.forward(&[("tokens", &to_rt(&tokens, true))]).unwrap();
+    assert!(exec.output("loss").unwrap().as_f32().unwrap()[0].is_nan(), "so is the bundle's");
+}
