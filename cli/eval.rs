@@ -33,7 +33,7 @@ pub struct EvalArgs {
 
 pub fn run(args: &EvalArgs) -> Result<(), Failure> {
     let (path, ckpt) = find_checkpoint(&args.run)?;
-    let meta = |k: &str| ckpt.meta.get(&format!("meta.{k}")).or_else(|| ckpt.meta.get(k)).cloned();
+    let meta = |k: &str| ckpt.meta.get(k).cloned();
     let bundle_dir = meta("bundle").ok_or_else(|| fail(format!("{} does not name its bundle", path.display())))?;
     let config: Config = meta("config")
         .and_then(|c| serde_json::from_str(&c).ok())

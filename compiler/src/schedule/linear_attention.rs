@@ -43,15 +43,6 @@ fn f(op: Binary, a: Expr, b: Expr) -> Expr {
     bin(op, a, b)
 }
 
-/// A local f32 array of `len` elements (see `Emitter::array`).
-fn array(lw: &mut Lowering, len: usize) -> Var {
-    lw.e.array(len)
-}
-
-fn sum(lw: &mut Lowering, init: Expr, extent: Expr, term: impl FnOnce(&mut Lowering, Expr) -> Expr) -> Expr {
-    lw.serial_sum(init, extent, term)
-}
-
 /// One of the three prologue regions, applied to its slice of the op's operands.
 struct Operand {
     region: Rc<Region>,
@@ -107,12 +98,12 @@ pub fn kernel(
 
     // Local arrays: the state, the chunk's staged rows, one row of scores and of output,
     // and the powers of the decay.
-    let s = array(lw, d * e);
-    let qs = array(lw, c * d);
-    let ks = array(lw, c * d);
-    let vs = array(lw, c * e);
-    let w = array(lw, c);
-    let o = array(lw, e);
+    let s = lw.e.array(d * e);
+    let qs = lw.e.array(c * d);
+    let ks = lw.e.array(c * d);
+    let vs = lw.e.array(c * e);
+    let w = lw.e.array(c);
+    let o = lw.e.array(e);
     let pw = match lam_node {
         Some(l) => {
             // λ of this batch index, size-1 axes broadcast.
@@ -124,7 +115,7 @@ pub fn kernel(
                 .map(|(dim, i)| if dim.as_const() == Some(1) { Expr::I64(0) } else { i.clone() })
                 .collect();
             let lam = lw.value(Source::Node(l), &at)?;
-            let pw = array(lw, c + 1);
+            let pw = lw.e.array(c + 1);
             let p = lw.e.open();
             let value = f(Binary::Pow, lam, Expr::Cast(Scalar::F32, Box::new(Expr::Var(p))));
             lw.e.push(Stmt::StoreArray { array: pw, index: Expr::Var(p), value });
@@ -250,7 +241,7 @@ pub fn kernel(
             let exp = if reverse { Expr::Var(x) } else { lw.e.bind(sub(iv.clone(), Expr::Var(x))) };
             let qrow = lw.e.bind(mul(iv.clone(), di.clone()));
             let krow = lw.e.bind(mul(m.clone(), di.clone()));
-            let dot = sum(lw, Expr::F32(0.0), di.clone(), |lw, a| {
+            let dot = lw.serial_sum(Expr::F32(0.0), di.clone(), |lw, a| {
                 let qa = load(qs, lw.e.bind(add(qrow.clone(), a.clone())));
                 let kb = load(ks, lw.e.bind(add(krow.clone(), a)));
                 f(Binary::Mul, qa, kb)

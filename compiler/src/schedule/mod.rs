@@ -210,104 +210,19 @@ pub fn schedule_with(
                 buffers.push(BufferInfo { bytes, role: Role::Workspace, name: None });
                 stored.insert(n, buffers.len() - 1);
             }
-            let names = |b: usize| format!("b{b}");
+            let mut sink =
+                Sink { g, stored: &stored, all_args: &all_args, buffers: &mut buffers, out: &mut out, entry };
             let kind = g.node(n).op.kind();
-            if cross_entropy::is_cross_entropy(&g.node(n).op) && !cross_entropy::needs_lse(&g.node(n).op) {
-                let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
-                let (k, b) = cross_entropy::correct_kernel(&mut lw, n, format!("g{gi}_{kind}"))
-                    .map_err(|e| format!("group {gi}: {e}"))?;
-                out.add(k, b, entry);
-                continue;
-            }
-            if cross_entropy::is_cross_entropy(&g.node(n).op) {
-                // Each token's logsumexp first, into a workspace vector, once per (x, E, y):
-                // the backward ops read the one the forward computed (a forward with the same
-                // sizes always runs before a backward, and x, E, y are kept for the backward).
-                let xey = g.operands(n)[..3].to_vec();
-                let lse = match lse_of.get(&xey) {
-                    Some(&lse) => lse,
-                    None => {
-                        let x_ty = g.ty(xey[0]);
-                        let tokens = crate::ir::dim::numel(&x_ty.shape[..x_ty.rank() - 1]).ok_or("size overflow")?;
-                        buffers.push(BufferInfo {
-                            bytes: tokens.checked_scale(4).ok_or("size overflow")?,
-                            role: Role::Workspace,
-                            name: None,
-                        });
-                        let lse = buffers.len() - 1;
-                        let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
-                        let (k, b) = cross_entropy::lse_kernel(&mut lw, n, lse, format!("g{gi}_{kind}_lse"))
-                            .map_err(|e| format!("group {gi}: {e}"))?;
-                        out.add(k, b, entry);
-                        lse_of.insert(xey, lse);
-                        lse
-                    }
-                };
-                let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
-                let (k, b) = cross_entropy::op_kernel(&mut lw, n, lse, format!("g{gi}_{kind}"))
-                    .map_err(|e| format!("group {gi}: {e}"))?;
-                out.add(k, b, entry);
-                continue;
-            }
-            if special::is_full_block_attention(&g.node(n).op) {
-                // q', k', v' into workspaces first, then the attention reads them.
-                let lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
-                let prologues = special::block_attention_prologues(&lw, n).map_err(|e| format!("group {gi}: {e}"))?;
-                drop(lw);
-                let mut kept = Vec::new();
-                for (pi, (source, ty)) in prologues.into_iter().enumerate() {
-                    let bytes =
-                        crate::ir::dim::numel(&ty.shape).and_then(|d| d.checked_scale(4)).ok_or("size overflow")?;
-                    buffers.push(BufferInfo { bytes, role: Role::Workspace, name: None });
-                    let buffer = buffers.len() - 1;
-                    let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
-                    let (k, b) = special::materialize(&mut lw, source, &ty, buffer, format!("g{gi}_{kind}_in{pi}"))
-                        .map_err(|e| format!("group {gi}: {e}"))?;
-                    out.add(k, b, entry);
-                    kept.push((buffer, ty));
-                }
-                let types: Vec<_> = kept.iter().map(|(_, ty)| ty.clone()).collect();
-                let lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
-                let stages = special::full_attention_stages(&lw, n, &types).map_err(|e| format!("group {gi}: {e}"))?;
-                drop(lw);
-                let count = stages.len();
-                let mut done: Vec<(usize, crate::ir::TensorType)> = Vec::new();
-                for (si, st) in stages.into_iter().enumerate() {
-                    let ty = st.region.result_type().clone();
-                    let buffer = if si + 1 == count {
-                        stored[&n]
-                    } else {
-                        let bytes =
-                            crate::ir::dim::numel(&ty.shape).and_then(|d| d.checked_scale(4)).ok_or("size overflow")?;
-                        buffers.push(BufferInfo { bytes, role: Role::Workspace, name: None });
-                        buffers.len() - 1
-                    };
-                    let args: std::rc::Rc<[Source]> = st
-                        .args
-                        .iter()
-                        .map(|a| match *a {
-                            special::StageArg::Prologue(i) => {
-                                Source::Buffer { buffer: kept[i].0, ty: kept[i].1.clone() }
-                            }
-                            special::StageArg::Stage(i) => Source::Buffer { buffer: done[i].0, ty: done[i].1.clone() },
-                            special::StageArg::Node(node) => Source::Node(node),
-                        })
-                        .collect();
-                    let region = std::rc::Rc::new(st.region);
-                    let source = Source::Region { value: region.result, region, args };
-                    let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
-                    let (k, b) = special::materialize(&mut lw, source, &ty, buffer, format!("g{gi}_{kind}_s{si}"))
-                        .map_err(|e| format!("group {gi}: {e}"))?;
-                    out.add(k, b, entry);
-                    done.push((buffer, ty));
-                }
-                continue;
-            }
-            let mut lw = Lowering { g, stored: &stored, names: &names, e: emit::Emitter::new(&all_args) };
-            let (kernel, bindings) =
-                special::kernel(&mut lw, n, opts, format!("g{gi}_{kind}")).map_err(|e| format!("group {gi}: {e}"))?;
-            drop(lw);
-            out.add(kernel, bindings, entry);
+            let name = format!("g{gi}_{kind}");
+            let op = &g.node(n).op;
+            let done = if cross_entropy::is_cross_entropy(op) {
+                cross_entropy_kernels(&mut sink, n, &mut lse_of, &name)
+            } else if special::is_full_block_attention(op) {
+                full_attention_kernels(&mut sink, n, &name)
+            } else {
+                sink.kernel(|lw| special::kernel(lw, n, opts, name.clone()))
+            };
+            done.map_err(|e| format!("group {gi}: {e}"))?;
         }
         // The other outputs, one kernel per row space.
         let rest: Vec<NodeId> = group.outputs.iter().copied().filter(|&n| !is_special(&g.node(n).op)).collect();
@@ -338,6 +253,109 @@ pub fn schedule_with(
     }
     sizes.shrink_to_fit();
     Ok(Schedule { kernels: out.kernels, buffers, steps: out.steps, sizes, scalars, params, inputs, outputs })
+}
+
+/// Names of global buffers in kernel text.
+fn buffer_name(b: usize) -> String {
+    format!("b{b}")
+}
+
+/// Where the kernels of a group's special ops go: new workspaces into `buffers`,
+/// kernels into `out`, all launched in `entry`.
+struct Sink<'a> {
+    g: &'a Graph,
+    stored: &'a HashMap<NodeId, usize>,
+    all_args: &'a [String],
+    buffers: &'a mut Vec<BufferInfo>,
+    out: &'a mut Program,
+    entry: Entry,
+}
+
+impl Sink<'_> {
+    /// A new workspace buffer for a value of type `ty`.
+    fn workspace(&mut self, ty: &crate::ir::TensorType) -> Result<usize, String> {
+        let bytes = crate::ir::dim::numel(&ty.shape).and_then(|d| d.checked_scale(4)).ok_or("size overflow")?;
+        self.buffers.push(BufferInfo { bytes, role: Role::Workspace, name: None });
+        Ok(self.buffers.len() - 1)
+    }
+
+    /// Lower one kernel with a fresh emitter and add it to the program.
+    fn kernel(&mut self, f: impl FnOnce(&mut Lowering) -> Result<(Kernel, Vec<usize>), String>) -> Result<(), String> {
+        let mut lw =
+            Lowering { g: self.g, stored: self.stored, names: &buffer_name, e: emit::Emitter::new(self.all_args) };
+        let (k, b) = f(&mut lw)?;
+        self.out.add(k, b, self.entry);
+        Ok(())
+    }
+
+    /// A lowering context for planning (no kernel is emitted).
+    fn lowering(&self) -> Lowering<'_> {
+        Lowering { g: self.g, stored: self.stored, names: &buffer_name, e: emit::Emitter::new(self.all_args) }
+    }
+}
+
+/// A cross-entropy op's kernels: each token's logsumexp first, into a workspace vector,
+/// once per (x, E, y) — the backward ops read the one the forward computed (a forward with
+/// the same sizes always runs before a backward, and x, E, y are kept for the backward) —
+/// then the op's own kernel. The accuracy op needs no logsumexp.
+fn cross_entropy_kernels(
+    sink: &mut Sink,
+    n: NodeId,
+    lse_of: &mut HashMap<Vec<NodeId>, usize>,
+    name: &str,
+) -> Result<(), String> {
+    let g = sink.g;
+    if !cross_entropy::needs_lse(&g.node(n).op) {
+        return sink.kernel(|lw| cross_entropy::correct_kernel(lw, n, name.to_string()));
+    }
+    let xey = g.operands(n)[..3].to_vec();
+    let lse = match lse_of.get(&xey) {
+        Some(&lse) => lse,
+        None => {
+            let x_ty = g.ty(xey[0]);
+            let tokens = crate::ir::TensorType::new(crate::ir::DType::F32, x_ty.shape[..x_ty.rank() - 1].to_vec());
+            let lse = sink.workspace(&tokens)?;
+            sink.kernel(|lw| cross_entropy::lse_kernel(lw, n, lse, format!("{name}_lse")))?;
+            lse_of.insert(xey, lse);
+            lse
+        }
+    };
+    sink.kernel(|lw| cross_entropy::op_kernel(lw, n, lse, name.to_string()))
+}
+
+/// Full-sequence block attention: q', k', v' stored into workspaces, then the stages of
+/// `special::full_attention_stages`, the last one writing the op's value.
+fn full_attention_kernels(sink: &mut Sink, n: NodeId, name: &str) -> Result<(), String> {
+    let prologues = special::block_attention_prologues(&sink.lowering(), n)?;
+    let mut kept = Vec::new();
+    for (pi, (source, ty)) in prologues.into_iter().enumerate() {
+        let buffer = sink.workspace(&ty)?;
+        sink.kernel(|lw| special::materialize(lw, source, &ty, buffer, format!("{name}_in{pi}")))?;
+        kept.push((buffer, ty));
+    }
+    let types: Vec<_> = kept.iter().map(|(_, ty)| ty.clone()).collect();
+    let stages = special::full_attention_stages(&sink.lowering(), n, &types)?;
+    let count = stages.len();
+    let mut done: Vec<(usize, crate::ir::TensorType)> = Vec::new();
+    for (si, st) in stages.into_iter().enumerate() {
+        let ty = st.region.result_type().clone();
+        let buffer = if si + 1 == count { sink.stored[&n] } else { sink.workspace(&ty)? };
+        let stored_value = |(b, ty): &(usize, crate::ir::TensorType)| Source::Buffer { buffer: *b, ty: ty.clone() };
+        let args: std::rc::Rc<[Source]> = st
+            .args
+            .iter()
+            .map(|a| match *a {
+                special::StageArg::Prologue(i) => stored_value(&kept[i]),
+                special::StageArg::Stage(i) => stored_value(&done[i]),
+                special::StageArg::Node(node) => Source::Node(node),
+            })
+            .collect();
+        let region = std::rc::Rc::new(st.region);
+        let source = Source::Region { value: region.result, region, args };
+        sink.kernel(|lw| special::materialize(lw, source, &ty, buffer, format!("{name}_s{si}")))?;
+        done.push((buffer, ty));
+    }
+    Ok(())
 }
 
 /// Kernels deduplicated by text (modulo name) and the steps that launch them.
