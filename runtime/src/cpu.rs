@@ -389,30 +389,9 @@ impl Executor {
 
     /// Writes every parameter to a safetensors file (f32).
     pub fn save_params(&self, path: impl AsRef<Path>) -> Result<(), ExecError> {
-        let path = path.as_ref();
-        let owned: Vec<(String, Vec<usize>, Vec<u8>)> = self
-            .manifest
-            .params
-            .iter()
-            .map(|p| {
-                let b = &self.bufs[p.buffer];
-                (p.name.clone(), p.shape.iter().map(|&d| d as usize).collect(), le_bytes(p.dtype, b.bytes()))
-            })
-            .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
-            .iter()
-            .zip(&self.manifest.params)
-            .map(|((n, s, b), p)| {
-                let dt = match p.dtype {
-                    DType::F32 => safetensors::Dtype::F32,
-                    DType::I32 => safetensors::Dtype::I32,
-                    DType::U8 => safetensors::Dtype::U8,
-                };
-                (n.clone(), safetensors::tensor::TensorView::new(dt, s.clone(), b).expect("shape matches buffer"))
-            })
-            .collect();
-        safetensors::serialize_to_file(views, None, path)
-            .map_err(|e| ExecError::Params(format!("cannot write {}: {e}", path.display())))
+        let values: Vec<(&ParamEntry, Vec<u8>)> =
+            self.manifest.params.iter().map(|p| (p, self.bufs[p.buffer].bytes().to_vec())).collect();
+        write_params(path.as_ref(), &values)
     }
 
     /// The current value of parameter `name`.
@@ -878,6 +857,29 @@ pub(crate) fn tensor_values(
             p.name
         ))),
     }
+}
+
+/// Writes parameters (each with its native-order bytes) to a safetensors file; shared by
+/// the executors.
+pub(crate) fn write_params(path: &Path, values: &[(&ParamEntry, Vec<u8>)]) -> Result<(), ExecError> {
+    let owned: Vec<(&ParamEntry, Vec<usize>, Vec<u8>)> = values
+        .iter()
+        .map(|(p, bytes)| (*p, p.shape.iter().map(|&d| d as usize).collect(), le_bytes(p.dtype, bytes)))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
+        .iter()
+        .map(|(p, shape, bytes)| {
+            let dt = match p.dtype {
+                DType::F32 => safetensors::Dtype::F32,
+                DType::I32 => safetensors::Dtype::I32,
+                DType::U8 => safetensors::Dtype::U8,
+            };
+            let view = safetensors::tensor::TensorView::new(dt, shape.clone(), bytes).expect("shape matches buffer");
+            (p.name.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| ExecError::Params(format!("cannot write {}: {e}", path.display())))
 }
 
 /// Native-order element bytes to little-endian (safetensors' byte order).

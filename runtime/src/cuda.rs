@@ -21,10 +21,8 @@
 //! [`CudaExecutor::synchronize`] waits for them and reports any kernel fault.
 
 use crate::bundle::{Bundle, BundleError};
-use crate::cpu::{bind_sizes, initial_values, le_bytes, numel, tensor_values, ExecError};
-use crate::manifest::{
-    Access, BufferRole, DType, GpuLaunch, InitSpec, Manifest, ParamEntry, TargetKind, CUDA_KERNELS_FILE,
-};
+use crate::cpu::{bind_sizes, initial_values, numel, tensor_values, ExecError};
+use crate::manifest::{Access, BufferRole, GpuLaunch, InitSpec, Manifest, ParamEntry, TargetKind, CUDA_KERNELS_FILE};
 use crate::tensor::Tensor;
 use cudarc::driver::{result, sys, DriverError};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -460,26 +458,11 @@ impl CudaExecutor {
 
     /// Writes every parameter to a safetensors file (f32).
     pub fn save_params(&self, path: impl AsRef<Path>) -> Result<(), ExecError> {
-        let path = path.as_ref();
-        let mut owned = Vec::new();
+        let mut values = Vec::new();
         for p in &self.manifest.params {
-            let shape: Vec<usize> = p.shape.iter().map(|&d| d as usize).collect();
-            let bytes = self.download(p.buffer, numel(p)? * p.dtype.bytes())?;
-            owned.push((p.name.clone(), shape, le_bytes(p.dtype, &bytes), p.dtype));
+            values.push((p, self.download(p.buffer, numel(p)? * p.dtype.bytes())?));
         }
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
-            .iter()
-            .map(|(n, s, b, dt)| {
-                let dt = match dt {
-                    DType::F32 => safetensors::Dtype::F32,
-                    DType::I32 => safetensors::Dtype::I32,
-                    DType::U8 => safetensors::Dtype::U8,
-                };
-                (n.clone(), safetensors::tensor::TensorView::new(dt, s.clone(), b).expect("shape matches buffer"))
-            })
-            .collect();
-        safetensors::serialize_to_file(views, None, path)
-            .map_err(|e| ExecError::Params(format!("cannot write {}: {e}", path.display())))
+        crate::cpu::write_params(path.as_ref(), &values)
     }
 
     /// The current value of parameter `name`.
