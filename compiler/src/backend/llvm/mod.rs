@@ -78,6 +78,24 @@ extern "C" fn diagnostic_handler(info: LLVMDiagnosticInfoRef, sink: *mut c_void)
     }
 }
 
+/// The common end of both writers: O3 (if `optimize`), then `f` on the verified module,
+/// with LLVM's diagnostics checked after each step.
+pub(crate) fn finish_module<R>(
+    module: &Module,
+    tm: &TargetMachine,
+    diags: &Diagnostics,
+    optimize: bool,
+    f: impl FnOnce(&Module, &TargetMachine) -> Result<R, String>,
+) -> Result<R, String> {
+    if optimize {
+        module.run_passes("default<O3>", tm, PassBuilderOptions::create()).map_err(|e| format!("LLVM O3: {e}"))?;
+        check_diagnostics(diags)?;
+    }
+    let r = f(module, tm)?;
+    check_diagnostics(diags)?;
+    Ok(r)
+}
+
 fn check_diagnostics(diags: &Diagnostics) -> Result<(), String> {
     let v = diags.lock().map_err(|_| "LLVM diagnostics lock poisoned".to_string())?;
     if v.is_empty() {
@@ -132,13 +150,7 @@ fn with_module<R>(
         }
         module.verify().map_err(|e| format!("LLVM verifier: {}", e.to_string().trim()))?;
         check_diagnostics(diags)?;
-        if optimize {
-            module.run_passes("default<O3>", &tm, PassBuilderOptions::create()).map_err(|e| format!("LLVM O3: {e}"))?;
-            check_diagnostics(diags)?;
-        }
-        let r = f(&module, &tm)?;
-        check_diagnostics(diags)?;
-        Ok(r)
+        finish_module(&module, &tm, diags, optimize, f)
     })
 }
 

@@ -51,11 +51,10 @@
 //! and the reference executor in the last bits (more accurate, not less).
 
 use super::writer::{self, Device, FnAttrs};
-use super::{check_diagnostics, init_targets, with_context};
+use super::{check_diagnostics, finish_module, init_targets, with_context};
 use crate::backend::target::GpuTarget;
 use crate::kernel::Kernel;
 use inkwell::module::{FlagBehavior, Linkage, Module};
-use inkwell::passes::PassBuilderOptions;
 use inkwell::targets::{CodeModel, FileType, RelocMode, Target, TargetMachine, TargetTriple};
 use inkwell::values::BasicMetadataValueEnum;
 use inkwell::OptimizationLevel;
@@ -209,13 +208,7 @@ fn with_module<R>(
                 .map_err(|e| format!("LLVM verifier (after linking libdevice): {}", e.to_string().trim()))?;
             check_diagnostics(diags)?;
         }
-        if optimize {
-            module.run_passes("default<O3>", &tm, PassBuilderOptions::create()).map_err(|e| format!("LLVM O3: {e}"))?;
-            check_diagnostics(diags)?;
-        }
-        let r = f(&module, &tm)?;
-        check_diagnostics(diags)?;
-        Ok(r)
+        finish_module(&module, &tm, diags, optimize, f)
     })
 }
 
