@@ -33,15 +33,8 @@ fn every_model_compiled_for_the_host_matches_the_interpreter() {
         driver::compile(g.clone(), "native", &dir, Default::default(), Vec::new())
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let reference = passes::differentiate_loss(g).unwrap();
-        let params = perturbed_params(&reference, 9);
         // Parameters rounded to f32 for both sides.
-        let params: Vec<_> = params
-            .into_iter()
-            .map(|mut t| {
-                t.data.iter_mut().for_each(|v| *v = (*v as f32) as f64);
-                t
-            })
-            .collect();
+        let params = rounded_to_f32(perturbed_params(&reference, 9));
         let bundle = tnc_runtime::Bundle::load_cpu(&dir).unwrap();
         let mut exec = tnc_runtime::Executor::new(&bundle, 2).unwrap();
         exec.set_debug_nan(true);

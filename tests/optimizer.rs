@@ -158,14 +158,7 @@ fn the_accuracy_output_matches_the_interpreter() {
     let optimized = passes::run_until(g, "dce").unwrap().unwrap();
     let reference = passes::Pass::run(&passes::Accuracy, optimized).unwrap();
     assert!(reference.outputs.iter().any(|(n, _)| n == "correct"), "the accuracy pass adds `correct`");
-    let params = perturbed_params(&reference, 4);
-    let params: Vec<_> = params
-        .into_iter()
-        .map(|mut t| {
-            t.data.iter_mut().for_each(|v| *v = (*v as f32) as f64);
-            t
-        })
-        .collect();
+    let params = rounded_to_f32(perturbed_params(&reference, 4));
     for (p, t) in reference.params.iter().zip(&params) {
         let values: Vec<f32> = t.data.iter().map(|&x| x as f32).collect();
         exec.set_param(&p.name, &values).unwrap();

@@ -69,6 +69,15 @@ pub fn perturbed_params(g: &Graph, seed: u64) -> Vec<tnc_compiler::interp::Tenso
     params
 }
 
+/// `tensors` with every value rounded to f32, so an f32 bundle and the f64 interpreter
+/// start from the same parameters.
+pub fn rounded_to_f32(mut tensors: Vec<tnc_compiler::interp::Tensor>) -> Vec<tnc_compiler::interp::Tensor> {
+    for t in &mut tensors {
+        t.data.iter_mut().for_each(|v| *v = (*v as f32) as f64);
+    }
+    tensors
+}
+
 /// Token ids `[b, n]` below `vocab`, deterministic.
 pub fn token_tensor(b: usize, n: usize, vocab: usize, salt: u64) -> tnc_compiler::interp::Tensor {
     let data = (0..b * n).map(|i| (tnc_runtime::rng::uniform(salt, 7, i as u64, 0) * vocab as f64).floor()).collect();
