@@ -6,7 +6,8 @@
 //! `--set` values apply to every variant (so each must declare them); a variant's own
 //! `k=v` pairs come after them and win.
 
-use crate::train::{fail, train_one, write_atomically, Summary, TrainFlags};
+use crate::fail;
+use crate::train::{train_one, write_atomically, Summary, TrainFlags};
 use crate::Failure;
 use indicatif::ProgressBar;
 use std::fmt::Write;

@@ -11,7 +11,7 @@
 use crate::{elaborate, Failure, ModelArgs};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
-use tnc_grammar::{Diagnostic, FileId};
+use tnc_grammar::FileId;
 
 /// The cache directory (`…/bundles`).
 pub fn cache_dir() -> PathBuf {
@@ -60,25 +60,17 @@ pub fn training_bundle(model: &ModelArgs, target: &str, status: &mut dyn FnMut(&
         status(&format!("using the cached bundle {}", dir.display()));
         return Ok(dir);
     }
-    let error = |e: String| Failure { diagnostic: Diagnostic::error(e), sources: Default::default(), status: 1 };
     let parent = cache_dir();
-    std::fs::create_dir_all(&parent).map_err(|e| error(format!("cannot create {}: {e}", parent.display())))?;
+    std::fs::create_dir_all(&parent).map_err(|e| crate::fail(format!("cannot create {}: {e}", parent.display())))?;
     let tmp = parent.join(format!(".{}-{key}.{}.tmp", graph.name, std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     status(&format!("compiling {} for {target} (training bundle)", model.file.display()));
     let started = std::time::Instant::now();
     let opts = tnc_compiler::driver::Options { train: true, ..Default::default() };
-    let usage = |e: String| {
-        let bad_target = e.contains("valid CPU targets") || e.contains("valid GPU targets");
-        Failure {
-            diagnostic: Diagnostic::error(e),
-            sources: Default::default(),
-            status: if bad_target { 2 } else { 1 },
-        }
-    };
-    tnc_compiler::driver::compile(graph, target, &tmp, opts, Vec::new()).map_err(usage)?;
+    tnc_compiler::driver::compile(graph, target, &tmp, opts, Vec::new()).map_err(crate::compile::compile_failure)?;
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).map_err(|e| error(format!("cannot move the bundle into {}: {e}", dir.display())))?;
+    std::fs::rename(&tmp, &dir)
+        .map_err(|e| crate::fail(format!("cannot move the bundle into {}: {e}", dir.display())))?;
     status(&format!("compiled in {:.1} s into {}", started.elapsed().as_secs_f64(), dir.display()));
     Ok(dir)
 }

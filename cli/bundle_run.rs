@@ -1,20 +1,16 @@
 //! `tnc run BUNDLE` and `tnc verify`: compiled bundles through the runtime, with the same
 //! flags as the interpreter path so outputs can be compared.
 
+use crate::fail;
 use crate::run::{DTypeArg, RunArgs};
 use crate::Failure;
 use std::collections::HashMap;
 use std::path::Path;
 use tnc_compiler::interp::{self, FileDType, Tensor};
-use tnc_grammar::{Diagnostic, SourceMap};
 use tnc_runtime::manifest::DType;
 
 pub fn is_bundle(path: &Path) -> bool {
     path.is_dir() && path.join("manifest.json").is_file()
-}
-
-fn fail(message: impl Into<String>) -> Failure {
-    Failure { diagnostic: Diagnostic::error(message.into()), sources: SourceMap::new(), status: 1 }
 }
 
 /// An interpreter tensor (f64) as a runtime tensor of the given element type.

@@ -93,6 +93,18 @@ fn kernel_report(g: &Graph, plan: &FusionPlan, b: i64, n: i64) -> String {
     s
 }
 
+/// A failed `driver::compile`: an unknown target name is bad usage (exit 2); anything else
+/// is an error (1).
+pub(crate) fn compile_failure(e: String) -> Failure {
+    let usage = e.contains("valid CPU targets") || e.contains("valid GPU targets");
+    let d = Diagnostic::error(e);
+    if usage {
+        Failure::usage(d)
+    } else {
+        Failure { diagnostic: d, sources: Default::default(), status: 1 }
+    }
+}
+
 /// Compile to a bundle and print what was made.
 fn compile(args: &CompileArgs) -> Result<(), Failure> {
     let Some(target) = args.target.as_deref() else {
@@ -116,16 +128,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     };
     let opts = tnc_compiler::driver::Options { emit, train: args.train };
     let compiled = tnc_compiler::driver::compile(graph, target, &out, opts, vec![("parse + elaborate", front)])
-        .map_err(|e| {
-            // An unknown target name is bad usage (exit 2); anything else is an error (1).
-            let usage = e.contains("valid CPU targets") || e.contains("valid GPU targets");
-            let d = Diagnostic::error(e);
-            if usage {
-                Failure::usage(d)
-            } else {
-                Failure { diagnostic: d, sources: Default::default(), status: 1 }
-            }
-        })?;
+        .map_err(compile_failure)?;
     let mut s = String::new();
     let _ = writeln!(s, "compiled {} for {target} into {}", compiled.graph.name, out.display());
     use tnc_compiler::schedule::Entry;

@@ -2,7 +2,8 @@
 //! validation split of a data source: loss, perplexity, bits per byte (text) or per
 //! token, and for the synthetic tasks the accuracy on the answer tokens.
 
-use crate::train::{describe_eval, fail};
+use crate::fail;
+use crate::train::describe_eval;
 use crate::Failure;
 use std::path::{Path, PathBuf};
 use tnc_grammar::Diagnostic;

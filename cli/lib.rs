@@ -125,6 +125,11 @@ where
     }
 }
 
+/// An error that points into no source (a file, a bundle, a run), exit status 1.
+pub(crate) fn fail(message: impl Into<String>) -> Failure {
+    Failure { diagnostic: Diagnostic::error(message.into()), sources: SourceMap::new(), status: 1 }
+}
+
 /// A failed command: the diagnostic, the sources it points into, and the exit status.
 pub struct Failure {
     pub diagnostic: Diagnostic,

@@ -1,11 +1,11 @@
 //! `tnc run` and `tnc init` with the reference interpreter.
 
-use crate::{elaborate, Failure, ModelArgs};
+use crate::{elaborate, fail, Failure, ModelArgs};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tnc_compiler::interp::{self, EvalOptions, FileDType, Precision, Tensor};
 use tnc_compiler::passes;
-use tnc_grammar::{Diagnostic, SourceMap};
+use tnc_grammar::SourceMap;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default)]
 pub enum DTypeArg {
@@ -60,10 +60,6 @@ pub struct InitArgs {
 }
 
 /// Errors about data files have no place in the model source.
-fn fail(message: String) -> Failure {
-    Failure { diagnostic: Diagnostic::error(message), sources: SourceMap::new(), status: 1 }
-}
-
 fn file_dtype(d: DTypeArg) -> FileDType {
     match d {
         DTypeArg::F32 => FileDType::F32,

@@ -5,16 +5,12 @@
 //! A run directory holds `run.json` (what was trained, for `tnc eval`), `metrics.jsonl`,
 //! `checkpoints/ckpt-<step>.safetensors` and `loss.svg`.
 
-use crate::{bundle_cache, Failure, ModelArgs};
+use crate::{bundle_cache, fail, Failure, ModelArgs};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tnc_grammar::Diagnostic;
 use tnc_train::{Config, DataSource, EvalReport, Schedule, Trainer};
-
-pub(crate) fn fail(message: impl Into<String>) -> Failure {
-    Failure { diagnostic: Diagnostic::error(message.into()), sources: Default::default(), status: 1 }
-}
 
 /// The training flags shared by `tnc train` and `tnc ablate`.
 #[derive(clap::Args, Debug, Clone)]

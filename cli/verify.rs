@@ -3,12 +3,12 @@
 //! exits with status 1 on a mismatch.
 
 use crate::bundle_run::{execute, is_bundle, Device, Params};
-use crate::{elaborate, Failure, ModelArgs};
+use crate::{elaborate, fail, Failure, ModelArgs};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use tnc_compiler::interp::{self, compare, EvalOptions, Tensor};
 use tnc_compiler::ir::{DType, Graph, Op};
-use tnc_grammar::{Diagnostic, SourceMap};
+use tnc_grammar::Diagnostic;
 use tnc_runtime::rng;
 
 #[derive(clap::Args, Debug)]
@@ -36,10 +36,6 @@ pub struct VerifyArgs {
     pub tol: f64,
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-}
-
-fn fail(message: impl Into<String>) -> Failure {
-    Failure { diagnostic: Diagnostic::error(message.into()), sources: SourceMap::new(), status: 1 }
 }
 
 /// Rows of the tables an integer input indexes (so random ids stay in range).
