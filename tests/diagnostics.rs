@@ -115,3 +115,17 @@ fn bad_set_heads_do_not_divide_width() {
     let rendered = relative(&expect_error(elaborate_path(&t1(), &["heads=7".into()])));
     insta::assert_snapshot!(rendered);
 }
+
+/// Found by the fuzzer: a model tensor combined with a number inside an initializer
+/// (`normal(dim * tokens)`), or picked by `where`, used to read the tensor's type from the
+/// initializer's own graph and panic; it is the same clear error as any other use.
+#[test]
+fn model_tensors_in_initializer_arithmetic_are_an_error_not_a_panic() {
+    for init in ["normal(dim * tokens)", "where(tokens > 0, 1.0, 2.0)", "where(true, tokens, 2.0)"] {
+        let text = format!(
+            "model m(dim = 4) {{\n  input tokens: i32[B, N]\n  param w: [dim] ~ {init}\n  output loss = sum(w)\n}}\n"
+        );
+        let rendered = expect_error(elaborate_text("init.tn", &text, &[]));
+        assert!(rendered.contains("an initializer can only be computed from constants"), "{init}:\n{rendered}");
+    }
+}

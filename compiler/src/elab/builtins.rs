@@ -189,10 +189,7 @@ impl Elaborator<'_> {
             }
             Builtin::Where => {
                 let ((c, scond), (a, sa), (x, sx)) = (args.get(0), args.get(1), args.get(2));
-                let like = [a, x].iter().find_map(|v| match v {
-                    Value::Tensor(t) => Some(self.graph().ty(t.node).dtype),
-                    _ => None,
-                });
+                let like = self.tensor_dtype(a, sa)?.or(self.tensor_dtype(x, sx)?);
                 let cn = self.as_tensor(c, Some(DType::Bool), scond)?;
                 if self.ty(cn).dtype != DType::Bool {
                     return Err(Diagnostic::at("the condition of `where` must be a bool tensor", scond)

@@ -34,13 +34,7 @@ impl Elaborator<'_> {
     /// type `like` is wanted.
     pub(super) fn as_tensor(&mut self, v: &Value, like: Option<DType>, span: Span) -> R<NodeId> {
         match v {
-            Value::Tensor(t) => {
-                if t.graph != self.graph_id() {
-                    return Err(Diagnostic::at("an initializer can only be computed from constants", span)
-                        .with_label("this is a tensor of the model, not a constant"));
-                }
-                Ok(t.node)
-            }
+            Value::Tensor(t) => self.own_node(t, span),
             Value::Int(i) => self.constant(*i as f64, like.unwrap_or(DType::F32), span),
             Value::Float(x) => {
                 if like == Some(DType::I32) {
@@ -53,6 +47,25 @@ impl Elaborator<'_> {
             Value::Bool(b) => self.constant(if *b { 1.0 } else { 0.0 }, DType::Bool, span),
             Value::Size(d) => self.node(Op::SizeOf { size: d.clone(), dtype: like.unwrap_or(DType::F32) }, &[], span),
             other => Err(Diagnostic::at(format!("expected a tensor, found {}", other.kind()), span)),
+        }
+    }
+
+    /// The node of `t` in the graph being built. Initializers are elaborated into graphs
+    /// of their own, so a tensor of the model cannot appear in one.
+    pub(super) fn own_node(&self, t: &TensorRef, span: Span) -> R<NodeId> {
+        if t.graph != self.graph_id() {
+            return Err(Diagnostic::at("an initializer can only be computed from constants", span)
+                .with_label("this is a tensor of the model, not a constant"));
+        }
+        Ok(t.node)
+    }
+
+    /// The element type of a tensor value (checked as by [`Self::own_node`]), `None` for
+    /// other values.
+    pub(super) fn tensor_dtype(&self, v: &Value, span: Span) -> R<Option<DType>> {
+        match v {
+            Value::Tensor(t) => Ok(Some(self.graph().ty(self.own_node(t, span)?).dtype)),
+            _ => Ok(None),
         }
     }
 
@@ -118,8 +131,8 @@ impl Elaborator<'_> {
 
     /// The element type two operands of an arithmetic op agree on.
     fn common_dtype(&self, a: &Value, b: &Value, span: Span, sa: Span, sb: Span) -> R<Option<DType>> {
-        let da = if let Value::Tensor(t) = a { Some(self.graph().ty(t.node).dtype) } else { None };
-        let db = if let Value::Tensor(t) = b { Some(self.graph().ty(t.node).dtype) } else { None };
+        let da = self.tensor_dtype(a, sa)?;
+        let db = self.tensor_dtype(b, sb)?;
         match (da, db) {
             (Some(x), Some(y)) if x != y => {
                 Err(Diagnostic::at(format!("element types {} and {} do not match", x.name(), y.name()), span)
