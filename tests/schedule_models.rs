@@ -30,12 +30,23 @@ fn optimize(g: Graph, recognize: bool) -> Graph {
 }
 
 fn check(path: &std::path::Path, recognize: bool, lengths: &[(usize, usize)]) {
+    check_with(path, recognize, lengths, &schedule::ScheduleOptions::default());
+}
+
+/// [`check`] with the given schedule options; returns the schedule.
+fn check_with(
+    path: &std::path::Path,
+    recognize: bool,
+    lengths: &[(usize, usize)],
+    opts: &schedule::ScheduleOptions,
+) -> schedule::Schedule {
     let g = tiny(path);
     let reference = passes::differentiate_loss(g.clone()).unwrap();
     let optimized = optimize(g, recognize);
     let plan = fusion::fuse(&optimized).unwrap();
     let mem = memory::plan_memory(&optimized, &plan).unwrap();
-    let s = schedule::schedule(&optimized, &plan, &mem).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let s = schedule::schedule_with(&optimized, &plan, &mem, opts)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let params = perturbed_params(&reference, 5);
     let vocab =
         reference.params.iter().find(|p| p.name == "embedding").unwrap().ty.shape[0].as_const().unwrap() as usize;
@@ -61,6 +72,34 @@ fn check(path: &std::path::Path, recognize: bool, lengths: &[(usize, usize)]) {
                 "{} (recognize: {recognize}) B={b} N={n} `{name}`: {c:?}",
                 path.display()
             );
+        }
+    }
+    s
+}
+
+/// CPU schedules hand contractions to the GEMM library (`schedule/gemm.rs`): the
+/// reference executor runs those nodes naively, and every model still matches, with the
+/// projections (and their gradients) as library nodes: in T1 every einsum that sums
+/// over a letter is one library launch, none is left to generated code.
+#[test]
+fn library_gemm_schedules_match_the_interpreter() {
+    use tnc_compiler::ir::Op;
+    let cpu = schedule::ScheduleOptions::cpu();
+    for path in model_files() {
+        let s = check_with(&path, true, &[(3, 6), (2, 13)], &cpu);
+        let launches = s.steps.iter().filter(|st| s.kernels[st.kernel].gemm.is_some()).count();
+        assert!(launches >= 3, "{}: {launches} library GEMM launches", path.display());
+        if path.file_stem().unwrap() == "transnormer_t1" {
+            let g = optimize(tiny(&path), true);
+            let products = g
+                .dag
+                .node_indices()
+                .filter(|&n| match &g.node(n).op {
+                    Op::Einsum(spec) => spec.inputs.iter().flatten().any(|l| !spec.output.contains(l)),
+                    _ => false,
+                })
+                .count();
+            assert_eq!(launches, products, "T1: every contraction is a library GEMM");
         }
     }
 }

@@ -60,6 +60,28 @@ fn extent_poly(e: &Expr, sizes: &[String]) -> Result<Poly, String> {
     })
 }
 
+/// A library node's GEMM with every index expression as a polynomial.
+fn gemm_entry(g: &kernel::gemm::Gemm, sizes: &[String]) -> Result<m::GemmEntry, String> {
+    let p = |e: &Expr| extent_poly(e, sizes);
+    let matrix = |v: &kernel::gemm::Matrix| -> Result<m::MatrixEntry, String> {
+        Ok(m::MatrixEntry { offset: p(&v.offset)?, rows: p(&v.rows)?, cols: p(&v.cols)? })
+    };
+    Ok(m::GemmEntry {
+        batch: g
+            .batch
+            .iter()
+            .map(|b| Ok(m::BatchEntry { extent: p(&b.extent)?, a: p(&b.a)?, b: p(&b.b)?, c: p(&b.c)? }))
+            .collect::<Result<_, String>>()?,
+        m: p(&g.m)?,
+        n: p(&g.n)?,
+        k: p(&g.k)?,
+        accumulate: g.accumulate,
+        a: matrix(&g.a)?,
+        b: matrix(&g.b)?,
+        c: matrix(&g.c)?,
+    })
+}
+
 fn dtype(d: DType) -> m::DType {
     match d {
         DType::F32 => m::DType::F32,
@@ -138,7 +160,8 @@ pub fn manifest(
                     .map(|b| m::KernelBuffer { elem: elem(b.elem), access: access(b.access) })
                     .collect(),
                 extent: extent_poly(&k.extent, &k.sizes)?,
-                library: false,
+                library: k.gemm.is_some(),
+                gemm: k.gemm.as_ref().map(|g| gemm_entry(g, &k.sizes)).transpose()?,
                 gpu: None,
             })
         })

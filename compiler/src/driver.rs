@@ -7,7 +7,7 @@ use crate::fusion::{fuse, FusionPlan};
 use crate::ir::Graph;
 use crate::memory::{plan_memory, MemoryPlan};
 use crate::passes;
-use crate::schedule::{add_optimizer, schedule, Schedule};
+use crate::schedule::{add_optimizer, schedule_with, Schedule, ScheduleOptions};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tnc_runtime::manifest::TargetKind;
@@ -50,10 +50,12 @@ fn timed<T>(
     Ok(r)
 }
 
-/// Optimize, fuse, plan memory and schedule (everything that does not depend on the target).
+/// Optimize, fuse, plan memory and schedule with `sched_opts` (everything before code
+/// generation).
 pub fn lower(
     graph: Graph,
     train: bool,
+    sched_opts: &ScheduleOptions,
     stages: &mut Vec<(&'static str, Duration)>,
 ) -> Result<(Graph, FusionPlan, MemoryPlan, Schedule), String> {
     let mut g = graph;
@@ -68,7 +70,7 @@ pub fn lower(
     }
     let plan = timed(stages, "fuse", || fuse(&g))?;
     let memory = timed(stages, "plan_memory", || plan_memory(&g, &plan))?;
-    let mut sched = timed(stages, "schedule", || schedule(&g, &plan, &memory))?;
+    let mut sched = timed(stages, "schedule", || schedule_with(&g, &plan, &memory, sched_opts))?;
     if train {
         timed(stages, "optimizer", || add_optimizer(&mut sched, &g))?;
     }
@@ -102,7 +104,7 @@ fn compile_gpu(
 ) -> Result<Compiled, String> {
     let emit = opts.emit;
     let gpu = GpuTarget::parse(target)?;
-    let (graph, plan, memory, sched) = lower(graph, opts.train, &mut stages)?;
+    let (graph, plan, memory, sched) = lower(graph, opts.train, &ScheduleOptions::default(), &mut stages)?;
     let ptx = timed(&mut stages, "llvm (nvptx)", || backend::emit_ptx(&sched.kernels, &gpu))?;
     let mut extra_files = Vec::new();
     if emit.llvm {
@@ -169,7 +171,7 @@ fn compile_cpu(
     mut stages: Vec<(&'static str, Duration)>,
 ) -> Result<Compiled, String> {
     let emit = opts.emit;
-    let (graph, plan, memory, sched) = lower(graph, opts.train, &mut stages)?;
+    let (graph, plan, memory, sched) = lower(graph, opts.train, &ScheduleOptions::cpu(), &mut stages)?;
     let mut extra_files = Vec::new();
     // CPUs only: reductions inside vector loops turned inside out so LLVM vectorizes them.
     let kernels: Vec<_> = sched.kernels.iter().map(crate::kernel::interchange::interchange_reductions).collect();

@@ -127,7 +127,7 @@ fn inputs(names: &[(String, usize)], b: usize, n: usize) -> Vec<(String, Tensor)
 fn schedule_of(g: &Graph, chunk: usize) -> Schedule {
     let plan = fusion::fuse(g).unwrap();
     let mem = memory::plan_memory(g, &plan).unwrap();
-    schedule::schedule_with(g, &plan, &mem, &ScheduleOptions { chunk }).unwrap()
+    schedule::schedule_with(g, &plan, &mem, &ScheduleOptions { chunk, ..Default::default() }).unwrap()
 }
 
 /// The largest relative L2 error over every length.

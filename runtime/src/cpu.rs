@@ -8,6 +8,7 @@
 //! parallel, with a barrier between steps. The split depends only on the thread count.
 
 use crate::bundle::{Bundle, BundleError};
+use crate::gemm;
 use crate::init::init_values_f32;
 use crate::manifest::{Access, BufferRole, DType, InitSpec, Manifest, ParamEntry, TargetKind, CPU_KERNELS_FILE};
 use crate::tensor::Tensor;
@@ -163,9 +164,15 @@ impl Drop for Buf {
     }
 }
 
+/// What a launch runs: generated code from `kernels.so`, or a library GEMM node.
+enum Work {
+    Kernel(KernelFn),
+    Gemm(gemm::Shape),
+}
+
 /// One kernel launch with everything bound.
 struct Launch {
-    f: KernelFn,
+    work: Work,
     ptrs: Vec<*mut c_void>,
     extent: i64,
 }
@@ -180,9 +187,23 @@ unsafe impl Sync for Launches {}
 fn execute(launches: &Launches, args: &[i64], threads: usize) {
     let run = |l: &Launch, begin: i64, end: i64| {
         if begin < end {
-            // SAFETY: `f` has the kernel calling convention; `ptrs` has one pointer per
-            // declared buffer, each sized by the plan for the current sizes.
-            unsafe { (l.f)(l.ptrs.as_ptr() as *mut *mut c_void, args.as_ptr(), begin, end) }
+            match &l.work {
+                // SAFETY: `f` has the kernel calling convention; `ptrs` has one pointer per
+                // declared buffer, each sized by the plan for the current sizes.
+                Work::Kernel(f) => unsafe { f(l.ptrs.as_ptr() as *mut *mut c_void, args.as_ptr(), begin, end) },
+                // SAFETY: the shape was checked against these buffers when the launch was
+                // bound, and threads get disjoint row ranges of C.
+                Work::Gemm(shape) => unsafe {
+                    gemm::run(
+                        shape,
+                        l.ptrs[gemm::SLOT_A] as *const f32,
+                        l.ptrs[gemm::SLOT_B] as *const f32,
+                        l.ptrs[gemm::SLOT_C] as *mut f32,
+                        begin,
+                        end,
+                    )
+                },
+            }
         }
     };
     if threads <= 1 {
@@ -243,13 +264,9 @@ impl Executor {
         bundle.check_kind(TargetKind::Cpu)?;
         bundle.check_host_cpu()?;
         let m = bundle.manifest.clone();
-        let used: HashSet<usize> = m.entry_points.values().flatten().map(|s| s.kernel).collect();
-        if let Some(k) = m.kernels.iter().enumerate().find(|(i, k)| k.library && used.contains(i)).map(|(_, k)| k) {
-            return Err(ExecError::Unsupported(format!(
-                "kernel `{}` is a library (GEMM) node; library calls are not implemented yet",
-                k.name
-            )));
-        }
+        // Library GEMM nodes have no symbol; the executor calls the GEMM library for them.
+        let used: HashSet<usize> =
+            m.entry_points.values().flatten().map(|s| s.kernel).filter(|&k| !m.kernels[k].library).collect();
         let mut kernels = vec![None; m.kernels.len()];
         let lib = if used.is_empty() {
             None
@@ -487,9 +504,27 @@ impl Executor {
             if extent < 0 {
                 return Err(ExecError::Sizes(format!("kernel `{}` has a negative extent {extent}", k.name)));
             }
-            let f = self.kernels[s.kernel].expect("resolved in new");
+            let work = match &k.gemm {
+                Some(g) => {
+                    let shape = gemm::Shape::eval(g, &env)
+                        .map_err(|e| ExecError::Sizes(format!("GEMM of kernel `{}`: {e}", k.name)))?;
+                    let lens = [gemm::SLOT_A, gemm::SLOT_B, gemm::SLOT_C].map(|i| self.bufs[s.buffers[i]].len / 4);
+                    shape.check(lens).map_err(|e| {
+                        ExecError::Bundle(BundleError::Invalid(format!("library kernel `{}`: {e}", k.name)))
+                    })?;
+                    if shape.extent() != extent {
+                        return Err(ExecError::Bundle(BundleError::Invalid(format!(
+                            "library kernel `{}` has extent {extent}, its GEMM covers {}",
+                            k.name,
+                            shape.extent()
+                        ))));
+                    }
+                    Work::Gemm(shape)
+                }
+                None => Work::Kernel(self.kernels[s.kernel].expect("resolved in new")),
+            };
             let ptrs = s.buffers.iter().map(|&b| self.bufs[b].ptr.as_ptr() as *mut c_void).collect();
-            launches.push(Launch { f, ptrs, extent });
+            launches.push(Launch { work, ptrs, extent });
         }
         let args: Vec<i64> = sizes.iter().chain(&self.scalars).copied().collect();
         if std::env::var_os("TNC_PROFILE").is_some() {

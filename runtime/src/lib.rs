@@ -6,6 +6,7 @@
 //! - [`cpu`]: the CPU executor ([`Executor`]) running `kernels.so` on threads;
 //! - [`cuda`] (feature `cuda`, on by default): the CUDA executor ([`CudaExecutor`])
 //!   running `kernels.ptx` through the driver API;
+//! - [`gemm`]: library GEMM nodes, run with the `gemm` crate;
 //! - [`init`]: parameter initialization from a seed, shared bit for bit with the
 //!   compiler's reference interpreter;
 //! - [`rng`]: the counter-based random generator behind dropout and initialization;
@@ -28,6 +29,7 @@ pub mod bundle;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod gemm;
 pub mod init;
 pub mod manifest;
 pub mod rng;

@@ -176,9 +176,48 @@ pub struct KernelEntry {
     /// GEMM library, the CUDA executor cuBLAS, instead of a symbol of the kernels file.
     #[serde(default)]
     pub library: bool,
+    /// The product a library node computes (present exactly when `library`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gemm: Option<GemmEntry>,
     /// Launch shape on GPUs; absent for CPU bundles.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<GpuLaunch>,
+}
+
+/// A library GEMM node: `C = A · B` on strided views of the kernel's buffer slots 0 (A),
+/// 1 (B) and 2 (C), for every index of `batch`; see the `gemm` module for the semantics.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GemmEntry {
+    pub batch: Vec<BatchEntry>,
+    /// `C += A·B` (C is read) instead of `C = A·B`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub accumulate: bool,
+    pub m: Poly,
+    pub n: Poly,
+    pub k: Poly,
+    pub a: MatrixEntry,
+    pub b: MatrixEntry,
+    pub c: MatrixEntry,
+}
+
+/// Element (row, col) of a GEMM matrix is at `offset + row·rows + col·cols`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatrixEntry {
+    pub offset: Poly,
+    pub rows: Poly,
+    pub cols: Poly,
+}
+
+/// A loop around a GEMM and the stride it adds in A, B and C.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchEntry {
+    pub extent: Poly,
+    pub a: Poly,
+    pub b: Poly,
+    pub c: Poly,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -563,6 +602,18 @@ impl Manifest {
                 }
                 if io.buffer >= nb {
                     return Err(format!("{what} `{}` names buffer {} of {nb}", io.name, io.buffer));
+                }
+            }
+        }
+        for k in &self.kernels {
+            if k.library != k.gemm.is_some() {
+                return Err(format!("kernel `{}`: a library node must have a `gemm` entry, and only it", k.name));
+            }
+            if let Some(g) = &k.gemm {
+                let c = if g.accumulate { Access::ReadWrite } else { Access::Write };
+                let slots: Vec<_> = k.buffers.iter().map(|b| (b.elem, b.access)).collect();
+                if slots != [(DType::F32, Access::Read), (DType::F32, Access::Read), (DType::F32, c)] {
+                    return Err(format!("library kernel `{}` must take buffers (in f32, in f32, {c:?} f32)", k.name));
                 }
             }
         }

@@ -84,6 +84,7 @@ fn kernel(name: &str, slots: &[(DType, Access)], extent: Poly) -> KernelEntry {
         buffers: slots.iter().map(|&(elem, access)| KernelBuffer { elem, access }).collect(),
         extent,
         library: false,
+        gemm: None,
         gpu: None,
     }
 }
@@ -520,11 +521,10 @@ fn cpu_features_match_the_host() {
 }
 
 #[test]
-fn library_kernels_are_reported() {
+fn a_library_kernel_without_its_gemm_is_a_corrupt_manifest() {
     let tb = write_bundle(|m| m.kernels[1].library = true);
-    let bundle = Bundle::load(&tb.dir).unwrap();
-    let e = Executor::new(&bundle, 1).err().unwrap().to_string();
-    assert!(e.contains("rowsum") && e.contains("library"), "{e}");
+    let e = load_err(&tb.dir).to_string();
+    assert!(e.contains("rowsum") && e.contains("library") && e.contains("gemm"), "{e}");
 }
 
 #[test]
@@ -552,7 +552,14 @@ fn hand_written_manifest_parses() {
           "buffers": [{"elem": "f32", "access": "read"}, {"elem": "f32", "access": "read"},
                       {"elem": "f32", "access": "write"}],
           "extent": [{"coeff": 1, "atoms": ["B", "N"]}] },
-        { "name": "qk", "symbol": "k_qk", "buffers": [], "extent": 0, "library": true,
+        { "name": "qk", "symbol": "k_qk", "extent": [{"coeff": 1, "atoms": ["B", "N"]}], "library": true,
+          "buffers": [{"elem": "f32", "access": "read"}, {"elem": "f32", "access": "read"},
+                      {"elem": "f32", "access": "write"}],
+          "gemm": { "batch": [{ "extent": "B", "a": [{"coeff": 64, "atoms": ["N"]}], "b": 0, "c": [{"coeff": 1, "atoms": ["N", "N"]}] }],
+                    "m": "N", "n": "N", "k": 64,
+                    "a": { "offset": 0, "rows": 64, "cols": 1 },
+                    "b": { "offset": 0, "rows": 1, "cols": 64 },
+                    "c": { "offset": 0, "rows": "N", "cols": 1 } },
           "gpu": { "block": [128, 1, 1], "grid": [[{"coeff": 1, "atoms": [{"ceil": "N", "div": 64}]}], 1, 1], "shared_bytes": 0 } }
       ],
       "buffers": [
@@ -583,6 +590,7 @@ fn hand_written_manifest_parses() {
     let m: Manifest = serde_json::from_str(json).unwrap();
     assert_eq!(m.kernels[0].extent, Poly::term(1, vec![sym("B"), sym("N")]));
     assert!(m.kernels[1].library);
+    assert_eq!(m.kernels[1].gemm.as_ref().unwrap().batch[0].extent.as_sym(), Some("B"));
     assert_eq!(m.kernels[1].gpu.as_ref().unwrap().grid[0].to_string(), "ceil((N)/64)");
     assert_eq!(m.params[0].init, InitSpec::Xavier { gain: 1.0 });
     assert_eq!(m.params[1].seed, Some(7));

@@ -192,6 +192,7 @@ fn kernel(name: &str, slots: &[(DType, Access)], extent: Poly, gpu: Option<GpuLa
         buffers: slots.iter().map(|&(elem, access)| KernelBuffer { elem, access }).collect(),
         extent,
         library: false,
+        gemm: None,
         gpu,
     }
 }

@@ -50,6 +50,7 @@ fn bundle(dir: &Path) {
                 buffers: vec![slot(Access::Read), slot(Access::Read), slot(Access::Write)],
                 extent: bn,
                 library: false,
+                gemm: None,
                 gpu: None,
             },
             KernelEntry {
@@ -58,6 +59,7 @@ fn bundle(dir: &Path) {
                 buffers: vec![slot(Access::Read), slot(Access::Write)],
                 extent: Poly::constant(2),
                 library: false,
+                gemm: None,
                 gpu: None,
             },
         ],

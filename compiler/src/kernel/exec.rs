@@ -78,6 +78,9 @@ pub fn run(kernel: &Kernel, buffers: &mut [Buffer], sizes: &[i64], begin: i64, e
         return Err(format!("kernel `{}` takes {} buffers, got {}", kernel.name, kernel.buffers.len(), buffers.len()));
     }
     let mut m = Machine { kernel, buffers, sizes, vars: HashMap::new(), arrays: HashMap::new() };
+    if let Some(g) = &kernel.gemm {
+        return m.gemm(g, begin, end).map_err(|e| format!("library kernel `{}`: {e}", kernel.name));
+    }
     for i in begin..end {
         m.vars.insert(kernel.index, Val::I(i));
         m.block(&kernel.body).map_err(|e| format!("kernel `{}`, iteration {i}: {e}", kernel.name))?;
@@ -168,6 +171,45 @@ fn binary(op: Binary, a: Val, b: Val) -> Result<Val, String> {
 }
 
 impl Machine<'_> {
+    /// A library GEMM node, naively: each element a sequential f32 sum over k. The row
+    /// blocks and bounds checks are the runtime's own, so both agree on the semantics.
+    fn gemm(&mut self, g: &super::gemm::Gemm, begin: i64, end: i64) -> Result<(), String> {
+        use tnc_runtime::gemm::{Shape, View};
+        let mut int = |e: &Expr| self.eval(e)?.i();
+        let mut view = |v: &super::gemm::Matrix| -> Result<View, String> {
+            Ok(View { offset: int(&v.offset)?, rows: int(&v.rows)?, cols: int(&v.cols)? })
+        };
+        let (a, b, c) = (view(&g.a)?, view(&g.b)?, view(&g.c)?);
+        let mut batch = Vec::new();
+        for ax in &g.batch {
+            batch.push((int(&ax.extent)?, int(&ax.a)?, int(&ax.b)?, int(&ax.c)?));
+        }
+        let shape = Shape { batch, m: int(&g.m)?, n: int(&g.n)?, k: int(&g.k)?, a, b, c, accumulate: g.accumulate };
+        let f32s = |buf: &Buffer| match buf {
+            Buffer::F32(v) => Ok(v.len()),
+            _ => Err("GEMM buffers hold f32".to_string()),
+        };
+        shape.check([f32s(&self.buffers[0])?, f32s(&self.buffers[1])?, f32s(&self.buffers[2])?])?;
+        let (Buffer::F32(x), Buffer::F32(y)) = (&self.buffers[0], &self.buffers[1]) else { unreachable!("checked") };
+        let mut out = Vec::new();
+        for blk in shape.blocks(begin, end) {
+            for r in blk.rows.0..blk.rows.1 {
+                for j in 0..shape.n {
+                    let mut acc = 0.0f32;
+                    for k in 0..shape.k {
+                        acc += x[(blk.a + r * a.rows + k * a.cols) as usize] * y[(blk.b + k * b.rows + j * b.cols) as usize];
+                    }
+                    out.push(((blk.c + r * c.rows + j * c.cols) as usize, acc));
+                }
+            }
+        }
+        let Buffer::F32(z) = &mut self.buffers[2] else { unreachable!("checked") };
+        for (i, v) in out {
+            z[i] = if g.accumulate { z[i] + v } else { v };
+        }
+        Ok(())
+    }
+
     fn eval(&mut self, e: &Expr) -> Result<Val, String> {
         Ok(match e {
             Expr::F32(x) => Val::F(*x),

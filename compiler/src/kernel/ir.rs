@@ -213,6 +213,9 @@ pub struct Kernel {
     pub index: Var,
     pub extent: Expr,
     pub body: Vec<Stmt>,
+    /// A library node (see `gemm.rs`): the body is empty, back ends emit no code, and the
+    /// runtime calls a GEMM library on buffer slots 0 (A), 1 (B), 2 (C).
+    pub gemm: Option<super::gemm::Gemm>,
 }
 
 impl fmt::Display for Var {

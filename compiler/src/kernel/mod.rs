@@ -1,7 +1,9 @@
-//! Kernels: the loop-nest IR every back end prints (see `ir.rs`), its text form, and a
-//! reference executor used to test schedules without a code generator.
+//! Kernels: the loop-nest IR every back end prints (see `ir.rs`), the GEMM library nodes
+//! it may contain (`gemm.rs`), its text form, and a reference executor used to test
+//! schedules without a code generator.
 
 pub mod exec;
+pub mod gemm;
 pub mod interchange;
 pub mod ir;
 pub mod print;

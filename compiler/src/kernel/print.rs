@@ -130,8 +130,30 @@ pub fn to_text(k: &Kernel) -> String {
         bufs.join(", "),
         k.sizes.iter().chain(&k.scalars).cloned().collect::<Vec<_>>().join(", ")
     );
+    if let Some(g) = &k.gemm {
+        gemm(k, g, &mut s);
+        s.push_str("}\n");
+        return s;
+    }
     let _ = writeln!(s, "  parallel {} in 0..{} {{", k.index, expr(k, &k.extent));
     stmts(k, &k.body, 2, &mut s);
     s.push_str("  }\n}\n");
     s
+}
+
+/// A library node: `library gemm` and its strided views, e.g.
+/// `C[m, n] at c + m*rows + n*cols = A[m, k] · B[k, n]` with one line per batch axis.
+fn gemm(k: &Kernel, g: &super::gemm::Gemm, out: &mut String) {
+    let x = |e: &Expr| expr(k, e);
+    let view = |v: &super::gemm::Matrix| format!("{} + row*{} + col*{}", x(&v.offset), x(&v.rows), x(&v.cols));
+    let op = if g.accumulate { "+=" } else { "=" };
+    let _ = writeln!(out, "  library gemm C {op} A·B, m={} n={} k={} {{", x(&g.m), x(&g.n), x(&g.k));
+    for (i, b) in g.batch.iter().enumerate() {
+        let _ = writeln!(out, "    batch {i} in 0..{}: A += {}, B += {}, C += {}", x(&b.extent), x(&b.a), x(&b.b), x(&b.c));
+    }
+    let names: Vec<&str> = k.buffers.iter().map(|b| b.name.as_str()).collect();
+    let _ = writeln!(out, "    A = {}[{}]", names[0], view(&g.a));
+    let _ = writeln!(out, "    B = {}[{}]", names[1], view(&g.b));
+    let _ = writeln!(out, "    C = {}[{}]", names[2], view(&g.c));
+    out.push_str("  }\n");
 }

@@ -14,7 +14,7 @@ use super::emit::{bin, mul, sub};
 use crate::ir::{CeOp, NodeId, Op};
 use crate::kernel::{Access, Binary, Elem, Expr, Kernel, LoopKind, Scalar, Stmt, Unary};
 
-fn which(op: &Op) -> Option<(CeOp, bool)> {
+pub(super) fn which(op: &Op) -> Option<(CeOp, bool)> {
     match op {
         Op::CrossEntropy(c) => Some((CeOp::Loss, c.transposed)),
         Op::CrossEntropyGradX(c) => Some((CeOp::GradX, c.transposed)),
@@ -70,7 +70,7 @@ fn table(lw: &mut Lowering, table: NodeId, transposed: bool, v: Expr, d: Expr) -
 }
 
 /// `z = x_t · E_v`, accumulated over the hidden width.
-fn logit(lw: &mut Lowering, ops: &[NodeId], transposed: bool, t: &[Expr], v: Expr) -> Result<Expr, String> {
+pub(super) fn logit(lw: &mut Lowering, ops: &[NodeId], transposed: bool, t: &[Expr], v: Expr) -> Result<Expr, String> {
     let x_ty = lw.g.ty(ops[0]).clone();
     let width = x_ty.shape[x_ty.rank() - 1].clone();
     let mut at = t.to_vec();
@@ -95,7 +95,7 @@ fn vocab(lw: &Lowering, ops: &[NodeId], transposed: bool) -> crate::ir::Dim {
 }
 
 /// The target of token `t`, clamped into the vocabulary, as an I64.
-fn target(lw: &mut Lowering, ops: &[NodeId], transposed: bool, t: &[Expr]) -> Result<Expr, String> {
+pub(super) fn target(lw: &mut Lowering, ops: &[NodeId], transposed: bool, t: &[Expr]) -> Result<Expr, String> {
     let y = lw.value(Source::Node(ops[2]), t)?;
     let v = lw.e.dim(&vocab(lw, ops, transposed))?;
     Ok(lw.e.bind(bin(

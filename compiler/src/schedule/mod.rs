@@ -16,8 +16,10 @@
 mod block_attention;
 mod compose;
 mod cross_entropy;
+mod cross_entropy_chunks;
 mod element;
 mod emit;
+mod gemm;
 mod linear_attention;
 pub mod optimizer;
 pub mod run;
@@ -116,11 +118,49 @@ fn symbols(g: &Graph) -> Vec<String> {
 pub struct ScheduleOptions {
     /// Tokens per chunk of the linear-attention scan kernels (≥ 1).
     pub chunk: usize,
+    /// Dense contractions become library GEMM nodes (`gemm.rs`); CPU targets only, as
+    /// the GPU runtime has no GEMM library yet. Off, they are generated loop nests.
+    pub library_gemm: bool,
 }
 
 impl Default for ScheduleOptions {
     fn default() -> Self {
-        ScheduleOptions { chunk: linear_attention::DEFAULT_CHUNK }
+        ScheduleOptions { chunk: linear_attention::DEFAULT_CHUNK, library_gemm: false }
+    }
+}
+
+impl ScheduleOptions {
+    /// The options for a CPU target.
+    pub fn cpu() -> Self {
+        ScheduleOptions { library_gemm: true, ..Default::default() }
+    }
+}
+
+/// Workspaces for values that live only inside one group (a GEMM's result that the
+/// group's element kernels read), shared by later groups: one free list per size.
+#[derive(Default)]
+struct Scratch {
+    free: HashMap<Dim, Vec<usize>>,
+    /// Taken by the current group: (size, buffer, the node it holds).
+    taken: Vec<(Dim, usize, NodeId)>,
+}
+
+impl Scratch {
+    fn take(&mut self, bytes: Dim, n: NodeId, buffers: &mut Vec<BufferInfo>) -> usize {
+        let b = self.free.get_mut(&bytes).and_then(Vec::pop).unwrap_or_else(|| {
+            buffers.push(BufferInfo { bytes: bytes.clone(), role: Role::Workspace, name: None });
+            buffers.len() - 1
+        });
+        self.taken.push((bytes, b, n));
+        b
+    }
+
+    /// The group is done: its scratch values are dead.
+    fn release(&mut self, stored: &mut HashMap<NodeId, usize>) {
+        for (bytes, b, n) in self.taken.drain(..) {
+            stored.remove(&n);
+            self.free.entry(bytes).or_default().push(b);
+        }
     }
 }
 
@@ -199,24 +239,48 @@ pub fn schedule_with(
     let mut out = Program { kernels: Vec::new(), text: HashMap::new(), steps: Vec::new() };
     // The logsumexp workspace of each cross-entropy's (x, E, y).
     let mut lse_of: HashMap<Vec<NodeId>, usize> = HashMap::new();
+    let mut scratch = Scratch::default();
     for (gi, group) in plan.groups.iter().enumerate() {
         // A group runs in `forward` when it writes a value the forward outputs need; a group
         // that only recomputes forward values for the backward stays in `backward`.
         let entry = if group.outputs.iter().any(|n| forward.contains(n)) { Entry::Forward } else { Entry::Backward };
+        let gemms: HashSet<NodeId> = if opts.library_gemm {
+            group.nodes.iter().copied().filter(|&n| gemm::is_library_gemm(g, n)).collect()
+        } else {
+            HashSet::new()
+        };
+        let special = |n: NodeId| is_special(&g.node(n).op) || gemms.contains(&n);
+        // Within the group, its own outputs are computed, never read back: a kernel cannot
+        // read what it (or a later kernel of the group) has not written yet.
+        let mut reads = stored.clone();
+        for n in group.outputs.iter().filter(|&&n| !special(n)) {
+            reads.remove(n);
+        }
         // Ops with kernels of their own first, each writing its value to memory.
-        for &n in group.nodes.iter().filter(|&&n| is_special(&g.node(n).op)) {
+        for &n in group.nodes.iter().filter(|&&n| special(n)) {
             if !stored.contains_key(&n) {
                 let bytes = crate::fusion::value_bytes(g, n).ok_or("size overflow")?;
-                buffers.push(BufferInfo { bytes, role: Role::Workspace, name: None });
-                stored.insert(n, buffers.len() - 1);
+                let b = if gemms.contains(&n) {
+                    scratch.take(bytes, n, &mut buffers)
+                } else {
+                    buffers.push(BufferInfo { bytes, role: Role::Workspace, name: None });
+                    buffers.len() - 1
+                };
+                stored.insert(n, b);
+                reads.insert(n, b);
             }
             let mut sink =
                 Sink { g, stored: &stored, all_args: &all_args, buffers: &mut buffers, out: &mut out, entry };
             let kind = g.node(n).op.kind();
             let name = format!("g{gi}_{kind}");
             let op = &g.node(n).op;
-            let done = if cross_entropy::is_cross_entropy(op) {
-                cross_entropy_kernels(&mut sink, n, &mut lse_of, &name)
+            let done = if gemms.contains(&n) {
+                let out = sink.stored[&n];
+                sink.stored = &reads;
+                gemm::einsum(&mut sink, &reads, n, out, &format!("g{gi}_gemm"))
+            } else if cross_entropy::is_cross_entropy(op) {
+                let library = opts.library_gemm.then_some(&reads);
+                cross_entropy_kernels(&mut sink, n, &mut lse_of, &name, library)
             } else if special::is_full_block_attention(op) {
                 full_attention_kernels(&mut sink, n, &name)
             } else {
@@ -225,7 +289,7 @@ pub fn schedule_with(
             done.map_err(|e| format!("group {gi}: {e}"))?;
         }
         // The other outputs, one kernel per row space.
-        let rest: Vec<NodeId> = group.outputs.iter().copied().filter(|&n| !is_special(&g.node(n).op)).collect();
+        let rest: Vec<NodeId> = group.outputs.iter().copied().filter(|&n| !special(n)).collect();
         let mut classes: Vec<(Vec<Dim>, Vec<NodeId>)> = Vec::new();
         for n in rest {
             let shape = &g.ty(n).shape;
@@ -234,12 +298,6 @@ pub fn schedule_with(
                 Some((_, v)) => v.push(n),
                 None => classes.push((rows, vec![n])),
             }
-        }
-        // Within the group, its own outputs are computed, never read back: a kernel cannot
-        // read what it (or a later kernel of the group) has not written yet.
-        let mut reads = stored.clone();
-        for n in group.outputs.iter().filter(|&&n| !is_special(&g.node(n).op)) {
-            reads.remove(n);
         }
         for (ci, (rows, values)) in classes.into_iter().enumerate() {
             let names = |b: usize| format!("b{b}");
@@ -250,6 +308,7 @@ pub fn schedule_with(
             drop(lw);
             out.add(kernel, bindings, entry);
         }
+        scratch.release(&mut stored);
     }
     sizes.shrink_to_fit();
     Ok(Schedule { kernels: out.kernels, buffers, steps: out.steps, sizes, scalars, params, inputs, outputs })
@@ -297,30 +356,49 @@ impl Sink<'_> {
 /// A cross-entropy op's kernels: each token's logsumexp first, into a workspace vector,
 /// once per (x, E, y) — the backward ops read the one the forward computed (a forward with
 /// the same sizes always runs before a backward, and x, E, y are kept for the backward) —
-/// then the op's own kernel. The accuracy op needs no logsumexp.
-fn cross_entropy_kernels(
-    sink: &mut Sink,
+/// then the op's own kernel. The accuracy op needs no logsumexp. With `library` (the
+/// values in memory), the sweeps over the vocabulary are chunks of library GEMMs
+/// (`cross_entropy_chunks.rs`); the loss keeps its generic kernel either way.
+fn cross_entropy_kernels<'a>(
+    sink: &mut Sink<'a>,
     n: NodeId,
     lse_of: &mut HashMap<Vec<NodeId>, usize>,
     name: &str,
+    library: Option<&'a HashMap<NodeId, usize>>,
 ) -> Result<(), String> {
     let g = sink.g;
-    if !cross_entropy::needs_lse(&g.node(n).op) {
-        return sink.kernel(|lw| cross_entropy::correct_kernel(lw, n, name.to_string()));
+    let op = &g.node(n).op;
+    let chunked = library.filter(|_| cross_entropy_chunks::applies(&sink.lowering(), n));
+    if let Some(reads) = chunked {
+        sink.stored = reads;
+    }
+    let out = sink.stored[&n];
+    if !cross_entropy::needs_lse(op) {
+        return match chunked {
+            Some(reads) => cross_entropy_chunks::kernels(sink, reads, n, None, out, name),
+            None => sink.kernel(|lw| cross_entropy::correct_kernel(lw, n, name.to_string())),
+        };
     }
     let xey = g.operands(n)[..3].to_vec();
-    let lse = match lse_of.get(&xey) {
-        Some(&lse) => lse,
+    let (lse, fill) = match lse_of.get(&xey) {
+        Some(&lse) => (lse, false),
         None => {
             let x_ty = g.ty(xey[0]);
             let tokens = crate::ir::TensorType::new(crate::ir::DType::F32, x_ty.shape[..x_ty.rank() - 1].to_vec());
             let lse = sink.workspace(&tokens)?;
-            sink.kernel(|lw| cross_entropy::lse_kernel(lw, n, lse, format!("{name}_lse")))?;
             lse_of.insert(xey, lse);
-            lse
+            (lse, true)
         }
     };
-    sink.kernel(|lw| cross_entropy::op_kernel(lw, n, lse, name.to_string()))
+    match chunked {
+        Some(reads) => cross_entropy_chunks::kernels(sink, reads, n, Some((lse, fill)), out, name)?,
+        None if fill => sink.kernel(|lw| cross_entropy::lse_kernel(lw, n, lse, format!("{name}_lse")))?,
+        None => {}
+    }
+    if matches!(op, Op::CrossEntropy(_)) || chunked.is_none() {
+        sink.kernel(|lw| cross_entropy::op_kernel(lw, n, lse, name.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Full-sequence block attention: q', k', v' stored into workspaces, then the stages of
@@ -433,7 +511,16 @@ pub(crate) fn finish(lw: &mut Lowering, name: String, extent: Expr) -> Result<(K
     let (body, buffers, bindings, index) = e.finish();
     let n_sym = sizes.iter().take_while(|s| *s != "seed").count();
     Ok((
-        Kernel { name, buffers, sizes: sizes[..n_sym].to_vec(), scalars: sizes[n_sym..].to_vec(), index, extent, body },
+        Kernel {
+            name,
+            buffers,
+            sizes: sizes[..n_sym].to_vec(),
+            scalars: sizes[n_sym..].to_vec(),
+            index,
+            extent,
+            body,
+            gemm: None,
+        },
         bindings,
     ))
 }

@@ -138,6 +138,7 @@ fn kernel(
         index: Var(0),
         extent: Expr::I64(extent),
         body,
+        gemm: None,
     }
 }
 

@@ -74,6 +74,7 @@ pub fn kernel(
         index: Var(0),
         extent,
         body,
+        gemm: None,
     }
 }
 

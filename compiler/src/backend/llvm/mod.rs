@@ -145,7 +145,8 @@ fn with_module<R>(
         module.set_triple(&tm.get_triple());
         module.set_data_layout(&tm.get_target_data().get_data_layout());
         let attrs = fn_attrs(target);
-        for k in kernels {
+        // Library GEMM nodes run in the runtime's GEMM library: no code here.
+        for k in kernels.iter().filter(|k| k.gemm.is_none()) {
             writer::write_kernel(ctx, &module, k, &attrs)?;
         }
         module.verify().map_err(|e| format!("LLVM verifier: {}", e.to_string().trim()))?;

@@ -146,6 +146,9 @@ pub fn write_kernel<'ctx>(
     attrs: &FnAttrs,
 ) -> Result<FunctionValue<'ctx>, String> {
     let err = |e: String| format!("kernel `{}`: {e}", kernel.name);
+    if kernel.gemm.is_some() {
+        return Err(err("is a library GEMM node, which has no generated code".into()));
+    }
     if kernel.name.is_empty() || kernel.name.contains('\0') {
         return Err(err("invalid function name".into()));
     }

@@ -1,0 +1,351 @@
+//! The fused cross-entropy on CPUs: the vocabulary in chunks of [`VOCAB_CHUNK`] words,
+//! the logits of one chunk for all tokens computed by a library GEMM into a workspace
+//! `Z [T…, w]`, then swept by small element kernels. Memory is `T·w`, linear in the
+//! tokens, never `T·V`; the FLOPs (2·T·V·D per pass) go to the GEMM library instead of
+//! generated dot products, which ran at ~2 GFLOP/s.
+//!
+//! Per chunk `c` of words `v₀ … v₀+w`:
+//! - logsumexp (forward, once per (x, E, y)): `Z = X·E_cᵀ`, then per token the online
+//!   update `m' = max(m, maxⱼ Z)`, `s' = s·e^{m−m'} + Σⱼ e^{Z−m'}`; the last chunk writes
+//!   `lse = m' + log s'`;
+//! - dX: `Z = X·E_cᵀ`, `P = g·(e^{Z−lse} − [y = v₀+j])` in place, `dX (+)= P·E_c` (the
+//!   first chunk writes, the others accumulate). The one-hot term is inside P, so the sum
+//!   is taken term by term, as the generic kernel does (no cancellation when p ≈ 1);
+//! - dE: the same P, then `dE_c = Pᵀ·X` into the chunk's rows of dE;
+//! - correct: `Z = X·E_cᵀ`, a running maximum per token, then `z_y ≥ max`.
+//!
+//! The loss itself (`lse − z_y`) needs no sweep and keeps its generic kernel.
+
+use super::cross_entropy::{logit, target, which};
+use super::element::{Lowering, Source};
+use super::emit::{add, bin, mul, sub};
+use super::gemm::{layout, library, Layout, Operand};
+use super::Sink;
+use crate::ir::{CeOp, DType, Dim, NodeId, TensorType};
+use crate::kernel::{Access, Binary, Elem, Expr, Kernel, LoopKind, Scalar, Stmt, Unary};
+use std::collections::HashMap;
+
+/// Words per chunk: the logits workspace is `T × VOCAB_CHUNK` floats (8 MiB for 2,048
+/// tokens), small enough to stay in a large L2/L3 while each chunk is swept.
+pub const VOCAB_CHUNK: i64 = 1024;
+
+/// Letters of the library products: token axes `a, b, …`, the hidden width, a chunk's words.
+const WIDTH: u8 = b'y';
+const WORD: u8 = b'z';
+
+/// One cross-entropy op's operands, ready for library products.
+struct Chunks {
+    kind: CeOp,
+    tokens: Vec<Dim>,
+    /// `X [T…, D]`, contiguous.
+    x: Operand,
+    /// The table `E [V, D]` (or `[D, V]` when transposed) as laid out in memory.
+    table: Layout,
+    transposed: bool,
+    vocab: i64,
+    extent: HashMap<u8, Dim>,
+}
+
+impl Chunks {
+    fn token_letters(&self) -> Vec<u8> {
+        (0..self.tokens.len() as u8).map(|i| b'a' + i).collect()
+    }
+
+    /// Words `v0 ..` of the table, as an operand with letters (word, width).
+    fn table_chunk(&self, v0: i64) -> Result<Operand, String> {
+        word_chunk(&self.table, self.transposed, v0)
+    }
+
+    /// The logits workspace seen as `[T…, w]`.
+    fn logits(&self, z: usize, w: i64) -> Result<Operand, String> {
+        let mut shape = self.tokens.clone();
+        shape.push(Dim::constant(w));
+        let mut letters = self.token_letters();
+        letters.push(WORD);
+        Ok(Operand { layout: Layout::contiguous(z, &shape)?, letters })
+    }
+
+    fn extent(&self, w: i64) -> HashMap<u8, Dim> {
+        let mut e = self.extent.clone();
+        e.insert(WORD, Dim::constant(w));
+        e
+    }
+
+    /// `(v0, w)` of every chunk.
+    fn chunks(&self) -> Vec<(i64, i64)> {
+        (0..self.vocab).step_by(VOCAB_CHUNK as usize).map(|v0| (v0, VOCAB_CHUNK.min(self.vocab - v0))).collect()
+    }
+}
+
+/// Words `v0 ..` of a table-shaped value laid out as `table` (`[V, D]`, or `[D, V]` when
+/// transposed), as an operand with letters (word, width).
+fn word_chunk(table: &Layout, transposed: bool, v0: i64) -> Result<Operand, String> {
+    let (word_axis, letters) = if transposed { (1, vec![WIDTH, WORD]) } else { (0, vec![WORD, WIDTH]) };
+    let step = Dim::constant(v0).checked_mul(&table.strides[word_axis]).ok_or("size overflow")?;
+    let offset = table.offset.checked_add(&step).ok_or("size overflow")?;
+    Ok(Operand { layout: Layout { offset, ..table.clone() }, letters })
+}
+
+/// Whether `n` is a cross-entropy op these kernels can run: a constant vocabulary and
+/// f32 operands.
+pub fn applies(lw: &Lowering, n: NodeId) -> bool {
+    let Some((_, transposed)) = which(&lw.g.node(n).op) else { return false };
+    let table = &lw.g.ty(lw.g.operands(n)[1]).shape;
+    let vocab = if transposed { &table[1] } else { &table[0] };
+    vocab.as_const().is_some_and(|v| v > 0)
+}
+
+fn prepare(sink: &mut Sink, reads: &HashMap<NodeId, usize>, n: NodeId, name: &str) -> Result<Chunks, String> {
+    let g = sink.g;
+    let (kind, transposed) = which(&g.node(n).op).ok_or("not a cross-entropy op")?;
+    let ops = g.operands(n);
+    let x_ty = g.ty(ops[0]).clone();
+    let tokens = x_ty.shape[..x_ty.rank() - 1].to_vec();
+    let width = x_ty.shape[x_ty.rank() - 1].clone();
+    // Operands the library reads in place: X contiguous (the weight-gradient product sums
+    // over its tokens), the table as any view; anything else is copied first.
+    let mut in_memory = |x: NodeId, contiguous: bool, i: usize| -> Result<Layout, String> {
+        let ty = g.ty(x).clone();
+        match layout(g, reads, x).filter(|l| !contiguous || l.is_contiguous(&ty.shape)) {
+            Some(l) => Ok(l),
+            None => {
+                let buffer = sink.workspace(&ty)?;
+                sink.kernel(|lw| super::special::materialize(lw, Source::Node(x), &ty, buffer, format!("{name}_in{i}")))?;
+                Layout::contiguous(buffer, &ty.shape)
+            }
+        }
+    };
+    let x = in_memory(ops[0], true, 0)?;
+    let table = in_memory(ops[1], false, 1)?;
+    let table_shape = &g.ty(ops[1]).shape;
+    let vocab = (if transposed { &table_shape[1] } else { &table_shape[0] }).as_const().ok_or("the vocabulary size is not a constant")?;
+    let mut letters: Vec<u8> = (0..tokens.len() as u8).map(|i| b'a' + i).collect();
+    let mut extent: HashMap<u8, Dim> = letters.iter().copied().zip(tokens.iter().cloned()).collect();
+    extent.insert(WIDTH, width);
+    letters.push(WIDTH);
+    Ok(Chunks { kind, tokens, x: Operand { layout: x, letters }, table, transposed, vocab, extent })
+}
+
+/// The kernels of cross-entropy op `n` (not the loss, whose generic kernel reads `lse`),
+/// writing its value into global buffer `out`; `lse` is the logsumexp workspace, filled
+/// here first when `fill_lse`.
+pub fn kernels(
+    sink: &mut Sink,
+    reads: &HashMap<NodeId, usize>,
+    n: NodeId,
+    lse: Option<(usize, bool)>,
+    out: usize,
+    name: &str,
+) -> Result<(), String> {
+    let fill_lse = matches!(lse, Some((_, true)));
+    if matches!(which(&sink.g.node(n).op), Some((CeOp::Loss, _))) && !fill_lse {
+        return Ok(());
+    }
+    let ce = prepare(sink, reads, n, name)?;
+    let token_count = crate::ir::dim::numel(&ce.tokens).ok_or("size overflow")?;
+    let chunk_width = VOCAB_CHUNK.min(ce.vocab);
+    let mut z_shape = ce.tokens.clone();
+    z_shape.push(Dim::constant(chunk_width));
+    let z = sink.workspace(&TensorType::new(DType::F32, z_shape))?;
+    let per_token = TensorType::new(DType::F32, ce.tokens.clone());
+    let chunks = ce.chunks();
+    // Running maximum and sum per token, between chunks.
+    let (m, s) = (sink.workspace(&per_token)?, sink.workspace(&per_token)?);
+    let logits = |sink: &mut Sink, v0: i64, w: i64, tag: &str| -> Result<(), String> {
+        let product = format!("{name}_{tag}_z{v0}");
+        library(sink, &ce.x, &ce.table_chunk(v0)?, &ce.logits(z, w)?, &ce.extent(w), false, &product)
+    };
+    if let (Some((lse, _)), true) = (lse, fill_lse) {
+        for (c, &(v0, w)) in chunks.iter().enumerate() {
+            logits(sink, v0, w, "lse")?;
+            let part = Part { first: c == 0, last: c + 1 == chunks.len() };
+            sink.kernel(|lw| lse_update(lw, &token_count, z, w, part, [m, s, lse], format!("{name}_lse{c}")))?;
+        }
+    }
+    match ce.kind {
+        CeOp::GradX | CeOp::GradTable => {
+            let lse = lse.ok_or("the gradient needs the logsumexp")?.0;
+            for (c, &(v0, w)) in chunks.iter().enumerate() {
+                logits(sink, v0, w, "grad")?;
+                sink.kernel(|lw| probabilities(lw, n, &ce.tokens, z, w, v0, lse, format!("{name}_p{c}")))?;
+                let p = ce.logits(z, w)?;
+                let extent = ce.extent(w);
+                if ce.kind == CeOp::GradX {
+                    let mut letters = ce.token_letters();
+                    letters.push(WIDTH);
+                    let dx = Operand { layout: Layout::contiguous(out, &sink.g.ty(n).shape)?, letters };
+                    library(sink, &p, &ce.table_chunk(v0)?, &dx, &extent, c > 0, &format!("{name}_dx{c}"))?;
+                } else {
+                    let de = word_chunk(&Layout::contiguous(out, &sink.g.ty(n).shape)?, ce.transposed, v0)?;
+                    library(sink, &p, &ce.x, &de, &extent, false, &format!("{name}_de{c}"))?;
+                }
+            }
+            Ok(())
+        }
+        CeOp::Correct => {
+            for (c, &(v0, w)) in chunks.iter().enumerate() {
+                logits(sink, v0, w, "max")?;
+                let first = c == 0;
+                sink.kernel(|lw| running_max(lw, &token_count, z, w, first, m, format!("{name}_max{c}")))?;
+            }
+            sink.kernel(|lw| correct(lw, n, m, out, format!("{name}_correct")))
+        }
+        CeOp::Loss => Ok(()),
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Part {
+    first: bool,
+    last: bool,
+}
+
+/// `Z[t, j]` of a chunk of width `w` (t the kernel's flat token index).
+fn logit_at(lw: &mut Lowering, z: usize, w: i64, j: Expr) -> Expr {
+    let zb = lw.e.buffer(z, &format!("b{z}"), Elem::F32, Access::Read);
+    let row = lw.e.bind(mul(Expr::Var(lw.e.index), Expr::I64(w)));
+    Expr::Load { buffer: zb, index: Box::new(add(row, j)) }
+}
+
+fn exp(x: Expr) -> Expr {
+    Expr::Unary(Unary::Exp, Box::new(x))
+}
+
+/// The online logsumexp update for one chunk: buffers `[m, s, lse]`.
+fn lse_update(
+    lw: &mut Lowering,
+    tokens: &Dim,
+    z: usize,
+    w: i64,
+    part: Part,
+    [m, s, lse]: [usize; 3],
+    name: String,
+) -> Result<(Kernel, Vec<usize>), String> {
+    let t = Expr::Var(lw.e.index);
+    let chunk_max = lw.e.accumulator(0, Scalar::F32, Expr::F32(f32::NEG_INFINITY));
+    let j = lw.e.open();
+    let zj = logit_at(lw, z, w, Expr::Var(j));
+    lw.e.push(Stmt::Assign { var: chunk_max, value: bin(Binary::Max, Expr::Var(chunk_max), zj) });
+    lw.e.close(j, Expr::I64(w), LoopKind::Serial);
+    let (m_old, s_old) = if part.first {
+        (None, None)
+    } else {
+        let mb = lw.e.buffer(m, &format!("b{m}"), Elem::F32, Access::Read);
+        let sb = lw.e.buffer(s, &format!("b{s}"), Elem::F32, Access::Read);
+        let load = |b| Expr::Load { buffer: b, index: Box::new(t.clone()) };
+        (Some(lw.e.bind(load(mb))), Some(load(sb)))
+    };
+    let m_new = match &m_old {
+        Some(old) => lw.e.bind(bin(Binary::Max, old.clone(), Expr::Var(chunk_max))),
+        None => Expr::Var(chunk_max),
+    };
+    let sum = lw.e.accumulator(0, Scalar::F32, Expr::F32(0.0));
+    let j = lw.e.open();
+    let zj = logit_at(lw, z, w, Expr::Var(j));
+    lw.e.push(Stmt::Assign { var: sum, value: bin(Binary::Add, Expr::Var(sum), exp(sub(zj, m_new.clone()))) });
+    lw.e.close(j, Expr::I64(w), LoopKind::Serial);
+    let total = match (m_old, s_old) {
+        (Some(mo), Some(so)) => bin(Binary::Add, bin(Binary::Mul, so, exp(sub(mo, m_new.clone()))), Expr::Var(sum)),
+        _ => Expr::Var(sum),
+    };
+    if part.last {
+        let b = lw.e.buffer(lse, &format!("b{lse}"), Elem::F32, Access::Write);
+        let value = bin(Binary::Add, m_new, Expr::Unary(Unary::Log, Box::new(total)));
+        lw.e.push(Stmt::Store { buffer: b, index: t, value });
+    } else {
+        let total = lw.e.bind(total);
+        let mb = lw.e.buffer(m, &format!("b{m}"), Elem::F32, Access::Write);
+        let sb = lw.e.buffer(s, &format!("b{s}"), Elem::F32, Access::Write);
+        lw.e.push(Stmt::Store { buffer: mb, index: t.clone(), value: m_new });
+        lw.e.push(Stmt::Store { buffer: sb, index: t, value: total });
+    }
+    let extent = lw.e.dim(tokens)?;
+    super::finish(lw, name, extent)
+}
+
+/// `Z[t, j] ← g_t·(e^{Z[t, j] − lse_t} − [y_t = v0 + j])`, in place.
+#[allow(clippy::too_many_arguments)]
+fn probabilities(
+    lw: &mut Lowering,
+    n: NodeId,
+    tokens: &[Dim],
+    z: usize,
+    w: i64,
+    v0: i64,
+    lse: usize,
+    name: String,
+) -> Result<(Kernel, Vec<usize>), String> {
+    let (_, transposed) = which(&lw.g.node(n).op).ok_or("not a cross-entropy op")?;
+    let ops = lw.g.operands(n);
+    let t = lw.unravel(Expr::Var(lw.e.index), tokens)?;
+    let g = lw.value(Source::Node(ops[3]), &t)?;
+    let g = lw.e.bind(g);
+    let y = target(lw, &ops, transposed, &t)?;
+    let lse_b = lw.e.buffer(lse, &format!("b{lse}"), Elem::F32, Access::Read);
+    let lse_t = lw.e.bind(Expr::Load { buffer: lse_b, index: Box::new(Expr::Var(lw.e.index)) });
+    let zb = lw.e.buffer(z, &format!("b{z}"), Elem::F32, Access::ReadWrite);
+    let row = lw.e.bind(mul(Expr::Var(lw.e.index), Expr::I64(w)));
+    let j = lw.e.open();
+    let at = add(row, Expr::Var(j));
+    let zj = Expr::Load { buffer: zb, index: Box::new(at.clone()) };
+    let hit = Expr::Select(
+        Box::new(bin(Binary::Eq, y, add(Expr::I64(v0), Expr::Var(j)))),
+        Box::new(Expr::F32(1.0)),
+        Box::new(Expr::F32(0.0)),
+    );
+    let value = bin(Binary::Mul, g, bin(Binary::Sub, exp(sub(zj, lse_t)), hit));
+    lw.e.push(Stmt::Store { buffer: zb, index: at, value });
+    lw.e.close(j, Expr::I64(w), LoopKind::Vector);
+    let mut extent = Expr::I64(1);
+    for d in tokens {
+        extent = mul(extent, lw.e.dim(d)?);
+    }
+    super::finish(lw, name, extent)
+}
+
+/// The running maximum of the logits per token into `m`.
+fn running_max(
+    lw: &mut Lowering,
+    tokens: &Dim,
+    z: usize,
+    w: i64,
+    first: bool,
+    m: usize,
+    name: String,
+) -> Result<(Kernel, Vec<usize>), String> {
+    let t = Expr::Var(lw.e.index);
+    let init = if first {
+        Expr::F32(f32::NEG_INFINITY)
+    } else {
+        let mb = lw.e.buffer(m, &format!("b{m}"), Elem::F32, Access::Read);
+        Expr::Load { buffer: mb, index: Box::new(t.clone()) }
+    };
+    let best = lw.e.accumulator(0, Scalar::F32, init);
+    let j = lw.e.open();
+    let zj = logit_at(lw, z, w, Expr::Var(j));
+    lw.e.push(Stmt::Assign { var: best, value: bin(Binary::Max, Expr::Var(best), zj) });
+    lw.e.close(j, Expr::I64(w), LoopKind::Serial);
+    let mb = lw.e.buffer(m, &format!("b{m}"), Elem::F32, Access::Write);
+    lw.e.push(Stmt::Store { buffer: mb, index: t, value: Expr::Var(best) });
+    let extent = lw.e.dim(tokens)?;
+    super::finish(lw, name, extent)
+}
+
+/// `1` where the target's logit reaches the maximum `m`, else `0`.
+fn correct(lw: &mut Lowering, n: NodeId, m: usize, out: usize, name: String) -> Result<(Kernel, Vec<usize>), String> {
+    let (_, transposed) = which(&lw.g.node(n).op).ok_or("not a cross-entropy op")?;
+    let ops = lw.g.operands(n);
+    let x_ty = lw.g.ty(ops[0]).clone();
+    let tokens = x_ty.shape[..x_ty.rank() - 1].to_vec();
+    let t = lw.unravel(Expr::Var(lw.e.index), &tokens)?;
+    let y = target(lw, &ops, transposed, &t)?;
+    let zy = logit(lw, &ops, transposed, &t, y)?;
+    let mb = lw.e.buffer(m, &format!("b{m}"), Elem::F32, Access::Read);
+    let best = Expr::Load { buffer: mb, index: Box::new(Expr::Var(lw.e.index)) };
+    let value =
+        Expr::Select(Box::new(bin(Binary::Ge, zy, best)), Box::new(Expr::F32(1.0)), Box::new(Expr::F32(0.0)));
+    let ob = lw.e.buffer(out, &format!("b{out}"), Elem::F32, Access::Write);
+    lw.e.push(Stmt::Store { buffer: ob, index: Expr::Var(lw.e.index), value });
+    let extent = lw.e.dim(&crate::ir::dim::numel(&tokens).ok_or("size overflow")?)?;
+    super::finish(lw, name, extent)
+}

@@ -1,0 +1,299 @@
+//! Library GEMM nodes (kernels with `library: true` and a [`GemmEntry`](crate::manifest::GemmEntry)):
+//! the only arithmetic the runtime does itself. The compiler hands dense projections and
+//! their gradients to the `gemm` crate because it is an order of magnitude faster than
+//! generated loop nests on CPUs (AVX-512 with the crate's `x86-v4` feature).
+//!
+//! A node computes `C = A · B` for every index of its batch axes, on strided views of its
+//! three buffers (slots 0, 1, 2). Its parallel range is `batch × m`: iteration `i` is row
+//! `i mod m` of product `i / m`, so a thread's part of the range is a set of row blocks,
+//! each one call of the library on a single thread. The split depends only on the thread
+//! count and the library never splits over k, so results are bitwise reproducible.
+
+use crate::manifest::{GemmEntry, Poly, PolyError};
+use std::collections::HashMap;
+
+/// The buffer slots of a library GEMM kernel.
+pub const SLOT_A: usize = 0;
+pub const SLOT_B: usize = 1;
+pub const SLOT_C: usize = 2;
+
+/// A matrix view with evaluated strides, in elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct View {
+    pub offset: i64,
+    pub rows: i64,
+    pub cols: i64,
+}
+
+/// A GEMM node with every size evaluated for one launch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// (extent, stride in A, stride in B, stride in C), outermost first.
+    pub batch: Vec<(i64, i64, i64, i64)>,
+    pub m: i64,
+    pub n: i64,
+    pub k: i64,
+    pub a: View,
+    pub b: View,
+    pub c: View,
+    /// `C += A·B` instead of `C = A·B`.
+    pub accumulate: bool,
+}
+
+/// One call of the library: rows `rows` of the product whose matrices start at the
+/// element offsets `a`, `b`, `c` (batch offsets included).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Block {
+    pub a: i64,
+    pub b: i64,
+    pub c: i64,
+    pub rows: (i64, i64),
+}
+
+impl Shape {
+    pub fn eval(e: &GemmEntry, env: &HashMap<&str, i64>) -> Result<Shape, PolyError> {
+        let v = |p: &Poly| p.eval(env);
+        let view = |m: &crate::manifest::MatrixEntry| -> Result<View, PolyError> {
+            Ok(View { offset: v(&m.offset)?, rows: v(&m.rows)?, cols: v(&m.cols)? })
+        };
+        Ok(Shape {
+            batch: e
+                .batch
+                .iter()
+                .map(|x| Ok((v(&x.extent)?, v(&x.a)?, v(&x.b)?, v(&x.c)?)))
+                .collect::<Result<_, PolyError>>()?,
+            m: v(&e.m)?,
+            n: v(&e.n)?,
+            k: v(&e.k)?,
+            a: view(&e.a)?,
+            b: view(&e.b)?,
+            c: view(&e.c)?,
+            accumulate: e.accumulate,
+        })
+    }
+
+    /// The node's parallel extent, `batch × m`.
+    pub fn extent(&self) -> i64 {
+        self.batch.iter().map(|b| b.0).product::<i64>() * self.m
+    }
+
+    /// Checks that every element the node touches lies inside buffers of `lens` elements
+    /// (A, B, C) and that nothing is negative, so a corrupt manifest is an error, never an
+    /// access out of bounds.
+    pub fn check(&self, lens: [usize; 3]) -> Result<(), String> {
+        let sizes = [self.m, self.n, self.k];
+        if sizes.iter().chain(self.batch.iter().map(|b| &b.0)).any(|&s| s < 0) {
+            return Err(format!("negative GEMM size in {self:?}"));
+        }
+        if self.extent() == 0 || self.n == 0 {
+            return Ok(());
+        }
+        let last = |view: View, rows: i64, cols: i64, batch: &dyn Fn(&(i64, i64, i64, i64)) -> i64| -> Option<i64> {
+            let mut end = view.offset;
+            for ax in &self.batch {
+                end = end.checked_add((ax.0 - 1).checked_mul(batch(ax))?)?;
+            }
+            if rows > 0 {
+                end = end.checked_add((rows - 1).checked_mul(view.rows)?)?;
+            }
+            if cols > 0 {
+                end = end.checked_add((cols - 1).checked_mul(view.cols)?)?;
+            }
+            Some(end)
+        };
+        let strides = [self.a, self.b, self.c]
+            .iter()
+            .flat_map(|v| [v.offset, v.rows, v.cols])
+            .chain(self.batch.iter().flat_map(|b| [b.1, b.2, b.3]))
+            .collect::<Vec<_>>();
+        if strides.iter().any(|&s| s < 0) {
+            return Err(format!("negative GEMM stride or offset in {self:?}"));
+        }
+        let ends = [
+            ("A", last(self.a, self.m, self.k, &|b| b.1), lens[0]),
+            ("B", last(self.b, self.k, self.n, &|b| b.2), lens[1]),
+            ("C", last(self.c, self.m, self.n, &|b| b.3), lens[2]),
+        ];
+        for (name, end, len) in ends {
+            let reads_nothing = self.k == 0 && name != "C";
+            match end {
+                _ if reads_nothing => {}
+                Some(e) if (e as u128) < len as u128 => {}
+                _ => return Err(format!("GEMM matrix {name} reaches past its buffer of {len} elements")),
+            }
+        }
+        Ok(())
+    }
+
+    /// The library calls that compute iterations `begin..end` of the parallel range.
+    pub fn blocks(&self, begin: i64, end: i64) -> Vec<Block> {
+        let mut out = Vec::new();
+        if self.m <= 0 {
+            return out;
+        }
+        let mut i = begin.max(0);
+        let end = end.min(self.extent());
+        while i < end {
+            let (product, row) = (i / self.m, i % self.m);
+            let stop = (end - product * self.m).min(self.m);
+            let (a, b, c) = self.batch_offsets(product);
+            out.push(Block { a: self.a.offset + a, b: self.b.offset + b, c: self.c.offset + c, rows: (row, stop) });
+            i = product * self.m + stop;
+        }
+        out
+    }
+
+    /// Element offsets in A, B and C of product number `flat` (a flat batch index).
+    fn batch_offsets(&self, mut flat: i64) -> (i64, i64, i64) {
+        let (mut a, mut b, mut c) = (0, 0, 0);
+        for &(extent, sa, sb, sc) in self.batch.iter().rev() {
+            let i = flat % extent.max(1);
+            flat /= extent.max(1);
+            a += i * sa;
+            b += i * sb;
+            c += i * sc;
+        }
+        (a, b, c)
+    }
+}
+
+/// Iterations `begin..end` of the node with the `gemm` crate, on the calling thread.
+///
+/// # Safety
+/// `a`, `b`, `c` point to buffers that [`Shape::check`] accepted, and no other thread
+/// writes the rows of C this range covers.
+pub unsafe fn run(shape: &Shape, a: *const f32, b: *const f32, c: *mut f32, begin: i64, end: i64) {
+    for blk in shape.blocks(begin, end) {
+        let rows = (blk.rows.1 - blk.rows.0) as usize;
+        if rows == 0 || shape.n == 0 {
+            continue;
+        }
+        // SAFETY: offsets and strides were checked against the buffers' lengths.
+        unsafe {
+            let c0 = c.offset((blk.c + blk.rows.0 * shape.c.rows) as isize);
+            if shape.k == 0 {
+                if shape.accumulate {
+                    continue;
+                }
+                for r in 0..rows as isize {
+                    for j in 0..shape.n as isize {
+                        *c0.offset(r * shape.c.rows as isize + j * shape.c.cols as isize) = 0.0;
+                    }
+                }
+                continue;
+            }
+            let a0 = a.offset((blk.a + blk.rows.0 * shape.a.rows) as isize);
+            let b0 = b.offset(blk.b as isize);
+            // The crate's argument order: sizes, then each matrix as (pointer, column
+            // stride, row stride); `dst = alpha·dst + beta·lhs·rhs`, dst read only to
+            // accumulate.
+            gemm::gemm(
+                rows,
+                shape.n as usize,
+                shape.k as usize,
+                c0,
+                shape.c.cols as isize,
+                shape.c.rows as isize,
+                shape.accumulate,
+                a0,
+                shape.a.cols as isize,
+                shape.a.rows as isize,
+                b0,
+                shape.b.cols as isize,
+                shape.b.rows as isize,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(s: &Shape, a: &[f32], b: &[f32], c: &mut [f32]) {
+        for blk in s.blocks(0, s.extent()) {
+            for r in blk.rows.0..blk.rows.1 {
+                for j in 0..s.n {
+                    let mut acc = 0.0f64;
+                    for k in 0..s.k {
+                        let x = a[(blk.a + r * s.a.rows + k * s.a.cols) as usize];
+                        let y = b[(blk.b + k * s.b.rows + j * s.b.cols) as usize];
+                        acc += x as f64 * y as f64;
+                    }
+                    c[(blk.c + r * s.c.rows + j * s.c.cols) as usize] = acc as f32;
+                }
+            }
+        }
+    }
+
+    /// A batched product with a transposed A and a broadcast B (batch stride 0), split
+    /// over three "threads" at ranges that cut through products and rows, against a
+    /// naive loop in f64.
+    #[test]
+    fn split_ranges_match_a_naive_product() {
+        let (batch, m, n, k) = (3i64, 5i64, 7i64, 4i64);
+        let s = Shape {
+            batch: vec![(batch, m * k, 0, m * n)],
+            m,
+            n,
+            k,
+            a: View { offset: 0, rows: 1, cols: m },
+            b: View { offset: 2, rows: n, cols: 1 },
+            c: View { offset: 0, rows: n, cols: 1 },
+            accumulate: false,
+        };
+        let a: Vec<f32> = (0..batch * m * k).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect();
+        let b: Vec<f32> = (0..k * n + 2).map(|i| ((i * 13 % 7) as f32 - 3.0) / 2.0).collect();
+        s.check([a.len(), b.len(), (batch * m * n) as usize]).unwrap();
+        let mut want = vec![0.0; (batch * m * n) as usize];
+        naive(&s, &a, &b, &mut want);
+        let mut got = vec![f32::NAN; want.len()];
+        for (begin, end) in [(0, 4), (4, 11), (11, s.extent())] {
+            unsafe { run(&s, a.as_ptr(), b.as_ptr(), got.as_mut_ptr(), begin, end) };
+        }
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn out_of_bounds_views_are_errors() {
+        let s = Shape {
+            batch: vec![],
+            m: 2,
+            n: 2,
+            k: 2,
+            a: View { offset: 0, rows: 2, cols: 1 },
+            b: View { offset: 1, rows: 2, cols: 1 },
+            c: View { offset: 0, rows: 2, cols: 1 },
+            accumulate: false,
+        };
+        assert!(s.check([4, 5, 4]).is_ok());
+        let err = s.check([4, 4, 4]).unwrap_err();
+        assert!(err.contains("matrix B"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_sum_writes_zeros() {
+        let s = Shape {
+            batch: vec![],
+            m: 2,
+            n: 3,
+            k: 0,
+            a: View { offset: 0, rows: 0, cols: 1 },
+            b: View { offset: 0, rows: 3, cols: 1 },
+            c: View { offset: 0, rows: 3, cols: 1 },
+            accumulate: false,
+        };
+        s.check([0, 0, 6]).unwrap();
+        let mut c = vec![f32::NAN; 6];
+        unsafe { run(&s, [].as_ptr(), [].as_ptr(), c.as_mut_ptr(), 0, 2) };
+        assert_eq!(c, vec![0.0; 6]);
+    }
+}
