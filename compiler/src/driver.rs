@@ -175,12 +175,16 @@ fn compile_cpu(
     let mut extra_files = Vec::new();
     // CPUs only: reductions inside vector loops turned inside out so LLVM vectorizes them.
     let kernels: Vec<_> = sched.kernels.iter().map(crate::kernel::interchange::interchange_reductions).collect();
-    let object = timed(&mut stages, "llvm", || backend::emit_object(&kernels, &cpu))?;
+    let objects = timed(&mut stages, "llvm", || backend::emit_objects(&kernels, &cpu))?;
     let scratch = tempdir(out)?;
-    let obj_path = scratch.join("kernels.o");
+    let mut obj_paths = Vec::new();
+    for (i, object) in objects.iter().enumerate() {
+        let path = scratch.join(format!("kernels{i}.o"));
+        std::fs::write(&path, object).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        obj_paths.push(path);
+    }
     let so_path = scratch.join("kernels.so");
-    std::fs::write(&obj_path, &object).map_err(|e| format!("cannot write {}: {e}", obj_path.display()))?;
-    timed(&mut stages, "link", || backend::link_shared(&[obj_path.clone()], &so_path))?;
+    timed(&mut stages, "link", || backend::link_shared(&obj_paths, &so_path))?;
     let so = std::fs::read(&so_path).map_err(|e| format!("cannot read {}: {e}", so_path.display()))?;
     let _ = std::fs::remove_dir_all(&scratch);
     if emit.llvm {

@@ -14,7 +14,7 @@ use crate::kernel::{print, Kernel};
 use std::collections::{BTreeMap, HashMap};
 
 pub use llvm::ptx::{emit_nvptx_ir, emit_ptx, gpu_launch, libdevice_path, GPU_BLOCK};
-pub use llvm::{emit_asm, emit_llvm_ir, emit_object, link_shared};
+pub use llvm::{emit_asm, emit_llvm_ir, emit_object, emit_objects, link_shared};
 pub use target::{CpuTarget, GpuTarget, CPU_TARGETS, GPU_TARGETS};
 
 /// Kernels with duplicates removed: two kernels are identical when their text forms

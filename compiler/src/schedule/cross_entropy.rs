@@ -70,7 +70,7 @@ fn table(lw: &mut Lowering, table: NodeId, transposed: bool, v: Expr, d: Expr) -
 }
 
 /// `z = x_t · E_v`, accumulated over the hidden width.
-pub(super) fn logit(lw: &mut Lowering, ops: &[NodeId], transposed: bool, t: &[Expr], v: Expr) -> Result<Expr, String> {
+fn logit(lw: &mut Lowering, ops: &[NodeId], transposed: bool, t: &[Expr], v: Expr) -> Result<Expr, String> {
     let x_ty = lw.g.ty(ops[0]).clone();
     let width = x_ty.shape[x_ty.rank() - 1].clone();
     let mut at = t.to_vec();

@@ -16,7 +16,7 @@
 //!
 //! The loss itself (`lse − z_y`) needs no sweep and keeps its generic kernel.
 
-use super::cross_entropy::{logit, target, which};
+use super::cross_entropy::{target, which};
 use super::element::{Lowering, Source};
 use super::emit::{add, bin, mul, sub};
 use super::gemm::{layout, library, Layout, Operand};
@@ -138,8 +138,9 @@ pub fn kernels(
     name: &str,
 ) -> Result<(), String> {
     let fill_lse = matches!(lse, Some((_, true)));
-    if matches!(which(&sink.g.node(n).op), Some((CeOp::Loss, _))) && !fill_lse {
-        return Ok(());
+    if let (Some((CeOp::Loss, _)), Some((lse, false))) = (which(&sink.g.node(n).op), lse) {
+        // The logsumexp was swept by another op: the loss's generic kernel.
+        return sink.kernel(|lw| super::cross_entropy::op_kernel(lw, n, lse, name.to_string()));
     }
     let ce = prepare(sink, reads, n, name)?;
     let token_count = crate::ir::dim::numel(&ce.tokens).ok_or("size overflow")?;
@@ -147,10 +148,10 @@ pub fn kernels(
     let mut z_shape = ce.tokens.clone();
     z_shape.push(Dim::constant(chunk_width));
     let z = sink.workspace(&TensorType::new(DType::F32, z_shape))?;
-    let per_token = TensorType::new(DType::F32, ce.tokens.clone());
+    let token_values = TensorType::new(DType::F32, ce.tokens.clone());
     let chunks = ce.chunks();
-    // Running maximum and sum per token, between chunks.
-    let (m, s) = (sink.workspace(&per_token)?, sink.workspace(&per_token)?);
+    // Running maximum and sum per token between chunks, and the target's logit.
+    let (m, s, zy) = (sink.workspace(&token_values)?, sink.workspace(&token_values)?, sink.workspace(&token_values)?);
     let logits = |sink: &mut Sink, v0: i64, w: i64, tag: &str| -> Result<(), String> {
         let product = format!("{name}_{tag}_z{v0}");
         library(sink, &ce.x, &ce.table_chunk(v0)?, &ce.logits(z, w)?, &ce.extent(w), false, &product)
@@ -159,7 +160,8 @@ pub fn kernels(
         for (c, &(v0, w)) in chunks.iter().enumerate() {
             logits(sink, v0, w, "lse")?;
             let part = Part { first: c == 0, last: c + 1 == chunks.len() };
-            sink.kernel(|lw| lse_update(lw, &token_count, z, w, part, [m, s, lse], format!("{name}_lse{c}")))?;
+            let bufs = [m, s, lse, zy];
+            sink.kernel(|lw| lse_update(lw, n, &ce.tokens, z, (v0, w), part, bufs, format!("{name}_lse{c}")))?;
         }
     }
     match ce.kind {
@@ -186,11 +188,18 @@ pub fn kernels(
             for (c, &(v0, w)) in chunks.iter().enumerate() {
                 logits(sink, v0, w, "max")?;
                 let first = c == 0;
-                sink.kernel(|lw| running_max(lw, &token_count, z, w, first, m, format!("{name}_max{c}")))?;
+                sink.kernel(|lw| running_max(lw, n, &ce.tokens, z, (v0, w), first, [m, zy], format!("{name}_max{c}")))?;
             }
-            sink.kernel(|lw| correct(lw, n, m, out, format!("{name}_correct")))
+            // 1 where the target's logit reaches the maximum.
+            let hit = |zy, best| Expr::Select(Box::new(bin(Binary::Ge, zy, best)), Box::new(Expr::F32(1.0)), Box::new(Expr::F32(0.0)));
+            sink.kernel(|lw| per_token(lw, &token_count, [zy, m], out, hit, format!("{name}_correct")))
         }
-        CeOp::Loss => Ok(()),
+        // ℓ = lse − z_y, both from the same logits: exact cancellation when the target
+        // dominates (a loss near zero keeps its relative precision).
+        CeOp::Loss => {
+            let lse = lse.ok_or("the loss needs the logsumexp")?.0;
+            sink.kernel(|lw| per_token(lw, &token_count, [lse, zy], out, |l, z| sub(l, z), name.to_string()))
+        }
     }
 }
 
@@ -211,16 +220,20 @@ fn exp(x: Expr) -> Expr {
     Expr::Unary(Unary::Exp, Box::new(x))
 }
 
-/// The online logsumexp update for one chunk: buffers `[m, s, lse]`.
+/// The online logsumexp update for one chunk: buffers `[m, s, lse, zy]` (the target's
+/// logit is kept when it falls in this chunk).
+#[allow(clippy::too_many_arguments)]
 fn lse_update(
     lw: &mut Lowering,
-    tokens: &Dim,
+    n: NodeId,
+    tokens: &[Dim],
     z: usize,
-    w: i64,
+    (v0, w): (i64, i64),
     part: Part,
-    [m, s, lse]: [usize; 3],
+    [m, s, lse, zy]: [usize; 4],
     name: String,
 ) -> Result<(Kernel, Vec<usize>), String> {
+    target_logit(lw, n, tokens, z, (v0, w), zy)?;
     let t = Expr::Var(lw.e.index);
     let chunk_max = lw.e.accumulator(0, Scalar::F32, Expr::F32(f32::NEG_INFINITY));
     let j = lw.e.open();
@@ -239,10 +252,16 @@ fn lse_update(
         Some(old) => lw.e.bind(bin(Binary::Max, old.clone(), Expr::Var(chunk_max))),
         None => Expr::Var(chunk_max),
     };
+    // Kahan-compensated: near convergence one term is ≈ 1 and the others tiny, and the
+    // loss is their sum's logarithm ≈ the tiny part, which plain f32 sums lose.
     let sum = lw.e.accumulator(0, Scalar::F32, Expr::F32(0.0));
+    let lost = lw.e.accumulator(0, Scalar::F32, Expr::F32(0.0));
     let j = lw.e.open();
     let zj = logit_at(lw, z, w, Expr::Var(j));
-    lw.e.push(Stmt::Assign { var: sum, value: bin(Binary::Add, Expr::Var(sum), exp(sub(zj, m_new.clone()))) });
+    let term = lw.e.bind(sub(exp(sub(zj, m_new.clone())), Expr::Var(lost)));
+    let next = lw.e.bind(bin(Binary::Add, Expr::Var(sum), term.clone()));
+    lw.e.push(Stmt::Assign { var: lost, value: sub(sub(next.clone(), Expr::Var(sum)), term) });
+    lw.e.push(Stmt::Assign { var: sum, value: next });
     lw.e.close(j, Expr::I64(w), LoopKind::Serial);
     let total = match (m_old, s_old) {
         (Some(mo), Some(so)) => bin(Binary::Add, bin(Binary::Mul, so, exp(sub(mo, m_new.clone()))), Expr::Var(sum)),
@@ -259,8 +278,23 @@ fn lse_update(
         lw.e.push(Stmt::Store { buffer: mb, index: t.clone(), value: m_new });
         lw.e.push(Stmt::Store { buffer: sb, index: t, value: total });
     }
-    let extent = lw.e.dim(tokens)?;
+    let extent = lw.e.dim(&crate::ir::dim::numel(tokens).ok_or("size overflow")?)?;
     super::finish(lw, name, extent)
+}
+
+/// `zy[t] = Z[t, y_t − v0]` for the tokens whose target is in the chunk `v0 .. v0 + w`.
+fn target_logit(lw: &mut Lowering, n: NodeId, tokens: &[Dim], z: usize, (v0, w): (i64, i64), zy: usize) -> Result<(), String> {
+    let (_, transposed) = which(&lw.g.node(n).op).ok_or("not a cross-entropy op")?;
+    let ops = lw.g.operands(n);
+    let t_idx = lw.unravel(Expr::Var(lw.e.index), tokens)?;
+    let y = target(lw, &ops, transposed, &t_idx)?;
+    let j = lw.e.bind(sub(y, Expr::I64(v0)));
+    let inside = bin(Binary::And, bin(Binary::Ge, j.clone(), Expr::I64(0)), bin(Binary::Lt, j.clone(), Expr::I64(w)));
+    let value = logit_at(lw, z, w, j);
+    let zb = lw.e.buffer(zy, &format!("b{zy}"), Elem::F32, Access::Write);
+    let t = Expr::Var(lw.e.index);
+    lw.e.push(Stmt::If { cond: inside, then: vec![Stmt::Store { buffer: zb, index: t, value }], otherwise: Vec::new() });
+    Ok(())
 }
 
 /// `Z[t, j] ← g_t·(e^{Z[t, j] − lse_t} − [y_t = v0 + j])`, in place.
@@ -303,16 +337,22 @@ fn probabilities(
     super::finish(lw, name, extent)
 }
 
-/// The running maximum of the logits per token into `m`.
+/// The running maximum of the logits per token into `m`, and the target's logit into
+/// `zy` when the target is in this chunk. Both come from the same `Z`, so a target that
+/// is a largest logit compares equal to the maximum (a logit recomputed with another
+/// summation order could fall just below it).
+#[allow(clippy::too_many_arguments)]
 fn running_max(
     lw: &mut Lowering,
-    tokens: &Dim,
+    n: NodeId,
+    tokens: &[Dim],
     z: usize,
-    w: i64,
+    (v0, w): (i64, i64),
     first: bool,
-    m: usize,
+    [m, zy]: [usize; 2],
     name: String,
 ) -> Result<(Kernel, Vec<usize>), String> {
+    target_logit(lw, n, tokens, z, (v0, w), zy)?;
     let t = Expr::Var(lw.e.index);
     let init = if first {
         Expr::F32(f32::NEG_INFINITY)
@@ -327,25 +367,26 @@ fn running_max(
     lw.e.close(j, Expr::I64(w), LoopKind::Serial);
     let mb = lw.e.buffer(m, &format!("b{m}"), Elem::F32, Access::Write);
     lw.e.push(Stmt::Store { buffer: mb, index: t, value: Expr::Var(best) });
-    let extent = lw.e.dim(tokens)?;
+    let extent = lw.e.dim(&crate::ir::dim::numel(tokens).ok_or("size overflow")?)?;
     super::finish(lw, name, extent)
 }
 
-/// `1` where the target's logit reaches the maximum `m`, else `0`.
-fn correct(lw: &mut Lowering, n: NodeId, m: usize, out: usize, name: String) -> Result<(Kernel, Vec<usize>), String> {
-    let (_, transposed) = which(&lw.g.node(n).op).ok_or("not a cross-entropy op")?;
-    let ops = lw.g.operands(n);
-    let x_ty = lw.g.ty(ops[0]).clone();
-    let tokens = x_ty.shape[..x_ty.rank() - 1].to_vec();
-    let t = lw.unravel(Expr::Var(lw.e.index), &tokens)?;
-    let y = target(lw, &ops, transposed, &t)?;
-    let zy = logit(lw, &ops, transposed, &t, y)?;
-    let mb = lw.e.buffer(m, &format!("b{m}"), Elem::F32, Access::Read);
-    let best = Expr::Load { buffer: mb, index: Box::new(Expr::Var(lw.e.index)) };
-    let value =
-        Expr::Select(Box::new(bin(Binary::Ge, zy, best)), Box::new(Expr::F32(1.0)), Box::new(Expr::F32(0.0)));
+/// `out[t] = f(a[t], b[t])` over the tokens.
+fn per_token(
+    lw: &mut Lowering,
+    tokens: &Dim,
+    [a, b]: [usize; 2],
+    out: usize,
+    f: impl Fn(Expr, Expr) -> Expr,
+    name: String,
+) -> Result<(Kernel, Vec<usize>), String> {
+    let t = Expr::Var(lw.e.index);
+    let ab = lw.e.buffer(a, &format!("b{a}"), Elem::F32, Access::Read);
+    let bb = lw.e.buffer(b, &format!("b{b}"), Elem::F32, Access::Read);
+    let load = |buffer| Expr::Load { buffer, index: Box::new(t.clone()) };
+    let value = f(load(ab), load(bb));
     let ob = lw.e.buffer(out, &format!("b{out}"), Elem::F32, Access::Write);
-    lw.e.push(Stmt::Store { buffer: ob, index: Expr::Var(lw.e.index), value });
-    let extent = lw.e.dim(&crate::ir::dim::numel(&tokens).ok_or("size overflow")?)?;
+    lw.e.push(Stmt::Store { buffer: ob, index: t, value });
+    let extent = lw.e.dim(tokens)?;
     super::finish(lw, name, extent)
 }

@@ -299,21 +299,26 @@ impl<'g> Lowering<'g> {
             }
             Op::Reshape { shape } => {
                 let from = self.ty(&xs[0]).shape;
-                let at = if squeeze_only(&from, shape) {
-                    // Only size-1 axes inserted or removed: map the other axes directly.
-                    let kept: Vec<Expr> = idx
-                        .iter()
-                        .zip(shape)
-                        .filter(|(_, d)| d.as_const() != Some(1))
-                        .map(|(i, _)| i.clone())
-                        .collect();
-                    let mut it = kept.into_iter();
-                    from.iter()
-                        .map(|d| if d.as_const() == Some(1) { Expr::I64(0) } else { it.next().unwrap_or(Expr::I64(0)) })
-                        .collect()
-                } else {
-                    let lin = self.linear(idx, shape)?;
-                    self.unravel(lin, &from)?
+                let at = match reshape_groups(&from, shape) {
+                    // Axis by axis group: an axis the reshape keeps passes its index through
+                    // untouched, so row indices stay free of the division and remainder
+                    // that would hide them from hoisting (and bloat the code).
+                    Some(groups) => {
+                        let mut at = Vec::with_capacity(from.len());
+                        for (f, t) in groups {
+                            if f.len() == 1 && t.len() == 1 {
+                                at.push(idx[t.start].clone());
+                            } else {
+                                let lin = self.linear(&idx[t.clone()], &shape[t])?;
+                                at.extend(self.unravel(lin, &from[f])?);
+                            }
+                        }
+                        at
+                    }
+                    None => {
+                        let lin = self.linear(idx, shape)?;
+                        self.unravel(lin, &from)?
+                    }
                 };
                 self.value(xs[0].clone(), &at)?
             }
@@ -487,9 +492,46 @@ fn zero(s: Scalar) -> Expr {
 }
 
 /// Does a reshape only insert or remove axes of size 1?
-fn squeeze_only(a: &[Dim], b: &[Dim]) -> bool {
-    let strip = |s: &[Dim]| -> Vec<Dim> { s.iter().filter(|d| d.as_const() != Some(1)).cloned().collect() };
-    strip(a) == strip(b)
+/// The axes of a reshape from `from` to `to` in groups of equal size (ranges of `from`
+/// and of `to`, in order), each group as small as possible: `[B, N, H·d] → [B, N, H, d]`
+/// is `B ↔ B`, `N ↔ N`, `H·d ↔ (H, d)`. A size-1 axis is a group alone (an empty range on
+/// the other side). `None` when no grouping exists with symbolic sizes.
+pub fn reshape_groups(from: &[Dim], to: &[Dim]) -> Option<Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>> {
+    let one = Dim::constant(1);
+    // Sizes are compared at a large value of every symbol to decide which side grows; the
+    // groups are then checked to be exactly equal.
+    let magnitude = |d: &Dim| d.eval(&|_| Some(1 << 16));
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < from.len() || j < to.len() {
+        if i < from.len() && from[i] == one {
+            out.push((i..i + 1, j..j));
+            i += 1;
+            continue;
+        }
+        if j < to.len() && to[j] == one {
+            out.push((i..i, j..j + 1));
+            j += 1;
+            continue;
+        }
+        if i >= from.len() || j >= to.len() {
+            return None;
+        }
+        let (i0, j0) = (i, j);
+        let (mut pf, mut pt) = (from[i].clone(), to[j].clone());
+        i += 1;
+        j += 1;
+        while pf != pt {
+            if magnitude(&pf)? < magnitude(&pt)? {
+                pf = pf.checked_mul(from.get(i)?)?;
+                i += 1;
+            } else {
+                pt = pt.checked_mul(to.get(j)?)?;
+                j += 1;
+            }
+        }
+        out.push((i0..i, j0..j));
+    }
+    Some(out)
 }
 
 pub fn unary(u: UnaryOp, x: Expr, s: Scalar) -> Expr {
@@ -545,4 +587,28 @@ pub fn binary(b: BinaryOp, x: Expr, y: Expr) -> Expr {
         BinaryOp::Or => Binary::Or,
     };
     bin(op, x, y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(s: &[&str]) -> Vec<Dim> {
+        s.iter().map(|x| x.parse::<i64>().map(Dim::constant).unwrap_or_else(|_| Dim::sym(*x))).collect()
+    }
+
+    #[test]
+    fn reshape_groups_pair_the_smallest_equal_runs() {
+        let n = Dim::sym("N");
+        let hd = |h: &[&str]| dims(h);
+        // Heads split off the last axis; B and N pass through.
+        let g = reshape_groups(&hd(&["B", "N", "12"]), &hd(&["B", "N", "3", "4"])).unwrap();
+        assert_eq!(g, vec![(0..1, 0..1), (1..2, 1..2), (2..3, 2..4)]);
+        // Merging tokens, with a size-1 axis inserted.
+        let bn = vec![Dim::sym("B").checked_mul(&n).unwrap(), Dim::constant(1), Dim::constant(8)];
+        let g = reshape_groups(&hd(&["B", "N", "8"]), &bn).unwrap();
+        assert_eq!(g, vec![(0..2, 0..1), (2..2, 1..2), (2..3, 2..3)]);
+        // Sizes that never meet.
+        assert_eq!(reshape_groups(&hd(&["6", "N"]), &hd(&["4", "N"])), None);
+    }
 }

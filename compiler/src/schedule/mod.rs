@@ -358,7 +358,7 @@ impl Sink<'_> {
 /// the same sizes always runs before a backward, and x, E, y are kept for the backward) —
 /// then the op's own kernel. The accuracy op needs no logsumexp. With `library` (the
 /// values in memory), the sweeps over the vocabulary are chunks of library GEMMs
-/// (`cross_entropy_chunks.rs`); the loss keeps its generic kernel either way.
+/// (`cross_entropy_chunks.rs`).
 fn cross_entropy_kernels<'a>(
     sink: &mut Sink<'a>,
     n: NodeId,
@@ -390,15 +390,13 @@ fn cross_entropy_kernels<'a>(
             (lse, true)
         }
     };
-    match chunked {
-        Some(reads) => cross_entropy_chunks::kernels(sink, reads, n, Some((lse, fill)), out, name)?,
-        None if fill => sink.kernel(|lw| cross_entropy::lse_kernel(lw, n, lse, format!("{name}_lse")))?,
-        None => {}
+    if let Some(reads) = chunked {
+        return cross_entropy_chunks::kernels(sink, reads, n, Some((lse, fill)), out, name);
     }
-    if matches!(op, Op::CrossEntropy(_)) || chunked.is_none() {
-        sink.kernel(|lw| cross_entropy::op_kernel(lw, n, lse, name.to_string()))?;
+    if fill {
+        sink.kernel(|lw| cross_entropy::lse_kernel(lw, n, lse, format!("{name}_lse")))?;
     }
-    Ok(())
+    sink.kernel(|lw| cross_entropy::op_kernel(lw, n, lse, name.to_string()))
 }
 
 /// Full-sequence block attention: q', k', v' stored into workspaces, then the stages of

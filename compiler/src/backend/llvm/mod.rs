@@ -163,6 +163,47 @@ pub fn emit_object(kernels: &[Kernel], target: &CpuTarget) -> Result<Vec<u8>, St
     })
 }
 
+/// Objects compiled in parallel: kernels are dealt into [`OBJECT_PARTS`] modules of about
+/// equal size (by the length of their text), each compiled by [`emit_object`] on its own
+/// thread with its own LLVM context. The split does not depend on the machine, so the
+/// objects (and the bundle) are the same everywhere; only how many run at once does.
+pub fn emit_objects(kernels: &[Kernel], target: &CpuTarget) -> Result<Vec<Vec<u8>>, String> {
+    let mut parts: Vec<(usize, Vec<Kernel>)> = vec![(0, Vec::new()); OBJECT_PARTS];
+    let mut by_size: Vec<(usize, &Kernel)> =
+        kernels.iter().filter(|k| k.gemm.is_none()).map(|k| (crate::kernel::print::to_text(k).len(), k)).collect();
+    // Largest first, each into the lightest part: a balanced, deterministic deal.
+    by_size.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+    for (size, k) in by_size {
+        let lightest = parts.iter_mut().min_by_key(|p| p.0).expect("at least one part");
+        lightest.0 += size;
+        lightest.1.push(k.clone());
+    }
+    let mut parts: Vec<Vec<Kernel>> = parts.into_iter().map(|p| p.1).filter(|p| !p.is_empty()).collect();
+    if parts.is_empty() {
+        parts.push(Vec::new());
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(parts.len()).max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<Result<Vec<u8>, String>>>> = parts.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(part) = parts.get(i) else { break };
+                let r = emit_object(part, target);
+                *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|r| r.into_inner().unwrap_or_else(|e| e.into_inner()).unwrap_or_else(|| Err("an object was not compiled".into())))
+        .collect()
+}
+
+/// How many objects [`emit_objects`] writes (at most).
+pub const OBJECT_PARTS: usize = 4;
+
 /// The LLVM IR of `kernels`, after O3 when `optimized`, else as the writer produced it.
 pub fn emit_llvm_ir(kernels: &[Kernel], target: &CpuTarget, optimized: bool) -> Result<String, String> {
     with_module(kernels, target, optimized, |m, _| Ok(m.print_to_string().to_string()))
