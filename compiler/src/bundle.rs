@@ -160,6 +160,7 @@ pub fn manifest(
                     .map(|b| m::KernelBuffer { elem: elem(b.elem), access: access(b.access) })
                     .collect(),
                 extent: extent_poly(&k.extent, &k.sizes)?,
+                args: k.scalars.get(s.scalars.len()..).unwrap_or_default().to_vec(),
                 library: k.gemm.is_some(),
                 gemm: k.gemm.as_ref().map(|g| gemm_entry(g, &k.sizes)).transpose()?,
                 gpu: None,
@@ -215,7 +216,7 @@ pub fn manifest(
         entry_points
             .entry(st.entry.name().to_string())
             .or_default()
-            .push(m::Step { kernel: st.kernel, buffers: st.buffers.clone() });
+            .push(m::Step { kernel: st.kernel, buffers: st.buffers.clone(), args: st.args.clone() });
     }
     let manifest = Manifest {
         format_version: m::FORMAT_VERSION,

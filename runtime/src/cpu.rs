@@ -175,6 +175,8 @@ struct Launch {
     work: Work,
     ptrs: Vec<*mut c_void>,
     extent: i64,
+    /// The run-time arguments with the step's launch arguments appended, when it has any.
+    args: Option<Vec<i64>>,
 }
 
 /// Launches shared by the worker threads; kernels only read the pointer arrays.
@@ -186,6 +188,7 @@ unsafe impl Sync for Launches {}
 /// Runs `launches` in order on `threads` threads (the calling thread included).
 fn execute(launches: &Launches, args: &[i64], threads: usize) {
     let run = |l: &Launch, begin: i64, end: i64| {
+        let args = l.args.as_deref().unwrap_or(args);
         if begin < end {
             match &l.work {
                 // SAFETY: `f` has the kernel calling convention; `ptrs` has one pointer per
@@ -524,7 +527,9 @@ impl Executor {
                 None => Work::Kernel(self.kernels[s.kernel].expect("resolved in new")),
             };
             let ptrs = s.buffers.iter().map(|&b| self.bufs[b].ptr.as_ptr() as *mut c_void).collect();
-            launches.push(Launch { work, ptrs, extent });
+            let args = (!s.args.is_empty())
+                .then(|| sizes.iter().chain(&self.scalars).chain(&s.args).copied().collect::<Vec<i64>>());
+            launches.push(Launch { work, ptrs, extent, args });
         }
         let args: Vec<i64> = sizes.iter().chain(&self.scalars).copied().collect();
         if std::env::var_os("TNC_PROFILE").is_some() {

@@ -310,6 +310,13 @@ impl CudaExecutor {
                 k.name
             )));
         }
+        if let Some(k) = m.kernels.iter().enumerate().find(|(i, k)| !k.args.is_empty() && used.contains(i)).map(|(_, k)| k)
+        {
+            return Err(ExecError::Unsupported(format!(
+                "kernel `{}` takes launch arguments, which the CUDA executor does not pass yet",
+                k.name
+            )));
+        }
         let ctx = Context::new()?;
         if let Some(sm) = target_sm(&m.target.name) {
             let (ma, mi) = ctx.info.compute_capability;

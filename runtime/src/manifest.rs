@@ -172,6 +172,10 @@ pub struct KernelEntry {
     pub buffers: Vec<KernelBuffer>,
     /// Iterations of the kernel's parallel loop; a launch runs a sub-range of `0..extent`.
     pub extent: Poly,
+    /// Names of the launch arguments the kernel reads after the sizes and scalars; every
+    /// launch of it supplies one value each ([`Step::args`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
     /// A library node (dense GEMM) rather than generated code: the CPU executor calls a
     /// GEMM library, the CUDA executor cuBLAS, instead of a symbol of the kernels file.
     #[serde(default)]
@@ -373,6 +377,9 @@ fn is_forward(s: &String) -> bool {
 pub struct Step {
     pub kernel: usize,
     pub buffers: Vec<usize>,
+    /// Launch arguments: appended to the sizes and scalars for this launch only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<i64>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -628,6 +635,14 @@ impl Manifest {
                         s.buffers.len(),
                         k.name,
                         k.buffers.len()
+                    ));
+                }
+                if s.args.len() != k.args.len() {
+                    return Err(format!(
+                        "entry `{name}` step {i} passes {} launch arguments to kernel `{}`, which reads {}",
+                        s.args.len(),
+                        k.name,
+                        k.args.len()
                     ));
                 }
                 if let Some(&b) = s.buffers.iter().find(|&&b| b >= nb) {

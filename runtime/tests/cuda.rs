@@ -193,6 +193,7 @@ fn kernel(name: &str, slots: &[(DType, Access)], extent: Poly, gpu: Option<GpuLa
         extent,
         library: false,
         gemm: None,
+        args: vec![],
         gpu,
     }
 }
@@ -266,12 +267,12 @@ fn manifest() -> Manifest {
             (
                 "forward".into(),
                 vec![
-                    Step { kernel: 0, buffers: vec![0, 1, 2] },
-                    Step { kernel: 1, buffers: vec![2, 3] },
-                    Step { kernel: 3, buffers: vec![5] },
+                    Step { kernel: 0, buffers: vec![0, 1, 2], args: vec![] },
+                    Step { kernel: 1, buffers: vec![2, 3], args: vec![] },
+                    Step { kernel: 3, buffers: vec![5], args: vec![] },
                 ],
             ),
-            ("backward".into(), vec![Step { kernel: 2, buffers: vec![0, 4] }]),
+            ("backward".into(), vec![Step { kernel: 2, buffers: vec![0, 4], args: vec![] }]),
             ("decode".into(), vec![]),
         ]),
         files: BTreeMap::new(),

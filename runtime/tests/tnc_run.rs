@@ -51,6 +51,7 @@ fn bundle(dir: &Path) {
                 extent: bn,
                 library: false,
                 gemm: None,
+                args: vec![],
                 gpu: None,
             },
             KernelEntry {
@@ -60,6 +61,7 @@ fn bundle(dir: &Path) {
                 extent: Poly::constant(2),
                 library: false,
                 gemm: None,
+                args: vec![],
                 gpu: None,
             },
         ],

@@ -2,6 +2,9 @@
 //! reduces over an inner serial loop (a dot product per column, with its Kahan
 //! compensation) is turned inside out, so the columns become the innermost loop:
 //!
+//! The reduction may be a nest of serial loops (a sum over batch and tokens: a weight's
+//! gradient); the column loop goes inside the innermost one.
+//!
 //! ```text
 //! for vector c in 0..E {                  acc[E], comp[E] (local arrays)
 //!   var acc = 0; var comp = 0             for vector c { acc[c] = 0; comp[c] = 0 }
@@ -76,9 +79,7 @@ fn rewrite(stmts: Vec<Stmt>, next: &mut u32) -> Vec<Stmt> {
 fn interchange(c: Var, e: i64, body: &[Stmt], next: &mut u32) -> Option<Vec<Stmt>> {
     let split = body.iter().position(|s| matches!(s, Stmt::For { .. }))?;
     let (prefix, rest) = body.split_at(split);
-    let Stmt::For { var: k, extent: k_extent, kind: LoopKind::Serial, body: k_body } = &rest[0] else {
-        return None;
-    };
+    let reduction = &rest[0];
     let suffix = &rest[1..];
     let mut accs: Vec<(Var, crate::kernel::Scalar, Expr)> = Vec::new();
     let mut lets: Vec<Var> = Vec::new();
@@ -93,20 +94,13 @@ fn interchange(c: Var, e: i64, body: &[Stmt], next: &mut u32) -> Option<Vec<Stmt
         return None;
     }
     let is_acc = |v: &Var| accs.iter().any(|(a, _, _)| a == v);
-    // The reduction's extent must not depend on the column.
-    let mut depends = false;
-    visit(k_extent, &mut |v| depends |= v == c || lets.contains(&v) || is_acc(&v));
-    if depends {
-        return None;
-    }
-    let mut assigned = false;
-    for s in k_body {
-        match s {
-            Stmt::Let { .. } => {}
-            Stmt::Assign { var, .. } if is_acc(var) => assigned = true,
-            _ => return None,
-        }
-    }
+    // The reduction's extents (and what they read) must not depend on the column.
+    let depends = |x: &Expr| {
+        let mut d = false;
+        visit(x, &mut |v| d |= v == c || lets.contains(&v) || is_acc(&v));
+        d
+    };
+    let (innermost, assigned) = innermost_body(reduction, &depends, &is_acc)?;
     if !assigned || assigns_any(suffix, &is_acc) {
         return None;
     }
@@ -128,17 +122,55 @@ fn interchange(c: Var, e: i64, body: &[Stmt], next: &mut u32) -> Option<Vec<Stmt
     }
     out.push(Stmt::For { var: c, extent: Expr::I64(e), kind: LoopKind::Vector, body: init });
     let mut inner = lets_only.clone();
-    inner.extend(k_body.iter().map(|s| subst_stmt(s, &arrays, &col)));
-    out.push(Stmt::For {
-        var: *k,
-        extent: k_extent.clone(),
-        kind: LoopKind::Serial,
-        body: vec![Stmt::For { var: c, extent: Expr::I64(e), kind: LoopKind::Vector, body: inner }],
-    });
+    inner.extend(innermost.iter().map(|s| subst_stmt(s, &arrays, &col)));
+    let columns = Stmt::For { var: c, extent: Expr::I64(e), kind: LoopKind::Vector, body: inner };
+    out.push(with_innermost(reduction, columns));
     let mut tail = lets_only;
     tail.extend(suffix.iter().map(|s| subst_stmt(s, &arrays, &col)));
     out.push(Stmt::For { var: c, extent: Expr::I64(e), kind: LoopKind::Vector, body: rewrite(tail, next) });
     Some(out)
+}
+
+/// The innermost body of a reduction nest — serial loops, each body either `Let…` then
+/// one inner loop, or (innermost) `Let…/Assign…` to accumulators — and whether it
+/// assigns one. `None` when `s` is not such a nest, or an extent or a `Let` between
+/// loops `depends` on the column (those stay outside the column loop).
+fn innermost_body<'a>(
+    s: &'a Stmt,
+    depends: &dyn Fn(&Expr) -> bool,
+    is_acc: &dyn Fn(&Var) -> bool,
+) -> Option<(&'a [Stmt], bool)> {
+    let Stmt::For { extent, kind: LoopKind::Serial, body, .. } = s else { return None };
+    if depends(extent) {
+        return None;
+    }
+    if let Some((last @ Stmt::For { .. }, lets)) = body.split_last() {
+        let pure_lets = lets.iter().all(|s| matches!(s, Stmt::Let { value, .. } if !depends(value)));
+        return if pure_lets { innermost_body(last, depends, is_acc) } else { None };
+    }
+    let mut assigned = false;
+    for s in body {
+        match s {
+            Stmt::Let { .. } => {}
+            Stmt::Assign { var, .. } if is_acc(var) => assigned = true,
+            _ => return None,
+        }
+    }
+    Some((body, assigned))
+}
+
+/// The nest `s` (accepted by [`innermost_body`]) with its innermost body replaced by `inner`.
+fn with_innermost(s: &Stmt, inner: Stmt) -> Stmt {
+    let Stmt::For { var, extent, kind, body } = s else { unreachable!("a loop nest") };
+    let body = match body.split_last() {
+        Some((last @ Stmt::For { .. }, lets)) => {
+            let mut b = lets.to_vec();
+            b.push(with_innermost(last, inner));
+            b
+        }
+        _ => vec![inner],
+    };
+    Stmt::For { var: *var, extent: extent.clone(), kind: *kind, body }
 }
 
 fn assigns_any(stmts: &[Stmt], is_acc: &dyn Fn(&Var) -> bool) -> bool {

@@ -33,6 +33,10 @@ pub const VOCAB_CHUNK: i64 = 1024;
 const WIDTH: u8 = b'y';
 const WORD: u8 = b'z';
 
+/// The launch argument holding a chunk's first word: one kernel serves every chunk of a
+/// width (a constant would make 262 kernels of a 268K vocabulary).
+const WORD0: &str = "word0";
+
 /// One cross-entropy op's operands, ready for library products.
 struct Chunks {
     kind: CeOp,
@@ -161,7 +165,9 @@ pub fn kernels(
             logits(sink, v0, w, "lse")?;
             let part = Part { first: c == 0, last: c + 1 == chunks.len() };
             let bufs = [m, s, lse, zy];
-            sink.kernel(|lw| lse_update(lw, n, &ce.tokens, z, (v0, w), part, bufs, format!("{name}_lse{c}")))?;
+            sink.kernel_with_args(&[(WORD0, v0)], |lw| {
+                lse_update(lw, n, &ce.tokens, z, w, part, bufs, format!("{name}_lse{c}"))
+            })?;
         }
     }
     match ce.kind {
@@ -169,7 +175,9 @@ pub fn kernels(
             let lse = lse.ok_or("the gradient needs the logsumexp")?.0;
             for (c, &(v0, w)) in chunks.iter().enumerate() {
                 logits(sink, v0, w, "grad")?;
-                sink.kernel(|lw| probabilities(lw, n, &ce.tokens, z, w, v0, lse, format!("{name}_p{c}")))?;
+                sink.kernel_with_args(&[(WORD0, v0)], |lw| {
+                    probabilities(lw, n, &ce.tokens, z, w, lse, format!("{name}_p{c}"))
+                })?;
                 let p = ce.logits(z, w)?;
                 let extent = ce.extent(w);
                 if ce.kind == CeOp::GradX {
@@ -188,7 +196,9 @@ pub fn kernels(
             for (c, &(v0, w)) in chunks.iter().enumerate() {
                 logits(sink, v0, w, "max")?;
                 let first = c == 0;
-                sink.kernel(|lw| running_max(lw, n, &ce.tokens, z, (v0, w), first, [m, zy], format!("{name}_max{c}")))?;
+                sink.kernel_with_args(&[(WORD0, v0)], |lw| {
+                    running_max(lw, n, &ce.tokens, z, w, first, [m, zy], format!("{name}_max{c}"))
+                })?;
             }
             // 1 where the target's logit reaches the maximum.
             let hit = |zy, best| Expr::Select(Box::new(bin(Binary::Ge, zy, best)), Box::new(Expr::F32(1.0)), Box::new(Expr::F32(0.0)));
@@ -228,12 +238,12 @@ fn lse_update(
     n: NodeId,
     tokens: &[Dim],
     z: usize,
-    (v0, w): (i64, i64),
+    w: i64,
     part: Part,
     [m, s, lse, zy]: [usize; 4],
     name: String,
 ) -> Result<(Kernel, Vec<usize>), String> {
-    target_logit(lw, n, tokens, z, (v0, w), zy)?;
+    target_logit(lw, n, tokens, z, w, zy)?;
     let t = Expr::Var(lw.e.index);
     let chunk_max = lw.e.accumulator(0, Scalar::F32, Expr::F32(f32::NEG_INFINITY));
     let j = lw.e.open();
@@ -282,13 +292,15 @@ fn lse_update(
     super::finish(lw, name, extent)
 }
 
-/// `zy[t] = Z[t, y_t − v0]` for the tokens whose target is in the chunk `v0 .. v0 + w`.
-fn target_logit(lw: &mut Lowering, n: NodeId, tokens: &[Dim], z: usize, (v0, w): (i64, i64), zy: usize) -> Result<(), String> {
+/// `zy[t] = Z[t, y_t − v0]` for the tokens whose target is in the chunk `v0 .. v0 + w`
+/// (`v0` is the launch argument [`WORD0`]).
+fn target_logit(lw: &mut Lowering, n: NodeId, tokens: &[Dim], z: usize, w: i64, zy: usize) -> Result<(), String> {
     let (_, transposed) = which(&lw.g.node(n).op).ok_or("not a cross-entropy op")?;
     let ops = lw.g.operands(n);
     let t_idx = lw.unravel(Expr::Var(lw.e.index), tokens)?;
     let y = target(lw, &ops, transposed, &t_idx)?;
-    let j = lw.e.bind(sub(y, Expr::I64(v0)));
+    let v0 = lw.e.size(WORD0)?;
+    let j = lw.e.bind(sub(y, v0));
     let inside = bin(Binary::And, bin(Binary::Ge, j.clone(), Expr::I64(0)), bin(Binary::Lt, j.clone(), Expr::I64(w)));
     let value = logit_at(lw, z, w, j);
     let zb = lw.e.buffer(zy, &format!("b{zy}"), Elem::F32, Access::Write);
@@ -297,7 +309,7 @@ fn target_logit(lw: &mut Lowering, n: NodeId, tokens: &[Dim], z: usize, (v0, w):
     Ok(())
 }
 
-/// `Z[t, j] ← g_t·(e^{Z[t, j] − lse_t} − [y_t = v0 + j])`, in place.
+/// `Z[t, j] ← g_t·(e^{Z[t, j] − lse_t} − [y_t = v0 + j])`, in place (`v0`: [`WORD0`]).
 #[allow(clippy::too_many_arguments)]
 fn probabilities(
     lw: &mut Lowering,
@@ -305,7 +317,6 @@ fn probabilities(
     tokens: &[Dim],
     z: usize,
     w: i64,
-    v0: i64,
     lse: usize,
     name: String,
 ) -> Result<(Kernel, Vec<usize>), String> {
@@ -315,6 +326,7 @@ fn probabilities(
     let g = lw.value(Source::Node(ops[3]), &t)?;
     let g = lw.e.bind(g);
     let y = target(lw, &ops, transposed, &t)?;
+    let v0 = lw.e.size(WORD0)?;
     let lse_b = lw.e.buffer(lse, &format!("b{lse}"), Elem::F32, Access::Read);
     let lse_t = lw.e.bind(Expr::Load { buffer: lse_b, index: Box::new(Expr::Var(lw.e.index)) });
     let zb = lw.e.buffer(z, &format!("b{z}"), Elem::F32, Access::ReadWrite);
@@ -323,7 +335,7 @@ fn probabilities(
     let at = add(row, Expr::Var(j));
     let zj = Expr::Load { buffer: zb, index: Box::new(at.clone()) };
     let hit = Expr::Select(
-        Box::new(bin(Binary::Eq, y, add(Expr::I64(v0), Expr::Var(j)))),
+        Box::new(bin(Binary::Eq, y, add(v0, Expr::Var(j)))),
         Box::new(Expr::F32(1.0)),
         Box::new(Expr::F32(0.0)),
     );
@@ -347,12 +359,12 @@ fn running_max(
     n: NodeId,
     tokens: &[Dim],
     z: usize,
-    (v0, w): (i64, i64),
+    w: i64,
     first: bool,
     [m, zy]: [usize; 2],
     name: String,
 ) -> Result<(Kernel, Vec<usize>), String> {
-    target_logit(lw, n, tokens, z, (v0, w), zy)?;
+    target_logit(lw, n, tokens, z, w, zy)?;
     let t = Expr::Var(lw.e.index);
     let init = if first {
         Expr::F32(f32::NEG_INFINITY)

@@ -27,7 +27,7 @@ mod special;
 
 use crate::fusion::FusionPlan;
 use crate::ir::{Dim, Graph, NodeId, Op};
-use crate::kernel::{print, Access, Expr, Kernel, LoopKind, Stmt};
+use crate::kernel::{print, Access, BufferDecl, Expr, Kernel, LoopKind, Stmt};
 use crate::memory::{MemClass, MemoryPlan};
 use element::{elem_of, Lowering, Source};
 use std::collections::{HashMap, HashSet};
@@ -84,6 +84,10 @@ pub struct Step {
     /// Global buffer id for each of the kernel's buffers.
     pub buffers: Vec<usize>,
     pub entry: Entry,
+    /// Launch arguments appended to the run-time arguments for this launch only: the
+    /// kernel's scalars beyond the program's (e.g. a vocabulary chunk's first word, so
+    /// one kernel serves every chunk).
+    pub args: Vec<i64>,
 }
 
 #[derive(Clone, Debug)]
@@ -340,10 +344,21 @@ impl Sink<'_> {
 
     /// Lower one kernel with a fresh emitter and add it to the program.
     fn kernel(&mut self, f: impl FnOnce(&mut Lowering) -> Result<(Kernel, Vec<usize>), String>) -> Result<(), String> {
-        let mut lw =
-            Lowering { g: self.g, stored: self.stored, names: &buffer_name, e: emit::Emitter::new(self.all_args) };
+        self.kernel_with_args(&[], f)
+    }
+
+    /// [`Sink::kernel`] with launch arguments: `(name, value)` pairs the kernel reads as
+    /// sizes named `name` (see [`Step::args`]).
+    fn kernel_with_args(
+        &mut self,
+        args: &[(&str, i64)],
+        f: impl FnOnce(&mut Lowering) -> Result<(Kernel, Vec<usize>), String>,
+    ) -> Result<(), String> {
+        let mut names = self.all_args.to_vec();
+        names.extend(args.iter().map(|(n, _)| n.to_string()));
+        let mut lw = Lowering { g: self.g, stored: self.stored, names: &buffer_name, e: emit::Emitter::new(&names) };
         let (k, b) = f(&mut lw)?;
-        self.out.add(k, b, self.entry);
+        self.out.add_with_args(k, b, self.entry, args.iter().map(|a| a.1).collect());
         Ok(())
     }
 
@@ -443,12 +458,20 @@ struct Program {
 
 impl Program {
     fn add(&mut self, kernel: Kernel, buffers: Vec<usize>, entry: Entry) {
-        let body = print::to_text(&Kernel { name: String::new(), ..kernel.clone() });
+        self.add_with_args(kernel, buffers, entry, Vec::new());
+    }
+
+    /// [`Program::add`] with launch arguments (see [`Step::args`]).
+    fn add_with_args(&mut self, kernel: Kernel, buffers: Vec<usize>, entry: Entry, args: Vec<i64>) {
+        // Identical modulo the kernel's name and its buffers' names (which name the global
+        // buffers of one launch; the code only sees slots): the same layer, unrolled.
+        let slots = kernel.buffers.iter().enumerate().map(|(i, b)| BufferDecl { name: format!("s{i}"), ..b.clone() });
+        let body = print::to_text(&Kernel { name: String::new(), buffers: slots.collect(), ..kernel.clone() });
         let k = *self.text.entry(body).or_insert_with(|| {
             self.kernels.push(kernel);
             self.kernels.len() - 1
         });
-        self.steps.push(Step { kernel: k, buffers, entry });
+        self.steps.push(Step { kernel: k, buffers, entry, args });
     }
 }
 

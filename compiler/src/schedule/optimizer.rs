@@ -98,7 +98,7 @@ impl Dedup {
             s.kernels.push(kernel);
             s.kernels.len() - 1
         });
-        s.steps.push(Step { kernel: k, buffers, entry });
+        s.steps.push(Step { kernel: k, buffers, entry, args: Vec::new() });
     }
 }
 

@@ -57,7 +57,9 @@ pub fn run(
         let k = &s.kernels[step.kernel];
         let mut views: Vec<Buffer> =
             k.buffers.iter().zip(&step.buffers).map(|(decl, &g)| to_typed(&memory[g], decl.elem)).collect();
-        exec::run_all(k, &mut views, &args)?;
+        let mut launch_args = args.clone();
+        launch_args.extend(&step.args);
+        exec::run_all(k, &mut views, &launch_args)?;
         if std::env::var_os("TNC_TRACE_NAN").is_some() {
             for (i, (view, decl)) in views.iter().zip(&k.buffers).enumerate() {
                 if let Buffer::F32(v) = view {
