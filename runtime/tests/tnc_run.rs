@@ -106,8 +106,8 @@ fn bundle(dir: &Path) {
             },
         ],
         entry_points: BTreeMap::from([
-            ("forward".into(), vec![Step { kernel: 0, buffers: vec![0, 1, 2] }]),
-            ("backward".into(), vec![Step { kernel: 1, buffers: vec![0, 3] }]),
+            ("forward".into(), vec![Step { kernel: 0, buffers: vec![0, 1, 2], args: vec![] }]),
+            ("backward".into(), vec![Step { kernel: 1, buffers: vec![0, 3], args: vec![] }]),
         ]),
         files: BTreeMap::new(),
     };

@@ -15,9 +15,12 @@
 //!   specs that differ only in letter names are identical. Operands of a two-operand
 //!   einsum are not reordered in the graph; CSE compares both orders instead (see
 //!   [`super::cse`]), which is all that reordering would buy;
-//! * nested einsums are not flattened: the IR has only one- and two-operand einsums, and
-//!   merging two contractions would need three operands (merging a one-operand sum into
-//!   its user would change the contraction's cost, which is `fuse`'s decision);
+//! * nested einsums are flattened where the result still has at most two operands (the
+//!   IR's einsums have one or two): a one-operand einsum (a sum or transposition) feeding
+//!   an einsum, or consuming one, is merged into it — `einsum("ij,jk->ik", einsum("ijl->ij",
+//!   x), y)` is `einsum("ijl,jk->ik", x, y)` — when the inner value has no other user.
+//!   Two chained two-operand contractions would need three operands and stay nested;
+//!   which association to compute is a cost decision left to their spelling;
 //! * constant folding: unary, binary, cast and select of (splatted) constants, a
 //!   `sizeof` of a constant size, reductions of splats where the value is exact;
 //! * CSE ([`super::cse::cse`]) and removal of values no output needs.
@@ -200,6 +203,9 @@ pub(crate) fn canonical_rule(g: &mut Graph, n: NodeId) -> Option<NodeId> {
 /// Einsum rules: fold permuted operands into the letters, turn a pure permutation into
 /// a `permute`, and rename the letters canonically.
 fn einsum_rule(g: &mut Graph, n: NodeId, spec: &EinsumSpec, ops: &[NodeId]) -> Option<NodeId> {
+    if let Some(flat) = flatten(g, n, spec, ops) {
+        return Some(flat);
+    }
     let mut inputs = spec.inputs.clone();
     let mut operands = ops.to_vec();
     let mut folded = false;
@@ -230,6 +236,58 @@ fn einsum_rule(g: &mut Graph, n: NodeId, spec: &EinsumSpec, ops: &[NodeId]) -> O
         return None;
     }
     add_like(g, n, Op::Einsum(normal), &operands).ok()
+}
+
+/// Substitute einsum `inner` (spec `is`, operands `xs`) whose output axes are named by
+/// `letters` in an outer spec already using `taken`: the inner operands' letters in the
+/// outer naming, the inner sum's letters renamed to fresh ones. `None` when out of letters.
+fn inline_letters(is: &EinsumSpec, letters: &[u8], taken: &mut Vec<u8>) -> Option<Vec<Vec<u8>>> {
+    let mut map: Vec<(u8, u8)> = is.output.iter().copied().zip(letters.iter().copied()).collect();
+    let mut inputs = Vec::new();
+    for input in &is.inputs {
+        let mut renamed = Vec::new();
+        for &l in input {
+            let to = match map.iter().find(|(from, _)| *from == l) {
+                Some(&(_, to)) => to,
+                None => {
+                    let fresh = (b'a'..=b'z').find(|c| !taken.contains(c))?;
+                    taken.push(fresh);
+                    map.push((l, fresh));
+                    fresh
+                }
+            };
+            renamed.push(to);
+        }
+        inputs.push(renamed);
+    }
+    Some(inputs)
+}
+
+/// Nested einsums merged while at most two operands result (see the module notes).
+fn flatten(g: &mut Graph, n: NodeId, spec: &EinsumSpec, ops: &[NodeId]) -> Option<NodeId> {
+    let einsum_of = |g: &Graph, x: NodeId| match &g.node(x).op {
+        Op::Einsum(s) if single_user(g, x) == Some(n) => Some(s.clone()),
+        _ => None,
+    };
+    let mut taken: Vec<u8> = spec.inputs.iter().flatten().chain(&spec.output).copied().collect();
+    // A one-operand einsum consuming an einsum: the inner one with the outer's output.
+    if let [x] = ops {
+        let inner = einsum_of(g, *x)?;
+        let inputs = inline_letters(&inner, &spec.inputs[0], &mut taken)?;
+        let merged = normalize_spec(&EinsumSpec { inputs, output: spec.output.clone() });
+        return add_like(g, n, Op::Einsum(merged), &g.operands(*x)).ok();
+    }
+    // An operand that is a one-operand einsum: its operand, with its letters.
+    for (k, &x) in ops.iter().enumerate() {
+        let Some(inner) = einsum_of(g, x).filter(|s| s.inputs.len() == 1) else { continue };
+        let mut inputs = spec.inputs.clone();
+        inputs[k] = inline_letters(&inner, &spec.inputs[k], &mut taken)?.remove(0);
+        let mut operands = ops.to_vec();
+        operands[k] = g.operands(x)[0];
+        let merged = normalize_spec(&EinsumSpec { inputs, output: spec.output.clone() });
+        return add_like(g, n, Op::Einsum(merged), &operands).ok();
+    }
+    None
 }
 
 #[cfg(test)]
@@ -363,6 +421,52 @@ mod tests {
         let h = check_same(&g, &inputs);
         assert_eq!(count(&h, "permute"), 0);
         assert_eq!(only_einsum_spec(&h), "ab,ac->bc");
+    }
+
+    #[test]
+    fn nested_einsums_flatten_while_two_operands_suffice() {
+        let mut g = Graph::new("t");
+        let x = g.add_input("x", f32s(&[2, 3, 4]), None);
+        let y = g.add_input("y", f32s(&[3, 5]), None);
+        let z = g.add_input("z", f32s(&[5, 2]), None);
+        // A sum feeding a product, and a sum of a product: one einsum each.
+        let summed = einsum(&mut g, "ijl->ij", &[x]);
+        let a = einsum(&mut g, "ij,jk->ik", &[summed, y]);
+        let b = einsum(&mut g, "pq,qr->pr", &[a, z]);
+        let rows = einsum(&mut g, "pr->p", &[b]);
+        g.add_output("rows", rows);
+        let inputs = HashMap::from([
+            ("x".into(), data(&[2, 3, 4], 0.3)),
+            ("y".into(), data(&[3, 5], 0.8)),
+            ("z".into(), data(&[5, 2], 1.3)),
+        ]);
+        let h = check_same(&g, &inputs);
+        // Two chained products would need three operands: they stay two einsums.
+        let specs: Vec<String> = h
+            .dag
+            .node_weights()
+            .filter_map(|n| match &n.op {
+                Op::Einsum(s) => Some(s.to_string()),
+                _ => None,
+            })
+            .collect();
+        let mut specs = specs;
+        specs.sort();
+        assert_eq!(specs, vec!["ab,bc->a", "abc,bd->ad"]);
+    }
+
+    #[test]
+    fn a_shared_inner_einsum_is_not_flattened() {
+        let mut g = Graph::new("t");
+        let x = g.add_input("x", f32s(&[3, 4]), None);
+        let y = g.add_input("y", f32s(&[3, 5]), None);
+        let summed = einsum(&mut g, "ij->i", &[x]);
+        let a = einsum(&mut g, "i,ik->k", &[summed, y]);
+        g.add_output("a", a);
+        g.add_output("summed", summed);
+        let inputs = HashMap::from([("x".into(), data(&[3, 4], 0.3)), ("y".into(), data(&[3, 5], 0.8))]);
+        let h = check_same(&g, &inputs);
+        assert_eq!(count(&h, "einsum"), 2);
     }
 
     #[test]
