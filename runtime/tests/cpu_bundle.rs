@@ -652,3 +652,66 @@ fn executor_is_send() {
     fn send<T: Send>() {}
     send::<Executor>();
 }
+
+// ---------------------------------------------------------------------------------------
+// Library GEMM nodes
+
+/// Adds an entry point `gram` with one library kernel: `G = X·Xᵀ` (B×B) from the input
+/// `x` [B, N], its C matrix's row stride given by `c_rows`.
+fn with_gram(m: &mut Manifest, c_rows: Poly) {
+    use Access::*;
+    use DType::F32;
+    let mut k = kernel("gram", &[(F32, Read), (F32, Read), (F32, Write)], Poly::sym("B"));
+    k.library = true;
+    k.gemm = Some(GemmEntry {
+        batch: vec![],
+        accumulate: false,
+        m: Poly::sym("B"),
+        n: Poly::sym("B"),
+        k: Poly::sym("N"),
+        a: MatrixEntry { offset: 0.into(), rows: Poly::sym("N"), cols: 1.into() },
+        b: MatrixEntry { offset: 0.into(), rows: 1.into(), cols: Poly::sym("N") },
+        c: MatrixEntry { offset: 0.into(), rows: c_rows, cols: 1.into() },
+    });
+    m.kernels.push(k);
+    m.buffers.push(buffer(Poly::term(4, vec![sym("B"), sym("B")]), BufferRole::Output, Some("gram")));
+    let (kernel, buffer) = (m.kernels.len() - 1, m.buffers.len() - 1);
+    m.outputs.push(IoEntry {
+        name: "gram".into(),
+        dtype: F32,
+        shape: vec![Poly::sym("B"), Poly::sym("B")],
+        buffer,
+        entry: "gram".into(),
+    });
+    m.entry_points.insert("gram".into(), vec![Step { kernel, buffers: vec![0, 0, buffer], args: vec![] }]);
+}
+
+#[test]
+fn a_library_gemm_node_runs_on_the_gemm_library() {
+    let tb = write_bundle(|m| with_gram(m, Poly::sym("B")));
+    let (b, n) = (5, 7);
+    let x = input(b, n);
+    let xs = x.as_f32().unwrap().to_vec();
+    for threads in [1, 3] {
+        let mut ex = run_forward(&tb.dir, threads, b, n);
+        ex.run("gram", &[]).unwrap();
+        let g = ex.output("gram").unwrap();
+        assert_eq!(g.shape, vec![b, b]);
+        for i in 0..b {
+            for j in 0..b {
+                let want: f64 = (0..n).map(|k| xs[i * n + k] as f64 * xs[j * n + k] as f64).sum();
+                let got = g.as_f32().unwrap()[i * b + j] as f64;
+                assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "G[{i},{j}] = {got}, want {want}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_library_gemm_reaching_past_its_buffer_is_an_error() {
+    // Rows of C one element apart too far: the last row ends past the B×B buffer.
+    let tb = write_bundle(|m| with_gram(m, Poly::sym("B").plus(Poly::constant(1))));
+    let mut ex = run_forward(&tb.dir, 2, 4, 3);
+    let e = ex.run("gram", &[]).unwrap_err().to_string();
+    assert!(e.contains("gram") && e.contains("matrix C") && e.contains("past"), "{e}");
+}
