@@ -76,7 +76,12 @@ fn check_tokens(
         let mut t: Tensor = got[&name].clone();
         t.shape = w.shape.clone();
         let c = compare(&t, &w);
-        assert!(c.within(1e-4), "{tag} `{name}`: {c:?} got {:?} want {:?}", &t.data[..t.data.len().min(4)], &w.data[..w.data.len().min(4)]);
+        assert!(
+            c.within(1e-4),
+            "{tag} `{name}`: {c:?} got {:?} want {:?}",
+            &t.data[..t.data.len().min(4)],
+            &w.data[..w.data.len().min(4)]
+        );
     }
     let correct = &accuracy.iter().find(|(name, _)| name == "correct").expect("an accuracy output").1;
     assert_eq!(got["correct"].data, correct.data, "{tag}: per-token accuracy");

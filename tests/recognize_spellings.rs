@@ -268,7 +268,8 @@ fn look_alikes_are_left_alone() {
 
 /// 100 random spellings, fused and scheduled, run by the reference kernel executor (f32
 /// kernels, buffers NaN-filled) against the interpreter (f64): loss and every gradient
-/// within 1e-4 relative L2 — one schedule at two lengths.
+/// within 1e-4 relative L2 — each schedule (generated, and CPU with library GEMMs) at two
+/// lengths.
 #[test]
 fn scheduled_spellings_match_the_interpreter() {
     use tnc_compiler::{fusion, memory, schedule};
@@ -283,22 +284,25 @@ fn scheduled_spellings_match_the_interpreter() {
             let optimized = passes::run_until(g, last).unwrap().unwrap();
             let plan = fusion::fuse(&optimized).unwrap();
             let mem = memory::plan_memory(&optimized, &plan).unwrap();
-            let s =
-                schedule::schedule(&optimized, &plan, &mem).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
             let params = perturbed_params(&reference, 1);
-            for n in [c.n, c.n + 5] {
-                let tokens = token_tensor(2, n, 11, 3);
-                let want = outputs(&reference, &params, &tokens, None);
-                let sizes = HashMap::from([("B".to_string(), 2), ("N".to_string(), n as i64)]);
-                let got = schedule::run::run(&s, &sizes, &[tokens], &params, None)
+            // The generated schedule (GPU targets) and the CPU one with library GEMMs.
+            for opts in [schedule::ScheduleOptions::default(), schedule::ScheduleOptions::cpu()] {
+                let s = schedule::schedule_with(&optimized, &plan, &mem, &opts)
                     .map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
-                for (name, w) in &want {
-                    let mut t = got[name].clone();
-                    t.shape = w.shape.clone();
-                    let cl = compare(&t, w);
-                    let tiny = cl.max_abs < 1e-6; // within f32 resolution of every element
-                    if !(cl.within(1e-4) || (tiny && !cl.has_nan)) {
-                        return Err(TestCaseError::fail(format!("N={n} `{name}`: {cl:?}\n{text}")));
+                for n in [c.n, c.n + 5] {
+                    let tokens = token_tensor(2, n, 11, 3);
+                    let want = outputs(&reference, &params, &tokens, None);
+                    let sizes = HashMap::from([("B".to_string(), 2), ("N".to_string(), n as i64)]);
+                    let got = schedule::run::run(&s, &sizes, &[tokens], &params, None)
+                        .map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+                    for (name, w) in &want {
+                        let mut t = got[name].clone();
+                        t.shape = w.shape.clone();
+                        let cl = compare(&t, w);
+                        let tiny = cl.max_abs < 1e-6; // within f32 resolution of every element
+                        if !(cl.within(1e-4) || (tiny && !cl.has_nan)) {
+                            return Err(TestCaseError::fail(format!("{opts:?} N={n} `{name}`: {cl:?}\n{text}")));
+                        }
                     }
                 }
             }

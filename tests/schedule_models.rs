@@ -45,8 +45,8 @@ fn check_with(
     let optimized = optimize(g, recognize);
     let plan = fusion::fuse(&optimized).unwrap();
     let mem = memory::plan_memory(&optimized, &plan).unwrap();
-    let s = schedule::schedule_with(&optimized, &plan, &mem, opts)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let s =
+        schedule::schedule_with(&optimized, &plan, &mem, opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let params = perturbed_params(&reference, 5);
     let vocab =
         reference.params.iter().find(|p| p.name == "embedding").unwrap().ty.shape[0].as_const().unwrap() as usize;
@@ -101,8 +101,7 @@ fn library_gemm_schedules_match_the_interpreter() {
                 .count();
             // The cross-entropy's vocabulary chunks are library products too; count the
             // einsums' own (`g<group>_gemm`).
-            let einsum_launches =
-                s.steps.iter().filter(|st| s.kernels[st.kernel].name.ends_with("_gemm")).count();
+            let einsum_launches = s.steps.iter().filter(|st| s.kernels[st.kernel].name.ends_with("_gemm")).count();
             assert_eq!(einsum_launches, products, "T1: every contraction is a library GEMM");
         }
     }

@@ -213,10 +213,11 @@ pub fn manifest(
         entry_points.insert(name.into(), Vec::new());
     }
     for st in &s.steps {
-        entry_points
-            .entry(st.entry.name().to_string())
-            .or_default()
-            .push(m::Step { kernel: st.kernel, buffers: st.buffers.clone(), args: st.args.clone() });
+        entry_points.entry(st.entry.name().to_string()).or_default().push(m::Step {
+            kernel: st.kernel,
+            buffers: st.buffers.clone(),
+            args: st.args.clone(),
+        });
     }
     let manifest = Manifest {
         format_version: m::FORMAT_VERSION,

@@ -310,7 +310,8 @@ impl CudaExecutor {
                 k.name
             )));
         }
-        if let Some(k) = m.kernels.iter().enumerate().find(|(i, k)| !k.args.is_empty() && used.contains(i)).map(|(_, k)| k)
+        if let Some(k) =
+            m.kernels.iter().enumerate().find(|(i, k)| !k.args.is_empty() && used.contains(i)).map(|(_, k)| k)
         {
             return Err(ExecError::Unsupported(format!(
                 "kernel `{}` takes launch arguments, which the CUDA executor does not pass yet",

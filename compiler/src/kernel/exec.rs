@@ -197,7 +197,8 @@ impl Machine<'_> {
                 for j in 0..shape.n {
                     let mut acc = 0.0f32;
                     for k in 0..shape.k {
-                        acc += x[(blk.a + r * a.rows + k * a.cols) as usize] * y[(blk.b + k * b.rows + j * b.cols) as usize];
+                        acc += x[(blk.a + r * a.rows + k * a.cols) as usize]
+                            * y[(blk.b + k * b.rows + j * b.cols) as usize];
                     }
                     out.push(((blk.c + r * c.rows + j * c.cols) as usize, acc));
                 }

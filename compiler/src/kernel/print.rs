@@ -149,7 +149,8 @@ fn gemm(k: &Kernel, g: &super::gemm::Gemm, out: &mut String) {
     let op = if g.accumulate { "+=" } else { "=" };
     let _ = writeln!(out, "  library gemm C {op} A·B, m={} n={} k={} {{", x(&g.m), x(&g.n), x(&g.k));
     for (i, b) in g.batch.iter().enumerate() {
-        let _ = writeln!(out, "    batch {i} in 0..{}: A += {}, B += {}, C += {}", x(&b.extent), x(&b.a), x(&b.b), x(&b.c));
+        let _ =
+            writeln!(out, "    batch {i} in 0..{}: A += {}, B += {}, C += {}", x(&b.extent), x(&b.a), x(&b.b), x(&b.c));
     }
     let names: Vec<&str> = k.buffers.iter().map(|b| b.name.as_str()).collect();
     let _ = writeln!(out, "    A = {}[{}]", names[0], view(&g.a));

@@ -114,7 +114,9 @@ fn prepare(sink: &mut Sink, reads: &HashMap<NodeId, usize>, n: NodeId, name: &st
             Some(l) => Ok(l),
             None => {
                 let buffer = sink.workspace(&ty)?;
-                sink.kernel(|lw| super::special::materialize(lw, Source::Node(x), &ty, buffer, format!("{name}_in{i}")))?;
+                sink.kernel(|lw| {
+                    super::special::materialize(lw, Source::Node(x), &ty, buffer, format!("{name}_in{i}"))
+                })?;
                 Layout::contiguous(buffer, &ty.shape)
             }
         }
@@ -122,7 +124,9 @@ fn prepare(sink: &mut Sink, reads: &HashMap<NodeId, usize>, n: NodeId, name: &st
     let x = in_memory(ops[0], true, 0)?;
     let table = in_memory(ops[1], false, 1)?;
     let table_shape = &g.ty(ops[1]).shape;
-    let vocab = (if transposed { &table_shape[1] } else { &table_shape[0] }).as_const().ok_or("the vocabulary size is not a constant")?;
+    let vocab = (if transposed { &table_shape[1] } else { &table_shape[0] })
+        .as_const()
+        .ok_or("the vocabulary size is not a constant")?;
     let mut letters: Vec<u8> = (0..tokens.len() as u8).map(|i| b'a' + i).collect();
     let mut extent: HashMap<u8, Dim> = letters.iter().copied().zip(tokens.iter().cloned()).collect();
     extent.insert(WIDTH, width);
@@ -201,7 +205,9 @@ pub fn kernels(
                 })?;
             }
             // 1 where the target's logit reaches the maximum.
-            let hit = |zy, best| Expr::Select(Box::new(bin(Binary::Ge, zy, best)), Box::new(Expr::F32(1.0)), Box::new(Expr::F32(0.0)));
+            let hit = |zy, best| {
+                Expr::Select(Box::new(bin(Binary::Ge, zy, best)), Box::new(Expr::F32(1.0)), Box::new(Expr::F32(0.0)))
+            };
             sink.kernel(|lw| per_token(lw, &token_count, [zy, m], out, hit, format!("{name}_correct")))
         }
         // ℓ = lse − z_y, both from the same logits: exact cancellation when the target
@@ -305,7 +311,11 @@ fn target_logit(lw: &mut Lowering, n: NodeId, tokens: &[Dim], z: usize, w: i64, 
     let value = logit_at(lw, z, w, j);
     let zb = lw.e.buffer(zy, &format!("b{zy}"), Elem::F32, Access::Write);
     let t = Expr::Var(lw.e.index);
-    lw.e.push(Stmt::If { cond: inside, then: vec![Stmt::Store { buffer: zb, index: t, value }], otherwise: Vec::new() });
+    lw.e.push(Stmt::If {
+        cond: inside,
+        then: vec![Stmt::Store { buffer: zb, index: t, value }],
+        otherwise: Vec::new(),
+    });
     Ok(())
 }
 

@@ -173,7 +173,9 @@ pub fn is_library_gemm(g: &Graph, n: NodeId) -> bool {
     let Some((inputs, output, extent)) = einsum_letters(g, n) else { return false };
     let operands = g.operands(n);
     let contiguous = |i: usize| {
-        Layout::contiguous(0, &g.ty(operands[i]).shape).ok().map(|layout| Operand { layout, letters: inputs[i].clone() })
+        Layout::contiguous(0, &g.ty(operands[i]).shape)
+            .ok()
+            .map(|layout| Operand { layout, letters: inputs[i].clone() })
     };
     match (contiguous(0), contiguous(1)) {
         (Some(a), Some(b)) => sum_merges(&a, &b, &output, &extent),
@@ -183,7 +185,13 @@ pub fn is_library_gemm(g: &Graph, n: NodeId) -> bool {
 
 /// The library kernel computing einsum `n` into global buffer `out` (contiguous), with
 /// copy kernels first for operands that are not suitable strided views of memory.
-pub fn einsum(sink: &mut Sink, reads: &HashMap<NodeId, usize>, n: NodeId, out: usize, name: &str) -> Result<(), String> {
+pub fn einsum(
+    sink: &mut Sink,
+    reads: &HashMap<NodeId, usize>,
+    n: NodeId,
+    out: usize,
+    name: &str,
+) -> Result<(), String> {
     let g = sink.g;
     let (inputs, output, extent) = einsum_letters(g, n).ok_or("not a library GEMM")?;
     let operands = g.operands(n);

@@ -197,7 +197,11 @@ pub fn emit_objects(kernels: &[Kernel], target: &CpuTarget) -> Result<Vec<Vec<u8
     });
     results
         .into_iter()
-        .map(|r| r.into_inner().unwrap_or_else(|e| e.into_inner()).unwrap_or_else(|| Err("an object was not compiled".into())))
+        .map(|r| {
+            r.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(|| Err("an object was not compiled".into()))
+        })
         .collect()
 }
 
