@@ -19,8 +19,11 @@
 //!   IR's einsums have one or two): a one-operand einsum (a sum or transposition) feeding
 //!   an einsum, or consuming one, is merged into it — `einsum("ij,jk->ik", einsum("ijl->ij",
 //!   x), y)` is `einsum("ijl,jk->ik", x, y)` — when the inner value has no other user.
-//!   Two chained two-operand contractions would need three operands and stay nested;
-//!   which association to compute is a cost decision left to their spelling;
+//!   Two chained two-operand contractions are three operands, more than an einsum holds:
+//!   their canonical form is the chain rebuilt in its cheapest association (FLOPs with
+//!   every size symbol at 1024; ties go to the operands' order in the graph), so that
+//!   `(A·B)·C` and `A·(B·C)` — and `(Q·Kᵀ)·V` and `Q·(Kᵀ·V)` — meet (this pass only, not
+//!   `simplify`'s use of these rules after `autodiff`);
 //! * constant folding: unary, binary, cast and select of (splatted) constants, a
 //!   `sizeof` of a constant size, reductions of splats where the value is exact;
 //! * CSE ([`super::cse::cse`]) and removal of values no output needs.
@@ -55,8 +58,9 @@ pub(crate) const MAX_ROUNDS: usize = 32;
 
 /// Run the canonicalization rules and CSE until neither changes the graph.
 pub fn canonicalize(g: &mut Graph) -> Result<(), String> {
+    let mut rule = |g: &mut Graph, n: NodeId| canonical_rule(g, n).or_else(|| reassociate(g, n));
     for _ in 0..MAX_ROUNDS {
-        rewrite_to_fixpoint(g, &mut canonical_rule, MAX_ROUNDS)?;
+        rewrite_to_fixpoint(g, &mut rule, MAX_ROUNDS)?;
         if cse(g) == 0 {
             break;
         }
@@ -290,6 +294,58 @@ fn flatten(g: &mut Graph, n: NodeId, spec: &EinsumSpec, ops: &[NodeId]) -> Optio
     None
 }
 
+/// A chain of two products (see the module notes) in its cheapest association.
+fn reassociate(g: &mut Graph, n: NodeId) -> Option<NodeId> {
+    let Op::Einsum(spec) = g.node(n).op.clone() else { return None };
+    let ops = g.operands(n);
+    if ops.len() != 2 {
+        return None;
+    }
+    for k in 0..2 {
+        let x = ops[k];
+        let inner = match &g.node(x).op {
+            Op::Einsum(s) if s.inputs.len() == 2 && single_user(g, x) == Some(n) && ops[1 - k] != x => s.clone(),
+            _ => continue,
+        };
+        let mut taken: Vec<u8> = spec.inputs.iter().flatten().chain(&spec.output).copied().collect();
+        let inner_inputs = inline_letters(&inner, &spec.inputs[k], &mut taken)?;
+        let xs = g.operands(x);
+        let three = [(xs[0], inner_inputs[0].clone()), (xs[1], inner_inputs[1].clone()), (ops[1 - k], spec.inputs[1 - k].clone())];
+        let mut extent: Vec<(u8, f64)> = Vec::new();
+        for (node, letters) in &three {
+            for (l, d) in letters.iter().zip(&g.ty(*node).shape) {
+                let size = d.eval(&|_| Some(1024))? as f64;
+                extent.push((*l, size));
+            }
+        }
+        let size = |l: &u8| extent.iter().find(|(m, _)| m == l).map_or(1.0, |e| e.1);
+        // Pair (i, j) first, then with l: the pair keeps the letters l or the output needs.
+        let plan = |(i, j, l): (usize, usize, usize)| {
+            let mut pair: Vec<u8> = three[i].1.clone();
+            pair.extend(three[j].1.iter().filter(|c| !three[i].1.contains(c)));
+            let kept: Vec<u8> =
+                pair.iter().copied().filter(|c| three[l].1.contains(c) || spec.output.contains(c)).collect();
+            let mut last: Vec<u8> = kept.clone();
+            last.extend(three[l].1.iter().filter(|c| !kept.contains(c)));
+            let cost = pair.iter().map(size).product::<f64>() + last.iter().map(size).product::<f64>();
+            let mut nodes = [three[i].0.index(), three[j].0.index()];
+            nodes.sort();
+            (cost, nodes, (i, j, l), kept)
+        };
+        let plans = [plan((0, 1, 2)), plan((0, 2, 1)), plan((1, 2, 0))];
+        let best = plans.iter().min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))?;
+        if best.2 == (0, 1, 2) {
+            return None;
+        }
+        let (i, j, l) = best.2;
+        let pair_spec = normalize_spec(&EinsumSpec { inputs: vec![three[i].1.clone(), three[j].1.clone()], output: best.3.clone() });
+        let pair = add_like(g, n, Op::Einsum(pair_spec), &[three[i].0, three[j].0]).ok()?;
+        let outer = normalize_spec(&EinsumSpec { inputs: vec![best.3.clone(), three[l].1.clone()], output: spec.output.clone() });
+        return add_like(g, n, Op::Einsum(outer), &[pair, three[l].0]).ok();
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,31 +484,43 @@ mod tests {
         let mut g = Graph::new("t");
         let x = g.add_input("x", f32s(&[2, 3, 4]), None);
         let y = g.add_input("y", f32s(&[3, 5]), None);
-        let z = g.add_input("z", f32s(&[5, 2]), None);
-        // A sum feeding a product, and a sum of a product: one einsum each.
+        // A sum feeding a product, and a sum of that product: one einsum in the end.
         let summed = einsum(&mut g, "ijl->ij", &[x]);
         let a = einsum(&mut g, "ij,jk->ik", &[summed, y]);
-        let b = einsum(&mut g, "pq,qr->pr", &[a, z]);
-        let rows = einsum(&mut g, "pr->p", &[b]);
+        let rows = einsum(&mut g, "ik->i", &[a]);
         g.add_output("rows", rows);
+        let inputs = HashMap::from([("x".into(), data(&[2, 3, 4], 0.3)), ("y".into(), data(&[3, 5], 0.8))]);
+        let h = check_same(&g, &inputs);
+        assert_eq!(only_einsum_spec(&h), "abc,bd->a");
+    }
+
+    #[test]
+    fn chained_products_meet_in_the_cheapest_association() {
+        let mut g = Graph::new("t");
+        let a = g.add_input("a", f32s(&[4, 5]), None);
+        let b = g.add_input("b", f32s(&[5, 6]), None);
+        let c = g.add_input("c", f32s(&[6, 2]), None);
+        // (A·B)·C costs 4·5·6 + 4·6·2 = 168, A·(B·C) 5·6·2 + 4·5·2 = 100.
+        let ab = einsum(&mut g, "ij,jk->ik", &[a, b]);
+        let left = einsum(&mut g, "ik,kl->il", &[ab, c]);
+        let bc = einsum(&mut g, "jk,kl->jl", &[b, c]);
+        let right = einsum(&mut g, "ij,jl->il", &[a, bc]);
+        g.add_output("left", left);
+        g.add_output("right", right);
         let inputs = HashMap::from([
-            ("x".into(), data(&[2, 3, 4], 0.3)),
-            ("y".into(), data(&[3, 5], 0.8)),
-            ("z".into(), data(&[5, 2], 1.3)),
+            ("a".into(), data(&[4, 5], 0.3)),
+            ("b".into(), data(&[5, 6], 0.8)),
+            ("c".into(), data(&[6, 2], 1.3)),
         ]);
         let h = check_same(&g, &inputs);
-        // Two chained products would need three operands: they stay two einsums.
-        let specs: Vec<String> = h
-            .dag
-            .node_weights()
-            .filter_map(|n| match &n.op {
-                Op::Einsum(s) => Some(s.to_string()),
-                _ => None,
-            })
-            .collect();
-        let mut specs = specs;
-        specs.sort();
-        assert_eq!(specs, vec!["ab,bc->a", "abc,bd->ad"]);
+        // One chain serves both outputs, through B·C.
+        assert_eq!(count(&h, "einsum"), 2);
+        assert_eq!(h.outputs[0].1, h.outputs[1].1);
+        let out = h.outputs[0].1;
+        let inner = h.operands(out).into_iter().find(|&o| matches!(h.node(o).op, Op::Einsum(_))).unwrap();
+        let mut pair = h.operands(inner);
+        pair.sort();
+        assert_eq!(pair, vec![b, c]);
     }
 
     #[test]
