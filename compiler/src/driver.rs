@@ -119,16 +119,23 @@ fn compile_gpu(
     }
     let info = TargetInfo { name: gpu.name.clone(), kind: TargetKind::Cuda, cpu_features: Vec::new() };
     let (mut manifest, baked) = bundle::manifest(&graph, &sched, info)?;
-    for k in &mut manifest.kernels {
-        // Grid = ceil(range / block); the runtime computes it for each launch's range.
-        k.gpu = Some(tnc_runtime::manifest::GpuLaunch {
-            block: [backend::GPU_BLOCK, 1, 1],
-            grid: [
-                tnc_runtime::manifest::Poly::ceil_div(k.extent.clone(), backend::GPU_BLOCK as i64),
-                tnc_runtime::manifest::Poly::constant(1),
-                tnc_runtime::manifest::Poly::constant(1),
-            ],
-            shared_bytes: 0,
+    for (k, kernel) in manifest.kernels.iter_mut().zip(&sched.kernels) {
+        use tnc_runtime::manifest::Poly;
+        let one = || Poly::constant(1);
+        k.gpu = Some(match kernel.threads {
+            // A block kernel: one block of its threads per iteration (shared arrays are
+            // static, in the PTX).
+            Some(t) => tnc_runtime::manifest::GpuLaunch {
+                block: [t, 1, 1],
+                grid: [k.extent.clone(), one(), one()],
+                shared_bytes: 0,
+            },
+            // One thread per iteration: grid = ceil(range / block).
+            None => tnc_runtime::manifest::GpuLaunch {
+                block: [backend::GPU_BLOCK, 1, 1],
+                grid: [Poly::ceil_div(k.extent.clone(), backend::GPU_BLOCK as i64), one(), one()],
+                shared_bytes: 0,
+            },
         });
     }
     let init_bytes = baked_bytes(out, &baked)?;

@@ -234,6 +234,29 @@ fn ptx_has_the_gpu_mapping() {
     assert!(ptx.contains("sqrt.rn.f32") && ptx.contains("div.rn.f32"), "{ptx}");
 }
 
+/// A block kernel (threads of a block sharing an array, with barriers): its shared array
+/// is static shared memory of the size it declares, barriers are `bar.sync`, the block
+/// index is `ctaid.x` and the thread `tid.x`; it assembles for sm_80 and sm_90 without
+/// spills. On a CPU target it is an error.
+#[test]
+fn block_kernels_use_shared_memory_and_barriers() {
+    let k = block_row_sum(BlockBug::None);
+    let target = GpuTarget::parse("sm80").unwrap();
+    let ptx = backend::emit_ptx(std::slice::from_ref(&k), &target).unwrap();
+    for s in [".shared .align 16 .b8", "bar.sync", "%ctaid.x", "%tid.x", "ld.shared.f32", "st.shared.f32"] {
+        assert!(ptx.contains(s), "missing `{s}`:\n{ptx}");
+    }
+    assert!(!ptx.contains("%ntid.x"), "a block kernel does not scale the block index:\n{ptx}");
+    for (arch, stats) in check_kernels(std::slice::from_ref(&k), "block kernel", &["sm80", "sm90"]) {
+        let s = &stats[0];
+        assert_eq!(s.shared, 32 * 4, "{arch}: {s:?}");
+        assert_eq!((s.spill_stores, s.spill_loads), (0, 0), "{arch}: {s:?}");
+    }
+    let cpu = backend::CpuTarget::parse("x86-64-v3").unwrap();
+    let e = backend::emit_llvm_ir(&[k], &cpu, false).unwrap_err();
+    assert!(e.contains("runs on GPUs only"), "{e}");
+}
+
 #[test]
 fn unknown_gpu_targets_are_rejected() {
     for bad in ["sm100", "sm100a", "sm120", "sm_90", "sm75", "sm70", "x86-64-v3", "gfx90a"] {

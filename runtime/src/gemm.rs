@@ -88,7 +88,8 @@ impl Shape {
         if self.extent() == 0 || self.n == 0 {
             return Ok(());
         }
-        let last = |view: View, rows: i64, cols: i64, batch: &dyn Fn(&(i64, i64, i64, i64)) -> i64| -> Option<i64> {
+        type Stride = dyn Fn(&(i64, i64, i64, i64)) -> i64;
+        let last = |view: View, rows: i64, cols: i64, batch: &Stride| -> Option<i64> {
             let mut end = view.offset;
             for ax in &self.batch {
                 end = end.checked_add((ax.0 - 1).checked_mul(batch(ax))?)?;

@@ -36,26 +36,26 @@ impl Buffer {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Val {
+pub(super) enum Val {
     F(f32),
     I(i64),
     B(bool),
 }
 
 impl Val {
-    fn f(self) -> Result<f32, String> {
+    pub(super) fn f(self) -> Result<f32, String> {
         match self {
             Val::F(x) => Ok(x),
             v => Err(format!("expected an f32, got {v:?}")),
         }
     }
-    fn i(self) -> Result<i64, String> {
+    pub(super) fn i(self) -> Result<i64, String> {
         match self {
             Val::I(x) => Ok(x),
             v => Err(format!("expected an integer, got {v:?}")),
         }
     }
-    fn b(self) -> Result<bool, String> {
+    pub(super) fn b(self) -> Result<bool, String> {
         match self {
             Val::B(x) => Ok(x),
             v => Err(format!("expected a bool, got {v:?}")),
@@ -63,12 +63,14 @@ impl Val {
     }
 }
 
-struct Machine<'a> {
-    kernel: &'a Kernel,
+pub(super) struct Machine<'a> {
+    pub(super) kernel: &'a Kernel,
     buffers: &'a mut [Buffer],
     sizes: &'a [i64],
-    vars: HashMap<Var, Val>,
-    arrays: HashMap<Var, Vec<Val>>,
+    pub(super) vars: HashMap<Var, Val>,
+    pub(super) arrays: HashMap<Var, Vec<Val>>,
+    /// In a block kernel: the running thread and the block's shared memory.
+    pub(super) gpu: Option<super::gpu_exec::BlockState>,
 }
 
 /// Run iterations `begin..end` of `kernel`'s parallel loop. `sizes` holds the size
@@ -77,9 +79,12 @@ pub fn run(kernel: &Kernel, buffers: &mut [Buffer], sizes: &[i64], begin: i64, e
     if buffers.len() != kernel.buffers.len() {
         return Err(format!("kernel `{}` takes {} buffers, got {}", kernel.name, kernel.buffers.len(), buffers.len()));
     }
-    let mut m = Machine { kernel, buffers, sizes, vars: HashMap::new(), arrays: HashMap::new() };
+    let mut m = Machine { kernel, buffers, sizes, vars: HashMap::new(), arrays: HashMap::new(), gpu: None };
     if let Some(g) = &kernel.gemm {
         return m.gemm(g, begin, end).map_err(|e| format!("library kernel `{}`: {e}", kernel.name));
+    }
+    if let Some(threads) = kernel.threads {
+        return super::gpu_exec::run_blocks(&mut m, threads, begin, end);
     }
     for i in begin..end {
         m.vars.insert(kernel.index, Val::I(i));
@@ -90,7 +95,7 @@ pub fn run(kernel: &Kernel, buffers: &mut [Buffer], sizes: &[i64], begin: i64, e
 
 /// Run the whole parallel range.
 pub fn run_all(kernel: &Kernel, buffers: &mut [Buffer], sizes: &[i64]) -> Result<(), String> {
-    let mut m = Machine { kernel, buffers: &mut [], sizes, vars: HashMap::new(), arrays: HashMap::new() };
+    let mut m = Machine { kernel, buffers: &mut [], sizes, vars: HashMap::new(), arrays: HashMap::new(), gpu: None };
     let extent = m.eval(&kernel.extent)?.i()?;
     drop(m);
     run(kernel, buffers, sizes, 0, extent)
@@ -211,13 +216,14 @@ impl Machine<'_> {
         Ok(())
     }
 
-    fn eval(&mut self, e: &Expr) -> Result<Val, String> {
+    pub(super) fn eval(&mut self, e: &Expr) -> Result<Val, String> {
         Ok(match e {
             Expr::F32(x) => Val::F(*x),
             Expr::I64(i) => Val::I(*i),
             Expr::Bool(b) => Val::B(*b),
             Expr::Var(v) => *self.vars.get(v).ok_or_else(|| format!("{v} is not defined"))?,
             Expr::Size(i) => Val::I(*self.sizes.get(*i).ok_or_else(|| format!("size argument {i} is missing"))?),
+            Expr::Thread => Val::I(self.gpu.as_ref().ok_or("`thread` outside a block kernel")?.thread as i64),
             Expr::Load { buffer, index } => {
                 let i = self.eval(index)?.i()?;
                 let buf = self.buffers.get(*buffer).ok_or_else(|| format!("buffer {buffer} is missing"))?;
@@ -232,6 +238,9 @@ impl Machine<'_> {
             }
             Expr::LoadArray { array, index } => {
                 let i = self.eval(index)?.i()?;
+                if let Some(gpu) = self.gpu.as_mut().filter(|g| g.is_shared(*array)) {
+                    return gpu.read(*array, i);
+                }
                 let arr = self.arrays.get(array).ok_or_else(|| format!("array {array} is not defined"))?;
                 *usize::try_from(i)
                     .ok()
@@ -279,14 +288,14 @@ impl Machine<'_> {
         })
     }
 
-    fn block(&mut self, body: &[Stmt]) -> Result<(), String> {
+    pub(super) fn block(&mut self, body: &[Stmt]) -> Result<(), String> {
         for s in body {
             self.stmt(s)?;
         }
         Ok(())
     }
 
-    fn stmt(&mut self, s: &Stmt) -> Result<(), String> {
+    pub(super) fn stmt(&mut self, s: &Stmt) -> Result<(), String> {
         match s {
             Stmt::For { var, extent, body, .. } => {
                 let n = self.eval(extent)?.i()?;
@@ -331,6 +340,9 @@ impl Machine<'_> {
             Stmt::StoreArray { array, index, value } => {
                 let i = self.eval(index)?.i()?;
                 let v = self.eval(value)?;
+                if let Some(gpu) = self.gpu.as_mut().filter(|g| g.is_shared(*array)) {
+                    return gpu.write(*array, i, v);
+                }
                 let arr = self.arrays.get_mut(array).ok_or_else(|| format!("array {array} is not defined"))?;
                 let len = arr.len();
                 *usize::try_from(i)
@@ -344,6 +356,12 @@ impl Machine<'_> {
                 } else {
                     self.block(otherwise)?;
                 }
+            }
+            Stmt::Shared { .. } | Stmt::Barrier if self.gpu.is_some() => {
+                return Err("a shared array or barrier under thread-dependent control flow".into())
+            }
+            Stmt::Shared { .. } | Stmt::Barrier => {
+                return Err("a shared array or barrier outside a block kernel".into())
             }
         }
         Ok(())

@@ -38,9 +38,9 @@ fn max_var(stmts: &[Stmt]) -> u32 {
         m = m.max(match s {
             Stmt::For { var, body, .. } => var.0.max(max_var(body)),
             Stmt::Let { var, .. } | Stmt::Mut { var, .. } | Stmt::Assign { var, .. } => var.0,
-            Stmt::Array { var, .. } => var.0,
+            Stmt::Array { var, .. } | Stmt::Shared { var, .. } => var.0,
             Stmt::If { then, otherwise, .. } => max_var(then).max(max_var(otherwise)),
-            Stmt::Store { .. } | Stmt::StoreArray { .. } => 0,
+            Stmt::Store { .. } | Stmt::StoreArray { .. } | Stmt::Barrier => 0,
         });
     }
     m
@@ -207,7 +207,7 @@ fn subst_stmt(s: &Stmt, arrays: &HashMap<Var, Var>, col: &Expr) -> Stmt {
             then: then.iter().map(|s| subst_stmt(s, arrays, col)).collect(),
             otherwise: otherwise.iter().map(|s| subst_stmt(s, arrays, col)).collect(),
         },
-        Stmt::Array { .. } => s.clone(),
+        Stmt::Array { .. } | Stmt::Shared { .. } | Stmt::Barrier => s.clone(),
     }
 }
 
@@ -215,7 +215,7 @@ fn subst(x: &Expr, arrays: &HashMap<Var, Var>, col: &Expr) -> Expr {
     let r = |y: &Expr| Box::new(subst(y, arrays, col));
     match x {
         Expr::Var(v) if arrays.contains_key(v) => Expr::LoadArray { array: arrays[v], index: Box::new(col.clone()) },
-        Expr::Var(_) | Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Size(_) => x.clone(),
+        Expr::Var(_) | Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Size(_) | Expr::Thread => x.clone(),
         Expr::Load { buffer, index } => Expr::Load { buffer: *buffer, index: r(index) },
         Expr::LoadArray { array, index } => Expr::LoadArray { array: *array, index: r(index) },
         Expr::Unary(u, a) => Expr::Unary(*u, r(a)),
@@ -231,7 +231,7 @@ fn subst(x: &Expr, arrays: &HashMap<Var, Var>, col: &Expr) -> Expr {
 fn visit(x: &Expr, f: &mut dyn FnMut(Var)) {
     match x {
         Expr::Var(v) => f(*v),
-        Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Size(_) => {}
+        Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Size(_) | Expr::Thread => {}
         Expr::Load { index, .. } => visit(index, f),
         Expr::LoadArray { array, index } => {
             f(*array);

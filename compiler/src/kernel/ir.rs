@@ -13,6 +13,11 @@
 //! `buffers[i]` points at the i-th declared buffer; `sizes[i]` is the value of the i-th
 //! size symbol (e.g. `B`, `N`); the kernel runs the iterations `begin..end` of its top
 //! `Parallel` loop, so the runtime splits that range over threads (or, on GPUs, blocks).
+//!
+//! A block kernel (`Kernel::threads`) is the GPU's model made explicit: each iteration is
+//! a block of threads running the body together, with shared arrays and barriers. The
+//! GPU-semantics executor (`gpu_exec.rs`) runs them on the CPU and checks their use of
+//! shared memory.
 
 use std::fmt;
 
@@ -116,6 +121,8 @@ pub enum Expr {
     Var(Var),
     /// The run-time value of size symbol `i` (an I64).
     Size(usize),
+    /// The thread's index within its block, `0..threads` (an I64; block kernels only).
+    Thread,
     Load {
         buffer: usize,
         index: Box<Expr>,
@@ -197,6 +204,18 @@ pub enum Stmt {
         then: Vec<Stmt>,
         otherwise: Vec<Stmt>,
     },
+    /// A block's shared array of `len` elements (block kernels only, at the top of the
+    /// body): one per block, read and written by all its threads with `LoadArray` and
+    /// `StoreArray`, not initialized.
+    Shared {
+        var: Var,
+        elem: Scalar,
+        len: usize,
+    },
+    /// Every thread of the block waits here until all have arrived, and the shared
+    /// writes before it are visible after it (block kernels only; every thread of the
+    /// block must reach the same barriers, so not under thread-dependent control flow).
+    Barrier,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -216,6 +235,11 @@ pub struct Kernel {
     /// A library node (see `gemm.rs`): the body is empty, back ends emit no code, and the
     /// runtime calls a GEMM library on buffer slots 0 (A), 1 (B), 2 (C).
     pub gemm: Option<super::gemm::Gemm>,
+    /// A block kernel (GPU schedules): `index` numbers blocks, and `body` runs once for
+    /// every thread `Expr::Thread` in `0..threads` of the block, which may share arrays
+    /// (`Stmt::Shared`) and synchronize (`Stmt::Barrier`). `None`: each iteration is
+    /// independent (one thread per iteration on GPUs).
+    pub threads: Option<u32>,
 }
 
 impl fmt::Display for Var {

@@ -4,6 +4,7 @@
 
 pub mod exec;
 pub mod gemm;
+pub mod gpu_exec;
 pub mod interchange;
 pub mod ir;
 pub mod print;

@@ -26,6 +26,7 @@ pub fn expr(k: &Kernel, e: &Expr) -> String {
         Expr::I64(i) => format!("{i}"),
         Expr::Bool(b) => format!("{b}"),
         Expr::Var(v) => format!("{v}"),
+        Expr::Thread => "thread".to_string(),
         Expr::Size(i) => {
             k.sizes.get(*i).or_else(|| k.scalars.get(*i - k.sizes.len())).cloned().unwrap_or_else(|| format!("size{i}"))
         }
@@ -96,6 +97,12 @@ fn stmts(k: &Kernel, body: &[Stmt], depth: usize, out: &mut String) {
             Stmt::StoreArray { array, index, value } => {
                 let _ = writeln!(out, "{pad}{array}[{}] = {}", expr(k, index), expr(k, value));
             }
+            Stmt::Shared { var, elem, len } => {
+                let _ = writeln!(out, "{pad}shared {var}: [{}; {len}]", scalar(*elem));
+            }
+            Stmt::Barrier => {
+                let _ = writeln!(out, "{pad}barrier");
+            }
             Stmt::If { cond, then, otherwise } => {
                 let _ = writeln!(out, "{pad}if {} {{", expr(k, cond));
                 stmts(k, then, depth + 1, out);
@@ -135,7 +142,14 @@ pub fn to_text(k: &Kernel) -> String {
         s.push_str("}\n");
         return s;
     }
-    let _ = writeln!(s, "  parallel {} in 0..{} {{", k.index, expr(k, &k.extent));
+    match k.threads {
+        Some(t) => {
+            let _ = writeln!(s, "  parallel block {} in 0..{}, threads 0..{t} {{", k.index, expr(k, &k.extent));
+        }
+        None => {
+            let _ = writeln!(s, "  parallel {} in 0..{} {{", k.index, expr(k, &k.extent));
+        }
+    }
     stmts(k, &k.body, 2, &mut s);
     s.push_str("  }\n}\n");
     s

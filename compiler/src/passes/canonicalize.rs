@@ -310,7 +310,11 @@ fn reassociate(g: &mut Graph, n: NodeId) -> Option<NodeId> {
         let mut taken: Vec<u8> = spec.inputs.iter().flatten().chain(&spec.output).copied().collect();
         let inner_inputs = inline_letters(&inner, &spec.inputs[k], &mut taken)?;
         let xs = g.operands(x);
-        let three = [(xs[0], inner_inputs[0].clone()), (xs[1], inner_inputs[1].clone()), (ops[1 - k], spec.inputs[1 - k].clone())];
+        let three = [
+            (xs[0], inner_inputs[0].clone()),
+            (xs[1], inner_inputs[1].clone()),
+            (ops[1 - k], spec.inputs[1 - k].clone()),
+        ];
         let mut extent: Vec<(u8, f64)> = Vec::new();
         for (node, letters) in &three {
             for (l, d) in letters.iter().zip(&g.ty(*node).shape) {
@@ -338,9 +342,15 @@ fn reassociate(g: &mut Graph, n: NodeId) -> Option<NodeId> {
             return None;
         }
         let (i, j, l) = best.2;
-        let pair_spec = normalize_spec(&EinsumSpec { inputs: vec![three[i].1.clone(), three[j].1.clone()], output: best.3.clone() });
+        let pair_spec = normalize_spec(&EinsumSpec {
+            inputs: vec![three[i].1.clone(), three[j].1.clone()],
+            output: best.3.clone(),
+        });
         let pair = add_like(g, n, Op::Einsum(pair_spec), &[three[i].0, three[j].0]).ok()?;
-        let outer = normalize_spec(&EinsumSpec { inputs: vec![best.3.clone(), three[l].1.clone()], output: spec.output.clone() });
+        let outer = normalize_spec(&EinsumSpec {
+            inputs: vec![best.3.clone(), three[l].1.clone()],
+            output: spec.output.clone(),
+        });
         return add_like(g, n, Op::Einsum(outer), &[pair, three[l].0]).ok();
     }
     None

@@ -214,7 +214,7 @@ pub fn kernels(
         // dominates (a loss near zero keeps its relative precision).
         CeOp::Loss => {
             let lse = lse.ok_or("the loss needs the logsumexp")?.0;
-            sink.kernel(|lw| per_token(lw, &token_count, [lse, zy], out, |l, z| sub(l, z), name.to_string()))
+            sink.kernel(|lw| per_token(lw, &token_count, [lse, zy], out, sub, name.to_string()))
         }
     }
 }

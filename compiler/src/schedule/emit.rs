@@ -234,7 +234,7 @@ impl Emitter {
 pub fn visit_vars(e: &Expr, f: &mut dyn FnMut(Var)) {
     match e {
         Expr::Var(v) => f(*v),
-        Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Size(_) => {}
+        Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Size(_) | Expr::Thread => {}
         Expr::Load { index, .. } | Expr::LoadArray { index, .. } => visit_vars(index, f),
         Expr::Unary(_, a) | Expr::Cast(_, a) => visit_vars(a, f),
         Expr::Binary(_, a, b) => {

@@ -149,9 +149,12 @@ fn sum_merges(a: &Operand, b: &Operand, c_letters: &[u8], extent: &HashMap<u8, D
         .is_some_and(|cl| merged_from(&cl.k, extent, &[&strides_of(a), &strides_of(b)]) == 0)
 }
 
-/// The einsum's operand letters and each letter's extent, for a two-operand f32 einsum
-/// that sums over at least one letter of both operands.
-fn einsum_letters(g: &Graph, n: NodeId) -> Option<(Vec<Vec<u8>>, Vec<u8>, HashMap<u8, Dim>)> {
+/// An einsum's operand letters, output letters and each letter's extent.
+type Letters = (Vec<Vec<u8>>, Vec<u8>, HashMap<u8, Dim>);
+
+/// The einsum's [`Letters`], for a two-operand f32 einsum that sums over at least one
+/// letter of both operands.
+fn einsum_letters(g: &Graph, n: NodeId) -> Option<Letters> {
     let Op::Einsum(spec) = &g.node(n).op else { return None };
     let operands = g.operands(n);
     if spec.inputs.len() != 2 || operands.iter().chain([&n]).any(|&x| g.ty(x).dtype != DType::F32) {
@@ -294,6 +297,7 @@ pub fn library(
         extent: range,
         body: Vec::new(),
         gemm: Some(gemm),
+        threads: None,
     };
     sink.out.add(kernel, vec![a.layout.buffer, b.layout.buffer, c.layout.buffer], sink.entry);
     Ok(())

@@ -541,6 +541,7 @@ pub(crate) fn finish(lw: &mut Lowering, name: String, extent: Expr) -> Result<(K
             extent,
             body,
             gemm: None,
+            threads: None,
         },
         bindings,
     ))

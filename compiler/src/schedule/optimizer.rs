@@ -139,6 +139,7 @@ fn kernel(
         extent: Expr::I64(extent),
         body,
         gemm: None,
+        threads: None,
     }
 }
 

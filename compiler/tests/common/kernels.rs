@@ -75,6 +75,7 @@ pub fn kernel(
         extent,
         body,
         gemm: None,
+        threads: None,
     }
 }
 
@@ -379,4 +380,67 @@ pub fn dropout_kernel() -> Kernel {
             store(2, add(mul(var(0), i(4)), i(3)), keep(7, var(0), 1.0)),
         ],
     )
+}
+
+// ---- block kernels (GPU schedules) ----
+
+/// How [`block_row_sum`] is broken, for the GPU-semantics executor's checks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BlockBug {
+    None,
+    /// The barriers between the reduction's stages are left out (a race).
+    NoBarriers,
+    /// The shared array is twice as long and the second half is read unwritten.
+    ReadsUnwritten,
+    /// A barrier inside `if thread < 16` (not every thread reaches it).
+    DivergentBarrier,
+}
+
+/// `out[r] = Σ_c x[r, c]` for rows of 64 columns: one block of 32 threads per row, each
+/// thread adding two columns into a shared array, then a tree reduction with a barrier
+/// after each stage.
+pub fn block_row_sum(bug: BlockBug) -> Kernel {
+    let (row, s) = (0u32, 10u32);
+    let thread = || Expr::Thread;
+    let len = if bug == BlockBug::ReadsUnwritten { 64 } else { 32 };
+    let mut body = vec![
+        Stmt::Shared { var: v(s), elem: Scalar::F32, len },
+        let_(1, mul(var(row), i(64))),
+        Stmt::StoreArray {
+            array: v(s),
+            index: thread(),
+            value: add(ld(0, add(var(1), thread())), ld(0, add(var(1), add(thread(), i(32))))),
+        },
+        Stmt::Barrier,
+    ];
+    for stride in [16, 8, 4, 2, 1] {
+        let partner = if bug == BlockBug::ReadsUnwritten && stride == 16 { 32 } else { stride };
+        let mut then = vec![Stmt::StoreArray {
+            array: v(s),
+            index: thread(),
+            value: add(lda(s, thread()), lda(s, add(thread(), i(partner)))),
+        }];
+        if bug == BlockBug::DivergentBarrier && stride == 16 {
+            then.push(Stmt::Barrier);
+        }
+        body.push(Stmt::If { cond: bin(Binary::Lt, thread(), i(stride)), then, otherwise: vec![] });
+        if bug != BlockBug::NoBarriers {
+            body.push(Stmt::Barrier);
+        }
+    }
+    body.push(Stmt::If {
+        cond: bin(Binary::Eq, thread(), i(0)),
+        then: vec![store(1, var(row), lda(s, i(0)))],
+        otherwise: vec![],
+    });
+    let mut k = kernel(
+        "block_row_sum",
+        vec![buf("x", Elem::F32, Access::Read), buf("out", Elem::F32, Access::Write)],
+        &["R"],
+        &[],
+        size(0),
+        body,
+    );
+    k.threads = Some(32);
+    k
 }

@@ -136,6 +136,8 @@ struct Fx<'a, 'ctx> {
     sizes: Vec<IntValue<'ctx>>,
     vars: HashMap<Var, (PointerValue<'ctx>, Ty)>,
     arrays: HashMap<Var, (PointerValue<'ctx>, Ty, usize)>,
+    /// `Expr::Thread` in a block kernel: `tid.x`.
+    thread: Option<IntValue<'ctx>>,
 }
 
 /// Append `kernel` to `module` as an external function named `kernel.name`.
@@ -183,6 +185,7 @@ pub fn write_kernel<'ctx>(
         sizes: vec![],
         vars: HashMap::new(),
         arrays: HashMap::new(),
+        thread: None,
     };
     match fx.write() {
         Ok(()) => Ok(func),
@@ -282,7 +285,12 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
         let begin = self.func.get_nth_param(2).unwrap().into_int_value();
         let end = self.func.get_nth_param(3).unwrap().into_int_value();
         let index = k.index;
-        if gpu {
+        if k.threads.is_some() && !gpu {
+            return Err("a block kernel (threads, shared arrays, barriers) runs on GPUs only".into());
+        }
+        if k.threads.is_some() {
+            self.emit_block(index, begin, end, &k.body)?;
+        } else if gpu {
             self.emit_thread(index, begin, end, &k.body)?;
         } else {
             self.emit_loop(index, begin, end, None, &k.body)?;
@@ -325,6 +333,37 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
         let first = self.b.build_int_mul(block, width, "").map_err(be)?;
         let offset = self.b.build_int_add(first, thread, "").map_err(be)?;
         let iv = self.b.build_int_add(begin, offset, &var.to_string()).map_err(be)?;
+        let body_bb = self.ctx.append_basic_block(self.func, &format!("{var}.body"));
+        let exit = self.ctx.append_basic_block(self.func, &format!("{var}.exit"));
+        let inside = self.b.build_int_compare(IntPredicate::SLT, iv, end, "").map_err(be)?;
+        self.b.build_conditional_branch(inside, body_bb, exit).map_err(be)?;
+        self.b.position_at_end(body_bb);
+        self.b.build_store(slot, iv).map_err(be)?;
+        self.block(body)?;
+        self.b.build_unconditional_branch(exit).map_err(be)?;
+        self.b.position_at_end(exit);
+        Ok(())
+    }
+
+    /// A block kernel: block `var = begin + ctaid.x` (one block per iteration, every
+    /// thread of a block past `end` leaves together, so barriers stay uniform), its
+    /// threads `tid.x`.
+    fn emit_block(
+        &mut self,
+        var: Var,
+        begin: IntValue<'ctx>,
+        end: IntValue<'ctx>,
+        body: &[Stmt],
+    ) -> Result<(), String> {
+        let slot = self.var_slot(var, Ty::I)?;
+        let i64t = self.ctx.i64_type();
+        let sreg = |name: &str| -> Result<IntValue<'ctx>, String> {
+            let v = self.call(&format!("llvm.nvvm.read.ptx.sreg.{name}"), &[], &[])?.into_int_value();
+            self.b.build_int_z_extend(v, i64t, name).map_err(be)
+        };
+        let (block, thread) = (sreg("ctaid.x")?, sreg("tid.x")?);
+        self.thread = Some(thread);
+        let iv = self.b.build_int_add(begin, block, &var.to_string()).map_err(be)?;
         let body_bb = self.ctx.append_basic_block(self.func, &format!("{var}.body"));
         let exit = self.ctx.append_basic_block(self.func, &format!("{var}.exit"));
         let inside = self.b.build_int_compare(IntPredicate::SLT, iv, end, "").map_err(be)?;
@@ -479,6 +518,29 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
                 let bytes = ety.size_of().unwrap().const_mul(self.i64c(*len as i64));
                 self.b.build_memset(p, 8, self.ctx.i8_type().const_zero(), bytes).map_err(be)?;
             }
+            Stmt::Shared { .. } | Stmt::Barrier if self.thread.is_none() => {
+                return Err("a shared array or barrier outside a block kernel".into());
+            }
+            Stmt::Shared { var, elem, len } => {
+                let t = Ty::of(*elem);
+                let aty =
+                    self.array_elem_ty(t).array_type(u32::try_from(*len).map_err(|_| format!("{var} is too long"))?);
+                if self.arrays.contains_key(var) {
+                    return Err(format!("shared array {var} is declared twice"));
+                }
+                let name = format!("{}.{var}", self.kernel.name);
+                let g = self.module.add_global(aty, Some(AddressSpace::from(3u16)), &name);
+                g.set_linkage(Linkage::Internal);
+                g.set_initializer(&aty.get_undef());
+                g.set_alignment(16);
+                self.arrays.insert(*var, (g.as_pointer_value(), t, *len));
+            }
+            Stmt::Barrier => {
+                let f = Intrinsic::find("llvm.nvvm.barrier0")
+                    .and_then(|i| i.get_declaration(self.module, &[]))
+                    .ok_or("LLVM has no intrinsic `llvm.nvvm.barrier0`")?;
+                self.b.build_call(f, &[], "").map_err(be)?;
+            }
             Stmt::StoreArray { array, index, value } => {
                 let (p, t, _) = self.array(*array)?;
                 let i = self.int(index, &format!("an index of {array}"))?;
@@ -544,7 +606,7 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
     /// unless chosen).
     fn may_trap(e: &Expr) -> bool {
         match e {
-            Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Var(_) | Expr::Size(_) => false,
+            Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Var(_) | Expr::Size(_) | Expr::Thread => false,
             Expr::Load { .. } | Expr::LoadArray { .. } => true,
             Expr::Binary(Binary::Div | Binary::Rem, _, _) => true,
             Expr::Unary(_, a) | Expr::Cast(_, a) => Self::may_trap(a),
@@ -566,6 +628,7 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
                 let &(p, t) = self.vars.get(v).ok_or_else(|| format!("{v} is used before it is defined"))?;
                 (b.build_load(self.llvm_ty(t), p, &v.to_string()).map_err(be)?, t)
             }
+            Expr::Thread => (self.thread.ok_or("`thread` outside a block kernel")?.into(), Ty::I),
             Expr::Size(i) => match self.sizes.get(*i) {
                 Some(&v) => (v.into(), Ty::I),
                 None => {

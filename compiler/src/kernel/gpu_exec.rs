@@ -1,0 +1,223 @@
+//! The GPU-semantics executor: runs block kernels (`Kernel::threads`) on the CPU the way
+//! a GPU may, and reports what a GPU would silently get wrong. Used by the reference
+//! executor ([`super::exec::run`]) for every block kernel, so schedules for GPUs are tested
+//! on machines without one.
+//!
+//! Each block runs its threads together, statement by statement, in a random order
+//! (seeded by the block index, so runs are reproducible). A statement with no barrier
+//! inside runs to its end on one thread before the next thread starts — one of the
+//! interleavings a GPU allows between barriers. Structured statements that contain a
+//! barrier (a loop, an `if`) must be uniform across the block, and are stepped through
+//! by all threads together.
+//!
+//! Shared memory is checked element by element:
+//! - an index outside the array is an error;
+//! - reading an element no thread has written is an error (shared memory is not
+//!   initialized on a GPU);
+//! - two threads touching one element between the same two barriers, one of them
+//!   writing, is a race and an error (the missing-barrier bug).
+//!
+//! Global memory is checked for bounds by the reference executor, as for every kernel.
+
+use super::exec::{Machine, Val};
+use super::ir::{Stmt, Var};
+use std::collections::HashMap;
+
+/// One shared array of a block.
+struct SharedArray {
+    values: Vec<Option<Val>>,
+    /// The last write of each element: (thread, epoch).
+    written: Vec<Option<(u32, u64)>>,
+    /// Threads that read each element in the current epoch.
+    read: Vec<Vec<(u32, u64)>>,
+}
+
+/// A block's shared memory and the thread now running.
+pub(super) struct BlockState {
+    pub(super) thread: u32,
+    /// Barriers passed so far: accesses in one epoch are not ordered between threads.
+    epoch: u64,
+    shared: HashMap<Var, SharedArray>,
+}
+
+impl BlockState {
+    pub(super) fn is_shared(&self, array: Var) -> bool {
+        self.shared.contains_key(&array)
+    }
+
+    fn element(&mut self, array: Var, i: i64) -> Result<(&mut SharedArray, usize), String> {
+        let a = self.shared.get_mut(&array).ok_or_else(|| format!("shared array {array} is not declared"))?;
+        let len = a.values.len();
+        let at = usize::try_from(i).ok().filter(|&i| i < len);
+        let at = at.ok_or_else(|| format!("shared {array}[{i}] is out of bounds (length {len})"))?;
+        Ok((a, at))
+    }
+
+    pub(super) fn read(&mut self, array: Var, i: i64) -> Result<Val, String> {
+        let (thread, epoch) = (self.thread, self.epoch);
+        let (a, at) = self.element(array, i)?;
+        let v = a.values[at].ok_or_else(|| {
+            format!("thread {thread} reads shared {array}[{i}], which no thread has written (it is uninitialized)")
+        })?;
+        if let Some((w, e)) = a.written[at] {
+            if w != thread && e == epoch {
+                return Err(format!(
+                    "race: thread {thread} reads shared {array}[{i}], written by thread {w} with no barrier between"
+                ));
+            }
+        }
+        a.read[at].retain(|&(_, e)| e == epoch);
+        a.read[at].push((thread, epoch));
+        Ok(v)
+    }
+
+    pub(super) fn write(&mut self, array: Var, i: i64, v: Val) -> Result<(), String> {
+        let (thread, epoch) = (self.thread, self.epoch);
+        let (a, at) = self.element(array, i)?;
+        if let Some((w, e)) = a.written[at] {
+            if w != thread && e == epoch {
+                return Err(format!(
+                    "race: threads {w} and {thread} write shared {array}[{i}] with no barrier between"
+                ));
+            }
+        }
+        if let Some(&(r, _)) = a.read[at].iter().find(|&&(r, e)| r != thread && e == epoch) {
+            return Err(format!(
+                "race: thread {thread} writes shared {array}[{i}], read by thread {r} with no barrier between"
+            ));
+        }
+        a.values[at] = Some(v);
+        a.written[at] = Some((thread, epoch));
+        Ok(())
+    }
+}
+
+/// Each thread's own variables and local arrays.
+#[derive(Default)]
+struct ThreadState {
+    vars: HashMap<Var, Val>,
+    arrays: HashMap<Var, Vec<Val>>,
+}
+
+/// A small deterministic generator for thread orders (xorshift64*).
+struct Order(u64);
+
+impl Order {
+    fn shuffled(&mut self, threads: &[u32]) -> Vec<u32> {
+        let mut v = threads.to_vec();
+        for i in (1..v.len()).rev() {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let r = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+            v.swap(i, (r % (i as u64 + 1)) as usize);
+        }
+        v
+    }
+}
+
+/// Run blocks `begin..end` of a block kernel with `threads` threads each.
+pub(super) fn run_blocks(m: &mut Machine, threads: u32, begin: i64, end: i64) -> Result<(), String> {
+    let kernel = m.kernel;
+    let name = &kernel.name;
+    for block in begin..end {
+        let mut states: Vec<ThreadState> = (0..threads).map(|_| ThreadState::default()).collect();
+        for s in &mut states {
+            s.vars.insert(kernel.index, Val::I(block));
+        }
+        m.gpu = Some(BlockState { thread: 0, epoch: 0, shared: HashMap::new() });
+        let mut run = Block { states, order: Order(0x9e37_79b9_7f4a_7c15 ^ (block as u64).wrapping_mul(0x1000_0001)) };
+        let all: Vec<u32> = (0..threads).collect();
+        run.stmts(m, &kernel.body, &all).map_err(|e| format!("kernel `{name}`, block {block}: {e}"))?;
+    }
+    m.gpu = None;
+    Ok(())
+}
+
+struct Block {
+    states: Vec<ThreadState>,
+    order: Order,
+}
+
+fn has_barrier(body: &[Stmt]) -> bool {
+    body.iter().any(|s| match s {
+        Stmt::Barrier => true,
+        Stmt::For { body, .. } => has_barrier(body),
+        Stmt::If { then, otherwise, .. } => has_barrier(then) || has_barrier(otherwise),
+        _ => false,
+    })
+}
+
+impl Block {
+    /// Run `f` on the machine as thread `t` (its variables and arrays swapped in).
+    fn as_thread<R>(&mut self, m: &mut Machine, t: u32, f: impl FnOnce(&mut Machine) -> R) -> R {
+        let s = &mut self.states[t as usize];
+        std::mem::swap(&mut m.vars, &mut s.vars);
+        std::mem::swap(&mut m.arrays, &mut s.arrays);
+        m.gpu.as_mut().expect("in a block").thread = t;
+        let r = f(m);
+        let s = &mut self.states[t as usize];
+        std::mem::swap(&mut m.vars, &mut s.vars);
+        std::mem::swap(&mut m.arrays, &mut s.arrays);
+        r
+    }
+
+    /// A value every thread of `threads` must agree on (a barrier's control flow).
+    fn uniform(&mut self, m: &mut Machine, threads: &[u32], what: &str, e: &super::ir::Expr) -> Result<Val, String> {
+        let mut seen: Option<Val> = None;
+        for &t in threads {
+            let v = self.as_thread(m, t, |m| m.eval(e))?;
+            match seen {
+                Some(s) if s != v => {
+                    return Err(format!("{what} around a barrier differs between threads ({s:?} and {v:?})"))
+                }
+                _ => seen = Some(v),
+            }
+        }
+        seen.ok_or_else(|| "a block with no threads".to_string())
+    }
+
+    fn stmts(&mut self, m: &mut Machine, body: &[Stmt], threads: &[u32]) -> Result<(), String> {
+        let count = self.states.len();
+        for s in body {
+            match s {
+                Stmt::Barrier | Stmt::Shared { .. } if threads.len() != count => {
+                    return Err(format!("a barrier or shared array reached by {} of {count} threads", threads.len()))
+                }
+                Stmt::Barrier => m.gpu.as_mut().expect("in a block").epoch += 1,
+                Stmt::Shared { var, len, .. } => {
+                    let gpu = m.gpu.as_mut().expect("in a block");
+                    if !gpu.shared.contains_key(var) {
+                        gpu.shared.insert(
+                            *var,
+                            SharedArray {
+                                values: vec![None; *len],
+                                written: vec![None; *len],
+                                read: vec![Vec::new(); *len],
+                            },
+                        );
+                    }
+                }
+                Stmt::For { var, extent, body, .. } if has_barrier(body) => {
+                    let n = self.uniform(m, threads, "a loop's extent", extent)?.i()?;
+                    for i in 0..n {
+                        for &t in threads {
+                            self.states[t as usize].vars.insert(*var, Val::I(i));
+                        }
+                        self.stmts(m, body, threads)?;
+                    }
+                }
+                Stmt::If { cond, then, otherwise } if has_barrier(then) || has_barrier(otherwise) => {
+                    let c = self.uniform(m, threads, "an `if` condition", cond)?.b()?;
+                    self.stmts(m, if c { then } else { otherwise }, threads)?;
+                }
+                _ => {
+                    for t in self.order.shuffled(threads) {
+                        self.as_thread(m, t, |m| m.stmt(s)).map_err(|e| format!("thread {t}: {e}"))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
