@@ -40,13 +40,18 @@ fn check_with(
     lengths: &[(usize, usize)],
     opts: &schedule::ScheduleOptions,
 ) -> schedule::Schedule {
-    let g = tiny(path);
-    let reference = passes::differentiate_loss(g.clone()).unwrap();
-    let optimized = optimize(g, recognize);
+    let optimized = optimize(tiny(path), recognize);
     let plan = fusion::fuse(&optimized).unwrap();
     let mem = memory::plan_memory(&optimized, &plan).unwrap();
     let s =
         schedule::schedule_with(&optimized, &plan, &mem, opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    check_schedule(path, &s, lengths, &format!("recognize: {recognize}"));
+    s
+}
+
+/// Schedule `s` of the model at `path` against the interpreter at each (B, N).
+fn check_schedule(path: &std::path::Path, s: &schedule::Schedule, lengths: &[(usize, usize)], what: &str) {
+    let reference = passes::differentiate_loss(tiny(path)).unwrap();
     let params = perturbed_params(&reference, 5);
     let vocab =
         reference.params.iter().find(|p| p.name == "embedding").unwrap().ty.shape[0].as_const().unwrap() as usize;
@@ -58,7 +63,7 @@ fn check_with(
         let opts = EvalOptions { dropout, ..EvalOptions::default() };
         let want = evaluate(&reference, &inputs, &params, &opts).unwrap().outputs(&reference);
         let sizes = HashMap::from([("B".to_string(), b as i64), ("N".to_string(), n as i64)]);
-        let got = schedule::run::run(&s, &sizes, &[tokens], &params, dropout)
+        let got = schedule::run::run(s, &sizes, &[tokens], &params, dropout)
             .unwrap_or_else(|e| panic!("{} B={b} N={n}: {e}", path.display()));
         for (name, w) in want {
             let mut t: Tensor = got[&name].clone();
@@ -67,14 +72,23 @@ fn check_with(
             // Relative L2 within 1e-4, or (for gradients that are nearly zero, where a
             // relative error means nothing) every element within 1e-6.
             let tiny = c.max_abs < 1e-6; // within f32 resolution of every element
-            assert!(
-                c.within(1e-4) || (tiny && !c.has_nan),
-                "{} (recognize: {recognize}) B={b} N={n} `{name}`: {c:?}",
-                path.display()
-            );
+            assert!(c.within(1e-4) || (tiny && !c.has_nan), "{} ({what}) B={b} N={n} `{name}`: {c:?}", path.display());
         }
     }
-    s
+}
+
+/// GPU schedules: row kernels become block kernels (`kernel/blocks.rs`), which the
+/// reference executor runs in the GPU-semantics executor (threads in random order, shared
+/// memory and barrier checks); every model still matches.
+#[test]
+fn gpu_block_schedules_match_the_interpreter() {
+    for path in model_files() {
+        let mut s = check_with(&path, true, &[], &schedule::ScheduleOptions::default());
+        s.kernels = s.kernels.iter().map(tnc_compiler::kernel::blocks::coalesce_rows).collect();
+        let blocks = s.kernels.iter().filter(|k| k.threads.is_some()).count();
+        assert!(blocks >= 3, "{}: {blocks} block kernels", path.display());
+        check_schedule(&path, &s, &[(3, 6), (2, 13)], "GPU blocks");
+    }
 }
 
 /// CPU schedules hand contractions to the GEMM library (`schedule/gemm.rs`): the

@@ -104,7 +104,9 @@ fn compile_gpu(
 ) -> Result<Compiled, String> {
     let emit = opts.emit;
     let gpu = GpuTarget::parse(target)?;
-    let (graph, plan, memory, sched) = lower(graph, opts.train, &ScheduleOptions::default(), &mut stages)?;
+    let (graph, plan, memory, mut sched) = lower(graph, opts.train, &ScheduleOptions::default(), &mut stages)?;
+    // GPUs only: row kernels become blocks whose threads share each row (coalesced).
+    sched.kernels = sched.kernels.iter().map(crate::kernel::blocks::coalesce_rows).collect();
     let ptx = timed(&mut stages, "llvm (nvptx)", || backend::emit_ptx(&sched.kernels, &gpu))?;
     let mut extra_files = Vec::new();
     if emit.llvm {

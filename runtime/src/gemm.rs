@@ -263,18 +263,15 @@ mod tests {
         }
     }
 
+    /// One product (no batch) of sizes (m, n, k), views (offset, rows, cols) of A, B, C.
+    fn product((m, n, k): (i64, i64, i64), views: [(i64, i64, i64); 3]) -> Shape {
+        let [a, b, c] = views.map(|(offset, rows, cols)| View { offset, rows, cols });
+        Shape { batch: vec![], m, n, k, a, b, c, accumulate: false }
+    }
+
     #[test]
     fn out_of_bounds_views_are_errors() {
-        let s = Shape {
-            batch: vec![],
-            m: 2,
-            n: 2,
-            k: 2,
-            a: View { offset: 0, rows: 2, cols: 1 },
-            b: View { offset: 1, rows: 2, cols: 1 },
-            c: View { offset: 0, rows: 2, cols: 1 },
-            accumulate: false,
-        };
+        let s = product((2, 2, 2), [(0, 2, 1), (1, 2, 1), (0, 2, 1)]);
         assert!(s.check([4, 5, 4]).is_ok());
         let err = s.check([4, 4, 4]).unwrap_err();
         assert!(err.contains("matrix B"), "{err}");
@@ -282,16 +279,7 @@ mod tests {
 
     #[test]
     fn an_empty_sum_writes_zeros() {
-        let s = Shape {
-            batch: vec![],
-            m: 2,
-            n: 3,
-            k: 0,
-            a: View { offset: 0, rows: 0, cols: 1 },
-            b: View { offset: 0, rows: 3, cols: 1 },
-            c: View { offset: 0, rows: 3, cols: 1 },
-            accumulate: false,
-        };
+        let s = product((2, 3, 0), [(0, 0, 1), (0, 3, 1), (0, 3, 1)]);
         s.check([0, 0, 6]).unwrap();
         let mut c = vec![f32::NAN; 6];
         unsafe { run(&s, [].as_ptr(), [].as_ptr(), c.as_mut_ptr(), 0, 2) };

@@ -2,6 +2,7 @@
 //! it may contain (`gemm.rs`), its text form, and a reference executor used to test
 //! schedules without a code generator.
 
+pub mod blocks;
 pub mod exec;
 pub mod gemm;
 pub mod gpu_exec;

@@ -288,10 +288,8 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
         if k.threads.is_some() && !gpu {
             return Err("a block kernel (threads, shared arrays, barriers) runs on GPUs only".into());
         }
-        if k.threads.is_some() {
-            self.emit_block(index, begin, end, &k.body)?;
-        } else if gpu {
-            self.emit_thread(index, begin, end, &k.body)?;
+        if gpu {
+            self.emit_gpu_index(index, begin, end, k.threads.is_some(), &k.body)?;
         } else {
             self.emit_loop(index, begin, end, None, &k.body)?;
         }
@@ -313,46 +311,17 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
         Ok(p)
     }
 
-    /// The GPU form of the parallel loop: this thread's iteration
-    /// `var = begin + ctaid.x · ntid.x + tid.x`, run when `var < end` (a launch has
-    /// `ceil((end − begin) / ntid.x)` blocks, so the last one is partly idle).
-    fn emit_thread(
+    /// The GPU form of the parallel loop, run when `var < end`:
+    /// - a thread per iteration: `var = begin + ctaid.x · ntid.x + tid.x` (a launch has
+    ///   `ceil((end − begin) / ntid.x)` blocks, so the last one is partly idle);
+    /// - a block kernel (`blocks`): `var = begin + ctaid.x`, one block per iteration, with
+    ///   `Expr::Thread = tid.x` (a block past `end` leaves whole, so barriers stay uniform).
+    fn emit_gpu_index(
         &mut self,
         var: Var,
         begin: IntValue<'ctx>,
         end: IntValue<'ctx>,
-        body: &[Stmt],
-    ) -> Result<(), String> {
-        let slot = self.var_slot(var, Ty::I)?;
-        let i64t = self.ctx.i64_type();
-        let sreg = |name: &str| -> Result<IntValue<'ctx>, String> {
-            let v = self.call(&format!("llvm.nvvm.read.ptx.sreg.{name}"), &[], &[])?.into_int_value();
-            self.b.build_int_z_extend(v, i64t, name).map_err(be)
-        };
-        let (block, width, thread) = (sreg("ctaid.x")?, sreg("ntid.x")?, sreg("tid.x")?);
-        let first = self.b.build_int_mul(block, width, "").map_err(be)?;
-        let offset = self.b.build_int_add(first, thread, "").map_err(be)?;
-        let iv = self.b.build_int_add(begin, offset, &var.to_string()).map_err(be)?;
-        let body_bb = self.ctx.append_basic_block(self.func, &format!("{var}.body"));
-        let exit = self.ctx.append_basic_block(self.func, &format!("{var}.exit"));
-        let inside = self.b.build_int_compare(IntPredicate::SLT, iv, end, "").map_err(be)?;
-        self.b.build_conditional_branch(inside, body_bb, exit).map_err(be)?;
-        self.b.position_at_end(body_bb);
-        self.b.build_store(slot, iv).map_err(be)?;
-        self.block(body)?;
-        self.b.build_unconditional_branch(exit).map_err(be)?;
-        self.b.position_at_end(exit);
-        Ok(())
-    }
-
-    /// A block kernel: block `var = begin + ctaid.x` (one block per iteration, every
-    /// thread of a block past `end` leaves together, so barriers stay uniform), its
-    /// threads `tid.x`.
-    fn emit_block(
-        &mut self,
-        var: Var,
-        begin: IntValue<'ctx>,
-        end: IntValue<'ctx>,
+        blocks: bool,
         body: &[Stmt],
     ) -> Result<(), String> {
         let slot = self.var_slot(var, Ty::I)?;
@@ -362,8 +331,14 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
             self.b.build_int_z_extend(v, i64t, name).map_err(be)
         };
         let (block, thread) = (sreg("ctaid.x")?, sreg("tid.x")?);
-        self.thread = Some(thread);
-        let iv = self.b.build_int_add(begin, block, &var.to_string()).map_err(be)?;
+        let offset = if blocks {
+            self.thread = Some(thread);
+            block
+        } else {
+            let first = self.b.build_int_mul(block, sreg("ntid.x")?, "").map_err(be)?;
+            self.b.build_int_add(first, thread, "").map_err(be)?
+        };
+        let iv = self.b.build_int_add(begin, offset, &var.to_string()).map_err(be)?;
         let body_bb = self.ctx.append_basic_block(self.func, &format!("{var}.body"));
         let exit = self.ctx.append_basic_block(self.func, &format!("{var}.exit"));
         let inside = self.b.build_int_compare(IntPredicate::SLT, iv, end, "").map_err(be)?;
