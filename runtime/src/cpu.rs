@@ -515,11 +515,11 @@ impl Executor {
                     shape.check(lens).map_err(|e| {
                         ExecError::Bundle(BundleError::Invalid(format!("library kernel `{}`: {e}", k.name)))
                     })?;
-                    if shape.extent() != extent {
+                    if shape.extent() != Some(extent) {
                         return Err(ExecError::Bundle(BundleError::Invalid(format!(
                             "library kernel `{}` has extent {extent}, its GEMM covers {}",
                             k.name,
-                            shape.extent()
+                            shape.extent().unwrap_or(-1)
                         ))));
                     }
                     Work::Gemm(shape)

@@ -72,21 +72,36 @@ impl Shape {
         })
     }
 
-    /// The node's parallel extent, `batch × m`.
-    pub fn extent(&self) -> i64 {
-        self.batch.iter().map(|b| b.0).product::<i64>() * self.m
+    /// The node's parallel extent, `batch × m` (`None` on overflow).
+    pub fn extent(&self) -> Option<i64> {
+        self.batch.iter().try_fold(self.m, |acc, b| acc.checked_mul(b.0))
     }
 
     /// Checks that every element the node touches lies inside buffers of `lens` elements
-    /// (A, B, C) and that nothing is negative, so a corrupt manifest is an error, never an
-    /// access out of bounds.
+    /// (A, B, C), that nothing is negative, and that no two elements of C coincide (threads
+    /// write disjoint rows), so a corrupt manifest is an error, never an access out of
+    /// bounds or a data race.
     pub fn check(&self, lens: [usize; 3]) -> Result<(), String> {
         let sizes = [self.m, self.n, self.k];
         if sizes.iter().chain(self.batch.iter().map(|b| &b.0)).any(|&s| s < 0) {
             return Err(format!("negative GEMM size in {self:?}"));
         }
-        if self.extent() == 0 || self.n == 0 {
+        let extent = self.extent().ok_or_else(|| format!("GEMM extent overflows in {self:?}"))?;
+        if extent == 0 || self.n == 0 {
             return Ok(());
+        }
+        // C's axes (batch, rows, columns), those longer than 1, by stride: each must step
+        // past every offset the smaller ones reach, or two indices share an element.
+        let mut axes: Vec<(i64, i64)> = self.batch.iter().map(|b| (b.3, b.0)).collect();
+        axes.extend([(self.c.rows, self.m), (self.c.cols, self.n)]);
+        axes.retain(|&(_, e)| e > 1);
+        axes.sort();
+        let mut reach = 0i64;
+        for (stride, extent) in axes {
+            reach = match (stride > reach).then(|| stride.checked_mul(extent - 1)).flatten() {
+                Some(span) => reach.checked_add(span).ok_or("GEMM matrix C overflows")?,
+                None => return Err(format!("GEMM matrix C writes some elements twice in {self:?}")),
+            };
         }
         type Stride = dyn Fn(&(i64, i64, i64, i64)) -> i64;
         let last = |view: View, rows: i64, cols: i64, batch: &Stride| -> Option<i64> {
@@ -133,7 +148,7 @@ impl Shape {
             return out;
         }
         let mut i = begin.max(0);
-        let end = end.min(self.extent());
+        let end = end.min(self.extent().unwrap_or(0));
         while i < end {
             let (product, row) = (i / self.m, i % self.m);
             let stop = (end - product * self.m).min(self.m);
@@ -218,7 +233,7 @@ mod tests {
     use super::*;
 
     fn naive(s: &Shape, a: &[f32], b: &[f32], c: &mut [f32]) {
-        for blk in s.blocks(0, s.extent()) {
+        for blk in s.blocks(0, s.extent().unwrap()) {
             for r in blk.rows.0..blk.rows.1 {
                 for j in 0..s.n {
                     let mut acc = 0.0f64;
@@ -255,7 +270,7 @@ mod tests {
         let mut want = vec![0.0; (batch * m * n) as usize];
         naive(&s, &a, &b, &mut want);
         let mut got = vec![f32::NAN; want.len()];
-        for (begin, end) in [(0, 4), (4, 11), (11, s.extent())] {
+        for (begin, end) in [(0, 4), (4, 11), (11, s.extent().unwrap())] {
             unsafe { run(&s, a.as_ptr(), b.as_ptr(), got.as_mut_ptr(), begin, end) };
         }
         for (g, w) in got.iter().zip(&want) {
@@ -275,6 +290,21 @@ mod tests {
         assert!(s.check([4, 5, 4]).is_ok());
         let err = s.check([4, 4, 4]).unwrap_err();
         assert!(err.contains("matrix B"), "{err}");
+    }
+
+    #[test]
+    fn a_c_that_writes_an_element_twice_is_an_error() {
+        // Rows one element apart with two columns: rows overlap, threads would race.
+        let s = product((3, 2, 2), [(0, 2, 1), (0, 2, 1), (0, 1, 1)]);
+        let err = s.check([6, 4, 16]).unwrap_err();
+        assert!(err.contains("twice"), "{err}");
+        // A batch axis of stride 0 in C, likewise.
+        let mut t = product((2, 2, 2), [(0, 2, 1), (0, 2, 1), (0, 2, 1)]);
+        t.batch = vec![(3, 4, 0, 0)];
+        assert!(t.check([16, 4, 4]).unwrap_err().contains("twice"));
+        // Huge batch extents overflow: an error, not a panic.
+        t.batch = vec![(i64::MAX, 0, 0, 4)];
+        assert!(t.check([16, 4, 4]).unwrap_err().contains("overflows"));
     }
 
     #[test]

@@ -645,6 +645,12 @@ impl Manifest {
                         k.args.len()
                     ));
                 }
+                if k.library && (s.buffers[2] == s.buffers[0] || s.buffers[2] == s.buffers[1]) {
+                    return Err(format!(
+                        "entry `{name}` step {i} binds library kernel `{}`'s output to one of its inputs",
+                        k.name
+                    ));
+                }
                 if let Some(&b) = s.buffers.iter().find(|&&b| b >= nb) {
                     return Err(format!("entry `{name}` step {i} names buffer {b} of {nb}"));
                 }

@@ -15,9 +15,9 @@
 //! A vector loop's iterations are independent by definition (`LoopKind::Vector`), so
 //! dealing them to threads is always correct. What stays outside the vector loops (row
 //! reductions, lets) is computed by every thread, redundantly but without any
-//! communication; kernels whose statements outside vector loops write memory, or that
-//! stage values in local arrays (a thread would read another's elements), are left as
-//! they are. CPU schedules are not rewritten.
+//! communication; kernels whose statements outside vector loops write memory, that read
+//! and write one buffer, or that stage values in local arrays (a thread would read
+//! another's elements), are left as they are. CPU schedules are not rewritten.
 
 use super::ir::{Binary, Expr, Kernel, LoopKind, Stmt, Var};
 
@@ -26,7 +26,10 @@ pub const MAX_THREADS: u32 = 128;
 
 /// `k` as a block kernel when it qualifies (see the module notes), else unchanged.
 pub fn coalesce_rows(k: &Kernel) -> Kernel {
-    if k.gemm.is_some() || k.threads.is_some() || !qualifies(&k.body) {
+    // A buffer both read and written: a row reduction of one warp could read what another
+    // warp's vector loop already overwrote (there is no barrier between them).
+    let in_place = k.buffers.iter().any(|b| b.access == super::ir::Access::ReadWrite);
+    if k.gemm.is_some() || k.threads.is_some() || in_place || !qualifies(&k.body) {
         return k.clone();
     }
     let threads = threads_for(&k.body);

@@ -16,9 +16,12 @@
 //!   einsum are not reordered in the graph; CSE compares both orders instead (see
 //!   [`super::cse`]), which is all that reordering would buy;
 //! * nested einsums are flattened where the result still has at most two operands (the
-//!   IR's einsums have one or two): a one-operand einsum (a sum or transposition) feeding
-//!   an einsum, or consuming one, is merged into it — `einsum("ij,jk->ik", einsum("ijl->ij",
-//!   x), y)` is `einsum("ijl,jk->ik", x, y)` — when the inner value has no other user.
+//!   IR's einsums have one or two) and costs no more: a one-operand einsum (a transposition,
+//!   or a sum of a one-operand value) feeding an einsum or consuming one is merged into it
+//!   when the inner value has no other user — `einsum("ji,jk->ik", einsum("ij->ji", x), y)`
+//!   is `einsum("ij,jk->ik", x, y)` — but a sum is not folded into a product where it would
+//!   sum a letter of one operand alone (that costs a factor of the letter's size and is
+//!   no longer a matrix product);
 //!   Two chained two-operand contractions are three operands, more than an einsum holds:
 //!   their canonical form is the chain rebuilt in its cheapest association (FLOPs with
 //!   every size symbol at 1024; ties go to the operands' order in the graph), so that
@@ -267,7 +270,20 @@ fn inline_letters(is: &EinsumSpec, letters: &[u8], taken: &mut Vec<u8>) -> Optio
     Some(inputs)
 }
 
-/// Nested einsums merged while at most two operands result (see the module notes).
+/// Whether a two-operand einsum sums a letter of one operand alone: a sum folded into a
+/// product, which is no longer a plain matrix product (a library GEMM on CPUs) and costs
+/// a factor of that letter's size more than summing first.
+fn sums_one_sided(spec: &EinsumSpec) -> bool {
+    spec.inputs.len() == 2
+        && spec
+            .inputs
+            .iter()
+            .flatten()
+            .any(|l| !spec.output.contains(l) && !(spec.inputs[0].contains(l) && spec.inputs[1].contains(l)))
+}
+
+/// Nested einsums merged while at most two operands result and the merge costs nothing
+/// (see the module notes).
 fn flatten(g: &mut Graph, n: NodeId, spec: &EinsumSpec, ops: &[NodeId]) -> Option<NodeId> {
     let einsum_of = |g: &Graph, x: NodeId| match &g.node(x).op {
         Op::Einsum(s) if single_user(g, x) == Some(n) => Some(s.clone()),
@@ -279,6 +295,9 @@ fn flatten(g: &mut Graph, n: NodeId, spec: &EinsumSpec, ops: &[NodeId]) -> Optio
         let inner = einsum_of(g, *x)?;
         let inputs = inline_letters(&inner, &spec.inputs[0], &mut taken)?;
         let merged = normalize_spec(&EinsumSpec { inputs, output: spec.output.clone() });
+        if sums_one_sided(&merged) {
+            return None;
+        }
         return add_like(g, n, Op::Einsum(merged), &g.operands(*x)).ok();
     }
     // An operand that is a one-operand einsum: its operand, with its letters.
@@ -289,6 +308,9 @@ fn flatten(g: &mut Graph, n: NodeId, spec: &EinsumSpec, ops: &[NodeId]) -> Optio
         let mut operands = ops.to_vec();
         operands[k] = g.operands(x)[0];
         let merged = normalize_spec(&EinsumSpec { inputs, output: spec.output.clone() });
+        if sums_one_sided(&merged) {
+            continue;
+        }
         return add_like(g, n, Op::Einsum(merged), &operands).ok();
     }
     None
@@ -308,7 +330,7 @@ fn reassociate(g: &mut Graph, n: NodeId) -> Option<NodeId> {
             _ => continue,
         };
         let mut taken: Vec<u8> = spec.inputs.iter().flatten().chain(&spec.output).copied().collect();
-        let inner_inputs = inline_letters(&inner, &spec.inputs[k], &mut taken)?;
+        let Some(inner_inputs) = inline_letters(&inner, &spec.inputs[k], &mut taken) else { continue };
         let xs = g.operands(x);
         let three = [
             (xs[0], inner_inputs[0].clone()),
@@ -318,8 +340,8 @@ fn reassociate(g: &mut Graph, n: NodeId) -> Option<NodeId> {
         let mut extent: Vec<(u8, f64)> = Vec::new();
         for (node, letters) in &three {
             for (l, d) in letters.iter().zip(&g.ty(*node).shape) {
-                let size = d.eval(&|_| Some(1024))? as f64;
-                extent.push((*l, size));
+                // A size that does not evaluate counts as huge (never the cheap side).
+                extent.push((*l, d.eval(&|_| Some(1024)).map_or(f64::MAX, |v| v as f64)));
             }
         }
         let size = |l: &u8| extent.iter().find(|(m, _)| m == l).map_or(1.0, |e| e.1);
@@ -337,9 +359,10 @@ fn reassociate(g: &mut Graph, n: NodeId) -> Option<NodeId> {
             (cost, nodes, (i, j, l), kept)
         };
         let plans = [plan((0, 1, 2)), plan((0, 2, 1)), plan((1, 2, 0))];
-        let best = plans.iter().min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))?;
+        let Some(best) = plans.iter().min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))) else { continue };
         if best.2 == (0, 1, 2) {
-            return None;
+            // Already the cheapest; the other operand may head a chain of its own.
+            continue;
         }
         let (i, j, l) = best.2;
         let pair_spec = normalize_spec(&EinsumSpec {
@@ -494,14 +517,41 @@ mod tests {
         let mut g = Graph::new("t");
         let x = g.add_input("x", f32s(&[2, 3, 4]), None);
         let y = g.add_input("y", f32s(&[3, 5]), None);
-        // A sum feeding a product, and a sum of that product: one einsum in the end.
+        // A sum of a sum: one einsum.
         let summed = einsum(&mut g, "ijl->ij", &[x]);
-        let a = einsum(&mut g, "ij,jk->ik", &[summed, y]);
-        let rows = einsum(&mut g, "ik->i", &[a]);
+        let rows = einsum(&mut g, "ij->i", &[summed]);
         g.add_output("rows", rows);
+        // A transposition feeding a product: one einsum.
+        let xt = einsum(&mut g, "ijl->lji", &[x]);
+        let p = einsum(&mut g, "lji,jk->lik", &[xt, y]);
+        g.add_output("p", p);
         let inputs = HashMap::from([("x".into(), data(&[2, 3, 4], 0.3)), ("y".into(), data(&[3, 5], 0.8))]);
         let h = check_same(&g, &inputs);
-        assert_eq!(only_einsum_spec(&h), "abc,bd->a");
+        let mut specs: Vec<String> = h
+            .dag
+            .node_weights()
+            .filter_map(|n| match &n.op {
+                Op::Einsum(s) => Some(s.to_string()),
+                _ => None,
+            })
+            .collect();
+        specs.sort();
+        assert_eq!(specs, vec!["abc,bd->cad", "abc->a"]);
+    }
+
+    #[test]
+    fn a_sum_is_not_folded_into_a_product() {
+        // Σ_l x_ijl, then a product over j: folded, l would be summed in x alone (a factor
+        // |l| more work, and no longer a matrix product).
+        let mut g = Graph::new("t");
+        let x = g.add_input("x", f32s(&[2, 3, 4]), None);
+        let y = g.add_input("y", f32s(&[3, 5]), None);
+        let summed = einsum(&mut g, "ijl->ij", &[x]);
+        let a = einsum(&mut g, "ij,jk->ik", &[summed, y]);
+        g.add_output("a", a);
+        let inputs = HashMap::from([("x".into(), data(&[2, 3, 4], 0.3)), ("y".into(), data(&[3, 5], 0.8))]);
+        let h = check_same(&g, &inputs);
+        assert_eq!(count(&h, "einsum"), 2);
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //! - dX: `Z = X·E_cᵀ`, `P = g·(e^{Z−lse} − [y = v₀+j])` in place, `dX (+)= P·E_c` (the
 //!   first chunk writes, the others accumulate). The one-hot term is inside P, so the sum
 //!   is taken term by term, as the generic kernel does (no cancellation when p ≈ 1);
-//! - dE: the same P, then `dE_c = Pᵀ·X` into the chunk's rows of dE;
+//! - dE: Z and P computed again (dX and dE are separate ops, in separate groups; sharing
+//!   P would save a third of the backward's logits work), then `dE_c = Pᵀ·X` into the
+//!   chunk's rows of dE;
 //! - correct: `Z = X·E_cᵀ`, a running maximum per token, then `z_y ≥ max`.
 //!
 //! The loss itself (`lse − z_y`) needs no sweep and keeps its generic kernel.
@@ -33,8 +35,10 @@ pub const VOCAB_CHUNK: i64 = 1024;
 const WIDTH: u8 = b'y';
 const WORD: u8 = b'z';
 
-/// The launch argument holding a chunk's first word: one kernel serves every chunk of a
-/// width (a constant would make 262 kernels of a 268K vocabulary).
+/// The launch argument holding a chunk's first word: one element kernel serves every chunk
+/// of a width (a constant would make 262 kernels of a 268K vocabulary). The library GEMMs
+/// still carry the chunk's offset in their views, one node per chunk: no code, but a long
+/// manifest for a large vocabulary.
 const WORD0: &str = "word0";
 
 /// One cross-entropy op's operands, ready for library products.
@@ -158,8 +162,11 @@ pub fn kernels(
     let z = sink.workspace(&TensorType::new(DType::F32, z_shape))?;
     let token_values = TensorType::new(DType::F32, ce.tokens.clone());
     let chunks = ce.chunks();
-    // Running maximum and sum per token between chunks, and the target's logit.
-    let (m, s, zy) = (sink.workspace(&token_values)?, sink.workspace(&token_values)?, sink.workspace(&token_values)?);
+    // Running maximum, sum and its compensation per token between chunks, and the
+    // target's logit.
+    let mut per_token_workspace = || sink.workspace(&token_values);
+    let (m, s, comp, zy) =
+        (per_token_workspace()?, per_token_workspace()?, per_token_workspace()?, per_token_workspace()?);
     let logits = |sink: &mut Sink, v0: i64, w: i64, tag: &str| -> Result<(), String> {
         let product = format!("{name}_{tag}_z{v0}");
         library(sink, &ce.x, &ce.table_chunk(v0)?, &ce.logits(z, w)?, &ce.extent(w), false, &product)
@@ -168,7 +175,7 @@ pub fn kernels(
         for (c, &(v0, w)) in chunks.iter().enumerate() {
             logits(sink, v0, w, "lse")?;
             let part = Part { first: c == 0, last: c + 1 == chunks.len() };
-            let bufs = [m, s, lse, zy];
+            let bufs = [m, s, comp, lse, zy];
             sink.kernel_with_args(&[(WORD0, v0)], |lw| {
                 lse_update(lw, n, &ce.tokens, z, w, part, bufs, format!("{name}_lse{c}"))
             })?;
@@ -246,7 +253,7 @@ fn lse_update(
     z: usize,
     w: i64,
     part: Part,
-    [m, s, lse, zy]: [usize; 4],
+    [m, s, c, lse, zy]: [usize; 5],
     name: String,
 ) -> Result<(Kernel, Vec<usize>), String> {
     target_logit(lw, n, tokens, z, w, zy)?;
@@ -256,22 +263,27 @@ fn lse_update(
     let zj = logit_at(lw, z, w, Expr::Var(j));
     lw.e.push(Stmt::Assign { var: chunk_max, value: bin(Binary::Max, Expr::Var(chunk_max), zj) });
     lw.e.close(j, Expr::I64(w), LoopKind::Serial);
-    let (m_old, s_old) = if part.first {
-        (None, None)
-    } else {
-        let mb = lw.e.buffer(m, &format!("b{m}"), Elem::F32, Access::Read);
-        let sb = lw.e.buffer(s, &format!("b{s}"), Elem::F32, Access::Read);
-        let load = |b| Expr::Load { buffer: b, index: Box::new(t.clone()) };
-        (Some(lw.e.bind(load(mb))), Some(load(sb)))
+    let load = |lw: &mut Lowering, b: usize| {
+        let buffer = lw.e.buffer(b, &format!("b{b}"), Elem::F32, Access::Read);
+        lw.e.bind(Expr::Load { buffer, index: Box::new(t.clone()) })
     };
-    let m_new = match &m_old {
-        Some(old) => lw.e.bind(bin(Binary::Max, old.clone(), Expr::Var(chunk_max))),
+    // The running maximum, sum and the sum's Kahan compensation from earlier chunks.
+    let carried = (!part.first).then(|| (load(lw, m), load(lw, s), load(lw, c)));
+    let m_new = match &carried {
+        Some((m_old, _, _)) => lw.e.bind(bin(Binary::Max, m_old.clone(), Expr::Var(chunk_max))),
         None => Expr::Var(chunk_max),
     };
-    // Kahan-compensated: near convergence one term is ≈ 1 and the others tiny, and the
-    // loss is their sum's logarithm ≈ the tiny part, which plain f32 sums lose.
+    // Kahan-compensated across the whole vocabulary: near convergence one term is ≈ 1
+    // and the others tiny, and the loss is the logarithm of their sum ≈ the tiny part,
+    // which a plain f32 sum loses. The sum and its compensation carry over from chunk to
+    // chunk, both rescaled to the new maximum.
     let sum = lw.e.accumulator(0, Scalar::F32, Expr::F32(0.0));
     let lost = lw.e.accumulator(0, Scalar::F32, Expr::F32(0.0));
+    if let Some((m_old, s_old, c_old)) = carried {
+        let r = lw.e.bind(exp(sub(m_old, m_new.clone())));
+        lw.e.push(Stmt::Assign { var: sum, value: bin(Binary::Mul, s_old, r.clone()) });
+        lw.e.push(Stmt::Assign { var: lost, value: bin(Binary::Mul, c_old, r) });
+    }
     let j = lw.e.open();
     let zj = logit_at(lw, z, w, Expr::Var(j));
     let term = lw.e.bind(sub(exp(sub(zj, m_new.clone())), Expr::Var(lost)));
@@ -279,20 +291,15 @@ fn lse_update(
     lw.e.push(Stmt::Assign { var: lost, value: sub(sub(next.clone(), Expr::Var(sum)), term) });
     lw.e.push(Stmt::Assign { var: sum, value: next });
     lw.e.close(j, Expr::I64(w), LoopKind::Serial);
-    let total = match (m_old, s_old) {
-        (Some(mo), Some(so)) => bin(Binary::Add, bin(Binary::Mul, so, exp(sub(mo, m_new.clone()))), Expr::Var(sum)),
-        _ => Expr::Var(sum),
-    };
     if part.last {
         let b = lw.e.buffer(lse, &format!("b{lse}"), Elem::F32, Access::Write);
-        let value = bin(Binary::Add, m_new, Expr::Unary(Unary::Log, Box::new(total)));
+        let value = bin(Binary::Add, m_new, Expr::Unary(Unary::Log, Box::new(Expr::Var(sum))));
         lw.e.push(Stmt::Store { buffer: b, index: t, value });
     } else {
-        let total = lw.e.bind(total);
-        let mb = lw.e.buffer(m, &format!("b{m}"), Elem::F32, Access::Write);
-        let sb = lw.e.buffer(s, &format!("b{s}"), Elem::F32, Access::Write);
-        lw.e.push(Stmt::Store { buffer: mb, index: t.clone(), value: m_new });
-        lw.e.push(Stmt::Store { buffer: sb, index: t, value: total });
+        for (b, value) in [(m, m_new), (s, Expr::Var(sum)), (c, Expr::Var(lost))] {
+            let buffer = lw.e.buffer(b, &format!("b{b}"), Elem::F32, Access::Write);
+            lw.e.push(Stmt::Store { buffer, index: t.clone(), value });
+        }
     }
     let extent = lw.e.dim(&crate::ir::dim::numel(tokens).ok_or("size overflow")?)?;
     super::finish(lw, name, extent)

@@ -491,11 +491,11 @@ fn zero(s: Scalar) -> Expr {
     }
 }
 
-/// Does a reshape only insert or remove axes of size 1?
 /// The axes of a reshape from `from` to `to` in groups of equal size (ranges of `from`
 /// and of `to`, in order), each group as small as possible: `[B, N, H·d] → [B, N, H, d]`
 /// is `B ↔ B`, `N ↔ N`, `H·d ↔ (H, d)`. A size-1 axis is a group alone (an empty range on
-/// the other side). `None` when no grouping exists with symbolic sizes.
+/// the other side). `None` when no grouping is found (sizes that never meet, or too large
+/// to compare); the caller then linearizes the whole index.
 pub fn reshape_groups(from: &[Dim], to: &[Dim]) -> Option<Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>> {
     let one = Dim::constant(1);
     // Sizes are compared at a large value of every symbol to decide which side grows; the

@@ -354,6 +354,9 @@ impl Sink<'_> {
         args: &[(&str, i64)],
         f: impl FnOnce(&mut Lowering) -> Result<(Kernel, Vec<usize>), String>,
     ) -> Result<(), String> {
+        if let Some((clash, _)) = args.iter().find(|(n, _)| self.all_args.iter().any(|a| a == n)) {
+            return Err(format!("the launch argument `{clash}` has the name of a size or scalar"));
+        }
         let mut names = self.all_args.to_vec();
         names.extend(args.iter().map(|(n, _)| n.to_string()));
         let mut lw = Lowering { g: self.g, stored: self.stored, names: &buffer_name, e: emit::Emitter::new(&names) };
@@ -554,7 +557,8 @@ pub fn to_text(s: &Schedule) -> String {
     let mut printed = HashSet::new();
     for (i, st) in s.steps.iter().enumerate() {
         let k = &s.kernels[st.kernel];
-        out.push_str(&format!("// launch {i}: {} ({:?}) on buffers {:?}\n", k.name, st.entry, st.buffers));
+        let args = if st.args.is_empty() { String::new() } else { format!(" with launch arguments {:?}", st.args) };
+        out.push_str(&format!("// launch {i}: {} ({:?}) on buffers {:?}{args}\n", k.name, st.entry, st.buffers));
         if printed.insert(st.kernel) {
             out.push_str(&print::to_text(k));
         }
