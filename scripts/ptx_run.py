@@ -7,7 +7,8 @@ dump_gpu_cases`).
 
 For each case: upload the inputs, build the `buffers` and `sizes` tables in device memory,
 launch the kernel over `0..extent/3` and `extent/3..extent` with the launch shape of
-`backend::gpu_launch` (blocks of 256 threads, ceil(range / 256) blocks), and compare every
+`backend::gpu_launch` (blocks of 256 threads, ceil(range / 256) blocks; a block kernel,
+whose case has `threads`, gets one block of that many threads per iteration), and compare every
 written buffer (prefilled with 0xFF bytes where the set says every element is written) with the executor's: f32 within 1e-4 relative (to the element, with a floor of
 1e-3 of the buffer's scale), integers and masks exactly. Needs only the CUDA driver
 (libcuda.so.1) and the Python standard library.
@@ -80,13 +81,17 @@ def run_set(d, name):
         table = alloc(struct.pack(f"<{len(bufs)}Q", *[p.value for p, _ in bufs]))
         sizes = alloc(struct.pack(f"<{len(case['sizes'])}q", *case["sizes"]))
         n = case["extent"]
+        threads = case.get("threads")
         for begin, end in [(0, n // 3), (n // 3, n)]:
-            grid = (end - begin + BLOCK - 1) // BLOCK
+            # A block kernel: one block of `threads` per iteration; otherwise one thread
+            # per iteration in blocks of BLOCK.
+            block = threads or BLOCK
+            grid = end - begin if threads else (end - begin + BLOCK - 1) // BLOCK
             if grid <= 0:
                 continue
             args = [ctypes.c_uint64(table.value), ctypes.c_uint64(sizes.value), ctypes.c_int64(begin), ctypes.c_int64(end)]
             params = (ctypes.c_void_p * 4)(*[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args])
-            check(cuda.cuLaunchKernel(funcs[k], grid, 1, 1, BLOCK, 1, 1, 0, None, params, None), f"launch {k}")
+            check(cuda.cuLaunchKernel(funcs[k], grid, 1, 1, block, 1, 1, 0, None, params, None), f"launch {k}")
         check(cuda.cuCtxSynchronize(), f"{name} case {ci} kernel {k}")
         for b, (p, size) in zip(case["buffers"], bufs):
             if b["access"] != "r":

@@ -485,7 +485,10 @@ impl Cases {
             bufs.push(serde_json::json!({"name": d.name, "elem": elem, "access": access, "in": fi, "want": fw}));
         }
         let extent = int(&k.extent, sizes);
-        self.cases.push(serde_json::json!({"kernel": entry, "sizes": sizes, "extent": extent, "buffers": bufs}));
+        // `threads`: a block kernel, one block of that many threads per iteration.
+        self.cases.push(
+            serde_json::json!({"kernel": entry, "sizes": sizes, "extent": extent, "threads": k.threads, "buffers": bufs}),
+        );
         want
     }
 
@@ -507,7 +510,8 @@ fn dump_gpu_cases() {
     let dir =
         requested.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("tnc-gpu-cases-{}", std::process::id())));
     std::fs::create_dir_all(&dir).unwrap();
-    let kernels = hand_kernels();
+    let mut kernels = hand_kernels();
+    kernels.push(block_row_sum(BlockBug::None));
     for t in ["sm80", "sm90"] {
         let target = GpuTarget::parse(t).unwrap();
         let mut cases = Cases { dir: dir.clone(), set: format!("hand_{t}"), prefill: true, cases: vec![] };
@@ -518,6 +522,7 @@ fn dump_gpu_cases() {
             match k.name.as_str() {
                 "broadcast" => sizes.copy_from_slice(&[3, 5, 37]),
                 "reduce" => sizes.copy_from_slice(&[19, 101]),
+                "block_row_sum" => sizes[0] = 37,
                 _ => sizes[0] = n,
             }
             sizes.extend([0xDEAD_BEEF_1234_5678u64 as i64, (1i64 << 32) + 17].iter().take(k.scalars.len()));
@@ -530,6 +535,7 @@ fn dump_gpu_cases() {
                 "casts" => vec![extent, extent, extent, extent * 15, extent * 4, extent * 8],
                 "arrays" => vec![extent * 8, extent, extent],
                 "dropout" => vec![extent, extent, extent * 4],
+                "block_row_sum" => vec![extent * 64, extent],
                 other => panic!("{other}"),
             };
             let mut inputs: Vec<exec::Buffer> =
@@ -579,7 +585,9 @@ fn dump_gpu_cases() {
         }
         let plan = fusion::fuse(&g).unwrap();
         let mem = memory::plan_memory(&g, &plan).unwrap();
-        let s = schedule::schedule(&g, &plan, &mem).unwrap();
+        let mut s = schedule::schedule(&g, &plan, &mem).unwrap();
+        // As `tnc compile --target sm90` emits them: row kernels as blocks.
+        s.kernels = s.kernels.iter().map(blocks::coalesce_rows).collect();
         let dedup = backend::dedup_kernels(&s.kernels).unwrap();
         let (b, n) = (2i64, 7i64);
         let mut args: Vec<i64> = s.sizes.iter().map(|x| if x == "B" { b } else { n }).collect();
