@@ -9,7 +9,7 @@ use tnc_grammar::Diagnostic;
 /// Stages after the graph pipeline that `--after` also accepts.
 const LOWERING: [&str; 2] = ["fuse", "schedule"];
 
-pub fn run(args: &ModelArgs, dot: bool, after: &str) -> Result<(), Failure> {
+pub fn run(args: &ModelArgs, dot: bool, after: &str, target: Option<&str>) -> Result<(), Failure> {
     let graph_passes = passes::names();
     let names: Vec<&str> = graph_passes.iter().copied().chain(LOWERING).collect();
     if !names.contains(&after) {
@@ -19,6 +19,12 @@ pub fn run(args: &ModelArgs, dot: bool, after: &str) -> Result<(), Failure> {
             d = d.with_hint(h);
         }
         return Err(Failure::usage(d));
+    }
+    if let Some(t) = target {
+        if after != "schedule" {
+            return Err(Failure::usage(Diagnostic::error("`--target` applies to `--after schedule` only")));
+        }
+        tnc_compiler::driver::check_target(t).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
     }
     let (graph, sources) = elaborate(args)?;
     let stop = if LOWERING.contains(&after) { *graph_passes.last().expect("passes exist") } else { after };
@@ -40,7 +46,16 @@ pub fn run(args: &ModelArgs, dot: bool, after: &str) -> Result<(), Failure> {
         "schedule" => {
             let plan = tnc_compiler::fusion::fuse(&graph).map_err(internal)?;
             let memory = tnc_compiler::memory::plan_memory(&graph, &plan).map_err(internal)?;
-            let s = tnc_compiler::schedule::schedule(&graph, &plan, &memory).map_err(internal)?;
+            let s = match target {
+                Some(t) => {
+                    let opts = tnc_compiler::driver::schedule_options(t);
+                    let mut s =
+                        tnc_compiler::schedule::schedule_with(&graph, &plan, &memory, &opts).map_err(internal)?;
+                    s.kernels = tnc_compiler::driver::target_kernels(&s.kernels, t);
+                    s
+                }
+                None => tnc_compiler::schedule::schedule(&graph, &plan, &memory).map_err(internal)?,
+            };
             print!("{}", tnc_compiler::schedule::to_text(&s));
         }
         _ => print!("{}", if dot { to_dot(&graph) } else { to_text(&graph) }),

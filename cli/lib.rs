@@ -68,6 +68,11 @@ pub enum Command {
         /// The pass after which to print (an unknown name lists them).
         #[arg(long, default_value = "elaborate")]
         after: String,
+        /// With `--after schedule`: the kernels as compiled for this target (`native`,
+        /// `x86-64-v3`: library GEMMs, chunked cross-entropy, interchanged reductions;
+        /// `sm80` …: row kernels as thread blocks). Without it, the generic schedule.
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Run a model (FILE.tn, with the reference interpreter) or a compiled bundle (a
     /// directory) and write its outputs (and, with --grad, every parameter gradient) as
@@ -107,7 +112,7 @@ where
     };
     let result = match cli.command {
         Command::Check { model } => check::run(&model),
-        Command::Ir { model, dot, after } => ir::run(&model, dot, &after),
+        Command::Ir { model, dot, after, target } => ir::run(&model, dot, &after, target.as_deref()),
         Command::Run(args) => run::run(&args),
         Command::Init(args) => run::init(&args),
         Command::Verify(args) => verify::run(&args),

@@ -71,3 +71,28 @@ fn help_explains_set() {
     assert_eq!(code, 0);
     assert!(out.contains("--set <NAME=VALUE>"), "{out}");
 }
+
+/// `tnc ir --after schedule --target T` prints the kernels as compiled for T: library GEMM
+/// nodes and chunk launches with launch arguments on CPUs, thread blocks on GPUs. A bad
+/// target, or `--target` with another pass, is a usage error.
+#[test]
+fn ir_shows_the_schedule_of_a_target() {
+    let tiny = ["--set", "vocab=32", "--set", "dim=16", "--set", "heads=2", "--set", "layers=2", "--set", "block=4"];
+    let schedule_for = |target: &str| {
+        let mut args = vec!["ir", "models/transnormer_t1.tn", "--after", "schedule", "--target", target];
+        args.extend(tiny);
+        tnc(&args)
+    };
+    let (code, cpu, err) = schedule_for("native");
+    assert_eq!(code, 0, "{err}");
+    assert!(cpu.contains("library gemm C = A·B") && cpu.contains("with launch arguments [0]"), "{cpu}");
+    let (code, gpu, err) = schedule_for("sm80");
+    assert_eq!(code, 0, "{err}");
+    assert!(gpu.contains("parallel block") && !gpu.contains("library gemm"), "{gpu}");
+    let (code, _, err) = schedule_for("sm75");
+    assert_eq!(code, 2);
+    assert!(err.contains("sm80"), "{err}");
+    let (code, _, err) = tnc(&["ir", "models/transnormer_t1.tn", "--after", "fuse", "--target", "native"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--after schedule"), "{err}");
+}

@@ -77,6 +77,41 @@ pub fn lower(
     Ok((g, plan, memory, sched))
 }
 
+/// Whether `target` names a GPU (`sm80` …) rather than a CPU.
+fn is_gpu(target: &str) -> bool {
+    target.starts_with("sm")
+}
+
+/// The schedule options of `target`: CPUs hand products to the GEMM library.
+pub fn schedule_options(target: &str) -> ScheduleOptions {
+    if is_gpu(target) {
+        ScheduleOptions::default()
+    } else {
+        ScheduleOptions::cpu()
+    }
+}
+
+/// The target's rewrites of scheduled kernels: on GPUs row kernels become blocks
+/// (`kernel/blocks.rs`), on CPUs reductions are interchanged (`kernel/interchange.rs`).
+pub fn target_kernels(kernels: &[crate::kernel::Kernel], target: &str) -> Vec<crate::kernel::Kernel> {
+    if is_gpu(target) {
+        kernels.iter().map(crate::kernel::blocks::coalesce_rows).collect()
+    } else {
+        kernels.iter().map(crate::kernel::interchange::interchange_reductions).collect()
+    }
+}
+
+/// Check a target name: a CPU (`native`, `x86-64-v3`, `x86-64-v4`) or a GPU (`sm80` …).
+pub fn check_target(target: &str) -> Result<(), String> {
+    if is_gpu(target) {
+        GpuTarget::parse(target).map(|_| ())
+    } else {
+        CpuTarget::parse(target)
+            .map(|_| ())
+            .map_err(|e| format!("{e}; GPU targets are: {}", backend::GPU_TARGETS.join(", ")))
+    }
+}
+
 /// Compile `graph` for `target` (a CPU or GPU name) into the bundle directory `out`.
 pub fn compile(
     graph: Graph,
@@ -85,7 +120,7 @@ pub fn compile(
     opts: Options,
     stages: Vec<(&'static str, Duration)>,
 ) -> Result<Compiled, String> {
-    if target.starts_with("sm") {
+    if is_gpu(target) {
         return compile_gpu(graph, target, out, opts, stages);
     }
     let cpu =
@@ -104,9 +139,8 @@ fn compile_gpu(
 ) -> Result<Compiled, String> {
     let emit = opts.emit;
     let gpu = GpuTarget::parse(target)?;
-    let (graph, plan, memory, mut sched) = lower(graph, opts.train, &ScheduleOptions::default(), &mut stages)?;
-    // GPUs only: row kernels become blocks whose threads share each row (coalesced).
-    sched.kernels = sched.kernels.iter().map(crate::kernel::blocks::coalesce_rows).collect();
+    let (graph, plan, memory, mut sched) = lower(graph, opts.train, &schedule_options(target), &mut stages)?;
+    sched.kernels = target_kernels(&sched.kernels, target);
     let ptx = timed(&mut stages, "llvm (nvptx)", || backend::emit_ptx(&sched.kernels, &gpu))?;
     let mut extra_files = Vec::new();
     if emit.llvm {
@@ -180,10 +214,10 @@ fn compile_cpu(
     mut stages: Vec<(&'static str, Duration)>,
 ) -> Result<Compiled, String> {
     let emit = opts.emit;
-    let (graph, plan, memory, sched) = lower(graph, opts.train, &ScheduleOptions::cpu(), &mut stages)?;
+    let (graph, plan, memory, sched) = lower(graph, opts.train, &schedule_options(&cpu.name), &mut stages)?;
     let mut extra_files = Vec::new();
-    // CPUs only: reductions inside vector loops turned inside out so LLVM vectorizes them.
-    let kernels: Vec<_> = sched.kernels.iter().map(crate::kernel::interchange::interchange_reductions).collect();
+    // Reductions inside vector loops turned inside out so LLVM vectorizes them.
+    let kernels = target_kernels(&sched.kernels, &cpu.name);
     let objects = timed(&mut stages, "llvm", || backend::emit_objects(&kernels, &cpu))?;
     let scratch = tempdir(out)?;
     let mut obj_paths = Vec::new();
