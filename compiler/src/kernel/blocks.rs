@@ -33,7 +33,7 @@ pub fn coalesce_rows(k: &Kernel) -> Kernel {
         return k.clone();
     }
     let threads = threads_for(&k.body);
-    let mut next = max_var(&k.body).max(k.index.0) + 1;
+    let mut next = k.next_var();
     let body = k.body.iter().map(|s| deal(s, threads, &mut next)).collect();
     Kernel { body, threads: Some(threads), ..k.clone() }
 }
@@ -124,17 +124,4 @@ fn reads_array(e: &Expr) -> bool {
         Expr::Select(c, a, b) => reads_array(c) || reads_array(a) || reads_array(b),
         Expr::DropoutKeep { seed, index, step, .. } => reads_array(seed) || reads_array(index) || reads_array(step),
     }
-}
-
-fn max_var(body: &[Stmt]) -> u32 {
-    body.iter()
-        .map(|s| match s {
-            Stmt::For { var, body, .. } => var.0.max(max_var(body)),
-            Stmt::Let { var, .. } | Stmt::Mut { var, .. } | Stmt::Assign { var, .. } => var.0,
-            Stmt::Array { var, .. } | Stmt::Shared { var, .. } => var.0,
-            Stmt::If { then, otherwise, .. } => max_var(then).max(max_var(otherwise)),
-            Stmt::Store { .. } | Stmt::StoreArray { .. } | Stmt::Barrier => 0,
-        })
-        .max()
-        .unwrap_or(0)
 }

@@ -49,5 +49,3 @@ pub struct Gemm {
     pub b: Matrix,
     pub c: Matrix,
 }
-
-pub use tnc_runtime::gemm::{SLOT_A, SLOT_B, SLOT_C};

@@ -127,8 +127,7 @@ pub(super) fn run_blocks(m: &mut Machine, threads: u32, begin: i64, end: i64) ->
         }
         m.gpu = Some(BlockState { thread: 0, epoch: 0, shared: HashMap::new() });
         let mut run = Block { states, order: Order(0x9e37_79b9_7f4a_7c15 ^ (block as u64).wrapping_mul(0x1000_0001)) };
-        let all: Vec<u32> = (0..threads).collect();
-        run.stmts(m, &kernel.body, &all).map_err(|e| format!("kernel `{name}`, block {block}: {e}"))?;
+        run.stmts(m, &kernel.body).map_err(|e| format!("kernel `{name}`, block {block}: {e}"))?;
     }
     m.gpu = None;
     Ok(())
@@ -162,10 +161,15 @@ impl Block {
         r
     }
 
-    /// A value every thread of `threads` must agree on (a barrier's control flow).
-    fn uniform(&mut self, m: &mut Machine, threads: &[u32], what: &str, e: &super::ir::Expr) -> Result<Val, String> {
+    /// The block's threads.
+    fn threads(&self) -> std::ops::Range<u32> {
+        0..self.states.len() as u32
+    }
+
+    /// A value every thread of the block must agree on (a barrier's control flow).
+    fn uniform(&mut self, m: &mut Machine, what: &str, e: &super::ir::Expr) -> Result<Val, String> {
         let mut seen: Option<Val> = None;
-        for &t in threads {
+        for t in self.threads() {
             let v = self.as_thread(m, t, |m| m.eval(e))?;
             match seen {
                 Some(s) if s != v => {
@@ -177,13 +181,12 @@ impl Block {
         seen.ok_or_else(|| "a block with no threads".to_string())
     }
 
-    fn stmts(&mut self, m: &mut Machine, body: &[Stmt], threads: &[u32]) -> Result<(), String> {
-        let count = self.states.len();
+    /// Run `body` on every thread of the block. Only uniform control flow leads here (a
+    /// loop or `if` around a barrier is checked by [`Block::uniform`]); a barrier or shared
+    /// array under thread-dependent control flow is an error of the per-thread machine.
+    fn stmts(&mut self, m: &mut Machine, body: &[Stmt]) -> Result<(), String> {
         for s in body {
             match s {
-                Stmt::Barrier | Stmt::Shared { .. } if threads.len() != count => {
-                    return Err(format!("a barrier or shared array reached by {} of {count} threads", threads.len()))
-                }
                 Stmt::Barrier => m.gpu.as_mut().expect("in a block").epoch += 1,
                 Stmt::Shared { var, len, .. } => {
                     let gpu = m.gpu.as_mut().expect("in a block");
@@ -199,20 +202,21 @@ impl Block {
                     }
                 }
                 Stmt::For { var, extent, body, .. } if has_barrier(body) => {
-                    let n = self.uniform(m, threads, "a loop's extent", extent)?.i()?;
+                    let n = self.uniform(m, "a loop's extent", extent)?.i()?;
                     for i in 0..n {
-                        for &t in threads {
-                            self.states[t as usize].vars.insert(*var, Val::I(i));
+                        for state in &mut self.states {
+                            state.vars.insert(*var, Val::I(i));
                         }
-                        self.stmts(m, body, threads)?;
+                        self.stmts(m, body)?;
                     }
                 }
                 Stmt::If { cond, then, otherwise } if has_barrier(then) || has_barrier(otherwise) => {
-                    let c = self.uniform(m, threads, "an `if` condition", cond)?.b()?;
-                    self.stmts(m, if c { then } else { otherwise }, threads)?;
+                    let c = self.uniform(m, "an `if` condition", cond)?.b()?;
+                    self.stmts(m, if c { then } else { otherwise })?;
                 }
                 _ => {
-                    for t in self.order.shuffled(threads) {
+                    let all: Vec<u32> = self.threads().collect();
+                    for t in self.order.shuffled(&all) {
                         self.as_thread(m, t, |m| m.stmt(s)).map_err(|e| format!("thread {t}: {e}"))?;
                     }
                 }

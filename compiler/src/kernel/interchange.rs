@@ -27,23 +27,9 @@ const MAX_COLUMNS: i64 = 4096;
 
 /// `k` with every matching vector loop interchanged with its reduction.
 pub fn interchange_reductions(k: &Kernel) -> Kernel {
-    let mut next = max_var(&k.body).max(k.index.0) + 1;
+    let mut next = k.next_var();
     let body = rewrite(k.body.clone(), &mut next);
     Kernel { body, ..k.clone() }
-}
-
-fn max_var(stmts: &[Stmt]) -> u32 {
-    let mut m = 0;
-    for s in stmts {
-        m = m.max(match s {
-            Stmt::For { var, body, .. } => var.0.max(max_var(body)),
-            Stmt::Let { var, .. } | Stmt::Mut { var, .. } | Stmt::Assign { var, .. } => var.0,
-            Stmt::Array { var, .. } | Stmt::Shared { var, .. } => var.0,
-            Stmt::If { then, otherwise, .. } => max_var(then).max(max_var(otherwise)),
-            Stmt::Store { .. } | Stmt::StoreArray { .. } | Stmt::Barrier => 0,
-        });
-    }
-    m
 }
 
 fn rewrite(stmts: Vec<Stmt>, next: &mut u32) -> Vec<Stmt> {

@@ -242,6 +242,26 @@ pub struct Kernel {
     pub threads: Option<u32>,
 }
 
+impl Kernel {
+    /// The first variable number the kernel does not use (for rewrites adding variables).
+    pub fn next_var(&self) -> u32 {
+        fn max_var(stmts: &[Stmt]) -> u32 {
+            stmts
+                .iter()
+                .map(|s| match s {
+                    Stmt::For { var, body, .. } => var.0.max(max_var(body)),
+                    Stmt::Let { var, .. } | Stmt::Mut { var, .. } | Stmt::Assign { var, .. } => var.0,
+                    Stmt::Array { var, .. } | Stmt::Shared { var, .. } => var.0,
+                    Stmt::If { then, otherwise, .. } => max_var(then).max(max_var(otherwise)),
+                    Stmt::Store { .. } | Stmt::StoreArray { .. } | Stmt::Barrier => 0,
+                })
+                .max()
+                .unwrap_or(0)
+        }
+        max_var(&self.body).max(self.index.0) + 1
+    }
+}
+
 impl fmt::Display for Var {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "v{}", self.0)

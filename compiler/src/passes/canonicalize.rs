@@ -461,15 +461,22 @@ mod tests {
         g.add(Op::Einsum(spec), ops, None).unwrap()
     }
 
-    fn only_einsum_spec(g: &Graph) -> String {
-        let specs: Vec<String> = g
+    /// Every einsum's spec, sorted.
+    fn einsum_specs(g: &Graph) -> Vec<String> {
+        let mut specs: Vec<String> = g
             .dag
-            .node_indices()
-            .filter_map(|n| match &g.node(n).op {
+            .node_weights()
+            .filter_map(|n| match &n.op {
                 Op::Einsum(s) => Some(s.to_string()),
                 _ => None,
             })
             .collect();
+        specs.sort();
+        specs
+    }
+
+    fn only_einsum_spec(g: &Graph) -> String {
+        let specs = einsum_specs(g);
         assert_eq!(specs.len(), 1, "{specs:?}");
         specs[0].clone()
     }
@@ -527,16 +534,7 @@ mod tests {
         g.add_output("p", p);
         let inputs = HashMap::from([("x".into(), data(&[2, 3, 4], 0.3)), ("y".into(), data(&[3, 5], 0.8))]);
         let h = check_same(&g, &inputs);
-        let mut specs: Vec<String> = h
-            .dag
-            .node_weights()
-            .filter_map(|n| match &n.op {
-                Op::Einsum(s) => Some(s.to_string()),
-                _ => None,
-            })
-            .collect();
-        specs.sort();
-        assert_eq!(specs, vec!["abc,bd->cad", "abc->a"]);
+        assert_eq!(einsum_specs(&h), vec!["abc,bd->cad", "abc->a"]);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use super::element::{Lowering, Source};
 use super::emit::{add, bin, mul, sub};
 use super::gemm::{layout, library, Layout, Operand};
 use super::Sink;
-use crate::ir::{CeOp, DType, Dim, NodeId, TensorType};
+use crate::ir::{CeOp, DType, Dim, Graph, NodeId, TensorType};
 use crate::kernel::{Access, Binary, Elem, Expr, Kernel, LoopKind, Scalar, Stmt, Unary};
 use std::collections::HashMap;
 
@@ -96,9 +96,9 @@ fn word_chunk(table: &Layout, transposed: bool, v0: i64) -> Result<Operand, Stri
 
 /// Whether `n` is a cross-entropy op these kernels can run: a constant vocabulary and
 /// f32 operands.
-pub fn applies(lw: &Lowering, n: NodeId) -> bool {
-    let Some((_, transposed)) = which(&lw.g.node(n).op) else { return false };
-    let table = &lw.g.ty(lw.g.operands(n)[1]).shape;
+pub fn applies(g: &Graph, n: NodeId) -> bool {
+    let Some((_, transposed)) = which(&g.node(n).op) else { return false };
+    let table = &g.ty(g.operands(n)[1]).shape;
     let vocab = if transposed { &table[1] } else { &table[0] };
     vocab.as_const().is_some_and(|v| v > 0)
 }

@@ -386,7 +386,7 @@ fn cross_entropy_kernels<'a>(
 ) -> Result<(), String> {
     let g = sink.g;
     let op = &g.node(n).op;
-    let chunked = library.filter(|_| cross_entropy_chunks::applies(&sink.lowering(), n));
+    let chunked = library.filter(|_| cross_entropy_chunks::applies(g, n));
     if let Some(reads) = chunked {
         sink.stored = reads;
     }
