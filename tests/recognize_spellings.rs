@@ -324,8 +324,9 @@ fn check_scheduled(c: &Case) -> Result<(), String> {
     let plan = fusion::fuse(&optimized).unwrap();
     let mem = memory::plan_memory(&optimized, &plan).unwrap();
     let params = perturbed_params(&reference, 1);
-    // The generated schedule (GPU targets) and the CPU one with library GEMMs.
-    for opts in [schedule::ScheduleOptions::default(), schedule::ScheduleOptions::cpu()] {
+    // The GPU schedule (block kernels, run by the GPU-semantics executor) and the CPU one
+    // with library GEMMs.
+    for opts in [schedule::ScheduleOptions::gpu(), schedule::ScheduleOptions::cpu()] {
         let s = schedule::schedule_with(&optimized, &plan, &mem, &opts).map_err(|e| format!("{e}\n{text}"))?;
         for n in [c.n, c.n + 5] {
             let tokens = token_tensor(2, n, 11, 3);

@@ -85,17 +85,18 @@ fn is_gpu(target: &str) -> bool {
 /// The schedule options of `target`: CPUs hand products to the GEMM library.
 pub fn schedule_options(target: &str) -> ScheduleOptions {
     if is_gpu(target) {
-        ScheduleOptions::default()
+        ScheduleOptions::gpu()
     } else {
         ScheduleOptions::cpu()
     }
 }
 
-/// The target's rewrites of scheduled kernels: on GPUs row kernels become blocks
-/// (`kernel/blocks.rs`), on CPUs reductions are interchanged (`kernel/interchange.rs`).
+/// The target's rewrites of scheduled kernels: on CPUs reductions are interchanged
+/// (`kernel/interchange.rs`). GPU schedules come in blocks already
+/// (`ScheduleOptions::gpu_blocks`).
 pub fn target_kernels(kernels: &[crate::kernel::Kernel], target: &str) -> Vec<crate::kernel::Kernel> {
     if is_gpu(target) {
-        kernels.iter().map(crate::kernel::blocks::coalesce_rows).collect()
+        kernels.to_vec()
     } else {
         kernels.iter().map(crate::kernel::interchange::interchange_reductions).collect()
     }

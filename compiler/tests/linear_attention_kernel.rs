@@ -124,20 +124,34 @@ fn inputs(names: &[(String, usize)], b: usize, n: usize) -> Vec<(String, Tensor)
         .collect()
 }
 
-fn schedule_of(g: &Graph, chunk: usize) -> Schedule {
+fn schedule_of(g: &Graph, opts: &ScheduleOptions) -> Schedule {
     let plan = fusion::fuse(g).unwrap();
     let mem = memory::plan_memory(g, &plan).unwrap();
-    schedule::schedule_with(g, &plan, &mem, &ScheduleOptions { chunk, ..Default::default() }).unwrap()
+    schedule::schedule_with(g, &plan, &mem, opts).unwrap()
 }
 
 /// The largest relative L2 error over every length.
 fn check(direction: Direction, decay: bool, prologue: Prologue, chunk: usize) -> f64 {
-    let (d, e) = (4, 3);
+    let opts = ScheduleOptions { chunk, ..Default::default() };
+    check_with(direction, decay, prologue, (4, 3), &opts, &[1, 5, 64, 65, 130])
+}
+
+/// [`check`] with head widths (d, e), schedule options and lengths.
+fn check_with(
+    direction: Direction,
+    decay: bool,
+    prologue: Prologue,
+    (d, e): (usize, usize),
+    opts: &ScheduleOptions,
+    lengths: &[usize],
+) -> f64 {
+    let chunk = opts.chunk;
     let (g, names) = graph(direction, decay, prologue, d, e);
-    let s = schedule_of(&g, chunk);
+    let s = schedule_of(&g, opts);
     assert_eq!(s.kernels.len(), 1, "one kernel");
+    assert_eq!(s.kernels[0].threads.is_some(), opts.gpu_blocks, "a block kernel exactly on GPUs");
     let mut worst = 0f64;
-    for n in [1, 5, 64, 65, 130] {
+    for &n in lengths {
         let b = 2;
         let ins = inputs(&names, b, n);
         let map: HashMap<String, Tensor> = ins.iter().cloned().collect();
@@ -175,6 +189,28 @@ fn chunked_kernel_matches_the_naive_interpreter() {
     }
 }
 
+/// The GPU block kernel (`schedule/linear_attention_gpu.rs`) in the GPU-semantics
+/// executor: threads in random order, every shared-memory access checked for races and
+/// uninitialized reads. Chunks of 64 and 4 tokens (the GPU tiles take powers of two),
+/// one value tile (e = 3) and two (e = 80: tiles of 40 columns).
+#[test]
+fn gpu_block_kernel_matches_the_naive_interpreter() {
+    for (direction, decay) in [
+        (Direction::Causal, false),
+        (Direction::Causal, true),
+        (Direction::Anticausal, true),
+        (Direction::Full, false),
+    ] {
+        for chunk in [64, 4] {
+            let opts = ScheduleOptions { chunk, ..ScheduleOptions::gpu() };
+            let worst = check_with(direction, decay, Prologue::Elu, (4, 3), &opts, &[1, 5, 13, 65]);
+            eprintln!("GPU {direction:?} decay={decay} C={chunk}: worst relative L2 {worst:.2e}");
+        }
+        let opts = ScheduleOptions { chunk: 4, ..ScheduleOptions::gpu() };
+        check_with(direction, decay, Prologue::Identity, (4, 80), &opts, &[6]);
+    }
+}
+
 #[test]
 fn chunk_sizes_one_and_beyond_the_sequence() {
     for chunk in [1, 200] {
@@ -188,7 +224,7 @@ fn chunk_sizes_one_and_beyond_the_sequence() {
 fn kernel_memory_is_linear_in_n() {
     // The only buffers are the inputs and the output; local arrays have constant sizes.
     let (g, _) = graph(Direction::Causal, true, Prologue::Elu, 16, 16);
-    let s = schedule_of(&g, 64);
+    let s = schedule_of(&g, &ScheduleOptions::default());
     for b in &s.buffers {
         assert!(b.bytes.degree_in("N") <= 1, "a buffer of {} bytes", b.bytes);
     }
@@ -227,7 +263,7 @@ fn compiled_time_per_token_is_flat() {
     use tnc_compiler::backend::{self, CpuTarget};
     let (d, e) = (16, 16);
     let (g, names) = graph(Direction::Causal, true, Prologue::Elu, d, e);
-    let s = schedule_of(&g, 64);
+    let s = schedule_of(&g, &ScheduleOptions::default());
     let k = &s.kernels[0];
     let target = CpuTarget::parse("native").unwrap();
     let dedup = backend::dedup_kernels(&s.kernels).unwrap();

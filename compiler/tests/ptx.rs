@@ -366,7 +366,9 @@ fn model_kernels(path: &Path) -> Vec<Kernel> {
     }
     let plan = fusion::fuse(&g).unwrap();
     let mem = memory::plan_memory(&g, &plan).unwrap();
-    let s = schedule::schedule(&g, &plan, &mem).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // As `tnc compile --target sm80` schedules them: row kernels and attention as blocks.
+    let s = schedule::schedule_with(&g, &plan, &mem, &schedule::ScheduleOptions::gpu())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     backend::dedup_kernels(&s.kernels).unwrap().kernels
 }
 
@@ -375,8 +377,7 @@ fn every_model_assembles() {
     let mut attention_spills = vec![];
     for path in models() {
         let model = path.file_name().unwrap().to_string_lossy().into_owned();
-        // As `tnc compile --target sm80` emits them: row kernels as blocks.
-        let kernels: Vec<Kernel> = model_kernels(&path).iter().map(blocks::coalesce_rows).collect();
+        let kernels: Vec<Kernel> = model_kernels(&path);
         assert!(kernels.iter().any(|k| k.threads.is_some()), "{model}: no row kernel became a block");
         let mut worst = (0u32, 0u32);
         for (arch, stats) in check_kernels(&kernels, &model, &["sm80", "sm90"]) {
@@ -585,9 +586,8 @@ fn dump_gpu_cases() {
         }
         let plan = fusion::fuse(&g).unwrap();
         let mem = memory::plan_memory(&g, &plan).unwrap();
-        let mut s = schedule::schedule(&g, &plan, &mem).unwrap();
-        // As `tnc compile --target sm90` emits them: row kernels as blocks.
-        s.kernels = s.kernels.iter().map(blocks::coalesce_rows).collect();
+        // As `tnc compile --target sm90` schedules them.
+        let s = schedule::schedule_with(&g, &plan, &mem, &schedule::ScheduleOptions::gpu()).unwrap();
         let dedup = backend::dedup_kernels(&s.kernels).unwrap();
         let (b, n) = (2i64, 7i64);
         let mut args: Vec<i64> = s.sizes.iter().map(|x| if x == "B" { b } else { n }).collect();

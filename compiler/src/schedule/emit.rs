@@ -218,6 +218,35 @@ impl Emitter {
         v
     }
 
+    /// A block's shared f32 array of `len` elements (block kernels), declared in the
+    /// kernel body. Like a local array, nothing that reads it is hoisted.
+    pub fn shared(&mut self, len: usize) -> Var {
+        let v = self.fresh();
+        self.mutable.insert(v);
+        self.var_level.insert(v, 0);
+        self.levels[0].push(Stmt::Shared { var: v, elem: Scalar::F32, len });
+        v
+    }
+
+    /// Open `if cond { let var = value; … }` (the condition is given to
+    /// [`Emitter::close_if`]): a level of its own, so that everything computed from `var`
+    /// — a load at a guarded index — stays below the test.
+    pub fn open_if(&mut self, value: Expr) -> Var {
+        let v = self.fresh();
+        self.levels.push(vec![Stmt::Let { var: v, value }]);
+        self.var_level.insert(v, self.depth());
+        v
+    }
+
+    /// Close the innermost `if` opened by [`Emitter::open_if`].
+    pub fn close_if(&mut self, cond: Expr) {
+        let then = self.levels.pop().expect("an `if` is open");
+        let d = self.depth();
+        self.memo.retain(|_, (_, l)| *l <= d);
+        self.var_level.retain(|_, l| *l <= d);
+        self.push(Stmt::If { cond, then, otherwise: Vec::new() });
+    }
+
     /// An accumulator whose loop has finished: from now on its value no longer changes,
     /// so expressions reading it may be placed at its level again.
     pub fn freeze(&mut self, var: Var) {

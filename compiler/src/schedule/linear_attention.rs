@@ -44,15 +44,90 @@ fn f(op: Binary, a: Expr, b: Expr) -> Expr {
 }
 
 /// One of the three prologue regions, applied to its slice of the op's operands.
-struct Operand {
+pub(super) struct Operand {
     region: Rc<Region>,
     args: Rc<[NodeId]>,
 }
 
 impl Operand {
-    fn at(&self, lw: &mut Lowering, idx: &[Expr]) -> Result<Expr, String> {
+    pub fn at(&self, lw: &mut Lowering, idx: &[Expr]) -> Result<Expr, String> {
         let s = Source::region(self.region.clone(), &self.args);
         lw.value(s, idx)
+    }
+}
+
+/// What both kernels (this one and the GPU block kernel) need to know of the op: its
+/// three regions with their operands, the decay operand, and the shapes.
+pub(super) struct Parts {
+    pub q: Operand,
+    pub k: Operand,
+    pub v: Operand,
+    pub lam: Option<NodeId>,
+    pub out_ty: crate::ir::TensorType,
+    /// The flattened batch axes (batch, heads).
+    pub batch: Vec<crate::ir::Dim>,
+    pub len_n: Expr,
+    /// Key and value widths (constants).
+    pub d: usize,
+    pub e: usize,
+}
+
+impl Parts {
+    pub fn of(lw: &Lowering, n: NodeId, la: &LinearAttention) -> Result<Parts, String> {
+        let g = lw.g;
+        let ops = g.operands(n);
+        let (na, nb, nc) = (la.q.args.len(), la.k.args.len(), la.v.args.len());
+        let part = |r: &Region, from: usize, count: usize| Operand {
+            region: Rc::new(r.clone()),
+            args: ops[from..from + count].to_vec().into(),
+        };
+        let (q, k, v) = (part(&la.q, 0, na), part(&la.k, na, nb), part(&la.v, na + nb, nc));
+        let lam = if la.decay { Some(ops[na + nb + nc]) } else { None };
+        if la.direction == Direction::Full && lam.is_some() {
+            return Err("a decayed linear attention must be causal or anticausal".into());
+        }
+        let out_ty = g.ty(n).clone();
+        let qt = la.q.result_type().clone();
+        let r = qt.rank();
+        let width = |d: &crate::ir::Dim, what: &str| -> Result<usize, String> {
+            d.as_const()
+                .filter(|&x| x > 0)
+                .map(|x| x as usize)
+                .ok_or_else(|| format!("linear attention needs a constant {what} width, got {d}"))
+        };
+        Ok(Parts {
+            q,
+            k,
+            v,
+            lam,
+            batch: qt.shape[..r - 2].to_vec(),
+            len_n: lw.e.dim(&qt.shape[r - 2])?,
+            d: width(&qt.shape[r - 1], "key")?,
+            e: width(&out_ty.shape[r - 1], "value")?,
+            out_ty,
+        })
+    }
+
+    /// λ for the batch index `b_idx` (size-1 axes of λ broadcast).
+    pub fn decay_at(&self, lw: &mut Lowering, b_idx: &[Expr]) -> Result<Option<Expr>, String> {
+        let Some(l) = self.lam else { return Ok(None) };
+        let lt = lw.g.ty(l).clone();
+        let at: Vec<Expr> = lt
+            .shape
+            .iter()
+            .zip(b_idx)
+            .map(|(dim, i)| if dim.as_const() == Some(1) { Expr::I64(0) } else { i.clone() })
+            .collect();
+        lw.value(Source::Node(l), &at).map(Some)
+    }
+
+    /// The number of parallel iterations over the batch axes.
+    pub fn batch_extent(&self, lw: &Lowering) -> Result<Expr, String> {
+        let mut extent = Expr::I64(1);
+        for dim in &self.batch {
+            extent = mul(extent, lw.e.dim(dim)?);
+        }
+        Ok(extent)
     }
 }
 
@@ -64,32 +139,10 @@ pub fn kernel(
     chunk: usize,
     name: String,
 ) -> Result<(Kernel, Vec<usize>), String> {
-    let g = lw.g;
     let c = chunk.max(1);
-    let ops = g.operands(n);
-    let (na, nb, nc) = (la.q.args.len(), la.k.args.len(), la.v.args.len());
-    let part = |r: &Region, from: usize, count: usize| Operand {
-        region: Rc::new(r.clone()),
-        args: ops[from..from + count].to_vec().into(),
-    };
-    let (q, k, v) = (part(&la.q, 0, na), part(&la.k, na, nb), part(&la.v, na + nb, nc));
-    let lam_node = if la.decay { Some(ops[na + nb + nc]) } else { None };
-    if la.direction == Direction::Full && lam_node.is_some() {
-        return Err("a decayed linear attention must be causal or anticausal".into());
-    }
-    let out_ty = g.ty(n).clone();
-    let qt = la.q.result_type().clone();
-    let r = qt.rank();
-    let batch = qt.shape[..r - 2].to_vec();
-    let len_n = lw.e.dim(&qt.shape[r - 2])?;
-    let width = |d: &crate::ir::Dim, what: &str| -> Result<usize, String> {
-        d.as_const()
-            .filter(|&x| x > 0)
-            .map(|x| x as usize)
-            .ok_or_else(|| format!("linear attention needs a constant {what} width, got {d}"))
-    };
-    let d = width(&qt.shape[r - 1], "key")?;
-    let e = width(&out_ty.shape[r - 1], "value")?;
+    let parts = Parts::of(lw, n, la)?;
+    let Parts { q, k, v, out_ty, batch, len_n, d, e, .. } = &parts;
+    let (d, e) = (*d, *e);
     let (di, ei, ci) = (Expr::I64(d as i64), Expr::I64(e as i64), Expr::I64(c as i64));
 
     let b_idx = lw.unravel(Expr::Var(lw.e.index), &batch)?;
@@ -104,17 +157,8 @@ pub fn kernel(
     let vs = lw.e.array(c * e);
     let w = lw.e.array(c);
     let o = lw.e.array(e);
-    let pw = match lam_node {
-        Some(l) => {
-            // λ of this batch index, size-1 axes broadcast.
-            let lt = g.ty(l).clone();
-            let at: Vec<Expr> = lt
-                .shape
-                .iter()
-                .zip(&b_idx)
-                .map(|(dim, i)| if dim.as_const() == Some(1) { Expr::I64(0) } else { i.clone() })
-                .collect();
-            let lam = lw.value(Source::Node(l), &at)?;
+    let pw = match parts.decay_at(lw, &b_idx)? {
+        Some(lam) => {
             let pw = lw.e.array(c + 1);
             let p = lw.e.open();
             let value = f(Binary::Pow, lam, Expr::Cast(Scalar::F32, Box::new(Expr::Var(p))));
@@ -286,9 +330,6 @@ pub fn kernel(
             lw.e.close(t, chunks.clone(), LoopKind::Serial);
         }
     }
-    let mut extent = Expr::I64(1);
-    for dim in &batch {
-        extent = mul(extent, lw.e.dim(dim)?);
-    }
+    let extent = parts.batch_extent(lw)?;
     super::finish(lw, name, extent)
 }

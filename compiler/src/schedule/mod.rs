@@ -21,6 +21,7 @@ mod element;
 mod emit;
 mod gemm;
 mod linear_attention;
+pub mod linear_attention_gpu;
 pub mod optimizer;
 pub mod run;
 mod special;
@@ -125,11 +126,16 @@ pub struct ScheduleOptions {
     /// Dense contractions become library GEMM nodes (`gemm.rs`); CPU targets only, as
     /// the GPU runtime has no GEMM library yet. Off, they are generated loop nests.
     pub library_gemm: bool,
+    /// GPU block kernels: the linear-attention scan as thread blocks staging its chunks
+    /// in shared memory (`linear_attention_gpu.rs`), row kernels as blocks whose threads
+    /// share each row (`kernel/blocks.rs`). Off, every kernel runs one parallel iteration
+    /// per thread.
+    pub gpu_blocks: bool,
 }
 
 impl Default for ScheduleOptions {
     fn default() -> Self {
-        ScheduleOptions { chunk: linear_attention::DEFAULT_CHUNK, library_gemm: false }
+        ScheduleOptions { chunk: linear_attention::DEFAULT_CHUNK, library_gemm: false, gpu_blocks: false }
     }
 }
 
@@ -137,6 +143,11 @@ impl ScheduleOptions {
     /// The options for a CPU target.
     pub fn cpu() -> Self {
         ScheduleOptions { library_gemm: true, ..Default::default() }
+    }
+
+    /// The options for a GPU target.
+    pub fn gpu() -> Self {
+        ScheduleOptions { gpu_blocks: true, ..Default::default() }
     }
 }
 
@@ -315,6 +326,9 @@ pub fn schedule_with(
         scratch.release(&mut stored);
     }
     sizes.shrink_to_fit();
+    if opts.gpu_blocks {
+        out.kernels = out.kernels.iter().map(crate::kernel::blocks::coalesce_rows).collect();
+    }
     Ok(Schedule { kernels: out.kernels, buffers, steps: out.steps, sizes, scalars, params, inputs, outputs })
 }
 

@@ -17,6 +17,12 @@ pub fn kernel(
     match &lw.g.node(n).op {
         Op::Scan { axis, reverse } => scan(lw, n, *axis, *reverse, name),
         Op::ScatterAdd { .. } => scatter_add(lw, n, name),
+        Op::LinearAttention(la) if opts.gpu_blocks => {
+            match super::linear_attention_gpu::kernel(lw, n, la, opts.chunk, name.clone())? {
+                Some(k) => Ok(k),
+                None => super::linear_attention::kernel(lw, n, la, opts.chunk, name),
+            }
+        }
         Op::LinearAttention(la) => super::linear_attention::kernel(lw, n, la, opts.chunk, name),
         // Constant block widths (DiagAttention): staged per block. The whole sequence as
         // one block (softmax baseline, w = N): one composed region per output element.
