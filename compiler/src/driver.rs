@@ -85,7 +85,9 @@ fn is_gpu(target: &str) -> bool {
 /// The schedule options of `target`: CPUs hand products to the GEMM library.
 pub fn schedule_options(target: &str) -> ScheduleOptions {
     if is_gpu(target) {
-        ScheduleOptions::gpu()
+        let shared_limit =
+            GpuTarget::parse(target).map_or(crate::kernel::STATIC_SHARED_BYTES, |t| t.max_shared_bytes());
+        ScheduleOptions { shared_limit, ..ScheduleOptions::gpu() }
     } else {
         ScheduleOptions::cpu()
     }
@@ -160,12 +162,14 @@ fn compile_gpu(
         use tnc_runtime::manifest::Poly;
         let one = || Poly::constant(1);
         k.gpu = Some(match kernel.threads {
-            // A block kernel: one block of its threads per iteration (shared arrays are
-            // static, in the PTX).
+            // A block kernel: one block of its threads per iteration, with the dynamic
+            // shared memory its arrays need beyond the static 48 KB (else they are static,
+            // in the PTX).
             Some(t) => tnc_runtime::manifest::GpuLaunch {
                 block: [t, 1, 1],
                 grid: [k.extent.clone(), one(), one()],
-                shared_bytes: 0,
+                shared_bytes: u32::try_from(kernel.dynamic_shared_bytes())
+                    .map_err(|_| format!("kernel `{}` declares too much shared memory", kernel.name))?,
             },
             // One thread per iteration: grid = ceil(range / block).
             None => tnc_runtime::manifest::GpuLaunch {

@@ -195,12 +195,9 @@ fn chunked_kernel_matches_the_naive_interpreter() {
 /// one value tile (e = 3) and two (e = 80: tiles of 40 columns).
 #[test]
 fn gpu_block_kernel_matches_the_naive_interpreter() {
-    for (direction, decay) in [
-        (Direction::Causal, false),
-        (Direction::Causal, true),
-        (Direction::Anticausal, true),
-        (Direction::Full, false),
-    ] {
+    for (direction, decay) in
+        [(Direction::Causal, false), (Direction::Causal, true), (Direction::Anticausal, true), (Direction::Full, false)]
+    {
         for chunk in [64, 4] {
             let opts = ScheduleOptions { chunk, ..ScheduleOptions::gpu() };
             let worst = check_with(direction, decay, Prologue::Elu, (4, 3), &opts, &[1, 5, 13, 65]);

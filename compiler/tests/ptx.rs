@@ -135,7 +135,7 @@ fn check_kernels(kernels: &[Kernel], what: &str, targets: &[&str]) -> Vec<(Strin
             assert!(ptx.contains(&format!(".entry {}(", k.name)), "{what} {name}: no entry `{}`:\n{ptx}", k.name);
         }
         assert_eq!(ptx.matches(".entry ").count(), kernels.len(), "{what} {name}: one .entry per kernel");
-        assert!(!ptx.contains(".extern"), "{what} {name}: unresolved functions:\n{ptx}");
+        assert!(!ptx.contains(".extern .func"), "{what} {name}: unresolved functions:\n{ptx}");
         if let Some(dir) = std::env::var_os("TNC_PTX_DUMP") {
             let file = format!("{}-{name}.ptx", what.replace(['/', ' '], "_"));
             std::fs::write(Path::new(&dir).join(file), &ptx).unwrap();
@@ -391,6 +391,125 @@ fn every_model_assembles() {
         eprintln!("{model}: {} kernels, at most {} registers, worst spills {} B", kernels.len(), worst.0, worst.1);
     }
     assert!(attention_spills.is_empty(), "attention kernels spill:\n{}", attention_spills.join("\n"));
+}
+
+/// `tnc compile --target T` bundles against what `ptxas -v` reports for their PTX: every
+/// kernel's launch shape in the manifest can run — the block's registers fit the register
+/// file (64K per SM on sm_80 … sm_90), static shared memory is what the kernel declares
+/// (at most 48 KB), dynamic shared memory is exactly the rest, and the two together stay
+/// within the target's limit per block — and no attention kernel spills or uses local
+/// memory (their arrays are in shared memory). Every model at test size for sm80 and
+/// sm90, and full-size T1 (d = 64, 64-token blocks: its block attention needs dynamic
+/// shared memory) for sm80 and sm86 (99 KB per block: the backward's 128 KB does not
+/// fit, so it stays one thread per block, and may use local memory there).
+#[test]
+fn bundles_launch_within_ptxas_figures() {
+    use tnc_compiler::driver;
+    use tnc_compiler::frontend::{self, Input, Request};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut cases: Vec<(PathBuf, Vec<String>, &str)> = vec![];
+    for path in models() {
+        for target in ["sm80", "sm90"] {
+            cases.push((path.clone(), tiny_sets(&path), target));
+        }
+    }
+    for target in ["sm80", "sm86"] {
+        cases.push((root.join("models/transnormer_t1.tn"), vec![], target));
+    }
+    for (path, sets, target) in cases {
+        let what = format!(
+            "{} {target}{}",
+            path.file_stem().unwrap().to_string_lossy(),
+            if sets.is_empty() { " (full size)" } else { "" }
+        );
+        let (sources, g) = frontend::elaborate(Input::Path(&path), &Request { sets: &sets, model: None });
+        let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+        let dir = std::env::temp_dir().join(format!(
+            "tnc-launch-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let compiled =
+            driver::compile(g, target, &dir, Default::default(), Vec::new()).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let manifest: tnc_runtime::Manifest =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let gpu = GpuTarget::parse(target).unwrap();
+        let stats = assemble(&ptx, &gpu.sm, &what);
+        let staged = ["_linear_attention", "_block_attention", "_block_attention_grad"];
+        for (entry, kernel) in manifest.kernels.iter().zip(&compiled.schedule.kernels) {
+            let s = stats
+                .iter()
+                .find(|s| s.name == entry.symbol)
+                .unwrap_or_else(|| panic!("{what}: no `{}`", entry.symbol));
+            let launch = entry.gpu.as_ref().unwrap_or_else(|| panic!("{what}: `{}` has no launch shape", entry.name));
+            let threads: u32 = launch.block.iter().product();
+            assert_eq!(Some(launch.block[0]), kernel.threads.or(Some(backend::GPU_BLOCK)), "{what} {}", entry.name);
+            assert!(
+                s.registers <= 255 && s.registers * threads <= 65536,
+                "{what} {}: {s:?} × {threads} threads",
+                entry.name
+            );
+            let (layout, end) = kernel.shared_layout();
+            let declared: u32 = kernel_shared_floats(kernel) * 4;
+            let dynamic = launch.shared_bytes;
+            if dynamic > 0 {
+                assert_eq!(s.shared, 0, "{what} {}: dynamic shared memory only", entry.name);
+                assert_eq!(dynamic as usize, end, "{what} {}: the manifest's dynamic shared memory", entry.name);
+            } else {
+                assert!(
+                    declared <= s.shared && s.shared as usize <= end,
+                    "{what} {}: {s:?}, declared {declared} B in {} arrays",
+                    entry.name,
+                    layout.len()
+                );
+                assert!(s.shared as usize <= STATIC_SHARED_BYTES, "{what} {}: {s:?}", entry.name);
+            }
+            assert!(
+                (s.shared + dynamic) as usize <= gpu.max_shared_bytes(),
+                "{what} {}: {s:?} + {dynamic} B",
+                entry.name
+            );
+            if entry.name.contains("attention") {
+                assert_eq!(s.spill_stores + s.spill_loads, 0, "{what} {}: spills: {s:?}", entry.name);
+            }
+            let staged = staged.iter().any(|n| entry.name.ends_with(n));
+            if staged && kernel.threads.is_some() {
+                assert_eq!(s.stack, 0, "{what} {}: local memory: {s:?}", entry.name);
+            }
+        }
+        let blocks: Vec<&str> = manifest
+            .kernels
+            .iter()
+            .zip(&compiled.schedule.kernels)
+            .filter(|(e, k)| k.threads.is_some() && staged.iter().any(|n| e.name.ends_with(n)))
+            .map(|(e, _)| e.name.as_str())
+            .collect();
+        eprintln!("{what}: {} kernels, staged attention blocks {blocks:?}", manifest.kernels.len());
+        if sets.is_empty() {
+            // Full-size T1: every linear attention and the block-attention forward are blocks
+            // on every target, its backward too where 128 KB per block is allowed.
+            let want = if target == "sm86" { 5 } else { 6 };
+            assert_eq!(blocks.len(), want, "{what}: {blocks:?}");
+        }
+    }
+}
+
+/// Floats of a kernel's shared arrays.
+fn kernel_shared_floats(k: &Kernel) -> u32 {
+    fn walk(stmts: &[Stmt]) -> u32 {
+        stmts
+            .iter()
+            .map(|s| match s {
+                Stmt::Shared { len, .. } => *len as u32,
+                Stmt::For { body, .. } => walk(body),
+                Stmt::If { then, otherwise, .. } => walk(then) + walk(otherwise),
+                _ => 0,
+            })
+            .sum()
+    }
+    walk(&k.body)
 }
 
 // ---- cases for a GPU ----

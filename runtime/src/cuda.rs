@@ -365,6 +365,23 @@ impl CudaExecutor {
                     what: format!("finding kernel `{}` (entry `{}`) in {CUDA_KERNELS_FILE}", k.name, k.symbol),
                     message: format!("{e}"),
                 })?;
+                // Dynamic shared memory beyond 48 KB needs the function's opt-in (up to the
+                // device's limit per block, which the driver checks here).
+                let shared = k.gpu.as_ref().map_or(0, |g| g.shared_bytes);
+                if shared > 48 * 1024 {
+                    let attribute = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                    let bytes = i32::try_from(shared).unwrap_or(i32::MAX);
+                    // SAFETY: `f` was just resolved in the loaded module.
+                    unsafe { result::function::set_function_attribute(f, attribute, bytes) }.map_err(|e| {
+                        ExecError::Cuda {
+                            what: format!(
+                                "kernel `{}` needs {shared} bytes of shared memory per block, more than this GPU allows",
+                                k.name
+                            ),
+                            message: format!("{e}"),
+                        }
+                    })?;
+                }
                 ex.functions[i] = Some(f);
             }
         }

@@ -232,6 +232,18 @@ impl GpuTarget {
     pub fn compute_capability(&self) -> u32 {
         self.sm.trim_start_matches("sm_").trim_end_matches('a').parse().expect("a known target")
     }
+
+    /// The most shared memory one block may use, in bytes (CUDA Programming Guide,
+    /// "Technical Specifications per Compute Capability": 163 KB on 8.0, 99 KB on 8.6
+    /// and 8.9, 227 KB on 9.0). Beyond 48 KB it is dynamic shared memory, opted into per
+    /// function.
+    pub fn max_shared_bytes(&self) -> usize {
+        match self.compute_capability() {
+            80 => 163 * 1024,
+            86 | 89 => 99 * 1024,
+            _ => 227 * 1024,
+        }
+    }
 }
 
 #[cfg(test)]

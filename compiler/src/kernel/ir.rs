@@ -218,6 +218,12 @@ pub enum Stmt {
     Barrier,
 }
 
+/// Bytes of shared memory a block may declare statically (PTX `.shared` variables). A
+/// kernel that declares more gets its shared arrays in dynamic shared memory, whose size
+/// each launch passes (the manifest's `shared_bytes`; beyond 48 KB the function must also
+/// opt in, up to the device's limit per block).
+pub const STATIC_SHARED_BYTES: usize = 48 * 1024;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Kernel {
     pub name: String,
@@ -243,6 +249,47 @@ pub struct Kernel {
 }
 
 impl Kernel {
+    /// Where each shared array (`Stmt::Shared`, in declaration order) starts in the
+    /// block's shared memory, in bytes, each aligned to 16; and the bytes in all.
+    pub fn shared_layout(&self) -> (Vec<(Var, usize)>, usize) {
+        fn walk(stmts: &[Stmt], out: &mut Vec<(Var, usize)>, end: &mut usize) {
+            for s in stmts {
+                match s {
+                    Stmt::Shared { var, elem, len } => {
+                        let bytes = match elem {
+                            Scalar::F32 | Scalar::I32 => 4,
+                            Scalar::I64 => 8,
+                            Scalar::Bool => 1,
+                        };
+                        let start = end.div_ceil(16) * 16;
+                        out.push((*var, start));
+                        *end = start + bytes * len;
+                    }
+                    Stmt::For { body, .. } => walk(body, out, end),
+                    Stmt::If { then, otherwise, .. } => {
+                        walk(then, out, end);
+                        walk(otherwise, out, end);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let (mut layout, mut end) = (Vec::new(), 0);
+        walk(&self.body, &mut layout, &mut end);
+        (layout, end)
+    }
+
+    /// The dynamic shared memory each launch provides: all of the kernel's shared arrays
+    /// when they exceed [`STATIC_SHARED_BYTES`], otherwise none (they are static).
+    pub fn dynamic_shared_bytes(&self) -> usize {
+        let (_, bytes) = self.shared_layout();
+        if bytes > STATIC_SHARED_BYTES {
+            bytes
+        } else {
+            0
+        }
+    }
+
     /// The first variable number the kernel does not use (for rewrites adding variables).
     pub fn next_var(&self) -> u32 {
         fn max_var(stmts: &[Stmt]) -> u32 {

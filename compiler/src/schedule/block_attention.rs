@@ -17,11 +17,18 @@
 //! the local arrays through [`Source::Array`], so their row reductions (softmax's max and
 //! sum) run once per row. Needs the block width w and the head widths d, e to be
 //! constants; full-sequence attention (w = N, the softmax baseline) keeps the composed
-//! kernel of `special.rs`. Local memory per block: `w·(2d + e) + w² + w + e` floats
-//! forward, `w·(2d + 2e) + 4w²` backward.
+//! kernel of `special.rs`. Local memory per block: `w·(2d + e) + 2w²` floats forward,
+//! `w·(2d + 2e) + 4w²` backward.
+//!
+//! On GPUs (`ScheduleOptions::gpu_blocks`) the same kernels are block kernels: one thread
+//! block per attention block, the arrays in shared memory (dynamic beyond 48 KB, up to the
+//! target's limit, else the kernel stays one thread per block), each phase — staging, the
+//! products, the weights, the stores — dealt to the threads (`threads.rs`) with a barrier
+//! between phases. The weights are dealt by rows, so a row's reductions still run once.
 
 use super::element::{elem_of, Lowering, Source};
 use super::emit::{add, mul};
+use super::threads::{deal, split, THREADS};
 use crate::ir::{BlockAttention, BlockAttentionGrad, NodeId, Region, TensorType};
 use crate::kernel::{Access, Binary, Expr, Kernel, LoopKind, Stmt, Var};
 use std::rc::Rc;
@@ -50,11 +57,30 @@ struct Block {
     v: Var,
     /// The scores' type `[batch…, w, w]`, for reading S (and dP) as region arguments.
     scores: TensorType,
+    /// A GPU block kernel: arrays in shared memory, phases dealt to the threads.
+    gpu: bool,
+}
+
+/// Floats of the arrays of one block: forward `w·(2d + e) + 2w²`, backward
+/// `w·(2d + 2e) + 4w²`.
+fn block_floats((w, d, e): (usize, usize, usize), backward: bool) -> usize {
+    if backward {
+        w * (2 * d + 2 * e) + 4 * w * w
+    } else {
+        w * (2 * d + e) + 2 * w * w
+    }
+}
+
+/// Whether the kernel is a GPU block kernel: asked for, and its shared arrays fit (with
+/// the 16-byte alignment of each of the at most seven arrays).
+fn on_gpu(ba: &BlockAttention, backward: bool, opts: &super::ScheduleOptions) -> bool {
+    let fits = |widths| (block_floats(widths, backward) * 4 + 7 * 16) <= opts.shared_limit;
+    opts.gpu_blocks && constant_widths(ba).is_some_and(fits)
 }
 
 impl Block {
     /// Stages q', k', v' of the block (and declares the arrays).
-    fn stage(lw: &mut Lowering, ba: &BlockAttention, ops: &[NodeId]) -> Result<Block, String> {
+    fn stage(lw: &mut Lowering, ba: &BlockAttention, ops: &[NodeId], gpu: bool) -> Result<Block, String> {
         let (w, d, e) = constant_widths(ba).ok_or("block attention needs constant block and head widths")?;
         let qt = ba.q.result_type().clone();
         let r = qt.rank();
@@ -63,25 +89,64 @@ impl Block {
         let (na, nb, nc) = (ba.q.args.len(), ba.k.args.len(), ba.v.args.len());
         let mut scores = qt.clone();
         scores.shape[r - 1] = qt.shape[r - 2].clone();
-        let mut block = Block { b_idx, w, d, e, q: Var(0), k: Var(0), v: Var(0), scores };
+        let mut block = Block { b_idx, w, d, e, q: Var(0), k: Var(0), v: Var(0), scores, gpu };
         block.q = block.stage_region(lw, &ba.q, &ops[..na], d)?;
         block.k = block.stage_region(lw, &ba.k, &ops[na..na + nb], d)?;
         block.v = block.stage_region(lw, &ba.v, &ops[na + nb..na + nb + nc], e)?;
         Ok(block)
     }
 
+    /// A `w × len`-float array: local, or shared by the block's threads.
+    fn array(&self, lw: &mut Lowering, len: usize) -> Var {
+        if self.gpu {
+            lw.e.shared(len)
+        } else {
+            lw.e.array(len)
+        }
+    }
+
+    /// The block's threads wait for each other (GPU; one thread per block needs nothing).
+    fn sync(&self, lw: &mut Lowering) {
+        if self.gpu {
+            lw.e.push(Stmt::Barrier);
+        }
+    }
+
+    /// `body(row, col)` for every element of a `rows × cols` tile: nested loops, or on
+    /// GPUs the elements dealt to the threads.
+    fn each(
+        &self,
+        lw: &mut Lowering,
+        (rows, cols): (usize, usize),
+        kinds: (LoopKind, LoopKind),
+        body: impl FnOnce(&mut Lowering, Expr, Expr) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let cols_i = Expr::I64(cols as i64);
+        if self.gpu {
+            return deal(lw, Expr::I64((rows * cols) as i64), |lw, x| {
+                let (r, c) = split(lw, &x, &cols_i);
+                body(lw, r, c)
+            });
+        }
+        let r = lw.e.open();
+        let c = lw.e.open();
+        body(lw, Expr::Var(r), Expr::Var(c))?;
+        lw.e.close(c, cols_i, kinds.1);
+        lw.e.close(r, Expr::I64(rows as i64), kinds.0);
+        Ok(())
+    }
+
     /// A `w × width` array holding `source` at the block's rows.
     fn stage_source(&self, lw: &mut Lowering, source: Source, width: usize) -> Result<Var, String> {
-        let arr = lw.e.array(self.w * width);
-        let i = lw.e.open();
-        let a = lw.e.open();
-        let mut idx = self.b_idx.clone();
-        idx.extend([Expr::Var(i), Expr::Var(a)]);
-        let value = lw.value(source, &idx)?;
-        let at = add(mul(Expr::Var(i), Expr::I64(width as i64)), Expr::Var(a));
-        lw.e.push(Stmt::StoreArray { array: arr, index: at, value });
-        lw.e.close(a, Expr::I64(width as i64), LoopKind::Vector);
-        lw.e.close(i, Expr::I64(self.w as i64), LoopKind::Serial);
+        let arr = self.array(lw, self.w * width);
+        self.each(lw, (self.w, width), (LoopKind::Serial, LoopKind::Vector), |lw, i, a| {
+            let mut idx = self.b_idx.clone();
+            idx.extend([i.clone(), a.clone()]);
+            let value = lw.value(source, &idx)?;
+            let at = add(mul(i, Expr::I64(width as i64)), a);
+            lw.e.push(Stmt::StoreArray { array: arr, index: at, value });
+            Ok(())
+        })?;
         Ok(arr)
     }
 
@@ -92,35 +157,44 @@ impl Block {
     /// `out[i·w + j] = Σ_x a[i·ka + x·sa] · b[j·kb + x·sb]` for all i, j < w over x < n:
     /// the products of the block's small matrices.
     fn product(&self, lw: &mut Lowering, out: Var, a: (Var, usize, usize), b: (Var, usize, usize), n: usize) {
-        let i = lw.e.open();
-        let j = lw.e.open();
-        let (iv, jv) = (Expr::Var(i), Expr::Var(j));
-        let dot = lw.serial_sum(Expr::F32(0.0), Expr::I64(n as i64), |_, x| {
-            let ai = add(mul(iv.clone(), Expr::I64(a.1 as i64)), mul(x.clone(), Expr::I64(a.2 as i64)));
-            let bi = add(mul(jv.clone(), Expr::I64(b.1 as i64)), mul(x, Expr::I64(b.2 as i64)));
-            Expr::Binary(Binary::Mul, Box::new(load(a.0, ai)), Box::new(load(b.0, bi)))
+        let serial = (LoopKind::Serial, LoopKind::Serial);
+        let done = self.each(lw, (self.w, self.w), serial, |lw, iv, jv| {
+            let dot = lw.serial_sum(Expr::F32(0.0), Expr::I64(n as i64), |_, x| {
+                let ai = add(mul(iv.clone(), Expr::I64(a.1 as i64)), mul(x.clone(), Expr::I64(a.2 as i64)));
+                let bi = add(mul(jv.clone(), Expr::I64(b.1 as i64)), mul(x, Expr::I64(b.2 as i64)));
+                Expr::Binary(Binary::Mul, Box::new(load(a.0, ai)), Box::new(load(b.0, bi)))
+            });
+            let at = add(mul(iv, Expr::I64(self.w as i64)), jv);
+            lw.e.push(Stmt::StoreArray { array: out, index: at, value: dot });
+            Ok(())
         });
-        let at = add(mul(iv, Expr::I64(self.w as i64)), jv);
-        lw.e.push(Stmt::StoreArray { array: out, index: at, value: dot });
-        lw.e.close(j, Expr::I64(self.w as i64), LoopKind::Serial);
-        lw.e.close(i, Expr::I64(self.w as i64), LoopKind::Serial);
+        done.expect("a product of local arrays cannot fail");
     }
 
-    /// A `w × w` array of `region(args…)` (arguments: local `w × w` arrays).
+    /// A `w × w` array of `region(args…)` (arguments: `w × w` arrays of the block). On
+    /// GPUs each thread takes whole rows, so a row's reductions are computed once.
     fn apply(&self, lw: &mut Lowering, region: &Region, args: &[Var]) -> Result<Var, String> {
-        let out = lw.e.array(self.w * self.w);
+        let out = self.array(lw, self.w * self.w);
         let args: Rc<[Source]> =
             args.iter().map(|&a| Source::Array { array: a, ty: self.scores.clone(), keep: 2 }).collect();
         let source = Source::Region { region: Rc::new(region.clone()), value: region.result, args };
-        let i = lw.e.open();
-        let j = lw.e.open();
-        let mut idx = self.b_idx.clone();
-        idx.extend([Expr::Var(i), Expr::Var(j)]);
-        let value = lw.value(source, &idx)?;
-        let at = add(mul(Expr::Var(i), Expr::I64(self.w as i64)), Expr::Var(j));
-        lw.e.push(Stmt::StoreArray { array: out, index: at, value });
-        lw.e.close(j, Expr::I64(self.w as i64), LoopKind::Serial);
-        lw.e.close(i, Expr::I64(self.w as i64), LoopKind::Serial);
+        let row = |lw: &mut Lowering, i: Expr| -> Result<(), String> {
+            let j = lw.e.open();
+            let mut idx = self.b_idx.clone();
+            idx.extend([i.clone(), Expr::Var(j)]);
+            let value = lw.value(source, &idx)?;
+            let at = add(mul(i, Expr::I64(self.w as i64)), Expr::Var(j));
+            lw.e.push(Stmt::StoreArray { array: out, index: at, value });
+            lw.e.close(j, Expr::I64(self.w as i64), LoopKind::Serial);
+            Ok(())
+        };
+        if self.gpu {
+            deal(lw, Expr::I64(self.w as i64), row)?;
+        } else {
+            let i = lw.e.open();
+            row(lw, Expr::Var(i))?;
+            lw.e.close(i, Expr::I64(self.w as i64), LoopKind::Serial);
+        }
         Ok(out)
     }
 
@@ -136,41 +210,50 @@ impl Block {
         a: Var,
         width: usize,
     ) -> Result<(), String> {
-        let row = lw.e.open();
-        let col = lw.e.open();
-        let (rv, cv) = (Expr::Var(row), Expr::Var(col));
-        let value = lw.serial_sum(Expr::F32(0.0), Expr::I64(self.w as i64), |_, x| {
-            let mi = add(mul(x.clone(), Expr::I64(m.1 as i64)), mul(rv.clone(), Expr::I64(m.2 as i64)));
-            let ai = add(mul(x, Expr::I64(width as i64)), cv.clone());
-            Expr::Binary(Binary::Mul, Box::new(load(m.0, mi)), Box::new(load(a, ai)))
-        });
-        let mut idx = self.b_idx.clone();
-        idx.extend([rv, add(cv, Expr::I64(offset as i64))]);
-        let lin = lw.linear(&idx, &out.1.shape)?;
-        lw.e.push(Stmt::Store { buffer: out.0, index: lin, value });
-        lw.e.close(col, Expr::I64(width as i64), LoopKind::Vector);
-        lw.e.close(row, Expr::I64(self.w as i64), LoopKind::Serial);
-        Ok(())
+        self.each(lw, (self.w, width), (LoopKind::Serial, LoopKind::Vector), |lw, rv, cv| {
+            let value = lw.serial_sum(Expr::F32(0.0), Expr::I64(self.w as i64), |_, x| {
+                let mi = add(mul(x.clone(), Expr::I64(m.1 as i64)), mul(rv.clone(), Expr::I64(m.2 as i64)));
+                let ai = add(mul(x, Expr::I64(width as i64)), cv.clone());
+                Expr::Binary(Binary::Mul, Box::new(load(m.0, mi)), Box::new(load(a, ai)))
+            });
+            let mut idx = self.b_idx.clone();
+            idx.extend([rv, add(cv, Expr::I64(offset as i64))]);
+            let lin = lw.linear(&idx, &out.1.shape)?;
+            lw.e.push(Stmt::Store { buffer: out.0, index: lin, value });
+            Ok(())
+        })
     }
 }
 
-fn finish_block(lw: &mut Lowering, ba: &BlockAttention, name: String) -> Result<(Kernel, Vec<usize>), String> {
+fn finish_block(
+    lw: &mut Lowering,
+    blk: &Block,
+    ba: &BlockAttention,
+    name: String,
+) -> Result<(Kernel, Vec<usize>), String> {
     let qt = ba.q.result_type();
     let mut extent = Expr::I64(1);
     for dim in &qt.shape[..qt.rank() - 2] {
         extent = mul(extent, lw.e.dim(dim)?);
     }
-    super::finish(lw, name, extent)
+    let (mut kernel, bindings) = super::finish(lw, name, extent)?;
+    kernel.threads = blk.gpu.then_some(THREADS);
+    Ok((kernel, bindings))
 }
 
 /// What both kernels start with: the output buffer slot and type, the staged block,
 /// and the node's operands.
-fn begin(lw: &mut Lowering, n: NodeId, ba: &BlockAttention) -> Result<(Block, usize, TensorType, Vec<NodeId>), String> {
+fn begin(
+    lw: &mut Lowering,
+    n: NodeId,
+    ba: &BlockAttention,
+    gpu: bool,
+) -> Result<(Block, usize, TensorType, Vec<NodeId>), String> {
     let ops = lw.g.operands(n);
     let out_ty = lw.g.ty(n).clone();
     let global = lw.stored[&n];
     let out = lw.e.buffer(global, &format!("b{global}"), elem_of(out_ty.dtype), Access::Write);
-    let blk = Block::stage(lw, ba, &ops)?;
+    let blk = Block::stage(lw, ba, &ops, gpu)?;
     Ok((blk, out, out_ty, ops))
 }
 
@@ -179,16 +262,20 @@ pub fn forward(
     lw: &mut Lowering,
     n: NodeId,
     ba: &BlockAttention,
+    opts: &super::ScheduleOptions,
     name: String,
 ) -> Result<(Kernel, Vec<usize>), String> {
-    let (blk, out, out_ty, _) = begin(lw, n, ba)?;
+    let (blk, out, out_ty, _) = begin(lw, n, ba, on_gpu(ba, false, opts))?;
     let (w, d, e) = (blk.w, blk.d, blk.e);
-    let s = lw.e.array(w * w);
+    blk.sync(lw);
+    let s = blk.array(lw, w * w);
     blk.product(lw, s, (blk.q, d, 1), (blk.k, d, 1), d);
+    blk.sync(lw);
     let p = blk.apply(lw, &ba.weights, &[s])?;
+    blk.sync(lw);
     // out[i, y] = Σ_j P[i, j] v'[j, y]: P read row-major (x = j at stride 1, row i at w).
     blk.store_product(lw, (out, &out_ty), 0, (p, 1, w), blk.v, e)?;
-    finish_block(lw, ba, name)
+    finish_block(lw, &blk, ba, name)
 }
 
 /// The backward kernel of block attention: `[dq' | dk' | dv']` of node `n`.
@@ -196,22 +283,26 @@ pub fn backward(
     lw: &mut Lowering,
     n: NodeId,
     bg: &BlockAttentionGrad,
+    opts: &super::ScheduleOptions,
     name: String,
 ) -> Result<(Kernel, Vec<usize>), String> {
     let ba = &bg.forward;
-    let (blk, out, out_ty, ops) = begin(lw, n, ba)?;
+    let (blk, out, out_ty, ops) = begin(lw, n, ba, on_gpu(ba, true, opts))?;
     let (w, d, e) = (blk.w, blk.d, blk.e);
     let d_o = *ops.get(ba.operand_count()).ok_or("block attention's backward has no output cotangent")?;
     let go = blk.stage_source(lw, Source::Node(d_o), e)?;
-    let s = lw.e.array(w * w);
+    blk.sync(lw);
+    let s = blk.array(lw, w * w);
     blk.product(lw, s, (blk.q, d, 1), (blk.k, d, 1), d);
-    let p = blk.apply(lw, &ba.weights, &[s])?;
-    let dp = lw.e.array(w * w);
+    let dp = blk.array(lw, w * w);
     blk.product(lw, dp, (go, e, 1), (blk.v, e, 1), e);
+    blk.sync(lw);
+    let p = blk.apply(lw, &ba.weights, &[s])?;
     let ds = blk.apply(lw, &bg.weights_vjp, &[s, dp])?;
+    blk.sync(lw);
     // dq'[i] = Σ_j dS[i, j] k'[j];  dk'[j] = Σ_i dS[i, j] q'[i];  dv'[j] = Σ_i P[i, j] dO[i].
     blk.store_product(lw, (out, &out_ty), 0, (ds, 1, w), blk.k, d)?;
     blk.store_product(lw, (out, &out_ty), d, (ds, w, 1), blk.q, d)?;
     blk.store_product(lw, (out, &out_ty), 2 * d, (p, w, 1), go, e)?;
-    finish_block(lw, ba, name)
+    finish_block(lw, &blk, ba, name)
 }

@@ -29,14 +29,12 @@
 //! and E_T are chosen so that the shared arrays fit the 48 KB every block may declare
 //! statically ([`tiles`]); arithmetic is f32 throughout.
 
-use super::emit::{add, bin, div, mul, rem, sub};
 use super::element::{elem_of, Lowering};
+use super::emit::{add, bin, div, mul, rem, sub};
 use super::linear_attention::Parts;
+use super::threads::{deal, split, THREADS};
 use crate::ir::{Direction, LinearAttention, NodeId};
 use crate::kernel::{Access, Binary, Expr, Kernel, LoopKind, Scalar, Stmt, Var};
-
-/// Threads per block (four warps).
-pub const THREADS: u32 = 128;
 
 /// Bytes of shared memory a block may declare statically.
 pub const SHARED_LIMIT: usize = 48 * 1024;
@@ -68,7 +66,11 @@ impl Tiles {
 pub fn tiles(d: usize, e: usize, max_chunk: usize, full: bool, decay: bool) -> Option<Tiles> {
     let fits = |t: Tiles| t.shared_floats(d, full, decay) * 4 <= SHARED_LIMIT;
     let longest = |cols: usize| {
-        (0..=6).map(|p| 64usize >> p).filter(|&c| c <= max_chunk.max(1)).map(|chunk| Tiles { chunk, cols }).find(|&t| fits(t))
+        (0..=6)
+            .map(|p| 64usize >> p)
+            .filter(|&c| c <= max_chunk.max(1))
+            .map(|chunk| Tiles { chunk, cols })
+            .find(|&t| fits(t))
     };
     let widths: Vec<usize> = (1..=e.min(MAX_TILE)).rev().filter(|w| e % w == 0).collect();
     let wanted = 16.min(max_chunk.max(1));
@@ -81,24 +83,6 @@ pub fn tiles(d: usize, e: usize, max_chunk: usize, full: bool, decay: bool) -> O
 
 fn load(array: Var, index: Expr) -> Expr {
     Expr::LoadArray { array, index: Box::new(index) }
-}
-
-/// `for round { if round·T + thread < count { body(element) } }`: the elements
-/// `0..count` dealt to the block's threads.
-fn deal(
-    lw: &mut Lowering,
-    count: Expr,
-    body: impl FnOnce(&mut Lowering, Expr) -> Result<(), String>,
-) -> Result<(), String> {
-    let t = Expr::I64(i64::from(THREADS));
-    let rounds = lw.e.bind(div(add(count.clone(), Expr::I64(i64::from(THREADS) - 1)), t.clone()));
-    let round = lw.e.open();
-    let element = add(mul(Expr::Var(round), t), Expr::Thread);
-    let x = lw.e.open_if(element.clone());
-    body(lw, Expr::Var(x))?;
-    lw.e.close_if(bin(Binary::Lt, element, count));
-    lw.e.close(round, rounds, LoopKind::Serial);
-    Ok(())
 }
 
 /// The block kernel of linear attention node `n`; `None` when its shared arrays cannot
@@ -141,10 +125,6 @@ pub fn kernel(
     let scaled = |x: Expr, k: Expr| match power(k) {
         Some(p) => bin(Binary::Mul, x, p),
         None => x,
-    };
-    // (row, column) of element `x` of a row-major tile `width` wide.
-    let split = |lw: &mut Lowering, x: &Expr, width: &Expr| {
-        (lw.e.bind(div(x.clone(), width.clone())), lw.e.bind(rem(x.clone(), width.clone())))
     };
 
     deal(lw, Expr::I64((d * et) as i64), |lw, x| {
@@ -267,8 +247,7 @@ pub fn kernel(
             // m = i + y, y ∈ 0..len − i, the state len − i steps away.
             deal(lw, mul(len.clone(), eti.clone()), |lw, x| {
                 let (i, j) = split(lw, &x, &eti);
-                let count =
-                    lw.e.bind(if reverse { sub(len.clone(), i.clone()) } else { add(i.clone(), Expr::I64(1)) });
+                let count = lw.e.bind(if reverse { sub(len.clone(), i.clone()) } else { add(i.clone(), Expr::I64(1)) });
                 let state = inter(lw, &i, &j);
                 let state = lw.e.bind(scaled(state, count.clone()));
                 let wrow = lw.e.bind(mul(i.clone(), ci.clone()));

@@ -25,6 +25,7 @@ pub mod linear_attention_gpu;
 pub mod optimizer;
 pub mod run;
 mod special;
+mod threads;
 
 use crate::fusion::FusionPlan;
 use crate::ir::{Dim, Graph, NodeId, Op};
@@ -131,11 +132,19 @@ pub struct ScheduleOptions {
     /// share each row (`kernel/blocks.rs`). Off, every kernel runs one parallel iteration
     /// per thread.
     pub gpu_blocks: bool,
+    /// The most shared memory a block kernel may declare, in bytes (the target's limit per
+    /// block; beyond 48 KB it is dynamic shared memory).
+    pub shared_limit: usize,
 }
 
 impl Default for ScheduleOptions {
     fn default() -> Self {
-        ScheduleOptions { chunk: linear_attention::DEFAULT_CHUNK, library_gemm: false, gpu_blocks: false }
+        ScheduleOptions {
+            chunk: linear_attention::DEFAULT_CHUNK,
+            library_gemm: false,
+            gpu_blocks: false,
+            shared_limit: crate::kernel::STATIC_SHARED_BYTES,
+        }
     }
 }
 
@@ -145,7 +154,8 @@ impl ScheduleOptions {
         ScheduleOptions { library_gemm: true, ..Default::default() }
     }
 
-    /// The options for a GPU target.
+    /// The options for a GPU target, with shared memory up to the static 48 KB (every
+    /// target allows more per block: see `driver::schedule_options`).
     pub fn gpu() -> Self {
         ScheduleOptions { gpu_blocks: true, ..Default::default() }
     }

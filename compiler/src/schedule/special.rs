@@ -27,10 +27,10 @@ pub fn kernel(
         // Constant block widths (DiagAttention): staged per block. The whole sequence as
         // one block (softmax baseline, w = N): one composed region per output element.
         Op::BlockAttention(ba) if super::block_attention::constant_widths(ba).is_some() => {
-            super::block_attention::forward(lw, n, ba, name)
+            super::block_attention::forward(lw, n, ba, opts, name)
         }
         Op::BlockAttentionGrad(bg) if super::block_attention::constant_widths(&bg.forward).is_some() => {
-            super::block_attention::backward(lw, n, bg, name)
+            super::block_attention::backward(lw, n, bg, opts, name)
         }
         Op::BlockAttention(_) | Op::BlockAttentionGrad(_) => {
             Err("full-sequence block attention is scheduled by `block_attention_full`".into())

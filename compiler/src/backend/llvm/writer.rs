@@ -503,12 +503,35 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
                 if self.arrays.contains_key(var) {
                     return Err(format!("shared array {var} is declared twice"));
                 }
-                let name = format!("{}.{var}", self.kernel.name);
-                let g = self.module.add_global(aty, Some(AddressSpace::from(3u16)), &name);
-                g.set_linkage(Linkage::Internal);
-                g.set_initializer(&aty.get_undef());
-                g.set_alignment(16);
-                self.arrays.insert(*var, (g.as_pointer_value(), t, *len));
+                let shared = Some(AddressSpace::from(3u16));
+                let p = if self.kernel.dynamic_shared_bytes() > 0 {
+                    // Beyond the static limit: an offset into the launch's dynamic shared
+                    // memory, which every `extern .shared` array of the module addresses
+                    // from its start (as CUDA's `extern __shared__`).
+                    let (layout, _) = self.kernel.shared_layout();
+                    let offset = layout.iter().find(|(v, _)| v == var).map(|&(_, o)| o).ok_or("unlaid shared array")?;
+                    let name = "tnc_dynamic_shared";
+                    let base = match self.module.get_global(name) {
+                        Some(g) => g,
+                        None => {
+                            let g = self.module.add_global(self.ctx.i8_type().array_type(0), shared, name);
+                            g.set_linkage(Linkage::External);
+                            g.set_alignment(16);
+                            g
+                        }
+                    };
+                    let at = self.i64c(offset as i64);
+                    unsafe { self.b.build_in_bounds_gep(self.ctx.i8_type(), base.as_pointer_value(), &[at], "") }
+                        .map_err(be)?
+                } else {
+                    let name = format!("{}.{var}", self.kernel.name);
+                    let g = self.module.add_global(aty, shared, &name);
+                    g.set_linkage(Linkage::Internal);
+                    g.set_initializer(&aty.get_undef());
+                    g.set_alignment(16);
+                    g.as_pointer_value()
+                };
+                self.arrays.insert(*var, (p, t, *len));
             }
             Stmt::Barrier => {
                 let f = Intrinsic::find("llvm.nvvm.barrier0")
