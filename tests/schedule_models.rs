@@ -78,8 +78,9 @@ fn check_schedule(path: &std::path::Path, s: &schedule::Schedule, lengths: &[(us
 }
 
 /// GPU schedules (`ScheduleOptions::gpu`): row kernels become block kernels
-/// (`kernel/blocks.rs`), the linear-attention scans and block attention (forward and
-/// backward) thread blocks with shared memory (`schedule/linear_attention_gpu.rs`, chunks
+/// (`kernel/blocks.rs`), products tiled GEMMs (`kernel/gemm_tiles.rs`), the
+/// linear-attention scans and block attention (forward and backward) thread blocks with
+/// shared memory (`schedule/linear_attention_gpu.rs`, chunks
 /// of 4 tokens so that N = 6 and 13 take several; `schedule/block_attention.rs`). The reference executor runs them in the GPU-semantics executor (threads in
 /// random order, shared memory and barrier checks); every model still matches.
 #[test]
@@ -89,6 +90,10 @@ fn gpu_block_schedules_match_the_interpreter() {
         let s = check_with(&path, true, &[(3, 6), (2, 13)], &opts);
         let blocks = s.kernels.iter().filter(|k| k.threads.is_some()).count();
         assert!(blocks >= 3, "{}: {blocks} block kernels", path.display());
+        // Products are tiled GEMM blocks (256 threads), no library node is left.
+        assert!(s.kernels.iter().all(|k| k.gemm.is_none()), "{}: a library node on a GPU", path.display());
+        let tiled = s.kernels.iter().filter(|k| k.name.ends_with("_gemm") && k.threads == Some(256)).count();
+        assert!(tiled >= 3, "{}: {tiled} tiled GEMMs", path.display());
         // The staged attention kernels (not the softmax baseline's w = N composition).
         let staged = ["_linear_attention", "_block_attention", "_block_attention_grad"];
         for k in s.kernels.iter().filter(|k| staged.iter().any(|n| k.name.ends_with(n))) {

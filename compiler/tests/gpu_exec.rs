@@ -48,3 +48,84 @@ fn a_barrier_not_every_thread_reaches_is_reported() {
     let e = run(BlockBug::DivergentBarrier).unwrap_err();
     assert!(e.contains("barrier") && e.contains("differs between threads"), "{e}");
 }
+
+/// GEMM library nodes tiled for GPUs (`kernel/gemm_tiles.rs`) against the same node run
+/// naively by the reference executor: sizes that are and are not multiples of the 64 × 64
+/// × 16 tiles, row-major and transposed operands (the loads' two thread orders), a batch
+/// axis, a run-time size, and `C += A·B`. Within 1e-5 relative to each element's scale
+/// (the sums are f32 in the same order; only the FMA contraction may differ).
+#[test]
+fn tiled_gemms_match_the_library_node() {
+    use tnc_compiler::kernel::gemm::{BatchAxis, Gemm, Matrix};
+    use tnc_compiler::kernel::gemm_tiles::tile_gemm;
+    use tnc_compiler::kernel::{Access, BufferDecl, Elem, Expr, Kernel, Var};
+    let i = Expr::I64;
+    let mul = |a: Expr, b: Expr| Expr::Binary(tnc_compiler::kernel::Binary::Mul, Box::new(a), Box::new(b));
+    // (m, n, k, A transposed, B transposed, batch, accumulate); m may be the size `M`.
+    let cases = [
+        (64, 64, 16, false, false, 1, false),
+        (70, 33, 37, false, false, 1, false),
+        (5, 130, 3, true, false, 2, true),
+        (129, 7, 40, false, true, 3, false),
+        (1, 1, 0, false, false, 1, true),
+        (31, 65, 17, true, true, 2, false),
+    ];
+    for (ci, &(m, n, k, at, bt, batch, accumulate)) in cases.iter().enumerate() {
+        let msize = Expr::Size(0); // M = m at run time
+                                   // A: [batch, m, k] stored row-major or as [batch, k, m]; B likewise.
+        let a = if at {
+            Matrix { offset: i(3), rows: i(1), cols: msize.clone() }
+        } else {
+            Matrix { offset: i(3), rows: i(k), cols: i(1) }
+        };
+        let b = if bt {
+            Matrix { offset: i(0), rows: i(1), cols: i(k) }
+        } else {
+            Matrix { offset: i(0), rows: i(n), cols: i(1) }
+        };
+        let c = Matrix { offset: i(1), rows: i(n), cols: i(1) };
+        let g = Gemm {
+            accumulate,
+            batch: vec![BatchAxis { extent: i(batch), a: mul(msize.clone(), i(k)), b: i(k * n), c: i(m * n) }],
+            m: msize,
+            n: i(n),
+            k: i(k),
+            a,
+            b,
+            c,
+        };
+        let decl = |name: &str, access| BufferDecl { name: name.into(), elem: Elem::F32, access };
+        let c_access = if accumulate { Access::ReadWrite } else { Access::Write };
+        let node = Kernel {
+            name: format!("gemm{ci}"),
+            buffers: vec![decl("a", Access::Read), decl("b", Access::Read), decl("c", c_access)],
+            sizes: vec!["M".into()],
+            scalars: vec![],
+            index: Var(0),
+            extent: i(batch * m),
+            body: vec![],
+            gemm: Some(g),
+            threads: None,
+        };
+        let tiled = tile_gemm(&node);
+        assert_eq!(tiled.threads, Some(256));
+        let data = |len: i64, seed: i64| -> Vec<f32> {
+            (0..len).map(|x| (((x * 7919 + seed * 104729) % 211) as f32 - 105.0) / 64.0).collect()
+        };
+        let inputs = || {
+            vec![
+                Buffer::F32(data(3 + batch * m * k, 1)),
+                Buffer::F32(data(batch * k * n, 2)),
+                Buffer::F32(data(1 + batch * m * n + 2, 3)),
+            ]
+        };
+        let (mut want, mut got) = (inputs(), inputs());
+        run_all(&node, &mut want, &[m]).unwrap();
+        run_all(&tiled, &mut got, &[m]).unwrap_or_else(|e| panic!("case {ci}: {e}"));
+        let (Buffer::F32(w), Buffer::F32(g)) = (&want[2], &got[2]) else { unreachable!() };
+        let scale = (k as f32).max(1.0) * 3.0;
+        for (x, (a, b)) in w.iter().zip(g).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * scale, "case {ci}: C[{x}] = {b}, want {a}");
+        }
+    }
+}

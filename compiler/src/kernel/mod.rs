@@ -1,10 +1,11 @@
 //! Kernels: the loop-nest IR every back end prints (see `ir.rs`), the GEMM library nodes
-//! it may contain (`gemm.rs`), its text form, and a reference executor used to test
+//! it may contain (`gemm.rs`; tiled block kernels on GPUs, `gemm_tiles.rs`), its text form, and a reference executor used to test
 //! schedules without a code generator.
 
 pub mod blocks;
 pub mod exec;
 pub mod gemm;
+pub mod gemm_tiles;
 pub mod gpu_exec;
 pub mod interchange;
 pub mod ir;

@@ -124,13 +124,15 @@ fn symbols(g: &Graph) -> Vec<String> {
 pub struct ScheduleOptions {
     /// Tokens per chunk of the linear-attention scan kernels (≥ 1).
     pub chunk: usize,
-    /// Dense contractions become library GEMM nodes (`gemm.rs`); CPU targets only, as
-    /// the GPU runtime has no GEMM library yet. Off, they are generated loop nests.
+    /// Dense contractions become library GEMM nodes (`gemm.rs`), and the cross-entropy
+    /// sweeps the vocabulary in chunks of them; CPU targets only. Off, contractions are
+    /// generated loop nests (or, with `gpu_blocks`, tiled block kernels).
     pub library_gemm: bool,
-    /// GPU block kernels: the linear-attention scan as thread blocks staging its chunks
-    /// in shared memory (`linear_attention_gpu.rs`), row kernels as blocks whose threads
-    /// share each row (`kernel/blocks.rs`). Off, every kernel runs one parallel iteration
-    /// per thread.
+    /// GPU block kernels: the linear-attention scan and block attention as thread blocks
+    /// staging their operands in shared memory (`linear_attention_gpu.rs`,
+    /// `block_attention.rs`), dense products as tiled GEMMs (`kernel/gemm_tiles.rs`), row
+    /// kernels as blocks whose threads share each row (`kernel/blocks.rs`). Off, every
+    /// kernel runs one parallel iteration per thread.
     pub gpu_blocks: bool,
     /// The most shared memory a block kernel may declare, in bytes (the target's limit per
     /// block; beyond 48 KB it is dynamic shared memory).
@@ -269,7 +271,8 @@ pub fn schedule_with(
         // A group runs in `forward` when it writes a value the forward outputs need; a group
         // that only recomputes forward values for the backward stays in `backward`.
         let entry = if group.outputs.iter().any(|n| forward.contains(n)) { Entry::Forward } else { Entry::Backward };
-        let gemms: HashSet<NodeId> = if opts.library_gemm {
+        // Dense products: library nodes on CPUs, tiled block kernels on GPUs.
+        let gemms: HashSet<NodeId> = if opts.library_gemm || opts.gpu_blocks {
             group.nodes.iter().copied().filter(|&n| gemm::is_library_gemm(g, n)).collect()
         } else {
             HashSet::new()
@@ -337,7 +340,8 @@ pub fn schedule_with(
     }
     sizes.shrink_to_fit();
     if opts.gpu_blocks {
-        out.kernels = out.kernels.iter().map(crate::kernel::blocks::coalesce_rows).collect();
+        use crate::kernel::{blocks::coalesce_rows, gemm_tiles::tile_gemm};
+        out.kernels = out.kernels.iter().map(|k| coalesce_rows(&tile_gemm(k))).collect();
     }
     Ok(Schedule { kernels: out.kernels, buffers, steps: out.steps, sizes, scalars, params, inputs, outputs })
 }
