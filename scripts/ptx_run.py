@@ -91,7 +91,11 @@ def run_set(d, name):
                 continue
             args = [ctypes.c_uint64(table.value), ctypes.c_uint64(sizes.value), ctypes.c_int64(begin), ctypes.c_int64(end)]
             params = (ctypes.c_void_p * 4)(*[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args])
-            check(cuda.cuLaunchKernel(funcs[k], grid, 1, 1, block, 1, 1, 0, None, params, None), f"launch {k}")
+            shared = case.get("shared", 0)
+            if shared > 48 * 1024:
+                # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: the opt-in beyond 48 KB.
+                check(cuda.cuFuncSetAttribute(funcs[k], 8, shared), f"shared memory of {k}")
+            check(cuda.cuLaunchKernel(funcs[k], grid, 1, 1, block, 1, 1, shared, None, params, None), f"launch {k}")
         check(cuda.cuCtxSynchronize(), f"{name} case {ci} kernel {k}")
         for b, (p, size) in zip(case["buffers"], bufs):
             if b["access"] != "r":

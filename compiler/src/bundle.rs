@@ -60,6 +60,11 @@ fn extent_poly(e: &Expr, sizes: &[String]) -> Result<Poly, String> {
     })
 }
 
+/// The run-time arguments a GEMM's polynomials may name: sizes, scalars, launch arguments.
+fn gemm_names(k: &kernel::Kernel) -> Vec<String> {
+    k.sizes.iter().chain(&k.scalars).cloned().collect()
+}
+
 /// A library node's GEMM with every index expression as a polynomial.
 fn gemm_entry(g: &kernel::gemm::Gemm, sizes: &[String]) -> Result<m::GemmEntry, String> {
     let p = |e: &Expr| extent_poly(e, sizes);
@@ -162,7 +167,9 @@ pub fn manifest(
                 extent: extent_poly(&k.extent, &k.sizes)?,
                 args: k.scalars.get(s.scalars.len()..).unwrap_or_default().to_vec(),
                 library: k.gemm.is_some(),
-                gemm: k.gemm.as_ref().map(|g| gemm_entry(g, &k.sizes)).transpose()?,
+                // Its views may use launch arguments (the kernel's scalars beyond the
+                // program's), named like sizes.
+                gemm: k.gemm.as_ref().map(|g| gemm_entry(g, &gemm_names(k))).transpose()?,
                 gpu: None,
             })
         })

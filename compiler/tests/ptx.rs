@@ -605,10 +605,12 @@ impl Cases {
             bufs.push(serde_json::json!({"name": d.name, "elem": elem, "access": access, "in": fi, "want": fw}));
         }
         let extent = int(&k.extent, sizes);
-        // `threads`: a block kernel, one block of that many threads per iteration.
-        self.cases.push(
-            serde_json::json!({"kernel": entry, "sizes": sizes, "extent": extent, "threads": k.threads, "buffers": bufs}),
-        );
+        // `threads`: a block kernel, one block of that many threads per iteration;
+        // `shared`: the dynamic shared memory of its launches.
+        self.cases.push(serde_json::json!({
+            "kernel": entry, "sizes": sizes, "extent": extent, "threads": k.threads,
+            "shared": k.dynamic_shared_bytes(), "buffers": bufs,
+        }));
         want
     }
 
@@ -733,7 +735,9 @@ fn dump_gpu_cases() {
             let k = &s.kernels[step.kernel];
             let inputs: Vec<exec::Buffer> =
                 k.buffers.iter().zip(&step.buffers).map(|(d, &g)| typed(&memory[g], d.elem)).collect();
-            let want = cases.add(k, &dedup.names[&k.name], &inputs, &args);
+            // The step's launch arguments follow the sizes and scalars.
+            let step_args: Vec<i64> = args.iter().chain(&step.args).copied().collect();
+            let want = cases.add(k, &dedup.names[&k.name], &inputs, &step_args);
             for (w, &g) in want.iter().zip(&step.buffers) {
                 let mut v = bytes(w);
                 v.resize(memory[g].len(), 0);

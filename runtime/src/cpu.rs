@@ -509,6 +509,9 @@ impl Executor {
             }
             let work = match &k.gemm {
                 Some(g) => {
+                    // The views may use the step's launch arguments.
+                    let mut env = env.clone();
+                    env.extend(k.args.iter().map(String::as_str).zip(s.args.iter().copied()));
                     let shape = gemm::Shape::eval(g, &env)
                         .map_err(|e| ExecError::Sizes(format!("GEMM of kernel `{}`: {e}", k.name)))?;
                     let lens = [gemm::SLOT_A, gemm::SLOT_B, gemm::SLOT_C].map(|i| self.bufs[s.buffers[i]].len / 4);

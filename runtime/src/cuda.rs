@@ -196,6 +196,37 @@ struct Launch {
     block: (u32, u32, u32),
     shared: u32,
     extent: i64,
+    /// The step's launch arguments, passed after the sizes and scalars (`Step::args`).
+    args: Vec<i64>,
+}
+
+/// An entry point's launches for the current allocation.
+struct EntryTable {
+    /// Every step's buffer pointers, one array after another.
+    pointers: DevBuf,
+    launches: Vec<Launch>,
+    /// `sizes ++ scalars ++ args` for each launch with launch arguments, one after another
+    /// (see [`launch_arguments`]), and the host values the device copy holds.
+    args_dev: DevBuf,
+    args_host: Vec<i64>,
+}
+
+/// The argument arrays of the launches with launch arguments: `base ++ args` for each,
+/// one after another, and where each launch's array starts (`None`: the launch reads
+/// `base` alone, from the executor's shared copy).
+fn launch_arguments<'a>(base: &[i64], launches: impl Iterator<Item = &'a [i64]>) -> (Vec<i64>, Vec<Option<usize>>) {
+    let mut all = Vec::new();
+    let mut starts = Vec::new();
+    for args in launches {
+        if args.is_empty() {
+            starts.push(None);
+        } else {
+            starts.push(Some(all.len()));
+            all.extend_from_slice(base);
+            all.extend_from_slice(args);
+        }
+    }
+    (all, starts)
 }
 
 /// Runs a CUDA bundle. See the module documentation.
@@ -206,7 +237,7 @@ pub struct CudaExecutor {
     bufs: Vec<DevBuf>,
     /// Per entry point: the device table of every step's buffer pointers, valid while the
     /// buffers are not reallocated.
-    tables: HashMap<String, (DevBuf, Vec<Launch>)>,
+    tables: HashMap<String, EntryTable>,
     /// The device copy of `sizes ++ scalars`, and the host values it holds.
     args_dev: DevBuf,
     args_host: Vec<i64>,
@@ -242,8 +273,9 @@ impl Drop for CudaExecutor {
         for b in &mut self.bufs {
             b.free();
         }
-        for (t, _) in self.tables.values_mut() {
-            t.free();
+        for t in self.tables.values_mut() {
+            t.pointers.free();
+            t.args_dev.free();
         }
         self.args_dev.free();
         unsafe {
@@ -307,14 +339,6 @@ impl CudaExecutor {
         if let Some(k) = m.kernels.iter().enumerate().find(|(i, k)| k.library && used.contains(i)).map(|(_, k)| k) {
             return Err(ExecError::Unsupported(format!(
                 "kernel `{}` is a library (GEMM) node; cuBLAS calls are not implemented yet",
-                k.name
-            )));
-        }
-        if let Some(k) =
-            m.kernels.iter().enumerate().find(|(i, k)| !k.args.is_empty() && used.contains(i)).map(|(_, k)| k)
-        {
-            return Err(ExecError::Unsupported(format!(
-                "kernel `{}` takes launch arguments, which the CUDA executor does not pass yet",
                 k.name
             )));
         }
@@ -733,8 +757,9 @@ impl CudaExecutor {
             }
         }
         // Pointers and launch shapes depend on the sizes: rebuild every table.
-        for (t, _) in self.tables.values_mut() {
-            t.free();
+        for t in self.tables.values_mut() {
+            t.pointers.free();
+            t.args_dev.free();
         }
         self.tables.clear();
         self.allocated_for = Some(sizes.to_vec());
@@ -769,6 +794,7 @@ impl CudaExecutor {
                 block,
                 shared,
                 extent,
+                args: s.args.clone(),
             });
             ptrs.extend(s.buffers.iter().map(|&b| self.bufs[b].ptr));
         }
@@ -779,7 +805,8 @@ impl CudaExecutor {
             unsafe { result::memcpy_htod_async(table.ptr, &ptrs, self.stream) }
                 .map_err(cuda_err("uploading buffer pointers"))?;
         }
-        self.tables.insert(entry.to_string(), (table, launches));
+        let table = EntryTable { pointers: table, launches, args_dev: DevBuf::empty(), args_host: Vec::new() };
+        self.tables.insert(entry.to_string(), table);
         Ok(())
     }
 
@@ -802,13 +829,30 @@ impl CudaExecutor {
         if self.debug_nan {
             self.fill_nan(entry)?;
         }
-        let (table, launches) = &self.tables[entry];
-        for (l, s) in launches.iter().zip(self.entry_steps(entry)?) {
+        // Launches with launch arguments read their own `sizes ++ scalars ++ args`.
+        let stream = self.stream;
+        let base = self.args_host.clone();
+        let t = self.tables.get_mut(entry).expect("prepared above");
+        let (per_launch, starts) = launch_arguments(&base, t.launches.iter().map(|l| l.args.as_slice()));
+        if !per_launch.is_empty() && (t.args_dev.cap == 0 || per_launch != t.args_host) {
+            t.args_dev.resize(per_launch.len() * 8, stream)?;
+            t.args_host = per_launch;
+            // SAFETY: the buffer holds `args_host.len() * 8` bytes; the host copy stays
+            // alive in `args_host` until the next update, which the stream orders after.
+            unsafe { result::memcpy_htod_async(t.args_dev.ptr, &t.args_host, stream) }
+                .map_err(cuda_err("uploading launch arguments"))?;
+        }
+        let t = &self.tables[entry];
+        let (table, launches) = (&t.pointers, &t.launches);
+        for ((l, s), start) in launches.iter().zip(self.entry_steps(entry)?).zip(starts) {
             if l.extent == 0 || l.grid.0 == 0 || l.grid.1 == 0 || l.grid.2 == 0 {
                 continue;
             }
             let mut a_buffers: u64 = table.ptr + l.table_offset as u64;
-            let mut a_sizes: u64 = self.args_dev.ptr;
+            let mut a_sizes: u64 = match start {
+                Some(i) => t.args_dev.ptr + (i * 8) as u64,
+                None => self.args_dev.ptr,
+            };
             let mut a_begin: i64 = 0;
             let mut a_end: i64 = l.extent;
             let mut params: [*mut c_void; 4] = [
@@ -931,6 +975,17 @@ mod tests {
         assert!(launch_shape("k", Some(&bad), 7, &env).is_err());
         let huge = GpuLaunch { grid: [Poly::constant(1), Poly::constant(70000), Poly::constant(1)], ..g };
         assert!(launch_shape("k", Some(&huge), 7, &env).is_err());
+    }
+
+    #[test]
+    fn launch_arguments_follow_the_sizes_of_each_launch() {
+        let base = [2, 1000, 7, 3, 1];
+        let steps: [&[i64]; 4] = [&[], &[0], &[], &[1024]];
+        let (all, starts) = launch_arguments(&base, steps.into_iter());
+        assert_eq!(starts, vec![None, Some(0), None, Some(6)]);
+        assert_eq!(all, vec![2, 1000, 7, 3, 1, 0, 2, 1000, 7, 3, 1, 1024]);
+        let (none, starts) = launch_arguments(&base, [&[][..], &[]].into_iter());
+        assert!(none.is_empty() && starts == vec![None, None]);
     }
 
     #[test]

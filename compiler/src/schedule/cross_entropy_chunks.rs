@@ -35,10 +35,9 @@ pub const VOCAB_CHUNK: i64 = 1024;
 const WIDTH: u8 = b'y';
 const WORD: u8 = b'z';
 
-/// The launch argument holding a chunk's first word: one element kernel serves every chunk
-/// of a width (a constant would make 262 kernels of a 268K vocabulary). The library GEMMs
-/// still carry the chunk's offset in their views, one node per chunk: no code, but a long
-/// manifest for a large vocabulary.
+/// The launch argument holding a chunk's first word: one kernel serves every chunk of a
+/// width, the GEMMs too (their views' offsets are polynomials in it). A constant would
+/// make 262 kernels of a 268K vocabulary (and, tiled on GPUs, 15 s of LLVM).
 const WORD0: &str = "word0";
 
 /// One cross-entropy op's operands, ready for library products.
@@ -59,9 +58,10 @@ impl Chunks {
         (0..self.tokens.len() as u8).map(|i| b'a' + i).collect()
     }
 
-    /// Words `v0 ..` of the table, as an operand with letters (word, width).
-    fn table_chunk(&self, v0: i64) -> Result<Operand, String> {
-        word_chunk(&self.table, self.transposed, v0)
+    /// The chunk's words of the table (from the launch argument [`WORD0`]), as an operand
+    /// with letters (word, width).
+    fn table_chunk(&self) -> Result<Operand, String> {
+        word_chunk(&self.table, self.transposed)
     }
 
     /// The logits workspace seen as `[T…, w]`.
@@ -87,9 +87,9 @@ impl Chunks {
 
 /// Words `v0 ..` of a table-shaped value laid out as `table` (`[V, D]`, or `[D, V]` when
 /// transposed), as an operand with letters (word, width).
-fn word_chunk(table: &Layout, transposed: bool, v0: i64) -> Result<Operand, String> {
+fn word_chunk(table: &Layout, transposed: bool) -> Result<Operand, String> {
     let (word_axis, letters) = if transposed { (1, vec![WIDTH, WORD]) } else { (0, vec![WORD, WIDTH]) };
-    let step = Dim::constant(v0).checked_mul(&table.strides[word_axis]).ok_or("size overflow")?;
+    let step = Dim::sym(WORD0).checked_mul(&table.strides[word_axis]).ok_or("size overflow")?;
     let offset = table.offset.checked_add(&step).ok_or("size overflow")?;
     Ok(Operand { layout: Layout { offset, ..table.clone() }, letters })
 }
@@ -169,7 +169,8 @@ pub fn kernels(
         (per_token_workspace()?, per_token_workspace()?, per_token_workspace()?, per_token_workspace()?);
     let logits = |sink: &mut Sink, v0: i64, w: i64, tag: &str| -> Result<(), String> {
         let product = format!("{name}_{tag}_z{v0}");
-        library(sink, &ce.x, &ce.table_chunk(v0)?, &ce.logits(z, w)?, &ce.extent(w), false, &product)
+        let chunk = [(WORD0, v0)];
+        library(sink, &chunk, &ce.x, &ce.table_chunk()?, &ce.logits(z, w)?, &ce.extent(w), false, &product)
     };
     if let (Some((lse, _)), true) = (lse, fill_lse) {
         for (c, &(v0, w)) in chunks.iter().enumerate() {
@@ -191,14 +192,16 @@ pub fn kernels(
                 })?;
                 let p = ce.logits(z, w)?;
                 let extent = ce.extent(w);
+                let chunk = [(WORD0, v0)];
                 if ce.kind == CeOp::GradX {
                     let mut letters = ce.token_letters();
                     letters.push(WIDTH);
                     let dx = Operand { layout: Layout::contiguous(out, &sink.g.ty(n).shape)?, letters };
-                    library(sink, &p, &ce.table_chunk(v0)?, &dx, &extent, c > 0, &format!("{name}_dx{c}"))?;
+                    let table = ce.table_chunk()?;
+                    library(sink, &chunk, &p, &table, &dx, &extent, c > 0, &format!("{name}_dx{c}"))?;
                 } else {
-                    let de = word_chunk(&Layout::contiguous(out, &sink.g.ty(n).shape)?, ce.transposed, v0)?;
-                    library(sink, &p, &ce.x, &de, &extent, false, &format!("{name}_de{c}"))?;
+                    let de = word_chunk(&Layout::contiguous(out, &sink.g.ty(n).shape)?, ce.transposed)?;
+                    library(sink, &chunk, &p, &ce.x, &de, &extent, false, &format!("{name}_de{c}"))?;
                 }
             }
             Ok(())

@@ -218,13 +218,16 @@ pub fn einsum(
         }
     }
     let (Some(a), Some(b)) = (&ab[0], &ab[1]) else { return Err("an operand has no layout".into()) };
-    library(sink, a, b, &c, &extent, false, name)
+    library(sink, &[], a, b, &c, &extent, false, name)
 }
 
 /// The library kernel `C = A·B` (or `C += A·B` with `accumulate`) over the letters of
-/// the three operands, launched in the sink's entry point.
+/// the three operands, launched in the sink's entry point with launch arguments `args`
+/// (the views' polynomials may use them, as sizes).
+#[allow(clippy::too_many_arguments)]
 pub fn library(
     sink: &mut Sink,
+    args: &[(&str, i64)],
     a: &Operand,
     b: &Operand,
     c: &Operand,
@@ -237,7 +240,7 @@ pub fn library(
     if merged_from(&cl.k, extent, &[&sa, &sb]) != 0 {
         return Err("the summed letters are not one axis of both operands".into());
     }
-    let lw = sink.lowering();
+    let lw = sink.lowering_with(args);
     let e = |d: &Dim| lw.e.dim(d);
     let zero = Dim::constant(0);
     let mut batch: Vec<BatchAxis> = Vec::new();
@@ -299,6 +302,7 @@ pub fn library(
         gemm: Some(gemm),
         threads: None,
     };
-    sink.out.add(kernel, vec![a.layout.buffer, b.layout.buffer, c.layout.buffer], sink.entry);
+    let values = args.iter().map(|a| a.1).collect();
+    sink.out.add_with_args(kernel, vec![a.layout.buffer, b.layout.buffer, c.layout.buffer], sink.entry, values);
     Ok(())
 }

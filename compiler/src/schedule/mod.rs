@@ -126,7 +126,8 @@ pub struct ScheduleOptions {
     pub chunk: usize,
     /// Dense contractions become library GEMM nodes (`gemm.rs`), and the cross-entropy
     /// sweeps the vocabulary in chunks of them; CPU targets only. Off, contractions are
-    /// generated loop nests (or, with `gpu_blocks`, tiled block kernels).
+    /// generated loop nests (with `gpu_blocks`, both are as on CPUs, the library nodes
+    /// tiled block kernels).
     pub library_gemm: bool,
     /// GPU block kernels: the linear-attention scan and block attention as thread blocks
     /// staging their operands in shared memory (`linear_attention_gpu.rs`,
@@ -307,7 +308,7 @@ pub fn schedule_with(
                 sink.stored = &reads;
                 gemm::einsum(&mut sink, &reads, n, out, &format!("g{gi}_gemm"))
             } else if cross_entropy::is_cross_entropy(op) {
-                let library = opts.library_gemm.then_some(&reads);
+                let library = (opts.library_gemm || opts.gpu_blocks).then_some(&reads);
                 cross_entropy_kernels(&mut sink, n, &mut lse_of, &name, library)
             } else if special::is_full_block_attention(op) {
                 full_attention_kernels(&mut sink, n, &name)
@@ -385,17 +386,19 @@ impl Sink<'_> {
         if let Some((clash, _)) = args.iter().find(|(n, _)| self.all_args.iter().any(|a| a == n)) {
             return Err(format!("the launch argument `{clash}` has the name of a size or scalar"));
         }
-        let mut names = self.all_args.to_vec();
-        names.extend(args.iter().map(|(n, _)| n.to_string()));
-        let mut lw = Lowering { g: self.g, stored: self.stored, names: &buffer_name, e: emit::Emitter::new(&names) };
+        let mut lw = self.lowering_with(args);
         let (k, b) = f(&mut lw)?;
+        drop(lw);
         self.out.add_with_args(k, b, self.entry, args.iter().map(|a| a.1).collect());
         Ok(())
     }
 
-    /// A lowering context for planning (no kernel is emitted).
-    fn lowering(&self) -> Lowering<'_> {
-        Lowering { g: self.g, stored: self.stored, names: &buffer_name, e: emit::Emitter::new(self.all_args) }
+    /// A lowering context for planning (no kernel is emitted), with the sizes, scalars
+    /// and launch arguments `args` as run-time arguments.
+    fn lowering_with(&self, args: &[(&str, i64)]) -> Lowering<'_> {
+        let mut names = self.all_args.to_vec();
+        names.extend(args.iter().map(|(n, _)| n.to_string()));
+        Lowering { g: self.g, stored: self.stored, names: &buffer_name, e: emit::Emitter::new(&names) }
     }
 }
 
@@ -448,7 +451,7 @@ fn cross_entropy_kernels<'a>(
 /// Full-sequence block attention: q', k', v' stored into workspaces, then the stages of
 /// `special::full_attention_stages`, the last one writing the op's value.
 fn full_attention_kernels(sink: &mut Sink, n: NodeId, name: &str) -> Result<(), String> {
-    let prologues = special::block_attention_prologues(&sink.lowering(), n)?;
+    let prologues = special::block_attention_prologues(&sink.lowering_with(&[]), n)?;
     let mut kept = Vec::new();
     for (pi, (source, ty)) in prologues.into_iter().enumerate() {
         let buffer = sink.workspace(&ty)?;
@@ -456,7 +459,7 @@ fn full_attention_kernels(sink: &mut Sink, n: NodeId, name: &str) -> Result<(), 
         kept.push((buffer, ty));
     }
     let types: Vec<_> = kept.iter().map(|(_, ty)| ty.clone()).collect();
-    let stages = special::full_attention_stages(&sink.lowering(), n, &types)?;
+    let stages = special::full_attention_stages(&sink.lowering_with(&[]), n, &types)?;
     let count = stages.len();
     let mut done: Vec<(usize, crate::ir::TensorType)> = Vec::new();
     for (si, st) in stages.into_iter().enumerate() {
