@@ -232,8 +232,10 @@ fn every_spelling_is_recognized_and_exact() {
 }
 
 /// Look-alikes: each is a different function, must stay unrecognized, and still match.
-#[test]
-fn look_alikes_are_left_alone() {
+/// The base case of the look-alike fixtures, and the fixtures: edits of its cumsum and
+/// quadratic spellings that change what they compute (made on the source with the norm's
+/// `eps` given, when `eps` is).
+fn look_alikes(eps: Option<&str>) -> (Case, Vec<(&'static str, String)>) {
     let base = Case {
         phi: vec![0],
         norm: 0,
@@ -248,9 +250,9 @@ fn look_alikes_are_left_alone() {
         n: 9,
         chunk: 4,
     };
-    let cumsum = source(&base);
-    let quadratic = source(&Case { spelling: 1, mask_style: 2, ..base.clone() });
-    let fixtures = [
+    let cumsum = source_with_eps(&base, eps);
+    let quadratic = source_with_eps(&Case { spelling: 1, mask_style: 2, ..base.clone() }, eps);
+    let fixtures = vec![
         ("exclusive cumsum", cumsum.replace("state = cumsum(kv, 2)", "state = cumsum(kv, 2) - kv")),
         ("cumsum over a feature axis", cumsum.replace("state = cumsum(kv, 2)", "state = cumsum(kv, 3)")),
         (
@@ -274,10 +276,27 @@ fn look_alikes_are_left_alone() {
             ),
         ),
     ];
-    for (what, text) in fixtures {
-        assert_ne!(text, cumsum, "{what}: the fixture edit did not apply");
-        assert_ne!(text, quadratic, "{what}: the fixture edit did not apply");
+    for (what, text) in &fixtures {
+        assert_ne!(*text, cumsum, "{what}: the fixture edit did not apply");
+        assert_ne!(*text, quadratic, "{what}: the fixture edit did not apply");
+    }
+    (base, fixtures)
+}
+
+#[test]
+fn look_alikes_are_left_alone() {
+    for (what, text) in look_alikes(None).1 {
         check(&text, 0, 9, 4).unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+}
+
+/// The look-alike fixtures fused and scheduled for GPUs (run by the GPU-semantics
+/// executor) and CPUs, against the interpreter.
+#[test]
+fn look_alikes_scheduled_match_the_interpreter() {
+    let (base, fixtures) = look_alikes(Some("1e-2"));
+    for (what, text) in fixtures {
+        check_scheduled_source(&text, base.n).unwrap_or_else(|e| panic!("{what}: {e}"));
     }
 }
 
@@ -314,9 +333,14 @@ fn a_relu_feature_map_at_one_token_stays_well_conditioned() {
 }
 
 fn check_scheduled(c: &Case) -> Result<(), String> {
+    check_scheduled_source(&source_with_eps(c, Some("1e-2")), c.n)
+}
+
+/// The model `text` scheduled for GPUs and CPUs, at N = `n` and `n + 5`, against the
+/// interpreter.
+fn check_scheduled_source(text: &str, n: usize) -> Result<(), String> {
     use tnc_compiler::{fusion, memory, schedule};
-    let text = source_with_eps(c, Some("1e-2"));
-    let (sources, g) = elaborate_text("spelled.tn", &text, &[]);
+    let (sources, g) = elaborate_text("spelled.tn", text, &[]);
     let g = g.map_err(|d| d.render(&sources))?;
     let reference = passes::differentiate_loss(g.clone()).unwrap();
     let last = *passes::names().last().unwrap();
@@ -328,10 +352,10 @@ fn check_scheduled(c: &Case) -> Result<(), String> {
     // with library GEMMs.
     for opts in [schedule::ScheduleOptions::gpu(), schedule::ScheduleOptions::cpu()] {
         let s = schedule::schedule_with(&optimized, &plan, &mem, &opts).map_err(|e| format!("{e}\n{text}"))?;
-        for n in [c.n, c.n + 5] {
-            let tokens = token_tensor(2, n, 11, 3);
+        for len in [n, n + 5] {
+            let tokens = token_tensor(2, len, 11, 3);
             let want = outputs(&reference, &params, &tokens, None);
-            let sizes = HashMap::from([("B".to_string(), 2), ("N".to_string(), n as i64)]);
+            let sizes = HashMap::from([("B".to_string(), 2), ("N".to_string(), len as i64)]);
             let got = schedule::run::run(&s, &sizes, &[tokens], &params, None).map_err(|e| format!("{e}\n{text}"))?;
             for (name, w) in &want {
                 let mut t = got[name].clone();
@@ -339,7 +363,7 @@ fn check_scheduled(c: &Case) -> Result<(), String> {
                 let cl = compare(&t, w);
                 let tiny = cl.max_abs < 1e-6; // within f32 resolution of every element
                 if !(cl.within(1e-4) || (tiny && !cl.has_nan)) {
-                    return Err(format!("{opts:?} N={n} `{name}`: {cl:?}\n{text}"));
+                    return Err(format!("{opts:?} N={len} `{name}`: {cl:?}\n{text}"));
                 }
             }
         }
