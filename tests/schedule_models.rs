@@ -77,8 +77,8 @@ fn check_schedule(path: &std::path::Path, s: &schedule::Schedule, lengths: &[(us
     }
 }
 
-/// GPU schedules (`ScheduleOptions::gpu`): row kernels become block kernels
-/// (`kernel/blocks.rs`), products tiled GEMMs (`kernel/gemm_tiles.rs`), the
+/// GPU schedules (`ScheduleOptions::gpu`): row kernels become block kernels whose row
+/// reductions are block reductions (`kernel/blocks.rs`), products tiled GEMMs (`kernel/gemm_tiles.rs`), the
 /// linear-attention scans and block attention (forward and backward) thread blocks with
 /// shared memory (`schedule/linear_attention_gpu.rs`, chunks
 /// of 4 tokens so that N = 6 and 13 take several; `schedule/block_attention.rs`). The reference executor runs them in the GPU-semantics executor (threads in
@@ -90,6 +90,12 @@ fn gpu_block_schedules_match_the_interpreter() {
         let s = check_with(&path, true, &[(3, 6), (2, 13)], &opts);
         let blocks = s.kernels.iter().filter(|k| k.threads.is_some()).count();
         assert!(blocks >= 3, "{}: {blocks} block kernels", path.display());
+        // Row norms reduce across the block's threads (a shared array, `kernel/blocks.rs`).
+        let shares = |k: &tnc_compiler::kernel::Kernel| {
+            k.body.iter().any(|st| matches!(st, tnc_compiler::kernel::Stmt::Shared { .. }))
+        };
+        let reducing = s.kernels.iter().filter(|k| k.name.contains("_row_") && shares(k)).count();
+        assert!(reducing >= 1, "{}: no row kernel reduces across its block", path.display());
         // Products are tiled GEMM blocks (256 threads), no library node is left.
         assert!(s.kernels.iter().all(|k| k.gemm.is_none()), "{}: a library node on a GPU", path.display());
         let tiled = s.kernels.iter().filter(|k| k.name.ends_with("_gemm") && k.threads == Some(256)).count();

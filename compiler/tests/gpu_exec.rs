@@ -129,3 +129,80 @@ fn tiled_gemms_match_the_library_node() {
         }
     }
 }
+
+/// Row reductions of a row kernel become block reductions when it is coalesced
+/// (`kernel/blocks.rs`): a maximum and a Kahan sum over rows of 70 (three warps, so the
+/// halving tree meets a block that is not a power of two), then `out = x − max + sum`.
+/// The block kernel matches the kernel run one row per thread, and every thread holds
+/// the totals (a missing barrier would be reported as a race).
+#[test]
+fn row_reductions_become_block_reductions() {
+    use tnc_compiler::kernel::blocks::coalesce_rows;
+    use tnc_compiler::kernel::exec::run_all;
+    use tnc_compiler::kernel::{Access, Binary, BufferDecl, Elem, Expr, Kernel, LoopKind, Scalar, Stmt, Var};
+    const E: i64 = 70;
+    const R: usize = 3;
+    let bin = |op, a, b| Expr::Binary(op, Box::new(a), Box::new(b));
+    let v = |i: u32| Expr::Var(Var(i));
+    let x_at =
+        |c: Expr| Expr::Load { buffer: 0, index: Box::new(bin(Binary::Add, bin(Binary::Mul, v(0), Expr::I64(E)), c)) };
+    let body = vec![
+        Stmt::Mut { var: Var(1), ty: Scalar::F32, init: Expr::F32(f32::NEG_INFINITY) },
+        Stmt::For {
+            var: Var(2),
+            extent: Expr::I64(E),
+            kind: LoopKind::Serial,
+            body: vec![Stmt::Assign { var: Var(1), value: bin(Binary::Max, v(1), x_at(v(2))) }],
+        },
+        Stmt::Mut { var: Var(3), ty: Scalar::F32, init: Expr::F32(0.0) },
+        Stmt::Mut { var: Var(4), ty: Scalar::F32, init: Expr::F32(0.0) },
+        Stmt::For {
+            var: Var(5),
+            extent: Expr::I64(E),
+            kind: LoopKind::Serial,
+            body: vec![
+                Stmt::Let { var: Var(6), value: bin(Binary::Sub, x_at(v(5)), v(4)) },
+                Stmt::Let { var: Var(7), value: bin(Binary::Add, v(3), v(6)) },
+                Stmt::Assign { var: Var(4), value: bin(Binary::Sub, bin(Binary::Sub, v(7), v(3)), v(6)) },
+                Stmt::Assign { var: Var(3), value: v(7) },
+            ],
+        },
+        Stmt::For {
+            var: Var(8),
+            extent: Expr::I64(E),
+            kind: LoopKind::Vector,
+            body: vec![Stmt::Store {
+                buffer: 1,
+                index: bin(Binary::Add, bin(Binary::Mul, v(0), Expr::I64(E)), v(8)),
+                value: bin(Binary::Add, bin(Binary::Sub, x_at(v(8)), v(1)), v(3)),
+            }],
+        },
+    ];
+    let decl = |name: &str, access| BufferDecl { name: name.into(), elem: Elem::F32, access };
+    let rows = Kernel {
+        name: "rows".into(),
+        buffers: vec![decl("x", Access::Read), decl("out", Access::Write)],
+        sizes: vec![],
+        scalars: vec![],
+        index: Var(0),
+        extent: Expr::I64(R as i64),
+        body,
+        gemm: None,
+        threads: None,
+    };
+    let block = coalesce_rows(&rows);
+    assert_eq!(block.threads, Some(96));
+    let barriers = block.body.iter().filter(|s| matches!(s, Stmt::Barrier)).count();
+    assert!(barriers >= 2 * 9, "two reductions of a 7-step tree: {barriers} barriers");
+    let x: Vec<f32> = (0..R * E as usize).map(|i| ((i * 53 % 97) as f32 - 40.0) / 8.0).collect();
+    let run = |k: &Kernel| {
+        let mut buffers = vec![Buffer::F32(x.clone()), Buffer::F32(vec![f32::NAN; x.len()])];
+        run_all(k, &mut buffers, &[]).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+        let Buffer::F32(out) = &buffers[1] else { unreachable!() };
+        out.clone()
+    };
+    let (want, got) = (run(&rows), run(&block));
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        assert!((w - g).abs() <= 1e-5 * (1.0 + w.abs()), "out[{i}] = {g}, want {w}");
+    }
+}

@@ -13,13 +13,27 @@
 //! ```
 //!
 //! A vector loop's iterations are independent by definition (`LoopKind::Vector`), so
-//! dealing them to threads is always correct. What stays outside the vector loops (row
-//! reductions, lets) is computed by every thread, redundantly but without any
-//! communication; kernels whose statements outside vector loops write memory, that read
-//! and write one buffer, or that stage values in local arrays (a thread would read
+//! dealing them to threads is always correct. Row reductions become block reductions:
+//!
+//! ```text
+//! var s = 0; var comp = 0                 var s = 0; var comp = 0
+//! for x in 0..E {                         for xx in 0..ceil(E/T) { x = xx·T + thread; if x < E { … } }
+//!   … s, comp ← Kahan(s, comp, f(x))  →   red[thread] = s − comp;  barrier
+//! }                                       for h = T/2, T/4, …, 1: if thread < h { red[thread] += red[thread + h] }; barrier
+//!                                         s = red[0]; comp = 0;  barrier
+//! ```
+//!
+//! for a serial loop at the top of the body that only updates accumulators declared
+//! before it, each as `a = a ⊕ e` (⊕ = +, max, min, starting at its identity) or a Kahan
+//! sum; each thread then reduces a strided part of the row and one shared array combines
+//! the parts. Other reductions (an online logsumexp carrying a maximum and a sum) and
+//! lets outside the vector loops are computed by every thread, redundantly but without
+//! any communication. Kernels whose statements outside vector loops write memory, that
+//! read and write one buffer, or that stage values in local arrays (a thread would read
 //! another's elements), are left as they are. CPU schedules are not rewritten.
 
-use super::ir::{Binary, Expr, Kernel, LoopKind, Stmt, Var};
+use super::ir::{Binary, Expr, Kernel, LoopKind, Scalar, Stmt, Var};
+use std::collections::HashMap;
 
 /// Threads per block at most (four warps).
 pub const MAX_THREADS: u32 = 128;
@@ -34,8 +48,192 @@ pub fn coalesce_rows(k: &Kernel) -> Kernel {
     }
     let threads = threads_for(&k.body);
     let mut next = k.next_var();
-    let body = k.body.iter().map(|s| deal(s, threads, &mut next)).collect();
+    let red = Var(next);
+    next += 1;
+    let mut body = Vec::new();
+    let mut inits: HashMap<Var, Expr> = HashMap::new();
+    let mut reduced = false;
+    for s in &k.body {
+        if let Stmt::Mut { var, init, .. } = s {
+            inits.insert(*var, init.clone());
+        }
+        match reduction(s, &inits) {
+            Some(accumulators) => {
+                body.push(deal_serial(s, threads, &mut next));
+                for a in accumulators {
+                    combine(&mut body, red, a, threads);
+                }
+                reduced = true;
+            }
+            None => body.push(deal(s, threads, &mut next)),
+        }
+    }
+    if reduced {
+        body.insert(0, Stmt::Shared { var: red, elem: Scalar::F32, len: threads as usize });
+    }
     Kernel { body, threads: Some(threads), ..k.clone() }
+}
+
+/// An accumulator of a row reduction: the variable, how partial results combine, and
+/// the Kahan compensation carried with it (a sum).
+#[derive(Clone, Copy, Debug)]
+struct Accumulator {
+    var: Var,
+    op: Binary,
+    comp: Option<Var>,
+}
+
+/// The accumulators of `s` when it is a serial loop whose only effects are updates of
+/// accumulators declared before it (`inits`), each one `a = a ⊕ e` with ⊕ ∈ {+, max, min}
+/// from ⊕'s identity, or a Kahan sum from 0 (`y = e − comp; t = a + y; comp = (t − a) − y;
+/// a = t`), and which the loop reads nowhere else.
+fn reduction(s: &Stmt, inits: &HashMap<Var, Expr>) -> Option<Vec<Accumulator>> {
+    let Stmt::For { kind: LoopKind::Serial, body, .. } = s else { return None };
+    if writes_memory(body) || uses_arrays(body) {
+        return None;
+    }
+    let (mut lets, mut assigns, mut locals, mut reads) = (HashMap::new(), Vec::new(), Vec::new(), HashMap::new());
+    collect(body, &mut lets, &mut assigns, &mut locals, &mut reads);
+    let outer: Vec<&(Var, Expr)> = assigns.iter().filter(|(v, _)| !locals.contains(v)).collect();
+    let once = |v: Var| outer.iter().filter(|(w, _)| *w == v).count() == 1;
+    let reads_of = |v: Var| reads.get(&v).copied().unwrap_or(0);
+    let zero = Expr::F32(0.0);
+    let mut found: Vec<Accumulator> = Vec::new();
+    let mut comps: Vec<Var> = Vec::new();
+    if outer.iter().any(|(v, _)| !inits.contains_key(v) || !once(*v)) {
+        return None;
+    }
+    // Kahan sums: `a = t` with `t = a + y`, `y = e − comp`, `comp = (t − a) − y`.
+    for (a, value) in &outer {
+        let Expr::Var(t) = value else { continue };
+        let Some(Expr::Binary(Binary::Add, x, y)) = lets.get(t) else { return None };
+        let (Expr::Var(x), Expr::Var(y)) = (&**x, &**y) else { return None };
+        let Some(Expr::Binary(Binary::Sub, _, c)) = lets.get(y) else { return None };
+        let Expr::Var(c) = &**c else { return None };
+        let expected = Expr::Binary(
+            Binary::Sub,
+            Box::new(Expr::Binary(Binary::Sub, Box::new(Expr::Var(*t)), Box::new(Expr::Var(*a)))),
+            Box::new(Expr::Var(*y)),
+        );
+        let comp_updated = outer.iter().any(|(v, e)| v == c && *e == expected);
+        let zeros = inits[a] == zero && inits.get(c) == Some(&zero);
+        if x != a || !comp_updated || !zeros || reads_of(*a) != 2 || reads_of(*c) != 1 {
+            return None;
+        }
+        found.push(Accumulator { var: *a, op: Binary::Add, comp: Some(*c) });
+        comps.push(*c);
+    }
+    // Plain updates `a = a ⊕ e`, `a` read once (in its own update), from ⊕'s identity.
+    for (a, value) in &outer {
+        if comps.contains(a) || found.iter().any(|f| f.var == *a) {
+            continue;
+        }
+        let Expr::Binary(op @ (Binary::Add | Binary::Max | Binary::Min), x, y) = value else { return None };
+        let other = if **x == Expr::Var(*a) {
+            y
+        } else if **y == Expr::Var(*a) {
+            x
+        } else {
+            return None;
+        };
+        let identity = match op {
+            Binary::Add => zero.clone(),
+            Binary::Max => Expr::F32(f32::NEG_INFINITY),
+            _ => Expr::F32(f32::INFINITY),
+        };
+        let mut mentions = false;
+        other.visit_vars(&mut |v| mentions |= v == *a);
+        if mentions || reads_of(*a) != 1 || inits[a] != identity {
+            return None;
+        }
+        found.push(Accumulator { var: *a, op: *op, comp: None });
+    }
+    // Every outer variable the loop writes is an accumulator or a compensation.
+    let covered = |v: &Var| found.iter().any(|f| f.var == *v) || comps.contains(v);
+    (!found.is_empty() && outer.iter().all(|(v, _)| covered(v))).then_some(found)
+}
+
+/// The lets, assignments, locally declared variables and read counts of variables in
+/// `body` (nested statements included).
+fn collect(
+    body: &[Stmt],
+    lets: &mut HashMap<Var, Expr>,
+    assigns: &mut Vec<(Var, Expr)>,
+    locals: &mut Vec<Var>,
+    reads: &mut HashMap<Var, usize>,
+) {
+    let read = |e: &Expr, reads: &mut HashMap<Var, usize>| e.visit_vars(&mut |v| *reads.entry(v).or_default() += 1);
+    for s in body {
+        match s {
+            Stmt::Let { var, value } => {
+                read(value, reads);
+                lets.insert(*var, value.clone());
+            }
+            Stmt::Mut { var, init, .. } => {
+                read(init, reads);
+                locals.push(*var);
+            }
+            Stmt::Assign { var, value } => {
+                read(value, reads);
+                assigns.push((*var, value.clone()));
+            }
+            Stmt::For { var, extent, body, .. } => {
+                read(extent, reads);
+                locals.push(*var);
+                collect(body, lets, assigns, locals, reads);
+            }
+            Stmt::If { cond, then, otherwise } => {
+                read(cond, reads);
+                collect(then, lets, assigns, locals, reads);
+                collect(otherwise, lets, assigns, locals, reads);
+            }
+            // No stores or arrays (checked by the caller).
+            _ => {}
+        }
+    }
+}
+
+/// The threads' partial results of `a` combined through the shared array `red`: a tree
+/// of halvings (T need not be a power of two), every thread then reads the total.
+fn combine(body: &mut Vec<Stmt>, red: Var, a: Accumulator, threads: u32) {
+    let bin = |op, x, y| Expr::Binary(op, Box::new(x), Box::new(y));
+    let at = |i: Expr| Expr::LoadArray { array: red, index: Box::new(i) };
+    let partial = match a.comp {
+        Some(c) => bin(Binary::Sub, Expr::Var(a.var), Expr::Var(c)),
+        None => Expr::Var(a.var),
+    };
+    body.push(Stmt::StoreArray { array: red, index: Expr::Thread, value: partial });
+    body.push(Stmt::Barrier);
+    let mut half = threads.next_power_of_two() / 2;
+    while half >= 1 {
+        let h = Expr::I64(i64::from(half));
+        let partner = bin(Binary::Add, Expr::Thread, h.clone());
+        let cond = bin(
+            Binary::And,
+            bin(Binary::Lt, Expr::Thread, h),
+            bin(Binary::Lt, partner.clone(), Expr::I64(i64::from(threads))),
+        );
+        let value = bin(a.op, at(Expr::Thread), at(partner));
+        body.push(Stmt::If {
+            cond,
+            then: vec![Stmt::StoreArray { array: red, index: Expr::Thread, value }],
+            otherwise: Vec::new(),
+        });
+        body.push(Stmt::Barrier);
+        half /= 2;
+    }
+    body.push(Stmt::Assign { var: a.var, value: at(Expr::I64(0)) });
+    if let Some(c) = a.comp {
+        body.push(Stmt::Assign { var: c, value: Expr::F32(0.0) });
+    }
+    // Nobody writes `red` again before every thread has read the total.
+    body.push(Stmt::Barrier);
+}
+
+/// A serial reduction loop dealt to the threads like a vector loop.
+fn deal_serial(s: &Stmt, threads: u32, next: &mut u32) -> Stmt {
+    let Stmt::For { var, extent, body, .. } = s else { return s.clone() };
+    deal(&Stmt::For { var: *var, extent: extent.clone(), kind: LoopKind::Vector, body: body.clone() }, threads, next)
 }
 
 /// Top-level vector loops to deal, no local arrays anywhere, and no store outside them.

@@ -83,7 +83,7 @@ fn interchange(c: Var, e: i64, body: &[Stmt], next: &mut u32) -> Option<Vec<Stmt
     // The reduction's extents (and what they read) must not depend on the column.
     let depends = |x: &Expr| {
         let mut d = false;
-        visit(x, &mut |v| d |= v == c || lets.contains(&v) || is_acc(&v));
+        x.visit_vars(&mut |v| d |= v == c || lets.contains(&v) || is_acc(&v));
         d
     };
     let (innermost, assigned) = innermost_body(reduction, &depends, &is_acc)?;
@@ -210,33 +210,6 @@ fn subst(x: &Expr, arrays: &HashMap<Var, Var>, col: &Expr) -> Expr {
         Expr::Cast(t, a) => Expr::Cast(*t, r(a)),
         Expr::DropoutKeep { seed, salt, index, step, rate } => {
             Expr::DropoutKeep { seed: r(seed), salt: *salt, index: r(index), step: r(step), rate: *rate }
-        }
-    }
-}
-
-fn visit(x: &Expr, f: &mut dyn FnMut(Var)) {
-    match x {
-        Expr::Var(v) => f(*v),
-        Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Size(_) | Expr::Thread => {}
-        Expr::Load { index, .. } => visit(index, f),
-        Expr::LoadArray { array, index } => {
-            f(*array);
-            visit(index, f)
-        }
-        Expr::Unary(_, a) | Expr::Cast(_, a) => visit(a, f),
-        Expr::Binary(_, a, b) => {
-            visit(a, f);
-            visit(b, f)
-        }
-        Expr::Select(c, a, b) => {
-            visit(c, f);
-            visit(a, f);
-            visit(b, f)
-        }
-        Expr::DropoutKeep { seed, index, step, .. } => {
-            visit(seed, f);
-            visit(index, f);
-            visit(step, f)
         }
     }
 }

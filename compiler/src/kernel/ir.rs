@@ -147,6 +147,36 @@ pub enum Expr {
     },
 }
 
+impl Expr {
+    /// Calls `f` on every variable the expression reads, local arrays included.
+    pub fn visit_vars(&self, f: &mut dyn FnMut(Var)) {
+        match self {
+            Expr::Var(v) => f(*v),
+            Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Size(_) | Expr::Thread => {}
+            Expr::Load { index, .. } => index.visit_vars(f),
+            Expr::LoadArray { array, index } => {
+                f(*array);
+                index.visit_vars(f)
+            }
+            Expr::Unary(_, a) | Expr::Cast(_, a) => a.visit_vars(f),
+            Expr::Binary(_, a, b) => {
+                a.visit_vars(f);
+                b.visit_vars(f)
+            }
+            Expr::Select(c, a, b) => {
+                c.visit_vars(f);
+                a.visit_vars(f);
+                b.visit_vars(f)
+            }
+            Expr::DropoutKeep { seed, index, step, .. } => {
+                seed.visit_vars(f);
+                index.visit_vars(f);
+                step.visit_vars(f)
+            }
+        }
+    }
+}
+
 /// How a loop may be executed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LoopKind {

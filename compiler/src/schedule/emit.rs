@@ -118,7 +118,7 @@ impl Emitter {
     pub fn level_of(&self, e: &Expr) -> usize {
         let mut l = 0;
         let mut reads_mutable = false;
-        visit_vars(e, &mut |v| {
+        e.visit_vars(&mut |v| {
             reads_mutable |= self.mutable.contains(&v);
             l = l.max(self.var_level.get(&v).copied().unwrap_or(0));
         });
@@ -257,32 +257,6 @@ impl Emitter {
     pub fn finish(mut self) -> (Vec<Stmt>, Vec<BufferDecl>, Vec<usize>, Var) {
         assert_eq!(self.levels.len(), 1, "every loop is closed");
         (self.levels.pop().expect("level 0"), self.buffers, self.bindings, self.index)
-    }
-}
-
-pub fn visit_vars(e: &Expr, f: &mut dyn FnMut(Var)) {
-    match e {
-        Expr::Var(v) => f(*v),
-        Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Size(_) | Expr::Thread => {}
-        Expr::Load { index, .. } | Expr::LoadArray { index, .. } => visit_vars(index, f),
-        Expr::Unary(_, a) | Expr::Cast(_, a) => visit_vars(a, f),
-        Expr::Binary(_, a, b) => {
-            visit_vars(a, f);
-            visit_vars(b, f);
-        }
-        Expr::Select(c, a, b) => {
-            visit_vars(c, f);
-            visit_vars(a, f);
-            visit_vars(b, f);
-        }
-        Expr::DropoutKeep { seed, index, step, .. } => {
-            visit_vars(seed, f);
-            visit_vars(index, f);
-            visit_vars(step, f);
-        }
-    }
-    if let Expr::LoadArray { array, .. } = e {
-        f(*array);
     }
 }
 

@@ -266,7 +266,7 @@ pub fn kernel(
         Direction::Causal | Direction::Anticausal => {
             let reverse = la.direction == Direction::Anticausal;
             let (t, start, len) = open_chunk(lw, reverse);
-            stage(lw, &start, &len, &[(&q, qs, d), (&k, ks, d), (&v, vs, e)])?;
+            stage(lw, &start, &len, &[(q, qs, d), (k, ks, d), (v, vs, e)])?;
             let i = lw.e.open();
             let iv = Expr::Var(i);
             // Intra-chunk scores W[m] = λ^{|i−m|} q_i·k_m for m ∈ dir(i) in the chunk:
@@ -317,11 +317,11 @@ pub fn kernel(
         Direction::Full => {
             // S = Σ_m k_mᵀ v_m over the whole sequence, then o_n = q_n S.
             let (t, start, len) = open_chunk(lw, false);
-            stage(lw, &start, &len, &[(&k, ks, d), (&v, vs, e)])?;
+            stage(lw, &start, &len, &[(k, ks, d), (v, vs, e)])?;
             update(lw, &len, false);
             lw.e.close(t, chunks.clone(), LoopKind::Serial);
             let (t, start, len) = open_chunk(lw, false);
-            stage(lw, &start, &len, &[(&q, qs, d)])?;
+            stage(lw, &start, &len, &[(q, qs, d)])?;
             let i = lw.e.open();
             inter(lw, &Expr::Var(i), None);
             let pos = lw.e.bind(add(start, Expr::Var(i)));

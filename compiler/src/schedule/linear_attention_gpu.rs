@@ -68,7 +68,7 @@ pub fn tiles(d: usize, e: usize, max_chunk: usize, full: bool, decay: bool) -> O
     // Chunks of powers of two, longest first, up to `max_chunk`.
     let chunks: Vec<usize> = (0..=6).map(|p| 64usize >> p).filter(|&c| c <= max_chunk.max(1)).collect();
     let longest = |cols: usize| chunks.iter().map(|&chunk| Tiles { chunk, cols }).find(|&t| fits(t));
-    let widths: Vec<usize> = (1..=e.min(MAX_TILE)).rev().filter(|w| e % w == 0).collect();
+    let widths: Vec<usize> = (1..=e.min(MAX_TILE)).rev().filter(|&w| e.is_multiple_of(w)).collect();
     let wanted = chunks.iter().copied().find(|&c| c <= 16).unwrap_or(1);
     widths
         .iter()
