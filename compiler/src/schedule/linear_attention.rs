@@ -145,7 +145,7 @@ pub fn kernel(
     let (d, e) = (*d, *e);
     let (di, ei, ci) = (Expr::I64(d as i64), Expr::I64(e as i64), Expr::I64(c as i64));
 
-    let b_idx = lw.unravel(Expr::Var(lw.e.index), &batch)?;
+    let b_idx = lw.unravel(Expr::Var(lw.e.index), batch)?;
     let global = lw.stored[&n];
     let out = lw.e.buffer(global, &format!("b{global}"), elem_of(out_ty.dtype), Access::Write);
 
