@@ -206,3 +206,62 @@ fn row_reductions_become_block_reductions() {
         assert!((w - g).abs() <= 1e-5 * (1.0 + w.abs()), "out[{i}] = {g}, want {w}");
     }
 }
+
+/// A sum that starts from a carried value (`s = c` before its loop, as the cross-entropy
+/// carries its running sum from chunk to chunk) is not a block reduction: every thread
+/// would add the carried value once. It stays one loop, run by every thread, and the
+/// block kernel still matches the kernel run one row per thread.
+#[test]
+fn a_sum_from_a_carried_value_is_not_split_across_threads() {
+    use tnc_compiler::kernel::blocks::coalesce_rows;
+    use tnc_compiler::kernel::exec::run_all;
+    use tnc_compiler::kernel::{Access, Binary, BufferDecl, Elem, Expr, Kernel, LoopKind, Scalar, Stmt, Var};
+    const E: i64 = 40;
+    let bin = |op, a, b| Expr::Binary(op, Box::new(a), Box::new(b));
+    let v = |i: u32| Expr::Var(Var(i));
+    let x_at =
+        |c: Expr| Expr::Load { buffer: 0, index: Box::new(bin(Binary::Add, bin(Binary::Mul, v(0), Expr::I64(E)), c)) };
+    let body = vec![
+        Stmt::Mut { var: Var(1), ty: Scalar::F32, init: Expr::F32(0.0) },
+        Stmt::Assign { var: Var(1), value: Expr::F32(100.0) },
+        Stmt::For {
+            var: Var(2),
+            extent: Expr::I64(E),
+            kind: LoopKind::Serial,
+            body: vec![Stmt::Assign { var: Var(1), value: bin(Binary::Add, v(1), x_at(v(2))) }],
+        },
+        Stmt::For {
+            var: Var(3),
+            extent: Expr::I64(E),
+            kind: LoopKind::Vector,
+            body: vec![Stmt::Store {
+                buffer: 1,
+                index: bin(Binary::Add, bin(Binary::Mul, v(0), Expr::I64(E)), v(3)),
+                value: bin(Binary::Sub, x_at(v(3)), v(1)),
+            }],
+        },
+    ];
+    let decl = |name: &str, access| BufferDecl { name: name.into(), elem: Elem::F32, access };
+    let rows = Kernel {
+        name: "carried".into(),
+        buffers: vec![decl("x", Access::Read), decl("out", Access::Write)],
+        sizes: vec![],
+        scalars: vec![],
+        index: Var(0),
+        extent: Expr::I64(2),
+        body,
+        gemm: None,
+        threads: None,
+    };
+    let block = coalesce_rows(&rows);
+    assert!(block.threads.is_some(), "the vector loop is still dealt");
+    assert!(!block.body.iter().any(|s| matches!(s, Stmt::Shared { .. })), "no block reduction");
+    let x: Vec<f32> = (0..2 * E as usize).map(|i| (i % 7) as f32).collect();
+    let run = |k: &Kernel| {
+        let mut buffers = vec![Buffer::F32(x.clone()), Buffer::F32(vec![f32::NAN; x.len()])];
+        run_all(k, &mut buffers, &[]).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+        let Buffer::F32(out) = &buffers[1] else { unreachable!() };
+        out.clone()
+    };
+    assert_eq!(run(&rows), run(&block));
+}

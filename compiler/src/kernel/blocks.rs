@@ -4,10 +4,10 @@
 //!
 //! ```text
 //! parallel r in 0..R {                    parallel block r in 0..R, threads 0..T {
-//!   let s = Σ …                             let s = Σ …            (every thread)
+//!   let m = f(r)                            let m = f(r)           (every thread)
 //!   for vector c in 0..E {          →       for cc in 0..ceil(E/T) {
-//!     out[r, c] = f(x[r, c], s)               let c = cc·T + thread
-//!   }                                         if c < E { out[r, c] = f(x[r, c], s) }
+//!     out[r, c] = g(x[r, c], m)               let c = cc·T + thread
+//!   }                                         if c < E { out[r, c] = g(x[r, c], m) }
 //! }                                         }
 //!                                         }
 //! ```
@@ -28,9 +28,11 @@
 //! sum; each thread then reduces a strided part of the row and one shared array combines
 //! the parts. Other reductions (an online logsumexp carrying a maximum and a sum) and
 //! lets outside the vector loops are computed by every thread, redundantly but without
-//! any communication. Kernels whose statements outside vector loops write memory, that
-//! read and write one buffer, or that stage values in local arrays (a thread would read
-//! another's elements), are left as they are. CPU schedules are not rewritten.
+//! any communication; a row's own results stored outside any loop (a per-token loss) are
+//! stored by thread 0. Kernels that stage values in local arrays (a thread would read
+//! another's elements), that store inside other loops, or that read and write one buffer
+//! other than element by element in a single vector loop, are left as they are. CPU
+//! schedules are not rewritten.
 
 use super::ir::{Binary, Expr, Kernel, LoopKind, Scalar, Stmt, Var};
 use std::collections::HashMap;
@@ -40,38 +42,123 @@ pub const MAX_THREADS: u32 = 128;
 
 /// `k` as a block kernel when it qualifies (see the module notes), else unchanged.
 pub fn coalesce_rows(k: &Kernel) -> Kernel {
-    // A buffer both read and written: a row reduction of one warp could read what another
-    // warp's vector loop already overwrote (there is no barrier between them).
-    let in_place = k.buffers.iter().any(|b| b.access == super::ir::Access::ReadWrite);
-    if k.gemm.is_some() || k.threads.is_some() || in_place || !qualifies(&k.body) {
+    if k.gemm.is_some() || k.threads.is_some() {
         return k.clone();
     }
-    let threads = threads_for(&k.body);
+    let Some(parts) = plan(k) else { return k.clone() };
+    let threads = threads_for(&k.body, &parts);
     let mut next = k.next_var();
     let red = Var(next);
     next += 1;
     let mut body = Vec::new();
+    for (s, part) in k.body.iter().zip(&parts) {
+        match part {
+            Part::Deal => body.push(deal(s, threads, &mut next)),
+            Part::Reduce(accumulators) => {
+                body.push(deal_serial(s, threads, &mut next));
+                for &a in accumulators {
+                    combine(&mut body, red, a, threads);
+                }
+            }
+            Part::FirstThread => body.push(Stmt::If {
+                cond: Expr::Binary(Binary::Eq, Box::new(Expr::Thread), Box::new(Expr::I64(0))),
+                then: vec![s.clone()],
+                otherwise: Vec::new(),
+            }),
+            Part::Every => body.push(s.clone()),
+        }
+    }
+    if parts.iter().any(|p| matches!(p, Part::Reduce(_))) {
+        body.insert(0, Stmt::Shared { var: red, elem: Scalar::F32, len: threads as usize });
+    }
+    Kernel { body, threads: Some(threads), ..k.clone() }
+}
+
+/// How a top-level statement of a row kernel runs in a block.
+enum Part {
+    /// A vector loop, its iterations dealt to the threads.
+    Deal,
+    /// A row reduction, dealt and combined across the block.
+    Reduce(Vec<Accumulator>),
+    /// Stores of the row's own results outside any loop: one thread does them.
+    FirstThread,
+    /// Everything else (lets, other reductions): every thread, redundantly.
+    Every,
+}
+
+/// The part each top-level statement plays, or `None` when the kernel does not qualify:
+/// local arrays, stores inside loops that are not vector loops, a buffer both read and
+/// written other than element by element in one vector loop (a thread could read what
+/// another has overwritten, with no barrier between), or nothing to deal.
+fn plan(k: &Kernel) -> Option<Vec<Part>> {
     let mut inits: HashMap<Var, Expr> = HashMap::new();
-    let mut reduced = false;
+    let mut parts = Vec::new();
     for s in &k.body {
         if let Stmt::Mut { var, init, .. } = s {
             inits.insert(*var, init.clone());
         }
-        match reduction(s, &inits) {
-            Some(accumulators) => {
-                body.push(deal_serial(s, threads, &mut next));
-                for a in accumulators {
-                    combine(&mut body, red, a, threads);
-                }
-                reduced = true;
-            }
-            None => body.push(deal(s, threads, &mut next)),
+        let one = std::slice::from_ref(s);
+        if uses_arrays(one) {
+            return None;
+        }
+        parts.push(match s {
+            Stmt::For { kind: LoopKind::Vector, .. } => Part::Deal,
+            _ => match reduction(s, &inits) {
+                Some(accumulators) => Part::Reduce(accumulators),
+                None if !writes_memory(one) => Part::Every,
+                None if !has_loop(one) => Part::FirstThread,
+                None => return None,
+            },
+        });
+        // A variable assigned here no longer holds its declared value: a later loop
+        // accumulating into it does not start from an identity (a carried sum).
+        let (mut lets, mut assigns, mut locals, mut reads) = (HashMap::new(), Vec::new(), Vec::new(), HashMap::new());
+        collect(one, &mut lets, &mut assigns, &mut locals, &mut reads);
+        for (v, _) in assigns {
+            inits.remove(&v);
         }
     }
-    if reduced {
-        body.insert(0, Stmt::Shared { var: red, elem: Scalar::F32, len: threads as usize });
+    let in_place: Vec<usize> =
+        (0..k.buffers.len()).filter(|&b| k.buffers[b].access == super::ir::Access::ReadWrite).collect();
+    for b in in_place {
+        let touching: Vec<usize> = (0..parts.len()).filter(|&i| touches(std::slice::from_ref(&k.body[i]), b)).collect();
+        if touching.len() > 1 || touching.iter().any(|&i| !matches!(parts[i], Part::Deal)) {
+            return None;
+        }
     }
-    Kernel { body, threads: Some(threads), ..k.clone() }
+    parts.iter().any(|p| matches!(p, Part::Deal | Part::Reduce(_))).then_some(parts)
+}
+
+fn has_loop(body: &[Stmt]) -> bool {
+    body.iter().any(|s| match s {
+        Stmt::For { .. } => true,
+        Stmt::If { then, otherwise, .. } => has_loop(then) || has_loop(otherwise),
+        _ => false,
+    })
+}
+
+/// Whether `body` loads from or stores to buffer `b`.
+fn touches(body: &[Stmt], b: usize) -> bool {
+    fn loads(e: &Expr, b: usize) -> bool {
+        match e {
+            Expr::Load { buffer, index } => *buffer == b || loads(index, b),
+            Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Var(_) | Expr::Size(_) | Expr::Thread => false,
+            Expr::LoadArray { index, .. } => loads(index, b),
+            Expr::Unary(_, x) | Expr::Cast(_, x) => loads(x, b),
+            Expr::Binary(_, x, y) => loads(x, b) || loads(y, b),
+            Expr::Select(c, x, y) => loads(c, b) || loads(x, b) || loads(y, b),
+            Expr::DropoutKeep { seed, index, step, .. } => loads(seed, b) || loads(index, b) || loads(step, b),
+        }
+    }
+    body.iter().any(|s| match s {
+        Stmt::Store { buffer, index, value } => *buffer == b || loads(index, b) || loads(value, b),
+        Stmt::For { extent, body, .. } => loads(extent, b) || touches(body, b),
+        Stmt::If { cond, then, otherwise } => loads(cond, b) || touches(then, b) || touches(otherwise, b),
+        Stmt::Let { value, .. } | Stmt::Assign { value, .. } => loads(value, b),
+        Stmt::Mut { init, .. } => loads(init, b),
+        Stmt::StoreArray { index, value, .. } => loads(index, b) || loads(value, b),
+        Stmt::Array { .. } | Stmt::Shared { .. } | Stmt::Barrier => false,
+    })
 }
 
 /// An accumulator of a row reduction: the variable, how partial results combine, and
@@ -236,33 +323,13 @@ fn deal_serial(s: &Stmt, threads: u32, next: &mut u32) -> Stmt {
     deal(&Stmt::For { var: *var, extent: extent.clone(), kind: LoopKind::Vector, body: body.clone() }, threads, next)
 }
 
-/// Top-level vector loops to deal, no local arrays anywhere, and no store outside them.
-fn qualifies(body: &[Stmt]) -> bool {
-    let mut vector_loops = 0;
-    for s in body {
-        match s {
-            Stmt::For { kind: LoopKind::Vector, body, .. } => {
-                vector_loops += 1;
-                if uses_arrays(body) {
-                    return false;
-                }
-            }
-            other => {
-                if writes_memory(std::slice::from_ref(other)) || uses_arrays(std::slice::from_ref(other)) {
-                    return false;
-                }
-            }
-        }
-    }
-    vector_loops > 0
-}
-
-/// One warp per 32 columns of the widest constant vector loop, up to [`MAX_THREADS`];
-/// [`MAX_THREADS`] when a loop's extent is only known at run time.
-fn threads_for(body: &[Stmt]) -> u32 {
+/// One warp per 32 elements of the widest constant loop it deals (vector loops and
+/// reductions), up to [`MAX_THREADS`]; [`MAX_THREADS`] when a loop's extent is only
+/// known at run time.
+fn threads_for(body: &[Stmt], parts: &[Part]) -> u32 {
     let mut widest = 0i64;
-    for s in body {
-        if let Stmt::For { kind: LoopKind::Vector, extent, .. } = s {
+    for (s, part) in body.iter().zip(parts) {
+        if let (Stmt::For { extent, .. }, Part::Deal | Part::Reduce(_)) = (s, part) {
             widest = widest.max(match extent {
                 Expr::I64(e) => *e,
                 _ => i64::from(MAX_THREADS),
