@@ -399,8 +399,9 @@ impl CudaExecutor {
                     unsafe { result::function::set_function_attribute(f, attribute, bytes) }.map_err(|e| {
                         ExecError::Cuda {
                             what: format!(
-                                "kernel `{}` needs {shared} bytes of shared memory per block, more than this GPU allows",
-                                k.name
+                                "kernel `{}` needs {shared} bytes of shared memory per block, more than this GPU \
+                                 allows (the bundle is for {}: compile it for this GPU's own target)",
+                                k.name, ex.manifest.target.name
                             ),
                             message: format!("{e}"),
                         }
@@ -837,8 +838,9 @@ impl CudaExecutor {
         if !per_launch.is_empty() && (t.args_dev.cap == 0 || per_launch != t.args_host) {
             t.args_dev.resize(per_launch.len() * 8, stream)?;
             t.args_host = per_launch;
-            // SAFETY: the buffer holds `args_host.len() * 8` bytes; the host copy stays
-            // alive in `args_host` until the next update, which the stream orders after.
+            // SAFETY: the buffer holds `args_host.len() * 8` bytes. The source is pageable
+            // host memory, which the driver stages before the call returns, so replacing
+            // `args_host` later cannot change what a queued kernel reads.
             unsafe { result::memcpy_htod_async(t.args_dev.ptr, &t.args_host, stream) }
                 .map_err(cuda_err("uploading launch arguments"))?;
         }

@@ -236,7 +236,8 @@ impl GpuTarget {
     /// The most shared memory one block may use, in bytes (CUDA Programming Guide,
     /// "Technical Specifications per Compute Capability": 163 KB on 8.0, 99 KB on 8.6
     /// and 8.9, 227 KB on 9.0). Beyond 48 KB it is dynamic shared memory, opted into per
-    /// function.
+    /// function. An sm80 bundle whose kernels use more than 99 KB does not load on an 8.6
+    /// or 8.9 GPU (the runtime says so, naming the target to compile for instead).
     pub fn max_shared_bytes(&self) -> usize {
         match self.compute_capability() {
             80 => 163 * 1024,

@@ -106,7 +106,8 @@ fn plan(k: &Kernel) -> Option<Vec<Part>> {
             _ => match reduction(s, &inits) {
                 Some(accumulators) => Part::Reduce(accumulators),
                 None if !writes_memory(one) => Part::Every,
-                None if !has_loop(one) => Part::FirstThread,
+                // Only stores: a variable assigned here too would differ between threads.
+                None if !has_loop(one) && !assigns_any(one) => Part::FirstThread,
                 None => return None,
             },
         });
@@ -127,6 +128,15 @@ fn plan(k: &Kernel) -> Option<Vec<Part>> {
         }
     }
     parts.iter().any(|p| matches!(p, Part::Deal | Part::Reduce(_))).then_some(parts)
+}
+
+fn assigns_any(body: &[Stmt]) -> bool {
+    body.iter().any(|s| match s {
+        Stmt::Assign { .. } => true,
+        Stmt::For { body, .. } => assigns_any(body),
+        Stmt::If { then, otherwise, .. } => assigns_any(then) || assigns_any(otherwise),
+        _ => false,
+    })
 }
 
 fn has_loop(body: &[Stmt]) -> bool {
@@ -204,7 +214,9 @@ fn reduction(s: &Stmt, inits: &HashMap<Var, Expr>) -> Option<Vec<Accumulator>> {
         );
         let comp_updated = outer.iter().any(|(v, e)| v == c && *e == expected);
         let zeros = inits[a] == zero && inits.get(c) == Some(&zero);
-        if x != a || !comp_updated || !zeros || reads_of(*a) != 2 || reads_of(*c) != 1 {
+        // `t` and `y` feed only this update (not, say, a running sum of their own).
+        let private = reads_of(*t) == 2 && reads_of(*y) == 2;
+        if x != a || !comp_updated || !zeros || !private || reads_of(*a) != 2 || reads_of(*c) != 1 {
             return None;
         }
         found.push(Accumulator { var: *a, op: Binary::Add, comp: Some(*c) });

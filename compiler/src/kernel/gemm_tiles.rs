@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! block (product b, tile row tm, tile column tn), 256 threads as 16 × 16 (ty, tx):
-//!   shared As[TK × TM], Bs[TK × TN];  acc[4][4] = 0 (registers: sixteen scalars)
+//!   shared As[TK × (TM + 1)], Bs[TK × (TN + 1)];  acc[4][4] = 0 (sixteen scalars)
 //!   for each k-tile k0 = 0, TK, …:
 //!     barrier
 //!     As[kk, r] = A[row0 + r, k0 + kk]   Bs[kk, c] = B[k0 + kk, col0 + c]   (0 outside)
@@ -30,6 +30,10 @@ const TK: i64 = 16;
 const THREADS: u32 = 256;
 const SIDE: i64 = 16;
 const PER: i64 = 4;
+/// The stride of a k-row of a shared tile: one more than its width, so that threads
+/// storing consecutive k of one row (a k-contiguous operand) hit different banks.
+const A_ROW: i64 = TM + 1;
+const B_ROW: i64 = TN + 1;
 
 fn bin(op: Binary, a: Expr, b: Expr) -> Expr {
     Expr::Binary(op, Box::new(a), Box::new(b))
@@ -76,8 +80,8 @@ pub fn tile_gemm(k: &Kernel) -> Kernel {
     let (a_buf, b_buf, c_buf) = (0usize, 1usize, 2usize);
     let a_tile = b.var();
     let b_tile = b.var();
-    b.stmts.push(Stmt::Shared { var: a_tile, elem: Scalar::F32, len: (TK * TM) as usize });
-    b.stmts.push(Stmt::Shared { var: b_tile, elem: Scalar::F32, len: (TK * TN) as usize });
+    b.stmts.push(Stmt::Shared { var: a_tile, elem: Scalar::F32, len: (TK * A_ROW) as usize });
+    b.stmts.push(Stmt::Shared { var: b_tile, elem: Scalar::F32, len: (TK * B_ROW) as usize });
 
     // Block → (product, tile row, tile column), the column fastest.
     let (m, n, kk_total) = (b.bind(g.m.clone()), b.bind(g.n.clone()), b.bind(g.k.clone()));
@@ -121,13 +125,13 @@ pub fn tile_gemm(k: &Kernel) -> Kernel {
     let step_outer = std::mem::take(&mut b.stmts);
     let a_vals: Vec<Expr> = (0..PER)
         .map(|i| {
-            let at = add(mul(Expr::Var(kk), Expr::I64(TM)), add(ty.clone(), Expr::I64(SIDE * i)));
+            let at = add(mul(Expr::Var(kk), Expr::I64(A_ROW)), add(ty.clone(), Expr::I64(SIDE * i)));
             b.bind(Expr::LoadArray { array: a_tile, index: Box::new(at) })
         })
         .collect();
     let b_vals: Vec<Expr> = (0..PER)
         .map(|j| {
-            let at = add(mul(Expr::Var(kk), Expr::I64(TN)), add(tx.clone(), Expr::I64(SIDE * j)));
+            let at = add(mul(Expr::Var(kk), Expr::I64(B_ROW)), add(tx.clone(), Expr::I64(SIDE * j)));
             b.bind(Expr::LoadArray { array: b_tile, index: Box::new(at) })
         })
         .collect();
@@ -174,7 +178,7 @@ pub fn tile_gemm(k: &Kernel) -> Kernel {
     Kernel { buffers, extent, body: b.stmts, gemm: None, threads: Some(THREADS), ..k.clone() }
 }
 
-/// Stores one operand's tile into shared array `tile` (`tile[kk·width + x]`, x along the
+/// Stores one operand's tile into shared array `tile` (`tile[kk·(width + 1) + x]`, x along the
 /// tile's rows of A or columns of B): `x0 + x < extent` and `k0 + kk < k` inside the
 /// matrix, 0 outside. `columns`: the operand is B (`x` is its column, k its row).
 #[allow(clippy::too_many_arguments)]
@@ -204,7 +208,7 @@ fn load_tile(
         let load = Expr::Load { buffer, index: Box::new(at) };
         let inside = and(lt(gx, extent.clone()), lt(gk, k.clone()));
         let value = Expr::Select(Box::new(inside), Box::new(load), Box::new(Expr::F32(0.0)));
-        let index = add(mul(kk, Expr::I64(width)), x);
+        let index = add(mul(kk, Expr::I64(width + 1)), x);
         b.stmts.push(Stmt::StoreArray { array: tile, index, value });
     }
 }

@@ -64,7 +64,8 @@ impl Tiles {
 /// (or `max_chunk`, if smaller), with the longest chunk that then fits; `None` when not
 /// even one token fits.
 pub fn tiles(d: usize, e: usize, max_chunk: usize, full: bool, decay: bool) -> Option<Tiles> {
-    let fits = |t: Tiles| t.shared_floats(d, full, decay) * 4 <= SHARED_LIMIT;
+    // Each of the (at most six) arrays starts 16-byte aligned.
+    let fits = |t: Tiles| t.shared_floats(d, full, decay) * 4 + 6 * 16 <= SHARED_LIMIT;
     // Chunks of powers of two, longest first, up to `max_chunk`.
     let chunks: Vec<usize> = (0..=6).map(|p| 64usize >> p).filter(|&c| c <= max_chunk.max(1)).collect();
     let longest = |cols: usize| chunks.iter().map(|&chunk| Tiles { chunk, cols }).find(|&t| fits(t));
@@ -298,7 +299,7 @@ mod tests {
         assert_eq!(tiles(8, 8, 5, false, false), Some(Tiles { chunk: 4, cols: 8 }));
         for (d, e) in [(128, 128), (64, 64), (256, 256), (96, 48)] {
             let t = tiles(d, e, 64, false, true).unwrap();
-            assert!(t.shared_floats(d, false, true) * 4 <= SHARED_LIMIT, "{d}×{e}: {t:?}");
+            assert!(t.shared_floats(d, false, true) * 4 + 6 * 16 <= SHARED_LIMIT, "{d}×{e}: {t:?}");
             assert_eq!(e % t.cols, 0);
         }
         // Too wide for one token's rows.
