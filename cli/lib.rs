@@ -70,7 +70,8 @@ pub enum Command {
         after: String,
         /// With `--after schedule`: the kernels as compiled for this target (`native`,
         /// `x86-64-v3`: library GEMMs, chunked cross-entropy, interchanged reductions;
-        /// `sm80` …: row kernels as thread blocks). Without it, the generic schedule.
+        /// `sm80` …: thread blocks with shared memory for the attention kernels, tiled
+        /// GEMMs, row kernels with block reductions). Without it, the generic schedule.
         #[arg(long)]
         target: Option<String>,
     },
