@@ -78,7 +78,8 @@ fn check_schedule(path: &std::path::Path, s: &schedule::Schedule, lengths: &[(us
 }
 
 /// GPU schedules (`ScheduleOptions::gpu`): row kernels become block kernels whose row
-/// reductions are block reductions (`kernel/blocks.rs`), products tiled GEMMs (`kernel/gemm_tiles.rs`), the
+/// reductions are block reductions (`kernel/blocks.rs`), sums over the tokens split over
+/// the token range (`schedule/split_reduce.rs`), products tiled GEMMs (`kernel/gemm_tiles.rs`), the
 /// linear-attention scans and block attention (forward and backward) thread blocks with
 /// shared memory (`schedule/linear_attention_gpu.rs`, chunks
 /// of 4 tokens so that N = 6 and 13 take several; `schedule/block_attention.rs`). The reference executor runs them in the GPU-semantics executor (threads in
@@ -96,6 +97,13 @@ fn gpu_block_schedules_match_the_interpreter() {
         };
         let reducing = s.kernels.iter().filter(|k| k.name.contains("_row_") && shares(k)).count();
         assert!(reducing >= 1, "{}: no row kernel reduces across its block", path.display());
+        // Sums over the tokens into small outputs (a bias's gradient) are split over the
+        // token range (`schedule/split_reduce.rs`): a partial and a combine kernel.
+        if path.file_stem().unwrap() == "transnormer_t1" {
+            let parts = s.kernels.iter().filter(|k| k.name.ends_with("_part")).count();
+            let sums = s.kernels.iter().filter(|k| k.name.ends_with("_sum")).count();
+            assert!(parts >= 3 && parts == sums, "T1: {parts} partial and {sums} combine kernels");
+        }
         // Products are tiled GEMM blocks (256 threads), no library node is left.
         assert!(s.kernels.iter().all(|k| k.gemm.is_none()), "{}: a library node on a GPU", path.display());
         let tiled = s.kernels.iter().filter(|k| k.name.ends_with("_gemm") && k.threads == Some(256)).count();

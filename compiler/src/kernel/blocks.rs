@@ -174,17 +174,17 @@ fn touches(body: &[Stmt], b: usize) -> bool {
 /// An accumulator of a row reduction: the variable, how partial results combine, and
 /// the Kahan compensation carried with it (a sum).
 #[derive(Clone, Copy, Debug)]
-struct Accumulator {
-    var: Var,
-    op: Binary,
-    comp: Option<Var>,
+pub(crate) struct Accumulator {
+    pub(crate) var: Var,
+    pub(crate) op: Binary,
+    pub(crate) comp: Option<Var>,
 }
 
 /// The accumulators of `s` when it is a serial loop whose only effects are updates of
 /// accumulators declared before it (`inits`), each one `a = a ⊕ e` with ⊕ ∈ {+, max, min}
 /// from ⊕'s identity, or a Kahan sum from 0 (`y = e − comp; t = a + y; comp = (t − a) − y;
 /// a = t`), and which the loop reads nowhere else.
-fn reduction(s: &Stmt, inits: &HashMap<Var, Expr>) -> Option<Vec<Accumulator>> {
+pub(crate) fn reduction(s: &Stmt, inits: &HashMap<Var, Expr>) -> Option<Vec<Accumulator>> {
     let Stmt::For { kind: LoopKind::Serial, body, .. } = s else { return None };
     if writes_memory(body) || uses_arrays(body) {
         return None;

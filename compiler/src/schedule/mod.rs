@@ -25,6 +25,7 @@ pub mod linear_attention_gpu;
 pub mod optimizer;
 pub mod run;
 mod special;
+mod split_reduce;
 mod threads;
 
 use crate::fusion::FusionPlan;
@@ -132,8 +133,9 @@ pub struct ScheduleOptions {
     /// GPU block kernels: the linear-attention scan and block attention as thread blocks
     /// staging their operands in shared memory (`linear_attention_gpu.rs`,
     /// `block_attention.rs`), dense products as tiled GEMMs (`kernel/gemm_tiles.rs`), row
-    /// kernels as blocks whose threads share each row (`kernel/blocks.rs`). Off, every
-    /// kernel runs one parallel iteration per thread.
+    /// kernels as blocks whose threads share each row (`kernel/blocks.rs`), sums over the
+    /// tokens into small outputs split over the token range (`split_reduce.rs`). Off,
+    /// every kernel runs one parallel iteration per thread.
     pub gpu_blocks: bool,
     /// The most shared memory a block kernel may declare, in bytes (the target's limit per
     /// block; beyond 48 KB it is dynamic shared memory).
@@ -342,7 +344,10 @@ pub fn schedule_with(
     sizes.shrink_to_fit();
     if opts.gpu_blocks {
         use crate::kernel::{blocks::coalesce_rows, gemm_tiles::tile_gemm};
-        out.kernels = out.kernels.iter().map(|k| coalesce_rows(&tile_gemm(k))).collect();
+        let combiners = split_reduce::split_reductions(&mut out.kernels, &mut out.steps, &mut buffers);
+        out.kernels = (out.kernels.iter().enumerate())
+            .map(|(i, k)| if combiners.contains(&i) { k.clone() } else { coalesce_rows(&tile_gemm(k)) })
+            .collect();
     }
     Ok(Schedule { kernels: out.kernels, buffers, steps: out.steps, sizes, scalars, params, inputs, outputs })
 }

@@ -1,0 +1,309 @@
+//! GPU schedules: a sum over the tokens into a small output (the gradient of a norm's
+//! weight or of a bias: Σ over B·N) is a kernel of few parallel iterations, each walking
+//! every token — on a GPU one or a few blocks for the whole device. Such a kernel is split
+//! in two, over [`SPLITS`] parts of the token range:
+//!
+//! ```text
+//! parallel r { for vector c {             partial: parallel (s, r) { for vector c {
+//!   acc = 0                                 acc = 0
+//!   for b, n: acc += f(r, c, b, n)   →      for t in part s of 0..B·N: acc += f(r, c, b(t), n(t))
+//!   out[idx(r, c)] = acc                    part[s, r, c] = acc }}
+//! }}                                      combine: parallel (r, c) { out[idx(r, c)] = Σ_s part[s, r, c] }
+//! ```
+//!
+//! The token nest is flattened into one index `t` (`b = t / N`, `n = t % N`), so any nest
+//! of serial loops splits evenly. The combine adds the parts in order, so results do not
+//! depend on the launch (no atomics). Only a kernel of exactly this shape is split: one
+//! vector loop holding one sum (`blocks::reduction`) over a nest whose extent depends on
+//! the run-time sizes, stored as is.
+
+use super::{BufferInfo, Role, Step};
+use crate::ir::Dim;
+use crate::kernel::blocks::reduction;
+use crate::kernel::{Access, Binary, BufferDecl, Elem, Expr, Kernel, LoopKind, Scalar, Stmt, Var};
+use std::collections::{HashMap, HashSet};
+
+/// Parts of the token range: enough blocks to fill a GPU for a one-row output.
+pub const SPLITS: i64 = 64;
+
+fn bin(op: Binary, a: Expr, b: Expr) -> Expr {
+    Expr::Binary(op, Box::new(a), Box::new(b))
+}
+
+/// A kernel of the splittable shape, taken apart.
+struct Shape {
+    /// Top-level lets (before the vector loop).
+    top: Vec<Stmt>,
+    column: Var,
+    columns: Expr,
+    /// The vector loop's statements before the token nest (lets and accumulators).
+    before: Vec<Stmt>,
+    /// The nest's loops, outermost first, and its statements inside out (lets between
+    /// loops, then the innermost body).
+    loops: Vec<(Var, Expr)>,
+    inner: Vec<Stmt>,
+    /// Lets after the nest, and the store: buffer slot, index, the sum and compensation.
+    after: Vec<Stmt>,
+    out: usize,
+    index: Expr,
+    acc: Var,
+    comp: Option<Var>,
+}
+
+fn mentions(e: &Expr, vars: &[Var]) -> bool {
+    let mut found = false;
+    e.visit_vars(&mut |v| found |= vars.contains(&v));
+    found
+}
+
+fn shape(k: &Kernel) -> Option<Shape> {
+    if k.gemm.is_some() || k.threads.is_some() {
+        return None;
+    }
+    // Lets, then one vector loop.
+    let (last, top) = k.body.split_last()?;
+    if !top.iter().all(|s| matches!(s, Stmt::Let { .. })) {
+        return None;
+    }
+    let Stmt::For { var: column, extent: columns, kind: LoopKind::Vector, body } = last else { return None };
+    // Lets and accumulators, the nest, lets, the store.
+    let at = body.iter().position(|s| matches!(s, Stmt::For { .. }))?;
+    let (before, rest) = body.split_at(at);
+    let (nest, rest) = rest.split_first()?;
+    let (store, after) = rest.split_last()?;
+    if !before.iter().chain(after).all(|s| matches!(s, Stmt::Let { .. } | Stmt::Mut { .. })) {
+        return None;
+    }
+    let inits: HashMap<Var, Expr> = before
+        .iter()
+        .filter_map(|s| match s {
+            Stmt::Mut { var, init, .. } => Some((*var, init.clone())),
+            _ => None,
+        })
+        .collect();
+    let [sum] = reduction(nest, &inits)?[..] else { return None };
+    if sum.op != Binary::Add {
+        return None;
+    }
+    let Stmt::Store { buffer: out, index, value: Expr::Var(stored) } = store else { return None };
+    let mut sums = vec![sum.var];
+    sums.extend(sum.comp);
+    // The sum is read only by the store (not by a let after the nest, nor its index).
+    let read_after = after.iter().any(|s| matches!(s, Stmt::Let { value, .. } if mentions(value, &sums)));
+    if *stored != sum.var || read_after || mentions(index, &sums) || after.iter().any(|s| matches!(s, Stmt::Mut { .. }))
+    {
+        return None;
+    }
+    // Flatten the nest: serial loops, with only lets besides the next loop.
+    let (mut loops, mut inner) = (Vec::new(), Vec::new());
+    let mut level = nest;
+    loop {
+        let Stmt::For { var, extent, kind: LoopKind::Serial, body } = level else { return None };
+        loops.push((*var, extent.clone()));
+        let lets = body.iter().filter(|s| matches!(s, Stmt::Let { .. })).count();
+        match body.iter().find(|s| !matches!(s, Stmt::Let { .. })) {
+            Some(next @ Stmt::For { .. }) if lets + 1 == body.len() => {
+                inner.extend(body.iter().filter(|s| matches!(s, Stmt::Let { .. })).cloned());
+                level = next;
+            }
+            _ => {
+                inner.extend(body.iter().cloned());
+                break;
+            }
+        }
+    }
+    // Extents fixed for the nest (not depending on its own variables), and a token range
+    // that grows with the run-time sizes.
+    let loop_vars: Vec<Var> = loops.iter().map(|l| l.0).collect();
+    if loops.iter().any(|(_, e)| mentions(e, &loop_vars)) {
+        return None;
+    }
+    let sized = |e: &Expr| {
+        fn has_size(e: &Expr) -> bool {
+            match e {
+                Expr::Size(_) => true,
+                Expr::Binary(_, a, b) => has_size(a) || has_size(b),
+                _ => false,
+            }
+        }
+        has_size(e)
+    };
+    if !loops.iter().any(|(_, e)| sized(e)) {
+        return None;
+    }
+    Some(Shape {
+        top: top.to_vec(),
+        column: *column,
+        columns: columns.clone(),
+        before: before.to_vec(),
+        loops,
+        inner,
+        after: after.to_vec(),
+        out: *out,
+        index: index.clone(),
+        acc: sum.var,
+        comp: sum.comp,
+    })
+}
+
+/// A size polynomial of an index expression over the kernel's sizes, if it is one.
+fn dim_of(e: &Expr, sizes: &[String]) -> Option<Dim> {
+    match e {
+        Expr::I64(c) => Some(Dim::constant(*c)),
+        Expr::Size(i) => sizes.get(*i).map(|s| Dim::sym(s.clone())),
+        Expr::Binary(Binary::Add, a, b) => dim_of(a, sizes)?.checked_add(&dim_of(b, sizes)?),
+        Expr::Binary(Binary::Sub, a, b) => dim_of(a, sizes)?.checked_sub(&dim_of(b, sizes)?),
+        Expr::Binary(Binary::Mul, a, b) => dim_of(a, sizes)?.checked_mul(&dim_of(b, sizes)?),
+        Expr::Binary(Binary::Div, a, k) => {
+            let Expr::I64(k) = **k else { return None };
+            match &**a {
+                Expr::Binary(Binary::Add, x, c) if **c == Expr::I64(k - 1) => dim_of(x, sizes)?.ceil_div(k),
+                _ => dim_of(a, sizes)?.div_exact(k),
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Splits every kernel of the splittable shape (see the module notes): its launches
+/// become a partial launch and a combine launch over a new workspace. Returns the
+/// combine kernels (one thread per output element: coalesced as they are).
+pub fn split_reductions(
+    kernels: &mut Vec<Kernel>,
+    steps: &mut Vec<Step>,
+    buffers: &mut Vec<BufferInfo>,
+) -> HashSet<usize> {
+    let mut combiners = HashSet::new();
+    let mut replaced: HashMap<usize, (usize, usize, usize)> = HashMap::new();
+    for ki in 0..kernels.len() {
+        let k = &kernels[ki];
+        let Some(sh) = shape(k) else { continue };
+        let rows_columns = bin(Binary::Mul, k.extent.clone(), sh.columns.clone());
+        let Some(count) = dim_of(&rows_columns, &k.sizes) else { continue };
+        let Some(bytes) = count.checked_scale(SPLITS * 4) else { continue };
+        let (partial, combine) = build(k, &sh, rows_columns);
+        buffers.push(BufferInfo { bytes, role: Role::Workspace, name: None });
+        let workspace = buffers.len() - 1;
+        kernels[ki] = partial;
+        kernels.push(combine);
+        combiners.insert(kernels.len() - 1);
+        replaced.insert(ki, (ki, kernels.len() - 1, workspace));
+    }
+    let old = std::mem::take(steps);
+    for st in old {
+        match replaced.get(&st.kernel) {
+            Some(&(partial, combine, workspace)) => {
+                let mut bound = st.buffers.clone();
+                bound.push(workspace);
+                steps.push(Step { kernel: partial, buffers: bound.clone(), ..st.clone() });
+                steps.push(Step { kernel: combine, buffers: bound, ..st });
+            }
+            None => steps.push(st),
+        }
+    }
+    combiners
+}
+
+/// The partial and combine kernels of `k` (shape `sh`, `rc` = rows × columns). Both take
+/// `k`'s buffers plus the workspace `part[SPLITS × rc]` as a last slot.
+fn build(k: &Kernel, sh: &Shape, rc: Expr) -> (Kernel, Kernel) {
+    let mut next = k.next_var();
+    let mut fresh = || {
+        next += 1;
+        Var(next - 1)
+    };
+    let part_slot = k.buffers.len();
+    let splits = Expr::I64(SPLITS);
+    let rows = k.extent.clone();
+    let flat = |row: Expr, column: Expr| bin(Binary::Add, bin(Binary::Mul, row, sh.columns.clone()), column);
+
+    // Partial: iteration p = s·R + r.
+    let (p, s) = (fresh(), fresh());
+    let (total, len, t, g) = (fresh(), fresh(), fresh(), fresh());
+    let mut body = vec![
+        Stmt::Let { var: k.index, value: bin(Binary::Rem, Expr::Var(p), rows.clone()) },
+        Stmt::Let { var: s, value: bin(Binary::Div, Expr::Var(p), rows.clone()) },
+    ];
+    body.extend(sh.top.iter().cloned());
+    let tokens = sh.loops.iter().map(|l| l.1.clone()).reduce(|a, b| bin(Binary::Mul, a, b)).expect("a loop");
+    let mut column_body = sh.before.clone();
+    column_body.push(Stmt::Let { var: total, value: tokens });
+    let ceil = bin(Binary::Div, bin(Binary::Add, Expr::Var(total), Expr::I64(SPLITS - 1)), splits.clone());
+    column_body.push(Stmt::Let { var: len, value: ceil });
+    // Token g of the flattened nest: each loop's index from the innermost out.
+    let mut unflatten = Vec::new();
+    let mut stride = Expr::I64(1);
+    for (i, (var, extent)) in sh.loops.iter().enumerate().rev() {
+        let q = bin(Binary::Div, Expr::Var(g), stride.clone());
+        let value = if i == 0 { q } else { bin(Binary::Rem, q, extent.clone()) };
+        unflatten.push(Stmt::Let { var: *var, value });
+        stride = bin(Binary::Mul, stride, extent.clone());
+    }
+    unflatten.reverse();
+    unflatten.extend(sh.inner.iter().cloned());
+    let first = bin(Binary::Mul, Expr::Var(s), Expr::Var(len));
+    column_body.push(Stmt::For {
+        var: t,
+        extent: Expr::Var(len),
+        kind: LoopKind::Serial,
+        body: vec![
+            Stmt::Let { var: g, value: bin(Binary::Add, first, Expr::Var(t)) },
+            Stmt::If { cond: bin(Binary::Lt, Expr::Var(g), Expr::Var(total)), then: unflatten, otherwise: Vec::new() },
+        ],
+    });
+    column_body.extend(sh.after.iter().cloned());
+    let value = match sh.comp {
+        Some(c) => bin(Binary::Sub, Expr::Var(sh.acc), Expr::Var(c)),
+        None => Expr::Var(sh.acc),
+    };
+    let at =
+        bin(Binary::Add, bin(Binary::Mul, Expr::Var(s), rc.clone()), flat(Expr::Var(k.index), Expr::Var(sh.column)));
+    column_body.push(Stmt::Store { buffer: part_slot, index: at, value });
+    body.push(Stmt::For { var: sh.column, extent: sh.columns.clone(), kind: LoopKind::Vector, body: column_body });
+    let mut decls = k.buffers.clone();
+    decls[sh.out].access = Access::Read; // written by the combine
+    decls.push(BufferDecl { name: "part".into(), elem: Elem::F32, access: Access::Write });
+    let partial = Kernel {
+        name: format!("{}_part", k.name),
+        buffers: decls.clone(),
+        index: p,
+        extent: bin(Binary::Mul, rows.clone(), splits),
+        body,
+        ..k.clone()
+    };
+
+    // Combine: iteration q = r·C + c, the parts added in order (Kahan).
+    let (q, x, sum, comp, y, z) = (fresh(), fresh(), fresh(), fresh(), fresh(), fresh());
+    let mut body = vec![
+        Stmt::Let { var: k.index, value: bin(Binary::Div, Expr::Var(q), sh.columns.clone()) },
+        Stmt::Let { var: sh.column, value: bin(Binary::Rem, Expr::Var(q), sh.columns.clone()) },
+    ];
+    body.extend(sh.top.iter().cloned());
+    body.extend(sh.before.iter().chain(&sh.after).filter(|s| matches!(s, Stmt::Let { .. })).cloned());
+    body.push(Stmt::Mut { var: sum, ty: Scalar::F32, init: Expr::F32(0.0) });
+    body.push(Stmt::Mut { var: comp, ty: Scalar::F32, init: Expr::F32(0.0) });
+    let load = Expr::Load {
+        buffer: part_slot,
+        index: Box::new(bin(Binary::Add, bin(Binary::Mul, Expr::Var(x), rc.clone()), Expr::Var(q))),
+    };
+    body.push(Stmt::For {
+        var: x,
+        extent: Expr::I64(SPLITS),
+        kind: LoopKind::Serial,
+        body: vec![
+            Stmt::Let { var: y, value: bin(Binary::Sub, load, Expr::Var(comp)) },
+            Stmt::Let { var: z, value: bin(Binary::Add, Expr::Var(sum), Expr::Var(y)) },
+            Stmt::Assign {
+                var: comp,
+                value: bin(Binary::Sub, bin(Binary::Sub, Expr::Var(z), Expr::Var(sum)), Expr::Var(y)),
+            },
+            Stmt::Assign { var: sum, value: Expr::Var(z) },
+        ],
+    });
+    body.push(Stmt::Store { buffer: sh.out, index: sh.index.clone(), value: Expr::Var(sum) });
+    let mut decls = decls;
+    decls[part_slot].access = Access::Read;
+    decls[sh.out].access = Access::Write;
+    let combine = Kernel { name: format!("{}_sum", k.name), buffers: decls, index: q, extent: rc, body, ..k.clone() };
+    (partial, combine)
+}
