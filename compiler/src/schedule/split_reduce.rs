@@ -301,7 +301,6 @@ fn build(k: &Kernel, sh: &Shape, rc: Expr) -> (Kernel, Kernel) {
         ],
     });
     body.push(Stmt::Store { buffer: sh.out, index: sh.index.clone(), value: Expr::Var(sum) });
-    let mut decls = decls;
     decls[part_slot].access = Access::Read;
     decls[sh.out].access = Access::Write;
     let combine = Kernel { name: format!("{}_sum", k.name), buffers: decls, index: q, extent: rc, body, ..k.clone() };
