@@ -52,6 +52,7 @@ fn without_a_target_it_asks_for_one() {
 
 #[test]
 fn compiling_writes_a_bundle_and_unknown_targets_are_usage_errors() {
+    // (One directory for both targets: the second bundle replaces the first.)
     let dir = std::env::temp_dir().join(format!("tnc-compile-cli-{}", std::process::id()));
     let out = dir.join("tnl.tnb");
     let out_s = out.display().to_string();
@@ -63,7 +64,14 @@ fn compiling_writes_a_bundle_and_unknown_targets_are_usage_errors() {
         assert!(stdout.contains("kernels") && stdout.contains("compile time"), "{stdout}");
         let code_file = if target.starts_with("sm") { "kernels.ptx" } else { "kernels.so" };
         assert!(out.join("manifest.json").is_file() && out.join(code_file).is_file(), "{target}");
+        if target == "x86-64-v3" {
+            std::fs::write(out.join("notes.txt"), "mine").unwrap();
+        }
     }
+    // The GPU bundle replaced the CPU one in place: the old bundle's code is gone, a file
+    // of the user's is not.
+    assert!(!out.join("kernels.so").exists(), "a stale kernels.so is left behind");
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
     let (code, _, err) = tnc(&["compile", "models/tnl.tn", "--target", "sm100", "-o", &out_s]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("sm90a"), "{err}");

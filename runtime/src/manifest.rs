@@ -673,6 +673,10 @@ impl Manifest {
     /// with `files` set to their checksums, then `manifest.sha256`.
     pub fn write_bundle(&self, dir: &Path, files: &[(&str, &[u8])]) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
+        // Files of a bundle this one replaces (another target's `kernels.so` or
+        // `kernels.ptx`): removed once the new manifest is written. Only names the old
+        // manifest lists, so nothing else in the directory is touched.
+        let stale = previous_files(dir);
         let mut m = self.clone();
         m.files.clear();
         for (name, bytes) in files {
@@ -680,11 +684,28 @@ impl Manifest {
             m.files.insert(name.to_string(), sha256_hex(bytes));
         }
         let json = serde_json::to_vec_pretty(&m).map_err(std::io::Error::other)?;
-        write_manifest_bytes(dir, &json)
+        write_manifest_bytes(dir, &json)?;
+        for name in stale.iter().filter(|n| !m.files.contains_key(*n)) {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+        Ok(())
     }
 }
 
 /// Writes `manifest.json` with exactly these bytes and its `manifest.sha256`.
+/// The file names the manifest in `dir` lists, if there is one (plain names only: a
+/// corrupt manifest cannot point outside the directory).
+fn previous_files(dir: &Path) -> Vec<String> {
+    let Ok(bytes) = std::fs::read(dir.join(MANIFEST_FILE)) else { return Vec::new() };
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return Vec::new() };
+    let Some(files) = value.get("files").and_then(|f| f.as_object()) else { return Vec::new() };
+    let plain = |n: &&String| {
+        let p = Path::new(n.as_str());
+        p.components().count() == 1 && p.file_name().is_some_and(|f| f == n.as_str()) && n.as_str() != MANIFEST_FILE
+    };
+    files.keys().filter(plain).cloned().collect()
+}
+
 pub fn write_manifest_bytes(dir: &Path, json: &[u8]) -> std::io::Result<()> {
     std::fs::write(dir.join(MANIFEST_FILE), json)?;
     std::fs::write(dir.join(MANIFEST_CHECKSUM_FILE), format!("{}  {MANIFEST_FILE}\n", sha256_hex(json)))
