@@ -86,7 +86,9 @@ fn check_schedule(path: &std::path::Path, s: &schedule::Schedule, lengths: &[(us
 /// random order, shared memory and barrier checks); every model still matches.
 #[test]
 fn gpu_block_schedules_match_the_interpreter() {
-    let opts = schedule::ScheduleOptions { chunk: 4, ..schedule::ScheduleOptions::gpu() };
+    // Chunks of 4 tokens and split sums in 4 parts, so that N = 6 and 13 take several
+    // (the last one partial).
+    let opts = schedule::ScheduleOptions { chunk: 4, token_parts: 4, ..schedule::ScheduleOptions::gpu() };
     for path in model_files() {
         let s = check_with(&path, true, &[(3, 6), (2, 13)], &opts);
         let blocks = s.kernels.iter().filter(|k| k.threads.is_some()).count();

@@ -140,6 +140,8 @@ pub struct ScheduleOptions {
     /// The most shared memory a block kernel may declare, in bytes (the target's limit per
     /// block; beyond 48 KB it is dynamic shared memory).
     pub shared_limit: usize,
+    /// Parts of the token range a split sum runs in (`split_reduce.rs`, GPUs).
+    pub token_parts: usize,
 }
 
 impl Default for ScheduleOptions {
@@ -149,6 +151,7 @@ impl Default for ScheduleOptions {
             library_gemm: false,
             gpu_blocks: false,
             shared_limit: crate::kernel::STATIC_SHARED_BYTES,
+            token_parts: split_reduce::PARTS,
         }
     }
 }
@@ -344,7 +347,8 @@ pub fn schedule_with(
     sizes.shrink_to_fit();
     if opts.gpu_blocks {
         use crate::kernel::{blocks::coalesce_rows, gemm_tiles::tile_gemm};
-        let combiners = split_reduce::split_reductions(&mut out.kernels, &mut out.steps, &mut buffers);
+        let combiners =
+            split_reduce::split_reductions(&mut out.kernels, &mut out.steps, &mut buffers, opts.token_parts);
         out.kernels = (out.kernels.iter().enumerate())
             .map(|(i, k)| if combiners.contains(&i) { k.clone() } else { coalesce_rows(&tile_gemm(k)) })
             .collect();

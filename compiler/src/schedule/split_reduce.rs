@@ -1,21 +1,22 @@
 //! GPU schedules: a sum over the tokens into a small output (the gradient of a norm's
 //! weight or of a bias: Σ over B·N) is a kernel of few parallel iterations, each walking
 //! every token — on a GPU one or a few blocks for the whole device. Such a kernel is split
-//! in two, over [`SPLITS`] parts of the token range:
+//! in two, over `parts` parts of the token range ([`PARTS`] by default):
 //!
 //! ```text
 //! parallel r { for vector c {             partial: parallel (s, r) { for vector c {
 //!   acc = 0                                 acc = 0
 //!   for b, n: acc += f(r, c, b, n)   →      for t in part s of 0..B·N: acc += f(r, c, b(t), n(t))
-//!   out[idx(r, c)] = acc                    part[s, r, c] = acc }}
-//! }}                                      combine: parallel (r, c) { out[idx(r, c)] = Σ_s part[s, r, c] }
+//!   out[idx(r, c)] = g(acc)                 part[s, r, c] = acc }}
+//! }}                                      combine: parallel (r, c) { acc = Σ_s part[s, r, c]; out[idx(r, c)] = g(acc) }
 //! ```
 //!
 //! The token nest is flattened into one index `t` (`b = t / N`, `n = t % N`), so any nest
 //! of serial loops splits evenly. The combine adds the parts in order, so results do not
-//! depend on the launch (no atomics). Only a kernel of exactly this shape is split: one
-//! vector loop holding one sum (`blocks::reduction`) over a nest whose extent depends on
-//! the run-time sizes, stored as is.
+//! depend on the launch (no atomics), and then finishes as the kernel did (`g`: a mean's
+//! division). Only a kernel of exactly this shape is split: one sum (`blocks::reduction`),
+//! in one vector loop or (a scalar, the loss's mean) in the body itself, over a nest whose
+//! extent depends on the run-time sizes, followed by lets and one store.
 
 use super::{BufferInfo, Role, Step};
 use crate::ir::Dim;
@@ -23,8 +24,8 @@ use crate::kernel::blocks::reduction;
 use crate::kernel::{Access, Binary, BufferDecl, Elem, Expr, Kernel, LoopKind, Scalar, Stmt, Var};
 use std::collections::{HashMap, HashSet};
 
-/// Parts of the token range: enough blocks to fill a GPU for a one-row output.
-pub const SPLITS: i64 = 64;
+/// Parts of the token range by default: enough blocks to fill a GPU for a one-row output.
+pub const PARTS: usize = 64;
 
 fn bin(op: Binary, a: Expr, b: Expr) -> Expr {
     Expr::Binary(op, Box::new(a), Box::new(b))
@@ -34,18 +35,21 @@ fn bin(op: Binary, a: Expr, b: Expr) -> Expr {
 struct Shape {
     /// Top-level lets (before the vector loop).
     top: Vec<Stmt>,
-    column: Var,
+    /// The vector loop over the output's columns holding the sum, if there is one (a
+    /// scalar, the loss's mean, has none).
+    column: Option<Var>,
     columns: Expr,
-    /// The vector loop's statements before the token nest (lets and accumulators).
+    /// The statements before the token nest (lets and accumulators).
     before: Vec<Stmt>,
     /// The nest's loops, outermost first, and its statements inside out (lets between
     /// loops, then the innermost body).
     loops: Vec<(Var, Expr)>,
     inner: Vec<Stmt>,
-    /// Lets after the nest, and the store: buffer slot, index, the sum and compensation.
+    /// Lets after the nest (they may use the sum), and the store.
     after: Vec<Stmt>,
+    store: Stmt,
+    /// The store's buffer slot.
     out: usize,
-    index: Expr,
     acc: Var,
     comp: Option<Var>,
 }
@@ -60,18 +64,22 @@ fn shape(k: &Kernel) -> Option<Shape> {
     if k.gemm.is_some() || k.threads.is_some() {
         return None;
     }
-    // Lets, then one vector loop.
-    let (last, top) = k.body.split_last()?;
-    if !top.iter().all(|s| matches!(s, Stmt::Let { .. })) {
-        return None;
-    }
-    let Stmt::For { var: column, extent: columns, kind: LoopKind::Vector, body } = last else { return None };
+    // Lets, then one vector loop holding the sum; or the sum in the body itself.
+    let (top, column, columns, body) = match k.body.split_last() {
+        Some((Stmt::For { var, extent, kind: LoopKind::Vector, body }, top))
+            if top.iter().all(|s| matches!(s, Stmt::Let { .. })) =>
+        {
+            (top.to_vec(), Some(*var), extent.clone(), body.as_slice())
+        }
+        _ => (Vec::new(), None, Expr::I64(1), k.body.as_slice()),
+    };
     // Lets and accumulators, the nest, lets, the store.
     let at = body.iter().position(|s| matches!(s, Stmt::For { .. }))?;
     let (before, rest) = body.split_at(at);
     let (nest, rest) = rest.split_first()?;
     let (store, after) = rest.split_last()?;
-    if !before.iter().chain(after).all(|s| matches!(s, Stmt::Let { .. } | Stmt::Mut { .. })) {
+    let lets_or_muts = before.iter().all(|s| matches!(s, Stmt::Let { .. } | Stmt::Mut { .. }));
+    if !lets_or_muts || !after.iter().all(|s| matches!(s, Stmt::Let { .. })) {
         return None;
     }
     let inits: HashMap<Var, Expr> = before
@@ -85,15 +93,8 @@ fn shape(k: &Kernel) -> Option<Shape> {
     if sum.op != Binary::Add {
         return None;
     }
-    let Stmt::Store { buffer: out, index, value: Expr::Var(stored) } = store else { return None };
-    let mut sums = vec![sum.var];
-    sums.extend(sum.comp);
-    // The sum is read only by the store (not by a let after the nest, nor its index).
-    let read_after = after.iter().any(|s| matches!(s, Stmt::Let { value, .. } if mentions(value, &sums)));
-    if *stored != sum.var || read_after || mentions(index, &sums) || after.iter().any(|s| matches!(s, Stmt::Mut { .. }))
-    {
-        return None;
-    }
+    // One store; it (and the lets before it) may use the sum: the combine recomputes them.
+    let Stmt::Store { buffer: out, .. } = store else { return None };
     // Flatten the nest: serial loops, with only lets besides the next loop.
     let (mut loops, mut inner) = (Vec::new(), Vec::new());
     let mut level = nest;
@@ -132,15 +133,15 @@ fn shape(k: &Kernel) -> Option<Shape> {
         return None;
     }
     Some(Shape {
-        top: top.to_vec(),
-        column: *column,
-        columns: columns.clone(),
+        top,
+        column,
+        columns,
         before: before.to_vec(),
         loops,
         inner,
         after: after.to_vec(),
+        store: store.clone(),
         out: *out,
-        index: index.clone(),
         acc: sum.var,
         comp: sum.comp,
     })
@@ -172,7 +173,9 @@ pub fn split_reductions(
     kernels: &mut Vec<Kernel>,
     steps: &mut Vec<Step>,
     buffers: &mut Vec<BufferInfo>,
+    parts: usize,
 ) -> HashSet<usize> {
+    let parts = parts.max(1) as i64;
     let mut combiners = HashSet::new();
     let mut replaced: HashMap<usize, (usize, usize, usize)> = HashMap::new();
     for ki in 0..kernels.len() {
@@ -180,8 +183,8 @@ pub fn split_reductions(
         let Some(sh) = shape(k) else { continue };
         let rows_columns = bin(Binary::Mul, k.extent.clone(), sh.columns.clone());
         let Some(count) = dim_of(&rows_columns, &k.sizes) else { continue };
-        let Some(bytes) = count.checked_scale(SPLITS * 4) else { continue };
-        let (partial, combine) = build(k, &sh, rows_columns);
+        let Some(bytes) = count.checked_scale(parts * 4) else { continue };
+        let (partial, combine) = build(k, &sh, rows_columns, parts);
         buffers.push(BufferInfo { bytes, role: Role::Workspace, name: None });
         let workspace = buffers.len() - 1;
         kernels[ki] = partial;
@@ -205,15 +208,15 @@ pub fn split_reductions(
 }
 
 /// The partial and combine kernels of `k` (shape `sh`, `rc` = rows × columns). Both take
-/// `k`'s buffers plus the workspace `part[SPLITS × rc]` as a last slot.
-fn build(k: &Kernel, sh: &Shape, rc: Expr) -> (Kernel, Kernel) {
+/// `k`'s buffers plus the workspace `part[parts × rc]` as a last slot.
+fn build(k: &Kernel, sh: &Shape, rc: Expr, parts: i64) -> (Kernel, Kernel) {
     let mut next = k.next_var();
     let mut fresh = || {
         next += 1;
         Var(next - 1)
     };
     let part_slot = k.buffers.len();
-    let splits = Expr::I64(SPLITS);
+    let splits = Expr::I64(parts);
     let rows = k.extent.clone();
     let flat = |row: Expr, column: Expr| bin(Binary::Add, bin(Binary::Mul, row, sh.columns.clone()), column);
 
@@ -228,7 +231,7 @@ fn build(k: &Kernel, sh: &Shape, rc: Expr) -> (Kernel, Kernel) {
     let tokens = sh.loops.iter().map(|l| l.1.clone()).reduce(|a, b| bin(Binary::Mul, a, b)).expect("a loop");
     let mut column_body = sh.before.clone();
     column_body.push(Stmt::Let { var: total, value: tokens });
-    let ceil = bin(Binary::Div, bin(Binary::Add, Expr::Var(total), Expr::I64(SPLITS - 1)), splits.clone());
+    let ceil = bin(Binary::Div, bin(Binary::Add, Expr::Var(total), Expr::I64(parts - 1)), splits.clone());
     column_body.push(Stmt::Let { var: len, value: ceil });
     // Token g of the flattened nest: each loop's index from the innermost out.
     let mut unflatten = Vec::new();
@@ -251,17 +254,22 @@ fn build(k: &Kernel, sh: &Shape, rc: Expr) -> (Kernel, Kernel) {
             Stmt::If { cond: bin(Binary::Lt, Expr::Var(g), Expr::Var(total)), then: unflatten, otherwise: Vec::new() },
         ],
     });
-    column_body.extend(sh.after.iter().cloned());
     let value = match sh.comp {
         Some(c) => bin(Binary::Sub, Expr::Var(sh.acc), Expr::Var(c)),
         None => Expr::Var(sh.acc),
     };
-    let at =
-        bin(Binary::Add, bin(Binary::Mul, Expr::Var(s), rc.clone()), flat(Expr::Var(k.index), Expr::Var(sh.column)));
+    let column = sh.column.map_or(Expr::I64(0), Expr::Var);
+    let at = bin(Binary::Add, bin(Binary::Mul, Expr::Var(s), rc.clone()), flat(Expr::Var(k.index), column));
     column_body.push(Stmt::Store { buffer: part_slot, index: at, value });
-    body.push(Stmt::For { var: sh.column, extent: sh.columns.clone(), kind: LoopKind::Vector, body: column_body });
+    match sh.column {
+        Some(c) => {
+            body.push(Stmt::For { var: c, extent: sh.columns.clone(), kind: LoopKind::Vector, body: column_body })
+        }
+        None => body.extend(column_body),
+    }
+    let out = sh.out;
     let mut decls = k.buffers.clone();
-    decls[sh.out].access = Access::Read; // written by the combine
+    decls[out].access = Access::Read; // written by the combine
     decls.push(BufferDecl { name: "part".into(), elem: Elem::F32, access: Access::Write });
     let partial = Kernel {
         name: format!("{}_part", k.name),
@@ -271,15 +279,16 @@ fn build(k: &Kernel, sh: &Shape, rc: Expr) -> (Kernel, Kernel) {
         body,
         ..k.clone()
     };
-
-    // Combine: iteration q = r·C + c, the parts added in order (Kahan).
-    let (q, x, sum, comp, y, z) = (fresh(), fresh(), fresh(), fresh(), fresh(), fresh());
-    let mut body = vec![
-        Stmt::Let { var: k.index, value: bin(Binary::Div, Expr::Var(q), sh.columns.clone()) },
-        Stmt::Let { var: sh.column, value: bin(Binary::Rem, Expr::Var(q), sh.columns.clone()) },
-    ];
+    // Combine: iteration q = r·C + c, the parts added in order (Kahan) into the sum's own
+    // variables, then the lets after the nest and the store, as in `k`.
+    let (q, x, y, z) = (fresh(), fresh(), fresh(), fresh());
+    let (sum, comp) = (sh.acc, sh.comp.unwrap_or_else(&mut fresh));
+    let mut body = vec![Stmt::Let { var: k.index, value: bin(Binary::Div, Expr::Var(q), sh.columns.clone()) }];
+    if let Some(c) = sh.column {
+        body.push(Stmt::Let { var: c, value: bin(Binary::Rem, Expr::Var(q), sh.columns.clone()) });
+    }
     body.extend(sh.top.iter().cloned());
-    body.extend(sh.before.iter().chain(&sh.after).filter(|s| matches!(s, Stmt::Let { .. })).cloned());
+    body.extend(sh.before.iter().filter(|s| matches!(s, Stmt::Let { .. })).cloned());
     body.push(Stmt::Mut { var: sum, ty: Scalar::F32, init: Expr::F32(0.0) });
     body.push(Stmt::Mut { var: comp, ty: Scalar::F32, init: Expr::F32(0.0) });
     let load = Expr::Load {
@@ -288,7 +297,7 @@ fn build(k: &Kernel, sh: &Shape, rc: Expr) -> (Kernel, Kernel) {
     };
     body.push(Stmt::For {
         var: x,
-        extent: Expr::I64(SPLITS),
+        extent: Expr::I64(parts),
         kind: LoopKind::Serial,
         body: vec![
             Stmt::Let { var: y, value: bin(Binary::Sub, load, Expr::Var(comp)) },
@@ -300,9 +309,10 @@ fn build(k: &Kernel, sh: &Shape, rc: Expr) -> (Kernel, Kernel) {
             Stmt::Assign { var: sum, value: Expr::Var(z) },
         ],
     });
-    body.push(Stmt::Store { buffer: sh.out, index: sh.index.clone(), value: Expr::Var(sum) });
+    body.extend(sh.after.iter().cloned());
+    body.push(sh.store.clone());
     decls[part_slot].access = Access::Read;
-    decls[sh.out].access = Access::Write;
+    decls[out].access = Access::Write;
     let combine = Kernel { name: format!("{}_sum", k.name), buffers: decls, index: q, extent: rc, body, ..k.clone() };
     (partial, combine)
 }
