@@ -102,7 +102,16 @@ fn plan(k: &Kernel) -> Option<Vec<Part>> {
             return None;
         }
         parts.push(match s {
-            Stmt::For { kind: LoopKind::Vector, .. } => Part::Deal,
+            // Dealt as independent iterations: none may update a variable declared outside.
+            Stmt::For { kind: LoopKind::Vector, body, .. } => {
+                let (mut lets, mut assigns, mut locals, mut reads) =
+                    (HashMap::new(), Vec::new(), Vec::new(), HashMap::new());
+                collect(body, &mut lets, &mut assigns, &mut locals, &mut reads);
+                if assigns.iter().any(|(v, _)| !locals.contains(v)) {
+                    return None;
+                }
+                Part::Deal
+            }
             _ => match reduction(s, &inits) {
                 Some(accumulators) => Part::Reduce(accumulators),
                 None if !writes_memory(one) => Part::Every,

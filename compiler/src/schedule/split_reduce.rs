@@ -16,7 +16,9 @@
 //! depend on the launch (no atomics), and then finishes as the kernel did (`g`: a mean's
 //! division). Only a kernel of exactly this shape is split: one sum (`blocks::reduction`),
 //! in one vector loop or (a scalar, the loss's mean) in the body itself, over a nest whose
-//! extent depends on the run-time sizes, followed by lets and one store.
+//! extent depends on the run-time sizes, into an output that does not, followed by lets
+//! and one store. One workspace per split kernel serves all its launches: launches run
+//! one after another (CPU threads per launch, one CUDA stream).
 
 use super::{BufferInfo, Role, Step};
 use crate::ir::Dim;
@@ -113,23 +115,26 @@ fn shape(k: &Kernel) -> Option<Shape> {
             }
         }
     }
-    // Extents fixed for the nest (not depending on its own variables), and a token range
-    // that grows with the run-time sizes.
-    let loop_vars: Vec<Var> = loops.iter().map(|l| l.0).collect();
-    if loops.iter().any(|(_, e)| mentions(e, &loop_vars)) {
+    // Extents fixed before the nest (naming none of its loop variables or lets: a chunk's
+    // run-time length cannot be flattened), a token range that grows with the run-time
+    // sizes, and an output that does not (the workspace is `parts` times the output).
+    let mut inside: Vec<Var> = loops.iter().map(|l| l.0).collect();
+    inside.extend(inner.iter().filter_map(|s| match s {
+        Stmt::Let { var, .. } => Some(*var),
+        _ => None,
+    }));
+    if loops.iter().any(|(_, e)| mentions(e, &inside)) {
         return None;
     }
-    let sized = |e: &Expr| {
-        fn has_size(e: &Expr) -> bool {
-            match e {
-                Expr::Size(_) => true,
-                Expr::Binary(_, a, b) => has_size(a) || has_size(b),
-                _ => false,
-            }
+    fn sized(e: &Expr) -> bool {
+        match e {
+            Expr::Size(_) => true,
+            Expr::Binary(_, a, b) => sized(a) || sized(b),
+            Expr::Unary(_, a) | Expr::Cast(_, a) => sized(a),
+            _ => false,
         }
-        has_size(e)
-    };
-    if !loops.iter().any(|(_, e)| sized(e)) {
+    }
+    if !loops.iter().any(|(_, e)| sized(e)) || sized(&k.extent) || sized(&columns) {
         return None;
     }
     Some(Shape {
@@ -269,7 +274,7 @@ fn build(k: &Kernel, sh: &Shape, rc: Expr, parts: i64) -> (Kernel, Kernel) {
     }
     let out = sh.out;
     let mut decls = k.buffers.clone();
-    decls[out].access = Access::Read; // written by the combine
+    decls[out].access = Access::Read; // written by the combine (and perhaps read here)
     decls.push(BufferDecl { name: "part".into(), elem: Elem::F32, access: Access::Write });
     let partial = Kernel {
         name: format!("{}_part", k.name),
@@ -288,7 +293,9 @@ fn build(k: &Kernel, sh: &Shape, rc: Expr, parts: i64) -> (Kernel, Kernel) {
         body.push(Stmt::Let { var: c, value: bin(Binary::Rem, Expr::Var(q), sh.columns.clone()) });
     }
     body.extend(sh.top.iter().cloned());
-    body.extend(sh.before.iter().filter(|s| matches!(s, Stmt::Let { .. })).cloned());
+    // Everything before the nest but the sum's own accumulators, which the parts refill.
+    let own = |v: &Var| *v == sh.acc || Some(*v) == sh.comp;
+    body.extend(sh.before.iter().filter(|s| !matches!(s, Stmt::Mut { var, .. } if own(var))).cloned());
     body.push(Stmt::Mut { var: sum, ty: Scalar::F32, init: Expr::F32(0.0) });
     body.push(Stmt::Mut { var: comp, ty: Scalar::F32, init: Expr::F32(0.0) });
     let load = Expr::Load {
@@ -312,7 +319,7 @@ fn build(k: &Kernel, sh: &Shape, rc: Expr, parts: i64) -> (Kernel, Kernel) {
     body.extend(sh.after.iter().cloned());
     body.push(sh.store.clone());
     decls[part_slot].access = Access::Read;
-    decls[out].access = Access::Write;
+    decls[out].access = k.buffers[out].access;
     let combine = Kernel { name: format!("{}_sum", k.name), buffers: decls, index: q, extent: rc, body, ..k.clone() };
     (partial, combine)
 }
