@@ -130,6 +130,46 @@ fn tiled_gemms_match_the_library_node() {
     }
 }
 
+/// Hand-built row kernels: iteration `v0` is a row of `width` floats of `x` (buffer 0),
+/// written to `out` (buffer 1).
+mod rows {
+    use tnc_compiler::kernel::exec::{run_all, Buffer};
+    use tnc_compiler::kernel::{Access, Binary, BufferDecl, Elem, Expr, Kernel, Stmt, Var};
+
+    /// The position of column `c` of the row.
+    pub fn at(width: i64, c: Expr) -> Expr {
+        Expr::binary(Binary::Add, Expr::binary(Binary::Mul, Expr::Var(Var(0)), Expr::I64(width)), c)
+    }
+
+    /// `x` at column `c` of the row.
+    pub fn x_at(width: i64, c: Expr) -> Expr {
+        Expr::Load { buffer: 0, index: Box::new(at(width, c)) }
+    }
+
+    pub fn kernel(name: &str, rows: i64, body: Vec<Stmt>) -> Kernel {
+        let decl = |name: &str, access| BufferDecl { name: name.into(), elem: Elem::F32, access };
+        Kernel {
+            name: name.into(),
+            buffers: vec![decl("x", Access::Read), decl("out", Access::Write)],
+            sizes: vec![],
+            scalars: vec![],
+            index: Var(0),
+            extent: Expr::I64(rows),
+            body,
+            gemm: None,
+            threads: None,
+        }
+    }
+
+    /// `out` after running `k` on `x` (NaN-filled first).
+    pub fn run(k: &Kernel, x: &[f32]) -> Vec<f32> {
+        let mut buffers = vec![Buffer::F32(x.to_vec()), Buffer::F32(vec![f32::NAN; x.len()])];
+        run_all(k, &mut buffers, &[]).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+        let Buffer::F32(out) = &buffers[1] else { unreachable!("declared f32") };
+        out.clone()
+    }
+}
+
 /// Row reductions of a row kernel become block reductions when it is coalesced
 /// (`kernel/blocks.rs`): a maximum and a Kahan sum over rows of 70 (three warps, so the
 /// halving tree meets a block that is not a power of two), then `out = x − max + sum`.
@@ -138,14 +178,12 @@ fn tiled_gemms_match_the_library_node() {
 #[test]
 fn row_reductions_become_block_reductions() {
     use tnc_compiler::kernel::blocks::coalesce_rows;
-    use tnc_compiler::kernel::exec::run_all;
-    use tnc_compiler::kernel::{Access, Binary, BufferDecl, Elem, Expr, Kernel, LoopKind, Scalar, Stmt, Var};
+    use tnc_compiler::kernel::{Binary, Expr, LoopKind, Scalar, Stmt, Var};
     const E: i64 = 70;
     const R: usize = 3;
-    let bin = |op, a, b| Expr::Binary(op, Box::new(a), Box::new(b));
+    let bin = Expr::binary;
     let v = |i: u32| Expr::Var(Var(i));
-    let x_at =
-        |c: Expr| Expr::Load { buffer: 0, index: Box::new(bin(Binary::Add, bin(Binary::Mul, v(0), Expr::I64(E)), c)) };
+    let x_at = |c: Expr| rows::x_at(E, c);
     let body = vec![
         Stmt::Mut { var: Var(1), ty: Scalar::F32, init: Expr::F32(f32::NEG_INFINITY) },
         Stmt::For {
@@ -173,35 +211,18 @@ fn row_reductions_become_block_reductions() {
             kind: LoopKind::Vector,
             body: vec![Stmt::Store {
                 buffer: 1,
-                index: bin(Binary::Add, bin(Binary::Mul, v(0), Expr::I64(E)), v(8)),
+                index: rows::at(E, v(8)),
                 value: bin(Binary::Add, bin(Binary::Sub, x_at(v(8)), v(1)), v(3)),
             }],
         },
     ];
-    let decl = |name: &str, access| BufferDecl { name: name.into(), elem: Elem::F32, access };
-    let rows = Kernel {
-        name: "rows".into(),
-        buffers: vec![decl("x", Access::Read), decl("out", Access::Write)],
-        sizes: vec![],
-        scalars: vec![],
-        index: Var(0),
-        extent: Expr::I64(R as i64),
-        body,
-        gemm: None,
-        threads: None,
-    };
-    let block = coalesce_rows(&rows);
+    let serial = rows::kernel("rows", R as i64, body);
+    let block = coalesce_rows(&serial);
     assert_eq!(block.threads, Some(96));
     let barriers = block.body.iter().filter(|s| matches!(s, Stmt::Barrier)).count();
     assert!(barriers >= 2 * 9, "two reductions of a 7-step tree: {barriers} barriers");
     let x: Vec<f32> = (0..R * E as usize).map(|i| ((i * 53 % 97) as f32 - 40.0) / 8.0).collect();
-    let run = |k: &Kernel| {
-        let mut buffers = vec![Buffer::F32(x.clone()), Buffer::F32(vec![f32::NAN; x.len()])];
-        run_all(k, &mut buffers, &[]).unwrap_or_else(|e| panic!("{}: {e}", k.name));
-        let Buffer::F32(out) = &buffers[1] else { unreachable!() };
-        out.clone()
-    };
-    let (want, got) = (run(&rows), run(&block));
+    let (want, got) = (rows::run(&serial, &x), rows::run(&block, &x));
     for (i, (w, g)) in want.iter().zip(&got).enumerate() {
         assert!((w - g).abs() <= 1e-5 * (1.0 + w.abs()), "out[{i}] = {g}, want {w}");
     }
@@ -214,13 +235,11 @@ fn row_reductions_become_block_reductions() {
 #[test]
 fn a_sum_from_a_carried_value_is_not_split_across_threads() {
     use tnc_compiler::kernel::blocks::coalesce_rows;
-    use tnc_compiler::kernel::exec::run_all;
-    use tnc_compiler::kernel::{Access, Binary, BufferDecl, Elem, Expr, Kernel, LoopKind, Scalar, Stmt, Var};
+    use tnc_compiler::kernel::{Binary, Expr, LoopKind, Scalar, Stmt, Var};
     const E: i64 = 40;
-    let bin = |op, a, b| Expr::Binary(op, Box::new(a), Box::new(b));
+    let bin = Expr::binary;
     let v = |i: u32| Expr::Var(Var(i));
-    let x_at =
-        |c: Expr| Expr::Load { buffer: 0, index: Box::new(bin(Binary::Add, bin(Binary::Mul, v(0), Expr::I64(E)), c)) };
+    let x_at = |c: Expr| rows::x_at(E, c);
     let body = vec![
         Stmt::Mut { var: Var(1), ty: Scalar::F32, init: Expr::F32(0.0) },
         Stmt::Assign { var: Var(1), value: Expr::F32(100.0) },
@@ -234,34 +253,13 @@ fn a_sum_from_a_carried_value_is_not_split_across_threads() {
             var: Var(3),
             extent: Expr::I64(E),
             kind: LoopKind::Vector,
-            body: vec![Stmt::Store {
-                buffer: 1,
-                index: bin(Binary::Add, bin(Binary::Mul, v(0), Expr::I64(E)), v(3)),
-                value: bin(Binary::Sub, x_at(v(3)), v(1)),
-            }],
+            body: vec![Stmt::Store { buffer: 1, index: rows::at(E, v(3)), value: bin(Binary::Sub, x_at(v(3)), v(1)) }],
         },
     ];
-    let decl = |name: &str, access| BufferDecl { name: name.into(), elem: Elem::F32, access };
-    let rows = Kernel {
-        name: "carried".into(),
-        buffers: vec![decl("x", Access::Read), decl("out", Access::Write)],
-        sizes: vec![],
-        scalars: vec![],
-        index: Var(0),
-        extent: Expr::I64(2),
-        body,
-        gemm: None,
-        threads: None,
-    };
-    let block = coalesce_rows(&rows);
+    let serial = rows::kernel("carried", 2, body);
+    let block = coalesce_rows(&serial);
     assert!(block.threads.is_some(), "the vector loop is still dealt");
     assert!(!block.body.iter().any(|s| matches!(s, Stmt::Shared { .. })), "no block reduction");
     let x: Vec<f32> = (0..2 * E as usize).map(|i| (i % 7) as f32).collect();
-    let run = |k: &Kernel| {
-        let mut buffers = vec![Buffer::F32(x.clone()), Buffer::F32(vec![f32::NAN; x.len()])];
-        run_all(k, &mut buffers, &[]).unwrap_or_else(|e| panic!("{}: {e}", k.name));
-        let Buffer::F32(out) = &buffers[1] else { unreachable!() };
-        out.clone()
-    };
-    assert_eq!(run(&rows), run(&block));
+    assert_eq!(rows::run(&serial, &x), rows::run(&block, &x));
 }

@@ -101,31 +101,23 @@ fn plan(k: &Kernel) -> Option<Vec<Part>> {
         if uses_arrays(one) {
             return None;
         }
+        let fx = Effects::of(one);
         parts.push(match s {
             // Dealt as independent iterations: none may update a variable declared outside.
-            Stmt::For { kind: LoopKind::Vector, body, .. } => {
-                let (mut lets, mut assigns, mut locals, mut reads) =
-                    (HashMap::new(), Vec::new(), Vec::new(), HashMap::new());
-                collect(body, &mut lets, &mut assigns, &mut locals, &mut reads);
-                if assigns.iter().any(|(v, _)| !locals.contains(v)) {
-                    return None;
-                }
-                Part::Deal
-            }
+            Stmt::For { kind: LoopKind::Vector, .. } if fx.outer_assigns().next().is_some() => return None,
+            Stmt::For { kind: LoopKind::Vector, .. } => Part::Deal,
             _ => match reduction(s, &inits) {
                 Some(accumulators) => Part::Reduce(accumulators),
                 None if !writes_memory(one) => Part::Every,
                 // Only stores: a variable assigned here too would differ between threads.
-                None if !has_loop(one) && !assigns_any(one) => Part::FirstThread,
+                None if !has_loop(one) && fx.assigns.is_empty() => Part::FirstThread,
                 None => return None,
             },
         });
         // A variable assigned here no longer holds its declared value: a later loop
         // accumulating into it does not start from an identity (a carried sum).
-        let (mut lets, mut assigns, mut locals, mut reads) = (HashMap::new(), Vec::new(), Vec::new(), HashMap::new());
-        collect(one, &mut lets, &mut assigns, &mut locals, &mut reads);
-        for (v, _) in assigns {
-            inits.remove(&v);
+        for (v, _) in &fx.assigns {
+            inits.remove(v);
         }
     }
     let in_place: Vec<usize> =
@@ -137,15 +129,6 @@ fn plan(k: &Kernel) -> Option<Vec<Part>> {
         }
     }
     parts.iter().any(|p| matches!(p, Part::Deal | Part::Reduce(_))).then_some(parts)
-}
-
-fn assigns_any(body: &[Stmt]) -> bool {
-    body.iter().any(|s| match s {
-        Stmt::Assign { .. } => true,
-        Stmt::For { body, .. } => assigns_any(body),
-        Stmt::If { then, otherwise, .. } => assigns_any(then) || assigns_any(otherwise),
-        _ => false,
-    })
 }
 
 fn has_loop(body: &[Stmt]) -> bool {
@@ -198,9 +181,9 @@ pub(crate) fn reduction(s: &Stmt, inits: &HashMap<Var, Expr>) -> Option<Vec<Accu
     if writes_memory(body) || uses_arrays(body) {
         return None;
     }
-    let (mut lets, mut assigns, mut locals, mut reads) = (HashMap::new(), Vec::new(), Vec::new(), HashMap::new());
-    collect(body, &mut lets, &mut assigns, &mut locals, &mut reads);
-    let outer: Vec<&(Var, Expr)> = assigns.iter().filter(|(v, _)| !locals.contains(v)).collect();
+    let fx = Effects::of(body);
+    let (lets, reads) = (&fx.lets, &fx.reads);
+    let outer: Vec<&(Var, Expr)> = fx.outer_assigns().collect();
     let once = |v: Var| outer.iter().filter(|(w, _)| *w == v).count() == 1;
     let reads_of = |v: Var| reads.get(&v).copied().unwrap_or(0);
     let zero = Expr::F32(0.0);
@@ -261,42 +244,62 @@ pub(crate) fn reduction(s: &Stmt, inits: &HashMap<Var, Expr>) -> Option<Vec<Accu
     (!found.is_empty() && outer.iter().all(|(v, _)| covered(v))).then_some(found)
 }
 
-/// The lets, assignments, locally declared variables and read counts of variables in
-/// `body` (nested statements included).
-fn collect(
-    body: &[Stmt],
-    lets: &mut HashMap<Var, Expr>,
-    assigns: &mut Vec<(Var, Expr)>,
-    locals: &mut Vec<Var>,
-    reads: &mut HashMap<Var, usize>,
-) {
-    let read = |e: &Expr, reads: &mut HashMap<Var, usize>| e.visit_vars(&mut |v| *reads.entry(v).or_default() += 1);
-    for s in body {
-        match s {
-            Stmt::Let { var, value } => {
-                read(value, reads);
-                lets.insert(*var, value.clone());
+/// What a statement list does with variables (nested statements included). Stores and
+/// arrays are not looked at (callers check them).
+#[derive(Default)]
+struct Effects {
+    lets: HashMap<Var, Expr>,
+    /// Assignments, in order.
+    assigns: Vec<(Var, Expr)>,
+    /// Variables declared inside: accumulators and loop indices.
+    locals: Vec<Var>,
+    /// How often each variable is read.
+    reads: HashMap<Var, usize>,
+}
+
+impl Effects {
+    fn of(body: &[Stmt]) -> Effects {
+        let mut fx = Effects::default();
+        fx.add(body);
+        fx
+    }
+
+    /// Assignments to variables declared outside the statements.
+    fn outer_assigns(&self) -> impl Iterator<Item = &(Var, Expr)> {
+        self.assigns.iter().filter(|(v, _)| !self.locals.contains(v))
+    }
+
+    fn read(&mut self, e: &Expr) {
+        e.visit_vars(&mut |v| *self.reads.entry(v).or_default() += 1);
+    }
+
+    fn add(&mut self, body: &[Stmt]) {
+        for s in body {
+            match s {
+                Stmt::Let { var, value } => {
+                    self.read(value);
+                    self.lets.insert(*var, value.clone());
+                }
+                Stmt::Mut { var, init, .. } => {
+                    self.read(init);
+                    self.locals.push(*var);
+                }
+                Stmt::Assign { var, value } => {
+                    self.read(value);
+                    self.assigns.push((*var, value.clone()));
+                }
+                Stmt::For { var, extent, body, .. } => {
+                    self.read(extent);
+                    self.locals.push(*var);
+                    self.add(body);
+                }
+                Stmt::If { cond, then, otherwise } => {
+                    self.read(cond);
+                    self.add(then);
+                    self.add(otherwise);
+                }
+                _ => {}
             }
-            Stmt::Mut { var, init, .. } => {
-                read(init, reads);
-                locals.push(*var);
-            }
-            Stmt::Assign { var, value } => {
-                read(value, reads);
-                assigns.push((*var, value.clone()));
-            }
-            Stmt::For { var, extent, body, .. } => {
-                read(extent, reads);
-                locals.push(*var);
-                collect(body, lets, assigns, locals, reads);
-            }
-            Stmt::If { cond, then, otherwise } => {
-                read(cond, reads);
-                collect(then, lets, assigns, locals, reads);
-                collect(otherwise, lets, assigns, locals, reads);
-            }
-            // No stores or arrays (checked by the caller).
-            _ => {}
         }
     }
 }
@@ -304,10 +307,9 @@ fn collect(
 /// The threads' partial results of `a` combined through the shared array `red`: a tree
 /// of halvings (T need not be a power of two), every thread then reads the total.
 fn combine(body: &mut Vec<Stmt>, red: Var, a: Accumulator, threads: u32) {
-    let bin = |op, x, y| Expr::Binary(op, Box::new(x), Box::new(y));
-    let at = |i: Expr| Expr::LoadArray { array: red, index: Box::new(i) };
+    let at = |i: Expr| Expr::load_array(red, i);
     let partial = match a.comp {
-        Some(c) => bin(Binary::Sub, Expr::Var(a.var), Expr::Var(c)),
+        Some(c) => Expr::binary(Binary::Sub, Expr::Var(a.var), Expr::Var(c)),
         None => Expr::Var(a.var),
     };
     body.push(Stmt::StoreArray { array: red, index: Expr::Thread, value: partial });
@@ -315,13 +317,13 @@ fn combine(body: &mut Vec<Stmt>, red: Var, a: Accumulator, threads: u32) {
     let mut half = threads.next_power_of_two() / 2;
     while half >= 1 {
         let h = Expr::I64(i64::from(half));
-        let partner = bin(Binary::Add, Expr::Thread, h.clone());
-        let cond = bin(
+        let partner = Expr::binary(Binary::Add, Expr::Thread, h.clone());
+        let cond = Expr::binary(
             Binary::And,
-            bin(Binary::Lt, Expr::Thread, h),
-            bin(Binary::Lt, partner.clone(), Expr::I64(i64::from(threads))),
+            Expr::binary(Binary::Lt, Expr::Thread, h),
+            Expr::binary(Binary::Lt, partner.clone(), Expr::I64(i64::from(threads))),
         );
-        let value = bin(a.op, at(Expr::Thread), at(partner));
+        let value = Expr::binary(a.op, at(Expr::Thread), at(partner));
         body.push(Stmt::If {
             cond,
             then: vec![Stmt::StoreArray { array: red, index: Expr::Thread, value }],
@@ -366,16 +368,19 @@ fn deal(s: &Stmt, threads: u32, next: &mut u32) -> Stmt {
     let t = i64::from(threads);
     let round = Var(*next);
     *next += 1;
-    let bin = |op, a, b| Expr::Binary(op, Box::new(a), Box::new(b));
-    let rounds = bin(Binary::Div, bin(Binary::Add, extent.clone(), Expr::I64(t - 1)), Expr::I64(t));
-    let column = bin(Binary::Add, bin(Binary::Mul, Expr::Var(round), Expr::I64(t)), Expr::Thread);
+    let rounds = Expr::binary(Binary::Div, Expr::binary(Binary::Add, extent.clone(), Expr::I64(t - 1)), Expr::I64(t));
+    let column = Expr::binary(Binary::Add, Expr::binary(Binary::Mul, Expr::Var(round), Expr::I64(t)), Expr::Thread);
     Stmt::For {
         var: round,
         extent: rounds,
         kind: LoopKind::Serial,
         body: vec![
             Stmt::Let { var: *var, value: column },
-            Stmt::If { cond: bin(Binary::Lt, Expr::Var(*var), extent.clone()), then: body.clone(), otherwise: vec![] },
+            Stmt::If {
+                cond: Expr::binary(Binary::Lt, Expr::Var(*var), extent.clone()),
+                then: body.clone(),
+                otherwise: vec![],
+            },
         ],
     }
 }

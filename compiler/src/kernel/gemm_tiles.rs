@@ -35,23 +35,20 @@ const PER: i64 = 4;
 const A_ROW: i64 = TM + 1;
 const B_ROW: i64 = TN + 1;
 
-fn bin(op: Binary, a: Expr, b: Expr) -> Expr {
-    Expr::Binary(op, Box::new(a), Box::new(b))
-}
 fn add(a: Expr, b: Expr) -> Expr {
-    bin(Binary::Add, a, b)
+    Expr::binary(Binary::Add, a, b)
 }
 fn mul(a: Expr, b: Expr) -> Expr {
-    bin(Binary::Mul, a, b)
+    Expr::binary(Binary::Mul, a, b)
 }
 fn ceil_div(a: Expr, k: i64) -> Expr {
-    bin(Binary::Div, add(a, Expr::I64(k - 1)), Expr::I64(k))
+    Expr::binary(Binary::Div, add(a, Expr::I64(k - 1)), Expr::I64(k))
 }
 fn lt(a: Expr, b: Expr) -> Expr {
-    bin(Binary::Lt, a, b)
+    Expr::binary(Binary::Lt, a, b)
 }
 fn and(a: Expr, b: Expr) -> Expr {
-    bin(Binary::And, a, b)
+    Expr::binary(Binary::And, a, b)
 }
 
 /// Builds the kernel body, numbering fresh variables.
@@ -88,22 +85,22 @@ pub fn tile_gemm(k: &Kernel) -> Kernel {
     let cols = b.bind(ceil_div(n.clone(), TN));
     let rows = b.bind(ceil_div(m.clone(), TM));
     let block = Expr::Var(k.index);
-    let col0 = b.bind(mul(bin(Binary::Rem, block.clone(), cols.clone()), Expr::I64(TN)));
-    let rest = b.bind(bin(Binary::Div, block, cols));
-    let row0 = b.bind(mul(bin(Binary::Rem, rest.clone(), rows.clone()), Expr::I64(TM)));
-    let mut product = b.bind(bin(Binary::Div, rest, rows));
+    let col0 = b.bind(mul(Expr::binary(Binary::Rem, block.clone(), cols.clone()), Expr::I64(TN)));
+    let rest = b.bind(Expr::binary(Binary::Div, block, cols));
+    let row0 = b.bind(mul(Expr::binary(Binary::Rem, rest.clone(), rows.clone()), Expr::I64(TM)));
+    let mut product = b.bind(Expr::binary(Binary::Div, rest, rows));
     // The product's offsets in A, B and C: its batch index, innermost axis last.
     let (mut a0, mut b0, mut c0) = (g.a.offset.clone(), g.b.offset.clone(), g.c.offset.clone());
     for ax in g.batch.iter().rev() {
-        let i = b.bind(bin(Binary::Rem, product.clone(), ax.extent.clone()));
-        product = b.bind(bin(Binary::Div, product, ax.extent.clone()));
+        let i = b.bind(Expr::binary(Binary::Rem, product.clone(), ax.extent.clone()));
+        product = b.bind(Expr::binary(Binary::Div, product, ax.extent.clone()));
         a0 = add(a0, mul(i.clone(), ax.a.clone()));
         b0 = add(b0, mul(i.clone(), ax.b.clone()));
         c0 = add(c0, mul(i, ax.c.clone()));
     }
     let (a0, b0, c0) = (b.bind(a0), b.bind(b0), b.bind(c0));
-    let tx = b.bind(bin(Binary::Rem, Expr::Thread, Expr::I64(SIDE)));
-    let ty = b.bind(bin(Binary::Div, Expr::Thread, Expr::I64(SIDE)));
+    let tx = b.bind(Expr::binary(Binary::Rem, Expr::Thread, Expr::I64(SIDE)));
+    let ty = b.bind(Expr::binary(Binary::Div, Expr::Thread, Expr::I64(SIDE)));
 
     let mut acc = Vec::new();
     for _ in 0..PER * PER {
@@ -126,13 +123,13 @@ pub fn tile_gemm(k: &Kernel) -> Kernel {
     let a_vals: Vec<Expr> = (0..PER)
         .map(|i| {
             let at = add(mul(Expr::Var(kk), Expr::I64(A_ROW)), add(ty.clone(), Expr::I64(SIDE * i)));
-            b.bind(Expr::LoadArray { array: a_tile, index: Box::new(at) })
+            b.bind(Expr::load_array(a_tile, at))
         })
         .collect();
     let b_vals: Vec<Expr> = (0..PER)
         .map(|j| {
             let at = add(mul(Expr::Var(kk), Expr::I64(B_ROW)), add(tx.clone(), Expr::I64(SIDE * j)));
-            b.bind(Expr::LoadArray { array: b_tile, index: Box::new(at) })
+            b.bind(Expr::load_array(b_tile, at))
         })
         .collect();
     for i in 0..PER as usize {
@@ -199,9 +196,15 @@ fn load_tile(
     for round in 0..(TK * width) / i64::from(THREADS) {
         let e = b.bind(add(Expr::I64(round * i64::from(THREADS)), Expr::Thread));
         let (x, kk) = if k_fastest {
-            (b.bind(bin(Binary::Div, e.clone(), Expr::I64(TK))), b.bind(bin(Binary::Rem, e, Expr::I64(TK))))
+            (
+                b.bind(Expr::binary(Binary::Div, e.clone(), Expr::I64(TK))),
+                b.bind(Expr::binary(Binary::Rem, e, Expr::I64(TK))),
+            )
         } else {
-            (b.bind(bin(Binary::Rem, e.clone(), Expr::I64(width))), b.bind(bin(Binary::Div, e, Expr::I64(width))))
+            (
+                b.bind(Expr::binary(Binary::Rem, e.clone(), Expr::I64(width))),
+                b.bind(Expr::binary(Binary::Div, e, Expr::I64(width))),
+            )
         };
         let (gx, gk) = (b.bind(add(x0.clone(), x.clone())), b.bind(add(k0.clone(), kk.clone())));
         let at = add(base.clone(), add(mul(gx.clone(), x_stride.clone()), mul(gk.clone(), k_stride.clone())));

@@ -148,6 +148,15 @@ pub enum Expr {
 }
 
 impl Expr {
+    pub fn binary(op: Binary, a: Expr, b: Expr) -> Expr {
+        Expr::Binary(op, Box::new(a), Box::new(b))
+    }
+
+    /// Element `index` of local or shared array `array`.
+    pub fn load_array(array: Var, index: Expr) -> Expr {
+        Expr::LoadArray { array, index: Box::new(index) }
+    }
+
     /// Calls `f` on every variable the expression reads, local arrays included.
     pub fn visit_vars(&self, f: &mut dyn FnMut(Var)) {
         match self {

@@ -42,10 +42,6 @@ pub fn constant_widths(ba: &BlockAttention) -> Option<(usize, usize, usize)> {
     Some((c(&q.shape[r - 2])?, c(&q.shape[r - 1])?, c(&v.shape[r - 1])?))
 }
 
-fn load(array: Var, index: Expr) -> Expr {
-    Expr::LoadArray { array, index: Box::new(index) }
-}
-
 /// What both kernels share: the block's index, its staged operands and widths.
 struct Block {
     b_idx: Vec<Expr>,
@@ -162,7 +158,7 @@ impl Block {
             let dot = lw.serial_sum(Expr::F32(0.0), Expr::I64(n as i64), |_, x| {
                 let ai = add(mul(iv.clone(), Expr::I64(a.1 as i64)), mul(x.clone(), Expr::I64(a.2 as i64)));
                 let bi = add(mul(jv.clone(), Expr::I64(b.1 as i64)), mul(x, Expr::I64(b.2 as i64)));
-                Expr::Binary(Binary::Mul, Box::new(load(a.0, ai)), Box::new(load(b.0, bi)))
+                Expr::Binary(Binary::Mul, Box::new(Expr::load_array(a.0, ai)), Box::new(Expr::load_array(b.0, bi)))
             });
             let at = add(mul(iv, Expr::I64(self.w as i64)), jv);
             lw.e.push(Stmt::StoreArray { array: out, index: at, value: dot });
@@ -214,7 +210,7 @@ impl Block {
             let value = lw.serial_sum(Expr::F32(0.0), Expr::I64(self.w as i64), |_, x| {
                 let mi = add(mul(x.clone(), Expr::I64(m.1 as i64)), mul(rv.clone(), Expr::I64(m.2 as i64)));
                 let ai = add(mul(x, Expr::I64(width as i64)), cv.clone());
-                Expr::Binary(Binary::Mul, Box::new(load(m.0, mi)), Box::new(load(a, ai)))
+                Expr::Binary(Binary::Mul, Box::new(Expr::load_array(m.0, mi)), Box::new(Expr::load_array(a, ai)))
             });
             let mut idx = self.b_idx.clone();
             idx.extend([rv, add(cv, Expr::I64(offset as i64))]);

@@ -304,5 +304,5 @@ pub fn rem(a: Expr, b: Expr) -> Expr {
 }
 
 pub fn bin(op: crate::kernel::Binary, a: Expr, b: Expr) -> Expr {
-    Expr::Binary(op, Box::new(a), Box::new(b))
+    Expr::binary(op, a, b)
 }

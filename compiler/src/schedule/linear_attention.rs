@@ -35,10 +35,6 @@ use std::rc::Rc;
 /// The chunk length used when none is given.
 pub const DEFAULT_CHUNK: usize = 64;
 
-fn load(array: Var, index: Expr) -> Expr {
-    Expr::LoadArray { array, index: Box::new(index) }
-}
-
 fn f(op: Binary, a: Expr, b: Expr) -> Expr {
     bin(op, a, b)
 }
@@ -131,6 +127,53 @@ impl Parts {
     }
 }
 
+/// λ's powers `λ^0 … λ^C` in an array (local, or shared by a block), or none without
+/// decay.
+#[derive(Clone, Copy)]
+pub(super) struct Powers(pub Option<Var>);
+
+impl Powers {
+    /// `λ^k`, or nothing without decay.
+    pub fn at(self, k: Expr) -> Option<Expr> {
+        self.0.map(|pw| Expr::load_array(pw, k))
+    }
+
+    /// `x · λ^k` (`x` without decay).
+    pub fn scale(self, x: Expr, k: Expr) -> Expr {
+        match self.at(k) {
+            Some(p) => bin(Binary::Mul, x, p),
+            None => x,
+        }
+    }
+}
+
+/// The serial loop over a sequence's chunks of `c` tokens, the last one partial.
+pub(super) struct Chunks {
+    /// How many chunks: the loop's extent when closing it.
+    pub count: Expr,
+    c: Expr,
+    len_n: Expr,
+}
+
+impl Chunks {
+    pub fn new(lw: &mut Lowering, len_n: &Expr, c: usize) -> Chunks {
+        let ci = Expr::I64(c as i64);
+        let count = lw.e.bind(div(add(len_n.clone(), Expr::I64(c as i64 - 1)), ci.clone()));
+        Chunks { count, c: ci, len_n: len_n.clone() }
+    }
+
+    /// Opens the loop (from the last chunk when `reverse`); returns its variable, the
+    /// chunk's start and its length. Close it with `lw.e.close(t, count, Serial)`.
+    pub fn open(&self, lw: &mut Lowering, reverse: bool) -> (Var, Expr, Expr) {
+        let t = lw.e.open();
+        let index = if reverse { sub(sub(self.count.clone(), Expr::I64(1)), Expr::Var(t)) } else { Expr::Var(t) };
+        let index = lw.e.bind(index);
+        let start = lw.e.bind(mul(index, self.c.clone()));
+        let len = lw.e.bind(bin(Binary::Min, self.c.clone(), sub(self.len_n.clone(), start.clone())));
+        (t, start, len)
+    }
+}
+
 /// The chunked kernel of linear attention node `n`, with chunks of `chunk` tokens.
 pub fn kernel(
     lw: &mut Lowering,
@@ -143,7 +186,7 @@ pub fn kernel(
     let parts = Parts::of(lw, n, la)?;
     let Parts { q, k, v, out_ty, batch, len_n, d, e, .. } = &parts;
     let (d, e) = (*d, *e);
-    let (di, ei, ci) = (Expr::I64(d as i64), Expr::I64(e as i64), Expr::I64(c as i64));
+    let (di, ei) = (Expr::I64(d as i64), Expr::I64(e as i64));
 
     let b_idx = lw.unravel(Expr::Var(lw.e.index), batch)?;
     let global = lw.stored[&n];
@@ -168,25 +211,8 @@ pub fn kernel(
         }
         None => None,
     };
-    // `λ^k`, or nothing without decay.
-    let power = |k: Expr| pw.map(|pw| load(pw, k));
-    let scaled = |x: Expr, k: Expr| match power(k) {
-        Some(p) => f(Binary::Mul, x, p),
-        None => x,
-    };
-
-    let chunks = lw.e.bind(div(add(len_n.clone(), Expr::I64(c as i64 - 1)), ci.clone()));
-
-    // Opens the loop over chunks (order given by `reverse`); returns its variable, the
-    // chunk's start and its length.
-    let open_chunk = |lw: &mut Lowering, reverse: bool| -> (Var, Expr, Expr) {
-        let t = lw.e.open();
-        let index = if reverse { sub(sub(chunks.clone(), Expr::I64(1)), Expr::Var(t)) } else { Expr::Var(t) };
-        let index = lw.e.bind(index);
-        let start = lw.e.bind(mul(index, ci.clone()));
-        let len = lw.e.bind(bin(Binary::Min, ci.clone(), sub(len_n.clone(), start.clone())));
-        (t, start, len)
-    };
+    let powers = Powers(pw);
+    let chunks = Chunks::new(lw, len_n, c);
     // Stage the chunk's rows of the given operands (`(operand, array, width)`).
     let stage = |lw: &mut Lowering, start: &Expr, len: &Expr, which: &[(&Operand, Var, usize)]| -> Result<(), String> {
         let i = lw.e.open();
@@ -210,15 +236,15 @@ pub fn kernel(
         lw.e.push(Stmt::StoreArray { array: o, index: Expr::Var(j), value: Expr::F32(0.0) });
         lw.e.close(j, ei.clone(), LoopKind::Vector);
         let a = lw.e.open();
-        let qa = load(qs, lw.e.bind(add(mul(i.clone(), di.clone()), Expr::Var(a))));
+        let qa = Expr::load_array(qs, lw.e.bind(add(mul(i.clone(), di.clone()), Expr::Var(a))));
         let qa = match scale {
             Some(sc) => f(Binary::Mul, qa, sc),
             None => qa,
         };
         let srow = lw.e.bind(mul(Expr::Var(a), ei.clone()));
         let j = lw.e.open();
-        let sv = load(s, lw.e.bind(add(srow, Expr::Var(j))));
-        let old = load(o, Expr::Var(j));
+        let sv = Expr::load_array(s, lw.e.bind(add(srow, Expr::Var(j))));
+        let old = Expr::load_array(o, Expr::Var(j));
         lw.e.push(Stmt::StoreArray {
             array: o,
             index: Expr::Var(j),
@@ -233,7 +259,7 @@ pub fn kernel(
         let mut idx = b_idx.clone();
         idx.extend([pos.clone(), Expr::Var(j)]);
         let lin = lw.linear(&idx, &out_ty.shape)?;
-        lw.e.push(Stmt::Store { buffer: out, index: lin, value: load(o, Expr::Var(j)) });
+        lw.e.push(Stmt::Store { buffer: out, index: lin, value: Expr::load_array(o, Expr::Var(j)) });
         lw.e.close(j, ei.clone(), LoopKind::Vector);
         Ok(())
     };
@@ -241,21 +267,25 @@ pub fn kernel(
     let update = |lw: &mut Lowering, len: &Expr, reverse: bool| {
         let a = lw.e.open();
         let srow = lw.e.bind(mul(Expr::Var(a), ei.clone()));
-        if let Some(carry) = power(len.clone()) {
+        if let Some(carry) = powers.at(len.clone()) {
             let j = lw.e.open();
             let at = lw.e.bind(add(srow.clone(), Expr::Var(j)));
-            lw.e.push(Stmt::StoreArray { array: s, index: at.clone(), value: f(Binary::Mul, load(s, at), carry) });
+            lw.e.push(Stmt::StoreArray {
+                array: s,
+                index: at.clone(),
+                value: f(Binary::Mul, Expr::load_array(s, at), carry),
+            });
             lw.e.close(j, ei.clone(), LoopKind::Vector);
         }
         let m = lw.e.open();
-        let ka = load(ks, lw.e.bind(add(mul(Expr::Var(m), di.clone()), Expr::Var(a))));
+        let ka = Expr::load_array(ks, lw.e.bind(add(mul(Expr::Var(m), di.clone()), Expr::Var(a))));
         let exp = if reverse { Expr::Var(m) } else { lw.e.bind(sub(sub(len.clone(), Expr::I64(1)), Expr::Var(m))) };
-        let coef = scaled(ka, exp);
+        let coef = powers.scale(ka, exp);
         let vrow = lw.e.bind(mul(Expr::Var(m), ei.clone()));
         let j = lw.e.open();
         let at = lw.e.bind(add(srow, Expr::Var(j)));
-        let vj = load(vs, lw.e.bind(add(vrow, Expr::Var(j))));
-        let value = f(Binary::Add, load(s, at.clone()), f(Binary::Mul, coef, vj));
+        let vj = Expr::load_array(vs, lw.e.bind(add(vrow, Expr::Var(j))));
+        let value = f(Binary::Add, Expr::load_array(s, at.clone()), f(Binary::Mul, coef, vj));
         lw.e.push(Stmt::StoreArray { array: s, index: at, value });
         lw.e.close(j, ei.clone(), LoopKind::Vector);
         lw.e.close(m, len.clone(), LoopKind::Serial);
@@ -265,7 +295,7 @@ pub fn kernel(
     match la.direction {
         Direction::Causal | Direction::Anticausal => {
             let reverse = la.direction == Direction::Anticausal;
-            let (t, start, len) = open_chunk(lw, reverse);
+            let (t, start, len) = chunks.open(lw, reverse);
             stage(lw, &start, &len, &[(q, qs, d), (k, ks, d), (v, vs, e)])?;
             let i = lw.e.open();
             let iv = Expr::Var(i);
@@ -286,21 +316,21 @@ pub fn kernel(
             let qrow = lw.e.bind(mul(iv.clone(), di.clone()));
             let krow = lw.e.bind(mul(m.clone(), di.clone()));
             let dot = lw.serial_sum(Expr::F32(0.0), di.clone(), |lw, a| {
-                let qa = load(qs, lw.e.bind(add(qrow.clone(), a.clone())));
-                let kb = load(ks, lw.e.bind(add(krow.clone(), a)));
+                let qa = Expr::load_array(qs, lw.e.bind(add(qrow.clone(), a.clone())));
+                let kb = Expr::load_array(ks, lw.e.bind(add(krow.clone(), a)));
                 f(Binary::Mul, qa, kb)
             });
-            lw.e.push(Stmt::StoreArray { array: w, index: m.clone(), value: scaled(dot, exp) });
+            lw.e.push(Stmt::StoreArray { array: w, index: m.clone(), value: powers.scale(dot, exp) });
             lw.e.close(x, count.clone(), LoopKind::Serial);
             // O = λ^{dist} q_i S + Σ_m W[m] v_m.
-            inter(lw, &iv, power(count.clone()));
+            inter(lw, &iv, powers.at(count.clone()));
             let x = lw.e.open();
             let m = m_of(lw, x);
-            let wm = load(w, m.clone());
+            let wm = Expr::load_array(w, m.clone());
             let vrow = lw.e.bind(mul(m, ei.clone()));
             let j = lw.e.open();
-            let vj = load(vs, lw.e.bind(add(vrow, Expr::Var(j))));
-            let old = load(o, Expr::Var(j));
+            let vj = Expr::load_array(vs, lw.e.bind(add(vrow, Expr::Var(j))));
+            let old = Expr::load_array(o, Expr::Var(j));
             lw.e.push(Stmt::StoreArray {
                 array: o,
                 index: Expr::Var(j),
@@ -312,22 +342,22 @@ pub fn kernel(
             store_row(lw, &pos)?;
             lw.e.close(i, len.clone(), LoopKind::Serial);
             update(lw, &len, reverse);
-            lw.e.close(t, chunks.clone(), LoopKind::Serial);
+            lw.e.close(t, chunks.count.clone(), LoopKind::Serial);
         }
         Direction::Full => {
             // S = Σ_m k_mᵀ v_m over the whole sequence, then o_n = q_n S.
-            let (t, start, len) = open_chunk(lw, false);
+            let (t, start, len) = chunks.open(lw, false);
             stage(lw, &start, &len, &[(k, ks, d), (v, vs, e)])?;
             update(lw, &len, false);
-            lw.e.close(t, chunks.clone(), LoopKind::Serial);
-            let (t, start, len) = open_chunk(lw, false);
+            lw.e.close(t, chunks.count.clone(), LoopKind::Serial);
+            let (t, start, len) = chunks.open(lw, false);
             stage(lw, &start, &len, &[(q, qs, d)])?;
             let i = lw.e.open();
             inter(lw, &Expr::Var(i), None);
             let pos = lw.e.bind(add(start, Expr::Var(i)));
             store_row(lw, &pos)?;
             lw.e.close(i, len, LoopKind::Serial);
-            lw.e.close(t, chunks.clone(), LoopKind::Serial);
+            lw.e.close(t, chunks.count.clone(), LoopKind::Serial);
         }
     }
     let extent = parts.batch_extent(lw)?;

@@ -31,7 +31,7 @@
 
 use super::element::{elem_of, Lowering};
 use super::emit::{add, bin, div, mul, rem, sub};
-use super::linear_attention::Parts;
+use super::linear_attention::{Chunks, Parts, Powers};
 use super::threads::{deal, split, THREADS};
 use crate::ir::{Direction, LinearAttention, NodeId};
 use crate::kernel::{Access, Binary, Expr, Kernel, LoopKind, Scalar, Stmt, Var};
@@ -78,10 +78,6 @@ pub fn tiles(d: usize, e: usize, max_chunk: usize, full: bool, decay: bool) -> O
         .or_else(|| widths.last().and_then(|&w| longest(w)))
 }
 
-fn load(array: Var, index: Expr) -> Expr {
-    Expr::LoadArray { array, index: Box::new(index) }
-}
-
 /// The block kernel of linear attention node `n`; `None` when its shared arrays cannot
 /// fit (the caller then uses the one-thread-per-batch-index kernel).
 pub fn kernel(
@@ -99,7 +95,6 @@ pub fn kernel(
     };
     let (di, ci, eti) = (Expr::I64(d as i64), Expr::I64(c as i64), Expr::I64(et as i64));
     let kw = Expr::I64(d as i64 + 1); // padded row of K
-    let len_n = parts.len_n.clone();
 
     // Shared arrays: the state tile, the chunk's staged rows, its scores, λ's powers.
     let s = lw.e.shared(d * et);
@@ -118,12 +113,6 @@ pub fn kernel(
     let global = lw.stored[&n];
     let out = lw.e.buffer(global, &format!("b{global}"), elem_of(parts.out_ty.dtype), Access::Write);
 
-    let power = |k: Expr| pw.map(|pw| load(pw, k));
-    let scaled = |x: Expr, k: Expr| match power(k) {
-        Some(p) => bin(Binary::Mul, x, p),
-        None => x,
-    };
-
     deal(lw, Expr::I64((d * et) as i64), |lw, x| {
         lw.e.push(Stmt::StoreArray { array: s, index: x, value: Expr::F32(0.0) });
         Ok(())
@@ -136,16 +125,14 @@ pub fn kernel(
         })?;
     }
 
-    let chunks = lw.e.bind(div(add(len_n.clone(), Expr::I64(c as i64 - 1)), ci.clone()));
-    // Opens the loop over chunks; returns its variable, the chunk's start and length.
+    let powers = Powers(pw);
+    let chunks = Chunks::new(lw, &parts.len_n, c);
+    // Every chunk starts with a barrier: the previous chunk's reads of the staged arrays
+    // are done before they are overwritten.
     let open_chunk = |lw: &mut Lowering, reverse: bool| -> (Var, Expr, Expr) {
-        let t = lw.e.open();
-        let index = if reverse { sub(sub(chunks.clone(), Expr::I64(1)), Expr::Var(t)) } else { Expr::Var(t) };
-        let index = lw.e.bind(index);
-        let start = lw.e.bind(mul(index, ci.clone()));
-        let len = lw.e.bind(bin(Binary::Min, ci.clone(), sub(len_n.clone(), start.clone())));
+        let opened = chunks.open(lw, reverse);
         lw.e.push(Stmt::Barrier);
-        (t, start, len)
+        opened
     };
     // Stage the chunk's rows: Q and K (when `qk`), V's tile (when `vt`).
     let stage = |lw: &mut Lowering, start: &Expr, len: &Expr, qk: (bool, bool), vt: bool| -> Result<(), String> {
@@ -183,8 +170,8 @@ pub fn kernel(
     let inter = |lw: &mut Lowering, i: &Expr, j: &Expr| {
         let qrow = lw.e.bind(mul(i.clone(), di.clone()));
         lw.serial_sum(Expr::F32(0.0), di.clone(), |lw, a| {
-            let qa = load(qs, lw.e.bind(add(qrow.clone(), a.clone())));
-            let sa = load(s, lw.e.bind(add(mul(a, eti.clone()), j.clone())));
+            let qa = Expr::load_array(qs, lw.e.bind(add(qrow.clone(), a.clone())));
+            let sa = Expr::load_array(s, lw.e.bind(add(mul(a, eti.clone()), j.clone())));
             bin(Binary::Mul, qa, sa)
         })
     };
@@ -199,16 +186,16 @@ pub fn kernel(
     let update = |lw: &mut Lowering, len: &Expr, reverse: bool| -> Result<(), String> {
         deal(lw, Expr::I64((d * et) as i64), |lw, x| {
             let (a, j) = split(lw, &x, &eti);
-            let old = load(s, x.clone());
-            let old = match power(len.clone()) {
+            let old = Expr::load_array(s, x.clone());
+            let old = match powers.at(len.clone()) {
                 Some(p) => bin(Binary::Mul, old, p),
                 None => old,
             };
             let new = lw.serial_sum(old, len.clone(), |lw, m| {
-                let ka = load(ks, lw.e.bind(add(mul(m.clone(), kw.clone()), a.clone())));
-                let vj = load(vs, lw.e.bind(add(mul(m.clone(), eti.clone()), j.clone())));
+                let ka = Expr::load_array(ks, lw.e.bind(add(mul(m.clone(), kw.clone()), a.clone())));
+                let vj = Expr::load_array(vs, lw.e.bind(add(mul(m.clone(), eti.clone()), j.clone())));
                 let exp = if reverse { m } else { lw.e.bind(sub(sub(len.clone(), Expr::I64(1)), m)) };
-                bin(Binary::Mul, scaled(ka, exp), vj)
+                bin(Binary::Mul, powers.scale(ka, exp), vj)
             });
             lw.e.push(Stmt::StoreArray { array: s, index: x, value: new });
             Ok(())
@@ -230,12 +217,12 @@ pub fn kernel(
                 let krow = lw.e.bind(mul(m.clone(), kw.clone()));
                 let qrow = lw.e.bind(mul(i.clone(), di.clone()));
                 let dot = lw.serial_sum(Expr::F32(0.0), di.clone(), |lw, a| {
-                    let qa = load(qs, lw.e.bind(add(qrow.clone(), a.clone())));
-                    let kb = load(ks, lw.e.bind(add(krow.clone(), a)));
+                    let qa = Expr::load_array(qs, lw.e.bind(add(qrow.clone(), a.clone())));
+                    let kb = Expr::load_array(ks, lw.e.bind(add(krow.clone(), a)));
                     bin(Binary::Mul, qa, kb)
                 });
                 let distance = lw.e.bind(sub(hi.clone(), lo.clone()));
-                lw.e.push(Stmt::StoreArray { array: w, index: Expr::Var(at), value: scaled(dot, distance) });
+                lw.e.push(Stmt::StoreArray { array: w, index: Expr::Var(at), value: powers.scale(dot, distance) });
                 lw.e.close_if(bin(Binary::Le, lo, hi));
                 Ok(())
             })?;
@@ -246,12 +233,12 @@ pub fn kernel(
                 let (i, j) = split(lw, &x, &eti);
                 let count = lw.e.bind(if reverse { sub(len.clone(), i.clone()) } else { add(i.clone(), Expr::I64(1)) });
                 let state = inter(lw, &i, &j);
-                let state = lw.e.bind(scaled(state, count.clone()));
+                let state = lw.e.bind(powers.scale(state, count.clone()));
                 let wrow = lw.e.bind(mul(i.clone(), ci.clone()));
                 let value = lw.serial_sum(state, count, |lw, y| {
                     let m = if reverse { lw.e.bind(add(i.clone(), y)) } else { y };
-                    let wm = load(w, lw.e.bind(add(wrow.clone(), m.clone())));
-                    let vj = load(vs, lw.e.bind(add(mul(m, eti.clone()), j.clone())));
+                    let wm = Expr::load_array(w, lw.e.bind(add(wrow.clone(), m.clone())));
+                    let vj = Expr::load_array(vs, lw.e.bind(add(mul(m, eti.clone()), j.clone())));
                     bin(Binary::Mul, wm, vj)
                 });
                 let pos = lw.e.bind(add(start.clone(), i));
@@ -259,14 +246,14 @@ pub fn kernel(
             })?;
             lw.e.push(Stmt::Barrier);
             update(lw, &len, reverse)?;
-            lw.e.close(t, chunks.clone(), LoopKind::Serial);
+            lw.e.close(t, chunks.count.clone(), LoopKind::Serial);
         }
         _ => {
             // S = Σ_m k_mᵀ v_m over the whole sequence, then o_n = q_n S.
             let (t, start, len) = open_chunk(lw, false);
             stage(lw, &start, &len, (false, true), true)?;
             update(lw, &len, false)?;
-            lw.e.close(t, chunks.clone(), LoopKind::Serial);
+            lw.e.close(t, chunks.count.clone(), LoopKind::Serial);
             let (t, start, len) = open_chunk(lw, false);
             stage(lw, &start, &len, (true, false), false)?;
             deal(lw, mul(len, eti.clone()), |lw, x| {
@@ -275,7 +262,7 @@ pub fn kernel(
                 let pos = lw.e.bind(add(start.clone(), i));
                 store(lw, pos, &j, value)
             })?;
-            lw.e.close(t, chunks.clone(), LoopKind::Serial);
+            lw.e.close(t, chunks.count.clone(), LoopKind::Serial);
         }
     }
     let extent = mul(parts.batch_extent(lw)?, tiles_n);

@@ -20,6 +20,7 @@
 //! and one store. One workspace per split kernel serves all its launches: launches run
 //! one after another (CPU threads per launch, one CUDA stream).
 
+use super::emit::bin;
 use super::{BufferInfo, Role, Step};
 use crate::ir::Dim;
 use crate::kernel::blocks::reduction;
@@ -28,10 +29,6 @@ use std::collections::{HashMap, HashSet};
 
 /// Parts of the token range by default: enough blocks to fill a GPU for a one-row output.
 pub const PARTS: usize = 64;
-
-fn bin(op: Binary, a: Expr, b: Expr) -> Expr {
-    Expr::Binary(op, Box::new(a), Box::new(b))
-}
 
 /// A kernel of the splittable shape, taken apart.
 struct Shape {
