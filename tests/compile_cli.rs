@@ -125,6 +125,16 @@ fn cuda_bundles_run_or_say_there_is_no_driver() {
         assert_eq!(code, 1, "{err}");
         assert!(err.contains("no CUDA driver found"), "{err}");
     }
+    // `tnc verify --device cuda` takes the same path: it runs, or says why it cannot.
+    let mut verify = vec!["verify", "models/tnl.tn", "--device", "cuda"];
+    verify.extend(TINY);
+    let (code, _, err) = tnc(&verify);
+    if tnc_runtime::cuda::driver_present() {
+        assert_eq!(code, 0, "{err}");
+    } else {
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("no CUDA driver found"), "{err}");
+    }
     // A GPU bundle on the CPU is refused with the reason.
     let (code, _, err) = tnc(&["run", &out, "--inputs", &inp, "--out", &res]);
     assert_eq!(code, 1);
