@@ -96,6 +96,13 @@ struct BenchArgs {
     /// CPU worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Input tensors by name (safetensors) instead of generated ones; `--batch` and
+    /// `--seq` must describe them.
+    #[arg(long)]
+    inputs: Option<PathBuf>,
+    /// Parameters by name (safetensors); without it, parameters are initialized from --seed.
+    #[arg(long)]
+    params: Option<PathBuf>,
 }
 
 type Error = Box<dyn std::error::Error>;
@@ -255,7 +262,10 @@ fn run(a: &RunArgs) -> Result<(), Error> {
 fn bench(a: &BenchArgs) -> Result<(), Error> {
     let bundle = Bundle::load(&a.bundle)?;
     let mut ex = Exec::new(&bundle, a.device, threads(a.threads))?;
-    ex.set_params_from_seed(a.seed)?;
+    match &a.params {
+        Some(p) => ex.set_params_from_file(p)?,
+        None => ex.set_params_from_seed(a.seed)?,
+    }
     let m = ex.manifest().clone();
     let env: std::collections::HashMap<&str, i64> = m
         .sizes
@@ -278,6 +288,7 @@ fn bench(a: &BenchArgs) -> Result<(), Error> {
         m.params.iter().filter(|p| p.shape.len() == 2).map(|p| p.shape[0]).min().unwrap_or(2).max(1)
     });
     let mut owned = Vec::new();
+    let mut file = a.inputs.as_deref().map(read_tensors).transpose()?;
     for (i, io) in m.inputs.iter().filter(|io| io.entry == "forward").enumerate() {
         let shape = io
             .shape
@@ -285,7 +296,22 @@ fn bench(a: &BenchArgs) -> Result<(), Error> {
             .map(|d| d.eval(&env).map(|v| v.max(0) as usize))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("shape of input `{}`: {e}", io.name))?;
-        owned.push((io.name.clone(), generate(io.dtype, shape, a.seed ^ ((i as u64 + 1) << 32), vocab)));
+        let t = match &mut file {
+            Some(f) => {
+                let path = a.inputs.as_deref().expect("read").display();
+                let t = f.remove(&io.name).ok_or_else(|| format!("{path} has no tensor `{}`", io.name))?;
+                if t.shape != shape {
+                    return Err(format!(
+                        "input `{}` of {path} has shape {:?}, but --batch and --seq give {shape:?}",
+                        io.name, t.shape
+                    )
+                    .into());
+                }
+                t
+            }
+            None => generate(io.dtype, shape, a.seed ^ ((i as u64 + 1) << 32), vocab),
+        };
+        owned.push((io.name.clone(), t));
     }
     let inputs: Vec<(&str, &Tensor)> = owned.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let backward = !a.forward_only && m.entry_points.get("backward").is_some_and(|s| !s.is_empty());
@@ -333,14 +359,18 @@ fn bench(a: &BenchArgs) -> Result<(), Error> {
         if backward { format!("{:.3}", median(&mut both)) } else { "n/a".into() }
     );
     let sizes_json = m.sizes.iter().map(|s| format!("\"{s}\": {}", env[s.as_str()])).collect::<Vec<_>>().join(", ");
+    let all = |v: &[f64]| v.iter().map(|t| format!("{t:.4}")).collect::<Vec<_>>().join(", ");
     println!(
         "BENCH_JSON {{\"impl\": \"tnc\", \"dtype\": \"f32\", \"device\": \"{:?}\", \"model\": {:?}, \
-         \"sizes\": {{{sizes_json}}}, \"iters\": {}, \"forward_ms\": {:.4}, \"fwd_bwd_ms\": {}}}",
+         \"sizes\": {{{sizes_json}}}, \"iters\": {}, \"forward_ms\": {:.4}, \"fwd_bwd_ms\": {}, \
+         \"forward_all_ms\": [{}], \"fwd_bwd_all_ms\": [{}]}}",
         a.device,
         m.model,
         a.iters,
         median(&mut fwd),
-        if backward { format!("{:.4}", median(&mut both)) } else { "null".into() }
+        if backward { format!("{:.4}", median(&mut both)) } else { "null".into() },
+        all(&fwd),
+        if backward { all(&both) } else { String::new() },
     );
     Ok(())
 }

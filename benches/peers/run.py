@@ -1,0 +1,190 @@
+"""Times tnc's training step of T1 (loss and every gradient) side by side with its peers,
+in one run, interleaved, and checks that every peer computes tnc's loss and gradients.
+
+Called by `scripts/bench-peers.sh`, which builds tnc, compiles the bundles and writes each
+variant's initial parameters; see there for the options. For every (variant, N):
+
+1. tokens are drawn (seed 0) and the biases, zero at initialization, are set to small
+   random values so that the check covers them;
+2. `tnc-run --grad` computes tnc's loss and gradients; every peer computes its own on the
+   same parameters and tokens and reports the relative difference (L2 over each tensor);
+3. every peer is warmed up (torch.compile and jit compile here), then `--rounds` rounds
+   each time `--steps` steps of every implementation, in an order that rotates per round,
+   so that no implementation always runs after the same neighbour.
+
+Prints one Markdown table per run (median and min of each implementation, each time over
+tnc's median of the same variant and length) and writes every time to `--json`.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEERS = ["torch-eager", "torch-compile", "torch-compile-bf16", "jax"]
+# A peer's result matches tnc's when within this relative L2 over each tensor. f32: the
+# eager peer agrees to ~2e-6, but the DiagAttention layers' wq gradient is ill-conditioned
+# (a token whose ReLU scores are all 0 in every head gives a zero row to SRMSNorm, whose
+# ε = 1e-8 then amplifies rounding), so a peer that fuses differently (torch.compile, XLA)
+# lands at ~4e-4 on T1. bf16 autocast rounds every product's operands to 8 bits of
+# mantissa: ~1e-2 typically, ~9e-2 on that same gradient. A wrong model is off by ~1.
+TOLERANCE = {"torch-compile-bf16": 0.15}
+F32_TOLERANCE = 1e-3
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+class Worker:
+    def __init__(self, impl, params, tokens, config, threads, python):
+        self.impl = impl
+        self.proc = subprocess.Popen(
+            [python, os.path.join(HERE, "worker.py"), "--impl", impl, "--params", params, "--tokens", tokens,
+             "--config", json.dumps(config), "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self, cmd):
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"peer {self.impl} exited (status {self.proc.wait()})")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"peer {self.impl}: {answer['error']}")
+        return answer
+
+    def close(self):
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        self.proc.wait()
+
+
+def tnc_times(tnc_run, bundle, params, tokens, batch, seq, steps, threads):
+    out = subprocess.run(
+        [tnc_run, "bench", bundle, "--device", "cpu", "--batch", str(batch), "--seq", str(seq), "--inputs", tokens,
+         "--params", params, "--iters", str(steps), "--warmup", "1", "--threads", str(threads)],
+        check=True, capture_output=True, text=True).stdout
+    line = next(l for l in out.splitlines() if l.startswith("BENCH_JSON "))
+    return json.loads(line[len("BENCH_JSON "):])["fwd_bwd_all_ms"]
+
+
+def check_inputs(work, variant, init, vocab, batch, seq):
+    """The tokens and the parameters of the check and the timing (biases made non-zero)."""
+    rng = np.random.default_rng(0)
+    tokens = os.path.join(work, f"{variant}-N{seq}-tokens.safetensors")
+    save_file({"tokens": rng.integers(0, vocab, (batch, seq), dtype=np.int32)}, tokens)
+    params = {k: v.copy() for k, v in load_file(init).items()}
+    for k, v in params.items():
+        if k.rsplit(".", 1)[-1].startswith("b"):
+            params[k] = (0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+    path = os.path.join(work, f"{variant}-params.safetensors")
+    save_file(params, path)
+    return tokens, path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tnc-run", required=True)
+    ap.add_argument("--work", required=True, help="directory with VARIANT.tnb/, VARIANT-init.safetensors")
+    ap.add_argument("--variant", action="append", required=True,
+                    help="NAME=JSON config of the peers (heads, layers, block, lrpe, abs_pos, embed_scale)")
+    ap.add_argument("--vocab", type=int, required=True)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, action="append", required=True)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--peers", default=",".join(PEERS))
+    ap.add_argument("--json", required=True)
+    a = ap.parse_args()
+    peers = [p for p in a.peers.split(",") if p]
+    results = []
+    failed = []
+    for spec in a.variant:
+        variant, config = spec.split("=", 1)
+        config = json.loads(config)
+        bundle = os.path.join(a.work, f"{variant}.tnb")
+        for seq in a.seq:
+            log(f"== {variant}, B {a.batch}, N {seq}")
+            tokens, params = check_inputs(a.work, variant, os.path.join(a.work, f"{variant}-init.safetensors"),
+                                          a.vocab, a.batch, seq)
+            ref = os.path.join(a.work, f"{variant}-N{seq}-tnc.safetensors")
+            subprocess.run([a.tnc_run, bundle, "--device", "cpu", "--inputs", tokens, "--params", params, "--out",
+                            ref, "--grad", "--threads", str(a.threads)], check=True, capture_output=True)
+            workers = []
+            checks = {}
+            for impl in peers:
+                w = Worker(impl, params, tokens, config, a.threads, sys.executable)
+                workers.append(w)
+                t = time.perf_counter()
+                c = w.ask(f"check {ref}")
+                c["first_step_s"] = time.perf_counter() - t
+                tol = TOLERANCE.get(impl, F32_TOLERANCE)
+                c["ok"] = c["loss_rel"] <= tol and c["grad_rel_l2_worst"] <= tol
+                checks[impl] = c
+                log(f"   {impl}: loss {c['loss']:.6f} (tnc {c['tnc_loss']:.6f}), worst gradient rel L2 "
+                    f"{c['grad_rel_l2_worst']:.2e} ({c['grad_worst']}), first step {c['first_step_s']:.1f} s"
+                    f"{'' if c['ok'] else '  MISMATCH'}")
+                if not c["ok"]:
+                    failed.append(f"{impl} {variant} N {seq}")
+                w.ask("time 1")  # warm-up
+            times = {impl: [] for impl in ["tnc"] + peers}
+            order = ["tnc"] + peers
+            for r in range(a.rounds):
+                turn = order[r % len(order):] + order[:r % len(order)]
+                for impl in turn:
+                    time.sleep(0.2)  # let the previous implementation's spinning threads settle
+                    if impl == "tnc":
+                        ts = tnc_times(a.tnc_run, bundle, params, tokens, a.batch, seq, a.steps, a.threads)
+                    else:
+                        ts = next(w for w in workers if w.impl == impl).ask(f"time {a.steps}")["times_ms"]
+                    times[impl] += ts
+                log(f"   round {r + 1}/{a.rounds}: " + ", ".join(
+                    f"{i} {statistics.median(t):.0f} ms" for i, t in times.items()))
+            for w in workers:
+                w.close()
+            results.append({"variant": variant, "config": config, "batch": a.batch, "seq": seq, "times_ms": times,
+                            "checks": checks})
+    with open(a.json, "w") as f:
+        json.dump({"threads": a.threads, "results": results}, f, indent=1)
+    print_table(results)
+    if failed:
+        log("MISMATCH: " + "; ".join(failed))
+        sys.exit(1)
+
+
+def print_table(results):
+    cols = [(r["variant"], r["seq"]) for r in results]
+    print("| implementation | " + " | ".join(f"{v}, N {n}: median / min (× tnc)" for v, n in cols) + " |")
+    print("|---|" + "---:|" * len(cols))
+    impls = list(results[0]["times_ms"])
+    for impl in impls:
+        cells = []
+        for r in results:
+            t = r["times_ms"][impl]
+            base = statistics.median(r["times_ms"]["tnc"])
+            med = statistics.median(t)
+            cells.append(f"{med:.0f} / {min(t):.0f} ms ({med / base:.2f}×)")
+        print(f"| {impl} | " + " | ".join(cells) + " |")
+    print()
+    print("Checks (relative L2 against tnc's loss and gradients on the same parameters and tokens):")
+    for r in results:
+        for impl, c in r["checks"].items():
+            print(f"- {r['variant']}, N {r['seq']}, {impl}: loss {c['loss_rel']:.1e}, worst gradient "
+                  f"{c['grad_rel_l2_worst']:.1e} ({c['grad_worst']}){'' if c['ok'] else ' MISMATCH'}")
+
+
+if __name__ == "__main__":
+    main()
