@@ -680,7 +680,7 @@ impl Executor {
         let mut v: Vec<_> = times.into_iter().collect();
         v.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
         eprintln!("profile of `{entry}`: {:.3} ms in {} launches", total * 1e3, steps.len());
-        for (k, (count, secs)) in v.into_iter().take(8) {
+        for (k, (count, secs)) in v.into_iter().take(200) {
             eprintln!(
                 "  {:>10.3} ms {:>5.1}%  {count}× {}",
                 secs * 1e3,

@@ -114,7 +114,7 @@ fn unary(op: Unary, v: Val) -> Result<Val, String> {
     let x = v.f()?;
     Ok(Val::F(match op {
         Unary::Neg => -x,
-        Unary::Exp => x.exp(),
+        Unary::Exp => super::math::exp(x),
         Unary::Log => x.ln(),
         Unary::Sqrt => x.sqrt(),
         Unary::Rsqrt => 1.0 / x.sqrt(),

@@ -152,9 +152,25 @@ impl Block {
 
     /// `out[i·w + j] = Σ_x a[i·ka + x·sa] · b[j·kb + x·sb]` for all i, j < w over x < n:
     /// the products of the block's small matrices.
+    ///
+    /// On CPUs `b` is first copied transposed, so that the columns j are contiguous and
+    /// their loop a vector loop over a serial sum, which `kernel::interchange` turns into
+    /// `acc[j] += a[i, x] · bᵀ[x, j]` (vectorized; each sum keeps its order of terms).
     fn product(&self, lw: &mut Lowering, out: Var, a: (Var, usize, usize), b: (Var, usize, usize), n: usize) {
-        let serial = (LoopKind::Serial, LoopKind::Serial);
-        let done = self.each(lw, (self.w, self.w), serial, |lw, iv, jv| {
+        let (b, kinds) = if self.gpu {
+            (b, (LoopKind::Serial, LoopKind::Serial))
+        } else {
+            let bt = lw.e.array(self.w * n);
+            let j = lw.e.open();
+            let x = lw.e.open();
+            let from = add(mul(Expr::Var(j), Expr::I64(b.1 as i64)), mul(Expr::Var(x), Expr::I64(b.2 as i64)));
+            let to = add(mul(Expr::Var(x), Expr::I64(self.w as i64)), Expr::Var(j));
+            lw.e.push(Stmt::StoreArray { array: bt, index: to, value: Expr::load_array(b.0, from) });
+            lw.e.close(x, Expr::I64(n as i64), LoopKind::Serial);
+            lw.e.close(j, Expr::I64(self.w as i64), LoopKind::Serial);
+            ((bt, 1, self.w), (LoopKind::Serial, LoopKind::Vector))
+        };
+        let done = self.each(lw, (self.w, self.w), kinds, |lw, iv, jv| {
             let dot = lw.serial_sum(Expr::F32(0.0), Expr::I64(n as i64), |_, x| {
                 let ai = add(mul(iv.clone(), Expr::I64(a.1 as i64)), mul(x.clone(), Expr::I64(a.2 as i64)));
                 let bi = add(mul(jv.clone(), Expr::I64(b.1 as i64)), mul(x, Expr::I64(b.2 as i64)));

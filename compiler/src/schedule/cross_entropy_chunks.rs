@@ -17,6 +17,21 @@
 //! - correct: `Z = X·E_cᵀ`, a running maximum per token, then `z_y ≥ max`.
 //!
 //! The loss itself (`lse − z_y`) needs no sweep and keeps its generic kernel.
+//!
+//! **Kept logits.** Where the program also differentiates the op and keeping the logits
+//! of the whole vocabulary (`Z` and `P`, `2·T·V` floats) at most doubles the model's
+//! activation memory ([`Shared::keeps`]), the vocabulary is one chunk: the forward's
+//! `Z = X·Eᵀ` stays in a buffer of its own, the first gradient op sweeps it once into
+//! `P`, and `dX = P·E` and `dE = Pᵀ·X` are one product each. That saves the backward's
+//! recomputation of the logits (a third of its cross-entropy FLOPs, twice over: dX and
+//! dE sat in separate groups) and its per-chunk launches. A 268K-word vocabulary stays
+//! chunked (2 MiB of logits per token).
+//!
+//! **Lanes.** On CPUs the sweeps' reductions over a row (the maximum, the compensated
+//! sum) are dealt to [`LANES`] interleaved partial results, combined at the end of the
+//! row, so that the loop over the row is a vector loop; a serial compensated sum is a
+//! chain of four dependent additions per logit. GPU schedules keep the serial loops,
+//! which their row blocks deal to the threads instead (`kernel/blocks.rs`).
 
 use super::cross_entropy::{target, which};
 use super::element::{Lowering, Source};
@@ -141,11 +156,49 @@ fn prepare(sink: &mut Sink, reads: &HashMap<NodeId, usize>, n: NodeId, name: &st
 /// The kernels of cross-entropy op `n` (not the loss, whose generic kernel reads `lse`),
 /// writing its value into global buffer `out`; `lse` is the logsumexp workspace, filled
 /// here first when `fill_lse`.
+/// What the cross-entropy ops of one program share across their groups, and the
+/// target's choice of sweep.
+pub struct Shared {
+    /// Activation bytes per token of the memory plan (the budget of [`Shared::keeps`]).
+    activation_bytes_per_token: i64,
+    /// Reductions over a row in [`LANES`] partial results (CPUs).
+    lanes: bool,
+    /// Kept logits `Z [T…, V]` of each (x, E), and whether a kernel has filled them.
+    logits: HashMap<Vec<NodeId>, (usize, bool)>,
+    /// `P = g·(softmax − onehot) [T…, V]` of each (x, E, y, g), from the first gradient op.
+    probs: HashMap<Vec<NodeId>, usize>,
+}
+
+/// Tokens at which per-token memory is compared: large enough that the terms linear in
+/// the tokens dominate the memory plan's polynomials.
+const PER_TOKEN_AT: i64 = 1 << 16;
+
+impl Shared {
+    pub fn new(mem: &crate::memory::MemoryPlan, lanes: bool) -> Shared {
+        let activations = mem.report().activations;
+        let at = |sym: &str| Some(if sym == "B" { 1 } else { PER_TOKEN_AT });
+        let activation_bytes_per_token = activations.eval(&at).map_or(0, |b| b / PER_TOKEN_AT);
+        Shared { activation_bytes_per_token, lanes, logits: HashMap::new(), probs: HashMap::new() }
+    }
+
+    /// Whether op `n` keeps the logits of the whole vocabulary: the program also takes a
+    /// gradient through the same (x, E), and `Z` and `P` (4 bytes per logit each) at most
+    /// double the activation memory per token.
+    fn keeps(&self, g: &Graph, n: NodeId, vocab: i64) -> bool {
+        let xe = &g.operands(n)[..2];
+        let differentiated = g.dag.node_indices().any(|m| {
+            matches!(which(&g.node(m).op), Some((CeOp::GradX | CeOp::GradTable, _))) && &g.operands(m)[..2] == xe
+        });
+        differentiated && vocab.saturating_mul(8) <= self.activation_bytes_per_token
+    }
+}
+
 pub fn kernels(
     sink: &mut Sink,
     reads: &HashMap<NodeId, usize>,
     n: NodeId,
     lse: Option<(usize, bool)>,
+    shared: &mut Shared,
     out: usize,
     name: &str,
 ) -> Result<(), String> {
@@ -156,12 +209,26 @@ pub fn kernels(
     }
     let ce = prepare(sink, reads, n, name)?;
     let token_count = crate::ir::dim::numel(&ce.tokens).ok_or("size overflow")?;
-    let chunk_width = VOCAB_CHUNK.min(ce.vocab);
+    let keep = shared.keeps(sink.g, n, ce.vocab);
+    let lanes = shared.lanes;
+    let xe = sink.g.operands(n)[..2].to_vec();
+    let chunks = if keep { vec![(0, ce.vocab)] } else { ce.chunks() };
+    let chunk_width = chunks[0].1;
     let mut z_shape = ce.tokens.clone();
     z_shape.push(Dim::constant(chunk_width));
-    let z = sink.workspace(&TensorType::new(DType::F32, z_shape))?;
+    let z_ty = TensorType::new(DType::F32, z_shape);
+    // Z: the kept logits of (x, E), or a workspace for one chunk.
+    let z = match shared.logits.get(&xe) {
+        Some(&(z, _)) if keep => z,
+        _ => {
+            let z = sink.workspace(&z_ty)?;
+            if keep {
+                shared.logits.insert(xe.clone(), (z, false));
+            }
+            z
+        }
+    };
     let token_values = TensorType::new(DType::F32, ce.tokens.clone());
-    let chunks = ce.chunks();
     // Running maximum, sum and its compensation per token between chunks, and the
     // target's logit.
     let mut per_token_workspace = || sink.workspace(&token_values);
@@ -175,43 +242,56 @@ pub fn kernels(
     if let (Some((lse, _)), true) = (lse, fill_lse) {
         for (c, &(v0, w)) in chunks.iter().enumerate() {
             logits(sink, v0, w, "lse")?;
-            let part = Part { first: c == 0, last: c + 1 == chunks.len() };
+            let part = Part { first: c == 0, last: c + 1 == chunks.len(), lanes };
             let bufs = [m, s, comp, lse, zy];
             sink.kernel_with_args(&[(WORD0, v0)], |lw| {
                 lse_update(lw, n, &ce.tokens, z, w, part, bufs, format!("{name}_lse{c}"))
             })?;
         }
+        if keep {
+            shared.logits.insert(xe.clone(), (z, true));
+        }
     }
     match ce.kind {
+        CeOp::GradX | CeOp::GradTable if keep => {
+            let lse = lse.ok_or("the gradient needs the logsumexp")?.0;
+            let w = ce.vocab;
+            let key = sink.g.operands(n)[..4].to_vec();
+            let p = match shared.probs.get(&key) {
+                Some(&p) => p,
+                None => {
+                    if shared.logits.get(&xe) != Some(&(z, true)) {
+                        logits(sink, 0, w, "grad")?;
+                        shared.logits.insert(xe.clone(), (z, true));
+                    }
+                    let p = sink.workspace(&z_ty)?;
+                    sink.kernel_with_args(&[(WORD0, 0)], |lw| {
+                        probabilities(lw, n, &ce.tokens, [z, p], w, lse, format!("{name}_p"))
+                    })?;
+                    shared.probs.insert(key, p);
+                    p
+                }
+            };
+            gradient_product(sink, &ce, n, ce.logits(p, w)?, (0, w), out, false, &format!("{name}_product"))
+        }
         CeOp::GradX | CeOp::GradTable => {
             let lse = lse.ok_or("the gradient needs the logsumexp")?.0;
             for (c, &(v0, w)) in chunks.iter().enumerate() {
                 logits(sink, v0, w, "grad")?;
                 sink.kernel_with_args(&[(WORD0, v0)], |lw| {
-                    probabilities(lw, n, &ce.tokens, z, w, lse, format!("{name}_p{c}"))
+                    probabilities(lw, n, &ce.tokens, [z, z], w, lse, format!("{name}_p{c}"))
                 })?;
-                let p = ce.logits(z, w)?;
-                let extent = ce.extent(w);
-                let chunk = [(WORD0, v0)];
-                if ce.kind == CeOp::GradX {
-                    let mut letters = ce.token_letters();
-                    letters.push(WIDTH);
-                    let dx = Operand { layout: Layout::contiguous(out, &sink.g.ty(n).shape)?, letters };
-                    let table = ce.table_chunk()?;
-                    library(sink, &chunk, &p, &table, &dx, &extent, c > 0, &format!("{name}_dx{c}"))?;
-                } else {
-                    let de = word_chunk(&Layout::contiguous(out, &sink.g.ty(n).shape)?, ce.transposed)?;
-                    library(sink, &chunk, &p, &ce.x, &de, &extent, false, &format!("{name}_de{c}"))?;
-                }
+                let tag = if ce.kind == CeOp::GradX { "dx" } else { "de" };
+                gradient_product(sink, &ce, n, ce.logits(z, w)?, (v0, w), out, c > 0, &format!("{name}_{tag}{c}"))?;
             }
             Ok(())
         }
         CeOp::Correct => {
             for (c, &(v0, w)) in chunks.iter().enumerate() {
                 logits(sink, v0, w, "max")?;
-                let first = c == 0;
+                let part = Part { first: c == 0, last: c + 1 == chunks.len(), lanes };
                 sink.kernel_with_args(&[(WORD0, v0)], |lw| {
-                    running_max(lw, n, &ce.tokens, z, w, first, [m, zy], format!("{name}_max{c}"))
+                    running_max(lw, n, &ce.tokens, z, w, part, [m, zy], format!("{name}_max{c}"))
                 })?;
             }
             // 1 where the target's logit reaches the maximum.
@@ -229,10 +309,87 @@ pub fn kernels(
     }
 }
 
+/// The gradient op's product for the chunk `(v0, w)` of `P`: `dX (+)= P·E_c` (accumulating
+/// after the first chunk), or `dE_c = Pᵀ·X` into the chunk's rows of dE.
+#[allow(clippy::too_many_arguments)]
+fn gradient_product(
+    sink: &mut Sink,
+    ce: &Chunks,
+    n: NodeId,
+    p: Operand,
+    (v0, w): (i64, i64),
+    out: usize,
+    accumulate: bool,
+    name: &str,
+) -> Result<(), String> {
+    let extent = ce.extent(w);
+    let chunk = [(WORD0, v0)];
+    let out_layout = Layout::contiguous(out, &sink.g.ty(n).shape)?;
+    if ce.kind == CeOp::GradX {
+        let mut letters = ce.token_letters();
+        letters.push(WIDTH);
+        let dx = Operand { layout: out_layout, letters };
+        library(sink, &chunk, &p, &ce.table_chunk()?, &dx, &extent, accumulate, name)
+    } else {
+        let de = word_chunk(&out_layout, ce.transposed)?;
+        library(sink, &chunk, &p, &ce.x, &de, &extent, false, name)
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Part {
     first: bool,
     last: bool,
+    /// Reduce in [`LANES`] partial results (see the module documentation).
+    lanes: bool,
+}
+
+/// Partial results of a lane reduction over a row.
+pub const LANES: i64 = 16;
+
+/// `body(lw, j, lane)` for every element `j` of a row of `w` elements, element `j` in lane
+/// `j mod LANES`: `for jo in 0..w/LANES { for vector l in 0..LANES }`, then the last
+/// `w mod LANES` elements, so that the lanes' updates are one vector operation.
+fn each_lane(lw: &mut Lowering, w: i64, mut body: impl FnMut(&mut Lowering, Expr, Expr)) {
+    let lanes = Expr::I64(LANES);
+    if w / LANES > 0 {
+        let jo = lw.e.open();
+        let l = lw.e.open();
+        let j = lw.e.bind(add(mul(Expr::Var(jo), lanes.clone()), Expr::Var(l)));
+        body(lw, j, Expr::Var(l));
+        lw.e.close(l, lanes, LoopKind::Vector);
+        lw.e.close(jo, Expr::I64(w / LANES), LoopKind::Serial);
+    }
+    if w % LANES > 0 {
+        let l = lw.e.open();
+        let j = lw.e.bind(add(Expr::I64(w / LANES * LANES), Expr::Var(l)));
+        body(lw, j, Expr::Var(l));
+        lw.e.close(l, Expr::I64(w % LANES), LoopKind::Vector);
+    }
+}
+
+/// A local array of [`LANES`] floats set to `init`.
+fn lane_array(lw: &mut Lowering, init: Expr) -> crate::kernel::Var {
+    let a = lw.e.array(LANES as usize);
+    let l = lw.e.open();
+    lw.e.push(Stmt::StoreArray { array: a, index: Expr::Var(l), value: init });
+    lw.e.close(l, Expr::I64(LANES), LoopKind::Vector);
+    a
+}
+
+/// `acc = fold(acc, lane[l])` for l = 0 … LANES − 1 (a serial loop at the current level).
+fn fold_lanes(lw: &mut Lowering, acc: crate::kernel::Var, lane: crate::kernel::Var, fold: Binary) {
+    let l = lw.e.open();
+    let value = bin(fold, Expr::Var(acc), Expr::load_array(lane, Expr::Var(l)));
+    lw.e.push(Stmt::Assign { var: acc, value });
+    lw.e.close(l, Expr::I64(LANES), LoopKind::Serial);
+}
+
+/// One step of a Kahan sum: `sum += term`, `lost` the compensation (negated low part).
+fn kahan(lw: &mut Lowering, sum: Expr, lost: Expr, term: Expr) -> (Expr, Expr) {
+    let term = lw.e.bind(sub(term, lost));
+    let next = lw.e.bind(bin(Binary::Add, sum.clone(), term.clone()));
+    (next.clone(), sub(sub(next, sum), term))
 }
 
 /// `Z[t, j]` of a chunk of width `w` (t the kernel's flat token index).
@@ -262,10 +419,19 @@ fn lse_update(
     target_logit(lw, n, tokens, z, w, zy)?;
     let t = Expr::Var(lw.e.index);
     let chunk_max = lw.e.accumulator(0, Scalar::F32, Expr::F32(f32::NEG_INFINITY));
-    let j = lw.e.open();
-    let zj = logit_at(lw, z, w, Expr::Var(j));
-    lw.e.push(Stmt::Assign { var: chunk_max, value: bin(Binary::Max, Expr::Var(chunk_max), zj) });
-    lw.e.close(j, Expr::I64(w), LoopKind::Serial);
+    if part.lanes {
+        let lane = lane_array(lw, Expr::F32(f32::NEG_INFINITY));
+        each_lane(lw, w, |lw, j, l| {
+            let value = bin(Binary::Max, Expr::load_array(lane, l.clone()), logit_at(lw, z, w, j));
+            lw.e.push(Stmt::StoreArray { array: lane, index: l, value });
+        });
+        fold_lanes(lw, chunk_max, lane, Binary::Max);
+    } else {
+        let j = lw.e.open();
+        let zj = logit_at(lw, z, w, Expr::Var(j));
+        lw.e.push(Stmt::Assign { var: chunk_max, value: bin(Binary::Max, Expr::Var(chunk_max), zj) });
+        lw.e.close(j, Expr::I64(w), LoopKind::Serial);
+    }
     let load = |lw: &mut Lowering, b: usize| {
         let buffer = lw.e.buffer(b, &format!("b{b}"), Elem::F32, Access::Read);
         lw.e.bind(Expr::Load { buffer, index: Box::new(t.clone()) })
@@ -287,13 +453,33 @@ fn lse_update(
         lw.e.push(Stmt::Assign { var: sum, value: bin(Binary::Mul, s_old, r.clone()) });
         lw.e.push(Stmt::Assign { var: lost, value: bin(Binary::Mul, c_old, r) });
     }
-    let j = lw.e.open();
-    let zj = logit_at(lw, z, w, Expr::Var(j));
-    let term = lw.e.bind(sub(exp(sub(zj, m_new.clone())), Expr::Var(lost)));
-    let next = lw.e.bind(bin(Binary::Add, Expr::Var(sum), term.clone()));
-    lw.e.push(Stmt::Assign { var: lost, value: sub(sub(next.clone(), Expr::Var(sum)), term) });
-    lw.e.push(Stmt::Assign { var: sum, value: next });
-    lw.e.close(j, Expr::I64(w), LoopKind::Serial);
+    if part.lanes {
+        // Each lane a compensated sum of its logits; then the lanes' sums and their
+        // compensations added, compensated, to the carried sum.
+        let (lane_sum, lane_lost) = (lane_array(lw, Expr::F32(0.0)), lane_array(lw, Expr::F32(0.0)));
+        each_lane(lw, w, |lw, j, l| {
+            let term = exp(sub(logit_at(lw, z, w, j), m_new.clone()));
+            let (s_l, c_l) = (Expr::load_array(lane_sum, l.clone()), Expr::load_array(lane_lost, l.clone()));
+            let (next, lost_next) = kahan(lw, s_l, c_l, term);
+            lw.e.push(Stmt::StoreArray { array: lane_lost, index: l.clone(), value: lost_next });
+            lw.e.push(Stmt::StoreArray { array: lane_sum, index: l, value: next });
+        });
+        let l = lw.e.open();
+        for (lane, sign) in [(lane_sum, 1.0), (lane_lost, -1.0)] {
+            let term = bin(Binary::Mul, Expr::F32(sign), Expr::load_array(lane, Expr::Var(l)));
+            let (next, lost_next) = kahan(lw, Expr::Var(sum), Expr::Var(lost), term);
+            lw.e.push(Stmt::Assign { var: lost, value: lost_next });
+            lw.e.push(Stmt::Assign { var: sum, value: next });
+        }
+        lw.e.close(l, Expr::I64(LANES), LoopKind::Serial);
+    } else {
+        let j = lw.e.open();
+        let zj = logit_at(lw, z, w, Expr::Var(j));
+        let (next, lost_next) = kahan(lw, Expr::Var(sum), Expr::Var(lost), exp(sub(zj, m_new.clone())));
+        lw.e.push(Stmt::Assign { var: lost, value: lost_next });
+        lw.e.push(Stmt::Assign { var: sum, value: next });
+        lw.e.close(j, Expr::I64(w), LoopKind::Serial);
+    }
     if part.last {
         let b = lw.e.buffer(lse, &format!("b{lse}"), Elem::F32, Access::Write);
         let value = bin(Binary::Add, m_new, Expr::Unary(Unary::Log, Box::new(Expr::Var(sum))));
@@ -329,13 +515,14 @@ fn target_logit(lw: &mut Lowering, n: NodeId, tokens: &[Dim], z: usize, w: i64, 
     Ok(())
 }
 
-/// `Z[t, j] ← g_t·(e^{Z[t, j] − lse_t} − [y_t = v0 + j])`, in place (`v0`: [`WORD0`]).
+/// `P[t, j] = g_t·(e^{Z[t, j] − lse_t} − [y_t = v0 + j])` (`v0`: [`WORD0`]) for the
+/// buffers `[Z, P]`, which may be the same (in place).
 #[allow(clippy::too_many_arguments)]
 fn probabilities(
     lw: &mut Lowering,
     n: NodeId,
     tokens: &[Dim],
-    z: usize,
+    [z, p]: [usize; 2],
     w: i64,
     lse: usize,
     name: String,
@@ -349,7 +536,13 @@ fn probabilities(
     let v0 = lw.e.size(WORD0)?;
     let lse_b = lw.e.buffer(lse, &format!("b{lse}"), Elem::F32, Access::Read);
     let lse_t = lw.e.bind(Expr::Load { buffer: lse_b, index: Box::new(Expr::Var(lw.e.index)) });
-    let zb = lw.e.buffer(z, &format!("b{z}"), Elem::F32, Access::ReadWrite);
+    let (zb, pb) = if z == p {
+        let b = lw.e.buffer(z, &format!("b{z}"), Elem::F32, Access::ReadWrite);
+        (b, b)
+    } else {
+        let zb = lw.e.buffer(z, &format!("b{z}"), Elem::F32, Access::Read);
+        (zb, lw.e.buffer(p, &format!("b{p}"), Elem::F32, Access::Write))
+    };
     let row = lw.e.bind(mul(Expr::Var(lw.e.index), Expr::I64(w)));
     let j = lw.e.open();
     let at = add(row, Expr::Var(j));
@@ -360,7 +553,7 @@ fn probabilities(
         Box::new(Expr::F32(0.0)),
     );
     let value = bin(Binary::Mul, g, bin(Binary::Sub, exp(sub(zj, lse_t)), hit));
-    lw.e.push(Stmt::Store { buffer: zb, index: at, value });
+    lw.e.push(Stmt::Store { buffer: pb, index: at, value });
     lw.e.close(j, Expr::I64(w), LoopKind::Vector);
     let mut extent = Expr::I64(1);
     for d in tokens {
@@ -380,23 +573,32 @@ fn running_max(
     tokens: &[Dim],
     z: usize,
     w: i64,
-    first: bool,
+    part: Part,
     [m, zy]: [usize; 2],
     name: String,
 ) -> Result<(Kernel, Vec<usize>), String> {
     target_logit(lw, n, tokens, z, w, zy)?;
     let t = Expr::Var(lw.e.index);
-    let init = if first {
+    let init = if part.first {
         Expr::F32(f32::NEG_INFINITY)
     } else {
         let mb = lw.e.buffer(m, &format!("b{m}"), Elem::F32, Access::Read);
         Expr::Load { buffer: mb, index: Box::new(t.clone()) }
     };
     let best = lw.e.accumulator(0, Scalar::F32, init);
-    let j = lw.e.open();
-    let zj = logit_at(lw, z, w, Expr::Var(j));
-    lw.e.push(Stmt::Assign { var: best, value: bin(Binary::Max, Expr::Var(best), zj) });
-    lw.e.close(j, Expr::I64(w), LoopKind::Serial);
+    if part.lanes {
+        let lane = lane_array(lw, Expr::F32(f32::NEG_INFINITY));
+        each_lane(lw, w, |lw, j, l| {
+            let value = bin(Binary::Max, Expr::load_array(lane, l.clone()), logit_at(lw, z, w, j));
+            lw.e.push(Stmt::StoreArray { array: lane, index: l, value });
+        });
+        fold_lanes(lw, best, lane, Binary::Max);
+    } else {
+        let j = lw.e.open();
+        let zj = logit_at(lw, z, w, Expr::Var(j));
+        lw.e.push(Stmt::Assign { var: best, value: bin(Binary::Max, Expr::Var(best), zj) });
+        lw.e.close(j, Expr::I64(w), LoopKind::Serial);
+    }
     let mb = lw.e.buffer(m, &format!("b{m}"), Elem::F32, Access::Write);
     lw.e.push(Stmt::Store { buffer: mb, index: t, value: Expr::Var(best) });
     let extent = lw.e.dim(&crate::ir::dim::numel(tokens).ok_or("size overflow")?)?;

@@ -25,6 +25,11 @@
 //! constants; `N` and the batch sizes are run-time sizes. Memory is linear in `N`: the
 //! kernel writes only its output, everything else lives in local arrays of constant size
 //! (`C·(2d + e) + d·e + e + 2C + 1` floats).
+//!
+//! Every product is written with a contiguous innermost loop and no loop-carried sum, so
+//! that it vectorizes: k' is staged transposed (`kᵀ[a·C + m]`), so the scores of row i are
+//! `W[m] += q_i[a] · kᵀ[a, m]` for each a in turn (the same order of terms per score as a
+//! dot product, which would be a serial chain of d dependent additions).
 
 use super::element::{elem_of, Lowering, Source};
 use super::emit::{add, bin, div, mul, sub};
@@ -196,7 +201,8 @@ pub fn kernel(
     // and the powers of the decay.
     let s = lw.e.array(d * e);
     let qs = lw.e.array(c * d);
-    let ks = lw.e.array(c * d);
+    // Transposed: kt[a·C + m].
+    let kt = lw.e.array(c * d);
     let vs = lw.e.array(c * e);
     let w = lw.e.array(c);
     let o = lw.e.array(e);
@@ -213,17 +219,22 @@ pub fn kernel(
     };
     let powers = Powers(pw);
     let chunks = Chunks::new(lw, len_n, c);
-    // Stage the chunk's rows of the given operands (`(operand, array, width)`).
-    let stage = |lw: &mut Lowering, start: &Expr, len: &Expr, which: &[(&Operand, Var, usize)]| -> Result<(), String> {
+    // Stage the chunk's rows of the given operands (`(operand, array, width, transposed)`).
+    type Staged<'a> = (&'a Operand, Var, usize, bool);
+    let stage = |lw: &mut Lowering, start: &Expr, len: &Expr, which: &[Staged]| -> Result<(), String> {
         let i = lw.e.open();
         let pos = lw.e.bind(add(start.clone(), Expr::Var(i)));
-        for &(operand, arr, wdt) in which {
+        for &(operand, arr, wdt, transposed) in which {
             let row = lw.e.bind(mul(Expr::Var(i), Expr::I64(wdt as i64)));
             let a = lw.e.open();
             let mut idx = b_idx.clone();
             idx.extend([pos.clone(), Expr::Var(a)]);
             let value = operand.at(lw, &idx)?;
-            let at = lw.e.bind(add(row, Expr::Var(a)));
+            let at = if transposed {
+                lw.e.bind(add(mul(Expr::Var(a), Expr::I64(c as i64)), Expr::Var(i)))
+            } else {
+                lw.e.bind(add(row, Expr::Var(a)))
+            };
             lw.e.push(Stmt::StoreArray { array: arr, index: at, value });
             lw.e.close(a, Expr::I64(wdt as i64), LoopKind::Vector);
         }
@@ -278,7 +289,7 @@ pub fn kernel(
             lw.e.close(j, ei.clone(), LoopKind::Vector);
         }
         let m = lw.e.open();
-        let ka = Expr::load_array(ks, lw.e.bind(add(mul(Expr::Var(m), di.clone()), Expr::Var(a))));
+        let ka = Expr::load_array(kt, lw.e.bind(add(mul(Expr::Var(a), Expr::I64(c as i64)), Expr::Var(m))));
         let exp = if reverse { Expr::Var(m) } else { lw.e.bind(sub(sub(len.clone(), Expr::I64(1)), Expr::Var(m))) };
         let coef = powers.scale(ka, exp);
         let vrow = lw.e.bind(mul(Expr::Var(m), ei.clone()));
@@ -296,7 +307,7 @@ pub fn kernel(
         Direction::Causal | Direction::Anticausal => {
             let reverse = la.direction == Direction::Anticausal;
             let (t, start, len) = chunks.open(lw, reverse);
-            stage(lw, &start, &len, &[(q, qs, d), (k, ks, d), (v, vs, e)])?;
+            stage(lw, &start, &len, &[(q, qs, d, false), (k, kt, d, true), (v, vs, e, false)])?;
             let i = lw.e.open();
             let iv = Expr::Var(i);
             // Intra-chunk scores W[m] = λ^{|i−m|} q_i·k_m for m ∈ dir(i) in the chunk:
@@ -310,18 +321,30 @@ pub fn kernel(
                     Expr::Var(x)
                 }
             };
+            // W[m] = 0;  W[m] += q_i[a] · kᵀ[a, m] for a = 0 … d − 1;  W[m] *= λ^{|i−m|}.
             let x = lw.e.open();
             let m = m_of(lw, x);
-            let exp = if reverse { Expr::Var(x) } else { lw.e.bind(sub(iv.clone(), Expr::Var(x))) };
+            lw.e.push(Stmt::StoreArray { array: w, index: m, value: Expr::F32(0.0) });
+            lw.e.close(x, count.clone(), LoopKind::Vector);
             let qrow = lw.e.bind(mul(iv.clone(), di.clone()));
-            let krow = lw.e.bind(mul(m.clone(), di.clone()));
-            let dot = lw.serial_sum(Expr::F32(0.0), di.clone(), |lw, a| {
-                let qa = Expr::load_array(qs, lw.e.bind(add(qrow.clone(), a.clone())));
-                let kb = Expr::load_array(ks, lw.e.bind(add(krow.clone(), a)));
-                f(Binary::Mul, qa, kb)
-            });
-            lw.e.push(Stmt::StoreArray { array: w, index: m.clone(), value: powers.scale(dot, exp) });
-            lw.e.close(x, count.clone(), LoopKind::Serial);
+            let a = lw.e.open();
+            let qa = lw.e.bind(Expr::load_array(qs, add(qrow, Expr::Var(a))));
+            let krow = lw.e.bind(mul(Expr::Var(a), Expr::I64(c as i64)));
+            let x = lw.e.open();
+            let m = m_of(lw, x);
+            let kb = Expr::load_array(kt, add(krow, m.clone()));
+            let value = f(Binary::Add, Expr::load_array(w, m.clone()), f(Binary::Mul, qa, kb));
+            lw.e.push(Stmt::StoreArray { array: w, index: m, value });
+            lw.e.close(x, count.clone(), LoopKind::Vector);
+            lw.e.close(a, di.clone(), LoopKind::Serial);
+            if powers.0.is_some() {
+                let x = lw.e.open();
+                let m = m_of(lw, x);
+                let exp = if reverse { Expr::Var(x) } else { lw.e.bind(sub(iv.clone(), Expr::Var(x))) };
+                let value = powers.scale(Expr::load_array(w, m.clone()), exp);
+                lw.e.push(Stmt::StoreArray { array: w, index: m, value });
+                lw.e.close(x, count.clone(), LoopKind::Vector);
+            }
             // O = λ^{dist} q_i S + Σ_m W[m] v_m.
             inter(lw, &iv, powers.at(count.clone()));
             let x = lw.e.open();
@@ -347,11 +370,11 @@ pub fn kernel(
         Direction::Full => {
             // S = Σ_m k_mᵀ v_m over the whole sequence, then o_n = q_n S.
             let (t, start, len) = chunks.open(lw, false);
-            stage(lw, &start, &len, &[(k, ks, d), (v, vs, e)])?;
+            stage(lw, &start, &len, &[(k, kt, d, true), (v, vs, e, false)])?;
             update(lw, &len, false);
             lw.e.close(t, chunks.count.clone(), LoopKind::Serial);
             let (t, start, len) = chunks.open(lw, false);
-            stage(lw, &start, &len, &[(q, qs, d)])?;
+            stage(lw, &start, &len, &[(q, qs, d, false)])?;
             let i = lw.e.open();
             inter(lw, &Expr::Var(i), None);
             let pos = lw.e.bind(add(start, Expr::Var(i)));

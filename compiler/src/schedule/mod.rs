@@ -272,6 +272,7 @@ pub fn schedule_with(
     let mut out = Program { kernels: Vec::new(), text: HashMap::new(), steps: Vec::new() };
     // The logsumexp workspace of each cross-entropy's (x, E, y).
     let mut lse_of: HashMap<Vec<NodeId>, usize> = HashMap::new();
+    let mut ce_shared = cross_entropy_chunks::Shared::new(mem, !opts.gpu_blocks);
     let mut scratch = Scratch::default();
     for (gi, group) in plan.groups.iter().enumerate() {
         // A group runs in `forward` when it writes a value the forward outputs need; a group
@@ -314,7 +315,7 @@ pub fn schedule_with(
                 gemm::einsum(&mut sink, &reads, n, out, &format!("g{gi}_gemm"))
             } else if cross_entropy::is_cross_entropy(op) {
                 let library = (opts.library_gemm || opts.gpu_blocks).then_some(&reads);
-                cross_entropy_kernels(&mut sink, n, &mut lse_of, &name, library)
+                cross_entropy_kernels(&mut sink, n, &mut lse_of, &mut ce_shared, &name, library)
             } else if special::is_full_block_attention(op) {
                 full_attention_kernels(&mut sink, n, &name)
             } else {
@@ -421,6 +422,7 @@ fn cross_entropy_kernels<'a>(
     sink: &mut Sink<'a>,
     n: NodeId,
     lse_of: &mut HashMap<Vec<NodeId>, usize>,
+    shared: &mut cross_entropy_chunks::Shared,
     name: &str,
     library: Option<&'a HashMap<NodeId, usize>>,
 ) -> Result<(), String> {
@@ -433,7 +435,7 @@ fn cross_entropy_kernels<'a>(
     let out = sink.stored[&n];
     if !cross_entropy::needs_lse(op) {
         return match chunked {
-            Some(reads) => cross_entropy_chunks::kernels(sink, reads, n, None, out, name),
+            Some(reads) => cross_entropy_chunks::kernels(sink, reads, n, None, shared, out, name),
             None => sink.kernel(|lw| cross_entropy::correct_kernel(lw, n, name.to_string())),
         };
     }
@@ -449,7 +451,7 @@ fn cross_entropy_kernels<'a>(
         }
     };
     if let Some(reads) = chunked {
-        return cross_entropy_chunks::kernels(sink, reads, n, Some((lse, fill)), out, name);
+        return cross_entropy_chunks::kernels(sink, reads, n, Some((lse, fill)), shared, out, name);
     }
     if fill {
         sink.kernel(|lw| cross_entropy::lse_kernel(lw, n, lse, format!("{name}_lse")))?;

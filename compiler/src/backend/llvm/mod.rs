@@ -8,6 +8,7 @@
 //! code generation). Every failure is an `Err(String)`.
 
 pub mod ptx;
+pub mod vector_math;
 pub mod writer;
 
 use super::target::CpuTarget;

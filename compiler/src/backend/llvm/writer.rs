@@ -27,7 +27,8 @@
 //!   store to an i32 buffer truncates; integer arithmetic wraps;
 //! - float → integer casts saturate (NaN → 0), like Rust's `as` (`llvm.fptosi.sat`);
 //! - `max`/`min` on f32 propagate NaN (`llvm.maximum`/`llvm.minimum`);
-//! - exp, log, sqrt, sin, cos, pow, fabs are LLVM intrinsics (libm calls for the
+//! - exp is `vector_math::exp` (SLEEF's 1-ulp algorithm, inlined so that it vectorizes);
+//!   log, sqrt, sin, cos, pow, fabs are LLVM intrinsics (libm calls for the
 //!   transcendental ones), tanh calls libm's `tanhf`, so the shared object links `-lm`;
 //!   rsqrt is `1 / sqrt(x)` and recip `1 / x`, correctly rounded as in the executor;
 //! - `Select` evaluates only the chosen operand when an operand may trap (a load, an
@@ -757,7 +758,8 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
                     _ if self.device == Device::Nvptx && libdevice_name(op).is_some() => {
                         self.call_fn(self.extern_f32(libdevice_name(op).unwrap(), 1), &[v])?
                     }
-                    Unary::Exp => self.call("llvm.exp", &[f32t], &[v])?,
+                    // Inline, so that vector loops stay vectorized (`vector_math`).
+                    Unary::Exp => self.call_fn(super::vector_math::exp(self.ctx, self.module)?, &[v])?,
                     Unary::Log => self.call("llvm.log", &[f32t], &[v])?,
                     Unary::Sqrt => self.call("llvm.sqrt", &[f32t], &[v])?,
                     Unary::Rsqrt => {
