@@ -311,6 +311,48 @@ fn ir_has_attributes_and_loop_hints() {
     assert!(ir.contains("@tanhf") && ir.contains("@llvm.maximum.") && ir.contains("@llvm.minimum."), "{ir}");
 }
 
+/// Serial reductions dealt to vector lanes (`kernel::lanes`): the generated code runs the
+/// dealt kernel bit for bit like the executor, and the dealt kernel computes what the
+/// serial one did (the maximum exactly, sums to rounding), for rows shorter than one
+/// round of lanes, with a partial last round, and with a sum carried in.
+#[test]
+fn lane_reductions_match_the_serial_loops() {
+    let serial = [reduce_kernel(), kahan_kernel()];
+    let dealt: Vec<Kernel> = serial.iter().map(lanes::deal_reductions).collect();
+    for (s, d) in serial.iter().zip(&dealt) {
+        let text = print::to_text(d);
+        assert!(text.contains("for vector") && text.contains("% 16"), "`{}` was not dealt:\n{text}", s.name);
+    }
+    for target in targets() {
+        let lib = compile(&dealt, &target);
+        for cols in [5usize, 16, 101] {
+            let rows = 7usize;
+            let x = data(rows * cols, 11);
+            let reduce_in = [Buffer::F32(x.clone()), Buffer::F32(vec![0.0; rows]), Buffer::F32(vec![0.0; rows])];
+            let init: Vec<f32> = (0..rows).map(|r| 1e3 * r as f32).collect();
+            let kahan_in = [Buffer::F32(x), Buffer::F32(init), Buffer::F32(vec![0.0; rows])];
+            let sizes = [rows as i64, cols as i64];
+            for (k, (serial, inputs)) in dealt.iter().zip(serial.iter().zip([&reduce_in, &kahan_in])) {
+                check(&lib, &target.name, k, inputs, &sizes, rows as i64, 0.0);
+                let run = |k: &Kernel| {
+                    let mut b = inputs.to_vec();
+                    exec::run(k, &mut b, &sizes, 0, rows as i64).unwrap();
+                    b
+                };
+                let (want, got) = (run(serial), run(k));
+                for (bi, (w, g)) in want.iter().zip(&got).enumerate().skip(if k.name == "kahan" { 2 } else { 1 }) {
+                    let (Buffer::F32(w), Buffer::F32(g)) = (w, g) else { unreachable!("f32 outputs") };
+                    for (a, b) in g.iter().zip(w) {
+                        let exact = k.name == "reduce" && bi == 2;
+                        let ok = if exact { a.to_bits() == b.to_bits() } else { (a - b).abs() <= 2e-6 * b.abs() };
+                        assert!(ok, "`{}` buffer {bi}, {cols} columns: dealt {a:e}, serial {b:e}", k.name);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn identical_kernels_are_emitted_once() {
     let a = broadcast_kernel();

@@ -106,7 +106,7 @@ fn plan(k: &Kernel) -> Option<Vec<Part>> {
             // Dealt as independent iterations: none may update a variable declared outside.
             Stmt::For { kind: LoopKind::Vector, .. } if fx.outer_assigns().next().is_some() => return None,
             Stmt::For { kind: LoopKind::Vector, .. } => Part::Deal,
-            _ => match reduction(s, &inits) {
+            _ => match reduction(s, &inits, true) {
                 Some(accumulators) => Part::Reduce(accumulators),
                 None if !writes_memory(one) => Part::Every,
                 // Only stores: a variable assigned here too would differ between threads.
@@ -173,10 +173,12 @@ pub(crate) struct Accumulator {
 }
 
 /// The accumulators of `s` when it is a serial loop whose only effects are updates of
-/// accumulators declared before it (`inits`), each one `a = a ⊕ e` with ⊕ ∈ {+, max, min}
-/// from ⊕'s identity, or a Kahan sum from 0 (`y = e − comp; t = a + y; comp = (t − a) − y;
-/// a = t`), and which the loop reads nowhere else.
-pub(crate) fn reduction(s: &Stmt, inits: &HashMap<Var, Expr>) -> Option<Vec<Accumulator>> {
+/// accumulators declared before it (`inits`), each one `a = a ⊕ e` with ⊕ ∈ {+, max, min},
+/// or a Kahan sum (`y = e − comp; t = a + y; comp = (t − a) − y; a = t`), and which the
+/// loop reads nowhere else. With `from_identity`, each must also start from ⊕'s identity
+/// (a Kahan sum and its compensation from 0): partial results of a block's threads each
+/// start from the accumulator's value, which must then add nothing.
+pub(crate) fn reduction(s: &Stmt, inits: &HashMap<Var, Expr>, from_identity: bool) -> Option<Vec<Accumulator>> {
     let Stmt::For { kind: LoopKind::Serial, body, .. } = s else { return None };
     if writes_memory(body) || uses_arrays(body) {
         return None;
@@ -205,7 +207,7 @@ pub(crate) fn reduction(s: &Stmt, inits: &HashMap<Var, Expr>) -> Option<Vec<Accu
             Box::new(Expr::Var(*y)),
         );
         let comp_updated = outer.iter().any(|(v, e)| v == c && *e == expected);
-        let zeros = inits[a] == zero && inits.get(c) == Some(&zero);
+        let zeros = !from_identity || (inits[a] == zero && inits.get(c) == Some(&zero));
         // `t` and `y` feed only this update (not, say, a running sum of their own).
         let private = reads_of(*t) == 2 && reads_of(*y) == 2;
         if x != a || !comp_updated || !zeros || !private || reads_of(*a) != 2 || reads_of(*c) != 1 {
@@ -234,7 +236,7 @@ pub(crate) fn reduction(s: &Stmt, inits: &HashMap<Var, Expr>) -> Option<Vec<Accu
         };
         let mut mentions = false;
         other.visit_vars(&mut |v| mentions |= v == *a);
-        if mentions || reads_of(*a) != 1 || inits[a] != identity {
+        if mentions || reads_of(*a) != 1 || (from_identity && inits[a] != identity) {
             return None;
         }
         found.push(Accumulator { var: *a, op: *op, comp: None });

@@ -169,7 +169,7 @@ fn assigns_any(stmts: &[Stmt], is_acc: &dyn Fn(&Var) -> bool) -> bool {
 }
 
 /// `s` with accumulator reads turned into array loads and assignments into array stores.
-fn subst_stmt(s: &Stmt, arrays: &HashMap<Var, Var>, col: &Expr) -> Stmt {
+pub(crate) fn subst_stmt(s: &Stmt, arrays: &HashMap<Var, Var>, col: &Expr) -> Stmt {
     let e = |x: &Expr| subst(x, arrays, col);
     match s {
         Stmt::Assign { var, value } if arrays.contains_key(var) => {

@@ -24,8 +24,9 @@ pub fn exp(x: f32) -> f32 {
         u = u.mul_add(s, k);
     }
     let u = 1.0 + (s * s).mul_add(u, s);
-    // NaN goes to a bound (`maxnum`/`minnum` return the other operand); the clamp keeps
-    // both halves normal powers of two.
+    // NaN goes to a bound (`max`/`min`, like LLVM's `maxnum`/`minnum`, return the other
+    // operand; `clamp` would keep the NaN); the bound keeps both halves normal powers of two.
+    #[allow(clippy::manual_clamp)]
     let qi = q.max(-EXP_Q_BOUND).min(EXP_Q_BOUND) as i32;
     let half = qi >> 1;
     let u = u * pow2(half) * pow2(qi - half);
@@ -39,17 +40,10 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// ln 2 in two parts: the first exact in 16 bits, so `q·EXP_LN2_HI` is exact.
-pub const EXP_LN2_HI: f32 = 0.693_145_751_953_125;
-pub const EXP_LN2_LO: f32 = 1.428_606_765_330_187e-6;
+pub const EXP_LN2_HI: f32 = 0.693_145_75;
+pub const EXP_LN2_LO: f32 = 1.428_606_8e-6;
 /// The polynomial's coefficients, highest degree first (then `1 + s + s²·u`).
-pub const EXP_POLY: [f32; 6] = [
-    0.000_198_527_617_612_853_646,
-    0.001_393_043_552_525_341_5,
-    0.008_333_360_776_305_198_7,
-    0.041_666_485_369_205_475,
-    0.166_666_671_633_720_4,
-    0.5,
-];
+pub const EXP_POLY: [f32; 6] = [0.000_198_527_62, 0.001_393_043_6, 0.008_333_361, 0.041_666_485, 0.166_666_67, 0.5];
 /// Beyond ±this, `exp` is 0 or +∞.
 pub const EXP_BOUND: f32 = 104.0;
 /// The exponent `q` is clamped to ±this before it is converted to an integer.

@@ -9,6 +9,7 @@ pub mod gemm_tiles;
 pub mod gpu_exec;
 pub mod interchange;
 pub mod ir;
+pub mod lanes;
 pub mod math;
 pub mod print;
 

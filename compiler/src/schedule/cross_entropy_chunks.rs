@@ -27,11 +27,9 @@
 //! dE sat in separate groups) and its per-chunk launches. A 268K-word vocabulary stays
 //! chunked (2 MiB of logits per token).
 //!
-//! **Lanes.** On CPUs the sweeps' reductions over a row (the maximum, the compensated
-//! sum) are dealt to [`LANES`] interleaved partial results, combined at the end of the
-//! row, so that the loop over the row is a vector loop; a serial compensated sum is a
-//! chain of four dependent additions per logit. GPU schedules keep the serial loops,
-//! which their row blocks deal to the threads instead (`kernel/blocks.rs`).
+//! The sweeps' reductions over a row (the maximum, the compensated sum) are serial loops:
+//! on CPUs `kernel::lanes` deals them to vector lanes, on GPUs `kernel::blocks` to a
+//! block's threads.
 
 use super::cross_entropy::{target, which};
 use super::element::{Lowering, Source};
@@ -153,16 +151,10 @@ fn prepare(sink: &mut Sink, reads: &HashMap<NodeId, usize>, n: NodeId, name: &st
     Ok(Chunks { kind, tokens, x: Operand { layout: x, letters }, table, transposed, vocab, extent })
 }
 
-/// The kernels of cross-entropy op `n` (not the loss, whose generic kernel reads `lse`),
-/// writing its value into global buffer `out`; `lse` is the logsumexp workspace, filled
-/// here first when `fill_lse`.
-/// What the cross-entropy ops of one program share across their groups, and the
-/// target's choice of sweep.
+/// What the cross-entropy ops of one program share across their groups.
 pub struct Shared {
     /// Activation bytes per token of the memory plan (the budget of [`Shared::keeps`]).
     activation_bytes_per_token: i64,
-    /// Reductions over a row in [`LANES`] partial results (CPUs).
-    lanes: bool,
     /// Kept logits `Z [T…, V]` of each (x, E), and whether a kernel has filled them.
     logits: HashMap<Vec<NodeId>, (usize, bool)>,
     /// `P = g·(softmax − onehot) [T…, V]` of each (x, E, y, g), from the first gradient op.
@@ -174,11 +166,11 @@ pub struct Shared {
 const PER_TOKEN_AT: i64 = 1 << 16;
 
 impl Shared {
-    pub fn new(mem: &crate::memory::MemoryPlan, lanes: bool) -> Shared {
+    pub fn new(mem: &crate::memory::MemoryPlan) -> Shared {
         let activations = mem.report().activations;
         let at = |sym: &str| Some(if sym == "B" { 1 } else { PER_TOKEN_AT });
         let activation_bytes_per_token = activations.eval(&at).map_or(0, |b| b / PER_TOKEN_AT);
-        Shared { activation_bytes_per_token, lanes, logits: HashMap::new(), probs: HashMap::new() }
+        Shared { activation_bytes_per_token, logits: HashMap::new(), probs: HashMap::new() }
     }
 
     /// Whether op `n` keeps the logits of the whole vocabulary: the program also takes a
@@ -193,6 +185,9 @@ impl Shared {
     }
 }
 
+/// The kernels of cross-entropy op `n` (not the loss, whose generic kernel reads `lse`),
+/// writing its value into global buffer `out`; `lse` is the logsumexp workspace, filled
+/// here first when `fill_lse`.
 pub fn kernels(
     sink: &mut Sink,
     reads: &HashMap<NodeId, usize>,
@@ -210,7 +205,6 @@ pub fn kernels(
     let ce = prepare(sink, reads, n, name)?;
     let token_count = crate::ir::dim::numel(&ce.tokens).ok_or("size overflow")?;
     let keep = shared.keeps(sink.g, n, ce.vocab);
-    let lanes = shared.lanes;
     let xe = sink.g.operands(n)[..2].to_vec();
     let chunks = if keep { vec![(0, ce.vocab)] } else { ce.chunks() };
     let chunk_width = chunks[0].1;
@@ -242,7 +236,7 @@ pub fn kernels(
     if let (Some((lse, _)), true) = (lse, fill_lse) {
         for (c, &(v0, w)) in chunks.iter().enumerate() {
             logits(sink, v0, w, "lse")?;
-            let part = Part { first: c == 0, last: c + 1 == chunks.len(), lanes };
+            let part = Part { first: c == 0, last: c + 1 == chunks.len() };
             let bufs = [m, s, comp, lse, zy];
             sink.kernel_with_args(&[(WORD0, v0)], |lw| {
                 lse_update(lw, n, &ce.tokens, z, w, part, bufs, format!("{name}_lse{c}"))
@@ -289,9 +283,9 @@ pub fn kernels(
         CeOp::Correct => {
             for (c, &(v0, w)) in chunks.iter().enumerate() {
                 logits(sink, v0, w, "max")?;
-                let part = Part { first: c == 0, last: c + 1 == chunks.len(), lanes };
+                let first = c == 0;
                 sink.kernel_with_args(&[(WORD0, v0)], |lw| {
-                    running_max(lw, n, &ce.tokens, z, w, part, [m, zy], format!("{name}_max{c}"))
+                    running_max(lw, n, &ce.tokens, z, w, first, [m, zy], format!("{name}_max{c}"))
                 })?;
             }
             // 1 where the target's logit reaches the maximum.
@@ -340,52 +334,10 @@ fn gradient_product(
 struct Part {
     first: bool,
     last: bool,
-    /// Reduce in [`LANES`] partial results (see the module documentation).
-    lanes: bool,
 }
 
-/// Partial results of a lane reduction over a row.
-pub const LANES: i64 = 16;
-
-/// `body(lw, j, lane)` for every element `j` of a row of `w` elements, element `j` in lane
-/// `j mod LANES`: `for jo in 0..w/LANES { for vector l in 0..LANES }`, then the last
-/// `w mod LANES` elements, so that the lanes' updates are one vector operation.
-fn each_lane(lw: &mut Lowering, w: i64, mut body: impl FnMut(&mut Lowering, Expr, Expr)) {
-    let lanes = Expr::I64(LANES);
-    if w / LANES > 0 {
-        let jo = lw.e.open();
-        let l = lw.e.open();
-        let j = lw.e.bind(add(mul(Expr::Var(jo), lanes.clone()), Expr::Var(l)));
-        body(lw, j, Expr::Var(l));
-        lw.e.close(l, lanes, LoopKind::Vector);
-        lw.e.close(jo, Expr::I64(w / LANES), LoopKind::Serial);
-    }
-    if w % LANES > 0 {
-        let l = lw.e.open();
-        let j = lw.e.bind(add(Expr::I64(w / LANES * LANES), Expr::Var(l)));
-        body(lw, j, Expr::Var(l));
-        lw.e.close(l, Expr::I64(w % LANES), LoopKind::Vector);
-    }
-}
-
-/// A local array of [`LANES`] floats set to `init`.
-fn lane_array(lw: &mut Lowering, init: Expr) -> crate::kernel::Var {
-    let a = lw.e.array(LANES as usize);
-    let l = lw.e.open();
-    lw.e.push(Stmt::StoreArray { array: a, index: Expr::Var(l), value: init });
-    lw.e.close(l, Expr::I64(LANES), LoopKind::Vector);
-    a
-}
-
-/// `acc = fold(acc, lane[l])` for l = 0 … LANES − 1 (a serial loop at the current level).
-fn fold_lanes(lw: &mut Lowering, acc: crate::kernel::Var, lane: crate::kernel::Var, fold: Binary) {
-    let l = lw.e.open();
-    let value = bin(fold, Expr::Var(acc), Expr::load_array(lane, Expr::Var(l)));
-    lw.e.push(Stmt::Assign { var: acc, value });
-    lw.e.close(l, Expr::I64(LANES), LoopKind::Serial);
-}
-
-/// One step of a Kahan sum: `sum += term`, `lost` the compensation (negated low part).
+/// One step of a Kahan sum: `sum += term`, `lost` the compensation (negated low part);
+/// returns the new (sum, lost).
 fn kahan(lw: &mut Lowering, sum: Expr, lost: Expr, term: Expr) -> (Expr, Expr) {
     let term = lw.e.bind(sub(term, lost));
     let next = lw.e.bind(bin(Binary::Add, sum.clone(), term.clone()));
@@ -419,19 +371,10 @@ fn lse_update(
     target_logit(lw, n, tokens, z, w, zy)?;
     let t = Expr::Var(lw.e.index);
     let chunk_max = lw.e.accumulator(0, Scalar::F32, Expr::F32(f32::NEG_INFINITY));
-    if part.lanes {
-        let lane = lane_array(lw, Expr::F32(f32::NEG_INFINITY));
-        each_lane(lw, w, |lw, j, l| {
-            let value = bin(Binary::Max, Expr::load_array(lane, l.clone()), logit_at(lw, z, w, j));
-            lw.e.push(Stmt::StoreArray { array: lane, index: l, value });
-        });
-        fold_lanes(lw, chunk_max, lane, Binary::Max);
-    } else {
-        let j = lw.e.open();
-        let zj = logit_at(lw, z, w, Expr::Var(j));
-        lw.e.push(Stmt::Assign { var: chunk_max, value: bin(Binary::Max, Expr::Var(chunk_max), zj) });
-        lw.e.close(j, Expr::I64(w), LoopKind::Serial);
-    }
+    let j = lw.e.open();
+    let zj = logit_at(lw, z, w, Expr::Var(j));
+    lw.e.push(Stmt::Assign { var: chunk_max, value: bin(Binary::Max, Expr::Var(chunk_max), zj) });
+    lw.e.close(j, Expr::I64(w), LoopKind::Serial);
     let load = |lw: &mut Lowering, b: usize| {
         let buffer = lw.e.buffer(b, &format!("b{b}"), Elem::F32, Access::Read);
         lw.e.bind(Expr::Load { buffer, index: Box::new(t.clone()) })
@@ -453,33 +396,12 @@ fn lse_update(
         lw.e.push(Stmt::Assign { var: sum, value: bin(Binary::Mul, s_old, r.clone()) });
         lw.e.push(Stmt::Assign { var: lost, value: bin(Binary::Mul, c_old, r) });
     }
-    if part.lanes {
-        // Each lane a compensated sum of its logits; then the lanes' sums and their
-        // compensations added, compensated, to the carried sum.
-        let (lane_sum, lane_lost) = (lane_array(lw, Expr::F32(0.0)), lane_array(lw, Expr::F32(0.0)));
-        each_lane(lw, w, |lw, j, l| {
-            let term = exp(sub(logit_at(lw, z, w, j), m_new.clone()));
-            let (s_l, c_l) = (Expr::load_array(lane_sum, l.clone()), Expr::load_array(lane_lost, l.clone()));
-            let (next, lost_next) = kahan(lw, s_l, c_l, term);
-            lw.e.push(Stmt::StoreArray { array: lane_lost, index: l.clone(), value: lost_next });
-            lw.e.push(Stmt::StoreArray { array: lane_sum, index: l, value: next });
-        });
-        let l = lw.e.open();
-        for (lane, sign) in [(lane_sum, 1.0), (lane_lost, -1.0)] {
-            let term = bin(Binary::Mul, Expr::F32(sign), Expr::load_array(lane, Expr::Var(l)));
-            let (next, lost_next) = kahan(lw, Expr::Var(sum), Expr::Var(lost), term);
-            lw.e.push(Stmt::Assign { var: lost, value: lost_next });
-            lw.e.push(Stmt::Assign { var: sum, value: next });
-        }
-        lw.e.close(l, Expr::I64(LANES), LoopKind::Serial);
-    } else {
-        let j = lw.e.open();
-        let zj = logit_at(lw, z, w, Expr::Var(j));
-        let (next, lost_next) = kahan(lw, Expr::Var(sum), Expr::Var(lost), exp(sub(zj, m_new.clone())));
-        lw.e.push(Stmt::Assign { var: lost, value: lost_next });
-        lw.e.push(Stmt::Assign { var: sum, value: next });
-        lw.e.close(j, Expr::I64(w), LoopKind::Serial);
-    }
+    let j = lw.e.open();
+    let zj = logit_at(lw, z, w, Expr::Var(j));
+    let (next, lost_next) = kahan(lw, Expr::Var(sum), Expr::Var(lost), exp(sub(zj, m_new.clone())));
+    lw.e.push(Stmt::Assign { var: lost, value: lost_next });
+    lw.e.push(Stmt::Assign { var: sum, value: next });
+    lw.e.close(j, Expr::I64(w), LoopKind::Serial);
     if part.last {
         let b = lw.e.buffer(lse, &format!("b{lse}"), Elem::F32, Access::Write);
         let value = bin(Binary::Add, m_new, Expr::Unary(Unary::Log, Box::new(Expr::Var(sum))));
@@ -573,32 +495,23 @@ fn running_max(
     tokens: &[Dim],
     z: usize,
     w: i64,
-    part: Part,
+    first: bool,
     [m, zy]: [usize; 2],
     name: String,
 ) -> Result<(Kernel, Vec<usize>), String> {
     target_logit(lw, n, tokens, z, w, zy)?;
     let t = Expr::Var(lw.e.index);
-    let init = if part.first {
+    let init = if first {
         Expr::F32(f32::NEG_INFINITY)
     } else {
         let mb = lw.e.buffer(m, &format!("b{m}"), Elem::F32, Access::Read);
         Expr::Load { buffer: mb, index: Box::new(t.clone()) }
     };
     let best = lw.e.accumulator(0, Scalar::F32, init);
-    if part.lanes {
-        let lane = lane_array(lw, Expr::F32(f32::NEG_INFINITY));
-        each_lane(lw, w, |lw, j, l| {
-            let value = bin(Binary::Max, Expr::load_array(lane, l.clone()), logit_at(lw, z, w, j));
-            lw.e.push(Stmt::StoreArray { array: lane, index: l, value });
-        });
-        fold_lanes(lw, best, lane, Binary::Max);
-    } else {
-        let j = lw.e.open();
-        let zj = logit_at(lw, z, w, Expr::Var(j));
-        lw.e.push(Stmt::Assign { var: best, value: bin(Binary::Max, Expr::Var(best), zj) });
-        lw.e.close(j, Expr::I64(w), LoopKind::Serial);
-    }
+    let j = lw.e.open();
+    let zj = logit_at(lw, z, w, Expr::Var(j));
+    lw.e.push(Stmt::Assign { var: best, value: bin(Binary::Max, Expr::Var(best), zj) });
+    lw.e.close(j, Expr::I64(w), LoopKind::Serial);
     let mb = lw.e.buffer(m, &format!("b{m}"), Elem::F32, Access::Write);
     lw.e.push(Stmt::Store { buffer: mb, index: t, value: Expr::Var(best) });
     let extent = lw.e.dim(&crate::ir::dim::numel(tokens).ok_or("size overflow")?)?;

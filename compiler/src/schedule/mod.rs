@@ -272,7 +272,7 @@ pub fn schedule_with(
     let mut out = Program { kernels: Vec::new(), text: HashMap::new(), steps: Vec::new() };
     // The logsumexp workspace of each cross-entropy's (x, E, y).
     let mut lse_of: HashMap<Vec<NodeId>, usize> = HashMap::new();
-    let mut ce_shared = cross_entropy_chunks::Shared::new(mem, !opts.gpu_blocks);
+    let mut ce_shared = cross_entropy_chunks::Shared::new(mem);
     let mut scratch = Scratch::default();
     for (gi, group) in plan.groups.iter().enumerate() {
         // A group runs in `forward` when it writes a value the forward outputs need; a group

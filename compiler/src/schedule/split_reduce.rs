@@ -88,7 +88,7 @@ fn shape(k: &Kernel) -> Option<Shape> {
             _ => None,
         })
         .collect();
-    let [sum] = reduction(nest, &inits)?[..] else { return None };
+    let [sum] = reduction(nest, &inits, true)?[..] else { return None };
     if sum.op != Binary::Add {
         return None;
     }

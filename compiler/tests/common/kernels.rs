@@ -189,6 +189,42 @@ pub fn reduce_kernel() -> Kernel {
     )
 }
 
+/// Row sums, compensated (Kahan, as the schedules emit them), of `exp(x)`; the sum of the
+/// row before it is carried in (`init`), so the accumulator does not start from 0.
+pub fn kahan_kernel() -> Kernel {
+    let (r, j, s, c, y, t) = (0, 1, 2, 3, 4, 5);
+    let x = ld(0, add(mul(var(r), size(1)), var(j)));
+    let sub = |a, b| bin(Binary::Sub, a, b);
+    kernel(
+        "kahan",
+        vec![
+            buf("x", Elem::F32, Access::Read),
+            buf("init", Elem::F32, Access::Read),
+            buf("sum", Elem::F32, Access::Write),
+        ],
+        &["R", "C"],
+        &[],
+        size(0),
+        vec![
+            Stmt::Mut { var: v(s), ty: Scalar::F32, init: f(0.0) },
+            Stmt::Mut { var: v(c), ty: Scalar::F32, init: f(0.0) },
+            Stmt::Assign { var: v(s), value: ld(1, var(r)) },
+            for_(
+                j,
+                size(1),
+                LoopKind::Serial,
+                vec![
+                    let_(y, sub(un(Unary::Exp, x), var(c))),
+                    let_(t, add(var(s), var(y))),
+                    Stmt::Assign { var: v(c), value: sub(sub(var(t), var(s)), var(y)) },
+                    Stmt::Assign { var: v(s), value: var(t) },
+                ],
+            ),
+            store(2, var(r), var(s)),
+        ],
+    )
+}
+
 /// A loop with `If`, an i32 counter, a u8 flag, and a guarded load (`Select`).
 pub fn branch_kernel() -> Kernel {
     let (r, j, cnt) = (0, 1, 2);
