@@ -2,7 +2,7 @@
 # tnc's CPU training step of TransNormer T1 side by side with PyTorch (eager, torch.compile,
 # torch.compile under bf16 autocast) and JAX (jit), in one run, interleaved; prints one
 # table (median, min, each time over tnc's) and checks every peer's loss and gradients
-# against tnc's. The peers are `benches/peers/t1_torch.py` and `t1_jax.py`: T1 exactly as
+# against tnc's (and, in f64, PyTorch's against tnc's interpreter). The peers are `benches/peers/t1_torch.py` and `t1_jax.py`: T1 exactly as
 # `models/transnormer_t1.tn` computes it (LRPE, biases, positions, embedding scale).
 #
 #   scripts/bench-peers.sh [--quick] [--seq N]... [--rounds R] [--steps K] [--peers LIST]
@@ -48,9 +48,12 @@ work=target/bench-peers
 mkdir -p "$work"
 sets=(--set vocab=4096 --set dim=256 --set heads=4 --set layers=4 --set glu_dim=683 --set drop=0)
 declare -A variant_sets=([peers]="--set lrpe=false --set abs_pos=false --set embed_scale=false" [t1]="")
+model_sets='"vocab=4096", "dim=256", "heads=4", "layers=4", "glu_dim=683", "drop=0"'
 declare -A variant_config=(
-    [peers]='{"heads": 4, "layers": 4, "block": 64, "lrpe": false, "abs_pos": false, "embed_scale": false}'
-    [t1]='{"heads": 4, "layers": 4, "block": 64, "lrpe": true, "abs_pos": true, "embed_scale": true}'
+    [peers]='{"heads": 4, "layers": 4, "block": 64, "lrpe": false, "abs_pos": false, "embed_scale": false,
+              "sets": ['"$model_sets"', "lrpe=false", "abs_pos=false", "embed_scale=false"]}'
+    [t1]='{"heads": 4, "layers": 4, "block": 64, "lrpe": true, "abs_pos": true, "embed_scale": true,
+           "sets": ['"$model_sets"']}'
 )
 variants=()
 for v in peers t1; do
@@ -65,6 +68,7 @@ for n in "${seqs[@]}"; do seq_args+=(--seq "$n"); done
 
 echo "bench-peers: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) threads," \
     "$(grep -o -w -E 'avx512f|amx_bf16|avx512_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')" >&2
-"$venv/bin/python" benches/peers/run.py --tnc-run target/release/tnc-run --work "$work" "${variants[@]}" \
+"$venv/bin/python" benches/peers/run.py --tnc-run target/release/tnc-run --tnc "$tnc" \
+    --model models/transnormer_t1.tn --work "$work" "${variants[@]}" \
     --vocab 4096 --batch 2 "${seq_args[@]}" --rounds "$rounds" --steps "$steps" --peers "$peers" \
     --json "$work/results.json"

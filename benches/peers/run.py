@@ -29,14 +29,16 @@ from safetensors.numpy import load_file, save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEERS = ["torch-eager", "torch-compile", "torch-compile-bf16", "jax"]
-# A peer's result matches tnc's when within this relative L2 over each tensor. f32: the
-# eager peer agrees to ~2e-6, but the DiagAttention layers' wq gradient is ill-conditioned
-# (a token whose ReLU scores are all 0 in every head gives a zero row to SRMSNorm, whose
-# ε = 1e-8 then amplifies rounding), so a peer that fuses differently (torch.compile, XLA)
-# lands at ~4e-4 on T1. bf16 autocast rounds every product's operands to 8 bits of
-# mantissa: ~1e-2 typically, ~9e-2 on that same gradient. A wrong model is off by ~1.
+# A peer's result matches tnc's when within this relative L2 over each tensor. In f64 the
+# peer and tnc's interpreter agree to ~1e-14 (`f64_check`). In f32 the DiagAttention
+# layers' gradients are ill-conditioned (SRMSNorm of nearly zero rows, where ε = 1e-8
+# amplifies rounding): on T1 as shipped, PyTorch's and JAX's f32 gradients are 1.5e-3 from
+# the f64 ones (measured; tnc's f32 ones 1e-5), the peers' model 2e-6. bf16 autocast
+# rounds every product's operands to 8 bits of mantissa: ~1e-2 typically, ~9e-2 on those
+# same gradients. A wrong model is off by ~1.
 TOLERANCE = {"torch-compile-bf16": 0.15}
-F32_TOLERANCE = 1e-3
+F32_TOLERANCE = 5e-3
+F64_TOLERANCE = 1e-10
 
 
 def log(*a):
@@ -94,12 +96,35 @@ def check_inputs(work, variant, init, vocab, batch, seq):
     return tokens, path
 
 
+def f64_check(a, variant, config, work):
+    """PyTorch in f64 against tnc's interpreter in f64 (`tnc run --dtype f64`) at B 2,
+    N 100 (a partial DiagAttention block): the peer is the same function as tnc's model
+    to rounding, so the f32 comparisons measure precision only."""
+    batch, seq = 2, 100
+    tokens, params = check_inputs(work, f"{variant}-f64", os.path.join(work, f"{variant}-init.safetensors"),
+                                  a.vocab, batch, seq)
+    ref = os.path.join(work, f"{variant}-f64-interpreter.safetensors")
+    sets = [x for s in config["sets"] for x in ("--set", s)]
+    subprocess.run([a.tnc, "run", a.model, *sets, "--inputs", tokens, "--params", params, "--dtype", "f64", "--grad",
+                    "--out", ref], check=True, capture_output=True)
+    w = Worker("torch-f64", params, tokens, config, a.threads, sys.executable)
+    c = w.ask(f"check {ref}")
+    w.close()
+    c["ok"] = c["loss_rel"] <= F64_TOLERANCE and c["grad_rel_l2_worst"] <= F64_TOLERANCE
+    log(f"   f64: PyTorch against tnc's interpreter, loss {c['loss_rel']:.1e}, worst gradient "
+        f"{c['grad_rel_l2_worst']:.1e} ({c['grad_worst']}){'' if c['ok'] else '  MISMATCH'}")
+    return c
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tnc-run", required=True)
+    ap.add_argument("--tnc", required=True, help="the tnc binary (its interpreter runs the f64 check)")
+    ap.add_argument("--model", required=True, help="the model file the bundles were compiled from")
     ap.add_argument("--work", required=True, help="directory with VARIANT.tnb/, VARIANT-init.safetensors")
     ap.add_argument("--variant", action="append", required=True,
-                    help="NAME=JSON config of the peers (heads, layers, block, lrpe, abs_pos, embed_scale)")
+                    help="NAME=JSON config of the peers (heads, layers, block, lrpe, abs_pos, embed_scale) and the "
+                         "model's --set values (sets)")
     ap.add_argument("--vocab", type=int, required=True)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, action="append", required=True)
@@ -116,6 +141,10 @@ def main():
         variant, config = spec.split("=", 1)
         config = json.loads(config)
         bundle = os.path.join(a.work, f"{variant}.tnb")
+        log(f"== {variant}")
+        f64 = f64_check(a, variant, config, a.work)
+        if not f64["ok"]:
+            failed.append(f"torch-f64 {variant}")
         for seq in a.seq:
             log(f"== {variant}, B {a.batch}, N {seq}")
             tokens, params = check_inputs(a.work, variant, os.path.join(a.work, f"{variant}-init.safetensors"),
@@ -156,7 +185,7 @@ def main():
             for w in workers:
                 w.close()
             results.append({"variant": variant, "config": config, "batch": a.batch, "seq": seq, "times_ms": times,
-                            "checks": checks})
+                            "checks": checks, "f64_check": f64})
     with open(a.json, "w") as f:
         json.dump({"threads": a.threads, "results": results}, f, indent=1)
     print_table(results)
@@ -180,6 +209,10 @@ def print_table(results):
         print(f"| {impl} | " + " | ".join(cells) + " |")
     print()
     print("Checks (relative L2 against tnc's loss and gradients on the same parameters and tokens):")
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        c = next(r["f64_check"] for r in results if r["variant"] == variant)
+        print(f"- {variant}, B 2, N 100, PyTorch in f64 against tnc's interpreter in f64: loss {c['loss_rel']:.1e}, "
+              f"worst gradient {c['grad_rel_l2_worst']:.1e}{'' if c['ok'] else ' MISMATCH'}")
     for r in results:
         for impl, c in r["checks"].items():
             print(f"- {r['variant']}, N {r['seq']}, {impl}: loss {c['loss_rel']:.1e}, worst gradient "

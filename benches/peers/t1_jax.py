@@ -7,8 +7,14 @@ import jax
 import jax.numpy as jnp
 
 
+def safe_sqrt(x):
+    """sqrt with tnc's derivative 0 at 0 (see `t1_torch.safe_sqrt`)."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
 def srms_norm(x, eps=1e-8):
-    return x / (jnp.sqrt(jnp.mean(x * x, -1, keepdims=True)) + eps)
+    return x / (safe_sqrt(jnp.mean(x * x, -1, keepdims=True)) + eps)
 
 
 def lrpe_rotate(x, theta, householder, pos):
@@ -52,7 +58,7 @@ def norm_attention(x, p, heads, lrpe):
     k = jax.nn.elu(split_heads(x @ p["wk"] + p["bk"], heads))
     v = split_heads(x @ p["wv"] + p["bv"], heads)
     if lrpe:
-        pos = jnp.arange(n, dtype=jnp.float32)
+        pos = jnp.arange(n, dtype=q.dtype)
         q = lrpe_rotate(q, p["lrpe.theta"], p["lrpe.householder"], pos)
         k = lrpe_rotate(k, p["lrpe.theta"], p["lrpe.householder"], pos)
     o = causal_linear_attention(q, k, v)
@@ -73,7 +79,7 @@ def diag_attention(x, p, heads, block, lrpe):
     k = blocks(x @ p["wk"] + p["bk"])
     v = blocks(x @ p["wv"] + p["bv"])
     if lrpe:
-        pos = jnp.arange(block, dtype=jnp.float32)
+        pos = jnp.arange(block, dtype=q.dtype)
         q = lrpe_rotate(q, p["lrpe.theta"], p["lrpe.householder"], pos)
         k = lrpe_rotate(k, p["lrpe.theta"], p["lrpe.householder"], pos)
     scores = jnp.einsum("bhcie,bhcje->bhcij", q, k)
@@ -89,10 +95,10 @@ def glu(x, p):
     return ((x @ p["w1"] + p["b1"]) * (x @ p["w2"] + p["b2"])) @ p["w3"] + p["b3"]
 
 
-def sinusoidal_positions(n, dim):
+def sinusoidal_positions(n, dim, dtype):
     half = dim // 2
-    freq = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
-    angle = jnp.arange(n, dtype=jnp.float32)[:, None] * freq
+    freq = jnp.exp(jnp.arange(half, dtype=dtype) * -(math.log(10000.0) / (half - 1)))
+    angle = jnp.arange(n, dtype=dtype)[:, None] * freq
     return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], -1)
 
 
@@ -104,7 +110,7 @@ def loss(params, tokens, cfg):
     if cfg["embed_scale"]:
         x = x * dim**0.5
     if cfg["abs_pos"]:
-        x = x + sinusoidal_positions(n, dim)
+        x = x + sinusoidal_positions(n, dim, x.dtype)
     layers = cfg["layers"]
     for l in range(layers):
         attn = {k[len(f"layers.{l}.attn."):]: v for k, v in params.items() if k.startswith(f"layers.{l}.attn.")}

@@ -12,7 +12,8 @@ Every choice below mirrors the model file (read it side by side):
   t·θ_i; SRMSNorm x / (‖x‖₂/√d + 1e-8) over the merged heads, then Wo + bo;
 - GLU (W1 x + b1) ⊙ (W2 x + b2) then W3 + b3 (the identity activation);
 - pre-norm blocks, a final SRMSNorm, logits tied to the embedding, and the mean next-token
-  cross-entropy over B·(N − 1) positions. Dropout is 0.
+  cross-entropy over B·(N − 1) positions. Dropout is 0;
+- tnc's derivative conventions where the function has none: sqrt'(0) = 0 (`safe_sqrt`).
 """
 
 import math
@@ -21,8 +22,16 @@ import torch
 import torch.nn.functional as F
 
 
+def safe_sqrt(x):
+    """sqrt with tnc's derivative 0 at 0 (`compiler/src/autodiff/rules.rs`), not +inf: a
+    DiagAttention row whose ReLU scores are all 0 in every head is a zero row for SRMSNorm,
+    where the chain rule's inf · 0 would make every earlier gradient NaN."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, 1.0)), 0.0)
+
+
 def srms_norm(x, eps=1e-8):
-    return x / (torch.sqrt((x * x).mean(-1, keepdim=True)) + eps)
+    return x / (safe_sqrt((x * x).mean(-1, keepdim=True)) + eps)
 
 
 def lrpe_rotate(x, theta, householder, pos):
@@ -69,7 +78,7 @@ def norm_attention(x, p, heads, lrpe):
     k = F.elu(split_heads(x @ p["wk"] + p["bk"], heads))
     v = split_heads(x @ p["wv"] + p["bv"], heads)
     if lrpe:
-        pos = torch.arange(n, dtype=torch.float32, device=x.device)
+        pos = torch.arange(n, dtype=q.dtype, device=x.device)
         q = lrpe_rotate(q, p["lrpe.theta"], p["lrpe.householder"], pos)
         k = lrpe_rotate(k, p["lrpe.theta"], p["lrpe.householder"], pos)
     o = causal_linear_attention(q, k, v)
@@ -90,7 +99,7 @@ def diag_attention(x, p, heads, block, lrpe):
     k = blocks(x @ p["wk"] + p["bk"])
     v = blocks(x @ p["wv"] + p["bv"])
     if lrpe:
-        pos = torch.arange(block, dtype=torch.float32, device=x.device)
+        pos = torch.arange(block, dtype=q.dtype, device=x.device)
         q = lrpe_rotate(q, p["lrpe.theta"], p["lrpe.householder"], pos)
         k = lrpe_rotate(k, p["lrpe.theta"], p["lrpe.householder"], pos)
     scores = q @ k.transpose(-1, -2)  # [b, h, nb, w, w]
@@ -106,10 +115,10 @@ def glu(x, p):
     return ((x @ p["w1"] + p["b1"]) * (x @ p["w2"] + p["b2"])) @ p["w3"] + p["b3"]
 
 
-def sinusoidal_positions(n, dim, device):
+def sinusoidal_positions(n, dim, dtype, device):
     half = dim // 2
-    freq = torch.exp(torch.arange(half, dtype=torch.float32, device=device) * -(math.log(10000.0) / (half - 1)))
-    angle = torch.arange(n, dtype=torch.float32, device=device)[:, None] * freq
+    freq = torch.exp(torch.arange(half, dtype=dtype, device=device) * -(math.log(10000.0) / (half - 1)))
+    angle = torch.arange(n, dtype=dtype, device=device)[:, None] * freq
     return torch.cat([torch.sin(angle), torch.cos(angle)], -1)
 
 
@@ -123,7 +132,7 @@ def loss(params, tokens, cfg):
     if cfg["embed_scale"]:
         x = x * dim**0.5
     if cfg["abs_pos"]:
-        x = x + sinusoidal_positions(n, dim, x.device)
+        x = x + sinusoidal_positions(n, dim, x.dtype, x.device)
     layers = cfg["layers"]
     for l in range(layers):
         attn = {k[len(f"layers.{l}.attn."):]: v for k, v in params.items() if k.startswith(f"layers.{l}.attn.")}
@@ -135,4 +144,6 @@ def loss(params, tokens, cfg):
             x = x + norm_attention(h, attn, cfg["heads"], cfg["lrpe"])
         x = x + glu(srms_norm(x), mix)
     logits = srms_norm(x)[:, :-1] @ table.t()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1).long())
+    # At least f32 (bf16 logits under autocast are widened; f64 stays f64).
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1).long())

@@ -1,7 +1,7 @@
 """One peer implementation of T1's training step (loss and every gradient), driven over
 stdin by `run.py` so that every implementation is timed in the same run, interleaved.
 
-    worker.py --impl torch-eager|torch-compile|torch-compile-bf16|jax
+    worker.py --impl torch-eager|torch-compile|torch-compile-bf16|torch-f64|jax
               --params P.safetensors --tokens T.safetensors --config '{"heads": 4, ...}'
               --threads 2
 
@@ -34,7 +34,8 @@ def torch_step(impl, params, tokens, cfg, threads):
     import t1_torch
 
     torch.set_num_threads(threads)
-    p = {k: torch.from_numpy(v.copy()) for k, v in params.items()}
+    dtype = np.float64 if impl == "torch-f64" else np.float32
+    p = {k: torch.from_numpy(v.astype(dtype)) for k, v in params.items()}
     trainable = [k for k in p if not k.endswith("householder")]
     for k in trainable:
         p[k].requires_grad_(True)
@@ -50,7 +51,7 @@ def torch_step(impl, params, tokens, cfg, threads):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = f(p, tok, cfg)
         loss.backward()
-        return lambda: (float(loss.detach()), {k: p[k].grad.float().numpy() for k in trainable})
+        return lambda: (float(loss.detach()), {k: p[k].grad.numpy() for k in trainable})
 
     return step
 
@@ -101,7 +102,9 @@ def main():
             loss, grads = step()()
             worst, worst_name = 0.0, ""
             for k, g in grads.items():
-                e = rel_l2(g, ref[f"grad.{k}"])
+                # A non-finite gradient is the worst mismatch there is (a NaN would fail
+                # every comparison, and so pass a `>` test).
+                e = rel_l2(g, ref[f"grad.{k}"]) if np.isfinite(g).all() else float("inf")
                 if e > worst:
                     worst, worst_name = e, k
             answer = {
