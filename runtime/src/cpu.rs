@@ -6,11 +6,13 @@
 //! iterations write disjoint outputs, so a launch of `0..extent` is split into `threads`
 //! contiguous chunks (`[extent·t/T, extent·(t+1)/T)` for thread `t` of `T`) run in
 //! parallel, with a barrier between steps. The split depends only on the thread count.
+//! The threads are started with the executor and kept (`pool.rs`).
 
 use crate::bundle::{Bundle, BundleError};
 use crate::gemm;
 use crate::init::init_values_f32;
 use crate::manifest::{Access, BufferRole, DType, InitSpec, Manifest, ParamEntry, TargetKind, CPU_KERNELS_FILE};
+use crate::pool::Pool;
 use crate::tensor::Tensor;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -185,8 +187,9 @@ struct Launches(Vec<Launch>);
 // disjoint parts of them (the calling convention's contract) and never the pointer arrays.
 unsafe impl Sync for Launches {}
 
-/// Runs `launches` in order on `threads` threads (the calling thread included).
-fn execute(launches: &Launches, args: &[i64], threads: usize) {
+/// Runs `launches` in order on the pool's threads (the calling thread included).
+fn execute(launches: &Launches, args: &[i64], pool: &Pool) {
+    let threads = pool.threads();
     let run = |l: &Launch, begin: i64, end: i64| {
         let args = l.args.as_deref().unwrap_or(args);
         if begin < end {
@@ -216,19 +219,12 @@ fn execute(launches: &Launches, args: &[i64], threads: usize) {
         return;
     }
     let barrier = std::sync::Barrier::new(threads);
-    let work = |t: usize| {
+    pool.run(&|t: usize| {
         for l in &launches.0 {
             let (b, e) = chunk(l.extent, t, threads);
             run(l, b, e);
             barrier.wait();
         }
-    };
-    std::thread::scope(|s| {
-        for t in 1..threads {
-            let work = &work;
-            s.spawn(move || work(t));
-        }
-        work(0);
     });
 }
 
@@ -243,6 +239,8 @@ pub struct Executor {
     manifest: Manifest,
     dir: PathBuf,
     threads: usize,
+    /// The worker threads, kept between entry points.
+    pool: Pool,
     /// Resolved kernel entry points (`None` for kernels no entry point uses).
     kernels: Vec<Option<KernelFn>>,
     bufs: Vec<Buf>,
@@ -327,6 +325,7 @@ impl Executor {
             manifest: m,
             dir: bundle.dir.clone(),
             threads: threads.max(1),
+            pool: Pool::new(threads.max(1)),
             kernels,
             bufs,
             allocated_for: None,
@@ -538,7 +537,7 @@ impl Executor {
         if std::env::var_os("TNC_PROFILE").is_some() {
             self.profile(entry, &steps, launches, &args);
         } else {
-            execute(&Launches(launches), &args, self.threads);
+            execute(&Launches(launches), &args, &self.pool);
         }
         if entry == "forward" {
             self.ran.clear();
@@ -671,7 +670,7 @@ impl Executor {
         let total = std::time::Instant::now();
         for (s, l) in steps.iter().zip(launches) {
             let t = std::time::Instant::now();
-            execute(&Launches(vec![l]), args, self.threads);
+            execute(&Launches(vec![l]), args, &self.pool);
             let e = times.entry(s.kernel).or_default();
             e.0 += 1;
             e.1 += t.elapsed().as_secs_f64();

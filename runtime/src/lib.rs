@@ -9,6 +9,7 @@
 //! - [`gemm`]: library GEMM nodes, run with the `gemm` crate;
 //! - [`init`]: parameter initialization from a seed, shared bit for bit with the
 //!   compiler's reference interpreter;
+//! - [`pool`]: the CPU executor's worker threads;
 //! - [`rng`]: the counter-based random generator behind dropout and initialization;
 //! - [`tensor`]: host tensors in and out.
 //!
@@ -32,6 +33,7 @@ pub mod cuda;
 pub mod gemm;
 pub mod init;
 pub mod manifest;
+pub mod pool;
 pub mod rng;
 pub mod tensor;
 

@@ -121,8 +121,8 @@ fn unary(op: Unary, v: Val) -> Result<Val, String> {
         Unary::Recip => 1.0 / x,
         Unary::Abs => x.abs(),
         Unary::Tanh => x.tanh(),
-        Unary::Sin => x.sin(),
-        Unary::Cos => x.cos(),
+        Unary::Sin => super::math::sin(x),
+        Unary::Cos => super::math::cos(x),
         Unary::Not => unreachable!("handled above"),
     }))
 }

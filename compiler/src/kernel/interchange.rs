@@ -68,11 +68,18 @@ fn interchange(c: Var, e: i64, body: &[Stmt], next: &mut u32) -> Option<Vec<Stmt
     let reduction = &rest[0];
     let suffix = &rest[1..];
     let mut accs: Vec<(Var, crate::kernel::Scalar, Expr)> = Vec::new();
+    // The prefix's lets that depend on the column (directly or through another).
     let mut lets: Vec<Var> = Vec::new();
     for s in prefix {
         match s {
             Stmt::Mut { var, ty, init } => accs.push((*var, *ty, init.clone())),
-            Stmt::Let { var, .. } => lets.push(*var),
+            Stmt::Let { var, value } => {
+                let mut d = false;
+                value.visit_vars(&mut |v| d |= v == c || lets.contains(&v) || accs.iter().any(|(a, _, _)| *a == v));
+                if d {
+                    lets.push(*var);
+                }
+            }
             _ => return None,
         }
     }
@@ -99,9 +106,13 @@ fn interchange(c: Var, e: i64, body: &[Stmt], next: &mut u32) -> Option<Vec<Stmt
         })
         .collect();
     let col = Expr::Var(c);
-    let lets_only: Vec<Stmt> = prefix.iter().filter(|s| matches!(s, Stmt::Let { .. })).cloned().collect();
+    // Lets of the column stay in each column loop; the others (the reduction's extents
+    // may read them) come first, once.
+    let column_let = |s: &&Stmt| matches!(s, Stmt::Let { var, .. } if lets.contains(var));
+    let lets_only: Vec<Stmt> = prefix.iter().filter(column_let).cloned().collect();
     let mut out: Vec<Stmt> =
-        accs.iter().map(|(a, ty, _)| Stmt::Array { var: arrays[a], elem: *ty, len: e as usize }).collect();
+        prefix.iter().filter(|s| matches!(s, Stmt::Let { .. }) && !column_let(s)).cloned().collect();
+    out.extend(accs.iter().map(|(a, ty, _)| Stmt::Array { var: arrays[a], elem: *ty, len: e as usize }));
     let mut init = lets_only.clone();
     for (a, _, value) in &accs {
         init.push(Stmt::StoreArray { array: arrays[a], index: col.clone(), value: subst(value, &arrays, &col) });

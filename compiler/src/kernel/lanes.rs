@@ -51,7 +51,10 @@ fn rewrite(stmts: &[Stmt], declared: &HashMap<Var, Expr>, next: &mut u32) -> Vec
         if let Stmt::Mut { var, init, .. } = s {
             declared.insert(*var, init.clone());
         }
-        let long = matches!(s, Stmt::For { extent, .. } if !matches!(extent, Expr::I64(e) if *e < MIN_EXTENT));
+        // Innermost loops only: dealing an outer loop (a batch axis around the tokens) to
+        // lanes would vectorize nothing.
+        let long = matches!(s, Stmt::For { extent, body, .. }
+            if !matches!(extent, Expr::I64(e) if *e < MIN_EXTENT) && !body.iter().any(|s| matches!(s, Stmt::For { .. })));
         match reduction(s, &declared, false).filter(|_| long) {
             Some(accumulators) => out.extend(dealt(s, &accumulators, next)),
             None => out.push(match s {

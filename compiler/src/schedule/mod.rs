@@ -140,7 +140,8 @@ pub struct ScheduleOptions {
     /// The most shared memory a block kernel may declare, in bytes (the target's limit per
     /// block; beyond 48 KB it is dynamic shared memory).
     pub shared_limit: usize,
-    /// Parts of the token range a split sum runs in (`split_reduce.rs`, GPUs).
+    /// Parts of the token range a sum over the tokens into a small output runs in
+    /// (`split_reduce.rs`): enough parallel iterations for every thread (CPU) or SM (GPU).
     pub token_parts: usize,
 }
 
@@ -159,7 +160,7 @@ impl Default for ScheduleOptions {
 impl ScheduleOptions {
     /// The options for a CPU target.
     pub fn cpu() -> Self {
-        ScheduleOptions { library_gemm: true, ..Default::default() }
+        ScheduleOptions { library_gemm: true, token_parts: split_reduce::CPU_PARTS, ..Default::default() }
     }
 
     /// The options for a GPU target, with shared memory up to the static 48 KB (every
@@ -346,10 +347,9 @@ pub fn schedule_with(
         scratch.release(&mut stored);
     }
     sizes.shrink_to_fit();
+    let combiners = split_reduce::split_reductions(&mut out.kernels, &mut out.steps, &mut buffers, opts.token_parts);
     if opts.gpu_blocks {
         use crate::kernel::{blocks::coalesce_rows, gemm_tiles::tile_gemm};
-        let combiners =
-            split_reduce::split_reductions(&mut out.kernels, &mut out.steps, &mut buffers, opts.token_parts);
         out.kernels = (out.kernels.iter().enumerate())
             .map(|(i, k)| if combiners.contains(&i) { k.clone() } else { coalesce_rows(&tile_gemm(k)) })
             .collect();

@@ -4,7 +4,7 @@
 
 use super::compose::{letters, Composer};
 use super::element::{elem_of, Lowering, Source};
-use super::emit::{bin, mul, sub};
+use super::emit::{add, bin, div, mul, sub};
 use crate::ir::{BlockAttention, NodeId, Op, Region, RegionValue, TensorType};
 use crate::kernel::{Access, Binary, Expr, Kernel, LoopKind, Scalar, Stmt};
 
@@ -16,7 +16,7 @@ pub fn kernel(
 ) -> Result<(Kernel, Vec<usize>), String> {
     match &lw.g.node(n).op {
         Op::Scan { axis, reverse } => scan(lw, n, *axis, *reverse, name),
-        Op::ScatterAdd { .. } => scatter_add(lw, n, name),
+        Op::ScatterAdd { .. } => scatter_add(lw, n, if opts.gpu_blocks { 1 } else { SCATTER_COLUMNS }, name),
         Op::LinearAttention(la) if opts.gpu_blocks => {
             match super::linear_attention_gpu::kernel(lw, n, la, opts.chunk, name.clone())? {
                 Some(k) => Ok(k),
@@ -84,22 +84,33 @@ fn scan(
 
 /// `out[index[i], r] += values[i, r]`: parallel over the trailing index `r`, serial over
 /// `i` in order, so repeated indices accumulate deterministically.
-fn scatter_add(lw: &mut Lowering, n: NodeId, name: String) -> Result<(Kernel, Vec<usize>), String> {
+/// The scatter-add kernel, a parallel iteration per block of `block` columns.
+fn scatter_add(lw: &mut Lowering, n: NodeId, block: i64, name: String) -> Result<(Kernel, Vec<usize>), String> {
     let g = lw.g;
     let ty = g.ty(n).clone();
     let operands = g.operands(n);
     let index_ty = g.ty(operands[1]).clone();
     let rest = ty.shape[1..].to_vec();
-    let r_idx = lw.unravel(Expr::Var(lw.e.index), &rest)?;
+    let mut columns = Expr::I64(1);
+    for d in &rest {
+        columns = mul(columns, lw.e.dim(d)?);
+    }
+    let columns = lw.e.bind(columns);
+    let width = Expr::I64(block);
+    let first = lw.e.bind(mul(Expr::Var(lw.e.index), width.clone()));
+    let in_block = lw.e.bind(bin(Binary::Min, width, sub(columns.clone(), first.clone())));
     let global = lw.stored[&n];
     let b = lw.e.buffer(global, &format!("b{global}"), elem_of(ty.dtype), Access::ReadWrite);
-    // Zero this column.
     let rows = lw.e.dim(&ty.shape[0])?;
+    // Zero the block's columns of every row.
     let v = lw.e.open();
+    let c = lw.e.open();
+    let r_idx = lw.unravel(add(first.clone(), Expr::Var(c)), &rest)?;
     let mut at = vec![Expr::Var(v)];
-    at.extend(r_idx.iter().cloned());
+    at.extend(r_idx);
     let lin = lw.linear(&at, &ty.shape)?;
     lw.e.push(Stmt::Store { buffer: b, index: lin, value: Expr::F32(0.0) });
+    lw.e.close(c, in_block.clone(), LoopKind::Vector);
     lw.e.close(v, rows.clone(), LoopKind::Serial);
     // Accumulate every source row, in order.
     let count: Vec<Expr> = index_ty.shape.iter().map(|d| lw.e.dim(d)).collect::<Result<_, _>>()?;
@@ -116,6 +127,8 @@ fn scatter_add(lw: &mut Lowering, n: NodeId, name: String) -> Result<(Kernel, Ve
         Expr::I64(0),
     );
     let row = lw.e.bind(row);
+    let c = lw.e.open();
+    let r_idx = lw.unravel(add(first, Expr::Var(c)), &rest)?;
     let mut src = i_idx.clone();
     src.extend(r_idx.iter().cloned());
     let x = lw.value(Source::Node(operands[0]), &src)?;
@@ -124,13 +137,17 @@ fn scatter_add(lw: &mut Lowering, n: NodeId, name: String) -> Result<(Kernel, Ve
     let lin = lw.linear(&dst, &ty.shape)?;
     let old = Expr::Load { buffer: b, index: Box::new(lin.clone()) };
     lw.e.push(Stmt::Store { buffer: b, index: lin, value: bin(Binary::Add, old, x) });
+    lw.e.close(c, in_block, LoopKind::Vector);
     lw.e.close(i, total, LoopKind::Serial);
-    let mut extent = Expr::I64(1);
-    for d in &rest {
-        extent = mul(extent, lw.e.dim(d)?);
-    }
+    let extent = div(add(columns, Expr::I64(block - 1)), Expr::I64(block));
     super::finish(lw, name, extent)
 }
+
+/// Columns per parallel iteration of a scatter-add on CPUs: 16 f32, one 64-byte cache
+/// line of every row, so that walking the source rows in order moves whole lines (one
+/// column per iteration strided through memory at a line per element). GPU threads take
+/// one column each.
+const SCATTER_COLUMNS: i64 = 16;
 
 /// Whether node `n` is block attention (or its backward) over the whole sequence (a
 /// run-time block width): scheduled by [`block_attention_full`], not [`kernel`].

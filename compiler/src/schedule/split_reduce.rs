@@ -1,7 +1,8 @@
-//! GPU schedules: a sum over the tokens into a small output (the gradient of a norm's
-//! weight or of a bias: Σ over B·N) is a kernel of few parallel iterations, each walking
-//! every token — on a GPU one or a few blocks for the whole device. Such a kernel is split
-//! in two, over `parts` parts of the token range ([`PARTS`] by default):
+//! A sum over the tokens into a small output (the gradient of a norm's weight or of a
+//! bias: Σ over B·N) is a kernel of few parallel iterations, each walking every token —
+//! on a GPU one or a few blocks for the whole device, on a CPU one thread. Such a kernel
+//! is split in two, over `parts` parts of the token range ([`PARTS`] on GPUs,
+//! [`CPU_PARTS`] on CPUs):
 //!
 //! ```text
 //! parallel r { for vector c {             partial: parallel (s, r) { for vector c {
@@ -29,6 +30,10 @@ use std::collections::{HashMap, HashSet};
 
 /// Parts of the token range by default: enough blocks to fill a GPU for a one-row output.
 pub const PARTS: usize = 64;
+
+/// Parts on CPUs: a few per core of the machines tnc targets, each part still a long run
+/// of whole rows (one part per thread would make the split depend on the machine).
+pub const CPU_PARTS: usize = 8;
 
 /// A kernel of the splittable shape, taken apart.
 struct Shape {
@@ -246,16 +251,17 @@ fn build(k: &Kernel, sh: &Shape, rc: Expr, parts: i64) -> (Kernel, Kernel) {
     }
     unflatten.reverse();
     unflatten.extend(sh.inner.iter().cloned());
+    // Part s is tokens s·len … min((s + 1)·len, total) − 1 (none for a part past the end):
+    // a loop without a guard, which CPUs interchange with the column loop.
     let first = bin(Binary::Mul, Expr::Var(s), Expr::Var(len));
-    column_body.push(Stmt::For {
-        var: t,
-        extent: Expr::Var(len),
-        kind: LoopKind::Serial,
-        body: vec![
-            Stmt::Let { var: g, value: bin(Binary::Add, first, Expr::Var(t)) },
-            Stmt::If { cond: bin(Binary::Lt, Expr::Var(g), Expr::Var(total)), then: unflatten, otherwise: Vec::new() },
-        ],
-    });
+    let in_part = bin(
+        Binary::Max,
+        Expr::I64(0),
+        bin(Binary::Min, Expr::Var(len), bin(Binary::Sub, Expr::Var(total), first.clone())),
+    );
+    let mut token_body = vec![Stmt::Let { var: g, value: bin(Binary::Add, first, Expr::Var(t)) }];
+    token_body.extend(unflatten);
+    column_body.push(Stmt::For { var: t, extent: in_part, kind: LoopKind::Serial, body: token_body });
     let value = match sh.comp {
         Some(c) => bin(Binary::Sub, Expr::Var(sh.acc), Expr::Var(c)),
         None => Expr::Var(sh.acc),

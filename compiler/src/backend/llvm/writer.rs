@@ -27,9 +27,10 @@
 //!   store to an i32 buffer truncates; integer arithmetic wraps;
 //! - float → integer casts saturate (NaN → 0), like Rust's `as` (`llvm.fptosi.sat`);
 //! - `max`/`min` on f32 propagate NaN (`llvm.maximum`/`llvm.minimum`);
-//! - exp is `vector_math::exp` (SLEEF's 1-ulp algorithm, inlined so that it vectorizes);
-//!   log, sqrt, sin, cos, pow, fabs are LLVM intrinsics (libm calls for the
-//!   transcendental ones), tanh calls libm's `tanhf`, so the shared object links `-lm`;
+//! - exp, sin and cos are `kernel::math`'s (SLEEF's algorithms), inlined from
+//!   `vector_math` so that they vectorize; log, sqrt, pow, fabs are LLVM intrinsics (libm
+//!   calls for the transcendental ones), tanh calls libm's `tanhf`, so the shared object
+//!   links `-lm`;
 //!   rsqrt is `1 / sqrt(x)` and recip `1 / x`, correctly rounded as in the executor;
 //! - `Select` evaluates only the chosen operand when an operand may trap (a load, an
 //!   integer division), as the executor does; otherwise it is an LLVM `select`;
@@ -758,8 +759,10 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
                     _ if self.device == Device::Nvptx && libdevice_name(op).is_some() => {
                         self.call_fn(self.extern_f32(libdevice_name(op).unwrap(), 1), &[v])?
                     }
-                    // Inline, so that vector loops stay vectorized (`vector_math`).
-                    Unary::Exp => self.call_fn(super::vector_math::exp(self.ctx, self.module)?, &[v])?,
+                    // exp, sin, cos: inline, so that vector loops stay vectorized.
+                    _ if let Some(f) = super::vector_math::function(self.ctx, self.module, op)? => {
+                        self.call_fn(f, &[v])?
+                    }
                     Unary::Log => self.call("llvm.log", &[f32t], &[v])?,
                     Unary::Sqrt => self.call("llvm.sqrt", &[f32t], &[v])?,
                     Unary::Rsqrt => {
@@ -769,8 +772,7 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
                     Unary::Recip => b.build_float_div(one, x, "").map_err(be)?.into(),
                     Unary::Abs => self.call("llvm.fabs", &[f32t], &[v])?,
                     Unary::Tanh => self.call_fn(self.extern_f32("tanhf", 1), &[v])?,
-                    Unary::Sin => self.call("llvm.sin", &[f32t], &[v])?,
-                    Unary::Cos => self.call("llvm.cos", &[f32t], &[v])?,
+                    Unary::Exp | Unary::Sin | Unary::Cos => unreachable!("inline (vector_math)"),
                     Unary::Not => unreachable!("handled above"),
                 };
                 Ok((r, Ty::F))
