@@ -10,12 +10,18 @@ pub fn repo() -> PathBuf {
 }
 
 pub fn compile(model: &str, sets: &[&str], tag: &str) -> PathBuf {
+    compile_with(model, sets, tag, tnc_compiler::passes::Policy::F32)
+}
+
+/// [`compile`] with a precision policy.
+pub fn compile_with(model: &str, sets: &[&str], tag: &str, precision: tnc_compiler::passes::Policy) -> PathBuf {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     let (sources, g) = frontend::elaborate(Input::Path(&repo().join(model)), &Request { sets: &sets, model: None });
     let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
     let dir = std::env::temp_dir().join(format!("tnc-bench-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    tnc_compiler::driver::compile(g, "native", &dir, Default::default(), Vec::new()).expect("compiles");
+    let opts = tnc_compiler::driver::Options { precision, ..Default::default() };
+    tnc_compiler::driver::compile(g, "native", &dir, opts, Vec::new()).expect("compiles");
     dir
 }
 

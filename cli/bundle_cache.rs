@@ -1,6 +1,6 @@
 //! The cache of training bundles: `tnc train MODEL.tn` compiles once per distinct
-//! (source text of every file the model reads, `--set` values, model name, target, tnc
-//! version and build) and reuses the bundle afterwards. The build is the size and time
+//! (source text of every file the model reads, `--set` values, model name, target,
+//! precision, tnc version and build) and reuses the bundle afterwards. The build is the size and time
 //! of the `tnc` executable, so a rebuilt compiler never reuses bundles of the old one.
 //!
 //! Location: `$TNC_CACHE_DIR`, else `$XDG_CACHE_HOME/tnc`, else `~/.cache/tnc`, each with
@@ -41,10 +41,15 @@ fn build_id() -> String {
 
 /// A training bundle for `model` and `target`, from the cache or freshly compiled.
 /// `status` hears what happens ("compiling …", "using cached …").
-pub fn training_bundle(model: &ModelArgs, target: &str, status: &mut dyn FnMut(&str)) -> Result<PathBuf, Failure> {
+pub fn training_bundle(
+    model: &ModelArgs,
+    (target, precision): (&str, tnc_compiler::passes::Policy),
+    status: &mut dyn FnMut(&str),
+) -> Result<PathBuf, Failure> {
     let (graph, sources) = elaborate(model)?;
     let mut h = Sha256::new();
     h.update(format!("tnc {} {}\ntarget {target}\ntrain\n", env!("CARGO_PKG_VERSION"), build_id()));
+    h.update(format!("precision {}\n", precision.name()));
     h.update(format!("model {:?}\n", model.model));
     for s in &model.sets {
         h.update(format!("set {s}\n"));
@@ -64,9 +69,13 @@ pub fn training_bundle(model: &ModelArgs, target: &str, status: &mut dyn FnMut(&
     std::fs::create_dir_all(&parent).map_err(|e| crate::fail(format!("cannot create {}: {e}", parent.display())))?;
     let tmp = parent.join(format!(".{}-{key}.{}.tmp", graph.name, std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    status(&format!("compiling {} for {target} (training bundle)", model.file.display()));
+    status(&format!(
+        "compiling {} for {target} (training bundle, {} products)",
+        model.file.display(),
+        precision.name()
+    ));
     let started = std::time::Instant::now();
-    let opts = tnc_compiler::driver::Options { train: true, ..Default::default() };
+    let opts = tnc_compiler::driver::Options { train: true, precision, ..Default::default() };
     tnc_compiler::driver::compile(graph, target, &tmp, opts, Vec::new()).map_err(crate::compile::compile_failure)?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir)

@@ -37,6 +37,9 @@ pub struct CompileArgs {
     /// and a per-token accuracy output `correct`, as `tnc train` uses.
     #[arg(long)]
     pub train: bool,
+    /// The element type of products' operands.
+    #[arg(long, value_enum, default_value_t)]
+    pub precision: crate::PrecisionArg,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,11 +54,9 @@ pub fn run(args: &CompileArgs) -> Result<(), Failure> {
     }
     let (graph, sources) = elaborate(&args.model)?;
     let last = passes::names().last().copied().unwrap_or("elaborate");
-    let graph = passes::run_until(graph, last).expect("the last pass exists").map_err(|d| Failure {
-        diagnostic: d,
-        sources,
-        status: 1,
-    })?;
+    let graph = passes::run_until_with(graph, last, args.precision.policy())
+        .expect("the last pass exists")
+        .map_err(|d| Failure { diagnostic: d, sources, status: 1 })?;
     let internal = |e: String| Failure::usage(Diagnostic::error(format!("internal error: {e}")));
     let plan = fuse(&graph).map_err(internal)?;
     let memory = plan_memory(&graph, &plan).map_err(internal)?;
@@ -126,7 +127,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         llvm: args.emit.contains(&EmitKind::Llvm),
         asm: args.emit.contains(&EmitKind::Asm),
     };
-    let opts = tnc_compiler::driver::Options { emit, train: args.train };
+    let opts = tnc_compiler::driver::Options { emit, train: args.train, precision: args.precision.policy() };
     let compiled = tnc_compiler::driver::compile(graph, target, &out, opts, vec![("parse + elaborate", front)])
         .map_err(compile_failure)?;
     let mut s = String::new();

@@ -9,7 +9,13 @@ use tnc_grammar::Diagnostic;
 /// Stages after the graph pipeline that `--after` also accepts.
 const LOWERING: [&str; 2] = ["fuse", "schedule"];
 
-pub fn run(args: &ModelArgs, dot: bool, after: &str, target: Option<&str>) -> Result<(), Failure> {
+pub fn run(
+    args: &ModelArgs,
+    dot: bool,
+    after: &str,
+    target: Option<&str>,
+    precision: passes::Policy,
+) -> Result<(), Failure> {
     let graph_passes = passes::names();
     let names: Vec<&str> = graph_passes.iter().copied().chain(LOWERING).collect();
     if !names.contains(&after) {
@@ -28,11 +34,9 @@ pub fn run(args: &ModelArgs, dot: bool, after: &str, target: Option<&str>) -> Re
     }
     let (graph, sources) = elaborate(args)?;
     let stop = if LOWERING.contains(&after) { *graph_passes.last().expect("passes exist") } else { after };
-    let graph = passes::run_until(graph, stop).expect("the name was checked above").map_err(|d| Failure {
-        diagnostic: d,
-        sources,
-        status: 1,
-    })?;
+    let graph = passes::run_until_with(graph, stop, precision)
+        .expect("the name was checked above")
+        .map_err(|d| Failure { diagnostic: d, sources, status: 1 })?;
     let internal = |e: String| Failure {
         diagnostic: Diagnostic::error(format!("internal error: {e}")),
         sources: Default::default(),

@@ -51,6 +51,29 @@ pub struct ModelArgs {
     pub model: Option<String>,
 }
 
+/// The element type of products' operands: the projections, the cross-entropy's logits
+/// products and their gradients compute from 16-bit operands, accumulating in f32;
+/// everything else (norms, softmax, attention states, the loss, parameters and the
+/// optimizer) stays f32.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrecisionArg {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl PrecisionArg {
+    pub fn policy(self) -> tnc_compiler::passes::Policy {
+        use tnc_compiler::passes::Policy;
+        match self {
+            PrecisionArg::F32 => Policy::F32,
+            PrecisionArg::Bf16 => Policy::Bf16,
+            PrecisionArg::F16 => Policy::F16,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Parse, elaborate and type-check a model; print parameters, inputs, outputs and op counts.
@@ -74,6 +97,9 @@ pub enum Command {
         /// GEMMs, row kernels with block reductions). Without it, the generic schedule.
         #[arg(long)]
         target: Option<String>,
+        /// The element type of products' operands (the `precision` pass).
+        #[arg(long, value_enum, default_value_t)]
+        precision: PrecisionArg,
     },
     /// Run a model (FILE.tn, with the reference interpreter) or a compiled bundle (a
     /// directory) and write its outputs (and, with --grad, every parameter gradient) as
@@ -113,7 +139,9 @@ where
     };
     let result = match cli.command {
         Command::Check { model } => check::run(&model),
-        Command::Ir { model, dot, after, target } => ir::run(&model, dot, &after, target.as_deref()),
+        Command::Ir { model, dot, after, target, precision } => {
+            ir::run(&model, dot, &after, target.as_deref(), precision.policy())
+        }
         Command::Run(args) => run::run(&args),
         Command::Init(args) => run::init(&args),
         Command::Verify(args) => verify::run(&args),

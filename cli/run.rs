@@ -42,6 +42,10 @@ pub struct RunArgs {
     /// Where a compiled bundle runs (the interpreter always runs on the CPU).
     #[arg(long, value_enum, default_value_t)]
     pub device: crate::bundle_run::Device,
+    /// With the interpreter: the element type of products' operands (the model is then
+    /// run as compiled: the whole pass pipeline, with `precision`).
+    #[arg(long, value_enum, default_value_t)]
+    pub precision: crate::PrecisionArg,
 }
 
 #[derive(clap::Args, Debug)]
@@ -74,15 +78,31 @@ fn write(path: &Path, tensors: &[(String, Tensor)], dtype: DTypeArg) -> Result<(
 
 pub fn run(args: &RunArgs) -> Result<(), Failure> {
     if crate::bundle_run::is_bundle(&args.model.file) {
+        if args.precision != crate::PrecisionArg::F32 {
+            return Err(Failure::usage(
+                tnc_grammar::Diagnostic::error(
+                    "`--precision` applies to a model file; a bundle keeps the precision it was compiled with",
+                )
+                .with_hint("compile it with `tnc compile --precision …`"),
+            ));
+        }
         return crate::bundle_run::run(args);
     }
     let (graph, _) = elaborate(&args.model)?;
-    let graph = if args.grad {
-        passes::differentiate_loss(graph).map_err(|d| Failure {
-            diagnostic: d,
-            sources: SourceMap::new(),
-            status: 1,
-        })?
+    let failure = |d| Failure { diagnostic: d, sources: SourceMap::new(), status: 1 };
+    let graph = if args.precision != crate::PrecisionArg::F32 {
+        // The model as compiled with that precision (gradients included; dropped unless asked).
+        let last = passes::names().last().copied().unwrap_or("elaborate");
+        let mut g = passes::run_until_with(graph, last, args.precision.policy())
+            .expect("the last pass exists")
+            .map_err(failure)?;
+        if !args.grad {
+            g.outputs.retain(|(name, _)| !name.starts_with("grad."));
+            tnc_compiler::ir::rewrite::remove_dead(&mut g);
+        }
+        g
+    } else if args.grad {
+        passes::differentiate_loss(graph).map_err(failure)?
     } else {
         graph
     };

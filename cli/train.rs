@@ -80,6 +80,9 @@ pub struct TrainFlags {
     /// CPU target of the compiled bundle.
     #[arg(long, default_value = "native")]
     pub target: String,
+    /// The element type of products' operands (a .tn model is compiled with it).
+    #[arg(long, value_enum, default_value_t)]
+    pub precision: crate::PrecisionArg,
 }
 
 fn parse_schedule(s: &str) -> Result<Schedule, String> {
@@ -149,7 +152,7 @@ pub(crate) fn resolve_bundle(
         sets.push(format!("drop={p}"));
     }
     let args = ModelArgs { file: model.to_path_buf(), sets, model: None };
-    bundle_cache::training_bundle(&args, &flags.target, status)
+    bundle_cache::training_bundle(&args, (&flags.target, flags.precision.policy()), status)
 }
 
 /// What `run.json` records about a run.

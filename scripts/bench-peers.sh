@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# tnc's CPU training step of TransNormer T1 side by side with PyTorch (eager, torch.compile,
-# torch.compile under bf16 autocast) and JAX (jit), in one run, interleaved; prints one
+# tnc's CPU training step of TransNormer T1 (with f32 and with bf16 products) side by side
+# with PyTorch (eager, torch.compile, torch.compile under bf16 autocast) and JAX (jit), in
+# one run, interleaved; prints one
 # table (median, min, each time over tnc's) and checks every peer's loss and gradients
 # against tnc's (and, in f64, PyTorch's against tnc's interpreter). The peers are `benches/peers/t1_torch.py` and `t1_jax.py`: T1 exactly as
 # `models/transnormer_t1.tn` computes it (LRPE, biases, positions, embedding scale).
@@ -59,6 +60,9 @@ variants=()
 for v in peers t1; do
     # shellcheck disable=SC2086
     "$tnc" compile models/transnormer_t1.tn --target native "${sets[@]}" ${variant_sets[$v]} -o "$work/$v.tnb" >/dev/null
+    # shellcheck disable=SC2086
+    "$tnc" compile models/transnormer_t1.tn --target native --precision bf16 "${sets[@]}" ${variant_sets[$v]} \
+        -o "$work/$v-bf16.tnb" >/dev/null
     # shellcheck disable=SC2086
     "$tnc" init models/transnormer_t1.tn "${sets[@]}" ${variant_sets[$v]} --seed 0 --out "$work/$v-init.safetensors" >/dev/null
     variants+=(--variant "$v=${variant_config[$v]}")

@@ -52,8 +52,14 @@ def load(ptx_text):
 
 
 def values(raw, elem):
+    """Element values of a buffer; 16-bit floats widened to floats (compared like f32)."""
     if elem == "f32":
         return struct.unpack(f"<{len(raw) // 4}f", raw)
+    if elem == "f16":
+        return struct.unpack(f"<{len(raw) // 2}e", raw)
+    if elem == "bf16":
+        halves = struct.unpack(f"<{len(raw) // 2}H", raw)
+        return struct.unpack(f"<{len(halves)}f", struct.pack(f"<{len(halves)}I", *[h << 16 for h in halves]))
     if elem == "i32":
         return struct.unpack(f"<{len(raw) // 4}i", raw)
     return raw
@@ -104,7 +110,7 @@ def run_set(d, name):
                 g = values(got.raw, b["elem"])
                 w = values(open(f"{d}/{b['want']}", "rb").read(), b["elem"])
                 at = f"{name} case {ci} `{k}` buffer `{b['name']}`"
-                if b["elem"] == "f32":
+                if b["elem"] in ("f32", "bf16", "f16"):
                     finite = [abs(x) for x in w if math.isfinite(x)]
                     scale = max(finite) if finite else 0.0
                     bad = 0

@@ -141,3 +141,40 @@ fn cuda_bundles_run_or_say_there_is_no_driver() {
     assert!(err.contains("cuda"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--precision bf16`: `tnc ir --after precision` shows the narrowed products; a compiled
+/// bundle's products read bf16 buffers (and so does the GPU one); `tnc verify` passes at
+/// its 16-bit tolerance; `tnc run` on the model evaluates it as compiled and refuses the
+/// flag on a bundle; an unknown precision is bad usage.
+#[test]
+fn bf16_products_from_the_command_line() {
+    let mut args = vec!["ir", "models/tnl.tn", "--after", "precision", "--precision", "bf16"];
+    args.extend(TINY);
+    let (code, out, err) = tnc(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("cast[bf16]") && out.contains(": bf16["), "{out}");
+    let dir = std::env::temp_dir().join(format!("tnc-compile-cli-bf16-{}", std::process::id()));
+    for target in ["native", "sm80"] {
+        let out = dir.join(format!("{target}.tnb"));
+        let out_s = out.display().to_string();
+        let mut args = vec!["compile", "models/tnl.tn", "--target", target, "--precision", "bf16", "-o", &out_s];
+        args.extend(TINY);
+        let (code, _, err) = tnc(&args);
+        assert_eq!(code, 0, "{target}: {err}");
+        let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
+        assert!(manifest.contains("\"elem\": \"bf16\""), "{target}: no bf16 buffer in the manifest");
+    }
+    let mut args = vec!["verify", "models/tnl.tn", "--precision", "bf16"];
+    args.extend(TINY);
+    let (code, out, err) = tnc(&args);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("match within 0.01"), "{out}");
+    let (code, _, err) = tnc(&["compile", "models/tnl.tn", "--target", "native", "--precision", "bf8"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("bf16"), "{err}");
+    let bundle = dir.join("native.tnb").display().to_string();
+    let (code, _, err) = tnc(&["run", &bundle, "--inputs", "x", "--out", "y", "--precision", "bf16"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("compiled with"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -11,15 +11,17 @@ use std::ffi::c_void;
 use tnc_compiler::backend::{self, CpuTarget};
 use tnc_compiler::ir::Graph;
 use tnc_compiler::kernel::exec::{self, Buffer};
-use tnc_compiler::kernel::{Access, Binary, Elem, Expr};
+use tnc_compiler::kernel::{Access, Binary, Expr};
+use tnc_compiler::schedule::run::{to_bytes, to_typed};
 use tnc_compiler::{fusion, memory, passes, schedule};
 
 type KernelFn = unsafe extern "C" fn(*const *mut c_void, *const i64, i64, i64);
 
-/// The pipeline, optionally without `recognize` (the generic lowering of every op).
-fn optimize(g: Graph, recognize: bool) -> Graph {
+/// The pipeline with `precision`, optionally without `recognize` (the generic lowering of
+/// every op).
+fn optimize(g: Graph, recognize: bool, precision: passes::Policy) -> Graph {
     let mut g = g;
-    for p in passes::pipeline() {
+    for p in passes::pipeline_with(precision) {
         if p.name() == "recognize" && !recognize {
             continue;
         }
@@ -49,40 +51,15 @@ fn int(e: &Expr, sizes: &[i64]) -> i64 {
     }
 }
 
-fn to_typed(bytes: &[u8], elem: Elem) -> Buffer {
-    match elem {
-        Elem::F32 => Buffer::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-        Elem::I32 => Buffer::I32(bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-        Elem::U8 => Buffer::U8(bytes.to_vec()),
-    }
-}
-
-fn to_bytes(b: &Buffer, len: usize) -> Vec<u8> {
-    let mut out: Vec<u8> = match b {
-        Buffer::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Buffer::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Buffer::U8(v) => v.clone(),
-    };
-    out.resize(len, 0xFF);
-    out
-}
-
-fn ptr(b: &mut Buffer) -> *mut c_void {
-    match b {
-        Buffer::F32(v) => v.as_mut_ptr().cast(),
-        Buffer::I32(v) => v.as_mut_ptr().cast(),
-        Buffer::U8(v) => v.as_mut_ptr().cast(),
-    }
-}
-
-fn check_model(path: &std::path::Path, recognize: bool, target: &CpuTarget) {
+fn check_model(path: &std::path::Path, recognize: bool, precision: passes::Policy, target: &CpuTarget) {
     let (sources, g) = elaborate_path(path, &tiny_sets(path));
     let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
     let reference = passes::differentiate_loss(g.clone()).unwrap();
-    let optimized = optimize(g, recognize);
+    let optimized = optimize(g, recognize, precision);
     let plan = fusion::fuse(&optimized).unwrap();
     let mem = memory::plan_memory(&optimized, &plan).unwrap();
-    let model = format!("{} (recognize: {recognize})", path.file_name().unwrap().to_string_lossy());
+    let model =
+        format!("{} (recognize: {recognize}, {})", path.file_name().unwrap().to_string_lossy(), precision.name());
     let s = match schedule::schedule(&optimized, &plan, &mem) {
         Ok(s) => s,
         // Kernel templates for recognized ops arrive one by one; the generic lowering
@@ -97,9 +74,10 @@ fn check_model(path: &std::path::Path, recognize: bool, target: &CpuTarget) {
     let dedup = backend::dedup_kernels(&s.kernels).unwrap();
     let obj = backend::emit_object(&dedup.kernels, target).unwrap_or_else(|e| panic!("{model}: {e}"));
     let dir = std::env::temp_dir().join(format!(
-        "tnc-llvm-models-{}-{}-{recognize}",
+        "tnc-llvm-models-{}-{}-{recognize}-{}",
         std::process::id(),
-        path.file_stem().unwrap().to_string_lossy()
+        path.file_stem().unwrap().to_string_lossy(),
+        precision.name()
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let (o, so) = (dir.join("kernels.o"), dir.join("kernels.so"));
@@ -144,7 +122,7 @@ fn check_model(path: &std::path::Path, recognize: bool, target: &CpuTarget) {
         exec::run_all(k, &mut want, &args).unwrap_or_else(|e| panic!("{model} step {si}: {e}"));
         let name = &dedup.names[&k.name];
         let f: libloading::Symbol<KernelFn> = unsafe { lib.get(name.as_bytes()) }.unwrap();
-        let ptrs: Vec<*mut c_void> = got.iter_mut().map(ptr).collect();
+        let ptrs: Vec<*mut c_void> = got.iter_mut().map(Buffer::as_mut_ptr).collect();
         let extent = int(&k.extent, &args);
         unsafe {
             f(ptrs.as_ptr(), args.as_ptr(), 0, extent / 2);
@@ -192,7 +170,19 @@ fn every_model_runs_compiled_like_the_executor() {
     let target = CpuTarget::parse("native").unwrap();
     for path in model_files() {
         for recognize in [false, true] {
-            check_model(&path, recognize, &target);
+            check_model(&path, recognize, passes::Policy::F32, &target);
         }
+    }
+}
+
+/// The same with 16-bit products (bf16 and f16 casts, 16-bit buffers: loads widen, stores
+/// round), unrecognized, so that every product is a generated loop nest reading them; the
+/// 16-bit buffers must match the executor's bit for bit.
+#[test]
+fn every_model_with_sixteen_bit_products_runs_compiled_like_the_executor() {
+    let target = CpuTarget::parse("native").unwrap();
+    for (i, path) in model_files().into_iter().enumerate() {
+        let precision = if i % 2 == 0 { passes::Policy::Bf16 } else { passes::Policy::F16 };
+        check_model(&path, false, precision, &target);
     }
 }

@@ -63,3 +63,57 @@ fn optimized_graphs_have_the_fused_structure() {
         }
     }
 }
+
+/// The precision pass: with bf16 products, both operands of every contraction and the
+/// cross-entropy's hidden states and table are bf16, a cast of an f32 value made once
+/// (a parameter's bf16 copy is shared by the forward product and the backward ones), and
+/// nothing else is 16-bit: products, norms, attention ops, the loss and every gradient
+/// stay f32. With f32 (the default) nothing is 16-bit.
+#[test]
+fn sixteen_bit_products_narrow_their_operands_and_nothing_else() {
+    use tnc_compiler::ir::{DType, Op};
+    for path in model_files() {
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let (sources, g) = elaborate_path(&path, &tiny_sets(&path));
+        let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+        let last = *passes::names().last().unwrap();
+        let plain = passes::run_until(g.clone(), last).unwrap().unwrap();
+        assert!(plain.dag.node_indices().all(|n| plain.ty(n).dtype != DType::BF16), "{name}");
+        let g = passes::run_until_with(g, last, passes::Policy::Bf16).unwrap().unwrap();
+        let mut cast_sources = std::collections::HashSet::new();
+        let (mut products, mut casts) = (0, 0);
+        for n in g.dag.node_indices() {
+            let op = &g.node(n).op;
+            let ops = g.operands(n);
+            if g.ty(n).dtype == DType::BF16 {
+                assert!(matches!(op, Op::Cast { .. }), "{name}: a `{}` is bf16", op.kind());
+                assert_eq!(g.ty(ops[0]).dtype, DType::F32, "{name}: a cast of a non-f32 value");
+                assert!(cast_sources.insert(ops[0]), "{name}: a value is narrowed twice");
+                casts += 1;
+            }
+            let narrowed = match op {
+                Op::Einsum(spec)
+                    if spec.inputs.len() == 2 && spec.inputs.iter().flatten().any(|l| !spec.output.contains(l)) =>
+                {
+                    true
+                }
+                Op::CrossEntropy(_)
+                | Op::CrossEntropyGradX(_)
+                | Op::CrossEntropyGradTable(_)
+                | Op::CrossEntropyCorrect(_) => true,
+                _ => false,
+            };
+            if narrowed {
+                products += 1;
+                assert!(
+                    ops[..2].iter().all(|&o| g.ty(o).dtype == DType::BF16),
+                    "{name}: a `{}` reads f32 operands",
+                    op.kind()
+                );
+                assert_eq!(g.ty(n).dtype, DType::F32, "{name}: a `{}` is not f32", op.kind());
+            }
+        }
+        // Forward and backward projections, the loss's three ops.
+        assert!(products >= 6 && casts >= 4, "{name}: {products} products, {casts} casts");
+    }
+}

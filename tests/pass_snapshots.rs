@@ -25,6 +25,13 @@ fn graph_after_each_pass() {
     }
 }
 
+/// The tiny TNL with bf16 products: the casts the precision pass adds.
+#[test]
+fn graph_after_precision_bf16() {
+    let g = passes::run_until_with(tiny("models/tnl.tn", TNL), "precision", passes::Policy::Bf16).unwrap().unwrap();
+    insta::assert_snapshot!("tnl_after_precision_bf16", to_text(&g));
+}
+
 #[test]
 fn kernels_after_schedule() {
     let last = *passes::names().last().unwrap();

@@ -36,7 +36,7 @@ PEERS = ["torch-eager", "torch-compile", "torch-compile-bf16", "jax"]
 # the f64 ones (measured; tnc's f32 ones 1e-5), the peers' model 2e-6. bf16 autocast
 # rounds every product's operands to 8 bits of mantissa: ~1e-2 typically, ~9e-2 on those
 # same gradients. A wrong model is off by ~1.
-TOLERANCE = {"torch-compile-bf16": 0.15}
+TOLERANCE = {"torch-compile-bf16": 0.15, "tnc-bf16": 0.15}
 F32_TOLERANCE = 5e-3
 F64_TOLERANCE = 1e-10
 
@@ -80,6 +80,22 @@ def tnc_times(tnc_run, bundle, params, tokens, batch, seq, steps, threads):
         check=True, capture_output=True, text=True).stdout
     line = next(l for l in out.splitlines() if l.startswith("BENCH_JSON "))
     return json.loads(line[len("BENCH_JSON "):])["fwd_bwd_all_ms"]
+
+
+def compare_files(got_path, want_path):
+    """Loss and gradients of one run against another's (as the workers' `check` does)."""
+    got, want = load_file(got_path), load_file(want_path)
+    worst, worst_name = 0.0, ""
+    for k in (k for k in want if k.startswith("grad.")):
+        g = got[k]
+        e = float(np.linalg.norm(g.astype(np.float64) - want[k]) / max(np.linalg.norm(want[k].astype(np.float64)), 1e-30))
+        if not np.isfinite(g).all():
+            e = float("inf")
+        if e > worst:
+            worst, worst_name = e, k[len("grad."):]
+    loss, ref = float(got["loss"]), float(want["loss"])
+    return {"loss": loss, "tnc_loss": ref, "loss_rel": abs(loss - ref) / abs(ref), "grad_rel_l2_worst": worst,
+            "grad_worst": worst_name}
 
 
 def check_inputs(work, variant, init, vocab, batch, seq):
@@ -154,6 +170,21 @@ def main():
                             ref, "--grad", "--threads", str(a.threads)], check=True, capture_output=True)
             workers = []
             checks = {}
+            # tnc with bf16 products, when its bundle is there: checked like a peer.
+            tnc_impls = {"tnc": bundle}
+            bundle16 = os.path.join(a.work, f"{variant}-bf16.tnb")
+            if os.path.isdir(bundle16):
+                tnc_impls["tnc-bf16"] = bundle16
+                ref16 = os.path.join(a.work, f"{variant}-N{seq}-tnc-bf16.safetensors")
+                subprocess.run([a.tnc_run, bundle16, "--device", "cpu", "--inputs", tokens, "--params", params, "--out",
+                                ref16, "--grad", "--threads", str(a.threads)], check=True, capture_output=True)
+                c = compare_files(ref16, ref)
+                c["ok"] = c["loss_rel"] <= TOLERANCE["tnc-bf16"] and c["grad_rel_l2_worst"] <= TOLERANCE["tnc-bf16"]
+                checks["tnc-bf16"] = c
+                log(f"   tnc-bf16: loss {c['loss']:.6f} (tnc {c['tnc_loss']:.6f}), worst gradient rel L2 "
+                    f"{c['grad_rel_l2_worst']:.2e} ({c['grad_worst']}){'' if c['ok'] else '  MISMATCH'}")
+                if not c["ok"]:
+                    failed.append(f"tnc-bf16 {variant} N {seq}")
             for impl in peers:
                 w = Worker(impl, params, tokens, config, a.threads, sys.executable)
                 workers.append(w)
@@ -169,14 +200,14 @@ def main():
                 if not c["ok"]:
                     failed.append(f"{impl} {variant} N {seq}")
                 w.ask("time 1")  # warm-up
-            times = {impl: [] for impl in ["tnc"] + peers}
-            order = ["tnc"] + peers
+            order = list(tnc_impls) + peers
+            times = {impl: [] for impl in order}
             for r in range(a.rounds):
                 turn = order[r % len(order):] + order[:r % len(order)]
                 for impl in turn:
                     time.sleep(0.2)  # let the previous implementation's spinning threads settle
-                    if impl == "tnc":
-                        ts = tnc_times(a.tnc_run, bundle, params, tokens, a.batch, seq, a.steps, a.threads)
+                    if impl in tnc_impls:
+                        ts = tnc_times(a.tnc_run, tnc_impls[impl], params, tokens, a.batch, seq, a.steps, a.threads)
                     else:
                         ts = next(w for w in workers if w.impl == impl).ask(f"time {a.steps}")["times_ms"]
                     times[impl] += ts

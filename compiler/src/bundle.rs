@@ -90,6 +90,8 @@ fn gemm_entry(g: &kernel::gemm::Gemm, sizes: &[String]) -> Result<m::GemmEntry, 
 fn dtype(d: DType) -> m::DType {
     match d {
         DType::F32 => m::DType::F32,
+        DType::BF16 => m::DType::BF16,
+        DType::F16 => m::DType::F16,
         DType::I32 => m::DType::I32,
         DType::Bool => m::DType::U8,
     }
@@ -98,6 +100,8 @@ fn dtype(d: DType) -> m::DType {
 fn elem(e: kernel::Elem) -> m::DType {
     match e {
         kernel::Elem::F32 => m::DType::F32,
+        kernel::Elem::BF16 => m::DType::BF16,
+        kernel::Elem::F16 => m::DType::F16,
         kernel::Elem::I32 => m::DType::I32,
         kernel::Elem::U8 => m::DType::U8,
     }

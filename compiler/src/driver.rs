@@ -26,6 +26,8 @@ pub struct Options {
     /// A training bundle: adds the optimizer's entry points (`accumulate`, `grad_norm`,
     /// `step`; see `schedule/optimizer.rs`) and the per-token accuracy output `correct`.
     pub train: bool,
+    /// The element type of products' operands (`passes/precision.rs`).
+    pub precision: passes::Policy,
 }
 
 pub struct Compiled {
@@ -54,12 +56,12 @@ fn timed<T>(
 /// generation).
 pub fn lower(
     graph: Graph,
-    train: bool,
+    (train, precision): (bool, passes::Policy),
     sched_opts: &ScheduleOptions,
     stages: &mut Vec<(&'static str, Duration)>,
 ) -> Result<(Graph, FusionPlan, MemoryPlan, Schedule), String> {
     let mut g = graph;
-    let mut pipeline = passes::pipeline();
+    let mut pipeline = passes::pipeline_with(precision);
     if train {
         pipeline.push(Box::new(passes::Accuracy));
     }
@@ -144,7 +146,8 @@ fn compile_gpu(
 ) -> Result<Compiled, String> {
     let emit = opts.emit;
     let gpu = GpuTarget::parse(target)?;
-    let (graph, plan, memory, mut sched) = lower(graph, opts.train, &schedule_options(target), &mut stages)?;
+    let (graph, plan, memory, mut sched) =
+        lower(graph, (opts.train, opts.precision), &schedule_options(target), &mut stages)?;
     sched.kernels = target_kernels(&sched.kernels, target);
     let ptx = timed(&mut stages, "llvm (nvptx)", || backend::emit_ptx(&sched.kernels, &gpu))?;
     let mut extra_files = Vec::new();
@@ -221,7 +224,8 @@ fn compile_cpu(
     mut stages: Vec<(&'static str, Duration)>,
 ) -> Result<Compiled, String> {
     let emit = opts.emit;
-    let (graph, plan, memory, sched) = lower(graph, opts.train, &schedule_options(&cpu.name), &mut stages)?;
+    let (graph, plan, memory, sched) =
+        lower(graph, (opts.train, opts.precision), &schedule_options(&cpu.name), &mut stages)?;
     let mut extra_files = Vec::new();
     // Reductions inside vector loops turned inside out so LLVM vectorizes them.
     let kernels = target_kernels(&sched.kernels, &cpu.name);

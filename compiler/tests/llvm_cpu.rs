@@ -65,16 +65,10 @@ fn targets() -> Vec<CpuTarget> {
 fn prefill(b: &Buffer, native: bool) -> Buffer {
     match b {
         Buffer::F32(v) => Buffer::F32(vec![if native { f32::NAN } else { -7777.0 }; v.len()]),
+        Buffer::BF16(v) => Buffer::BF16(vec![if native { 0x7fc1 } else { 0x7fc2 }; v.len()]),
+        Buffer::F16(v) => Buffer::F16(vec![if native { 0x7e01 } else { 0x7e02 }; v.len()]),
         Buffer::I32(v) => Buffer::I32(vec![if native { i32::MIN } else { i32::MIN + 1 }; v.len()]),
         Buffer::U8(v) => Buffer::U8(vec![if native { 0xAA } else { 0xBB }; v.len()]),
-    }
-}
-
-fn ptr(b: &mut Buffer) -> *mut c_void {
-    match b {
-        Buffer::F32(v) => v.as_mut_ptr().cast(),
-        Buffer::I32(v) => v.as_mut_ptr().cast(),
-        Buffer::U8(v) => v.as_mut_ptr().cast(),
     }
 }
 
@@ -93,7 +87,7 @@ fn check(lib: &Lib, target: &str, k: &Kernel, inputs: &[Buffer], sizes: &[i64], 
         .collect();
     exec::run(k, &mut expect, sizes, 0, n).unwrap();
     let f: libloading::Symbol<KernelFn> = unsafe { lib.lib.get(k.name.as_bytes()) }.unwrap();
-    let ptrs: Vec<*mut c_void> = got.iter_mut().map(ptr).collect();
+    let ptrs: Vec<*mut c_void> = got.iter_mut().map(Buffer::as_mut_ptr).collect();
     for (b, e) in [(0, n / 3), (n / 3, n / 3), (n / 3, n)] {
         unsafe { f(ptrs.as_ptr(), sizes.as_ptr(), b, e) };
     }
@@ -350,6 +344,41 @@ fn lane_reductions_match_the_serial_loops() {
                 }
             }
         }
+    }
+}
+
+/// 16-bit buffers and rounding, generated code against the executor bit for bit: ties
+/// (to even), values past f16's range, subnormal halves, ±0, ±∞ and NaN.
+#[test]
+fn sixteen_bit_floats_round_like_the_executor() {
+    let k = sixteen_bit_kernel();
+    let mut x = data(300, 12);
+    let special = [
+        0.0,
+        -0.0,
+        1.0 + 2f32.powi(-8),
+        1.0 + 3.0 * 2f32.powi(-8),
+        1.0 + 2f32.powi(-11),
+        65504.0,
+        65520.0,
+        70000.0,
+        3.0e-6,
+        6.0e-8,
+        1e-40,
+        3.4e38,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+    ];
+    x[..special.len()].copy_from_slice(&special);
+    let n = x.len();
+    let b: Vec<u16> = (0..n as u16).map(|i| i.wrapping_mul(40503)).collect();
+    let inputs =
+        [Buffer::F32(x), Buffer::BF16(b), Buffer::BF16(vec![0; n]), Buffer::F16(vec![0; n]), Buffer::F32(vec![0.0; n])];
+    for target in targets() {
+        let lib = compile(std::slice::from_ref(&k), &target);
+        check(&lib, &target.name, &k, &inputs, &[n as i64], n as i64, 0.0);
     }
 }
 

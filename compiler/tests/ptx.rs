@@ -518,6 +518,12 @@ fn kernel_shared_floats(k: &Kernel) -> u32 {
 fn fill(elem: Elem, n: usize, seed: u64) -> exec::Buffer {
     match elem {
         Elem::F32 => exec::Buffer::F32(data(n, seed).into_iter().map(|x| x * 0.3).collect()),
+        Elem::BF16 => exec::Buffer::BF16(
+            data(n, seed).into_iter().map(|x| tnc_compiler::kernel::math::bf16_bits(x * 0.3)).collect(),
+        ),
+        Elem::F16 => exec::Buffer::F16(
+            data(n, seed).into_iter().map(|x| tnc_compiler::kernel::math::f16_bits(x * 0.3)).collect(),
+        ),
         Elem::I32 => exec::Buffer::I32((0..n).map(|j| ((j as u64 * 7 + seed) % 32) as i32).collect()),
         Elem::U8 => exec::Buffer::U8((0..n).map(|j| ((j as u64 + seed) % 3 == 0) as u8).collect()),
     }
@@ -528,23 +534,11 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn bytes(b: &exec::Buffer) -> Vec<u8> {
-    match b {
-        exec::Buffer::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        exec::Buffer::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        exec::Buffer::U8(v) => v.clone(),
-    }
+    tnc_compiler::schedule::run::to_bytes(b, b.len() * b.elem_bytes())
 }
 
 fn typed(bytes: &[u8], elem: Elem) -> exec::Buffer {
-    match elem {
-        Elem::F32 => {
-            exec::Buffer::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
-        }
-        Elem::I32 => {
-            exec::Buffer::I32(bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect())
-        }
-        Elem::U8 => exec::Buffer::U8(bytes.to_vec()),
-    }
+    tnc_compiler::schedule::run::to_typed(bytes, elem)
 }
 
 /// The value of an extent expression.
@@ -592,11 +586,7 @@ impl Cases {
             let (fi, fw) = (format!("{}_{c}_{j}_in.bin", self.set), format!("{}_{c}_{j}_want.bin", self.set));
             std::fs::write(self.dir.join(&fi), bytes(i)).unwrap();
             std::fs::write(self.dir.join(&fw), bytes(w)).unwrap();
-            let elem = match d.elem {
-                Elem::F32 => "f32",
-                Elem::I32 => "i32",
-                Elem::U8 => "u8",
-            };
+            let elem = tnc_compiler::kernel::print::elem(d.elem);
             let access = match d.access {
                 Access::Read => "r",
                 Access::Write => "w",

@@ -169,7 +169,7 @@ impl Drop for Buf {
 /// What a launch runs: generated code from `kernels.so`, or a library GEMM node.
 enum Work {
     Kernel(KernelFn),
-    Gemm(gemm::Shape),
+    Gemm(gemm::Shape, gemm::Operands),
 }
 
 /// One kernel launch with everything bound.
@@ -199,11 +199,12 @@ fn execute(launches: &Launches, args: &[i64], pool: &Pool) {
                 Work::Kernel(f) => unsafe { f(l.ptrs.as_ptr() as *mut *mut c_void, args.as_ptr(), begin, end) },
                 // SAFETY: the shape was checked against these buffers when the launch was
                 // bound, and threads get disjoint row ranges of C.
-                Work::Gemm(shape) => unsafe {
+                Work::Gemm(shape, operands) => unsafe {
                     gemm::run(
                         shape,
-                        l.ptrs[gemm::SLOT_A] as *const f32,
-                        l.ptrs[gemm::SLOT_B] as *const f32,
+                        *operands,
+                        l.ptrs[gemm::SLOT_A] as *const u8,
+                        l.ptrs[gemm::SLOT_B] as *const u8,
                         l.ptrs[gemm::SLOT_C] as *mut f32,
                         begin,
                         end,
@@ -513,7 +514,14 @@ impl Executor {
                     env.extend(k.args.iter().map(String::as_str).zip(s.args.iter().copied()));
                     let shape = gemm::Shape::eval(g, &env)
                         .map_err(|e| ExecError::Sizes(format!("GEMM of kernel `{}`: {e}", k.name)))?;
-                    let lens = [gemm::SLOT_A, gemm::SLOT_B, gemm::SLOT_C].map(|i| self.bufs[s.buffers[i]].len / 4);
+                    let operands = match k.buffers[gemm::SLOT_A].elem {
+                        DType::BF16 => gemm::Operands::BF16,
+                        DType::F16 => gemm::Operands::F16,
+                        _ => gemm::Operands::F32,
+                    };
+                    let elems = [operands.bytes(), operands.bytes(), 4];
+                    let lens =
+                        [gemm::SLOT_A, gemm::SLOT_B, gemm::SLOT_C].map(|i| self.bufs[s.buffers[i]].len / elems[i]);
                     shape.check(lens).map_err(|e| {
                         ExecError::Bundle(BundleError::Invalid(format!("library kernel `{}`: {e}", k.name)))
                     })?;
@@ -524,7 +532,7 @@ impl Executor {
                             shape.extent().unwrap_or(-1)
                         ))));
                     }
-                    Work::Gemm(shape)
+                    Work::Gemm(shape, operands)
                 }
                 None => Work::Kernel(self.kernels[s.kernel].expect("resolved in new")),
             };
@@ -894,8 +902,15 @@ pub(crate) fn tensor_values(
         safetensors::Dtype::F64 => {
             Ok(d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect())
         }
+        // 16-bit floats widen exactly (a checkpoint exported in bf16 or f16).
+        safetensors::Dtype::BF16 => {
+            Ok(d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
+        }
+        safetensors::Dtype::F16 => {
+            Ok(d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
+        }
         other => Err(ExecError::Params(format!(
-            "parameter `{}`: {source} stores it as {other:?}; expected F32 or F64",
+            "parameter `{}`: {source} stores it as {other:?}; expected F32, F64, BF16 or F16",
             p.name
         ))),
     }
@@ -913,6 +928,8 @@ pub(crate) fn write_params(path: &Path, values: &[(&ParamEntry, Vec<u8>)]) -> Re
         .map(|(p, shape, bytes)| {
             let dt = match p.dtype {
                 DType::F32 => safetensors::Dtype::F32,
+                DType::BF16 => safetensors::Dtype::BF16,
+                DType::F16 => safetensors::Dtype::F16,
                 DType::I32 => safetensors::Dtype::I32,
                 DType::U8 => safetensors::Dtype::U8,
             };
@@ -929,7 +946,8 @@ pub(crate) fn le_bytes(dtype: DType, bytes: &[u8]) -> Vec<u8> {
     if cfg!(target_endian = "little") || dtype == DType::U8 {
         return bytes.to_vec();
     }
-    bytes.chunks_exact(4).flat_map(|c| [c[3], c[2], c[1], c[0]]).collect()
+    let n = dtype.bytes();
+    bytes.chunks_exact(n).flat_map(|c| c.iter().rev().copied().collect::<Vec<_>>()).collect()
 }
 
 /// Set the scalar `name` in `scalars` (in the manifest's order); shared by the executors.

@@ -173,12 +173,147 @@ impl Shape {
     }
 }
 
-/// Iterations `begin..end` of the node with the `gemm` crate, on the calling thread.
+/// The element type of A and B (C is always f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operands {
+    F32,
+    /// 16-bit floats, widened exactly to f32 (a product of two bf16 or two f16 values is
+    /// exact in f32, so only the order of the sums differs from a 16-bit dot product).
+    BF16,
+    F16,
+}
+
+impl Operands {
+    pub fn bytes(self) -> usize {
+        match self {
+            Operands::F32 => 4,
+            Operands::BF16 | Operands::F16 => 2,
+        }
+    }
+}
+
+/// Iterations `begin..end` of the node, on the calling thread: f32 operands with the
+/// `gemm` crate in place; 16-bit operands widened to f32 block by block first.
 ///
 /// # Safety
-/// `a`, `b`, `c` point to buffers that [`Shape::check`] accepted, and no other thread
-/// writes the rows of C this range covers.
-pub unsafe fn run(shape: &Shape, a: *const f32, b: *const f32, c: *mut f32, begin: i64, end: i64) {
+/// `a`, `b`, `c` point to buffers that [`Shape::check`] accepted (in elements of
+/// `operands` for A and B, f32 for C), and no other thread writes the rows of C this
+/// range covers.
+pub unsafe fn run(shape: &Shape, operands: Operands, a: *const u8, b: *const u8, c: *mut f32, begin: i64, end: i64) {
+    match operands {
+        // SAFETY: as for this function.
+        Operands::F32 => unsafe { run_f32(shape, a as *const f32, b as *const f32, c, begin, end) },
+        #[cfg(target_arch = "x86_64")]
+        Operands::BF16 if crate::amx::available() => unsafe {
+            run_amx(shape, a as *const u16, b as *const u16, c, begin, end)
+        },
+        Operands::BF16 | Operands::F16 => unsafe { run_widened(shape, operands, a, b, c, begin, end) },
+    }
+}
+
+/// [`run`] for bf16 operands on AMX (`amx.rs`), block by block.
+///
+/// # Safety
+/// As for [`run`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn run_amx(shape: &Shape, a: *const u16, b: *const u16, c: *mut f32, begin: i64, end: i64) {
+    use crate::amx::View as V;
+    for blk in shape.blocks(begin, end) {
+        let rows = (blk.rows.1 - blk.rows.0) as usize;
+        // SAFETY: the offsets and strides were checked against the buffers.
+        unsafe {
+            let a0 = a.offset((blk.a + blk.rows.0 * shape.a.rows) as isize);
+            let c0 = c.offset((blk.c + blk.rows.0 * shape.c.rows) as isize);
+            crate::amx::gemm(
+                rows,
+                shape.n as usize,
+                shape.k as usize,
+                V { ptr: a0, rows: shape.a.rows as isize, cols: shape.a.cols as isize },
+                V { ptr: b.offset(blk.b as isize), rows: shape.b.rows as isize, cols: shape.b.cols as isize },
+                V { ptr: c0 as *const f32, rows: shape.c.rows as isize, cols: shape.c.cols as isize },
+                shape.accumulate,
+            );
+        }
+    }
+}
+
+thread_local! {
+    /// Widened A rows and B of the current block (reused between calls on a thread).
+    static WIDE: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The f32 value of element `i` of a 16-bit buffer.
+///
+/// # Safety
+/// `p` points to at least `i + 1` elements.
+unsafe fn widen(operands: Operands, p: *const u8, i: isize) -> f32 {
+    // SAFETY: as documented.
+    let bits = unsafe { (p as *const u16).offset(i).read_unaligned() };
+    match operands {
+        Operands::BF16 => f32::from_bits((bits as u32) << 16),
+        _ => half::f16::from_bits(bits).to_f32(),
+    }
+}
+
+/// [`run`] for 16-bit operands: each block's rows of A and the product's B widened into
+/// dense row-major f32 scratch, then the f32 product.
+///
+/// # Safety
+/// As for [`run`].
+unsafe fn run_widened(
+    shape: &Shape,
+    operands: Operands,
+    a: *const u8,
+    b: *const u8,
+    c: *mut f32,
+    begin: i64,
+    end: i64,
+) {
+    let (m_k, k_n) = (shape.k as usize, shape.n as usize);
+    WIDE.with(|wide| {
+        let (wa, wb) = &mut *wide.borrow_mut();
+        let mut b_of: Option<i64> = None;
+        for blk in shape.blocks(begin, end) {
+            let rows = (blk.rows.1 - blk.rows.0) as usize;
+            if b_of != Some(blk.b) {
+                wb.clear();
+                wb.reserve(m_k * k_n);
+                for kk in 0..shape.k {
+                    for j in 0..shape.n {
+                        // SAFETY: the view was checked against B's buffer.
+                        wb.push(unsafe { widen(operands, b, (blk.b + kk * shape.b.rows + j * shape.b.cols) as isize) });
+                    }
+                }
+                b_of = Some(blk.b);
+            }
+            wa.clear();
+            wa.reserve(rows * m_k);
+            for r in blk.rows.0..blk.rows.1 {
+                for kk in 0..shape.k {
+                    // SAFETY: the view was checked against A's buffer.
+                    wa.push(unsafe { widen(operands, a, (blk.a + r * shape.a.rows + kk * shape.a.cols) as isize) });
+                }
+            }
+            // The block as an f32 product of the scratch matrices (rows from 0).
+            let dense = Shape {
+                batch: Vec::new(),
+                m: rows as i64,
+                a: View { offset: 0, rows: shape.k, cols: 1 },
+                b: View { offset: 0, rows: shape.n, cols: 1 },
+                c: View { offset: blk.c + blk.rows.0 * shape.c.rows, ..shape.c },
+                ..shape.clone()
+            };
+            // SAFETY: the scratch matrices are dense and C's view is the block's rows.
+            unsafe { run_f32(&dense, wa.as_ptr(), wb.as_ptr(), c, 0, rows as i64) };
+        }
+    });
+}
+
+/// Iterations `begin..end` of an f32 node with the `gemm` crate, on the calling thread.
+///
+/// # Safety
+/// As for [`run`].
+unsafe fn run_f32(shape: &Shape, a: *const f32, b: *const f32, c: *mut f32, begin: i64, end: i64) {
     for blk in shape.blocks(begin, end) {
         let rows = (blk.rows.1 - blk.rows.0) as usize;
         if rows == 0 || shape.n == 0 {
@@ -271,7 +406,7 @@ mod tests {
         naive(&s, &a, &b, &mut want);
         let mut got = vec![f32::NAN; want.len()];
         for (begin, end) in [(0, 4), (4, 11), (11, s.extent().unwrap())] {
-            unsafe { run(&s, a.as_ptr(), b.as_ptr(), got.as_mut_ptr(), begin, end) };
+            unsafe { run(&s, Operands::F32, a.as_ptr().cast(), b.as_ptr().cast(), got.as_mut_ptr(), begin, end) };
         }
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
@@ -282,6 +417,53 @@ mod tests {
     fn product((m, n, k): (i64, i64, i64), views: [(i64, i64, i64); 3]) -> Shape {
         let [a, b, c] = views.map(|(offset, rows, cols)| View { offset, rows, cols });
         Shape { batch: vec![], m, n, k, a, b, c, accumulate: false }
+    }
+
+    /// 16-bit operands (bf16 and f16, a transposed A and a strided B) widened to f32: the
+    /// same product as the f32 node on the widened values, over split ranges.
+    #[test]
+    fn sixteen_bit_operands_match_the_widened_product() {
+        let (batch, m, n, k) = (2i64, 5i64, 7i64, 9i64);
+        let s = Shape {
+            batch: vec![(batch, m * k, 0, m * n)],
+            m,
+            n,
+            k,
+            a: View { offset: 0, rows: 1, cols: m },
+            b: View { offset: 1, rows: 2 * n, cols: 2 },
+            c: View { offset: 0, rows: n, cols: 1 },
+            accumulate: false,
+        };
+        let a: Vec<f32> = (0..batch * m * k).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect();
+        let b: Vec<f32> = (0..2 * k * n + 1).map(|i| ((i * 13 % 7) as f32 - 3.0) / 2.0).collect();
+        for operands in [Operands::BF16, Operands::F16] {
+            let narrow = |v: &[f32]| -> Vec<u16> {
+                v.iter()
+                    .map(|&x| match operands {
+                        Operands::BF16 => half::bf16::from_f32(x).to_bits(),
+                        _ => half::f16::from_f32(x).to_bits(),
+                    })
+                    .collect()
+            };
+            let (a16, b16) = (narrow(&a), narrow(&b));
+            let wide = |v: &[u16]| -> Vec<f32> {
+                v.iter()
+                    .map(|&x| match operands {
+                        Operands::BF16 => half::bf16::from_bits(x).to_f32(),
+                        _ => half::f16::from_bits(x).to_f32(),
+                    })
+                    .collect()
+            };
+            let mut want = vec![0.0; (batch * m * n) as usize];
+            naive(&s, &wide(&a16), &wide(&b16), &mut want);
+            let mut got = vec![f32::NAN; want.len()];
+            for (begin, end) in [(0, 3), (3, s.extent().unwrap())] {
+                unsafe { run(&s, operands, a16.as_ptr().cast(), b16.as_ptr().cast(), got.as_mut_ptr(), begin, end) };
+            }
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{operands:?}: {g} vs {w}");
+            }
+        }
     }
 
     #[test]
@@ -312,7 +494,7 @@ mod tests {
         let s = product((2, 3, 0), [(0, 0, 1), (0, 3, 1), (0, 3, 1)]);
         s.check([0, 0, 6]).unwrap();
         let mut c = vec![f32::NAN; 6];
-        unsafe { run(&s, [].as_ptr(), [].as_ptr(), c.as_mut_ptr(), 0, 2) };
+        unsafe { run(&s, Operands::F32, [].as_ptr(), [].as_ptr(), c.as_mut_ptr(), 0, 2) };
         assert_eq!(c, vec![0.0; 6]);
     }
 }

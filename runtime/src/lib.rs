@@ -6,7 +6,8 @@
 //! - [`cpu`]: the CPU executor ([`Executor`]) running `kernels.so` on threads;
 //! - [`cuda`] (feature `cuda`, on by default): the CUDA executor ([`CudaExecutor`])
 //!   running `kernels.ptx` through the driver API;
-//! - [`gemm`]: library GEMM nodes, run with the `gemm` crate;
+//! - [`gemm`]: library GEMM nodes, run with the `gemm` crate (f32) or on AMX
+//!   ([`amx`], bf16);
 //! - [`init`]: parameter initialization from a seed, shared bit for bit with the
 //!   compiler's reference interpreter;
 //! - [`pool`]: the CPU executor's worker threads;
@@ -26,6 +27,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod amx;
 pub mod bundle;
 pub mod cpu;
 #[cfg(feature = "cuda")]

@@ -112,6 +112,10 @@ impl fmt::Display for TargetKind {
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     F32,
+    /// bfloat16 and IEEE half: 16-bit floats (buffers inside a bundle; tensors in and out
+    /// are f32, and parameter files may store them widened on reading).
+    BF16,
+    F16,
     I32,
     U8,
 }
@@ -120,6 +124,7 @@ impl DType {
     pub fn bytes(self) -> usize {
         match self {
             DType::F32 | DType::I32 => 4,
+            DType::BF16 | DType::F16 => 2,
             DType::U8 => 1,
         }
     }
@@ -129,6 +134,8 @@ impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
             DType::I32 => "i32",
             DType::U8 => "u8",
         })
@@ -619,8 +626,14 @@ impl Manifest {
             if let Some(g) = &k.gemm {
                 let c = if g.accumulate { Access::ReadWrite } else { Access::Write };
                 let slots: Vec<_> = k.buffers.iter().map(|b| (b.elem, b.access)).collect();
-                if slots != [(DType::F32, Access::Read), (DType::F32, Access::Read), (DType::F32, c)] {
-                    return Err(format!("library kernel `{}` must take buffers (in f32, in f32, {c:?} f32)", k.name));
+                let ok = [DType::F32, DType::BF16, DType::F16]
+                    .iter()
+                    .any(|&t| slots == [(t, Access::Read), (t, Access::Read), (DType::F32, c)]);
+                if !ok {
+                    return Err(format!(
+                        "library kernel `{}` must take buffers (in T, in T, {c:?} f32) with T f32, bf16 or f16",
+                        k.name
+                    ));
                 }
             }
         }

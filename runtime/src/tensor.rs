@@ -73,12 +73,16 @@ impl Tensor {
         }
     }
 
-    /// A tensor of `dtype` from native-order bytes (`bytes.len()` must fit the shape).
+    /// A tensor of `dtype` from native-order bytes (`bytes.len()` must fit the shape); 16-bit
+    /// floats become f32 tensors (exactly).
     pub fn from_bytes(dtype: DType, shape: Vec<usize>, bytes: &[u8]) -> Tensor {
+        let halves = || bytes.chunks_exact(2).map(|c| u16::from_ne_bytes([c[0], c[1]]));
         let data = match dtype {
             DType::F32 => {
                 TensorData::F32(bytes.chunks_exact(4).map(|c| f32::from_ne_bytes(c.try_into().unwrap())).collect())
             }
+            DType::BF16 => TensorData::F32(halves().map(|b| half::bf16::from_bits(b).to_f32()).collect()),
+            DType::F16 => TensorData::F32(halves().map(|b| half::f16::from_bits(b).to_f32()).collect()),
             DType::I32 => {
                 TensorData::I32(bytes.chunks_exact(4).map(|c| i32::from_ne_bytes(c.try_into().unwrap())).collect())
             }

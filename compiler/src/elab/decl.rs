@@ -166,8 +166,14 @@ impl Elaborator<'_> {
     fn dtype_of(&self, ty: &TypeAnn) -> R<DType> {
         match &ty.dtype {
             None => Ok(DType::F32),
-            Some(d) => DType::from_name(&d.name)
-                .ok_or_else(|| Diagnostic::at(format!("unknown element type `{}`", d.name), d.span)),
+            Some(d) => match DType::from_name(&d.name) {
+                Some(t @ (DType::BF16 | DType::F16)) => {
+                    Err(Diagnostic::at(format!("inputs and parameters cannot be {}", t.name()), d.span)
+                        .with_hint("declare them f32: `--precision bf16` computes products in 16 bits from f32 values"))
+                }
+                Some(t) => Ok(t),
+                None => Err(Diagnostic::at(format!("unknown element type `{}`", d.name), d.span)),
+            },
         }
     }
 

@@ -207,10 +207,7 @@ fn forward_first(g: &Graph, mut plan: FusionPlan) -> FusionPlan {
 }
 
 pub fn dtype_bytes(d: DType) -> i64 {
-    match d {
-        DType::F32 | DType::I32 => 4,
-        DType::Bool => 1,
-    }
+    d.bytes()
 }
 
 /// Size in bytes of a node's value.

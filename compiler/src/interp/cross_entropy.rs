@@ -21,6 +21,8 @@ struct View<'a> {
     transposed: bool,
     targets: Vec<usize>,
     g: Option<&'a [f64]>,
+    /// With 16-bit operands: rounds `P = g·(p − onehot)` before the gradients' products.
+    round: Option<fn(f32) -> f32>,
     t: usize,
     v: usize,
     d: usize,
@@ -49,6 +51,12 @@ impl View<'_> {
     fn g(&self, t: usize) -> f64 {
         self.g.map_or(1.0, |g| g[t])
     }
+
+    /// `P_tv = g_t (p_tv − [y_t = v])` rounded to the operands' type (16-bit operands).
+    fn rounded_p(&self, t: usize, v: usize, lse: f64, round: fn(f32) -> f32) -> f64 {
+        let hit = if v == self.targets[t] { 1.0 } else { 0.0 };
+        round((self.g(t) * ((self.z(t, v) - lse).exp() - hit)) as f32) as f64
+    }
 }
 
 fn view<'a>(
@@ -56,7 +64,7 @@ fn view<'a>(
     x: &'a Tensor,
     table: &'a Tensor,
     targets: &'a Tensor,
-    g: Option<&'a Tensor>,
+    (g, round): (Option<&'a Tensor>, Option<fn(f32) -> f32>),
 ) -> Result<View<'a>, String> {
     if table.rank() != 2 || x.rank() == 0 {
         return Err(format!(
@@ -82,24 +90,27 @@ fn view<'a>(
         }
         ys.push(y as usize);
     }
-    Ok(View { x: &x.data, table, transposed: ce.transposed, t: ys.len(), targets: ys, g: g.map(|g| &g.data[..]), v, d })
+    let g = g.map(|g| &g.data[..]);
+    Ok(View { x: &x.data, table, transposed: ce.transposed, t: ys.len(), targets: ys, g, round, v, d })
 }
 
 /// Evaluate one of the three ops. `g` is the loss cotangent (the backward ops' fourth
-/// operand); `chunk`: `None` naively, `Some(C)` by vocabulary chunks of C words.
+/// operand), `round` the rounding of 16-bit operands (`None` for f32), which the
+/// gradients' products read `P` rounded by; `chunk`: `None` naively, `Some(C)` by
+/// vocabulary chunks of C words.
 pub fn eval(
     ce: &CrossEntropy,
     which: CeOp,
     x: &Tensor,
     table: &Tensor,
     targets: &Tensor,
-    g: Option<&Tensor>,
+    (g, round): (Option<&Tensor>, Option<fn(f32) -> f32>),
     chunk: Option<usize>,
 ) -> Result<Tensor, String> {
     if matches!(which, CeOp::Loss | CeOp::Correct) != g.is_none() {
         return Err("the cross-entropy backward ops (only) take a loss cotangent".into());
     }
-    let w = view(ce, x, table, targets, g)?;
+    let w = view(ce, x, table, targets, (g, round))?;
     let tokens = targets.shape.clone();
     Ok(match (which, chunk) {
         (CeOp::Loss, None) => {
@@ -146,9 +157,19 @@ fn online_lse(w: &View, t: usize, c: usize) -> f64 {
     m + s.ln()
 }
 
-/// `g_t (Σ_v p_tv E_v − E_{y_t})`.
+/// `g_t (Σ_v p_tv E_v − E_{y_t})` (with 16-bit operands `Σ_v P_tv E_v`, `P` rounded).
 fn grad_x(w: &View, chunk: Option<usize>, shape: Vec<usize>) -> Tensor {
     let mut out = Tensor::zeros(shape);
+    if let Some(round) = w.round {
+        for t in 0..w.t {
+            let lse = naive_lse(w, t);
+            let p: Vec<f64> = (0..w.v).map(|v| w.rounded_p(t, v, lse, round)).collect();
+            for k in 0..w.d {
+                out.data[t * w.d + k] = (0..w.v).map(|v| p[v] * w.e(v, k)).sum();
+            }
+        }
+        return out;
+    }
     for t in 0..w.t {
         // `mean[k] = Σ_v p_tv E_vk`.
         let mean: Vec<f64> = match chunk {
@@ -188,7 +209,8 @@ fn grad_x(w: &View, chunk: Option<usize>, shape: Vec<usize>) -> Tensor {
     out
 }
 
-/// `dE_v = Σ_t g_t (p_tv − [y_t = v]) x_t`, in the table's layout.
+/// `dE_v = Σ_t g_t (p_tv − [y_t = v]) x_t`, in the table's layout (with 16-bit operands
+/// `Σ_t P_tv x_t`, `P` rounded).
 fn grad_table(w: &View, chunk: Option<usize>, shape: Vec<usize>) -> Tensor {
     let mut out = Tensor::zeros(shape);
     let (v_count, d) = (w.v, w.d);
@@ -198,6 +220,15 @@ fn grad_table(w: &View, chunk: Option<usize>, shape: Vec<usize>) -> Tensor {
             out.data[i] += coef * xk;
         }
     };
+    if let Some(round) = w.round {
+        for t in 0..w.t {
+            let lse = naive_lse(w, t);
+            for v in 0..v_count {
+                add(v, w.rounded_p(t, v, lse, round), w.xrow(t));
+            }
+        }
+        return out;
+    }
     match chunk {
         None => {
             for t in 0..w.t {

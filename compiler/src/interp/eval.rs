@@ -105,6 +105,18 @@ pub fn evaluate(
                 *v = opts.precision.round(*v);
             }
         }
+        // A 16-bit float is rounded after every op in either precision (through f32, as
+        // kernels round: in f64 a tie of the f32 rounding may differ from a direct one).
+        let round16 = match node.ty.dtype {
+            DType::BF16 => Some(crate::kernel::math::round_bf16 as fn(f32) -> f32),
+            DType::F16 => Some(crate::kernel::math::round_f16 as fn(f32) -> f32),
+            _ => None,
+        };
+        if let Some(round) = round16 {
+            for v in &mut result.data {
+                *v = round(*v as f32) as f64;
+            }
+        }
         values.insert(id, result);
     }
     Ok(Evaluation { values, symbols })
@@ -213,7 +225,13 @@ fn eval_op(
                 _ => CeOp::GradTable,
             };
             let g = if matches!(which, CeOp::Loss | CeOp::Correct) { None } else { Some(arg(3)?) };
-            super::cross_entropy::eval(ce, which, arg(0)?, arg(1)?, arg(2)?, g, opts.chunk)
+            // With 16-bit operands the gradients' products read P rounded likewise.
+            let round: Option<fn(f32) -> f32> = match arg_dtype {
+                Some(DType::BF16) => Some(crate::kernel::math::round_bf16),
+                Some(DType::F16) => Some(crate::kernel::math::round_f16),
+                _ => None,
+            };
+            super::cross_entropy::eval(ce, which, arg(0)?, arg(1)?, arg(2)?, (g, round), opts.chunk)
         }
         Op::Dropout { rate, salt } => match opts.dropout {
             None => Ok(arg(0)?.clone()),

@@ -137,7 +137,8 @@ pub fn select(c: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor, String> {
 pub fn cast(to: DType, x: &Tensor) -> Tensor {
     let f = |v: f64| -> f64 {
         match to {
-            DType::F32 => v,
+            // 16-bit floats are rounded by `eval` like every value of their type.
+            DType::F32 | DType::BF16 | DType::F16 => v,
             DType::I32 => (v as i32) as f64,
             DType::Bool => {
                 if v != 0.0 {

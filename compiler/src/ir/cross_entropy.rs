@@ -62,8 +62,8 @@ impl CrossEntropy {
             return Err(format!("`{name}` takes {want} operands, got {}", ops.len()));
         }
         let (x, table, y) = (ops[0], ops[1], ops[2]);
-        if x.dtype != DType::F32 || table.dtype != DType::F32 {
-            return Err(format!("`{name}` needs f32 hidden states and table, got {x} and {table}"));
+        if !x.dtype.is_float() || x.dtype != table.dtype {
+            return Err(format!("`{name}` needs float hidden states and table of one type, got {x} and {table}"));
         }
         if y.dtype != DType::I32 {
             return Err(format!("`{name}` needs i32 targets, got {y}"));
@@ -96,8 +96,9 @@ impl CrossEntropy {
         }
         Ok(match which {
             CeOp::Loss | CeOp::Correct => TensorType::new(DType::F32, tokens.to_vec()),
-            CeOp::GradX => x.clone(),
-            CeOp::GradTable => table.clone(),
+            // Gradients are f32 whatever the operands' precision (`passes/precision.rs`).
+            CeOp::GradX => x.with_dtype(DType::F32),
+            CeOp::GradTable => table.with_dtype(DType::F32),
         })
     }
 

@@ -44,8 +44,8 @@ pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
                 UnaryOp::Not if t.dtype != DType::Bool => Err("`not` needs a bool tensor".into()),
                 UnaryOp::Not => Ok(t.clone()),
                 UnaryOp::Neg | UnaryOp::Abs if t.dtype.is_numeric() => Ok(t.clone()),
-                _ if t.dtype == DType::F32 => Ok(t.clone()),
-                _ => Err(format!("`{}` needs an f32 tensor, got {}", op.kind(), t)),
+                _ if t.dtype.is_float() => Ok(t.clone()),
+                _ => Err(format!("`{}` needs a float tensor, got {}", op.kind(), t)),
             }
         }
         Op::Binary(b) => {
@@ -76,8 +76,8 @@ pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
                 Ok(a.with_dtype(DType::Bool))
             } else if !a.dtype.is_numeric() {
                 Err(format!("`{}` needs numbers, got {}", op.kind(), a.dtype.name()))
-            } else if *b == BinaryOp::Pow && a.dtype != DType::F32 {
-                Err("`**` needs f32 operands".into())
+            } else if *b == BinaryOp::Pow && !a.dtype.is_float() {
+                Err("`**` needs float operands".into())
             } else {
                 Ok(a.clone())
             }
@@ -122,10 +122,14 @@ pub fn infer(op: &Op, ops: &[&TensorType]) -> Result<TensorType, String> {
                 return Err(format!("einsum `{spec}` names {} operands, got {}", spec.inputs.len(), ops.len()));
             }
             let mut size: [Option<Dim>; 26] = Default::default();
+            // Any float operands, one type for both: products accumulate (and result) in f32.
+            if ops.iter().any(|t| !t.dtype.is_float() || t.dtype != ops[0].dtype) {
+                return Err(format!(
+                    "einsum needs float operands of one type, got {}",
+                    ops.iter().map(|t| t.dtype.name()).collect::<Vec<_>>().join(" and ")
+                ));
+            }
             for (letters, t) in spec.inputs.iter().zip(ops) {
-                if t.dtype != DType::F32 {
-                    return Err("einsum needs f32 operands".into());
-                }
                 if letters.len() != t.rank() {
                     return Err(format!(
                         "einsum `{spec}`: `{}` has {} indices but the operand has rank {} ({})",

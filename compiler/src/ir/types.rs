@@ -7,6 +7,13 @@ use std::fmt;
 pub enum DType {
     /// Real numbers. Kernels compute in f32; the reference interpreter in f32 or f64.
     F32,
+    /// Real numbers stored in 16 bits: bfloat16 (f32's range, 8 significant bits) and
+    /// IEEE half (5-bit exponent, 11 significant bits). A value of these types is an f32
+    /// rounded to them (to nearest, ties to even) after every op that produces it; kernels
+    /// store it in 2 bytes and compute with it in f32. The precision pass
+    /// (`passes/precision.rs`) introduces them.
+    BF16,
+    F16,
     I32,
     Bool,
 }
@@ -15,6 +22,8 @@ impl DType {
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
             DType::I32 => "i32",
             DType::Bool => "bool",
         }
@@ -23,6 +32,8 @@ impl DType {
     pub fn from_name(s: &str) -> Option<DType> {
         match s {
             "f32" => Some(DType::F32),
+            "bf16" => Some(DType::BF16),
+            "f16" => Some(DType::F16),
             "i32" => Some(DType::I32),
             "bool" => Some(DType::Bool),
             _ => None,
@@ -30,7 +41,21 @@ impl DType {
     }
 
     pub fn is_numeric(self) -> bool {
-        matches!(self, DType::F32 | DType::I32)
+        self.is_float() || self == DType::I32
+    }
+
+    /// f32, bf16 or f16.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::BF16 | DType::F16)
+    }
+
+    /// Bytes per element in memory (bools take one).
+    pub fn bytes(self) -> i64 {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::BF16 | DType::F16 => 2,
+            DType::Bool => 1,
+        }
     }
 }
 

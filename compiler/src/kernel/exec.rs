@@ -6,9 +6,12 @@
 use super::ir::*;
 use std::collections::HashMap;
 
+/// A host buffer of one element type; 16-bit floats are kept as their bit patterns.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Buffer {
     F32(Vec<f32>),
+    BF16(Vec<u16>),
+    F16(Vec<u16>),
     I32(Vec<i32>),
     U8(Vec<u8>),
 }
@@ -17,6 +20,8 @@ impl Buffer {
     pub fn zeros(elem: Elem, len: usize) -> Buffer {
         match elem {
             Elem::F32 => Buffer::F32(vec![0.0; len]),
+            Elem::BF16 => Buffer::BF16(vec![0; len]),
+            Elem::F16 => Buffer::F16(vec![0; len]),
             Elem::I32 => Buffer::I32(vec![0; len]),
             Elem::U8 => Buffer::U8(vec![0; len]),
         }
@@ -25,8 +30,38 @@ impl Buffer {
     pub fn len(&self) -> usize {
         match self {
             Buffer::F32(v) => v.len(),
+            Buffer::BF16(v) | Buffer::F16(v) => v.len(),
             Buffer::I32(v) => v.len(),
             Buffer::U8(v) => v.len(),
+        }
+    }
+
+    /// Bytes per element.
+    pub fn elem_bytes(&self) -> usize {
+        match self {
+            Buffer::F32(_) | Buffer::I32(_) => 4,
+            Buffer::BF16(_) | Buffer::F16(_) => 2,
+            Buffer::U8(_) => 1,
+        }
+    }
+
+    /// The first element, for code that runs a kernel on these buffers natively.
+    pub fn as_mut_ptr(&mut self) -> *mut std::ffi::c_void {
+        match self {
+            Buffer::F32(v) => v.as_mut_ptr().cast(),
+            Buffer::BF16(v) | Buffer::F16(v) => v.as_mut_ptr().cast(),
+            Buffer::I32(v) => v.as_mut_ptr().cast(),
+            Buffer::U8(v) => v.as_mut_ptr().cast(),
+        }
+    }
+
+    /// A 16-bit float buffer's values as f32 (exact), for comparisons.
+    pub fn widened(&self) -> Option<Vec<f32>> {
+        match self {
+            Buffer::F32(v) => Some(v.clone()),
+            Buffer::BF16(v) => Some(v.iter().map(|&b| super::math::bf16_value(b)).collect()),
+            Buffer::F16(v) => Some(v.iter().map(|&b| super::math::f16_value(b)).collect()),
+            _ => None,
         }
     }
 
@@ -123,6 +158,8 @@ fn unary(op: Unary, v: Val) -> Result<Val, String> {
         Unary::Tanh => x.tanh(),
         Unary::Sin => super::math::sin(x),
         Unary::Cos => super::math::cos(x),
+        Unary::RoundBf16 => super::math::round_bf16(x),
+        Unary::RoundF16 => super::math::round_f16(x),
         Unary::Not => unreachable!("handled above"),
     }))
 }
@@ -232,6 +269,8 @@ impl Machine<'_> {
                 let at = usize::try_from(i).map_err(|_| oob())?;
                 match buf {
                     Buffer::F32(v) => Val::F(*v.get(at).ok_or_else(oob)?),
+                    Buffer::BF16(v) => Val::F(super::math::bf16_value(*v.get(at).ok_or_else(oob)?)),
+                    Buffer::F16(v) => Val::F(super::math::f16_value(*v.get(at).ok_or_else(oob)?)),
                     Buffer::I32(v) => Val::I(*v.get(at).ok_or_else(oob)? as i64),
                     Buffer::U8(v) => Val::B(*v.get(at).ok_or_else(oob)? != 0),
                 }
@@ -324,6 +363,8 @@ impl Machine<'_> {
                     .ok_or_else(|| format!("store {name}[{i}] is out of bounds (length {len})"))?;
                 match (buf, v) {
                     (Buffer::F32(b), Val::F(x)) => b[at] = x,
+                    (Buffer::BF16(b), Val::F(x)) => b[at] = super::math::bf16_bits(x),
+                    (Buffer::F16(b), Val::F(x)) => b[at] = super::math::f16_bits(x),
                     (Buffer::I32(b), Val::I(x)) => b[at] = x as i32,
                     (Buffer::U8(b), Val::B(x)) => b[at] = x as u8,
                     (_, v) => return Err(format!("store of {v:?} into buffer `{name}` of another type")),

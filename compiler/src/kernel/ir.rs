@@ -31,10 +31,14 @@ pub enum Scalar {
     Bool,
 }
 
-/// Element type of a buffer (bools are stored as one byte).
+/// Element type of a buffer (bools are stored as one byte). A 16-bit float (bfloat16,
+/// IEEE half) is an f32 in registers: a load widens it exactly, a store rounds the f32
+/// to nearest, ties to even (`kernel::math::round_bf16`, `round_f16`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Elem {
     F32,
+    BF16,
+    F16,
     I32,
     U8,
 }
@@ -43,6 +47,7 @@ impl Elem {
     pub fn bytes(self) -> usize {
         match self {
             Elem::F32 | Elem::I32 => 4,
+            Elem::BF16 | Elem::F16 => 2,
             Elem::U8 => 1,
         }
     }
@@ -50,7 +55,7 @@ impl Elem {
     /// The scalar a load produces.
     pub fn scalar(self) -> Scalar {
         match self {
-            Elem::F32 => Scalar::F32,
+            Elem::F32 | Elem::BF16 | Elem::F16 => Scalar::F32,
             Elem::I32 => Scalar::I32,
             Elem::U8 => Scalar::Bool,
         }
@@ -88,6 +93,10 @@ pub enum Unary {
     Sin,
     Cos,
     Not,
+    /// An f32 rounded to the nearest bfloat16 (IEEE half) value, still an f32: what a store
+    /// to a 16-bit buffer keeps, for values used before (or without) one.
+    RoundBf16,
+    RoundF16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -29,8 +29,8 @@ pub fn exp(x: f32) -> f32 {
     // operand; `clamp` would keep the NaN); the bound keeps both halves normal powers of two.
     #[allow(clippy::manual_clamp)]
     let qi = q.max(-EXP_Q_BOUND).min(EXP_Q_BOUND) as i32;
-    let half = qi >> 1;
-    let u = u * pow2(half) * pow2(qi - half);
+    let low = qi >> 1;
+    let u = u * pow2(low) * pow2(qi - low);
     if x < -EXP_BOUND {
         0.0
     } else if x > EXP_BOUND {
@@ -107,6 +107,46 @@ fn sin_poly(d: f32) -> f32 {
     s.mul_add(u * d, d)
 }
 
+/// `x` rounded to bfloat16 (to nearest, ties to even), as an f32: the upper 16 bits of
+/// `x + (0x7fff + the lowest kept bit)` in bits, so a carry rounds up into the exponent
+/// (the largest values round to ±∞, as they should). NaN stays a quiet NaN of its sign.
+/// The CPU writer computes it with the same integer operations.
+pub fn round_bf16(x: f32) -> f32 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return f32::from_bits((bits & 0xffff_0000) | 0x0040_0000);
+    }
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
+    f32::from_bits(rounded & 0xffff_0000)
+}
+
+/// `x` rounded to IEEE half precision (to nearest, ties to even; subnormal halves
+/// included, beyond 65504 ±∞), as an f32: the IEEE conversion, which LLVM's `fptrunc` to
+/// `half` and back computes too.
+pub fn round_f16(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+/// The 16 bits of `x` rounded to bfloat16 ([`round_bf16`]).
+pub fn bf16_bits(x: f32) -> u16 {
+    (round_bf16(x).to_bits() >> 16) as u16
+}
+
+/// The f32 value of bfloat16 bits (exact).
+pub fn bf16_value(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// The 16 bits of `x` rounded to IEEE half ([`round_f16`]).
+pub fn f16_bits(x: f32) -> u16 {
+    half::f16::from_f32(x).to_bits()
+}
+
+/// The f32 value of IEEE half bits (exact).
+pub fn f16_value(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
 /// `2^k` for `−126 ≤ k ≤ 127`, from its bits.
 fn pow2(k: i32) -> f32 {
     f32::from_bits(((k + 127) as u32) << 23)
@@ -114,7 +154,28 @@ fn pow2(k: i32) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{cos, exp, sin};
+    use super::{bf16_bits, bf16_value, cos, exp, f16_bits, f16_value, round_bf16, round_f16, sin};
+
+    /// Rounding to bf16 is the `half` crate's conversion (to nearest, ties to even) bit for
+    /// bit, on every kind of value; 16-bit patterns round-trip exactly.
+    #[test]
+    fn rounding_to_bf16_is_to_nearest_even() {
+        let mut samples: Vec<f32> = (0..400_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))).collect();
+        samples.extend([0.0, -0.0, 1.0, 1.00390625, 1.001953125, 3.4e38, f32::INFINITY, f32::NEG_INFINITY, 1e-40]);
+        for &x in &samples {
+            let (got, want) = (round_bf16(x), half::bf16::from_f32(x).to_f32());
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "bf16({x:e}): {got:e} vs {want:e}"
+            );
+            assert_eq!(bf16_value(bf16_bits(x)).to_bits(), got.to_bits());
+        }
+        assert_eq!(round_bf16(1.0 + 2f32.powi(-8)), 1.0, "a tie goes to even");
+        assert_eq!(round_bf16(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6), "a tie goes to even");
+        assert_eq!(round_f16(65519.0), 65504.0);
+        assert_eq!(round_f16(65520.0), f32::INFINITY);
+        assert_eq!(f16_value(f16_bits(0.1)), round_f16(0.1));
+    }
 
     /// The largest distance in ulp between `f` and libm's `g` over `xs`, for results away
     /// from zero (near a zero of sin/cos an absolute error is the meaningful one, checked

@@ -12,9 +12,12 @@ fn scalar(s: Scalar) -> &'static str {
     }
 }
 
-fn elem(e: Elem) -> &'static str {
+/// The element type's name in kernel text, the manifest and case files.
+pub fn elem(e: Elem) -> &'static str {
     match e {
         Elem::F32 => "f32",
+        Elem::BF16 => "bf16",
+        Elem::F16 => "f16",
         Elem::I32 => "i32",
         Elem::U8 => "u8",
     }

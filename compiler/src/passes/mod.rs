@@ -7,6 +7,7 @@ mod autodiff;
 pub mod canonicalize;
 pub mod cse;
 pub mod dce;
+pub mod precision;
 mod recognize;
 pub mod simplify;
 
@@ -15,6 +16,7 @@ pub use autodiff::{differentiate_loss, Autodiff};
 pub use canonicalize::Canonicalize;
 pub use cse::Cse;
 pub use dce::Dce;
+pub use precision::{Policy, Precision};
 pub use recognize::Recognize;
 pub use simplify::Simplify;
 
@@ -28,14 +30,20 @@ pub trait Pass {
     fn run(&self, g: Graph) -> Result<Graph, Diagnostic>;
 }
 
-/// The passes after elaboration, in order.
+/// The passes after elaboration, in order, with the default f32 precision.
 pub fn pipeline() -> Vec<Box<dyn Pass>> {
+    pipeline_with(Policy::F32)
+}
+
+/// The passes after elaboration, in order, with the given precision policy.
+pub fn pipeline_with(precision: Policy) -> Vec<Box<dyn Pass>> {
     vec![
         Box::new(Canonicalize),
         Box::new(Recognize),
         Box::new(Autodiff),
         Box::new(Simplify),
         Box::new(Cse),
+        Box::new(Precision(precision)),
         Box::new(Dce),
     ]
 }
@@ -45,13 +53,18 @@ pub fn names() -> Vec<&'static str> {
     std::iter::once("elaborate").chain(pipeline().iter().map(|p| p.name())).collect()
 }
 
-/// Run the pipeline up to and including the pass called `stop` (`elaborate`: none).
-/// `None` if there is no such pass.
-pub fn run_until(mut g: Graph, stop: &str) -> Option<Result<Graph, Diagnostic>> {
+/// Run the pipeline (f32) up to and including the pass called `stop` (`elaborate`:
+/// none). `None` if there is no such pass.
+pub fn run_until(g: Graph, stop: &str) -> Option<Result<Graph, Diagnostic>> {
+    run_until_with(g, stop, Policy::F32)
+}
+
+/// [`run_until`] with a precision policy.
+pub fn run_until_with(mut g: Graph, stop: &str, precision: Policy) -> Option<Result<Graph, Diagnostic>> {
     if stop == "elaborate" {
         return Some(Ok(g));
     }
-    let passes = pipeline();
+    let passes = pipeline_with(precision);
     passes.iter().position(|p| p.name() == stop)?;
     for p in passes {
         g = match p.run(g) {

@@ -32,7 +32,7 @@
 //! block's threads.
 
 use super::cross_entropy::{target, which};
-use super::element::{Lowering, Source};
+use super::element::{elem_of, Lowering, Source};
 use super::emit::{add, bin, mul, sub};
 use super::gemm::{layout, library, Layout, Operand};
 use super::Sink;
@@ -64,6 +64,9 @@ struct Chunks {
     transposed: bool,
     vocab: i64,
     extent: HashMap<u8, Dim>,
+    /// X's and E's element type (f32, or bf16/f16 under `--precision`): the products'
+    /// operands, and so `P`'s.
+    dtype: DType,
 }
 
 impl Chunks {
@@ -148,7 +151,15 @@ fn prepare(sink: &mut Sink, reads: &HashMap<NodeId, usize>, n: NodeId, name: &st
     let mut extent: HashMap<u8, Dim> = letters.iter().copied().zip(tokens.iter().cloned()).collect();
     extent.insert(WIDTH, width);
     letters.push(WIDTH);
-    Ok(Chunks { kind, tokens, x: Operand { layout: x, letters }, table, transposed, vocab, extent })
+    let dtype = x_ty.dtype;
+    if g.ty(ops[1]).dtype != dtype {
+        return Err(format!(
+            "the cross-entropy's hidden states are {} and its table {}",
+            dtype.name(),
+            g.ty(ops[1]).dtype.name()
+        ));
+    }
+    Ok(Chunks { kind, tokens, x: Operand { layout: x, letters }, table, transposed, vocab, extent, dtype })
 }
 
 /// What the cross-entropy ops of one program share across their groups.
@@ -228,11 +239,15 @@ pub fn kernels(
     let mut per_token_workspace = || sink.workspace(&token_values);
     let (m, s, comp, zy) =
         (per_token_workspace()?, per_token_workspace()?, per_token_workspace()?, per_token_workspace()?);
+    let elem = elem_of(ce.dtype);
     let logits = |sink: &mut Sink, v0: i64, w: i64, tag: &str| -> Result<(), String> {
         let product = format!("{name}_{tag}_z{v0}");
         let chunk = [(WORD0, v0)];
-        library(sink, &chunk, &ce.x, &ce.table_chunk()?, &ce.logits(z, w)?, &ce.extent(w), false, &product)
+        let (x, table) = (&ce.x, &ce.table_chunk()?);
+        library(sink, &chunk, (x, table, elem), &ce.logits(z, w)?, &ce.extent(w), false, &product)
     };
+    // P in the products' element type: in place in Z when that is f32.
+    let p_ty = z_ty.with_dtype(ce.dtype);
     if let (Some((lse, _)), true) = (lse, fill_lse) {
         for (c, &(v0, w)) in chunks.iter().enumerate() {
             logits(sink, v0, w, "lse")?;
@@ -258,9 +273,9 @@ pub fn kernels(
                         logits(sink, 0, w, "grad")?;
                         shared.logits.insert(xe.clone(), (z, true));
                     }
-                    let p = sink.workspace(&z_ty)?;
+                    let p = sink.workspace(&p_ty)?;
                     sink.kernel_with_args(&[(WORD0, 0)], |lw| {
-                        probabilities(lw, n, &ce.tokens, [z, p], w, lse, format!("{name}_p"))
+                        probabilities(lw, n, &ce.tokens, [z, p], (w, elem), lse, format!("{name}_p"))
                     })?;
                     shared.probs.insert(key, p);
                     p
@@ -270,13 +285,14 @@ pub fn kernels(
         }
         CeOp::GradX | CeOp::GradTable => {
             let lse = lse.ok_or("the gradient needs the logsumexp")?.0;
+            let p = if ce.dtype == DType::F32 { z } else { sink.workspace(&p_ty)? };
             for (c, &(v0, w)) in chunks.iter().enumerate() {
                 logits(sink, v0, w, "grad")?;
                 sink.kernel_with_args(&[(WORD0, v0)], |lw| {
-                    probabilities(lw, n, &ce.tokens, [z, z], w, lse, format!("{name}_p{c}"))
+                    probabilities(lw, n, &ce.tokens, [z, p], (w, elem), lse, format!("{name}_p{c}"))
                 })?;
                 let tag = if ce.kind == CeOp::GradX { "dx" } else { "de" };
-                gradient_product(sink, &ce, n, ce.logits(z, w)?, (v0, w), out, c > 0, &format!("{name}_{tag}{c}"))?;
+                gradient_product(sink, &ce, n, ce.logits(p, w)?, (v0, w), out, c > 0, &format!("{name}_{tag}{c}"))?;
             }
             Ok(())
         }
@@ -319,14 +335,15 @@ fn gradient_product(
     let extent = ce.extent(w);
     let chunk = [(WORD0, v0)];
     let out_layout = Layout::contiguous(out, &sink.g.ty(n).shape)?;
+    let elem = elem_of(ce.dtype);
     if ce.kind == CeOp::GradX {
         let mut letters = ce.token_letters();
         letters.push(WIDTH);
         let dx = Operand { layout: out_layout, letters };
-        library(sink, &chunk, &p, &ce.table_chunk()?, &dx, &extent, accumulate, name)
+        library(sink, &chunk, (&p, &ce.table_chunk()?, elem), &dx, &extent, accumulate, name)
     } else {
         let de = word_chunk(&out_layout, ce.transposed)?;
-        library(sink, &chunk, &p, &ce.x, &de, &extent, false, name)
+        library(sink, &chunk, (&p, &ce.x, elem), &de, &extent, false, name)
     }
 }
 
@@ -438,14 +455,15 @@ fn target_logit(lw: &mut Lowering, n: NodeId, tokens: &[Dim], z: usize, w: i64, 
 }
 
 /// `P[t, j] = g_t·(e^{Z[t, j] − lse_t} − [y_t = v0 + j])` (`v0`: [`WORD0`]) for the
-/// buffers `[Z, P]`, which may be the same (in place).
+/// buffers `[Z, P]`, which may be the same (in place, an f32 `P`), over chunks of `w`
+/// words, `P` of element type `p_elem`.
 #[allow(clippy::too_many_arguments)]
 fn probabilities(
     lw: &mut Lowering,
     n: NodeId,
     tokens: &[Dim],
     [z, p]: [usize; 2],
-    w: i64,
+    (w, p_elem): (i64, Elem),
     lse: usize,
     name: String,
 ) -> Result<(Kernel, Vec<usize>), String> {
@@ -463,7 +481,7 @@ fn probabilities(
         (b, b)
     } else {
         let zb = lw.e.buffer(z, &format!("b{z}"), Elem::F32, Access::Read);
-        (zb, lw.e.buffer(p, &format!("b{p}"), Elem::F32, Access::Write))
+        (zb, lw.e.buffer(p, &format!("b{p}"), p_elem, Access::Write))
     };
     let row = lw.e.bind(mul(Expr::Var(lw.e.index), Expr::I64(w)));
     let j = lw.e.open();

@@ -12,7 +12,7 @@ use std::rc::Rc;
 
 pub fn scalar_of(d: DType) -> Scalar {
     match d {
-        DType::F32 => Scalar::F32,
+        DType::F32 | DType::BF16 | DType::F16 => Scalar::F32,
         DType::I32 => Scalar::I32,
         DType::Bool => Scalar::Bool,
     }
@@ -21,6 +21,8 @@ pub fn scalar_of(d: DType) -> Scalar {
 pub fn elem_of(d: DType) -> Elem {
     match d {
         DType::F32 => Elem::F32,
+        DType::BF16 => Elem::BF16,
+        DType::F16 => Elem::F16,
         DType::I32 => Elem::I32,
         DType::Bool => Elem::U8,
     }
@@ -205,6 +207,8 @@ impl<'g> Lowering<'g> {
         Ok(match op {
             Op::Constant { value, dtype } => match dtype {
                 DType::F32 => Expr::F32(value.get() as f32),
+                DType::BF16 => Expr::F32(crate::kernel::math::round_bf16(value.get() as f32)),
+                DType::F16 => Expr::F32(crate::kernel::math::round_f16(value.get() as f32)),
                 DType::I32 => Expr::Cast(Scalar::I32, Box::new(Expr::I64(value.get() as i64))),
                 DType::Bool => Expr::Bool(value.get() != 0.0),
             },
@@ -227,7 +231,12 @@ impl<'g> Lowering<'g> {
             }
             Op::Cast { to } => {
                 let x = self.value(xs[0].clone(), idx)?;
-                Expr::Cast(scalar_of(*to), Box::new(x))
+                let x = Expr::Cast(scalar_of(*to), Box::new(x));
+                match to {
+                    DType::BF16 => Expr::Unary(Unary::RoundBf16, Box::new(x)),
+                    DType::F16 => Expr::Unary(Unary::RoundF16, Box::new(x)),
+                    _ => x,
+                }
             }
             Op::Reduce { op, axes } => {
                 let input = self.ty(&xs[0]);

@@ -55,10 +55,10 @@ pub fn row_major(shape: &[Dim]) -> Option<Vec<Dim>> {
     Some(strides)
 }
 
-/// The layout of `n` if it is a view of an f32 value in memory (`reads`).
+/// The layout of `n` if it is a view of a float value in memory (`reads`).
 pub fn layout(g: &Graph, reads: &HashMap<NodeId, usize>, n: NodeId) -> Option<Layout> {
     let ty = g.ty(n);
-    if ty.dtype != DType::F32 {
+    if !ty.dtype.is_float() {
         return None;
     }
     if let Some(&buffer) = reads.get(&n) {
@@ -152,12 +152,14 @@ fn sum_merges(a: &Operand, b: &Operand, c_letters: &[u8], extent: &HashMap<u8, D
 /// An einsum's operand letters, output letters and each letter's extent.
 type Letters = (Vec<Vec<u8>>, Vec<u8>, HashMap<u8, Dim>);
 
-/// The einsum's [`Letters`], for a two-operand f32 einsum that sums over at least one
-/// letter of both operands.
+/// The einsum's [`Letters`], for a two-operand einsum that sums over at least one letter
+/// of both operands, its operands of one float type (f32, bf16 or f16: the library
+/// accumulates in f32) and its result f32.
 fn einsum_letters(g: &Graph, n: NodeId) -> Option<Letters> {
     let Op::Einsum(spec) = &g.node(n).op else { return None };
     let operands = g.operands(n);
-    if spec.inputs.len() != 2 || operands.iter().chain([&n]).any(|&x| g.ty(x).dtype != DType::F32) {
+    let (ta, tb) = (g.ty(operands.first()?.to_owned()).dtype, g.ty(*operands.get(1)?).dtype);
+    if spec.inputs.len() != 2 || ta != tb || !ta.is_float() || g.ty(n).dtype != DType::F32 {
         return None;
     }
     let mut extent = HashMap::new();
@@ -218,18 +220,18 @@ pub fn einsum(
         }
     }
     let (Some(a), Some(b)) = (&ab[0], &ab[1]) else { return Err("an operand has no layout".into()) };
-    library(sink, &[], a, b, &c, &extent, false, name)
+    let elem = super::element::elem_of(g.ty(operands[0]).dtype);
+    library(sink, &[], (a, b, elem), &c, &extent, false, name)
 }
 
 /// The library kernel `C = A·B` (or `C += A·B` with `accumulate`) over the letters of
-/// the three operands, launched in the sink's entry point with launch arguments `args`
-/// (the views' polynomials may use them, as sizes).
-#[allow(clippy::too_many_arguments)]
+/// the three operands, A and B of element type `elem` (C is f32), launched in the sink's
+/// entry point with launch arguments `args` (the views' polynomials may use them, as
+/// sizes).
 pub fn library(
     sink: &mut Sink,
     args: &[(&str, i64)],
-    a: &Operand,
-    b: &Operand,
+    (a, b, elem): (&Operand, &Operand, Elem),
     c: &Operand,
     extent: &HashMap<u8, Dim>,
     accumulate: bool,
@@ -290,10 +292,10 @@ pub fn library(
     drop(lw);
     let n_sym = sizes.iter().take_while(|s| *s != "seed").count();
     let c_access = if accumulate { Access::ReadWrite } else { Access::Write };
-    let decl = |name: &str, access| BufferDecl { name: name.into(), elem: Elem::F32, access };
+    let decl = |name: &str, elem, access| BufferDecl { name: name.into(), elem, access };
     let kernel = Kernel {
         name: name.to_string(),
-        buffers: vec![decl("a", Access::Read), decl("b", Access::Read), decl("c", c_access)],
+        buffers: vec![decl("a", elem, Access::Read), decl("b", elem, Access::Read), decl("c", Elem::F32, c_access)],
         sizes: sizes[..n_sym].to_vec(),
         scalars: sizes[n_sym..].to_vec(),
         index: Var(0),

@@ -376,7 +376,8 @@ struct Sink<'a> {
 impl Sink<'_> {
     /// A new workspace buffer for a value of type `ty`.
     fn workspace(&mut self, ty: &crate::ir::TensorType) -> Result<usize, String> {
-        let bytes = crate::ir::dim::numel(&ty.shape).and_then(|d| d.checked_scale(4)).ok_or("size overflow")?;
+        let bytes =
+            crate::ir::dim::numel(&ty.shape).and_then(|d| d.checked_scale(ty.dtype.bytes())).ok_or("size overflow")?;
         self.buffers.push(BufferInfo { bytes, role: Role::Workspace, name: None });
         Ok(self.buffers.len() - 1)
     }

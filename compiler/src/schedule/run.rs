@@ -85,17 +85,22 @@ pub fn run(
     Ok(out)
 }
 
-fn to_typed(bytes: &[u8], elem: Elem) -> Buffer {
+/// Little-endian bytes of a buffer as the executor's typed buffer.
+pub fn to_typed(bytes: &[u8], elem: Elem) -> Buffer {
     match elem {
         Elem::F32 => Buffer::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        Elem::BF16 => Buffer::BF16(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()),
+        Elem::F16 => Buffer::F16(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()),
         Elem::I32 => Buffer::I32(bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
         Elem::U8 => Buffer::U8(bytes.to_vec()),
     }
 }
 
-fn to_bytes(b: &Buffer, len: usize) -> Vec<u8> {
+/// An executor buffer as `len` little-endian bytes (padded with 0xFF).
+pub fn to_bytes(b: &Buffer, len: usize) -> Vec<u8> {
     let mut out: Vec<u8> = match b {
         Buffer::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Buffer::BF16(v) | Buffer::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         Buffer::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         Buffer::U8(v) => v.clone(),
     };

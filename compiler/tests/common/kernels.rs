@@ -225,6 +225,32 @@ pub fn kahan_kernel() -> Kernel {
     )
 }
 
+/// 16-bit floats: f32 values stored to bf16 and f16 buffers (rounded), rounded in
+/// registers (`RoundBf16`, `RoundF16`), and a bf16 buffer loaded (widened).
+pub fn sixteen_bit_kernel() -> Kernel {
+    let r = 0;
+    let x = || ld(0, var(r));
+    let round = |op, v| un(op, v);
+    kernel(
+        "sixteen",
+        vec![
+            buf("x", Elem::F32, Access::Read),
+            buf("b", Elem::BF16, Access::Read),
+            buf("a", Elem::BF16, Access::Write),
+            buf("h", Elem::F16, Access::Write),
+            buf("y", Elem::F32, Access::Write),
+        ],
+        &["R"],
+        &[],
+        size(0),
+        vec![
+            store(2, var(r), x()),
+            store(3, var(r), x()),
+            store(4, var(r), add(add(round(Unary::RoundBf16, x()), round(Unary::RoundF16, x())), ld(1, var(r)))),
+        ],
+    )
+}
+
 /// A loop with `If`, an i32 counter, a u8 flag, and a guarded load (`Select`).
 pub fn branch_kernel() -> Kernel {
     let (r, j, cnt) = (0, 1, 2);

@@ -414,7 +414,11 @@ fn generate(dtype: DType, shape: Vec<usize>, seed: u64, vocab: i64) -> Tensor {
         v
     }
     let data = match dtype {
-        DType::F32 => TensorData::F32(fill(n, |i| (mix(i) >> 40) as f32 / (1u64 << 23) as f32 - 1.0)),
+        // Models declare no 16-bit inputs (the elaborator refuses them); the executor's
+        // dtype check reports one that a hand-written manifest declares.
+        DType::F32 | DType::BF16 | DType::F16 => {
+            TensorData::F32(fill(n, |i| (mix(i) >> 40) as f32 / (1u64 << 23) as f32 - 1.0))
+        }
         DType::I32 => TensorData::I32(fill(n, |i| (mix(i) % vocab.max(1) as u64) as i32)),
         DType::U8 => TensorData::U8(fill(n, |i| (mix(i) & 1) as u8)),
     };

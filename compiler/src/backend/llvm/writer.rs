@@ -229,9 +229,30 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
     fn elem_ty(&self, e: Elem) -> BasicTypeEnum<'ctx> {
         match e {
             Elem::F32 => self.ctx.f32_type().into(),
+            Elem::BF16 | Elem::F16 => self.ctx.i16_type().into(),
             Elem::I32 => self.ctx.i32_type().into(),
             Elem::U8 => self.ctx.i8_type().into(),
         }
+    }
+
+    /// The bits of `x` rounded to bfloat16, in the upper half of an i32 (the lower half
+    /// zero): `kernel::math::round_bf16`'s integer operations, NaN made quiet.
+    fn bf16_rounded_bits(&self, x: FloatValue<'ctx>) -> Result<IntValue<'ctx>, String> {
+        let (b, i32t) = (&self.b, self.ctx.i32_type());
+        let k = |v: u32| i32t.const_int(v as u64, false);
+        let bits = b.build_bit_cast(x, i32t, "").map_err(be)?.into_int_value();
+        let high = b.build_and(bits, k(0xffff_0000), "").map_err(be)?;
+        let nan = b.build_or(high, k(0x0040_0000), "").map_err(be)?;
+        let lsb = b.build_and(b.build_right_shift(bits, k(16), false, "").map_err(be)?, k(1), "").map_err(be)?;
+        let up = b.build_int_add(b.build_int_add(bits, k(0x7fff), "").map_err(be)?, lsb, "").map_err(be)?;
+        let rounded = b.build_and(up, k(0xffff_0000), "").map_err(be)?;
+        let is_nan = b.build_float_compare(FloatPredicate::UNO, x, x, "").map_err(be)?;
+        Ok(b.build_select(is_nan, nan, rounded, "").map_err(be)?.into_int_value())
+    }
+
+    /// `x` as an IEEE half (`fptrunc`: to nearest, ties to even).
+    fn to_half(&self, x: FloatValue<'ctx>) -> Result<FloatValue<'ctx>, String> {
+        self.b.build_float_trunc(x, self.ctx.f16_type(), "").map_err(be)
     }
 
     /// In-memory type of local array elements (bools as bytes).
@@ -468,6 +489,15 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
                 let v = self.expect(value, Ty::of_elem(elem), &format!("a value stored into `{name}`"))?;
                 let v: BasicValueEnum = match elem {
                     Elem::F32 => v,
+                    Elem::BF16 => {
+                        let bits = self.bf16_rounded_bits(v.into_float_value())?;
+                        let high = self.b.build_right_shift(bits, self.ctx.i32_type().const_int(16, false), false, "");
+                        self.b.build_int_truncate(high.map_err(be)?, self.ctx.i16_type(), "").map_err(be)?.into()
+                    }
+                    Elem::F16 => {
+                        let h = self.to_half(v.into_float_value())?;
+                        self.b.build_bit_cast(h, self.ctx.i16_type(), "").map_err(be)?
+                    }
                     Elem::I32 => {
                         self.b.build_int_truncate(v.into_int_value(), self.ctx.i32_type(), "").map_err(be)?.into()
                     }
@@ -645,6 +675,16 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
                 v.as_instruction_value().unwrap().set_alignment(elem.bytes() as u32).map_err(|e| e.to_string())?;
                 match elem {
                     Elem::F32 => (v, Ty::F),
+                    Elem::BF16 => {
+                        let wide = b.build_int_z_extend(v.into_int_value(), self.ctx.i32_type(), "").map_err(be)?;
+                        let bits =
+                            b.build_left_shift(wide, self.ctx.i32_type().const_int(16, false), "").map_err(be)?;
+                        (b.build_bit_cast(bits, self.ctx.f32_type(), "").map_err(be)?, Ty::F)
+                    }
+                    Elem::F16 => {
+                        let h = b.build_bit_cast(v, self.ctx.f16_type(), "").map_err(be)?.into_float_value();
+                        (b.build_float_ext(h, self.ctx.f32_type(), "").map_err(be)?.into(), Ty::F)
+                    }
                     Elem::I32 => {
                         (b.build_int_s_extend(v.into_int_value(), self.ctx.i64_type(), "").map_err(be)?.into(), Ty::I)
                     }
@@ -773,6 +813,8 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
                     Unary::Abs => self.call("llvm.fabs", &[f32t], &[v])?,
                     Unary::Tanh => self.call_fn(self.extern_f32("tanhf", 1), &[v])?,
                     Unary::Exp | Unary::Sin | Unary::Cos => unreachable!("inline (vector_math)"),
+                    Unary::RoundBf16 => b.build_bit_cast(self.bf16_rounded_bits(x)?, f32t, "").map_err(be)?,
+                    Unary::RoundF16 => b.build_float_ext(self.to_half(x)?, self.ctx.f32_type(), "").map_err(be)?.into(),
                     Unary::Not => unreachable!("handled above"),
                 };
                 Ok((r, Ty::F))
