@@ -104,9 +104,9 @@ mod imp {
         static SCRATCH: RefCell<Scratch> = const { RefCell::new(Scratch { a: Vec::new(), b: Vec::new(), c: [Line([0; 32]); 64] }) };
     }
 
-    /// `buf` as `len` zeroed values, aligned to a cache line.
-    fn zeroed(buf: &mut Vec<Line>, len: usize) -> &mut [u16] {
-        buf.clear();
+    /// `buf` as `len` values, aligned to a cache line, contents unspecified (the packers
+    /// write every value, padding included, so nothing is zeroed on every call).
+    fn sized(buf: &mut Vec<Line>, len: usize) -> &mut [u16] {
         buf.resize(len.div_ceil(32), Line([0; 32]));
         // SAFETY: `Line` is 32 `u16` with no padding; the lines are contiguous.
         unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u16, len) }
@@ -202,12 +202,12 @@ mod imp {
     }
 
     /// A (`m × k`) into `out`, row-major with `kp` columns ([`a_row`] apart) and `mp`
-    /// rows, zero-padded.
-    /// Row-major and column-major views are copied along their contiguous axis.
+    /// rows, zero-padded. Row-major and column-major views are copied along their
+    /// contiguous axis.
     ///
     /// # Safety
     /// `a` reaches `m × k` elements inside its buffer.
-    unsafe fn pack_a(out: &mut [u16], (m, k): (usize, usize), kp: usize, a: View<u16>) {
+    unsafe fn pack_a(out: &mut [u16], (m, k): (usize, usize), (mp, kp): (usize, usize), a: View<u16>) {
         let lda = a_row(kp, &a);
         // SAFETY (every read below): inside A by the contract.
         if a.cols == 1 {
@@ -231,43 +231,61 @@ mod imp {
                 }
             }
         }
+        // The padding: the columns past k of every row, the rows past m.
+        for r in 0..m {
+            out[r * lda + k..(r + 1) * lda].fill(0);
+        }
+        out[m * lda..mp * lda].fill(0);
     }
 
     /// B (`k × n`) into `out` in 32-column panels, each `kp/2` rows of 32 pairs
-    /// (B[k][n], B[k+1][n]) — the layout `tdpbf16ps` reads — zero-padded to `np` columns.
+    /// (B[k][n], B[k+1][n]) — the layout `tdpbf16ps` reads — zero-padded to `np` columns
+    /// and `kp` values of k.
     ///
     /// # Safety
     /// `b` reaches `k × n` elements inside its buffer.
-    unsafe fn pack_b(out: &mut [u16], (k, n): (usize, usize), kp: usize, b: View<u16>) {
+    unsafe fn pack_b(out: &mut [u16], (k, n): (usize, usize), (np, kp): (usize, usize), b: View<u16>) {
         let panel = kp * 32;
+        // Each pair as one u32: B[k][n] low, B[k+1][n] high (little-endian).
+        let pairs = |p: usize, kk: usize| -> &mut [u32] {
+            let at = p * panel + (kk / 2) * 64;
+            // SAFETY: 64 u16 of a 64-byte aligned buffer are 32 aligned u32.
+            unsafe { std::slice::from_raw_parts_mut(out.as_ptr().add(at) as *mut u32, 32) }
+        };
         // SAFETY (every read below): inside B by the contract.
         let get = |kk: usize, j: usize| unsafe { *b.ptr.offset(kk as isize * b.rows + j as isize * b.cols) };
-        for kk in (0..k).step_by(2) {
-            for p in 0..n.div_ceil(32) {
-                let dst = &mut out[p * panel + (kk / 2) * 64..][..64];
-                let cols = (n - p * 32).min(32);
+        for kk in (0..kp).step_by(2) {
+            for p in 0..np / 32 {
+                let dst = pairs(p, kk);
+                let j0 = p * 32;
+                let cols = n.saturating_sub(j0).min(32);
+                if kk >= k {
+                    dst.fill(0);
+                    continue;
+                }
                 if b.cols == 1 {
-                    // Two rows side by side, interleaved.
+                    // Two rows side by side.
                     let row = |kk: usize| unsafe {
-                        std::slice::from_raw_parts(b.ptr.offset(kk as isize * b.rows + (p * 32) as isize), cols)
+                        std::slice::from_raw_parts(b.ptr.offset(kk as isize * b.rows + j0 as isize), cols)
                     };
                     let r0 = row(kk);
-                    for (j, &v) in r0.iter().enumerate() {
-                        dst[2 * j] = v;
-                    }
                     if kk + 1 < k {
-                        for (j, &v) in row(kk + 1).iter().enumerate() {
-                            dst[2 * j + 1] = v;
+                        let r1 = row(kk + 1);
+                        for j in 0..cols {
+                            dst[j] = r0[j] as u32 | (r1[j] as u32) << 16;
+                        }
+                    } else {
+                        for j in 0..cols {
+                            dst[j] = r0[j] as u32;
                         }
                     }
                 } else {
-                    for j in 0..cols {
-                        dst[2 * j] = get(kk, p * 32 + j);
-                        if kk + 1 < k {
-                            dst[2 * j + 1] = get(kk + 1, p * 32 + j);
-                        }
+                    for (j, d) in dst.iter_mut().enumerate().take(cols) {
+                        let high = if kk + 1 < k { get(kk + 1, j0 + j) as u32 } else { 0 };
+                        *d = get(kk, j0 + j) as u32 | high << 16;
                     }
                 }
+                dst[cols..].fill(0);
             }
         }
     }
@@ -283,13 +301,33 @@ mod imp {
         if m == 0 || n == 0 {
             return;
         }
+        // Packing A transposes it unless it is row-major; packing B is cheap either way.
+        // So where A is not row-major, and Bᵀ would be (or is smaller to transpose),
+        // compute Cᵀ = Bᵀ·Aᵀ instead: the sums are the same, in the same order.
+        let transposes = |x: &View<u16>| x.cols != 1;
+        let bt = View { ptr: b.ptr, rows: b.cols, cols: b.rows };
+        if transposes(&a) && (!transposes(&bt) || n < m) {
+            let at = View { ptr: a.ptr, rows: a.cols, cols: a.rows };
+            let ct = View { ptr: c.ptr, rows: c.cols, cols: c.rows };
+            // SAFETY: the same elements, reached through transposed views.
+            return unsafe { product(n, m, k, bt, at, ct, accumulate) };
+        }
+        // SAFETY: as for this function.
+        unsafe { product(m, n, k, a, b, c, accumulate) }
+    }
+
+    /// [`gemm`] in the orientation given.
+    ///
+    /// # Safety
+    /// As for [`gemm`].
+    unsafe fn product(m: usize, n: usize, k: usize, a: View<u16>, b: View<u16>, c: View<f32>, accumulate: bool) {
         let (mp, np, kp) = (round_up(m, 32), round_up(n, 32), round_up(k.max(1), 32));
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
             // SAFETY: the views are inside their buffers for these sizes (the caller's contract).
             unsafe {
-                pack_a(zeroed(&mut s.a, mp * a_row(kp, &a)), (m, k), kp, a);
-                pack_b(zeroed(&mut s.b, np * kp), (k, n), kp, b);
+                pack_a(sized(&mut s.a, mp * a_row(kp, &a)), (m, k), (mp, kp), a);
+                pack_b(sized(&mut s.b, np * kp), (k, n), (np, kp), b);
             }
             let panel = kp * 32;
             // SAFETY: the configuration is valid (palette 1, 8 tiles of 16 × 64 bytes), the
@@ -359,18 +397,23 @@ mod tests {
             eprintln!("no AMX-BF16 on this CPU: nothing to check here (the widening path is tested in gemm.rs)");
             return;
         }
-        for &(m, n, k) in &[(1usize, 1usize, 1usize), (17, 33, 31), (32, 32, 32), (45, 70, 100), (64, 16, 257)] {
+        // Twice, the second time largest first: the scratch is reused without zeroing, so
+        // the packers must write every padding value themselves.
+        let shapes = [(1usize, 1usize, 1usize), (17, 33, 31), (32, 32, 32), (45, 70, 100), (64, 16, 257)];
+        for &(m, n, k) in shapes.iter().chain(shapes.iter().rev()) {
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0).collect();
             let b: Vec<f32> = (0..k * n * 2).map(|i| ((i * 13 % 17) as f32 - 8.0) / 5.0).collect();
             let bits = |v: &[f32]| -> Vec<u16> { v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect() };
             let (a16, b16) = (bits(&a), bits(&b));
             let val = |x: u16| half::bf16::from_bits(x).to_f32() as f64;
             // Layouts (rows, cols strides) of A (m × k), B (k × n) and C (m × n): row-major
-            // everything (C accumulated in place by whole blocks), and A transposed with B
-            // strided and C column-major (through the scratch block).
+            // everything (C accumulated in place by whole blocks); A transposed with B
+            // strided and C column-major (through the scratch block); A transposed, B and C
+            // row-major (a weight gradient: computed as Cᵀ = Bᵀ·Aᵀ where n < m).
             let layouts = [
                 [(k as isize, 1), (2 * n as isize, 2), (n as isize, 1)],
                 [(1, m as isize), (2 * n as isize, 2), (1, m as isize)],
+                [(1, m as isize), (n as isize, 1), (n as isize, 1)],
             ];
             for [(ar, ac), (br, bc), (cr, cc)] in layouts {
                 let av = View { ptr: a16.as_ptr(), rows: ar, cols: ac };

@@ -161,7 +161,17 @@ mod tests {
     #[test]
     fn rounding_to_bf16_is_to_nearest_even() {
         let mut samples: Vec<f32> = (0..400_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))).collect();
-        samples.extend([0.0, -0.0, 1.0, 1.0 + 2f32.powi(-8), 1.0 + 2f32.powi(-9), 3.4e38, f32::INFINITY, f32::NEG_INFINITY, 1e-40]);
+        samples.extend([
+            0.0,
+            -0.0,
+            1.0,
+            1.0 + 2f32.powi(-8),
+            1.0 + 2f32.powi(-9),
+            3.4e38,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e-40,
+        ]);
         for &x in &samples {
             let (got, want) = (round_bf16(x), half::bf16::from_f32(x).to_f32());
             assert!(
