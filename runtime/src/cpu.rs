@@ -190,40 +190,42 @@ unsafe impl Sync for Launches {}
 /// Runs `launches` in order on the pool's threads (the calling thread included).
 fn execute(launches: &Launches, args: &[i64], pool: &Pool) {
     let threads = pool.threads();
-    let run = |l: &Launch, begin: i64, end: i64| {
+    // Thread `t` of `threads`' part of launch `l`.
+    let run = |l: &Launch, t: usize, threads: usize| {
         let args = l.args.as_deref().unwrap_or(args);
-        if begin < end {
-            match &l.work {
-                // SAFETY: `f` has the kernel calling convention; `ptrs` has one pointer per
-                // declared buffer, each sized by the plan for the current sizes.
-                Work::Kernel(f) => unsafe { f(l.ptrs.as_ptr() as *mut *mut c_void, args.as_ptr(), begin, end) },
-                // SAFETY: the shape was checked against these buffers when the launch was
-                // bound, and threads get disjoint row ranges of C.
-                Work::Gemm(shape, operands) => unsafe {
-                    gemm::run(
-                        shape,
-                        *operands,
-                        l.ptrs[gemm::SLOT_A] as *const u8,
-                        l.ptrs[gemm::SLOT_B] as *const u8,
-                        l.ptrs[gemm::SLOT_C] as *mut f32,
-                        begin,
-                        end,
-                    )
-                },
+        match &l.work {
+            Work::Kernel(f) => {
+                let (begin, end) = chunk(l.extent, t, threads);
+                if begin < end {
+                    // SAFETY: `f` has the kernel calling convention; `ptrs` has one pointer
+                    // per declared buffer, each sized by the plan for the current sizes.
+                    unsafe { f(l.ptrs.as_ptr() as *mut *mut c_void, args.as_ptr(), begin, end) }
+                }
             }
+            // SAFETY: the shape was checked against these buffers when the launch was
+            // bound, and `run_part` gives threads disjoint parts of C.
+            Work::Gemm(shape, operands) => unsafe {
+                gemm::run_part(
+                    shape,
+                    *operands,
+                    l.ptrs[gemm::SLOT_A] as *const u8,
+                    l.ptrs[gemm::SLOT_B] as *const u8,
+                    l.ptrs[gemm::SLOT_C] as *mut f32,
+                    (t, threads),
+                )
+            },
         }
     };
     if threads <= 1 {
         for l in &launches.0 {
-            run(l, 0, l.extent);
+            run(l, 0, 1);
         }
         return;
     }
     let barrier = std::sync::Barrier::new(threads);
     pool.run(&|t: usize| {
         for l in &launches.0 {
-            let (b, e) = chunk(l.extent, t, threads);
-            run(l, b, e);
+            run(l, t, threads);
             barrier.wait();
         }
     });

@@ -173,6 +173,45 @@ impl Shape {
     }
 }
 
+/// Thread `t` of `threads`' part of the node: a contiguous range of its parallel range
+/// (`batch × m` rows of C, as for a kernel), except for a single product wider than it is
+/// tall, which is split by columns of C (in multiples of 32, AMX's block), so that each
+/// thread packs only its part of B (a weight gradient's B is the whole `T × n`). Either
+/// way each element of C is one thread's, summed over the whole of k: results do not
+/// depend on the split.
+///
+/// # Safety
+/// As for [`run`], for all threads together.
+pub unsafe fn run_part(
+    shape: &Shape,
+    operands: Operands,
+    a: *const u8,
+    b: *const u8,
+    c: *mut f32,
+    (t, threads): (usize, usize),
+) {
+    let split_columns = shape.batch.is_empty() && shape.n > shape.m && threads > 1;
+    if !split_columns {
+        let (begin, end) = crate::cpu::chunk(shape.extent().unwrap_or(0), t, threads);
+        // SAFETY: as documented; the row ranges are disjoint.
+        return unsafe { run(shape, operands, a, b, c, begin, end) };
+    }
+    let blocks = (shape.n + 31) / 32;
+    let (first, last) = crate::cpu::chunk(blocks, t, threads);
+    let (j0, j1) = (first * 32, (last * 32).min(shape.n));
+    if j0 >= j1 {
+        return;
+    }
+    let columns = Shape {
+        n: j1 - j0,
+        b: View { offset: shape.b.offset + j0 * shape.b.cols, ..shape.b },
+        c: View { offset: shape.c.offset + j0 * shape.c.cols, ..shape.c },
+        ..shape.clone()
+    };
+    // SAFETY: the columns j0..j1 of B and C are inside the views checked for 0..n.
+    unsafe { run(&columns, operands, a, b, c, 0, shape.m) }
+}
+
 /// The element type of A and B (C is always f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operands {
@@ -462,6 +501,42 @@ mod tests {
             }
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{operands:?}: {g} vs {w}");
+            }
+        }
+    }
+
+    /// A product wider than tall is split by columns (blocks of 32) and a tall one by rows:
+    /// either way every thread count gives C bit for bit as one thread does, f32 and bf16.
+    #[test]
+    fn parts_of_any_thread_count_give_the_same_product() {
+        for (m, n, k) in [(5i64, 100i64, 37i64), (70, 9, 33), (64, 700, 2048)] {
+            let s = product((m, n, k), [(0, k, 1), (0, n, 1), (0, n, 1)]);
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 29 % 13) as f32 - 6.0) / 5.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 17 % 11) as f32 - 5.0) / 3.0).collect();
+            let (a16, b16): (Vec<u16>, Vec<u16>) = (
+                a.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect(),
+                b.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect(),
+            );
+            for (operands, pa, pb) in [
+                (Operands::F32, a.as_ptr().cast(), b.as_ptr().cast()),
+                (Operands::BF16, a16.as_ptr().cast(), b16.as_ptr().cast()),
+            ] {
+                let run_with = |threads: usize| {
+                    let mut c = vec![f32::NAN; (m * n) as usize];
+                    for t in 0..threads {
+                        unsafe { run_part(&s, operands, pa, pb, c.as_mut_ptr(), (t, threads)) };
+                    }
+                    c
+                };
+                let one = run_with(1);
+                assert!(one.iter().all(|x| x.is_finite()), "{operands:?}: every element written");
+                for threads in [2, 3, 5] {
+                    let got = run_with(threads);
+                    assert!(
+                        got.iter().zip(&one).all(|(g, w)| g.to_bits() == w.to_bits()),
+                        "{operands:?} {threads} threads"
+                    );
+                }
             }
         }
     }
