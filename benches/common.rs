@@ -28,7 +28,7 @@ pub fn compile_with(model: &str, sets: &[&str], tag: &str, precision: tnc_compil
 pub fn executor(dir: &Path) -> tnc_runtime::Executor {
     let bundle = tnc_runtime::Bundle::load_cpu(dir).expect("loads");
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let mut exec = tnc_runtime::Executor::new(&bundle, threads).expect("executor");
+    let mut exec = tnc_runtime::Executor::cpu(&bundle, threads).expect("executor");
     exec.set_params_from_seed(0).expect("params");
     exec
 }

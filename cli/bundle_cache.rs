@@ -61,7 +61,7 @@ pub fn training_bundle(
     }
     let key: String = h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect();
     let dir = cache_dir().join(format!("{}-{key}.tnb", graph.name));
-    if tnc_runtime::Bundle::load_cpu(&dir).is_ok() {
+    if tnc_runtime::Bundle::load(&dir).is_ok() {
         status(&format!("using the cached bundle {}", dir.display()));
         return Ok(dir);
     }

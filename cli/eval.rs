@@ -30,6 +30,10 @@ pub struct EvalArgs {
     /// Worker threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the model runs (default: where the run's bundle runs: the CPU, or CUDA for a
+    /// GPU bundle).
+    #[arg(long, value_enum)]
+    pub device: Option<crate::device::DeviceArg>,
 }
 
 pub fn run(args: &EvalArgs) -> Result<(), Failure> {
@@ -44,13 +48,17 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
         None => meta("data").ok_or_else(|| fail(format!("{} does not name its data; pass --data", path.display())))?,
     };
     let data = DataSource::parse(&spec).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
-    let bundle = tnc_runtime::Bundle::load_cpu(&bundle_dir)
+    let bundle = tnc_runtime::Bundle::load(&bundle_dir)
         .map_err(|e| fail(format!("the run's bundle {bundle_dir} cannot be loaded ({e}); retrain or recompile it")))?;
-    if meta("bundle_sha256") != Some(bundle_hash(&bundle).map_err(fail)?) {
+    if meta("bundle_sha256") != Some(bundle_hash(&bundle.dir).map_err(fail)?) {
         return Err(fail(format!("{bundle_dir} has changed since {} was written", path.display())));
     }
+    let target = &bundle.manifest.target.name;
+    let device = args.device.unwrap_or_else(|| crate::device::DeviceArg::for_target(target));
+    device.check(target)?;
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let mut exec = tnc_runtime::Executor::new(&bundle, threads).map_err(|e| fail(e.to_string()))?;
+    let mut exec = crate::device::open(&bundle, device, threads)?;
+    eprintln!("evaluating on {}", exec.describe_device());
     restore(&mut exec, &ckpt, &[]).map_err(|e| fail(format!("{}: {e}", path.display())))?;
     let (b, n) = (args.batch.unwrap_or(config.batch), args.seq.unwrap_or(config.seq));
     let batches = data.eval_batches(config.seed, b, n, args.batches.unwrap_or(config.eval_batches)).map_err(fail)?;

@@ -9,6 +9,7 @@ mod bundle_cache;
 mod bundle_run;
 mod check;
 mod compile;
+mod device;
 mod eval;
 mod ir;
 mod run;

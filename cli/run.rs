@@ -1,5 +1,6 @@
 //! `tnc run` and `tnc init` with the reference interpreter.
 
+use crate::bundle_run::{execute, Params};
 use crate::{elaborate, fail, Failure, ModelArgs};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,9 +40,10 @@ pub struct RunArgs {
     /// CPU threads for a compiled bundle (results are bitwise identical for a given count).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-    /// Where a compiled bundle runs (the interpreter always runs on the CPU).
-    #[arg(long, value_enum, default_value_t)]
-    pub device: crate::bundle_run::Device,
+    /// Where a compiled bundle runs (default: where its target runs: the CPU, or CUDA for
+    /// a GPU bundle). The interpreter always runs on the CPU.
+    #[arg(long, value_enum)]
+    pub device: Option<crate::device::DeviceArg>,
     /// With the interpreter: the element type of products' operands (the model is then
     /// run as compiled: the whole pass pipeline, with `precision`).
     #[arg(long, value_enum, default_value_t)]
@@ -86,7 +88,14 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
                 .with_hint("compile it with `tnc compile --precision …`"),
             ));
         }
-        return crate::bundle_run::run(args);
+        let inputs: HashMap<String, Tensor> =
+            interp::read_safetensors(&args.inputs).map_err(fail)?.into_iter().collect();
+        let params = match &args.params {
+            Some(p) => Params::File(p),
+            None => Params::Seed(args.seed.unwrap_or(0)),
+        };
+        let outputs = execute(&args.model.file, args.device, &inputs, params, args.grad, args.threads)?;
+        return write_outputs(&args.out, &outputs, args.dtype);
     }
     let (graph, _) = elaborate(&args.model)?;
     let failure = |d| Failure { diagnostic: d, sources: SourceMap::new(), status: 1 };
@@ -121,12 +130,16 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
     };
     let opts = EvalOptions { precision, ..EvalOptions::default() };
     let eval = interp::evaluate(&graph, &inputs, &params, &opts).map_err(fail)?;
-    let outputs = eval.outputs(&graph);
-    write(&args.out, &outputs, args.dtype)?;
+    write_outputs(&args.out, &eval.outputs(&graph), args.dtype)
+}
+
+/// Writes `outputs` to `path` and prints the scalar ones.
+fn write_outputs(path: &Path, outputs: &[(String, Tensor)], dtype: DTypeArg) -> Result<(), Failure> {
+    write(path, outputs, dtype)?;
     for (name, t) in outputs.iter().filter(|(_, t)| t.numel() == 1) {
         println!("{name} = {}", t.data[0]);
     }
-    println!("wrote {} tensors to {}", outputs.len(), args.out.display());
+    println!("wrote {} tensors to {}", outputs.len(), path.display());
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 //! A run directory holds `run.json` (what was trained, for `tnc eval`), `metrics.jsonl`,
 //! `checkpoints/ckpt-<step>.safetensors` and `loss.svg`.
 
+use crate::device::{self, DeviceArg};
 use crate::{bundle_cache, fail, Failure, ModelArgs};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
@@ -77,9 +78,13 @@ pub struct TrainFlags {
     /// Worker threads (default: every core). Bit-identical results need the same count.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// CPU target of the compiled bundle.
-    #[arg(long, default_value = "native")]
-    pub target: String,
+    /// Target of the compiled bundle: a CPU (`native`, `x86-64-v3`, `x86-64-v4`) or a GPU
+    /// (`sm80` … `sm90a`). Default: `native`, or `sm80` with `--device cuda|emulated`.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Where training runs. Default: the CPU for CPU targets, CUDA for GPU targets.
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceArg>,
     /// The element type of products' operands (a .tn model is compiled with it).
     #[arg(long, value_enum, default_value_t)]
     pub precision: crate::PrecisionArg,
@@ -107,6 +112,18 @@ pub struct TrainArgs {
 }
 
 impl TrainFlags {
+    /// The target and the device, from what was given, checked before anything compiles.
+    pub fn target_and_device(&self) -> Result<(String, DeviceArg), Failure> {
+        let (target, device) = match (&self.target, self.device) {
+            (Some(t), Some(d)) => (t.clone(), d),
+            (Some(t), None) => (t.clone(), DeviceArg::for_target(t)),
+            (None, Some(d)) => (d.default_target().to_string(), d),
+            (None, None) => ("native".to_string(), DeviceArg::Cpu),
+        };
+        device.check(&target)?;
+        Ok((target, device))
+    }
+
     pub fn config(&self) -> Config {
         Config {
             steps: self.steps,
@@ -152,7 +169,8 @@ pub(crate) fn resolve_bundle(
         sets.push(format!("drop={p}"));
     }
     let args = ModelArgs { file: model.to_path_buf(), sets, model: None };
-    bundle_cache::training_bundle(&args, (&flags.target, flags.precision.policy()), status)
+    let (target, _) = flags.target_and_device()?;
+    bundle_cache::training_bundle(&args, (&target, flags.precision.policy()), status)
 }
 
 /// What `run.json` records about a run.
@@ -201,8 +219,16 @@ pub(crate) fn train_one(
 ) -> Result<Summary, Failure> {
     let data = DataSource::parse(&flags.data).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
     let cfg = flags.config();
+    let (_, mut device) = flags.target_and_device()?;
     let bundle_dir = resolve_bundle(model, sets, flags, &mut |s| say(bar, s))?;
-    let bundle = tnc_runtime::Bundle::load_cpu(&bundle_dir).map_err(|e| fail(e.to_string()))?;
+    let bundle = device::load(&bundle_dir)?;
+    if model.is_dir() && flags.device.is_none() {
+        // A bundle given as it is runs where its target does.
+        device = DeviceArg::for_target(&bundle.manifest.target.name);
+    }
+    device.check(&bundle.manifest.target.name)?;
+    let exec = device::open(&bundle, device, cfg.threads)?;
+    say(bar, &format!("training on {}", exec.describe_device()));
     std::fs::create_dir_all(out).map_err(|e| fail(format!("cannot create {}: {e}", out.display())))?;
     let info = RunInfo {
         model: model.display().to_string(),
@@ -216,10 +242,9 @@ pub(crate) fn train_one(
         ("data".to_string(), info.data.clone()),
         ("bundle".to_string(), info.bundle.display().to_string()),
     ]);
-    let mut trainer = Trainer::new(&bundle, data.clone(), cfg.clone(), out, resume, meta, &mut |w| {
-        say(bar, &format!("warning: {w}"))
-    })
-    .map_err(fail)?;
+    let mut trainer =
+        Trainer::new(exec, data.clone(), cfg.clone(), out, resume, meta, &mut |w| say(bar, &format!("warning: {w}")))
+            .map_err(fail)?;
     write_atomically(&out.join("run.json"), serde_json::to_string_pretty(&info).expect("serializable").as_bytes())?;
 
     bar.set_style(

@@ -2,7 +2,8 @@
 //! and parameters, forward and every gradient. Prints the closeness of every tensor and
 //! exits with status 1 on a mismatch.
 
-use crate::bundle_run::{execute, is_bundle, Device, Params};
+use crate::bundle_run::{execute, is_bundle, Params};
+use crate::device::DeviceArg;
 use crate::{elaborate, fail, Failure, ModelArgs};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,12 +20,12 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub source: Option<PathBuf>,
     /// Target to compile for when FILE is a model (default: `native` on the CPU, `sm80`
-    /// with `--device cuda`).
+    /// with `--device cuda` or `--device emulated`).
     #[arg(long)]
     pub target: Option<String>,
     /// Where the bundle runs.
     #[arg(long, value_enum, default_value_t)]
-    pub device: Device,
+    pub device: DeviceArg,
     #[arg(long, default_value_t = 2)]
     pub batch: usize,
     #[arg(long, default_value_t = 13)]
@@ -76,8 +77,8 @@ pub fn run(args: &VerifyArgs) -> Result<(), Failure> {
     } else {
         let dir = std::env::temp_dir().join(format!("tnc-verify-{}.tnb", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let default = if args.device == Device::Cuda { "sm80" } else { "native" };
-        let target = args.target.as_deref().unwrap_or(default);
+        let target = args.target.as_deref().unwrap_or(args.device.default_target());
+        args.device.check(target)?;
         let opts = tnc_compiler::driver::Options { precision: args.precision.policy(), ..Default::default() };
         tnc_compiler::driver::compile(graph.clone(), target, &dir, opts, Vec::new()).map_err(fail)?;
         dir
@@ -123,7 +124,9 @@ pub fn run(args: &VerifyArgs) -> Result<(), Failure> {
     let want = interp::evaluate(&reference, &inputs, &params, &eval).map_err(fail)?.outputs(&reference);
     let named: Vec<(String, Tensor)> = reference.params.iter().map(|p| p.name.clone()).zip(params).collect();
     let got: HashMap<String, Tensor> =
-        execute(&bundle_dir, args.device, &inputs, Params::Values(named), true, args.threads)?.into_iter().collect();
+        execute(&bundle_dir, Some(args.device), &inputs, Params::Values(named), true, args.threads)?
+            .into_iter()
+            .collect();
     let tol = args.tol.unwrap_or(if narrowed { 1e-2 } else { 1e-4 });
     let mut bad = 0;
     println!("{:<40} {:>12} {:>12}  verdict", "tensor", "rel L2", "max abs");

@@ -109,7 +109,7 @@ fn compiled_matches_the_interpreter(
     // Parameters rounded to f32 for both sides.
     let params = rounded_to_f32(perturbed_params(&reference, 9));
     let bundle = tnc_runtime::Bundle::load_cpu(&dir).unwrap();
-    let mut exec = tnc_runtime::Executor::new(&bundle, 2).unwrap();
+    let mut exec = tnc_runtime::Executor::cpu(&bundle, 2).unwrap();
     exec.set_debug_nan(true);
     let pfile = dir.with_extension("params.safetensors");
     let named: Vec<(String, &tnc_compiler::interp::Tensor)> =
@@ -211,7 +211,7 @@ fn one_position_runs_end_to_end() {
     let reference = passes::differentiate_loss(g).unwrap();
     let params = tnc_compiler::interp::init_params(&reference, 0).unwrap();
     let bundle = tnc_runtime::Bundle::load_cpu(&dir).unwrap();
-    let mut exec = tnc_runtime::Executor::new(&bundle, 2).unwrap();
+    let mut exec = tnc_runtime::Executor::cpu(&bundle, 2).unwrap();
     exec.set_debug_nan(true);
     exec.set_params_from_seed(0).unwrap();
     for (b, n) in [(3usize, 1usize), (2, 65)] {
@@ -248,7 +248,7 @@ fn one_position_runs_end_to_end() {
     let loss = &want.iter().find(|(n, _)| n == "loss").unwrap().1;
     assert!(loss.data[0].is_nan(), "the interpreter's loss over no token is NaN");
     let bundle = tnc_runtime::Bundle::load_cpu(&dir).unwrap();
-    let mut exec = tnc_runtime::Executor::new(&bundle, 2).unwrap();
+    let mut exec = tnc_runtime::Executor::cpu(&bundle, 2).unwrap();
     exec.set_params_from_seed(0).unwrap();
     exec.forward(&[("tokens", &to_rt(&tokens, true))]).unwrap();
     assert!(exec.output("loss").unwrap().as_f32().unwrap()[0].is_nan(), "so is the bundle's");

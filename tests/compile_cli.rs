@@ -135,10 +135,18 @@ fn cuda_bundles_run_or_say_there_is_no_driver() {
         assert_eq!(code, 1, "{err}");
         assert!(err.contains("no CUDA driver found"), "{err}");
     }
-    // A GPU bundle on the CPU is refused with the reason.
+    // Without `--device`, a GPU bundle runs where its target does; on the CPU it is
+    // refused (bad usage) with the reason and what to pass instead.
     let (code, _, err) = tnc(&["run", &out, "--inputs", &inp, "--out", &res]);
-    assert_eq!(code, 1);
-    assert!(err.contains("cuda"), "{err}");
+    if tnc_runtime::cuda::driver_present() {
+        assert_eq!(code, 0, "{err}");
+    } else {
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("no CUDA driver found") && err.contains("--device emulated"), "{err}");
+    }
+    let (code, _, err) = tnc(&["run", &out, "--device", "cpu", "--inputs", &inp, "--out", &res]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("`--device cpu` cannot run a bundle for sm80") && err.contains("--device cuda"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

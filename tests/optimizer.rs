@@ -75,7 +75,7 @@ fn hyper(step: i32, accumulated: usize, clip: f64) -> Vec<f32> {
 fn two_accumulated_steps_of_clipped_adamw_match_the_update_computed_in_f64() {
     let (dir, g) = tiny_training_bundle("adamw");
     let bundle = Bundle::load_cpu(&dir).unwrap();
-    let mut exec = Executor::new(&bundle, 2).unwrap();
+    let mut exec = Executor::cpu(&bundle, 2).unwrap();
     exec.set_params_from_seed(3).unwrap();
     let trainable: Vec<String> = g.params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
     let decays: HashMap<String, bool> =
@@ -153,7 +153,7 @@ fn two_accumulated_steps_of_clipped_adamw_match_the_update_computed_in_f64() {
 fn the_accuracy_output_matches_the_interpreter() {
     let (dir, g) = tiny_training_bundle("correct");
     let bundle = Bundle::load_cpu(&dir).unwrap();
-    let mut exec = Executor::new(&bundle, 2).unwrap();
+    let mut exec = Executor::cpu(&bundle, 2).unwrap();
     // The optimized graph (where the loss is one fused cross-entropy op), as compiled.
     let optimized = passes::run_until(g, "dce").unwrap().unwrap();
     let reference = passes::Pass::run(&passes::Accuracy, optimized).unwrap();

@@ -249,6 +249,7 @@ pub fn manifest(
         outputs,
         entry_points,
         files: BTreeMap::new(),
+        model_sha256: None,
     };
     manifest.validate()?;
     Ok((manifest, baked))

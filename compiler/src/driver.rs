@@ -80,7 +80,8 @@ pub fn lower(
 }
 
 /// Whether `target` names a GPU (`sm80` …) rather than a CPU.
-fn is_gpu(target: &str) -> bool {
+/// Whether `target` names a GPU (`sm80` …) rather than a CPU.
+pub fn is_gpu(target: &str) -> bool {
     target.starts_with("sm")
 }
 
@@ -127,12 +128,21 @@ pub fn compile(
     opts: Options,
     stages: Vec<(&'static str, Duration)>,
 ) -> Result<Compiled, String> {
+    let model = model_hash(&graph, &opts);
     if is_gpu(target) {
-        return compile_gpu(graph, target, out, opts, stages);
+        return compile_gpu(graph, target, out, (opts, model), stages);
     }
     let cpu =
         CpuTarget::parse(target).map_err(|e| format!("{e}; GPU targets are: {}", backend::GPU_TARGETS.join(", ")))?;
-    compile_cpu(graph, cpu, out, opts, stages)
+    compile_cpu(graph, cpu, out, (opts, model), stages)
+}
+
+/// The manifest's `model_sha256`: what a bundle computes whatever its target — the
+/// elaborated graph, the precision and whether it trains.
+fn model_hash(graph: &Graph, opts: &Options) -> String {
+    let text =
+        format!("{}\nprecision {}\ntrain {}\n", crate::ir::print::to_text(graph), opts.precision.name(), opts.train);
+    tnc_runtime::manifest::sha256_hex(text.as_bytes())
 }
 
 /// A bundle of PTX for an NVIDIA GPU: one thread per parallel iteration, blocks of
@@ -141,7 +151,7 @@ fn compile_gpu(
     graph: Graph,
     target: &str,
     out: &Path,
-    opts: Options,
+    (opts, model): (Options, String),
     mut stages: Vec<(&'static str, Duration)>,
 ) -> Result<Compiled, String> {
     let emit = opts.emit;
@@ -163,6 +173,7 @@ fn compile_gpu(
     }
     let info = TargetInfo { name: gpu.name.clone(), kind: TargetKind::Cuda, cpu_features: Vec::new() };
     let (mut manifest, baked) = bundle::manifest(&graph, &sched, info)?;
+    manifest.model_sha256 = Some(model);
     for (k, kernel) in manifest.kernels.iter_mut().zip(&sched.kernels) {
         use tnc_runtime::manifest::Poly;
         let one = || Poly::constant(1);
@@ -185,7 +196,10 @@ fn compile_gpu(
         });
     }
     let init_bytes = baked_bytes(out, &baked)?;
-    let mut files: Vec<(&str, &[u8])> = vec![("kernels.ptx", ptx.as_bytes())];
+    // The emulated GPU device runs the kernel IR the PTX was written from.
+    let kernel_ir = serde_json::to_vec(&sched.kernels).map_err(|e| format!("cannot serialize the kernels: {e}"))?;
+    let mut files: Vec<(&str, &[u8])> =
+        vec![("kernels.ptx", ptx.as_bytes()), (tnc_runtime::manifest::KERNEL_IR_FILE, &kernel_ir)];
     if let Some(b) = &init_bytes {
         files.push((bundle::INIT_FILE, b));
     }
@@ -220,7 +234,7 @@ fn compile_cpu(
     graph: Graph,
     cpu: CpuTarget,
     out: &Path,
-    opts: Options,
+    (opts, model): (Options, String),
     mut stages: Vec<(&'static str, Duration)>,
 ) -> Result<Compiled, String> {
     let emit = opts.emit;
@@ -256,7 +270,8 @@ fn compile_cpu(
     let cpu_features =
         cpu.required_features.iter().filter(|f| tnc_runtime::bundle::host_has_feature(f).is_some()).cloned().collect();
     let info = TargetInfo { name: cpu.name.clone(), kind: TargetKind::Cpu, cpu_features };
-    let (manifest, baked) = bundle::manifest(&graph, &sched, info)?;
+    let (mut manifest, baked) = bundle::manifest(&graph, &sched, info)?;
+    manifest.model_sha256 = Some(model);
     let init_bytes = baked_bytes(out, &baked)?;
     let mut files: Vec<(&str, &[u8])> = vec![("kernels.so", &so)];
     if let Some(b) = &init_bytes {

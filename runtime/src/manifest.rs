@@ -7,8 +7,9 @@
 //!   (`<64 hex digits>  manifest.json`), so `sha256sum -c manifest.sha256` checks it too;
 //! - every other file, listed in [`Manifest::files`] with its SHA-256: `kernels.so`
 //!   ([`CPU_KERNELS_FILE`]) for CPU targets, `kernels.ptx` ([`CUDA_KERNELS_FILE`]) for
-//!   CUDA targets, and safetensors files holding baked parameter values
-//!   ([`InitSpec::Baked`]).
+//!   CUDA targets with, beside it, `kernel-ir.json` ([`KERNEL_IR_FILE`]: the kernel IR the
+//!   PTX was written from, which the emulated GPU device runs), and safetensors files
+//!   holding baked parameter values ([`InitSpec::Baked`]).
 //!
 //! Sizes that depend on the run-time symbols (`B`, `N`) are [`Poly`]s: polynomials with
 //! integer coefficients over atoms that are a symbol or `ceil(poly / k)`, the same algebra
@@ -45,6 +46,10 @@ pub const MANIFEST_CHECKSUM_FILE: &str = "manifest.sha256";
 pub const CPU_KERNELS_FILE: &str = "kernels.so";
 /// The PTX module of a CUDA bundle.
 pub const CUDA_KERNELS_FILE: &str = "kernels.ptx";
+/// A CUDA bundle's kernels in the compiler's kernel IR (serde_json), one per manifest
+/// kernel in order: what the emulated GPU device (`tnc_compiler::kernel::emulated_gpu`)
+/// runs. The runtime itself never reads it.
+pub const KERNEL_IR_FILE: &str = "kernel-ir.json";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -73,6 +78,12 @@ pub struct Manifest {
     /// to the bundle directory. The manifest's own checksum is in `manifest.sha256`.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
+    /// What the bundle computes, independent of the target: the SHA-256 of the model's
+    /// graph as elaborated, the precision and whether it trains. Bundles of one model for
+    /// different targets share it, so a checkpoint written on one device resumes on
+    /// another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_sha256: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -192,6 +192,7 @@ fn manifest() -> Manifest {
             ("decode".into(), vec![]),
         ]),
         files: BTreeMap::new(),
+        model_sha256: None,
     }
 }
 
@@ -223,7 +224,7 @@ fn input(b: usize, n: usize) -> Tensor {
 
 fn run_forward(dir: &Path, threads: usize, b: usize, n: usize) -> Executor {
     let bundle = Bundle::load(dir).unwrap();
-    let mut ex = Executor::new(&bundle, threads).unwrap();
+    let mut ex = Executor::cpu(&bundle, threads).unwrap();
     ex.set_params_from_seed(42).unwrap();
     ex.forward(&[("x", &input(b, n))]).unwrap();
     ex
@@ -296,7 +297,7 @@ fn thread_counts_give_bitwise_identical_results() {
 fn sizes_change_between_calls() {
     let tb = write_bundle(|_| {});
     let bundle = Bundle::load(&tb.dir).unwrap();
-    let mut ex = Executor::new(&bundle, 2).unwrap();
+    let mut ex = Executor::cpu(&bundle, 2).unwrap();
     ex.set_params_from_seed(42).unwrap();
     for (b, n) in [(2, 3), (4, 9), (2, 3), (1, 0), (0, 4)] {
         ex.forward(&[("x", &input(b, n))]).unwrap();
@@ -326,7 +327,7 @@ fn chunks_cover_the_range() {
 fn wrong_input_shape_names_tensor_and_shapes() {
     let tb = write_bundle(|_| {});
     let bundle = Bundle::load(&tb.dir).unwrap();
-    let mut ex = Executor::new(&bundle, 1).unwrap();
+    let mut ex = Executor::cpu(&bundle, 1).unwrap();
     ex.set_params_from_seed(0).unwrap();
     let bad = Tensor::f32(vec![2, 3, 1], vec![0.0; 6]);
     let e = ex.forward(&[("x", &bad)]).unwrap_err().to_string();
@@ -345,7 +346,7 @@ fn wrong_input_shape_names_tensor_and_shapes() {
 fn params_must_be_set_first() {
     let tb = write_bundle(|_| {});
     let bundle = Bundle::load(&tb.dir).unwrap();
-    let mut ex = Executor::new(&bundle, 1).unwrap();
+    let mut ex = Executor::cpu(&bundle, 1).unwrap();
     let e = ex.forward(&[("x", &input(1, 2))]).unwrap_err();
     assert!(matches!(e, ExecError::Order(_)), "{e}");
 }
@@ -354,7 +355,7 @@ fn params_must_be_set_first() {
 fn debug_mode_fills_outputs_with_nan() {
     let tb = write_bundle(|_| {});
     let bundle = Bundle::load(&tb.dir).unwrap();
-    let mut ex = Executor::new(&bundle, 3).unwrap();
+    let mut ex = Executor::cpu(&bundle, 3).unwrap();
     ex.set_params_from_seed(0).unwrap();
     ex.set_sizes(&[("B", 1), ("N", 70)]).unwrap();
     ex.run("probe", &[]).unwrap();
@@ -381,7 +382,7 @@ fn params_from_file() {
     let file = tb.dir.parent().unwrap().join("ckpt.safetensors");
     ex.save_params(&file).unwrap();
     let bundle = Bundle::load(&tb.dir).unwrap();
-    let mut other = Executor::new(&bundle, 1).unwrap();
+    let mut other = Executor::cpu(&bundle, 1).unwrap();
     other.set_params_from_file(&file).unwrap();
     assert_eq!(bits(&other.param("w").unwrap()), bits(&ex.param("w").unwrap()));
 
@@ -484,7 +485,7 @@ fn cuda_bundle_is_rejected_by_cpu_executor() {
     m.files.insert("kernels.ptx".into(), sha256_hex(b"// ptx"));
     write_manifest_bytes(&tb.dir, &serde_json::to_vec(&m).unwrap()).unwrap();
     let bundle = Bundle::load(&tb.dir).unwrap();
-    let e = Executor::new(&bundle, 1).err().expect("a CUDA bundle must be rejected");
+    let e = Executor::cpu(&bundle, 1).err().expect("a CUDA bundle must be rejected");
     assert!(matches!(e, ExecError::Bundle(BundleError::TargetKind { .. })), "{e:?}");
     assert!(e.to_string().contains("cuda") && e.to_string().contains("sm80"), "{e}");
     assert!(Bundle::load_cpu(&tb.dir).is_err());
@@ -532,7 +533,7 @@ fn a_library_kernel_without_its_gemm_is_a_corrupt_manifest() {
 fn missing_symbol_is_reported() {
     let tb = write_bundle(|m| m.kernels[0].symbol = "k_nowhere".into());
     let bundle = Bundle::load(&tb.dir).unwrap();
-    let e = Executor::new(&bundle, 1).err().unwrap().to_string();
+    let e = Executor::cpu(&bundle, 1).err().unwrap().to_string();
     assert!(e.contains("k_nowhere") && e.contains("scale"), "{e}");
 }
 

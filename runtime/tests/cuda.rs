@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use tnc_runtime::bundle::BundleError;
 use tnc_runtime::cuda::driver_present;
 use tnc_runtime::manifest::*;
-use tnc_runtime::{Bundle, CudaExecutor, ExecError, Executor, Tensor, NO_DRIVER};
+use tnc_runtime::{Bundle, CudaDevice, ExecError, Executor, Tensor, NO_DRIVER};
 
 /// `k_add`: `y[i] = x[i] + w[i % 3]` over `B*N`; `k_rowsum`: `s[r] = Σ_j y[r*N + j]` over
 /// `B` (reads `N` from `sizes`); `k_gradw`: `gw[k] = Σ_{i ≡ k (3), i < B*N} x[i]` over 3;
@@ -276,6 +276,7 @@ fn manifest() -> Manifest {
             ("decode".into(), vec![]),
         ]),
         files: BTreeMap::new(),
+        model_sha256: None,
     }
 }
 
@@ -328,7 +329,7 @@ fn close(a: &[f32], b: &[f32]) -> bool {
 fn executors_refuse_the_other_kind() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = write_bundle(dir.path());
-    let e = Executor::new(&bundle, 1).err().expect("the CPU executor refuses a CUDA bundle");
+    let e = Executor::cpu(&bundle, 1).err().expect("the CPU executor refuses a CUDA bundle");
     assert!(matches!(e, ExecError::Bundle(BundleError::TargetKind { .. })), "{e:?}");
 
     let mut m = manifest();
@@ -338,7 +339,7 @@ fn executors_refuse_the_other_kind() {
     let cpu_dir = tempfile::tempdir().unwrap();
     m.write_bundle(cpu_dir.path(), &[]).unwrap();
     let cpu = Bundle::load(cpu_dir.path()).unwrap();
-    let e = CudaExecutor::new(&cpu).err().expect("the CUDA executor refuses a CPU bundle");
+    let e = Executor::cuda(&cpu).err().expect("the CUDA executor refuses a CPU bundle");
     assert!(matches!(e, ExecError::Bundle(BundleError::TargetKind { .. })), "{e:?}");
     assert!(e.to_string().contains("the cuda executor cannot run it"), "{e}");
 }
@@ -351,7 +352,7 @@ fn without_a_driver_new_is_a_clean_error() {
     }
     let dir = tempfile::tempdir().unwrap();
     let bundle = write_bundle(dir.path());
-    let e = CudaExecutor::new(&bundle).err().expect("no driver, no executor");
+    let e = Executor::cuda(&bundle).err().expect("no driver, no executor");
     assert!(matches!(e, ExecError::NoDriver), "{e:?}");
     assert_eq!(e.to_string(), NO_DRIVER);
     assert_eq!(NO_DRIVER, "no CUDA driver found (libcuda.so could not be loaded)");
@@ -403,7 +404,7 @@ fn hand_written_ptx_end_to_end() {
     }
     let dir = tempfile::tempdir().unwrap();
     let bundle = write_bundle(&dir.path().join("toy.bundle"));
-    let mut ex = match CudaExecutor::new(&bundle) {
+    let mut ex = match Executor::cuda(&bundle) {
         Ok(ex) => ex,
         Err(ExecError::Cuda { message, .. }) if message.contains("no device") => {
             eprintln!("skipped: {message}");
@@ -411,7 +412,7 @@ fn hand_written_ptx_end_to_end() {
         }
         Err(e) => panic!("{e}"),
     };
-    eprintln!("device: {:?}", ex.device());
+    eprintln!("device: {}", ex.describe_device());
     let x = Tensor::f32(vec![2, 5], x_values(2, 5));
     assert!(matches!(ex.forward(&[("x", &x)]), Err(ExecError::Order(_))), "parameters first");
     ex.set_params_from_seed(11).unwrap();
@@ -441,7 +442,7 @@ fn hand_written_ptx_end_to_end() {
     // A different parameter file round-trips.
     let params = dir.path().join("params.safetensors");
     ex.save_params(&params).unwrap();
-    let mut ex2 = CudaExecutor::new(&bundle).unwrap();
+    let mut ex2 = Executor::cuda(&bundle).unwrap();
     ex2.set_params_from_file(&params).unwrap();
     assert_eq!(ex2.param("w").unwrap().as_f32().unwrap(), w.as_slice());
     drop(ex2);
@@ -480,7 +481,8 @@ fn hand_written_ptx_end_to_end() {
 }
 
 #[test]
-fn cuda_executor_is_send() {
+fn executors_and_devices_are_send() {
     fn send<T: Send>() {}
-    send::<CudaExecutor>();
+    send::<CudaDevice>();
+    send::<Executor>();
 }

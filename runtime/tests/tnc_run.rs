@@ -110,6 +110,7 @@ fn bundle(dir: &Path) {
             ("backward".into(), vec![Step { kernel: 1, buffers: vec![0, 3], args: vec![] }]),
         ]),
         files: BTreeMap::new(),
+        model_sha256: None,
     };
     m.write_bundle(&dir.join("b"), &[(CPU_KERNELS_FILE, &so_bytes)]).unwrap();
 }

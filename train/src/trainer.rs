@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tnc_runtime::manifest::{BufferRole, Hyper, MANIFEST_CHECKSUM_FILE, OPTIMIZER_HYPER};
-use tnc_runtime::{Bundle, Executor, Tensor};
+use tnc_runtime::{Executor, Tensor};
 
 /// Everything that decides what a run computes (and how often it reports).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -86,9 +86,10 @@ impl EvalReport {
     }
 }
 
-/// The SHA-256 of a bundle's manifest (which holds the SHA-256 of every other file).
-pub fn bundle_hash(bundle: &Bundle) -> Result<String, String> {
-    let path = bundle.path(MANIFEST_CHECKSUM_FILE);
+/// The SHA-256 of the manifest of the bundle in `dir` (which holds the SHA-256 of every
+/// other file).
+pub fn bundle_hash(dir: &Path) -> Result<String, String> {
+    let path = dir.join(MANIFEST_CHECKSUM_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(text.split_whitespace().next().unwrap_or_default().to_string())
 }
@@ -116,11 +117,14 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// A trainer for `bundle` writing into `run_dir`. With `resume`, continues from the
-    /// latest valid checkpoint there (`warn` hears about skipped corrupt ones); without,
-    /// the parameters are initialized from the seed and `run_dir` must hold no checkpoint.
+    /// A trainer running `exec` (an executor of a training bundle, on any device) and
+    /// writing into `run_dir`. With `resume`, continues from the latest valid checkpoint
+    /// there (`warn` hears about skipped corrupt ones, and about a checkpoint of the same
+    /// model written on another target or device, which resumes but not bit for bit);
+    /// without, the parameters are initialized from the seed and `run_dir` must hold no
+    /// checkpoint.
     pub fn new(
-        bundle: &Bundle,
+        mut exec: Executor,
         data: DataSource,
         cfg: Config,
         run_dir: &Path,
@@ -128,7 +132,7 @@ impl Trainer {
         meta: BTreeMap<String, String>,
         warn: &mut dyn FnMut(&str),
     ) -> Result<Trainer, String> {
-        let m = &bundle.manifest;
+        let m = exec.manifest().clone();
         for entry in ["forward", "backward", "accumulate", "grad_norm", "step"] {
             if m.entry_points.get(entry).is_none_or(|s| s.is_empty()) {
                 return Err(format!(
@@ -161,8 +165,7 @@ impl Trainer {
             .filter(|b| b.role == BufferRole::Optimizer)
             .filter_map(|b| b.name.as_deref()?.strip_prefix("adam_m.").map(String::from))
             .collect();
-        let mut exec = Executor::new(bundle, cfg.threads).map_err(|e| e.to_string())?;
-        let hash = bundle_hash(bundle)?;
+        let hash = bundle_hash(exec.bundle_dir())?;
         let ckpt_dir = checkpoint_dir(run_dir);
         std::fs::create_dir_all(run_dir).map_err(|e| format!("run directory {}: {e}", run_dir.display()))?;
         let (step, position) = if resume {
@@ -171,13 +174,24 @@ impl Trainer {
                     for w in &warnings {
                         warn(w);
                     }
+                    let same_model =
+                        m.model_sha256.is_some() && ckpt.meta.get("model_sha256") == m.model_sha256.as_ref();
                     if ckpt.meta.get("bundle_sha256") != Some(&hash) {
-                        return Err(format!(
-                            "{} was written by another bundle (model, --set values or target differ); resume with the same model and options",
-                            path.display()
+                        if !same_model {
+                            return Err(format!(
+                                "{} was written by another bundle (model, --set values or precision differ); resume with the same model and options",
+                                path.display()
+                            ));
+                        }
+                        warn(&format!(
+                            "{} was written by the same model compiled for {} on {}; this run uses {} on {}: it continues from there, but not bit-identically to an uninterrupted run",
+                            path.display(),
+                            ckpt.meta.get("target").map_or("another target", String::as_str),
+                            ckpt.meta.get("device").map_or("another device", String::as_str),
+                            m.target.name,
+                            exec.describe_device(),
                         ));
-                    }
-                    if ckpt.threads != cfg.threads {
+                    } else if ckpt.threads != cfg.threads && !m.target.name.starts_with("sm") {
                         warn(&format!(
                             "{} was written with {} threads, this run uses {}: results will not be bit-identical to an uninterrupted run",
                             path.display(),
@@ -356,6 +370,12 @@ impl Trainer {
         }
         let mut meta = self.meta.clone();
         meta.insert("bundle_sha256".into(), self.bundle_hash.clone());
+        let m = self.exec.manifest();
+        if let Some(model) = &m.model_sha256 {
+            meta.insert("model_sha256".into(), model.clone());
+        }
+        meta.insert("target".into(), m.target.name.clone());
+        meta.insert("device".into(), self.exec.describe_device());
         meta.insert("config".into(), serde_json::to_string(&self.cfg).map_err(|e| e.to_string())?);
         let ckpt = Checkpoint {
             step: self.step,

@@ -18,9 +18,10 @@
 //! Every extent, stride and offset is an index expression over the size arguments.
 
 use super::ir::Expr;
+use serde::{Deserialize, Serialize};
 
 /// Where a matrix's element (row, col) lives in its buffer: `offset + row·rows + col·cols`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Matrix {
     pub offset: Expr,
     pub rows: Expr,
@@ -28,7 +29,7 @@ pub struct Matrix {
 }
 
 /// A loop around the product, with the stride it adds in each matrix.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BatchAxis {
     pub extent: Expr,
     pub a: Expr,
@@ -38,7 +39,7 @@ pub struct BatchAxis {
 
 /// `C[m×n] = A[m×k] · B[k×n]` (or `C += A·B` with `accumulate`) for every index of
 /// `batch` (outermost first).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Gemm {
     pub accumulate: bool,
     pub batch: Vec<BatchAxis>,

@@ -19,10 +19,11 @@
 //! GPU-semantics executor (`gpu_exec.rs`) runs them on the CPU and checks their use of
 //! shared memory.
 
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Scalar types of kernel values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Scalar {
     F32,
     I32,
@@ -34,7 +35,7 @@ pub enum Scalar {
 /// Element type of a buffer (bools are stored as one byte). A 16-bit float (bfloat16,
 /// IEEE half) is an f32 in registers: a load widens it exactly, a store rounds the f32
 /// to nearest, ties to even (`kernel::math::round_bf16`, `round_f16`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Elem {
     F32,
     BF16,
@@ -62,14 +63,14 @@ impl Elem {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Access {
     Read,
     Write,
     ReadWrite,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct BufferDecl {
     pub name: String,
     pub elem: Elem,
@@ -77,10 +78,10 @@ pub struct BufferDecl {
 }
 
 /// A local variable (loop index, let-bound value or accumulator), numbered per kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Var(pub u32);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Unary {
     Neg,
     Exp,
@@ -99,7 +100,7 @@ pub enum Unary {
     RoundF16,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Binary {
     Add,
     Sub,
@@ -122,9 +123,10 @@ pub enum Binary {
     Or,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Expr {
-    F32(f32),
+    /// Serialized by its bits: JSON has no infinities or NaNs.
+    F32(#[serde(with = "f32_bits")] f32),
     I64(i64),
     Bool(bool),
     Var(Var),
@@ -154,6 +156,19 @@ pub enum Expr {
         step: Box<Expr>,
         rate: f64,
     },
+}
+
+/// An f32 serialized as its IEEE bits, so infinities and NaNs survive JSON.
+mod f32_bits {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(x: &f32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(x.to_bits())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+        u32::deserialize(d).map(f32::from_bits)
+    }
 }
 
 impl Expr {
@@ -196,7 +211,7 @@ impl Expr {
 }
 
 /// How a loop may be executed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum LoopKind {
     Serial,
     /// Iterations are independent; the kernel's outermost parallel loop is the one the
@@ -206,7 +221,7 @@ pub enum LoopKind {
     Vector,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Stmt {
     /// `for var in 0..extent`.
     For {
@@ -272,7 +287,7 @@ pub enum Stmt {
 /// opt in, up to the device's limit per block).
 pub const STATIC_SHARED_BYTES: usize = 48 * 1024;
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Kernel {
     pub name: String,
     pub buffers: Vec<BufferDecl>,

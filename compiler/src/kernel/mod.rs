@@ -1,8 +1,10 @@
 //! Kernels: the loop-nest IR every back end prints (see `ir.rs`), the GEMM library nodes
 //! it may contain (`gemm.rs`; tiled block kernels on GPUs, `gemm_tiles.rs`), its text form, and a reference executor used to test
-//! schedules without a code generator.
+//! schedules without a code generator, and the emulated GPU device built on it
+//! (`emulated_gpu.rs`).
 
 pub mod blocks;
+pub mod emulated_gpu;
 pub mod exec;
 pub mod gemm;
 pub mod gemm_tiles;

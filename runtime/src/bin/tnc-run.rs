@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
-use tnc_runtime::manifest::{DType, Manifest};
+use tnc_runtime::manifest::DType;
 use tnc_runtime::{Bundle, Executor, Tensor, TensorData};
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +96,10 @@ struct BenchArgs {
     /// CPU worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Launch every kernel on its own instead of replaying CUDA graphs (to measure what
+    /// the graphs save).
+    #[arg(long)]
+    no_graphs: bool,
     /// Input tensors by name (safetensors) instead of generated ones; `--batch` and
     /// `--seq` must describe them.
     #[arg(long)]
@@ -140,88 +144,35 @@ fn threads(t: Option<usize>) -> usize {
     t.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1)
 }
 
-/// The two executors behind one interface.
-enum Exec {
-    Cpu(Box<Executor>),
-    #[cfg(feature = "cuda")]
-    Cuda(Box<tnc_runtime::CudaExecutor>),
-}
-
-macro_rules! both {
-    ($e:expr, $x:ident => $body:expr) => {
-        match $e {
-            Exec::Cpu($x) => $body,
-            #[cfg(feature = "cuda")]
-            Exec::Cuda($x) => $body,
+/// An executor for `bundle` on `device`, naming the device on standard error. CUDA
+/// graphs are used when `graphs` and `TNC_CUDA_GRAPHS` (unless `0`) allow.
+fn executor(bundle: &Bundle, device: Device, threads: usize, graphs: bool) -> Result<Executor, Error> {
+    let ex = match device {
+        Device::Cpu => Executor::cpu(bundle, threads)?,
+        #[cfg(feature = "cuda")]
+        Device::Cuda => {
+            let graphs = graphs && tnc_runtime::cuda::graphs_from_env();
+            Executor::on(bundle, Box::new(tnc_runtime::CudaDevice::new(bundle, graphs)?))?
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => {
+            let _ = graphs;
+            return Err("this tnc-run was built without the `cuda` feature".into());
         }
     };
-}
-
-impl Exec {
-    fn new(bundle: &Bundle, device: Device, threads: usize) -> Result<Exec, Error> {
-        Ok(match device {
-            Device::Cpu => Exec::Cpu(Box::new(Executor::new(bundle, threads)?)),
-            #[cfg(feature = "cuda")]
-            Device::Cuda => {
-                let ex = tnc_runtime::CudaExecutor::new(bundle)?;
-                let d = ex.device();
-                eprintln!(
-                    "tnc-run: device {} ({}, compute capability {}.{}, {:.1} GiB)",
-                    d.ordinal,
-                    d.name,
-                    d.compute_capability.0,
-                    d.compute_capability.1,
-                    d.total_bytes as f64 / (1u64 << 30) as f64
-                );
-                Exec::Cuda(Box::new(ex))
-            }
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda => return Err("this tnc-run was built without the `cuda` feature".into()),
-        })
-    }
-
-    fn manifest(&self) -> &Manifest {
-        both!(self, e => e.manifest())
-    }
-
-    fn set_debug_nan(&mut self, on: bool) {
-        both!(self, e => e.set_debug_nan(on))
-    }
-
-    fn set_params_from_seed(&mut self, seed: u64) -> Result<(), Error> {
-        both!(self, e => Ok(e.set_params_from_seed(seed)?))
-    }
-
-    fn set_params_from_file(&mut self, p: &Path) -> Result<(), Error> {
-        both!(self, e => Ok(e.set_params_from_file(p)?))
-    }
-
-    fn forward(&mut self, inputs: &[(&str, &Tensor)]) -> Result<(), Error> {
-        both!(self, e => Ok(e.forward(inputs)?))
-    }
-
-    fn backward(&mut self) -> Result<(), Error> {
-        both!(self, e => Ok(e.backward(&[])?))
-    }
-
-    fn outputs(&self) -> Result<BTreeMap<String, Tensor>, Error> {
-        both!(self, e => Ok(e.outputs()?))
-    }
-
-    fn gradients(&self) -> Result<BTreeMap<String, Tensor>, Error> {
-        both!(self, e => Ok(e.gradients()?))
-    }
+    eprintln!("tnc-run: {}", ex.describe_device());
+    Ok(ex)
 }
 
 fn run(a: &RunArgs) -> Result<(), Error> {
     let bundle = Bundle::load(&a.bundle)?;
-    let mut ex = Exec::new(&bundle, a.device, threads(a.threads))?;
+    let file = read_tensors(&a.inputs)?;
+    let mut ex = executor(&bundle, a.device, threads(a.threads), true)?;
     ex.set_debug_nan(a.debug_nan);
     match &a.params {
         Some(p) => ex.set_params_from_file(p)?,
         None => ex.set_params_from_seed(a.seed.unwrap_or(0))?,
     }
-    let file = read_tensors(&a.inputs)?;
     let wanted: Vec<String> =
         ex.manifest().inputs.iter().filter(|io| io.entry == "forward").map(|io| io.name.clone()).collect();
     for name in file.keys().filter(|n| !wanted.contains(n)) {
@@ -238,7 +189,7 @@ fn run(a: &RunArgs) -> Result<(), Error> {
     ex.forward(&inputs)?;
     let mut out: Vec<(String, Tensor)> = ex.outputs()?.into_iter().collect();
     if a.grad {
-        ex.backward()?;
+        ex.backward(&[])?;
         out.extend(ex.outputs()?.into_iter().filter(|(n, _)| !out.iter().any(|(m, _)| m == n)).collect::<Vec<_>>());
         // Gradients may also be declared as outputs of `backward` under the same names.
         for (n, t) in ex.gradients()? {
@@ -261,7 +212,7 @@ fn run(a: &RunArgs) -> Result<(), Error> {
 
 fn bench(a: &BenchArgs) -> Result<(), Error> {
     let bundle = Bundle::load(&a.bundle)?;
-    let mut ex = Exec::new(&bundle, a.device, threads(a.threads))?;
+    let mut ex = executor(&bundle, a.device, threads(a.threads), !a.no_graphs)?;
     match &a.params {
         Some(p) => ex.set_params_from_file(p)?,
         None => ex.set_params_from_seed(a.seed)?,
@@ -322,25 +273,9 @@ fn bench(a: &BenchArgs) -> Result<(), Error> {
     let mut fwd = Vec::new();
     let mut both = Vec::new();
     for it in 0..a.warmup + a.iters {
-        let (f, fb) = match &mut ex {
-            Exec::Cpu(e) => {
-                let t = Instant::now();
-                e.forward(&inputs)?;
-                let f = t.elapsed().as_secs_f64() * 1e3;
-                let t = Instant::now();
-                e.forward(&inputs)?;
-                if backward {
-                    e.backward(&[])?;
-                }
-                (f, t.elapsed().as_secs_f64() * 1e3)
-            }
-            #[cfg(feature = "cuda")]
-            Exec::Cuda(e) => {
-                let f = e.time_ms(&["forward"])? as f64;
-                let fb = if backward { e.time_ms(&["forward", "backward"])? as f64 } else { f };
-                (f, fb)
-            }
-        };
+        // Reruns reuse the inputs already on the device; each time waits until it is idle.
+        let f = ex.time_ms(&["forward"])?;
+        let fb = if backward { ex.time_ms(&["forward", "backward"])? } else { f };
         // Per iteration on stderr, so a run cut short by a timeout still tells something.
         let kind = if it < a.warmup { "warm-up" } else { "iteration" };
         eprintln!("tnc-run bench: {kind} {}: forward {f:.3} ms, forward+backward {fb:.3} ms", it + 1);
@@ -363,7 +298,8 @@ fn bench(a: &BenchArgs) -> Result<(), Error> {
     println!(
         "BENCH_JSON {{\"impl\": \"tnc\", \"dtype\": \"f32\", \"device\": \"{:?}\", \"model\": {:?}, \
          \"sizes\": {{{sizes_json}}}, \"iters\": {}, \"forward_ms\": {:.4}, \"fwd_bwd_ms\": {}, \
-         \"forward_all_ms\": [{}], \"fwd_bwd_all_ms\": [{}]}}",
+         \"forward_all_ms\": [{}], \"fwd_bwd_all_ms\": [{}], \"launches\": {{\"forward\": {}, \"backward\": {}}}, \
+         \"graphs\": {}, \"device_name\": {:?}, \"allocated_bytes\": {}}}",
         a.device,
         m.model,
         a.iters,
@@ -371,6 +307,11 @@ fn bench(a: &BenchArgs) -> Result<(), Error> {
         if backward { format!("{:.4}", median(&mut both)) } else { "null".into() },
         all(&fwd),
         if backward { all(&both) } else { String::new() },
+        ex.launch_count("forward"),
+        if backward { ex.launch_count("backward") } else { 0 },
+        a.device == Device::Cuda && !a.no_graphs,
+        ex.describe_device(),
+        ex.allocated_bytes(),
     );
     Ok(())
 }
