@@ -85,3 +85,49 @@ fn bf16_products_learn_the_tasks_as_f32_does() {
     let acc = final_accuracy_in("mqar-t2-bf16", "models/tasks/mqar_t2.tn", &sets, data, (300, 32), "bf16");
     assert!(acc >= 0.5, "MQAR accuracy {acc} in bf16 (chance 0.125)");
 }
+
+/// Trains the copy model with `device` (`cpu` or `emulated`: GPU schedules for sm80 on
+/// the emulated GPU) at B = 8, and returns the final accuracy and every step's loss.
+fn copy_run(device: &str) -> (f64, Vec<f64>) {
+    let out = std::env::temp_dir().join(format!("tnc-learning-copy-{device}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tnc"));
+    c.env("TNC_CACHE_DIR", out.with_extension("cache"))
+        .arg("train")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tasks/mqar_t2.tn"))
+        .args(["--data", "copy:vocab=16", "--steps", "200", "--seq", "16", "--batch", "8", "--eval-batches", "2"])
+        .args(["--lr", "1e-2", "--warmup", "10", "--threads", "2", "--seed", "0", "--device", device])
+        .arg("--out")
+        .arg(&out);
+    for s in SMALL.iter().chain(&["block=16"]) {
+        c.args(["--set", s]);
+    }
+    let o = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let records = tnc_train::metrics::read(&out.join("metrics.jsonl")).unwrap();
+    let accuracy = records.iter().rev().find_map(|r| r.get("eval_accuracy")?.as_f64()).expect("an evaluation");
+    let losses = records.iter().filter_map(|r| r.get("loss")?.as_f64()).collect();
+    eprintln!("copy on {device}: accuracy {:.1}%\n{stderr}", 100.0 * accuracy);
+    (accuracy, losses)
+}
+
+/// GPU training without a GPU: the copy task trained 200 steps on sm80 schedules by the
+/// emulated GPU (every kernel checked with GPU semantics first, then compiled for the
+/// host) learns as on the CPU, and its loss curve follows the CPU run of the same seed.
+/// The schedules sum in other orders, and training amplifies the difference: measured
+/// (2026-12-03) at most 5e-7 nats over the first 50 steps, 8e-5 over 100 and 3.4e-3 over
+/// all 200; the bounds are 1e-4, and 0.02 for any step. Calibration: 13% after 100
+/// steps, 60% after 150, 100% after 200 (on both devices).
+#[test]
+fn the_copy_task_learns_on_the_emulated_gpu_as_on_the_cpu() {
+    let (gpu, gpu_losses) = copy_run("emulated");
+    let (cpu, cpu_losses) = copy_run("cpu");
+    assert!(gpu >= 0.9 && cpu >= 0.9, "copy accuracy {gpu} on the emulated GPU, {cpu} on the CPU (chance 1/14)");
+    assert_eq!(gpu_losses.len(), 200);
+    assert_eq!(cpu_losses.len(), 200);
+    for (step, (g, c)) in gpu_losses.iter().zip(&cpu_losses).enumerate() {
+        let bound = if step < 50 { 1e-4 } else { 0.02 };
+        assert!((g - c).abs() <= bound, "step {}: loss {g} on the emulated GPU, {c} on the CPU", step + 1);
+    }
+}

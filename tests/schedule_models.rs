@@ -196,3 +196,39 @@ fn interchanged_reductions_give_bit_identical_results() {
     }
     assert!(rewritten > 20, "the interchange applied to {rewritten} kernels");
 }
+
+/// The emulated GPU's fast path (`kernel/thread_loops.rs`) changes no result: every
+/// model's GPU schedule with each block kernel's threads rewritten as loops gives
+/// bit-identical outputs and gradients to the GPU-semantics executor (threads in random
+/// order), and every block kernel is rewritten into a plain kernel.
+#[test]
+fn block_kernels_as_thread_loops_give_bit_identical_results() {
+    let opts = schedule::ScheduleOptions { chunk: 4, token_parts: 4, ..schedule::ScheduleOptions::gpu() };
+    for path in model_files() {
+        let g = tiny(&path);
+        let reference = passes::differentiate_loss(g.clone()).unwrap();
+        let optimized = optimize(g, true);
+        let plan = fusion::fuse(&optimized).unwrap();
+        let mem = memory::plan_memory(&optimized, &plan).unwrap();
+        let s = schedule::schedule_with(&optimized, &plan, &mem, &opts).unwrap();
+        let mut t = s.clone();
+        t.kernels = s
+            .kernels
+            .iter()
+            .map(|k| tnc_compiler::kernel::thread_loops::thread_loops(k).unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        assert!(t.kernels.iter().all(|k| k.threads.is_none()), "{}: a block kernel is left", path.display());
+        let params = perturbed_params(&reference, 5);
+        let vocab =
+            reference.params.iter().find(|p| p.name == "embedding").unwrap().ty.shape[0].as_const().unwrap() as usize;
+        let tokens = token_tensor(3, 6, vocab, 6);
+        let sizes = HashMap::from([("B".to_string(), 3), ("N".to_string(), 6)]);
+        let a = schedule::run::run(&s, &sizes, &[tokens.clone()], &params, Some((7, 3))).unwrap();
+        let b = schedule::run::run(&t, &sizes, &[tokens], &params, Some((7, 3)))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for (name, x) in &a {
+            let same = x.data.iter().zip(&b[name].data).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "{} `{name}` changed when threads became loops", path.display());
+        }
+    }
+}

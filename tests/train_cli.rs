@@ -25,33 +25,47 @@ fn fresh(tag: &str) -> PathBuf {
     d
 }
 
-/// A tiny T2-style training bundle, compiled once per test process.
+/// A tiny T2-style training bundle for the host CPU, compiled once per test process.
 fn bundle() -> PathBuf {
     static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    ONCE.get_or_init(|| {
-        let out = fresh("bundle");
+    ONCE.get_or_init(|| compile_bundle("native")).clone()
+}
+
+/// The same model's training bundle for sm80, which the emulated GPU runs.
+fn gpu_bundle() -> PathBuf {
+    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| compile_bundle("sm80")).clone()
+}
+
+fn compile_bundle(target: &str) -> PathBuf {
+    {
+        let out = fresh(&format!("bundle-{target}"));
         let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tasks/mqar_t2.tn");
         let status = tnc()
             .arg("compile")
             .arg(&model)
             .args(["--set", "vocab=16", "--set", "dim=16", "--set", "heads=2", "--set", "layers=2"])
-            .args(["--set", "glu_dim=24", "--set", "block=4", "--target", "native", "--train", "-o"])
+            .args(["--set", "glu_dim=24", "--set", "block=4", "--target", target, "--train", "-o"])
             .arg(&out)
             .stdout(Stdio::null())
             .status()
             .unwrap();
         assert!(status.success());
         out
-    })
-    .clone()
+    }
 }
 
 /// `tnc train` on the tiny bundle with a constant learning rate (so runs of different
 /// lengths take identical steps), two threads, a checkpoint every step.
 fn train(out: &Path, steps: u64, extra: &[&str]) -> Command {
+    train_bundle(&bundle(), out, steps, extra)
+}
+
+/// [`train`] with another bundle.
+fn train_bundle(bundle: &Path, out: &Path, steps: u64, extra: &[&str]) -> Command {
     let mut c = tnc();
     c.arg("train")
-        .arg(bundle())
+        .arg(bundle)
         .args(["--data", "mqar:pairs=2,vocab=16", "--batch", "4", "--seq", "16"])
         .args(if extra.contains(&"--lr") { &[][..] } else { &["--lr", "1e-2"][..] })
         .args(["--schedule", "constant", "--threads", "2", "--save-every", "1", "--keep-last", "0"])
@@ -96,15 +110,26 @@ fn random_fraction() -> f64 {
 
 #[test]
 fn a_run_killed_at_a_random_moment_and_resumed_is_bit_identical_to_an_uninterrupted_one() {
+    killed_and_resumed(&bundle(), &[], "cpu");
+}
+
+/// The same on the emulated GPU: GPU schedules reduce in a fixed order (no atomics), so
+/// a resumed run is bit-identical there too.
+#[test]
+fn on_the_emulated_gpu_a_killed_run_resumes_bit_identically() {
+    killed_and_resumed(&gpu_bundle(), &["--device", "emulated"], "emulated");
+}
+
+fn killed_and_resumed(bundle: &Path, device: &[&str], tag: &str) {
     const STEPS: u64 = 30;
-    let whole = fresh("whole");
+    let whole = fresh(&format!("whole-{tag}"));
     let started = Instant::now();
-    run_ok(train(&whole, STEPS, &[]));
+    run_ok(train_bundle(bundle, &whole, STEPS, device));
     let duration = started.elapsed();
 
-    let killed = fresh("killed");
+    let killed = fresh(&format!("killed-{tag}"));
     let at = duration.mul_f64(0.1 + 0.8 * random_fraction());
-    let mut child = train(&killed, STEPS, &[]).spawn().unwrap();
+    let mut child = train_bundle(bundle, &killed, STEPS, device).spawn().unwrap();
     std::thread::sleep(at);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -113,7 +138,8 @@ fn a_run_killed_at_a_random_moment_and_resumed_is_bit_identical_to_an_uninterrup
         .unwrap_or_default();
     eprintln!("killed after {at:?} of {duration:?}; {} files in its checkpoint directory", survived.len());
 
-    let (_, err) = run_ok(train(&killed, STEPS, &["--resume"]));
+    let resume: Vec<&str> = device.iter().copied().chain(["--resume"]).collect();
+    let (_, err) = run_ok(train_bundle(bundle, &killed, STEPS, &resume));
     assert_bit_identical(&ckpt(&whole, STEPS), &ckpt(&killed, STEPS));
     if !survived.is_empty() {
         assert!(err.contains("resuming"), "the second run resumed: {err}");
@@ -123,6 +149,48 @@ fn a_run_killed_at_a_random_moment_and_resumed_is_bit_identical_to_an_uninterrup
     let steps: Vec<u64> =
         records.iter().filter(|r| r.get("loss").is_some()).map(|r| r["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>());
+}
+
+/// A checkpoint written on the CPU resumes on the emulated GPU and one written there
+/// resumes on the CPU: the bundles differ (their targets), the model is the same
+/// (`model_sha256`), so the run continues with a warning that it is not bit-identical.
+/// Either way the resumed run ends within 1e-3 of the loss of an uninterrupted CPU run
+/// (measured: both schedules agree to 1e-6 over these 20 steps).
+#[test]
+fn a_checkpoint_resumes_on_the_other_device() {
+    let whole = fresh("whole-cpu-20");
+    run_ok(train(&whole, 20, &[]));
+    let last_loss = |run: &Path| {
+        let records = tnc_train::metrics::read(&run.join("metrics.jsonl")).unwrap();
+        let steps: Vec<u64> =
+            records.iter().filter(|r| r.get("loss").is_some()).map(|r| r["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, (1..=20).collect::<Vec<_>>(), "one record per step");
+        records.iter().rev().find_map(|r| r.get("loss")?.as_f64()).unwrap()
+    };
+    let want = last_loss(&whole);
+    let emulated = ["--device", "emulated"];
+    for (first, then, tag) in [
+        ((bundle(), &[][..]), (gpu_bundle(), &emulated[..]), "cpu-to-gpu"),
+        ((gpu_bundle(), &emulated[..]), (bundle(), &[][..]), "gpu-to-cpu"),
+    ] {
+        let run = fresh(tag);
+        run_ok(train_bundle(&first.0, &run, 10, first.1));
+        let resume: Vec<&str> = then.1.iter().copied().chain(["--resume"]).collect();
+        let (_, err) = run_ok(train_bundle(&then.0, &run, 20, &resume));
+        assert!(
+            err.contains("written by the same model compiled for") && err.contains("not bit-identically"),
+            "{tag}: {err}"
+        );
+        assert!(err.contains("resuming"), "{tag}: {err}");
+        let got = last_loss(&run);
+        assert!((got - want).abs() <= 1e-3, "{tag}: final loss {got}, uninterrupted CPU run {want}");
+        assert_eq!(ckpt(&run, 20).step, 20);
+        // `tnc eval` runs where the run's last bundle runs, or where `--device` says.
+        let mut eval = tnc();
+        eval.arg("eval").arg(&run).args(then.1);
+        let (out, _) = run_ok(eval);
+        assert!(out.contains("at step 20") && out.contains("accuracy"), "{tag}: {out}");
+    }
 }
 
 #[test]
@@ -202,4 +270,37 @@ fn ablate_trains_every_variant_and_writes_one_table_and_one_plot() {
         let records = tnc_train::metrics::read(&out.join(name).join("metrics.jsonl")).unwrap();
         assert_eq!(records.iter().filter(|r| r.get("loss").is_some()).count(), 3, "{name}");
     }
+}
+
+/// `tnc train --target sm80` trains on CUDA; without a driver it says so in one line
+/// before compiling anything, and points at the emulated GPU.
+#[test]
+fn gpu_training_without_a_driver_fails_before_compiling() {
+    if tnc_runtime::cuda::driver_present() {
+        eprintln!("skipped: a CUDA driver is present");
+        return;
+    }
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tasks/mqar_t2.tn");
+    let o = tnc()
+        .arg("train")
+        .arg(&model)
+        .args(["--target", "sm80", "--steps", "1", "--out"])
+        .arg(fresh("nodriver"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("compiling"), "it compiled first: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    assert!(lines[0].contains("no CUDA driver found") && lines[0].contains("--device emulated"), "{err}");
+    // A CPU target with a GPU device, or the reverse, is bad usage.
+    let o = tnc()
+        .arg("train")
+        .arg(&model)
+        .args(["--target", "native", "--device", "emulated", "--out"])
+        .arg(fresh("usage"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -1,32 +1,73 @@
 //! The emulated GPU: a [`Device`] that runs a CUDA bundle's kernels — the kernel IR its
-//! PTX was written from (`kernel-ir.json`) — in the reference executor, block kernels in
-//! the GPU-semantics executor (`gpu_exec.rs`: threads in a random order, shared memory
-//! checked for races, out-of-bounds and uninitialized reads). It trains and evaluates
-//! small models on GPU schedules on machines without a GPU, so CI tests them; it is
-//! slow (an interpreter) and that is fine.
+//! PTX was written from (`kernel-ir.json`) — on the host. It trains and evaluates small
+//! models on GPU schedules on machines without a GPU, so CI tests them.
 //!
-//! It lives in the compiler crate because the kernel IR and its executor do: the runtime
-//! never depends on the compiler, so `tnc-run` has no emulated device.
+//! Every kernel runs in the GPU-semantics executor (`gpu_exec.rs`: each block's threads
+//! in a random order, shared memory checked for races, out-of-bounds and uninitialized
+//! reads, control flow around barriers checked for uniformity) the first time it is
+//! launched at a set of sizes. Afterwards it runs compiled for the host: block kernels
+//! with their threads as loops (`thread_loops.rs`), through the CPU back end. Both give
+//! bit-identical results (tested), so the checks cover every kernel at every size a run
+//! uses while a training run goes at compiled speed. `TNC_EMULATED_CHECK=all` checks every
+//! launch (slow: an interpreter).
+//!
+//! It lives in the compiler crate because the kernel IR, its executor and the code
+//! generator do: the runtime never depends on the compiler, so `tnc-run` has no emulated
+//! device.
 
 use super::exec::{self, Buffer};
 use super::ir::{Access, Kernel};
 use crate::schedule::run::{to_bytes, to_typed};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ffi::c_void;
+use tnc_runtime::cpu::KernelFn;
 use tnc_runtime::device::{Device, Launch};
 use tnc_runtime::manifest::{TargetKind, KERNEL_IR_FILE};
 use tnc_runtime::{Bundle, BundleError, ExecError};
+
+/// The environment variable that makes every launch run in the GPU-semantics executor.
+pub const CHECK_ENV: &str = "TNC_EMULATED_CHECK";
+
+/// A buffer's bytes, 8-byte aligned for compiled kernels.
+#[derive(Default)]
+struct Memory {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Memory {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `words` holds at least `len` bytes; u8 has no alignment requirement.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, and `&mut self` is unique.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut u8, self.len) }
+    }
+}
+
+/// The kernels compiled for the host, and the library that holds them.
+struct Compiled {
+    functions: Vec<Option<KernelFn>>,
+    _lib: libloading::Library,
+}
 
 /// A GPU emulated on the host. See the module documentation.
 pub struct EmulatedGpu {
     target: String,
     kernels: Vec<Kernel>,
-    /// Each buffer's bytes (little-endian), as long as the buffer is.
-    memory: Vec<Vec<u8>>,
+    compiled: Compiled,
+    memory: Vec<Memory>,
     entries: HashMap<String, Vec<Launch>>,
+    /// Kernels run in the GPU-semantics executor at `checked_at` (the sizes).
+    checked: HashSet<usize>,
+    checked_at: Vec<(String, i64)>,
+    check_all: bool,
 }
 
 impl EmulatedGpu {
-    /// An emulated GPU for a CUDA bundle: reads and checks its kernel IR.
+    /// An emulated GPU for a CUDA bundle: reads its kernel IR and compiles it for the host.
     pub fn new(bundle: &Bundle) -> Result<EmulatedGpu, ExecError> {
         bundle.check_kind(TargetKind::Cuda)?;
         let path = bundle.path(KERNEL_IR_FILE);
@@ -50,40 +91,121 @@ impl EmulatedGpu {
                 "{KERNEL_IR_FILE} does not describe the manifest's kernels"
             ))));
         }
+        let compiled = compile_for_host(&kernels)?;
         Ok(EmulatedGpu {
             target: m.target.name.clone(),
             kernels,
-            memory: vec![Vec::new(); m.buffers.len()],
+            compiled,
+            memory: m.buffers.iter().map(|_| Memory::default()).collect(),
             entries: HashMap::new(),
+            checked: HashSet::new(),
+            checked_at: Vec::new(),
+            check_all: std::env::var(CHECK_ENV).is_ok_and(|v| v == "all"),
         })
     }
-}
 
-impl Device for EmulatedGpu {
-    fn describe(&self) -> String {
-        format!(
-            "emulated GPU ({} kernels in the GPU-semantics executor: random thread order, race checks)",
-            self.target
-        )
-    }
-
-    fn resize(&mut self, buffer: usize, len: usize) -> Result<(), ExecError> {
-        let m = &mut self.memory[buffer];
-        if len > m.capacity() {
-            // As on a GPU: a new allocation, zeroed.
-            *m = vec![0; len];
-        } else {
-            m.resize(len, 0);
+    /// Runs launch `l` in the GPU-semantics executor.
+    fn run_checked(&mut self, l: &Launch, args: &[i64]) -> Result<(), ExecError> {
+        let k = &self.kernels[l.kernel];
+        let mut views: Vec<Buffer> =
+            k.buffers.iter().zip(&l.buffers).map(|(decl, &g)| to_typed(self.memory[g].bytes(), decl.elem)).collect();
+        exec::run(k, &mut views, args, 0, l.extent)
+            .map_err(|message| ExecError::Fault { kernel: k.name.clone(), message })?;
+        for ((view, decl), &g) in views.iter().zip(&k.buffers).zip(&l.buffers) {
+            if decl.access != Access::Read {
+                let m = &mut self.memory[g];
+                let bytes = to_bytes(view, m.len);
+                m.bytes_mut().copy_from_slice(&bytes);
+            }
         }
         Ok(())
     }
 
+    /// Runs launch `l` compiled, on the calling thread.
+    fn run_compiled(&mut self, l: &Launch, args: &[i64]) -> Result<(), ExecError> {
+        let k = &self.kernels[l.kernel];
+        let f = self.compiled.functions[l.kernel]
+            .ok_or_else(|| ExecError::Unsupported(format!("kernel `{}` was not compiled for the host", k.name)))?;
+        let mut ptrs: Vec<*mut c_void> =
+            l.buffers.iter().map(|&g| self.memory[g].words.as_mut_ptr() as *mut c_void).collect();
+        if l.extent > 0 {
+            // SAFETY: `f` has the kernel calling convention; every buffer is as long as the
+            // plan sizes it for these sizes (the executor resized them), which the
+            // GPU-semantics executor checked element by element on this kernel's first
+            // launch at these sizes.
+            unsafe { f(ptrs.as_mut_ptr(), args.as_ptr(), 0, l.extent) };
+        }
+        Ok(())
+    }
+}
+
+/// Every kernel compiled for this CPU (block kernels with their threads as loops), linked
+/// into a shared library in the temporary directory and loaded.
+fn compile_for_host(kernels: &[Kernel]) -> Result<Compiled, ExecError> {
+    let fail = |m: String| ExecError::Unsupported(format!("compiling the GPU kernels for the host: {m}"));
+    let plain: Vec<Kernel> =
+        kernels.iter().map(super::thread_loops::thread_loops).collect::<Result<_, _>>().map_err(fail)?;
+    let target = crate::backend::CpuTarget::native().map_err(fail)?;
+    let objects = crate::backend::emit_objects(&plain, &target).map_err(fail)?;
+    let dir = tempdir().map_err(|e| fail(format!("a temporary directory: {e}")))?;
+    let mut paths = Vec::new();
+    for (i, o) in objects.iter().enumerate() {
+        let p = dir.join(format!("kernels{i}.o"));
+        std::fs::write(&p, o).map_err(|e| fail(format!("{}: {e}", p.display())))?;
+        paths.push(p);
+    }
+    let so = dir.join("kernels.so");
+    let linked = crate::backend::link_shared(&paths, &so);
+    // SAFETY: a library tnc just generated; loading runs no initializers of ours.
+    let lib = linked.and_then(|()| unsafe { libloading::Library::new(&so) }.map_err(|e| e.to_string()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let lib = lib.map_err(fail)?;
+    let mut functions = Vec::with_capacity(kernels.len());
+    for k in kernels {
+        functions.push(if k.gemm.is_some() {
+            None
+        } else {
+            // SAFETY: every generated kernel has the `KernelFn` signature.
+            let f =
+                unsafe { lib.get::<KernelFn>(k.name.as_bytes()) }.map_err(|e| fail(format!("`{}`: {e}", k.name)))?;
+            Some(*f)
+        });
+    }
+    Ok(Compiled { functions, _lib: lib })
+}
+
+/// A fresh directory under the system's temporary directory.
+fn tempdir() -> std::io::Result<std::path::PathBuf> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("tnc-emulated-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+impl Device for EmulatedGpu {
+    fn describe(&self) -> String {
+        format!("emulated GPU ({} kernels on the host, each checked with GPU semantics first)", self.target)
+    }
+
+    fn resize(&mut self, buffer: usize, len: usize) -> Result<(), ExecError> {
+        let m = &mut self.memory[buffer];
+        let words = len.div_ceil(8);
+        if words > m.words.len() {
+            // As on a GPU: a new allocation, zeroed.
+            m.words = vec![0; words];
+        }
+        m.len = len;
+        Ok(())
+    }
+
     fn allocated_bytes(&self) -> usize {
-        self.memory.iter().map(Vec::capacity).sum()
+        self.memory.iter().map(|m| m.words.len() * 8).sum()
     }
 
     fn upload(&mut self, buffer: usize, bytes: &[u8]) -> Result<(), ExecError> {
-        let m = &mut self.memory[buffer];
+        let m = self.memory[buffer].bytes_mut();
         if bytes.len() > m.len() {
             return Err(ExecError::Sizes(format!("{} bytes do not fit buffer {buffer} of {}", bytes.len(), m.len())));
         }
@@ -92,39 +214,45 @@ impl Device for EmulatedGpu {
     }
 
     fn download(&self, buffer: usize, len: usize) -> Result<Vec<u8>, ExecError> {
-        let m = &self.memory[buffer];
+        let m = self.memory[buffer].bytes();
         m.get(..len)
             .map(<[u8]>::to_vec)
             .ok_or_else(|| ExecError::Sizes(format!("buffer {buffer} holds {} bytes, {len} were asked for", m.len())))
     }
 
     fn fill(&mut self, buffer: usize, byte: u8) -> Result<(), ExecError> {
-        self.memory[buffer].fill(byte);
+        self.memory[buffer].bytes_mut().fill(byte);
         Ok(())
     }
 
-    fn bind(&mut self, entry: &str, launches: Vec<Launch>, _sizes: &HashMap<&str, i64>) -> Result<(), ExecError> {
+    fn bind(&mut self, entry: &str, launches: Vec<Launch>, sizes: &HashMap<&str, i64>) -> Result<(), ExecError> {
+        let mut at: Vec<(String, i64)> = sizes.iter().map(|(s, &v)| (s.to_string(), v)).collect();
+        at.sort();
+        if at != self.checked_at {
+            // New sizes: every kernel is checked again at them.
+            self.checked.clear();
+            self.checked_at = at;
+        }
         self.entries.insert(entry.to_string(), launches);
         Ok(())
     }
 
     fn launch(&mut self, entry: &str, args: &[i64]) -> Result<(), ExecError> {
-        let launches = self.entries.get(entry).ok_or_else(|| ExecError::Order(format!("`{entry}` is not bound")))?;
-        for l in launches {
-            let k = &self.kernels[l.kernel];
-            let mut views: Vec<Buffer> =
-                k.buffers.iter().zip(&l.buffers).map(|(decl, &g)| to_typed(&self.memory[g], decl.elem)).collect();
+        let launches = self.entries.remove(entry).ok_or_else(|| ExecError::Order(format!("`{entry}` is not bound")))?;
+        let mut r = Ok(());
+        for l in &launches {
             let args: Vec<i64> = args.iter().chain(&l.args).copied().collect();
-            exec::run(k, &mut views, &args, 0, l.extent)
-                .map_err(|message| ExecError::Fault { kernel: k.name.clone(), message })?;
-            for ((view, decl), &g) in views.iter().zip(&k.buffers).zip(&l.buffers) {
-                if decl.access != Access::Read {
-                    let len = self.memory[g].len();
-                    self.memory[g] = to_bytes(view, len);
-                }
+            r = if self.check_all || self.checked.insert(l.kernel) {
+                self.run_checked(l, &args)
+            } else {
+                self.run_compiled(l, &args)
+            };
+            if r.is_err() {
+                break;
             }
         }
-        Ok(())
+        self.entries.insert(entry.to_string(), launches);
+        r
     }
 
     fn synchronize(&self) -> Result<(), ExecError> {

@@ -4,7 +4,6 @@
 //! an error, not undefined behaviour.
 
 use super::ir::*;
-use std::collections::HashMap;
 
 /// A host buffer of one element type; 16-bit floats are kept as their bit patterns.
 #[derive(Clone, Debug, PartialEq)]
@@ -70,6 +69,39 @@ impl Buffer {
     }
 }
 
+/// Values by variable, in a vector indexed by the variable's number (kernels number their
+/// variables densely from 0), which is several times faster than hashing.
+#[derive(Clone, Debug)]
+pub(super) struct Slots<T>(Vec<Option<T>>);
+
+impl<T> Default for Slots<T> {
+    fn default() -> Self {
+        Slots(Vec::new())
+    }
+}
+
+impl<T> Slots<T> {
+    pub(super) fn get(&self, v: Var) -> Option<&T> {
+        self.0.get(v.0 as usize)?.as_ref()
+    }
+
+    pub(super) fn get_mut(&mut self, v: Var) -> Option<&mut T> {
+        self.0.get_mut(v.0 as usize)?.as_mut()
+    }
+
+    pub(super) fn contains(&self, v: Var) -> bool {
+        self.get(v).is_some()
+    }
+
+    pub(super) fn insert(&mut self, v: Var, value: T) {
+        let i = v.0 as usize;
+        if i >= self.0.len() {
+            self.0.resize_with(i + 1, || None);
+        }
+        self.0[i] = Some(value);
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) enum Val {
     F(f32),
@@ -102,8 +134,8 @@ pub(super) struct Machine<'a> {
     pub(super) kernel: &'a Kernel,
     buffers: &'a mut [Buffer],
     sizes: &'a [i64],
-    pub(super) vars: HashMap<Var, Val>,
-    pub(super) arrays: HashMap<Var, Vec<Val>>,
+    pub(super) vars: Slots<Val>,
+    pub(super) arrays: Slots<Vec<Val>>,
     /// In a block kernel: the running thread and the block's shared memory.
     pub(super) gpu: Option<super::gpu_exec::BlockState>,
 }
@@ -114,7 +146,7 @@ pub fn run(kernel: &Kernel, buffers: &mut [Buffer], sizes: &[i64], begin: i64, e
     if buffers.len() != kernel.buffers.len() {
         return Err(format!("kernel `{}` takes {} buffers, got {}", kernel.name, kernel.buffers.len(), buffers.len()));
     }
-    let mut m = Machine { kernel, buffers, sizes, vars: HashMap::new(), arrays: HashMap::new(), gpu: None };
+    let mut m = Machine { kernel, buffers, sizes, vars: Slots::default(), arrays: Slots::default(), gpu: None };
     if let Some(g) = &kernel.gemm {
         return m.gemm(g, begin, end).map_err(|e| format!("library kernel `{}`: {e}", kernel.name));
     }
@@ -130,7 +162,8 @@ pub fn run(kernel: &Kernel, buffers: &mut [Buffer], sizes: &[i64], begin: i64, e
 
 /// Run the whole parallel range.
 pub fn run_all(kernel: &Kernel, buffers: &mut [Buffer], sizes: &[i64]) -> Result<(), String> {
-    let mut m = Machine { kernel, buffers: &mut [], sizes, vars: HashMap::new(), arrays: HashMap::new(), gpu: None };
+    let mut m =
+        Machine { kernel, buffers: &mut [], sizes, vars: Slots::default(), arrays: Slots::default(), gpu: None };
     let extent = m.eval(&kernel.extent)?.i()?;
     drop(m);
     run(kernel, buffers, sizes, 0, extent)
@@ -258,7 +291,7 @@ impl Machine<'_> {
             Expr::F32(x) => Val::F(*x),
             Expr::I64(i) => Val::I(*i),
             Expr::Bool(b) => Val::B(*b),
-            Expr::Var(v) => *self.vars.get(v).ok_or_else(|| format!("{v} is not defined"))?,
+            Expr::Var(v) => *self.vars.get(*v).ok_or_else(|| format!("{v} is not defined"))?,
             Expr::Size(i) => Val::I(*self.sizes.get(*i).ok_or_else(|| format!("size argument {i} is missing"))?),
             Expr::Thread => Val::I(self.gpu.as_ref().ok_or("`thread` outside a block kernel")?.thread as i64),
             Expr::Load { buffer, index } => {
@@ -280,7 +313,7 @@ impl Machine<'_> {
                 if let Some(gpu) = self.gpu.as_mut().filter(|g| g.is_shared(*array)) {
                     return gpu.read(*array, i);
                 }
-                let arr = self.arrays.get(array).ok_or_else(|| format!("array {array} is not defined"))?;
+                let arr = self.arrays.get(*array).ok_or_else(|| format!("array {array} is not defined"))?;
                 *usize::try_from(i)
                     .ok()
                     .and_then(|i| arr.get(i))
@@ -354,20 +387,20 @@ impl Machine<'_> {
             Stmt::Store { buffer, index, value } => {
                 let i = self.eval(index)?.i()?;
                 let v = self.eval(value)?;
-                let name = self.kernel.buffers[*buffer].name.clone();
+                let name = || &self.kernel.buffers[*buffer].name;
                 let buf = self.buffers.get_mut(*buffer).ok_or_else(|| format!("buffer {buffer} is missing"))?;
                 let len = buf.len();
                 let at = usize::try_from(i)
                     .ok()
                     .filter(|&a| a < len)
-                    .ok_or_else(|| format!("store {name}[{i}] is out of bounds (length {len})"))?;
+                    .ok_or_else(|| format!("store {}[{i}] is out of bounds (length {len})", name()))?;
                 match (buf, v) {
                     (Buffer::F32(b), Val::F(x)) => b[at] = x,
                     (Buffer::BF16(b), Val::F(x)) => b[at] = super::math::bf16_bits(x),
                     (Buffer::F16(b), Val::F(x)) => b[at] = super::math::f16_bits(x),
                     (Buffer::I32(b), Val::I(x)) => b[at] = x as i32,
                     (Buffer::U8(b), Val::B(x)) => b[at] = x as u8,
-                    (_, v) => return Err(format!("store of {v:?} into buffer `{name}` of another type")),
+                    (_, v) => return Err(format!("store of {v:?} into buffer `{}` of another type", name())),
                 }
             }
             Stmt::Array { var, elem, len } => {
@@ -384,7 +417,7 @@ impl Machine<'_> {
                 if let Some(gpu) = self.gpu.as_mut().filter(|g| g.is_shared(*array)) {
                     return gpu.write(*array, i, v);
                 }
-                let arr = self.arrays.get_mut(array).ok_or_else(|| format!("array {array} is not defined"))?;
+                let arr = self.arrays.get_mut(*array).ok_or_else(|| format!("array {array} is not defined"))?;
                 let len = arr.len();
                 *usize::try_from(i)
                     .ok()

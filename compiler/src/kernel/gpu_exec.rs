@@ -19,17 +19,29 @@
 //!
 //! Global memory is checked for bounds by the reference executor, as for every kernel.
 
-use super::exec::{Machine, Val};
+use super::exec::{Machine, Slots, Val};
 use super::ir::{Stmt, Var};
-use std::collections::HashMap;
 
 /// One shared array of a block.
 struct SharedArray {
     values: Vec<Option<Val>>,
     /// The last write of each element: (thread, epoch).
     written: Vec<Option<(u32, u64)>>,
-    /// Threads that read each element in the current epoch.
-    read: Vec<Vec<(u32, u64)>>,
+    /// The reads of each element in its last-read epoch.
+    read: Vec<Reads>,
+}
+
+/// Who read an element in one epoch: the first reader, and whether another thread did
+/// too (all a write needs to know to tell a race).
+#[derive(Clone, Copy)]
+struct Reads {
+    epoch: u64,
+    first: u32,
+    others: bool,
+}
+
+impl Reads {
+    const NONE: Reads = Reads { epoch: u64::MAX, first: 0, others: false };
 }
 
 /// A block's shared memory and the thread now running.
@@ -37,16 +49,16 @@ pub(super) struct BlockState {
     pub(super) thread: u32,
     /// Barriers passed so far: accesses in one epoch are not ordered between threads.
     epoch: u64,
-    shared: HashMap<Var, SharedArray>,
+    shared: Slots<SharedArray>,
 }
 
 impl BlockState {
     pub(super) fn is_shared(&self, array: Var) -> bool {
-        self.shared.contains_key(&array)
+        self.shared.contains(array)
     }
 
     fn element(&mut self, array: Var, i: i64) -> Result<(&mut SharedArray, usize), String> {
-        let a = self.shared.get_mut(&array).ok_or_else(|| format!("shared array {array} is not declared"))?;
+        let a = self.shared.get_mut(array).ok_or_else(|| format!("shared array {array} is not declared"))?;
         let len = a.values.len();
         let at = usize::try_from(i).ok().filter(|&i| i < len);
         let at = at.ok_or_else(|| format!("shared {array}[{i}] is out of bounds (length {len})"))?;
@@ -66,8 +78,12 @@ impl BlockState {
                 ));
             }
         }
-        a.read[at].retain(|&(_, e)| e == epoch);
-        a.read[at].push((thread, epoch));
+        let r = &mut a.read[at];
+        if r.epoch != epoch {
+            *r = Reads { epoch, first: thread, others: false };
+        } else if r.first != thread {
+            r.others = true;
+        }
         Ok(v)
     }
 
@@ -81,9 +97,11 @@ impl BlockState {
                 ));
             }
         }
-        if let Some(&(r, _)) = a.read[at].iter().find(|&&(r, e)| r != thread && e == epoch) {
+        let r = a.read[at];
+        if r.epoch == epoch && (r.others || r.first != thread) {
+            let reader = if r.first != thread { format!("thread {}", r.first) } else { "another thread".into() };
             return Err(format!(
-                "race: thread {thread} writes shared {array}[{i}], read by thread {r} with no barrier between"
+                "race: thread {thread} writes shared {array}[{i}], read by {reader} with no barrier between"
             ));
         }
         a.values[at] = Some(v);
@@ -95,8 +113,8 @@ impl BlockState {
 /// Each thread's own variables and local arrays.
 #[derive(Default)]
 struct ThreadState {
-    vars: HashMap<Var, Val>,
-    arrays: HashMap<Var, Vec<Val>>,
+    vars: Slots<Val>,
+    arrays: Slots<Vec<Val>>,
 }
 
 /// A small deterministic generator for thread orders (xorshift64*).
@@ -125,7 +143,7 @@ pub(super) fn run_blocks(m: &mut Machine, threads: u32, begin: i64, end: i64) ->
         for s in &mut states {
             s.vars.insert(kernel.index, Val::I(block));
         }
-        m.gpu = Some(BlockState { thread: 0, epoch: 0, shared: HashMap::new() });
+        m.gpu = Some(BlockState { thread: 0, epoch: 0, shared: Slots::default() });
         let mut run = Block { states, order: Order(0x9e37_79b9_7f4a_7c15 ^ (block as u64).wrapping_mul(0x1000_0001)) };
         run.stmts(m, &kernel.body).map_err(|e| format!("kernel `{name}`, block {block}: {e}"))?;
     }
@@ -190,13 +208,13 @@ impl Block {
                 Stmt::Barrier => m.gpu.as_mut().expect("in a block").epoch += 1,
                 Stmt::Shared { var, len, .. } => {
                     let gpu = m.gpu.as_mut().expect("in a block");
-                    if !gpu.shared.contains_key(var) {
+                    if !gpu.shared.contains(*var) {
                         gpu.shared.insert(
                             *var,
                             SharedArray {
                                 values: vec![None; *len],
                                 written: vec![None; *len],
-                                read: vec![Vec::new(); *len],
+                                read: vec![Reads::NONE; *len],
                             },
                         );
                     }

@@ -14,5 +14,6 @@ pub mod ir;
 pub mod lanes;
 pub mod math;
 pub mod print;
+pub mod thread_loops;
 
 pub use ir::*;

@@ -1,0 +1,216 @@
+//! One suite for every device behind the runtime's `Device` interface: the CPU threads
+//! and the emulated GPU always, CUDA where a driver and a GPU exist (skipped, and said so,
+//! elsewhere). Each runs the same tiny training bundle (compiled for `native` or `sm80`)
+//! through the same `Executor` calls, and must give what the interpreter gives:
+//!
+//! - calls out of order are errors (forward before parameters, backward before forward);
+//! - parameters initialized from a seed are the interpreter's, bit for bit;
+//! - the loss and every gradient match the f64 interpreter (relative L2 ≤ 1e-4) at two
+//!   sets of sizes, so buffers are reallocated and launches bound again;
+//! - the debug NaN fill and a rerun change nothing (bit for bit);
+//! - the optimizer entry points update the parameters as the CPU device does (1e-6);
+//! - parameters survive a round trip through a safetensors file;
+//! - bad arguments are errors naming what is wrong.
+
+mod common;
+use common::*;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tnc_compiler::driver;
+use tnc_compiler::interp::{compare, evaluate, init_params, EvalOptions, Tensor};
+use tnc_compiler::passes;
+use tnc_runtime::manifest::{Hyper, OPTIMIZER_HYPER};
+use tnc_runtime::{Bundle, ExecError, Executor};
+
+const SETS: [&str; 6] = ["vocab=16", "dim=16", "heads=2", "layers=2", "glu_dim=24", "block=4"];
+
+fn model() -> tnc_compiler::ir::Graph {
+    let sets: Vec<String> = SETS.iter().map(|s| s.to_string()).collect();
+    let (sources, g) = elaborate_path(&repo().join("models/tasks/mqar_t2.tn"), &sets);
+    g.unwrap_or_else(|d| panic!("{}", d.render(&sources)))
+}
+
+/// The training bundle for `target`, compiled once per test process.
+fn bundle(target: &str) -> Bundle {
+    static DIRS: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut dirs = DIRS.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = match dirs.iter().find(|(t, _)| t == target) {
+        Some((_, d)) => d.clone(),
+        None => {
+            let d = std::env::temp_dir().join(format!("tnc-devices-{target}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            let opts = driver::Options { train: true, ..Default::default() };
+            driver::compile(model(), target, &d, opts, Vec::new()).unwrap();
+            dirs.push((target.to_string(), d.clone()));
+            d
+        }
+    };
+    Bundle::load(&dir).unwrap()
+}
+
+fn cpu() -> Executor {
+    Executor::cpu(&bundle("native"), 2).unwrap()
+}
+
+fn emulated() -> Executor {
+    let b = bundle("sm80");
+    let device = tnc_compiler::kernel::emulated_gpu::EmulatedGpu::new(&b).unwrap();
+    Executor::on(&b, Box::new(device)).unwrap()
+}
+
+/// A CUDA executor, or `None` (said on standard error) without a driver or a GPU.
+fn cuda() -> Option<Executor> {
+    if !tnc_runtime::cuda::driver_present() {
+        eprintln!("CUDA skipped: no driver on this host");
+        return None;
+    }
+    match Executor::cuda(&bundle("sm80")) {
+        Ok(e) => Some(e),
+        Err(ExecError::Cuda { message, .. }) if message.contains("no device") => {
+            eprintln!("CUDA skipped: {message}");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn tokens(b: usize, n: usize) -> (Tensor, tnc_runtime::Tensor) {
+    let t = token_tensor(b, n, 16, (b * 31 + n) as u64);
+    let rt = tnc_runtime::Tensor::i32(t.shape.clone(), t.data.iter().map(|&x| x as i32).collect());
+    (t, rt)
+}
+
+fn f64s(t: &tnc_runtime::Tensor) -> Vec<f64> {
+    t.as_f32().unwrap().iter().map(|&x| x as f64).collect()
+}
+
+fn bits(t: &tnc_runtime::Tensor) -> Vec<u32> {
+    t.as_f32().unwrap().iter().map(|x| x.to_bits()).collect()
+}
+
+/// Everything the suite checks, on one device.
+fn suite(name: &str, mut ex: Executor, scratch: &Path) {
+    eprintln!("{name}: {}", ex.describe_device());
+    let (_, t) = tokens(2, 5);
+    assert!(matches!(ex.forward(&[("tokens", &t)]), Err(ExecError::Order(_))), "{name}: parameters come first");
+    ex.set_params_from_seed(3).unwrap();
+    assert!(matches!(ex.backward(&[]), Err(ExecError::Order(_))), "{name}: forward comes first");
+
+    // The interpreter's parameters, bit for bit.
+    let reference = passes::differentiate_loss(model()).unwrap();
+    let params = init_params(&reference, 3).unwrap();
+    for (p, want) in reference.params.iter().zip(&params) {
+        let got = ex.param(&p.name).unwrap();
+        let same = got.as_f32().unwrap().iter().zip(&want.data).all(|(&g, &w)| g == w as f32);
+        assert!(same, "{name}: parameter `{}` differs from the interpreter's", p.name);
+    }
+
+    for (b, n) in [(2, 5), (3, 9)] {
+        let (it, t) = tokens(b, n);
+        let inputs = HashMap::from([("tokens".to_string(), it)]);
+        let want = evaluate(&reference, &inputs, &params, &EvalOptions::default()).unwrap().outputs(&reference);
+        ex.forward(&[("tokens", &t)]).unwrap();
+        ex.backward(&[]).unwrap();
+        for (out, w) in &want {
+            let got = Tensor { shape: w.shape.clone(), data: f64s(&ex.output(out).unwrap()) };
+            let c = compare(&got, w);
+            assert!(c.within(1e-4) || (c.max_abs < 1e-6 && !c.has_nan), "{name} B={b} N={n} `{out}`: {c:?}");
+        }
+        // The debug NaN fill and a rerun change nothing.
+        let loss = bits(&ex.output("loss").unwrap());
+        let grads: Vec<_> = ex.gradients().unwrap().values().map(bits).collect();
+        ex.set_debug_nan(true);
+        ex.forward(&[("tokens", &t)]).unwrap();
+        ex.backward(&[]).unwrap();
+        ex.set_debug_nan(false);
+        assert_eq!(bits(&ex.output("loss").unwrap()), loss, "{name}: the NaN fill changed the loss");
+        let again: Vec<_> = ex.gradients().unwrap().values().map(bits).collect();
+        assert_eq!(again, grads, "{name}: the NaN fill changed a gradient");
+        ex.rerun("forward").unwrap();
+        assert_eq!(bits(&ex.output("loss").unwrap()), loss, "{name}: a rerun changed the loss");
+    }
+    assert!(ex.allocated_bytes() > 0);
+
+    // Parameters survive a file round trip.
+    let file = scratch.join(format!("{name}.safetensors"));
+    ex.save_params(&file).unwrap();
+    let before = bits(&ex.param("embedding").unwrap());
+    ex.set_param("embedding", &vec![0.5; 16 * 16]).unwrap();
+    assert_ne!(bits(&ex.param("embedding").unwrap()), before);
+    ex.set_params_from_file(&file).unwrap();
+    assert_eq!(bits(&ex.param("embedding").unwrap()), before, "{name}: the parameter file round trip");
+
+    // Bad arguments are errors that say what is wrong.
+    let e = ex.set_param("embedding", &[1.0; 3]).unwrap_err().to_string();
+    assert!(e.contains("embedding") && e.contains("3 f32 values"), "{name}: {e}");
+    let bad = tnc_runtime::Tensor::i32(vec![10], vec![0; 10]);
+    assert!(matches!(ex.forward(&[("tokens", &bad)]), Err(ExecError::Input { .. })), "{name}: a bad shape");
+    let e = ex.run("nonsense", &[]).unwrap_err().to_string();
+    assert!(e.contains("no entry point `nonsense`"), "{name}: {e}");
+    let e = ex.set_optimizer_buffer(OPTIMIZER_HYPER, &[1.0]).unwrap_err().to_string();
+    assert!(e.contains("holds"), "{name}: {e}");
+}
+
+/// One optimizer step (accumulate, global norm, AdamW) from seed 3 at B = 2, N = 5; the
+/// parameters after it.
+fn optimizer_step(ex: &mut Executor) -> Vec<(String, Vec<f32>)> {
+    ex.set_params_from_seed(3).unwrap();
+    let (_, t) = tokens(2, 5);
+    ex.forward(&[("tokens", &t)]).unwrap();
+    ex.backward(&[]).unwrap();
+    ex.run("accumulate", &[]).unwrap();
+    let mut h = vec![0f32; Hyper::LEN];
+    h[Hyper::LearningRate as usize] = 1e-2;
+    h[Hyper::Beta1 as usize] = 0.9;
+    h[Hyper::Beta2 as usize] = 0.98;
+    h[Hyper::Eps as usize] = 1e-8;
+    h[Hyper::WeightDecay as usize] = 0.01;
+    h[Hyper::BiasCorrection1 as usize] = 0.1;
+    h[Hyper::BiasCorrection2 as usize] = 0.02;
+    h[Hyper::GradScale as usize] = 1.0;
+    h[Hyper::ClipNorm as usize] = 0.5;
+    ex.set_optimizer_buffer(OPTIMIZER_HYPER, &h).unwrap();
+    ex.run("grad_norm", &[]).unwrap();
+    ex.run("step", &[]).unwrap();
+    let names: Vec<String> = ex.manifest().params.iter().map(|p| p.name.clone()).collect();
+    names.into_iter().map(|n| (n.clone(), ex.param(&n).unwrap().as_f32().unwrap().to_vec())).collect()
+}
+
+/// The optimizer step on `ex` agrees with the CPU device's.
+fn same_step_as_the_cpu(name: &str, mut ex: Executor) {
+    let want = optimizer_step(&mut cpu());
+    let got = optimizer_step(&mut ex);
+    let mut start = cpu();
+    start.set_params_from_seed(3).unwrap();
+    let moved = want.iter().filter(|(n, w)| start.param(n).unwrap().as_f32().unwrap() != w.as_slice()).count();
+    assert!(moved >= want.len() / 2, "{name}: the step moved only {moved} of {} parameters", want.len());
+    for ((n, w), (_, g)) in want.iter().zip(&got) {
+        let close = w.iter().zip(g).all(|(a, b)| (a - b).abs() <= 1e-6 * (1.0 + a.abs()));
+        assert!(close, "{name}: parameter `{n}` after one optimizer step differs from the CPU's");
+    }
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tnc-devices-scratch-{tag}-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&d);
+    d
+}
+
+#[test]
+fn the_cpu_device_passes_the_device_suite() {
+    suite("cpu", cpu(), &scratch("cpu"));
+}
+
+#[test]
+fn the_emulated_gpu_passes_the_device_suite() {
+    suite("emulated", emulated(), &scratch("emulated"));
+    same_step_as_the_cpu("emulated", emulated());
+}
+
+#[test]
+fn cuda_passes_the_device_suite_where_there_is_a_gpu() {
+    if let Some(ex) = cuda() {
+        suite("cuda", ex, &scratch("cuda"));
+        same_step_as_the_cpu("cuda", cuda().unwrap());
+    }
+}
