@@ -108,7 +108,7 @@ pub fn run(args: &AblateArgs) -> Result<(), Failure> {
             v.file.display(),
             if v.sets.is_empty() { String::new() } else { format!(" --set {}", v.sets.join(" ")) }
         );
-        let bar = ProgressBar::new(args.flags.steps);
+        let bar = ProgressBar::new(args.flags.run.steps);
         let s = train_one(&v.file, &v.sets, &args.flags, &args.out.join(&v.name), false, &bar)?;
         results.push((v, s));
     }
@@ -119,7 +119,7 @@ pub fn run(args: &AblateArgs) -> Result<(), Failure> {
         results.iter().map(|(v, s)| tnc_train::Series { label: v.name.clone(), points: s.losses.clone() }).collect();
     let title = format!(
         "training loss on {} ({} steps, B {}, N {})",
-        args.flags.data, args.flags.steps, args.flags.batch, args.flags.seq
+        args.flags.run.data, args.flags.run.steps, args.flags.run.batch, args.flags.run.seq
     );
     tnc_train::loss_plot(&args.out.join("loss.svg"), &title, &series).map_err(fail)?;
     println!("\nwrote {}/ablation.md and {}/loss.svg", args.out.display(), args.out.display());
@@ -132,7 +132,7 @@ fn table(results: &[(&Variant, Summary)], flags: &TrainFlags) -> String {
     let _ = writeln!(
         t,
         "{} steps of B {} × N {} on `{}`, seed {}, lr {}\n",
-        flags.steps, flags.batch, flags.seq, flags.data, flags.seed, flags.lr
+        flags.run.steps, flags.run.batch, flags.run.seq, flags.run.data, flags.run.seed, flags.run.lr
     );
     let _ = writeln!(
         t,

@@ -11,73 +11,18 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tnc_grammar::Diagnostic;
-use tnc_train::{Config, DataSource, EvalReport, Schedule, Trainer};
+use tnc_train::flags::RunFlags;
+use tnc_train::{Config, DataSource, EvalReport, Trainer};
 
-/// The training flags shared by `tnc train` and `tnc ablate`.
+/// The training flags shared by `tnc train` and `tnc ablate`: the run's, and how the
+/// model is compiled and where it runs.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainFlags {
-    /// Training data: `copy[:len=L,vocab=V]`, `mqar[:pairs=K,vocab=V]` (synthetic tasks
-    /// generated from the seed; nothing to download) or `text:PATH` (bytes of a file,
-    /// vocabulary 256; the last 10% is the validation split).
-    #[arg(long, default_value = "copy")]
-    pub data: String,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 200)]
-    pub steps: u64,
-    /// Sequences per batch (B).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
-    pub batch: u64,
-    /// Tokens per sequence (N).
-    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(2..))]
-    pub seq: u64,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
-    /// Batches (forward + backward) per optimizer step.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-    pub accumulate: u64,
-    /// Linear warm-up steps.
-    #[arg(long, default_value_t = 0)]
-    pub warmup: u64,
-    /// Learning-rate schedule after warm-up: cosine (to 10% of the peak), inverse-sqrt or constant.
-    #[arg(long, default_value = "cosine", value_parser = parse_schedule)]
-    pub schedule: Schedule,
-    /// Clip the global gradient norm to this value (0: no clipping).
-    #[arg(long, default_value_t = 1.0)]
-    pub clip: f64,
+    #[command(flatten)]
+    pub run: RunFlags,
     /// Dropout rate: compiles the model with `--set drop=P` (.tn models with a `drop` argument).
     #[arg(long)]
     pub dropout: Option<f64>,
-    /// AdamW's decoupled weight decay (not applied to `@no_decay` parameters).
-    #[arg(long, default_value_t = 0.01)]
-    pub weight_decay: f64,
-    /// AdamW's β1.
-    #[arg(long, default_value_t = 0.9)]
-    pub beta1: f64,
-    /// AdamW's β2.
-    #[arg(long, default_value_t = 0.98)]
-    pub beta2: f64,
-    /// AdamW's ε.
-    #[arg(long, default_value_t = 1e-8)]
-    pub eps: f64,
-    /// Seed of the parameters, the data and dropout.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Evaluate every K steps (0: only at the end).
-    #[arg(long, default_value_t = 0)]
-    pub eval_every: u64,
-    /// Validation batches per evaluation.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
-    pub eval_batches: u64,
-    /// Checkpoint every K steps (0: only at the end).
-    #[arg(long, default_value_t = 100)]
-    pub save_every: u64,
-    /// Checkpoints to keep (0: all).
-    #[arg(long, default_value_t = 3)]
-    pub keep_last: u64,
-    /// Worker threads (default: every core). Bit-identical results need the same count.
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// Target of the compiled bundle: a CPU (`native`, `x86-64-v3`, `x86-64-v4`) or a GPU
     /// (`sm80` … `sm90a`). Default: `native`, or `sm80` with `--device cuda|emulated`.
     #[arg(long)]
@@ -88,10 +33,6 @@ pub struct TrainFlags {
     /// The element type of products' operands (a .tn model is compiled with it).
     #[arg(long, value_enum, default_value_t)]
     pub precision: crate::PrecisionArg,
-}
-
-fn parse_schedule(s: &str) -> Result<Schedule, String> {
-    Schedule::parse(s)
 }
 
 #[derive(clap::Args, Debug)]
@@ -125,26 +66,7 @@ impl TrainFlags {
     }
 
     pub fn config(&self) -> Config {
-        Config {
-            steps: self.steps,
-            batch: self.batch as usize,
-            seq: self.seq as usize,
-            lr: self.lr,
-            accumulate: self.accumulate as usize,
-            warmup: self.warmup,
-            schedule: self.schedule,
-            clip: self.clip,
-            seed: self.seed,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            weight_decay: self.weight_decay,
-            eval_every: self.eval_every,
-            eval_batches: self.eval_batches as usize,
-            save_every: self.save_every,
-            keep_last: self.keep_last as usize,
-            threads: self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        }
+        self.run.config()
     }
 }
 
@@ -184,7 +106,7 @@ pub(crate) struct RunInfo {
 }
 
 pub fn run(args: &TrainArgs) -> Result<(), Failure> {
-    let bar = ProgressBar::new(args.flags.steps);
+    let bar = ProgressBar::new(args.flags.run.steps);
     let summary = train_one(&args.model, &args.sets, &args.flags, &args.out, args.resume, &bar)?;
     print_summary(&summary, &args.out);
     Ok(())
@@ -217,7 +139,7 @@ pub(crate) fn train_one(
     resume: bool,
     bar: &ProgressBar,
 ) -> Result<Summary, Failure> {
-    let data = DataSource::parse(&flags.data).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
+    let data = DataSource::parse(&flags.run.data).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
     let cfg = flags.config();
     let (_, mut device) = flags.target_and_device()?;
     let bundle_dir = resolve_bundle(model, sets, flags, &mut |s| say(bar, s))?;

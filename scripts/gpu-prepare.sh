@@ -10,9 +10,13 @@
 #
 # Contents:
 #   bin/tnc-run             stripped, links neither LLVM nor the compiler
+#   bin/tnc-train           the runtime-only trainer (likewise)
 #   bin/runtime-cuda-tests  the runtime's CUDA tests (hand-written PTX), if they built
 #   cases/NAME/             correctness: bundle (or bundle_ref), inputs, params, ref (f64)
 #   bench/NAME/             timing bundles (parameters drawn from a seed on the device)
+#   train/NAME/, NAME.flags training bundles and their tnc-train flags: the copy task,
+#                           T1-small (with train/t1_small.cpu.log, the CPU run's losses)
+#                           and full-size T1 (timed with and without CUDA graphs)
 #   check.sh, *.py          the check itself
 #
 # Environment: TNC_GPU_TARGET (default sm80), TNC_PREPARE_SKIP_BUILD=1 to reuse binaries,
@@ -29,19 +33,24 @@ say() { echo "prepare: $*" >&2; }
 if [ "${TNC_PREPARE_SKIP_BUILD:-0}" != 1 ]; then
     say "building tnc-run and tnc (release)"
     cargo build --release -p tnc-runtime --bin tnc-run
+    cargo build --release -p tnc-train --bin tnc-train
     cargo build --release --bin tnc
 fi
 TNC=${TNC_BIN:-$ROOT/target/release/tnc}
 RUN=$ROOT/target/release/tnc-run
-if ldd "$RUN" | grep -qi llvm; then
-    say "error: $RUN links LLVM"
-    exit 1
-fi
+TRAIN=$ROOT/target/release/tnc-train
+for bin in "$RUN" "$TRAIN"; do
+    if ldd "$bin" | grep -qi llvm; then
+        say "error: $bin links LLVM"
+        exit 1
+    fi
+done
 
 rm -rf "$DEST"
-mkdir -p "$DEST/bin" "$DEST/cases" "$DEST/bench"
+mkdir -p "$DEST/bin" "$DEST/cases" "$DEST/bench" "$DEST/train"
 LOG=$(mktemp)
-trap 'rm -f "$LOG"' EXIT
+SCRATCH=$(mktemp -d)
+trap 'rm -rf "$LOG" "$SCRATCH"' EXIT
 
 # Compiles MODEL for the GPU target into DIR; the first failure explains itself and stops.
 compile() {
@@ -100,10 +109,29 @@ reference "$C" models/bench/linear_attention.tn "$C/inputs.safetensors"
 say "compiling TransNormer T1 (full size) for $TARGET"
 compile "$DEST/bench/transnormer_t1" models/transnormer_t1.tn
 
+# Training: the copy task (as tests/learning.rs trains it on the emulated GPU), T1-small
+# (its first 50 losses against the CPU run's, computed here), full-size T1 (timed).
+TR=$DEST/train
+COPY=(--set vocab=16 --set dim=32 --set heads=2 --set layers=2 --set glu_dim=64 --set block=16)
+T1_SMALL=(--set vocab=256 --set dim=64 --set heads=2 --set layers=2 --set glu_dim=128 --set block=16 --set drop=0.0)
+say "compiling the training bundles for $TARGET (copy task, T1-small, T1)"
+compile "$TR/copy" models/tasks/mqar_t2.tn "${COPY[@]}" --train
+echo "--data copy:vocab=16 --steps 200 --seq 16 --batch 8 --lr 1e-2 --warmup 10 --eval-batches 2 --seed 0" >"$TR/copy.flags"
+compile "$TR/t1_small" models/transnormer_t1.tn "${T1_SMALL[@]}" --train
+echo "--data copy:vocab=256 --steps 50 --seq 64 --batch 8 --lr 3e-3 --warmup 5 --eval-batches 1 --seed 0" >"$TR/t1_small.flags"
+compile "$TR/t1_full" models/transnormer_t1.tn --train
+echo "--data copy:vocab=1000 --steps 6 --seq 2048 --batch 4 --lr 1e-4 --eval-batches 1 --seed 0" >"$TR/t1_full.flags"
+say "the CPU run of T1-small (its losses are the reference)"
+"$TNC" compile models/transnormer_t1.tn "${T1_SMALL[@]}" --train --target native -o "$SCRATCH/t1_small_cpu" >/dev/null
+# shellcheck disable=SC2046
+"$TRAIN" "$SCRATCH/t1_small_cpu" --device cpu $(cat "$TR/t1_small.flags") --out "$SCRATCH/t1_small_run" \
+    --no-checkpoints >"$TR/t1_small.cpu.log"
+
 strip -o "$DEST/bin/tnc-run" "$RUN"
+strip -o "$DEST/bin/tnc-train" "$TRAIN"
 cp scripts/gpu-check.sh "$DEST/check.sh"
-cp "$GPU"/st.py "$GPU"/compare.py "$GPU"/peers.py "$GPU"/table.py "$DEST/"
-chmod +x "$DEST/check.sh" "$DEST/bin/tnc-run"
+cp "$GPU"/st.py "$GPU"/compare.py "$GPU"/peers.py "$GPU"/table.py "$GPU"/training.py "$DEST/"
+chmod +x "$DEST/check.sh" "$DEST/bin/tnc-run" "$DEST/bin/tnc-train"
 
 # The runtime's CUDA tests (hand-written PTX through CudaExecutor and tnc-run), optional.
 if [ "${TNC_PREPARE_SKIP_BUILD:-0}" != 1 ]; then
@@ -122,7 +150,7 @@ fi
 SIZE_KIB=$(du -sk "$DEST" | cut -f1)
 say "$(objdump -T "$RUN" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1) is the newest glibc symbol tnc-run needs"
 say "wrote $DEST ($((SIZE_KIB / 1024)) MiB):"
-du -sh "$DEST"/bin/* "$DEST"/cases/* "$DEST"/bench/* >&2
+du -sh "$DEST"/bin/* "$DEST"/cases/* "$DEST"/bench/* "$DEST"/train/* >&2
 if [ "$SIZE_KIB" -ge $((LIMIT_MIB * 1024)) ]; then
     say "error: $DEST is over $LIMIT_MIB MiB"
     exit 1

@@ -286,6 +286,8 @@ pub struct CudaDevice {
     args_dev: DevBuf,
     args_host: Vec<i64>,
     graphs: bool,
+    /// `TNC_PROFILE`: every launch timed on its own, the slowest kernels printed.
+    profile: bool,
     stream: sys::CUstream,
     module: sys::CUmodule,
     // Declared last: dropped after everything above is freed (see `Drop`).
@@ -356,6 +358,7 @@ impl CudaDevice {
             args_dev: DevBuf::empty(),
             args_host: Vec::new(),
             graphs,
+            profile: std::env::var_os("TNC_PROFILE").is_some(),
             stream,
             module: std::ptr::null_mut(),
             ctx,
@@ -416,9 +419,16 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// Queues `entry`'s launches on the stream, reading `sizes ++ scalars` at `base`.
-    fn enqueue(&self, t: &EntryTable, starts: &[Option<usize>], base: u64) -> Result<(), ExecError> {
-        for (l, start) in t.launches.iter().zip(starts) {
+    /// Queues launches `range` of an entry point on the stream, reading
+    /// `sizes ++ scalars` at `base`.
+    fn enqueue(
+        &self,
+        t: &EntryTable,
+        range: std::ops::Range<usize>,
+        starts: &[Option<usize>],
+        base: u64,
+    ) -> Result<(), ExecError> {
+        for (l, start) in t.launches[range.clone()].iter().zip(&starts[range]) {
             if l.extent == 0 || l.grid.0 == 0 || l.grid.1 == 0 || l.grid.2 == 0 {
                 continue;
             }
@@ -449,12 +459,52 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// Runs `entry`'s launches one at a time, each between two events, and prints the
+    /// kernels that took the longest (to standard error).
+    fn profile(&self, entry: &str, t: &EntryTable, starts: &[Option<usize>]) -> Result<(), ExecError> {
+        let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let (start, end) = (
+            result::event::create(flags).map_err(cuda_err("creating an event"))?,
+            result::event::create(flags).map_err(cuda_err("creating an event"))?,
+        );
+        let mut times: HashMap<&str, (usize, f64)> = HashMap::new();
+        let mut total = 0.0;
+        let r = (|| -> Result<(), ExecError> {
+            for (i, l) in t.launches.iter().enumerate() {
+                // SAFETY: events created above, recorded on our stream.
+                unsafe { result::event::record(start, self.stream) }.map_err(cuda_err("recording an event"))?;
+                self.enqueue(t, i..i + 1, starts, self.args_dev.ptr)?;
+                unsafe { result::event::record(end, self.stream) }.map_err(cuda_err("recording an event"))?;
+                self.synchronize()?;
+                let ms = unsafe { result::event::elapsed(start, end) }.map_err(cuda_err("reading an event"))? as f64;
+                let e = times.entry(l.name.as_str()).or_default();
+                e.0 += 1;
+                e.1 += ms;
+                total += ms;
+            }
+            Ok(())
+        })();
+        // SAFETY: created above, no longer recorded.
+        unsafe {
+            let _ = result::event::destroy(start);
+            let _ = result::event::destroy(end);
+        }
+        r?;
+        let mut v: Vec<_> = times.into_iter().collect();
+        v.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        eprintln!("profile of `{entry}`: {total:.3} ms of kernels in {} launches", t.launches.len());
+        for (name, (count, ms)) in v.into_iter().take(200) {
+            eprintln!("  {ms:>10.3} ms {:>5.1}%  {count}× {name}", 100.0 * ms / total.max(1e-12));
+        }
+        Ok(())
+    }
+
     /// Captures `entry`'s launches into a graph (nothing runs while capturing).
     fn capture(&self, t: &EntryTable, starts: &[Option<usize>]) -> Result<Graph, ExecError> {
         let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
         // SAFETY: our stream, not capturing.
         unsafe { result::stream::begin_capture(self.stream, mode) }.map_err(cuda_err("capturing a CUDA graph"))?;
-        let queued = self.enqueue(t, starts, self.args_dev.ptr);
+        let queued = self.enqueue(t, 0..t.launches.len(), starts, self.args_dev.ptr);
         // SAFETY: capture began above; ending it restores the stream even after an error.
         let graph = unsafe { result::stream::end_capture(self.stream) };
         queued?;
@@ -626,8 +676,11 @@ impl Device for CudaDevice {
                 unsafe { result::memcpy_htod_async(t.args_dev.ptr, &t.args_host, stream) }
                     .map_err(cuda_err("uploading launch arguments"))?;
             }
+            if self.profile {
+                return self.profile(entry, &t, &starts);
+            }
             if !self.graphs {
-                return self.enqueue(&t, &starts, self.args_dev.ptr);
+                return self.enqueue(&t, 0..t.launches.len(), &starts, self.args_dev.ptr);
             }
             let pointers = (self.args_dev.ptr, t.args_dev.ptr);
             if t.graph.as_ref().is_some_and(|g| g.pointers != pointers) {

@@ -30,6 +30,28 @@ def main(argv):
     for path in argv[1:] or ["-"]:
         lines += (sys.stdin if path == "-" else open(path)).read().splitlines()
     recs = list(rows(lines))
+    steps = [r for r in recs if r.get("kind") == "training step"]
+    recs = [r for r in recs if r.get("kind") != "training step"]
+    if steps:
+        print("%-18s %3s %6s  %-12s %10s %12s %12s  %s" % ("training step", "B", "N", "launches", "step ms", "tokens/s", "alloc. GiB", "note"))
+        print("-" * 100)
+        for r in steps:
+            s = r.get("sizes", {})
+            alloc = r.get("allocated_bytes")
+            print(
+                "%-18s %3s %6s  %-12s %s %s %s  %s"
+                % (
+                    r.get("model", "?"),
+                    s.get("B", "?"),
+                    s.get("N", "?"),
+                    r.get("label", "?"),
+                    fmt(r.get("step_ms")),
+                    "%12.0f" % r["tokens_per_s"] if "tokens_per_s" in r else "%12s" % "-",
+                    "%12.2f" % (alloc / 2**30) if alloc else "%12s" % "-",
+                    r.get("error", ""),
+                )
+            )
+        print()
     recs.sort(key=lambda r: (r.get("model", ""), r.get("sizes", {}).get("N", 0), r.get("impl", ""), r.get("dtype", "")))
     print("%-18s %3s %6s  %-22s %-5s %10s %10s  %s" % ("model", "B", "N", "implementation", "dtype", "fwd ms", "fwd+bwd ms", "note"))
     print("-" * 100)

@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod flags;
 pub mod lr;
 pub mod metrics;
 pub mod plot;

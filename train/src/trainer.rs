@@ -4,10 +4,16 @@
 //! each step (learning rate, bias corrections) and reads back the loss, the norms and
 //! the per-token accuracy.
 //!
+//! It runs on any device the executor has (CPU threads, CUDA, the emulated GPU):
+//! parameters, gradients and AdamW state stay on the device, and a step moves one batch
+//! in and reads back the loss and the global gradient norm.
+//!
 //! Determinism: batches are a pure function of (seed, data position), dropout of (seed,
-//! micro-step), and the kernels' results depend only on the thread count, so a run
-//! resumed from a checkpoint reproduces the uninterrupted run bit for bit when it uses
-//! the same seed and thread count.
+//! micro-step), and the kernels' results depend only on the thread count on CPUs and on
+//! nothing on GPUs (fixed reduction orders, no atomics), so a run resumed from a
+//! checkpoint reproduces the uninterrupted run bit for bit on the same device with the
+//! same seed (and thread count). A checkpoint of the same model written on another
+//! target or device resumes too, with a warning that the runs are not bit-identical.
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::{Batch, DataSource};
@@ -287,14 +293,19 @@ impl Trainer {
         h[Hyper::ClipNorm as usize] = self.cfg.clip as f32;
         self.exec.set_optimizer_buffer(OPTIMIZER_HYPER, &h).map_err(|e| e.to_string())?;
         self.exec.run("grad_norm", &[]).map_err(|e| e.to_string())?;
-        for name in &self.trainable {
-            let sq = self.exec.optimizer_buffer(&format!("grad_sqnorm.{name}")).map_err(|e| e.to_string())?[0];
-            if !sq.is_finite() {
-                return Err(format!("step {step}: the gradient of `{name}` is non-finite{}", self.intact()));
-            }
-        }
+        // One read (a synchronization on a GPU) when all is well; the per-parameter norms
+        // only to name the culprit.
         let grad_norm =
             self.exec.optimizer_buffer(OPTIMIZER_HYPER).map_err(|e| e.to_string())?[Hyper::GradNorm as usize];
+        if !grad_norm.is_finite() {
+            for name in &self.trainable {
+                let sq = self.exec.optimizer_buffer(&format!("grad_sqnorm.{name}")).map_err(|e| e.to_string())?[0];
+                if !sq.is_finite() {
+                    return Err(format!("step {step}: the gradient of `{name}` is non-finite{}", self.intact()));
+                }
+            }
+            return Err(format!("step {step}: the global gradient norm is non-finite ({grad_norm}){}", self.intact()));
+        }
         self.exec.run("step", &[]).map_err(|e| e.to_string())?;
         self.step = step;
         self.position += k as u64;
