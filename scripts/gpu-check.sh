@@ -13,8 +13,10 @@
 # 4. Timing: `tnc-run bench` of the linear attention at B 4, H 32, d 128, N 2K/8K/32K and
 #    of TransNormer T1 at B 4, N 2048, and PyTorch peers at the same attention shapes
 #    (masked quadratic and a chunked loop, each in f32 and bf16), printed as one table.
+# 5. GEMM tiles against cuBLAS: every product of T1 (B 4, N 2048) timed in tnc's tiled
+#    kernel (`TNC_PROFILE=1`) and with torch.matmul.
 #
-# Finishes in under 8 minutes (each command has a timeout; the peers stop starting new
+# Finishes in under 10 minutes (each command has a timeout; the peers stop starting new
 # measurements past a time budget). Exit status 1 when a correctness check fails.
 # Environment: TNC_CHECK_DEVICE (default cuda; `cpu` exercises the script with a CPU
 # bundle set), TNC_CHECK_QUICK=1 (N 2K only), TNC_CHECK_SEQS ("2048 8192 32768"),
@@ -169,6 +171,17 @@ if [ "$DEVICE" = cuda ] && [ "${TNC_CHECK_PEERS:-1}" = 1 ]; then
         echo "peers.py failed or timed out:"
         tail -5 "$OUT/peers.log"
     }
+fi
+
+if [ "$DEVICE" = cuda ] && [ -f bench/t1_gemms.json ] && [ "$(elapsed)" -lt 480 ]; then
+    echo "== GEMM tiles against cuBLAS (T1's products at B 4, N 2048; TNC_PROFILE=1 times each launch)"
+    if TNC_PROFILE=1 timeout 120 $RUN bench bench/transnormer_t1 --device cuda --batch 4 --seq 2048 --iters 1 \
+        --warmup 0 --vocab 267744 >"$OUT/t1-profile.out" 2>"$OUT/t1-profile.log"; then
+        $PY gemms.py compare bench/t1_gemms.json "$OUT/t1-profile.log" 2>>"$RESULTS" || echo "(gemms.py failed)"
+    else
+        echo "(the profiled T1 run failed: see $OUT/t1-profile.log)"
+        tail -3 "$OUT/t1-profile.log"
+    fi
 fi
 
 echo "== results ($(elapsed) s; tnc kernels in f32; peers as labelled, TF32 off)"

@@ -108,6 +108,10 @@ reference "$C" models/bench/linear_attention.tn "$C/inputs.safetensors"
 
 say "compiling TransNormer T1 (full size) for $TARGET"
 compile "$DEST/bench/transnormer_t1" models/transnormer_t1.tn
+# Its products' shapes at B 4, N 2048, from a CPU bundle's library GEMM nodes (named
+# like the GPU bundle's tiled kernels), for the GEMM tiles against cuBLAS.
+"$TNC" compile models/transnormer_t1.tn --target native -o "$SCRATCH/t1_cpu" >/dev/null
+python3 "$GPU/gemms.py" extract "$SCRATCH/t1_cpu/manifest.json" 4 2048 >"$DEST/bench/t1_gemms.json"
 
 # Training: the copy task (as tests/learning.rs trains it on the emulated GPU), T1-small
 # (its first 50 losses against the CPU run's, computed here), full-size T1 (timed).
@@ -130,7 +134,7 @@ say "the CPU run of T1-small (its losses are the reference)"
 strip -o "$DEST/bin/tnc-run" "$RUN"
 strip -o "$DEST/bin/tnc-train" "$TRAIN"
 cp scripts/gpu-check.sh "$DEST/check.sh"
-cp "$GPU"/st.py "$GPU"/compare.py "$GPU"/peers.py "$GPU"/table.py "$GPU"/training.py "$DEST/"
+cp "$GPU"/st.py "$GPU"/compare.py "$GPU"/peers.py "$GPU"/table.py "$GPU"/training.py "$GPU"/gemms.py "$DEST/"
 chmod +x "$DEST/check.sh" "$DEST/bin/tnc-run" "$DEST/bin/tnc-train"
 
 # The runtime's CUDA tests (hand-written PTX through CudaExecutor and tnc-run), optional.

@@ -2,14 +2,17 @@
 //! PTX was written from (`kernel-ir.json`) — on the host. It trains and evaluates small
 //! models on GPU schedules on machines without a GPU, so CI tests them.
 //!
-//! Every kernel runs in the GPU-semantics executor (`gpu_exec.rs`: each block's threads
-//! in a random order, shared memory checked for races, out-of-bounds and uninitialized
-//! reads, control flow around barriers checked for uniformity) the first time it is
-//! launched at a set of sizes. Afterwards it runs compiled for the host: block kernels
-//! with their threads as loops (`thread_loops.rs`), through the CPU back end. Both give
-//! bit-identical results (tested), so the checks cover every kernel at every size a run
-//! uses while a training run goes at compiled speed. `TNC_EMULATED_CHECK=all` checks every
-//! launch (slow: an interpreter).
+//! Kernels run compiled for the host: block kernels with their threads as loops
+//! (`thread_loops.rs`), through the CPU back end. The first time a kernel is launched at
+//! a set of sizes, its first and last [`CHECKED_BLOCKS`] blocks (iterations, for a kernel
+//! without blocks) run in the GPU-semantics executor instead (`gpu_exec.rs`: each block's
+//! threads in a random order, shared memory checked for races, out-of-bounds and
+//! uninitialized reads, control flow around barriers checked for uniformity), and the
+//! blocks between them compiled: blocks never read what other blocks of the launch write,
+//! so any split is a valid GPU execution. Both give bit-identical results (tested), so
+//! the checks cover every kernel, with its partial edge blocks, at every size a run uses,
+//! while training goes at compiled speed. `TNC_EMULATED_CHECK=all` checks every block of
+//! every launch (slow: an interpreter).
 //!
 //! It lives in the compiler crate because the kernel IR, its executor and the code
 //! generator do: the runtime never depends on the compiler, so `tnc-run` has no emulated
@@ -27,6 +30,8 @@ use tnc_runtime::{Bundle, BundleError, ExecError};
 
 /// The environment variable that makes every launch run in the GPU-semantics executor.
 pub const CHECK_ENV: &str = "TNC_EMULATED_CHECK";
+/// Blocks checked at each end of a kernel's first launch at a set of sizes.
+pub const CHECKED_BLOCKS: i64 = 2;
 
 /// A buffer's bytes, 8-byte aligned for compiled kernels.
 #[derive(Default)]
@@ -104,13 +109,15 @@ impl EmulatedGpu {
         })
     }
 
-    /// Runs launch `l` in the GPU-semantics executor.
-    fn run_checked(&mut self, l: &Launch, args: &[i64]) -> Result<(), ExecError> {
+    /// Runs blocks `ranges` of launch `l` in the GPU-semantics executor.
+    fn run_checked(&mut self, l: &Launch, args: &[i64], ranges: &[(i64, i64)]) -> Result<(), ExecError> {
         let k = &self.kernels[l.kernel];
         let mut views: Vec<Buffer> =
             k.buffers.iter().zip(&l.buffers).map(|(decl, &g)| to_typed(self.memory[g].bytes(), decl.elem)).collect();
-        exec::run(k, &mut views, args, 0, l.extent)
-            .map_err(|message| ExecError::Fault { kernel: k.name.clone(), message })?;
+        for &(begin, end) in ranges.iter().filter(|(b, e)| b < e) {
+            exec::run(k, &mut views, args, begin, end)
+                .map_err(|message| ExecError::Fault { kernel: k.name.clone(), message })?;
+        }
         for ((view, decl), &g) in views.iter().zip(&k.buffers).zip(&l.buffers) {
             if decl.access != Access::Read {
                 let m = &mut self.memory[g];
@@ -121,19 +128,19 @@ impl EmulatedGpu {
         Ok(())
     }
 
-    /// Runs launch `l` compiled, on the calling thread.
-    fn run_compiled(&mut self, l: &Launch, args: &[i64]) -> Result<(), ExecError> {
+    /// Runs blocks `begin..end` of launch `l` compiled, on the calling thread.
+    fn run_compiled(&mut self, l: &Launch, args: &[i64], (begin, end): (i64, i64)) -> Result<(), ExecError> {
         let k = &self.kernels[l.kernel];
         let f = self.compiled.functions[l.kernel]
             .ok_or_else(|| ExecError::Unsupported(format!("kernel `{}` was not compiled for the host", k.name)))?;
         let mut ptrs: Vec<*mut c_void> =
             l.buffers.iter().map(|&g| self.memory[g].words.as_mut_ptr() as *mut c_void).collect();
-        if l.extent > 0 {
+        if begin < end {
             // SAFETY: `f` has the kernel calling convention; every buffer is as long as the
-            // plan sizes it for these sizes (the executor resized them), which the
-            // GPU-semantics executor checked element by element on this kernel's first
-            // launch at these sizes.
-            unsafe { f(ptrs.as_mut_ptr(), args.as_ptr(), 0, l.extent) };
+            // plan sizes it for these sizes (the executor resized them). Bounds are checked
+            // by the GPU-semantics executor on the edge blocks of each kernel's first
+            // launch at these sizes, and by the interpreter-based tests on every block.
+            unsafe { f(ptrs.as_mut_ptr(), args.as_ptr(), begin, end) };
         }
         Ok(())
     }
@@ -242,10 +249,16 @@ impl Device for EmulatedGpu {
         let mut r = Ok(());
         for l in &launches {
             let args: Vec<i64> = args.iter().chain(&l.args).copied().collect();
-            r = if self.check_all || self.checked.insert(l.kernel) {
-                self.run_checked(l, &args)
+            r = if self.check_all {
+                self.run_checked(l, &args, &[(0, l.extent)])
+            } else if self.checked.insert(l.kernel) {
+                // The edge blocks checked, the ones between them compiled.
+                let head = CHECKED_BLOCKS.min(l.extent);
+                let tail = (l.extent - CHECKED_BLOCKS).max(head);
+                self.run_compiled(l, &args, (head, tail))
+                    .and_then(|()| self.run_checked(l, &args, &[(0, head), (tail, l.extent)]))
             } else {
-                self.run_compiled(l, &args)
+                self.run_compiled(l, &args, (0, l.extent))
             };
             if r.is_err() {
                 break;

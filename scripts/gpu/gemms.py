@@ -1,0 +1,111 @@
+"""tnc's GEMM tiles against cuBLAS on a model's own products.
+
+    gemms.py extract CPU_MANIFEST B N > gemms.json
+        (on the development machine) the products of a CPU bundle of the model — its
+        library GEMM nodes, named like the GPU bundle's tiled kernels — with every size
+        evaluated at B and N, and how often each runs in forward + backward
+    gemms.py compare gemms.json PROFILE_LOG [--iters K]
+        (on the GPU) each product timed with torch.matmul (cuBLAS, f32, TF32 off; row-major
+        operands) next to the time tnc's tiled kernel of the same name took in
+        `TNC_PROFILE=1 tnc-run bench` (PROFILE_LOG), as a table and JSON lines
+"""
+
+import json
+import re
+import sys
+
+
+def poly(p, env):
+    if isinstance(p, int):
+        return p
+    total = 0
+    for t in p:
+        v = t["coeff"]
+        for a in t["atoms"]:
+            if isinstance(a, str):
+                v *= env[a]
+            else:
+                v *= -(-poly(a["ceil"], env) // a["div"])
+        total += v
+    return total
+
+
+def extract(manifest, b, n):
+    m = json.load(open(manifest))
+    env = {"B": b, "N": n}
+    count = {}
+    for entry in ("forward", "backward"):
+        for s in m["entry_points"].get(entry, []):
+            count[s["kernel"]] = count.get(s["kernel"], 0) + 1
+    out = []
+    for i, k in enumerate(m["kernels"]):
+        g = k.get("gemm")
+        # The einsums' products (`g<group>_gemm`), which GPU bundles tile under the same
+        # names; the cross-entropy's chunks have kernels of their own on GPUs.
+        if not g or i not in count or not k["name"].endswith("_gemm"):
+            continue
+        # Launch arguments (a vocabulary chunk's start) do not change a product's shape.
+        env_k = dict(env, **{a: 0 for a in k.get("args", [])})
+        batch = 1
+        for ax in g["batch"]:
+            batch *= poly(ax["extent"], env_k)
+        out.append({"name": k["name"], "batch": batch, "m": poly(g["m"], env_k), "n": poly(g["n"], env_k),
+                    "k": poly(g["k"], env_k), "launches": count[i]})
+    json.dump({"B": b, "N": n, "gemms": out}, sys.stdout, indent=1)
+    return 0
+
+
+def compare(gemms, profile, iters):
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    spec = json.load(open(gemms))
+    tnc = {}
+    for line in open(profile):
+        m = re.match(r"\s+([0-9.]+) ms\s+[0-9.]+%\s+(\d+)× (\S+)", line)
+        if m:
+            ms, count, name = float(m.group(1)), int(m.group(2)), m.group(3)
+            t = tnc.setdefault(name, [0.0, 0])
+            t[0] += ms
+            t[1] += count
+    print("%-12s %5s %7s %7s %7s  %10s %10s %7s" % ("kernel", "batch", "M", "N", "K", "tnc ms", "cuBLAS ms", "ratio"))
+    tot_tnc = tot_ref = 0.0
+    for g in spec["gemms"]:
+        a = torch.randn(g["batch"], g["m"], g["k"], device="cuda")
+        b = torch.randn(g["batch"], g["k"], g["n"], device="cuda")
+        for _ in range(2):
+            torch.bmm(a, b)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            torch.bmm(a, b)
+        end.record()
+        torch.cuda.synchronize()
+        ref = start.elapsed_time(end) / iters
+        mine = tnc.get(g["name"])
+        per = mine[0] / mine[1] if mine and mine[1] else None
+        rec = dict(g, cublas_ms=ref, tnc_ms=per)
+        print("%-12s %5d %7d %7d %7d  %10s %10.4f %7s" % (
+            g["name"], g["batch"], g["m"], g["n"], g["k"], "%.4f" % per if per is not None else "-", ref,
+            "%.2f" % (per / ref) if per is not None and ref > 0 else "-"))
+        if per is not None:
+            tot_tnc += per * g["launches"]
+            tot_ref += ref * g["launches"]
+        print("GEMM_JSON " + json.dumps(rec), file=sys.stderr)
+    if tot_ref > 0:
+        print("forward + backward products: tnc %.3f ms, cuBLAS %.3f ms (%.2fx)" % (tot_tnc, tot_ref, tot_tnc / tot_ref))
+    return 0
+
+
+def main(argv):
+    if len(argv) >= 5 and argv[1] == "extract":
+        return extract(argv[2], int(argv[3]), int(argv[4]))
+    if len(argv) >= 4 and argv[1] == "compare":
+        iters = int(argv[argv.index("--iters") + 1]) if "--iters" in argv else 10
+        return compare(argv[2], argv[3], iters)
+    print(__doc__)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
