@@ -35,8 +35,11 @@ PEERS = ["torch-eager", "torch-compile", "torch-compile-bf16", "jax"]
 # amplifies rounding): on T1 as shipped, PyTorch's and JAX's f32 gradients are 1.5e-3 from
 # the f64 ones (measured; tnc's f32 ones 1e-5), the peers' model 2e-6. bf16 autocast
 # rounds every product's operands to 8 bits of mantissa: ~1e-2 typically, ~9e-2 on those
-# same gradients. A wrong model is off by ~1.
-TOLERANCE = {"torch-compile-bf16": 0.15, "tnc-bf16": 0.15}
+# same gradients. On a CPU without AMX (Emerald Rapids VM, 2026-12-03) PyTorch's bf16
+# autocast took another path and one gradient was 0.32 off (layers.2.attn.wk of the peers'
+# model; its loss within 4e-6), so the bf16 peer is held to 0.5: a wrong model is off by
+# ~1. tnc's own bf16 stays at 0.15.
+TOLERANCE = {"torch-compile-bf16": 0.5, "tnc-bf16": 0.15}
 F32_TOLERANCE = 5e-3
 F64_TOLERANCE = 1e-10
 

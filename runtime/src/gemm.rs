@@ -239,34 +239,40 @@ impl Operands {
 /// `operands` for A and B, f32 for C), and no other thread writes the rows of C this
 /// range covers.
 pub unsafe fn run(shape: &Shape, operands: Operands, a: *const u8, b: *const u8, c: *mut f32, begin: i64, end: i64) {
-    match operands {
-        // SAFETY: as for this function.
-        Operands::F32 => unsafe { run_f32(shape, a as *const f32, b as *const f32, c, begin, end) },
+    let native = if operands == Operands::BF16 { crate::bf16_gemm::Kernel::detect() } else { None };
+    // SAFETY (each arm): as for this function.
+    match (operands, native) {
+        (Operands::F32, _) => unsafe { run_f32(shape, a as *const f32, b as *const f32, c, begin, end) },
         #[cfg(target_arch = "x86_64")]
-        Operands::BF16 if crate::amx::available() => unsafe {
-            run_amx(shape, a as *const u16, b as *const u16, c, begin, end)
-        },
-        Operands::BF16 | Operands::F16 => unsafe { run_widened(shape, operands, a, b, c, begin, end) },
+        (_, Some(kernel)) => unsafe { run_bf16(kernel, shape, a as *const u16, b as *const u16, c, begin, end) },
+        _ => unsafe { run_widened(shape, operands, a, b, c, begin, end) },
     }
 }
 
-/// [`run`] for bf16 operands on AMX (`amx.rs`), block by block.
+/// [`run`] for bf16 operands on `kernel` (`bf16_gemm.rs`), block by block.
 ///
 /// # Safety
 /// As for [`run`].
 #[cfg(target_arch = "x86_64")]
-unsafe fn run_amx(shape: &Shape, a: *const u16, b: *const u16, c: *mut f32, begin: i64, end: i64) {
-    use crate::amx::View as V;
+unsafe fn run_bf16(
+    kernel: crate::bf16_gemm::Kernel,
+    shape: &Shape,
+    a: *const u16,
+    b: *const u16,
+    c: *mut f32,
+    begin: i64,
+    end: i64,
+) {
+    use crate::bf16_gemm::View as V;
     for blk in shape.blocks(begin, end) {
         let rows = (blk.rows.1 - blk.rows.0) as usize;
         // SAFETY: the offsets and strides were checked against the buffers.
         unsafe {
             let a0 = a.offset((blk.a + blk.rows.0 * shape.a.rows) as isize);
             let c0 = c.offset((blk.c + blk.rows.0 * shape.c.rows) as isize);
-            crate::amx::gemm(
-                rows,
-                shape.n as usize,
-                shape.k as usize,
+            crate::bf16_gemm::gemm(
+                kernel,
+                (rows, shape.n as usize, shape.k as usize),
                 V { ptr: a0, rows: shape.a.rows as isize, cols: shape.a.cols as isize },
                 V { ptr: b.offset(blk.b as isize), rows: shape.b.rows as isize, cols: shape.b.cols as isize },
                 V { ptr: c0 as *const f32, rows: shape.c.rows as isize, cols: shape.c.cols as isize },
@@ -277,8 +283,98 @@ unsafe fn run_amx(shape: &Shape, a: *const u16, b: *const u16, c: *mut f32, begi
 }
 
 thread_local! {
-    /// Widened A rows and B of the current block (reused between calls on a thread).
+    /// Widened A and B of the current block (reused between calls on a thread).
     static WIDE: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// A 16-bit matrix view (from element `offset`, `rows × cols` with these strides) widened
+/// to f32 into `out`, returning the view of the copy: dense, row-major or column-major
+/// as the view is (each row or column one contiguous run), else the memory the view spans
+/// widened as it lies where that is at most twice the values, else gathered element by
+/// element into a dense row-major copy.
+///
+/// # Safety
+/// `p` points to a buffer that holds every element of the view.
+unsafe fn widen_view(
+    operands: Operands,
+    p: *const u8,
+    (offset, rows, cols): (i64, i64, i64),
+    v: View,
+    out: &mut Vec<f32>,
+) -> View {
+    let (len, span) = (rows * cols, (rows - 1) * v.rows + (cols - 1) * v.cols + 1);
+    out.clear();
+    if len == 0 {
+        return View { offset: 0, rows: cols, cols: 1 };
+    }
+    let p = p as *const u16;
+    // SAFETY: `len` values from `at` are elements of the view.
+    let run = |at: i64, len: i64| unsafe { std::slice::from_raw_parts(p.offset(at as isize), len as usize) };
+    let widen_run = |src: &[u16], out: &mut Vec<f32>| match operands {
+        Operands::BF16 => widen_bf16(src, out),
+        _ => out.extend(src.iter().map(|&x| half::f16::from_bits(x).to_f32())),
+    };
+    out.reserve(len as usize);
+    if v.cols == 1 || v.rows == 1 {
+        let (lines, along, step) = if v.cols == 1 { (rows, cols, v.rows) } else { (cols, rows, v.cols) };
+        for l in 0..lines {
+            widen_run(run(offset + l * step, along), out);
+        }
+        return if v.cols == 1 {
+            View { offset: 0, rows: cols, cols: 1 }
+        } else {
+            View { offset: 0, rows: 1, cols: rows }
+        };
+    }
+    if span <= 2 * len {
+        widen_run(run(offset, span), out);
+        return View { offset: 0, ..v };
+    }
+    for r in 0..rows {
+        for j in 0..cols {
+            // SAFETY: an element of the view.
+            out.push(unsafe { widen(operands, p as *const u8, (offset + r * v.rows + j * v.cols) as isize) });
+        }
+    }
+    View { offset: 0, rows: cols, cols: 1 }
+}
+
+/// bf16 values (bits) appended to `out` as f32: with AVX-512 16 at a time (the runtime is
+/// built for baseline x86-64, so the loop is compiled twice), else one at a time.
+fn widen_bf16(src: &[u16], out: &mut Vec<f32>) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        out.reserve(src.len());
+        let start = out.len();
+        // SAFETY: AVX-512 F is present; the spare capacity holds `src.len()` values, all
+        // of which are written before the length is set.
+        unsafe {
+            widen_bf16_avx512(src, out.as_mut_ptr().add(start));
+            out.set_len(start + src.len());
+        }
+        return;
+    }
+    out.extend(src.iter().map(|&x| f32::from_bits((x as u32) << 16)));
+}
+
+/// # Safety
+/// AVX-512 F is present and `dst` has room for `src.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_bf16_avx512(src: &[u16], dst: *mut f32) {
+    use std::arch::x86_64::*;
+    let whole = src.len() / 16 * 16;
+    // SAFETY: each 16 values read lie in `src`, each 16 written in `dst`'s room.
+    unsafe {
+        for i in (0..whole).step_by(16) {
+            let x = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+            let wide = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(x));
+            _mm512_storeu_si512(dst.add(i) as *mut __m512i, wide);
+        }
+        for (i, &x) in src.iter().enumerate().skip(whole) {
+            *dst.add(i) = f32::from_bits((x as u32) << 16);
+        }
+    }
 }
 
 /// The f32 value of element `i` of a 16-bit buffer.
@@ -294,8 +390,10 @@ unsafe fn widen(operands: Operands, p: *const u8, i: isize) -> f32 {
     }
 }
 
-/// [`run`] for 16-bit operands: each block's rows of A and the product's B widened into
-/// dense row-major f32 scratch, then the f32 product.
+/// [`run`] for 16-bit operands without a native kernel: each block's rows of A and its
+/// product's B widened to f32 ([`widen_view`]; B once for consecutive blocks of the same
+/// product), then the f32 product. Exact products, so only the order of the sums differs
+/// from a native bf16 kernel.
 ///
 /// # Safety
 /// As for [`run`].
@@ -308,42 +406,38 @@ unsafe fn run_widened(
     begin: i64,
     end: i64,
 ) {
-    let (m_k, k_n) = (shape.k as usize, shape.n as usize);
     WIDE.with(|wide| {
         let (wa, wb) = &mut *wide.borrow_mut();
-        let mut b_of: Option<i64> = None;
+        let mut b_of: Option<(i64, View)> = None;
         for blk in shape.blocks(begin, end) {
-            let rows = (blk.rows.1 - blk.rows.0) as usize;
-            if b_of != Some(blk.b) {
-                wb.clear();
-                wb.reserve(m_k * k_n);
-                for kk in 0..shape.k {
-                    for j in 0..shape.n {
-                        // SAFETY: the view was checked against B's buffer.
-                        wb.push(unsafe { widen(operands, b, (blk.b + kk * shape.b.rows + j * shape.b.cols) as isize) });
-                    }
-                }
-                b_of = Some(blk.b);
+            let rows = blk.rows.1 - blk.rows.0;
+            if rows == 0 || shape.n == 0 {
+                continue;
             }
-            wa.clear();
-            wa.reserve(rows * m_k);
-            for r in blk.rows.0..blk.rows.1 {
-                for kk in 0..shape.k {
-                    // SAFETY: the view was checked against A's buffer.
-                    wa.push(unsafe { widen(operands, a, (blk.a + r * shape.a.rows + kk * shape.a.cols) as isize) });
+            let b_view = match b_of {
+                Some((at, view)) if at == blk.b => view,
+                _ => {
+                    // SAFETY: the view was checked against B's buffer.
+                    let view = unsafe { widen_view(operands, b, (blk.b, shape.k, shape.n), shape.b, wb) };
+                    b_of = Some((blk.b, view));
+                    view
                 }
-            }
-            // The block as an f32 product of the scratch matrices (rows from 0).
-            let dense = Shape {
+            };
+            let a_first = blk.a + blk.rows.0 * shape.a.rows;
+            // SAFETY: the view was checked against A's buffer.
+            let a_view = unsafe { widen_view(operands, a, (a_first, rows, shape.k), shape.a, wa) };
+            // The block as an f32 product of the widened copies (rows from 0).
+            let widened = Shape {
                 batch: Vec::new(),
-                m: rows as i64,
-                a: View { offset: 0, rows: shape.k, cols: 1 },
-                b: View { offset: 0, rows: shape.n, cols: 1 },
+                m: rows,
+                a: a_view,
+                b: b_view,
                 c: View { offset: blk.c + blk.rows.0 * shape.c.rows, ..shape.c },
                 ..shape.clone()
             };
-            // SAFETY: the scratch matrices are dense and C's view is the block's rows.
-            unsafe { run_f32(&dense, wa.as_ptr(), wb.as_ptr(), c, 0, rows as i64) };
+            // SAFETY: the copies hold every element their views reach; C's view is the
+            // block's rows.
+            unsafe { run_f32(&widened, wa.as_ptr(), wb.as_ptr(), c, 0, rows) };
         }
     });
 }
@@ -459,23 +553,31 @@ mod tests {
     }
 
     /// 16-bit operands (bf16 and f16, a transposed A and a strided B) widened to f32: the
-    /// same product as the f32 node on the widened values, over split ranges.
+    /// same product as the f32 node on the widened values, over split ranges. A is
+    /// column-major (widened column by column); B's views: every other element (widened
+    /// where it lies, the span twice the values), the first n columns of rows 5n long (row
+    /// by row), and every other one of those (too sparse for either: gathered).
     #[test]
     fn sixteen_bit_operands_match_the_widened_product() {
         let (batch, m, n, k) = (2i64, 5i64, 7i64, 9i64);
-        let s = Shape {
-            batch: vec![(batch, m * k, 0, m * n)],
-            m,
-            n,
-            k,
-            a: View { offset: 0, rows: 1, cols: m },
-            b: View { offset: 1, rows: 2 * n, cols: 2 },
-            c: View { offset: 0, rows: n, cols: 1 },
-            accumulate: false,
-        };
-        let a: Vec<f32> = (0..batch * m * k).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect();
-        let b: Vec<f32> = (0..2 * k * n + 1).map(|i| ((i * 13 % 7) as f32 - 3.0) / 2.0).collect();
-        for operands in [Operands::BF16, Operands::F16] {
+        let b_views = [
+            View { offset: 1, rows: 2 * n, cols: 2 },
+            View { offset: 3, rows: 5 * n, cols: 1 },
+            View { offset: 0, rows: 5 * n, cols: 2 },
+        ];
+        for (b_view, operands) in b_views.iter().flat_map(|&v| [(v, Operands::BF16), (v, Operands::F16)]) {
+            let s = Shape {
+                batch: vec![(batch, m * k, 0, m * n)],
+                m,
+                n,
+                k,
+                a: View { offset: 0, rows: 1, cols: m },
+                b: b_view,
+                c: View { offset: 0, rows: n, cols: 1 },
+                accumulate: false,
+            };
+            let a: Vec<f32> = (0..batch * m * k).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect();
+            let b: Vec<f32> = (0..5 * k * n + 3).map(|i| ((i * 13 % 7) as f32 - 3.0) / 2.0).collect();
             let narrow = |v: &[f32]| -> Vec<u16> {
                 v.iter()
                     .map(|&x| match operands {
@@ -497,10 +599,11 @@ mod tests {
             naive(&s, &wide(&a16), &wide(&b16), &mut want);
             let mut got = vec![f32::NAN; want.len()];
             for (begin, end) in [(0, 3), (3, s.extent().unwrap())] {
-                unsafe { run(&s, operands, a16.as_ptr().cast(), b16.as_ptr().cast(), got.as_mut_ptr(), begin, end) };
+                let (a, b) = (a16.as_ptr().cast(), b16.as_ptr().cast());
+                unsafe { run_widened(&s, operands, a, b, got.as_mut_ptr(), begin, end) };
             }
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{operands:?}: {g} vs {w}");
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{operands:?} {b_view:?}: {g} vs {w}");
             }
         }
     }

@@ -30,7 +30,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-pub mod amx;
+pub mod bf16_gemm;
 pub mod bundle;
 pub mod cpu;
 #[cfg(feature = "cuda")]

@@ -1,82 +1,103 @@
-//! bf16 matrix products on Intel AMX (Advanced Matrix Extensions, `amx-bf16`): the
-//! library GEMM nodes whose operands the precision pass narrowed to bf16, with f32
-//! accumulation, on CPUs that have it (Sapphire Rapids and later). Without it the
-//! operands are widened to f32 (`gemm.rs`), with the same products and sums in another
-//! order.
+//! bf16 matrix products with f32 accumulation: the library GEMM nodes whose operands
+//! the precision pass narrowed to bf16, on CPUs that multiply bf16 natively — Intel AMX
+//! (`amx-bf16`, [`amx`]) or else AVX512-BF16 (`vdpbf16ps`, [`avx512`]). Without either
+//! the operands are widened to f32 (`gemm.rs`), with the same products and sums in
+//! another order. `TNC_BF16_GEMM=amx|avx512|widen` forces a path (to measure or test one
+//! on a CPU that has a better one); a path the CPU lacks is not taken.
 //!
-//! Neither the `gemm` crate nor stable Rust's `std::arch` has AMX, so the instructions
-//! are inline assembly: `ldtilecfg`, `tilezero`, `tileloadd`, `tdpbf16ps` (C[16×16] +=
-//! A[16×32] · B[32×16], bf16 pairs multiplied exactly and summed in f32), `tilestored`,
-//! `tilerelease`. Linux hands a process the tile state only once it asks
-//! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), which [`available`] does once.
-//!
+//! The `gemm` crate has no bf16 kernels that use these instructions, so they are here.
 //! A call computes a block of rows of one product. A and B are first packed into
 //! zero-padded scratch (A row-major with rows of 32 values per step of k; B in the
-//! "VNNI" layout the instruction reads: for each pair of k, the pairs (B[k][n], B[k+1][n])
-//! of 32 columns side by side), so any strides and any sizes work. Then for every
-//! 32 × 32 block of C, four accumulator tiles (2 × 2 of 16 × 16) take the dot products
-//! over k in steps of 32, and are stored to a scratch block copied (or added) into C.
-//! The k-steps run in order, and each lane's sum in a fixed order, so results do not
-//! depend on the thread split.
+//! "VNNI" layout both instructions read: for each pair of k, the pairs (B[k][n],
+//! B[k+1][n]) of 32 columns side by side), so any strides and any sizes work. Then every
+//! 32 × 32 block of C is one call of the kernel's `block`, stored to a scratch block
+//! copied (or added) into C unless it can be accumulated in place. The k-steps run in
+//! order, and each lane's sum in a fixed order, so results do not depend on the thread
+//! split.
 
 #[cfg(target_arch = "x86_64")]
-mod imp {
-    use std::arch::asm;
-    use std::cell::RefCell;
-    use std::sync::OnceLock;
+pub mod amx;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 
-    /// The tile configuration (palette 1): eight tiles of 16 rows of 64 bytes.
-    #[repr(C, align(64))]
-    struct TileConfig {
-        palette: u8,
-        start_row: u8,
-        reserved: [u8; 14],
-        colsb: [u16; 16],
-        rows: [u8; 16],
-    }
+/// The instructions a bf16 product runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Amx,
+    Avx512Bf16,
+}
 
-    const CONFIG: TileConfig = {
-        let mut colsb = [0u16; 16];
-        let mut rows = [0u8; 16];
-        let mut t = 0;
-        while t < 8 {
-            colsb[t] = 64;
-            rows[t] = 16;
-            t += 1;
-        }
-        TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb, rows }
-    };
-
-    /// Whether this CPU has AMX-BF16 and the kernel gave this process the tile state.
-    pub fn available() -> bool {
-        static AVAILABLE: OnceLock<bool> = OnceLock::new();
-        *AVAILABLE.get_or_init(|| {
-            if std::env::var_os("TNC_NO_AMX").is_some() {
-                return false;
-            }
-            let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
-            let (bf16, tile) = (leaf7.edx >> 22 & 1 == 1, leaf7.edx >> 24 & 1 == 1);
-            bf16 && tile && request_tile_state()
+impl Kernel {
+    /// The kernel bf16 products run on (`None`: widened to f32), decided once per process:
+    /// `TNC_BF16_GEMM` if set (`amx`, `avx512`, `widen`; one the CPU lacks is not taken),
+    /// else AMX where the CPU has it, else AVX512-BF16 where it is faster than widening.
+    ///
+    /// It is not on every CPU that has it: on Intel's (Cooper Lake to Emerald Rapids)
+    /// `vdpbf16ps` retires one per two cycles, 64 FLOP, against two f32 FMAs of 32 each
+    /// per cycle — measured on an Emerald Rapids VM without AMX: 87 GFLOP/s against 190
+    /// on one core, and the widened product 40–76% faster than this kernel on T1's shapes
+    /// (`runtime/benches/gemm.rs`). AMD's Zen 4 and 5 issue it as fast as an FMA (twice
+    /// the FLOPs), so there it is taken (by the instruction tables; not measured here).
+    pub fn detect() -> Option<Kernel> {
+        static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
+        *KERNEL.get_or_init(|| {
+            let forced = std::env::var("TNC_BF16_GEMM").ok();
+            let no_amx = std::env::var_os("TNC_NO_AMX").is_some();
+            Kernel::all().into_iter().find(|k| match (k, forced.as_deref()) {
+                (_, Some(f)) => f == k.flag(),
+                (Kernel::Amx, None) => !no_amx,
+                (Kernel::Avx512Bf16, None) => fast_dot_products(),
+            })
         })
     }
 
-    /// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`; false where refused (an
-    /// older kernel, or not Linux).
-    fn request_tile_state() -> bool {
-        if !cfg!(target_os = "linux") {
-            return false;
+    /// The value of `TNC_BF16_GEMM` that asks for this kernel.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Kernel::Amx => "amx",
+            Kernel::Avx512Bf16 => "avx512",
         }
-        const SYS_ARCH_PRCTL: i64 = 158;
-        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
-        const XFEATURE_XTILEDATA: i64 = 18;
-        let ret: i64;
-        // SAFETY: a system call that only changes this process's permissions.
-        unsafe {
-            asm!("syscall", inlateout("rax") SYS_ARCH_PRCTL => ret, in("rdi") ARCH_REQ_XCOMP_PERM,
-                 in("rsi") XFEATURE_XTILEDATA, lateout("rcx") _, lateout("r11") _, options(nostack));
-        }
-        ret == 0
     }
+
+    /// Every kernel this CPU has, best first.
+    pub fn all() -> Vec<Kernel> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            [(Kernel::Amx, amx::available()), (Kernel::Avx512Bf16, avx512::available())]
+                .into_iter()
+                .filter_map(|(k, ok)| ok.then_some(k))
+                .collect()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Vec::new()
+    }
+
+    /// How the CPU runtime names the kernel (`tnc-run`, benchmarks).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Amx => "AMX-BF16",
+            Kernel::Avx512Bf16 => "AVX512-BF16",
+        }
+    }
+}
+
+/// Whether `vdpbf16ps` is at least as fast as an f32 FMA here: AMD's CPUs (see
+/// [`Kernel::detect`]).
+fn fast_dot_products() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let leaf0 = std::arch::x86_64::__cpuid(0);
+        let vendor = [leaf0.ebx, leaf0.edx, leaf0.ecx].map(u32::to_le_bytes).concat();
+        vendor == b"AuthenticAMD"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+mod imp {
+    use super::{amx, avx512, Kernel};
+    use std::cell::RefCell;
 
     /// A strided matrix of bf16 (bits) or f32 values: element (r, c) at
     /// `ptr + r·rows + c·cols`.
@@ -114,80 +135,6 @@ mod imp {
 
     fn round_up(x: usize, to: usize) -> usize {
         x.div_ceil(to) * to
-    }
-
-    /// One 32 × 32 block of C: `C (+)= A·B` over `kp` values of k (a multiple of 32), A
-    /// the block's 32 packed rows (`lda` values apart), B its 32-column packed panel;
-    /// C at `cp`, rows `c_stride` bytes apart, read first when `from_c` (else from zero).
-    ///
-    /// The k-steps are software-pipelined: each tile of A or B is reloaded for the next
-    /// step as soon as its last product of this step has issued, so loads overlap the dot
-    /// products (tile registers are not renamed). A advances 32 values (64 bytes) a step,
-    /// B 16 rows of 128 bytes.
-    ///
-    /// # Safety
-    /// The tiles are configured; `ap`, `bp` hold 32 packed rows and `kp/2` packed rows,
-    /// and `cp` has 32 rows of 32 f32 at `c_stride`.
-    unsafe fn block(
-        (ap, lda): (*const u16, usize),
-        bp: *const u16,
-        kp: usize,
-        (cp, c_stride): (*mut f32, usize),
-        from_c: bool,
-    ) {
-        // SAFETY: as documented.
-        unsafe {
-            let (c0, c1, c2, c3) = (cp, cp.add(16), cp.byte_add(16 * c_stride), cp.byte_add(16 * c_stride).add(16));
-            if from_c {
-                asm!(
-                    "tileloadd tmm0, [{c0} + {sc}*1]",
-                    "tileloadd tmm1, [{c1} + {sc}*1]",
-                    "tileloadd tmm2, [{c2} + {sc}*1]",
-                    "tileloadd tmm3, [{c3} + {sc}*1]",
-                    c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, sc = in(reg) c_stride,
-                    options(nostack, readonly),
-                );
-            } else {
-                asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-            }
-            asm!(
-                "tileloadd tmm4, [{a0} + {sa}*1]",
-                "tileloadd tmm6, [{b0} + {sb}*1]",
-                "tileloadd tmm5, [{a1} + {sa}*1]",
-                "tileloadd tmm7, [{b1} + {sb}*1]",
-                "2:",
-                "dec {steps}",
-                "jz 3f",
-                "add {a0}, 64",
-                "add {a1}, 64",
-                "add {b0}, 2048",
-                "add {b1}, 2048",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm4, [{a0} + {sa}*1]",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tileloadd tmm6, [{b0} + {sb}*1]",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                "tileloadd tmm5, [{a1} + {sa}*1]",
-                "tileloadd tmm7, [{b1} + {sb}*1]",
-                "jmp 2b",
-                "3:",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                "tilestored [{c0} + {sc}*1], tmm0",
-                "tilestored [{c1} + {sc}*1], tmm1",
-                "tilestored [{c2} + {sc}*1], tmm2",
-                "tilestored [{c3} + {sc}*1], tmm3",
-                a0 = inout(reg) ap => _, a1 = inout(reg) ap.add(16 * lda) => _,
-                b0 = inout(reg) bp => _, b1 = inout(reg) bp.add(32) => _,
-                steps = inout(reg) kp / 32 => _,
-                sa = in(reg) lda * 2, sb = in(reg) 128usize,
-                c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, sc = in(reg) c_stride,
-                options(nostack),
-            );
-        }
     }
 
     /// Values between the starts of two rows of packed A: `kp`, and for a column-major A
@@ -291,13 +238,21 @@ mod imp {
     }
 
     /// `C (+)= A·B` for `m × k` A and `k × n` B of bf16 and `m × n` C of f32 (`c.ptr`
-    /// writable), on the calling thread. Only call when [`available`].
+    /// writable), on the calling thread, with `kernel` (one of [`Kernel::all`]).
     ///
     /// # Safety
     /// Every element the views reach for these sizes is inside its buffer, and no other
     /// thread writes the rows of C covered.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn gemm(m: usize, n: usize, k: usize, a: View<u16>, b: View<u16>, c: View<f32>, accumulate: bool) {
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm(
+        kernel: Kernel,
+        (m, n, k): (usize, usize, usize),
+        a: View<u16>,
+        b: View<u16>,
+        c: View<f32>,
+        accumulate: bool,
+    ) {
         if m == 0 || n == 0 {
             return;
         }
@@ -310,17 +265,24 @@ mod imp {
             let at = View { ptr: a.ptr, rows: a.cols, cols: a.rows };
             let ct = View { ptr: c.ptr, rows: c.cols, cols: c.rows };
             // SAFETY: the same elements, reached through transposed views.
-            return unsafe { product(n, m, k, bt, at, ct, accumulate) };
+            return unsafe { product(kernel, (n, m, k), bt, at, ct, accumulate) };
         }
         // SAFETY: as for this function.
-        unsafe { product(m, n, k, a, b, c, accumulate) }
+        unsafe { product(kernel, (m, n, k), a, b, c, accumulate) }
     }
 
     /// [`gemm`] in the orientation given.
     ///
     /// # Safety
     /// As for [`gemm`].
-    unsafe fn product(m: usize, n: usize, k: usize, a: View<u16>, b: View<u16>, c: View<f32>, accumulate: bool) {
+    unsafe fn product(
+        kernel: Kernel,
+        (m, n, k): (usize, usize, usize),
+        a: View<u16>,
+        b: View<u16>,
+        c: View<f32>,
+        accumulate: bool,
+    ) {
         let (mp, np, kp) = (round_up(m, 32), round_up(n, 32), round_up(k.max(1), 32));
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
@@ -330,11 +292,13 @@ mod imp {
                 pack_b(sized(&mut s.b, np * kp), (k, n), (np, kp), b);
             }
             let panel = kp * 32;
-            // SAFETY: the configuration is valid (palette 1, 8 tiles of 16 × 64 bytes), the
-            // tile loads read inside the packed scratch (rows of `a_stride`/`b_stride` bytes,
-            // 16 rows from each base), the stores write the 32 × 32 scratch block.
+            // SAFETY: `kernel` is one this CPU has (the caller's contract); each block reads
+            // 32 packed rows of A and one packed panel of B inside the scratch, and writes
+            // 32 × 32 f32 of C in place (a whole block inside C) or of the scratch block.
             unsafe {
-                asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
+                if kernel == Kernel::Amx {
+                    amx::configure();
+                }
                 for jb in 0..np / 32 {
                     let bp = (s.b.as_ptr() as *const u16).add(jb * panel);
                     for ib in 0..mp / 32 {
@@ -354,7 +318,10 @@ mod imp {
                         } else {
                             (s.c.as_mut_ptr() as *mut f32, 128, false)
                         };
-                        block((ap, lda), bp, kp, (cp, c_stride), from_c);
+                        match kernel {
+                            Kernel::Amx => amx::block((ap, lda), bp, kp, (cp, c_stride), from_c),
+                            Kernel::Avx512Bf16 => avx512::block((ap, lda), bp, kp, (cp, c_stride), from_c),
+                        }
                         if !in_place {
                             let out = c.ptr as *mut f32;
                             // SAFETY: the scratch block is 32 × 32 f32 (64 lines of 64 bytes).
@@ -369,34 +336,35 @@ mod imp {
                         }
                     }
                 }
-                asm!("tilerelease", options(nostack, nomem));
+                if kernel == Kernel::Amx {
+                    amx::release();
+                }
             }
         });
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-pub use imp::{available, gemm, View};
-
-/// No AMX outside x86-64.
-#[cfg(not(target_arch = "x86_64"))]
-pub fn available() -> bool {
-    false
-}
+pub use imp::{gemm, View};
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
 
-    /// Against a naive product of the same bf16 values in f64, on sizes that are not
-    /// multiples of the tiles, transposed and strided views, and accumulation. Skipped
-    /// (passing) only where the CPU has no AMX, which the message says.
+    /// Every kernel this CPU has against a naive product of the same bf16 values in f64,
+    /// on sizes that are not multiples of the tiles, transposed and strided views, and
+    /// accumulation. The message says which kernels ran; where the CPU has none, only the
+    /// widening path (tested in gemm.rs) exists.
     #[test]
-    fn amx_products_match_a_naive_product() {
-        if !available() {
-            eprintln!("no AMX-BF16 on this CPU: nothing to check here (the widening path is tested in gemm.rs)");
-            return;
+    fn bf16_products_match_a_naive_product() {
+        let kernels = Kernel::all();
+        eprintln!("bf16 kernels on this CPU: {kernels:?}");
+        for kernel in kernels {
+            products_match_a_naive_product(kernel);
         }
+    }
+
+    fn products_match_a_naive_product(kernel: Kernel) {
         // Twice, the second time largest first: the scratch is reused without zeroing, so
         // the packers must write every padding value themselves.
         let shapes = [(1usize, 1usize, 1usize), (17, 33, 31), (32, 32, 32), (45, 70, 100), (64, 16, 257)];
@@ -422,7 +390,7 @@ mod tests {
                     let mut c: Vec<f32> = (0..m * n).map(|i| i as f32 * 0.25).collect();
                     let before = c.clone();
                     let cv = View { ptr: c.as_mut_ptr() as *const f32, rows: cr, cols: cc };
-                    unsafe { gemm(m, n, k, av, bv, cv, accumulate) };
+                    unsafe { gemm(kernel, (m, n, k), av, bv, cv, accumulate) };
                     for r in 0..m {
                         for j in 0..n {
                             let at =
@@ -433,7 +401,7 @@ mod tests {
                             let got = c[at(cr, cc, r, j)] as f64;
                             assert!(
                                 (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                                "({m}, {n}, {k}) [{r}, {j}]: {got} vs {want}"
+                                "{kernel:?} ({m}, {n}, {k}) [{r}, {j}]: {got} vs {want}"
                             );
                         }
                     }

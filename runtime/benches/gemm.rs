@@ -1,0 +1,69 @@
+//! The CPU runtime's library GEMMs, one thread, on shapes of the benchmark T1's training
+//! step (`--set dim=256 glu_dim=683`, B 2 N 1024: 2,048 tokens) and a square 1024³: f32
+//! with the `gemm` crate, and bf16 operands on every native kernel this CPU has
+//! (`TNC_BF16_GEMM`, see `bf16_gemm.rs`) and widened to f32. Throughput is in elements of
+//! C·k, so criterion's "elem/s" × 2 is FLOP/s.
+//!
+//!     cargo bench -p tnc-runtime --bench gemm -- --warm-up-time 1 --measurement-time 3
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use tnc_runtime::bf16_gemm::Kernel;
+use tnc_runtime::gemm::{run, Operands, Shape, View};
+
+/// (name, m, n, k, A transposed): a projection, the GLU's up and down products, a weight
+/// gradient (Aᵀ·B over the tokens), the logits of one vocabulary chunk.
+const SHAPES: [(&str, i64, i64, i64, bool); 6] = [
+    ("proj 2048x256x256", 2048, 256, 256, false),
+    ("glu_up 2048x683x256", 2048, 683, 256, false),
+    ("glu_down 2048x256x683", 2048, 256, 683, false),
+    ("weight_grad 256x683x2048", 256, 683, 2048, true),
+    ("logits 2048x1024x256", 2048, 1024, 256, false),
+    ("square 1024", 1024, 1024, 1024, false),
+];
+
+fn shape(m: i64, n: i64, k: i64, a_transposed: bool) -> Shape {
+    let a = if a_transposed { View { offset: 0, rows: 1, cols: m } } else { View { offset: 0, rows: k, cols: 1 } };
+    Shape {
+        batch: Vec::new(),
+        m,
+        n,
+        k,
+        a,
+        b: View { offset: 0, rows: n, cols: 1 },
+        c: View { offset: 0, rows: n, cols: 1 },
+        accumulate: false,
+    }
+}
+
+fn gemms(c: &mut Criterion) {
+    let mut group = c.benchmark_group("gemm");
+    for (name, m, n, k, at) in SHAPES {
+        let s = shape(m, n, k, at);
+        group.throughput(Throughput::Elements((m * n * k) as u64));
+        let a32: Vec<f32> = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) / 9.0).collect();
+        let b32: Vec<f32> = (0..k * n).map(|i| ((i % 13) as f32 - 6.0) / 7.0).collect();
+        let bits = |v: &[f32]| -> Vec<u16> { v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect() };
+        let (a16, b16) = (bits(&a32), bits(&b32));
+        let mut out = vec![0f32; (m * n) as usize];
+        group.bench_function(BenchmarkId::new("f32", name), |bench| {
+            // SAFETY: dense buffers of exactly the shape's sizes.
+            bench.iter(|| unsafe {
+                run(&s, Operands::F32, a32.as_ptr() as _, b32.as_ptr() as _, out.as_mut_ptr(), 0, m)
+            })
+        });
+        let label = match Kernel::detect() {
+            Some(k) => format!("bf16 {}", k.name()),
+            None => "bf16 widened".to_string(),
+        };
+        group.bench_function(BenchmarkId::new(label, name), |bench| {
+            // SAFETY: as above, in bf16 elements for A and B.
+            bench.iter(|| unsafe {
+                run(&s, Operands::BF16, a16.as_ptr() as _, b16.as_ptr() as _, out.as_mut_ptr(), 0, m)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, gemms);
+criterion_main!(benches);
