@@ -243,8 +243,6 @@ mod imp {
     /// # Safety
     /// Every element the views reach for these sizes is inside its buffer, and no other
     /// thread writes the rows of C covered.
-    #[allow(clippy::too_many_arguments)]
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn gemm(
         kernel: Kernel,
         (m, n, k): (usize, usize, usize),

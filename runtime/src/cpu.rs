@@ -177,6 +177,8 @@ pub struct CpuDevice {
     bufs: Vec<Buf>,
     entries: HashMap<String, Launches>,
     profile: bool,
+    /// Whether a library GEMM reads bf16 operands (named by [`Device::describe`]).
+    bf16_products: bool,
     // Declared last so it is dropped after everything that may point into it.
     _lib: Option<libloading::Library>,
 }
@@ -224,6 +226,10 @@ impl CpuDevice {
             bufs: m.buffers.iter().map(|_| Buf::empty()).collect(),
             entries: HashMap::new(),
             profile: std::env::var_os("TNC_PROFILE").is_some(),
+            bf16_products: m
+                .kernels
+                .iter()
+                .any(|k| k.library && k.buffers.first().is_some_and(|b| b.elem == crate::manifest::DType::BF16)),
             _lib: lib,
         })
     }
@@ -272,7 +278,12 @@ impl CpuDevice {
 impl Device for CpuDevice {
     fn describe(&self) -> String {
         let s = if self.threads == 1 { "" } else { "s" };
-        format!("cpu: {} thread{s}", self.threads)
+        let products = match (self.bf16_products, crate::bf16_gemm::Kernel::detect()) {
+            (false, _) => String::new(),
+            (true, Some(k)) => format!(", bf16 products on {}", k.name()),
+            (true, None) => ", bf16 products widened to f32".to_string(),
+        };
+        format!("cpu: {} thread{s}{products}", self.threads)
     }
 
     fn resize(&mut self, buffer: usize, len: usize) -> Result<(), ExecError> {

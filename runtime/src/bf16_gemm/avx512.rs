@@ -12,6 +12,13 @@ pub fn available() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
 }
 
+/// 16 u32 as the 32 bf16 (16 pairs) they hold.
+#[inline(always)]
+fn pairs(x: __m512i) -> __m512bh {
+    // SAFETY: both are 512 bits of plain data.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(x) }
+}
+
 /// Rows of C a group computes.
 const GROUP: usize = 8;
 
@@ -48,11 +55,10 @@ pub unsafe fn block(
             }
             for p in 0..kp / 2 {
                 let b = bp.add(p * 64) as *const __m512i;
-                let (b0, b1): (__m512bh, __m512bh) =
-                    (std::mem::transmute(_mm512_load_si512(b)), std::mem::transmute(_mm512_load_si512(b.add(1))));
+                let (b0, b1) = (pairs(_mm512_load_si512(b)), pairs(_mm512_load_si512(b.add(1))));
                 for (r, s) in sums.iter_mut().enumerate() {
                     let pair = (a.add(r * lda + 2 * p) as *const i32).read();
-                    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                    let x = pairs(_mm512_set1_epi32(pair));
                     s[0] = _mm512_dpbf16_ps(s[0], x, b0);
                     s[1] = _mm512_dpbf16_ps(s[1], x, b1);
                 }

@@ -2,9 +2,9 @@
 //! can be copied to a machine that has only a GPU driver.
 //!
 //! ```text
-//! tnc-run BUNDLE --device cpu|cuda --inputs in.safetensors [--params p.safetensors | --seed S]
+//! tnc-run BUNDLE [--device cpu|cuda] --inputs in.safetensors [--params p.safetensors | --seed S]
 //!         --out out.safetensors [--grad] [--threads T] [--debug-nan]
-//! tnc-run bench BUNDLE --device cuda|cpu --batch B --seq N [--iters K] [--warmup W] [--seed S]
+//! tnc-run bench BUNDLE [--device cuda|cpu] --batch B --seq N [--iters K] [--warmup W] [--seed S]
 //! ```
 //!
 //! The first form runs `forward` (and with `--grad` `backward`) and writes every output,
@@ -32,14 +32,15 @@ enum Device {
     name = "tnc-run",
     version,
     about = "Run a compiled tnc bundle (runtime only)",
-    after_help = "Timing: tnc-run bench BUNDLE --device cuda --batch B --seq N [--iters K]"
+    after_help = "Timing: tnc-run bench BUNDLE [--device cuda|cpu] --batch B --seq N [--iters K]"
 )]
 struct RunArgs {
     /// The bundle directory (written by `tnc compile`).
     bundle: PathBuf,
-    /// Where to run it.
+    /// Where to run it (default: where the bundle's target runs, `cuda` for a GPU
+    /// target, else `cpu`).
     #[arg(long, value_enum)]
-    device: Device,
+    device: Option<Device>,
     /// Input tensors by name (safetensors; f64 and i64 are converted to f32 and i32).
     #[arg(long)]
     inputs: PathBuf,
@@ -69,8 +70,10 @@ struct RunArgs {
 struct BenchArgs {
     /// The bundle directory.
     bundle: PathBuf,
-    #[arg(long, value_enum, default_value = "cuda")]
-    device: Device,
+    /// Where to run it (default: where the bundle's target runs, `cuda` for a GPU
+    /// target, else `cpu`).
+    #[arg(long, value_enum)]
+    device: Option<Device>,
     /// Batch size B.
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
     batch: i64,
@@ -146,7 +149,8 @@ fn threads(t: Option<usize>) -> usize {
 
 /// An executor for `bundle` on `device`, naming the device on standard error. CUDA
 /// graphs are used when `graphs` and `TNC_CUDA_GRAPHS` (unless `0`) allow.
-fn executor(bundle: &Bundle, device: Device, threads: usize, graphs: bool) -> Result<Executor, Error> {
+fn executor(bundle: &Bundle, device: Option<Device>, threads: usize, graphs: bool) -> Result<Executor, Error> {
+    let device = device.unwrap_or(default_device(bundle));
     let ex = match device {
         Device::Cpu => Executor::cpu(bundle, threads)?,
         #[cfg(feature = "cuda")]
@@ -212,7 +216,8 @@ fn run(a: &RunArgs) -> Result<(), Error> {
 
 fn bench(a: &BenchArgs) -> Result<(), Error> {
     let bundle = Bundle::load(&a.bundle)?;
-    let mut ex = executor(&bundle, a.device, threads(a.threads), !a.no_graphs)?;
+    let device = a.device.unwrap_or(default_device(&bundle));
+    let mut ex = executor(&bundle, Some(device), threads(a.threads), !a.no_graphs)?;
     match &a.params {
         Some(p) => ex.set_params_from_file(p)?,
         None => ex.set_params_from_seed(a.seed)?,
@@ -288,7 +293,7 @@ fn bench(a: &BenchArgs) -> Result<(), Error> {
     println!(
         "bench {} {sizes} device={:?} iters={}: forward {:.3} ms, forward+backward {} ms",
         m.model,
-        a.device,
+        device,
         a.iters,
         median(&mut fwd),
         if backward { format!("{:.3}", median(&mut both)) } else { "n/a".into() }
@@ -296,11 +301,12 @@ fn bench(a: &BenchArgs) -> Result<(), Error> {
     let sizes_json = m.sizes.iter().map(|s| format!("\"{s}\": {}", env[s.as_str()])).collect::<Vec<_>>().join(", ");
     let all = |v: &[f64]| v.iter().map(|t| format!("{t:.4}")).collect::<Vec<_>>().join(", ");
     println!(
-        "BENCH_JSON {{\"impl\": \"tnc\", \"dtype\": \"f32\", \"device\": \"{:?}\", \"model\": {:?}, \
+        "BENCH_JSON {{\"impl\": \"tnc\", \"dtype\": \"{}\", \"device\": \"{:?}\", \"model\": {:?}, \
          \"sizes\": {{{sizes_json}}}, \"iters\": {}, \"forward_ms\": {:.4}, \"fwd_bwd_ms\": {}, \
          \"forward_all_ms\": [{}], \"fwd_bwd_all_ms\": [{}], \"launches\": {{\"forward\": {}, \"backward\": {}}}, \
          \"graphs\": {}, \"device_name\": {:?}, \"allocated_bytes\": {}}}",
-        a.device,
+        products_dtype(&m),
+        device,
         m.model,
         a.iters,
         median(&mut fwd),
@@ -309,11 +315,32 @@ fn bench(a: &BenchArgs) -> Result<(), Error> {
         if backward { all(&both) } else { String::new() },
         ex.launch_count("forward"),
         if backward { ex.launch_count("backward") } else { 0 },
-        a.device == Device::Cuda && !a.no_graphs,
+        device == Device::Cuda && !a.no_graphs,
         ex.describe_device(),
         ex.allocated_bytes(),
     );
     Ok(())
+}
+
+/// Where a bundle runs unless told: on the GPU its target names, or on the CPU.
+fn default_device(bundle: &Bundle) -> Device {
+    match bundle.manifest.target.kind {
+        tnc_runtime::manifest::TargetKind::Cuda => Device::Cuda,
+        tnc_runtime::manifest::TargetKind::Cpu => Device::Cpu,
+    }
+}
+
+/// The element type of the bundle's products (`--precision`): `bf16` or `f16` where any
+/// kernel reads 16-bit floats, else `f32`.
+fn products_dtype(m: &tnc_runtime::manifest::Manifest) -> &'static str {
+    let elems = || m.kernels.iter().flat_map(|k| k.buffers.iter().map(|b| b.elem));
+    if elems().any(|e| e == DType::BF16) {
+        "bf16"
+    } else if elems().any(|e| e == DType::F16) {
+        "f16"
+    } else {
+        "f32"
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {
