@@ -98,14 +98,16 @@ pub fn schedule_options(target: &str) -> ScheduleOptions {
 
 /// The target's rewrites of scheduled kernels: on CPUs reductions over a column loop are
 /// interchanged (`kernel/interchange.rs`), then the remaining serial reductions dealt to
-/// vector lanes (`kernel/lanes.rs`). GPU schedules come in blocks already
+/// vector lanes (`kernel/lanes.rs`), and vector loops over merged axes split into
+/// contiguous runs (`kernel/split_vector.rs`). GPU schedules come in blocks already
 /// (`ScheduleOptions::gpu_blocks`).
 pub fn target_kernels(kernels: &[crate::kernel::Kernel], target: &str) -> Vec<crate::kernel::Kernel> {
+    use crate::kernel::split_vector::split_vector_loops;
     use crate::kernel::{interchange::interchange_reductions, lanes::deal_reductions};
     if is_gpu(target) {
         kernels.to_vec()
     } else {
-        kernels.iter().map(|k| deal_reductions(&interchange_reductions(k))).collect()
+        kernels.iter().map(|k| split_vector_loops(&deal_reductions(&interchange_reductions(k)))).collect()
     }
 }
 

@@ -14,6 +14,7 @@ pub mod ir;
 pub mod lanes;
 pub mod math;
 pub mod print;
+pub mod split_vector;
 pub mod thread_loops;
 
 pub use ir::*;
