@@ -299,23 +299,11 @@ impl Device for CpuDevice {
     }
 
     fn upload(&mut self, buffer: usize, bytes: &[u8]) -> Result<(), ExecError> {
-        let dst = self.bufs[buffer].bytes_mut();
-        if bytes.len() > dst.len() {
-            return Err(ExecError::Sizes(format!(
-                "{} bytes do not fit buffer {buffer} of {} bytes",
-                bytes.len(),
-                dst.len()
-            )));
-        }
-        dst[..bytes.len()].copy_from_slice(bytes);
-        Ok(())
+        crate::device::upload_to_host(self.bufs[buffer].bytes_mut(), buffer, bytes)
     }
 
     fn download(&self, buffer: usize, len: usize) -> Result<Vec<u8>, ExecError> {
-        let src = self.bufs[buffer].bytes();
-        src.get(..len)
-            .map(<[u8]>::to_vec)
-            .ok_or_else(|| ExecError::Sizes(format!("buffer {buffer} holds {} bytes, {len} were asked for", src.len())))
+        crate::device::download_from_host(self.bufs[buffer].bytes(), buffer, len)
     }
 
     fn fill(&mut self, buffer: usize, byte: u8) -> Result<(), ExecError> {

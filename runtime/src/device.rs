@@ -70,3 +70,20 @@ pub trait Device: Send {
     /// Waits for everything queued; reports a kernel fault as an error.
     fn synchronize(&self) -> Result<(), ExecError>;
 }
+
+/// [`Device::upload`] for a device whose buffer `buffer` is host memory `dst`.
+pub fn upload_to_host(dst: &mut [u8], buffer: usize, bytes: &[u8]) -> Result<(), ExecError> {
+    let len = dst.len();
+    let dst = dst
+        .get_mut(..bytes.len())
+        .ok_or_else(|| ExecError::Sizes(format!("{} bytes do not fit buffer {buffer} of {len} bytes", bytes.len())))?;
+    dst.copy_from_slice(bytes);
+    Ok(())
+}
+
+/// [`Device::download`] for a device whose buffer `buffer` is host memory `src`.
+pub fn download_from_host(src: &[u8], buffer: usize, len: usize) -> Result<Vec<u8>, ExecError> {
+    src.get(..len)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| ExecError::Sizes(format!("buffer {buffer} holds {} bytes, {len} were asked for", src.len())))
+}

@@ -24,7 +24,7 @@ use crate::schedule::run::{to_bytes, to_typed};
 use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
 use tnc_runtime::cpu::KernelFn;
-use tnc_runtime::device::{Device, Launch};
+use tnc_runtime::device::{download_from_host, upload_to_host, Device, Launch};
 use tnc_runtime::manifest::{TargetKind, KERNEL_IR_FILE};
 use tnc_runtime::{Bundle, BundleError, ExecError};
 
@@ -212,19 +212,11 @@ impl Device for EmulatedGpu {
     }
 
     fn upload(&mut self, buffer: usize, bytes: &[u8]) -> Result<(), ExecError> {
-        let m = self.memory[buffer].bytes_mut();
-        if bytes.len() > m.len() {
-            return Err(ExecError::Sizes(format!("{} bytes do not fit buffer {buffer} of {}", bytes.len(), m.len())));
-        }
-        m[..bytes.len()].copy_from_slice(bytes);
-        Ok(())
+        upload_to_host(self.memory[buffer].bytes_mut(), buffer, bytes)
     }
 
     fn download(&self, buffer: usize, len: usize) -> Result<Vec<u8>, ExecError> {
-        let m = self.memory[buffer].bytes();
-        m.get(..len)
-            .map(<[u8]>::to_vec)
-            .ok_or_else(|| ExecError::Sizes(format!("buffer {buffer} holds {} bytes, {len} were asked for", m.len())))
+        download_from_host(self.memory[buffer].bytes(), buffer, len)
     }
 
     fn fill(&mut self, buffer: usize, byte: u8) -> Result<(), ExecError> {

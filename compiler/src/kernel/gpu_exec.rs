@@ -156,7 +156,8 @@ struct Block {
     order: Order,
 }
 
-fn has_barrier(body: &[Stmt]) -> bool {
+/// Whether a barrier lies anywhere in `body` (nested loops and branches included).
+pub(crate) fn has_barrier(body: &[Stmt]) -> bool {
     body.iter().any(|s| match s {
         Stmt::Barrier => true,
         Stmt::For { body, .. } => has_barrier(body),

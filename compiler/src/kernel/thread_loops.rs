@@ -23,6 +23,7 @@
 //! control flow around a barrier — is what the GPU-semantics executor checks; the
 //! emulated GPU runs every kernel there first.
 
+use super::gpu_exec::has_barrier;
 use super::ir::{Expr, Kernel, LoopKind, Scalar, Stmt, Var};
 use std::collections::HashMap;
 
@@ -117,15 +118,6 @@ impl Types {
         }
         Ok(())
     }
-}
-
-fn has_barrier(body: &[Stmt]) -> bool {
-    body.iter().any(|s| match s {
-        Stmt::Barrier => true,
-        Stmt::For { body, .. } => has_barrier(body),
-        Stmt::If { then, otherwise, .. } => has_barrier(then) || has_barrier(otherwise),
-        _ => false,
-    })
 }
 
 /// A statement at the uniform level that the block's threads step through together.
