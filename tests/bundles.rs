@@ -59,6 +59,26 @@ fn every_model_with_sixteen_bit_products_matches_the_interpreter() {
     }
 }
 
+/// bf16 products on a GPU's tensor cores (`mma.sync`), run by the emulated GPU, which
+/// computes each warp's product from the fragments its threads hold: T1 and the block
+/// attention of MQAR's T2, at lengths that are not multiples of 16, against the same two
+/// references and tolerances as the host's bf16 bundles.
+#[test]
+fn bf16_products_on_tensor_cores_match_the_interpreter() {
+    // T1 wider than the other tests' models, so that products span several k-tiles of 32
+    // and partial ones (dim 40, GLU 56, vocabulary 70).
+    let wide: Vec<String> = ["vocab=70", "dim=40", "heads=2", "layers=1", "glu_dim=56"].map(String::from).into();
+    for (model, sets) in [("models/transnormer_t1.tn", Some(wide)), ("models/tasks/mqar_t2.tn", None)] {
+        let path = repo().join(model);
+        let (sources, g) = elaborate_path(&path, &sets.unwrap_or_else(|| tiny_sets(&path)));
+        let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+        let tag = format!("{}-sm80-bf16", path.file_stem().unwrap().to_string_lossy());
+        let start = std::time::Instant::now();
+        compiled_for_matches_the_interpreter(&tag, g, &[(2, 9), (1, 21)], Policy::Bf16, "sm80");
+        eprintln!("{tag}: {:.1} s", start.elapsed().as_secs_f64());
+    }
+}
+
 /// A vocabulary of 2,100 words: the cross-entropy's library GEMMs run in three chunks
 /// (1,024, 1,024 and 52 words), the chunk's first word a launch argument that their views'
 /// polynomials use, so two GEMM kernels serve every chunk.
@@ -98,9 +118,20 @@ fn compiled_matches_the_interpreter(
     lengths: &[(usize, usize)],
     precision: Policy,
 ) {
+    compiled_for_matches_the_interpreter(tag, g, lengths, precision, "native")
+}
+
+/// The same for `target`: the host CPU, or a GPU target run on the emulated GPU.
+fn compiled_for_matches_the_interpreter(
+    tag: &str,
+    g: tnc_compiler::ir::Graph,
+    lengths: &[(usize, usize)],
+    precision: Policy,
+    target: &str,
+) {
     let dir = scratch(tag);
     let opts = driver::Options { precision, ..Default::default() };
-    driver::compile(g.clone(), "native", &dir, opts, Vec::new()).unwrap_or_else(|e| panic!("{tag}: {e}"));
+    driver::compile(g.clone(), target, &dir, opts, Vec::new()).unwrap_or_else(|e| panic!("{tag}: {e}"));
     let narrowed = (precision != Policy::F32).then(|| {
         let last = passes::names().last().copied().unwrap();
         passes::run_until_with(g.clone(), last, precision).unwrap().unwrap()
@@ -108,8 +139,13 @@ fn compiled_matches_the_interpreter(
     let reference = passes::differentiate_loss(g).unwrap();
     // Parameters rounded to f32 for both sides.
     let params = rounded_to_f32(perturbed_params(&reference, 9));
-    let bundle = tnc_runtime::Bundle::load_cpu(&dir).unwrap();
-    let mut exec = tnc_runtime::Executor::cpu(&bundle, 2).unwrap();
+    let mut exec = if target == "native" {
+        tnc_runtime::Executor::cpu(&tnc_runtime::Bundle::load_cpu(&dir).unwrap(), 2).unwrap()
+    } else {
+        let bundle = tnc_runtime::Bundle::load(&dir).unwrap();
+        let gpu = tnc_compiler::kernel::emulated_gpu::EmulatedGpu::new(&bundle).unwrap();
+        tnc_runtime::Executor::on(&bundle, Box::new(gpu)).unwrap()
+    };
     exec.set_debug_nan(true);
     let pfile = dir.with_extension("params.safetensors");
     let named: Vec<(String, &tnc_compiler::interp::Tensor)> =

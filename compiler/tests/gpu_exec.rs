@@ -49,85 +49,179 @@ fn a_barrier_not_every_thread_reaches_is_reported() {
     assert!(e.contains("barrier") && e.contains("differs between threads"), "{e}");
 }
 
-/// GEMM library nodes tiled for GPUs (`kernel/gemm_tiles.rs`) against the same node run
-/// naively by the reference executor: sizes that are and are not multiples of the 64 × 64
-/// × 16 tiles, row-major and transposed operands (the loads' two thread orders), a batch
-/// axis, a run-time size, and `C += A·B`. Within 1e-5 relative to each element's scale
-/// (the sums are f32 in the same order; only the FMA contraction may differ).
+/// The GEMM library nodes of the tile tests: sizes that are and are not multiples of the
+/// tiles, row-major and transposed operands (the loads' two thread orders), a batch axis,
+/// a run-time size `M`, and `C += A·B`; A and B of element type `elem`. Each comes with
+/// its buffers and the size `M`.
+mod gemms {
+    use tnc_compiler::kernel::exec::Buffer;
+    use tnc_compiler::kernel::gemm::{BatchAxis, Gemm, Matrix};
+    use tnc_compiler::kernel::{math, Access, BufferDecl, Elem, Expr, Kernel, Var};
+
+    pub struct Case {
+        pub node: Kernel,
+        pub buffers: Vec<Buffer>,
+        pub m: i64,
+        /// The largest k, for tolerances.
+        pub k: i64,
+    }
+
+    pub fn cases(elem: Elem) -> Vec<Case> {
+        let i = Expr::I64;
+        let mul = |a: Expr, b: Expr| Expr::Binary(tnc_compiler::kernel::Binary::Mul, Box::new(a), Box::new(b));
+        // (m, n, k, A transposed, B transposed, batch, accumulate); m is the size `M`.
+        let shapes = [
+            (64, 64, 16, false, false, 1, false),
+            (70, 33, 37, false, false, 1, false),
+            (5, 130, 3, true, false, 2, true),
+            (129, 7, 40, false, true, 3, false),
+            (1, 1, 0, false, false, 1, true),
+            (31, 65, 17, true, true, 2, false),
+            (17, 24, 70, false, false, 1, true),
+        ];
+        let mut out = Vec::new();
+        for (ci, &(m, n, k, at, bt, batch, accumulate)) in shapes.iter().enumerate() {
+            let msize = Expr::Size(0);
+            // A: [batch, m, k] stored row-major or as [batch, k, m]; B likewise.
+            let a = if at {
+                Matrix { offset: i(3), rows: i(1), cols: msize.clone() }
+            } else {
+                Matrix { offset: i(3), rows: i(k), cols: i(1) }
+            };
+            let b = if bt {
+                Matrix { offset: i(0), rows: i(1), cols: i(k) }
+            } else {
+                Matrix { offset: i(0), rows: i(n), cols: i(1) }
+            };
+            let c = Matrix { offset: i(1), rows: i(n), cols: i(1) };
+            let g = Gemm {
+                accumulate,
+                batch: vec![BatchAxis { extent: i(batch), a: mul(msize.clone(), i(k)), b: i(k * n), c: i(m * n) }],
+                m: msize,
+                n: i(n),
+                k: i(k),
+                a,
+                b,
+                c,
+            };
+            let decl = |name: &str, elem, access| BufferDecl { name: name.into(), elem, access };
+            let c_access = if accumulate { Access::ReadWrite } else { Access::Write };
+            let node = Kernel {
+                name: format!("gemm{ci}"),
+                buffers: vec![
+                    decl("a", elem, Access::Read),
+                    decl("b", elem, Access::Read),
+                    decl("c", Elem::F32, c_access),
+                ],
+                sizes: vec!["M".into()],
+                scalars: vec![],
+                index: Var(0),
+                extent: i(batch * m),
+                body: vec![],
+                gemm: Some(g),
+                threads: None,
+            };
+            // Values that are not 16-bit floats, so that the operands' rounding shows.
+            let data = |len: i64, seed: i64| -> Vec<f32> {
+                (0..len).map(|x| (((x * 7919 + seed * 104729) % 211) as f32 - 105.0) / 64.0 + 1e-3).collect()
+            };
+            let operand = |v: Vec<f32>| match elem {
+                Elem::F32 => Buffer::F32(v),
+                Elem::BF16 => Buffer::BF16(v.iter().map(|&x| math::bf16_bits(x)).collect()),
+                Elem::F16 => Buffer::F16(v.iter().map(|&x| math::f16_bits(x)).collect()),
+                other => panic!("no GEMM of {other:?}"),
+            };
+            let buffers = vec![
+                operand(data(3 + batch * m * k, 1)),
+                operand(data(batch * k * n, 2)),
+                Buffer::F32(data(1 + batch * m * n + 2, 3)),
+            ];
+            out.push(Case { node, buffers, m, k });
+        }
+        out
+    }
+
+    /// C after running `k` on the case's buffers.
+    pub fn run(k: &Kernel, case: &Case) -> Result<Vec<f32>, String> {
+        let mut buffers = case.buffers.clone();
+        tnc_compiler::kernel::exec::run_all(k, &mut buffers, &[case.m])?;
+        let Buffer::F32(c) = &buffers[2] else { unreachable!("C is f32") };
+        Ok(c.clone())
+    }
+}
+
+/// f32 GEMM nodes tiled for GPUs (`kernel/gemm_tiles.rs`) against the same node run naively
+/// by the reference executor. Within 1e-5 relative to each element's scale (the sums are
+/// f32 in the same order; only the FMA contraction may differ).
 #[test]
 fn tiled_gemms_match_the_library_node() {
-    use tnc_compiler::kernel::gemm::{BatchAxis, Gemm, Matrix};
     use tnc_compiler::kernel::gemm_tiles::tile_gemm;
-    use tnc_compiler::kernel::{Access, BufferDecl, Elem, Expr, Kernel, Var};
-    let i = Expr::I64;
-    let mul = |a: Expr, b: Expr| Expr::Binary(tnc_compiler::kernel::Binary::Mul, Box::new(a), Box::new(b));
-    // (m, n, k, A transposed, B transposed, batch, accumulate); m may be the size `M`.
-    let cases = [
-        (64, 64, 16, false, false, 1, false),
-        (70, 33, 37, false, false, 1, false),
-        (5, 130, 3, true, false, 2, true),
-        (129, 7, 40, false, true, 3, false),
-        (1, 1, 0, false, false, 1, true),
-        (31, 65, 17, true, true, 2, false),
-    ];
-    for (ci, &(m, n, k, at, bt, batch, accumulate)) in cases.iter().enumerate() {
-        let msize = Expr::Size(0); // M = m at run time
-                                   // A: [batch, m, k] stored row-major or as [batch, k, m]; B likewise.
-        let a = if at {
-            Matrix { offset: i(3), rows: i(1), cols: msize.clone() }
-        } else {
-            Matrix { offset: i(3), rows: i(k), cols: i(1) }
-        };
-        let b = if bt {
-            Matrix { offset: i(0), rows: i(1), cols: i(k) }
-        } else {
-            Matrix { offset: i(0), rows: i(n), cols: i(1) }
-        };
-        let c = Matrix { offset: i(1), rows: i(n), cols: i(1) };
-        let g = Gemm {
-            accumulate,
-            batch: vec![BatchAxis { extent: i(batch), a: mul(msize.clone(), i(k)), b: i(k * n), c: i(m * n) }],
-            m: msize,
-            n: i(n),
-            k: i(k),
-            a,
-            b,
-            c,
-        };
-        let decl = |name: &str, access| BufferDecl { name: name.into(), elem: Elem::F32, access };
-        let c_access = if accumulate { Access::ReadWrite } else { Access::Write };
-        let node = Kernel {
-            name: format!("gemm{ci}"),
-            buffers: vec![decl("a", Access::Read), decl("b", Access::Read), decl("c", c_access)],
-            sizes: vec!["M".into()],
-            scalars: vec![],
-            index: Var(0),
-            extent: i(batch * m),
-            body: vec![],
-            gemm: Some(g),
-            threads: None,
-        };
-        let tiled = tile_gemm(&node);
+    for case in gemms::cases(tnc_compiler::kernel::Elem::F32) {
+        let tiled = tile_gemm(&case.node);
         assert_eq!(tiled.threads, Some(256));
-        let data = |len: i64, seed: i64| -> Vec<f32> {
-            (0..len).map(|x| (((x * 7919 + seed * 104729) % 211) as f32 - 105.0) / 64.0).collect()
-        };
-        let inputs = || {
-            vec![
-                Buffer::F32(data(3 + batch * m * k, 1)),
-                Buffer::F32(data(batch * k * n, 2)),
-                Buffer::F32(data(1 + batch * m * n + 2, 3)),
-            ]
-        };
-        let (mut want, mut got) = (inputs(), inputs());
-        run_all(&node, &mut want, &[m]).unwrap();
-        run_all(&tiled, &mut got, &[m]).unwrap_or_else(|e| panic!("case {ci}: {e}"));
-        let (Buffer::F32(w), Buffer::F32(g)) = (&want[2], &got[2]) else { unreachable!() };
-        let scale = (k as f32).max(1.0) * 3.0;
-        for (x, (a, b)) in w.iter().zip(g).enumerate() {
-            assert!((a - b).abs() <= 1e-5 * scale, "case {ci}: C[{x}] = {b}, want {a}");
+        let want = gemms::run(&case.node, &case).unwrap();
+        let got = gemms::run(&tiled, &case).unwrap_or_else(|e| panic!("{}: {e}", case.node.name));
+        let scale = (case.k as f32).max(1.0) * 3.0;
+        for (x, (a, b)) in want.iter().zip(&got).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * scale, "{}: C[{x}] = {b}, want {a}", case.node.name);
         }
     }
+}
+
+/// bf16 and f16 GEMM nodes tiled onto tensor cores (`Stmt::Mma`, `kernel/mma.rs`): the
+/// warp products, with every thread's fragments gathered as PTX lays them out, equal the
+/// naive product of the same 16-bit operands exactly (both add each element's k terms in
+/// order in f32), in the GPU-semantics executor and as the thread loops the emulated GPU
+/// compiles. Sizes not multiples of 16 (m 70, n 33, k 37, …) exercise the zero padding.
+#[test]
+fn tensor_core_gemms_equal_the_library_node() {
+    use tnc_compiler::kernel::gemm_tiles::tile_gemm;
+    use tnc_compiler::kernel::{thread_loops::thread_loops, Elem};
+    for elem in [Elem::BF16, Elem::F16] {
+        for case in gemms::cases(elem) {
+            let name = format!("{} {elem:?}", case.node.name);
+            let tiled = tile_gemm(&case.node);
+            assert_eq!(tiled.threads, Some(128), "{name}");
+            let text = tnc_compiler::kernel::print::to_text(&tiled);
+            assert_eq!(text.matches("mma.m16n8k16").count(), 8, "{name}: 8 products per step of 16\n{text}");
+            let want = gemms::run(&case.node, &case).unwrap();
+            let got = gemms::run(&tiled, &case).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(got, want, "{name}: the GPU-semantics executor");
+            let looped = thread_loops(&tiled).unwrap();
+            assert!(!format!("{:?}", looped.body).contains("Mma"), "{name}: the thread loops keep no warp product");
+            let got = gemms::run(&looped, &case).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(got, want, "{name}: the thread loops");
+        }
+    }
+}
+
+/// A fragment read from the wrong place is a wrong number: the same tile with one
+/// element of A's fragment taken from the neighbouring k fails the comparison.
+#[test]
+fn a_misplaced_fragment_gives_a_wrong_product() {
+    use tnc_compiler::kernel::gemm_tiles::tile_gemm;
+    use tnc_compiler::kernel::{Elem, Stmt};
+    let case = gemms::cases(Elem::BF16).swap_remove(1);
+    let mut tiled = tile_gemm(&case.node);
+    // The tile's first fragment element of A: swap it with the second (k and k + 1).
+    fn swap_first_fragment(body: &mut [Stmt]) -> bool {
+        for s in body {
+            match s {
+                Stmt::For { body, .. } if swap_first_fragment(body) => return true,
+                Stmt::Mma { a, .. } => {
+                    a.swap(0, 1);
+                    return true;
+                }
+                _ => {}
+            }
+        }
+        false
+    }
+    assert!(swap_first_fragment(&mut tiled.body));
+    let want = gemms::run(&case.node, &case).unwrap();
+    let got = gemms::run(&tiled, &case).unwrap();
+    let wrong = want.iter().zip(&got).filter(|(a, b)| a != b).count();
+    assert!(wrong > 0, "a misplaced fragment went unnoticed");
 }
 
 /// Hand-built row kernels: iteration `v0` is a row of `width` floats of `x` (buffer 0),

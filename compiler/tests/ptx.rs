@@ -496,6 +496,77 @@ fn bundles_launch_within_ptxas_figures() {
     }
 }
 
+/// `tnc compile --precision bf16 --train` for sm80 (and T1 for sm90), every model at test size: the
+/// dense products (bf16 operands) run on tensor cores — the PTX has `mma.sync` with bf16
+/// inputs, once per warp product of each tensor-core kernel — it assembles, and no
+/// tensor-core kernel spills or uses local memory (its 32 accumulators and 32 fragment
+/// registers per thread stay in registers).
+#[test]
+fn bf16_bundles_use_tensor_cores() {
+    use tnc_compiler::driver;
+    use tnc_compiler::frontend::{self, Input, Request};
+    fn has_mma(stmts: &[Stmt]) -> bool {
+        stmts.iter().any(|s| match s {
+            Stmt::Mma { .. } => true,
+            Stmt::For { body, .. } => has_mma(body),
+            Stmt::If { then, otherwise, .. } => has_mma(then) || has_mma(otherwise),
+            _ => false,
+        })
+    }
+    for path in models() {
+        // Every model for sm80, and T1 for sm90 too (the same kernels; the suite's time).
+        let t1 = path.file_stem().is_some_and(|s| s == "transnormer_t1");
+        for &target in if t1 { &["sm80", "sm90"][..] } else { &["sm80"][..] } {
+            let what = format!("{} {target} bf16", path.file_stem().unwrap().to_string_lossy());
+            let sets = tiny_sets(&path);
+            let (sources, g) = frontend::elaborate(Input::Path(&path), &Request { sets: &sets, model: None });
+            let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+            let dir = std::env::temp_dir().join(format!(
+                "tnc-mma-{}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            let opts =
+                driver::Options { train: true, precision: tnc_compiler::passes::Policy::Bf16, ..Default::default() };
+            let compiled = driver::compile(g, target, &dir, opts, Vec::new()).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let manifest: tnc_runtime::Manifest =
+                serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+            let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+            if let Some(d) = std::env::var_os("TNC_PTX_DUMP") {
+                std::fs::write(Path::new(&d).join(format!("{}.ptx", what.replace(' ', "_"))), &ptx).unwrap();
+            }
+            let stats = assemble(&ptx, &GpuTarget::parse(target).unwrap().sm, &what);
+            // Kernels with the same code share one PTX function (`backend::dedup_kernels`).
+            let mut symbols = std::collections::BTreeSet::new();
+            for (entry, kernel) in manifest.kernels.iter().zip(&compiled.schedule.kernels) {
+                if !has_mma(&kernel.body) {
+                    continue;
+                }
+                symbols.insert(entry.symbol.clone());
+                let s = stats
+                    .iter()
+                    .find(|s| s.name == entry.symbol)
+                    .unwrap_or_else(|| panic!("{what}: no `{}`", entry.symbol));
+                assert_eq!((s.spill_stores, s.spill_loads, s.stack), (0, 0, 0), "{what} {}: {s:?}", entry.name);
+                assert_eq!(entry.gpu.as_ref().map(|g| g.block[0]), Some(128), "{what} {}", entry.name);
+            }
+            assert!(!symbols.is_empty(), "{what}: no dense product on tensor cores");
+            // Each function issues `mma.sync` (LLVM drops the products whose elements lie
+            // outside C at these constant sizes, so there may be fewer than 16).
+            let mut mmas = 0;
+            for symbol in &symbols {
+                let start = ptx.find(&format!(".entry {symbol}(")).unwrap();
+                let end = ptx[start..].find("\n}\n").map_or(ptx.len(), |e| start + e);
+                let n = ptx[start..end].matches("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32").count();
+                assert!((1..=16).contains(&n), "{what} {symbol}: {n} mma.sync");
+                mmas += n;
+            }
+            eprintln!("{what}: {} tensor-core functions, {mmas} mma.sync", symbols.len());
+        }
+    }
+}
+
 /// Floats of a kernel's shared arrays.
 fn kernel_shared_floats(k: &Kernel) -> u32 {
     fn walk(stmts: &[Stmt]) -> u32 {

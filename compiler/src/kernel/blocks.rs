@@ -159,7 +159,7 @@ fn touches(body: &[Stmt], b: usize) -> bool {
         Stmt::Let { value, .. } | Stmt::Assign { value, .. } => loads(value, b),
         Stmt::Mut { init, .. } => loads(init, b),
         Stmt::StoreArray { index, value, .. } => loads(index, b) || loads(value, b),
-        Stmt::Array { .. } | Stmt::Shared { .. } | Stmt::Barrier => false,
+        Stmt::Array { .. } | Stmt::Shared { .. } | Stmt::Barrier | Stmt::Mma { .. } => false,
     })
 }
 
@@ -398,7 +398,7 @@ fn writes_memory(body: &[Stmt]) -> bool {
 
 fn uses_arrays(body: &[Stmt]) -> bool {
     body.iter().any(|s| match s {
-        Stmt::Array { .. } | Stmt::StoreArray { .. } | Stmt::Shared { .. } | Stmt::Barrier => true,
+        Stmt::Array { .. } | Stmt::StoreArray { .. } | Stmt::Shared { .. } | Stmt::Barrier | Stmt::Mma { .. } => true,
         Stmt::For { extent, body, .. } => reads_array(extent) || uses_arrays(body),
         Stmt::If { cond, then, otherwise } => reads_array(cond) || uses_arrays(then) || uses_arrays(otherwise),
         Stmt::Let { value, .. } | Stmt::Assign { value, .. } => reads_array(value),

@@ -260,12 +260,18 @@ impl Machine<'_> {
             batch.push((int(&ax.extent)?, int(&ax.a)?, int(&ax.b)?, int(&ax.c)?));
         }
         let shape = Shape { batch, m: int(&g.m)?, n: int(&g.n)?, k: int(&g.k)?, a, b, c, accumulate: g.accumulate };
-        let f32s = |buf: &Buffer| match buf {
-            Buffer::F32(v) => Ok(v.len()),
-            _ => Err("GEMM buffers hold f32".to_string()),
+        // A and B may be 16-bit (widened exactly); C is f32.
+        fn floats(b: &Buffer) -> Option<std::borrow::Cow<'_, [f32]>> {
+            match b {
+                Buffer::F32(v) => Some(std::borrow::Cow::Borrowed(v.as_slice())),
+                other => other.widened().map(std::borrow::Cow::Owned),
+            }
+        }
+        let (Some(x), Some(y)) = (floats(&self.buffers[0]), floats(&self.buffers[1])) else {
+            return Err("GEMM operands hold floats".to_string());
         };
-        shape.check([f32s(&self.buffers[0])?, f32s(&self.buffers[1])?, f32s(&self.buffers[2])?])?;
-        let (Buffer::F32(x), Buffer::F32(y)) = (&self.buffers[0], &self.buffers[1]) else { unreachable!("checked") };
+        let Buffer::F32(z) = &self.buffers[2] else { return Err("a GEMM's C holds f32".to_string()) };
+        shape.check([x.len(), y.len(), z.len()])?;
         let mut out = Vec::new();
         for blk in shape.blocks(begin, end) {
             for r in blk.rows.0..blk.rows.1 {
@@ -431,11 +437,11 @@ impl Machine<'_> {
                     self.block(otherwise)?;
                 }
             }
-            Stmt::Shared { .. } | Stmt::Barrier if self.gpu.is_some() => {
-                return Err("a shared array or barrier under thread-dependent control flow".into())
+            Stmt::Shared { .. } | Stmt::Barrier | Stmt::Mma { .. } if self.gpu.is_some() => {
+                return Err("a shared array, barrier or warp product under thread-dependent control flow".into())
             }
-            Stmt::Shared { .. } | Stmt::Barrier => {
-                return Err("a shared array or barrier outside a block kernel".into())
+            Stmt::Shared { .. } | Stmt::Barrier | Stmt::Mma { .. } => {
+                return Err("a shared array, barrier or warp product outside a block kernel".into())
             }
         }
         Ok(())

@@ -4,11 +4,15 @@
 //! on machines without one.
 //!
 //! Each block runs its threads together, statement by statement, in a random order
-//! (seeded by the block index, so runs are reproducible). A statement with no barrier
-//! inside runs to its end on one thread before the next thread starts — one of the
-//! interleavings a GPU allows between barriers. Structured statements that contain a
-//! barrier (a loop, an `if`) must be uniform across the block, and are stepped through
-//! by all threads together.
+//! (seeded by the block index, so runs are reproducible). A statement with no collective
+//! (a barrier, a warp's matrix product) inside runs to its end on one thread before the
+//! next thread starts — one of the interleavings a GPU allows between barriers.
+//! Structured statements that contain a collective (a loop, an `if`) must be uniform
+//! across the block, and are stepped through by all threads together.
+//!
+//! A warp's matrix product (`Stmt::Mma`) gathers the fragments of each warp's 32 threads,
+//! multiplies as `kernel::mma` defines, and hands each thread its elements of D, so a
+//! fragment loaded from the wrong place gives a wrong number here.
 //!
 //! Shared memory is checked element by element:
 //! - an index outside the array is an error;
@@ -20,7 +24,8 @@
 //! Global memory is checked for bounds by the reference executor, as for every kernel.
 
 use super::exec::{Machine, Slots, Val};
-use super::ir::{Stmt, Var};
+use super::ir::{Elem, Stmt, Var};
+use super::mma;
 
 /// One shared array of a block.
 struct SharedArray {
@@ -156,13 +161,13 @@ struct Block {
     order: Order,
 }
 
-/// Whether a barrier lies anywhere in `body` (nested loops and branches included).
-pub(crate) fn has_barrier(body: &[Stmt]) -> bool {
+/// Whether a collective statement (a barrier, a warp's matrix product) lies anywhere in
+/// `body`, nested loops and branches included.
+pub(crate) fn has_collective(body: &[Stmt]) -> bool {
     body.iter().any(|s| match s {
-        Stmt::Barrier => true,
-        Stmt::For { body, .. } => has_barrier(body),
-        Stmt::If { then, otherwise, .. } => has_barrier(then) || has_barrier(otherwise),
-        _ => false,
+        Stmt::For { body, .. } => has_collective(body),
+        Stmt::If { then, otherwise, .. } => has_collective(then) || has_collective(otherwise),
+        s => s.is_collective(),
     })
 }
 
@@ -192,7 +197,9 @@ impl Block {
             let v = self.as_thread(m, t, |m| m.eval(e))?;
             match seen {
                 Some(s) if s != v => {
-                    return Err(format!("{what} around a barrier differs between threads ({s:?} and {v:?})"))
+                    return Err(format!(
+                        "{what} around a barrier or warp product differs between threads ({s:?} and {v:?})"
+                    ))
                 }
                 _ => seen = Some(v),
             }
@@ -220,7 +227,8 @@ impl Block {
                         );
                     }
                 }
-                Stmt::For { var, extent, body, .. } if has_barrier(body) => {
+                Stmt::Mma { input, acc, a, b } => self.mma(*input, acc, a, b)?,
+                Stmt::For { var, extent, body, .. } if has_collective(body) => {
                     let n = self.uniform(m, "a loop's extent", extent)?.i()?;
                     for i in 0..n {
                         for state in &mut self.states {
@@ -229,7 +237,7 @@ impl Block {
                         self.stmts(m, body)?;
                     }
                 }
-                Stmt::If { cond, then, otherwise } if has_barrier(then) || has_barrier(otherwise) => {
+                Stmt::If { cond, then, otherwise } if has_collective(then) || has_collective(otherwise) => {
                     let c = self.uniform(m, "an `if` condition", cond)?.b()?;
                     self.stmts(m, if c { then } else { otherwise })?;
                 }
@@ -238,6 +246,40 @@ impl Block {
                     for t in self.order.shuffled(&all) {
                         self.as_thread(m, t, |m| m.stmt(s)).map_err(|e| format!("thread {t}: {e}"))?;
                     }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A warp's matrix product for every warp of the block (see `kernel::mma`).
+    fn mma(&mut self, input: Elem, acc: &[Var; 4], a: &[Var; 8], b: &[Var; 4]) -> Result<(), String> {
+        let threads = self.states.len();
+        if !threads.is_multiple_of(mma::WARP) {
+            return Err(format!("a warp's matrix product in a block of {threads} threads, not whole warps"));
+        }
+        let read = |state: &ThreadState, v: Var| -> Result<f32, String> {
+            match state.vars.get(v) {
+                Some(Val::F(x)) => Ok(*x),
+                Some(other) => Err(format!("a warp's matrix product reads {v} = {other:?}, not an f32")),
+                None => Err(format!("a warp's matrix product reads {v}, which this thread has not defined")),
+            }
+        };
+        for warp in self.states.chunks_mut(mma::WARP) {
+            let (mut fa, mut fb, mut fc) = ([[0f32; 8]; mma::WARP], [[0f32; 4]; mma::WARP], [[0f32; 4]; mma::WARP]);
+            for (lane, state) in warp.iter().enumerate() {
+                for i in 0..8 {
+                    fa[lane][i] = read(state, a[i])?;
+                }
+                for i in 0..4 {
+                    fb[lane][i] = read(state, b[i])?;
+                    fc[lane][i] = read(state, acc[i])?;
+                }
+            }
+            mma::warp_product(input, &fa, &fb, &mut fc)?;
+            for (lane, state) in warp.iter_mut().enumerate() {
+                for i in 0..4 {
+                    state.vars.insert(acc[i], Val::F(fc[lane][i]));
                 }
             }
         }

@@ -204,7 +204,8 @@ pub(crate) fn subst_stmt(s: &Stmt, arrays: &HashMap<Var, Var>, col: &Expr) -> St
             then: then.iter().map(|s| subst_stmt(s, arrays, col)).collect(),
             otherwise: otherwise.iter().map(|s| subst_stmt(s, arrays, col)).collect(),
         },
-        Stmt::Array { .. } | Stmt::Shared { .. } | Stmt::Barrier => s.clone(),
+        // Block-kernel statements: CPU loop nests, which this pass rewrites, have none.
+        Stmt::Array { .. } | Stmt::Shared { .. } | Stmt::Barrier | Stmt::Mma { .. } => s.clone(),
     }
 }
 

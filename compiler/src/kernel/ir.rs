@@ -279,6 +279,26 @@ pub enum Stmt {
     /// writes before it are visible after it (block kernels only; every thread of the
     /// block must reach the same barriers, so not under thread-dependent control flow).
     Barrier,
+    /// A warp's tensor-core product, PTX `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}`:
+    /// `D(16×8) = A(16×16) · B(16×8) + C` over the 32 threads of a warp, each holding the
+    /// elements of A, B and C that PTX assigns it (`kernel/mma.rs`). `a` and `b` are this
+    /// thread's f32 variables, which the instruction rounds to `input` (BF16 or F16); `acc`
+    /// its four f32 accumulators, C before and D after. Like a barrier it is collective
+    /// (block kernels only, every thread of the warp together, so not under
+    /// thread-dependent control flow; the block's threads are a whole number of warps).
+    Mma {
+        input: Elem,
+        acc: [Var; 4],
+        a: [Var; 8],
+        b: [Var; 4],
+    },
+}
+
+impl Stmt {
+    /// Whether the statement synchronizes threads: a barrier, or a warp's product.
+    pub fn is_collective(&self) -> bool {
+        matches!(self, Stmt::Barrier | Stmt::Mma { .. })
+    }
 }
 
 /// Bytes of shared memory a block may declare statically (PTX `.shared` variables). A
@@ -363,6 +383,7 @@ impl Kernel {
                     Stmt::Let { var, .. } | Stmt::Mut { var, .. } | Stmt::Assign { var, .. } => var.0,
                     Stmt::Array { var, .. } | Stmt::Shared { var, .. } => var.0,
                     Stmt::If { then, otherwise, .. } => max_var(then).max(max_var(otherwise)),
+                    Stmt::Mma { acc, .. } => acc.iter().map(|v| v.0).max().unwrap_or(0),
                     Stmt::Store { .. } | Stmt::StoreArray { .. } | Stmt::Barrier => 0,
                 })
                 .max()

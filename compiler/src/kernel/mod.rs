@@ -1,7 +1,8 @@
 //! Kernels: the loop-nest IR every back end prints (see `ir.rs`), the GEMM library nodes
-//! it may contain (`gemm.rs`; tiled block kernels on GPUs, `gemm_tiles.rs`), its text form, and a reference executor used to test
-//! schedules without a code generator, and the emulated GPU device built on it
-//! (`emulated_gpu.rs`).
+//! it may contain (`gemm.rs`; tiled block kernels on GPUs, `gemm_tiles.rs`, with tensor
+//! cores where the operands are 16-bit, `mma.rs`), its text form, a reference executor
+//! used to test schedules without a code generator, and the emulated GPU device built on
+//! it (`emulated_gpu.rs`).
 
 pub mod blocks;
 pub mod emulated_gpu;
@@ -13,6 +14,7 @@ pub mod interchange;
 pub mod ir;
 pub mod lanes;
 pub mod math;
+pub mod mma;
 pub mod print;
 pub mod split_vector;
 pub mod thread_loops;

@@ -106,6 +106,11 @@ fn stmts(k: &Kernel, body: &[Stmt], depth: usize, out: &mut String) {
             Stmt::Barrier => {
                 let _ = writeln!(out, "{pad}barrier");
             }
+            Stmt::Mma { input, acc, a, b } => {
+                let list = |vs: &[Var]| vs.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ");
+                let input = format!("{input:?}").to_lowercase();
+                let _ = writeln!(out, "{pad}mma.m16n8k16.{input} [{}] += [{}] · [{}]", list(acc), list(a), list(b));
+            }
             Stmt::If { cond, then, otherwise } => {
                 let _ = writeln!(out, "{pad}if {} {{", expr(k, cond));
                 stmts(k, then, depth + 1, out);

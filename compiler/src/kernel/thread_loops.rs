@@ -4,10 +4,10 @@
 //! The body of a block kernel is uniform structure — the kernel body, and loops or `if`s
 //! that contain a barrier (which every thread of a block must reach together) — around
 //! barrier-free statements, which each thread runs on its own. The rewrite keeps the
-//! uniform structure and runs each barrier-free statement for thread 0, 1, …, T−1 in a
-//! loop, one thread to its end before the next starts: one of the orders a GPU allows
-//! between two barriers, and the one the GPU-semantics executor takes when its random
-//! order happens to be the identity. So:
+//! uniform structure and runs each run of barrier-free statements for thread 0, 1, …, T−1
+//! in a loop, one thread to the end of the run before the next starts: one of the orders
+//! a GPU allows between two barriers (for code without races, which the GPU-semantics
+//! executor checks, every such order gives the same result). So:
 //!
 //! - a barrier disappears (the loops on either side of it are the synchronization);
 //! - a shared array becomes a local array of the block (one per kernel iteration);
@@ -23,14 +23,21 @@
 //! control flow around a barrier — is what the GPU-semantics executor checks; the
 //! emulated GPU runs every kernel there first.
 
-use super::gpu_exec::has_barrier;
-use super::ir::{Expr, Kernel, LoopKind, Scalar, Stmt, Var};
+use super::gpu_exec::has_collective;
+use super::ir::{Binary, Elem, Expr, Kernel, LoopKind, Scalar, Stmt, Unary, Var};
+use super::mma;
 use std::collections::HashMap;
 
 /// `k` with its threads as loops (`k` itself when it is not a block kernel).
 pub fn thread_loops(k: &Kernel) -> Result<Kernel, String> {
     let Some(threads) = k.threads else { return Ok(k.clone()) };
-    let mut r = Rewrite { kernel: k, threads: threads as usize, next: k.next_var(), promoted: HashMap::new() };
+    let mut r = Rewrite {
+        kernel: k,
+        threads: threads as usize,
+        next: k.next_var(),
+        promoted: HashMap::new(),
+        warp_matrices: None,
+    };
     let mut types = Types::default();
     types.vars.insert(k.index, Scalar::I64);
     r.collect(&k.body, &mut types).map_err(|e| format!("kernel `{}`: {e}", k.name))?;
@@ -40,7 +47,13 @@ pub fn thread_loops(k: &Kernel) -> Result<Kernel, String> {
     for p in promoted {
         body.push(Stmt::Array { var: p.array, elem: p.elem, len: p.len * r.threads });
     }
-    body.extend(r.uniform(&k.body)?);
+    let uniform = r.uniform(&k.body)?;
+    if let Some((a, b)) = r.warp_matrices {
+        let warps = r.threads / mma::WARP;
+        body.push(Stmt::Array { var: a, elem: Scalar::F32, len: warps * mma::M * mma::K });
+        body.push(Stmt::Array { var: b, elem: Scalar::F32, len: warps * mma::K * mma::N });
+    }
+    body.extend(uniform);
     Ok(Kernel { body, threads: None, ..k.clone() })
 }
 
@@ -114,7 +127,7 @@ impl Types {
                     self.define(k, s)?;
                 }
             }
-            Stmt::Assign { .. } | Stmt::Store { .. } | Stmt::StoreArray { .. } | Stmt::Barrier => {}
+            Stmt::Assign { .. } | Stmt::Store { .. } | Stmt::StoreArray { .. } | Stmt::Barrier | Stmt::Mma { .. } => {}
         }
         Ok(())
     }
@@ -123,9 +136,9 @@ impl Types {
 /// A statement at the uniform level that the block's threads step through together.
 fn is_uniform(s: &Stmt) -> bool {
     match s {
-        Stmt::For { body, .. } => has_barrier(body),
-        Stmt::If { then, otherwise, .. } => has_barrier(then) || has_barrier(otherwise),
-        Stmt::Barrier | Stmt::Shared { .. } => true,
+        Stmt::For { body, .. } => has_collective(body),
+        Stmt::If { then, otherwise, .. } => has_collective(then) || has_collective(otherwise),
+        Stmt::Barrier | Stmt::Shared { .. } | Stmt::Mma { .. } => true,
         _ => false,
     }
 }
@@ -136,6 +149,8 @@ struct Rewrite<'k> {
     next: u32,
     /// Per-thread storage of every variable and array defined at the uniform level.
     promoted: HashMap<Var, Promoted>,
+    /// Each warp's A and B of a warp's matrix product, once one is seen (`warp_products`).
+    warp_matrices: Option<(Var, Var)>,
 }
 
 impl Rewrite<'_> {
@@ -180,34 +195,136 @@ impl Rewrite<'_> {
     fn uniform(&mut self, body: &[Stmt]) -> Result<Vec<Stmt>, String> {
         let mut out = Vec::new();
         let thread0 = Expr::I64(0);
+        // Consecutive barrier-free statements share one loop over threads: each thread
+        // runs them all before the next starts, an order a GPU allows between collectives
+        // (and far less code than a loop per statement).
+        let mut run: Vec<&Stmt> = Vec::new();
         for s in body {
+            if !is_uniform(s) {
+                run.push(s);
+                continue;
+            }
+            self.flush(&mut run, &mut out);
             match s {
                 Stmt::Barrier => {}
+                Stmt::Mma { input, acc, a, b } => out.extend(self.warp_products(*input, acc, a, b)?),
                 Stmt::Shared { var, elem, len } => out.push(Stmt::Array { var: *var, elem: *elem, len: *len }),
-                Stmt::For { var, extent, kind, body } if is_uniform(s) => out.push(Stmt::For {
+                Stmt::For { var, extent, kind, body } => out.push(Stmt::For {
                     var: *var,
                     extent: self.expr(extent, &thread0),
                     kind: *kind,
                     body: self.uniform(body)?,
                 }),
-                Stmt::If { cond, then, otherwise } if is_uniform(s) => out.push(Stmt::If {
+                Stmt::If { cond, then, otherwise } => out.push(Stmt::If {
                     cond: self.expr(cond, &thread0),
                     then: self.uniform(then)?,
                     otherwise: self.uniform(otherwise)?,
                 }),
-                _ => {
-                    let t = self.fresh();
-                    let body = self.thread_stmt(s, &Expr::Var(t));
-                    out.push(Stmt::For {
-                        var: t,
-                        extent: Expr::I64(self.threads as i64),
-                        kind: LoopKind::Serial,
-                        body,
-                    });
-                }
+                _ => unreachable!("is_uniform"),
             }
         }
+        self.flush(&mut run, &mut out);
         Ok(out)
+    }
+
+    /// A run of barrier-free statements as one loop over the block's threads.
+    fn flush(&mut self, run: &mut Vec<&Stmt>, out: &mut Vec<Stmt>) {
+        if run.is_empty() {
+            return;
+        }
+        let t = self.fresh();
+        let body = run.drain(..).flat_map(|s| self.thread_stmt(s, &Expr::Var(t))).collect();
+        out.push(Stmt::For { var: t, extent: Expr::I64(self.threads as i64), kind: LoopKind::Serial, body });
+    }
+
+    /// A warp's matrix product for every warp of the block, as loops over threads: each
+    /// thread stores its fragments of A and B, rounded, into its warp's copy of the two
+    /// matrices (`kernel::mma`'s layouts), then each thread's accumulators gain the 16
+    /// products of their row of A and column of B, k in order, as `mma::warp_product`
+    /// adds them. Every fragment is a per-thread variable, since the product is at the
+    /// block's uniform level.
+    fn warp_products(&mut self, input: Elem, acc: &[Var; 4], a: &[Var; 8], b: &[Var; 4]) -> Result<Vec<Stmt>, String> {
+        if !self.threads.is_multiple_of(mma::WARP) {
+            return Err(format!("a warp's matrix product in a block of {} threads, not whole warps", self.threads));
+        }
+        let round = match input {
+            Elem::BF16 => Unary::RoundBf16,
+            Elem::F16 => Unary::RoundF16,
+            other => return Err(format!("a warp's matrix product takes bf16 or f16 inputs, not {other:?}")),
+        };
+        let storage = |v: &Var| {
+            let p = self.promoted.get(v).copied().filter(|p| !p.is_array);
+            p.ok_or_else(|| format!("{v} of a warp's matrix product is not a per-thread variable"))
+        };
+        let acc = acc.iter().map(storage).collect::<Result<Vec<_>, _>>()?;
+        let a = a.iter().map(storage).collect::<Result<Vec<_>, _>>()?;
+        let b = b.iter().map(storage).collect::<Result<Vec<_>, _>>()?;
+        // Each warp's A (16 × 16) and B (16 × 8), row-major, declared once per kernel.
+        let (a_size, b_size) = ((mma::M * mma::K) as i64, (mma::K * mma::N) as i64);
+        let (am, bm) = match self.warp_matrices {
+            Some(m) => m,
+            None => {
+                let m = (self.fresh(), self.fresh());
+                self.warp_matrices = Some(m);
+                m
+            }
+        };
+        let (bin, int) = (Expr::binary, Expr::I64);
+        let add = |x: Expr, y: Expr| bin(Binary::Add, x, y);
+        let mul = |x: Expr, y: Expr| bin(Binary::Mul, x, y);
+        // Thread t: its warp, and its lane's base (`mma::lane_base`: group, 2·pair).
+        let thread = |t: Var| {
+            let lane = bin(Binary::Rem, Expr::Var(t), int(mma::WARP as i64));
+            let warp = bin(Binary::Div, Expr::Var(t), int(mma::WARP as i64));
+            let group = bin(Binary::Div, lane.clone(), int(4));
+            let pair2 = mul(bin(Binary::Rem, lane, int(4)), int(2));
+            (warp, group, pair2)
+        };
+        let value = |p: &Promoted, t: Var| Expr::Unary(round, Box::new(Expr::load_array(p.array, Expr::Var(t))));
+        let t = self.fresh();
+        let (warp, group, pair2) = thread(t);
+        let mut stage = Vec::new();
+        for (i, p) in a.iter().enumerate() {
+            let (r, c) = mma::a_element(0, i);
+            let (row, col) = (add(group.clone(), int(r as i64)), add(pair2.clone(), int(c as i64)));
+            let index = add(mul(warp.clone(), int(a_size)), add(mul(row, int(mma::K as i64)), col));
+            stage.push(Stmt::StoreArray { array: am, index, value: value(p, t) });
+        }
+        for (i, p) in b.iter().enumerate() {
+            let (r, c) = mma::b_element(0, i);
+            let (row, col) = (add(pair2.clone(), int(r as i64)), add(group.clone(), int(c as i64)));
+            let index = add(mul(warp.clone(), int(b_size)), add(mul(row, int(mma::N as i64)), col));
+            stage.push(Stmt::StoreArray { array: bm, index, value: value(p, t) });
+        }
+        let threads = int(self.threads as i64);
+        let staged = Stmt::For { var: t, extent: threads.clone(), kind: LoopKind::Serial, body: stage };
+
+        let t = self.fresh();
+        let (warp, group, pair2) = thread(t);
+        let mut products = Vec::new();
+        for (i, p) in acc.iter().enumerate() {
+            let (r, c) = mma::c_element(0, i);
+            let (row, col) = (add(group.clone(), int(r as i64)), add(pair2.clone(), int(c as i64)));
+            let (sum, k) = (self.fresh(), self.fresh());
+            let x = Expr::load_array(
+                am,
+                add(mul(warp.clone(), int(a_size)), add(mul(row, int(mma::K as i64)), Expr::Var(k))),
+            );
+            let y = Expr::load_array(
+                bm,
+                add(mul(warp.clone(), int(b_size)), add(mul(Expr::Var(k), int(mma::N as i64)), col)),
+            );
+            products.push(Stmt::Mut { var: sum, ty: Scalar::F32, init: Expr::load_array(p.array, Expr::Var(t)) });
+            products.push(Stmt::For {
+                var: k,
+                extent: int(mma::K as i64),
+                kind: LoopKind::Serial,
+                body: vec![Stmt::Assign { var: sum, value: add(Expr::Var(sum), mul(x, y)) }],
+            });
+            products.push(Stmt::StoreArray { array: p.array, index: Expr::Var(t), value: Expr::Var(sum) });
+        }
+        let multiplied = Stmt::For { var: t, extent: threads, kind: LoopKind::Serial, body: products };
+        Ok(vec![staged, multiplied])
     }
 
     /// Where element `i` of per-thread storage `p` lives for thread `t`.
@@ -269,7 +386,7 @@ impl Rewrite<'_> {
                 Stmt::If { cond: e(cond), then: body(then), otherwise: body(otherwise) }
             }
             // Under thread-dependent control flow: what the GPU-semantics executor rejects.
-            Stmt::Shared { .. } | Stmt::Barrier => s.clone(),
+            Stmt::Shared { .. } | Stmt::Barrier | Stmt::Mma { .. } => s.clone(),
         }]
     }
 

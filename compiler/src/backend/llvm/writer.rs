@@ -525,9 +525,10 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
                 let bytes = ety.size_of().unwrap().const_mul(self.i64c(*len as i64));
                 self.b.build_memset(p, 8, self.ctx.i8_type().const_zero(), bytes).map_err(be)?;
             }
-            Stmt::Shared { .. } | Stmt::Barrier if self.thread.is_none() => {
-                return Err("a shared array or barrier outside a block kernel".into());
+            Stmt::Shared { .. } | Stmt::Barrier | Stmt::Mma { .. } if self.thread.is_none() => {
+                return Err("a shared array, barrier or warp product outside a block kernel".into());
             }
+            Stmt::Mma { input, acc, a, b } => self.mma(*input, acc, a, b)?,
             Stmt::Shared { var, elem, len } => {
                 let t = Ty::of(*elem);
                 let aty =
@@ -595,6 +596,55 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
                 self.b.build_unconditional_branch(merge).map_err(be)?;
                 self.b.position_at_end(merge);
             }
+        }
+        Ok(())
+    }
+
+    /// A warp's matrix product: `llvm.nvvm.mma.m16n8k16.row.col.*`, each pair of A's and B's
+    /// elements rounded (`cvt.rn`) into one 32-bit register, the even element in the low
+    /// half, as `kernel::mma` lays them out.
+    fn mma(&mut self, input: Elem, acc: &[Var; 4], a: &[Var; 8], b: &[Var; 4]) -> Result<(), String> {
+        if self.device != Device::Nvptx {
+            return Err("a warp's matrix product on a CPU (tensor cores are a GPU's)".into());
+        }
+        let (half, name) = match input {
+            Elem::BF16 => (self.ctx.bf16_type(), "llvm.nvvm.mma.m16n8k16.row.col.bf16"),
+            Elem::F16 => (self.ctx.f16_type(), "llvm.nvvm.mma.m16n8k16.row.col.f32.f32"),
+            other => return Err(format!("a warp's matrix product takes bf16 or f16 inputs, not {other:?}")),
+        };
+        let pair_ty = half.vec_type(2);
+        let mut args: Vec<BasicValueEnum<'ctx>> = Vec::new();
+        for pair in a.chunks(2).chain(b.chunks(2)) {
+            let mut v = pair_ty.get_undef();
+            for (i, var) in pair.iter().enumerate() {
+                let x = self.expect(&Expr::Var(*var), Ty::F, "a fragment of a warp's matrix product")?;
+                let h = self.b.build_float_trunc(x.into_float_value(), half, "").map_err(be)?;
+                v = self
+                    .b
+                    .build_insert_element(v, h, self.ctx.i32_type().const_int(i as u64, false), "")
+                    .map_err(be)?;
+            }
+            // bf16 pairs travel as i32 registers, f16 pairs as <2 x half> (the intrinsics'
+            // signatures in LLVM 19).
+            args.push(match input {
+                Elem::BF16 => self.b.build_bit_cast(v, self.ctx.i32_type(), "").map_err(be)?,
+                _ => v.into(),
+            });
+        }
+        for v in acc {
+            args.push(self.expect(&Expr::Var(*v), Ty::F, "an accumulator of a warp's matrix product")?);
+        }
+        let f32x4 = self.ctx.struct_type(&[self.ctx.f32_type().into(); 4], false);
+        let arg_tys: Vec<_> = args.iter().map(|a| a.get_type().into()).collect();
+        let f = match self.module.get_function(name) {
+            Some(f) => f,
+            None => self.module.add_function(name, f32x4.fn_type(&arg_tys, false), None),
+        };
+        let d = self.call_fn(f, &args)?.into_struct_value();
+        for (i, v) in acc.iter().enumerate() {
+            let x = self.b.build_extract_value(d, i as u32, "").map_err(be)?;
+            let &(slot, _) = self.vars.get(v).ok_or_else(|| format!("accumulator {v} is not defined"))?;
+            self.b.build_store(slot, x).map_err(be)?;
         }
         Ok(())
     }
