@@ -207,7 +207,12 @@ fn a_misplaced_fragment_gives_a_wrong_product() {
     fn swap_first_fragment(body: &mut [Stmt]) -> bool {
         for s in body {
             match s {
-                Stmt::For { body, .. } if swap_first_fragment(body) => return true,
+                #[allow(clippy::collapsible_match)] // a guard cannot borrow `body` mutably
+                Stmt::For { body, .. } => {
+                    if swap_first_fragment(body) {
+                        return true;
+                    }
+                }
                 Stmt::Mma { a, .. } => {
                     a.swap(0, 1);
                     return true;
