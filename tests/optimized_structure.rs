@@ -117,3 +117,74 @@ fn sixteen_bit_products_narrow_their_operands_and_nothing_else() {
         assert!(products >= 6 && casts >= 4, "{name}: {products} products, {casts} casts");
     }
 }
+
+/// `precision f32 { … }` pins the products written inside it — here a GLU's output
+/// projection, called through a function, and the tied-embedding loss — to f32 under
+/// `--precision bf16`: they and their gradients' products read f32 operands, while the
+/// product outside the block (the input projection, forward and both gradients) reads
+/// bf16 ones. `tnc ir` marks a pinned product `f32`.
+#[test]
+fn products_inside_precision_f32_keep_f32_operands() {
+    use tnc_compiler::ir::{DType, Op};
+    let text = "use std\n\
+                fn out_proj(h, w) = h @ w\n\
+                model m(vocab = 16, dim = 8) {\n  \
+                  input tokens: i32[B, N]\n  \
+                  param embedding: [vocab, dim] ~ normal(0.5)\n  \
+                  param w_in: [dim, dim] ~ xavier()\n  \
+                  param w_out: [dim, dim] ~ xavier()\n  \
+                  x = embed(tokens, embedding)\n  \
+                  h = x @ w_in\n  \
+                  precision f32 {\n    \
+                    y = out_proj(relu(h), w_out)\n    \
+                    loss = lm_loss(srms_norm(y), embedding, tokens)\n  \
+                  }\n  \
+                  output loss = loss\n\
+                }\n";
+    let (sources, g) = elaborate_text("pinned.tn", text, &[]);
+    let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    let last = *passes::names().last().unwrap();
+    let g = passes::run_until_with(g, last, passes::Policy::Bf16).unwrap().unwrap();
+    let (mut pinned, mut narrowed) = (0, 0);
+    for n in g.dag.node_indices() {
+        let ops = g.operands(n);
+        let (is_pinned, dtypes): (bool, Vec<DType>) = match &g.node(n).op {
+            Op::Einsum(spec)
+                if spec.inputs.len() == 2 && spec.inputs.iter().flatten().any(|l| !spec.output.contains(l)) =>
+            {
+                (spec.pinned, ops.iter().map(|&o| g.ty(o).dtype).collect())
+            }
+            Op::CrossEntropy(ce) | Op::CrossEntropyGradX(ce) | Op::CrossEntropyGradTable(ce) => {
+                (ce.pinned, ops[..2].iter().map(|&o| g.ty(o).dtype).collect())
+            }
+            _ => continue,
+        };
+        let want = if is_pinned { DType::F32 } else { DType::BF16 };
+        assert!(
+            dtypes.iter().all(|&d| d == want),
+            "pinned {is_pinned}: {dtypes:?}\n{}",
+            tnc_compiler::ir::print::to_text(&g)
+        );
+        if is_pinned {
+            pinned += 1
+        } else {
+            narrowed += 1
+        }
+    }
+    // Pinned: w_out's product and its two gradients, the loss and its two gradients.
+    // Narrowed: x @ w_in and its two gradients (x is the embedding's, a parameter's).
+    assert_eq!((pinned, narrowed), (6, 3), "{}", tnc_compiler::ir::print::to_text(&g));
+    let printed = tnc_compiler::ir::print::to_text(&g);
+    assert!(printed.contains(" f32]") && printed.contains("cross_entropy[f32]"), "{printed}");
+}
+
+/// Only `f32` can be pinned; anything else is an error at the name, with a hint.
+#[test]
+fn precision_other_than_f32_is_an_error() {
+    let text = "model m() {\n  input x: [N, 4]\n  precision bf16 {\n    y = x * 2.0\n  }\n  output y = y\n}\n";
+    let (sources, g) = elaborate_text("bad.tn", text, &[]);
+    let d = g.err().expect("an error");
+    let shown = d.render(&sources);
+    assert!(shown.contains("`precision bf16` is not supported") && shown.contains("only `f32`"), "{shown}");
+    assert!(shown.contains("bad.tn:3:13"), "{shown}");
+}

@@ -49,7 +49,7 @@ fn primitive(g: &mut Graph, x: NodeId, table: NodeId, y: NodeId, transposed: boo
     let mut out = letters.clone();
     out.push(b'v');
     let tl = if transposed { b"dv".to_vec() } else { b"vd".to_vec() };
-    let logits = add(g, Op::Einsum(EinsumSpec { inputs: vec![xl, tl], output: out }), &[x, table]);
+    let logits = add(g, Op::Einsum(EinsumSpec { inputs: vec![xl, tl], output: out, pinned: false }), &[x, table]);
     let shape = g.ty(logits).shape.clone();
     let a = r - 1;
     let top = add(g, Op::Reduce { op: ReduceOp::Max, axes: vec![a] }, &[logits]);
@@ -125,7 +125,7 @@ fn fused_ops_match_the_primitive_spelling_naive_and_chunked() {
         g.add_output("loss", loss);
         differentiate_wrt(&mut g, loss, &["x", "table"]).unwrap();
         // The fused ops.
-        let ce = CrossEntropy { transposed: c.transposed };
+        let ce = CrossEntropy { transposed: c.transposed, pinned: false };
         let fused = add(&mut g, Op::CrossEntropy(ce), &[x, table, y]);
         let gx = add(&mut g, Op::CrossEntropyGradX(ce), &[x, table, y, gw]);
         let gt = add(&mut g, Op::CrossEntropyGradTable(ce), &[x, table, y, gw]);
@@ -161,7 +161,7 @@ fn gradient_rule_passes_finite_differences() {
                 fixed("y", DType::I32, ints(&format!("{tag} y"), &[2, 3], 9)),
             ];
             let opts = EvalOptions { chunk, ..EvalOptions::default() };
-            let op = Op::CrossEntropy(CrossEntropy { transposed });
+            let op = Op::CrossEntropy(CrossEntropy { transposed, pinned: false });
             gradcheck_with(&tag, args, &opts, &|g, ids| g.add(op.clone(), ids, None));
         }
     }
@@ -193,7 +193,7 @@ fn backward_ops_refuse_second_derivatives_and_bad_targets_are_errors() {
     let t = g.add_input("table", TensorType::new(DType::F32, dims(&[4, 2])), None);
     let y = g.add_input("y", TensorType::new(DType::I32, dims(&[3])), None);
     let w = g.add_input("g", TensorType::new(DType::F32, dims(&[3])), None);
-    let ce = CrossEntropy { transposed: false };
+    let ce = CrossEntropy { transposed: false, pinned: false };
     let gx = add(&mut g, Op::CrossEntropyGradX(ce), &[x, t, y, w]);
     let loss = add(&mut g, Op::Reduce { op: ReduceOp::Sum, axes: vec![0, 1] }, &[gx]);
     let err = differentiate_wrt(&mut g.clone(), loss, &["x"]).unwrap_err();
@@ -213,7 +213,7 @@ fn backward_ops_refuse_second_derivatives_and_bad_targets_are_errors() {
     }
     // Shape errors are type errors.
     assert!(g.add(Op::CrossEntropy(ce), &[x, t, w], None).unwrap_err().contains("i32"));
-    assert!(g.add(Op::CrossEntropy(CrossEntropy { transposed: true }), &[x, t, y], None).is_err());
+    assert!(g.add(Op::CrossEntropy(CrossEntropy { transposed: true, pinned: false }), &[x, t, y], None).is_err());
 }
 
 /// `recognize` on primitive spellings built directly in IR (reductions dropping the

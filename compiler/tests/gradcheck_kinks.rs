@@ -158,6 +158,7 @@ fn mlp() -> (Graph, NodeId) {
         Op::Einsum(EinsumSpec {
             inputs: ins.iter().map(|s| s.as_bytes().to_vec()).collect(),
             output: out.as_bytes().to_vec(),
+            pinned: false,
         })
     };
     let h = g.add(mm(["bi", "ij"], "bj"), &[x, w1], None).unwrap();

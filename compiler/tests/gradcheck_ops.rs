@@ -98,6 +98,7 @@ fn einsum(ins: &[&str], out: &str) -> Op {
     Op::Einsum(EinsumSpec {
         inputs: ins.iter().map(|s| s.as_bytes().to_vec()).collect(),
         output: out.as_bytes().to_vec(),
+        pinned: false,
     })
 }
 

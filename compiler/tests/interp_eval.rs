@@ -32,6 +32,7 @@ fn einsum_attention_state_by_hand() {
         Op::Einsum(EinsumSpec {
             inputs: vec![a.as_bytes().to_vec(), b.as_bytes().to_vec()],
             output: o.as_bytes().to_vec(),
+            pinned: false,
         })
     };
     let s = g.add(spec("nd", "ne", "de"), &[k, v], None).unwrap();
@@ -216,7 +217,8 @@ fn two_thousand_node_graph_evaluates_quickly() {
     let mut g = Graph::new("big");
     let x0 = g.add_input("x", TensorType::new(DType::F32, sym(&["N", "64"])), None);
     let w = g.add_input("w", TensorType::new(DType::F32, dims(&[64, 64])), None);
-    let mm = Op::Einsum(EinsumSpec { inputs: vec![b"nd".to_vec(), b"de".to_vec()], output: b"ne".to_vec() });
+    let mm =
+        Op::Einsum(EinsumSpec { inputs: vec![b"nd".to_vec(), b"de".to_vec()], output: b"ne".to_vec(), pinned: false });
     let mut x = x0;
     for _ in 0..200 {
         let h = g.add(mm.clone(), &[x, w], None).unwrap();

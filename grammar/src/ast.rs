@@ -100,6 +100,13 @@ pub enum Stmt {
         body: Block,
         span: Span,
     },
+    /// `precision f32 { … }`: the statements run in the enclosing scope, and every
+    /// product computed meanwhile (in called functions too) keeps f32 operands.
+    Precision {
+        dtype: Ident,
+        body: Block,
+        span: Span,
+    },
     Assign {
         name: Ident,
         value: Expr,

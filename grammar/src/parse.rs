@@ -123,6 +123,7 @@ fn describe(rule: &Rule) -> &'static str {
         Rule::input_stmt => "`input`",
         Rule::output_stmt => "`output`",
         Rule::for_stmt => "`for`",
+        Rule::precision_stmt | Rule::precision_kw => "`precision`",
         Rule::assign_stmt => "an assignment",
         Rule::expr => "an expression",
         Rule::pow | Rule::add | Rule::sub | Rule::mul | Rule::div | Rule::rem | Rule::matmul => "an operator",
@@ -379,6 +380,13 @@ impl Builder {
                 let end = self.expr(inner.next().expect("grammar"))?;
                 let body = self.block(inner.next().expect("grammar"))?;
                 Ok(Stmt::For { var, start, end, body, span })
+            }
+            Rule::precision_stmt => {
+                let mut inner = p.into_inner();
+                let _keyword = inner.next().expect("grammar");
+                let dtype = self.ident(inner.next().expect("grammar"));
+                let body = self.block(inner.next().expect("grammar"))?;
+                Ok(Stmt::Precision { dtype, body, span })
             }
             Rule::assign_stmt => {
                 let mut inner = p.into_inner();

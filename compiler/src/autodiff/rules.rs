@@ -317,7 +317,8 @@ fn einsum(b: &mut Builder, spec: &EinsumSpec, xs: &[NodeId], k: usize, gy: NodeI
     let g = if inputs.len() == 1 && inputs[0] == kept {
         gy
     } else {
-        b.add(Op::Einsum(EinsumSpec { inputs, output: kept }), &operands)?
+        // A pinned product's gradient products are pinned too.
+        b.add(Op::Einsum(EinsumSpec { inputs, output: kept, pinned: spec.pinned }), &operands)?
     };
     let full = b.shape(xs[k]);
     b.expand(g, &dropped, &full)

@@ -530,5 +530,5 @@ fn parse_einsum(s: &str, operands: usize) -> Result<EinsumSpec, String> {
             return Err(format!("einsum indices must be lowercase letters; `{}` is not", *b as char));
         }
     }
-    Ok(EinsumSpec { inputs, output: rhs.bytes().collect() })
+    Ok(EinsumSpec { inputs, output: rhs.bytes().collect(), pinned: false })
 }

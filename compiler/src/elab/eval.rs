@@ -88,6 +88,21 @@ impl Elaborator<'_> {
                 }
                 Ok(Value::Unit)
             }
+            Stmt::Precision { dtype, body, .. } => {
+                if dtype.name != "f32" {
+                    return Err(Diagnostic::at(format!("`precision {}` is not supported", dtype.name), dtype.span)
+                        .with_label("only `f32` can be pinned")
+                        .with_hint(
+                            "`precision f32 { … }` keeps the products inside at full precision; \
+                             `--precision bf16` narrows the others",
+                        ));
+                }
+                self.pinned_blocks += 1;
+                let r = self.exec_block(body, frame);
+                self.pinned_blocks -= 1;
+                r?;
+                Ok(Value::Unit)
+            }
             Stmt::Input { name, ty, span } => {
                 if !frame.is_model {
                     return Err(Diagnostic::at("`input` can only be declared in a model", *span)

@@ -88,6 +88,9 @@ pub struct Elaborator<'s> {
     scope_uses: HashMap<String, usize>,
     dropout_sites: usize,
     call_depth: usize,
+    /// `precision f32 { … }` blocks being executed (in this call or a caller's): while
+    /// any is, every product is pinned to f32 (`EinsumSpec::pinned`).
+    pinned_blocks: usize,
     steps: u64,
     outputs_seen: HashMap<String, Span>,
 }
@@ -128,6 +131,7 @@ pub fn elaborate(program: &Program, overrides: &[Override], model_name: Option<&
         scope_uses: HashMap::new(),
         dropout_sites: 0,
         call_depth: 0,
+        pinned_blocks: 0,
         steps: 0,
         outputs_seen: HashMap::new(),
     };

@@ -15,6 +15,11 @@ impl Elaborator<'_> {
             return Err(Diagnostic::at("the model is too large", span)
                 .with_label(format!("elaborating this exceeds the budget of {} graph nodes", super::MAX_GRAPH_NODES)));
         }
+        // Inside `precision f32 { … }` (here or in a caller) every product is pinned.
+        let op = match op {
+            Op::Einsum(spec) if self.pinned_blocks > 0 => Op::Einsum(crate::ir::EinsumSpec { pinned: true, ..spec }),
+            op => op,
+        };
         self.graph_mut().add(op, operands, Some(span)).map_err(|m| Diagnostic::at(m, span))
     }
 
@@ -236,7 +241,8 @@ impl Elaborator<'_> {
         ib.extend([k, j]);
         let mut out = lead.to_vec();
         out.extend([i, j]);
-        let n = self.node(Op::Einsum(EinsumSpec { inputs: vec![ia, ib], output: out }), &[a, b], span)?;
+        let n =
+            self.node(Op::Einsum(EinsumSpec { inputs: vec![ia, ib], output: out, pinned: false }), &[a, b], span)?;
         Ok(self.tensor_value(n))
     }
 

@@ -303,6 +303,7 @@ mod tests {
         let spec = |i: &[&str], o: &str| EinsumSpec {
             inputs: i.iter().map(|s| s.as_bytes().to_vec()).collect(),
             output: o.as_bytes().to_vec(),
+            pinned: false,
         };
         let c = einsum(&spec(&["ij", "jk"], "ik"), &[&a, &b]).unwrap();
         assert_eq!(c.data, vec![4., 5., 10., 11.]);

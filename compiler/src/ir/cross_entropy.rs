@@ -38,6 +38,9 @@ pub struct CrossEntropy {
     /// The table operand is `[D, V]` (an untied output projection `x @ W`) rather than
     /// `[V, D]` (tied embeddings, `einsum("…d,vd->…v")`).
     pub transposed: bool,
+    /// The logits product was written inside `precision f32 { … }`: its products keep
+    /// f32 operands under any `--precision`.
+    pub pinned: bool,
 }
 
 impl CrossEntropy {
@@ -104,10 +107,11 @@ impl CrossEntropy {
 
     /// Printed attributes.
     pub fn attrs(&self) -> String {
-        if self.transposed {
-            "[table=dv]".into()
-        } else {
-            String::new()
+        match (self.transposed, self.pinned) {
+            (false, false) => String::new(),
+            (true, false) => "[table=dv]".into(),
+            (false, true) => "[f32]".into(),
+            (true, true) => "[table=dv f32]".into(),
         }
     }
 }

@@ -119,12 +119,19 @@ pub enum ReduceOp {
 pub struct EinsumSpec {
     pub inputs: Vec<Vec<u8>>,
     pub output: Vec<u8>,
+    /// Written inside a `precision f32 { … }` block: the product keeps f32 operands under
+    /// any `--precision` (`passes/precision.rs`), and so do the products of its gradient.
+    pub pinned: bool,
 }
 
 impl fmt::Display for EinsumSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ins: Vec<String> = self.inputs.iter().map(|i| String::from_utf8_lossy(i).into_owned()).collect();
-        write!(f, "{}->{}", ins.join(","), String::from_utf8_lossy(&self.output))
+        write!(f, "{}->{}", ins.join(","), String::from_utf8_lossy(&self.output))?;
+        if self.pinned {
+            write!(f, " f32")?;
+        }
+        Ok(())
     }
 }
 

@@ -86,7 +86,7 @@ pub fn normalize_spec(spec: &EinsumSpec) -> EinsumSpec {
     };
     let inputs: Vec<Vec<u8>> = spec.inputs.iter().map(|i| i.iter().map(|&l| rename(l)).collect()).collect();
     let output = spec.output.iter().map(|&l| rename(l)).collect();
-    EinsumSpec { inputs, output }
+    EinsumSpec { inputs, output, pinned: spec.pinned }
 }
 
 fn is_identity(perm: &[usize]) -> bool {
@@ -164,7 +164,7 @@ pub(crate) fn canonical_rule(g: &mut Graph, n: NodeId) -> Option<NodeId> {
                 // (then both the einsum and the permute would be computed).
                 Op::Einsum(spec) if single_user(g, x) == Some(n) => {
                     let output = perm.iter().map(|&p| spec.output[p]).collect();
-                    let spec = normalize_spec(&EinsumSpec { inputs: spec.inputs, output });
+                    let spec = normalize_spec(&EinsumSpec { inputs: spec.inputs, output, pinned: spec.pinned });
                     let operands = g.operands(x);
                     add_like(g, n, Op::Einsum(spec), &operands).ok()
                 }
@@ -228,7 +228,7 @@ fn einsum_rule(g: &mut Graph, n: NodeId, spec: &EinsumSpec, ops: &[NodeId]) -> O
             folded = true;
         }
     }
-    let spec = EinsumSpec { inputs, output: spec.output.clone() };
+    let spec = EinsumSpec { inputs, output: spec.output.clone(), pinned: spec.pinned };
     // One operand, every letter kept: a permutation (or the identity).
     if spec.inputs.len() == 1 && spec.output.len() == spec.inputs[0].len() {
         let perm: Vec<usize> =
@@ -294,7 +294,9 @@ fn flatten(g: &mut Graph, n: NodeId, spec: &EinsumSpec, ops: &[NodeId]) -> Optio
     if let [x] = ops {
         let inner = einsum_of(g, *x)?;
         let inputs = inline_letters(&inner, &spec.inputs[0], &mut taken)?;
-        let merged = normalize_spec(&EinsumSpec { inputs, output: spec.output.clone() });
+        // A product merged with a pinned one is pinned.
+        let pinned = spec.pinned || inner.pinned;
+        let merged = normalize_spec(&EinsumSpec { inputs, output: spec.output.clone(), pinned });
         if sums_one_sided(&merged) {
             return None;
         }
@@ -307,7 +309,8 @@ fn flatten(g: &mut Graph, n: NodeId, spec: &EinsumSpec, ops: &[NodeId]) -> Optio
         inputs[k] = inline_letters(&inner, &spec.inputs[k], &mut taken)?.remove(0);
         let mut operands = ops.to_vec();
         operands[k] = g.operands(x)[0];
-        let merged = normalize_spec(&EinsumSpec { inputs, output: spec.output.clone() });
+        let pinned = spec.pinned || inner.pinned;
+        let merged = normalize_spec(&EinsumSpec { inputs, output: spec.output.clone(), pinned });
         if sums_one_sided(&merged) {
             continue;
         }
@@ -368,11 +371,13 @@ fn reassociate(g: &mut Graph, n: NodeId) -> Option<NodeId> {
         let pair_spec = normalize_spec(&EinsumSpec {
             inputs: vec![three[i].1.clone(), three[j].1.clone()],
             output: best.3.clone(),
+            pinned: spec.pinned || inner.pinned,
         });
         let pair = add_like(g, n, Op::Einsum(pair_spec), &[three[i].0, three[j].0]).ok()?;
         let outer = normalize_spec(&EinsumSpec {
             inputs: vec![best.3.clone(), three[l].1.clone()],
             output: spec.output.clone(),
+            pinned: spec.pinned || inner.pinned,
         });
         return add_like(g, n, Op::Einsum(outer), &[pair, three[l].0]).ok();
     }
@@ -457,6 +462,7 @@ mod tests {
         let spec = EinsumSpec {
             inputs: ins.split(',').map(|s| s.as_bytes().to_vec()).collect(),
             output: out.as_bytes().to_vec(),
+            pinned: false,
         };
         g.add(Op::Einsum(spec), ops, None).unwrap()
     }

@@ -96,6 +96,7 @@ mod tests {
         Op::Einsum(EinsumSpec {
             inputs: ins.split(',').map(|s| s.as_bytes().to_vec()).collect(),
             output: out.as_bytes().to_vec(),
+            pinned: false,
         })
     }
 

@@ -16,6 +16,10 @@
 //! operands too (their kernels compute in f32 on every target; the recurrent state is f32
 //! in any case).
 //!
+//! A product written inside `precision f32 { … }` (`EinsumSpec::pinned`, and the
+//! cross-entropy recognized from one) keeps f32 operands, and so do its gradient's
+//! products, which autodiff pins in turn.
+//!
 //! A narrowed operand is one `cast` node per value, shared by all the products that read
 //! it, so an activation kept for the backward is kept in 16 bits once. `f32` (the default)
 //! changes nothing.
@@ -80,9 +84,18 @@ impl Pass for Precision {
 }
 
 /// The operand positions of `n` that a product reads: both operands of a contraction, the
-/// hidden states and the table of a cross-entropy op.
+/// hidden states and the table of a cross-entropy op; none for a product pinned to f32.
 fn product_operands(g: &Graph, n: NodeId) -> &'static [usize] {
     match &g.node(n).op {
+        Op::Einsum(spec) if spec.pinned => &[],
+        Op::CrossEntropy(ce)
+        | Op::CrossEntropyGradX(ce)
+        | Op::CrossEntropyGradTable(ce)
+        | Op::CrossEntropyCorrect(ce)
+            if ce.pinned =>
+        {
+            &[]
+        }
         Op::Einsum(spec) if spec.inputs.len() == 2 => {
             let sums = spec.inputs.iter().flatten().any(|l| !spec.output.contains(l));
             if sums {

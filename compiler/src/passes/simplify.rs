@@ -214,7 +214,11 @@ mod tests {
         let e = g.add(Op::Unary(UnaryOp::Exp), &[x], None).unwrap();
         let r = g.add(Op::Reshape { shape: f32s(&[3, 1]).shape }, &[e], None).unwrap();
         let zero = constant(&mut g, 0.0, &[1, 2]);
-        let spec = crate::ir::EinsumSpec { inputs: vec![b"ij".to_vec(), b"jk".to_vec()], output: b"ik".to_vec() };
+        let spec = crate::ir::EinsumSpec {
+            inputs: vec![b"ij".to_vec(), b"jk".to_vec()],
+            output: b"ik".to_vec(),
+            pinned: false,
+        };
         let p = g.add(Op::Einsum(spec), &[r, zero], None).unwrap();
         let p = g.add(Op::Pad { axis: 0, before: Dim::constant(1), after: Dim::constant(0) }, &[p], None).unwrap();
         let p = g.add(Op::Reduce { op: ReduceOp::Sum, axes: vec![0] }, &[p], None).unwrap();

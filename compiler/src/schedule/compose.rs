@@ -31,8 +31,11 @@ impl Composer {
 
     /// `einsum(spec)` with letters given as strings.
     pub fn einsum(&mut self, a: (&str, RegionValue), b: (&str, RegionValue), out: &str) -> Result<RegionValue, String> {
-        let spec =
-            EinsumSpec { inputs: vec![a.0.bytes().collect(), b.0.bytes().collect()], output: out.bytes().collect() };
+        let spec = EinsumSpec {
+            inputs: vec![a.0.bytes().collect(), b.0.bytes().collect()],
+            output: out.bytes().collect(),
+            pinned: false,
+        };
         self.add(Op::Einsum(spec), &[a.1, b.1])
     }
 

@@ -30,6 +30,8 @@ pub struct Found {
     transposed: bool,
     /// Permutes `x` to `[L's axes except a…, d]`.
     x_perm: Vec<usize>,
+    /// The logits product is pinned to f32 (`precision f32 { … }`).
+    pinned: bool,
 }
 
 /// Rewrite every cross-entropy in `g`.
@@ -259,13 +261,14 @@ pub fn matches(g: &Graph, o: NodeId) -> Option<Found> {
         return None;
     }
     let (x, table, transposed, x_perm) = projection(g, l, a)?;
-    Some(Found { x, table, targets, transposed, x_perm })
+    let pinned = matches!(&g.node(l).op, Op::Einsum(spec) if spec.pinned);
+    Some(Found { x, table, targets, transposed, x_perm, pinned })
 }
 
 fn rewrite(g: &mut Graph, o: NodeId, f: Found) -> Result<(), Diagnostic> {
     let span = g.node(o).span;
     let x = permute(g, f.x, f.x_perm, span)?;
-    let ce = CrossEntropy { transposed: f.transposed };
+    let ce = CrossEntropy { transposed: f.transposed, pinned: f.pinned };
     let loss = g.add(Op::CrossEntropy(ce), &[x, f.table, f.targets], span).map_err(internal)?;
     let want = g.ty(o).clone();
     let result = if g.ty(loss).shape == want.shape {
