@@ -16,12 +16,21 @@
 # 5. GEMM tiles against cuBLAS: every product of T1 (B 4, N 2048) timed in tnc's tiled
 #    kernel (`TNC_PROFILE=1`) and with torch.matmul.
 #
-# Finishes in under 10 minutes (each command has a timeout; the peers stop starting new
-# measurements past a time budget). Exit status 1 when a correctness check fails.
+# 6. With TNC_CHECK_PART=bf16 (or all), the bf16 part instead: tiny T1 with bf16 products
+#    (tensor cores, mma.sync) against the interpreter run as compiled (rel L2 < 1e-2);
+#    full-size T1 in bf16 at B 4, N 2048; its bf16 GEMM tiles against cuBLAS in bf16, as
+#    a fraction of the tensor cores' peak (TNC_CHECK_BF16_PEAK, TFLOP/s, default 989:
+#    H100/H200 SXM dense); and the linear attention against flash-linear-attention's
+#    chunk_simple_gla (the wheels in wheels/, installed into out/pylib with --no-deps).
+#
+# Each part finishes in under 10 minutes (each command has a timeout; the peers stop
+# starting new measurements past a time budget). Exit status 1 when a correctness check
+# fails.
 # Environment: TNC_CHECK_DEVICE (default cuda; `cpu` exercises the script with a CPU
 # bundle set), TNC_CHECK_QUICK=1 (N 2K only), TNC_CHECK_SEQS ("2048 8192 32768"),
 # TNC_CHECK_BATCH (4), TNC_CHECK_T1_SEQ (2048), TNC_CHECK_BENCH_TIMEOUT (150 s per
-# bench), TNC_CHECK_PEERS=0 (skip the PyTorch peers), OUT_DIR (default out/).
+# bench), TNC_CHECK_PEERS=0 (skip the PyTorch peers), TNC_CHECK_PART (f32, the default;
+# bf16; all), OUT_DIR (default out/).
 set -u
 cd "$(dirname "$0")"
 DEVICE=${TNC_CHECK_DEVICE:-cuda}
@@ -35,13 +44,21 @@ START=$(date +%s)
 elapsed() { echo $(($(date +%s) - START)); }
 status=0
 PY=python3
+PART=${TNC_CHECK_PART:-f32}
+# part NAME: whether this run includes part NAME (f32 or bf16).
+part() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+case $PART in f32 | bf16 | all) ;; *)
+    echo "TNC_CHECK_PART must be f32, bf16 or all, not $PART"
+    exit 2
+    ;;
+esac
 
 echo "== host"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
 ldd --version 2>/dev/null | head -1
 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>/dev/null || echo "(no torch)"
 
-if [ -x bin/runtime-cuda-tests ] && [ "$DEVICE" = cuda ]; then
+if part f32 && [ -x bin/runtime-cuda-tests ] && [ "$DEVICE" = cuda ]; then
     echo "== runtime CUDA tests (hand-written PTX)"
     if TNC_RUN_BIN=$RUN timeout 120 bin/runtime-cuda-tests --test-threads 1 >"$OUT/runtime-tests.log" 2>&1; then
         grep -E "^test |test result" "$OUT/runtime-tests.log"
@@ -52,22 +69,24 @@ if [ -x bin/runtime-cuda-tests ] && [ "$DEVICE" = cuda ]; then
     fi
 fi
 
-echo "== correctness (tnc-run --device $DEVICE vs the interpreter in f64; rel L2 < 1e-3)"
+echo "== correctness (tnc-run --device $DEVICE vs the interpreter: f64, rel L2 < 1e-3; bf16 cases as compiled, < 1e-2)"
 for case in cases/*/; do
     [ -d "$case" ] || { echo "(no cases: prepare with scripts/gpu-prepare.sh)"; break; }
     case=${case%/}
     name=$(basename "$case")
+    part "$(cat "$case/part" 2>/dev/null || echo f32)" || continue
+    tol=$(cat "$case/tol" 2>/dev/null || echo 1e-3)
     bundle=$case/bundle
     [ -f "$case/bundle_ref" ] && bundle=$(cat "$case/bundle_ref")
     if timeout 180 $RUN "$bundle" --device "$DEVICE" --inputs "$case/inputs.safetensors" \
         --params "$case/params.safetensors" --out "$OUT/$name.safetensors" --grad >"$OUT/$name.log" 2>&1; then
-        $PY compare.py "$case/ref.safetensors" "$OUT/$name.safetensors" --label "$name" || status=1
+        $PY compare.py "$case/ref.safetensors" "$OUT/$name.safetensors" --label "$name" --tol "$tol" || status=1
         if [ "$DEVICE" = cuda ]; then
             # Again with every written buffer NaN-filled first: a kernel that misses part of
             # its output shows up as non-finite values.
             if timeout 180 $RUN "$bundle" --device "$DEVICE" --inputs "$case/inputs.safetensors" --debug-nan \
                 --params "$case/params.safetensors" --out "$OUT/$name.nan.safetensors" --grad >"$OUT/$name.nan.log" 2>&1; then
-                $PY compare.py "$case/ref.safetensors" "$OUT/$name.nan.safetensors" --label "$name (NaN-filled)" |
+                $PY compare.py "$case/ref.safetensors" "$OUT/$name.nan.safetensors" --label "$name (NaN-filled)" --tol "$tol" |
                     tail -1
                 [ "${PIPESTATUS[0]}" = 0 ] || status=1
             else
@@ -83,6 +102,7 @@ for case in cases/*/; do
     fi
 done
 
+if part f32; then
 echo "== training (tnc-train --device $DEVICE)"
 # train NAME [extra tnc-train args]: trains train/NAME with its flags into $OUT/train-NAME.
 train() {
@@ -116,6 +136,8 @@ for mode in graphs nographs; do
     TAG=.$mode train t1_full --no-checkpoints "${extra[@]}" &&
         $PY training.py step "$OUT/train-t1_full.$mode.log" "$mode" 4 2048 | tee -a "$RESULTS"
 done
+
+fi
 
 echo "== timing"
 # bench LABEL BUNDLE B N ITERS [extra tnc-run args]
@@ -153,6 +175,7 @@ bench() {
 SEQS=${TNC_CHECK_SEQS:-2048 8192 32768}
 [ "${TNC_CHECK_QUICK:-0}" = 1 ] && SEQS=2048
 BATCH=${TNC_CHECK_BATCH:-4}
+if part f32; then
 for n in $SEQS; do
     iters=10
     [ "$n" -ge 8192 ] && iters=5
@@ -173,7 +196,48 @@ if [ "$DEVICE" = cuda ] && [ "${TNC_CHECK_PEERS:-1}" = 1 ]; then
     }
 fi
 
-if [ "$DEVICE" = cuda ] && [ -f bench/t1_gemms.json ] && [ "$(elapsed)" -lt 480 ]; then
+fi
+
+if part bf16; then
+    echo "== bf16 (tensor cores)"
+    bench bench/transnormer_t1_bf16 "$BATCH" "${TNC_CHECK_T1_SEQ:-2048}" 5 --warmup 1 --vocab 267744
+    if [ "$DEVICE" = cuda ] && [ "${TNC_CHECK_PEERS:-1}" = 1 ]; then
+        # flash-linear-attention next to tnc's linear attention (f32 kernels: the attention
+        # ops keep f32 operands under --precision bf16) and the PyTorch chunked loop in bf16.
+        for w in wheels/*.whl; do
+            [ -f "$w" ] && $PY -m zipfile -e "$w" "$OUT/pylib" 2>/dev/null
+        done
+        for n in $SEQS; do
+            iters=10
+            [ "$n" -ge 8192 ] && iters=5
+            [ "$n" -ge 32768 ] && iters=3
+            part f32 || bench bench/linear_attention "$BATCH" "$n" "$iters" --warmup 1
+        done
+        seqs=$(echo "$SEQS" | tr ' ' ',')
+        budget=$((400 - $(elapsed)))
+        [ "$budget" -gt 20 ] || budget=20
+        echo "python3 peers.py --peers fla,chunk_loop --dtypes bf16"
+        PYTHONPATH=$OUT/pylib${PYTHONPATH:+:$PYTHONPATH} timeout $((budget + 60)) $PY peers.py --batch "$BATCH" --heads 32 \
+            --dim 128 --seqs "$seqs" --iters 10,5,3 --peers fla,chunk_loop --dtypes bf16 --budget-s "$budget" \
+            >>"$RESULTS" 2>"$OUT/peers-bf16.log" || {
+            echo "peers.py (bf16) failed or timed out:"
+            tail -5 "$OUT/peers-bf16.log"
+        }
+    fi
+    if [ "$DEVICE" = cuda ] && [ -f bench/t1_gemms_bf16.json ] && [ "$(elapsed)" -lt 480 ]; then
+        echo "== bf16 GEMM tiles (mma.sync) against cuBLAS in bf16 (T1's products at B 4, N 2048)"
+        if TNC_PROFILE=1 timeout 120 $RUN bench bench/transnormer_t1_bf16 --device cuda --batch 4 --seq 2048 --iters 1 \
+            --warmup 0 --vocab 267744 >"$OUT/t1-bf16-profile.out" 2>"$OUT/t1-bf16-profile.log"; then
+            $PY gemms.py compare bench/t1_gemms_bf16.json "$OUT/t1-bf16-profile.log" --dtype bf16 \
+                --peak "${TNC_CHECK_BF16_PEAK:-989}" 2>>"$RESULTS" || echo "(gemms.py failed)"
+        else
+            echo "(the profiled bf16 T1 run failed: see $OUT/t1-bf16-profile.log)"
+            tail -3 "$OUT/t1-bf16-profile.log"
+        fi
+    fi
+fi
+
+if part f32 && [ "$DEVICE" = cuda ] && [ -f bench/t1_gemms.json ] && [ "$(elapsed)" -lt 480 ]; then
     echo "== GEMM tiles against cuBLAS (T1's products at B 4, N 2048; TNC_PROFILE=1 times each launch)"
     if TNC_PROFILE=1 timeout 120 $RUN bench bench/transnormer_t1 --device cuda --batch 4 --seq 2048 --iters 1 \
         --warmup 0 --vocab 267744 >"$OUT/t1-profile.out" 2>"$OUT/t1-profile.log"; then
@@ -184,7 +248,7 @@ if [ "$DEVICE" = cuda ] && [ -f bench/t1_gemms.json ] && [ "$(elapsed)" -lt 480 
     fi
 fi
 
-echo "== results ($(elapsed) s; tnc kernels in f32; peers as labelled, TF32 off)"
+echo "== results ($(elapsed) s, part $PART; tnc's dtype as labelled (its attention kernels are f32); peers as labelled, TF32 off)"
 $PY table.py "$RESULTS"
 if [ $status = 0 ]; then echo "check: correctness OK"; else echo "check: correctness FAILED"; fi
 exit $status

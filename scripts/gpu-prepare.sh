@@ -17,6 +17,10 @@
 #   train/NAME/, NAME.flags training bundles and their tnc-train flags: the copy task,
 #                           T1-small (with train/t1_small.cpu.log, the CPU run's losses)
 #                           and full-size T1 (timed with and without CUDA graphs)
+#   cases/t1_tiny_bf16/, bench/transnormer_t1_bf16/, bench/t1_gemms_bf16.json
+#                           the bf16 part (`TNC_CHECK_PART=bf16 check.sh`): tensor cores
+#   wheels/                 fla-core and einops (pip download --no-deps; PyPI needed
+#                           here, none there) for flash-linear-attention as a peer
 #   check.sh, *.py          the check itself
 #
 # Environment: TNC_GPU_TARGET (default sm80), TNC_PREPARE_SKIP_BUILD=1 to reuse binaries,
@@ -96,6 +100,24 @@ compile "$C/bundle" models/transnormer_t1.tn "${T1_TINY[@]}"
 python3 "$GPU/make_inputs.py" "$C/inputs.safetensors" 1 tokens:i32:2x37:int\<64
 reference "$C" models/transnormer_t1.tn "$C/inputs.safetensors" "${T1_TINY[@]}"
 
+say "compiling tiny T1 with bf16 products (tensor cores) for $TARGET"
+C=$DEST/cases/t1_tiny_bf16
+mkdir -p "$C"
+compile "$C/bundle" models/transnormer_t1.tn "${T1_TINY[@]}" --precision bf16
+cp "$DEST/cases/t1_tiny/inputs.safetensors" "$C/inputs.safetensors"
+"$TNC" init models/transnormer_t1.tn "${T1_TINY[@]}" --seed 7 --out "$C/params.safetensors" >/dev/null
+# The reference is the interpreter on the model as compiled (its products' operands
+# rounded to bf16), in f32; tests/bundles.rs holds the CPU's bf16 bundles to 1e-2 of it.
+say "reference for t1_tiny_bf16 (interpreter, bf16 products, f32)"
+"$TNC" run models/transnormer_t1.tn "${T1_TINY[@]}" --precision bf16 --dtype f32 --inputs "$C/inputs.safetensors" \
+    --params "$C/params.safetensors" --out "$C/ref.safetensors" --grad >"$LOG" 2>&1 || {
+    say "error: the bf16 interpreter reference failed:"
+    sed 's/^/    /' "$LOG" >&2
+    exit 1
+}
+echo 1e-2 >"$C/tol"
+echo bf16 >"$C/part"
+
 say "compiling the linear attention (B any, H 32, d 128) for $TARGET"
 LA=$DEST/bench/linear_attention
 compile "$LA" models/bench/linear_attention.tn
@@ -112,6 +134,18 @@ compile "$DEST/bench/transnormer_t1" models/transnormer_t1.tn
 # like the GPU bundle's tiled kernels), for the GEMM tiles against cuBLAS.
 "$TNC" compile models/transnormer_t1.tn --target native -o "$SCRATCH/t1_cpu" >/dev/null
 python3 "$GPU/gemms.py" extract "$SCRATCH/t1_cpu/manifest.json" 4 2048 >"$DEST/bench/t1_gemms.json"
+say "compiling TransNormer T1 (full size) with bf16 products for $TARGET"
+compile "$DEST/bench/transnormer_t1_bf16" models/transnormer_t1.tn --precision bf16
+"$TNC" compile models/transnormer_t1.tn --target native --precision bf16 -o "$SCRATCH/t1_cpu_bf16" >/dev/null
+python3 "$GPU/gemms.py" extract "$SCRATCH/t1_cpu_bf16/manifest.json" 4 2048 >"$DEST/bench/t1_gemms_bf16.json"
+
+# flash-linear-attention (its ops live in fla-core; Triton and PyTorch are on the GPU
+# machine already), pinned, for check.sh to install with --no-deps.
+mkdir -p "$DEST/wheels"
+if ! pip download --quiet --no-deps --dest "$DEST/wheels" fla-core==0.6.0 einops==0.8.2 >"$LOG" 2>&1; then
+    say "warning: could not download fla-core and einops (no PyPI?); the fla peer will be skipped:"
+    sed 's/^/    /' "$LOG" >&2
+fi
 
 # Training: the copy task (as tests/learning.rs trains it on the emulated GPU), T1-small
 # (its first 50 losses against the CPU run's, computed here), full-size T1 (timed).

@@ -4,10 +4,12 @@
         (on the development machine) the products of a CPU bundle of the model — its
         library GEMM nodes, named like the GPU bundle's tiled kernels — with every size
         evaluated at B and N, and how often each runs in forward + backward
-    gemms.py compare gemms.json PROFILE_LOG [--iters K]
-        (on the GPU) each product timed with torch.matmul (cuBLAS, f32, TF32 off; row-major
-        operands) next to the time tnc's tiled kernel of the same name took in
-        `TNC_PROFILE=1 tnc-run bench` (PROFILE_LOG), as a table and JSON lines
+    gemms.py compare gemms.json PROFILE_LOG [--iters K] [--dtype f32|bf16] [--peak TFLOPS]
+        (on the GPU) each product timed with torch.matmul (cuBLAS; f32 with TF32 off, or
+        bf16 on tensor cores with f32 accumulation; row-major operands) next to the time
+        tnc's tiled kernel of the same name took in `TNC_PROFILE=1 tnc-run bench`
+        (PROFILE_LOG), as a table and JSON lines; with --peak, each rate as a fraction of
+        that peak (e.g. 989 for an H100/H200's dense bf16 tensor cores, 67 for its f32 FMA)
 """
 
 import json
@@ -55,10 +57,11 @@ def extract(manifest, b, n):
     return 0
 
 
-def compare(gemms, profile, iters):
+def compare(gemms, profile, iters, dtype="f32", peak=None):
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = False
+    dt = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
     spec = json.load(open(gemms))
     tnc = {}
     for line in open(profile):
@@ -68,11 +71,13 @@ def compare(gemms, profile, iters):
             t = tnc.setdefault(name, [0.0, 0])
             t[0] += ms
             t[1] += count
-    print("%-12s %5s %7s %7s %7s  %10s %10s %7s" % ("kernel", "batch", "M", "N", "K", "tnc ms", "cuBLAS ms", "ratio"))
+    print("%s products%s" % (dtype, " (rates as %% of %g TFLOP/s)" % peak if peak else ""))
+    print("%-12s %5s %7s %7s %7s  %10s %10s %7s %9s %9s" % (
+        "kernel", "batch", "M", "N", "K", "tnc ms", "cuBLAS ms", "ratio", "tnc TF/s", "cuBLAS"))
     tot_tnc = tot_ref = 0.0
     for g in spec["gemms"]:
-        a = torch.randn(g["batch"], g["m"], g["k"], device="cuda")
-        b = torch.randn(g["batch"], g["k"], g["n"], device="cuda")
+        a = torch.randn(g["batch"], g["m"], g["k"], device="cuda", dtype=dt)
+        b = torch.randn(g["batch"], g["k"], g["n"], device="cuda", dtype=dt)
         for _ in range(2):
             torch.bmm(a, b)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -84,10 +89,13 @@ def compare(gemms, profile, iters):
         ref = start.elapsed_time(end) / iters
         mine = tnc.get(g["name"])
         per = mine[0] / mine[1] if mine and mine[1] else None
-        rec = dict(g, cublas_ms=ref, tnc_ms=per)
-        print("%-12s %5d %7d %7d %7d  %10s %10.4f %7s" % (
+        flop = 2.0 * g["batch"] * g["m"] * g["n"] * g["k"]
+        rate = lambda ms: flop / (ms * 1e-3) / 1e12 if ms else None  # noqa: E731
+        shown = lambda r: "-" if r is None else ("%.1f%%" % (100 * r / peak) if peak else "%.1f" % r)  # noqa: E731
+        rec = dict(g, dtype=dtype, cublas_ms=ref, tnc_ms=per, tnc_tflops=rate(per), cublas_tflops=rate(ref))
+        print("%-12s %5d %7d %7d %7d  %10s %10.4f %7s %9s %9s" % (
             g["name"], g["batch"], g["m"], g["n"], g["k"], "%.4f" % per if per is not None else "-", ref,
-            "%.2f" % (per / ref) if per is not None and ref > 0 else "-"))
+            "%.2f" % (per / ref) if per is not None and ref > 0 else "-", shown(rate(per)), shown(rate(ref))))
         if per is not None:
             tot_tnc += per * g["launches"]
             tot_ref += ref * g["launches"]
@@ -102,7 +110,9 @@ def main(argv):
         return extract(argv[2], int(argv[3]), int(argv[4]))
     if len(argv) >= 4 and argv[1] == "compare":
         iters = int(argv[argv.index("--iters") + 1]) if "--iters" in argv else 10
-        return compare(argv[2], argv[3], iters)
+        dtype = argv[argv.index("--dtype") + 1] if "--dtype" in argv else "f32"
+        peak = float(argv[argv.index("--peak") + 1]) if "--peak" in argv else None
+        return compare(argv[2], argv[3], iters, dtype, peak)
     print(__doc__)
     return 2
 

@@ -7,7 +7,10 @@ timed forward (autograd recording, as in training) and forward + backward (dq, d
 Peers:
   quadratic   (q k^T masked to the causal triangle) v: O(N^2) time and memory;
   chunk_loop  chunks of 64 in a Python loop carrying the d x d state (intra-chunk
-              masked product plus q times the state of earlier chunks).
+              masked product plus q times the state of earlier chunks);
+  fla         flash-linear-attention's `chunk_simple_gla` (Triton kernels; no decay,
+              scale 1, inputs [B, N, H, d]), from the fla-core wheel gpu-prepare.sh
+              downloads (installed with --no-deps; skipped, and said so, when absent).
 Each in f32 (TF32 off: PyTorch's default for matmul) and in bf16 (inputs, products and
 state in bf16; the loss in f32). A shape whose O(N^2) scores would not fit is skipped;
 an out-of-memory error is reported as such. Prints one JSON line per measurement.
@@ -41,6 +44,13 @@ def chunk_loop(q, k, v, c=64):
         outs.append(intra + qc @ state)
         state = state + kc.transpose(-1, -2) @ vc
     return torch.cat(outs, dim=-2)
+
+
+def fla_simple_gla(q, k, v):
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    o, _ = chunk_simple_gla(q, k, v, scale=1.0)
+    return o
 
 
 def loss_of(o):
@@ -81,7 +91,7 @@ def main():
     seqs = [int(s) for s in a.seqs.split(",")]
     iters = [int(s) for s in a.iters.split(",")]
     iters += [iters[-1]] * (len(seqs) - len(iters))
-    fns = {"quadratic": quadratic, "chunk_loop": chunk_loop}
+    fns = {"quadratic": quadratic, "chunk_loop": chunk_loop, "fla": fla_simple_gla}
     dts = {"f32": torch.float32, "bf16": torch.bfloat16}
     for n, k_iters in zip(seqs, iters):
         for peer in a.peers.split(","):
@@ -99,9 +109,17 @@ def main():
                     print(json.dumps(rec), flush=True)
                     continue
                 fn = fns[peer]
+                if peer == "fla":
+                    try:
+                        import fla.ops.simple_gla  # noqa: F401
+                    except Exception as e:  # not installed, or it does not import here
+                        rec["error"] = "fla unavailable: " + str(e).splitlines()[0][:100]
+                        print(json.dumps(rec), flush=True)
+                        continue
                 try:
                     g = torch.Generator(device=dev).manual_seed(0)
-                    shape = (a.batch, a.heads, n, a.dim)
+                    # fla takes [B, N, H, d]; the others [B, H, N, d].
+                    shape = (a.batch, n, a.heads, a.dim) if peer == "fla" else (a.batch, a.heads, n, a.dim)
                     q, k, v = (torch.rand(shape, generator=g, device=dev, dtype=dt) * 2 - 1 for _ in range(3))
                     for t in (q, k, v):
                         t.requires_grad_(True)
@@ -119,8 +137,8 @@ def main():
                     rec["fwd_bwd_ms"] = time_ms(fwd_bwd, k_iters, warm)
                 except torch.cuda.OutOfMemoryError:
                     rec["error"] = "out of memory"
-                except RuntimeError as e:  # other CUDA errors: report, go on
-                    rec["error"] = str(e).splitlines()[0][:120]
+                except Exception as e:  # other CUDA or Triton errors: report, go on
+                    rec["error"] = (str(e).splitlines() or [type(e).__name__])[0][:120]
                 finally:
                     q = k = v = None
                     torch.cuda.empty_cache()
