@@ -96,3 +96,29 @@ fn ir_shows_the_schedule_of_a_target() {
     assert_eq!(code, 2);
     assert!(err.contains("--after schedule"), "{err}");
 }
+
+/// Output piped into a reader that stops early (`tnc ir … | head -1`): tnc ends quietly,
+/// killed by SIGPIPE as other Unix tools are, instead of panicking on the failed write.
+#[test]
+fn a_closed_pipe_ends_tnc_quietly() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tnc"))
+        .args(["ir", "models/transnormer_t1.tn", "--after", "schedule"])
+        .current_dir(repo())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tnc runs");
+    // Read the first bytes, then close the pipe (the schedule's text is megabytes long).
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 64];
+    stdout.read_exact(&mut first).unwrap();
+    drop(stdout);
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let status = child.wait().unwrap();
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    assert_eq!(status.signal(), Some(13), "ended by SIGPIPE: {status:?}\n{err}");
+}

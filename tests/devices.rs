@@ -10,7 +10,7 @@
 //! - the debug NaN fill and a rerun change nothing (bit for bit);
 //! - the optimizer entry points update the parameters as the CPU device does (1e-6);
 //! - parameters survive a round trip through a safetensors file;
-//! - bad arguments are errors naming what is wrong.
+//! - bad arguments are errors naming what is wrong, token ids outside the vocabulary too.
 
 mod common;
 use common::*;
@@ -145,6 +145,22 @@ fn suite(name: &str, mut ex: Executor, scratch: &Path) {
     assert!(e.contains("embedding") && e.contains("3 f32 values"), "{name}: {e}");
     let bad = tnc_runtime::Tensor::i32(vec![10], vec![0; 10]);
     assert!(matches!(ex.forward(&[("tokens", &bad)]), Err(ExecError::Input { .. })), "{name}: a bad shape");
+    // N = 0: the shifted targets would have N − 1 rows.
+    let empty = tnc_runtime::Tensor::i32(vec![1, 0], vec![]);
+    let e = ex.forward(&[("tokens", &empty)]).unwrap_err().to_string();
+    assert!(e.contains("the sizes B = 1, N = 0 are too small for this model"), "{name}: {e}");
+    // Token ids outside the vocabulary of 16 (an embedding row, a target word) are refused,
+    // not clamped, and so are negative ones.
+    for v in [16, -1] {
+        let mut ids = vec![3; 10];
+        ids[7] = v;
+        let bad = tnc_runtime::Tensor::i32(vec![2, 5], ids);
+        let e = ex.forward(&[("tokens", &bad)]).unwrap_err().to_string();
+        assert!(
+            e.contains("tokens") && e.contains(&format!("holds {v} at flat index 7, outside 0..16")),
+            "{name}: {e}"
+        );
+    }
     let e = ex.run("nonsense", &[]).unwrap_err().to_string();
     assert!(e.contains("no entry point `nonsense`"), "{name}: {e}");
     let e = ex.set_optimizer_buffer(OPTIMIZER_HYPER, &[1.0]).unwrap_err().to_string();

@@ -188,3 +188,29 @@ fn precision_other_than_f32_is_an_error() {
     assert!(shown.contains("`precision bf16` is not supported") && shown.contains("only `f32`"), "{shown}");
     assert!(shown.contains("bad.tn:3:13"), "{shown}");
 }
+
+/// Token ids index the embedding and name the loss's targets: the bounds found for the
+/// input are the vocabulary, and the interpreter refuses ids outside it (and
+/// non-integers) before evaluating anything, with the check every executor makes.
+#[test]
+fn token_ids_outside_the_vocabulary_are_refused() {
+    use std::collections::HashMap;
+    use tnc_compiler::interp::{evaluate, init_params, EvalOptions, Tensor};
+    let path = repo().join("models/transnormer_t1.tn");
+    let (sources, g) = elaborate_path(&path, &tiny_sets(&path));
+    let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    let bounds = tnc_compiler::ir::index_bounds::input_bounds(&g);
+    assert_eq!(bounds, vec![vec![tnc_compiler::ir::Dim::constant(32)]], "tokens index a vocabulary of 32");
+    let params = init_params(&g, 1).unwrap();
+    let run = |ids: Vec<f64>| {
+        let inputs = HashMap::from([("tokens".to_string(), Tensor { shape: vec![1, 4], data: ids })]);
+        evaluate(&g, &inputs, &params, &EvalOptions::default()).map(|_| ())
+    };
+    run(vec![0.0, 5.0, 31.0, 2.0]).unwrap();
+    let e = run(vec![0.0, 5.0, 32.0, 2.0]).unwrap_err();
+    assert!(e.contains("input `tokens` holds 32 at flat index 2, outside 0..32"), "{e}");
+    let e = run(vec![-1.0, 5.0, 3.0, 2.0]).unwrap_err();
+    assert!(e.contains("holds -1 at flat index 0"), "{e}");
+    let e = run(vec![0.0, 1.5, 3.0, 2.0]).unwrap_err();
+    assert!(e.contains("is i32 but holds 1.5"), "{e}");
+}

@@ -195,16 +195,19 @@ pub fn manifest(
             name: b.name.as_ref().map(|n| n.strip_prefix("grad.").unwrap_or(n).to_string()),
         })
         .collect();
+    let bounds = crate::ir::index_bounds::input_bounds(g);
     let inputs = g
         .inputs
         .iter()
         .zip(&s.inputs)
-        .map(|(i, &b)| m::IoEntry {
+        .zip(bounds)
+        .map(|((i, &b), bounds)| m::IoEntry {
             name: i.name.clone(),
             dtype: dtype(i.ty.dtype),
             shape: i.ty.shape.iter().map(poly).collect(),
             buffer: b,
             entry: "forward".into(),
+            bounds: bounds.iter().map(poly).collect(),
         })
         .collect();
     let outputs = g
@@ -217,6 +220,7 @@ pub fn manifest(
             shape: g.ty(*n).shape.iter().map(poly).collect(),
             buffer: *b,
             entry: if name.starts_with("grad.") { "backward".into() } else { "forward".into() },
+            bounds: Vec::new(),
         })
         .collect();
     let mut entry_points: BTreeMap<String, Vec<m::Step>> = BTreeMap::new();

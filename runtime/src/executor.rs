@@ -466,7 +466,16 @@ impl Executor {
         let mut lens = Vec::with_capacity(self.lens.len());
         for (i, b) in self.manifest.buffers.iter().enumerate() {
             let v = b.bytes.eval(&env).map_err(|e| ExecError::Sizes(format!("size of buffer {i}: {e}")))?;
-            let v = usize::try_from(v).map_err(|_| ExecError::Sizes(format!("buffer {i} has negative size {v}")))?;
+            let v = usize::try_from(v).map_err(|_| {
+                // A value such as the targets `tokens[:, 1:]` has N − 1 rows: N = 0 makes it
+                // negative. Say which sizes are too small, not which buffer broke.
+                let at = self.manifest.sizes.iter().zip(sizes).map(|(s, v)| format!("{s} = {v}")).collect::<Vec<_>>();
+                let what = b.name.as_deref().map(|n| format!(" (`{n}`)")).unwrap_or_default();
+                ExecError::Sizes(format!(
+                    "the sizes {} are too small for this model: buffer {i}{what} would have {v} bytes",
+                    at.join(", ")
+                ))
+            })?;
             lens.push(v);
         }
         let sized = |r: BufferRole| !matches!(r, BufferRole::Param | BufferRole::Optimizer);
@@ -692,6 +701,17 @@ fn bind_sizes(
         let ok = io.shape.iter().zip(&t.shape).all(|(d, &v)| d.eval(&env).ok() == Some(v as i64));
         if !ok {
             return Err(shape_err(io, t, Some(&env)));
+        }
+        // Indices outside their tables are an error, never clamped (`index_bounds.rs`).
+        if let (false, Some(values)) = (io.bounds.is_empty(), t.as_i32()) {
+            let bounds: Vec<i64> = io
+                .bounds
+                .iter()
+                .map(|b| b.eval(&env))
+                .collect::<Result<_, _>>()
+                .map_err(|e| ExecError::Input { name: io.name.clone(), message: format!("its bound: {e}") })?;
+            crate::index_bounds::check_values(values.iter().map(|&v| v as i64), &bounds)
+                .map_err(|message| ExecError::Input { name: io.name.clone(), message })?;
         }
     }
     Ok(sizes)

@@ -379,6 +379,10 @@ pub struct IoEntry {
     /// The entry point that takes (inputs) or produces (outputs) it; `forward` when absent.
     #[serde(default = "default_entry", skip_serializing_if = "is_forward")]
     pub entry: String,
+    /// An integer input that indexes tables: every value must lie in `0..b` for each `b`
+    /// (evaluated at the run's sizes), checked before a run (`index_bounds.rs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bounds: Vec<Poly>,
 }
 
 fn default_entry() -> String {

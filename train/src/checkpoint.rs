@@ -120,7 +120,31 @@ fn encode(ckpt: &Checkpoint) -> Result<Vec<u8>, String> {
         let view = TensorView::new(Dtype::F32, shape.clone(), bytes).map_err(|e| format!("tensor `{name}`: {e}"))?;
         views.push((name.as_str(), view));
     }
-    safetensors::serialize(views, Some(header.into_iter().collect::<HashMap<_, _>>())).map_err(|e| e.to_string())
+    let bytes = safetensors::serialize(views, Some(header.into_iter().collect::<HashMap<_, _>>()))
+        .map_err(|e| e.to_string())?;
+    sorted_header(bytes)
+}
+
+/// The safetensors file `bytes` with its JSON header's keys in sorted order (the crate
+/// writes the metadata from a `HashMap`, in a different order every run), so that the
+/// same checkpoint is the same bytes. The data section is unchanged: its offsets are
+/// relative to its own start.
+fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
+    let bad = || "the safetensors writer produced no header".to_string();
+    let len = u64::from_le_bytes(bytes.get(..8).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+    let end = 8usize.checked_add(len).filter(|&e| e <= bytes.len()).ok_or_else(bad)?;
+    // serde_json's maps are ordered by key (no `preserve_order` feature).
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..end]).map_err(|e| e.to_string())?;
+    let mut text = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+    // The data starts 8-byte aligned, as the writer pads it: with spaces.
+    while !(8 + text.len()).is_multiple_of(8) {
+        text.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - end);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[end..]);
+    Ok(out)
 }
 
 fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
@@ -287,6 +311,21 @@ mod tests {
         assert_eq!(path, dir.path().join("ckpt-00000042.safetensors"));
         assert_eq!(load(&path).unwrap(), sample(42));
         assert_eq!(names(dir.path()), vec!["ckpt-00000042.safetensors"]);
+    }
+
+    /// The same checkpoint encodes to the same bytes every time (the metadata's keys
+    /// sorted), and still decodes to itself. HashMaps are seeded per instance, so several
+    /// encodings in one process would already differ without the sorting.
+    #[test]
+    fn the_same_checkpoint_is_the_same_bytes() {
+        let first = encode(&sample(5)).unwrap();
+        for _ in 0..8 {
+            assert_eq!(encode(&sample(5)).unwrap(), first);
+        }
+        let back = decode(&first).unwrap();
+        assert_eq!((back.step, back.tensors.len()), (5, sample(5).tensors.len()));
+        let header_len = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
+        assert_eq!((8 + header_len) % 8, 0, "the data is 8-byte aligned");
     }
 
     #[test]

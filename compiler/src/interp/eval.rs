@@ -167,6 +167,21 @@ fn bind_symbols(
     if let Some(extra) = inputs.keys().find(|k| !g.inputs.iter().any(|i| &i.name == *k)) {
         return Err(format!("graph `{}` has no input `{extra}`", g.name));
     }
+    // Integer inputs that index tables: the check every executor makes, before any op.
+    for (info, bounds) in g.inputs.iter().zip(crate::ir::index_bounds::input_bounds(g)) {
+        let t = &inputs[&info.name];
+        if info.ty.dtype == crate::ir::DType::I32 {
+            if let Some((i, v)) = t.data.iter().enumerate().find(|(_, v)| v.fract() != 0.0 || !v.is_finite()) {
+                return Err(format!("input `{}` is i32 but holds {v} at flat index {i}", info.name));
+            }
+        }
+        let limits: Vec<i64> = bounds
+            .iter()
+            .map(|b| b.eval(&|s| symbols.get(s).copied()).ok_or_else(|| format!("cannot evaluate the bound `{b}`")))
+            .collect::<Result<_, _>>()?;
+        tnc_runtime::index_bounds::check_values(t.data.iter().map(|&v| v as i64), &limits)
+            .map_err(|e| format!("input `{}` {e}", info.name))?;
+    }
     Ok(symbols)
 }
 

@@ -3,6 +3,7 @@
 pub mod cross_entropy;
 pub mod dim;
 pub mod graph;
+pub mod index_bounds;
 pub mod infer;
 pub mod normal_form;
 pub mod op;

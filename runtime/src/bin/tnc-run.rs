@@ -115,6 +115,7 @@ struct BenchArgs {
 type Error = Box<dyn std::error::Error>;
 
 fn main() -> ExitCode {
+    tnc_runtime::pipes::die_on_closed_pipe();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let result = if args.get(1).is_some_and(|a| a == "bench") {
         let mut rest = vec![args[0].clone()];

@@ -52,6 +52,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    tnc_runtime::pipes::die_on_closed_pipe();
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {
