@@ -179,11 +179,18 @@ pub(crate) fn train_one(
     }
     let mut speeds = Vec::new();
     let mut eval = None;
+    tnc_train::interrupt::install();
+    // Without a terminal (a log file, CI) the bar is hidden: a plain line every 5% of the run.
+    let every = (cfg.steps / 20).max(1);
     while !trainer.done() {
         let r = trainer.step().map_err(fail)?;
         speeds.push(r.tokens_per_s);
         bar.set_position(r.step);
-        bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", r.loss, r.lr, r.tokens_per_s));
+        let progress = format!("loss {:.4} lr {:.2e} {:.0} tok/s", r.loss, r.lr, r.tokens_per_s);
+        if bar.is_hidden() && (r.step.is_multiple_of(every) || r.step == cfg.steps) {
+            eprintln!("step {}/{}: {progress}", r.step, cfg.steps);
+        }
+        bar.set_message(progress);
         if trainer.eval_due() {
             let e = trainer.evaluate().map_err(fail)?;
             say(bar, &format!("step {}: {}", r.step, describe_eval(&e, &data)));
@@ -191,6 +198,20 @@ pub(crate) fn train_one(
         }
         if trainer.save_due() {
             trainer.save().map_err(fail)?;
+        }
+        if tnc_train::interrupt::requested() {
+            let path = trainer.save().map_err(fail)?;
+            bar.abandon();
+            return Err(Failure {
+                diagnostic: Diagnostic::error(format!(
+                    "interrupted after step {}: checkpoint {} written",
+                    r.step,
+                    path.display()
+                ))
+                .with_hint("continue the run with the same command and `--resume`"),
+                sources: tnc_grammar::SourceMap::new(),
+                status: tnc_train::interrupt::EXIT_STATUS,
+            });
         }
     }
     if eval.is_none() {

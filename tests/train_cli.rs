@@ -304,3 +304,47 @@ fn gpu_training_without_a_driver_fails_before_compiling() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// Ctrl-C (SIGINT) during a run: it finishes the step it is in, writes a checkpoint of
+/// that step, says where, and exits with status 130; that checkpoint is the latest and
+/// whole. Without a terminal, progress is a plain line every 5% of the steps.
+#[test]
+fn an_interrupted_run_checkpoints_the_step_it_finished_and_exits_130() {
+    const STEPS: u64 = 2000;
+    let run = fresh("interrupted");
+    let mut child = train(&run, STEPS, &[]).spawn().unwrap();
+    let metrics = run.join("metrics.jsonl");
+    let started = Instant::now();
+    // Wait for a few steps (the run would take far longer than this test waits).
+    while tnc_train::metrics::read(&metrics).map_or(0, |r| r.len()) < 3 {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            panic!("the run ended by itself ({status}): {}", String::from_utf8_lossy(&out.stderr));
+        }
+        assert!(started.elapsed().as_secs() < 120, "the run did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    let step: u64 = err
+        .split("interrupted after step ")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no step named: {err}"));
+    assert!(step >= 3 && step < STEPS, "{err}");
+    assert!(err.contains(&checkpoint::file_name(step)) && err.contains("--resume"), "{err}");
+    // The latest checkpoint is that step's, and whole.
+    assert_eq!(ckpt(&run, step).step, step);
+    let (path, latest, _) = checkpoint::latest_valid(&run.join("checkpoints")).unwrap().unwrap();
+    assert_eq!(latest.step, step, "{}", path.display());
+    // One metrics line per finished step.
+    let losses = tnc_train::metrics::read(&metrics).unwrap().iter().filter(|r| r.get("loss").is_some()).count();
+    assert_eq!(losses as u64, step);
+    if step >= STEPS / 20 {
+        assert!(err.contains(&format!("step {}/{STEPS}: loss", STEPS / 20)), "progress lines: {err}");
+    }
+}

@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod flags;
+pub mod interrupt;
 pub mod lr;
 pub mod metrics;
 pub mod plot;

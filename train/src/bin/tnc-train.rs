@@ -61,7 +61,7 @@ fn main() -> ExitCode {
         }
     };
     match train(&args) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(1)
@@ -69,7 +69,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn train(a: &Args) -> Result<(), String> {
+/// Trains; the exit status is 130 when a signal stopped the run (see `interrupt.rs`).
+fn train(a: &Args) -> Result<ExitCode, String> {
     let data = DataSource::parse(&a.run.data)?;
     let cfg = a.run.config();
     let bundle = Bundle::load(&a.bundle).map_err(|e| format!("{}: {e}", a.bundle.display()))?;
@@ -89,6 +90,7 @@ fn train(a: &Args) -> Result<(), String> {
     ]);
     let mut trainer =
         Trainer::new(exec, data.clone(), cfg, &a.out, a.resume, meta, &mut |w| eprintln!("warning: {w}"))?;
+    tnc_train::interrupt::install();
     while !trainer.done() {
         let r = trainer.step()?;
         println!(
@@ -103,8 +105,21 @@ fn train(a: &Args) -> Result<(), String> {
         if trainer.save_due() && !a.no_checkpoints {
             trainer.save()?;
         }
+        if tnc_train::interrupt::requested() {
+            if a.no_checkpoints {
+                eprintln!("tnc-train: interrupted after step {} (--no-checkpoints: nothing written)", r.step);
+            } else {
+                let path = trainer.save()?;
+                eprintln!(
+                    "tnc-train: interrupted after step {}: checkpoint {} written; continue with --resume",
+                    r.step,
+                    path.display()
+                );
+            }
+            return Ok(ExitCode::from(tnc_train::interrupt::EXIT_STATUS));
+        }
     }
     let bytes = trainer.executor().allocated_bytes();
     println!("allocated {bytes} bytes ({:.1} MiB)", bytes as f64 / 1048576.0);
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
