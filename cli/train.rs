@@ -165,8 +165,10 @@ pub(crate) fn train_one(
         ("bundle".to_string(), info.bundle.display().to_string()),
     ]);
     let mut trainer =
-        Trainer::new(exec, data.clone(), cfg.clone(), out, resume, meta, &mut |w| say(bar, &format!("warning: {w}")))
-            .map_err(fail)?;
+        Trainer::new(exec, data.clone(), cfg.clone(), out, resume, &flags.run.allow_changed, meta, &mut |w| {
+            say(bar, &format!("warning: {w}"))
+        })
+        .map_err(fail)?;
     write_atomically(&out.join("run.json"), serde_json::to_string_pretty(&info).expect("serializable").as_bytes())?;
 
     bar.set_style(

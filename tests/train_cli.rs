@@ -175,7 +175,8 @@ fn a_checkpoint_resumes_on_the_other_device() {
     ] {
         let run = fresh(tag);
         run_ok(train_bundle(&first.0, &run, 10, first.1));
-        let resume: Vec<&str> = then.1.iter().copied().chain(["--resume"]).collect();
+        // Extending the run from 10 to 20 steps (a constant schedule: the same steps).
+        let resume: Vec<&str> = then.1.iter().copied().chain(["--resume", "--allow-changed", "steps"]).collect();
         let (_, err) = run_ok(train_bundle(&then.0, &run, 20, &resume));
         assert!(
             err.contains("written by the same model compiled for") && err.contains("not bit-identically"),
@@ -202,7 +203,7 @@ fn a_truncated_latest_checkpoint_is_refused_and_the_previous_one_is_used() {
     let latest = run.join("checkpoints").join(checkpoint::file_name(6));
     let bytes = std::fs::read(&latest).unwrap();
     std::fs::write(&latest, &bytes[..bytes.len() / 2]).unwrap();
-    let (_, err) = run_ok(train(&run, 8, &["--resume"]));
+    let (_, err) = run_ok(train(&run, 8, &["--resume", "--allow-changed", "steps"]));
     assert!(err.contains(&checkpoint::file_name(6)), "the warning names the bad checkpoint: {err}");
     assert!(err.contains("resuming") && err.contains("at step 5"), "resumed from step 5: {err}");
     assert_bit_identical(&ckpt(&reference, 8), &ckpt(&run, 8));
@@ -347,4 +348,25 @@ fn an_interrupted_run_checkpoints_the_step_it_finished_and_exits_130() {
     if step >= STEPS / 20 {
         assert!(err.contains(&format!("step {}/{STEPS}: loss", STEPS / 20)), "progress lines: {err}");
     }
+}
+
+/// `--resume` with settings that would change what the run computes is refused, naming
+/// each difference and the flag that allows it (a changed `--data` too: the trainer's unit
+/// tests); `--allow-changed` lets them through with a
+/// warning; an unknown name there is an error listing the valid ones.
+#[test]
+fn resuming_with_other_settings_is_refused_unless_allowed() {
+    let run = fresh("changed");
+    run_ok(train(&run, 3, &[]));
+    let o = train(&run, 5, &["--resume", "--lr", "3e-2"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("--steps 3 (now 5)") && err.contains("--lr 0.01 (now 0.03)"), "{err}");
+    assert!(err.contains("--allow-changed steps,lr"), "{err}");
+    let (_, err) = run_ok(train(&run, 5, &["--resume", "--allow-changed", "steps"]));
+    assert!(err.contains("resuming with --steps 5 (the run had 3)"), "{err}");
+    assert_eq!(ckpt(&run, 5).step, 5);
+    let o = train(&run, 5, &["--resume", "--allow-changed", "threads"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("`threads` is not a setting") && err.contains("weight-decay"), "{err}");
 }

@@ -65,6 +65,12 @@ pub struct RunFlags {
     /// Worker threads (default: every core). Bit-identical results need the same count.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// With --resume: settings allowed to differ from the checkpoint's run, by flag name
+    /// (e.g. `steps,lr`). Without it a resume that would change the result is refused. A
+    /// changed --steps re-plans the learning-rate schedule for the new length from the
+    /// resume step on (the rate jumps where cosine decay differs).
+    #[arg(long, value_delimiter = ',', value_name = "FLAGS")]
+    pub allow_changed: Vec<String>,
 }
 
 impl RunFlags {

@@ -126,18 +126,29 @@ impl Trainer {
     /// A trainer running `exec` (an executor of a training bundle, on any device) and
     /// writing into `run_dir`. With `resume`, continues from the latest valid checkpoint
     /// there (`warn` hears about skipped corrupt ones, and about a checkpoint of the same
-    /// model written on another target or device, which resumes but not bit for bit);
+    /// model written on another target or device, which resumes but not bit for bit),
+    /// refusing settings that differ from the checkpoint's run unless `allow_changed`
+    /// names them ([`changed_settings`]);
     /// without, the parameters are initialized from the seed and `run_dir` must hold no
     /// checkpoint.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         mut exec: Executor,
         data: DataSource,
         cfg: Config,
         run_dir: &Path,
         resume: bool,
+        allow_changed: &[String],
         meta: BTreeMap<String, String>,
         warn: &mut dyn FnMut(&str),
     ) -> Result<Trainer, String> {
+        if let Some(bad) = allow_changed.iter().find(|a| !RESULT_FLAGS.iter().any(|f| f.0 == a.as_str())) {
+            let names: Vec<&str> = RESULT_FLAGS.iter().map(|f| f.0).collect();
+            return Err(format!(
+                "--allow-changed: `{bad}` is not a setting that changes a run (those are: {})",
+                names.join(", ")
+            ));
+        }
         let m = exec.manifest().clone();
         for entry in ["forward", "backward", "accumulate", "grad_norm", "step"] {
             if m.entry_points.get(entry).is_none_or(|s| s.is_empty()) {
@@ -204,6 +215,23 @@ impl Trainer {
                             ckpt.threads,
                             cfg.threads
                         ));
+                    }
+                    let changed = changed_settings(&ckpt.meta, &cfg, meta.get("data"), warn)?;
+                    let refused: Vec<&Change> =
+                        changed.iter().filter(|c| !allow_changed.iter().any(|a| a == c.flag)).collect();
+                    if !refused.is_empty() {
+                        let list: Vec<String> =
+                            refused.iter().map(|c| format!("--{} {} (now {})", c.flag, c.was, c.now)).collect();
+                        let flags: Vec<&str> = refused.iter().map(|c| c.flag).collect();
+                        return Err(format!(
+                            "{} was written by a run with other settings: {}; resuming would change what the run computes. Resume with the same flags, or allow the changes with `--allow-changed {}`",
+                            path.display(),
+                            list.join(", "),
+                            flags.join(",")
+                        ));
+                    }
+                    for c in &changed {
+                        warn(&format!("resuming with --{} {} (the run had {})", c.flag, c.now, c.was));
                     }
                     restore(&mut exec, &ckpt, &trainable).map_err(|e| format!("{}: {e}", path.display()))?;
                     (ckpt.step, ckpt.data_position)
@@ -400,6 +428,70 @@ impl Trainer {
     }
 }
 
+/// The flags whose values decide what a run computes, and [`Config`]'s field for each
+/// (`data` is the checkpoint's metadata). Evaluation, checkpointing and thread counts are
+/// not among them (threads are warned about separately).
+const RESULT_FLAGS: &[(&str, &str)] = &[
+    ("steps", "steps"),
+    ("batch", "batch"),
+    ("seq", "seq"),
+    ("lr", "lr"),
+    ("accumulate", "accumulate"),
+    ("warmup", "warmup"),
+    ("schedule", "schedule"),
+    ("clip", "clip"),
+    ("seed", "seed"),
+    ("beta1", "beta1"),
+    ("beta2", "beta2"),
+    ("eps", "eps"),
+    ("weight-decay", "weight_decay"),
+    ("data", ""),
+];
+
+/// A setting that differs between a checkpoint's run and this one.
+#[derive(Debug)]
+pub struct Change {
+    pub flag: &'static str,
+    pub was: String,
+    pub now: String,
+}
+
+/// The settings of `cfg` (and the data source `data`) that differ from those of the run
+/// that wrote a checkpoint with metadata `meta`. A checkpoint without its configuration
+/// (written before tnc recorded it) is not compared, and `warn` says so.
+pub fn changed_settings(
+    meta: &BTreeMap<String, String>,
+    cfg: &Config,
+    data: Option<&String>,
+    warn: &mut dyn FnMut(&str),
+) -> Result<Vec<Change>, String> {
+    let Some(saved) = meta.get("config") else {
+        warn("the checkpoint does not record its run's settings; they are not compared");
+        return Ok(Vec::new());
+    };
+    let saved: serde_json::Value =
+        serde_json::from_str(saved).map_err(|e| format!("the checkpoint's settings are unreadable: {e}"))?;
+    let now = serde_json::to_value(cfg).map_err(|e| e.to_string())?;
+    let shown = |v: Option<&serde_json::Value>| match v {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+        None => "(unset)".into(),
+    };
+    let mut out = Vec::new();
+    for &(flag, field) in RESULT_FLAGS {
+        let (was, is) = if field.is_empty() {
+            (meta.get("data").cloned(), data.cloned())
+        } else {
+            (Some(shown(saved.get(field))), Some(shown(now.get(field))))
+        };
+        if was != is {
+            let none = || "(unset)".to_string();
+            out.push(Change { flag, was: was.unwrap_or_else(none), now: is.unwrap_or_else(none) });
+        }
+    }
+    Ok(out)
+}
+
 /// A scalar f32 output.
 fn scalar(exec: &Executor, name: &str) -> Result<f64, String> {
     let t = exec.output(name).map_err(|e| e.to_string())?;
@@ -465,4 +557,42 @@ pub fn evaluate(exec: &mut Executor, batches: &[Batch]) -> Result<EvalReport, St
         answers,
         sequences,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        let flags = <crate::flags::RunFlags as clap::FromArgMatches>::from_arg_matches(
+            &<crate::flags::RunFlags as clap::Args>::augment_args(clap::Command::new("t")).get_matches_from(["t"]),
+        )
+        .unwrap();
+        flags.config()
+    }
+
+    /// The settings that decide a run's result are compared, the data source too; the
+    /// others (evaluation, checkpoints, threads) are not.
+    #[test]
+    fn changed_settings_are_the_ones_that_change_the_result() {
+        let saved = config();
+        let data = "copy".to_string();
+        let meta = BTreeMap::from([
+            ("config".to_string(), serde_json::to_string(&saved).unwrap()),
+            ("data".to_string(), data.clone()),
+        ]);
+        let mut warnings = Vec::new();
+        let mut warn = |w: &str| warnings.push(w.to_string());
+        let now = Config { eval_every: 7, save_every: 3, keep_last: 9, threads: 64, ..saved.clone() };
+        assert!(changed_settings(&meta, &now, Some(&data), &mut warn).unwrap().is_empty());
+        let now = Config { lr: 0.5, weight_decay: 0.0, ..saved.clone() };
+        let other = "mqar".to_string();
+        let changed = changed_settings(&meta, &now, Some(&other), &mut warn).unwrap();
+        let flags: Vec<&str> = changed.iter().map(|c| c.flag).collect();
+        assert_eq!(flags, ["lr", "weight-decay", "data"]);
+        assert_eq!((changed[2].was.as_str(), changed[2].now.as_str()), ("copy", "mqar"));
+        // A checkpoint from before settings were recorded: not compared, and said so.
+        assert!(changed_settings(&BTreeMap::new(), &now, None, &mut warn).unwrap().is_empty());
+        assert!(warnings.iter().any(|w| w.contains("does not record")));
+    }
 }

@@ -88,8 +88,9 @@ fn train(a: &Args) -> Result<ExitCode, String> {
         ("data".to_string(), data.to_string()),
         ("bundle".to_string(), a.bundle.display().to_string()),
     ]);
-    let mut trainer =
-        Trainer::new(exec, data.clone(), cfg, &a.out, a.resume, meta, &mut |w| eprintln!("warning: {w}"))?;
+    let mut trainer = Trainer::new(exec, data.clone(), cfg, &a.out, a.resume, &a.run.allow_changed, meta, &mut |w| {
+        eprintln!("warning: {w}")
+    })?;
     tnc_train::interrupt::install();
     while !trainer.done() {
         let r = trainer.step()?;
