@@ -39,7 +39,13 @@ pub struct EvalArgs {
 pub fn run(args: &EvalArgs) -> Result<(), Failure> {
     let (path, ckpt) = find_checkpoint(&args.run)?;
     let meta = |k: &str| ckpt.meta.get(k).cloned();
-    let bundle_dir = meta("bundle").ok_or_else(|| fail(format!("{} does not name its bundle", path.display())))?;
+    let named = meta("bundle").ok_or_else(|| fail(format!("{} does not name its bundle", path.display())))?;
+    // Runs keep their bundle, named relative to the run directory (older runs named a path
+    // in the compile cache); the checkpoint is RUN/checkpoints/ckpt-….safetensors.
+    let bundle_dir = match path.parent().and_then(Path::parent) {
+        Some(run) if Path::new(&named).is_relative() => run.join(&named).display().to_string(),
+        _ => named,
+    };
     let config: Config = meta("config")
         .and_then(|c| serde_json::from_str(&c).ok())
         .ok_or_else(|| fail(format!("{} has no readable training configuration", path.display())))?;

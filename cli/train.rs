@@ -95,6 +95,51 @@ pub(crate) fn resolve_bundle(
     bundle_cache::training_bundle(&args, (&target, flags.precision.policy()), status)
 }
 
+/// The run directory's copy of its bundle, relative to the run directory (as `run.json`
+/// and the checkpoints name it).
+pub(crate) const RUN_BUNDLE: &str = "bundle";
+
+/// Copies the bundle `from` into `run/bundle` (unless it is that directory, or an
+/// identical copy is there already: same manifest checksum), through a temporary
+/// directory renamed into place; returns the copy.
+fn keep_bundle(from: &Path, run: &Path) -> Result<PathBuf, String> {
+    let to = run.join(RUN_BUNDLE);
+    let same_dir = |a: &Path, b: &Path| {
+        std::fs::canonicalize(a).ok().zip(std::fs::canonicalize(b).ok()).is_some_and(|(a, b)| a == b)
+    };
+    if same_dir(from, &to) {
+        return Ok(to);
+    }
+    let hash = tnc_train::trainer::bundle_hash(from)?;
+    if to.is_dir() && tnc_train::trainer::bundle_hash(&to).ok().as_ref() == Some(&hash) {
+        return Ok(to);
+    }
+    let tmp = run.join(format!(".{RUN_BUNDLE}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    copy_dir(from, &tmp).map_err(|e| format!("copying the bundle {} into {}: {e}", from.display(), run.display()))?;
+    if to.exists() {
+        // Another bundle (the run's model changed; `--resume` then refuses its checkpoints
+        // by their bundle hash, or continues the same model compiled for another target).
+        std::fs::remove_dir_all(&to).map_err(|e| format!("{}: {e}", to.display()))?;
+    }
+    std::fs::rename(&tmp, &to).map_err(|e| format!("{}: {e}", to.display()))?;
+    Ok(to)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
 /// What `run.json` records about a run.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub(crate) struct RunInfo {
@@ -156,19 +201,23 @@ pub(crate) fn train_one(
         model: model.display().to_string(),
         sets: sets.to_vec(),
         data: data.to_string(),
-        bundle: std::fs::canonicalize(&bundle_dir).unwrap_or(bundle_dir.clone()),
+        bundle: PathBuf::from(RUN_BUNDLE),
         config: cfg.clone(),
     };
     let meta = BTreeMap::from([
         ("model".to_string(), info.model.clone()),
         ("data".to_string(), info.data.clone()),
-        ("bundle".to_string(), info.bundle.display().to_string()),
+        ("bundle".to_string(), RUN_BUNDLE.to_string()),
     ]);
     let mut trainer =
         Trainer::new(exec, data.clone(), cfg.clone(), out, resume, &flags.run.allow_changed, meta, &mut |w| {
             say(bar, &format!("warning: {w}"))
         })
         .map_err(fail)?;
+    // The run keeps its own copy of the bundle (once the trainer has accepted the run
+    // directory), so that `tnc eval` and `--resume` work after the compile cache is
+    // cleared and after the run directory is moved.
+    keep_bundle(&bundle_dir, out).map_err(fail)?;
     write_atomically(&out.join("run.json"), serde_json::to_string_pretty(&info).expect("serializable").as_bytes())?;
 
     bar.set_style(

@@ -241,6 +241,35 @@ fn eval_reports_loss_and_accuracy_of_a_run() {
     assert!(out.contains("eval loss") && out.contains("perplexity") && out.contains("accuracy"), "{out}");
 }
 
+/// A run directory holds its own bundle (`RUN/bundle`, named relatively in `run.json` and
+/// the checkpoints): moved elsewhere, it still evaluates and resumes, from that copy.
+#[test]
+fn a_moved_run_directory_evaluates_and_resumes_from_its_own_bundle() {
+    let run = fresh("self-contained");
+    run_ok(train(&run, 3, &[]));
+    assert!(run.join("bundle/manifest.json").is_file());
+    let info: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("run.json")).unwrap()).unwrap();
+    assert_eq!(info["bundle"], "bundle");
+    assert_eq!(ckpt(&run, 3).meta["bundle"], "bundle");
+    let moved = fresh("self-contained-moved");
+    std::fs::rename(&run, &moved).unwrap();
+    let eval = || {
+        let mut c = tnc();
+        c.arg("eval").arg(&moved).args(["--threads", "2"]).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.output().unwrap()
+    };
+    let o = eval();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("at step 3"));
+    // It is the run's copy that eval uses.
+    std::fs::rename(moved.join("bundle"), moved.join("elsewhere")).unwrap();
+    let o = eval();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("bundle"));
+    std::fs::rename(moved.join("elsewhere"), moved.join("bundle")).unwrap();
+    run_ok(train_bundle(&moved.join("bundle"), &moved, 5, &["--resume", "--allow-changed", "steps"]));
+    assert_eq!(ckpt(&moved, 5).step, 5);
+}
+
 #[test]
 fn ablate_trains_every_variant_and_writes_one_table_and_one_plot() {
     let out = fresh("ablate");
