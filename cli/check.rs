@@ -51,6 +51,23 @@ pub fn summary(g: &Graph, file: &str) -> String {
         total as f64 / 1e6,
         thousands(buffers)
     );
+    // Training keeps each parameter, its gradient and AdamW's two moments in f32.
+    let params = total + buffers;
+    let state = total * 16 + buffers * 4;
+    let human = tnc_runtime::host_memory::human;
+    let _ = writeln!(
+        s,
+        "memory: {} of parameters; training state {} (f32 parameters, gradients and AdamW moments), plus activations (`tnc compile --report` at given sizes)",
+        human(params * 4),
+        human(state)
+    );
+    if let Some(avail) = tnc_runtime::host_memory::available_bytes().filter(|&a| u128::from(a) < state) {
+        let _ = writeln!(
+            s,
+            "warning: training this model needs more than the {} this machine has available",
+            human(avail.into())
+        );
+    }
     let mut blocks: BTreeMap<String, (usize, u128)> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     for p in g.params.iter().filter(|p| p.trainable) {

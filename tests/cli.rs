@@ -21,6 +21,32 @@ fn check_prints_a_summary() {
     assert!(out.contains("tokens: i32[B, N]"), "{out}");
     assert!(out.contains("loss: f32[]"), "{out}");
     assert!(out.contains("layers.5"), "{out}");
+    assert!(out.contains("memory: 595.05 MiB of parameters; training state 2.32 GiB"), "{out}");
+}
+
+/// A model whose training state cannot fit this machine: `tnc check` warns with the
+/// figure, and `tnc train` refuses before allocating anything (no run directory appears).
+#[test]
+fn a_model_too_large_for_the_machine_is_refused_up_front() {
+    let (code, out, _) = tnc(&["check", "models/transnormer_t1.tn", "--set", "vocab=2**31"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("warning: training this model needs more than the"), "{out}");
+    let run = std::env::temp_dir().join(format!("tnc-cli-too-large-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run);
+    let cache = std::env::temp_dir().join(format!("tnc-cli-too-large-cache-{}", std::process::id()));
+    let o = Command::new(env!("CARGO_BIN_EXE_tnc"))
+        .args(["train", "models/tasks/mqar_t2.tn", "--data", "mqar", "--set", "dim=32768", "--set", "glu_dim=64"])
+        .args(["--steps", "2", "--batch", "2", "--seq", "16", "--out"])
+        .arg(&run)
+        .env("TNC_CACHE_DIR", &cache)
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("the model does not fit on cpu") && err.contains("GiB are free"), "{err}");
+    assert!(!run.exists(), "nothing was written");
+    let _ = std::fs::remove_dir_all(&cache);
 }
 
 #[test]

@@ -286,6 +286,12 @@ impl Device for CpuDevice {
         format!("cpu: {} thread{s}{products}", self.threads)
     }
 
+    /// What the machine has available: a run that cannot fit is refused before its
+    /// buffers are allocated (`executor::check_fits`), not killed by the allocator later.
+    fn free_bytes(&self) -> Option<usize> {
+        crate::host_memory::available_bytes().and_then(|b| usize::try_from(b).ok())
+    }
+
     fn resize(&mut self, buffer: usize, len: usize) -> Result<(), ExecError> {
         if self.bufs[buffer].resize(len)? {
             // Bound pointers may address the old allocation.

@@ -39,6 +39,7 @@ pub mod device;
 pub mod error;
 pub mod executor;
 pub mod gemm;
+pub mod host_memory;
 pub mod index_bounds;
 pub mod init;
 pub mod manifest;

@@ -607,6 +607,17 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 impl Manifest {
+    /// Bytes of every buffer the executor allocates (parameters, gradients, optimizer
+    /// state, activations, workspaces) at the sizes `env`, before allocating any.
+    pub fn bytes_at(&self, env: &HashMap<&str, i64>) -> Result<u128, String> {
+        let mut total: u128 = 0;
+        for (i, b) in self.buffers.iter().enumerate() {
+            let v = b.bytes.eval(env).map_err(|e| format!("size of buffer {i}: {e}"))?;
+            total += u128::try_from(v).map_err(|_| format!("buffer {i} would have {v} bytes"))?;
+        }
+        Ok(total)
+    }
+
     /// Structural checks that need no files: indices in range, steps matching their
     /// kernels' slot counts, names unique. Returns the first problem found.
     pub fn validate(&self) -> Result<(), String> {

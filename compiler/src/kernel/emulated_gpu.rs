@@ -196,6 +196,11 @@ impl Device for EmulatedGpu {
         format!("emulated GPU ({} kernels on the host, each checked with GPU semantics first)", self.target)
     }
 
+    /// Host memory, which holds the emulated device's buffers.
+    fn free_bytes(&self) -> Option<usize> {
+        tnc_runtime::host_memory::available_bytes().and_then(|b| usize::try_from(b).ok())
+    }
+
     fn resize(&mut self, buffer: usize, len: usize) -> Result<(), ExecError> {
         let m = &mut self.memory[buffer];
         let words = len.div_ceil(8);
