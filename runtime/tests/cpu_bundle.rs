@@ -159,6 +159,7 @@ fn manifest() -> Manifest {
             shape: vec![Poly::sym("B"), Poly::sym("N")],
             buffer: 0,
             entry: "forward".into(),
+            bounds: vec![],
         }],
         outputs: vec![
             IoEntry {
@@ -167,16 +168,32 @@ fn manifest() -> Manifest {
                 shape: vec![Poly::sym("B"), Poly::sym("N")],
                 buffer: 2,
                 entry: "forward".into(),
+                bounds: vec![],
             },
-            IoEntry { name: "s".into(), dtype: F32, shape: vec![Poly::sym("B")], buffer: 3, entry: "forward".into() },
+            IoEntry {
+                name: "s".into(),
+                dtype: F32,
+                shape: vec![Poly::sym("B")],
+                buffer: 3,
+                entry: "forward".into(),
+                bounds: vec![],
+            },
             IoEntry {
                 name: "meta".into(),
                 dtype: F32,
                 shape: vec![Poly::constant(2)],
                 buffer: 5,
                 entry: "forward".into(),
+                bounds: vec![],
             },
-            IoEntry { name: "p".into(), dtype: F32, shape: vec![pad], buffer: 6, entry: "probe".into() },
+            IoEntry {
+                name: "p".into(),
+                dtype: F32,
+                shape: vec![pad],
+                buffer: 6,
+                entry: "probe".into(),
+                bounds: vec![],
+            },
         ],
         entry_points: BTreeMap::from([
             (
@@ -683,6 +700,7 @@ fn with_gram(m: &mut Manifest, c_rows: Poly) {
         shape: vec![Poly::sym("B"), Poly::sym("B")],
         buffer,
         entry: "gram".into(),
+        bounds: vec![],
     });
     m.entry_points.insert("gram".into(), vec![Step { kernel, buffers: vec![0, 0, buffer], args: vec![] }]);
 }

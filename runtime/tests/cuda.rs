@@ -245,6 +245,7 @@ fn manifest() -> Manifest {
             shape: vec![Poly::sym("B"), Poly::sym("N")],
             buffer: 0,
             entry: "forward".into(),
+            bounds: vec![],
         }],
         outputs: vec![
             IoEntry {
@@ -253,14 +254,23 @@ fn manifest() -> Manifest {
                 shape: vec![Poly::sym("B"), Poly::sym("N")],
                 buffer: 2,
                 entry: "forward".into(),
+                bounds: vec![],
             },
-            IoEntry { name: "s".into(), dtype: F32, shape: vec![Poly::sym("B")], buffer: 3, entry: "forward".into() },
+            IoEntry {
+                name: "s".into(),
+                dtype: F32,
+                shape: vec![Poly::sym("B")],
+                buffer: 3,
+                entry: "forward".into(),
+                bounds: vec![],
+            },
             IoEntry {
                 name: "meta".into(),
                 dtype: F32,
                 shape: vec![Poly::constant(2)],
                 buffer: 5,
                 entry: "forward".into(),
+                bounds: vec![],
             },
         ],
         entry_points: BTreeMap::from([

@@ -87,6 +87,7 @@ fn bundle(dir: &Path) {
             shape: vec![Poly::sym("B"), Poly::sym("N")],
             buffer: 0,
             entry: "forward".into(),
+            bounds: vec![],
         }],
         outputs: vec![
             IoEntry {
@@ -95,6 +96,7 @@ fn bundle(dir: &Path) {
                 shape: vec![Poly::sym("B"), Poly::sym("N")],
                 buffer: 2,
                 entry: "forward".into(),
+                bounds: vec![],
             },
             // A gradient that is also declared as an output is written once.
             IoEntry {
@@ -103,6 +105,7 @@ fn bundle(dir: &Path) {
                 shape: vec![Poly::constant(2)],
                 buffer: 3,
                 entry: "backward".into(),
+                bounds: vec![],
             },
         ],
         entry_points: BTreeMap::from([
