@@ -129,3 +129,15 @@ fn model_tensors_in_initializer_arithmetic_are_an_error_not_a_panic() {
         assert!(rendered.contains("an initializer can only be computed from constants"), "{init}:\n{rendered}");
     }
 }
+
+/// A whole size written as a float (`--set dim=1e9`) is called a float, with the integer
+/// to write instead (it used to read "must be a whole number, but this is 1000000000").
+#[test]
+fn a_whole_float_size_says_it_is_a_float() {
+    let text = "model m(dim = 4) {\n  param w: [dim, 2]\n  output loss = sum(w)\n}\n";
+    let rendered = expect_error(elaborate_text("f.tn", text, &["dim=1e9".to_string()]));
+    assert!(rendered.contains("a size must be an integer, but this is the float 1000000000"), "{rendered}");
+    assert!(rendered.contains("hint: write it as an integer: 1000000000"), "{rendered}");
+    let rendered = expect_error(elaborate_text("f.tn", text, &["dim=2.5".to_string()]));
+    assert!(rendered.contains("must be a whole number, but this is 2.5"), "{rendered}");
+}

@@ -207,6 +207,12 @@ fn is_init_builtin(b: Builtin) -> bool {
 }
 
 fn not_integer_size(d: &Expr, x: f64) -> Diagnostic {
+    if x.fract() == 0.0 && x.is_finite() {
+        // A whole value that is a float (`--set dim=1e9`, `4.0`, `2.0 ** 10`).
+        let whole = crate::ir::op::fmt_f64(x);
+        return Diagnostic::at(format!("a size must be an integer, but this is the float {whole}"), d.span)
+            .with_hint(format!("write it as an integer: {}", x as i128));
+    }
     let mut diag =
         Diagnostic::at(format!("a size must be a whole number, but this is {}", crate::ir::op::fmt_f64(x)), d.span);
     if let ExprKind::Binary { op: BinOp::Div, lhs, rhs } = &d.kind {
