@@ -141,3 +141,18 @@ fn a_whole_float_size_says_it_is_a_float() {
     let rendered = expect_error(elaborate_text("f.tn", text, &["dim=2.5".to_string()]));
     assert!(rendered.contains("must be a whole number, but this is 2.5"), "{rendered}");
 }
+
+/// A missing `}` points at the bracket it should close: here the loop's, although the
+/// model's `}` at the end makes the count come out one short only at the end of the file
+/// (its indentation gives the loop's brace away).
+#[test]
+fn a_missing_brace_points_at_the_bracket_it_should_close() {
+    let text = "model m() {\n  input x: [N, 4]\n  for i in 0..2 {\n    x = x * 2.0\n  output loss = sum(x)\n}\n";
+    let rendered = expect_error(elaborate_text("brace.tn", text, &[]));
+    assert!(rendered.contains("unexpected end of file"), "{rendered}");
+    assert!(rendered.contains("3 │   for i in 0..2 {") && rendered.contains("this `{` is never closed"), "{rendered}");
+    assert!(rendered.contains("hint: add the missing `}`"), "{rendered}");
+    // With nothing closed at all, the innermost open bracket.
+    let rendered = expect_error(elaborate_text("paren.tn", "model m() {\n  output loss = sum((1.0\n", &[]));
+    assert!(rendered.contains("this `(` is never closed") && rendered.contains("add the missing `)`"), "{rendered}");
+}

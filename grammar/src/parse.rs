@@ -197,7 +197,62 @@ fn syntax_error(e: pest::error::Error<Rule>, file: FileId, text: &str) -> Diagno
     if text[start..].starts_with('=') && expected.contains(&"an operator") {
         d = d.with_hint("use `==` to compare; `=` only assigns at the start of a statement");
     }
+    if start >= text.trim_end().len() {
+        if let Some((open, c)) = unclosed_bracket(text) {
+            let close = match c {
+                '{' => '}',
+                '(' => ')',
+                _ => ']',
+            };
+            d = d
+                .with_secondary(Span::new(file, open..open + 1), format!("this `{c}` is never closed"))
+                .with_hint(format!("add the missing `{close}`"));
+        }
+    }
     d
+}
+
+/// Where the file's text ends with a bracket still open: the innermost opener whose
+/// closing bracket is likeliest missing. Brackets are matched outside comments and
+/// strings; when every opener is closed by the count but an opener's closer sits at
+/// another indentation than the opener's line (`for … {` at two spaces closed by the
+/// model's `}` at none), that opener is the one missing its closer.
+fn unclosed_bracket(text: &str) -> Option<(usize, char)> {
+    let indent = |at: usize| {
+        let line = text[..at].rfind('\n').map_or(0, |i| i + 1);
+        text[line..].chars().take_while(|c| *c == ' ' || *c == '\t').count()
+    };
+    let mut stack: Vec<(usize, char)> = Vec::new();
+    let mut suspect: Option<(usize, char)> = None;
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'/' if bytes.get(i + 1) == Some(&b'/') => {
+                i = text[i..].find('\n').map_or(bytes.len(), |n| i + n);
+                continue;
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                i = text[i + 2..].find("*/").map_or(bytes.len(), |n| i + 2 + n + 2);
+                continue;
+            }
+            b'"' => {
+                i = text[i + 1..].find('"').map_or(bytes.len(), |n| i + 1 + n + 1);
+                continue;
+            }
+            c @ (b'{' | b'(' | b'[') => stack.push((i, c as char)),
+            b'}' | b')' | b']' => {
+                if let Some((open, c)) = stack.pop() {
+                    if c == '{' && indent(open) != indent(i) {
+                        suspect = Some((open, c));
+                    }
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    suspect.or_else(|| stack.last().copied())
 }
 
 fn join_or(items: &[&str]) -> String {
