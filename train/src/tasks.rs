@@ -10,13 +10,22 @@ use crate::data::Rng;
 pub const COPY_SEPARATOR: i32 = 1;
 
 /// Copy: `c1 … cL SEP c1 … cL 0 … 0` with content tokens `ci` uniform in `2..vocab` and
-/// `L = min(len, (N - 1) / 2)`. The answers are the predictions of the second half.
+/// `L = len` (default `(N - 1) / 2`, the most that fits). The answers are the predictions
+/// of the second half. A `len` that does not fit `N` is an error (as for MQAR), not a
+/// shorter task.
 pub fn copy(rng: &mut Rng, len: Option<usize>, vocab: usize, seq: usize) -> Result<(Vec<i32>, Vec<bool>), String> {
     if vocab < 3 {
         return Err(format!("copy: vocab={vocab} is too small; it needs at least 3 tokens"));
     }
-    let fit = (seq - 1) / 2;
-    let l = len.map_or(fit, |len| len.min(fit));
+    let fit = seq.saturating_sub(1) / 2;
+    if let Some(len) = len.filter(|&len| len > fit) {
+        return Err(format!(
+            "copy: len={len} does not fit --seq {seq} (2·len + 1 = {} tokens); use --seq {} or len={fit}",
+            2 * len + 1,
+            2 * len + 1
+        ));
+    }
+    let l = len.unwrap_or(fit);
     if l == 0 {
         return Err(format!("copy: sequence length {seq} is too short; it needs at least 3 tokens"));
     }
@@ -111,6 +120,9 @@ mod tests {
         assert_eq!(b.answers, [false, false, true, true, false, false, false]);
         let short = DataSource::parse("copy").unwrap().train_batch(0, 0, 1, 2).unwrap_err();
         assert!(short.contains("at least 3 tokens"), "{short}");
+        // A length that does not fit is an error, not a shorter task.
+        let long = DataSource::parse("copy:len=100").unwrap().train_batch(0, 0, 1, 64).unwrap_err();
+        assert!(long.contains("len=100 does not fit --seq 64") && long.contains("--seq 201 or len=31"), "{long}");
     }
 
     #[test]
