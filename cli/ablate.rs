@@ -4,7 +4,10 @@
 //! or accuracy, tokens/s, memory) and plot every variant's training loss in one SVG.
 //!
 //! `--set` values apply to every variant (so each must declare them); a variant's own
-//! `k=v` pairs come after them and win.
+//! `k=v` pairs come after them and win. Every variant is elaborated before any trains, so
+//! a bad one fails the command at once; the table is rewritten as each row finishes; and
+//! `--resume` continues each variant's run (finished ones are evaluated again, not
+//! retrained).
 
 use crate::fail;
 use crate::train::{train_one, write_atomically, Summary, TrainFlags};
@@ -21,7 +24,8 @@ pub struct AblateArgs {
     /// Override a hyper-parameter of every variant (`name=value`); repeatable.
     #[arg(long = "set", value_name = "NAME=VALUE")]
     pub sets: Vec<String>,
-    /// A variant of the base model: `NAME:k=v[,k=v]…`, e.g. `relu:attn.phi=relu`. Repeatable.
+    /// A variant of the base model: `NAME:k=v[,k=v]…`, e.g. `no_lrpe:lrpe=false` (with
+    /// `models/transnormer_t1.tn`) or `block8:block=8`. Repeatable.
     #[arg(long = "variant", value_name = "NAME:K=V,…")]
     pub variants: Vec<String>,
     /// Another model file as a variant, optionally with its own overrides:
@@ -36,6 +40,10 @@ pub struct AblateArgs {
     /// The output directory: one run directory per variant, `ablation.md` and `loss.svg`.
     #[arg(long)]
     pub out: PathBuf,
+    /// Continue an interrupted ablation in `--out`: each variant resumes its run (one
+    /// already finished is evaluated, not retrained; one not started starts).
+    #[arg(long)]
+    pub resume: bool,
 }
 
 struct Variant {
@@ -97,6 +105,14 @@ fn variants(args: &AblateArgs) -> Result<Vec<Variant>, Failure> {
 
 pub fn run(args: &AblateArgs) -> Result<(), Failure> {
     let variants = variants(args)?;
+    // Every variant must elaborate (its file, its `--set` values) before any trains.
+    for v in &variants {
+        let model = crate::ModelArgs { file: v.file.clone(), sets: v.sets.clone(), model: None };
+        if let Err(mut f) = crate::elaborate(&model) {
+            f.diagnostic = f.diagnostic.with_note(format!("in variant `{}`; no variant was trained", v.name));
+            return Err(f);
+        }
+    }
     std::fs::create_dir_all(&args.out).map_err(|e| fail(format!("cannot create {}: {e}", args.out.display())))?;
     let mut results: Vec<(&Variant, Summary)> = Vec::new();
     for (i, v) in variants.iter().enumerate() {
@@ -109,12 +125,13 @@ pub fn run(args: &AblateArgs) -> Result<(), Failure> {
             if v.sets.is_empty() { String::new() } else { format!(" --set {}", v.sets.join(" ")) }
         );
         let bar = ProgressBar::new(args.flags.run.steps);
-        let s = train_one(&v.file, &v.sets, &args.flags, &args.out.join(&v.name), false, &bar)?;
+        let s = train_one(&v.file, &v.sets, &args.flags, &args.out.join(&v.name), args.resume, &bar)?;
         results.push((v, s));
+        // The rows so far, so that an interrupted ablation keeps what it finished.
+        write_atomically(&args.out.join("ablation.md"), table(&results, &args.flags).as_bytes())?;
     }
     let table = table(&results, &args.flags);
     print!("{table}");
-    write_atomically(&args.out.join("ablation.md"), table.as_bytes())?;
     let series: Vec<tnc_train::Series> =
         results.iter().map(|(v, s)| tnc_train::Series { label: v.name.clone(), points: s.losses.clone() }).collect();
     let title = format!(

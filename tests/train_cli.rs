@@ -275,17 +275,31 @@ fn ablate_trains_every_variant_and_writes_one_table_and_one_plot() {
     let out = fresh("ablate");
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tasks/mqar_t2.tn");
     let other = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tasks/mqar_all_norm.tn");
-    let mut c = tnc();
-    c.arg("ablate")
-        .arg(&model)
-        .args(["--set", "vocab=16", "--set", "dim=16", "--set", "heads=2", "--set", "layers=2", "--set", "glu_dim=24"])
-        .args(["--variant", "block2:block=2"])
-        .arg("--variant-file")
-        .arg(&other)
-        .args(["--data", "mqar:pairs=2,vocab=16", "--steps", "3", "--batch", "4", "--seq", "16", "--threads", "2"])
-        .args(["--accumulate", "2", "--out"])
-        .arg(&out);
-    let (stdout, _) = run_ok(c);
+    let ablate = |extra: &[&str]| {
+        let mut c = tnc();
+        c.arg("ablate")
+            .arg(&model)
+            .args(["--set", "vocab=16", "--set", "dim=16", "--set", "heads=2", "--set", "layers=2"])
+            .args(["--set", "glu_dim=24", "--variant", "block2:block=2"])
+            .arg("--variant-file")
+            .arg(&other)
+            .args(["--data", "mqar:pairs=2,vocab=16", "--steps", "3", "--batch", "4", "--seq", "16", "--threads", "2"])
+            .args(["--accumulate", "2", "--out"])
+            .arg(&out)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    // A bad variant fails the command before any variant trains.
+    let o = ablate(&["--variant", "bad:nosuch=1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("nosuch") && err.contains("in variant `bad`; no variant was trained"),
+        "{err}"
+    );
+    assert!(!out.join("mqar_t2").exists(), "nothing trained");
+    let (stdout, _) = run_ok(ablate(&[]));
     for row in ["| mqar_t2 |", "| block2 |", "| mqar_all_norm |"] {
         assert!(stdout.contains(row), "the table has a row `{row}`:\n{stdout}");
     }
@@ -299,6 +313,15 @@ fn ablate_trains_every_variant_and_writes_one_table_and_one_plot() {
         // Each variant trained its 3 steps in its own run directory.
         let records = tnc_train::metrics::read(&out.join(name).join("metrics.jsonl")).unwrap();
         assert_eq!(records.iter().filter(|r| r.get("loss").is_some()).count(), 3, "{name}");
+    }
+    // `--resume` on the finished ablation retrains nothing and writes the same rows.
+    let (again, _) = run_ok(ablate(&["--resume"]));
+    for row in ["| mqar_t2 |", "| block2 |", "| mqar_all_norm |"] {
+        assert!(again.contains(row), "{again}");
+    }
+    for name in ["mqar_t2", "block2", "mqar_all_norm"] {
+        let records = tnc_train::metrics::read(&out.join(name).join("metrics.jsonl")).unwrap();
+        assert_eq!(records.iter().filter(|r| r.get("loss").is_some()).count(), 3, "{name}: not retrained");
     }
 }
 
