@@ -156,3 +156,20 @@ fn a_missing_brace_points_at_the_bracket_it_should_close() {
     let rendered = expect_error(elaborate_text("paren.tn", "model m() {\n  output loss = sum((1.0\n", &[]));
     assert!(rendered.contains("this `(` is never closed") && rendered.contains("add the missing `)`"), "{rendered}");
 }
+
+/// `--set f.arg=v` that no call takes from its default changes nothing, so an ablation
+/// would compare a model with itself: an error at the `--set`, pointing at a call that
+/// passes the argument itself; and for a function the model never calls.
+#[test]
+fn a_set_that_changes_nothing_is_an_error() {
+    let path = repo().join("models/transnormer_t1.tn");
+    let rendered = relative(&expect_error(elaborate_path(&path, &["norm_attention.phi=relu".into()])));
+    assert!(rendered.contains("`--set norm_attention.phi` changes nothing"), "{rendered}");
+    assert!(rendered.contains("every call of `norm_attention` passes `phi` itself"), "{rendered}");
+    assert!(rendered.contains("this call passes `phi`"), "{rendered}");
+    let rendered = relative(&expect_error(elaborate_path(&path, &["layer_norm.eps=0.1".into()])));
+    assert!(rendered.contains("the model never calls `layer_norm`"), "{rendered}");
+    // One that some call takes from its default is fine.
+    let (_, g) = elaborate_path(&path, &["srms_norm.eps=1e-6".into()]);
+    assert!(g.is_ok());
+}

@@ -179,6 +179,17 @@ impl Elaborator<'_> {
     fn call_user_inner(&mut self, decl: &FnDecl, slots: Vec<Option<(Value, Span)>>) -> R<Value> {
         let mut frame = Frame { vars: HashMap::new(), is_model: false };
         for (p, slot) in decl.params.iter().zip(slots) {
+            let key = (decl.name.name.clone(), p.name.name.clone());
+            if self.fn_overrides.contains_key(&key) {
+                match &slot {
+                    None => {
+                        self.used_overrides.insert(key.clone());
+                    }
+                    Some((_, s)) => {
+                        self.passed_explicitly.entry(key.clone()).or_insert(*s);
+                    }
+                }
+            }
             let (v, s) = match slot {
                 Some(x) => x,
                 None => {

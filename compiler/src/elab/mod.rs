@@ -88,6 +88,11 @@ pub struct Elaborator<'s> {
     scope_uses: HashMap<String, usize>,
     dropout_sites: usize,
     call_depth: usize,
+    /// `--set fn.arg=` overrides some call took its value from, and for the others the
+    /// first call that passed the argument itself (an override no call uses changes
+    /// nothing, which is an error: an ablation would compare a model with itself).
+    used_overrides: std::collections::HashSet<(String, String)>,
+    passed_explicitly: HashMap<(String, String), Span>,
     /// `precision f32 { … }` blocks being executed (in this call or a caller's): while
     /// any is, every product is pinned to f32 (`EinsumSpec::pinned`).
     pinned_blocks: usize,
@@ -132,10 +137,28 @@ pub fn elaborate(program: &Program, overrides: &[Override], model_name: Option<&
         dropout_sites: 0,
         call_depth: 0,
         pinned_blocks: 0,
+        used_overrides: Default::default(),
+        passed_explicitly: HashMap::new(),
         steps: 0,
         outputs_seen: HashMap::new(),
     };
     el.elaborate_model(&model, &model_overrides)?;
+    let mut unused: Vec<(&(String, String), &&Override)> =
+        el.fn_overrides.iter().filter(|(k, _)| !el.used_overrides.contains(*k)).collect();
+    unused.sort_by_key(|(_, o)| o.span.start);
+    if let Some(((f, a), o)) = unused.first() {
+        let mut d = Diagnostic::at(format!("`--set {}` changes nothing", o.target), o.span);
+        d = match el.passed_explicitly.get(&(f.clone(), a.clone())) {
+            Some(&call) => d
+                .with_label(format!("every call of `{f}` passes `{a}` itself"))
+                .with_secondary(call, format!("this call passes `{a}`"))
+                .with_hint(format!(
+                    "change the value where it is passed (often a model hyper-parameter), not `{f}`'s default"
+                )),
+            None => d.with_label(format!("the model never calls `{f}`")),
+        };
+        return Err(d);
+    }
     let (_, graph) = el.graphs.pop().expect("the model graph is at the bottom of the stack");
     if graph.outputs.is_empty() {
         return Err(Diagnostic::at(format!("model `{}` declares no output", model.name.name), model.name.span)
