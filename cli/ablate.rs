@@ -124,7 +124,7 @@ pub fn run(args: &AblateArgs) -> Result<(), Failure> {
             v.file.display(),
             if v.sets.is_empty() { String::new() } else { format!(" --set {}", v.sets.join(" ")) }
         );
-        let bar = ProgressBar::new(args.flags.run.steps);
+        let bar = if args.flags.quiet { ProgressBar::hidden() } else { ProgressBar::new(args.flags.run.steps) };
         let s = train_one(&v.file, &v.sets, &args.flags, &args.out.join(&v.name), args.resume, &bar)?;
         results.push((v, s));
         // The rows so far, so that an interrupted ablation keeps what it finished.

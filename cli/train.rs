@@ -33,6 +33,9 @@ pub struct TrainFlags {
     /// The element type of products' operands (a .tn model is compiled with it).
     #[arg(long, value_enum, default_value_t)]
     pub precision: crate::PrecisionArg,
+    /// No progress bar or progress lines; warnings, errors and the summary still print.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -151,7 +154,7 @@ pub(crate) struct RunInfo {
 }
 
 pub fn run(args: &TrainArgs) -> Result<(), Failure> {
-    let bar = ProgressBar::new(args.flags.run.steps);
+    let bar = if args.flags.quiet { ProgressBar::hidden() } else { ProgressBar::new(args.flags.run.steps) };
     let summary = train_one(&args.model, &args.sets, &args.flags, &args.out, args.resume, &bar)?;
     print_summary(&summary, &args.out);
     Ok(())
@@ -238,7 +241,7 @@ pub(crate) fn train_one(
         speeds.push(r.tokens_per_s);
         bar.set_position(r.step);
         let progress = format!("loss {:.4} lr {:.2e} {:.0} tok/s", r.loss, r.lr, r.tokens_per_s);
-        if bar.is_hidden() && (r.step.is_multiple_of(every) || r.step == cfg.steps) {
+        if bar.is_hidden() && !flags.quiet && (r.step.is_multiple_of(every) || r.step == cfg.steps) {
             eprintln!("step {}/{}: {progress}", r.step, cfg.steps);
         }
         bar.set_message(progress);

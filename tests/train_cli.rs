@@ -422,3 +422,12 @@ fn resuming_with_other_settings_is_refused_unless_allowed() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("`threads` is not a setting") && err.contains("weight-decay"), "{err}");
 }
+
+/// Without a terminal a run prints plain progress lines; `--quiet` leaves them out.
+#[test]
+fn progress_lines_unless_quiet() {
+    let (_, err) = run_ok(train(&fresh("progress"), 3, &[]));
+    assert!(err.contains("step 3/3: loss"), "{err}");
+    let (_, err) = run_ok(train(&fresh("quiet"), 3, &["--quiet"]));
+    assert!(!err.contains("step 3/3"), "{err}");
+}
