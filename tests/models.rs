@@ -115,3 +115,28 @@ fn set_overrides_function_defaults() {
     assert!(!has_half(&plain.unwrap()));
     assert!(has_half(&tuned.unwrap()));
 }
+
+/// std.tn's GLU puts its activation on the first branch, as the authors' `glu.py` does:
+/// `W3(f(W1 x) ⊙ (W2 x))`. With ReLU and a negative first branch the output is 0, where
+/// the other convention (f on W2's branch) would not be.
+#[test]
+fn glu_applies_its_activation_to_the_first_branch() {
+    use std::collections::HashMap;
+    use tnc_compiler::interp::{evaluate, EvalOptions, Tensor};
+    let text = "use std\nmodel m() {\n  input x: [1, 1, 1]\n  y = glu(x, 1, act = relu, bias = false)\n  \
+                output loss = sum(y)\n}\n";
+    let (sources, g) = elaborate_text("glu.tn", text, &[]);
+    let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    let names: Vec<&str> = g.params.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["glu.w1", "glu.w2", "glu.w3"]);
+    let loss = |w1: f64, w2: f64| {
+        let one = |v: f64| Tensor { shape: vec![1, 1], data: vec![v] };
+        let params = [one(w1), one(w2), one(3.0)];
+        let inputs = HashMap::from([("x".to_string(), Tensor { shape: vec![1, 1, 1], data: vec![2.0] })]);
+        let out = evaluate(&g, &inputs, &params, &EvalOptions::default()).unwrap().outputs(&g);
+        out.iter().find(|(n, _)| n == "loss").unwrap().1.data[0]
+    };
+    // relu(2·w1) · (2·w2) · 3
+    assert_eq!(loss(1.0, -1.0), -12.0);
+    assert_eq!(loss(-1.0, 1.0), 0.0);
+}
