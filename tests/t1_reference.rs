@@ -236,9 +236,11 @@ fn glu(p: &Params, prefix: &str, x: &Rows) -> Rows {
     linear(&ag, &get("w3", &[GLU, DIM]), &get("b3", &[DIM]), GLU, DIM)
 }
 
-/// fairseq's sinusoidal position `n`: sin on the first half of the channels, cos on the
-/// second, frequencies `exp(−i ln(10000) / (half − 1))`.
+/// fairseq's sinusoidal position of token `n`: position `n + 2` (fairseq counts from its
+/// padding index + 1), sin on the first half of the channels, cos on the second,
+/// frequencies `exp(−i ln(10000) / (half − 1))`.
 fn position(n: usize) -> Vec<f64> {
+    let n = n + 2;
     let half = DIM / 2;
     let freq = |i: usize| (-(i as f64) * 10000f64.ln() / (half as f64 - 1.0)).exp();
     (0..DIM).map(|c| if c < half { (n as f64 * freq(c)).sin() } else { (n as f64 * freq(c - half)).cos() }).collect()

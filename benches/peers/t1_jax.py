@@ -98,7 +98,8 @@ def glu(x, p):
 def sinusoidal_positions(n, dim, dtype):
     half = dim // 2
     freq = jnp.exp(jnp.arange(half, dtype=dtype) * -(math.log(10000.0) / (half - 1)))
-    angle = jnp.arange(n, dtype=dtype)[:, None] * freq
+    # Positions count from 2, fairseq's padding index + 1 (tnc's default offset).
+    angle = (jnp.arange(n, dtype=dtype) + 2)[:, None] * freq
     return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], -1)
 
 

@@ -118,7 +118,8 @@ def glu(x, p):
 def sinusoidal_positions(n, dim, dtype, device):
     half = dim // 2
     freq = torch.exp(torch.arange(half, dtype=dtype, device=device) * -(math.log(10000.0) / (half - 1)))
-    angle = torch.arange(n, dtype=dtype, device=device)[:, None] * freq
+    # Positions count from 2, fairseq's padding index + 1 (tnc's default offset).
+    angle = (torch.arange(n, dtype=dtype, device=device) + 2)[:, None] * freq
     return torch.cat([torch.sin(angle), torch.cos(angle)], -1)
 
 
