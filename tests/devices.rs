@@ -179,7 +179,11 @@ fn optimizer_step(ex: &mut Executor) -> Vec<(String, Vec<f32>)> {
     h[Hyper::LearningRate as usize] = 1e-2;
     h[Hyper::Beta1 as usize] = 0.9;
     h[Hyper::Beta2 as usize] = 0.98;
-    h[Hyper::Eps as usize] = 1e-8;
+    // Not the usual 1e-8: with it a step is lr · sign(g) for every gradient much larger
+    // than 1e-8, and a gradient that cancels to ~1e-8 (rounded differently by the two
+    // devices' summation orders, both correct) flips the step by up to lr. With 1e-4 the
+    // step is smooth in g, so 1e-6 compares the optimizer kernels, not rounding noise.
+    h[Hyper::Eps as usize] = 1e-4;
     h[Hyper::WeightDecay as usize] = 0.01;
     h[Hyper::BiasCorrection1 as usize] = 0.1;
     h[Hyper::BiasCorrection2 as usize] = 0.02;
