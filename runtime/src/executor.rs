@@ -80,7 +80,7 @@ impl Executor {
                     p.name, e.bytes
                 ))
             })?;
-            let want = numel(p)? * p.dtype.bytes();
+            let want = param_bytes(p)?;
             if bytes < 0 || bytes as usize != want {
                 return Err(ExecError::Bundle(BundleError::Invalid(format!(
                     "parameter `{}` of shape {:?} needs {want} bytes, its buffer has {bytes}",
@@ -99,7 +99,7 @@ impl Executor {
             })?;
             lens[i] = bytes as usize;
         }
-        let fixed: usize = lens.iter().sum();
+        let fixed = total_bytes(lens.iter().copied(), "its parameters and optimizer state")?;
         check_fits(device.as_ref(), fixed, "its parameters and optimizer state")?;
         for (i, &len) in lens.iter().enumerate() {
             if len > 0 {
@@ -192,18 +192,25 @@ impl Executor {
     pub fn set_params_from_file(&mut self, path: impl AsRef<Path>) -> Result<(), ExecError> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|error| ExecError::Io { path: path.into(), error })?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| ExecError::Params(format!("{} is not a safetensors file: {e}", path.display())))?;
+        self.set_params_from_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// [`Executor::set_params_from_file`] on the bytes of a safetensors file; `label`
+    /// names it in messages. Any bytes set the parameters or give an error, never a panic
+    /// (`tests/fuzz_loaders.rs`).
+    pub fn set_params_from_bytes(&mut self, bytes: &[u8], label: &str) -> Result<(), ExecError> {
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| ExecError::Params(format!("{label} is not a safetensors file: {e}")))?;
         let params = self.manifest.params.clone();
         let mut files = HashMap::new();
         for p in &params {
             let values = match st.tensor(&p.name) {
-                Ok(t) => tensor_values(&t, p, &path.display().to_string())?,
+                Ok(t) => tensor_values(&t, p, label)?,
                 Err(_) if !p.trainable && (p.seed.is_some() || matches!(p.init, InitSpec::Baked { .. })) => {
                     initial_values(&self.dir, p, p.seed.unwrap_or(0), &mut files)?
                 }
                 Err(_) => {
-                    return Err(ExecError::Params(format!("{} has no tensor `{}`", path.display(), p.name)));
+                    return Err(ExecError::Params(format!("{label} has no tensor `{}`", p.name)));
                 }
             };
             self.write_param(p, &values)?;
@@ -239,7 +246,7 @@ impl Executor {
     pub fn save_params(&self, path: impl AsRef<Path>) -> Result<(), ExecError> {
         let mut values = Vec::new();
         for p in &self.manifest.params {
-            values.push((p, self.device.download(p.buffer, numel(p)? * p.dtype.bytes())?));
+            values.push((p, self.device.download(p.buffer, param_bytes(p)?)?));
         }
         write_params(path.as_ref(), &values)
     }
@@ -253,7 +260,7 @@ impl Executor {
             .find(|p| p.name == name)
             .ok_or_else(|| ExecError::Output(format!("the bundle has no parameter `{name}`")))?;
         let shape = p.shape.iter().map(|&d| d as usize).collect();
-        Ok(Tensor::from_bytes(p.dtype, shape, &self.device.download(p.buffer, numel(p)? * p.dtype.bytes())?))
+        Ok(Tensor::from_bytes(p.dtype, shape, &self.device.download(p.buffer, param_bytes(p)?)?))
     }
 
     /// The f32 values of the optimizer buffer `name` (`hyper`, `adam_m.<param>`, …; see
@@ -372,7 +379,10 @@ impl Executor {
             .map(|d| d.eval(&env).map(|v| v.max(0) as usize))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ExecError::Sizes(format!("shape of output `{name}`: {e}")))?;
-        let n: usize = shape.iter().product::<usize>() * io.dtype.bytes();
+        let n = shape
+            .iter()
+            .try_fold(io.dtype.bytes(), |a, &d| a.checked_mul(d))
+            .ok_or_else(|| ExecError::Sizes(format!("output `{name}` of shape {shape:?} has more bytes than this machine addresses")))?;
         if n > self.lens[io.buffer] {
             return Err(ExecError::Bundle(BundleError::Invalid(format!(
                 "output `{name}` needs {n} bytes, its buffer has {}",
@@ -402,7 +412,7 @@ impl Executor {
         for (i, p) in gradient_buffers(&self.manifest)? {
             let name = p.name.as_str();
             let shape: Vec<usize> = p.shape.iter().map(|&d| d as usize).collect();
-            let n = numel(p)? * p.dtype.bytes();
+            let n = param_bytes(p)?;
             if n > self.lens[i] {
                 return Err(ExecError::Bundle(BundleError::Invalid(format!(
                     "gradient of `{name}` needs {n} bytes, its buffer has {}",
@@ -479,14 +489,15 @@ impl Executor {
             lens.push(v);
         }
         let sized = |r: BufferRole| !matches!(r, BufferRole::Param | BufferRole::Optimizer);
-        let growth: usize = lens
-            .iter()
-            .zip(&self.lens)
-            .zip(&self.manifest.buffers)
-            .filter(|(_, b)| sized(b.role))
-            .map(|((&new, &old), _)| new.saturating_sub(old))
-            .sum();
         let at = self.manifest.sizes.iter().zip(sizes).map(|(s, v)| format!("{s} = {v}")).collect::<Vec<_>>();
+        let growth = total_bytes(
+            lens.iter()
+                .zip(&self.lens)
+                .zip(&self.manifest.buffers)
+                .filter(|(_, b)| sized(b.role))
+                .map(|((&new, &old), _)| new.saturating_sub(old)),
+            &format!("its activations at {}", at.join(", ")),
+        )?;
         check_fits(self.device.as_ref(), growth, &format!("its activations at {}", at.join(", ")))?;
         // Buffers may be replaced: nothing queued may still use them.
         self.device.synchronize()?;
@@ -744,6 +755,21 @@ fn initial_values(
     let shape: Vec<usize> = p.shape.iter().map(|&d| d as usize).collect();
     init_values_f32(&p.init, &shape, &p.name, p.seed.unwrap_or(seed))
         .map_err(|e| ExecError::Params(format!("parameter `{}`: {e}", p.name)))
+}
+
+/// The bytes of parameter `p`'s values.
+fn param_bytes(p: &ParamEntry) -> Result<usize, ExecError> {
+    numel(p)?
+        .checked_mul(p.dtype.bytes())
+        .ok_or_else(|| ExecError::Params(format!("parameter `{}` has an invalid shape {:?}", p.name, p.shape)))
+}
+
+/// The sum of buffer sizes, refused when it overflows: a damaged or hand-edited manifest
+/// must give an error, not a wrapped size or a panic.
+fn total_bytes(lens: impl IntoIterator<Item = usize>, what: &str) -> Result<usize, ExecError> {
+    lens.into_iter()
+        .try_fold(0usize, usize::checked_add)
+        .ok_or_else(|| ExecError::Memory(format!("{what} need more bytes than this machine addresses")))
 }
 
 fn numel(p: &ParamEntry) -> Result<usize, ExecError> {

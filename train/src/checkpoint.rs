@@ -88,7 +88,9 @@ pub fn latest_valid(dir: &Path) -> Result<Option<(PathBuf, Checkpoint, Vec<Strin
     }
 }
 
-fn encode(ckpt: &Checkpoint) -> Result<Vec<u8>, String> {
+/// The bytes of `ckpt` as [`save`] writes them (deterministic: the same checkpoint is
+/// the same bytes).
+pub fn encode(ckpt: &Checkpoint) -> Result<Vec<u8>, String> {
     let mut names = std::collections::HashSet::new();
     let mut data = Vec::with_capacity(ckpt.tensors.len());
     for (name, shape, values) in &ckpt.tensors {
@@ -147,7 +149,9 @@ fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
+/// A checkpoint from bytes, verified as [`load`] does; any bytes give a checkpoint or an
+/// error, never a panic (`tests/fuzz_loaders.rs`).
+pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
     let file = SafeTensors::deserialize(bytes).map_err(|e| format!("not a complete safetensors file ({e})"))?;
     let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
     let mut header: BTreeMap<String, String> = metadata.metadata().clone().unwrap_or_default().into_iter().collect();
