@@ -1,15 +1,51 @@
-//! `tnc check`: elaborate and summarize.
+//! `tnc check`: elaborate and summarize, with the memory a training step needs at the
+//! requested `B` and `N` (from the memory plan: nothing is compiled or allocated).
 
 use crate::{elaborate, Failure, ModelArgs};
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use tnc_compiler::fusion::fuse;
 use tnc_compiler::ir::print::op_counts;
 use tnc_compiler::ir::Graph;
+use tnc_compiler::memory::{plan_memory, MemoryNumbers};
+use tnc_compiler::passes;
+use tnc_grammar::Diagnostic;
 
-pub fn run(args: &ModelArgs) -> Result<(), Failure> {
-    let (g, _) = elaborate(args)?;
-    print!("{}", summary(&g, &args.file.display().to_string()));
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Batch size B at which the activation memory is estimated.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..))]
+    pub batch: i64,
+    /// Sequence length N at which the activation memory is estimated.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(i64).range(1..))]
+    pub seq: i64,
+    /// The element type of products' operands (bf16 halves most activations).
+    #[arg(long, value_enum, default_value_t)]
+    pub precision: crate::PrecisionArg,
+}
+
+pub fn run(args: &CheckArgs) -> Result<(), Failure> {
+    let (g, sources) = elaborate(&args.model)?;
+    let last = passes::names().last().copied().unwrap_or("elaborate");
+    let trained = passes::run_until_with(g.clone(), last, args.precision.policy())
+        .expect("the last pass exists")
+        .map_err(|d| Failure { diagnostic: d, sources, status: 1 })?;
+    let internal = |e: String| Failure::usage(Diagnostic::error(format!("internal error: {e}")));
+    let plan = fuse(&trained).map_err(internal)?;
+    let step = plan_memory(&trained, &plan).map_err(internal)?.report().eval(args.batch, args.seq);
+    let step = Step { batch: args.batch, seq: args.seq, numbers: step };
+    print!("{}", summary(&g, &args.model.file.display().to_string(), &step));
     Ok(())
+}
+
+/// The memory plan of one training step (forward and backward) at `B`, `N`; `None` when
+/// the sizes overflow.
+pub struct Step {
+    pub batch: i64,
+    pub seq: i64,
+    pub numbers: Option<MemoryNumbers>,
 }
 
 /// Parameters are grouped by top-level block: the first segment of the name, with the
@@ -39,7 +75,7 @@ fn thousands(n: u128) -> String {
     out
 }
 
-pub fn summary(g: &Graph, file: &str) -> String {
+pub fn summary(g: &Graph, file: &str, step: &Step) -> String {
     let mut s = String::new();
     let total = g.trainable_parameter_count();
     let buffers: u128 = g.params.iter().filter(|p| !p.trainable).map(|p| numel(&p.ty)).sum();
@@ -51,20 +87,41 @@ pub fn summary(g: &Graph, file: &str) -> String {
         total as f64 / 1e6,
         thousands(buffers)
     );
-    // Training keeps each parameter, its gradient and AdamW's two moments in f32.
+    // Training keeps each parameter, its gradient, the gradient sum of accumulation and
+    // AdamW's two moments in f32.
     let params = total + buffers;
-    let state = total * 16 + buffers * 4;
+    let state = total * 20 + buffers * 4;
     let human = tnc_runtime::host_memory::human;
     let _ = writeln!(
         s,
-        "memory: {} of parameters; training state {} (f32 parameters, gradients and AdamW moments), plus activations (`tnc compile --report` at given sizes)",
+        "memory: {} of parameters; training state {} (f32 parameters, gradients, gradient sums and AdamW moments)",
         human(params * 4),
         human(state)
     );
-    if let Some(avail) = tnc_runtime::host_memory::available_bytes().filter(|&a| u128::from(a) < state) {
+    let (b, n) = (step.batch, step.seq);
+    // The plan counts parameters and gradients; the runtime adds the sums and moments.
+    let need = step.numbers.as_ref().map(|v| {
+        let bytes = |x: i64| u128::try_from(x).unwrap_or(0);
+        (bytes(v.activations) + bytes(v.workspace), bytes(v.peak) + total * 12)
+    });
+    match need {
+        Some((activations, need)) => {
+            let _ = writeln!(
+                s,
+                "training step at B = {b}, N = {n} (--batch, --seq): {} of activations, {} in all",
+                human(activations),
+                human(need)
+            );
+        }
+        None => {
+            let _ = writeln!(s, "training step at B = {b}, N = {n}: the sizes overflow 64 bits");
+        }
+    }
+    let need = need.map_or(u128::MAX, |(_, all)| all);
+    if let Some(avail) = tnc_runtime::host_memory::available_bytes().filter(|&a| u128::from(a) < need) {
         let _ = writeln!(
             s,
-            "warning: training this model needs more than the {} this machine has available",
+            "warning: training this model at B = {b}, N = {n} needs more than the {} this machine has available",
             human(avail.into())
         );
     }

@@ -77,11 +77,9 @@ impl PrecisionArg {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Parse, elaborate and type-check a model; print parameters, inputs, outputs and op counts.
-    Check {
-        #[command(flatten)]
-        model: ModelArgs,
-    },
+    /// Parse, elaborate and type-check a model; print parameters, the memory a training
+    /// step needs at `--batch` and `--seq`, inputs, outputs and op counts.
+    Check(check::CheckArgs),
     /// Print the graph IR after a pass, as text or Graphviz DOT.
     Ir {
         #[command(flatten)]
@@ -139,7 +137,7 @@ where
         }
     };
     let result = match cli.command {
-        Command::Check { model } => check::run(&model),
+        Command::Check(args) => check::run(&args),
         Command::Ir { model, dot, after, target, precision } => {
             ir::run(&model, dot, &after, target.as_deref(), precision.policy())
         }

@@ -21,7 +21,33 @@ fn check_prints_a_summary() {
     assert!(out.contains("tokens: i32[B, N]"), "{out}");
     assert!(out.contains("loss: f32[]"), "{out}");
     assert!(out.contains("layers.5"), "{out}");
-    assert!(out.contains("memory: 595.05 MiB of parameters; training state 2.32 GiB"), "{out}");
+    // 155,988,156 × 20 bytes (parameter, gradient, gradient sum, two moments) + 4 per buffer.
+    assert!(out.contains("memory: 595.05 MiB of parameters; training state 2.91 GiB"), "{out}");
+    assert!(out.contains("training step at B = 1, N = 2048 (--batch, --seq):"), "{out}");
+}
+
+/// `tnc check --batch --seq` prints the activation memory of a training step from the
+/// memory plan, the figure `tnc compile --report` gives as a formula: for this tiny MQAR
+/// model 684·B·N + 1056·B·⌈N/4⌉ + 660 bytes, so 30,996 bytes (30.27 KiB) at B = 2, N = 16.
+#[test]
+fn check_estimates_activations_at_the_requested_sizes() {
+    let tiny = ["--set", "vocab=16", "--set", "dim=8", "--set", "heads=2", "--set", "layers=1"];
+    let mut args = vec!["check", "models/tasks/mqar_t2.tn", "--set", "glu_dim=12", "--set", "block=4"];
+    args.extend(tiny);
+    let at = |b: &str, n: &str| {
+        let mut a = args.clone();
+        a.extend(["--batch", b, "--seq", n]);
+        let (code, out, err) = tnc(&a);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let out = at("2", "16");
+    assert!(out.contains("training step at B = 2, N = 16 (--batch, --seq): 30.27 KiB of activations"), "{out}");
+    // 684·2048 + 1056·512 + 660 = 1,942,164 bytes.
+    let out = at("1", "2048");
+    assert!(out.contains("training step at B = 1, N = 2048 (--batch, --seq): 1.85 MiB of activations"), "{out}");
+    let (code, _, err) = tnc(&["check", "models/tasks/mqar_t2.tn", "--seq", "0"]);
+    assert_eq!(code, 2, "N = 0 is a usage error: {err}");
 }
 
 /// A model whose training state cannot fit this machine: `tnc check` warns with the
@@ -30,7 +56,7 @@ fn check_prints_a_summary() {
 fn a_model_too_large_for_the_machine_is_refused_up_front() {
     let (code, out, _) = tnc(&["check", "models/transnormer_t1.tn", "--set", "vocab=2**31"]);
     assert_eq!(code, 0);
-    assert!(out.contains("warning: training this model needs more than the"), "{out}");
+    assert!(out.contains("warning: training this model at B = 1, N = 2048 needs more than the"), "{out}");
     let run = std::env::temp_dir().join(format!("tnc-cli-too-large-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&run);
     let cache = std::env::temp_dir().join(format!("tnc-cli-too-large-cache-{}", std::process::id()));
