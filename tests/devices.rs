@@ -10,7 +10,9 @@
 //! - the debug NaN fill and a rerun change nothing (bit for bit);
 //! - the optimizer entry points update the parameters as the CPU device does (1e-6);
 //! - parameters survive a round trip through a safetensors file;
-//! - bad arguments are errors naming what is wrong, token ids outside the vocabulary too.
+//! - bad arguments are errors naming what is wrong, token ids outside the vocabulary too;
+//! - a GPU too small for the parameters, or for the activations at given sizes, is
+//!   refused with the figures before anything is allocated (a wrapped emulated GPU).
 
 mod common;
 use common::*;
@@ -233,4 +235,85 @@ fn cuda_passes_the_device_suite_where_there_is_a_gpu() {
         suite("cuda", ex, &scratch("cuda"));
         same_step_as_the_cpu("cuda", cuda().unwrap());
     }
+}
+
+/// A GPU with little memory: the emulated GPU, reporting `capacity` less what it holds as
+/// free, and counting every allocation (shared, so the test sees it after a refusal).
+struct SmallGpu {
+    inner: tnc_compiler::kernel::emulated_gpu::EmulatedGpu,
+    capacity: usize,
+    resizes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tnc_runtime::device::Device for SmallGpu {
+    fn describe(&self) -> String {
+        format!("small gpu ({} bytes)", self.capacity)
+    }
+    fn resize(&mut self, buffer: usize, len: usize) -> Result<(), ExecError> {
+        self.resizes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.resize(buffer, len)
+    }
+    fn allocated_bytes(&self) -> usize {
+        self.inner.allocated_bytes()
+    }
+    fn free_bytes(&self) -> Option<usize> {
+        Some(self.capacity.saturating_sub(self.inner.allocated_bytes()))
+    }
+    fn upload(&mut self, buffer: usize, bytes: &[u8]) -> Result<(), ExecError> {
+        self.inner.upload(buffer, bytes)
+    }
+    fn download(&self, buffer: usize, len: usize) -> Result<Vec<u8>, ExecError> {
+        self.inner.download(buffer, len)
+    }
+    fn fill(&mut self, buffer: usize, byte: u8) -> Result<(), ExecError> {
+        self.inner.fill(buffer, byte)
+    }
+    fn bind(
+        &mut self,
+        entry: &str,
+        launches: Vec<tnc_runtime::device::Launch>,
+        sizes: &HashMap<&str, i64>,
+    ) -> Result<(), ExecError> {
+        self.inner.bind(entry, launches, sizes)
+    }
+    fn launch(&mut self, entry: &str, args: &[i64]) -> Result<(), ExecError> {
+        self.inner.launch(entry, args)
+    }
+    fn synchronize(&self) -> Result<(), ExecError> {
+        self.inner.synchronize()
+    }
+}
+
+/// Memory is checked before anything is allocated: a GPU too small for the parameters and
+/// optimizer state refuses the bundle with the figures and no allocation; one that holds
+/// them but not the activations at large B, N refuses those sizes, allocating nothing more,
+/// and still runs at sizes that fit.
+#[test]
+fn a_gpu_too_small_is_refused_before_allocating() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let b = bundle("sm80");
+    let small = |capacity: usize| {
+        let resizes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let inner = tnc_compiler::kernel::emulated_gpu::EmulatedGpu::new(&b).unwrap();
+        (Box::new(SmallGpu { inner, capacity, resizes: resizes.clone() }), resizes)
+    };
+    let (device, resizes) = small(1024);
+    let err = Executor::on(&b, device).err().expect("1 KiB cannot hold the parameters");
+    let msg = err.to_string();
+    assert!(msg.contains("the model does not fit on small gpu (1024 bytes): its parameters and optimizer state"), "{msg}");
+    assert_eq!(resizes.load(SeqCst), 0, "nothing was allocated");
+
+    let (device, resizes) = small(1 << 20);
+    let mut ex = Executor::on(&b, device).unwrap();
+    ex.set_params_from_seed(0).unwrap();
+    let held = ex.allocated_bytes();
+    let before = resizes.load(SeqCst);
+    let (_, t) = tokens(64, 1024);
+    let msg = ex.forward(&[("tokens", &t)]).err().expect("B = 64, N = 1024 does not fit in 1 MiB").to_string();
+    assert!(msg.contains("its activations at B = 64, N = 1024 need"), "{msg}");
+    assert_eq!((resizes.load(SeqCst), ex.allocated_bytes()), (before, held), "nothing more was allocated");
+    let (_, t) = tokens(2, 5);
+    ex.forward(&[("tokens", &t)]).unwrap();
+    ex.backward(&[]).unwrap();
+    assert!(ex.output("loss").unwrap().as_f32().unwrap()[0].is_finite());
 }
