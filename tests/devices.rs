@@ -309,7 +309,7 @@ fn a_gpu_too_small_is_refused_before_allocating() {
     let held = ex.allocated_bytes();
     let before = resizes.load(SeqCst);
     let (_, t) = tokens(64, 1024);
-    let msg = ex.forward(&[("tokens", &t)]).err().expect("B = 64, N = 1024 does not fit in 1 MiB").to_string();
+    let msg = ex.forward(&[("tokens", &t)]).expect_err("B = 64, N = 1024 does not fit in 1 MiB").to_string();
     assert!(msg.contains("its activations at B = 64, N = 1024 need"), "{msg}");
     assert_eq!((resizes.load(SeqCst), ex.allocated_bytes()), (before, held), "nothing more was allocated");
     let (_, t) = tokens(2, 5);
