@@ -18,8 +18,12 @@ use tnc_compiler::{fusion, memory, schedule};
 const VOCAB: usize = 2100;
 
 fn model(loss: &str) -> Graph {
+    model_of(VOCAB, loss)
+}
+
+fn model_of(vocab: usize, loss: &str) -> Graph {
     let text = format!(
-        "use std\nmodel m(vocab = {VOCAB}, dim = 32) {{\n  input tokens: i32[B, N]\n  \
+        "use std\nmodel m(vocab = {vocab}, dim = 32) {{\n  input tokens: i32[B, N]\n  \
          param embedding: [vocab, dim] ~ normal(0.5)\n  param w_out: [dim, vocab] ~ normal(0.5)\n  \
          x = srms_norm(embed(tokens, embedding))\n  h = x[:, :-1]\n  y = tokens[:, 1:]\n  \
          output loss = {loss}\n}}\n"
@@ -108,4 +112,29 @@ fn tied_table_in_three_chunks_matches_the_interpreter() {
 #[test]
 fn untied_projection_in_three_chunks_matches_the_interpreter() {
     check("untied", model("cross_entropy(h @ w_out, y)"));
+}
+
+/// The chunks' launches are written to the manifest as runs (`runtime/src/launch_runs.rs`):
+/// a training bundle's manifest is as large at 2^20 words (1,024 chunks) as at 2^13, and
+/// loads back as every chunk's launches (listed one by one, each of the 6,150 backward
+/// launches at 2^20 cost ~45 bytes). Only the sizes' digits differ (82 bytes measured).
+#[test]
+fn the_manifest_does_not_grow_with_the_vocabulary() {
+    let manifest_of = |vocab: usize| {
+        let dir = std::env::temp_dir().join(format!("tnc-ce-manifest-{vocab}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let opts = tnc_compiler::driver::Options { train: true, ..Default::default() };
+        tnc_compiler::driver::compile(model_of(vocab, "lm_loss(x, embedding, tokens)"), "native", &dir, opts, Vec::new())
+            .unwrap();
+        let bytes = std::fs::metadata(dir.join("manifest.json")).unwrap().len();
+        let bundle = tnc_runtime::Bundle::load(&dir).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        (bytes, bundle.manifest.entry_points["backward"].len())
+    };
+    let (small, small_launches) = manifest_of(1 << 13);
+    let (large, large_launches) = manifest_of(1 << 20);
+    eprintln!("manifest {small} bytes at 2^13 words ({small_launches} backward launches), {large} at 2^20 ({large_launches})");
+    assert!(large < small + 256, "{large} bytes at 2^20 words, {small} at 2^13");
+    // dX and dE: at least two launches per chunk each.
+    assert!(large_launches >= 4 * 1024, "{large_launches} backward launches at 2^20 words");
 }

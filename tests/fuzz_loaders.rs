@@ -304,6 +304,23 @@ fn mutate_manifest(seed: &[u8], m: &Mutation) -> Vec<u8> {
     }
 }
 
+/// The manifest with every launch of every entry point written as a run of one
+/// repetition (the tiny vocabulary has no chunks to repeat), so the mutations reach the
+/// runs' reader (`runtime/src/launch_runs.rs`) too.
+fn with_runs(manifest: &[u8]) -> Vec<u8> {
+    let mut v: Value = serde_json::from_slice(manifest).unwrap();
+    for (_, steps) in v["entry_points"].as_object_mut().unwrap() {
+        for step in steps.as_array_mut().unwrap() {
+            if step.get("repeat").is_none() {
+                let args = step.get("args").and_then(Value::as_array).map_or(0, Vec::len);
+                let stride = vec![Value::from(7); args];
+                *step = serde_json::json!({ "repeat": 1, "steps": [step.clone()], "stride": [stride] });
+            }
+        }
+    }
+    serde_json::to_vec(&v).unwrap()
+}
+
 #[test]
 fn manifests_load_or_are_refused_never_panic() {
     let scratch = manifest_scratch();
@@ -313,7 +330,10 @@ fn manifests_load_or_are_refused_never_panic() {
     for (name, bytes) in corpus("manifest") {
         eprintln!("manifest corpus {name}: {:?}", manifest_target(&scratch, &bytes).err());
     }
-    let seeds: Vec<Vec<u8>> = std::iter::once(live).chain(corpus("manifest").into_iter().map(|(_, b)| b)).collect();
+    let runs = with_runs(&live);
+    manifest_target(&scratch, &runs).unwrap();
+    let seeds: Vec<Vec<u8>> =
+        [live, runs].into_iter().chain(corpus("manifest").into_iter().map(|(_, b)| b)).collect();
     let (loaded, refused) = (Cell::new(0u32), Cell::new(0u32));
     runner()
         .run(&(0..seeds.len(), mutation()), |(i, m)| {

@@ -1,7 +1,7 @@
 //! Loading and verifying a bundle directory (see [`crate::manifest`] for the format).
 
 use crate::manifest::{
-    sha256_hex, Manifest, TargetKind, CPU_KERNELS_FILE, FORMAT_VERSION, MANIFEST_CHECKSUM_FILE, MANIFEST_FILE,
+    sha256_hex, Manifest, TargetKind, CPU_KERNELS_FILE, FORMAT_VERSION, OLDEST_READ_VERSION, MANIFEST_CHECKSUM_FILE, MANIFEST_FILE,
 };
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -44,7 +44,7 @@ impl fmt::Display for BundleError {
             BundleError::Parse { path, message } => write!(f, "{} is not a valid manifest: {message}", path.display()),
             BundleError::FormatVersion { found, expected } => write!(
                 f,
-                "bundle format version {found} is not supported (this runtime reads version {expected}); \
+                "bundle format version {found} is not supported (this runtime reads versions {OLDEST_READ_VERSION} to {expected}); \
                  recompile the model with a matching tnc"
             ),
             BundleError::Checksum { file, expected, actual } => write!(
@@ -102,7 +102,7 @@ impl Bundle {
         let value: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| BundleError::Parse { path: mpath.clone(), message: e.to_string() })?;
         match value.get("format_version").and_then(|v| v.as_u64()) {
-            Some(v) if v == FORMAT_VERSION as u64 => {}
+            Some(v) if (OLDEST_READ_VERSION as u64..=FORMAT_VERSION as u64).contains(&v) => {}
             Some(v) => return Err(BundleError::FormatVersion { found: v, expected: FORMAT_VERSION }),
             None => {
                 return Err(BundleError::Parse {

@@ -2,6 +2,7 @@
 //! what the compiler wrote and runs it.
 //!
 //! - [`manifest`]: the bundle format (`manifest.json`, checksums, size polynomials);
+//! - [`launch_runs`]: repeated launches written as runs in `manifest.json`;
 //! - [`bundle`]: loading and verifying a bundle ([`Bundle::load`]);
 //! - [`executor`]: [`Executor`], which runs a bundle's entry points on any [`Device`]
 //!   (sizes, parameters, optimizer state, inputs, outputs, gradients, errors);
@@ -42,6 +43,7 @@ pub mod gemm;
 pub mod host_memory;
 pub mod index_bounds;
 pub mod init;
+pub mod launch_runs;
 pub mod manifest;
 pub mod pipes;
 pub mod pool;

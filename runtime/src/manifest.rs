@@ -35,9 +35,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::Path;
 
-/// The version of the format this runtime reads and writes. A bundle with another
-/// version is rejected (never guessed at).
-pub const FORMAT_VERSION: u32 = 1;
+/// The version of the format this runtime writes. It reads every version from
+/// [`OLDEST_READ_VERSION`] to this one; a bundle with another version is rejected (never
+/// guessed at). Version 2 added launch runs ([`crate::launch_runs`]); a version-1
+/// manifest is a version-2 manifest without them.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this runtime reads.
+pub const OLDEST_READ_VERSION: u32 = 1;
 /// The manifest's file name inside a bundle.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The file holding the manifest's own SHA-256 (`sha256sum` format).
@@ -72,7 +76,9 @@ pub struct Manifest {
     pub inputs: Vec<IoEntry>,
     pub outputs: Vec<IoEntry>,
     /// Entry points by name: `forward`, `backward`, `step` (optimizer), and `decode`
-    /// (reserved, may be empty). Each is a list of kernel launches run in order.
+    /// (reserved, may be empty). Each is a list of kernel launches run in order; in JSON,
+    /// repeated blocks of launches are written as runs ([`crate::launch_runs`]).
+    #[serde(with = "crate::launch_runs")]
     pub entry_points: BTreeMap<String, Vec<Step>>,
     /// SHA-256 (lowercase hex) of every other file of the bundle, by file name relative
     /// to the bundle directory. The manifest's own checksum is in `manifest.sha256`.

@@ -483,10 +483,10 @@ fn altered_manifest_is_rejected() {
 
 #[test]
 fn wrong_format_version_is_rejected() {
-    let tb = write_bundle(|m| m.format_version = 2);
+    let tb = write_bundle(|m| m.format_version = 3);
     let e = load_err(&tb.dir);
-    assert!(matches!(e, BundleError::FormatVersion { found: 2, expected: 1 }), "{e:?}");
-    assert!(e.to_string().contains("format version 2"), "{e}");
+    assert!(matches!(e, BundleError::FormatVersion { found: 3, expected: 2 }), "{e:?}");
+    assert!(e.to_string().contains("format version 3 is not supported (this runtime reads versions 1 to 2)"), "{e}");
 }
 
 #[test]

@@ -38,7 +38,9 @@ def extract(manifest, b, n):
     count = {}
     for entry in ("forward", "backward"):
         for s in m["entry_points"].get(entry, []):
-            count[s["kernel"]] = count.get(s["kernel"], 0) + 1
+            # A run (format version 2) stands for `repeat` copies of its steps.
+            for step in s["steps"] if "repeat" in s else [s]:
+                count[step["kernel"]] = count.get(step["kernel"], 0) + s.get("repeat", 1)
     out = []
     for i, k in enumerate(m["kernels"]):
         g = k.get("gemm")
