@@ -124,8 +124,14 @@ fn the_manifest_does_not_grow_with_the_vocabulary() {
         let dir = std::env::temp_dir().join(format!("tnc-ce-manifest-{vocab}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let opts = tnc_compiler::driver::Options { train: true, ..Default::default() };
-        tnc_compiler::driver::compile(model_of(vocab, "lm_loss(x, embedding, tokens)"), "native", &dir, opts, Vec::new())
-            .unwrap();
+        tnc_compiler::driver::compile(
+            model_of(vocab, "lm_loss(x, embedding, tokens)"),
+            "native",
+            &dir,
+            opts,
+            Vec::new(),
+        )
+        .unwrap();
         let bytes = std::fs::metadata(dir.join("manifest.json")).unwrap().len();
         let bundle = tnc_runtime::Bundle::load(&dir).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
@@ -133,7 +139,9 @@ fn the_manifest_does_not_grow_with_the_vocabulary() {
     };
     let (small, small_launches) = manifest_of(1 << 13);
     let (large, large_launches) = manifest_of(1 << 20);
-    eprintln!("manifest {small} bytes at 2^13 words ({small_launches} backward launches), {large} at 2^20 ({large_launches})");
+    eprintln!(
+        "manifest {small} bytes at 2^13 words ({small_launches} backward launches), {large} at 2^20 ({large_launches})"
+    );
     assert!(large < small + 256, "{large} bytes at 2^20 words, {small} at 2^13");
     // dX and dE: at least two launches per chunk each.
     assert!(large_launches >= 4 * 1024, "{large_launches} backward launches at 2^20 words");

@@ -300,7 +300,10 @@ fn a_gpu_too_small_is_refused_before_allocating() {
     let (device, resizes) = small(1024);
     let err = Executor::on(&b, device).err().expect("1 KiB cannot hold the parameters");
     let msg = err.to_string();
-    assert!(msg.contains("the model does not fit on small gpu (1024 bytes): its parameters and optimizer state"), "{msg}");
+    assert!(
+        msg.contains("the model does not fit on small gpu (1024 bytes): its parameters and optimizer state"),
+        "{msg}"
+    );
     assert_eq!(resizes.load(SeqCst), 0, "nothing was allocated");
 
     let (device, resizes) = small(1 << 20);

@@ -65,7 +65,10 @@ fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
         .map(|e| e.unwrap().path())
         .collect();
     files.sort();
-    files.into_iter().map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap())).collect()
+    files
+        .into_iter()
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -143,7 +146,16 @@ fn on_nth(v: &mut Value, keep: &dyn Fn(&Value) -> bool, at: usize, f: &mut dyn F
         return;
     }
     let target = at % n;
-    visit(v, keep, &mut |i, x| if i == target { f(x) }, &mut 0);
+    visit(
+        v,
+        keep,
+        &mut |i, x| {
+            if i == target {
+                f(x)
+            }
+        },
+        &mut 0,
+    );
 }
 
 fn apply_json(v: &mut Value, e: &JsonEdit) {
@@ -332,8 +344,7 @@ fn manifests_load_or_are_refused_never_panic() {
     }
     let runs = with_runs(&live);
     manifest_target(&scratch, &runs).unwrap();
-    let seeds: Vec<Vec<u8>> =
-        [live, runs].into_iter().chain(corpus("manifest").into_iter().map(|(_, b)| b)).collect();
+    let seeds: Vec<Vec<u8>> = [live, runs].into_iter().chain(corpus("manifest").into_iter().map(|(_, b)| b)).collect();
     let (loaded, refused) = (Cell::new(0u32), Cell::new(0u32));
     runner()
         .run(&(0..seeds.len(), mutation()), |(i, m)| {
@@ -422,8 +433,7 @@ fn checkpoints_restore_or_are_refused_never_panic() {
     let bundle = Bundle::load(seed_bundle()).unwrap();
     let mut ex = Executor::cpu(&bundle, 1).unwrap();
     ex.set_params_from_seed(5).unwrap();
-    let trainable: Vec<String> =
-        ex.manifest().params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
+    let trainable: Vec<String> = ex.manifest().params.iter().filter(|p| p.trainable).map(|p| p.name.clone()).collect();
     let live = checkpoint::encode(&seed_checkpoint(&ex)).unwrap();
     checkpoint_target(&mut ex, &trainable, &live).unwrap();
     for (name, bytes) in corpus("checkpoint") {

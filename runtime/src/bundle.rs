@@ -1,7 +1,8 @@
 //! Loading and verifying a bundle directory (see [`crate::manifest`] for the format).
 
 use crate::manifest::{
-    sha256_hex, Manifest, TargetKind, CPU_KERNELS_FILE, FORMAT_VERSION, OLDEST_READ_VERSION, MANIFEST_CHECKSUM_FILE, MANIFEST_FILE,
+    sha256_hex, Manifest, TargetKind, CPU_KERNELS_FILE, FORMAT_VERSION, MANIFEST_CHECKSUM_FILE, MANIFEST_FILE,
+    OLDEST_READ_VERSION,
 };
 use std::fmt;
 use std::path::{Path, PathBuf};

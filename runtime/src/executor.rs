@@ -379,10 +379,9 @@ impl Executor {
             .map(|d| d.eval(&env).map(|v| v.max(0) as usize))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ExecError::Sizes(format!("shape of output `{name}`: {e}")))?;
-        let n = shape
-            .iter()
-            .try_fold(io.dtype.bytes(), |a, &d| a.checked_mul(d))
-            .ok_or_else(|| ExecError::Sizes(format!("output `{name}` of shape {shape:?} has more bytes than this machine addresses")))?;
+        let n = shape.iter().try_fold(io.dtype.bytes(), |a, &d| a.checked_mul(d)).ok_or_else(|| {
+            ExecError::Sizes(format!("output `{name}` of shape {shape:?} has more bytes than this machine addresses"))
+        })?;
         if n > self.lens[io.buffer] {
             return Err(ExecError::Bundle(BundleError::Invalid(format!(
                 "output `{name}` needs {n} bytes, its buffer has {}",

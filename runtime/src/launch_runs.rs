@@ -66,12 +66,21 @@ impl RawItem {
     fn item(self, name: &str, i: usize) -> Result<Item, String> {
         let at = |what: &str| format!("entry `{name}` item {i}: {what}");
         match self {
-            RawItem { repeat: Some(repeat), steps: Some(steps), stride: Some(stride), kernel: None, buffers: None, args } if args.is_empty() => {
-                Ok(Item::Run(Run { repeat, steps, stride }))
-            }
+            RawItem {
+                repeat: Some(repeat),
+                steps: Some(steps),
+                stride: Some(stride),
+                kernel: None,
+                buffers: None,
+                args,
+            } if args.is_empty() => Ok(Item::Run(Run { repeat, steps, stride })),
             RawItem { repeat: Some(_), .. } => Err(at("a run has `repeat`, `steps` and `stride` and nothing else")),
-            RawItem { steps: Some(_), .. } | RawItem { stride: Some(_), .. } => Err(at("`steps` and `stride` belong to a run, which needs `repeat`")),
-            RawItem { kernel: Some(kernel), buffers: Some(buffers), args, .. } => Ok(Item::Step(Step { kernel, buffers, args })),
+            RawItem { steps: Some(_), .. } | RawItem { stride: Some(_), .. } => {
+                Err(at("`steps` and `stride` belong to a run, which needs `repeat`"))
+            }
+            RawItem { kernel: Some(kernel), buffers: Some(buffers), args, .. } => {
+                Ok(Item::Step(Step { kernel, buffers, args }))
+            }
             RawItem { kernel: None, .. } => Err(at("missing field `kernel`")),
             RawItem { buffers: None, .. } => Err(at("missing field `buffers`")),
         }
@@ -245,13 +254,15 @@ mod tests {
     #[test]
     fn runs_that_expand_too_far_or_overflow_are_errors() {
         let read = |json: &str| deserialize(&mut serde_json::Deserializer::from_str(json)).map(|_| ());
-        let huge = r#"{"f": [{"repeat": 18446744073709551615, "steps": [{"kernel": 0, "buffers": []}], "stride": [[]]}]}"#;
+        let huge =
+            r#"{"f": [{"repeat": 18446744073709551615, "steps": [{"kernel": 0, "buffers": []}], "stride": [[]]}]}"#;
         let e = read(huge).unwrap_err().to_string();
         assert!(e.contains("entry `f` expands to more than 16777216 launches"), "{e}");
         let overflow = r#"{"f": [{"repeat": 3, "steps": [{"kernel": 0, "buffers": [], "args": [1]}], "stride": [[9223372036854775807]]}]}"#;
         let e = read(overflow).unwrap_err().to_string();
         assert!(e.contains("overflow 64 bits"), "{e}");
-        let mismatched = r#"{"f": [{"repeat": 3, "steps": [{"kernel": 0, "buffers": [], "args": [1]}], "stride": [[]]}]}"#;
+        let mismatched =
+            r#"{"f": [{"repeat": 3, "steps": [{"kernel": 0, "buffers": [], "args": [1]}], "stride": [[]]}]}"#;
         let e = read(mismatched).unwrap_err().to_string();
         assert!(e.contains("has 1 arguments and 0 strides"), "{e}");
         let e = read(r#"{"f": [{"buffers": [1]}]}"#).unwrap_err().to_string();
