@@ -169,11 +169,11 @@ fn table(results: &[(&Variant, Summary)], flags: &TrainFlags) -> String {
         };
         let _ = writeln!(
             t,
-            "| {} | {} | {:.4} | {eval_loss} |{acc} {:.0} | {:.1} |",
+            "| {} | {} | {:.4} | {eval_loss} |{acc} {} | {:.1} |",
             v.name,
             s.parameters,
             s.final_loss,
-            s.tokens_per_s,
+            s.tokens_per_s.map_or("–".into(), |t| format!("{t:.0}")),
             s.memory_bytes as f64 / 1048576.0
         );
     }

@@ -9,8 +9,10 @@ use std::path::Path;
 use tnc_compiler::interp::{self, FileDType, Tensor};
 use tnc_runtime::manifest::DType;
 
+/// A directory is run as a bundle (one without a manifest is refused as not a bundle);
+/// a file as a model.
 pub fn is_bundle(path: &Path) -> bool {
-    path.is_dir() && path.join("manifest.json").is_file()
+    path.is_dir()
 }
 
 /// An interpreter tensor (f64) as a runtime tensor of the given element type.

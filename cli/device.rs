@@ -80,7 +80,12 @@ fn cuda_driver_present() -> bool {
 
 /// The bundle in `dir`, loaded and checked.
 pub fn load(dir: &std::path::Path) -> Result<Bundle, Failure> {
-    Bundle::load(dir).map_err(|e| fail(format!("{}: {e}", dir.display())))
+    use tnc_runtime::BundleError::{Io, NotABundle, Parse};
+    Bundle::load(dir).map_err(|e| match e {
+        // These name the path already.
+        Io { .. } | NotABundle { .. } | Parse { .. } => fail(e.to_string()),
+        _ => fail(format!("{}: {e}", dir.display())),
+    })
 }
 
 /// An executor for `bundle` on `device` (`threads` for the CPU).

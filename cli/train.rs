@@ -168,8 +168,9 @@ pub(crate) struct Summary {
     /// Mean training loss of the last tenth of the steps (at least one).
     pub final_loss: f64,
     pub eval: Option<EvalReport>,
-    /// Median tokens per second over the run's steps.
-    pub tokens_per_s: f64,
+    /// Median tokens per second over the run's steps (every life's, from the metrics:
+    /// a resumed run that had nothing left to train still has its figure).
+    pub tokens_per_s: Option<f64>,
     pub parameters: u64,
     /// Bytes the runtime allocated for the model at the run's B and N.
     pub memory_bytes: u64,
@@ -231,14 +232,18 @@ pub(crate) fn train_one(
     if trainer.step_count() > 0 {
         say(bar, &format!("resuming {} at step {}", out.display(), trainer.step_count()));
     }
-    let mut speeds = Vec::new();
+    if trainer.done() {
+        say(
+            bar,
+            &format!("the run is at step {} of --steps {}: nothing left to train", trainer.step_count(), cfg.steps),
+        );
+    }
     let mut eval = None;
     tnc_train::interrupt::install();
     // Without a terminal (a log file, CI) the bar is hidden: a plain line every 5% of the run.
     let every = (cfg.steps / 20).max(1);
     while !trainer.done() {
         let r = trainer.step().map_err(fail)?;
-        speeds.push(r.tokens_per_s);
         bar.set_position(r.step);
         let progress = format!("loss {:.4} lr {:.2e} {:.0} tok/s", r.loss, r.lr, r.tokens_per_s);
         if bar.is_hidden() && !flags.quiet && (r.step.is_multiple_of(every) || r.step == cfg.steps) {
@@ -289,6 +294,7 @@ pub(crate) fn train_one(
 
     let tail = (losses.len() / 10).max(1).min(losses.len());
     let final_loss = losses[losses.len() - tail..].iter().map(|p| p.1).sum::<f64>() / tail.max(1) as f64;
+    let mut speeds: Vec<f64> = series("tokens_per_s").into_iter().map(|p| p.1).collect();
     speeds.sort_by(f64::total_cmp);
     let m = trainer.executor().manifest();
     let parameters = m.params.iter().filter(|p| p.trainable).map(|p| p.shape.iter().product::<i64>() as u64).sum();
@@ -298,7 +304,7 @@ pub(crate) fn train_one(
         steps: trainer.step_count(),
         final_loss,
         eval,
-        tokens_per_s: speeds.get(speeds.len() / 2).copied().unwrap_or(0.0),
+        tokens_per_s: speeds.get(speeds.len() / 2).copied(),
         parameters,
         memory_bytes: trainer.executor().allocated_bytes() as u64,
         losses,
@@ -338,12 +344,8 @@ fn print_summary(s: &Summary, out: &Path) {
     if let Some(e) = &s.eval {
         println!("  {}", describe_eval(e, &s.data));
     }
-    println!(
-        "  {:.0} tokens/s (median), {} parameters, {:.1} MiB allocated",
-        s.tokens_per_s,
-        s.parameters,
-        s.memory_bytes as f64 / 1048576.0
-    );
+    let speed = s.tokens_per_s.map_or("no steps timed".into(), |t| format!("{t:.0} tokens/s (median)"));
+    println!("  {speed}, {} parameters, {:.1} MiB allocated", s.parameters, s.memory_bytes as f64 / 1048576.0);
     println!(
         "  wrote {}/metrics.jsonl, {}/loss.svg, checkpoints in {}/checkpoints",
         out.display(),

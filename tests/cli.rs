@@ -174,3 +174,23 @@ fn a_closed_pipe_ends_tnc_quietly() {
     assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
     assert_eq!(status.signal(), Some(13), "ended by SIGPIPE: {status:?}\n{err}");
 }
+
+/// A directory without `manifest.json` is refused as not a bundle (it said "Is a
+/// directory" when taken for a model file), by every command that takes a bundle.
+#[test]
+fn a_directory_without_a_manifest_is_not_a_bundle() {
+    let dir = std::env::temp_dir().join(format!("tnc-cli-not-a-bundle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("kernels.so"), b"").unwrap();
+    let d = dir.to_str().unwrap();
+    for args in [
+        vec!["verify", d, "--source", "models/tasks/mqar_t2.tn"],
+        vec!["train", d, "--data", "mqar", "--steps", "1", "--out", "/nonexistent/tnc-run"],
+    ] {
+        let (code, _, err) = tnc(&args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(&format!("{d} is not a bundle: it has no manifest.json")), "{args:?}: {err}");
+        assert!(!err.contains("Is a directory"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -299,6 +299,37 @@ fn eval_reports_loss_and_accuracy_of_a_run() {
     assert!(out.contains("eval loss") && out.contains("perplexity") && out.contains("accuracy"), "{out}");
 }
 
+/// Resuming a finished run (or one past a smaller `--steps`) trains nothing, says so, and
+/// reports the run's own speed from its metrics (it said "0 tokens/s").
+#[test]
+fn resuming_a_finished_run_trains_nothing_and_keeps_its_speed() {
+    let run = fresh("finished");
+    run_ok(train(&run, 3, &[]));
+    for (steps, extra) in [(3, &[][..]), (2, &["--allow-changed", "steps"][..])] {
+        let args: Vec<&str> = ["--resume"].into_iter().chain(extra.iter().copied()).collect();
+        let (out, err) = run_ok(train(&run, steps, &args));
+        assert!(err.contains(&format!("the run is at step 3 of --steps {steps}: nothing left to train")), "{err}");
+        assert!(out.contains("for 3 steps"), "{out}");
+        let speed = out.split(" tokens/s (median)").next().and_then(|s| s.rsplit(' ').next()).unwrap_or_default();
+        assert!(speed.parse::<f64>().is_ok_and(|t| t > 0.0), "speed `{speed}` in {out}");
+    }
+}
+
+/// Evaluating on data with more tokens than the model's vocabulary is refused up front,
+/// as training is (it reported 10.4 bits per byte of bytes a vocab-64 model cannot read).
+#[test]
+fn eval_refuses_data_beyond_the_vocabulary() {
+    let run = fresh("eval-vocab");
+    run_ok(train(&run, 2, &[]));
+    let text = scratch("eval-vocab.txt");
+    std::fs::write(&text, "bytes up to 255 do not fit a vocabulary of 16\n".repeat(20)).unwrap();
+    let o = tnc().arg("eval").arg(&run).arg("--data").arg(format!("text:{}", text.display())).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("the model's vocabulary (16) is smaller than the data's (256"), "{err}");
+    assert!(err.contains("use `--set vocab=256`"), "{err}");
+}
+
 /// A run directory holds its own bundle (`RUN/bundle`, named relatively in `run.json` and
 /// the checkpoints): moved elsewhere, it still evaluates and resumes, from that copy.
 #[test]

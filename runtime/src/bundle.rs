@@ -20,6 +20,8 @@ pub struct Bundle {
 pub enum BundleError {
     /// A file could not be read.
     Io { path: PathBuf, error: std::io::Error },
+    /// The directory has no `manifest.json`: it is not a bundle (or not yet a whole one).
+    NotABundle { dir: PathBuf },
     /// `manifest.json` is not a valid manifest.
     Parse { path: PathBuf, message: String },
     /// The manifest's format version is not the one this runtime reads.
@@ -42,6 +44,11 @@ impl fmt::Display for BundleError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BundleError::Io { path, error } => write!(f, "cannot read {}: {error}", path.display()),
+            BundleError::NotABundle { dir } => write!(
+                f,
+                "{} is not a bundle: it has no {MANIFEST_FILE} (a bundle is the directory `tnc compile MODEL.tn --target T -o DIR` writes)",
+                dir.display()
+            ),
             BundleError::Parse { path, message } => write!(f, "{} is not a valid manifest: {message}", path.display()),
             BundleError::FormatVersion { found, expected } => write!(
                 f,
@@ -92,6 +99,9 @@ impl Bundle {
     pub fn load(dir: impl AsRef<Path>) -> Result<Bundle, BundleError> {
         let dir = dir.as_ref().to_path_buf();
         let mpath = dir.join(MANIFEST_FILE);
+        if dir.is_dir() && !mpath.exists() {
+            return Err(BundleError::NotABundle { dir });
+        }
         let bytes = read(&mpath)?;
         let sums = read(&dir.join(MANIFEST_CHECKSUM_FILE))?;
         let expected = String::from_utf8_lossy(&sums).split_whitespace().next().unwrap_or("").to_ascii_lowercase();

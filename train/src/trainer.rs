@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tnc_runtime::manifest::{BufferRole, Hyper, MANIFEST_CHECKSUM_FILE, OPTIMIZER_HYPER};
-use tnc_runtime::{Executor, Tensor};
+use tnc_runtime::{Executor, Manifest, Tensor};
 
 /// Everything that decides what a run computes (and how often it reports).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -90,6 +90,22 @@ impl EvalReport {
     pub fn bits_per_token(&self) -> f64 {
         self.loss / std::f64::consts::LN_2
     }
+}
+
+/// The model's vocabulary (its `embedding`'s rows) holds every token `data` yields:
+/// training and evaluation refuse a mismatch up front, naming the fix.
+pub fn check_vocabulary(m: &Manifest, data: &DataSource) -> Result<(), String> {
+    if let Some(e) = m.params.iter().find(|p| p.name == "embedding") {
+        let model_vocab = e.shape.first().copied().unwrap_or(0) as usize;
+        if model_vocab < data.vocab() {
+            return Err(format!(
+                "the model's vocabulary ({model_vocab}) is smaller than the data's ({}, {data}): use `--set vocab={}`",
+                data.vocab(),
+                data.vocab()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The SHA-256 of the manifest of the bundle in `dir` (which holds the SHA-256 of every
@@ -163,16 +179,7 @@ impl Trainer {
         if !m.inputs.iter().any(|i| i.name == "tokens") {
             return Err("the model has no input `tokens` (training feeds token sequences)".into());
         }
-        if let Some(e) = m.params.iter().find(|p| p.name == "embedding") {
-            let model_vocab = e.shape.first().copied().unwrap_or(0) as usize;
-            if model_vocab < data.vocab() {
-                return Err(format!(
-                    "the model's vocabulary ({model_vocab}) is smaller than the data's ({}): use `--set vocab={}`",
-                    data.vocab(),
-                    data.vocab()
-                ));
-            }
-        }
+        check_vocabulary(&m, &data)?;
         if cfg.batch == 0 || cfg.seq < 2 || cfg.accumulate == 0 {
             return Err("batch and accumulate must be ≥ 1 and seq ≥ 2".into());
         }
