@@ -202,7 +202,10 @@ fn corrupt_bundles_are_refused_with_the_reason() {
     std::fs::write(&so, &bytes).unwrap();
     let manifest = dir.join("manifest.json");
     let text = std::fs::read_to_string(&manifest).unwrap();
-    std::fs::write(&manifest, text.replace("\"format_version\": 1", "\"format_version\": 2")).unwrap();
+    let current = format!("\"format_version\": {}", tnc_runtime::FORMAT_VERSION);
+    let future = format!("\"format_version\": {}", tnc_runtime::FORMAT_VERSION + 1);
+    assert!(text.contains(&current), "the manifest states its version: {text}");
+    std::fs::write(&manifest, text.replace(&current, &future)).unwrap();
     let err = tnc_runtime::Bundle::load_cpu(&dir).unwrap_err().to_string();
     assert!(err.contains("manifest"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
