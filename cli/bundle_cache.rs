@@ -11,7 +11,9 @@
 use crate::{elaborate, Failure, ModelArgs};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
+use tnc_compiler::ir::Graph;
 use tnc_grammar::FileId;
+use tnc_grammar::{Diagnostic, SourceMap};
 
 /// The cache directory (`…/bundles`).
 pub fn cache_dir() -> PathBuf {
@@ -47,6 +49,7 @@ pub fn training_bundle(
     status: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, Failure> {
     let (graph, sources) = elaborate(model)?;
+    fits_in_host_memory(&graph, target, tnc_runtime::host_memory::available_bytes())?;
     let mut h = Sha256::new();
     h.update(format!("tnc {} {}\ntarget {target}\ntrain\n", env!("CARGO_PKG_VERSION"), build_id()));
     h.update(format!("precision {}\n", precision.name()));
@@ -82,4 +85,64 @@ pub fn training_bundle(
         .map_err(|e| crate::fail(format!("cannot move the bundle into {}: {e}", dir.display())))?;
     status(&format!("compiled in {:.1} s into {}", started.elapsed().as_secs_f64(), dir.display()));
     Ok(dir)
+}
+
+/// Refuses, before compiling, a model whose training state cannot fit in this machine's
+/// memory (`available`, when known): compiling a model with billions of vocabulary rows
+/// takes minutes, and its run would fail its first allocation. A CPU run holds the whole
+/// state; a GPU run holds the parameters on the host too (initialization, checkpoints).
+/// The B- and N-dependent activations are checked by the runtime once the bundle loads.
+pub(crate) fn fits_in_host_memory(graph: &Graph, target: &str, available: Option<u64>) -> Result<(), Failure> {
+    let Some(available) = available else { return Ok(()) };
+    let state = crate::check::training_state_bytes(graph);
+    let (need, what) = if tnc_compiler::driver::is_gpu(target) {
+        (graph.trainable_parameter_count() * 4, "its parameters (a GPU run keeps them on the host too)")
+    } else {
+        (state, "its training state (parameters, gradients, gradient sums and AdamW moments in f32)")
+    };
+    if need <= u128::from(available) {
+        return Ok(());
+    }
+    let human = tnc_runtime::host_memory::human;
+    let diagnostic = Diagnostic::error(format!(
+        "training {} needs {} for {what}; this machine has {} available",
+        graph.name,
+        human(need),
+        human(available.into())
+    ))
+    .with_hint(format!(
+        "make the model smaller with --set (it has {} trainable parameters); `tnc check` shows where they are",
+        graph.trainable_parameter_count()
+    ));
+    Err(Failure { diagnostic, sources: SourceMap::new(), status: 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Graph {
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tnl.tn");
+        let sets = ["vocab=8", "dim=4", "heads=2", "layers=1", "glu_dim=6"].map(String::from).to_vec();
+        elaborate(&ModelArgs { file, sets, model: None }).ok().expect("the tiny model elaborates").0
+    }
+
+    #[test]
+    fn a_model_is_refused_when_its_training_state_exceeds_the_available_memory() {
+        let g = tiny();
+        let state = crate::check::training_state_bytes(&g);
+        let params = g.trainable_parameter_count();
+        assert!(state >= params * 20 && params > 0, "{state} {params}");
+        let state = u64::try_from(state).unwrap();
+        assert!(fits_in_host_memory(&g, "native", Some(state)).is_ok());
+        let err = fits_in_host_memory(&g, "native", Some(state - 1)).err().expect("one byte short is refused");
+        assert_eq!(err.status, 1);
+        assert!(err.diagnostic.message.contains("training state"), "{}", err.diagnostic.message);
+        // A GPU run needs only the parameters on the host.
+        let on_host = u64::try_from(params * 4).unwrap();
+        assert!(fits_in_host_memory(&g, "sm80", Some(on_host)).is_ok());
+        assert!(fits_in_host_memory(&g, "sm80", Some(on_host - 1)).is_err());
+        // Unknown memory refuses nothing.
+        assert!(fits_in_host_memory(&g, "native", None).is_ok());
+    }
 }

@@ -75,6 +75,14 @@ fn thousands(n: u128) -> String {
     out
 }
 
+/// Bytes of a training run's state, whatever its B and N: training keeps each
+/// trainable parameter, its gradient, the gradient sum of accumulation and AdamW's two
+/// moments in f32 (20 bytes), and each buffer element in f32.
+pub(crate) fn training_state_bytes(g: &Graph) -> u128 {
+    let buffers: u128 = g.params.iter().filter(|p| !p.trainable).map(|p| numel(&p.ty)).sum();
+    g.trainable_parameter_count() * 20 + buffers * 4
+}
+
 pub fn summary(g: &Graph, file: &str, step: &Step) -> String {
     let mut s = String::new();
     let total = g.trainable_parameter_count();
@@ -87,10 +95,8 @@ pub fn summary(g: &Graph, file: &str, step: &Step) -> String {
         total as f64 / 1e6,
         thousands(buffers)
     );
-    // Training keeps each parameter, its gradient, the gradient sum of accumulation and
-    // AdamW's two moments in f32.
     let params = total + buffers;
-    let state = total * 20 + buffers * 4;
+    let state = training_state_bytes(g);
     let human = tnc_runtime::host_memory::human;
     let _ = writeln!(
         s,

@@ -520,3 +520,31 @@ fn progress_lines_unless_quiet() {
     let (_, err) = run_ok(train(&fresh("quiet"), 3, &["--quiet"]));
     assert!(!err.contains("step 3/3"), "{err}");
 }
+
+/// A model whose training state no machine holds (T1 with 2^31 vocabulary rows: about
+/// 2^40 parameters) is refused before it compiles (it once compiled for over ten
+/// minutes), with the figures, and leaves nothing in the cache or the run directory.
+#[test]
+fn a_model_too_large_for_this_machine_is_refused_before_compiling() {
+    let cache = fresh("cache-too-large");
+    let out = fresh("too-large");
+    let started = Instant::now();
+    let res = Command::new(env!("CARGO_BIN_EXE_tnc"))
+        .env("TNC_CACHE_DIR", &cache)
+        .args(["train", "models/transnormer_t1.tn", "--set", "vocab=2**31", "--data", "mqar", "--steps", "2"])
+        .args(["--batch", "1", "--seq", "64", "--out"])
+        .arg(&out)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("tnc runs");
+    let secs = started.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("TiB for its training state") && stderr.contains("available"), "{stderr}");
+    assert!(stderr.contains("--set"), "the hint says how to shrink it: {stderr}");
+    assert!(!stderr.contains("compiling"), "{stderr}");
+    assert!(!out.exists(), "no run directory is created");
+    let cached = std::fs::read_dir(cache.join("bundles")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(cached, 0, "nothing was compiled into the cache");
+    eprintln!("refused in {secs:.2} s");
+}
