@@ -4,10 +4,11 @@
 
 use crate::{elaborate, Failure, ModelArgs};
 use std::fmt::Write;
-use tnc_compiler::fusion::{fuse, FusionPlan};
+use tnc_compiler::backend::{backend_for, Target};
+use tnc_compiler::fusion::FusionPlan;
 use tnc_compiler::ir::Graph;
-use tnc_compiler::memory::{eval, mib, plan_memory};
-use tnc_compiler::passes;
+use tnc_compiler::memory::{eval, mib};
+use tnc_compiler::pipeline::Pipeline;
 use tnc_grammar::Diagnostic;
 
 #[derive(clap::Args, Debug)]
@@ -52,14 +53,16 @@ pub fn run(args: &CompileArgs) -> Result<(), Failure> {
     if !args.report {
         return compile(args);
     }
+    // The report is of the target's pipeline through memory planning (the host's when
+    // no target is given).
+    let target = parse_target(args.target.as_deref().unwrap_or("native"))?;
     let (graph, sources) = elaborate(&args.model)?;
-    let last = passes::names().last().copied().unwrap_or("elaborate");
-    let graph = passes::run_until_with(graph, last, args.precision.policy())
-        .expect("the last pass exists")
-        .map_err(|d| Failure { diagnostic: d, sources, status: 1 })?;
-    let internal = |e: String| Failure::usage(Diagnostic::error(format!("internal error: {e}")));
-    let plan = fuse(&graph).map_err(internal)?;
-    let memory = plan_memory(&graph, &plan).map_err(internal)?;
+    let pipeline = Pipeline::new(&*backend_for(&target), args.train, args.precision.policy());
+    let lowered =
+        pipeline.run_until(graph, "plan_memory").map_err(|d| Failure { diagnostic: d, sources, status: 1 })?;
+    let graph = lowered.graph;
+    let plan = lowered.plan.expect("plan_memory runs after fuse");
+    let memory = lowered.memory.expect("plan_memory ran");
     let mut s = kernel_report(&graph, &plan, args.batch, args.seq);
     let _ = writeln!(
         s,
@@ -94,16 +97,14 @@ fn kernel_report(g: &Graph, plan: &FusionPlan, b: i64, n: i64) -> String {
     s
 }
 
-/// A failed `driver::compile`: an unknown target name is bad usage (exit 2); anything else
-/// is an error (1).
+/// A failed `driver::compile` (its target was parsed before: the rest is not usage).
 pub(crate) fn compile_failure(e: String) -> Failure {
-    let usage = e.contains("valid CPU targets") || e.contains("valid GPU targets");
-    let d = Diagnostic::error(e);
-    if usage {
-        Failure::usage(d)
-    } else {
-        Failure { diagnostic: d, sources: Default::default(), status: 1 }
-    }
+    Failure { diagnostic: Diagnostic::error(e), sources: Default::default(), status: 1 }
+}
+
+/// A `--target` name, or a usage error listing the valid ones.
+fn parse_target(name: &str) -> Result<Target, Failure> {
+    Target::parse(name).map_err(|e| Failure::usage(Diagnostic::error(e)))
 }
 
 /// Compile to a bundle and print what was made.
@@ -115,6 +116,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
                 .with_hint("or use `--report` to see the kernels and the memory plan without generating code"),
         ));
     };
+    parse_target(target)?;
     let started = std::time::Instant::now();
     let (graph, _sources) = elaborate(&args.model)?;
     let front = started.elapsed();

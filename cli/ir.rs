@@ -1,68 +1,44 @@
-//! `tnc ir`: print the graph after a pass, the kernel groups after `fuse`, or the kernels
-//! after `schedule`.
+//! `tnc ir`: print the program after any stage of the pipeline (`pipeline.rs`) — the
+//! graph after a graph pass, the kernel groups after `fuse`, the memory plan after
+//! `plan_memory`, the kernels after `schedule` and every stage after it.
 
 use crate::{elaborate, Failure, ModelArgs};
+use tnc_compiler::backend::{backend_for, Target};
 use tnc_compiler::ir::print::{to_dot, to_text};
-use tnc_compiler::passes;
+use tnc_compiler::passes::Policy;
+use tnc_compiler::pipeline::Pipeline;
 use tnc_grammar::Diagnostic;
 
-/// Stages after the graph pipeline that `--after` also accepts.
-const LOWERING: [&str; 2] = ["fuse", "schedule"];
+/// The sizes a memory plan is printed at.
+const PLAN_SIZES: (i64, i64) = (1, 2048);
 
 pub fn run(
     args: &ModelArgs,
     dot: bool,
     after: &str,
-    target: Option<&str>,
-    precision: passes::Policy,
+    (target, train, precision): (&str, bool, Policy),
 ) -> Result<(), Failure> {
-    let graph_passes = passes::names();
-    let names: Vec<&str> = graph_passes.iter().copied().chain(LOWERING).collect();
+    let target = Target::parse(target).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
+    let pipeline = Pipeline::new(&*backend_for(&target), train, precision);
+    let names = pipeline.names();
     if !names.contains(&after) {
-        let mut d = Diagnostic::error(format!("unknown pass `{after}`"))
-            .with_note(format!("the passes are, in order: {}", names.join(", ")));
-        if let Some(h) = tnc_grammar::diag::did_you_mean(after, names.iter().copied()) {
-            d = d.with_hint(h);
+        // The pipeline's own error, before elaborating: it lists every stage.
+        let mut d = pipeline.run_until(tnc_compiler::ir::Graph::new(""), after).err().expect("an unknown stage");
+        if !train && Pipeline::new(&*backend_for(&target), true, precision).names().contains(&after) {
+            d = d.with_hint(format!("`{after}` is a stage of training bundles: add `--train`"));
         }
         return Err(Failure::usage(d));
     }
-    if let Some(t) = target {
-        if after != "schedule" {
-            return Err(Failure::usage(Diagnostic::error("`--target` applies to `--after schedule` only")));
-        }
-        tnc_compiler::driver::check_target(t).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
-    }
     let (graph, sources) = elaborate(args)?;
-    let stop = if LOWERING.contains(&after) { *graph_passes.last().expect("passes exist") } else { after };
-    let graph = passes::run_until_with(graph, stop, precision)
-        .expect("the name was checked above")
-        .map_err(|d| Failure { diagnostic: d, sources, status: 1 })?;
-    let internal = |e: String| Failure {
-        diagnostic: Diagnostic::error(format!("internal error: {e}")),
-        sources: Default::default(),
-        status: 1,
-    };
-    match after {
-        "fuse" => {
-            let plan = tnc_compiler::fusion::fuse(&graph).map_err(internal)?;
-            print!("{}", tnc_compiler::fusion::to_text(&graph, &plan));
-        }
-        "schedule" => {
-            let plan = tnc_compiler::fusion::fuse(&graph).map_err(internal)?;
-            let memory = tnc_compiler::memory::plan_memory(&graph, &plan).map_err(internal)?;
-            let s = match target {
-                Some(t) => {
-                    let opts = tnc_compiler::driver::schedule_options(t);
-                    let mut s =
-                        tnc_compiler::schedule::schedule_with(&graph, &plan, &memory, &opts).map_err(internal)?;
-                    s.kernels = tnc_compiler::driver::target_kernels(&s.kernels, t);
-                    s
-                }
-                None => tnc_compiler::schedule::schedule(&graph, &plan, &memory).map_err(internal)?,
-            };
-            print!("{}", tnc_compiler::schedule::to_text(&s));
-        }
-        _ => print!("{}", if dot { to_dot(&graph) } else { to_text(&graph) }),
+    let l = pipeline.run_until(graph, after).map_err(|d| Failure { diagnostic: d, sources, status: 1 })?;
+    if let Some(s) = &l.schedule {
+        print!("{}", tnc_compiler::schedule::to_text(s));
+    } else if let Some(m) = &l.memory {
+        print!("{}", m.report().to_text(PLAN_SIZES.0, PLAN_SIZES.1));
+    } else if let Some(plan) = &l.plan {
+        print!("{}", tnc_compiler::fusion::to_text(&l.graph, plan));
+    } else {
+        print!("{}", if dot { to_dot(&l.graph) } else { to_text(&l.graph) });
     }
     Ok(())
 }

@@ -80,22 +80,27 @@ pub enum Command {
     /// Parse, elaborate and type-check a model; print parameters, the memory a training
     /// step needs at `--batch` and `--seq`, inputs, outputs and op counts.
     Check(check::CheckArgs),
-    /// Print the graph IR after a pass, as text or Graphviz DOT.
+    /// Print the program after a stage of the pipeline: the graph IR after a graph pass
+    /// (text or Graphviz DOT), the kernel groups after `fuse`, the memory plan after
+    /// `plan_memory`, the kernels after `schedule` and every later stage.
     Ir {
         #[command(flatten)]
         model: ModelArgs,
-        /// Print Graphviz DOT instead of text.
+        /// Print Graphviz DOT instead of text (graph stages).
         #[arg(long)]
         dot: bool,
-        /// The pass after which to print (an unknown name lists them).
+        /// The stage after which to print (an unknown name lists them all, in order).
         #[arg(long, default_value = "elaborate")]
         after: String,
-        /// With `--after schedule`: the kernels as compiled for this target (`native`,
-        /// `x86-64-v3`: library GEMMs, chunked cross-entropy, interchanged reductions;
-        /// `sm80` …: thread blocks with shared memory for the attention kernels, tiled
-        /// GEMMs, row kernels with block reductions). Without it, the generic schedule.
+        /// The target whose pipeline runs: `native`, `x86-64-v3`, `x86-64-v4` (library
+        /// GEMMs, chunked cross-entropy; kernel passes interchange, lanes, split_vector) or
+        /// `sm80` … (thread blocks with shared memory; kernel passes tile_gemm,
+        /// coalesce_rows).
+        #[arg(long, default_value = "native")]
+        target: String,
+        /// The pipeline of a training bundle: adds the `accuracy` and `optimizer` stages.
         #[arg(long)]
-        target: Option<String>,
+        train: bool,
         /// The element type of products' operands (the `precision` pass).
         #[arg(long, value_enum, default_value_t)]
         precision: PrecisionArg,
@@ -138,8 +143,8 @@ where
     };
     let result = match cli.command {
         Command::Check(args) => check::run(&args),
-        Command::Ir { model, dot, after, target, precision } => {
-            ir::run(&model, dot, &after, target.as_deref(), precision.policy())
+        Command::Ir { model, dot, after, target, train, precision } => {
+            ir::run(&model, dot, &after, (&target, train, precision.policy()))
         }
         Command::Run(args) => run::run(&args),
         Command::Init(args) => run::init(&args),

@@ -13,7 +13,8 @@ use std::collections::HashMap;
 use tnc_compiler::interp::{compare, evaluate, EvalOptions, Tensor};
 use tnc_compiler::ir::Graph;
 use tnc_compiler::passes::{self, Pass};
-use tnc_compiler::{fusion, memory, schedule};
+use tnc_compiler::pipeline;
+use tnc_compiler::schedule;
 
 const VOCAB: usize = 2100;
 
@@ -49,9 +50,7 @@ fn check_with(tag: &str, g: Graph, opts: &schedule::ScheduleOptions) -> usize {
         optimized = p.run(optimized).unwrap_or_else(|d| panic!("{tag}: {}", d.message));
     }
     optimized = passes::Accuracy.run(optimized).unwrap_or_else(|d| panic!("{tag}: {}", d.message));
-    let plan = fusion::fuse(&optimized).unwrap();
-    let mem = memory::plan_memory(&optimized, &plan).unwrap();
-    let s = schedule::schedule_with(&optimized, &plan, &mem, opts).unwrap();
+    let s = pipeline::scheduled_with(&optimized, opts).unwrap();
     // Library nodes on CPUs; on GPUs the tiled GEMMs, the only blocks of 256 threads.
     let product = |k: &tnc_compiler::kernel::Kernel| k.gemm.is_some() || k.threads == Some(256);
     let products = s.steps.iter().filter(|st| product(&s.kernels[st.kernel])).count();

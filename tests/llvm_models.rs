@@ -12,8 +12,9 @@ use tnc_compiler::backend::{self, CpuTarget};
 use tnc_compiler::ir::Graph;
 use tnc_compiler::kernel::exec::{self, Buffer};
 use tnc_compiler::kernel::{Access, Binary, Expr};
+use tnc_compiler::passes;
+use tnc_compiler::pipeline;
 use tnc_compiler::schedule::run::{to_bytes, to_typed};
-use tnc_compiler::{fusion, memory, passes, schedule};
 
 type KernelFn = unsafe extern "C" fn(*const *mut c_void, *const i64, i64, i64);
 
@@ -56,11 +57,9 @@ fn check_model(path: &std::path::Path, recognize: bool, precision: passes::Polic
     let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
     let reference = passes::differentiate_loss(g.clone()).unwrap();
     let optimized = optimize(g, recognize, precision);
-    let plan = fusion::fuse(&optimized).unwrap();
-    let mem = memory::plan_memory(&optimized, &plan).unwrap();
     let model =
         format!("{} (recognize: {recognize}, {})", path.file_name().unwrap().to_string_lossy(), precision.name());
-    let s = match schedule::schedule(&optimized, &plan, &mem) {
+    let s = match pipeline::scheduled_with(&optimized, &Default::default()) {
         Ok(s) => s,
         // Kernel templates for recognized ops arrive one by one; the generic lowering
         // covers every model.

@@ -36,8 +36,6 @@ fn graph_after_precision_bf16() {
 fn kernels_after_schedule() {
     let last = *passes::names().last().unwrap();
     let g = passes::run_until(tiny("models/tnl.tn", TNL), last).unwrap().unwrap();
-    let plan = tnc_compiler::fusion::fuse(&g).unwrap();
-    let mem = tnc_compiler::memory::plan_memory(&g, &plan).unwrap();
-    let s = tnc_compiler::schedule::schedule(&g, &plan, &mem).unwrap();
+    let s = tnc_compiler::pipeline::scheduled_with(&g, &Default::default()).unwrap();
     insta::assert_snapshot!("tnl_after_schedule", tnc_compiler::schedule::to_text(&s));
 }

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use tnc_compiler::interp::{compare, evaluate, EvalOptions, Tensor};
 use tnc_compiler::ir::{Graph, Op};
 use tnc_compiler::passes;
+use tnc_compiler::pipeline;
 
 const UNARY: &[&str] = &["elu", "relu", "silu", "sigmoid", "tanh", "exp", "sin", "abs"];
 
@@ -341,19 +342,17 @@ fn check_scheduled(c: &Case) -> Result<(), String> {
 /// The model `text` scheduled for GPUs and CPUs, at N = `n` and `n + 5`, against the
 /// interpreter.
 fn check_scheduled_source(text: &str, n: usize) -> Result<(), String> {
-    use tnc_compiler::{fusion, memory, schedule};
+    use tnc_compiler::schedule;
     let (sources, g) = elaborate_text("spelled.tn", text, &[]);
     let g = g.map_err(|d| d.render(&sources))?;
     let reference = passes::differentiate_loss(g.clone()).unwrap();
     let last = *passes::names().last().unwrap();
     let optimized = passes::run_until(g, last).unwrap().unwrap();
-    let plan = fusion::fuse(&optimized).unwrap();
-    let mem = memory::plan_memory(&optimized, &plan).unwrap();
     let params = perturbed_params(&reference, 1);
     // The GPU schedule (block kernels, run by the GPU-semantics executor) and the CPU one
     // with library GEMMs.
     for opts in [schedule::ScheduleOptions::gpu(), schedule::ScheduleOptions::cpu()] {
-        let s = schedule::schedule_with(&optimized, &plan, &mem, &opts).map_err(|e| format!("{e}\n{text}"))?;
+        let s = pipeline::scheduled_with(&optimized, &opts).map_err(|e| format!("{e}\n{text}"))?;
         for len in [n, n + 5] {
             let tokens = token_tensor(2, len, 11, 3);
             let want = outputs(&reference, &params, &tokens, None);

@@ -9,7 +9,8 @@ use common::*;
 use std::collections::HashMap;
 use tnc_compiler::interp::{compare, evaluate, EvalOptions, Tensor};
 use tnc_compiler::ir::Graph;
-use tnc_compiler::{fusion, memory, passes, schedule};
+use tnc_compiler::pipeline;
+use tnc_compiler::{passes, schedule};
 
 fn tiny(path: &std::path::Path) -> Graph {
     let (sources, g) = elaborate_path(path, &tiny_sets(path));
@@ -41,10 +42,7 @@ fn check_with(
     opts: &schedule::ScheduleOptions,
 ) -> schedule::Schedule {
     let optimized = optimize(tiny(path), recognize);
-    let plan = fusion::fuse(&optimized).unwrap();
-    let mem = memory::plan_memory(&optimized, &plan).unwrap();
-    let s =
-        schedule::schedule_with(&optimized, &plan, &mem, opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let s = pipeline::scheduled_with(&optimized, opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     check_schedule(path, &s, lengths, &format!("recognize: {recognize}"));
     s
 }
@@ -178,9 +176,7 @@ fn interchanged_reductions_give_bit_identical_results() {
         let g = tiny(&path);
         let reference = passes::differentiate_loss(g.clone()).unwrap();
         let optimized = optimize(g, true);
-        let plan = fusion::fuse(&optimized).unwrap();
-        let mem = memory::plan_memory(&optimized, &plan).unwrap();
-        let s = schedule::schedule(&optimized, &plan, &mem).unwrap();
+        let s = pipeline::scheduled_with(&optimized, &Default::default()).unwrap();
         let mut t = s.clone();
         t.kernels = s.kernels.iter().map(tnc_compiler::kernel::interchange::interchange_reductions).collect();
         rewritten += t.kernels.iter().zip(&s.kernels).filter(|(a, b)| a != b).count();
@@ -208,9 +204,7 @@ fn block_kernels_as_thread_loops_give_bit_identical_results() {
         let g = tiny(&path);
         let reference = passes::differentiate_loss(g.clone()).unwrap();
         let optimized = optimize(g, true);
-        let plan = fusion::fuse(&optimized).unwrap();
-        let mem = memory::plan_memory(&optimized, &plan).unwrap();
-        let s = schedule::schedule_with(&optimized, &plan, &mem, &opts).unwrap();
+        let s = pipeline::scheduled_with(&optimized, &opts).unwrap();
         let mut t = s.clone();
         t.kernels = s
             .kernels

@@ -13,4 +13,5 @@ pub mod ir;
 pub mod kernel;
 pub mod memory;
 pub mod passes;
+pub mod pipeline;
 pub mod schedule;

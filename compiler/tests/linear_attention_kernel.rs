@@ -14,7 +14,6 @@ use tnc_compiler::ir::{
     BinaryOp, DType, Dim, Direction, Graph, LinearAttention, Op, Region, RegionValue, TensorType, UnaryOp,
 };
 use tnc_compiler::schedule::{self, Schedule, ScheduleOptions};
-use tnc_compiler::{fusion, memory};
 
 /// `[B, H, N, w]` with symbolic B and N, two heads.
 const HEADS: usize = 2;
@@ -125,9 +124,7 @@ fn inputs(names: &[(String, usize)], b: usize, n: usize) -> Vec<(String, Tensor)
 }
 
 fn schedule_of(g: &Graph, opts: &ScheduleOptions) -> Schedule {
-    let plan = fusion::fuse(g).unwrap();
-    let mem = memory::plan_memory(g, &plan).unwrap();
-    schedule::schedule_with(g, &plan, &mem, opts).unwrap()
+    tnc_compiler::pipeline::scheduled_with(g, opts).unwrap()
 }
 
 /// The largest relative L2 error over every length.

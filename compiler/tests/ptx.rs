@@ -357,17 +357,16 @@ fn tiny_sets(path: &Path) -> Vec<String> {
 /// The full pipeline (recognize on), fusion, memory plan, schedule: the model's kernels.
 fn model_kernels(path: &Path) -> Vec<Kernel> {
     use tnc_compiler::frontend::{self, Input, Request};
-    use tnc_compiler::{fusion, memory, passes, schedule};
+    use tnc_compiler::{passes, schedule};
     let sets = tiny_sets(path);
     let (sources, g) = frontend::elaborate(Input::Path(path), &Request { sets: &sets, model: None });
     let mut g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
     for p in passes::pipeline() {
         g = p.run(g).unwrap_or_else(|d| panic!("{}: {}", p.name(), d.message));
     }
-    let plan = fusion::fuse(&g).unwrap();
-    let mem = memory::plan_memory(&g, &plan).unwrap();
-    // As `tnc compile --target sm80` schedules them: row kernels and attention as blocks.
-    let s = schedule::schedule_with(&g, &plan, &mem, &schedule::ScheduleOptions::gpu())
+    // As `tnc compile --target sm80` schedules them (with the static 48 KB of shared
+    // memory): row kernels and attention as blocks.
+    let s = tnc_compiler::pipeline::scheduled_with(&g, &schedule::ScheduleOptions::gpu())
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     backend::dedup_kernels(&s.kernels).unwrap().kernels
 }
@@ -758,7 +757,7 @@ fn dump_gpu_cases() {
     let target = GpuTarget::parse("sm90").unwrap();
     for path in models() {
         use tnc_compiler::frontend::{self, Input, Request};
-        use tnc_compiler::{fusion, memory, passes, schedule};
+        use tnc_compiler::{passes, schedule};
         let model = path.file_stem().unwrap().to_string_lossy().into_owned();
         let sets = tiny_sets(&path);
         let (_, g) = frontend::elaborate(Input::Path(&path), &Request { sets: &sets, model: None });
@@ -766,10 +765,8 @@ fn dump_gpu_cases() {
         for p in passes::pipeline() {
             g = p.run(g).unwrap_or_else(|d| panic!("{}: {}", p.name(), d.message));
         }
-        let plan = fusion::fuse(&g).unwrap();
-        let mem = memory::plan_memory(&g, &plan).unwrap();
-        // As `tnc compile --target sm90` schedules them.
-        let s = schedule::schedule_with(&g, &plan, &mem, &schedule::ScheduleOptions::gpu()).unwrap();
+        // As `tnc compile --target sm90` schedules them (with the static 48 KB of shared memory).
+        let s = tnc_compiler::pipeline::scheduled_with(&g, &schedule::ScheduleOptions::gpu()).unwrap();
         let dedup = backend::dedup_kernels(&s.kernels).unwrap();
         let (b, n) = (2i64, 7i64);
         let mut args: Vec<i64> = s.sizes.iter().map(|x| if x == "B" { b } else { n }).collect();

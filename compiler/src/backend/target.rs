@@ -210,12 +210,10 @@ impl GpuTarget {
             "sm90a" => ("sm_90a", 80),
             _ => {
                 let valid = GPU_TARGETS.join(", ");
-                let digits = name.strip_prefix("sm").map(|d| d.trim_start_matches('_').trim_end_matches('a'));
-                return Err(match digits.and_then(|d| d.parse::<u32>().ok()) {
-                    Some(cc) if cc > 90 => {
-                        format!("{name} is not supported by LLVM 19's NVPTX back end; valid GPU targets are: {valid}")
-                    }
-                    _ => format!("unknown GPU target `{name}`; valid GPU targets are: {valid}"),
+                return Err(if newer_gpu_than_llvm(name) {
+                    format!("{name} is not supported by LLVM 19's NVPTX back end; valid GPU targets are: {valid}")
+                } else {
+                    format!("unknown GPU target `{name}`; valid GPU targets are: {valid}")
                 });
             }
         };
@@ -245,6 +243,51 @@ impl GpuTarget {
             _ => 227 * 1024,
         }
     }
+}
+
+/// A parsed `--target`, the one place a target name is read: every layer below the
+/// command line takes this, never the name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Cpu(CpuTarget),
+    Gpu(GpuTarget),
+}
+
+impl Target {
+    /// Parse a `--target` name: a CPU (`native`, `x86-64-v3`, `x86-64-v4`) or an NVIDIA
+    /// GPU (`sm80` …). Unknown names are an error listing every valid one.
+    pub fn parse(name: &str) -> Result<Target, String> {
+        if CPU_TARGETS.contains(&name) {
+            return CpuTarget::parse(name).map(Target::Cpu);
+        }
+        if GPU_TARGETS.contains(&name) || newer_gpu_than_llvm(name) {
+            return GpuTarget::parse(name).map(Target::Gpu);
+        }
+        Err(format!(
+            "unknown target `{name}`; valid CPU targets are: {}; GPU targets are: {}",
+            CPU_TARGETS.join(", "),
+            GPU_TARGETS.join(", ")
+        ))
+    }
+
+    /// The `--target` name it was parsed from.
+    pub fn name(&self) -> &str {
+        match self {
+            Target::Cpu(c) => &c.name,
+            Target::Gpu(g) => &g.name,
+        }
+    }
+
+    pub fn is_gpu(&self) -> bool {
+        matches!(self, Target::Gpu(_))
+    }
+}
+
+/// `sm100`, `sm_120a`, …: an NVIDIA architecture newer than LLVM 19's NVPTX back end
+/// knows (its own error message says so).
+fn newer_gpu_than_llvm(name: &str) -> bool {
+    let digits = name.strip_prefix("sm").map(|d| d.trim_start_matches('_').trim_end_matches('a'));
+    digits.and_then(|d| d.parse::<u32>().ok()).is_some_and(|cc| cc > 90)
 }
 
 #[cfg(test)]
@@ -288,6 +331,22 @@ mod tests {
         for bad in ["sm_80", "sm75", "sm70", "native", "", "sm120a"] {
             let e = GpuTarget::parse(bad).unwrap_err();
             assert!(e.contains("sm80, sm86, sm89, sm90, sm90a"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_target_name_is_read_once_into_cpu_or_gpu() {
+        assert!(matches!(Target::parse("x86-64-v3"), Ok(Target::Cpu(c)) if c.cpu == "x86-64-v3"));
+        assert!(matches!(Target::parse("sm90a"), Ok(Target::Gpu(g)) if g.sm == "sm_90a"));
+        assert_eq!(Target::parse("sm89").unwrap().name(), "sm89");
+        let e = Target::parse("sm100").unwrap_err();
+        assert!(e.contains("not supported by LLVM 19"), "{e}");
+        for bad in ["pentium3", "sm75", "SM80", "", "x86-64-v5"] {
+            let e = Target::parse(bad).unwrap_err();
+            assert!(
+                e.contains(&format!("`{bad}`")) && e.contains("native, x86-64-v3") && e.contains("sm80, sm86"),
+                "{e}"
+            );
         }
     }
 

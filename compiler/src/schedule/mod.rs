@@ -33,7 +33,7 @@ use crate::ir::{Dim, Graph, NodeId, Op};
 use crate::kernel::{print, Access, BufferDecl, Expr, Kernel, LoopKind, Stmt};
 use crate::memory::{MemClass, MemoryPlan};
 use element::{elem_of, Lowering, Source};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 pub use element::scalar_of;
 pub use optimizer::add_optimizer;
@@ -105,6 +105,10 @@ pub struct Schedule {
     pub params: Vec<usize>,
     pub inputs: Vec<usize>,
     pub outputs: Vec<(String, usize)>,
+    /// Kernels over flat elements, one thread per element, coalesced as they are: the
+    /// combiners of split reductions (`split_reduce.rs`) and the optimizer's kernels over
+    /// parameter storage (`optimizer.rs`). GPU rewrites leave them as they are.
+    pub flat: BTreeSet<usize>,
 }
 
 /// Ops that get a kernel of their own.
@@ -347,14 +351,15 @@ pub fn schedule_with(
         scratch.release(&mut stored);
     }
     sizes.shrink_to_fit();
-    let combiners = split_reduce::split_reductions(&mut out.kernels, &mut out.steps, &mut buffers, opts.token_parts);
-    if opts.gpu_blocks {
-        use crate::kernel::{blocks::coalesce_rows, gemm_tiles::tile_gemm};
-        out.kernels = (out.kernels.iter().enumerate())
-            .map(|(i, k)| if combiners.contains(&i) { k.clone() } else { coalesce_rows(&tile_gemm(k)) })
-            .collect();
-    }
-    Ok(Schedule { kernels: out.kernels, buffers, steps: out.steps, sizes, scalars, params, inputs, outputs })
+    let flat = BTreeSet::new();
+    Ok(Schedule { kernels: out.kernels, buffers, steps: out.steps, sizes, scalars, params, inputs, outputs, flat })
+}
+
+/// Sums over the tokens into small outputs split over the token range in `parts`
+/// (`split_reduce.rs`), so that every thread (CPU) or SM (GPU) has work.
+pub fn split_reductions(s: &mut Schedule, parts: usize) {
+    let combiners = split_reduce::split_reductions(&mut s.kernels, &mut s.steps, &mut s.buffers, parts);
+    s.flat.extend(combiners);
 }
 
 /// Names of global buffers in kernel text.

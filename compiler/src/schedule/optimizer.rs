@@ -96,6 +96,7 @@ impl Dedup {
     fn add(&mut self, s: &mut Schedule, kernel: Kernel, buffers: Vec<usize>, entry: Entry) {
         let k = *self.text.entry(body_text(&kernel)).or_insert_with(|| {
             s.kernels.push(kernel);
+            s.flat.insert(s.kernels.len() - 1);
             s.kernels.len() - 1
         });
         s.steps.push(Step { kernel: k, buffers, entry, args: Vec::new() });

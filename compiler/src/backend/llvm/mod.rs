@@ -7,6 +7,8 @@
 //! optimized or compiled (Debian's LLVM has no assertions, so invalid IR could crash
 //! code generation). Every failure is an `Err(String)`.
 
+pub mod native_backend;
+pub mod nvptx_backend;
 pub mod ptx;
 pub mod vector_math;
 pub mod writer;

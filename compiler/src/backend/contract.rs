@@ -1,0 +1,73 @@
+//! The back-end contract: what a code generator gives the pipeline (`crate::pipeline`).
+//! A back end chooses how its target is scheduled, rewrites the scheduled kernels for
+//! it, and writes the bundle's files; the pipeline, the manifest and the runtime are
+//! the same for every back end. The LLVM native and NVPTX writers are the two
+//! implementations today (`llvm/native_backend.rs`, `llvm/nvptx_backend.rs`).
+
+use super::target::Target;
+use crate::bundle::TargetInfo;
+use crate::kernel::Kernel;
+use crate::schedule::{Schedule, ScheduleOptions};
+use std::time::Duration;
+use tnc_runtime::Manifest;
+
+/// What `--emit` asks for besides the bundle.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Emit {
+    pub llvm: bool,
+    pub asm: bool,
+}
+
+/// A target's rewrite of the scheduled program, by name (`tnc ir --after NAME`).
+#[derive(Clone, Copy)]
+pub struct KernelPass {
+    pub name: &'static str,
+    pub run: fn(&mut Schedule),
+}
+
+/// A back end's output for one schedule.
+pub struct Written {
+    /// The manifest's target: name, kind, the CPU features it needs.
+    pub info: TargetInfo,
+    /// The bundle's files besides the manifest and the initial values: (name, bytes).
+    pub files: Vec<(&'static str, Vec<u8>)>,
+    /// `--emit` extras, written next to the bundle: (suffix, bytes), e.g. `("s", asm)`.
+    pub extras: Vec<(&'static str, Vec<u8>)>,
+    /// The time of each of the writer's own steps (LLVM, linking), in order.
+    pub stages: Vec<(&'static str, Duration)>,
+}
+
+/// One code generator for one target.
+pub trait Backend {
+    fn target(&self) -> &Target;
+    /// How the target's programs are scheduled (library GEMMs, block kernels, …).
+    fn schedule_options(&self) -> ScheduleOptions;
+    /// The target's rewrites of the scheduled kernels, run in this order.
+    fn kernel_passes(&self) -> Vec<KernelPass>;
+    /// Code for `kernels` (the schedule's, after the kernel passes).
+    fn write(&self, kernels: &[Kernel], emit: Emit) -> Result<Written, String>;
+    /// Fill in what the manifest's kernels need on this target (a GPU's launch shapes).
+    fn complete_manifest(&self, _manifest: &mut Manifest, _kernels: &[Kernel]) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The back end of `target`.
+pub fn backend_for(target: &Target) -> Box<dyn Backend> {
+    match target {
+        Target::Cpu(cpu) => Box::new(super::llvm::native_backend::LlvmNative::new(cpu.clone())),
+        Target::Gpu(gpu) => Box::new(super::llvm::nvptx_backend::LlvmNvptx::new(gpu.clone())),
+    }
+}
+
+/// `f`'s result and the time it took, recorded as stage `name`.
+pub(crate) fn timed<T>(
+    stages: &mut Vec<(&'static str, Duration)>,
+    name: &'static str,
+    f: impl FnOnce() -> Result<T, String>,
+) -> Result<T, String> {
+    let t = std::time::Instant::now();
+    let r = f()?;
+    stages.push((name, t.elapsed()));
+    Ok(r)
+}

@@ -1,0 +1,95 @@
+//! The LLVM back end for x86-64 CPUs: kernel IR → LLVM IR → native objects, linked into
+//! `kernels.so`. Library GEMM nodes emit no code: the runtime calls its GEMM library.
+
+use crate::backend::contract::{timed, Backend, Emit, KernelPass, Written};
+use crate::backend::target::{CpuTarget, Target};
+use crate::bundle::TargetInfo;
+use crate::kernel::Kernel;
+use crate::schedule::{Schedule, ScheduleOptions};
+use tnc_runtime::manifest::TargetKind;
+
+pub struct LlvmNative {
+    target: Target,
+    cpu: CpuTarget,
+}
+
+impl LlvmNative {
+    pub fn new(cpu: CpuTarget) -> LlvmNative {
+        LlvmNative { target: Target::Cpu(cpu.clone()), cpu }
+    }
+}
+
+fn each_kernel(s: &mut Schedule, f: fn(&Kernel) -> Kernel) {
+    s.kernels = s.kernels.iter().map(f).collect();
+}
+
+impl Backend for LlvmNative {
+    fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Products go to the GEMM library.
+    fn schedule_options(&self) -> ScheduleOptions {
+        ScheduleOptions::cpu()
+    }
+
+    /// Reductions over a column loop interchanged (`kernel/interchange.rs`), the remaining
+    /// serial reductions dealt to vector lanes (`kernel/lanes.rs`), vector loops over
+    /// merged axes split into contiguous runs (`kernel/split_vector.rs`): each so that
+    /// LLVM vectorizes what it could not.
+    fn kernel_passes(&self) -> Vec<KernelPass> {
+        use crate::kernel::{interchange, lanes, split_vector};
+        vec![
+            KernelPass { name: "interchange", run: |s| each_kernel(s, interchange::interchange_reductions) },
+            KernelPass { name: "lanes", run: |s| each_kernel(s, lanes::deal_reductions) },
+            KernelPass { name: "split_vector", run: |s| each_kernel(s, split_vector::split_vector_loops) },
+        ]
+    }
+
+    fn write(&self, kernels: &[Kernel], emit: Emit) -> Result<Written, String> {
+        let mut stages = Vec::new();
+        let objects = timed(&mut stages, "llvm", || super::emit_objects(kernels, &self.cpu))?;
+        let scratch = scratch_dir()?;
+        let linked = timed(&mut stages, "link", || {
+            let mut paths = Vec::new();
+            for (i, object) in objects.iter().enumerate() {
+                let path = scratch.join(format!("kernels{i}.o"));
+                std::fs::write(&path, object).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                paths.push(path);
+            }
+            let so = scratch.join("kernels.so");
+            super::link_shared(&paths, &so)?;
+            std::fs::read(&so).map_err(|e| format!("cannot read {}: {e}", so.display()))
+        });
+        let _ = std::fs::remove_dir_all(&scratch);
+        let mut extras = Vec::new();
+        if emit.llvm {
+            extras.push(("ll", super::emit_llvm_ir(kernels, &self.cpu, true)?.into_bytes()));
+        }
+        if emit.asm {
+            extras.push(("s", super::emit_asm(kernels, &self.cpu)?.into_bytes()));
+        }
+        // Features the runtime can check; `native` lists every host feature LLVM knows,
+        // some of which no run-time check exists for (the checked ones imply them).
+        let cpu_features = (self.cpu.required_features.iter())
+            .filter(|f| tnc_runtime::bundle::host_has_feature(f).is_some())
+            .cloned()
+            .collect();
+        Ok(Written {
+            info: TargetInfo { name: self.cpu.name.clone(), kind: TargetKind::Cpu, cpu_features },
+            files: vec![(tnc_runtime::manifest::CPU_KERNELS_FILE, linked?)],
+            extras,
+            stages,
+        })
+    }
+}
+
+/// A fresh directory for the objects being linked.
+fn scratch_dir() -> Result<std::path::PathBuf, String> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("tnc-link-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+    Ok(d)
+}
