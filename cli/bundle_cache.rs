@@ -79,7 +79,7 @@ pub fn training_bundle(
     ));
     let started = std::time::Instant::now();
     let opts = tnc_compiler::driver::Options { train: true, precision, ..Default::default() };
-    tnc_compiler::driver::compile(graph, target, &tmp, opts, Vec::new()).map_err(crate::compile::compile_failure)?;
+    tnc_compiler::driver::compile(graph, target, &tmp, opts, Vec::new()).map_err(crate::fail)?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir)
         .map_err(|e| crate::fail(format!("cannot move the bundle into {}: {e}", dir.display())))?;

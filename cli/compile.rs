@@ -97,11 +97,6 @@ fn kernel_report(g: &Graph, plan: &FusionPlan, b: i64, n: i64) -> String {
     s
 }
 
-/// A failed `driver::compile` (its target was parsed before: the rest is not usage).
-pub(crate) fn compile_failure(e: String) -> Failure {
-    Failure { diagnostic: Diagnostic::error(e), sources: Default::default(), status: 1 }
-}
-
 /// A `--target` name, or a usage error listing the valid ones.
 fn parse_target(name: &str) -> Result<Target, Failure> {
     Target::parse(name).map_err(|e| Failure::usage(Diagnostic::error(e)))
@@ -131,7 +126,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     };
     let opts = tnc_compiler::driver::Options { emit, train: args.train, precision: args.precision.policy() };
     let compiled = tnc_compiler::driver::compile(graph, target, &out, opts, vec![("parse + elaborate", front)])
-        .map_err(compile_failure)?;
+        .map_err(crate::fail)?;
     let mut s = String::new();
     let _ = writeln!(s, "compiled {} for {target} into {}", compiled.graph.name, out.display());
     use tnc_compiler::schedule::Entry;

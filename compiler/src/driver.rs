@@ -43,11 +43,6 @@ pub fn is_gpu(target: &str) -> bool {
     Target::parse(target).is_ok_and(|t| t.is_gpu())
 }
 
-/// Check a target name: a CPU (`native`, `x86-64-v3`, `x86-64-v4`) or a GPU (`sm80` …).
-pub fn check_target(target: &str) -> Result<(), String> {
-    Target::parse(target).map(|_| ())
-}
-
 /// Compile `graph` for `target` (a CPU or GPU name) into the bundle directory `out`;
 /// `stages` holds the times of what ran before (elaboration).
 pub fn compile(

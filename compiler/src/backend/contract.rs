@@ -39,7 +39,6 @@ pub struct Written {
 
 /// One code generator for one target.
 pub trait Backend {
-    fn target(&self) -> &Target;
     /// How the target's programs are scheduled (library GEMMs, block kernels, …).
     fn schedule_options(&self) -> ScheduleOptions;
     /// The target's rewrites of the scheduled kernels, run in this order.

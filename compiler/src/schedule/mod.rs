@@ -168,7 +168,7 @@ impl ScheduleOptions {
     }
 
     /// The options for a GPU target, with shared memory up to the static 48 KB (every
-    /// target allows more per block: see `driver::schedule_options`).
+    /// target allows more per block: see `LlvmNvptx::schedule_options`).
     pub fn gpu() -> Self {
         ScheduleOptions { gpu_blocks: true, ..Default::default() }
     }

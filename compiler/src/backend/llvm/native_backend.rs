@@ -2,20 +2,19 @@
 //! `kernels.so`. Library GEMM nodes emit no code: the runtime calls its GEMM library.
 
 use crate::backend::contract::{timed, Backend, Emit, KernelPass, Written};
-use crate::backend::target::{CpuTarget, Target};
+use crate::backend::target::CpuTarget;
 use crate::bundle::TargetInfo;
 use crate::kernel::Kernel;
 use crate::schedule::{Schedule, ScheduleOptions};
 use tnc_runtime::manifest::TargetKind;
 
 pub struct LlvmNative {
-    target: Target,
     cpu: CpuTarget,
 }
 
 impl LlvmNative {
     pub fn new(cpu: CpuTarget) -> LlvmNative {
-        LlvmNative { target: Target::Cpu(cpu.clone()), cpu }
+        LlvmNative { cpu }
     }
 }
 
@@ -24,10 +23,6 @@ fn each_kernel(s: &mut Schedule, f: fn(&Kernel) -> Kernel) {
 }
 
 impl Backend for LlvmNative {
-    fn target(&self) -> &Target {
-        &self.target
-    }
-
     /// Products go to the GEMM library.
     fn schedule_options(&self) -> ScheduleOptions {
         ScheduleOptions::cpu()

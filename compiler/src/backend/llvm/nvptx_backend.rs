@@ -4,7 +4,7 @@
 //! their own thread count and shared memory; the manifest carries each launch's shape.
 
 use crate::backend::contract::{timed, Backend, Emit, KernelPass, Written};
-use crate::backend::target::{GpuTarget, Target};
+use crate::backend::target::GpuTarget;
 use crate::bundle::TargetInfo;
 use crate::kernel::Kernel;
 use crate::schedule::{Schedule, ScheduleOptions};
@@ -12,13 +12,12 @@ use tnc_runtime::manifest::{GpuLaunch, Poly, TargetKind};
 use tnc_runtime::Manifest;
 
 pub struct LlvmNvptx {
-    target: Target,
     gpu: GpuTarget,
 }
 
 impl LlvmNvptx {
     pub fn new(gpu: GpuTarget) -> LlvmNvptx {
-        LlvmNvptx { target: Target::Gpu(gpu.clone()), gpu }
+        LlvmNvptx { gpu }
     }
 }
 
@@ -33,10 +32,6 @@ fn each_but_flat(s: &mut Schedule, f: fn(&Kernel) -> Kernel) {
 }
 
 impl Backend for LlvmNvptx {
-    fn target(&self) -> &Target {
-        &self.target
-    }
-
     /// Block kernels, with shared memory up to the target's limit per block.
     fn schedule_options(&self) -> ScheduleOptions {
         ScheduleOptions { shared_limit: self.gpu.max_shared_bytes(), ..ScheduleOptions::gpu() }
