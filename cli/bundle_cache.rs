@@ -45,7 +45,7 @@ fn build_id() -> String {
 /// `status` hears what happens ("compiling …", "using cached …").
 pub fn training_bundle(
     model: &ModelArgs,
-    (target, precision): (&str, tnc_compiler::passes::Policy),
+    (target, precision, codegen): (&str, tnc_compiler::passes::Policy, tnc_compiler::backend::CodeGen),
     status: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, Failure> {
     let (graph, sources) = elaborate(model)?;
@@ -53,6 +53,7 @@ pub fn training_bundle(
     let mut h = Sha256::new();
     h.update(format!("tnc {} {}\ntarget {target}\ntrain\n", env!("CARGO_PKG_VERSION"), build_id()));
     h.update(format!("precision {}\n", precision.name()));
+    h.update(format!("backend {}\n", codegen.name()));
     h.update(format!("model {:?}\n", model.model));
     for s in &model.sets {
         h.update(format!("set {s}\n"));
@@ -72,13 +73,18 @@ pub fn training_bundle(
     std::fs::create_dir_all(&parent).map_err(|e| crate::fail(format!("cannot create {}: {e}", parent.display())))?;
     let tmp = parent.join(format!(".{}-{key}.{}.tmp", graph.name, std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
+    let with = if codegen == tnc_compiler::backend::CodeGen::Llvm {
+        String::new()
+    } else {
+        format!(" with {}", codegen.name())
+    };
     status(&format!(
-        "compiling {} for {target} (training bundle, {} products)",
+        "compiling {} for {target}{with} (training bundle, {} products)",
         model.file.display(),
         precision.name()
     ));
     let started = std::time::Instant::now();
-    let opts = tnc_compiler::driver::Options { train: true, precision, ..Default::default() };
+    let opts = tnc_compiler::driver::Options { train: true, precision, codegen, ..Default::default() };
     tnc_compiler::driver::compile(graph, target, &tmp, opts, Vec::new()).map_err(crate::fail)?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir)

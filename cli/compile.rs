@@ -28,10 +28,15 @@ pub struct CompileArgs {
     /// `sm86`, `sm89`, `sm90`, `sm90a` (NVIDIA GPUs).
     #[arg(long)]
     pub target: Option<String>,
+    /// The code generator for a CPU target: `llvm` (vectorized, the default) or
+    /// `cranelift` (compiles several times faster, scalar code).
+    #[arg(long, value_enum, default_value_t)]
+    pub backend: crate::BackendArg,
     /// The bundle directory to write (default: the model's name with `.tnb`).
     #[arg(short = 'o', long = "out")]
     pub out: Option<std::path::PathBuf>,
-    /// Also write the LLVM IR (`llvm`) or assembly (`asm`) next to the bundle.
+    /// Also write the LLVM IR (`llvm`; with `--backend cranelift` the Cranelift IR, `.clif`)
+    /// or assembly (`asm`) next to the bundle.
     #[arg(long, value_enum)]
     pub emit: Vec<EmitKind>,
     /// A training bundle: adds AdamW (`accumulate`, `grad_norm` and `step` entry points)
@@ -57,7 +62,8 @@ pub fn run(args: &CompileArgs) -> Result<(), Failure> {
     // no target is given).
     let target = parse_target(args.target.as_deref().unwrap_or("native"))?;
     let (graph, sources) = elaborate(&args.model)?;
-    let pipeline = Pipeline::new(&*backend_for(&target), args.train, args.precision.policy());
+    let backend = backend_for(&target, args.backend.codegen()).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
+    let pipeline = Pipeline::new(&*backend, args.train, args.precision.policy());
     let lowered =
         pipeline.run_until(graph, "plan_memory").map_err(|d| Failure { diagnostic: d, sources, status: 1 })?;
     let graph = lowered.graph;
@@ -112,6 +118,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         ));
     };
     parse_target(target)?;
+    args.backend.check(target)?;
     let started = std::time::Instant::now();
     let (graph, _sources) = elaborate(&args.model)?;
     let front = started.elapsed();
@@ -124,11 +131,20 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         llvm: args.emit.contains(&EmitKind::Llvm),
         asm: args.emit.contains(&EmitKind::Asm),
     };
-    let opts = tnc_compiler::driver::Options { emit, train: args.train, precision: args.precision.policy() };
+    let opts = tnc_compiler::driver::Options {
+        emit,
+        train: args.train,
+        precision: args.precision.policy(),
+        codegen: args.backend.codegen(),
+    };
     let compiled = tnc_compiler::driver::compile(graph, target, &out, opts, vec![("parse + elaborate", front)])
         .map_err(crate::fail)?;
     let mut s = String::new();
-    let _ = writeln!(s, "compiled {} for {target} into {}", compiled.graph.name, out.display());
+    let with = match args.backend {
+        crate::BackendArg::Llvm => String::new(),
+        other => format!(" with {}", other.codegen().name()),
+    };
+    let _ = writeln!(s, "compiled {} for {target}{with} into {}", compiled.graph.name, out.display());
     use tnc_compiler::schedule::Entry;
     let launches = |e: Entry| compiled.schedule.steps.iter().filter(|st| st.entry == e).count();
     let optimizer = launches(Entry::Accumulate) + launches(Entry::GradNorm) + launches(Entry::Step);

@@ -3,7 +3,7 @@
 //! `plan_memory`, the kernels after `schedule` and every stage after it.
 
 use crate::{elaborate, Failure, ModelArgs};
-use tnc_compiler::backend::{backend_for, Target};
+use tnc_compiler::backend::{backend_for, CodeGen, Target};
 use tnc_compiler::ir::print::{to_dot, to_text};
 use tnc_compiler::passes::Policy;
 use tnc_compiler::pipeline::Pipeline;
@@ -19,12 +19,13 @@ pub fn run(
     (target, train, precision): (&str, bool, Policy),
 ) -> Result<(), Failure> {
     let target = Target::parse(target).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
-    let pipeline = Pipeline::new(&*backend_for(&target), train, precision);
+    let backend = backend_for(&target, CodeGen::Llvm).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
+    let pipeline = Pipeline::new(&*backend, train, precision);
     let names = pipeline.names();
     if !names.contains(&after) {
         // The pipeline's own error, before elaborating: it lists every stage.
         let mut d = pipeline.run_until(tnc_compiler::ir::Graph::new(""), after).err().expect("an unknown stage");
-        if !train && Pipeline::new(&*backend_for(&target), true, precision).names().contains(&after) {
+        if !train && Pipeline::new(&*backend, true, precision).names().contains(&after) {
             d = d.with_hint(format!("`{after}` is a stage of training bundles: add `--train`"));
         }
         return Err(Failure::usage(d));

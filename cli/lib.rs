@@ -75,6 +75,36 @@ impl PrecisionArg {
     }
 }
 
+/// `--backend`: the code generator of a CPU target. LLVM (the default) vectorizes and
+/// writes the fastest code; Cranelift compiles several times faster and writes scalar
+/// code, which suits quick experiments (the dense products run in the runtime's GEMM
+/// library either way). GPU targets are LLVM's.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackendArg {
+    #[default]
+    Llvm,
+    Cranelift,
+}
+
+impl BackendArg {
+    pub fn codegen(self) -> tnc_compiler::backend::CodeGen {
+        use tnc_compiler::backend::CodeGen;
+        match self {
+            BackendArg::Llvm => CodeGen::Llvm,
+            BackendArg::Cranelift => CodeGen::Cranelift,
+        }
+    }
+
+    /// A usage error, before anything compiles, when `target` cannot be written by this
+    /// back end (Cranelift and a GPU).
+    pub fn check(self, target: &str) -> Result<(), Failure> {
+        let Ok(t) = tnc_compiler::backend::Target::parse(target) else { return Ok(()) };
+        tnc_compiler::backend::backend_for(&t, self.codegen())
+            .map(|_| ())
+            .map_err(|e| Failure::usage(Diagnostic::error(e)))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Parse, elaborate and type-check a model; print parameters, the memory a training

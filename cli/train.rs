@@ -30,6 +30,10 @@ pub struct TrainFlags {
     /// Where training runs. Default: the CPU for CPU targets, CUDA for GPU targets.
     #[arg(long, value_enum)]
     pub device: Option<DeviceArg>,
+    /// The code generator of a CPU target (a .tn model is compiled with it): `llvm`
+    /// (vectorized, the default) or `cranelift` (compiles several times faster).
+    #[arg(long, value_enum, default_value_t)]
+    pub backend: crate::BackendArg,
     /// The element type of products' operands (a .tn model is compiled with it).
     #[arg(long, value_enum, default_value_t)]
     pub precision: crate::PrecisionArg,
@@ -65,6 +69,7 @@ impl TrainFlags {
             (None, None) => ("native".to_string(), DeviceArg::Cpu),
         };
         device.check(&target)?;
+        self.backend.check(&target)?;
         Ok((target, device))
     }
 
@@ -95,7 +100,7 @@ pub(crate) fn resolve_bundle(
     }
     let args = ModelArgs { file: model.to_path_buf(), sets, model: None };
     let (target, _) = flags.target_and_device()?;
-    bundle_cache::training_bundle(&args, (&target, flags.precision.policy()), status)
+    bundle_cache::training_bundle(&args, (&target, flags.precision.policy(), flags.backend.codegen()), status)
 }
 
 /// The run directory's copy of its bundle, relative to the run directory (as `run.json`

@@ -26,6 +26,9 @@ pub struct VerifyArgs {
     /// Where the bundle runs.
     #[arg(long, value_enum, default_value_t)]
     pub device: DeviceArg,
+    /// The code generator when FILE is a model compiled for a CPU: `llvm` or `cranelift`.
+    #[arg(long, value_enum, default_value_t)]
+    pub backend: crate::BackendArg,
     #[arg(long, default_value_t = 2)]
     pub batch: usize,
     #[arg(long, default_value_t = 13)]
@@ -79,7 +82,12 @@ pub fn run(args: &VerifyArgs) -> Result<(), Failure> {
         let _ = std::fs::remove_dir_all(&dir);
         let target = args.target.as_deref().unwrap_or(args.device.default_target());
         args.device.check(target)?;
-        let opts = tnc_compiler::driver::Options { precision: args.precision.policy(), ..Default::default() };
+        args.backend.check(target)?;
+        let opts = tnc_compiler::driver::Options {
+            precision: args.precision.policy(),
+            codegen: args.backend.codegen(),
+            ..Default::default()
+        };
         tnc_compiler::driver::compile(graph.clone(), target, &dir, opts, Vec::new()).map_err(fail)?;
         dir
     };

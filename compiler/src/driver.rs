@@ -25,6 +25,8 @@ pub struct Options {
     pub train: bool,
     /// The element type of products' operands (`passes/precision.rs`).
     pub precision: passes::Policy,
+    /// The code generator of a CPU target (`--backend`).
+    pub codegen: backend::CodeGen,
 }
 
 pub struct Compiled {
@@ -52,7 +54,7 @@ pub fn compile(
     opts: Options,
     mut stages: Vec<(&'static str, Duration)>,
 ) -> Result<Compiled, String> {
-    let backend = backend::backend_for(&Target::parse(target)?);
+    let backend = backend::backend_for(&Target::parse(target)?, opts.codegen)?;
     let model = model_hash(&graph, &opts);
     let lowered = Pipeline::new(&*backend, opts.train, opts.precision).run(graph).map_err(|d| d.message)?;
     stages.extend(lowered.stages);

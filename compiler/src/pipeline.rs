@@ -168,9 +168,10 @@ impl Pipeline {
 /// its kernel passes) when `opts.gpu_blocks`, else a CPU's up to `split_reductions` (the
 /// CPU kernel passes are tested on their own).
 pub fn scheduled_with(optimized: &Graph, opts: &ScheduleOptions) -> Result<Schedule, String> {
-    use crate::backend::{backend_for, Target};
+    use crate::backend::{backend_for, CodeGen, Target};
     let target = Target::parse(if opts.gpu_blocks { "sm80" } else { "x86-64-v3" })?;
-    let mut p = Pipeline::new(&*backend_for(&target), false, Policy::F32).with_schedule_options(opts.clone());
+    let backend = backend_for(&target, CodeGen::Llvm)?;
+    let mut p = Pipeline::new(&*backend, false, Policy::F32).with_schedule_options(opts.clone());
     p.stages.retain(|s| !matches!(s, Stage::Graph(_)));
     let stop = if opts.gpu_blocks { *p.names().last().expect("stages") } else { "split_reductions" };
     let l = p.run_until(optimized.clone(), stop).map_err(|d| d.message)?;

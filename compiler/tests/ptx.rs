@@ -1,5 +1,5 @@
 //! The NVPTX back end: PTX that NVIDIA's assembler accepts. Hand-built kernels (the same
-//! as `llvm_cpu.rs`: elementwise, reductions, every math function, branches, casts, local
+//! as `cpu_backends.rs`: elementwise, reductions, every math function, branches, casts, local
 //! arrays, dropout) and every model's schedule (full pipeline, `recognize` on) are emitted
 //! as PTX for each GPU target and assembled with `ptxas -v` for sm_80 and sm_90; the
 //! registers and spills `ptxas` reports are printed per kernel (`--nocapture`).

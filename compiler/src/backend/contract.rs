@@ -2,7 +2,8 @@
 //! A back end chooses how its target is scheduled, rewrites the scheduled kernels for
 //! it, and writes the bundle's files; the pipeline, the manifest and the runtime are
 //! the same for every back end. The LLVM native and NVPTX writers are the two
-//! implementations today (`llvm/native_backend.rs`, `llvm/nvptx_backend.rs`).
+//! implementations today (`llvm/native_backend.rs`, `llvm/nvptx_backend.rs`), and Cranelift's
+//! writes CPU code too (`cranelift/`), chosen with [`CodeGen`].
 
 use super::target::Target;
 use crate::bundle::TargetInfo;
@@ -51,12 +52,49 @@ pub trait Backend {
     }
 }
 
-/// The back end of `target`.
-pub fn backend_for(target: &Target) -> Box<dyn Backend> {
-    match target {
-        Target::Cpu(cpu) => Box::new(super::llvm::native_backend::LlvmNative::new(cpu.clone())),
-        Target::Gpu(gpu) => Box::new(super::llvm::nvptx_backend::LlvmNvptx::new(gpu.clone())),
+/// Which code generator writes a CPU target's kernels (`--backend`). GPU targets have
+/// one: LLVM's NVPTX back end.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CodeGen {
+    /// LLVM at O3: vectorized, the fastest code (the default).
+    #[default]
+    Llvm,
+    /// Cranelift: compiles several times faster, scalar code.
+    Cranelift,
+}
+
+impl CodeGen {
+    pub const ALL: [CodeGen; 2] = [CodeGen::Llvm, CodeGen::Cranelift];
+
+    /// The `--backend` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            CodeGen::Llvm => "llvm",
+            CodeGen::Cranelift => "cranelift",
+        }
     }
+
+    /// A `--backend` name, or an error listing the valid ones.
+    pub fn parse(name: &str) -> Result<CodeGen, String> {
+        CodeGen::ALL.into_iter().find(|c| c.name() == name).ok_or_else(|| {
+            format!("unknown back end `{name}`; expected one of: {}", CodeGen::ALL.map(CodeGen::name).join(", "))
+        })
+    }
+}
+
+/// The back end writing `target`'s code with `codegen`.
+pub fn backend_for(target: &Target, codegen: CodeGen) -> Result<Box<dyn Backend>, String> {
+    Ok(match (target, codegen) {
+        (Target::Cpu(cpu), CodeGen::Llvm) => Box::new(super::llvm::native_backend::LlvmNative::new(cpu.clone())),
+        (Target::Cpu(cpu), CodeGen::Cranelift) => Box::new(super::cranelift::CraneliftNative::new(cpu.clone())),
+        (Target::Gpu(gpu), CodeGen::Llvm) => Box::new(super::llvm::nvptx_backend::LlvmNvptx::new(gpu.clone())),
+        (Target::Gpu(gpu), CodeGen::Cranelift) => {
+            return Err(format!(
+                "the Cranelift back end writes CPU code only; `--target {}` is a GPU, which needs `--backend llvm`",
+                gpu.name
+            ))
+        }
+    })
 }
 
 /// `f`'s result and the time it took, recorded as stage `name`.

@@ -5,20 +5,25 @@
 //!   options, its kernel passes, its writer), and [`backend_for`] a [`Target`];
 //! - [`target`]: `--target` names for CPUs, the LLVM CPU and features they mean, and the
 //!   CPU features a bundle needs at run time;
-//! - [`llvm`]: kernel IR → LLVM IR → native objects, linked into `kernels.so` by `cc`,
-//!   or PTX for NVIDIA GPUs (`--target sm80|sm86|sm89|sm90|sm90a`, [`emit_ptx`], launched
-//!   with [`gpu_launch`]'s shape).
+//! - [`llvm`]: kernel IR → LLVM IR → native objects, linked into `kernels.so` by `cc`
+//!   ([`link`]), or PTX for NVIDIA GPUs (`--target sm80|sm86|sm89|sm90|sm90a`, [`emit_ptx`], launched
+//!   with [`gpu_launch`]'s shape);
+//! - [`cranelift`]: kernel IR → Cranelift IR → a native object, linked the same way
+//!   (`--backend cranelift`, CPUs only).
 
 pub mod contract;
+pub mod cranelift;
+pub mod link;
 pub mod llvm;
 pub mod target;
 
 use crate::kernel::{print, Kernel};
 use std::collections::{BTreeMap, HashMap};
 
-pub use contract::{backend_for, Backend, Emit, KernelPass, Written};
+pub use contract::{backend_for, Backend, CodeGen, Emit, KernelPass, Written};
+pub use link::link_shared;
 pub use llvm::ptx::{emit_nvptx_ir, emit_ptx, gpu_launch, libdevice_path, GPU_BLOCK};
-pub use llvm::{emit_asm, emit_llvm_ir, emit_object, emit_objects, link_shared};
+pub use llvm::{emit_asm, emit_llvm_ir, emit_object, emit_objects};
 pub use target::{CpuTarget, GpuTarget, Target, CPU_TARGETS, GPU_TARGETS};
 
 /// Kernels with duplicates removed: two kernels are identical when their text forms

@@ -1,4 +1,4 @@
-//! Kernels built by hand in the kernel IR, shared by the back-end tests (`llvm_cpu.rs`
+//! Kernels built by hand in the kernel IR, shared by the back-end tests (`cpu_backends.rs`
 //! runs them natively, `ptx.rs` assembles them for GPUs): broadcasting index math, every
 //! math function, reductions, branches, casts, local arrays and dropout.
 

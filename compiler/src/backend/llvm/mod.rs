@@ -25,8 +25,6 @@ use inkwell::passes::PassBuilderOptions;
 use inkwell::targets::{CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetMachine, TargetTriple};
 use inkwell::OptimizationLevel;
 use std::ffi::{c_void, CStr};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Mutex, Once};
 pub use writer::{Device, FnAttrs};
 
@@ -222,31 +220,4 @@ pub fn emit_asm(kernels: &[Kernel], target: &CpuTarget) -> Result<String, String
         let buf = tm.write_to_memory_buffer(m, FileType::Assembly).map_err(|e| format!("LLVM codegen: {e}"))?;
         Ok(String::from_utf8_lossy(buf.as_slice()).into_owned())
     })
-}
-
-/// Link objects into a shared object with the system C compiler driver (`$CC`, default
-/// `cc`): `cc -shared -o out objects... -lm`. Generated code calls libm (expf, logf,
-/// tanhf, ...), hence `-lm`. The driver is only used to link.
-pub fn link_shared(objects: &[PathBuf], out: &Path) -> Result<(), String> {
-    let cc = std::env::var("CC").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "cc".to_string());
-    let output =
-        Command::new(&cc).arg("-shared").arg("-o").arg(out).args(objects).arg("-lm").output().map_err(|e| {
-            match e.kind() {
-                std::io::ErrorKind::NotFound => format!(
-                    "linking {}: the C compiler driver `{cc}` was not found; it is needed to link kernel objects \
-                 into a shared object (install gcc, e.g. with scripts/setup.sh, or set CC)",
-                    out.display()
-                ),
-                _ => format!("linking {}: cannot run `{cc}`: {e}", out.display()),
-            }
-        })?;
-    if !output.status.success() {
-        return Err(format!(
-            "linking {}: `{cc} -shared` failed ({}): {}",
-            out.display(),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    Ok(())
 }

@@ -44,19 +44,7 @@ impl Backend for LlvmNative {
     fn write(&self, kernels: &[Kernel], emit: Emit) -> Result<Written, String> {
         let mut stages = Vec::new();
         let objects = timed(&mut stages, "llvm", || super::emit_objects(kernels, &self.cpu))?;
-        let scratch = scratch_dir()?;
-        let linked = timed(&mut stages, "link", || {
-            let mut paths = Vec::new();
-            for (i, object) in objects.iter().enumerate() {
-                let path = scratch.join(format!("kernels{i}.o"));
-                std::fs::write(&path, object).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-                paths.push(path);
-            }
-            let so = scratch.join("kernels.so");
-            super::link_shared(&paths, &so)?;
-            std::fs::read(&so).map_err(|e| format!("cannot read {}: {e}", so.display()))
-        });
-        let _ = std::fs::remove_dir_all(&scratch);
+        let linked = timed(&mut stages, "link", || crate::backend::link::shared_object(&objects));
         let mut extras = Vec::new();
         if emit.llvm {
             extras.push(("ll", super::emit_llvm_ir(kernels, &self.cpu, true)?.into_bytes()));
@@ -77,14 +65,4 @@ impl Backend for LlvmNative {
             stages,
         })
     }
-}
-
-/// A fresh directory for the objects being linked.
-fn scratch_dir() -> Result<std::path::PathBuf, String> {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let d = std::env::temp_dir().join(format!("tnc-link-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
-    Ok(d)
 }

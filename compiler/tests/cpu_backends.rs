@@ -1,12 +1,13 @@
-//! The LLVM CPU back end against the kernel IR's reference executor: hand-built kernels
-//! are compiled for `native`, x86-64-v3 and (where the host runs it) x86-64-v4, linked
-//! into a shared object, loaded, run over sub-ranges, and compared element by element
-//! with `kernel::exec::run` on the same inputs.
+//! The CPU back ends (LLVM and Cranelift) against the kernel IR's reference executor:
+//! hand-built kernels are compiled for `native`, x86-64-v3 and (where the host runs it)
+//! x86-64-v4 by each code generator, linked into a shared object, loaded, run over
+//! sub-ranges, and compared element by element with `kernel::exec::run` on the same
+//! inputs (bit for bit, except where a test states a tolerance).
 
 use std::ffi::c_void;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use tnc_compiler::backend::{self, CpuTarget};
+use tnc_compiler::backend::{self, CodeGen, CpuTarget, Target};
 use tnc_compiler::kernel::exec::{self, Buffer};
 use tnc_compiler::kernel::*;
 
@@ -36,27 +37,56 @@ impl Drop for Lib {
 
 type KernelFn = unsafe extern "C" fn(*const *mut c_void, *const i64, i64, i64);
 
-fn compile(kernels: &[Kernel], target: &CpuTarget) -> Lib {
-    let obj = backend::emit_object(kernels, target).unwrap_or_else(|e| panic!("{}: {e}", target.name));
+/// A CPU target and the code generator writing it.
+struct Gen {
+    target: CpuTarget,
+    codegen: CodeGen,
+    /// e.g. `x86-64-v3 (cranelift)`, for messages.
+    name: String,
+}
+
+impl Gen {
+    fn new(target: &str, codegen: CodeGen) -> Gen {
+        let target = CpuTarget::parse(target).unwrap();
+        let name = format!("{} ({})", target.name, codegen.name());
+        Gen { target, codegen, name }
+    }
+
+    /// The bundle's `kernels.so` for `kernels`, as the back end writes it, or its error.
+    fn shared_object(&self, kernels: &[Kernel]) -> Result<Vec<u8>, String> {
+        let backend = backend::backend_for(&Target::Cpu(self.target.clone()), self.codegen)?;
+        let written = backend.write(kernels, backend::Emit::default())?;
+        Ok(written.files.into_iter().find(|(n, _)| *n == "kernels.so").expect("a CPU bundle has kernels.so").1)
+    }
+}
+
+fn compile(kernels: &[Kernel], gen: &Gen) -> Lib {
+    let so_bytes = gen.shared_object(kernels).unwrap_or_else(|e| panic!("{}: {e}", gen.name));
     let dir = std::env::temp_dir().join(format!(
-        "tnc-llvm-cpu-{}-{}",
+        "tnc-cpu-backends-{}-{}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    let o = dir.join("kernels.o");
-    std::fs::write(&o, obj).unwrap();
     let so = dir.join("kernels.so");
-    backend::link_shared(&[o], &so).unwrap();
+    std::fs::write(&so, so_bytes).unwrap();
     let lib = unsafe { libloading::Library::new(&so) }.unwrap();
     Lib { lib, dir }
 }
 
-/// Targets to run on this host: native, x86-64-v3 and x86-64-v4 where supported.
-fn targets() -> Vec<CpuTarget> {
-    let all = ["native", "x86-64-v3", "x86-64-v4"].map(|n| CpuTarget::parse(n).unwrap());
-    let run: Vec<CpuTarget> = all.into_iter().filter(|t| t.host_supports()).collect();
-    assert!(run.iter().any(|t| t.name == "native"), "native must run on its host");
+/// What to run on this host: native, x86-64-v3 and x86-64-v4 where supported, each
+/// written by LLVM and by Cranelift.
+fn targets() -> Vec<Gen> {
+    let mut run = Vec::new();
+    for codegen in CodeGen::ALL {
+        for name in ["native", "x86-64-v3", "x86-64-v4"] {
+            let gen = Gen::new(name, codegen);
+            if gen.target.host_supports() {
+                run.push(gen);
+            }
+        }
+    }
+    assert!(run.iter().filter(|g| g.target.name == "native").count() == 2, "native must run on its host");
     run
 }
 
@@ -124,9 +154,9 @@ fn kernels_match_the_executor() {
         array_kernel(),
         dropout_kernel(),
     ];
-    for target in targets() {
-        let lib = compile(&kernels, &target);
-        let t = target.name.as_str();
+    for gen in targets() {
+        let lib = compile(&kernels, &gen);
+        let t = gen.name.as_str();
 
         // broadcast: B=3, N=5, D=37 (a vector loop with a remainder).
         let (b, n, d) = (3usize, 5usize, 37usize);
@@ -196,23 +226,24 @@ fn kernels_match_the_executor() {
 fn dropout_matches_runtime_rng() {
     // Directly against tnc_runtime::rng, not only through the executor.
     let k = dropout_kernel();
-    let target = CpuTarget::parse("native").unwrap();
-    let lib = compile(std::slice::from_ref(&k), &target);
-    let f: libloading::Symbol<KernelFn> = unsafe { lib.lib.get(b"dropout") }.unwrap();
-    let n = 4096usize;
-    let (seed, step) = (42u64, 3i64);
-    let x = vec![1.0f32; n];
-    let mut y = vec![0.0f32; n];
-    let mut mask = vec![0u8; 4 * n];
-    let ptrs: [*mut c_void; 3] = [x.as_ptr() as *mut c_void, y.as_mut_ptr().cast(), mask.as_mut_ptr().cast()];
-    let sizes = [n as i64, seed as i64, step];
-    unsafe { f(ptrs.as_ptr(), sizes.as_ptr(), 0, n as i64) };
-    for j in 0..n {
-        let keep = tnc_runtime::rng::dropout_keep(seed, 0x1234_5678_9abc, j as u64, step as u64, 0.3);
-        assert_eq!(mask[4 * j] != 0, keep, "element {j}");
+    for codegen in CodeGen::ALL {
+        let lib = compile(std::slice::from_ref(&k), &Gen::new("native", codegen));
+        let f: libloading::Symbol<KernelFn> = unsafe { lib.lib.get(b"dropout") }.unwrap();
+        let n = 4096usize;
+        let (seed, step) = (42u64, 3i64);
+        let x = vec![1.0f32; n];
+        let mut y = vec![0.0f32; n];
+        let mut mask = vec![0u8; 4 * n];
+        let ptrs: [*mut c_void; 3] = [x.as_ptr() as *mut c_void, y.as_mut_ptr().cast(), mask.as_mut_ptr().cast()];
+        let sizes = [n as i64, seed as i64, step];
+        unsafe { f(ptrs.as_ptr(), sizes.as_ptr(), 0, n as i64) };
+        for j in 0..n {
+            let keep = tnc_runtime::rng::dropout_keep(seed, 0x1234_5678_9abc, j as u64, step as u64, 0.3);
+            assert_eq!(mask[4 * j] != 0, keep, "{}: element {j}", codegen.name());
+        }
+        let kept = mask.iter().step_by(4).filter(|&&m| m != 0).count() as f64 / n as f64;
+        assert!((kept - 0.7).abs() < 0.03, "kept {kept}");
     }
-    let kept = mask.iter().step_by(4).filter(|&&m| m != 0).count() as f64 / n as f64;
-    assert!((kept - 0.7).abs() < 0.03, "kept {kept}");
 }
 
 #[test]
@@ -239,15 +270,24 @@ fn invalid_kernels_are_errors() {
         (bad(vec![let_(1, f(1.0)), let_(1, i(1))]), "v1 is redefined"),
         (bad(vec![store(1, var(0), un(Unary::Exp, i(1)))]), "Exp of an integer"),
     ];
+    let cranelift = Gen::new("x86-64-v3", CodeGen::Cranelift);
     for (k, msg) in cases {
         let e = backend::emit_object(std::slice::from_ref(&k), &target).unwrap_err();
         assert!(e.contains(msg), "expected `{msg}` in: {e}");
         assert!(backend::emit_llvm_ir(std::slice::from_ref(&k), &target, false).is_err());
+        let e = cranelift.shared_object(std::slice::from_ref(&k)).unwrap_err();
+        assert!(e.contains(msg) && e.contains("kernel `bad`"), "Cranelift: expected `{msg}` in: {e}");
     }
     // Two kernels with one name.
     let k = broadcast_kernel();
-    let e = backend::emit_object(&[k.clone(), k], &target).unwrap_err();
+    let e = backend::emit_object(&[k.clone(), k.clone()], &target).unwrap_err();
     assert!(e.contains("already in the module"), "{e}");
+    let e = cranelift.shared_object(&[k.clone(), k]).unwrap_err();
+    assert!(e.contains("already in the module"), "Cranelift: {e}");
+    // Block kernels are a GPU's.
+    let block = block_row_sum(BlockBug::None);
+    let e = cranelift.shared_object(std::slice::from_ref(&block)).unwrap_err();
+    assert!(e.contains("runs on GPUs only"), "Cranelift: {e}");
 }
 
 #[test]
@@ -281,7 +321,7 @@ fn v4_uses_zmm_registers() {
     let asm = backend::emit_asm(std::slice::from_ref(&k), &v3).unwrap();
     assert!(asm.contains("ymm") && !asm.contains("zmm"), "x86-64-v3 must use ymm only:\n{asm}");
     if v4.host_supports() {
-        let lib = compile(std::slice::from_ref(&k), &v4);
+        let lib = compile(std::slice::from_ref(&k), &Gen::new("x86-64-v4", CodeGen::Llvm));
         let n = 1001;
         let inputs = [Buffer::F32(data(n, 11)), Buffer::F32(data(n, 12)), Buffer::F32(vec![0.0; n])];
         check(&lib, "x86-64-v4", &k, &inputs, &[n as i64], n as i64, 0.0);
@@ -317,8 +357,8 @@ fn lane_reductions_match_the_serial_loops() {
         let text = print::to_text(d);
         assert!(text.contains("for vector") && text.contains("% 16"), "`{}` was not dealt:\n{text}", s.name);
     }
-    for target in targets() {
-        let lib = compile(&dealt, &target);
+    for gen in targets() {
+        let lib = compile(&dealt, &gen);
         for cols in [5usize, 16, 101] {
             let rows = 7usize;
             let x = data(rows * cols, 11);
@@ -327,7 +367,7 @@ fn lane_reductions_match_the_serial_loops() {
             let kahan_in = [Buffer::F32(x), Buffer::F32(init), Buffer::F32(vec![0.0; rows])];
             let sizes = [rows as i64, cols as i64];
             for (k, (serial, inputs)) in dealt.iter().zip(serial.iter().zip([&reduce_in, &kahan_in])) {
-                check(&lib, &target.name, k, inputs, &sizes, rows as i64, 0.0);
+                check(&lib, &gen.name, k, inputs, &sizes, rows as i64, 0.0);
                 let run = |k: &Kernel| {
                     let mut b = inputs.to_vec();
                     exec::run(k, &mut b, &sizes, 0, rows as i64).unwrap();
@@ -376,9 +416,9 @@ fn sixteen_bit_floats_round_like_the_executor() {
     let b: Vec<u16> = (0..n as u16).map(|i| i.wrapping_mul(40503)).collect();
     let inputs =
         [Buffer::F32(x), Buffer::BF16(b), Buffer::BF16(vec![0; n]), Buffer::F16(vec![0; n]), Buffer::F32(vec![0.0; n])];
-    for target in targets() {
-        let lib = compile(std::slice::from_ref(&k), &target);
-        check(&lib, &target.name, &k, &inputs, &[n as i64], n as i64, 0.0);
+    for gen in targets() {
+        let lib = compile(std::slice::from_ref(&k), &gen);
+        check(&lib, &gen.name, &k, &inputs, &[n as i64], n as i64, 0.0);
     }
 }
 

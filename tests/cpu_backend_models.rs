@@ -1,5 +1,6 @@
-//! The LLVM CPU back end on real schedules: every model (tiny configuration) is fused
-//! and scheduled (generic lowering, and with `recognize` where its kernels exist), all its kernels are compiled for `native` into one shared object, and
+//! The CPU back ends (LLVM and Cranelift) on real schedules: every model (tiny
+//! configuration) is fused and scheduled (generic lowering, and with `recognize` where
+//! its kernels exist), all its kernels are compiled for `native` into one shared object, and
 //! the program is stepped through with the reference kernel executor; at every step the
 //! compiled kernel runs on a copy of the same inputs (its parallel range split in two)
 //! and must write the same values (f32 within 1e-5 relative, integers and masks exactly).
@@ -8,7 +9,7 @@ mod common;
 use common::*;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use tnc_compiler::backend::{self, CpuTarget};
+use tnc_compiler::backend::{self, CodeGen, CpuTarget, Target};
 use tnc_compiler::ir::Graph;
 use tnc_compiler::kernel::exec::{self, Buffer};
 use tnc_compiler::kernel::{Access, Binary, Expr};
@@ -52,13 +53,23 @@ fn int(e: &Expr, sizes: &[i64]) -> i64 {
     }
 }
 
-fn check_model(path: &std::path::Path, recognize: bool, precision: passes::Policy, target: &CpuTarget) {
+fn check_model(
+    path: &std::path::Path,
+    recognize: bool,
+    precision: passes::Policy,
+    target: &CpuTarget,
+    codegen: CodeGen,
+) {
     let (sources, g) = elaborate_path(path, &tiny_sets(path));
     let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
     let reference = passes::differentiate_loss(g.clone()).unwrap();
     let optimized = optimize(g, recognize, precision);
-    let model =
-        format!("{} (recognize: {recognize}, {})", path.file_name().unwrap().to_string_lossy(), precision.name());
+    let model = format!(
+        "{} (recognize: {recognize}, {}, {})",
+        path.file_name().unwrap().to_string_lossy(),
+        precision.name(),
+        codegen.name()
+    );
     let s = match pipeline::scheduled_with(&optimized, &Default::default()) {
         Ok(s) => s,
         // Kernel templates for recognized ops arrive one by one; the generic lowering
@@ -71,17 +82,20 @@ fn check_model(path: &std::path::Path, recognize: bool, precision: passes::Polic
     };
 
     let dedup = backend::dedup_kernels(&s.kernels).unwrap();
-    let obj = backend::emit_object(&dedup.kernels, target).unwrap_or_else(|e| panic!("{model}: {e}"));
+    let written = backend::backend_for(&Target::Cpu(target.clone()), codegen)
+        .and_then(|b| b.write(&dedup.kernels, backend::Emit::default()))
+        .unwrap_or_else(|e| panic!("{model}: {e}"));
     let dir = std::env::temp_dir().join(format!(
-        "tnc-llvm-models-{}-{}-{recognize}-{}",
+        "tnc-cpu-backend-models-{}-{}-{recognize}-{}-{}",
         std::process::id(),
         path.file_stem().unwrap().to_string_lossy(),
-        precision.name()
+        precision.name(),
+        codegen.name()
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    let (o, so) = (dir.join("kernels.o"), dir.join("kernels.so"));
-    std::fs::write(&o, obj).unwrap();
-    backend::link_shared(&[o], &so).unwrap();
+    let so = dir.join("kernels.so");
+    let (_, bytes) = written.files.iter().find(|(n, _)| *n == "kernels.so").expect("a CPU bundle has kernels.so");
+    std::fs::write(&so, bytes).unwrap();
     let lib = unsafe { libloading::Library::new(&so) }.unwrap();
 
     let params = perturbed_params(&reference, 5);
@@ -169,7 +183,18 @@ fn every_model_runs_compiled_like_the_executor() {
     let target = CpuTarget::parse("native").unwrap();
     for path in model_files() {
         for recognize in [false, true] {
-            check_model(&path, recognize, passes::Policy::F32, &target);
+            check_model(&path, recognize, passes::Policy::F32, &target, CodeGen::Llvm);
+        }
+    }
+}
+
+/// The same with Cranelift writing the kernels.
+#[test]
+fn every_model_runs_compiled_by_cranelift_like_the_executor() {
+    let target = CpuTarget::parse("native").unwrap();
+    for path in model_files() {
+        for recognize in [false, true] {
+            check_model(&path, recognize, passes::Policy::F32, &target, CodeGen::Cranelift);
         }
     }
 }
@@ -182,6 +207,8 @@ fn every_model_with_sixteen_bit_products_runs_compiled_like_the_executor() {
     let target = CpuTarget::parse("native").unwrap();
     for (i, path) in model_files().into_iter().enumerate() {
         let precision = if i % 2 == 0 { passes::Policy::Bf16 } else { passes::Policy::F16 };
-        check_model(&path, false, precision, &target);
+        for codegen in CodeGen::ALL {
+            check_model(&path, false, precision, &target, codegen);
+        }
     }
 }

@@ -1,0 +1,635 @@
+//! Kernel IR → Cranelift IR (CLIF): each [`Kernel`] becomes one exported function with the
+//! kernel IR's calling convention,
+//!
+//! ```text
+//! void name(void **buffers, const int64_t *sizes, int64_t begin, int64_t end)
+//! ```
+//!
+//! running the body for every `index` in `begin..end`, exactly as the LLVM CPU writer's
+//! (`backend/llvm/writer.rs`) and with the same semantics, the reference executor's
+//! (`kernel::exec`), f32 for f32:
+//! - integers (I32 and I64 alike) are i64 values: a load from an i32 buffer sign-extends, a
+//!   cast to I32 truncates to 32 bits and sign-extends back, a store truncates; bools are
+//!   i8 0 or 1 (one byte in memory, as in the executor);
+//! - float → integer casts saturate (NaN → 0): `fcvt_to_sint_sat`;
+//! - f32 `max`/`min` propagate NaN: Cranelift's `fmax`/`fmin` are IEEE 754-2019's
+//!   maximum/minimum, as LLVM's `llvm.maximum`;
+//! - exp, sin, cos, the bf16 and f16 roundings and dropout's Philox are `kernel::math`'s
+//!   and `tnc_runtime::rng`'s operation sequences, inlined (`math.rs`); log, pow, tanh and
+//!   the float remainder call libm (`logf`, `powf`, `tanhf`, `fmodf`, the functions LLVM
+//!   calls too), so the shared object links `-lm`;
+//! - `Select` evaluates only the chosen operand when one may trap (a load, an integer
+//!   division); otherwise it is a `select`.
+//!
+//! Block kernels (threads, shared arrays, barriers, warp products) are a GPU's and are
+//! refused. Type errors are reported as `Err` naming the kernel, before Cranelift's own
+//! verifier runs.
+
+use super::math;
+use crate::kernel::print;
+use crate::kernel::{Binary, Elem, Expr, Kernel, Scalar, Stmt, Unary, Var};
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{types, AbiParam, FuncRef, InstBuilder, MemFlagsData, Type, Value};
+use cranelift_codegen::ir::{StackSlot, StackSlotData, StackSlotKind};
+use cranelift_codegen::isa::TargetFrontendConfig;
+use cranelift_frontend::{FunctionBuilder, Variable};
+use cranelift_module::{FuncId, Module};
+use std::collections::HashMap;
+
+/// Value classes: every integer is an i64, as in the reference executor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Ty {
+    F,
+    I,
+    B,
+}
+
+impl Ty {
+    fn of(s: Scalar) -> Ty {
+        match s {
+            Scalar::F32 => Ty::F,
+            Scalar::I32 | Scalar::I64 => Ty::I,
+            Scalar::Bool => Ty::B,
+        }
+    }
+
+    fn clif(self) -> Type {
+        match self {
+            Ty::F => types::F32,
+            Ty::I => types::I64,
+            Ty::B => types::I8,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Ty::F => "f32",
+            Ty::I => "an integer",
+            Ty::B => "bool",
+        }
+    }
+
+    /// Bytes of one element of a local array of this class.
+    fn bytes(self) -> u32 {
+        match self {
+            Ty::F => 4,
+            Ty::I => 8,
+            Ty::B => 1,
+        }
+    }
+}
+
+/// The libm functions generated code may call, declared once per object.
+pub(super) struct Libm {
+    ids: HashMap<&'static str, FuncId>,
+}
+
+/// `(name, arity)` of every libm function a kernel may call.
+const LIBM: [(&str, usize); 4] = [("logf", 1), ("tanhf", 1), ("powf", 2), ("fmodf", 2)];
+
+impl Libm {
+    pub(super) fn declare(module: &mut impl Module) -> Result<Libm, String> {
+        let mut ids = HashMap::new();
+        for (name, arity) in LIBM {
+            let mut sig = module.make_signature();
+            sig.params.extend((0..arity).map(|_| AbiParam::new(types::F32)));
+            sig.returns.push(AbiParam::new(types::F32));
+            let id = module
+                .declare_function(name, cranelift_module::Linkage::Import, &sig)
+                .map_err(|e| format!("Cranelift: declaring `{name}`: {e}"))?;
+            ids.insert(name, id);
+        }
+        Ok(Libm { ids })
+    }
+}
+
+/// The memory flags of every buffer, table and local array access: aligned to its
+/// element, and never trapping (the runtime checked the bounds of what it passes, as for
+/// LLVM's code: an out-of-bounds access is the executor's error and undefined here).
+fn flags() -> MemFlagsData {
+    MemFlagsData::trusted()
+}
+
+pub(super) struct Fx<'a, 'b, M: Module> {
+    pub(super) b: FunctionBuilder<'b>,
+    module: &'a mut M,
+    libm: &'a Libm,
+    calls: HashMap<&'static str, FuncRef>,
+    config: TargetFrontendConfig,
+    kernel: &'a Kernel,
+    /// Buffer base pointers, loaded once in the entry block.
+    buffers: Vec<Value>,
+    /// Sizes and scalars, loaded once in the entry block.
+    sizes: Vec<Value>,
+    vars: HashMap<Var, (Variable, Ty)>,
+    arrays: HashMap<Var, (StackSlot, Ty, usize)>,
+}
+
+/// Write the body of `kernel` into `b`, whose function has the kernel signature.
+pub(super) fn write_kernel<M: Module>(
+    b: FunctionBuilder<'_>,
+    module: &mut M,
+    libm: &Libm,
+    kernel: &Kernel,
+) -> Result<(), String> {
+    let config = module.isa().frontend_config();
+    let mut fx = Fx {
+        b,
+        module,
+        libm,
+        calls: HashMap::new(),
+        config,
+        kernel,
+        buffers: vec![],
+        sizes: vec![],
+        vars: HashMap::new(),
+        arrays: HashMap::new(),
+    };
+    fx.write().map_err(|e| format!("kernel `{}`: {e}", kernel.name))?;
+    fx.b.seal_all_blocks();
+    fx.b.finalize(config);
+    Ok(())
+}
+
+impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
+    fn write(&mut self) -> Result<(), String> {
+        let k = self.kernel;
+        if k.gemm.is_some() {
+            return Err("is a library GEMM node, which has no generated code".into());
+        }
+        if k.threads.is_some() {
+            return Err("a block kernel (threads, shared arrays, barriers) runs on GPUs only".into());
+        }
+        let entry = self.b.create_block();
+        self.b.append_block_params_for_function_params(entry);
+        self.b.switch_to_block(entry);
+        let params = self.b.block_params(entry).to_vec();
+        let (table, sizes, begin, end) = (params[0], params[1], params[2], params[3]);
+        // Load the buffer and size tables once: stores into the buffers cannot change them.
+        for i in 0..k.buffers.len() {
+            let p = self.b.ins().load(types::I64, flags(), table, (8 * i) as i32);
+            self.buffers.push(p);
+        }
+        for i in 0..k.sizes.len() + k.scalars.len() {
+            let v = self.b.ins().load(types::I64, flags(), sizes, (8 * i) as i32);
+            self.sizes.push(v);
+        }
+        self.emit_loop(k.index, begin, end, &k.body)?;
+        self.b.ins().return_(&[]);
+        Ok(())
+    }
+
+    /// The variable of kernel variable `v` of class `t`, declared on first definition.
+    fn var(&mut self, v: Var, t: Ty) -> Result<Variable, String> {
+        if let Some(&(var, old)) = self.vars.get(&v) {
+            if old != t {
+                return Err(format!("{v} is redefined as {} (it was {})", t.name(), old.name()));
+            }
+            return Ok(var);
+        }
+        let var = self.b.declare_var(t.clif());
+        self.vars.insert(v, (var, t));
+        Ok(var)
+    }
+
+    /// `for var in begin..end { body }`.
+    fn emit_loop(&mut self, var: Var, begin: Value, end: Value, body: &[Stmt]) -> Result<(), String> {
+        let counter = self.b.declare_var(types::I64);
+        let slot = self.var(var, Ty::I)?;
+        let (header, body_bb, exit) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
+        self.b.def_var(counter, begin);
+        self.b.ins().jump(header, &[]);
+        self.b.switch_to_block(header);
+        let i = self.b.use_var(counter);
+        let more = self.b.ins().icmp(IntCC::SignedLessThan, i, end);
+        self.b.ins().brif(more, body_bb, &[], exit, &[]);
+        self.b.switch_to_block(body_bb);
+        self.b.seal_block(body_bb);
+        self.b.def_var(slot, i);
+        self.block(body)?;
+        let i = self.b.use_var(counter);
+        let next = self.b.ins().iadd_imm_s(i, 1);
+        self.b.def_var(counter, next);
+        self.b.ins().jump(header, &[]);
+        self.b.seal_block(header);
+        self.b.switch_to_block(exit);
+        self.b.seal_block(exit);
+        Ok(())
+    }
+
+    fn block(&mut self, body: &[Stmt]) -> Result<(), String> {
+        body.iter().try_for_each(|s| self.stmt(s))
+    }
+
+    fn expect(&mut self, e: &Expr, t: Ty, what: &str) -> Result<Value, String> {
+        let (v, got) = self.expr(e)?;
+        if got != t {
+            return Err(format!("{what} must be {}, got {}: `{}`", t.name(), got.name(), print::expr(self.kernel, e)));
+        }
+        Ok(v)
+    }
+
+    fn int(&mut self, e: &Expr, what: &str) -> Result<Value, String> {
+        self.expect(e, Ty::I, what)
+    }
+
+    /// The address of element `index` of buffer `buffer`, and the buffer's element type.
+    fn element(&mut self, buffer: usize, index: &Expr) -> Result<(Value, Elem), String> {
+        let Some(&base) = self.buffers.get(buffer) else {
+            return Err(format!("buffer {buffer} is not declared ({} buffers)", self.kernel.buffers.len()));
+        };
+        let decl = &self.kernel.buffers[buffer];
+        let (elem, what) = (decl.elem, format!("an index of `{}`", decl.name));
+        let i = self.int(index, &what)?;
+        Ok((self.offset(base, i, elem.bytes() as i64), elem))
+    }
+
+    /// `base + i · bytes`.
+    fn offset(&mut self, base: Value, i: Value, bytes: i64) -> Value {
+        let scaled = if bytes == 1 { i } else { self.b.ins().imul_imm_s(i, bytes) };
+        self.b.ins().iadd(base, scaled)
+    }
+
+    /// The address of element `index` of local array `array`, and its class.
+    fn array_element(&mut self, array: Var, index: &Expr) -> Result<(Value, Ty), String> {
+        let &(slot, t, _) =
+            self.arrays.get(&array).ok_or_else(|| format!("array {array} is used before it is defined"))?;
+        let i = self.int(index, &format!("an index of {array}"))?;
+        let base = self.b.ins().stack_addr(types::I64, slot, 0);
+        Ok((self.offset(base, i, t.bytes() as i64), t))
+    }
+
+    fn stmt(&mut self, s: &Stmt) -> Result<(), String> {
+        match s {
+            Stmt::For { var, extent, kind: _, body } => {
+                let n = self.int(extent, "a loop extent")?;
+                let zero = self.b.ins().iconst(types::I64, 0);
+                self.emit_loop(*var, zero, n, body)?;
+            }
+            Stmt::Let { var, value } => {
+                let (v, t) = self.expr(value)?;
+                let var = self.var(*var, t)?;
+                self.b.def_var(var, v);
+            }
+            Stmt::Mut { var, ty, init } => {
+                let t = Ty::of(*ty);
+                let v = self.expect(init, t, &format!("the initial value of {var}"))?;
+                let var = self.var(*var, t)?;
+                self.b.def_var(var, v);
+            }
+            Stmt::Assign { var, value } => {
+                let &(slot, t) = self.vars.get(var).ok_or_else(|| format!("assignment to undefined {var}"))?;
+                let v = self.expect(value, t, &format!("a value assigned to {var}"))?;
+                self.b.def_var(slot, v);
+            }
+            Stmt::Store { buffer, index, value } => {
+                let (addr, elem) = self.element(*buffer, index)?;
+                let name = &self.kernel.buffers[*buffer].name;
+                let v = self.expect(value, Ty::of(elem.scalar()), &format!("a value stored into `{name}`"))?;
+                match elem {
+                    Elem::F32 => self.b.ins().store(flags(), v, addr, 0),
+                    Elem::BF16 => {
+                        let bits = math::bf16_bits(&mut self.b, v);
+                        self.b.ins().istore16(flags(), bits, addr, 0)
+                    }
+                    Elem::F16 => {
+                        let bits = math::f16_bits(&mut self.b, v);
+                        self.b.ins().istore16(flags(), bits, addr, 0)
+                    }
+                    Elem::I32 => self.b.ins().istore32(flags(), v, addr, 0),
+                    Elem::U8 => self.b.ins().store(flags(), v, addr, 0),
+                };
+            }
+            Stmt::Array { var, elem, len } => {
+                let t = Ty::of(*elem);
+                let bytes = u32::try_from(*len).ok().and_then(|n| n.checked_mul(t.bytes()));
+                let bytes = bytes.ok_or_else(|| format!("array {var} is too long"))?;
+                let slot = match self.arrays.get(var) {
+                    Some(&(slot, old, old_len)) if old == t && old_len == *len => slot,
+                    Some(_) => return Err(format!("array {var} is redefined with another type or length")),
+                    None => {
+                        let slot =
+                            self.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, bytes, 4));
+                        self.arrays.insert(*var, (slot, t, *len));
+                        slot
+                    }
+                };
+                // Zero-initialized each time the statement runs, as in the executor.
+                if bytes > 0 {
+                    let base = self.b.ins().stack_addr(types::I64, slot, 0);
+                    self.b.emit_small_memset(self.config, base, 0, bytes as u64, t.bytes() as u8, flags());
+                }
+            }
+            Stmt::StoreArray { array, index, value } => {
+                let (addr, t) = self.array_element(*array, index)?;
+                let v = self.expect(value, t, &format!("a value stored into {array}"))?;
+                self.b.ins().store(flags(), v, addr, 0);
+            }
+            Stmt::If { cond, then, otherwise } => {
+                let c = self.expect(cond, Ty::B, "an `if` condition")?;
+                let (then_bb, else_bb, merge) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
+                self.b.ins().brif(c, then_bb, &[], else_bb, &[]);
+                self.b.seal_block(then_bb);
+                self.b.seal_block(else_bb);
+                self.b.switch_to_block(then_bb);
+                self.block(then)?;
+                self.b.ins().jump(merge, &[]);
+                self.b.switch_to_block(else_bb);
+                self.block(otherwise)?;
+                self.b.ins().jump(merge, &[]);
+                self.b.seal_block(merge);
+                self.b.switch_to_block(merge);
+            }
+            Stmt::Shared { .. } | Stmt::Barrier | Stmt::Mma { .. } => {
+                return Err("a shared array, barrier or warp product outside a block kernel".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether evaluating `e` may trap or touch memory (so a `Select` must not evaluate it
+    /// unless chosen).
+    fn may_trap(e: &Expr) -> bool {
+        match e {
+            Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Var(_) | Expr::Size(_) | Expr::Thread => false,
+            Expr::Load { .. } | Expr::LoadArray { .. } => true,
+            Expr::Binary(Binary::Div | Binary::Rem, _, _) => true,
+            Expr::Unary(_, a) | Expr::Cast(_, a) => Self::may_trap(a),
+            Expr::Binary(_, a, b) => Self::may_trap(a) || Self::may_trap(b),
+            Expr::Select(c, a, b) => Self::may_trap(c) || Self::may_trap(a) || Self::may_trap(b),
+            Expr::DropoutKeep { seed, index, step, .. } => {
+                Self::may_trap(seed) || Self::may_trap(index) || Self::may_trap(step)
+            }
+        }
+    }
+
+    fn expr(&mut self, e: &Expr) -> Result<(Value, Ty), String> {
+        Ok(match e {
+            Expr::F32(x) => (self.b.ins().f32const(*x), Ty::F),
+            Expr::I64(i) => (self.b.ins().iconst(types::I64, *i), Ty::I),
+            Expr::Bool(v) => (self.b.ins().iconst(types::I8, *v as i64), Ty::B),
+            Expr::Var(v) => {
+                let &(var, t) = self.vars.get(v).ok_or_else(|| format!("{v} is used before it is defined"))?;
+                (self.b.use_var(var), t)
+            }
+            Expr::Thread => return Err("`thread` outside a block kernel".into()),
+            Expr::Size(i) => match self.sizes.get(*i) {
+                Some(&v) => (v, Ty::I),
+                None => {
+                    return Err(format!("size argument {i} is not declared ({} sizes and scalars)", self.sizes.len()))
+                }
+            },
+            Expr::Load { buffer, index } => {
+                let (addr, elem) = self.element(*buffer, index)?;
+                let ins = self.b.ins();
+                match elem {
+                    Elem::F32 => (ins.load(types::F32, flags(), addr, 0), Ty::F),
+                    Elem::BF16 => {
+                        let h = ins.uload16(types::I32, flags(), addr, 0);
+                        let bits = self.b.ins().ishl_imm_s(h, 16);
+                        (self.b.ins().bitcast(types::F32, MemFlagsData::new(), bits), Ty::F)
+                    }
+                    Elem::F16 => {
+                        let h = ins.uload16(types::I32, flags(), addr, 0);
+                        (math::f16_value(&mut self.b, h), Ty::F)
+                    }
+                    Elem::I32 => (ins.sload32(flags(), addr, 0), Ty::I),
+                    Elem::U8 => {
+                        let byte = ins.load(types::I8, flags(), addr, 0);
+                        (self.b.ins().icmp_imm_s(IntCC::NotEqual, byte, 0), Ty::B)
+                    }
+                }
+            }
+            Expr::LoadArray { array, index } => {
+                let (addr, t) = self.array_element(*array, index)?;
+                (self.b.ins().load(t.clif(), flags(), addr, 0), t)
+            }
+            Expr::Unary(op, a) => {
+                let (v, t) = self.expr(a)?;
+                self.unary(*op, v, t).map_err(|m| format!("{m}: `{}`", print::expr(self.kernel, e)))?
+            }
+            Expr::Binary(op, x, y) => {
+                let (a, ta) = self.expr(x)?;
+                let (c, tc) = self.expr(y)?;
+                if ta != tc {
+                    let text = print::expr(self.kernel, e);
+                    return Err(format!("{op:?} of {} and {}: `{text}`", ta.name(), tc.name()));
+                }
+                self.binary(*op, a, c, ta).map_err(|m| format!("{m}: `{}`", print::expr(self.kernel, e)))?
+            }
+            Expr::Select(c, x, y) => {
+                let cv = self.expect(c, Ty::B, "a select condition")?;
+                if !Self::may_trap(x) && !Self::may_trap(y) {
+                    let (a, ta) = self.expr(x)?;
+                    let (d, td) = self.expr(y)?;
+                    if ta != td {
+                        let text = print::expr(self.kernel, e);
+                        return Err(format!("select of {} and {}: `{text}`", ta.name(), td.name()));
+                    }
+                    (self.b.ins().select(cv, a, d), ta)
+                } else {
+                    self.branching_select(cv, x, y, e)?
+                }
+            }
+            Expr::Cast(to, a) => {
+                let (v, t) = self.expr(a)?;
+                (self.cast(*to, v, t), Ty::of(*to))
+            }
+            Expr::DropoutKeep { seed, salt, index, step, rate } => {
+                let seed = self.int(seed, "a dropout seed")?;
+                let index = self.int(index, "a dropout index")?;
+                let step = self.int(step, "a dropout step")?;
+                (math::dropout_keep(&mut self.b, seed, *salt, index, step, *rate), Ty::B)
+            }
+        })
+    }
+
+    /// `c ? x : y` evaluating only the chosen operand.
+    fn branching_select(&mut self, c: Value, x: &Expr, y: &Expr, e: &Expr) -> Result<(Value, Ty), String> {
+        let (then_bb, else_bb, merge) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(c, then_bb, &[], else_bb, &[]);
+        self.b.seal_block(then_bb);
+        self.b.seal_block(else_bb);
+        self.b.switch_to_block(then_bb);
+        let (a, ta) = self.expr(x)?;
+        self.b.ins().jump(merge, &[a.into()]);
+        self.b.switch_to_block(else_bb);
+        let (d, td) = self.expr(y)?;
+        if ta != td {
+            let text = print::expr(self.kernel, e);
+            return Err(format!("select of {} and {}: `{text}`", ta.name(), td.name()));
+        }
+        self.b.ins().jump(merge, &[d.into()]);
+        let r = self.b.append_block_param(merge, ta.clif());
+        self.b.seal_block(merge);
+        self.b.switch_to_block(merge);
+        Ok((r, ta))
+    }
+
+    /// A call of libm's `name` on `args`.
+    fn libm(&mut self, name: &'static str, args: &[Value]) -> Value {
+        let f = match self.calls.get(name) {
+            Some(&f) => f,
+            None => {
+                let f = self.module.declare_func_in_func(self.libm.ids[name], self.b.func);
+                self.calls.insert(name, f);
+                f
+            }
+        };
+        let call = self.b.ins().call(f, args);
+        self.b.inst_results(call)[0]
+    }
+
+    fn unary(&mut self, op: Unary, v: Value, t: Ty) -> Result<(Value, Ty), String> {
+        match (op, t) {
+            (Unary::Not, Ty::B) => Ok((self.b.ins().bxor_imm_s(v, 1), Ty::B)),
+            (Unary::Neg, Ty::I) => Ok((self.b.ins().ineg(v), Ty::I)),
+            // wrapping_abs: abs(i64::MIN) = i64::MIN.
+            (Unary::Abs, Ty::I) => Ok((self.b.ins().iabs(v), Ty::I)),
+            (Unary::Not, _) => Err(format!("not of {}", t.name())),
+            (_, Ty::F) => {
+                let r = match op {
+                    Unary::Neg => self.b.ins().fneg(v),
+                    Unary::Exp => math::exp(&mut self.b, v),
+                    Unary::Sin => math::sin(&mut self.b, v),
+                    Unary::Cos => math::cos(&mut self.b, v),
+                    Unary::Log => self.libm("logf", &[v]),
+                    Unary::Tanh => self.libm("tanhf", &[v]),
+                    Unary::Sqrt => self.b.ins().sqrt(v),
+                    Unary::Rsqrt => {
+                        let (one, s) = (self.b.ins().f32const(1.0), self.b.ins().sqrt(v));
+                        self.b.ins().fdiv(one, s)
+                    }
+                    Unary::Recip => {
+                        let one = self.b.ins().f32const(1.0);
+                        self.b.ins().fdiv(one, v)
+                    }
+                    Unary::Abs => self.b.ins().fabs(v),
+                    Unary::RoundBf16 => math::round_bf16(&mut self.b, v),
+                    Unary::RoundF16 => {
+                        let bits = math::f16_bits(&mut self.b, v);
+                        math::f16_value(&mut self.b, bits)
+                    }
+                    Unary::Not => unreachable!("handled above"),
+                };
+                Ok((r, Ty::F))
+            }
+            _ => Err(format!("{op:?} of {}", t.name())),
+        }
+    }
+
+    fn binary(&mut self, op: Binary, x: Value, y: Value, t: Ty) -> Result<(Value, Ty), String> {
+        use Binary::*;
+        match t {
+            Ty::F => {
+                let cmp = |fx: &mut Self, cc| Ok((fx.b.ins().fcmp(cc, x, y), Ty::B));
+                let r = match op {
+                    Add => self.b.ins().fadd(x, y),
+                    Sub => self.b.ins().fsub(x, y),
+                    Mul => self.b.ins().fmul(x, y),
+                    Div => self.b.ins().fdiv(x, y),
+                    Rem => self.libm("fmodf", &[x, y]),
+                    Pow => self.libm("powf", &[x, y]),
+                    Max => self.b.ins().fmax(x, y),
+                    Min => self.b.ins().fmin(x, y),
+                    Lt => return cmp(self, FloatCC::LessThan),
+                    Le => return cmp(self, FloatCC::LessThanOrEqual),
+                    Gt => return cmp(self, FloatCC::GreaterThan),
+                    Ge => return cmp(self, FloatCC::GreaterThanOrEqual),
+                    Eq => return cmp(self, FloatCC::Equal),
+                    // Rust's `!=` is true when either side is NaN (Cranelift's NotEqual
+                    // is unordered-or-unequal).
+                    Ne => return cmp(self, FloatCC::NotEqual),
+                    And | Or => return Err("logical operation on f32".into()),
+                };
+                Ok((r, Ty::F))
+            }
+            Ty::I => {
+                let cmp = |fx: &mut Self, cc| Ok((fx.b.ins().icmp(cc, x, y), Ty::B));
+                let r = match op {
+                    Add => self.b.ins().iadd(x, y),
+                    Sub => self.b.ins().isub(x, y),
+                    Mul => self.b.ins().imul(x, y),
+                    Div => self.b.ins().sdiv(x, y),
+                    Rem => self.b.ins().srem(x, y),
+                    Max => self.b.ins().smax(x, y),
+                    Min => self.b.ins().smin(x, y),
+                    Pow => self.int_pow(x, y),
+                    Lt => return cmp(self, IntCC::SignedLessThan),
+                    Le => return cmp(self, IntCC::SignedLessThanOrEqual),
+                    Gt => return cmp(self, IntCC::SignedGreaterThan),
+                    Ge => return cmp(self, IntCC::SignedGreaterThanOrEqual),
+                    Eq => return cmp(self, IntCC::Equal),
+                    Ne => return cmp(self, IntCC::NotEqual),
+                    And | Or => return Err("logical operation on integers".into()),
+                };
+                Ok((r, Ty::I))
+            }
+            Ty::B => {
+                let r = match op {
+                    And => self.b.ins().band(x, y),
+                    Or => self.b.ins().bor(x, y),
+                    Eq => self.b.ins().icmp(IntCC::Equal, x, y),
+                    Ne => self.b.ins().bxor(x, y),
+                    _ => return Err(format!("{op:?} on bools")),
+                };
+                Ok((r, Ty::B))
+            }
+        }
+    }
+
+    /// `x.wrapping_pow(y.clamp(0, u32::MAX))` by repeated squaring.
+    fn int_pow(&mut self, x: Value, y: Value) -> Value {
+        let b = &mut self.b;
+        let (zero, max) = (b.ins().iconst(types::I64, 0), b.ins().iconst(types::I64, u32::MAX as i64));
+        let lo = b.ins().smax(y, zero);
+        let e0 = b.ins().smin(lo, max);
+        let one = b.ins().iconst(types::I64, 1);
+        let (header, body, exit) = (b.create_block(), b.create_block(), b.create_block());
+        for _ in 0..3 {
+            b.append_block_param(header, types::I64);
+        }
+        b.ins().jump(header, &[one.into(), x.into(), e0.into()]);
+        b.switch_to_block(header);
+        let p = b.block_params(header).to_vec();
+        let (acc, base, e) = (p[0], p[1], p[2]);
+        b.ins().brif(e, body, &[], exit, &[]);
+        b.switch_to_block(body);
+        b.seal_block(body);
+        let bit = b.ins().band_imm_s(e, 1);
+        let prod = b.ins().imul(acc, base);
+        let acc2 = b.ins().select(bit, prod, acc);
+        let base2 = b.ins().imul(base, base);
+        let e2 = b.ins().ushr_imm_s(e, 1);
+        b.ins().jump(header, &[acc2.into(), base2.into(), e2.into()]);
+        b.seal_block(header);
+        b.switch_to_block(exit);
+        b.seal_block(exit);
+        acc
+    }
+
+    fn cast(&mut self, to: Scalar, v: Value, from: Ty) -> Value {
+        let ins = self.b.ins();
+        match (to, from) {
+            (Scalar::F32, Ty::F) | (Scalar::I64, Ty::I) | (Scalar::Bool, Ty::B) => v,
+            (Scalar::F32, Ty::I) => ins.fcvt_from_sint(types::F32, v),
+            (Scalar::F32, Ty::B) => ins.fcvt_from_uint(types::F32, v),
+            (Scalar::I32, Ty::F) => {
+                let r = ins.fcvt_to_sint_sat(types::I32, v);
+                self.b.ins().sextend(types::I64, r)
+            }
+            (Scalar::I64, Ty::F) => ins.fcvt_to_sint_sat(types::I64, v),
+            (Scalar::I32, Ty::I) => {
+                let r = ins.ireduce(types::I32, v);
+                self.b.ins().sextend(types::I64, r)
+            }
+            (Scalar::I32 | Scalar::I64, Ty::B) => ins.uextend(types::I64, v),
+            (Scalar::Bool, Ty::I) => ins.icmp_imm_s(IntCC::NotEqual, v, 0),
+            // Rust's `x != 0.0`: NaN is true.
+            (Scalar::Bool, Ty::F) => {
+                let z = ins.f32const(0.0);
+                self.b.ins().fcmp(FloatCC::NotEqual, v, z)
+            }
+        }
+    }
+}
