@@ -186,3 +186,39 @@ fn bf16_products_from_the_command_line() {
     assert!(err.contains("compiled with"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--backend cranelift`: a CPU bundle written by Cranelift, its Cranelift IR and
+/// disassembly with `--emit`, `tnc verify` against the interpreter; a GPU target is a
+/// usage error naming the back end it needs, before anything compiles.
+#[test]
+fn cranelift_writes_cpu_bundles_that_verify() {
+    let dir = std::env::temp_dir().join(format!("tnc-compile-cli-cranelift-{}", std::process::id()));
+    let out = dir.join("tnl.tnb");
+    let out_s = out.display().to_string();
+    let mut args = vec!["compile", "models/tnl.tn", "--target", "native", "--backend", "cranelift", "-o", &out_s];
+    args.extend(["--emit", "llvm", "--emit", "asm"]);
+    args.extend(TINY);
+    let (code, stdout, err) = tnc(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("for native with cranelift"), "{stdout}");
+    assert!(out.join("manifest.json").is_file() && out.join("kernels.so").is_file());
+    let clif = std::fs::read_to_string(dir.join("tnl.tnb.clif")).expect("--emit llvm writes the Cranelift IR");
+    let asm = std::fs::read_to_string(dir.join("tnl.tnb.s")).expect("--emit asm writes the disassembly");
+    assert!(clif.contains("; kernel ") && clif.contains("function "), "{}", &clif[..clif.len().min(500)]);
+    assert!(asm.lines().any(|l| l.ends_with(':')) && asm.contains("ret"), "{}", &asm[..asm.len().min(500)]);
+
+    let mut args = vec!["verify", "models/transnormer_t1.tn", "--backend", "cranelift"];
+    args.extend(TINY);
+    let (code, stdout, err) = tnc(&args);
+    assert_eq!(code, 0, "{err}\n{stdout}");
+    assert!(stdout.contains("tensors match within"), "{stdout}");
+
+    for command in [&["compile"][..], &["verify", "--device", "emulated"]] {
+        let mut args = command.to_vec();
+        args.extend(["models/tnl.tn", "--target", "sm80", "--backend", "cranelift"]);
+        let (code, _, err) = tnc(&args);
+        assert_eq!(code, 2, "{command:?}: {err}");
+        assert!(err.contains("CPU code only") && err.contains("--backend llvm"), "{command:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

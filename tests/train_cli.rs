@@ -214,6 +214,27 @@ fn a_run_killed_twenty_times_ends_bit_identical_to_an_uninterrupted_one() {
 /// (`model_sha256`), so the run continues with a warning that it is not bit-identical.
 /// Either way the resumed run ends within 1e-3 of the loss of an uninterrupted CPU run
 /// (measured: both schedules agree to 1e-6 over these 20 steps).
+/// The same model trained from its .tn file with kernels written by Cranelift and by
+/// LLVM: both are bit-identical to the kernel executor, so the runs are bit-identical to
+/// each other; each back end's bundle is cached apart.
+#[test]
+fn training_with_cranelift_kernels_is_bit_identical_to_llvm() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tasks/mqar_t2.tn");
+    let mut runs = Vec::new();
+    for backend in ["llvm", "cranelift"] {
+        let run = fresh(&format!("backend-{backend}"));
+        let sets = ["--set", "vocab=16", "--set", "dim=16", "--set", "heads=2", "--set", "layers=2"];
+        let mut c = train_bundle(&model, &run, 8, &["--backend", backend]);
+        c.args(sets).args(["--set", "glu_dim=24", "--set", "block=4"]);
+        let (_, err) = run_ok(c);
+        let with = err.contains("with cranelift");
+        assert_eq!(with, backend == "cranelift", "{backend}: {err}");
+        assert!(err.contains("compiling"), "{backend}: each back end's bundle is its own: {err}");
+        runs.push(run);
+    }
+    assert_bit_identical(&ckpt(&runs[0], 8), &ckpt(&runs[1], 8));
+}
+
 #[test]
 fn a_checkpoint_resumes_on_the_other_device() {
     let whole = fresh("whole-cpu-20");

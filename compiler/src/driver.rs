@@ -63,6 +63,9 @@ pub fn compile(
     let written = backend.write(&sched.kernels, opts.emit)?;
     stages.extend(written.stages);
     let mut extra_files = Vec::new();
+    if let Some(parent) = out.parent().filter(|p| !written.extras.is_empty() && !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
     for (suffix, bytes) in &written.extras {
         let p = with_suffix(out, suffix);
         std::fs::write(&p, bytes).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
