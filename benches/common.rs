@@ -15,12 +15,23 @@ pub fn compile(model: &str, sets: &[&str], tag: &str) -> PathBuf {
 
 /// [`compile`] with a precision policy.
 pub fn compile_with(model: &str, sets: &[&str], tag: &str, precision: tnc_compiler::passes::Policy) -> PathBuf {
+    compile_by(model, sets, tag, precision, tnc_compiler::backend::CodeGen::Llvm)
+}
+
+/// [`compile_with`] by a chosen code generator.
+pub fn compile_by(
+    model: &str,
+    sets: &[&str],
+    tag: &str,
+    precision: tnc_compiler::passes::Policy,
+    codegen: tnc_compiler::backend::CodeGen,
+) -> PathBuf {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     let (sources, g) = frontend::elaborate(Input::Path(&repo().join(model)), &Request { sets: &sets, model: None });
     let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
     let dir = std::env::temp_dir().join(format!("tnc-bench-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let opts = tnc_compiler::driver::Options { precision, ..Default::default() };
+    let opts = tnc_compiler::driver::Options { precision, codegen, ..Default::default() };
     tnc_compiler::driver::compile(g, "native", &dir, opts, Vec::new()).expect("compiles");
     dir
 }

@@ -1,5 +1,6 @@
 //! Compile time of each model at full size, source to bundle for the host CPU (target:
-//! under 2 s for `transnormer_t1`).
+//! under 2 s for `transnormer_t1`), with LLVM (`compile/MODEL`) and Cranelift
+//! (`compile/cranelift/MODEL`) writing the kernels.
 
 #[path = "common.rs"]
 mod common;
@@ -9,12 +10,18 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("compile");
     group.sample_size(10);
     for model in ["models/transnormer_t1.tn", "models/transnormer_t2.tn", "models/transformer.tn", "models/tnl.tn"] {
-        group.bench_function(model, |b| {
-            b.iter(|| {
-                let dir = common::compile(model, &[], "compile");
-                let _ = std::fs::remove_dir_all(dir);
-            })
-        });
+        for codegen in tnc_compiler::backend::CodeGen::ALL {
+            let name = match codegen {
+                tnc_compiler::backend::CodeGen::Llvm => model.to_string(),
+                other => format!("{}/{model}", other.name()),
+            };
+            group.bench_function(name, |b| {
+                b.iter(|| {
+                    let dir = common::compile_by(model, &[], "compile", tnc_compiler::passes::Policy::F32, codegen);
+                    let _ = std::fs::remove_dir_all(dir);
+                })
+            });
+        }
     }
     group.finish();
 }
