@@ -11,7 +11,8 @@
 //!
 //! The driver, `tnc ir --after NAME`, `tnc compile --report` and the tests run this list;
 //! nothing else knows the order. In debug builds (and so in every test) the graph
-//! verifier runs after every graph pass.
+//! verifier runs after every graph pass, and the kernel-IR validator
+//! (`kernel/valid.rs`) after every stage from `schedule` on.
 
 use crate::backend::Backend;
 use crate::fusion::{fuse, FusionPlan};
@@ -155,6 +156,11 @@ impl Pipeline {
                 }
             }
             l.stages.push((name, started.elapsed()));
+            if let (true, Some(s)) = (cfg!(debug_assertions), &l.schedule) {
+                crate::kernel::valid::validate_all(&s.kernels).map_err(|e| {
+                    Diagnostic::error(format!("internal error: stage `{name}` left an invalid kernel: {e}"))
+                })?;
+            }
             if name == stop {
                 break;
             }

@@ -18,5 +18,6 @@ pub mod mma;
 pub mod print;
 pub mod split_vector;
 pub mod thread_loops;
+pub mod valid;
 
 pub use ir::*;
