@@ -4,13 +4,10 @@
 
 use crate::{elaborate, Failure, ModelArgs};
 use tnc_compiler::backend::{backend_for, CodeGen, Target};
-use tnc_compiler::ir::print::{to_dot, to_text};
+use tnc_compiler::ir::print::to_dot;
 use tnc_compiler::passes::Policy;
 use tnc_compiler::pipeline::Pipeline;
 use tnc_grammar::Diagnostic;
-
-/// The sizes a memory plan is printed at.
-const PLAN_SIZES: (i64, i64) = (1, 2048);
 
 pub fn run(
     args: &ModelArgs,
@@ -32,14 +29,9 @@ pub fn run(
     }
     let (graph, sources) = elaborate(args)?;
     let l = pipeline.run_until(graph, after).map_err(|d| Failure { diagnostic: d, sources, status: 1 })?;
-    if let Some(s) = &l.schedule {
-        print!("{}", tnc_compiler::schedule::to_text(s));
-    } else if let Some(m) = &l.memory {
-        print!("{}", m.report().to_text(PLAN_SIZES.0, PLAN_SIZES.1));
-    } else if let Some(plan) = &l.plan {
-        print!("{}", tnc_compiler::fusion::to_text(&l.graph, plan));
-    } else {
-        print!("{}", if dot { to_dot(&l.graph) } else { to_text(&l.graph) });
+    match (dot, l.schedule.is_none() && l.memory.is_none() && l.plan.is_none()) {
+        (true, true) => print!("{}", to_dot(&l.graph)),
+        _ => print!("{}", l.to_text()),
     }
     Ok(())
 }

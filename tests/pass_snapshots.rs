@@ -39,3 +39,60 @@ fn kernels_after_schedule() {
     let s = tnc_compiler::pipeline::scheduled_with(&g, &Default::default()).unwrap();
     insta::assert_snapshot!("tnl_after_schedule", tnc_compiler::schedule::to_text(&s));
 }
+
+/// Every stage of the whole pipeline after the graph passes (`tnc ir --after NAME --train`)
+/// for one CPU target and one GPU target, the tiny TransNormerLLM's training bundle: the
+/// kernel groups, the memory plan, the kernels as scheduled, then what each later stage
+/// (the target's kernel passes, the optimizer) changed: the kernels it rewrote or added and
+/// the launches it added, so that each snapshot shows one stage's work.
+#[test]
+fn every_stage_of_a_cpu_and_a_gpu_pipeline() {
+    use std::collections::{BTreeMap, BTreeSet};
+    use tnc_compiler::backend::{backend_for, CodeGen, Target};
+    use tnc_compiler::kernel::print;
+    use tnc_compiler::pipeline::Pipeline;
+    for target in ["x86-64-v3", "sm80"] {
+        let backend = backend_for(&Target::parse(target).unwrap(), CodeGen::Llvm).unwrap();
+        let pipeline = Pipeline::new(&*backend, true, passes::Policy::F32);
+        let lowering = pipeline.names().into_iter().skip_while(|n| *n != "fuse").collect::<Vec<_>>();
+        assert!(lowering.len() >= 6, "{target}: {lowering:?}");
+        let mut before: Option<(BTreeMap<String, String>, BTreeSet<String>)> = None;
+        for stage in lowering {
+            let l = pipeline.run_until(tiny("models/tnl.tn", TNL), stage).unwrap_or_else(|d| panic!("{}", d.message));
+            let Some(s) = &l.schedule else {
+                insta::assert_snapshot!(format!("tnl_train_{target}_after_{stage}"), l.to_text());
+                continue;
+            };
+            let kernels: BTreeMap<String, String> =
+                s.kernels.iter().map(|k| (k.name.clone(), print::to_text(k))).collect();
+            let launches: BTreeSet<String> = tnc_compiler::schedule::to_text(s)
+                .lines()
+                .filter(|l| l.starts_with("// launch"))
+                .map(|l| l.split_once(": ").map_or(l, |(_, rest)| rest).to_string())
+                .collect();
+            let text = match &before {
+                None => l.to_text(),
+                Some((old_kernels, old_launches)) => {
+                    let changed: Vec<&String> =
+                        kernels.iter().filter(|(n, t)| old_kernels.get(*n) != Some(t)).map(|(_, t)| t).collect();
+                    let added: Vec<&String> = launches.difference(old_launches).collect();
+                    let mut out = format!(
+                        "// {stage}: {} of {} kernels rewritten or added, {} launches added\n",
+                        changed.len(),
+                        kernels.len(),
+                        added.len()
+                    );
+                    for l in added {
+                        out.push_str(&format!("// new launch: {l}\n"));
+                    }
+                    for t in changed {
+                        out.push_str(t);
+                    }
+                    out
+                }
+            };
+            insta::assert_snapshot!(format!("tnl_train_{target}_after_{stage}"), text);
+            before = Some((kernels, launches));
+        }
+    }
+}

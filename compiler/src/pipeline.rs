@@ -23,6 +23,25 @@ use crate::schedule::{add_optimizer, schedule_with, split_reductions, Schedule, 
 use std::time::{Duration, Instant};
 use tnc_grammar::Diagnostic;
 
+impl Lowered {
+    /// What the last stage made, as text (`tnc ir --after`): the kernels once scheduled,
+    /// else the memory plan (at B = 1, N = 2048), else the kernel groups, else the graph.
+    pub fn to_text(&self) -> String {
+        if let Some(s) = &self.schedule {
+            crate::schedule::to_text(s)
+        } else if let Some(m) = &self.memory {
+            m.report().to_text(PLAN_SIZES.0, PLAN_SIZES.1)
+        } else if let Some(plan) = &self.plan {
+            crate::fusion::to_text(&self.graph, plan)
+        } else {
+            crate::ir::print::to_text(&self.graph)
+        }
+    }
+}
+
+/// The sizes a memory plan is printed at.
+pub const PLAN_SIZES: (i64, i64) = (1, 2048);
+
 /// One step of the pipeline.
 enum Stage {
     Graph(Box<dyn Pass>),
