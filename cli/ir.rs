@@ -16,7 +16,7 @@ pub fn run(
     (target, train, precision): (&str, bool, Policy),
 ) -> Result<(), Failure> {
     let target = Target::parse(target).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
-    let backend = backend_for(&target, CodeGen::Llvm).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
+    let backend = backend_for(&target, CodeGen::default()).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
     let pipeline = Pipeline::new(&*backend, train, precision);
     let names = pipeline.names();
     if !names.contains(&after) {

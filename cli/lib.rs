@@ -81,8 +81,9 @@ impl PrecisionArg {
 /// library either way). GPU targets are LLVM's.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BackendArg {
-    #[default]
+    #[cfg_attr(feature = "llvm", default)]
     Llvm,
+    #[cfg_attr(not(feature = "llvm"), default)]
     Cranelift,
 }
 

@@ -235,6 +235,30 @@ fn the_runtime_links_neither_llvm_nor_the_compiler() {
     }
 }
 
+/// `tnc` built without its default features but with `cranelift` needs no LLVM: no
+/// inkwell, no llvm-sys in its dependency tree (with the defaults, both are there).
+/// CI builds that configuration too (`.ci/run`).
+#[test]
+fn without_the_llvm_feature_tnc_depends_on_no_llvm() {
+    let tree = |features: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO"))
+            .args(["tree", "-p", "tnc", "--edges", "normal,build", "--prefix", "none"])
+            .args(features)
+            .current_dir(repo())
+            .output()
+            .expect("cargo tree runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let without = tree(&["--no-default-features", "--features", "cranelift"]);
+    assert!(without.contains("cranelift-codegen") && without.contains("tnc-compiler"), "{without}");
+    for forbidden in ["inkwell", "llvm-sys"] {
+        assert!(!without.contains(forbidden), "tnc without `llvm` depends on {forbidden}:\n{without}");
+    }
+    let with = tree(&[]);
+    assert!(with.contains("inkwell") && with.contains("cranelift-codegen"), "{with}");
+}
+
 /// N = 1 end to end: a model whose loss is defined for one position (the benchmark's
 /// linear attention, loss mean(o²)) matches the interpreter in the loss and every
 /// gradient at N = 1 (and, with the same bundle, at N = 65, past one chunk). A language

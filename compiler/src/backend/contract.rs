@@ -56,10 +56,12 @@ pub trait Backend {
 /// one: LLVM's NVPTX back end.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum CodeGen {
-    /// LLVM at O3: vectorized, the fastest code (the default).
-    #[default]
+    /// LLVM at O3: vectorized, the fastest code (the default where it is built in).
+    #[cfg_attr(feature = "llvm", default)]
     Llvm,
-    /// Cranelift: compiles several times faster, scalar code.
+    /// Cranelift: compiles several times faster, scalar code (the default of a build
+    /// without LLVM).
+    #[cfg_attr(not(feature = "llvm"), default)]
     Cranelift,
 }
 
@@ -84,17 +86,33 @@ impl CodeGen {
 
 /// The back end writing `target`'s code with `codegen`.
 pub fn backend_for(target: &Target, codegen: CodeGen) -> Result<Box<dyn Backend>, String> {
-    Ok(match (target, codegen) {
-        (Target::Cpu(cpu), CodeGen::Llvm) => Box::new(super::llvm::native_backend::LlvmNative::new(cpu.clone())),
-        (Target::Cpu(cpu), CodeGen::Cranelift) => Box::new(super::cranelift::CraneliftNative::new(cpu.clone())),
-        (Target::Gpu(gpu), CodeGen::Llvm) => Box::new(super::llvm::nvptx_backend::LlvmNvptx::new(gpu.clone())),
-        (Target::Gpu(gpu), CodeGen::Cranelift) => {
-            return Err(format!(
-                "the Cranelift back end writes CPU code only; `--target {}` is a GPU, which needs `--backend llvm`",
-                gpu.name
-            ))
-        }
-    })
+    match (target, codegen) {
+        (Target::Gpu(_), CodeGen::Cranelift) if !cfg!(feature = "llvm") => Err(missing_feature("llvm", target)),
+        (Target::Gpu(gpu), CodeGen::Cranelift) => Err(format!(
+            "the Cranelift back end writes CPU code only; `--target {}` is a GPU, which needs `--backend llvm`",
+            gpu.name
+        )),
+        #[cfg(feature = "llvm")]
+        (Target::Cpu(cpu), CodeGen::Llvm) => Ok(Box::new(super::llvm::native_backend::LlvmNative::new(cpu.clone()))),
+        #[cfg(feature = "llvm")]
+        (Target::Gpu(gpu), CodeGen::Llvm) => Ok(Box::new(super::llvm::nvptx_backend::LlvmNvptx::new(gpu.clone()))),
+        #[cfg(not(feature = "llvm"))]
+        (target, CodeGen::Llvm) => Err(missing_feature("llvm", target)),
+        #[cfg(feature = "cranelift")]
+        (Target::Cpu(cpu), CodeGen::Cranelift) => Ok(Box::new(super::cranelift::CraneliftNative::new(cpu.clone()))),
+        #[cfg(not(feature = "cranelift"))]
+        (target, CodeGen::Cranelift) => Err(missing_feature("cranelift", target)),
+    }
+}
+
+/// The error for a code generator this build of tnc leaves out.
+fn missing_feature(feature: &str, target: &Target) -> String {
+    let what = if target.is_gpu() { "GPU (PTX) targets need" } else { "this back end needs" };
+    format!(
+        "this tnc was built without the `{feature}` cargo feature, and {what} it; rebuild with \
+         `cargo build --features {feature}` (`{}` was asked for)",
+        target.name()
+    )
 }
 
 /// `f`'s result and the time it took, recorded as stage `name`.

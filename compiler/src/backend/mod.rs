@@ -10,10 +10,17 @@
 //!   with [`gpu_launch`]'s shape);
 //! - [`cranelift`]: kernel IR → Cranelift IR → a native object, linked the same way
 //!   (`--backend cranelift`, CPUs only).
+//!
+//! Each code generator is a cargo feature of this crate, `llvm` and `cranelift`, both on
+//! by default: a build without `llvm` needs no LLVM installed and writes CPU code with
+//! Cranelift; GPU targets then are an error naming the feature.
 
 pub mod contract;
+pub mod cpu_passes;
+#[cfg(feature = "cranelift")]
 pub mod cranelift;
 pub mod link;
+#[cfg(feature = "llvm")]
 pub mod llvm;
 pub mod target;
 
@@ -22,7 +29,9 @@ use std::collections::{BTreeMap, HashMap};
 
 pub use contract::{backend_for, Backend, CodeGen, Emit, KernelPass, Written};
 pub use link::link_shared;
+#[cfg(feature = "llvm")]
 pub use llvm::ptx::{emit_nvptx_ir, emit_ptx, gpu_launch, libdevice_path, GPU_BLOCK};
+#[cfg(feature = "llvm")]
 pub use llvm::{emit_asm, emit_llvm_ir, emit_object, emit_objects};
 pub use target::{CpuTarget, GpuTarget, Target, CPU_TARGETS, GPU_TARGETS};
 

@@ -5,6 +5,7 @@
 //! Names are validated here: LLVM only prints a warning for an unknown CPU name and then
 //! emits baseline code, which would silently lose the target the user asked for.
 
+#[cfg(feature = "llvm")]
 use inkwell::targets::TargetMachine;
 
 /// The `--target` names for CPUs.
@@ -94,6 +95,7 @@ impl CpuTarget {
     }
 
     /// The host: its CPU name and features as LLVM detects them.
+    #[cfg(feature = "llvm")]
     pub fn native() -> Result<CpuTarget, String> {
         let triple = TargetMachine::get_default_triple().as_str().to_string_lossy().into_owned();
         if !triple.starts_with("x86_64") {
@@ -103,6 +105,24 @@ impl CpuTarget {
         let features = TargetMachine::get_host_cpu_features().to_string();
         let enabled: Vec<&str> = features.split(',').filter_map(|f| f.strip_prefix('+')).collect();
         Ok(CpuTarget { name: "native".to_string(), triple, cpu, required_features: runtime_names(&enabled), features })
+    }
+
+    /// The host, in a build without LLVM: the features the standard library detects (the
+    /// ones a bundle can require), in LLVM's names, and the generic x86-64 CPU.
+    #[cfg(not(feature = "llvm"))]
+    pub fn native() -> Result<CpuTarget, String> {
+        if !cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+            return Err("`native`: the host is not x86-64 Linux, the only CPU target built".into());
+        }
+        let enabled: Vec<&str> =
+            FEATURES.iter().filter(|(_, r)| host_has_feature(r) == Some(true)).map(|(l, _)| *l).collect();
+        Ok(CpuTarget {
+            name: "native".to_string(),
+            triple: "x86_64-unknown-linux-gnu".to_string(),
+            cpu: "x86-64".to_string(),
+            required_features: runtime_names(&enabled),
+            features: llvm_features(&enabled),
+        })
     }
 
     /// Whether the code may use 512-bit vectors (AVX-512F): then functions get

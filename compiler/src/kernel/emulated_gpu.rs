@@ -152,17 +152,15 @@ fn compile_for_host(kernels: &[Kernel]) -> Result<Compiled, ExecError> {
     let fail = |m: String| ExecError::Unsupported(format!("compiling the GPU kernels for the host: {m}"));
     let plain: Vec<Kernel> =
         kernels.iter().map(super::thread_loops::thread_loops).collect::<Result<_, _>>().map_err(fail)?;
-    let target = crate::backend::CpuTarget::native().map_err(fail)?;
-    let objects = crate::backend::emit_objects(&plain, &target).map_err(fail)?;
+    let target = crate::backend::Target::Cpu(crate::backend::CpuTarget::native().map_err(fail)?);
+    // The default code generator of this build writes the host's shared object.
+    let backend = crate::backend::backend_for(&target, crate::backend::CodeGen::default()).map_err(fail)?;
+    let written = backend.write(&plain, crate::backend::Emit::default()).map_err(fail)?;
+    let so_bytes = written.files.into_iter().find(|(n, _)| *n == tnc_runtime::manifest::CPU_KERNELS_FILE);
+    let so_bytes = so_bytes.ok_or_else(|| fail("the CPU back end wrote no shared object".into()))?.1;
     let dir = tempdir().map_err(|e| fail(format!("a temporary directory: {e}")))?;
-    let mut paths = Vec::new();
-    for (i, o) in objects.iter().enumerate() {
-        let p = dir.join(format!("kernels{i}.o"));
-        std::fs::write(&p, o).map_err(|e| fail(format!("{}: {e}", p.display())))?;
-        paths.push(p);
-    }
     let so = dir.join("kernels.so");
-    let linked = crate::backend::link_shared(&paths, &so);
+    let linked = std::fs::write(&so, so_bytes).map_err(|e| format!("{}: {e}", so.display()));
     // SAFETY: a library tnc just generated; loading runs no initializers of ours.
     let lib = linked.and_then(|()| unsafe { libloading::Library::new(&so) }.map_err(|e| e.to_string()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -39,10 +39,9 @@ impl Backend for CraneliftNative {
         ScheduleOptions::cpu()
     }
 
-    /// The LLVM native back end's: the rewrites are exact, and interchanged reductions
-    /// walk memory in order whether or not the loops are vectorized.
+    /// The CPU kernel passes, as LLVM's (`backend/cpu_passes.rs`).
     fn kernel_passes(&self) -> Vec<KernelPass> {
-        super::llvm::native_backend::LlvmNative::new(self.cpu.clone()).kernel_passes()
+        super::cpu_passes::cpu_kernel_passes()
     }
 
     fn write(&self, kernels: &[Kernel], emit: Emit) -> Result<Written, String> {

@@ -5,7 +5,7 @@ use crate::backend::contract::{timed, Backend, Emit, KernelPass, Written};
 use crate::backend::target::CpuTarget;
 use crate::bundle::TargetInfo;
 use crate::kernel::Kernel;
-use crate::schedule::{Schedule, ScheduleOptions};
+use crate::schedule::ScheduleOptions;
 use tnc_runtime::manifest::TargetKind;
 
 pub struct LlvmNative {
@@ -18,27 +18,15 @@ impl LlvmNative {
     }
 }
 
-fn each_kernel(s: &mut Schedule, f: fn(&Kernel) -> Kernel) {
-    s.kernels = s.kernels.iter().map(f).collect();
-}
-
 impl Backend for LlvmNative {
     /// Products go to the GEMM library.
     fn schedule_options(&self) -> ScheduleOptions {
         ScheduleOptions::cpu()
     }
 
-    /// Reductions over a column loop interchanged (`kernel/interchange.rs`), the remaining
-    /// serial reductions dealt to vector lanes (`kernel/lanes.rs`), vector loops over
-    /// merged axes split into contiguous runs (`kernel/split_vector.rs`): each so that
-    /// LLVM vectorizes what it could not.
+    /// The CPU kernel passes (`backend/cpu_passes.rs`).
     fn kernel_passes(&self) -> Vec<KernelPass> {
-        use crate::kernel::{interchange, lanes, split_vector};
-        vec![
-            KernelPass { name: "interchange", run: |s| each_kernel(s, interchange::interchange_reductions) },
-            KernelPass { name: "lanes", run: |s| each_kernel(s, lanes::deal_reductions) },
-            KernelPass { name: "split_vector", run: |s| each_kernel(s, split_vector::split_vector_loops) },
-        ]
+        crate::backend::cpu_passes::cpu_kernel_passes()
     }
 
     fn write(&self, kernels: &[Kernel], emit: Emit) -> Result<Written, String> {
