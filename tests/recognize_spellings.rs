@@ -422,3 +422,53 @@ fn a_relu_feature_map_with_lrpe_is_exact_when_the_norm_is_well_conditioned() {
     };
     check(&source_with_eps(&c, Some("1e-4")), 1, c.n, c.chunk).unwrap();
 }
+
+/// 100 random spellings compiled to bundles by the Cranelift back end (the whole pipeline,
+/// recognizer included) and run by the CPU runtime against the f64 interpreter: loss and
+/// every gradient within 1e-4 relative L2, at the case's length and 5 more.
+#[test]
+fn cranelift_compiled_spellings_match_the_interpreter() {
+    let mut runner = TestRunner::new(Config { cases: 100, failure_persistence: None, ..Config::default() });
+    let counter = std::sync::atomic::AtomicUsize::new(0);
+    runner
+        .run(&case(), |c| {
+            let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            check_compiled(&source_with_eps(&c, Some("1e-2")), c.n, i).map_err(TestCaseError::fail)
+        })
+        .unwrap();
+}
+
+fn check_compiled(text: &str, n: usize, case: usize) -> Result<(), String> {
+    use tnc_compiler::driver;
+    let (sources, g) = elaborate_text("spelled.tn", text, &[]);
+    let g = g.map_err(|d| d.render(&sources))?;
+    let reference = passes::differentiate_loss(g.clone()).unwrap();
+    let dir = std::env::temp_dir().join(format!("tnc-spellings-cranelift-{}-{case}", std::process::id()));
+    let opts = driver::Options { codegen: tnc_compiler::backend::CodeGen::Cranelift, ..Default::default() };
+    driver::compile(g, "native", &dir, opts, Vec::new()).map_err(|e| format!("{e}\n{text}"))?;
+    let params = rounded_to_f32(perturbed_params(&reference, 1));
+    let pfile = dir.join("params.safetensors");
+    let named: Vec<(String, &Tensor)> = reference.params.iter().map(|p| p.name.clone()).zip(params.iter()).collect();
+    tnc_compiler::interp::write_safetensors(&pfile, &named, tnc_compiler::interp::FileDType::F32)?;
+    let bundle = tnc_runtime::Bundle::load_cpu(&dir).map_err(|e| e.to_string())?;
+    let mut exec = tnc_runtime::Executor::cpu(&bundle, 2).map_err(|e| e.to_string())?;
+    exec.set_params_from_file(&pfile).map_err(|e| e.to_string())?;
+    for len in [n, n + 5] {
+        let tokens = token_tensor(2, len, 11, 3);
+        let want = outputs(&reference, &params, &tokens, None);
+        let t = tnc_runtime::Tensor::i32(tokens.shape.clone(), tokens.data.iter().map(|&x| x as i32).collect());
+        exec.forward(&[("tokens", &t)]).map_err(|e| e.to_string())?;
+        exec.backward(&[]).map_err(|e| e.to_string())?;
+        for (name, w) in &want {
+            let got = exec.output(name).map_err(|e| format!("`{name}`: {e}"))?;
+            let data = got.as_f32().ok_or("an f32 output")?.iter().map(|&x| x as f64).collect();
+            let cl = compare(&Tensor { shape: w.shape.clone(), data }, w);
+            let tiny = cl.max_abs < 1e-6; // within f32 resolution of every element
+            if !(cl.within(1e-4) || (tiny && !cl.has_nan)) {
+                return Err(format!("Cranelift N={len} `{name}`: {cl:?}\n{text}"));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
