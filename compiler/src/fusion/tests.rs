@@ -1,7 +1,9 @@
+use super::fuser::{is_elementwise, is_view};
 use super::*;
 use crate::frontend::{self, Input, Request};
 use crate::ir::print::op_counts;
 use crate::ir::{BinaryOp, ReduceOp, UnaryOp};
+use crate::ir::{Graph, NodeId, Op};
 use crate::passes;
 use std::path::PathBuf;
 
