@@ -15,9 +15,13 @@ use tnc_train::{Config, DataSource};
 pub struct EvalArgs {
     /// A run directory of `tnc train` (its latest valid checkpoint) or a checkpoint file.
     pub run: PathBuf,
-    /// The data to evaluate on (default: the run's own); its validation split is used.
+    /// The data to evaluate on (default: the run's own, with its tokenizer); its
+    /// validation split is used.
     #[arg(long)]
     pub data: Option<String>,
+    /// A tokenizer for `--data text:PATH` (see `tnc train --tokenizer`).
+    #[arg(long, value_name = "TOKENIZER.json", requires = "data")]
+    pub tokenizer: Option<PathBuf>,
     /// Validation batches (default: the run's `--eval-batches`).
     #[arg(long)]
     pub batches: Option<usize>,
@@ -50,10 +54,12 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
         .and_then(|c| serde_json::from_str(&c).ok())
         .ok_or_else(|| fail(format!("{} has no readable training configuration", path.display())))?;
     let spec = match &args.data {
-        Some(d) => d.clone(),
+        Some(d) => DataSource::spec_with_tokenizer(d, args.tokenizer.as_deref())
+            .map_err(|e| Failure::usage(Diagnostic::error(e)))?,
         None => meta("data").ok_or_else(|| fail(format!("{} does not name its data; pass --data", path.display())))?,
     };
-    let data = DataSource::parse(&spec).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
+    let data = DataSource::parse_warning(&spec, &mut |w| eprintln!("warning: {w}"))
+        .map_err(|e| Failure::usage(Diagnostic::error(e)))?;
     let bundle = tnc_runtime::Bundle::load(&bundle_dir)
         .map_err(|e| fail(format!("the run's bundle {bundle_dir} cannot be loaded ({e}); retrain or recompile it")))?;
     if meta("bundle_sha256") != Some(bundle_hash(&bundle.dir).map_err(fail)?) {

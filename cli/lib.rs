@@ -13,6 +13,7 @@ mod device;
 mod eval;
 mod ir;
 mod run;
+mod tokenizer;
 mod train;
 mod verify;
 
@@ -157,6 +158,10 @@ pub enum Command {
     /// Train a model and variants of it with the same seed, data and budget; print a
     /// Markdown table and plot every variant's loss curve.
     Ablate(ablate::AblateArgs),
+    /// Subword tokenizers for text data: `tnc tokenizer train FILES --vocab N -o
+    /// tokenizer.json`, then `--tokenizer tokenizer.json` on `tnc train` and `tnc eval`.
+    #[command(subcommand)]
+    Tokenizer(tokenizer::TokenizerCommand),
 }
 
 /// Parse arguments and run; returns the process exit status.
@@ -184,6 +189,7 @@ where
         Command::Train(args) => train::run(&args),
         Command::Eval(args) => eval::run(&args),
         Command::Ablate(args) => ablate::run(&args),
+        Command::Tokenizer(cmd) => tokenizer::run(&cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -193,7 +193,10 @@ pub(crate) fn train_one(
     resume: bool,
     bar: &ProgressBar,
 ) -> Result<Summary, Failure> {
-    let data = DataSource::parse(&flags.run.data).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
+    let data = flags.run.data_source(&mut |w| say(bar, &format!("warning: {w}"))).map_err(|e| {
+        // A tokenizer or corpus that cannot be read is a usage error, like a bad spec.
+        Failure::usage(Diagnostic::error(e))
+    })?;
     let cfg = flags.config();
     let (_, mut device) = flags.target_and_device()?;
     let bundle_dir = resolve_bundle(model, sets, flags, &mut |s| say(bar, s))?;
@@ -328,9 +331,19 @@ pub(crate) fn say(bar: &ProgressBar, line: &str) {
 
 /// One line describing an evaluation.
 pub(crate) fn describe_eval(e: &EvalReport, data: &DataSource) -> String {
-    let unit = if matches!(data, DataSource::Text { .. }) { "bits per byte" } else { "bits per token" };
+    // Bits per byte: per token divided by the bytes a token covers (1 for byte-level
+    // text; with a tokenizer, the corpus average).
+    let per_byte = match data {
+        DataSource::Text { tokenizer: None, .. } => format!(", bits per byte {:.4}", e.bits_per_token()),
+        DataSource::Text { tokenizer: Some(t), .. } => format!(
+            ", bits per byte {:.4} ({:.2} bytes per token, the corpus average)",
+            e.bits_per_token() / t.bytes_per_token,
+            t.bytes_per_token
+        ),
+        _ => String::new(),
+    };
     let mut s = format!(
-        "eval loss {:.4}, perplexity {:.3}, {unit} {:.4} on {} tokens ({} sequences)",
+        "eval loss {:.4}, perplexity {:.3} per token, bits per token {:.4}{per_byte} on {} tokens ({} sequences)",
         e.loss,
         e.perplexity(),
         e.bits_per_token(),

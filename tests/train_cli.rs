@@ -569,3 +569,56 @@ fn a_model_too_large_for_this_machine_is_refused_before_compiling() {
     assert_eq!(cached, 0, "nothing was compiled into the cache");
     eprintln!("refused in {secs:.2} s");
 }
+
+/// Subword text data from the command line: `tnc tokenizer train` writes a byte-level
+/// BPE, `tnc train --tokenizer` trains on the file's subword tokens (tokenized once, the
+/// cache next to the file), `tnc eval` reports perplexity per token and bits per byte with
+/// the run's tokenizer; a vocabulary too small for the tokenizer, and `--tokenizer` on
+/// synthetic data, are refused.
+#[test]
+fn text_data_through_a_trained_tokenizer() {
+    let dir = fresh("tokenizer");
+    std::fs::create_dir_all(&dir).unwrap();
+    let corpus = dir.join("corpus.txt");
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/language.md"), &corpus).unwrap();
+    let tok = dir.join("tokenizer.json");
+    let mut c = tnc();
+    c.args(["tokenizer", "train"]).arg(&corpus).args(["--vocab", "512", "-o"]).arg(&tok);
+    let (out, _) = run_ok(c);
+    assert!(out.contains("512 tokens"), "{out}");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/transnormer_t1.tn");
+    let train = |vocab: &str, data: &str, run: &Path| {
+        let mut c = tnc();
+        c.arg("train").arg(&model).args(["--set", &format!("vocab={vocab}"), "--set", "dim=32", "--set", "heads=2"]);
+        c.args(["--set", "layers=1", "--set", "glu_dim=64", "--data", data, "--tokenizer"]).arg(&tok);
+        c.args(["--batch", "4", "--seq", "32", "--steps", "20", "--lr", "3e-3", "--quiet", "--out"]).arg(run);
+        c
+    };
+    let data = format!("text:{}", corpus.display());
+    let run = dir.join("run");
+    let (out, _) = run_ok(train("512", &data, &run));
+    assert!(out.contains("bits per byte") && out.contains("bytes per token"), "{out}");
+    let cached: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("corpus.txt.tok-") && n.ends_with(".tokens"))
+        .collect();
+    assert_eq!(cached.len(), 1, "one cached encoding: {cached:?}");
+    let mut eval = tnc();
+    eval.arg("eval").arg(&run);
+    let (out, _) = run_ok(eval);
+    assert!(out.contains("?tokenizer=") && out.contains("perplexity") && out.contains("per token"), "{out}");
+    let per_byte: f64 = out.split("bits per byte ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let per_token: f64 =
+        out.split("bits per token ").nth(1).unwrap().split([',', ' ']).next().unwrap().parse().unwrap();
+    // A subword token covers more than one byte of this text.
+    assert!(per_byte > 0.0 && per_byte < per_token / 1.5, "{per_byte} bits per byte, {per_token} per token");
+
+    let o = train("256", &data, &dir.join("small")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("vocabulary (256) is smaller") && err.contains("vocab=512"), "{err}");
+    let o = train("512", "copy", &dir.join("copy")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("applies to text data"), "{err}");
+}

@@ -10,7 +10,7 @@
 //! predictions that measure the task (e.g. the recalled values of MQAR), for accuracy.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::tasks;
@@ -30,9 +30,19 @@ pub enum DataSource {
     Copy { len: Option<usize>, vocab: usize },
     /// Multi-query associative recall (Zoology, arXiv 2312.04927) with `pairs` key-value pairs.
     Mqar { pairs: usize, vocab: usize },
-    /// Bytes of a file, vocabulary 256. For sequence length N the last
-    /// `max(ceil(10% of the bytes), N)` bytes are validation, the rest training.
-    Text { path: PathBuf, bytes: Arc<Vec<u8>> },
+    /// A text file's tokens: its bytes (vocabulary 256), or with a tokenizer
+    /// (`text:PATH?tokenizer=TOKENIZER.json`) its subword tokens. For sequence length N the
+    /// last `max(ceil(10% of the tokens), N)` tokens are validation, the rest training.
+    Text { path: PathBuf, tokens: Arc<Vec<i32>>, tokenizer: Option<TextTokenizer> },
+}
+
+/// The tokenizer of a text source.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextTokenizer {
+    pub path: PathBuf,
+    pub vocab: usize,
+    /// Bytes of text per token over the whole file.
+    pub bytes_per_token: f64,
 }
 
 /// B sequences of N tokens and the mask of predictions that count for accuracy.
@@ -47,11 +57,36 @@ pub struct Batch {
     pub seq: usize,
 }
 
-const VALID: &str = "valid data sources: copy[:len=L,vocab=V], mqar[:pairs=K,vocab=V], text:PATH";
+const VALID: &str =
+    "valid data sources: copy[:len=L,vocab=V], mqar[:pairs=K,vocab=V], text:PATH[?tokenizer=TOKENIZER.json]";
+
+/// What separates a text source's file from its tokenizer in a spec.
+const TOKENIZER_KEY: &str = "?tokenizer=";
 
 impl DataSource {
-    /// Parses `copy`, `copy:len=16,vocab=32`, `mqar`, `mqar:pairs=8,vocab=64` or `text:PATH`.
+    /// `spec` with `--tokenizer`'s file, which applies to text sources only.
+    pub fn spec_with_tokenizer(spec: &str, tokenizer: Option<&Path>) -> Result<String, String> {
+        match tokenizer {
+            None => Ok(spec.to_string()),
+            Some(t) if spec.trim_start().starts_with("text:") && !spec.contains(TOKENIZER_KEY) => {
+                Ok(format!("{spec}{TOKENIZER_KEY}{}", t.display()))
+            }
+            Some(_) if spec.contains(TOKENIZER_KEY) => {
+                Err(format!("data source `{spec}` already names a tokenizer; drop `--tokenizer`"))
+            }
+            Some(_) => Err(format!("`--tokenizer` applies to text data (`text:PATH`), not to `{spec}`")),
+        }
+    }
+
+    /// Parses `copy`, `copy:len=16,vocab=32`, `mqar`, `mqar:pairs=8,vocab=64`, `text:PATH`
+    /// or `text:PATH?tokenizer=TOKENIZER.json` (the tokenized file is cached next to it).
     pub fn parse(spec: &str) -> Result<DataSource, String> {
+        DataSource::parse_warning(spec, &mut |_| {})
+    }
+
+    /// [`DataSource::parse`], with `warn` hearing what does not stop it (a cache that
+    /// cannot be written).
+    pub fn parse_warning(spec: &str, warn: &mut dyn FnMut(&str)) -> Result<DataSource, String> {
         let (name, args) = match spec.split_once(':') {
             Some((name, args)) => (name.trim(), Some(args)),
             None => (spec.trim(), None),
@@ -77,11 +112,18 @@ impl DataSource {
                 }
                 DataSource::Mqar { pairs, vocab }.validated()
             }
-            "text" => match args {
-                Some(path) if !path.is_empty() => {
+            "text" => match args.map(|a| a.rsplit_once(TOKENIZER_KEY).unwrap_or((a, ""))) {
+                Some((path, tok)) if !path.is_empty() && !tok.is_empty() => {
                     let path = PathBuf::from(path);
-                    let bytes = text::load(&path)?;
-                    Ok(DataSource::Text { path, bytes: Arc::new(bytes) })
+                    let e = crate::tokenizer::encode_file(&path, Path::new(tok), warn)?;
+                    let tokenizer =
+                        TextTokenizer { path: PathBuf::from(tok), vocab: e.vocab, bytes_per_token: e.bytes_per_token };
+                    Ok(DataSource::Text { path, tokens: Arc::new(e.tokens), tokenizer: Some(tokenizer) })
+                }
+                Some((path, _)) if !path.is_empty() => {
+                    let path = PathBuf::from(path);
+                    let tokens = text::load(&path)?.into_iter().map(i32::from).collect();
+                    Ok(DataSource::Text { path, tokens: Arc::new(tokens), tokenizer: None })
                 }
                 _ => Err(format!("data source `{spec}`: text needs a file, as in text:PATH")),
             },
@@ -93,7 +135,8 @@ impl DataSource {
     pub fn vocab(&self) -> usize {
         match self {
             DataSource::Copy { vocab, .. } | DataSource::Mqar { vocab, .. } => *vocab,
-            DataSource::Text { .. } => 256,
+            DataSource::Text { tokenizer: Some(t), .. } => t.vocab,
+            DataSource::Text { tokenizer: None, .. } => 256,
         }
     }
 
@@ -107,7 +150,9 @@ impl DataSource {
             DataSource::Mqar { pairs, vocab } => {
                 synthetic(seed, TRAIN_SALT, position, batch, seq, |rng| tasks::mqar(rng, pairs, vocab, seq))
             }
-            DataSource::Text { ref path, ref bytes } => text::train_batch(path, bytes, seed, position, batch, seq),
+            DataSource::Text { ref path, ref tokens, .. } => {
+                text::train_batch(path, tokens, seed, position, batch, seq)
+            }
         }
     }
 
@@ -124,7 +169,7 @@ impl DataSource {
             DataSource::Mqar { pairs, vocab } => positions
                 .map(|i| synthetic(seed, EVAL_SALT, i, batch, seq, |rng| tasks::mqar(rng, pairs, vocab, seq)))
                 .collect(),
-            DataSource::Text { ref path, ref bytes } => text::eval_batches(path, bytes, batch, seq, max_batches),
+            DataSource::Text { ref path, ref tokens, .. } => text::eval_batches(path, tokens, batch, seq, max_batches),
         }
     }
 
@@ -161,7 +206,10 @@ impl fmt::Display for DataSource {
             DataSource::Copy { len: Some(len), vocab } => write!(f, "copy:len={len},vocab={vocab}"),
             DataSource::Copy { len: None, vocab } => write!(f, "copy:vocab={vocab}"),
             DataSource::Mqar { pairs, vocab } => write!(f, "mqar:pairs={pairs},vocab={vocab}"),
-            DataSource::Text { path, .. } => write!(f, "text:{}", path.display()),
+            DataSource::Text { path, tokenizer: None, .. } => write!(f, "text:{}", path.display()),
+            DataSource::Text { path, tokenizer: Some(t), .. } => {
+                write!(f, "text:{}{TOKENIZER_KEY}{}", path.display(), t.path.display())
+            }
         }
     }
 }
@@ -170,7 +218,9 @@ impl fmt::Display for DataSource {
 impl fmt::Debug for DataSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DataSource::Text { path, bytes } => write!(f, "Text {{ path: {path:?}, bytes: {} }}", bytes.len()),
+            DataSource::Text { path, tokens, tokenizer } => {
+                write!(f, "Text {{ path: {path:?}, tokens: {}, tokenizer: {tokenizer:?} }}", tokens.len())
+            }
             other => write!(f, "{other}"),
         }
     }
@@ -331,5 +381,17 @@ mod tests {
             counts[rng.below(4)] += 1;
         }
         assert!(counts.iter().all(|&c| (9_500..10_500).contains(&c)), "{counts:?}");
+    }
+
+    #[test]
+    fn a_tokenizer_applies_to_text_once() {
+        let t = Some(Path::new("tok.json"));
+        assert_eq!(DataSource::spec_with_tokenizer("text:a.txt", t).unwrap(), "text:a.txt?tokenizer=tok.json");
+        assert_eq!(DataSource::spec_with_tokenizer("copy", None).unwrap(), "copy");
+        assert!(DataSource::spec_with_tokenizer("copy", t).unwrap_err().contains("applies to text data"));
+        let twice = DataSource::spec_with_tokenizer("text:a.txt?tokenizer=x.json", t).unwrap_err();
+        assert!(twice.contains("already names a tokenizer"), "{twice}");
+        let missing = DataSource::parse("text:/nonexistent/a.txt?tokenizer=/nonexistent/tok.json").unwrap_err();
+        assert!(missing.contains("/nonexistent/tok.json"), "{missing}");
     }
 }

@@ -11,6 +11,11 @@ pub struct RunFlags {
     /// vocabulary 256; the last 10% is the validation split).
     #[arg(long, default_value = "copy")]
     pub data: String,
+    /// A tokenizer for `text:PATH` data (a Hugging Face `tokenizer.json`, e.g. from `tnc
+    /// tokenizer train`): the file's subword tokens instead of its bytes, tokenized once
+    /// and cached next to it. The model's vocabulary must hold the tokenizer's.
+    #[arg(long, value_name = "TOKENIZER.json")]
+    pub tokenizer: Option<std::path::PathBuf>,
     /// Optimizer steps.
     #[arg(long, default_value_t = 200)]
     pub steps: u64,
@@ -74,6 +79,13 @@ pub struct RunFlags {
 }
 
 impl RunFlags {
+    /// The data source: `--data` with `--tokenizer`'s file, parsed (a text corpus is
+    /// tokenized here, or read from its cache); `warn` hears what does not stop it.
+    pub fn data_source(&self, warn: &mut dyn FnMut(&str)) -> Result<crate::DataSource, String> {
+        let spec = crate::DataSource::spec_with_tokenizer(&self.data, self.tokenizer.as_deref())?;
+        crate::DataSource::parse_warning(&spec, warn)
+    }
+
     pub fn config(&self) -> Config {
         Config {
             steps: self.steps,

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod plot;
 mod tasks;
 mod text;
+pub mod tokenizer;
 pub mod trainer;
 
 pub use checkpoint::{latest_valid, Checkpoint};

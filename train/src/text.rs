@@ -1,10 +1,11 @@
-//! Byte-level text: a file's bytes are the tokens (vocabulary 256).
+//! Text data: a file's tokens, its bytes (vocabulary 256) or its subword tokens
+//! (`tokenizer.rs`).
 //!
-//! Split rule: for sequence length N, the last `max(ceil(10% of the bytes), N)` bytes
+//! Split rule: for sequence length N, the last `max(ceil(10% of the tokens), N)` tokens
 //! are validation and everything before them is training, so there is always at least
-//! one validation window and the two parts never share a byte. A training row is the N
-//! bytes at a pseudo-random offset drawn from (seed, position, row) inside the training
-//! part; the validation set is the consecutive, non-overlapping N-byte windows of the
+//! one validation window and the two parts never share a token. A training row is the N
+//! tokens at a pseudo-random offset drawn from (seed, position, row) inside the training
+//! part; the validation set is the consecutive, non-overlapping N-token windows of the
 //! validation part from its start (a remainder shorter than N is unused).
 
 use std::path::Path;
@@ -26,8 +27,9 @@ pub fn split_point(path: &Path, len: usize, seq: usize) -> Result<usize, String>
     match len.checked_sub(validation) {
         Some(split) if split >= seq => Ok(split),
         _ => Err(format!(
-            "text data {}: {len} bytes are too few for one training and one validation window of {seq} bytes \
-             (validation is the last max(10%, {seq}) bytes; the file needs at least {} bytes)",
+            "text data {}: {len} tokens are too few for one training and one validation window of {seq} tokens \
+             (validation is the last max(10%, {seq}) tokens; the file needs at least {} tokens, a token being a \
+             byte without a tokenizer)",
             path.display(),
             min_len(seq)
         )),
@@ -41,35 +43,35 @@ fn min_len(seq: usize) -> usize {
 
 pub fn train_batch(
     path: &Path,
-    bytes: &[u8],
+    tokens: &[i32],
     seed: u64,
     position: u64,
     batch: usize,
     seq: usize,
 ) -> Result<Batch, String> {
-    let split = split_point(path, bytes.len(), seq)?;
-    let mut tokens = Vec::with_capacity(batch * seq);
+    let split = split_point(path, tokens.len(), seq)?;
+    let mut rows = Vec::with_capacity(batch * seq);
     for row in 0..batch {
         let start = Rng::new(seed, TRAIN_SALT, position, row as u64).below(split - seq + 1);
-        tokens.extend(bytes[start..start + seq].iter().map(|&b| b as i32));
+        rows.extend_from_slice(&tokens[start..start + seq]);
     }
-    Ok(Batch { tokens, answers: vec![true; batch * (seq - 1)], batch, seq })
+    Ok(Batch { tokens: rows, answers: vec![true; batch * (seq - 1)], batch, seq })
 }
 
 pub fn eval_batches(
     path: &Path,
-    bytes: &[u8],
+    tokens: &[i32],
     batch: usize,
     seq: usize,
     max_batches: usize,
 ) -> Result<Vec<Batch>, String> {
-    let split = split_point(path, bytes.len(), seq)?;
-    let windows = ((bytes.len() - split) / seq).min(max_batches.saturating_mul(batch));
-    let rows: Vec<&[u8]> = bytes[split..split + windows * seq].chunks_exact(seq).collect();
+    let split = split_point(path, tokens.len(), seq)?;
+    let windows = ((tokens.len() - split) / seq).min(max_batches.saturating_mul(batch));
+    let rows: Vec<&[i32]> = tokens[split..split + windows * seq].chunks_exact(seq).collect();
     Ok(rows
         .chunks(batch)
         .map(|chunk| Batch {
-            tokens: chunk.iter().flat_map(|row| row.iter().map(|&b| b as i32)).collect(),
+            tokens: chunk.iter().flat_map(|row| row.iter().copied()).collect(),
             answers: vec![true; chunk.len() * (seq - 1)],
             batch: chunk.len(),
             seq,
@@ -103,7 +105,7 @@ mod tests {
         assert_eq!(split_point(p, 100, 16), Ok(84));
         assert_eq!(split_point(p, 32, 16), Ok(16));
         let err = split_point(p, 31, 16).unwrap_err();
-        assert!(err.contains("31 bytes") && err.contains("at least 32 bytes"), "{err}");
+        assert!(err.contains("31 tokens") && err.contains("at least 32 tokens"), "{err}");
         assert_eq!(min_len(100), 200);
         assert_eq!(min_len(5), 10);
     }
@@ -143,7 +145,7 @@ mod tests {
     fn too_small_or_missing_files_are_errors() {
         let (_file, source) = corpus(&[7; 20]);
         let err = source.train_batch(0, 0, 1, 16).unwrap_err();
-        assert!(err.contains("20 bytes are too few"), "{err}");
+        assert!(err.contains("20 tokens are too few"), "{err}");
         assert!(source.eval_batches(0, 1, 16, 1).is_err());
         let empty = tempfile::NamedTempFile::new().unwrap();
         let err = DataSource::parse(&format!("text:{}", empty.path().display())).unwrap_err();

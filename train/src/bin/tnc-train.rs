@@ -71,7 +71,7 @@ fn main() -> ExitCode {
 
 /// Trains; the exit status is 130 when a signal stopped the run (see `interrupt.rs`).
 fn train(a: &Args) -> Result<ExitCode, String> {
-    let data = DataSource::parse(&a.run.data)?;
+    let data = a.run.data_source(&mut |w| eprintln!("warning: {w}"))?;
     let cfg = a.run.config();
     let bundle = Bundle::load(&a.bundle).map_err(|e| format!("{}: {e}", a.bundle.display()))?;
     let exec = match a.device {
