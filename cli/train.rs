@@ -206,8 +206,16 @@ pub(crate) fn train_one(
         device = DeviceArg::for_target(&bundle.manifest.target.name);
     }
     device.check(&bundle.manifest.target.name)?;
-    let exec = device::open(&bundle, device, cfg.threads)?;
+    let mut exec = device::open(&bundle, device, cfg.threads)?;
     say(bar, &format!("training on {}", exec.describe_device()));
+    // The activations at B, N are allocated before the run directory is made, so a run
+    // that cannot fit leaves nothing behind.
+    let sizes = [("B", cfg.batch as i64), ("N", cfg.seq as i64)];
+    if bundle.manifest.sizes.iter().all(|s| sizes.iter().any(|(n, _)| n == s)) {
+        let wanted: Vec<(&str, i64)> =
+            sizes.into_iter().filter(|(n, _)| bundle.manifest.sizes.iter().any(|s| s == n)).collect();
+        exec.reserve(&wanted).map_err(|e| fail(e.to_string()))?;
+    }
     std::fs::create_dir_all(out).map_err(|e| fail(format!("cannot create {}: {e}", out.display())))?;
     let info = RunInfo {
         model: model.display().to_string(),

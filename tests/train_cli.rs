@@ -622,3 +622,23 @@ fn text_data_through_a_trained_tokenizer() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("applies to text data"), "{err}");
 }
+
+/// A run whose activations at B, N cannot fit this machine is refused before its run
+/// directory is made: nothing is left behind (the model itself is small, so it compiles).
+#[test]
+fn a_run_too_large_at_its_sizes_leaves_no_run_directory() {
+    let run = fresh("too-large-activations");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tasks/mqar_t2.tn");
+    let o = tnc()
+        .arg("train")
+        .arg(&model)
+        .args(["--set", "dim=32", "--set", "heads=2", "--set", "layers=1", "--set", "glu_dim=64"])
+        .args(["--batch", "4096", "--seq", "65536", "--steps", "1", "--quiet", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("its activations at B = 4096, N = 65536 need"), "{err}");
+    assert!(!run.exists(), "the refused run left {}", run.display());
+}

@@ -167,6 +167,19 @@ impl Executor {
         Ok(())
     }
 
+    /// Allocates the buffers for `sizes` now, every size symbol of the bundle given, so
+    /// that a caller learns before it starts (a training run, before it creates its
+    /// directory) whether the activations fit the device; the first entry point at these
+    /// sizes then allocates nothing.
+    pub fn reserve(&mut self, sizes: &[(&str, i64)]) -> Result<(), ExecError> {
+        self.set_sizes(sizes)?;
+        let all: Option<Vec<i64>> = self.sizes.iter().copied().collect();
+        let all = all.ok_or_else(|| {
+            ExecError::Sizes(format!("reserving memory needs every size of the bundle ({:?})", self.manifest.sizes))
+        })?;
+        self.allocate(&all)
+    }
+
     /// The current value of each size symbol.
     pub fn sizes(&self) -> Vec<(String, Option<i64>)> {
         self.manifest.sizes.iter().cloned().zip(self.sizes.iter().copied()).collect()
