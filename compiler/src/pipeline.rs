@@ -195,7 +195,7 @@ impl Pipeline {
 pub fn scheduled_with(optimized: &Graph, opts: &ScheduleOptions) -> Result<Schedule, String> {
     use crate::backend::{backend_for, CodeGen, Target};
     let target = Target::parse(if opts.gpu_blocks { "sm80" } else { "x86-64-v3" })?;
-    let backend = backend_for(&target, CodeGen::Llvm)?;
+    let backend = backend_for(&target, if opts.gpu_blocks { CodeGen::Llvm } else { CodeGen::default() })?;
     let mut p = Pipeline::new(&*backend, false, Policy::F32).with_schedule_options(opts.clone());
     p.stages.retain(|s| !matches!(s, Stage::Graph(_)));
     let stop = if opts.gpu_blocks { *p.names().last().expect("stages") } else { "split_reductions" };

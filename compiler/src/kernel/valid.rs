@@ -5,8 +5,9 @@
 //! stage that broke it rather than in a writer or at run time.
 //!
 //! A valid kernel:
-//! - uses every variable after its definition in program order (`For`, `Let`, `Mut`,
-//!   `Array`, `Shared`), with one type class per variable (f32, integer, bool: the
+//! - uses every variable after its definition (`For`, `Let`, `Mut`, `Array`, `Shared`)
+//!   and within its scope (a loop body's or a branch's definitions end with it), with one
+//!   type class per variable (f32, integer, bool: the
 //!   writers' classes; I32 and I64 are both integers, as in the executor), and assigns
 //!   only `Mut` variables or a warp product's accumulators;
 //! - gives every operator operands of one class it is defined on (`+` on f32 or
@@ -60,8 +61,8 @@ impl fmt::Display for Class {
 struct Def {
     class: Class,
     mutable: bool,
-    /// A local or shared array (read with `LoadArray`), not a scalar.
-    array: bool,
+    /// A local or shared array (read with `LoadArray`), not a scalar: its length.
+    array: Option<usize>,
 }
 
 struct Validator<'a> {
@@ -96,7 +97,7 @@ impl Validator<'_> {
         if self.class_of_size_expr(&k.extent)? != Class::Int {
             return Err(format!("the extent `{}` is not an integer", print::expr(k, &k.extent)));
         }
-        self.define(k.index, Def { class: Class::Int, mutable: false, array: false })?;
+        self.define(k.index, Def { class: Class::Int, mutable: false, array: None })?;
         self.block(&k.body)
     }
 
@@ -117,7 +118,10 @@ impl Validator<'_> {
     fn define(&mut self, var: Var, def: Def) -> Result<(), String> {
         if let Some(old) = self.vars.get(&var) {
             if old.class != def.class || old.array != def.array {
-                let kind = |d: &Def| if d.array { format!("an array of {}", d.class) } else { d.class.to_string() };
+                let kind = |d: &Def| match d.array {
+                    Some(len) => format!("an array of {len} {}", d.class),
+                    None => d.class.to_string(),
+                };
                 return Err(format!("{var} is redefined as {} (it was {})", kind(&def), kind(old)));
             }
         }
@@ -127,7 +131,7 @@ impl Validator<'_> {
 
     fn scalar(&self, var: Var) -> Result<Def, String> {
         match self.vars.get(&var) {
-            Some(d) if !d.array => Ok(*d),
+            Some(d) if d.array.is_none() => Ok(*d),
             Some(_) => Err(format!("{var} is an array, read as a scalar")),
             None => Err(format!("{var} is used before it is defined")),
         }
@@ -135,7 +139,7 @@ impl Validator<'_> {
 
     fn array(&self, var: Var) -> Result<Class, String> {
         match self.vars.get(&var) {
-            Some(d) if d.array => Ok(d.class),
+            Some(d) if d.array.is_some() => Ok(d.class),
             Some(_) => Err(format!("{var} is a scalar, indexed as an array")),
             None => Err(format!("array {var} is used before it is defined")),
         }
@@ -160,21 +164,32 @@ impl Validator<'_> {
         body.iter().try_for_each(|s| self.stmt(s))
     }
 
+    /// A loop body or a branch: what it defines is not defined after it (a loop may run
+    /// no iteration, a branch may not be taken, and the back ends would then disagree:
+    /// the executor errs, Cranelift reads 0, LLVM an uninitialized slot).
+    fn scoped(&mut self, body: &[Stmt]) -> Result<(), String> {
+        let outer = self.vars.clone();
+        let r = self.block(body);
+        // Keep the outer definitions (and their classes), drop the body's own.
+        self.vars.retain(|v, _| outer.contains_key(v));
+        r
+    }
+
     fn stmt(&mut self, s: &Stmt) -> Result<(), String> {
         match s {
             Stmt::For { var, extent, kind: _, body } => {
                 self.expect(extent, Class::Int, "a loop extent")?;
-                self.define(*var, Def { class: Class::Int, mutable: false, array: false })?;
-                self.block(body)?;
+                self.define(*var, Def { class: Class::Int, mutable: false, array: None })?;
+                self.scoped(body)?;
             }
             Stmt::Let { var, value } => {
                 let class = self.expr(value)?;
-                self.define(*var, Def { class, mutable: false, array: false })?;
+                self.define(*var, Def { class, mutable: false, array: None })?;
             }
             Stmt::Mut { var, ty, init } => {
                 let class = Class::of(*ty);
                 self.expect(init, class, &format!("the initial value of {var}"))?;
-                self.define(*var, Def { class, mutable: true, array: false })?;
+                self.define(*var, Def { class, mutable: true, array: None })?;
             }
             Stmt::Assign { var, value } => {
                 let def = self.scalar(*var).map_err(|_| format!("assignment to undefined {var}"))?;
@@ -192,8 +207,8 @@ impl Validator<'_> {
                 self.expect(index, Class::Int, &format!("an index of `{name}`"))?;
                 self.expect(value, Class::of(elem.scalar()), &format!("a value stored into `{name}`"))?;
             }
-            Stmt::Array { var, elem, len: _ } => {
-                self.define(*var, Def { class: Class::of(*elem), mutable: true, array: true })?;
+            Stmt::Array { var, elem, len } => {
+                self.define(*var, Def { class: Class::of(*elem), mutable: true, array: Some(*len) })?;
             }
             Stmt::StoreArray { array, index, value } => {
                 let class = self.array(*array)?;
@@ -202,17 +217,17 @@ impl Validator<'_> {
             }
             Stmt::If { cond, then, otherwise } => {
                 self.expect(cond, Class::Bool, "an `if` condition")?;
-                self.block(then)?;
-                self.block(otherwise)?;
+                self.scoped(then)?;
+                self.scoped(otherwise)?;
             }
             Stmt::Shared { .. } | Stmt::Barrier | Stmt::Mma { .. } if !self.block => {
                 return Err("a shared array, barrier or warp product outside a block kernel".into());
             }
-            Stmt::Shared { var, elem, len: _ } => {
+            Stmt::Shared { var, elem, len } => {
                 if self.vars.contains_key(var) {
                     return Err(format!("shared array {var} is declared twice"));
                 }
-                self.define(*var, Def { class: Class::of(*elem), mutable: true, array: true })?;
+                self.define(*var, Def { class: Class::of(*elem), mutable: true, array: Some(*len) })?;
             }
             Stmt::Barrier => {}
             Stmt::Mma { input, acc, a, b } => {
@@ -426,6 +441,20 @@ mod tests {
         rejects(kernel(Some(vec![store(Expr::Cast(Scalar::F32, Box::new(Expr::Thread)))])), "`thread` outside");
         let array_as_scalar = vec![Stmt::Array { var: v(1), elem: Scalar::F32, len: 4 }, store(Expr::Var(v(1)))];
         rejects(kernel(Some(array_as_scalar)), "v1 is an array, read as a scalar");
+        let resized = vec![
+            Stmt::Array { var: v(1), elem: Scalar::F32, len: 4 },
+            Stmt::Array { var: v(1), elem: Scalar::F32, len: 8 },
+        ];
+        rejects(kernel(Some(resized)), "v1 is redefined as an array of 8 f32 (it was an array of 4 f32)");
+        let escapes = vec![
+            Stmt::If {
+                cond: Expr::Bool(true),
+                then: vec![Stmt::Let { var: v(1), value: Expr::F32(1.0) }],
+                otherwise: vec![],
+            },
+            store(Expr::Var(v(1))),
+        ];
+        rejects(kernel(Some(escapes)), "v1 is used before it is defined");
         let mut k = kernel(None);
         k.extent = Expr::binary(Binary::Mul, Expr::Size(0), ld(0, Expr::I64(0)));
         rejects(k, "may depend on sizes only");

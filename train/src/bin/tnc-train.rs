@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tnc_runtime::{Bundle, Executor};
 use tnc_train::flags::RunFlags;
-use tnc_train::{DataSource, Trainer};
+use tnc_train::Trainer;
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Device {

@@ -55,8 +55,12 @@ impl Backend for CraneliftNative {
         if let Some(asm) = object.asm {
             extras.push(("s", asm.into_bytes()));
         }
+        // Only what Cranelift's code uses: an x86-64-v4 bundle written by Cranelift runs on
+        // a host without AVX-512.
+        let used: Vec<&str> = ISA_FEATURES.iter().map(|(llvm, _)| *llvm).collect();
         let cpu_features = (self.cpu.required_features.iter())
             .filter(|f| tnc_runtime::bundle::host_has_feature(f).is_some())
+            .filter(|f| used.contains(&llvm_name(f)))
             .cloned()
             .collect();
         Ok(Written {
@@ -101,6 +105,15 @@ const ISA_FEATURES: [(&str, &str); 11] = [
     ("bmi2", "has_bmi2"),
     ("lzcnt", "has_lzcnt"),
 ];
+
+/// LLVM's name of a run-time feature name (`bmi1` is LLVM's `bmi`; the others agree).
+fn llvm_name(runtime: &str) -> &str {
+    if runtime == "bmi1" {
+        "bmi"
+    } else {
+        runtime
+    }
+}
 
 /// An object and what `--emit` asked to see of it.
 struct Object {

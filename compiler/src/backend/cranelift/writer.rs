@@ -21,6 +21,10 @@
 //! - `Select` evaluates only the chosen operand when one may trap (a load, an integer
 //!   division); otherwise it is a `select`.
 //!
+//! What the executor reports as an error at run time (an out-of-bounds access, integer
+//! division by zero) is undefined in generated code, as in LLVM's; so is `i64::MIN / -1`,
+//! which wraps in the executor and traps here (index arithmetic never divides negatives).
+//!
 //! Block kernels (threads, shared arrays, barriers, warp products) are a GPU's and are
 //! refused. Type errors are reported as `Err` naming the kernel, before Cranelift's own
 //! verifier runs.
