@@ -207,6 +207,14 @@ fn cranelift_writes_cpu_bundles_that_verify() {
     assert!(clif.contains("; kernel ") && clif.contains("function "), "{}", &clif[..clif.len().min(500)]);
     assert!(asm.lines().any(|l| l.ends_with(':')) && asm.contains("ret"), "{}", &asm[..asm.len().min(500)]);
 
+    // Cranelift writes no AVX-512 code, so its x86-64-v4 bundle does not require it.
+    let mut args = vec!["compile", "models/tnl.tn", "--target", "x86-64-v4", "--backend", "cranelift", "-o", &out_s];
+    args.extend(TINY);
+    let (code, _, err) = tnc(&args);
+    assert_eq!(code, 0, "{err}");
+    let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
+    assert!(manifest.contains("\"fma\"") && !manifest.contains("avx512f"), "{manifest}");
+
     let mut args = vec!["verify", "models/transnormer_t1.tn", "--backend", "cranelift"];
     args.extend(TINY);
     let (code, stdout, err) = tnc(&args);
