@@ -210,11 +210,12 @@ pub(crate) fn train_one(
     say(bar, &format!("training on {}", exec.describe_device()));
     // The activations at B, N are allocated before the run directory is made, so a run
     // that cannot fit leaves nothing behind.
-    let sizes = [("B", cfg.batch as i64), ("N", cfg.seq as i64)];
-    if bundle.manifest.sizes.iter().all(|s| sizes.iter().any(|(n, _)| n == s)) {
-        let wanted: Vec<(&str, i64)> =
-            sizes.into_iter().filter(|(n, _)| bundle.manifest.sizes.iter().any(|s| s == n)).collect();
-        exec.reserve(&wanted).map_err(|e| fail(e.to_string()))?;
+    let sizes: Vec<(&str, i64)> = [("B", cfg.batch as i64), ("N", cfg.seq as i64)]
+        .into_iter()
+        .filter(|(n, _)| bundle.manifest.sizes.iter().any(|s| s == n))
+        .collect();
+    if sizes.len() == bundle.manifest.sizes.len() {
+        exec.reserve(&sizes).map_err(|e| fail(e.to_string()))?;
     }
     std::fs::create_dir_all(out).map_err(|e| fail(format!("cannot create {}: {e}", out.display())))?;
     let info = RunInfo {

@@ -94,7 +94,7 @@ fn check_model(
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let so = dir.join("kernels.so");
-    let (_, bytes) = written.files.iter().find(|(n, _)| *n == "kernels.so").expect("a CPU bundle has kernels.so");
+    let bytes = written.file("kernels.so").expect("a CPU bundle has kernels.so");
     std::fs::write(&so, bytes).unwrap();
     let lib = unsafe { libloading::Library::new(&so) }.unwrap();
 

@@ -56,7 +56,7 @@ impl Gen {
     fn shared_object(&self, kernels: &[Kernel]) -> Result<Vec<u8>, String> {
         let backend = backend::backend_for(&Target::Cpu(self.target.clone()), self.codegen)?;
         let written = backend.write(kernels, backend::Emit::default())?;
-        Ok(written.files.into_iter().find(|(n, _)| *n == "kernels.so").expect("a CPU bundle has kernels.so").1)
+        Ok(written.file("kernels.so").expect("a CPU bundle has kernels.so").to_vec())
     }
 }
 

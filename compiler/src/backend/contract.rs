@@ -38,6 +38,13 @@ pub struct Written {
     pub stages: Vec<(&'static str, Duration)>,
 }
 
+impl Written {
+    /// The bundle file called `name`, if the back end wrote one.
+    pub fn file(&self, name: &str) -> Option<&[u8]> {
+        self.files.iter().find(|(n, _)| *n == name).map(|(_, bytes)| bytes.as_slice())
+    }
+}
+
 /// One code generator for one target.
 pub trait Backend {
     /// How the target's programs are scheduled (library GEMMs, block kernels, …).

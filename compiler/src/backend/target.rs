@@ -68,7 +68,8 @@ fn llvm_features(names: &[&str]) -> String {
     names.iter().map(|n| format!("+{n}")).collect::<Vec<_>>().join(",")
 }
 
-fn runtime_names(llvm_names: &[&str]) -> Vec<String> {
+/// The run-time names (`is_x86_feature_detected!`'s) of LLVM's feature names.
+pub(crate) fn runtime_names(llvm_names: &[&str]) -> Vec<String> {
     FEATURES.iter().filter(|(l, _)| llvm_names.contains(l)).map(|(_, r)| r.to_string()).collect()
 }
 

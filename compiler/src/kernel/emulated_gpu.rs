@@ -156,8 +156,8 @@ fn compile_for_host(kernels: &[Kernel]) -> Result<Compiled, ExecError> {
     // The default code generator of this build writes the host's shared object.
     let backend = crate::backend::backend_for(&target, crate::backend::CodeGen::default()).map_err(fail)?;
     let written = backend.write(&plain, crate::backend::Emit::default()).map_err(fail)?;
-    let so_bytes = written.files.into_iter().find(|(n, _)| *n == tnc_runtime::manifest::CPU_KERNELS_FILE);
-    let so_bytes = so_bytes.ok_or_else(|| fail("the CPU back end wrote no shared object".into()))?.1;
+    let so_bytes = written.file(tnc_runtime::manifest::CPU_KERNELS_FILE);
+    let so_bytes = so_bytes.ok_or_else(|| fail("the CPU back end wrote no shared object".into()))?;
     let dir = tempdir().map_err(|e| fail(format!("a temporary directory: {e}")))?;
     let so = dir.join("kernels.so");
     let linked = std::fs::write(&so, so_bytes).map_err(|e| format!("{}: {e}", so.display()));

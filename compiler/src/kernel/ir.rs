@@ -181,6 +181,20 @@ impl Expr {
         Expr::LoadArray { array, index: Box::new(index) }
     }
 
+    /// Whether evaluating the expression may trap or touch memory (a load, an integer
+    /// division), so that a `Select` must not evaluate it unless it is chosen.
+    pub fn may_trap(&self) -> bool {
+        match self {
+            Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Var(_) | Expr::Size(_) | Expr::Thread => false,
+            Expr::Load { .. } | Expr::LoadArray { .. } => true,
+            Expr::Binary(Binary::Div | Binary::Rem, _, _) => true,
+            Expr::Unary(_, a) | Expr::Cast(_, a) => a.may_trap(),
+            Expr::Binary(_, a, b) => a.may_trap() || b.may_trap(),
+            Expr::Select(c, a, b) => c.may_trap() || a.may_trap() || b.may_trap(),
+            Expr::DropoutKeep { seed, index, step, .. } => seed.may_trap() || index.may_trap() || step.may_trap(),
+        }
+    }
+
     /// Calls `f` on every variable the expression reads, local arrays included.
     pub fn visit_vars(&self, f: &mut dyn FnMut(Var)) {
         match self {

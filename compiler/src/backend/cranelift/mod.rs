@@ -57,11 +57,9 @@ impl Backend for CraneliftNative {
         }
         // Only what Cranelift's code uses: an x86-64-v4 bundle written by Cranelift runs on
         // a host without AVX-512.
-        let used: Vec<&str> = ISA_FEATURES.iter().map(|(llvm, _)| *llvm).collect();
-        let cpu_features = (self.cpu.required_features.iter())
+        let used: Vec<&str> = enabled_features(&self.cpu).into_iter().map(|(llvm, _)| llvm).collect();
+        let cpu_features = (super::target::runtime_names(&used).into_iter())
             .filter(|f| tnc_runtime::bundle::host_has_feature(f).is_some())
-            .filter(|f| used.contains(&llvm_name(f)))
-            .cloned()
             .collect();
         Ok(Written {
             info: TargetInfo { name: self.cpu.name.clone(), kind: TargetKind::Cpu, cpu_features },
@@ -81,11 +79,8 @@ fn target_isa(cpu: &CpuTarget) -> Result<isa::OwnedTargetIsa, String> {
     }
     let mut builder =
         isa::lookup_by_name(&cpu.triple).map_err(|e| format!("Cranelift target `{}`: {e}", cpu.triple))?;
-    let features: Vec<&str> = cpu.features.split(',').filter_map(|f| f.strip_prefix('+')).collect();
-    for (llvm, cranelift) in ISA_FEATURES {
-        if features.contains(&llvm) {
-            builder.enable(cranelift).map_err(|e| format!("Cranelift setting {cranelift}: {e}"))?;
-        }
+    for (_, cranelift) in enabled_features(cpu) {
+        builder.enable(cranelift).map_err(|e| format!("Cranelift setting {cranelift}: {e}"))?;
     }
     builder.finish(settings::Flags::new(flags)).map_err(|e| format!("Cranelift target `{}`: {e}", cpu.triple))
 }
@@ -106,13 +101,10 @@ const ISA_FEATURES: [(&str, &str); 11] = [
     ("lzcnt", "has_lzcnt"),
 ];
 
-/// LLVM's name of a run-time feature name (`bmi1` is LLVM's `bmi`; the others agree).
-fn llvm_name(runtime: &str) -> &str {
-    if runtime == "bmi1" {
-        "bmi"
-    } else {
-        runtime
-    }
+/// The entries of [`ISA_FEATURES`] that `cpu`'s LLVM features enable.
+fn enabled_features(cpu: &CpuTarget) -> Vec<(&'static str, &'static str)> {
+    let features: Vec<&str> = cpu.features.split(',').filter_map(|f| f.strip_prefix('+')).collect();
+    ISA_FEATURES.into_iter().filter(|(llvm, _)| features.contains(llvm)).collect()
 }
 
 /// An object and what `--emit` asked to see of it.

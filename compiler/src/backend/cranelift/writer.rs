@@ -31,6 +31,7 @@
 
 use super::math;
 use crate::kernel::print;
+use crate::kernel::valid::Class;
 use crate::kernel::{Binary, Elem, Expr, Kernel, Scalar, Stmt, Unary, Var};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, AbiParam, FuncRef, InstBuilder, MemFlagsData, Type, Value};
@@ -40,46 +41,22 @@ use cranelift_frontend::{FunctionBuilder, Variable};
 use cranelift_module::{FuncId, Module};
 use std::collections::HashMap;
 
-/// Value classes: every integer is an i64, as in the reference executor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Ty {
-    F,
-    I,
-    B,
+/// The Cranelift type of a value class (`kernel::valid`): every integer is an i64, as in
+/// the reference executor, a bool an i8 0 or 1.
+fn clif(c: Class) -> Type {
+    match c {
+        Class::F32 => types::F32,
+        Class::Int => types::I64,
+        Class::Bool => types::I8,
+    }
 }
 
-impl Ty {
-    fn of(s: Scalar) -> Ty {
-        match s {
-            Scalar::F32 => Ty::F,
-            Scalar::I32 | Scalar::I64 => Ty::I,
-            Scalar::Bool => Ty::B,
-        }
-    }
-
-    fn clif(self) -> Type {
-        match self {
-            Ty::F => types::F32,
-            Ty::I => types::I64,
-            Ty::B => types::I8,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Ty::F => "f32",
-            Ty::I => "an integer",
-            Ty::B => "bool",
-        }
-    }
-
-    /// Bytes of one element of a local array of this class.
-    fn bytes(self) -> u32 {
-        match self {
-            Ty::F => 4,
-            Ty::I => 8,
-            Ty::B => 1,
-        }
+/// Bytes of one element of a local array of a class.
+fn array_bytes(c: Class) -> u32 {
+    match c {
+        Class::F32 => 4,
+        Class::Int => 8,
+        Class::Bool => 1,
     }
 }
 
@@ -125,8 +102,8 @@ pub(super) struct Fx<'a, 'b, M: Module> {
     buffers: Vec<Value>,
     /// Sizes and scalars, loaded once in the entry block.
     sizes: Vec<Value>,
-    vars: HashMap<Var, (Variable, Ty)>,
-    arrays: HashMap<Var, (StackSlot, Ty, usize)>,
+    vars: HashMap<Var, (Variable, Class)>,
+    arrays: HashMap<Var, (StackSlot, Class, usize)>,
 }
 
 /// Write the body of `kernel` into `b`, whose function has the kernel signature.
@@ -184,14 +161,14 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
     }
 
     /// The variable of kernel variable `v` of class `t`, declared on first definition.
-    fn var(&mut self, v: Var, t: Ty) -> Result<Variable, String> {
+    fn var(&mut self, v: Var, t: Class) -> Result<Variable, String> {
         if let Some(&(var, old)) = self.vars.get(&v) {
             if old != t {
-                return Err(format!("{v} is redefined as {} (it was {})", t.name(), old.name()));
+                return Err(format!("{v} is redefined as {} (it was {})", t, old));
             }
             return Ok(var);
         }
-        let var = self.b.declare_var(t.clif());
+        let var = self.b.declare_var(clif(t));
         self.vars.insert(v, (var, t));
         Ok(var)
     }
@@ -199,7 +176,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
     /// `for var in begin..end { body }`.
     fn emit_loop(&mut self, var: Var, begin: Value, end: Value, body: &[Stmt]) -> Result<(), String> {
         let counter = self.b.declare_var(types::I64);
-        let slot = self.var(var, Ty::I)?;
+        let slot = self.var(var, Class::Int)?;
         let (header, body_bb, exit) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
         self.b.def_var(counter, begin);
         self.b.ins().jump(header, &[]);
@@ -225,16 +202,16 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
         body.iter().try_for_each(|s| self.stmt(s))
     }
 
-    fn expect(&mut self, e: &Expr, t: Ty, what: &str) -> Result<Value, String> {
+    fn expect(&mut self, e: &Expr, t: Class, what: &str) -> Result<Value, String> {
         let (v, got) = self.expr(e)?;
         if got != t {
-            return Err(format!("{what} must be {}, got {}: `{}`", t.name(), got.name(), print::expr(self.kernel, e)));
+            return Err(format!("{what} must be {}, got {}: `{}`", t, got, print::expr(self.kernel, e)));
         }
         Ok(v)
     }
 
     fn int(&mut self, e: &Expr, what: &str) -> Result<Value, String> {
-        self.expect(e, Ty::I, what)
+        self.expect(e, Class::Int, what)
     }
 
     /// The address of element `index` of buffer `buffer`, and the buffer's element type.
@@ -255,12 +232,12 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
     }
 
     /// The address of element `index` of local array `array`, and its class.
-    fn array_element(&mut self, array: Var, index: &Expr) -> Result<(Value, Ty), String> {
+    fn array_element(&mut self, array: Var, index: &Expr) -> Result<(Value, Class), String> {
         let &(slot, t, _) =
             self.arrays.get(&array).ok_or_else(|| format!("array {array} is used before it is defined"))?;
         let i = self.int(index, &format!("an index of {array}"))?;
         let base = self.b.ins().stack_addr(types::I64, slot, 0);
-        Ok((self.offset(base, i, t.bytes() as i64), t))
+        Ok((self.offset(base, i, array_bytes(t) as i64), t))
     }
 
     fn stmt(&mut self, s: &Stmt) -> Result<(), String> {
@@ -276,7 +253,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                 self.b.def_var(var, v);
             }
             Stmt::Mut { var, ty, init } => {
-                let t = Ty::of(*ty);
+                let t = Class::of(*ty);
                 let v = self.expect(init, t, &format!("the initial value of {var}"))?;
                 let var = self.var(*var, t)?;
                 self.b.def_var(var, v);
@@ -289,7 +266,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
             Stmt::Store { buffer, index, value } => {
                 let (addr, elem) = self.element(*buffer, index)?;
                 let name = &self.kernel.buffers[*buffer].name;
-                let v = self.expect(value, Ty::of(elem.scalar()), &format!("a value stored into `{name}`"))?;
+                let v = self.expect(value, Class::of(elem.scalar()), &format!("a value stored into `{name}`"))?;
                 match elem {
                     Elem::F32 => self.b.ins().store(flags(), v, addr, 0),
                     Elem::BF16 => {
@@ -305,8 +282,8 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                 };
             }
             Stmt::Array { var, elem, len } => {
-                let t = Ty::of(*elem);
-                let bytes = u32::try_from(*len).ok().and_then(|n| n.checked_mul(t.bytes()));
+                let t = Class::of(*elem);
+                let bytes = u32::try_from(*len).ok().and_then(|n| n.checked_mul(array_bytes(t)));
                 let bytes = bytes.ok_or_else(|| format!("array {var} is too long"))?;
                 let slot = match self.arrays.get(var) {
                     Some(&(slot, old, old_len)) if old == t && old_len == *len => slot,
@@ -321,7 +298,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                 // Zero-initialized each time the statement runs, as in the executor.
                 if bytes > 0 {
                     let base = self.b.ins().stack_addr(types::I64, slot, 0);
-                    self.b.emit_small_memset(self.config, base, 0, bytes as u64, t.bytes() as u8, flags());
+                    self.b.emit_small_memset(self.config, base, 0, bytes as u64, array_bytes(t) as u8, flags());
                 }
             }
             Stmt::StoreArray { array, index, value } => {
@@ -330,7 +307,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                 self.b.ins().store(flags(), v, addr, 0);
             }
             Stmt::If { cond, then, otherwise } => {
-                let c = self.expect(cond, Ty::B, "an `if` condition")?;
+                let c = self.expect(cond, Class::Bool, "an `if` condition")?;
                 let (then_bb, else_bb, merge) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
                 self.b.ins().brif(c, then_bb, &[], else_bb, &[]);
                 self.b.seal_block(then_bb);
@@ -351,34 +328,18 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
         Ok(())
     }
 
-    /// Whether evaluating `e` may trap or touch memory (so a `Select` must not evaluate it
-    /// unless chosen).
-    fn may_trap(e: &Expr) -> bool {
-        match e {
-            Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Var(_) | Expr::Size(_) | Expr::Thread => false,
-            Expr::Load { .. } | Expr::LoadArray { .. } => true,
-            Expr::Binary(Binary::Div | Binary::Rem, _, _) => true,
-            Expr::Unary(_, a) | Expr::Cast(_, a) => Self::may_trap(a),
-            Expr::Binary(_, a, b) => Self::may_trap(a) || Self::may_trap(b),
-            Expr::Select(c, a, b) => Self::may_trap(c) || Self::may_trap(a) || Self::may_trap(b),
-            Expr::DropoutKeep { seed, index, step, .. } => {
-                Self::may_trap(seed) || Self::may_trap(index) || Self::may_trap(step)
-            }
-        }
-    }
-
-    fn expr(&mut self, e: &Expr) -> Result<(Value, Ty), String> {
+    fn expr(&mut self, e: &Expr) -> Result<(Value, Class), String> {
         Ok(match e {
-            Expr::F32(x) => (self.b.ins().f32const(*x), Ty::F),
-            Expr::I64(i) => (self.b.ins().iconst(types::I64, *i), Ty::I),
-            Expr::Bool(v) => (self.b.ins().iconst(types::I8, *v as i64), Ty::B),
+            Expr::F32(x) => (self.b.ins().f32const(*x), Class::F32),
+            Expr::I64(i) => (self.b.ins().iconst(types::I64, *i), Class::Int),
+            Expr::Bool(v) => (self.b.ins().iconst(types::I8, *v as i64), Class::Bool),
             Expr::Var(v) => {
                 let &(var, t) = self.vars.get(v).ok_or_else(|| format!("{v} is used before it is defined"))?;
                 (self.b.use_var(var), t)
             }
             Expr::Thread => return Err("`thread` outside a block kernel".into()),
             Expr::Size(i) => match self.sizes.get(*i) {
-                Some(&v) => (v, Ty::I),
+                Some(&v) => (v, Class::Int),
                 None => {
                     return Err(format!("size argument {i} is not declared ({} sizes and scalars)", self.sizes.len()))
                 }
@@ -387,26 +348,26 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                 let (addr, elem) = self.element(*buffer, index)?;
                 let ins = self.b.ins();
                 match elem {
-                    Elem::F32 => (ins.load(types::F32, flags(), addr, 0), Ty::F),
+                    Elem::F32 => (ins.load(types::F32, flags(), addr, 0), Class::F32),
                     Elem::BF16 => {
                         let h = ins.uload16(types::I32, flags(), addr, 0);
                         let bits = self.b.ins().ishl_imm_s(h, 16);
-                        (self.b.ins().bitcast(types::F32, MemFlagsData::new(), bits), Ty::F)
+                        (self.b.ins().bitcast(types::F32, MemFlagsData::new(), bits), Class::F32)
                     }
                     Elem::F16 => {
                         let h = ins.uload16(types::I32, flags(), addr, 0);
-                        (math::f16_value(&mut self.b, h), Ty::F)
+                        (math::f16_value(&mut self.b, h), Class::F32)
                     }
-                    Elem::I32 => (ins.sload32(flags(), addr, 0), Ty::I),
+                    Elem::I32 => (ins.sload32(flags(), addr, 0), Class::Int),
                     Elem::U8 => {
                         let byte = ins.load(types::I8, flags(), addr, 0);
-                        (self.b.ins().icmp_imm_s(IntCC::NotEqual, byte, 0), Ty::B)
+                        (self.b.ins().icmp_imm_s(IntCC::NotEqual, byte, 0), Class::Bool)
                     }
                 }
             }
             Expr::LoadArray { array, index } => {
                 let (addr, t) = self.array_element(*array, index)?;
-                (self.b.ins().load(t.clif(), flags(), addr, 0), t)
+                (self.b.ins().load(clif(t), flags(), addr, 0), t)
             }
             Expr::Unary(op, a) => {
                 let (v, t) = self.expr(a)?;
@@ -417,18 +378,18 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                 let (c, tc) = self.expr(y)?;
                 if ta != tc {
                     let text = print::expr(self.kernel, e);
-                    return Err(format!("{op:?} of {} and {}: `{text}`", ta.name(), tc.name()));
+                    return Err(format!("{op:?} of {} and {}: `{text}`", ta, tc));
                 }
                 self.binary(*op, a, c, ta).map_err(|m| format!("{m}: `{}`", print::expr(self.kernel, e)))?
             }
             Expr::Select(c, x, y) => {
-                let cv = self.expect(c, Ty::B, "a select condition")?;
-                if !Self::may_trap(x) && !Self::may_trap(y) {
+                let cv = self.expect(c, Class::Bool, "a select condition")?;
+                if !x.may_trap() && !y.may_trap() {
                     let (a, ta) = self.expr(x)?;
                     let (d, td) = self.expr(y)?;
                     if ta != td {
                         let text = print::expr(self.kernel, e);
-                        return Err(format!("select of {} and {}: `{text}`", ta.name(), td.name()));
+                        return Err(format!("select of {} and {}: `{text}`", ta, td));
                     }
                     (self.b.ins().select(cv, a, d), ta)
                 } else {
@@ -437,19 +398,19 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
             }
             Expr::Cast(to, a) => {
                 let (v, t) = self.expr(a)?;
-                (self.cast(*to, v, t), Ty::of(*to))
+                (self.cast(*to, v, t), Class::of(*to))
             }
             Expr::DropoutKeep { seed, salt, index, step, rate } => {
                 let seed = self.int(seed, "a dropout seed")?;
                 let index = self.int(index, "a dropout index")?;
                 let step = self.int(step, "a dropout step")?;
-                (math::dropout_keep(&mut self.b, seed, *salt, index, step, *rate), Ty::B)
+                (math::dropout_keep(&mut self.b, seed, *salt, index, step, *rate), Class::Bool)
             }
         })
     }
 
     /// `c ? x : y` evaluating only the chosen operand.
-    fn branching_select(&mut self, c: Value, x: &Expr, y: &Expr, e: &Expr) -> Result<(Value, Ty), String> {
+    fn branching_select(&mut self, c: Value, x: &Expr, y: &Expr, e: &Expr) -> Result<(Value, Class), String> {
         let (then_bb, else_bb, merge) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
         self.b.ins().brif(c, then_bb, &[], else_bb, &[]);
         self.b.seal_block(then_bb);
@@ -461,10 +422,10 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
         let (d, td) = self.expr(y)?;
         if ta != td {
             let text = print::expr(self.kernel, e);
-            return Err(format!("select of {} and {}: `{text}`", ta.name(), td.name()));
+            return Err(format!("select of {} and {}: `{text}`", ta, td));
         }
         self.b.ins().jump(merge, &[d.into()]);
-        let r = self.b.append_block_param(merge, ta.clif());
+        let r = self.b.append_block_param(merge, clif(ta));
         self.b.seal_block(merge);
         self.b.switch_to_block(merge);
         Ok((r, ta))
@@ -484,14 +445,14 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
         self.b.inst_results(call)[0]
     }
 
-    fn unary(&mut self, op: Unary, v: Value, t: Ty) -> Result<(Value, Ty), String> {
+    fn unary(&mut self, op: Unary, v: Value, t: Class) -> Result<(Value, Class), String> {
         match (op, t) {
-            (Unary::Not, Ty::B) => Ok((self.b.ins().bxor_imm_s(v, 1), Ty::B)),
-            (Unary::Neg, Ty::I) => Ok((self.b.ins().ineg(v), Ty::I)),
+            (Unary::Not, Class::Bool) => Ok((self.b.ins().bxor_imm_s(v, 1), Class::Bool)),
+            (Unary::Neg, Class::Int) => Ok((self.b.ins().ineg(v), Class::Int)),
             // wrapping_abs: abs(i64::MIN) = i64::MIN.
-            (Unary::Abs, Ty::I) => Ok((self.b.ins().iabs(v), Ty::I)),
-            (Unary::Not, _) => Err(format!("not of {}", t.name())),
-            (_, Ty::F) => {
+            (Unary::Abs, Class::Int) => Ok((self.b.ins().iabs(v), Class::Int)),
+            (Unary::Not, _) => Err(format!("not of {}", t)),
+            (_, Class::F32) => {
                 let r = match op {
                     Unary::Neg => self.b.ins().fneg(v),
                     Unary::Exp => math::exp(&mut self.b, v),
@@ -516,17 +477,17 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                     }
                     Unary::Not => unreachable!("handled above"),
                 };
-                Ok((r, Ty::F))
+                Ok((r, Class::F32))
             }
-            _ => Err(format!("{op:?} of {}", t.name())),
+            _ => Err(format!("{op:?} of {}", t)),
         }
     }
 
-    fn binary(&mut self, op: Binary, x: Value, y: Value, t: Ty) -> Result<(Value, Ty), String> {
+    fn binary(&mut self, op: Binary, x: Value, y: Value, t: Class) -> Result<(Value, Class), String> {
         use Binary::*;
         match t {
-            Ty::F => {
-                let cmp = |fx: &mut Self, cc| Ok((fx.b.ins().fcmp(cc, x, y), Ty::B));
+            Class::F32 => {
+                let cmp = |fx: &mut Self, cc| Ok((fx.b.ins().fcmp(cc, x, y), Class::Bool));
                 let r = match op {
                     Add => self.b.ins().fadd(x, y),
                     Sub => self.b.ins().fsub(x, y),
@@ -546,10 +507,10 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                     Ne => return cmp(self, FloatCC::NotEqual),
                     And | Or => return Err("logical operation on f32".into()),
                 };
-                Ok((r, Ty::F))
+                Ok((r, Class::F32))
             }
-            Ty::I => {
-                let cmp = |fx: &mut Self, cc| Ok((fx.b.ins().icmp(cc, x, y), Ty::B));
+            Class::Int => {
+                let cmp = |fx: &mut Self, cc| Ok((fx.b.ins().icmp(cc, x, y), Class::Bool));
                 let r = match op {
                     Add => self.b.ins().iadd(x, y),
                     Sub => self.b.ins().isub(x, y),
@@ -567,9 +528,9 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                     Ne => return cmp(self, IntCC::NotEqual),
                     And | Or => return Err("logical operation on integers".into()),
                 };
-                Ok((r, Ty::I))
+                Ok((r, Class::Int))
             }
-            Ty::B => {
+            Class::Bool => {
                 let r = match op {
                     And => self.b.ins().band(x, y),
                     Or => self.b.ins().bor(x, y),
@@ -577,7 +538,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                     Ne => self.b.ins().bxor(x, y),
                     _ => return Err(format!("{op:?} on bools")),
                 };
-                Ok((r, Ty::B))
+                Ok((r, Class::Bool))
             }
         }
     }
@@ -612,25 +573,25 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
         acc
     }
 
-    fn cast(&mut self, to: Scalar, v: Value, from: Ty) -> Value {
+    fn cast(&mut self, to: Scalar, v: Value, from: Class) -> Value {
         let ins = self.b.ins();
         match (to, from) {
-            (Scalar::F32, Ty::F) | (Scalar::I64, Ty::I) | (Scalar::Bool, Ty::B) => v,
-            (Scalar::F32, Ty::I) => ins.fcvt_from_sint(types::F32, v),
-            (Scalar::F32, Ty::B) => ins.fcvt_from_uint(types::F32, v),
-            (Scalar::I32, Ty::F) => {
+            (Scalar::F32, Class::F32) | (Scalar::I64, Class::Int) | (Scalar::Bool, Class::Bool) => v,
+            (Scalar::F32, Class::Int) => ins.fcvt_from_sint(types::F32, v),
+            (Scalar::F32, Class::Bool) => ins.fcvt_from_uint(types::F32, v),
+            (Scalar::I32, Class::F32) => {
                 let r = ins.fcvt_to_sint_sat(types::I32, v);
                 self.b.ins().sextend(types::I64, r)
             }
-            (Scalar::I64, Ty::F) => ins.fcvt_to_sint_sat(types::I64, v),
-            (Scalar::I32, Ty::I) => {
+            (Scalar::I64, Class::F32) => ins.fcvt_to_sint_sat(types::I64, v),
+            (Scalar::I32, Class::Int) => {
                 let r = ins.ireduce(types::I32, v);
                 self.b.ins().sextend(types::I64, r)
             }
-            (Scalar::I32 | Scalar::I64, Ty::B) => ins.uextend(types::I64, v),
-            (Scalar::Bool, Ty::I) => ins.icmp_imm_s(IntCC::NotEqual, v, 0),
+            (Scalar::I32 | Scalar::I64, Class::Bool) => ins.uextend(types::I64, v),
+            (Scalar::Bool, Class::Int) => ins.icmp_imm_s(IntCC::NotEqual, v, 0),
             // Rust's `x != 0.0`: NaN is true.
-            (Scalar::Bool, Ty::F) => {
+            (Scalar::Bool, Class::F32) => {
                 let z = ins.f32const(0.0);
                 self.b.ins().fcmp(FloatCC::NotEqual, v, z)
             }

@@ -682,22 +682,6 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
         })
     }
 
-    /// Whether evaluating `e` may trap or touch memory (so a `Select` must not evaluate it
-    /// unless chosen).
-    fn may_trap(e: &Expr) -> bool {
-        match e {
-            Expr::F32(_) | Expr::I64(_) | Expr::Bool(_) | Expr::Var(_) | Expr::Size(_) | Expr::Thread => false,
-            Expr::Load { .. } | Expr::LoadArray { .. } => true,
-            Expr::Binary(Binary::Div | Binary::Rem, _, _) => true,
-            Expr::Unary(_, a) | Expr::Cast(_, a) => Self::may_trap(a),
-            Expr::Binary(_, a, b) => Self::may_trap(a) || Self::may_trap(b),
-            Expr::Select(c, a, b) => Self::may_trap(c) || Self::may_trap(a) || Self::may_trap(b),
-            Expr::DropoutKeep { seed, index, step, .. } => {
-                Self::may_trap(seed) || Self::may_trap(index) || Self::may_trap(step)
-            }
-        }
-    }
-
     fn expr(&mut self, e: &Expr) -> Result<(BasicValueEnum<'ctx>, Ty), String> {
         let b = &self.b;
         Ok(match e {
@@ -777,7 +761,7 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
             }
             Expr::Select(c, x, y) => {
                 let cv = self.expect(c, Ty::B, "a select condition")?.into_int_value();
-                if !Self::may_trap(x) && !Self::may_trap(y) {
+                if !x.may_trap() && !y.may_trap() {
                     let (a, ta) = self.expr(x)?;
                     let (d, td) = self.expr(y)?;
                     if ta != td {
