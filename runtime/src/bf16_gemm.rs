@@ -333,11 +333,12 @@ mod imp {
                     }
                 };
                 // One block of 32 rows of A and one panel of B are the same size
-                // (32 · kp values) and fit L1 together; the operand the inner loop sweeps
-                // is streamed once per block of the other, from L2 if it fits there. So
-                // the smaller packed operand is swept: the larger one's blocks are read
-                // once each (1.3–1.9× faster on a projection and the GLU's products
-                // than always sweeping A, measured on Sapphire/Emerald Rapids AMX).
+                // (32 · kp values); the block the outer loop holds stays in L1 or L2
+                // while the inner loop streams the whole other operand past it, once per
+                // outer block. So the smaller packed operand is the one swept (from L2
+                // where it fits), and the larger one's blocks are read once each (1.3–1.9× faster on a projection and the GLU's products
+                // than always sweeping A, measured on the development VM's AMX, an
+                // Intel Xeon with 2 MB of L2 per core; `runtime/benches/gemm.rs`).
                 let (row_blocks, panels) = (mp / 32, np / 32);
                 if mp * lda >= np * kp {
                     for ib in 0..row_blocks {
