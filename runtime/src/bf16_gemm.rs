@@ -6,7 +6,7 @@
 //! on a CPU that has a better one); a path the CPU lacks is not taken.
 //!
 //! The `gemm` crate has no bf16 kernels that use these instructions, so they are here.
-//! A call computes a block of rows of one product. A and B are first packed into
+//! A call computes a block of rows of one product. A and B are first packed (`pack.rs`) into
 //! zero-padded scratch (A row-major with rows of 32 values per step of k; B in the
 //! "VNNI" layout both instructions read: for each pair of k, the pairs (B[k][n],
 //! B[k+1][n]) of 32 columns side by side), so any strides and any sizes work. Then every
@@ -19,6 +19,8 @@
 pub mod amx;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub mod pack;
 
 /// The instructions a bf16 product runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +98,7 @@ fn fast_dot_products() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
+    use super::pack::{a_row, pack_a, pack_b, Packer};
     use super::{amx, avx512, Kernel};
     use std::cell::RefCell;
 
@@ -135,106 +138,6 @@ mod imp {
 
     fn round_up(x: usize, to: usize) -> usize {
         x.div_ceil(to) * to
-    }
-
-    /// Values between the starts of two rows of packed A: `kp`, and for a column-major A
-    /// a cache line more, so that rows are not a multiple of 4 KB apart (the same L1 set:
-    /// its packing writes every row in turn). Rows exactly `kp` apart load faster.
-    fn a_row(kp: usize, a: &View<u16>) -> usize {
-        if a.rows == 1 && a.cols != 1 {
-            kp + 32
-        } else {
-            kp
-        }
-    }
-
-    /// A (`m × k`) into `out`, row-major with `kp` columns ([`a_row`] apart) and `mp`
-    /// rows, zero-padded. Row-major and column-major views are copied along their
-    /// contiguous axis.
-    ///
-    /// # Safety
-    /// `a` reaches `m × k` elements inside its buffer.
-    unsafe fn pack_a(out: &mut [u16], (m, k): (usize, usize), (mp, kp): (usize, usize), a: View<u16>) {
-        let lda = a_row(kp, &a);
-        // SAFETY (every read below): inside A by the contract.
-        if a.cols == 1 {
-            for r in 0..m {
-                let row = unsafe { std::slice::from_raw_parts(a.ptr.offset(r as isize * a.rows), k) };
-                out[r * lda..r * lda + k].copy_from_slice(row);
-            }
-        } else if a.rows == 1 {
-            // Column by column: contiguous reads, writes to `m` lines that stay in L1.
-            let dst = out.as_mut_ptr();
-            for kk in 0..k {
-                let col = unsafe { a.ptr.offset(kk as isize * a.cols) };
-                for r in 0..m {
-                    unsafe { *dst.add(r * lda + kk) = *col.add(r) };
-                }
-            }
-        } else {
-            for r in 0..m {
-                for kk in 0..k {
-                    out[r * lda + kk] = unsafe { *a.ptr.offset(r as isize * a.rows + kk as isize * a.cols) };
-                }
-            }
-        }
-        // The padding: the columns past k of every row, the rows past m.
-        for r in 0..m {
-            out[r * lda + k..(r + 1) * lda].fill(0);
-        }
-        out[m * lda..mp * lda].fill(0);
-    }
-
-    /// B (`k × n`) into `out` in 32-column panels, each `kp/2` rows of 32 pairs
-    /// (B[k][n], B[k+1][n]) — the layout `tdpbf16ps` reads — zero-padded to `np` columns
-    /// and `kp` values of k.
-    ///
-    /// # Safety
-    /// `b` reaches `k × n` elements inside its buffer.
-    unsafe fn pack_b(out: &mut [u16], (k, n): (usize, usize), (np, kp): (usize, usize), b: View<u16>) {
-        let panel = kp * 32;
-        // Each pair as one u32: B[k][n] low, B[k+1][n] high (little-endian).
-        let pairs = |p: usize, kk: usize| -> &mut [u32] {
-            let at = p * panel + (kk / 2) * 64;
-            // SAFETY: 64 u16 of a 64-byte aligned buffer are 32 aligned u32.
-            unsafe { std::slice::from_raw_parts_mut(out.as_ptr().add(at) as *mut u32, 32) }
-        };
-        // SAFETY (every read below): inside B by the contract.
-        let get = |kk: usize, j: usize| unsafe { *b.ptr.offset(kk as isize * b.rows + j as isize * b.cols) };
-        for kk in (0..kp).step_by(2) {
-            for p in 0..np / 32 {
-                let dst = pairs(p, kk);
-                let j0 = p * 32;
-                let cols = n.saturating_sub(j0).min(32);
-                if kk >= k {
-                    dst.fill(0);
-                    continue;
-                }
-                if b.cols == 1 {
-                    // Two rows side by side.
-                    let row = |kk: usize| unsafe {
-                        std::slice::from_raw_parts(b.ptr.offset(kk as isize * b.rows + j0 as isize), cols)
-                    };
-                    let r0 = row(kk);
-                    if kk + 1 < k {
-                        let r1 = row(kk + 1);
-                        for j in 0..cols {
-                            dst[j] = r0[j] as u32 | (r1[j] as u32) << 16;
-                        }
-                    } else {
-                        for j in 0..cols {
-                            dst[j] = r0[j] as u32;
-                        }
-                    }
-                } else {
-                    for (j, d) in dst.iter_mut().enumerate().take(cols) {
-                        let high = if kk + 1 < k { get(kk + 1, j0 + j) as u32 } else { 0 };
-                        *d = get(kk, j0 + j) as u32 | high << 16;
-                    }
-                }
-                dst[cols..].fill(0);
-            }
-        }
     }
 
     /// `C (+)= A·B` for `m × k` A and `k × n` B of bf16 and `m × n` C of f32 (`c.ptr`
@@ -282,16 +185,26 @@ mod imp {
         accumulate: bool,
     ) {
         let (mp, np, kp) = (round_up(m, 32), round_up(n, 32), round_up(k.max(1), 32));
+        // The whole 32-row blocks of a row-major A whose rows are whole cache lines (k a
+        // multiple of 32, rows and start 64-byte aligned) are read in place; copying them
+        // was a tenth of packing. Only the rest, a last partial block, is packed (padded).
+        let lines = |x: isize| (x as usize).is_multiple_of(64);
+        let in_place_a = a.cols == 1 && k % 32 == 0 && lines(a.rows * 2) && lines(a.ptr as isize);
+        let whole = if in_place_a { m / 32 } else { 0 };
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
             // SAFETY: the views are inside their buffers for these sizes (the caller's contract).
             unsafe {
-                pack_a(sized(&mut s.a, mp * a_row(kp, &a)), (m, k), (mp, kp), a);
-                pack_b(sized(&mut s.b, np * kp), (k, n), (np, kp), b);
+                let packer = Packer::detect();
+                let rest = View { ptr: a.ptr.offset((whole * 32) as isize * a.rows), ..a };
+                let (m_rest, mp_rest) = (m - whole * 32, mp - whole * 32);
+                pack_a(sized(&mut s.a, mp_rest * a_row(kp, &a)), (m_rest, k), (mp_rest, kp), rest, packer);
+                pack_b(sized(&mut s.b, np * kp), (k, n), (np, kp), b, packer);
             }
             let panel = kp * 32;
             // SAFETY: `kernel` is one this CPU has (the caller's contract); each block reads
-            // 32 packed rows of A and one packed panel of B inside the scratch, and writes
+            // 32 rows of A (in place, or packed in the scratch) and one packed panel of B
+            // inside the scratch, and writes
             // 32 × 32 f32 of C in place (a whole block inside C) or of the scratch block.
             unsafe {
                 if kernel == Kernel::Amx {
@@ -301,7 +214,12 @@ mod imp {
                 let (a_base, b_base) = (s.a.as_ptr() as *const u16, s.b.as_ptr() as *const u16);
                 let c_scratch = s.c.as_mut_ptr() as *mut f32;
                 let block = |ib: usize, jb: usize| {
-                    let (ap, bp) = (a_base.add(ib * 32 * lda), b_base.add(jb * panel));
+                    let (ap, lda) = if ib < whole {
+                        (a.ptr.offset((ib * 32) as isize * a.rows), a.rows as usize)
+                    } else {
+                        (a_base.add((ib - whole) * 32 * lda), lda)
+                    };
+                    let bp = b_base.add(jb * panel);
                     let (r0, j0) = (ib * 32, jb * 32);
                     let (rows, cols) = (32.min(m - r0), 32.min(n - j0));
                     // A whole block of a row-major C is accumulated in place; the
@@ -384,24 +302,35 @@ mod tests {
     fn products_match_a_naive_product(kernel: Kernel) {
         // Twice, the second time largest first: the scratch is reused without zeroing, so
         // the packers must write every padding value themselves.
-        let shapes = [(1usize, 1usize, 1usize), (17, 33, 31), (32, 32, 32), (45, 70, 100), (64, 16, 257)];
+        // (32, 32, 32) and (70, 33, 64) have a row-major A read in place (but for the last
+        // 6 rows of the second); A is stored 64-byte aligned for that.
+        let shapes = [(1usize, 1usize, 1usize), (17, 33, 31), (32, 32, 32), (45, 70, 100), (64, 16, 257), (70, 33, 64)];
         for &(m, n, k) in shapes.iter().chain(shapes.iter().rev()) {
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0).collect();
             let b: Vec<f32> = (0..k * n * 2).map(|i| ((i * 13 % 17) as f32 - 8.0) / 5.0).collect();
             let bits = |v: &[f32]| -> Vec<u16> { v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect() };
             let (a16, b16) = (bits(&a), bits(&b));
+            #[derive(Clone, Copy)]
+            #[repr(C, align(64))]
+            struct Line([u16; 32]);
+            let mut a_lines = vec![Line([0; 32]); a16.len().div_ceil(32)];
+            // SAFETY: the lines are contiguous u16, at least `a16.len()` of them.
+            unsafe { std::slice::from_raw_parts_mut(a_lines.as_mut_ptr() as *mut u16, a16.len()) }
+                .copy_from_slice(&a16);
             let val = |x: u16| half::bf16::from_bits(x).to_f32() as f64;
             // Layouts (rows, cols strides) of A (m × k), B (k × n) and C (m × n): row-major
-            // everything (C accumulated in place by whole blocks); A transposed with B
-            // strided and C column-major (through the scratch block); A transposed, B and C
-            // row-major (a weight gradient: computed as Cᵀ = Bᵀ·Aᵀ where n < m).
+            // everything (C accumulated in place by whole blocks); B column-major (a product
+            // with a transposed weight); A transposed with B strided and C column-major
+            // (through the scratch block); A transposed, B and C row-major (a weight
+            // gradient: computed as Cᵀ = Bᵀ·Aᵀ where n < m).
             let layouts = [
                 [(k as isize, 1), (2 * n as isize, 2), (n as isize, 1)],
+                [(k as isize, 1), (1, k as isize), (n as isize, 1)],
                 [(1, m as isize), (2 * n as isize, 2), (1, m as isize)],
                 [(1, m as isize), (n as isize, 1), (n as isize, 1)],
             ];
             for [(ar, ac), (br, bc), (cr, cc)] in layouts {
-                let av = View { ptr: a16.as_ptr(), rows: ar, cols: ac };
+                let av = View { ptr: a_lines.as_ptr() as *const u16, rows: ar, cols: ac };
                 let bv = View { ptr: b16.as_ptr(), rows: br, cols: bc };
                 for accumulate in [false, true] {
                     let mut c: Vec<f32> = (0..m * n).map(|i| i as f32 * 0.25).collect();
