@@ -98,7 +98,7 @@ fn fast_dot_products() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
-    use super::pack::{a_row, pack_a, pack_b, Packer};
+    use super::pack::{a_row, pack_a, pack_b, unpack_c, Packer};
     use super::{amx, avx512, Kernel};
     use std::cell::RefCell;
 
@@ -158,11 +158,13 @@ mod imp {
             return;
         }
         // Packing A transposes it unless it is row-major; packing B is cheap either way.
-        // So where A is not row-major, and Bᵀ would be (or is smaller to transpose),
-        // compute Cᵀ = Bᵀ·Aᵀ instead: the sums are the same, in the same order.
+        // So where A is not row-major, and Bᵀ would be (or is smaller to transpose, or as
+        // large with Cᵀ row-major, stored in place), compute Cᵀ = Bᵀ·Aᵀ instead: the sums
+        // are the same, in the same order.
         let transposes = |x: &View<u16>| x.cols != 1;
         let bt = View { ptr: b.ptr, rows: b.cols, cols: b.rows };
-        if transposes(&a) && (!transposes(&bt) || n < m) {
+        let row_major_ct = c.rows == 1 && c.cols != 1;
+        if transposes(&a) && (!transposes(&bt) || n < m || (n == m && row_major_ct)) {
             let at = View { ptr: a.ptr, rows: a.cols, cols: a.rows };
             let ct = View { ptr: c.ptr, rows: c.cols, cols: c.rows };
             // SAFETY: the same elements, reached through transposed views.
@@ -194,8 +196,8 @@ mod imp {
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
             // SAFETY: the views are inside their buffers for these sizes (the caller's contract).
+            let packer = Packer::detect();
             unsafe {
-                let packer = Packer::detect();
                 let rest = View { ptr: a.ptr.offset((whole * 32) as isize * a.rows), ..a };
                 let (m_rest, mp_rest) = (m - whole * 32, mp - whole * 32);
                 pack_a(sized(&mut s.a, mp_rest * a_row(kp, &a)), (m_rest, k), (mp_rest, kp), rest, packer);
@@ -239,15 +241,10 @@ mod imp {
                         Kernel::Avx512Bf16 => avx512::block((ap, lda), bp, kp, (cp, c_stride), from_c),
                     }
                     if !in_place {
-                        let out = c.ptr as *mut f32;
+                        let at = View { ptr: c.ptr.offset(r0 as isize * c.rows + j0 as isize * c.cols), ..c };
                         // SAFETY: the scratch block is 32 × 32 f32 (64 lines of 64 bytes).
-                        let scratch = std::slice::from_raw_parts(c_scratch as *const f32, 32 * 32);
-                        for r in 0..rows {
-                            for (j, &v) in scratch[r * 32..r * 32 + cols].iter().enumerate() {
-                                let at = out.offset((r0 + r) as isize * c.rows + (j0 + j) as isize * c.cols);
-                                *at = if accumulate { *at + v } else { v };
-                            }
-                        }
+                        let scratch = &*(c_scratch as *const [f32; 32 * 32]);
+                        unpack_c(scratch, at, (rows, cols), accumulate, packer);
                     }
                 };
                 // One block of 32 rows of A and one panel of B are the same size
@@ -322,12 +319,14 @@ mod tests {
             // everything (C accumulated in place by whole blocks); B column-major (a product
             // with a transposed weight); A transposed with B strided and C column-major
             // (through the scratch block); A transposed, B and C row-major (a weight
-            // gradient: computed as Cᵀ = Bᵀ·Aᵀ where n < m).
+            // gradient: computed as Cᵀ = Bᵀ·Aᵀ where n < m); A transposed, B row-major and C
+            // column-major (a weight gradient stored as the weight is: Cᵀ = Bᵀ·Aᵀ where n ≤ m).
             let layouts = [
                 [(k as isize, 1), (2 * n as isize, 2), (n as isize, 1)],
                 [(k as isize, 1), (1, k as isize), (n as isize, 1)],
                 [(1, m as isize), (2 * n as isize, 2), (1, m as isize)],
                 [(1, m as isize), (n as isize, 1), (n as isize, 1)],
+                [(1, m as isize), (n as isize, 1), (1, m as isize)],
             ];
             for [(ar, ac), (br, bc), (cr, cc)] in layouts {
                 let av = View { ptr: a_lines.as_ptr() as *const u16, rows: ar, cols: ac };

@@ -322,6 +322,85 @@ unsafe fn gather_columns(out: *mut u16, (k, n): (usize, usize), (np, kp): (usize
     }
 }
 
+/// A 32 × 32 block of f32 sums (`block`, row-major, 32 values a row) into `rows × cols`
+/// of C at `c` (element (r, j) at `r·c.rows + j·c.cols`), added to what C holds where
+/// `accumulate`. For blocks the kernels cannot store in place: the edges of C, and C
+/// column-major (a weight gradient computed transposed), whose 32 × 32 block the vector
+/// path transposes with gathers.
+///
+/// # Safety
+/// `c` is writable for `rows × cols` (each at most 32) elements; `packer` is one of
+/// [`Packer::all`].
+pub unsafe fn unpack_c(
+    block: &[f32; 32 * 32],
+    c: View<f32>,
+    (rows, cols): (usize, usize),
+    accumulate: bool,
+    packer: Packer,
+) {
+    if packer == Packer::Avx512 && (c.cols == 1 || c.rows == 1) {
+        // SAFETY: as documented; AVX-512 is present (the packer).
+        return unsafe { unpack_c_avx512(block, c, (rows, cols), accumulate) };
+    }
+    let out = c.ptr as *mut f32;
+    for r in 0..rows {
+        for (j, &v) in block[r * 32..r * 32 + cols].iter().enumerate() {
+            // SAFETY: inside C by the contract.
+            unsafe {
+                let at = out.offset(r as isize * c.rows + j as isize * c.cols);
+                *at = if accumulate { *at + v } else { v };
+            }
+        }
+    }
+}
+
+/// [`unpack_c`] for a row-major C (masked rows of 32) or a column-major one (each
+/// column of the block gathered, 16 rows at a time).
+///
+/// # Safety
+/// As for [`unpack_c`], with `c.cols == 1 || c.rows == 1` and AVX-512 F present.
+#[target_feature(enable = "avx512f")]
+unsafe fn unpack_c_avx512(block: &[f32; 32 * 32], c: View<f32>, (rows, cols): (usize, usize), accumulate: bool) {
+    let out = c.ptr as *mut f32;
+    // `run` values at `at` in C, `value` and what C holds (where `accumulate`) added.
+    let put = |at: *mut f32, mask: __mmask16, value: __m512| {
+        // SAFETY: the caller passes masked lanes inside C.
+        unsafe {
+            let value = if accumulate { _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), value) } else { value };
+            _mm512_mask_storeu_ps(at, mask, value);
+        }
+    };
+    // SAFETY (every access below): the masked lanes are rows below `rows` and columns below
+    // `cols`, inside the block and inside C by the contract.
+    unsafe {
+        if c.cols == 1 {
+            for r in 0..rows {
+                for j in (0..cols).step_by(16) {
+                    let mask = first16(cols - j);
+                    put(
+                        out.offset(r as isize * c.rows).add(j),
+                        mask,
+                        _mm512_maskz_loadu_ps(mask, block.as_ptr().add(r * 32 + j)),
+                    );
+                }
+            }
+        } else {
+            let index = _mm512_mullo_epi32(
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                _mm512_set1_epi32(32),
+            );
+            for j in 0..cols {
+                for r in (0..rows).step_by(16) {
+                    let mask = first16(rows - r);
+                    let value =
+                        _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, index, block.as_ptr().add(r * 32 + j));
+                    put(out.offset(j as isize * c.cols).add(r), mask, value);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,6 +454,35 @@ mod tests {
                     let layout = format!("{rows}×{cols}, strides ({r_stride}, {c_stride})");
                     assert!(got.0 == want.0, "{packer:?} packs A ({layout}) unlike the scalar packer");
                     assert!(got.1 == want.1, "{packer:?} packs B ({layout}) unlike the scalar packer");
+                }
+            }
+        }
+    }
+
+    /// Every packer stores a block of sums into row-major, column-major and strided C the
+    /// same way as the scalar one: copied, or added to C, only inside the edge sizes.
+    #[test]
+    fn every_packer_stores_blocks_as_the_scalar_one_does() {
+        let block: [f32; 32 * 32] = std::array::from_fn(|i| (i as f32 * 0.37).sin() + 3000.0);
+        for (rows, cols) in [(1usize, 1usize), (5, 32), (32, 7), (17, 19), (32, 32)] {
+            let layouts = [(48isize, 1isize), (1, 40), (2 * 48, 2)];
+            for (r_stride, c_stride) in layouts {
+                for accumulate in [false, true] {
+                    let stored = |packer: Packer| {
+                        let mut c: Vec<f32> = (0..4096).map(|i| i as f32 * 0.5).collect();
+                        let view = View { ptr: c.as_mut_ptr() as *const f32, rows: r_stride, cols: c_stride };
+                        // SAFETY: 32 rows and columns at these strides lie inside 4096 values.
+                        unsafe { unpack_c(&block, view, (rows, cols), accumulate, packer) };
+                        c
+                    };
+                    let want = stored(Packer::Scalar);
+                    assert!(want.iter().enumerate().any(|(i, &v)| v != i as f32 * 0.5), "nothing stored");
+                    for &packer in &Packer::all()[1..] {
+                        assert!(
+                            stored(packer) == want,
+                            "{packer:?} stores a {rows}×{cols} block at strides ({r_stride}, {c_stride}), accumulate {accumulate}, unlike the scalar packer"
+                        );
+                    }
                 }
             }
         }
