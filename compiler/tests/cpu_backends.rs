@@ -389,6 +389,52 @@ fn lane_reductions_match_the_serial_loops() {
 
 /// 16-bit buffers and rounding, generated code against the executor bit for bit: ties
 /// (to even), values past f16's range, subnormal halves, ±0, ±∞ and NaN.
+/// `out[i] = fma(a[i], b[i], c[i])`, as a vector loop over rows of 37: rounded once in
+/// the executor and in every generated kernel. The first element is chosen so that the
+/// product rounded alone would lose the answer: (1 + 2⁻¹²)² − (1 + 2⁻¹¹) is 2⁻²⁴ exactly,
+/// and 0 when a · b is rounded before the addition.
+#[test]
+fn fused_multiply_add_rounds_once_everywhere() {
+    let (r, j) = (0, 1);
+    let at = add(mul(var(r), i(37)), var(j));
+    let k = kernel(
+        "fused_multiply_add",
+        vec![
+            buf("a", Elem::F32, Access::Read),
+            buf("b", Elem::F32, Access::Read),
+            buf("c", Elem::F32, Access::Read),
+            buf("out", Elem::F32, Access::Write),
+        ],
+        &["R"],
+        &[],
+        size(0),
+        vec![for_(
+            j,
+            i(37),
+            LoopKind::Vector,
+            vec![store(3, at.clone(), Expr::mul_add(ld(0, at.clone()), ld(1, at.clone()), ld(2, at)))],
+        )],
+    );
+    let rows = 5usize;
+    let n = rows * 37;
+    let (mut a, mut b, mut c) = (data(n, 13), data(n, 14), data(n, 15));
+    let x = 1.0 + 2f32.powi(-12);
+    (a[0], b[0], c[0]) = (x, x, -(1.0 + 2f32.powi(-11)));
+    assert_eq!(x * x + c[0], 0.0, "rounded twice");
+    let mut bufs = [Buffer::F32(a.clone()), Buffer::F32(b.clone()), Buffer::F32(c.clone()), Buffer::F32(vec![0.0; n])];
+    exec::run(&k, &mut bufs, &[rows as i64], 0, rows as i64).unwrap();
+    let Buffer::F32(want) = &bufs[3] else { unreachable!("an f32 buffer") };
+    assert_eq!(want[0], 2f32.powi(-24), "the executor rounds once");
+    for (w, ((&x, &y), &z)) in want.iter().zip(a.iter().zip(&b).zip(&c)) {
+        assert_eq!(w.to_bits(), x.mul_add(y, z).to_bits());
+    }
+    let inputs = [Buffer::F32(a), Buffer::F32(b), Buffer::F32(c), Buffer::F32(vec![0.0; n])];
+    for gen in targets() {
+        let lib = compile(std::slice::from_ref(&k), &gen);
+        check(&lib, &gen.name, &k, &inputs, &[rows as i64], rows as i64, 0.0);
+    }
+}
+
 #[test]
 fn sixteen_bit_floats_round_like_the_executor() {
     let k = sixteen_bit_kernel();

@@ -186,6 +186,22 @@ fn chunked_kernel_matches_the_naive_interpreter() {
     }
 }
 
+/// Head widths that change the kernel's blocking: e = 40 takes rows 4 at a time (8 for
+/// e = 3), d = 6 updates S 2 rows at a time; with chunks of 64 and 7 (rounded up to whole
+/// row blocks) and lengths that end inside a row block and inside a chunk.
+#[test]
+fn row_blocks_of_every_width_match_the_naive_interpreter() {
+    for (direction, decay) in
+        [(Direction::Causal, false), (Direction::Causal, true), (Direction::Anticausal, true), (Direction::Full, false)]
+    {
+        for chunk in [64, 7] {
+            let opts = ScheduleOptions { chunk, ..Default::default() };
+            let worst = check_with(direction, decay, Prologue::Elu, (6, 40), &opts, &[3, 66, 131]);
+            eprintln!("d 6 e 40 {direction:?} decay={decay} C={chunk}: worst relative L2 {worst:.2e}");
+        }
+    }
+}
+
 /// The GPU block kernel (`schedule/linear_attention_gpu.rs`) in the GPU-semantics
 /// executor: threads in random order, every shared-memory access checked for races and
 /// uninitialized reads. Chunks of 64 and 4 tokens (the GPU tiles take powers of two),

@@ -148,7 +148,7 @@ fn touches(body: &[Stmt], b: usize) -> bool {
             Expr::LoadArray { index, .. } => loads(index, b),
             Expr::Unary(_, x) | Expr::Cast(_, x) => loads(x, b),
             Expr::Binary(_, x, y) => loads(x, b) || loads(y, b),
-            Expr::Select(c, x, y) => loads(c, b) || loads(x, b) || loads(y, b),
+            Expr::Select(c, x, y) | Expr::MulAdd(c, x, y) => loads(c, b) || loads(x, b) || loads(y, b),
             Expr::DropoutKeep { seed, index, step, .. } => loads(seed, b) || loads(index, b) || loads(step, b),
         }
     }
@@ -414,7 +414,7 @@ fn reads_array(e: &Expr) -> bool {
         Expr::Load { index, .. } => reads_array(index),
         Expr::Unary(_, a) | Expr::Cast(_, a) => reads_array(a),
         Expr::Binary(_, a, b) => reads_array(a) || reads_array(b),
-        Expr::Select(c, a, b) => reads_array(c) || reads_array(a) || reads_array(b),
+        Expr::Select(c, a, b) | Expr::MulAdd(c, a, b) => reads_array(c) || reads_array(a) || reads_array(b),
         Expr::DropoutKeep { seed, index, step, .. } => reads_array(seed) || reads_array(index) || reads_array(step),
     }
 }

@@ -341,6 +341,10 @@ impl Machine<'_> {
                     self.eval(b)?
                 }
             }
+            Expr::MulAdd(a, b, c) => {
+                let (a, b, c) = (self.eval(a)?.f()?, self.eval(b)?.f()?, self.eval(c)?.f()?);
+                Val::F(a.mul_add(b, c))
+            }
             Expr::Cast(to, a) => {
                 let v = self.eval(a)?;
                 match (to, v) {

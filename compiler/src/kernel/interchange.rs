@@ -219,6 +219,7 @@ fn subst(x: &Expr, arrays: &HashMap<Var, Var>, col: &Expr) -> Expr {
         Expr::Unary(u, a) => Expr::Unary(*u, r(a)),
         Expr::Binary(b, a, c) => Expr::Binary(*b, r(a), r(c)),
         Expr::Select(c, a, b) => Expr::Select(r(c), r(a), r(b)),
+        Expr::MulAdd(a, b, c) => Expr::MulAdd(r(a), r(b), r(c)),
         Expr::Cast(t, a) => Expr::Cast(*t, r(a)),
         Expr::DropoutKeep { seed, salt, index, step, rate } => {
             Expr::DropoutKeep { seed: r(seed), salt: *salt, index: r(index), step: r(step), rate: *rate }

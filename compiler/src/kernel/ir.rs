@@ -146,6 +146,10 @@ pub enum Expr {
     Unary(Unary, Box<Expr>),
     Binary(Binary, Box<Expr>, Box<Expr>),
     Select(Box<Expr>, Box<Expr>, Box<Expr>),
+    /// `a · b + c` on f32 rounded once (IEEE 754 fusedMultiplyAdd, Rust's `mul_add`):
+    /// one instruction where a product is accumulated, on every target, with the same
+    /// result everywhere.
+    MulAdd(Box<Expr>, Box<Expr>, Box<Expr>),
     Cast(Scalar, Box<Expr>),
     /// Dropout's keep decision, `rng::dropout_keep` (Philox4x32-10): a Bool.
     /// `seed` and `step` are I64 expressions (run-time arguments), `index` the element.
@@ -176,6 +180,11 @@ impl Expr {
         Expr::Binary(op, Box::new(a), Box::new(b))
     }
 
+    /// `a · b + c`, rounded once.
+    pub fn mul_add(a: Expr, b: Expr, c: Expr) -> Expr {
+        Expr::MulAdd(Box::new(a), Box::new(b), Box::new(c))
+    }
+
     /// Element `index` of local or shared array `array`.
     pub fn load_array(array: Var, index: Expr) -> Expr {
         Expr::LoadArray { array, index: Box::new(index) }
@@ -190,7 +199,7 @@ impl Expr {
             Expr::Binary(Binary::Div | Binary::Rem, _, _) => true,
             Expr::Unary(_, a) | Expr::Cast(_, a) => a.may_trap(),
             Expr::Binary(_, a, b) => a.may_trap() || b.may_trap(),
-            Expr::Select(c, a, b) => c.may_trap() || a.may_trap() || b.may_trap(),
+            Expr::Select(c, a, b) | Expr::MulAdd(c, a, b) => c.may_trap() || a.may_trap() || b.may_trap(),
             Expr::DropoutKeep { seed, index, step, .. } => seed.may_trap() || index.may_trap() || step.may_trap(),
         }
     }
@@ -210,7 +219,7 @@ impl Expr {
                 a.visit_vars(f);
                 b.visit_vars(f)
             }
-            Expr::Select(c, a, b) => {
+            Expr::Select(c, a, b) | Expr::MulAdd(c, a, b) => {
                 c.visit_vars(f);
                 a.visit_vars(f);
                 b.visit_vars(f)

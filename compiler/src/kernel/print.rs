@@ -58,6 +58,7 @@ pub fn expr(k: &Kernel, e: &Expr) -> String {
             format!("({} {sym} {})", expr(k, a), expr(k, b))
         }
         Expr::Select(c, a, b) => format!("({} ? {} : {})", expr(k, c), expr(k, a), expr(k, b)),
+        Expr::MulAdd(a, b, c) => format!("fma({}, {}, {})", expr(k, a), expr(k, b), expr(k, c)),
         Expr::Cast(s, a) => format!("{}({})", scalar(*s), expr(k, a)),
         Expr::DropoutKeep { seed, salt, index, step, rate } => format!(
             "dropout_keep(seed={}, salt={salt:#x}, index={}, step={}, rate={rate})",

@@ -117,7 +117,7 @@ fn divisors(e: &Expr, v: Var, out: &mut Vec<i64>) {
             divisors(a, v, out);
             divisors(b, v, out)
         }
-        Expr::Select(c, a, b) => {
+        Expr::Select(c, a, b) | Expr::MulAdd(c, a, b) => {
             divisors(c, v, out);
             divisors(a, v, out);
             divisors(b, v, out)
@@ -156,6 +156,7 @@ fn split_expr(x: &Expr, v: Var, c: i64, parts: (Var, Var)) -> Expr {
         Expr::Cast(t, a) => Expr::Cast(*t, r(a)),
         Expr::Binary(op, a, b) => Expr::Binary(*op, r(a), r(b)),
         Expr::Select(p, a, b) => Expr::Select(r(p), r(a), r(b)),
+        Expr::MulAdd(a, b, c) => Expr::MulAdd(r(a), r(b), r(c)),
         Expr::DropoutKeep { seed, salt, index, step, rate } => {
             Expr::DropoutKeep { seed: r(seed), salt: *salt, index: r(index), step: r(step), rate: *rate }
         }

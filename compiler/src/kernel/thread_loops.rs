@@ -98,7 +98,7 @@ impl Types {
                     _ => self.of(k, a)?,
                 }
             }
-            Expr::Select(_, a, _) => self.of(k, a)?,
+            Expr::Select(_, a, _) | Expr::MulAdd(a, _, _) => self.of(k, a)?,
             Expr::Cast(to, _) => *to,
         })
     }
@@ -408,6 +408,7 @@ impl Rewrite<'_> {
             Expr::Unary(op, a) => Expr::Unary(*op, e(a)),
             Expr::Binary(op, a, b) => Expr::Binary(*op, e(a), e(b)),
             Expr::Select(c, a, b) => Expr::Select(e(c), e(a), e(b)),
+            Expr::MulAdd(a, b, c) => Expr::MulAdd(e(a), e(b), e(c)),
             Expr::Cast(to, a) => Expr::Cast(*to, e(a)),
             Expr::DropoutKeep { seed, salt, index, step, rate } => {
                 Expr::DropoutKeep { seed: e(seed), salt: *salt, index: e(index), step: e(step), rate: *rate }

@@ -312,6 +312,16 @@ impl Validator<'_> {
                 }
                 a
             }
+            Expr::MulAdd(x, y, z) => {
+                for (operand, what) in [
+                    (x, "a fused multiply-add's factor"),
+                    (y, "a fused multiply-add's factor"),
+                    (z, "a fused multiply-add's addend"),
+                ] {
+                    self.expect(operand, Class::F32, what)?;
+                }
+                Class::F32
+            }
             Expr::Cast(to, a) => {
                 self.expr(a)?;
                 Class::of(*to)
@@ -339,7 +349,7 @@ fn check_sizes_only(e: &Expr, bad: &mut Option<&'static str>) {
             check_sizes_only(a, bad);
             check_sizes_only(b, bad);
         }
-        Expr::Select(c, a, b) => {
+        Expr::Select(c, a, b) | Expr::MulAdd(c, a, b) => {
             check_sizes_only(c, bad);
             check_sizes_only(a, bad);
             check_sizes_only(b, bad);

@@ -14,6 +14,8 @@
 //! - float → integer casts saturate (NaN → 0): `fcvt_to_sint_sat`;
 //! - f32 `max`/`min` propagate NaN: Cranelift's `fmax`/`fmin` are IEEE 754-2019's
 //!   maximum/minimum, as LLVM's `llvm.maximum`;
+//! - a fused multiply-add is Cranelift's `fma` (`vfmadd` with the `fma` feature, else a
+//!   call to libm's `fmaf`), rounded once as everywhere;
 //! - exp, sin, cos, the bf16 and f16 roundings and dropout's Philox are `kernel::math`'s
 //!   and `tnc_runtime::rng`'s operation sequences, inlined (`math.rs`); log, pow, tanh and
 //!   the float remainder call libm (`logf`, `powf`, `tanhf`, `fmodf`, the functions LLVM
@@ -381,6 +383,12 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                     return Err(format!("{op:?} of {} and {}: `{text}`", ta, tc));
                 }
                 self.binary(*op, a, c, ta).map_err(|m| format!("{m}: `{}`", print::expr(self.kernel, e)))?
+            }
+            Expr::MulAdd(x, y, z) => {
+                let a = self.expect(x, Class::F32, "a fused multiply-add's factor")?;
+                let c = self.expect(y, Class::F32, "a fused multiply-add's factor")?;
+                let d = self.expect(z, Class::F32, "a fused multiply-add's addend")?;
+                (self.b.ins().fma(a, c, d), Class::F32)
             }
             Expr::Select(c, x, y) => {
                 let cv = self.expect(c, Class::Bool, "a select condition")?;

@@ -27,6 +27,7 @@
 //!   store to an i32 buffer truncates; integer arithmetic wraps;
 //! - float → integer casts saturate (NaN → 0), like Rust's `as` (`llvm.fptosi.sat`);
 //! - `max`/`min` on f32 propagate NaN (`llvm.maximum`/`llvm.minimum`);
+//! - a fused multiply-add is `llvm.fma` (rounded once, as Rust's `mul_add`);
 //! - exp, sin and cos are `kernel::math`'s (SLEEF's algorithms), inlined from
 //!   `vector_math` so that they vectorize; log, sqrt, pow, fabs are LLVM intrinsics (libm
 //!   calls for the transcendental ones), tanh calls libm's `tanhf`, so the shared object
@@ -758,6 +759,13 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
                     ));
                 }
                 self.binary(*op, a, c, ta).map_err(|m| format!("{m}: `{}`", print::expr(self.kernel, e)))?
+            }
+            Expr::MulAdd(x, y, z) => {
+                let a = self.expect(x, Ty::F, "a fused multiply-add's factor")?;
+                let c = self.expect(y, Ty::F, "a fused multiply-add's factor")?;
+                let d = self.expect(z, Ty::F, "a fused multiply-add's addend")?;
+                let f32t = self.ctx.f32_type().into();
+                (self.call("llvm.fma", &[f32t], &[a, c, d])?, Ty::F)
             }
             Expr::Select(c, x, y) => {
                 let cv = self.expect(c, Ty::B, "a select condition")?.into_int_value();
