@@ -28,6 +28,7 @@
 
 use super::element::{elem_of, Lowering, Source};
 use super::emit::{add, mul};
+use super::row_blocks::dividing_rows_per_block;
 use super::threads::{deal, split, THREADS};
 use crate::ir::{BlockAttention, BlockAttentionGrad, NodeId, Region, TensorType};
 use crate::kernel::{Access, Binary, Expr, Kernel, LoopKind, Stmt, Var};
@@ -153,13 +154,12 @@ impl Block {
     /// `out[i·w + j] = Σ_x a[i·ka + x·sa] · b[j·kb + x·sb]` for all i, j < w over x < n:
     /// the products of the block's small matrices.
     ///
-    /// On CPUs `b` is first copied transposed, so that the columns j are contiguous and
-    /// their loop a vector loop over a serial sum, which `kernel::interchange` turns into
-    /// `acc[j] += a[i, x] · bᵀ[x, j]` (vectorized; each sum keeps its order of terms).
+    /// On CPUs `b` is first copied transposed, so that the columns j are contiguous, and
+    /// the product is register-blocked (`super::row_blocks`): rows of `out` R at a time,
+    /// each term a fused multiply-add, the sum over x in order. On GPUs each thread takes
+    /// elements and sums their terms in the same order.
     fn product(&self, lw: &mut Lowering, out: Var, a: (Var, usize, usize), b: (Var, usize, usize), n: usize) {
-        let (b, kinds) = if self.gpu {
-            (b, (LoopKind::Serial, LoopKind::Serial))
-        } else {
+        if !self.gpu {
             let bt = lw.e.array(self.w * n);
             let j = lw.e.open();
             let x = lw.e.open();
@@ -168,9 +168,26 @@ impl Block {
             lw.e.push(Stmt::StoreArray { array: bt, index: to, value: Expr::load_array(b.0, from) });
             lw.e.close(x, Expr::I64(n as i64), LoopKind::Serial);
             lw.e.close(j, Expr::I64(self.w as i64), LoopKind::Serial);
-            ((bt, 1, self.w), (LoopKind::Serial, LoopKind::Vector))
-        };
-        let done = self.each(lw, (self.w, self.w), kinds, |lw, iv, jv| {
+            let w = self.w;
+            self.blocked(
+                lw,
+                n,
+                w,
+                &mut |_, row, x| {
+                    let at = add(mul(row.clone(), Expr::I64(a.1 as i64)), mul(x.clone(), Expr::I64(a.2 as i64)));
+                    Expr::load_array(a.0, at)
+                },
+                &mut |lw, x, j| Expr::load_array(bt, lw.e.bind(add(mul(x.clone(), Expr::I64(w as i64)), j.clone()))),
+                &mut |lw, row, j, value| {
+                    let at = lw.e.bind(add(mul(row.clone(), Expr::I64(w as i64)), j.clone()));
+                    lw.e.push(Stmt::StoreArray { array: out, index: at, value });
+                    Ok(())
+                },
+            )
+            .expect("a product of local arrays cannot fail");
+            return;
+        }
+        let done = self.each(lw, (self.w, self.w), (LoopKind::Serial, LoopKind::Serial), |lw, iv, jv| {
             let dot = lw.serial_sum(Expr::F32(0.0), Expr::I64(n as i64), |_, x| {
                 let ai = add(mul(iv.clone(), Expr::I64(a.1 as i64)), mul(x.clone(), Expr::I64(a.2 as i64)));
                 let bi = add(mul(jv.clone(), Expr::I64(b.1 as i64)), mul(x, Expr::I64(b.2 as i64)));
@@ -181,6 +198,61 @@ impl Block {
             Ok(())
         });
         done.expect("a product of local arrays cannot fail");
+    }
+
+    /// A CPU product of `w` rows and `width` columns over `n` terms, register-blocked
+    /// (`super::row_blocks`): `put(row, col, Σ_x left(row, x) · right(x, col))` for every
+    /// row < w and col < width, the sum over x in order, each term a fused multiply-add
+    /// into an accumulator array of R rows.
+    #[allow(clippy::type_complexity)]
+    fn blocked(
+        &self,
+        lw: &mut Lowering,
+        n: usize,
+        width: usize,
+        left: &mut dyn FnMut(&mut Lowering, &Expr, &Expr) -> Expr,
+        right: &mut dyn FnMut(&mut Lowering, &Expr, &Expr) -> Expr,
+        put: &mut dyn FnMut(&mut Lowering, &Expr, &Expr, Expr) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let rows = dividing_rows_per_block(width, self.w);
+        let (ri, wi) = (Expr::I64(rows as i64), Expr::I64(width as i64));
+        let acc = lw.e.array(rows * width);
+        let rb = lw.e.open();
+        let r0 = lw.e.bind(mul(Expr::Var(rb), ri.clone()));
+        // `body(r, col)` for r < R and a vector loop over the columns.
+        let rows_of = |lw: &mut Lowering, body: &mut dyn FnMut(&mut Lowering, &Expr, &Expr) -> Result<(), String>| {
+            let r = lw.e.open();
+            let c = lw.e.open();
+            let done = body(lw, &Expr::Var(r), &Expr::Var(c));
+            lw.e.close(c, wi.clone(), LoopKind::Vector);
+            lw.e.close(r, ri.clone(), LoopKind::Serial);
+            done
+        };
+        rows_of(lw, &mut |lw, r, c| {
+            let at = lw.e.bind(add(mul(r.clone(), wi.clone()), c.clone()));
+            lw.e.push(Stmt::StoreArray { array: acc, index: at, value: Expr::F32(0.0) });
+            Ok(())
+        })?;
+        let x = lw.e.open();
+        let xv = Expr::Var(x);
+        rows_of(lw, &mut |lw, r, c| {
+            let row = lw.e.bind(add(r0.clone(), r.clone()));
+            let lv = left(lw, &row, &xv);
+            let lv = lw.e.bind(lv);
+            let rv = right(lw, &xv, c);
+            let at = lw.e.bind(add(mul(r.clone(), wi.clone()), c.clone()));
+            let value = Expr::mul_add(lv, rv, Expr::load_array(acc, at.clone()));
+            lw.e.push(Stmt::StoreArray { array: acc, index: at, value });
+            Ok(())
+        })?;
+        lw.e.close(x, Expr::I64(n as i64), LoopKind::Serial);
+        rows_of(lw, &mut |lw, r, c| {
+            let row = lw.e.bind(add(r0.clone(), r.clone()));
+            let at = lw.e.bind(add(mul(r.clone(), wi.clone()), c.clone()));
+            put(lw, &row, c, Expr::load_array(acc, at))
+        })?;
+        lw.e.close(rb, Expr::I64((self.w / rows) as i64), LoopKind::Serial);
+        Ok(())
     }
 
     /// A `w × w` array of `region(args…)` (arguments: `w × w` arrays of the block). On
@@ -211,7 +283,8 @@ impl Block {
     }
 
     /// Stores `Σ_x m[x·sm + r·tm] · a[x·width + c]` at `out[b…, r, offset + c]` for every
-    /// row r < w and column c < width: a (transposed) block matrix times a staged operand.
+    /// row r < w and column c < width: a (transposed) block matrix times a staged operand
+    /// (on CPUs register-blocked, [`Block::blocked`]).
     #[allow(clippy::too_many_arguments)]
     fn store_product(
         &self,
@@ -222,17 +295,33 @@ impl Block {
         a: Var,
         width: usize,
     ) -> Result<(), String> {
+        let mut put = |lw: &mut Lowering, rv: &Expr, cv: &Expr, value: Expr| -> Result<(), String> {
+            let mut idx = self.b_idx.clone();
+            idx.extend([rv.clone(), add(cv.clone(), Expr::I64(offset as i64))]);
+            let lin = lw.linear(&idx, &out.1.shape)?;
+            lw.e.push(Stmt::Store { buffer: out.0, index: lin, value });
+            Ok(())
+        };
+        if !self.gpu {
+            return self.blocked(
+                lw,
+                self.w,
+                width,
+                &mut |_, r, x| {
+                    let mi = add(mul(x.clone(), Expr::I64(m.1 as i64)), mul(r.clone(), Expr::I64(m.2 as i64)));
+                    Expr::load_array(m.0, mi)
+                },
+                &mut |lw, x, c| Expr::load_array(a, lw.e.bind(add(mul(x.clone(), Expr::I64(width as i64)), c.clone()))),
+                &mut put,
+            );
+        }
         self.each(lw, (self.w, width), (LoopKind::Serial, LoopKind::Vector), |lw, rv, cv| {
             let value = lw.serial_sum(Expr::F32(0.0), Expr::I64(self.w as i64), |_, x| {
                 let mi = add(mul(x.clone(), Expr::I64(m.1 as i64)), mul(rv.clone(), Expr::I64(m.2 as i64)));
                 let ai = add(mul(x, Expr::I64(width as i64)), cv.clone());
                 Expr::Binary(Binary::Mul, Box::new(Expr::load_array(m.0, mi)), Box::new(Expr::load_array(a, ai)))
             });
-            let mut idx = self.b_idx.clone();
-            idx.extend([rv, add(cv, Expr::I64(offset as i64))]);
-            let lin = lw.linear(&idx, &out.1.shape)?;
-            lw.e.push(Stmt::Store { buffer: out.0, index: lin, value });
-            Ok(())
+            put(lw, &rv, &cv, value)
         })
     }
 }

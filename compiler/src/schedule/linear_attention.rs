@@ -38,6 +38,7 @@
 
 use super::element::{elem_of, Lowering, Source};
 use super::emit::{add, bin, div, mul, sub};
+use super::row_blocks::{dividing_rows_per_block, rows_per_block};
 use crate::ir::{Direction, LinearAttention, NodeId, Region};
 use crate::kernel::{Access, Binary, Expr, Kernel, LoopKind, Scalar, Stmt, Var};
 use std::rc::Rc;
@@ -184,18 +185,6 @@ impl Chunks {
     }
 }
 
-/// Rows of a chunk computed together (a power of two, at most 8): their outputs,
-/// `rows · e` floats, are accumulated side by side, which keeps 16 AVX-512 registers of
-/// independent sums in flight instead of one row's `e / 16` (an addition's latency, not
-/// the arithmetic, bounded the row-at-a-time loops).
-fn rows_per_block(e: usize) -> usize {
-    let mut r = 8;
-    while r > 1 && r * e > 256 {
-        r /= 2;
-    }
-    r
-}
-
 /// Scores are computed for blocks of this many key columns (four AVX-512 registers:
 /// LLVM unrolls a loop of 32 before vectorizing it, and then vectorizes across rows).
 const SCORE_COLUMNS: usize = 64;
@@ -206,7 +195,7 @@ fn round_up(x: usize, to: usize) -> usize {
 
 /// The chunked kernel of linear attention node `n`, with chunks of `chunk` tokens.
 ///
-/// Each chunk's rows are taken `R` at a time (a row block, [`rows_per_block`]), and the
+/// Each chunk's rows are taken `R` at a time (a row block, `super::row_blocks`), and the
 /// state update `R` rows of S at a time, so that every product below keeps several
 /// independent accumulators: the scores of a block against 32 key columns, the block's
 /// outputs, or a block of S rows, each summed over its inner axis in order. Every output
@@ -226,17 +215,11 @@ pub fn kernel(
     let Parts { q, k, v, out_ty, batch, len_n, d, e, .. } = &parts;
     let (d, e) = (*d, *e);
     let (di, ei) = (Expr::I64(d as i64), Expr::I64(e as i64));
-    // At most the chunk length, so that a block's rows never reach two chunks past.
-    let mut rb = rows_per_block(e);
-    while rb > c {
-        rb /= 2;
-    }
+    // Rows of the chunk taken together (`super::row_blocks`), at most the chunk length.
+    let rb = rows_per_block(e, c);
     let rbi = Expr::I64(rb as i64);
     // Rows of S updated together: a divisor of d.
-    let mut sb = rows_per_block(e);
-    while d % sb != 0 {
-        sb /= 2;
-    }
+    let sb = dividing_rows_per_block(e, d);
     // Padded chunk rows and key columns.
     let cr = round_up(c, rb);
     let cp = round_up(cr, SCORE_COLUMNS);

@@ -23,6 +23,7 @@ mod gemm;
 mod linear_attention;
 pub mod linear_attention_gpu;
 pub mod optimizer;
+mod row_blocks;
 pub mod run;
 mod special;
 mod split_reduce;
