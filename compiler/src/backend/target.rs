@@ -132,6 +132,19 @@ impl CpuTarget {
         self.features.split(',').any(|f| f == "+avx512f")
     }
 
+    /// Floats a register-blocked product may keep in accumulators: half the vector
+    /// register file (`schedule/row_blocks.rs`).
+    pub fn accumulator_floats(&self) -> usize {
+        use crate::schedule::row_blocks::{AVX2_ACCUMULATOR_FLOATS, AVX512_ACCUMULATOR_FLOATS, SSE_ACCUMULATOR_FLOATS};
+        if self.has_avx512() {
+            AVX512_ACCUMULATOR_FLOATS
+        } else if self.features.split(',').any(|f| f == "+avx") {
+            AVX2_ACCUMULATOR_FLOATS
+        } else {
+            SSE_ACCUMULATOR_FLOATS
+        }
+    }
+
     /// Whether the host running this process can execute code for this target.
     pub fn host_supports(&self) -> bool {
         self.required_features.iter().all(|f| host_has_feature(f) == Some(true))
@@ -326,6 +339,9 @@ mod tests {
             assert!(v4.required_features.contains(&f.to_string()), "{f}");
         }
         assert!(v4.has_avx512());
+        // Half the register file for accumulators: 16 zmm on v4, 8 ymm on v3.
+        assert_eq!(v4.accumulator_floats(), 256);
+        assert_eq!(v3.accumulator_floats(), 64);
         // Every run-time name is one `host_has_feature` knows.
         for (_, r) in FEATURES {
             assert!(host_has_feature(r).is_some(), "{r}");

@@ -56,6 +56,9 @@ struct Block {
     scores: TensorType,
     /// A GPU block kernel: arrays in shared memory, phases dealt to the threads.
     gpu: bool,
+    /// The target's register budget for a CPU product's accumulators, in floats
+    /// (`ScheduleOptions::accumulator_floats`).
+    accumulator_floats: usize,
 }
 
 /// Floats of the arrays of one block: forward `w·(2d + e) + 2w²`, backward
@@ -77,7 +80,13 @@ fn on_gpu(ba: &BlockAttention, backward: bool, opts: &super::ScheduleOptions) ->
 
 impl Block {
     /// Stages q', k', v' of the block (and declares the arrays).
-    fn stage(lw: &mut Lowering, ba: &BlockAttention, ops: &[NodeId], gpu: bool) -> Result<Block, String> {
+    fn stage(
+        lw: &mut Lowering,
+        ba: &BlockAttention,
+        ops: &[NodeId],
+        gpu: bool,
+        accumulator_floats: usize,
+    ) -> Result<Block, String> {
         let (w, d, e) = constant_widths(ba).ok_or("block attention needs constant block and head widths")?;
         let qt = ba.q.result_type().clone();
         let r = qt.rank();
@@ -86,7 +95,7 @@ impl Block {
         let (na, nb, nc) = (ba.q.args.len(), ba.k.args.len(), ba.v.args.len());
         let mut scores = qt.clone();
         scores.shape[r - 1] = qt.shape[r - 2].clone();
-        let mut block = Block { b_idx, w, d, e, q: Var(0), k: Var(0), v: Var(0), scores, gpu };
+        let mut block = Block { b_idx, w, d, e, q: Var(0), k: Var(0), v: Var(0), scores, gpu, accumulator_floats };
         block.q = block.stage_region(lw, &ba.q, &ops[..na], d)?;
         block.k = block.stage_region(lw, &ba.k, &ops[na..na + nb], d)?;
         block.v = block.stage_region(lw, &ba.v, &ops[na + nb..na + nb + nc], e)?;
@@ -214,7 +223,7 @@ impl Block {
         right: &mut dyn FnMut(&mut Lowering, &Expr, &Expr) -> Expr,
         put: &mut dyn FnMut(&mut Lowering, &Expr, &Expr, Expr) -> Result<(), String>,
     ) -> Result<(), String> {
-        let rows = dividing_rows_per_block(width, self.w);
+        let rows = dividing_rows_per_block(width, self.w, self.accumulator_floats);
         let (ri, wi) = (Expr::I64(rows as i64), Expr::I64(width as i64));
         let acc = lw.e.array(rows * width);
         let rb = lw.e.open();
@@ -348,13 +357,14 @@ fn begin(
     lw: &mut Lowering,
     n: NodeId,
     ba: &BlockAttention,
-    gpu: bool,
+    backward: bool,
+    opts: &super::ScheduleOptions,
 ) -> Result<(Block, usize, TensorType, Vec<NodeId>), String> {
     let ops = lw.g.operands(n);
     let out_ty = lw.g.ty(n).clone();
     let global = lw.stored[&n];
     let out = lw.e.buffer(global, &format!("b{global}"), elem_of(out_ty.dtype), Access::Write);
-    let blk = Block::stage(lw, ba, &ops, gpu)?;
+    let blk = Block::stage(lw, ba, &ops, on_gpu(ba, backward, opts), opts.accumulator_floats)?;
     Ok((blk, out, out_ty, ops))
 }
 
@@ -366,7 +376,7 @@ pub fn forward(
     opts: &super::ScheduleOptions,
     name: String,
 ) -> Result<(Kernel, Vec<usize>), String> {
-    let (blk, out, out_ty, _) = begin(lw, n, ba, on_gpu(ba, false, opts))?;
+    let (blk, out, out_ty, _) = begin(lw, n, ba, false, opts)?;
     let (w, d, e) = (blk.w, blk.d, blk.e);
     blk.sync(lw);
     let s = blk.array(lw, w * w);
@@ -388,7 +398,7 @@ pub fn backward(
     name: String,
 ) -> Result<(Kernel, Vec<usize>), String> {
     let ba = &bg.forward;
-    let (blk, out, out_ty, ops) = begin(lw, n, ba, on_gpu(ba, true, opts))?;
+    let (blk, out, out_ty, ops) = begin(lw, n, ba, true, opts)?;
     let (w, d, e) = (blk.w, blk.d, blk.e);
     let d_o = *ops.get(ba.operand_count()).ok_or("block attention's backward has no output cotangent")?;
     let go = blk.stage_source(lw, Source::Node(d_o), e)?;

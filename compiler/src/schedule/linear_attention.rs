@@ -207,19 +207,19 @@ pub fn kernel(
     lw: &mut Lowering,
     n: NodeId,
     la: &LinearAttention,
-    chunk: usize,
+    opts: &super::ScheduleOptions,
     name: String,
 ) -> Result<(Kernel, Vec<usize>), String> {
-    let c = chunk.max(1);
+    let c = opts.chunk.max(1);
     let parts = Parts::of(lw, n, la)?;
     let Parts { q, k, v, out_ty, batch, len_n, d, e, .. } = &parts;
     let (d, e) = (*d, *e);
     let (di, ei) = (Expr::I64(d as i64), Expr::I64(e as i64));
     // Rows of the chunk taken together (`super::row_blocks`), at most the chunk length.
-    let rb = rows_per_block(e, c);
+    let rb = rows_per_block(e, c, opts.accumulator_floats);
     let rbi = Expr::I64(rb as i64);
     // Rows of S updated together: a divisor of d.
-    let sb = dividing_rows_per_block(e, d);
+    let sb = dividing_rows_per_block(e, d, opts.accumulator_floats);
     // Padded chunk rows and key columns.
     let cr = round_up(c, rb);
     let cp = round_up(cr, SCORE_COLUMNS);

@@ -23,7 +23,7 @@ mod gemm;
 mod linear_attention;
 pub mod linear_attention_gpu;
 pub mod optimizer;
-mod row_blocks;
+pub(crate) mod row_blocks;
 pub mod run;
 mod special;
 mod split_reduce;
@@ -148,6 +148,9 @@ pub struct ScheduleOptions {
     /// Parts of the token range a sum over the tokens into a small output runs in
     /// (`split_reduce.rs`): enough parallel iterations for every thread (CPU) or SM (GPU).
     pub token_parts: usize,
+    /// Floats of accumulators a register-blocked product in a CPU kernel may keep in
+    /// registers (`row_blocks.rs`): the target's, half its vector register file.
+    pub accumulator_floats: usize,
 }
 
 impl Default for ScheduleOptions {
@@ -158,6 +161,7 @@ impl Default for ScheduleOptions {
             gpu_blocks: false,
             shared_limit: crate::kernel::STATIC_SHARED_BYTES,
             token_parts: split_reduce::PARTS,
+            accumulator_floats: row_blocks::AVX512_ACCUMULATOR_FLOATS,
         }
     }
 }

@@ -20,10 +20,10 @@ pub fn kernel(
         Op::LinearAttention(la) if opts.gpu_blocks => {
             match super::linear_attention_gpu::kernel(lw, n, la, opts.chunk, name.clone())? {
                 Some(k) => Ok(k),
-                None => super::linear_attention::kernel(lw, n, la, opts.chunk, name),
+                None => super::linear_attention::kernel(lw, n, la, opts, name),
             }
         }
-        Op::LinearAttention(la) => super::linear_attention::kernel(lw, n, la, opts.chunk, name),
+        Op::LinearAttention(la) => super::linear_attention::kernel(lw, n, la, opts, name),
         // Constant block widths (DiagAttention): staged per block. The whole sequence as
         // one block (softmax baseline, w = N): one composed region per output element.
         Op::BlockAttention(ba) if super::block_attention::constant_widths(ba).is_some() => {

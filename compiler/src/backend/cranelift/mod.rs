@@ -36,7 +36,7 @@ impl CraneliftNative {
 
 impl Backend for CraneliftNative {
     fn schedule_options(&self) -> ScheduleOptions {
-        ScheduleOptions::cpu()
+        ScheduleOptions { accumulator_floats: self.cpu.accumulator_floats(), ..ScheduleOptions::cpu() }
     }
 
     /// The CPU kernel passes, as LLVM's (`backend/cpu_passes.rs`).

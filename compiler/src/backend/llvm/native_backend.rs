@@ -19,9 +19,9 @@ impl LlvmNative {
 }
 
 impl Backend for LlvmNative {
-    /// Products go to the GEMM library.
+    /// Products go to the GEMM library; register blocks sized to the target's registers.
     fn schedule_options(&self) -> ScheduleOptions {
-        ScheduleOptions::cpu()
+        ScheduleOptions { accumulator_floats: self.cpu.accumulator_floats(), ..ScheduleOptions::cpu() }
     }
 
     /// The CPU kernel passes (`backend/cpu_passes.rs`).
