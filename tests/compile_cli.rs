@@ -230,3 +230,36 @@ fn cranelift_writes_cpu_bundles_that_verify() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The report's total FLOPs at B 1 and N = 64, 128, 192: the second difference
+/// `f(3N) − 2f(2N) + f(N)` is `2aN²` for a cost `aN² + bN + c`.
+fn second_difference_of_flops(model: &str, sets: &[&str]) -> i128 {
+    let total = |n: &str| -> i128 {
+        let mut args = vec!["compile", model, "--report", "--seq", n];
+        args.extend(sets);
+        let (code, out, err) = tnc(&args);
+        assert_eq!(code, 0, "{err}");
+        let line = out.lines().find(|l| l.starts_with("total: ")).unwrap_or_else(|| panic!("no total: {out}"));
+        line["total: ".len()..].split(' ').next().and_then(|x| x.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+    };
+    total("192") - 2 * total("128") + total("64")
+}
+
+#[test]
+fn report_flops_are_quadratic_in_n_for_softmax_attention_and_linear_for_linear_attention() {
+    // The softmax baseline: one block of w = N positions. Its products alone give, per
+    // layer, 2·(B·H·N)·N·(d + e) forward and 2·(B·H·N)·N·(3d + 2e) backward, with
+    // d = e = D/H: 14·B·D·N². The weights region (scale, mask, softmax) and its
+    // derivative add a few FLOPs per score, under 40 per head.
+    let (layers, dim, heads, n) = (2i128, 32i128, 2i128, 64i128);
+    let sets = ["--set", "vocab=64", "--set", "dim=32", "--set", "heads=2", "--set", "layers=2", "--set", "glu_dim=48"];
+    let a = second_difference_of_flops("models/transformer.tn", &sets) / (2 * n * n);
+    let products = layers * 14 * dim;
+    assert!(a >= products && a <= products + layers * heads * 40, "N² coefficient {a}, products {products}");
+    // Linear attention and DiagAttention's constant blocks: no N² term at all.
+    for model in ["models/transnormer_t1.tn", "models/transnormer_t2.tn", "models/tnl.tn"] {
+        let mut sets = TINY.to_vec();
+        sets.push("--train");
+        assert_eq!(second_difference_of_flops(model, &sets), 0, "{model}");
+    }
+}

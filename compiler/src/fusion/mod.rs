@@ -45,10 +45,13 @@
 //! FLOPs: one per element for elementwise arithmetic (shape ops and generators are free),
 //! one per input element for a reduction, `2·∏ sizes of all letters` for a contraction,
 //! one (two with decay) per element for a scan, and for linear attention the chunked
-//! algorithm with chunk [`CHUNK`]: `batch·N·(2·C·(d+e) + 4·d·e)` plus its regions. Bytes:
-//! every group input read once and every output written once (re-reads of matmul tiles
-//! are not modelled). Workspace: linear attention keeps one f32 `d×e` state per batch
-//! index. Other fused ops count one FLOP per result element. All are polynomials ([`Dim`]) in `B` and `N`.
+//! algorithm with chunk [`CHUNK`]: `batch·N·(2·C·(d+e) + 4·d·e)` plus its regions; for
+//! block attention with blocks of `w` positions `2·rows·w·(d+e)` (backward
+//! `2·rows·w·(3d+2e)`) plus its regions, so the softmax baseline (`w = N`) is quadratic in
+//! N; for the cross-entropy `2·T·V·D` per logits product (a gradient op: two) plus four
+//! per logit. Bytes: every group input read once and every output written once (re-reads
+//! of matmul tiles are not modelled). Workspace: linear attention keeps one f32 `d×e`
+//! state per batch index. All are polynomials ([`Dim`]) in `B` and `N`.
 //!
 //! The code: the plan's types (`plan.rs`), the greedy fuser (`fuser.rs`), the cost model
 //! (`cost.rs`) and the text form (`print.rs`).
