@@ -28,6 +28,7 @@ pub struct CheckArgs {
 
 pub fn run(args: &CheckArgs) -> Result<(), Failure> {
     let (g, sources) = elaborate(&args.model)?;
+    crate::warn_unfused(&g, &sources, args.batch, args.seq);
     let last = passes::names().last().copied().unwrap_or("elaborate");
     let trained = passes::run_until_with(g.clone(), last, args.precision.policy())
         .expect("the last pass exists")

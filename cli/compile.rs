@@ -62,6 +62,7 @@ pub fn run(args: &CompileArgs) -> Result<(), Failure> {
     // no target is given).
     let target = parse_target(args.target.as_deref().unwrap_or("native"))?;
     let (graph, sources) = elaborate(&args.model)?;
+    crate::warn_unfused(&graph, &sources, args.batch, args.seq);
     let backend = backend_for(&target, args.backend.codegen()).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
     let pipeline = Pipeline::new(&*backend, args.train, args.precision.policy());
     let lowered =
@@ -120,8 +121,9 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     parse_target(target)?;
     args.backend.check(target)?;
     let started = std::time::Instant::now();
-    let (graph, _sources) = elaborate(&args.model)?;
+    let (graph, sources) = elaborate(&args.model)?;
     let front = started.elapsed();
+    crate::warn_unfused(&graph, &sources, args.batch, args.seq);
     let out = args.out.clone().unwrap_or_else(|| {
         let stem =
             args.model.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());

@@ -218,14 +218,29 @@ impl Failure {
     }
 
     fn report(&self) {
-        let stderr = std::io::stderr();
-        if stderr.is_terminal() && std::env::var_os("NO_COLOR").is_none() {
-            let mut out = codespan_reporting::term::termcolor::StandardStream::stderr(
-                codespan_reporting::term::termcolor::ColorChoice::Always,
-            );
-            self.diagnostic.emit(&self.sources, &mut out);
-        } else {
-            eprint!("{}", self.diagnostic.render(&self.sources));
+        print_diagnostic(&self.diagnostic, &self.sources);
+    }
+}
+
+/// Print a diagnostic to stderr, in colour on a terminal (unless `NO_COLOR` is set).
+pub(crate) fn print_diagnostic(d: &Diagnostic, sources: &SourceMap) {
+    let stderr = std::io::stderr();
+    if stderr.is_terminal() && std::env::var_os("NO_COLOR").is_none() {
+        let mut out = codespan_reporting::term::termcolor::StandardStream::stderr(
+            codespan_reporting::term::termcolor::ColorChoice::Always,
+        );
+        d.emit(sources, &mut out);
+    } else {
+        eprint!("{}", d.render(sources));
+    }
+}
+
+/// Warn on stderr about what recognition left unfused (`tnc_compiler::lint`), with its
+/// cost per token at `batch`, `seq`. A graph that fails the passes gets its error later.
+pub(crate) fn warn_unfused(g: &Graph, sources: &SourceMap, batch: i64, seq: i64) {
+    if let Some(Ok(recognized)) = tnc_compiler::passes::run_until(g.clone(), "recognize") {
+        for w in tnc_compiler::lint::unfused_state_warnings(&recognized, batch, seq) {
+            print_diagnostic(&w, sources);
         }
     }
 }

@@ -205,6 +205,11 @@ fn check(text: &str, expected_la: usize, n: usize, chunk: usize) -> Result<(), S
     if found != expected_la {
         return Err(format!("{found} linear attentions after recognize, expected {expected_la}\n{text}"));
     }
+    // A recognized spelling leaves nothing for `tnc check` to warn about.
+    let warnings = tnc_compiler::lint::unfused_state_warnings(&recognized, 1, 64);
+    if expected_la > 0 && !warnings.is_empty() {
+        return Err(format!("recognized, yet warned: {}\n{text}", warnings[0].render(&sources)));
+    }
     let optimized = passes::run_until(g, "autodiff").unwrap().map_err(|d| d.message)?;
     let params = perturbed_params(&reference, n as u64);
     let tokens = token_tensor(2, n, 11, 3);
@@ -284,6 +289,42 @@ fn look_alikes(eps: Option<&str>) -> (Case, Vec<(&'static str, String)>) {
         assert_ne!(*text, quadratic, "{what}: the fixture edit did not apply");
     }
     (base, fixtures)
+}
+
+/// Each look-alike that keeps a per-position state or an N×N value is warned about
+/// (`tnc_compiler::lint`), with the reason recognition did not apply.
+#[test]
+fn look_alikes_are_warned_about_with_the_reason() {
+    let expected = [
+        ("exclusive cumsum", vec!["keeps a 4×4 state for every position", "not read by an einsum", "sub"]),
+        ("cumsum over a feature axis", vec!["keeps a 4×4 state", "runs over axis 3, of size 4"]),
+        ("sum of cumsums over two axes", vec!["not read by an einsum", "runs over axis 1"]),
+        ("decay that varies along positions", vec!["keeps a 4×4 state", "changes from position to position"]),
+    ];
+    for (what, text) in look_alikes(None).1 {
+        let (sources, g) = elaborate_text("spelled.tn", &text, &[]);
+        let g = g.unwrap_or_else(|d| panic!("{what}: {}", d.render(&sources)));
+        let recognized = passes::run_until(g, "recognize").unwrap().unwrap();
+        let rendered: String =
+            tnc_compiler::lint::unfused_state_warnings(&recognized, 1, 64).iter().map(|d| d.render(&sources)).collect();
+        match expected.iter().find(|(w, _)| *w == what) {
+            Some((_, parts)) => {
+                assert!(rendered.starts_with("warning: "), "{what}: {rendered}");
+                for p in parts {
+                    assert!(rendered.contains(p), "{what}: no `{p}` in\n{rendered}");
+                }
+            }
+            // The quadratic look-alikes run as block attention (scores per block).
+            None => {
+                assert!(rendered.is_empty(), "{what}: {rendered}");
+                let blocks = recognized
+                    .topo_order()
+                    .into_iter()
+                    .filter(|&n| matches!(recognized.node(n).op, Op::BlockAttention(_)));
+                assert_eq!(blocks.count(), 1, "{what}");
+            }
+        }
+    }
 }
 
 #[test]

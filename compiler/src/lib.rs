@@ -11,6 +11,7 @@ pub mod fusion;
 pub mod interp;
 pub mod ir;
 pub mod kernel;
+pub mod lint;
 pub mod memory;
 pub mod passes;
 pub mod pipeline;

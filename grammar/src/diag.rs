@@ -11,10 +11,20 @@ pub struct Label {
     pub message: String,
 }
 
-/// A user-facing error. `span` is where the caret goes; `None` only for errors that
-/// have no place in any source (a file that cannot be read, a bad command-line flag).
+/// Whether a diagnostic stops the command (an error) or only informs (a warning).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Severity {
+    #[default]
+    Error,
+    Warning,
+}
+
+/// A user-facing error or warning. `span` is where the caret goes; `None` only for
+/// diagnostics that have no place in any source (a file that cannot be read, a bad
+/// command-line flag).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Diagnostic {
+    pub severity: Severity,
     pub message: String,
     pub span: Option<Span>,
     /// What the caret says (defaults to nothing beyond the caret).
@@ -27,6 +37,7 @@ pub struct Diagnostic {
 impl Diagnostic {
     pub fn error(message: impl Into<String>) -> Diagnostic {
         Diagnostic {
+            severity: Severity::Error,
             message: message.into(),
             span: None,
             label: String::new(),
@@ -34,6 +45,11 @@ impl Diagnostic {
             notes: Vec::new(),
             hint: None,
         }
+    }
+
+    /// A warning: rendered as `warning: …`; the command goes on.
+    pub fn warning(message: impl Into<String>) -> Diagnostic {
+        Diagnostic { severity: Severity::Warning, ..Diagnostic::error(message) }
     }
 
     pub fn at(message: impl Into<String>, span: Span) -> Diagnostic {
@@ -77,7 +93,11 @@ impl Diagnostic {
     }
 
     pub fn emit(&self, sources: &SourceMap, out: &mut dyn termcolor::WriteColor) {
-        let mut cs = CsDiagnostic::error().with_message(&self.message);
+        let mut cs = match self.severity {
+            Severity::Error => CsDiagnostic::error(),
+            Severity::Warning => CsDiagnostic::warning(),
+        }
+        .with_message(&self.message);
         let mut labels = Vec::new();
         if let Some(span) = self.span {
             if (span.file.0 as usize) < sources.len() {
@@ -98,7 +118,8 @@ impl Diagnostic {
         let config = term::Config::default();
         if term::emit(out, &config, sources, &cs).is_err() {
             // Rendering only fails on I/O errors of `out`; fall back to the bare message.
-            let _ = std::io::Write::write_fmt(out, format_args!("error: {}\n", self.message));
+            let level = if self.severity == Severity::Warning { "warning" } else { "error" };
+            let _ = std::io::Write::write_fmt(out, format_args!("{level}: {}\n", self.message));
         }
     }
 }

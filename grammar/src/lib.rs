@@ -6,5 +6,5 @@ pub mod diag;
 pub mod parse;
 pub mod source;
 
-pub use diag::Diagnostic;
+pub use diag::{Diagnostic, Severity};
 pub use source::{FileId, SourceMap, Span};

@@ -1,0 +1,67 @@
+//! `tnc check` and `tnc compile` warn about what recognition left unfused
+//! (`compiler/src/lint.rs`): a cumulative sum of outer products that keeps a d×e state
+//! for every position, and values of N×N positions; with the span, the bytes per token,
+//! and why recognition did not apply. Shipped models get no such warning.
+
+mod common;
+use common::repo;
+use std::process::Command;
+
+/// Exit status and standard error of `tnc ARGS`.
+fn tnc(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tnc")).args(args).current_dir(repo()).output().expect("tnc runs");
+    (out.status.code().expect("exited normally"), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn models(dir: &std::path::Path, out: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).expect("models/ is readable") {
+        let path = entry.expect("a directory entry").path();
+        if path.is_dir() {
+            models(&path, out);
+        } else if path.extension().is_some_and(|e| e == "tn") && !path.ends_with("std.tn") {
+            out.push(path.strip_prefix(repo()).expect("under the repository").display().to_string());
+        }
+    }
+}
+
+#[test]
+fn shipped_models_are_fused_without_warnings() {
+    let mut all = Vec::new();
+    models(&repo().join("models"), &mut all);
+    assert!(all.len() >= 10, "{all:?}");
+    for model in &all {
+        let (code, err) = tnc(&["check", model]);
+        assert_eq!(code, 0, "{model}: {err}");
+        assert!(!err.contains("cumulative sum keeps") && !err.contains("N×N"), "{model}: {err}");
+    }
+}
+
+#[test]
+fn a_data_dependent_gate_in_a_cumsum_is_warned_about() {
+    let model = "tests/unfused/gated_cumsum.tn";
+    for args in [vec!["check", model, "--seq", "4096"], vec!["compile", model, "--report", "--seq", "4096"]] {
+        let (code, err) = tnc(&args);
+        assert_eq!(code, 0, "{err}");
+        // 2 heads of a 16×16 f32 state: 2 · 256 · 4 bytes per token.
+        let message = "warning: this cumulative sum keeps a 16×16 state for every position: 2,048 bytes per token \
+                       at B = 1, N = 4096";
+        assert_eq!(err.matches(message).count(), 1, "{err}");
+        assert!(err.contains("tests/unfused/gated_cumsum.tn:18:11"), "{err}");
+        assert!(err.contains("because its decay changes from position to position"), "{err}");
+        assert!(!err.contains("error"), "{err}");
+    }
+}
+
+#[test]
+fn a_decay_matrix_is_warned_about_as_n_by_n_values() {
+    // [B, 2, N, N] f32: 2 · N · 4 bytes per token, growing with N.
+    for (n, bytes) in [("256", "2,048"), ("512", "4,096")] {
+        let (code, err) = tnc(&["check", "tests/unfused/gated_quadratic.tn", "--seq", n]);
+        assert_eq!(code, 0, "{err}");
+        let message =
+            format!("warning: 6 values of N×N positions: up to {bytes} bytes per token each at B = 1, N = {n}");
+        assert!(err.contains(&message), "{err}");
+        assert!(err.contains("gated_quadratic.tn:16:16") && err.contains("f32[B, 2, N, N]"), "{err}");
+        assert!(err.contains("a decay matrix"), "{err}");
+    }
+}
