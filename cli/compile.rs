@@ -46,6 +46,11 @@ pub struct CompileArgs {
     /// The element type of products' operands.
     #[arg(long, value_enum, default_value_t)]
     pub precision: crate::PrecisionArg,
+    /// A generation bundle (as `tnc generate` compiles): its forward maps `tokens [B, N]`
+    /// to the next token's logits `logits [B, 1, V]`; no backward. The model's loss must
+    /// be `lm_loss(…)`.
+    #[arg(long, conflicts_with = "train")]
+    pub next_token: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +69,10 @@ pub fn run(args: &CompileArgs) -> Result<(), Failure> {
     let (graph, sources) = elaborate(&args.model)?;
     crate::warn_unfused(&graph, &sources, args.batch, args.seq);
     let backend = backend_for(&target, args.backend.codegen()).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
-    let pipeline = Pipeline::new(&*backend, args.train, args.precision.policy());
+    let mut pipeline = Pipeline::new(&*backend, args.train, args.precision.policy());
+    if args.next_token {
+        pipeline = pipeline.next_token();
+    }
     let lowered =
         pipeline.run_until(graph, "plan_memory").map_err(|d| Failure { diagnostic: d, sources, status: 1 })?;
     let graph = lowered.graph;
@@ -138,6 +146,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         train: args.train,
         precision: args.precision.policy(),
         codegen: args.backend.codegen(),
+        next_token: args.next_token,
     };
     let compiled = tnc_compiler::driver::compile(graph, target, &out, opts, vec![("parse + elaborate", front)])
         .map_err(crate::fail)?;

@@ -27,6 +27,9 @@ pub struct Options {
     pub precision: passes::Policy,
     /// The code generator of a CPU target (`--backend`).
     pub codegen: backend::CodeGen,
+    /// A generation bundle: its forward computes the next token's logits
+    /// (`passes/next_token.rs`); no backward.
+    pub next_token: bool,
 }
 
 pub struct Compiled {
@@ -56,7 +59,14 @@ pub fn compile(
 ) -> Result<Compiled, String> {
     let backend = backend::backend_for(&Target::parse(target)?, opts.codegen)?;
     let model = model_hash(&graph, &opts);
-    let lowered = Pipeline::new(&*backend, opts.train, opts.precision).run(graph).map_err(|d| d.message)?;
+    if opts.next_token && opts.train {
+        return Err("a generation bundle cannot be a training bundle".into());
+    }
+    let mut pipeline = Pipeline::new(&*backend, opts.train, opts.precision);
+    if opts.next_token {
+        pipeline = pipeline.next_token();
+    }
+    let lowered = pipeline.run(graph).map_err(|d| d.message)?;
     stages.extend(lowered.stages);
     let (graph, sched) = (lowered.graph, lowered.schedule.expect("the pipeline schedules"));
     let (plan, memory) = (lowered.plan.expect("the pipeline fuses"), lowered.memory.expect("and plans memory"));
@@ -86,8 +96,13 @@ pub fn compile(
 /// The manifest's `model_sha256`: what a bundle computes whatever its target — the
 /// elaborated graph, the precision and whether it trains.
 fn model_hash(graph: &Graph, opts: &Options) -> String {
-    let text =
-        format!("{}\nprecision {}\ntrain {}\n", crate::ir::print::to_text(graph), opts.precision.name(), opts.train);
+    let text = format!(
+        "{}\nprecision {}\ntrain {}\n{}",
+        crate::ir::print::to_text(graph),
+        opts.precision.name(),
+        opts.train,
+        if opts.next_token { "next token\n" } else { "" }
+    );
     tnc_runtime::manifest::sha256_hex(text.as_bytes())
 }
 

@@ -105,6 +105,17 @@ impl Pipeline {
         self
     }
 
+    /// The pipeline of a generation bundle: `next_token` (the logits after the last
+    /// position) in place of `autodiff`, so the bundle has a forward and no backward.
+    pub fn next_token(mut self) -> Pipeline {
+        for s in &mut self.stages {
+            if s.name() == "autodiff" {
+                *s = Stage::Graph(Box::new(passes::NextToken));
+            }
+        }
+        self
+    }
+
     /// The same pipeline without the stage `name` (tests: `recognize`, to exercise the
     /// generic lowering of every op).
     pub fn without(mut self, name: &str) -> Pipeline {
