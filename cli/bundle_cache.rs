@@ -41,17 +41,37 @@ fn build_id() -> String {
     }
 }
 
+/// The target, precision and code generator a bundle is compiled with.
+pub type Choices<'a> = (&'a str, tnc_compiler::passes::Policy, tnc_compiler::backend::CodeGen);
+
 /// A training bundle for `model` and `target`, from the cache or freshly compiled.
 /// `status` hears what happens ("compiling …", "using cached …").
-pub fn training_bundle(
+pub fn training_bundle(model: &ModelArgs, choices: Choices, status: &mut dyn FnMut(&str)) -> Result<PathBuf, Failure> {
+    let (graph, _) = elaborate(model)?;
+    fits_in_host_memory(&graph, choices.0, tnc_runtime::host_memory::available_bytes())?;
+    cached_bundle(model, choices, false, status)
+}
+
+/// A generation bundle (`tnc compile --next-token`) for `model`, cached as training
+/// bundles are.
+pub fn generation_bundle(
     model: &ModelArgs,
-    (target, precision, codegen): (&str, tnc_compiler::passes::Policy, tnc_compiler::backend::CodeGen),
+    choices: Choices,
+    status: &mut dyn FnMut(&str),
+) -> Result<PathBuf, Failure> {
+    cached_bundle(model, choices, true, status)
+}
+
+fn cached_bundle(
+    model: &ModelArgs,
+    (target, precision, codegen): Choices,
+    next_token: bool,
     status: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, Failure> {
     let (graph, sources) = elaborate(model)?;
-    fits_in_host_memory(&graph, target, tnc_runtime::host_memory::available_bytes())?;
+    let kind = if next_token { "generation" } else { "training" };
     let mut h = Sha256::new();
-    h.update(format!("tnc {} {}\ntarget {target}\ntrain\n", env!("CARGO_PKG_VERSION"), build_id()));
+    h.update(format!("tnc {} {}\ntarget {target}\n{kind}\n", env!("CARGO_PKG_VERSION"), build_id()));
     h.update(format!("precision {}\n", precision.name()));
     h.update(format!("backend {}\n", codegen.name()));
     h.update(format!("model {:?}\n", model.model));
@@ -64,7 +84,8 @@ pub fn training_bundle(
         h.update(f.text.as_bytes());
     }
     let key: String = h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect();
-    let dir = cache_dir().join(format!("{}-{key}.tnb", graph.name));
+    let suffix = if next_token { "-generate" } else { "" };
+    let dir = cache_dir().join(format!("{}{suffix}-{key}.tnb", graph.name));
     if tnc_runtime::Bundle::load(&dir).is_ok() {
         status(&format!("using the cached bundle {}", dir.display()));
         return Ok(dir);
@@ -79,12 +100,13 @@ pub fn training_bundle(
         format!(" with {}", codegen.name())
     };
     status(&format!(
-        "compiling {} for {target}{with} (training bundle, {} products)",
+        "compiling {} for {target}{with} ({kind} bundle, {} products)",
         model.file.display(),
         precision.name()
     ));
     let started = std::time::Instant::now();
-    let opts = tnc_compiler::driver::Options { train: true, precision, codegen, ..Default::default() };
+    let opts =
+        tnc_compiler::driver::Options { train: !next_token, next_token, precision, codegen, ..Default::default() };
     tnc_compiler::driver::compile(graph, target, &tmp, opts, Vec::new()).map_err(crate::fail)?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir)

@@ -82,7 +82,7 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
 }
 
 /// The checkpoint a path names: a checkpoint file, or a run directory's latest valid one.
-fn find_checkpoint(path: &Path) -> Result<(PathBuf, Checkpoint), Failure> {
+pub(crate) fn find_checkpoint(path: &Path) -> Result<(PathBuf, Checkpoint), Failure> {
     if path.is_file() {
         let c = checkpoint::load(path).map_err(fail)?;
         return Ok((path.to_path_buf(), c));

@@ -11,6 +11,7 @@ mod check;
 mod compile;
 mod device;
 mod eval;
+mod generate;
 mod ir;
 mod run;
 mod tokenizer;
@@ -155,6 +156,9 @@ pub enum Command {
     /// Evaluate a training run (its latest checkpoint) or a checkpoint on a data source's
     /// validation split: loss, perplexity, bits per byte/token, accuracy on task answers.
     Eval(eval::EvalArgs),
+    /// Generate text with a trained language model (a `tnc train` run or checkpoint):
+    /// greedy or sampled (temperature, top-k, top-p, seed), streamed to stdout.
+    Generate(generate::GenerateArgs),
     /// Train a model and variants of it with the same seed, data and budget; print a
     /// Markdown table and plot every variant's loss curve.
     Ablate(ablate::AblateArgs),
@@ -188,6 +192,7 @@ where
         Command::Compile(args) => compile::run(&args),
         Command::Train(args) => train::run(&args),
         Command::Eval(args) => eval::run(&args),
+        Command::Generate(args) => generate::run(&args),
         Command::Ablate(args) => ablate::run(&args),
         Command::Tokenizer(cmd) => tokenizer::run(&cmd),
     };

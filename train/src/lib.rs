@@ -13,8 +13,10 @@ pub mod interrupt;
 pub mod lr;
 pub mod metrics;
 pub mod plot;
+pub mod sampling;
 mod tasks;
 mod text;
+pub mod text_codec;
 pub mod tokenizer;
 pub mod trainer;
 

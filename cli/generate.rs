@@ -1,0 +1,136 @@
+//! `tnc generate RUN_DIR|CHECKPOINT --prompt TEXT`: text from a trained language model,
+//! streamed to stdout as it is generated, with tokens/s on stderr at the end.
+//!
+//! The model is compiled as a generation bundle (`tnc compile --next-token`, cached like
+//! training bundles) for this CPU, its parameters come from the run's checkpoint, and
+//! prompts and output are spelled as the run's data spells them (bytes, a tokenizer's
+//! subwords, or token ids for the synthetic tasks). Each new token runs the chunked
+//! forward over the context window (the last `--context` tokens) and reads the logits of
+//! its last position; a recurrent decode step (a constant cost per token) is not derived
+//! yet.
+
+use crate::eval::find_checkpoint;
+use crate::train::RunInfo;
+use crate::{fail, Failure, ModelArgs};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tnc_grammar::Diagnostic;
+use tnc_train::sampling::Sampling;
+use tnc_train::text_codec::TextCodec;
+use tnc_train::trainer::restore;
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// A run directory of `tnc train` (its latest valid checkpoint) or a checkpoint file
+    /// in one.
+    pub run: PathBuf,
+    /// The text to continue; for a model trained on a task (`copy`, `mqar`), token ids
+    /// separated by spaces, as `5 9 1`.
+    #[arg(long)]
+    pub prompt: String,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy decoding (the most likely token, deterministic).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Sample only among the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Sample only among the most likely tokens whose probability reaches P (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Seed of the draws: the same seed gives the same text.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The most tokens the model reads at once; older ones leave the window (default: the
+    /// run's training length, `--seq`).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub context: Option<u64>,
+    /// Worker threads (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
+    let usage = |e: String| Failure::usage(Diagnostic::error(e));
+    let sampling = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed }
+        .validated()
+        .map_err(usage)?;
+    let (ckpt_path, ckpt) = find_checkpoint(&args.run)?;
+    let run_dir = match ckpt_path.parent().and_then(Path::parent) {
+        Some(d) if args.run.is_file() => d.to_path_buf(),
+        _ => args.run.clone(),
+    };
+    let info_path = run_dir.join("run.json");
+    let info: RunInfo = std::fs::read(&info_path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        .map_err(|e| {
+            fail(format!("{}: {e} (generation needs the run directory of `tnc train`)", info_path.display()))
+        })?;
+    let codec = TextCodec::for_data(&info.data).map_err(fail)?;
+    let prompt = codec.encode(&args.prompt).map_err(usage)?;
+    let model = ModelArgs { file: PathBuf::from(&info.model), sets: info.sets.clone(), model: None };
+    if !model.file.exists() {
+        return Err(fail(format!(
+            "the run's model {} is not there (run.json names it relative to where `tnc train` ran)",
+            model.file.display()
+        )));
+    }
+    let choices = ("native", tnc_compiler::passes::Policy::F32, tnc_compiler::backend::CodeGen::default());
+    let dir = crate::bundle_cache::generation_bundle(&model, choices, &mut |s| eprintln!("{s}"))?;
+    let bundle = tnc_runtime::Bundle::load(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
+    let vocab = logits_width(&bundle.manifest).ok_or_else(|| fail("the generation bundle has no `logits` output"))?;
+    if let Some(&t) = prompt.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+        return Err(usage(format!("the prompt's token {t} is outside the model's vocabulary 0 … {}", vocab - 1)));
+    }
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut exec = crate::device::open(&bundle, crate::device::DeviceArg::Cpu, threads)?;
+    restore(&mut exec, &ckpt, &[]).map_err(|e| fail(format!("{}: {e}", ckpt_path.display())))?;
+    if bundle.manifest.scalars.iter().any(|s| s == "train") {
+        exec.set_scalar("train", 0).map_err(|e| fail(e.to_string()))?;
+    }
+    let context = args.context.map_or(info.config.seq, |c| c as usize);
+    let end_of_text = codec.end_of_text();
+
+    let mut tokens = prompt.clone();
+    let mut shown = codec.printable(&tokens).map_err(fail)?;
+    let mut out = std::io::stdout().lock();
+    let io = |e: std::io::Error| fail(format!("writing the text: {e}"));
+    write!(out, "{shown}").and_then(|_| out.flush()).map_err(io)?;
+    let started = std::time::Instant::now();
+    let mut generated = 0;
+    while generated < args.max_tokens {
+        let window = &tokens[tokens.len().saturating_sub(context)..];
+        let input = tnc_runtime::Tensor::i32(vec![1, window.len()], window.to_vec());
+        exec.forward(&[("tokens", &input)]).map_err(|e| fail(e.to_string()))?;
+        let logits = exec.output("logits").map_err(|e| fail(e.to_string()))?;
+        let logits = logits.as_f32().ok_or_else(|| fail("the logits are not f32"))?;
+        let next = sampling.choose(logits, generated as u64).map_err(fail)?;
+        generated += 1;
+        if Some(next) == end_of_text {
+            break;
+        }
+        tokens.push(next as i32);
+        let text = codec.printable(&tokens).map_err(fail)?;
+        if let Some(new) = text.strip_prefix(shown.as_str()) {
+            write!(out, "{new}").and_then(|_| out.flush()).map_err(io)?;
+            shown = text;
+        }
+    }
+    writeln!(out).map_err(io)?;
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "generated {generated} tokens in {secs:.2} s ({:.1} tokens/s; context up to {context} tokens, the whole \
+         window recomputed per token)",
+        generated as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
+/// V of the `logits [B, 1, V]` output.
+fn logits_width(m: &tnc_runtime::Manifest) -> Option<usize> {
+    let io = m.outputs.iter().find(|o| o.name == tnc_compiler::passes::next_token::LOGITS)?;
+    usize::try_from(io.shape.last()?.as_const()?).ok()
+}
