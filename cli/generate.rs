@@ -32,7 +32,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy decoding (the most likely token, deterministic).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub temperature: f64,
     /// Sample only among the K most likely tokens (0: all).
     #[arg(long, default_value_t = 0)]
