@@ -47,9 +47,9 @@ pub type Choices<'a> = (&'a str, tnc_compiler::passes::Policy, tnc_compiler::bac
 /// A training bundle for `model` and `target`, from the cache or freshly compiled.
 /// `status` hears what happens ("compiling …", "using cached …").
 pub fn training_bundle(model: &ModelArgs, choices: Choices, status: &mut dyn FnMut(&str)) -> Result<PathBuf, Failure> {
-    let (graph, _) = elaborate(model)?;
+    let (graph, sources) = elaborate(model)?;
     fits_in_host_memory(&graph, choices.0, tnc_runtime::host_memory::available_bytes())?;
-    cached_bundle(model, choices, false, status)
+    cached_bundle(model, (graph, sources), choices, false, status)
 }
 
 /// A generation bundle (`tnc compile --next-token`) for `model`, cached as training
@@ -59,16 +59,17 @@ pub fn generation_bundle(
     choices: Choices,
     status: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, Failure> {
-    cached_bundle(model, choices, true, status)
+    cached_bundle(model, elaborate(model)?, choices, true, status)
 }
 
+/// `model` as elaborated (`graph`, `sources`), compiled into the cache unless it is there.
 fn cached_bundle(
     model: &ModelArgs,
+    (graph, sources): (Graph, SourceMap),
     (target, precision, codegen): Choices,
     next_token: bool,
     status: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, Failure> {
-    let (graph, sources) = elaborate(model)?;
     let kind = if next_token { "generation" } else { "training" };
     let mut h = Sha256::new();
     h.update(format!("tnc {} {}\ntarget {target}\n{kind}\n", env!("CARGO_PKG_VERSION"), build_id()));

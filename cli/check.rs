@@ -5,7 +5,7 @@ use crate::{elaborate, Failure, ModelArgs};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use tnc_compiler::fusion::fuse;
-use tnc_compiler::ir::print::op_counts;
+use tnc_compiler::ir::print::{op_counts, thousands};
 use tnc_compiler::ir::Graph;
 use tnc_compiler::memory::{plan_memory, MemoryNumbers};
 use tnc_compiler::passes;
@@ -62,18 +62,6 @@ fn block_of(name: &str) -> String {
 
 fn numel(t: &tnc_compiler::ir::TensorType) -> u128 {
     t.shape.iter().map(|d| d.as_const().unwrap_or(0).max(0) as u128).product()
-}
-
-fn thousands(n: u128) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// Bytes of a training run's state, whatever its B and N: training keeps each

@@ -10,6 +10,8 @@
 //! expression, says what the value costs per token at the sizes asked for, and, for a
 //! cumulative sum, which part of the spelling kept `recognize` from applying.
 
+use crate::ir::print::thousands;
+use crate::ir::rewrite::dependencies;
 use crate::ir::{Dim, Graph, NodeId, Op, TensorType};
 use crate::memory::eval;
 use tnc_grammar::Diagnostic;
@@ -17,23 +19,11 @@ use tnc_grammar::Diagnostic;
 /// Every warning about `g` (a graph after `recognize`), with per-token costs at `batch`, `seq`.
 pub fn unfused_state_warnings(g: &Graph, batch: i64, seq: i64) -> Vec<Diagnostic> {
     // `recognize` leaves the spelling it replaced behind, dead, for `dce` to remove.
-    let live = live_nodes(g);
+    let live = dependencies(g, g.outputs.iter().map(|&(_, n)| n));
     let order: Vec<NodeId> = g.topo_order().into_iter().filter(|n| live.contains(n)).collect();
     let mut out: Vec<Diagnostic> = order.iter().filter_map(|&n| scan_of_outer_products(g, n, batch, seq)).collect();
     out.extend(quadratic_values(g, &order, batch, seq));
     out
-}
-
-/// The nodes some output depends on.
-fn live_nodes(g: &Graph) -> std::collections::HashSet<NodeId> {
-    let mut live = std::collections::HashSet::new();
-    let mut stack: Vec<NodeId> = g.outputs.iter().map(|(_, n)| *n).collect();
-    while let Some(n) = stack.pop() {
-        if live.insert(n) {
-            stack.extend(g.operands(n));
-        }
-    }
-    live
 }
 
 /// Bytes of `ty` per token (`B·N` of them) at the given sizes, when they evaluate.
@@ -46,9 +36,14 @@ fn mentions_n(d: &Dim) -> bool {
     d.symbols().iter().any(|s| s == "N")
 }
 
-/// Through reshapes, broadcasts and permutations to the value that computes `n`.
+/// A reshape, broadcast or permutation: the same values laid out anew.
+fn is_relayout(op: &Op) -> bool {
+    matches!(op, Op::Reshape { .. } | Op::Broadcast { .. } | Op::Permute { .. })
+}
+
+/// Through relayouts to the value that computes `n`.
 fn behind_views(g: &Graph, mut n: NodeId) -> NodeId {
-    while matches!(g.node(n).op, Op::Reshape { .. } | Op::Broadcast { .. } | Op::Permute { .. }) {
+    while is_relayout(&g.node(n).op) {
         n = g.operands(n)[0];
     }
     n
@@ -78,7 +73,7 @@ fn scan_of_outer_products(g: &Graph, n: NodeId, batch: i64, seq: i64) -> Option<
     let (d, e) = (width(a, b, 0), width(b, a, 1));
     let mut diag = Diagnostic::warning(format!(
         "this cumulative sum keeps a {d}×{e} state for every position: {} bytes per token at B = {batch}, N = {seq}",
-        thousands(per_token)
+        thousands(per_token.max(0) as u128)
     ))
     .with_label("not fused into a linear attention")
     .with_note(format!("it was not recognized as linear attention because {}", why_not_linear_attention(g, n, axis)))
@@ -136,8 +131,7 @@ fn why_not_linear_attention(g: &Graph, n: NodeId, axis: usize) -> String {
 fn quadratic_values(g: &Graph, order: &[NodeId], batch: i64, seq: i64) -> Option<Diagnostic> {
     let is_quadratic = |n: &NodeId| {
         let node = g.node(*n);
-        !matches!(node.op, Op::Reshape { .. } | Op::Broadcast { .. } | Op::Permute { .. })
-            && node.ty.shape.iter().filter(|d| mentions_n(d)).count() >= 2
+        !is_relayout(&node.op) && node.ty.shape.iter().filter(|d| mentions_n(d)).count() >= 2
     };
     let found: Vec<(NodeId, i64)> = order
         .iter()
@@ -151,7 +145,7 @@ fn quadratic_values(g: &Graph, order: &[NodeId], batch: i64, seq: i64) -> Option
         "{} value{} of N×N positions: up to {} bytes per token each at B = {batch}, N = {seq}, growing with N",
         found.len(),
         if found.len() == 1 { "" } else { "s" },
-        thousands(per_token)
+        thousands(per_token.max(0) as u128)
     ))
     .with_label(format!("one of them, {}", g.ty(first)))
     .with_note(
@@ -166,16 +160,4 @@ fn quadratic_values(g: &Graph, order: &[NodeId], batch: i64, seq: i64) -> Option
         diag = diag.or_at(span);
     }
     Some(diag)
-}
-
-fn thousands(n: i64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }

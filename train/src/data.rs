@@ -61,7 +61,7 @@ const VALID: &str =
     "valid data sources: copy[:len=L,vocab=V], mqar[:pairs=K,vocab=V], text:PATH[?tokenizer=TOKENIZER.json]";
 
 /// What separates a text source's file from its tokenizer in a spec.
-const TOKENIZER_KEY: &str = "?tokenizer=";
+pub(crate) const TOKENIZER_KEY: &str = "?tokenizer=";
 
 impl DataSource {
     /// `spec` with `--tokenizer`'s file, which applies to text sources only.

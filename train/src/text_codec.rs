@@ -6,6 +6,7 @@
 //! tokens so far up to the last complete character, so a character whose bytes span
 //! several tokens is printed once it is whole.
 
+use crate::data::TOKENIZER_KEY;
 use std::path::Path;
 use tokenizers::Tokenizer;
 
@@ -14,9 +15,6 @@ pub enum TextCodec {
     Subwords(Box<Tokenizer>),
     Ids,
 }
-
-/// What separates a text source's file from its tokenizer in a data spec (`data.rs`).
-const TOKENIZER_KEY: &str = "?tokenizer=";
 
 impl TextCodec {
     /// The codec of a run's data spec (as `run.json` records it).

@@ -180,3 +180,16 @@ pub fn op_count_table(g: &Graph) -> String {
     let _ = writeln!(s, "{:<12} {:>7}", "total", g.len());
     s
 }
+
+/// `n` with commas between groups of three digits (`2,048`), for counts in messages.
+pub fn thousands(n: u128) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

@@ -40,16 +40,22 @@ pub fn is_pinned(op: &Op) -> bool {
     matches!(op, Op::Input { .. } | Op::Param { .. })
 }
 
-/// Remove every node that no output depends on, except parameters and inputs.
-/// Returns how many nodes were removed.
-pub fn remove_dead(g: &mut Graph) -> usize {
-    let mut live: std::collections::HashSet<NodeId> = std::collections::HashSet::with_capacity(g.len());
-    let mut stack: Vec<NodeId> = g.outputs.iter().map(|&(_, n)| n).collect();
+/// `roots` and every node they depend on.
+pub fn dependencies(g: &Graph, roots: impl IntoIterator<Item = NodeId>) -> std::collections::HashSet<NodeId> {
+    let mut live = std::collections::HashSet::with_capacity(g.len());
+    let mut stack: Vec<NodeId> = roots.into_iter().collect();
     while let Some(n) = stack.pop() {
         if live.insert(n) {
             stack.extend(g.dag.neighbors_directed(n, Direction::Incoming));
         }
     }
+    live
+}
+
+/// Remove every node that no output depends on, except parameters and inputs.
+/// Returns how many nodes were removed.
+pub fn remove_dead(g: &mut Graph) -> usize {
+    let live = dependencies(g, g.outputs.iter().map(|&(_, n)| n));
     let dead: Vec<NodeId> = g.dag.node_indices().filter(|n| !live.contains(n) && !is_pinned(&g.node(*n).op)).collect();
     for &n in &dead {
         g.dag.remove_node(n);

@@ -11,7 +11,8 @@
 //! Not part of the default pipeline: `Pipeline::next_token` swaps it in for `autodiff`.
 
 use super::Pass;
-use crate::ir::{Dim, EinsumSpec, Graph, NodeId, Op};
+use crate::ir::rewrite::dependencies;
+use crate::ir::{Dim, EinsumSpec, Graph, Op};
 use tnc_grammar::Diagnostic;
 
 /// The output's name.
@@ -32,12 +33,16 @@ impl Pass for NextToken {
         let Some(&(_, loss)) = g.outputs.iter().find(|(n, _)| n == "loss") else {
             return Err(cannot("it has no output named `loss`".into()));
         };
-        let ces: Vec<NodeId> =
-            ancestors(&g, loss).into_iter().filter(|&n| matches!(g.node(n).op, Op::CrossEntropy(_))).collect();
-        let [ce] = ces[..] else {
+        let ces: Vec<_> = dependencies(&g, [loss])
+            .into_iter()
+            .filter_map(|n| match g.node(n).op {
+                Op::CrossEntropy(attrs) => Some((n, attrs)),
+                _ => None,
+            })
+            .collect();
+        let [(ce, attrs)] = ces[..] else {
             return Err(cannot(format!("its loss holds {} cross-entropies against a vocabulary, not one", ces.len())));
         };
-        let Op::CrossEntropy(attrs) = g.node(ce).op else { unreachable!("filtered above") };
         let ops = g.operands(ce);
         let (x, table) = (ops[0], ops[1]);
         let span = g.node(ce).span;
@@ -74,16 +79,4 @@ impl Pass for NextToken {
         g.outputs = vec![(LOGITS.to_string(), logits)];
         Ok(g)
     }
-}
-
-/// `n` and every node it depends on.
-fn ancestors(g: &Graph, n: NodeId) -> Vec<NodeId> {
-    let mut seen = std::collections::HashSet::new();
-    let mut stack = vec![n];
-    while let Some(x) = stack.pop() {
-        if seen.insert(x) {
-            stack.extend(g.operands(x));
-        }
-    }
-    seen.into_iter().collect()
 }
