@@ -49,17 +49,28 @@ pub type Choices<'a> = (&'a str, tnc_compiler::passes::Policy, tnc_compiler::bac
 pub fn training_bundle(model: &ModelArgs, choices: Choices, status: &mut dyn FnMut(&str)) -> Result<PathBuf, Failure> {
     let (graph, sources) = elaborate(model)?;
     fits_in_host_memory(&graph, choices.0, tnc_runtime::host_memory::available_bytes())?;
-    cached_bundle(model, (graph, sources), choices, false, status)
+    cached_bundle(model, (graph, sources), choices, Kind::Training, status)
 }
 
-/// A generation bundle (`tnc compile --next-token`) for `model`, cached as training
+/// What a cached bundle computes.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Training,
+    /// The decode step (`passes/decode_step.rs`), its KV caches of `context` rows.
+    DecodeStep {
+        context: i64,
+    },
+}
+
+/// A decode-step bundle for `model` (KV caches of `context` rows), cached as training
 /// bundles are.
-pub fn generation_bundle(
+pub fn decode_step_bundle(
     model: &ModelArgs,
     choices: Choices,
+    context: i64,
     status: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, Failure> {
-    cached_bundle(model, elaborate(model)?, choices, true, status)
+    cached_bundle(model, elaborate(model)?, choices, Kind::DecodeStep { context }, status)
 }
 
 /// `model` as elaborated (`graph`, `sources`), compiled into the cache unless it is there.
@@ -67,12 +78,16 @@ fn cached_bundle(
     model: &ModelArgs,
     (graph, sources): (Graph, SourceMap),
     (target, precision, codegen): Choices,
-    next_token: bool,
+    kind: Kind,
     status: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, Failure> {
-    let kind = if next_token { "generation" } else { "training" };
+    let (suffix, kind_line) = match kind {
+        Kind::Training => (String::new(), "training".to_string()),
+        Kind::DecodeStep { context } => (format!("-step{context}"), format!("decode step {context}")),
+    };
+    let kind_name = if kind == Kind::Training { "training" } else { "generation" };
     let mut h = Sha256::new();
-    h.update(format!("tnc {} {}\ntarget {target}\n{kind}\n", env!("CARGO_PKG_VERSION"), build_id()));
+    h.update(format!("tnc {} {}\ntarget {target}\n{kind_line}\n", env!("CARGO_PKG_VERSION"), build_id()));
     h.update(format!("precision {}\n", precision.name()));
     h.update(format!("backend {}\n", codegen.name()));
     h.update(format!("model {:?}\n", model.model));
@@ -85,7 +100,6 @@ fn cached_bundle(
         h.update(f.text.as_bytes());
     }
     let key: String = h.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect();
-    let suffix = if next_token { "-generate" } else { "" };
     let dir = cache_dir().join(format!("{}{suffix}-{key}.tnb", graph.name));
     if tnc_runtime::Bundle::load(&dir).is_ok() {
         status(&format!("using the cached bundle {}", dir.display()));
@@ -101,13 +115,21 @@ fn cached_bundle(
         format!(" with {}", codegen.name())
     };
     status(&format!(
-        "compiling {} for {target}{with} ({kind} bundle, {} products)",
+        "compiling {} for {target}{with} ({kind_name} bundle, {} products)",
         model.file.display(),
         precision.name()
     ));
     let started = std::time::Instant::now();
-    let opts =
-        tnc_compiler::driver::Options { train: !next_token, next_token, precision, codegen, ..Default::default() };
+    let opts = tnc_compiler::driver::Options {
+        train: kind == Kind::Training,
+        decode_step: match kind {
+            Kind::DecodeStep { context } => Some(context),
+            _ => None,
+        },
+        precision,
+        codegen,
+        ..Default::default()
+    };
     tnc_compiler::driver::compile(graph, target, &tmp, opts, Vec::new()).map_err(crate::fail)?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir)

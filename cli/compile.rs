@@ -51,6 +51,12 @@ pub struct CompileArgs {
     /// be `lm_loss(…)`.
     #[arg(long, conflicts_with = "train")]
     pub next_token: bool,
+    /// A decode-step bundle (as `tnc generate` compiles): its forward maps one token per
+    /// sequence (`tokens [B, 1]`, `position i32[1]`) and every layer's state (`state.i`,
+    /// `kv_cache.i`) to the next token's logits and the new states (`next_state.i` …).
+    /// The value is the rows of a KV cache (softmax attention over the whole sequence).
+    #[arg(long, value_name = "CONTEXT", conflicts_with_all = ["train", "next_token"])]
+    pub decode_step: Option<u32>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,7 +76,9 @@ pub fn run(args: &CompileArgs) -> Result<(), Failure> {
     crate::warn_unfused(&graph, &sources, args.batch, args.seq);
     let backend = backend_for(&target, args.backend.codegen()).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
     let mut pipeline = Pipeline::new(&*backend, args.train, args.precision.policy());
-    if args.next_token {
+    if let Some(context) = args.decode_step {
+        pipeline = pipeline.decode_step(context.into());
+    } else if args.next_token {
         pipeline = pipeline.next_token();
     }
     let lowered =
@@ -147,6 +155,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         precision: args.precision.policy(),
         codegen: args.backend.codegen(),
         next_token: args.next_token,
+        decode_step: args.decode_step.map(i64::from),
     };
     let compiled = tnc_compiler::driver::compile(graph, target, &out, opts, vec![("parse + elaborate", front)])
         .map_err(crate::fail)?;

@@ -79,9 +79,10 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
         )));
     }
     let choices = ("native", tnc_compiler::passes::Policy::F32, tnc_compiler::backend::CodeGen::default());
-    let dir = crate::bundle_cache::generation_bundle(&model, choices, &mut |s| eprintln!("{s}"))?;
+    let context = args.context.map_or(info.config.seq, |c| c as usize);
+    let dir = crate::bundle_cache::decode_step_bundle(&model, choices, context as i64, &mut |s| eprintln!("{s}"))?;
     let bundle = tnc_runtime::Bundle::load(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
-    let vocab = logits_width(&bundle.manifest).ok_or_else(|| fail("the generation bundle has no `logits` output"))?;
+    let vocab = logits_width(&bundle.manifest).ok_or_else(|| fail("the decode-step bundle has no `logits` output"))?;
     if let Some(&t) = prompt.iter().find(|&&t| t < 0 || t as usize >= vocab) {
         return Err(usage(format!("the prompt's token {t} is outside the model's vocabulary 0 … {}", vocab - 1)));
     }
@@ -91,7 +92,18 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
     if bundle.manifest.scalars.iter().any(|s| s == "train") {
         exec.set_scalar("train", 0).map_err(|e| fail(e.to_string()))?;
     }
-    let context = args.context.map_or(info.config.seq, |c| c as usize);
+    if prompt.is_empty() {
+        return Err(usage("the prompt is empty: generation starts after at least one token".into()));
+    }
+    let mut decoder = Decoder::new(&bundle.manifest).map_err(fail)?;
+    // A KV cache (softmax attention over the whole sequence) holds `context` positions.
+    let limit = decoder.has_kv_cache.then_some(context);
+    if limit.is_some_and(|l| prompt.len() > l) {
+        return Err(usage(format!(
+            "the prompt has {} tokens but the model's KV cache holds {context} (raise --context)",
+            prompt.len()
+        )));
+    }
     let end_of_text = codec.end_of_text();
 
     let mut tokens = prompt.clone();
@@ -99,15 +111,17 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
     let io = |e: std::io::Error| fail(format!("writing the text: {e}"));
     write!(out, "{shown}").and_then(|_| out.flush()).map_err(io)?;
+    // Prefill: the prompt one token at a time through the step, which carries the states.
+    let started = std::time::Instant::now();
+    let mut logits = Vec::new();
+    for (p, &t) in prompt.iter().enumerate() {
+        logits = decoder.step(&mut exec, t, p).map_err(fail)?;
+    }
+    let prefill_secs = started.elapsed().as_secs_f64();
     let started = std::time::Instant::now();
     let mut generated = 0;
     while generated < args.max_tokens {
-        let window = &tokens[tokens.len().saturating_sub(context)..];
-        let input = tnc_runtime::Tensor::i32(vec![1, window.len()], window.to_vec());
-        exec.forward(&[("tokens", &input)]).map_err(|e| fail(e.to_string()))?;
-        let logits = exec.output("logits").map_err(|e| fail(e.to_string()))?;
-        let logits = logits.as_f32().ok_or_else(|| fail("the logits are not f32"))?;
-        let next = sampling.choose(logits, generated as u64).map_err(fail)?;
+        let next = sampling.choose(&logits, generated as u64).map_err(fail)?;
         generated += 1;
         if Some(next) == end_of_text {
             break;
@@ -118,15 +132,66 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
             write!(out, "{new}").and_then(|_| out.flush()).map_err(io)?;
             shown = text;
         }
+        if generated == args.max_tokens {
+            break;
+        }
+        if limit.is_some_and(|l| tokens.len() >= l) {
+            writeln!(out).map_err(io)?;
+            eprintln!("stopped at {context} tokens: the model's KV cache is full (raise --context)");
+            break;
+        }
+        logits = decoder.step(&mut exec, next as i32, tokens.len() - 1).map_err(fail)?;
     }
     writeln!(out).map_err(io)?;
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "generated {generated} tokens in {secs:.2} s ({:.1} tokens/s; context up to {context} tokens, the whole \
-         window recomputed per token)",
+        "prompt: {} tokens in {prefill_secs:.2} s; generated {generated} tokens in {secs:.2} s ({:.1} tokens/s, \
+         recurrent decode step)",
+        prompt.len(),
         generated as f64 / secs.max(1e-9)
     );
     Ok(())
+}
+
+/// Runs the decode step, carrying its states from one token to the next.
+struct Decoder {
+    /// (input name, value), zeros before the first token.
+    states: Vec<(String, tnc_runtime::Tensor)>,
+    has_kv_cache: bool,
+}
+
+impl Decoder {
+    fn new(m: &tnc_runtime::Manifest) -> Result<Decoder, String> {
+        use tnc_compiler::passes::decode_step::{KV_CACHE, STATE};
+        let env = std::collections::HashMap::from([("B", 1i64)]);
+        let mut states = Vec::new();
+        for io in m.inputs.iter().filter(|io| io.name.starts_with(STATE) || io.name.starts_with(KV_CACHE)) {
+            let shape = io
+                .shape
+                .iter()
+                .map(|d| d.eval(&env).map(|v| v as usize).map_err(|e| format!("the state {}: {e}", io.name)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let len = shape.iter().product();
+            states.push((io.name.clone(), tnc_runtime::Tensor::f32(shape, vec![0.0; len])));
+        }
+        let has_kv_cache = states.iter().any(|(n, _)| n.starts_with(KV_CACHE));
+        Ok(Decoder { states, has_kv_cache })
+    }
+
+    /// The logits after `token` at `position`.
+    fn step(&mut self, exec: &mut tnc_runtime::Executor, token: i32, position: usize) -> Result<Vec<f32>, String> {
+        use tnc_compiler::passes::decode_step::{NEXT, POSITION};
+        let token = tnc_runtime::Tensor::i32(vec![1, 1], vec![token]);
+        let position = tnc_runtime::Tensor::i32(vec![1], vec![position as i32]);
+        let mut inputs: Vec<(&str, &tnc_runtime::Tensor)> = vec![("tokens", &token), (POSITION, &position)];
+        inputs.extend(self.states.iter().map(|(n, t)| (n.as_str(), t)));
+        exec.forward(&inputs).map_err(|e| e.to_string())?;
+        for (name, t) in &mut self.states {
+            *t = exec.output(&format!("{NEXT}{name}")).map_err(|e| e.to_string())?;
+        }
+        let logits = exec.output(tnc_compiler::passes::next_token::LOGITS).map_err(|e| e.to_string())?;
+        logits.as_f32().map(<[f32]>::to_vec).ok_or_else(|| "the logits are not f32".to_string())
+    }
 }
 
 /// V of the `logits [B, 1, V]` output.

@@ -13,11 +13,16 @@ pub fn run(
     args: &ModelArgs,
     dot: bool,
     after: &str,
-    (target, train, precision): (&str, bool, Policy),
+    (target, train, next_token, decode_step, precision): (&str, bool, bool, Option<u32>, Policy),
 ) -> Result<(), Failure> {
     let target = Target::parse(target).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
     let backend = backend_for(&target, CodeGen::default()).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
-    let pipeline = Pipeline::new(&*backend, train, precision);
+    let mut pipeline = Pipeline::new(&*backend, train, precision);
+    if let Some(context) = decode_step {
+        pipeline = pipeline.decode_step(context.into());
+    } else if next_token {
+        pipeline = pipeline.next_token();
+    }
     let names = pipeline.names();
     if !names.contains(&after) {
         // The pipeline's own error, before elaborating: it lists every stage.

@@ -134,6 +134,14 @@ pub enum Command {
         /// The pipeline of a training bundle: adds the `accuracy` and `optimizer` stages.
         #[arg(long)]
         train: bool,
+        /// The pipeline of a generation bundle (`tnc compile --next-token`): `next_token`
+        /// in place of `autodiff`.
+        #[arg(long, conflicts_with = "train")]
+        next_token: bool,
+        /// The pipeline of a decode-step bundle (`tnc compile --decode-step CONTEXT`):
+        /// `next_token`, then `decode_step`.
+        #[arg(long, value_name = "CONTEXT", conflicts_with_all = ["train", "next_token"])]
+        decode_step: Option<u32>,
         /// The element type of products' operands (the `precision` pass).
         #[arg(long, value_enum, default_value_t)]
         precision: PrecisionArg,
@@ -183,8 +191,8 @@ where
     };
     let result = match cli.command {
         Command::Check(args) => check::run(&args),
-        Command::Ir { model, dot, after, target, train, precision } => {
-            ir::run(&model, dot, &after, (&target, train, precision.policy()))
+        Command::Ir { model, dot, after, target, train, next_token, decode_step, precision } => {
+            ir::run(&model, dot, &after, (&target, train, next_token, decode_step, precision.policy()))
         }
         Command::Run(args) => run::run(&args),
         Command::Init(args) => run::init(&args),

@@ -30,6 +30,9 @@ pub struct Options {
     /// A generation bundle: its forward computes the next token's logits
     /// (`passes/next_token.rs`); no backward.
     pub next_token: bool,
+    /// A decode-step bundle (`passes/decode_step.rs`): one token and the states in, the
+    /// logits and the new states out; the value is the KV cache's rows (`context`).
+    pub decode_step: Option<i64>,
 }
 
 pub struct Compiled {
@@ -59,11 +62,13 @@ pub fn compile(
 ) -> Result<Compiled, String> {
     let backend = backend::backend_for(&Target::parse(target)?, opts.codegen)?;
     let model = model_hash(&graph, &opts);
-    if opts.next_token && opts.train {
+    if (opts.next_token || opts.decode_step.is_some()) && opts.train {
         return Err("a generation bundle cannot be a training bundle".into());
     }
     let mut pipeline = Pipeline::new(&*backend, opts.train, opts.precision);
-    if opts.next_token {
+    if let Some(context) = opts.decode_step {
+        pipeline = pipeline.decode_step(context);
+    } else if opts.next_token {
         pipeline = pipeline.next_token();
     }
     let lowered = pipeline.run(graph).map_err(|d| d.message)?;
@@ -97,11 +102,12 @@ pub fn compile(
 /// elaborated graph, the precision and whether it trains.
 fn model_hash(graph: &Graph, opts: &Options) -> String {
     let text = format!(
-        "{}\nprecision {}\ntrain {}\n{}",
+        "{}\nprecision {}\ntrain {}\n{}{}",
         crate::ir::print::to_text(graph),
         opts.precision.name(),
         opts.train,
-        if opts.next_token { "next token\n" } else { "" }
+        if opts.next_token { "next token\n" } else { "" },
+        opts.decode_step.map_or(String::new(), |c| format!("decode step {c}\n"))
     );
     tnc_runtime::manifest::sha256_hex(text.as_bytes())
 }

@@ -116,6 +116,17 @@ impl Pipeline {
         self
     }
 
+    /// The pipeline of a decode-step bundle: `next_token`, then `decode_step` (one token
+    /// in, its logits and every layer's new state out), in place of `autodiff`.
+    /// `context`: the rows of the KV cache of an attention over the whole sequence.
+    pub fn decode_step(mut self, context: i64) -> Pipeline {
+        if let Some(i) = self.stages.iter().position(|s| s.name() == "autodiff") {
+            self.stages[i] = Stage::Graph(Box::new(passes::NextToken));
+            self.stages.insert(i + 1, Stage::Graph(Box::new(passes::DecodeStep { context })));
+        }
+        self
+    }
+
     /// The same pipeline without the stage `name` (tests: `recognize`, to exercise the
     /// generic lowering of every op).
     pub fn without(mut self, name: &str) -> Pipeline {

@@ -178,6 +178,25 @@ impl Dim {
         out
     }
 
+    /// This size with the symbol `sym` replaced by `value` (`ceil(N/64)` at `N = 1` is
+    /// `1`). `None` on overflow.
+    pub fn substitute(&self, sym: &str, value: &Dim) -> Option<Dim> {
+        let mut total = Dim::constant(0);
+        for (m, c) in &self.terms {
+            let mut t = Dim::constant(*c);
+            for a in m {
+                let v = match a {
+                    Atom::Sym(s) if s == sym => value.clone(),
+                    Atom::Sym(_) => Dim::atom(a.clone()),
+                    Atom::CeilDiv(d, k) => d.substitute(sym, value)?.ceil_div(*k)?,
+                };
+                t = t.checked_mul(&v)?;
+            }
+            total = total.checked_add(&t)?;
+        }
+        Some(total)
+    }
+
     /// Evaluate with run-time values for the symbols. `None` on a missing symbol or overflow.
     pub fn eval(&self, value_of: &dyn Fn(&str) -> Option<i64>) -> Option<i64> {
         let mut total: i64 = 0;

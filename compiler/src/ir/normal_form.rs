@@ -121,6 +121,16 @@ pub struct BlockAttentionGrad {
 }
 
 impl BlockAttention {
+    /// Every size in its regions mapped by `f` (`Op::map_dims`).
+    pub fn map_dims(&self, f: &dyn Fn(&super::dim::Dim) -> Option<super::dim::Dim>) -> Option<BlockAttention> {
+        Some(BlockAttention {
+            q: self.q.map_dims(f)?,
+            k: self.k.map_dims(f)?,
+            v: self.v.map_dims(f)?,
+            weights: self.weights.map_dims(f)?,
+        })
+    }
+
     pub fn operand_count(&self) -> usize {
         self.q.args.len() + self.k.args.len() + self.v.args.len()
     }

@@ -237,6 +237,31 @@ pub enum Op {
 }
 
 impl Op {
+    /// The same op with every size it carries mapped by `f` (a region's too); `None` if
+    /// `f` fails on one.
+    pub fn map_dims(&self, f: &dyn Fn(&Dim) -> Option<Dim>) -> Option<Op> {
+        let all = |v: &[Dim]| v.iter().map(f).collect::<Option<Vec<_>>>();
+        Some(match self {
+            Op::Iota { len, dtype } => Op::Iota { len: f(len)?, dtype: *dtype },
+            Op::SizeOf { size, dtype } => Op::SizeOf { size: f(size)?, dtype: *dtype },
+            Op::Reshape { shape } => Op::Reshape { shape: all(shape)? },
+            Op::Broadcast { shape } => Op::Broadcast { shape: all(shape)? },
+            Op::Slice { axis, start, end } => Op::Slice { axis: *axis, start: f(start)?, end: f(end)? },
+            Op::Pad { axis, before, after } => Op::Pad { axis: *axis, before: f(before)?, after: f(after)? },
+            Op::ScatterAdd { rows } => Op::ScatterAdd { rows: f(rows)? },
+            Op::LinearAttention(a) => {
+                let (q, k, v) = (a.q.map_dims(f)?, a.k.map_dims(f)?, a.v.map_dims(f)?);
+                Op::LinearAttention(Box::new(super::normal_form::LinearAttention { q, k, v, ..(**a).clone() }))
+            }
+            Op::BlockAttention(a) => Op::BlockAttention(Box::new(a.map_dims(f)?)),
+            Op::BlockAttentionGrad(a) => Op::BlockAttentionGrad(Box::new(super::normal_form::BlockAttentionGrad {
+                forward: a.forward.map_dims(f)?,
+                weights_vjp: a.weights_vjp.map_dims(f)?,
+            })),
+            _ => self.clone(),
+        })
+    }
+
     /// Ops created by `recognize` (they cannot appear inside regions).
     pub fn is_normal_form(&self) -> bool {
         matches!(

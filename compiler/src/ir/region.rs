@@ -112,6 +112,20 @@ impl Region {
         Ok((value(self.result, &ids), ids))
     }
 
+    /// The same region with every size (its types' and its ops') mapped by `f`.
+    pub fn map_dims(&self, f: &dyn Fn(&super::dim::Dim) -> Option<super::dim::Dim>) -> Option<Region> {
+        let ty = |t: &TensorType| Some(TensorType::new(t.dtype, t.shape.iter().map(f).collect::<Option<_>>()?));
+        Some(Region {
+            args: self.args.iter().map(ty).collect::<Option<_>>()?,
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| Some(RegionNode { op: n.op.map_dims(f)?, operands: n.operands.clone(), ty: ty(&n.ty)? }))
+                .collect::<Option<_>>()?,
+            result: self.result,
+        })
+    }
+
     /// Check that every node's type is what inference gives.
     pub fn verify(&self) -> Result<(), String> {
         for (i, n) in self.nodes.iter().enumerate() {

@@ -1,0 +1,188 @@
+//! The decode step (`passes/decode_step.rs`): one token and the states in, the next
+//! token's logits and the new states out. Checked against the generation program it is
+//! derived from (`next_token`, itself checked against the loss in `tests/next_token.rs`):
+//! fed the tokens one at a time from zero states, the step's logits at position `p` are
+//! the forward's logits after the first `p + 1` tokens, for every model in `models/` over
+//! three of DiagAttention's blocks (tiny block 4, 11 positions: not a multiple of it).
+
+mod common;
+use common::*;
+use std::collections::HashMap;
+use tnc_compiler::backend::{backend_for, CodeGen, Target};
+use tnc_compiler::driver;
+use tnc_compiler::interp::{evaluate, EvalOptions, Tensor};
+use tnc_compiler::ir::Graph;
+use tnc_compiler::passes::decode_step::{KV_CACHE, NEXT, POSITION, STATE};
+use tnc_compiler::passes::Policy;
+use tnc_compiler::pipeline::Pipeline;
+
+const CONTEXT: i64 = 16;
+
+fn pipeline() -> Pipeline {
+    let backend = backend_for(&Target::parse("x86-64-v3").unwrap(), CodeGen::default()).unwrap();
+    Pipeline::new(&*backend, false, Policy::F32)
+}
+
+fn outputs(g: &Graph, inputs: &HashMap<String, Tensor>, params: &[Tensor]) -> HashMap<String, Tensor> {
+    let e = evaluate(g, inputs, params, &EvalOptions::default()).unwrap_or_else(|e| panic!("{}: {e:?}", g.name));
+    e.outputs(g).into_iter().collect()
+}
+
+/// Columns `0 … n` of `[b, m]` tokens, or column `n` alone.
+fn columns(t: &Tensor, range: std::ops::Range<usize>) -> Tensor {
+    let (b, m) = (t.shape[0], t.shape[1]);
+    let data = (0..b).flat_map(|i| t.data[i * m + range.start..i * m + range.end].to_vec()).collect();
+    Tensor::new(vec![b, range.len()], data).expect("shape")
+}
+
+/// Zeros for every state input of `step` at batch `b`.
+fn zero_states(step: &Graph, b: i64) -> HashMap<String, Tensor> {
+    step.inputs
+        .iter()
+        .filter(|i| i.name.starts_with(STATE) || i.name.starts_with(KV_CACHE))
+        .map(|i| {
+            let shape: Vec<usize> =
+                i.ty.shape.iter().map(|d| d.eval(&|s| (s == "B").then_some(b)).expect("B only") as usize).collect();
+            let len = shape.iter().product();
+            (i.name.clone(), Tensor::new(shape, vec![0.0; len]).expect("shape"))
+        })
+        .collect()
+}
+
+fn max_relative(a: &Tensor, b: &Tensor) -> f64 {
+    let scale = b.data.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
+    a.data.iter().zip(&b.data).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn stepping_one_token_at_a_time_gives_the_forward_logits_for_every_model() {
+    let mut checked = Vec::new();
+    for path in model_files() {
+        let (sources, g) = elaborate_path(&path, &tiny_sets(&path));
+        let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+        let forward = pipeline().next_token().run_until(g.clone(), "dce").expect("next_token").graph;
+        let step = match pipeline().decode_step(CONTEXT).run_until(g.clone(), "dce") {
+            Ok(l) => l.graph,
+            Err(d) => panic!("{}: {}", path.display(), d.render(&sources)),
+        };
+        let params = perturbed_params(&g, 3);
+        let vocab = g.params.iter().find(|p| p.name == "embedding").unwrap().ty.shape[0].as_const().unwrap();
+        let (b, n) = (2usize, 11usize);
+        let tokens = token_tensor(b, n, vocab as usize, 29);
+        let mut states = zero_states(&step, b as i64);
+        let mut worst = 0f64;
+        assert!(!states.is_empty(), "{}: a step without state", path.display());
+        for p in 0..n {
+            let mut inputs = std::mem::take(&mut states);
+            inputs.insert("tokens".into(), columns(&tokens, p..p + 1));
+            inputs.insert(POSITION.into(), Tensor::new(vec![1], vec![p as f64]).unwrap());
+            let out = outputs(&step, &inputs, &params);
+            let want =
+                &outputs(&forward, &HashMap::from([("tokens".into(), columns(&tokens, 0..p + 1))]), &params)["logits"];
+            let got = &out["logits"];
+            assert_eq!(got.shape, want.shape, "{}", path.display());
+            // f64 throughout; the recurrence sums in another order than the chunked form.
+            let err = max_relative(got, want);
+            assert!(err <= 1e-10, "{} at position {p}: logits differ by {err:e} (relative)", path.display());
+            worst = worst.max(err);
+            for (name, s) in out {
+                if let Some(state) = name.strip_prefix(NEXT) {
+                    states.insert(state.to_string(), s);
+                }
+            }
+        }
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        eprintln!("{name}: {} states, worst relative difference {worst:.1e}", states.len());
+        checked.push(name);
+    }
+    assert!(checked.len() >= 4, "checked {checked:?}");
+}
+
+/// Every model's step bundle compiled for the host, run token by token by the runtime with
+/// its states fed back, against the forward in the interpreter (f32: relative L2 1e-5).
+#[test]
+fn a_compiled_step_bundle_matches_the_forward_for_every_model() {
+    for path in model_files() {
+        let (sources, g) = elaborate_path(&path, &tiny_sets(&path));
+        let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let dir = std::env::temp_dir().join(format!("tnc-decode-step-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let opts = driver::Options { decode_step: Some(CONTEXT), ..Default::default() };
+        driver::compile(g.clone(), "native", &dir, opts, Vec::new()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let bundle = tnc_runtime::Bundle::load_cpu(&dir).unwrap();
+        let mut exec = tnc_runtime::Executor::cpu(&bundle, 2).unwrap();
+        let params = rounded_to_f32(perturbed_params(&g, 3));
+        for (p, t) in g.params.iter().zip(&params) {
+            exec.set_param(&p.name, &t.data.iter().map(|&x| x as f32).collect::<Vec<_>>()).unwrap();
+        }
+        if bundle.manifest.scalars.iter().any(|s| s == "train") {
+            exec.set_scalar("train", 0).unwrap();
+        }
+        let forward = pipeline().next_token().run_until(g.clone(), "dce").expect("next_token").graph;
+        let vocab = g.params.iter().find(|p| p.name == "embedding").unwrap().ty.shape[0].as_const().unwrap();
+        let (b, n) = (2usize, 11usize);
+        let tokens = token_tensor(b, n, vocab as usize, 31);
+        let f32_tensor =
+            |t: &Tensor| tnc_runtime::Tensor::f32(t.shape.clone(), t.data.iter().map(|&x| x as f32).collect());
+        let mut states: Vec<(String, tnc_runtime::Tensor)> =
+            zero_states(&step_graph(&g), b as i64).iter().map(|(k, t)| (k.clone(), f32_tensor(t))).collect();
+        for p in 0..n {
+            let column = columns(&tokens, p..p + 1);
+            let t = tnc_runtime::Tensor::i32(column.shape.clone(), column.data.iter().map(|&x| x as i32).collect());
+            let position = tnc_runtime::Tensor::i32(vec![1], vec![p as i32]);
+            let mut inputs: Vec<(&str, &tnc_runtime::Tensor)> = vec![("tokens", &t), (POSITION, &position)];
+            inputs.extend(states.iter().map(|(k, v)| (k.as_str(), v)));
+            exec.forward(&inputs).unwrap_or_else(|e| panic!("{name} at {p}: {e}"));
+            let got = exec.output("logits").unwrap();
+            let got: Vec<f64> = got.as_f32().unwrap().iter().map(|&x| x as f64).collect();
+            let want =
+                &outputs(&forward, &HashMap::from([("tokens".into(), columns(&tokens, 0..p + 1))]), &params)["logits"];
+            let err = got.iter().zip(&want.data).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+            let norm = want.data.iter().map(|b| b * b).sum::<f64>().sqrt();
+            assert!(err <= 1e-5 * norm, "{name} at position {p}: relative L2 {:e}", err / norm);
+            for (k, v) in &mut states {
+                *v = exec.output(&format!("{NEXT}{k}")).unwrap();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+fn step_graph(g: &Graph) -> Graph {
+    pipeline().decode_step(CONTEXT).run_until(g.clone(), "dce").expect("decode_step").graph
+}
+
+fn refusal(text: &str) -> tnc_grammar::Diagnostic {
+    let (sources, g) = elaborate_text("variant.tn", text, &[]);
+    let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    pipeline().decode_step(CONTEXT).run_until(g, "dce").err().expect("refused")
+}
+
+#[test]
+fn ops_that_read_other_positions_have_no_decode_step_and_say_which() {
+    // A token shift (position n reads n − 1) and a mean over the sequence.
+    for (body, op, why) in [
+        ("x = concat([e[:, :1], e[:, :-1]], 1)", "slice", "shifts the sequence"),
+        ("x = e - mean(e, 1)", "reduce_sum", "reduces over the sequence"),
+    ] {
+        let text = format!(
+            "use std\nmodel variant(vocab = 8, dim = 4) {{\n  input tokens: i32[B, N]\n  param embedding: [vocab, dim] ~ \
+             normal(0.5)\n  e = embed(tokens, embedding)\n  {body}\n  output loss = lm_loss(x, embedding, tokens)\n}}\n"
+        );
+        let d = refusal(&text);
+        assert!(d.message.contains(&format!("`{op}` {why}")), "{body}: {}", d.message);
+        assert!(d.span.is_some(), "{body}: no span");
+        assert!(d.hint.as_deref().is_some_and(|h| h.contains("causal linear attention")), "{body}");
+    }
+}
+
+#[test]
+fn a_non_causal_linear_attention_has_no_decode_step() {
+    let d = refusal(
+        "use std\nmodel variant(vocab = 8, dim = 4) {\n  input tokens: i32[B, N]\n  param embedding: [vocab, dim] ~ \
+         normal(0.5)\n  x = embed(tokens, embedding)\n  x = x + norm_attention(x, 2, causal = false, use_lrpe = false)\n  \
+         output loss = lm_loss(x, embedding, tokens)\n}\n",
+    );
+    assert!(d.message.contains("`linear_attention` is not causal"), "{}", d.message);
+}
