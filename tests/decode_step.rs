@@ -103,12 +103,25 @@ fn stepping_one_token_at_a_time_gives_the_forward_logits_for_every_model() {
 #[test]
 fn a_compiled_step_bundle_matches_the_forward_for_every_model() {
     for path in model_files() {
-        let (sources, g) = elaborate_path(&path, &tiny_sets(&path));
+        check_compiled_step(&path, CONTEXT);
+    }
+}
+
+/// A KV-cache window too wide to stage per block (300 rows: the composed kernel of the
+/// whole-sequence case, `schedule/block_attention.rs`) — once a stack overflow.
+#[test]
+fn a_long_kv_cache_window_runs_as_the_composed_kernel() {
+    check_compiled_step(&repo().join("models/transformer.tn"), 300);
+}
+
+fn check_compiled_step(path: &std::path::Path, context: i64) {
+    {
+        let (sources, g) = elaborate_path(path, &tiny_sets(path));
         let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
         let dir = std::env::temp_dir().join(format!("tnc-decode-step-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let opts = driver::Options { decode_step: Some(CONTEXT), ..Default::default() };
+        let opts = driver::Options { decode_step: Some(context), ..Default::default() };
         driver::compile(g.clone(), "native", &dir, opts, Vec::new()).unwrap_or_else(|e| panic!("{name}: {e}"));
         let bundle = tnc_runtime::Bundle::load_cpu(&dir).unwrap();
         let mut exec = tnc_runtime::Executor::cpu(&bundle, 2).unwrap();
@@ -126,7 +139,7 @@ fn a_compiled_step_bundle_matches_the_forward_for_every_model() {
         let f32_tensor =
             |t: &Tensor| tnc_runtime::Tensor::f32(t.shape.clone(), t.data.iter().map(|&x| x as f32).collect());
         let mut states: Vec<(String, tnc_runtime::Tensor)> =
-            zero_states(&step_graph(&g), b as i64).iter().map(|(k, t)| (k.clone(), f32_tensor(t))).collect();
+            zero_states(&step_graph(&g, context), b as i64).iter().map(|(k, t)| (k.clone(), f32_tensor(t))).collect();
         for p in 0..n {
             let column = columns(&tokens, p..p + 1);
             let t = tnc_runtime::Tensor::i32(column.shape.clone(), column.data.iter().map(|&x| x as i32).collect());
@@ -149,8 +162,8 @@ fn a_compiled_step_bundle_matches_the_forward_for_every_model() {
     }
 }
 
-fn step_graph(g: &Graph) -> Graph {
-    pipeline().decode_step(CONTEXT).run_until(g.clone(), "dce").expect("decode_step").graph
+fn step_graph(g: &Graph, context: i64) -> Graph {
+    pipeline().decode_step(context).run_until(g.clone(), "dce").expect("decode_step").graph
 }
 
 fn refusal(text: &str) -> tnc_grammar::Diagnostic {

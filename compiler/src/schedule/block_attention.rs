@@ -43,6 +43,18 @@ pub fn constant_widths(ba: &BlockAttention) -> Option<(usize, usize, usize)> {
     Some((c(&q.shape[r - 2])?, c(&q.shape[r - 1])?, c(&v.shape[r - 1])?))
 }
 
+/// The most a block's staged arrays may take (bytes, the backward's, which are larger):
+/// on a CPU they live in the worker thread's stack frame. A wider block (the KV-cache
+/// window of a decode step over a long context) runs as the composed kernel of the
+/// whole-sequence case instead.
+const MAX_STAGED_BYTES: usize = 512 << 10;
+
+/// [`constant_widths`] of a block attention staged per block: constant widths whose
+/// arrays fit in [`MAX_STAGED_BYTES`].
+pub fn staged_widths(ba: &BlockAttention) -> Option<(usize, usize, usize)> {
+    constant_widths(ba).filter(|&w| block_floats(w, true) * 4 <= MAX_STAGED_BYTES)
+}
+
 /// What both kernels share: the block's index, its staged operands and widths.
 struct Block {
     b_idx: Vec<Expr>,
@@ -75,7 +87,7 @@ fn block_floats((w, d, e): (usize, usize, usize), backward: bool) -> usize {
 /// the 16-byte alignment of each of the at most seven arrays).
 fn on_gpu(ba: &BlockAttention, backward: bool, opts: &super::ScheduleOptions) -> bool {
     let fits = |widths| (block_floats(widths, backward) * 4 + 7 * 16) <= opts.shared_limit;
-    opts.gpu_blocks && constant_widths(ba).is_some_and(fits)
+    opts.gpu_blocks && staged_widths(ba).is_some_and(fits)
 }
 
 impl Block {
@@ -87,7 +99,7 @@ impl Block {
         gpu: bool,
         accumulator_floats: usize,
     ) -> Result<Block, String> {
-        let (w, d, e) = constant_widths(ba).ok_or("block attention needs constant block and head widths")?;
+        let (w, d, e) = staged_widths(ba).ok_or("block attention needs small constant block and head widths")?;
         let qt = ba.q.result_type().clone();
         let r = qt.rank();
         let batch = qt.shape[..r - 2].to_vec();

@@ -24,12 +24,13 @@ pub fn kernel(
             }
         }
         Op::LinearAttention(la) => super::linear_attention::kernel(lw, n, la, opts, name),
-        // Constant block widths (DiagAttention): staged per block. The whole sequence as
-        // one block (softmax baseline, w = N): one composed region per output element.
-        Op::BlockAttention(ba) if super::block_attention::constant_widths(ba).is_some() => {
+        // Small constant block widths (DiagAttention): staged per block. The whole sequence
+        // as one block (softmax baseline, w = N, or a decode step's long KV-cache window):
+        // one composed region per output element.
+        Op::BlockAttention(ba) if super::block_attention::staged_widths(ba).is_some() => {
             super::block_attention::forward(lw, n, ba, opts, name)
         }
-        Op::BlockAttentionGrad(bg) if super::block_attention::constant_widths(&bg.forward).is_some() => {
+        Op::BlockAttentionGrad(bg) if super::block_attention::staged_widths(&bg.forward).is_some() => {
             super::block_attention::backward(lw, n, bg, opts, name)
         }
         Op::BlockAttention(_) | Op::BlockAttentionGrad(_) => {
@@ -152,7 +153,7 @@ const SCATTER_COLUMNS: i64 = 16;
 /// Whether node `n` is block attention (or its backward) over the whole sequence (a
 /// run-time block width): scheduled by [`block_attention_full`], not [`kernel`].
 pub fn is_full_block_attention(op: &Op) -> bool {
-    forward_of(op).is_some_and(|ba| super::block_attention::constant_widths(ba).is_none())
+    forward_of(op).is_some_and(|ba| super::block_attention::staged_widths(ba).is_none())
 }
 
 /// The forward attention of a block attention or its backward.
