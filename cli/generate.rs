@@ -1,13 +1,13 @@
 //! `tnc generate RUN_DIR|CHECKPOINT --prompt TEXT`: text from a trained language model,
 //! streamed to stdout as it is generated, with tokens/s on stderr at the end.
 //!
-//! The model is compiled as a generation bundle (`tnc compile --next-token`, cached like
-//! training bundles) for this CPU, its parameters come from the run's checkpoint, and
-//! prompts and output are spelled as the run's data spells them (bytes, a tokenizer's
-//! subwords, or token ids for the synthetic tasks). Each new token runs the chunked
-//! forward over the context window (the last `--context` tokens) and reads the logits of
-//! its last position; a recurrent decode step (a constant cost per token) is not derived
-//! yet.
+//! The model is compiled as a decode-step bundle (`tnc compile --decode-step`,
+//! `passes/decode_step.rs`, cached like training bundles) for this CPU, its parameters
+//! come from the run's checkpoint, and prompts and output are spelled as the run's data
+//! spells them (bytes, a tokenizer's subwords, or token ids for the synthetic tasks). The
+//! prompt runs through the step one token at a time, carrying every layer's state; each
+//! new token then costs one step, the same at any position for linear attention and
+//! DiagAttention.
 
 use crate::eval::find_checkpoint;
 use crate::train::RunInfo;
@@ -43,8 +43,9 @@ pub struct GenerateArgs {
     /// Seed of the draws: the same seed gives the same text.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// The most tokens the model reads at once; older ones leave the window (default: the
-    /// run's training length, `--seq`).
+    /// The rows of a softmax attention's KV cache: such a model stops after this many
+    /// tokens (default: the run's training length, `--seq`). Linear attention and
+    /// DiagAttention keep no context-sized state and ignore it.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub context: Option<u64>,
     /// Worker threads (default: every core).
