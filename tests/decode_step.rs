@@ -199,3 +199,40 @@ fn a_non_causal_linear_attention_has_no_decode_step() {
     );
     assert!(d.message.contains("`linear_attention` is not causal"), "{}", d.message);
 }
+
+/// Attention in blocks spelled so that its positions count from the sequence's start (or
+/// left unrecognized): the step cannot count them from the block's start, so it is refused
+/// rather than wrong.
+#[test]
+fn blocks_with_positions_from_the_sequence_start_have_no_decode_step() {
+    let d = refusal(
+        "use std\n\
+         fn absolute_diag(x: [B, N, D], heads, block = 4) {\n\
+           E = D / heads\n\
+           param wq, wk, wv: [D, D] ~ xavier\n\
+           nb = ceil_div(N, block)\n\
+           padded = nb * block\n\
+           blocks = |t| reshape(pad(split_heads(t, heads), 2, 0, padded - N), [B, heads, nb, block, E])\n\
+           rotate = lrpe(E)\n\
+           pos = reshape(float(iota(padded)), [nb, block])\n\
+           q = rotate(blocks(x @ wq), pos)\n\
+           k = rotate(blocks(x @ wk), pos)\n\
+           weights = where(causal_mask(block), relu(einsum(\"bhcie,bhcje->bhcij\", q, k)), 0.0)\n\
+           o = einsum(\"bhcij,bhcje->bhcie\", weights, blocks(x @ wv))\n\
+           merge_heads(reshape(o, [B, heads, padded, E])[:, :, :N])\n\
+         }\n\
+         model variant(vocab = 8, dim = 4) {\n\
+           input tokens: i32[B, N]\n\
+           param embedding: [vocab, dim] ~ normal(0.5)\n\
+           x = embed(tokens, embedding)\n\
+           x = x + absolute_diag(x, 2)\n\
+           output loss = lm_loss(x, embedding, tokens)\n\
+         }\n",
+    );
+    assert!(
+        d.message.contains("counted from the start of the sequence")
+            || d.message.contains("groups the sequence into blocks"),
+        "{}",
+        d.message
+    );
+}

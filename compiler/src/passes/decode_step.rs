@@ -91,6 +91,10 @@ fn fail(op: &Op, span: Option<Span>, why: &str) -> Diagnostic {
     }
 }
 
+const ABSOLUTE_POSITIONS: &str = "reads positions counted from the start of the sequence (or its length) inside \
+     blocks of attention; the decode step counts a block's positions from the block's start (as diag_attention's \
+     LRPE does)";
+
 fn internal(e: String) -> Diagnostic {
     Diagnostic::error(format!("internal error: deriving the decode step: {e}"))
 }
@@ -268,6 +272,9 @@ impl<'a> Deriver<'a> {
                 mixes("shifts the sequence")
             }
             Op::Concat { axis } if seq_axis(orig_out, *axis) => mixes("joins tensors along the sequence"),
+            Op::Reshape { .. } if self.splits_sequence(&orig_in[0], orig_out) => {
+                mixes("groups the sequence into blocks outside a recognized attention (positions then meet along an axis the decode step cannot follow)")
+            }
             Op::ScatterAdd { rows } if self.depends(rows) => mixes("scatters into sequence positions"),
             Op::Scan { axis, reverse } if seq_axis(&orig_in[0], *axis) => {
                 if *reverse {
@@ -292,6 +299,16 @@ impl<'a> Deriver<'a> {
             | Op::CrossEntropyCorrect(_) => mixes("belongs to training, not to generation"),
             _ => self.generic(op, ops, span),
         }
+    }
+
+    /// Whether a reshape from `from` to `to` splits the sequence axis into blocks: its
+    /// longest sequence-sized axis gets shorter (sizes compared with every symbol at
+    /// 1000: `4·ceil(N/4)` into `ceil(N/4)` does, `[B, N, D]` into `[B·N, D]` does not).
+    fn splits_sequence(&self, from: &TensorType, to: &TensorType) -> bool {
+        let longest = |t: &TensorType| {
+            t.shape.iter().filter(|d| self.depends(d)).filter_map(|d| d.eval(&|_| Some(1000))).max().unwrap_or(0)
+        };
+        longest(to) < longest(from)
     }
 
     /// `op` with its sizes at `N := 1`.
@@ -438,6 +455,18 @@ impl<'a> Deriver<'a> {
         } else {
             return Err(fail(&node.op, span, "groups positions in a way the decode step does not know"));
         };
+        // Inside a window of w rows, positions count from the block's start. Sizes of the
+        // sequence (positions from its start, its length) are refused in what the window
+        // evaluates, except in the weights (T1's mask of the padding, which the causal mask
+        // covers).
+        let blocked = window != self.context || slot != self.position;
+        let reads_sequence = |op: &Op| match op {
+            Op::Iota { len: d, .. } | Op::SizeOf { size: d, .. } => self.depends(d),
+            _ => false,
+        };
+        if blocked && [&a.q, &a.k, &a.v].iter().any(|r| r.nodes.iter().any(|m| reads_sequence(&m.op))) {
+            return Err(fail(&node.op, span, ABSOLUTE_POSITIONS));
+        }
         let mut operands = Vec::new();
         let all_operands = self.old.operands(n);
         let q_args = a.q.args.len();
@@ -447,7 +476,7 @@ impl<'a> Deriver<'a> {
             if seq_axes.is_empty() {
                 operands.push(self.local[&o]);
             } else if !self.token_dependent.contains(&o) {
-                operands.push(self.over_window(o, window)?);
+                operands.push(self.over_window(o, window, blocked)?);
             } else {
                 let [axis] = seq_axes[..] else {
                     return Err(fail(&node.op, span, "reads an operand with several sequence axes"));
@@ -503,8 +532,9 @@ impl<'a> Deriver<'a> {
         Ok(local)
     }
 
-    /// Token-independent node `n` over a window of `len` positions (`N := len`).
-    fn over_window(&mut self, n: NodeId, len: i64) -> Result<NodeId, Diagnostic> {
+    /// Token-independent node `n` over a window of `len` positions (`N := len`); `blocked`:
+    /// the window is a block, which reads no position counted from the sequence's start.
+    fn over_window(&mut self, n: NodeId, len: i64, blocked: bool) -> Result<NodeId, Diagnostic> {
         if let Some(&v) = self.window.get(&(n, len)) {
             return Ok(v);
         }
@@ -512,9 +542,13 @@ impl<'a> Deriver<'a> {
         let v = match &node.op {
             Op::Param { .. } => self.local[&n],
             op if op.is_normal_form() => return Err(fail(op, node.span, "cannot feed an attention's window")),
+            op @ (Op::Iota { len: d, .. } | Op::SizeOf { size: d, .. }) if blocked && self.depends(d) => {
+                return Err(fail(op, node.span, ABSOLUTE_POSITIONS))
+            }
             op => {
                 let ops = self.old.operands(n);
-                let ops: Vec<NodeId> = ops.iter().map(|&o| self.over_window(o, len)).collect::<Result<_, _>>()?;
+                let ops: Vec<NodeId> =
+                    ops.iter().map(|&o| self.over_window(o, len, blocked)).collect::<Result<_, _>>()?;
                 let w = Dim::constant(len);
                 let op =
                     op.map_dims(&|d| d.substitute(&self.seq, &w)).ok_or_else(|| internal("size overflow".into()))?;
