@@ -81,11 +81,10 @@ fn cached_bundle(
     kind: Kind,
     status: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, Failure> {
-    let (suffix, kind_line) = match kind {
-        Kind::Training => (String::new(), "training".to_string()),
-        Kind::DecodeStep { context } => (format!("-step{context}"), format!("decode step {context}")),
+    let (suffix, kind_line, kind_name) = match kind {
+        Kind::Training => (String::new(), "training".to_string(), "training"),
+        Kind::DecodeStep { context } => (format!("-step{context}"), format!("decode step {context}"), "generation"),
     };
-    let kind_name = if kind == Kind::Training { "training" } else { "generation" };
     let mut h = Sha256::new();
     h.update(format!("tnc {} {}\ntarget {target}\n{kind_line}\n", env!("CARGO_PKG_VERSION"), build_id()));
     h.update(format!("precision {}\n", precision.name()));

@@ -68,6 +68,8 @@ struct Deriver<'a> {
     old: &'a Graph,
     new: Graph,
     seq: String,
+    /// The sequence length `N` as a size.
+    seq_dim: Dim,
     context: i64,
     token_dependent: HashSet<NodeId>,
     /// Old node → its value at the step's position.
@@ -125,6 +127,7 @@ impl<'a> Deriver<'a> {
         Ok(Deriver {
             old,
             new,
+            seq_dim: Dim::sym(seq.clone()),
             seq,
             context,
             token_dependent,
@@ -141,6 +144,12 @@ impl<'a> Deriver<'a> {
 
     fn at(&self, d: &Dim, n: i64) -> Result<Dim, Diagnostic> {
         d.substitute(&self.seq, &Dim::constant(n)).ok_or_else(|| internal("size overflow".into()))
+    }
+
+    /// `op` with its sizes at `N := n`.
+    fn sized(&self, op: &Op, n: i64) -> Result<Op, Diagnostic> {
+        let n = Dim::constant(n);
+        op.map_dims(&|d| d.substitute(&self.seq, &n)).ok_or_else(|| internal("size overflow".into()))
     }
 
     fn ty_at(&self, t: &TensorType, n: i64) -> Result<TensorType, Diagnostic> {
@@ -190,7 +199,8 @@ impl<'a> Deriver<'a> {
         needed
     }
 
-    /// A new state input of type `ty`; `next` (given later by `set_next`) is its update.
+    /// A new state input of type `ty` and its index in `states`, whose value the caller
+    /// then sets to the state's update.
     fn state_input(&mut self, ty: TensorType, kv_cache: bool) -> (NodeId, usize) {
         let i = self.states.len();
         let name = format!("{}{i}", if kv_cache { KV_CACHE } else { STATE });
@@ -232,14 +242,14 @@ impl<'a> Deriver<'a> {
         let seq_axis = |t: &TensorType, axis: usize| self.depends(&t.shape[axis]);
         match op {
             Op::Iota { len, dtype } if self.depends(len) => {
-                if *len != Dim::sym(self.seq.clone()) {
+                if *len != self.seq_dim {
                     return mixes("counts over a padded or shifted sequence outside attention");
                 }
                 let p = self.cast(self.position, *dtype)?;
                 self.add(Op::Reshape { shape: vec![Dim::constant(1)] }, &[p], span)
             }
             Op::SizeOf { size, dtype } if self.depends(size) => {
-                if *size != Dim::sym(self.seq.clone()) {
+                if *size != self.seq_dim {
                     return mixes("reads a size derived from the sequence length");
                 }
                 let one = self.scalar(1.0, DType::I32)?;
@@ -282,13 +292,13 @@ impl<'a> Deriver<'a> {
                 }
                 // s = x + d·s_prev.
                 let ty = self.new.ty(ops[0]).clone();
-                let (prev, _) = self.state_input(ty, false);
+                let (prev, i) = self.state_input(ty, false);
                 let carried = match ops.get(1) {
                     Some(&d) => self.add(Op::Binary(BinaryOp::Mul), &[d, prev], span)?,
                     None => prev,
                 };
                 let s = self.add(Op::Binary(BinaryOp::Add), &[ops[0], carried], span)?;
-                self.states.last_mut().expect("just added").1 = s;
+                self.states[i].1 = s;
                 Ok(s)
             }
             Op::LinearAttention(_) | Op::BlockAttention(_) => mixes("cannot appear here"),
@@ -313,8 +323,7 @@ impl<'a> Deriver<'a> {
 
     /// `op` with its sizes at `N := 1`.
     fn generic(&mut self, op: &Op, ops: &[NodeId], span: Option<Span>) -> Result<NodeId, Diagnostic> {
-        let one = Dim::constant(1);
-        let op = op.map_dims(&|d| d.substitute(&self.seq, &one)).ok_or_else(|| internal("size overflow".into()))?;
+        let op = self.sized(op, 1)?;
         self.add(op, ops, span)
     }
 
@@ -412,7 +421,7 @@ impl<'a> Deriver<'a> {
         let batch = &qt.shape[..r - 2];
         let mut state_shape = batch.to_vec();
         state_shape.extend([qt.shape[r - 1].clone(), vt.shape[r - 1].clone()]);
-        let (prev, _) = self.state_input(TensorType::new(DType::F32, state_shape.clone()), false);
+        let (prev, i) = self.state_input(TensorType::new(DType::F32, state_shape.clone()), false);
         let lead: Vec<u8> = (0..r as u8 - 2).map(|i| b'a' + i).collect();
         let (x, d, e) = (b'x', b'y', b'z');
         let spec = |a: &[u8], b: &[u8], out: &[u8]| EinsumSpec {
@@ -432,7 +441,7 @@ impl<'a> Deriver<'a> {
             None => prev,
         };
         let state = self.add(Op::Binary(BinaryOp::Add), &[carried, kv], span)?;
-        self.states.last_mut().expect("just added").1 = state;
+        self.states[i].1 = state;
         self.add(Op::Einsum(spec(&[x, d], &[d, e], &[x, e])), &[q, state], span)
     }
 
@@ -445,13 +454,14 @@ impl<'a> Deriver<'a> {
         let r = out.rank();
         // The slot axis (r − 2): a block's `w` positions, or the whole sequence.
         let slots = &out.shape[r - 2];
-        let (window, slot) = if let (Some(w), false) = (slots.as_const(), self.depends(slots)) {
+        // `blocked`: a block of w rows, else the whole sequence (a KV cache of `context`).
+        let (window, slot, blocked) = if let (Some(w), false) = (slots.as_const(), self.depends(slots)) {
             let wc = self.scalar(w as f64, DType::I32)?;
             let blocks = self.add(Op::Binary(BinaryOp::Div), &[self.position, wc], span)?;
             let start = self.add(Op::Binary(BinaryOp::Mul), &[blocks, wc], span)?;
-            (w, self.add(Op::Binary(BinaryOp::Sub), &[self.position, start], span)?)
-        } else if *slots == Dim::sym(self.seq.clone()) {
-            (self.context, self.position)
+            (w, self.add(Op::Binary(BinaryOp::Sub), &[self.position, start], span)?, true)
+        } else if *slots == self.seq_dim {
+            (self.context, self.position, false)
         } else {
             return Err(fail(&node.op, span, "groups positions in a way the decode step does not know"));
         };
@@ -459,7 +469,6 @@ impl<'a> Deriver<'a> {
         // sequence (positions from its start, its length) are refused in what the window
         // evaluates, except in the weights (T1's mask of the padding, which the causal mask
         // covers).
-        let blocked = window != self.context || slot != self.position;
         let reads_sequence = |op: &Op| match op {
             Op::Iota { len: d, .. } | Op::SizeOf { size: d, .. } => self.depends(d),
             _ => false,
@@ -481,7 +490,7 @@ impl<'a> Deriver<'a> {
                 let [axis] = seq_axes[..] else {
                     return Err(fail(&node.op, span, "reads an operand with several sequence axes"));
                 };
-                if t.shape[axis] != Dim::sym(self.seq.clone()) {
+                if t.shape[axis] != self.seq_dim {
                     return Err(fail(&node.op, span, "reads an operand already padded or grouped into blocks"));
                 }
                 // The window's rows: the cache with this position's row written at its slot.
@@ -491,23 +500,21 @@ impl<'a> Deriver<'a> {
                 let row = self.splat(self.local[&o], &cache_ty.shape)?;
                 let hit = self.one_hot(slot, window, axis, &cache_ty.shape)?;
                 let query_only = i < q_args && !all_operands[q_args..].contains(&o);
-                let rest = if query_only {
+                let (rest, state) = if query_only {
                     let zero = self.scalar(0.0, cache_ty.dtype)?;
-                    self.splat(zero, &cache_ty.shape)?
+                    (self.splat(zero, &cache_ty.shape)?, None)
                 } else {
-                    self.state_input(cache_ty.clone(), window == self.context && slot == self.position).0
+                    let (cache, i) = self.state_input(cache_ty.clone(), !blocked);
+                    (cache, Some(i))
                 };
                 let rows = self.add(Op::Select, &[hit, row, rest], span)?;
-                if !query_only {
-                    self.states.last_mut().expect("just added").1 = rows;
+                if let Some(i) = state {
+                    self.states[i].1 = rows;
                 }
                 operands.push(rows);
             }
         }
-        let w = Dim::constant(window);
-        let op = Op::BlockAttention(Box::new(
-            a.map_dims(&|d| d.substitute(&self.seq, &w)).ok_or_else(|| internal("size overflow".into()))?,
-        ));
+        let op = self.sized(&node.op, window)?;
         let all = self.add(op, &operands, span)?;
         // This position's row, at slot 0 of the one-token forward's layout.
         let all_ty = self.new.ty(all).clone();
@@ -549,9 +556,7 @@ impl<'a> Deriver<'a> {
                 let ops = self.old.operands(n);
                 let ops: Vec<NodeId> =
                     ops.iter().map(|&o| self.over_window(o, len, blocked)).collect::<Result<_, _>>()?;
-                let w = Dim::constant(len);
-                let op =
-                    op.map_dims(&|d| d.substitute(&self.seq, &w)).ok_or_else(|| internal("size overflow".into()))?;
+                let op = self.sized(op, len)?;
                 self.add(op, &ops, node.span)?
             }
         };
