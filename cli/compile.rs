@@ -55,7 +55,7 @@ pub struct CompileArgs {
     /// sequence (`tokens [B, 1]`, `position i32[1]`) and every layer's state (`state.i`,
     /// `kv_cache.i`) to the next token's logits and the new states (`next_state.i` …).
     /// The value is the rows of a KV cache (softmax attention over the whole sequence).
-    #[arg(long, value_name = "CONTEXT", conflicts_with_all = ["train", "next_token"])]
+    #[arg(long, value_name = "CONTEXT", conflicts_with_all = ["train", "next_token"], value_parser = clap::value_parser!(u32).range(1..))]
     pub decode_step: Option<u32>,
 }
 

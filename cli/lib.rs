@@ -140,7 +140,7 @@ pub enum Command {
         next_token: bool,
         /// The pipeline of a decode-step bundle (`tnc compile --decode-step CONTEXT`):
         /// `next_token`, then `decode_step`.
-        #[arg(long, value_name = "CONTEXT", conflicts_with_all = ["train", "next_token"])]
+        #[arg(long, value_name = "CONTEXT", conflicts_with_all = ["train", "next_token"], value_parser = clap::value_parser!(u32).range(1..))]
         decode_step: Option<u32>,
         /// The element type of products' operands (the `precision` pass).
         #[arg(long, value_enum, default_value_t)]
