@@ -11,7 +11,7 @@ use std::ffi::c_void;
 use tnc_compiler::interp::{compare, evaluate, EvalOptions, Tensor};
 use tnc_compiler::ir::region::RegionNode;
 use tnc_compiler::ir::{
-    BinaryOp, DType, Dim, Direction, Graph, LinearAttention, Op, Region, RegionValue, TensorType, UnaryOp,
+    BinaryOp, DType, Decay, Dim, Direction, Graph, LinearAttention, Op, Region, RegionValue, TensorType, UnaryOp,
 };
 use tnc_compiler::schedule::{self, Schedule, ScheduleOptions};
 
@@ -56,7 +56,7 @@ fn elu_times(t: TensorType) -> Region {
 }
 
 /// A graph of one linear attention over inputs; returns it with its input names.
-fn graph(direction: Direction, decay: bool, prologue: Prologue, d: usize, e: usize) -> (Graph, Vec<(String, usize)>) {
+fn graph(direction: Direction, decay: Decay, prologue: Prologue, d: usize, e: usize) -> (Graph, Vec<(String, usize)>) {
     let mut g = Graph::new("la");
     let mut names = Vec::new();
     let mut input = |g: &mut Graph, name: &str, t: TensorType, width: usize| {
@@ -85,10 +85,17 @@ fn graph(direction: Direction, decay: bool, prologue: Prologue, d: usize, e: usi
             )
         }
     };
-    if decay {
-        // One decay per head, broadcast over the batch.
-        let lt = TensorType::new(DType::F32, vec![Dim::constant(1), Dim::constant(HEADS as i64)]);
-        operands.push(input(&mut g, "lambda", lt, 0));
+    match decay {
+        Decay::None => {}
+        Decay::PerHead => {
+            // One decay per head, broadcast over the batch.
+            let lt = TensorType::new(DType::F32, vec![Dim::constant(1), Dim::constant(HEADS as i64)]);
+            operands.push(input(&mut g, "lambda", lt, 0));
+        }
+        Decay::PerToken => {
+            let at = TensorType::new(DType::F32, vec![Dim::sym("B"), Dim::constant(HEADS as i64), Dim::sym("N")]);
+            operands.push(input(&mut g, "log_gate", at, 0));
+        }
     }
     let out = g.add(Op::LinearAttention(Box::new(la)), &operands, None).unwrap();
     g.add_output("out", out);
@@ -113,6 +120,16 @@ fn inputs(names: &[(String, usize)], b: usize, n: usize) -> Vec<(String, Tensor)
         .map(|(i, (name, width))| {
             let t = if name == "lambda" {
                 Tensor { shape: vec![1, HEADS], data: vec![0.9, 0.6] }
+            } else if name == "log_gate" {
+                // Gates from e^{-1.5} to 1, and every 23rd one 0 (log-gate −∞: floored).
+                let shape = vec![b, HEADS, n];
+                let len = shape.iter().product();
+                let data = noise(len, 77 + n as u64)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, x)| if j % 23 == 22 { f64::NEG_INFINITY } else { -0.75 * (x + 1.0) })
+                    .collect();
+                Tensor { shape, data }
             } else {
                 let shape = vec![b, HEADS, n, *width];
                 let len = shape.iter().product();
@@ -128,7 +145,7 @@ fn schedule_of(g: &Graph, opts: &ScheduleOptions) -> Schedule {
 }
 
 /// The largest relative L2 error over every length.
-fn check(direction: Direction, decay: bool, prologue: Prologue, chunk: usize) -> f64 {
+fn check(direction: Direction, decay: Decay, prologue: Prologue, chunk: usize) -> f64 {
     let opts = ScheduleOptions { chunk, ..Default::default() };
     check_with(direction, decay, prologue, (4, 3), &opts, &[1, 5, 64, 65, 130])
 }
@@ -136,7 +153,7 @@ fn check(direction: Direction, decay: bool, prologue: Prologue, chunk: usize) ->
 /// [`check`] with head widths (d, e), schedule options and lengths.
 fn check_with(
     direction: Direction,
-    decay: bool,
+    decay: Decay,
     prologue: Prologue,
     (d, e): (usize, usize),
     opts: &ScheduleOptions,
@@ -146,7 +163,9 @@ fn check_with(
     let (g, names) = graph(direction, decay, prologue, d, e);
     let s = schedule_of(&g, opts);
     assert_eq!(s.kernels.len(), 1, "one kernel");
-    assert_eq!(s.kernels[0].threads.is_some(), opts.gpu_blocks, "a block kernel exactly on GPUs");
+    // Gated attention runs as the one-thread-per-sequence kernel on GPUs too (for now).
+    let block = opts.gpu_blocks && decay != Decay::PerToken;
+    assert_eq!(s.kernels[0].threads.is_some(), block, "a block kernel exactly on GPUs, ungated");
     let mut worst = 0f64;
     for &n in lengths {
         let b = 2;
@@ -160,7 +179,7 @@ fn check_with(
         let mut got = got["out"].clone();
         got.shape = want.shape.clone();
         let c = compare(&got, want);
-        let at = format!("{direction:?} decay={decay} {prologue:?} C={chunk} N={n}");
+        let at = format!("{direction:?} decay={decay:?} {prologue:?} C={chunk} N={n}");
         assert!(!c.has_nan, "{at}: NaN");
         assert!(c.within(1e-4), "{at}: {c:?}");
         worst = worst.max(c.rel_l2);
@@ -172,15 +191,17 @@ fn check_with(
 fn chunked_kernel_matches_the_naive_interpreter() {
     for prologue in [Prologue::Identity, Prologue::Elu] {
         for (direction, decay) in [
-            (Direction::Causal, false),
-            (Direction::Causal, true),
-            (Direction::Anticausal, false),
-            (Direction::Anticausal, true),
-            (Direction::Full, false),
+            (Direction::Causal, Decay::None),
+            (Direction::Causal, Decay::PerHead),
+            (Direction::Causal, Decay::PerToken),
+            (Direction::Anticausal, Decay::None),
+            (Direction::Anticausal, Decay::PerHead),
+            (Direction::Anticausal, Decay::PerToken),
+            (Direction::Full, Decay::None),
         ] {
             for chunk in [64, 7] {
                 let worst = check(direction, decay, prologue, chunk);
-                eprintln!("{direction:?} decay={decay} {prologue:?} C={chunk}: worst relative L2 {worst:.2e}");
+                eprintln!("{direction:?} decay={decay:?} {prologue:?} C={chunk}: worst relative L2 {worst:.2e}");
             }
         }
     }
@@ -191,13 +212,18 @@ fn chunked_kernel_matches_the_naive_interpreter() {
 /// row blocks) and lengths that end inside a row block and inside a chunk.
 #[test]
 fn row_blocks_of_every_width_match_the_naive_interpreter() {
-    for (direction, decay) in
-        [(Direction::Causal, false), (Direction::Causal, true), (Direction::Anticausal, true), (Direction::Full, false)]
-    {
+    for (direction, decay) in [
+        (Direction::Causal, Decay::None),
+        (Direction::Causal, Decay::PerHead),
+        (Direction::Causal, Decay::PerToken),
+        (Direction::Anticausal, Decay::PerHead),
+        (Direction::Anticausal, Decay::PerToken),
+        (Direction::Full, Decay::None),
+    ] {
         for chunk in [64, 7] {
             let opts = ScheduleOptions { chunk, ..Default::default() };
             let worst = check_with(direction, decay, Prologue::Elu, (6, 40), &opts, &[3, 66, 131]);
-            eprintln!("d 6 e 40 {direction:?} decay={decay} C={chunk}: worst relative L2 {worst:.2e}");
+            eprintln!("d 6 e 40 {direction:?} decay={decay:?} C={chunk}: worst relative L2 {worst:.2e}");
         }
     }
 }
@@ -208,13 +234,18 @@ fn row_blocks_of_every_width_match_the_naive_interpreter() {
 /// one value tile (e = 3) and two (e = 80: tiles of 40 columns).
 #[test]
 fn gpu_block_kernel_matches_the_naive_interpreter() {
-    for (direction, decay) in
-        [(Direction::Causal, false), (Direction::Causal, true), (Direction::Anticausal, true), (Direction::Full, false)]
-    {
+    for (direction, decay) in [
+        (Direction::Causal, Decay::None),
+        (Direction::Causal, Decay::PerHead),
+        (Direction::Causal, Decay::PerToken),
+        (Direction::Anticausal, Decay::PerHead),
+        (Direction::Anticausal, Decay::PerToken),
+        (Direction::Full, Decay::None),
+    ] {
         for chunk in [64, 4] {
             let opts = ScheduleOptions { chunk, ..ScheduleOptions::gpu() };
             let worst = check_with(direction, decay, Prologue::Elu, (4, 3), &opts, &[1, 5, 13, 65]);
-            eprintln!("GPU {direction:?} decay={decay} C={chunk}: worst relative L2 {worst:.2e}");
+            eprintln!("GPU {direction:?} decay={decay:?} C={chunk}: worst relative L2 {worst:.2e}");
         }
         let opts = ScheduleOptions { chunk: 4, ..ScheduleOptions::gpu() };
         check_with(direction, decay, Prologue::Identity, (4, 80), &opts, &[6]);
@@ -224,7 +255,12 @@ fn gpu_block_kernel_matches_the_naive_interpreter() {
 #[test]
 fn chunk_sizes_one_and_beyond_the_sequence() {
     for chunk in [1, 200] {
-        for (direction, decay) in [(Direction::Causal, true), (Direction::Anticausal, true), (Direction::Full, false)] {
+        for (direction, decay) in [
+            (Direction::Causal, Decay::PerHead),
+            (Direction::Causal, Decay::PerToken),
+            (Direction::Anticausal, Decay::PerToken),
+            (Direction::Full, Decay::None),
+        ] {
             check(direction, decay, Prologue::Elu, chunk);
         }
     }
@@ -233,7 +269,7 @@ fn chunk_sizes_one_and_beyond_the_sequence() {
 #[test]
 fn kernel_memory_is_linear_in_n() {
     // The only buffers are the inputs and the output; local arrays have constant sizes.
-    let (g, _) = graph(Direction::Causal, true, Prologue::Elu, 16, 16);
+    let (g, _) = graph(Direction::Causal, Decay::PerToken, Prologue::Elu, 16, 16);
     let s = schedule_of(&g, &ScheduleOptions::default());
     for b in &s.buffers {
         assert!(b.bytes.degree_in("N") <= 1, "a buffer of {} bytes", b.bytes);
@@ -272,7 +308,7 @@ type KernelFn = unsafe extern "C" fn(*const *mut c_void, *const i64, i64, i64);
 fn compiled_time_per_token_is_flat() {
     use tnc_compiler::backend::{self, CpuTarget};
     let (d, e) = (16, 16);
-    let (g, names) = graph(Direction::Causal, true, Prologue::Elu, d, e);
+    let (g, names) = graph(Direction::Causal, Decay::PerHead, Prologue::Elu, d, e);
     let s = schedule_of(&g, &ScheduleOptions::default());
     let k = &s.kernels[0];
     let target = CpuTarget::parse("native").unwrap();

@@ -8,13 +8,14 @@
 //! dk' = anticausal(v', dO, q')  dv' = anticausal(k', q', dO)
 //! ```
 //!
-//! (anticausal and full mirror this). The backward ops reuse the forward's regions, so
+//! (anticausal and full mirror this), each with the forward's weights (decay or gate;
+//! a gate's own gradient is in `gate_gradient`). The backward ops reuse the forward's regions, so
 //! q', k', v' are recomputed inside them rather than stored. What remains is the
 //! gradient of each region w.r.t. its own arguments: the region is inlined once
 //! (recomputed) and differentiated with the primitive rules, by a local reverse sweep.
 
 use super::builder::{Builder, R};
-use crate::ir::{BlockAttention, BlockAttentionGrad, Direction, Graph, LinearAttention, NodeId, Op, Region};
+use crate::ir::{BlockAttention, BlockAttentionGrad, Decay, Direction, Graph, LinearAttention, NodeId, Op, Region};
 use std::collections::HashMap;
 
 pub(crate) fn linear_attention(
@@ -26,13 +27,16 @@ pub(crate) fn linear_attention(
     needs: &[bool],
 ) -> R<()> {
     let (na, nb, nc) = (la.q.args.len(), la.k.args.len(), la.v.args.len());
-    let (qa, ka, va, lam) = la.split(xs);
-    if la.decay && needs.get(na + nb + nc).copied().unwrap_or(false) {
+    let (qa, ka, va, decay) = la.split(xs);
+    let need_decay = la.decay != Decay::None && needs.get(na + nb + nc).copied().unwrap_or(false);
+    if la.decay == Decay::PerHead && need_decay {
         return Err(b.err(
-            "the decay λ of this linear attention depends on trained parameters; a trainable decay is not \
-             supported yet (it needs d(log λ) = Σ_t t·(q_t·dq_t − k_t·dk_t)): make λ a constant or a buffer",
+            "the decay λ of this linear attention depends on trained parameters; a trainable per-head decay is \
+             not supported (make λ a constant or a buffer, or make it a per-token gate: `cumsum(kv, decay = g)` \
+             with g shaped per position, whose gradient tnc derives)",
         ));
     }
+    let need_gate = la.decay == Decay::PerToken && need_decay;
     let need_q = needs[..na].iter().any(|&n| n);
     let need_k = needs[na..na + nb].iter().any(|&n| n);
     let need_v = needs[na + nb..na + nb + nc].iter().any(|&n| n);
@@ -43,28 +47,75 @@ pub(crate) fn linear_attention(
     };
     let identity = |t: &crate::ir::TensorType| Region::identity(t.clone());
     let dy_ty = b.g.ty(gy).clone();
-    // A backward attention: three regions with their argument lists.
+    // A backward attention: three regions with their argument lists, the same weights.
     let attend = |b: &mut Builder, dir, parts: [(&Region, Vec<NodeId>); 3]| -> R<NodeId> {
         let [(q, qv), (k, kv), (v, vv)] = parts;
         let op = LinearAttention { direction: dir, decay: la.decay, q: q.clone(), k: k.clone(), v: v.clone() };
         let mut operands: Vec<NodeId> = qv.into_iter().chain(kv).chain(vv).collect();
-        operands.extend(lam.copied());
+        operands.extend(decay.copied());
         b.add(Op::LinearAttention(Box::new(op)), &operands)
     };
     let dy = identity(&dy_ty);
-    if need_q {
-        let dq = attend(b, la.direction, [(&dy, vec![gy]), (&la.v, va.to_vec()), (&la.k, ka.to_vec())])?;
-        region_vjp(b, &la.q, qa, dq, &needs[..na], &mut out[..na])?;
+    let mut dq = None;
+    let mut dk = None;
+    if need_q || need_gate {
+        let g = attend(b, la.direction, [(&dy, vec![gy]), (&la.v, va.to_vec()), (&la.k, ka.to_vec())])?;
+        dq = Some(g);
+        if need_q {
+            region_vjp(b, &la.q, qa, g, &needs[..na], &mut out[..na])?;
+        }
     }
-    if need_k {
-        let dk = attend(b, reverse, [(&la.v, va.to_vec()), (&dy, vec![gy]), (&la.q, qa.to_vec())])?;
-        region_vjp(b, &la.k, ka, dk, &needs[na..na + nb], &mut out[na..na + nb])?;
+    if need_k || need_gate {
+        let g = attend(b, reverse, [(&la.v, va.to_vec()), (&dy, vec![gy]), (&la.q, qa.to_vec())])?;
+        dk = Some(g);
+        if need_k {
+            region_vjp(b, &la.k, ka, g, &needs[na..na + nb], &mut out[na..na + nb])?;
+        }
     }
     if need_v {
         let dv = attend(b, reverse, [(&la.k, ka.to_vec()), (&la.q, qa.to_vec()), (&dy, vec![gy])])?;
         region_vjp(b, &la.v, va, dv, &needs[na + nb..na + nb + nc], &mut out[na + nb..na + nb + nc])?;
     }
+    if let (true, Some(dq), Some(dk), Some(&a)) = (need_gate, dq, dk, decay) {
+        out[na + nb + nc] = Some(gate_gradient(b, la, qa, ka, dq, dk, a)?);
+    }
     Ok(())
+}
+
+/// The gradient of a gated attention's log-gates `a` (`Decay::PerToken`). With
+/// `G = cumsum(a)` the weights are `exp(G_n − G_m)`; the pairs in which position n is
+/// the query add `q'_n·dq'_n` to `∂L/∂G_n` and those in which it is the key subtract
+/// `k'_n·dk'_n` (causal; the signs swap for anticausal), the diagonal cancelling; then
+/// `∂L/∂a_j = Σ_{n ≥ j} ∂L/∂G_n`, a reverse cumulative sum. Summed over the batch axes
+/// the gates broadcast along.
+fn gate_gradient(
+    b: &mut Builder,
+    la: &LinearAttention,
+    qa: &[NodeId],
+    ka: &[NodeId],
+    dq: NodeId,
+    dk: NodeId,
+    a: NodeId,
+) -> R<NodeId> {
+    let q = la.q.inline(b.g, qa, b.span).map_err(|e| b.err(format!("inlining a region: {e}")))?;
+    let k = la.k.inline(b.g, ka, b.span).map_err(|e| b.err(format!("inlining a region: {e}")))?;
+    let feat = b.shape(q).len() - 1;
+    let qdq = b.mul(q, dq)?;
+    let qdq = b.reduce_sum(qdq, vec![feat])?;
+    let kdk = b.mul(k, dk)?;
+    let kdk = b.reduce_sum(kdk, vec![feat])?;
+    let dg = if la.direction == Direction::Anticausal { b.sub(kdk, qdq)? } else { b.sub(qdq, kdk)? };
+    let pos = feat - 1;
+    let da = b.add(Op::Scan { axis: pos, reverse: true }, &[dg])?;
+    // Sum over the batch axes along which the gates broadcast.
+    let want = b.shape(a);
+    let full = b.shape(da);
+    let axes: Vec<usize> = (0..full.len()).filter(|&i| want[i] != full[i]).collect();
+    if axes.is_empty() {
+        return Ok(da);
+    }
+    let summed = b.reduce_sum(da, axes)?;
+    b.add(Op::Reshape { shape: want }, &[summed])
 }
 
 /// Gradients of a region's arguments given the cotangent of its result: inline the region

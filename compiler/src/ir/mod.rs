@@ -16,7 +16,7 @@ pub mod verify;
 pub use cross_entropy::{CeOp, CrossEntropy};
 pub use dim::Dim;
 pub use graph::{Graph, Init, InputInfo, Node, NodeId, ParamInfo};
-pub use normal_form::{BlockAttention, BlockAttentionGrad, Direction, LinearAttention};
+pub use normal_form::{BlockAttention, BlockAttentionGrad, Decay, Direction, LinearAttention, LOG_GATE_FLOOR};
 pub use op::{BinaryOp, EinsumSpec, F64Bits, Op, ReduceOp, UnaryOp};
 pub use region::{Region, RegionValue};
 pub use types::{DType, TensorType};

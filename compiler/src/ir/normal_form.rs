@@ -16,20 +16,44 @@ pub enum Direction {
     Full,
 }
 
+/// How much a key at position `m` counts for the output at position `n` in a
+/// [`LinearAttention`], beyond the product of features: the weight `w(n, m)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Decay {
+    /// `w = 1`.
+    None,
+    /// `w = λ^{|n−m|}`: one constant `λ` per batch index (the operand has the batch
+    /// shape, size-1 axes broadcast), a constant or a buffer: never trained
+    /// (TransNormerLLM, RetNet).
+    PerHead,
+    /// `w = exp(Σ_{j ∈ (min(n,m), max(n,m)]} a_j)`: a log-gate `a` per position (the
+    /// operand has the shape `[batch…, N]`, size-1 batch axes broadcast), a value of the
+    /// graph and trainable through it (Simple GLA, Mamba2/SSD, HGRN2-style scalar gates):
+    /// the recurrence `S_n = exp(a_n) S_{n−1} + k_nᵀ v_n`. Every `a_j` is floored at
+    /// [`LOG_GATE_FLOOR`] first, so a gate that underflows to 0 (`a = −∞`) cannot turn
+    /// the chunked form's differences of cumulative log-gates into NaN.
+    PerToken,
+}
+
+/// The least log-gate a [`Decay::PerToken`] attention uses: `e^{−60}` ≈ 1e−26 is 0 to
+/// f32 next to any weight of order 1, and a chunk of 64 such gates still sums to a
+/// cumulative log-gate (−3,840) whose differences f32 resolves to 2e−4.
+pub const LOG_GATE_FLOOR: f64 = -60.0;
+
 /// Linear attention:
 ///
-/// `O[.., n, :] = Σ_{m ∈ dir(n)} λ^{|n−m|} ⟨q'[.., n, :], k'[.., m, :]⟩ v'[.., m, :]`
+/// `O[.., n, :] = Σ_{m ∈ dir(n)} w(n, m) ⟨q'[.., n, :], k'[.., m, :]⟩ v'[.., m, :]`
 ///
 /// where `q' = q_region(q operands)`, likewise `k'` and `v'`, all of shape
-/// `[batch…, N, d]` (`v'`: `[batch…, N, e]`), and `λ` is the optional last operand, one
-/// decay per batch index (size-1 axes broadcast), a constant or a buffer — never trained.
+/// `[batch…, N, d]` (`v'`: `[batch…, N, e]`), and the weight `w` is given by [`Decay`]
+/// (1, a constant `λ^{|n−m|}`, or a per-position gate), whose operand comes last.
 ///
 /// Operands, in order: the `q` region's arguments, the `k` region's, the `v` region's,
-/// then `λ` if `decay`.
+/// then the decay's (`λ` or the log-gates) unless it is [`Decay::None`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct LinearAttention {
     pub direction: Direction,
-    pub decay: bool,
+    pub decay: Decay,
     pub q: Region,
     pub k: Region,
     pub v: Region,
@@ -37,13 +61,14 @@ pub struct LinearAttention {
 
 impl LinearAttention {
     pub fn operand_count(&self) -> usize {
-        self.q.args.len() + self.k.args.len() + self.v.args.len() + usize::from(self.decay)
+        self.q.args.len() + self.k.args.len() + self.v.args.len() + usize::from(self.decay != Decay::None)
     }
 
-    /// Split operand types into the three regions' arguments and the decay.
+    /// Split operand types into the three regions' arguments and the decay's operand.
     pub fn split<'a, T>(&self, ops: &'a [T]) -> (&'a [T], &'a [T], &'a [T], Option<&'a T>) {
         let (a, b, c) = (self.q.args.len(), self.k.args.len(), self.v.args.len());
-        (&ops[..a], &ops[a..a + b], &ops[a + b..a + b + c], if self.decay { ops.get(a + b + c) } else { None })
+        let decay = if self.decay == Decay::None { None } else { ops.get(a + b + c) };
+        (&ops[..a], &ops[a..a + b], &ops[a + b..a + b + c], decay)
     }
 
     pub fn infer(&self, ops: &[&TensorType]) -> Result<TensorType, String> {
@@ -79,14 +104,32 @@ impl LinearAttention {
         }
         if let Some(l) = lam {
             let batch = &q.shape[..rank - 2];
-            let ok = l.dtype == DType::F32
-                && l.rank() == batch.len()
-                && l.shape.iter().zip(batch).all(|(a, b)| a == b || a.as_const() == Some(1));
-            if !ok {
-                return Err(format!(
-                    "the decay must have the batch shape {} (or size 1), got {l}",
-                    shape_to_string(batch)
-                ));
+            let broadcasts = |want: &[super::dim::Dim]| {
+                l.dtype == DType::F32
+                    && l.rank() == want.len()
+                    && l.shape.iter().zip(want).all(|(a, b)| a == b || a.as_const() == Some(1))
+            };
+            match self.decay {
+                Decay::None => {}
+                Decay::PerHead if !broadcasts(batch) => {
+                    return Err(format!(
+                        "the decay must have the batch shape {} (or size 1), got {l}",
+                        shape_to_string(batch)
+                    ))
+                }
+                Decay::PerToken => {
+                    let positions = &q.shape[..rank - 1];
+                    if !broadcasts(positions) || l.shape[rank - 2] != q.shape[rank - 2] {
+                        return Err(format!(
+                            "the log-gates must have the shape {} (size-1 batch axes broadcast), got {l}",
+                            shape_to_string(positions)
+                        ));
+                    }
+                    if self.direction == Direction::Full {
+                        return Err("a gated linear attention must be causal or anticausal".into());
+                    }
+                }
+                Decay::PerHead => {}
             }
         }
         Ok(v.clone())

@@ -60,7 +60,11 @@ pub fn op_attrs(op: &Op) -> String {
             };
             format!(
                 "[{direction}{}{}{}{}]",
-                if la.decay { ", decay" } else { "" },
+                match la.decay {
+                    super::normal_form::Decay::None => "",
+                    super::normal_form::Decay::PerHead => ", decay",
+                    super::normal_form::Decay::PerToken => ", gate",
+                },
                 region("q", &la.q),
                 region("k", &la.k),
                 region("v", &la.v)

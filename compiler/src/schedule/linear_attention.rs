@@ -39,8 +39,8 @@
 use super::element::{elem_of, Lowering, Source};
 use super::emit::{add, bin, div, mul, sub};
 use super::row_blocks::{dividing_rows_per_block, rows_per_block};
-use crate::ir::{Direction, LinearAttention, NodeId, Region};
-use crate::kernel::{Access, Binary, Expr, Kernel, LoopKind, Scalar, Stmt, Var};
+use crate::ir::{Decay, Direction, LinearAttention, NodeId, Region, LOG_GATE_FLOOR};
+use crate::kernel::{Access, Binary, Expr, Kernel, LoopKind, Scalar, Stmt, Unary, Var};
 use std::rc::Rc;
 
 /// The chunk length used when none is given.
@@ -70,6 +70,8 @@ pub(super) struct Parts {
     pub k: Operand,
     pub v: Operand,
     pub lam: Option<NodeId>,
+    /// The log-gates of a gated attention (`Decay::PerToken`), `[batch…, N]`.
+    pub gate: Option<NodeId>,
     pub out_ty: crate::ir::TensorType,
     /// The flattened batch axes (batch, heads).
     pub batch: Vec<crate::ir::Dim>,
@@ -89,8 +91,12 @@ impl Parts {
             args: ops[from..from + count].to_vec().into(),
         };
         let (q, k, v) = (part(&la.q, 0, na), part(&la.k, na, nb), part(&la.v, na + nb, nc));
-        let lam = if la.decay { Some(ops[na + nb + nc]) } else { None };
-        if la.direction == Direction::Full && lam.is_some() {
+        let (lam, gate) = match la.decay {
+            Decay::None => (None, None),
+            Decay::PerHead => (Some(ops[na + nb + nc]), None),
+            Decay::PerToken => (None, Some(ops[na + nb + nc])),
+        };
+        if la.direction == Direction::Full && la.decay != Decay::None {
             return Err("a decayed linear attention must be causal or anticausal".into());
         }
         let out_ty = g.ty(n).clone();
@@ -107,6 +113,7 @@ impl Parts {
             k,
             v,
             lam,
+            gate,
             batch: qt.shape[..r - 2].to_vec(),
             len_n: lw.e.dim(&qt.shape[r - 2])?,
             d: width(&qt.shape[r - 1], "key")?,
@@ -126,6 +133,22 @@ impl Parts {
             .map(|(dim, i)| if dim.as_const() == Some(1) { Expr::I64(0) } else { i.clone() })
             .collect();
         lw.value(Source::Node(l), &at).map(Some)
+    }
+
+    /// The log-gate at batch index `b_idx` and position `pos`, floored at
+    /// [`LOG_GATE_FLOOR`] (size-1 batch axes of the gates broadcast), or none without a gate.
+    pub fn log_gate_at(&self, lw: &mut Lowering, b_idx: &[Expr], pos: Expr) -> Result<Option<Expr>, String> {
+        let Some(a) = self.gate else { return Ok(None) };
+        let at_ty = lw.g.ty(a).clone();
+        let mut at: Vec<Expr> = at_ty
+            .shape
+            .iter()
+            .zip(b_idx)
+            .map(|(dim, i)| if dim.as_const() == Some(1) { Expr::I64(0) } else { i.clone() })
+            .collect();
+        at.push(pos);
+        let value = lw.value(Source::Node(a), &at)?;
+        Ok(Some(bin(Binary::Max, value, Expr::F32(LOG_GATE_FLOOR as f32))))
     }
 
     /// The number of parallel iterations over the batch axes.
@@ -182,6 +205,71 @@ impl Chunks {
         let start = lw.e.bind(mul(index, self.c.clone()));
         let len = lw.e.bind(bin(Binary::Min, self.c.clone(), sub(self.len_n.clone(), start.clone())));
         (t, start, len)
+    }
+}
+
+/// A gated attention's factors for the chunk in hand (`Decay::PerToken`), local arrays
+/// over the chunk's positions i, m (relative to its start): `cum` the inclusive cumulative
+/// log-gates `b`, `inter[i]` the factor on `q_i S`, `update[m]` the factor on `k_mᵀ v_m`
+/// as it joins the state. Causal: `exp(b_i)`, `exp(b_{len−1} − b_m)`; anticausal, whose
+/// state also counts the gate of the position after the chunk: `exp(b_{len−1} − b_i)`,
+/// `exp(b_m)`. Scores are scaled by `exp(±(b_i − b_m))` and the state carried past the
+/// chunk by `exp(b_{len−1})` (the interpreter's `ChunkFactors`). Only differences of
+/// cumulative sums inside one chunk are exponentiated: for gates ≤ 1 no exponent a
+/// stored value uses is positive, however long the sequence.
+#[derive(Clone, Copy)]
+pub(super) struct GateArrays {
+    pub cum: Var,
+    pub inter: Var,
+    pub update: Var,
+}
+
+impl GateArrays {
+    /// Arrays of `len` floats (the cumulative gates: `cum_len`, for score columns past
+    /// the chunk), or none without a gate.
+    pub fn new(lw: &mut Lowering, parts: &Parts, cum_len: usize, len: usize) -> Option<GateArrays> {
+        parts.gate?;
+        Some(GateArrays { cum: lw.e.array(cum_len), inter: lw.e.array(len), update: lw.e.array(len) })
+    }
+
+    /// Fills the arrays for the chunk at `start` of `len` tokens; returns the state's
+    /// carry factor `exp(b_{len−1})`.
+    pub fn fill(
+        self,
+        lw: &mut Lowering,
+        parts: &Parts,
+        b_idx: &[Expr],
+        (start, len): (&Expr, &Expr),
+        reverse: bool,
+    ) -> Result<Expr, String> {
+        let acc = lw.e.accumulator(lw.e.depth(), Scalar::F32, Expr::F32(0.0));
+        let i = lw.e.open();
+        let pos = lw.e.bind(add(start.clone(), Expr::Var(i)));
+        let a = parts.log_gate_at(lw, b_idx, pos)?.expect("a gated attention");
+        lw.e.push(Stmt::Assign { var: acc, value: add(Expr::Var(acc), a) });
+        lw.e.push(Stmt::StoreArray { array: self.cum, index: Expr::Var(i), value: Expr::Var(acc) });
+        lw.e.close(i, len.clone(), LoopKind::Serial);
+        let last = lw.e.bind(Expr::load_array(self.cum, sub(len.clone(), Expr::I64(1))));
+        let m = lw.e.open();
+        let cm = lw.e.bind(Expr::load_array(self.cum, Expr::Var(m)));
+        let exp = |x: Expr| Expr::Unary(Unary::Exp, Box::new(x));
+        let (inter, update) = if reverse {
+            (exp(sub(last.clone(), cm.clone())), exp(cm))
+        } else {
+            (exp(cm.clone()), exp(sub(last.clone(), cm)))
+        };
+        lw.e.push(Stmt::StoreArray { array: self.inter, index: Expr::Var(m), value: inter });
+        lw.e.push(Stmt::StoreArray { array: self.update, index: Expr::Var(m), value: update });
+        lw.e.close(m, len.clone(), LoopKind::Vector);
+        Ok(lw.e.bind(exp(last)))
+    }
+
+    /// The factor of the score of row i against key m: `exp(b_i − b_m)` (causal) or
+    /// `exp(b_m − b_i)` (anticausal).
+    pub fn score(self, i: Expr, m: Expr, reverse: bool) -> Expr {
+        let (ci, cm) = (Expr::load_array(self.cum, i), Expr::load_array(self.cum, m));
+        let x = if reverse { sub(cm, ci) } else { sub(ci, cm) };
+        Expr::Unary(Unary::Exp, Box::new(x))
     }
 }
 
@@ -253,6 +341,7 @@ pub fn kernel(
         None => None,
     };
     let powers = Powers(pw);
+    let gate = GateArrays::new(lw, &parts, cp, cr);
     let chunks = Chunks::new(lw, len_n, c);
     // Stage the chunk's rows of the given operands (`(operand, array, width, transposed)`).
     type Staged<'a> = (&'a Operand, Var, usize, bool);
@@ -344,10 +433,10 @@ pub fn kernel(
     };
     let block_count = |len: &Expr| div(add(len.clone(), Expr::I64(rb as i64 - 1)), rbi.clone());
     // `S ← λ^{len} S + Σ_m λ^{w(m)} k_mᵀ v_m` over the staged chunk, `sb` rows of S at a time.
-    let update = |lw: &mut Lowering, len: &Expr, reverse: bool| {
+    let update = |lw: &mut Lowering, len: &Expr, reverse: bool, gate_carry: Option<Expr>| {
         let ab = lw.e.open();
         let a0 = lw.e.bind(mul(Expr::Var(ab), Expr::I64(sb as i64)));
-        if let Some(carry) = powers.at(len.clone()) {
+        if let Some(carry) = gate_carry.clone().or_else(|| powers.at(len.clone())) {
             rows_of(lw, sb, &ei, &mut |lw, r, j| {
                 let at = lw.e.bind(add(mul(add(a0.clone(), r.clone()), ei.clone()), j.clone()));
                 let value = f(Binary::Mul, Expr::load_array(s, at.clone()), carry.clone());
@@ -360,7 +449,11 @@ pub fn kernel(
         rows_of(lw, sb, &ei, &mut |lw, r, j| {
             let a = lw.e.bind(add(a0.clone(), r.clone()));
             let ka = Expr::load_array(kt, lw.e.bind(add(mul(a.clone(), cpi.clone()), Expr::Var(m))));
-            let coef = lw.e.bind(powers.scale(ka, exp.clone()));
+            let coef = match gate {
+                Some(ga) => f(Binary::Mul, ka, Expr::load_array(ga.update, Expr::Var(m))),
+                None => powers.scale(ka, exp.clone()),
+            };
+            let coef = lw.e.bind(coef);
             let at = lw.e.bind(add(mul(a, ei.clone()), j.clone()));
             let vj = Expr::load_array(vs, lw.e.bind(add(vrow.clone(), j.clone())));
             let value = Expr::mul_add(coef, vj, Expr::load_array(s, at.clone()));
@@ -375,6 +468,10 @@ pub fn kernel(
             let reverse = la.direction == Direction::Anticausal;
             let (t, start, len) = chunks.open(lw, reverse);
             stage(lw, &start, &len, &[(q, qs, d, false), (k, kt, d, true), (v, vs, e, false)])?;
+            let gate_carry = match gate {
+                Some(ga) => Some(ga.fill(lw, &parts, &b_idx, (&start, &len), reverse)?),
+                None => None,
+            };
             let (ib, i0, rows) = open_blocks(lw, &len);
             // Scores w[r, m] = q_{i0+r}·k_m for the key columns the block attends to, 32
             // at a time: causal m < i0 + rows, anticausal m ≥ i0 (the columns of a block
@@ -399,7 +496,21 @@ pub fn kernel(
                 lw.e.push(Stmt::StoreArray { array: w, index: at, value });
             });
             lw.e.close(a, di.clone(), LoopKind::Serial);
-            lw.e.close(tb, sub(last, first), LoopKind::Serial);
+            lw.e.close(tb, sub(last.clone(), first.clone()), LoopKind::Serial);
+            if let Some(ga) = gate {
+                // Each score times its gates' factor (the columns a row does not attend
+                // to get factors that may overflow: they are never read).
+                let tb = lw.e.open();
+                let m0 = lw.e.bind(mul(add(first.clone(), Expr::Var(tb)), sci.clone()));
+                rows_of(lw, rb, &sci, &mut |lw, r, l| {
+                    let i = lw.e.bind(add(i0.clone(), r.clone()));
+                    let m = lw.e.bind(add(m0.clone(), l.clone()));
+                    let at = lw.e.bind(add(mul(r.clone(), cpi.clone()), m.clone()));
+                    let value = f(Binary::Mul, Expr::load_array(w, at.clone()), ga.score(i, m, reverse));
+                    lw.e.push(Stmt::StoreArray { array: w, index: at, value });
+                });
+                lw.e.close(tb, sub(last, first), LoopKind::Serial);
+            }
             // O = λ^{dist} q_i S + Σ_m λ^{|i−m|} w[i, m] v_m, m ascending: causal
             // dist(i) = i + 1, keys 0..i0 (every row of the block) then i0..=i;
             // anticausal dist(i) = len − i, keys i..i0 + rows then i0 + R..len.
@@ -411,7 +522,10 @@ pub fn kernel(
                     add(i.clone(), Expr::I64(1))
                 };
                 let dist = lw.e.bind(dist);
-                powers.at(dist)
+                match gate {
+                    Some(ga) => Some(Expr::load_array(ga.inter, i.clone())),
+                    None => powers.at(dist),
+                }
             });
             let triangle = |lw: &mut Lowering| {
                 let r = lw.e.open();
@@ -455,14 +569,14 @@ pub fn kernel(
             }
             store_rows(lw, &start, &i0, &rows)?;
             lw.e.close(ib, block_count(&len), LoopKind::Serial);
-            update(lw, &len, reverse);
+            update(lw, &len, reverse, gate_carry);
             lw.e.close(t, chunks.count.clone(), LoopKind::Serial);
         }
         Direction::Full => {
             // S = Σ_m k_mᵀ v_m over the whole sequence, then o_n = q_n S.
             let (t, start, len) = chunks.open(lw, false);
             stage(lw, &start, &len, &[(k, kt, d, true), (v, vs, e, false)])?;
-            update(lw, &len, false);
+            update(lw, &len, false, None);
             lw.e.close(t, chunks.count.clone(), LoopKind::Serial);
             let (t, start, len) = chunks.open(lw, false);
             stage(lw, &start, &len, &[(q, qs, d, false)])?;

@@ -79,7 +79,8 @@ pub fn tiles(d: usize, e: usize, max_chunk: usize, full: bool, decay: bool) -> O
 }
 
 /// The block kernel of linear attention node `n`; `None` when its shared arrays cannot
-/// fit (the caller then uses the one-thread-per-batch-index kernel).
+/// fit or the attention is gated (the caller then uses the one-thread-per-batch-index
+/// kernel, which takes gates; the block kernel does not yet).
 pub fn kernel(
     lw: &mut Lowering,
     n: NodeId,
@@ -88,6 +89,9 @@ pub fn kernel(
     name: String,
 ) -> Result<Option<(Kernel, Vec<usize>)>, String> {
     let parts = Parts::of(lw, n, la)?;
+    if parts.gate.is_some() {
+        return Ok(None);
+    }
     let (d, e) = (parts.d, parts.e);
     let full = la.direction == Direction::Full;
     let Some(Tiles { chunk: c, cols: et }) = tiles(d, e, max_chunk, full, parts.lam.is_some()) else {

@@ -30,12 +30,21 @@ pub struct Found {
     /// Roles of the replaced einsum's output axes.
     pub out: Vec<Role>,
     pub batch_axes: usize,
-    /// The decay before broadcasting: a tensor whose shape is the kv state's, with size 1
-    /// on the position and feature axes (`Some` for decayed scans), and the positions of
-    /// the batch axes in it, in batch order.
-    pub decay: Option<(NodeId, Vec<usize>)>,
+    /// The decay of a decayed scan (`None` without).
+    pub decay: Option<ScanDecay>,
     /// The node a diagnostic about this attention should point at.
     pub anchor: NodeId,
+}
+
+/// The decay of a decayed scan before broadcasting: a tensor whose shape is the kv
+/// state's with size 1 on both feature axes.
+pub struct ScanDecay {
+    pub node: NodeId,
+    /// The positions of the batch axes in it, in batch order.
+    pub batch: Vec<usize>,
+    /// The position axis in it when the decay varies along positions (a gate); `None`
+    /// when it has size 1 there too (one λ per batch index).
+    pub pos: Option<usize>,
 }
 
 fn einsum2(g: &Graph, n: NodeId) -> Option<(&EinsumSpec, NodeId, NodeId)> {
@@ -121,21 +130,19 @@ pub fn cumsum_form(g: &Graph, o: NodeId) -> Option<Found> {
             let decay = match scan_ops.get(1) {
                 None => None,
                 Some(&dec) => {
-                    // The decay must be constant along position and features: a broadcast
-                    // of a tensor with size 1 there.
+                    // The decay must be constant along the features: a broadcast of a
+                    // tensor with size 1 there. Constant along positions too, it is one
+                    // λ per batch index; else a gate per position.
                     let Op::Broadcast { .. } = g.node(dec).op else { continue };
                     let src = g.operands(dec)[0];
                     let shape = &g.ty(src).shape;
                     let one = crate::ir::Dim::constant(1);
-                    let flat_ok = [t, dk[0], ev[0]]
-                        .iter()
-                        .all(|l| kvout.iter().position(|x| x == l).is_some_and(|i| shape[i] == one));
-                    if !flat_ok {
+                    let at = |l: u8| kvout.iter().position(|x| *x == l).expect("a letter of the state");
+                    if [dk[0], ev[0]].iter().any(|&l| shape[at(l)] != one) {
                         continue;
                     }
-                    let batch_positions =
-                        batch_kv.iter().map(|l| kvout.iter().position(|x| x == l).expect("batch letter")).collect();
-                    Some((src, batch_positions))
+                    let pos = (shape[at(t)] != one).then(|| at(t));
+                    Some(ScanDecay { node: src, batch: batch_kv.iter().map(|&l| at(l)).collect(), pos })
                 }
             };
             return Some(Found {

@@ -5,7 +5,8 @@
 //!
 //! Recognized spellings (any index names, operand order and axis order):
 //! - `einsum(q, cumsum(einsum(k, v)))`: the cumulative sum of outer products (causal, or
-//!   anticausal for a reverse scan), with an optional decay constant along positions;
+//!   anticausal for a reverse scan), with an optional decay: constant along positions
+//!   (one λ per head) or a gate per position (its logarithm becomes the op's log-gates);
 //! - `einsum(where(mask, einsum(q, k), 0), v)` or `einsum(einsum(q, k) * mask, v)`: the
 //!   authors' quadratic form, with a constant mask found by evaluation to be `m ≤ n`,
 //!   `m ≥ n` or all ones;
@@ -25,8 +26,8 @@ mod mask;
 mod region;
 
 use super::Pass;
-use crate::ir::{BlockAttention, Dim, Graph, LinearAttention, NodeId, Op};
-use linear::{Found, Role};
+use crate::ir::{BlockAttention, Decay, Dim, Graph, LinearAttention, NodeId, Op};
+use linear::{Found, Role, ScanDecay};
 use petgraph::visit::EdgeRef;
 use std::collections::HashMap;
 use tnc_grammar::Diagnostic;
@@ -115,12 +116,35 @@ fn rewrite(g: &mut Graph, o: NodeId, f: Found) -> Result<(), Diagnostic> {
     let nb = f.batch_axes;
     let parts = operand_regions(g, [&f.q, &f.k, &f.v], nb, span)?;
     let mut lambda = None;
-    if let Some((src, batch_positions)) = &f.decay {
+    let mut decay = Decay::None;
+    if let Some(ScanDecay { node: src, batch: batch_positions, pos: Some(pos) }) = &f.decay {
+        // A gate per position: its logarithm, laid out [batch…, N].
+        let mut perm = batch_positions.clone();
+        perm.push(*pos);
+        let rest: Vec<usize> = (0..g.ty(*src).rank()).filter(|i| !perm.contains(i)).collect();
+        perm.extend(rest);
+        let laid = permute(g, *src, perm.clone(), span)?;
+        let shape: Vec<Dim> = perm[..=batch_positions.len()].iter().map(|&i| g.ty(*src).shape[i].clone()).collect();
+        let gate = g.add(Op::Reshape { shape }, &[laid], span).map_err(internal)?;
+        let mut log_gate = g.add(Op::Unary(crate::ir::UnaryOp::Log), &[gate], span).map_err(internal)?;
+        if f.direction == crate::ir::Direction::Anticausal {
+            // A reverse scan `s_n = x_n + d_n s_{n+1}` weighs key m ≥ n by the gates on
+            // [n, m); the op's weights take them on (n, m]: shift them one position later.
+            let axis = batch_positions.len();
+            let n = g.ty(log_gate).shape[axis].clone();
+            let end = n.checked_sub(&Dim::constant(1)).ok_or_else(|| internal("size overflow".into()))?;
+            let head = g.add(Op::Slice { axis, start: Dim::constant(0), end }, &[log_gate], span).map_err(internal)?;
+            let pad = Op::Pad { axis, before: Dim::constant(1), after: Dim::constant(0) };
+            log_gate = g.add(pad, &[head], span).map_err(internal)?;
+        }
+        lambda = Some(log_gate);
+        decay = Decay::PerToken;
+    } else if let Some(ScanDecay { node: src, batch: batch_positions, pos: None }) = &f.decay {
         if depends_on_trainable(g, *src) {
             let at = g.node(f.anchor).span;
-            let mut d = Diagnostic::error("a trainable decay λ is not supported yet").with_hint(
-                "make λ a constant or a buffer; training it needs d(log λ) = Σ_t t·(q_t·dq_t − k_t·dk_t), \
-                 which tnc does not generate yet",
+            let mut d = Diagnostic::error("a trainable per-head decay λ is not supported").with_hint(
+                "make λ a constant or a buffer, or make the decay a gate per position (shaped like the \
+                 state with its position axis, e.g. sigmoid of a projection of x): tnc trains gates",
             );
             if let Some(s) = at {
                 d = d.or_at(s).with_label("this decayed cumulative sum uses a trained parameter");
@@ -129,9 +153,10 @@ fn rewrite(g: &mut Graph, o: NodeId, f: Found) -> Result<(), Diagnostic> {
         }
         let shape: Vec<Dim> = batch_positions.iter().map(|&i| g.ty(*src).shape[i].clone()).collect();
         lambda = Some(g.add(Op::Reshape { shape }, &[*src], span).map_err(internal)?);
+        decay = Decay::PerHead;
     }
     let [(q, qa), (k, ka), (v, va)] = <[_; 3]>::try_from(parts).map_err(|_| internal("three operands".into()))?;
-    let la = LinearAttention { direction: f.direction, decay: lambda.is_some(), q, k, v };
+    let la = LinearAttention { direction: f.direction, decay, q, k, v };
     let mut operands: Vec<NodeId> = qa.into_iter().chain(ka).chain(va).collect();
     operands.extend(lambda);
     let attn = g.add(Op::LinearAttention(Box::new(la)), &operands, span).map_err(internal)?;
