@@ -79,7 +79,8 @@ fn scan_of_outer_products(g: &Graph, n: NodeId, batch: i64, seq: i64) -> Option<
     .with_note(format!("it was not recognized as linear attention because {}", why_not_linear_attention(g, n, axis)))
     .with_hint(
         "linear attention is recognized as `einsum(q, cumsum(einsum(k, v), positions))`, with an optional decay \
-         constant along positions and features; its kernel keeps the state per chunk, not per position",
+         constant along the features (one per head, or a gate per position); its kernel keeps the state per \
+         chunk, not per position",
     );
     if let Some(span) = g.node(n).span {
         diag = diag.or_at(span);
@@ -107,14 +108,9 @@ fn why_not_linear_attention(g: &Graph, n: NodeId, axis: usize) -> String {
                 .into();
         }
         let varies = |i: usize| src.shape[i].as_const() != Some(1);
-        if varies(axis) {
-            return "its decay changes from position to position (a gate computed from the data, say); the \
-                    fused linear attention takes a decay that is constant along the positions (one per head)"
-                .into();
-        }
         if (axis + 1..ty.rank()).any(varies) {
-            return "its decay changes along the state's feature axes; the fused linear attention takes one decay \
-                    per head"
+            return "its decay changes along the state's feature axes (a per-channel gate, as GLA's); the fused \
+                    linear attention takes one decay per head, or one per head and position"
                 .into();
         }
     }
@@ -153,8 +149,8 @@ fn quadratic_values(g: &Graph, order: &[NodeId], batch: i64, seq: i64) -> Option
          makes a linear attention; softmax or ReLU scores with a constant mask make a block attention",
     )
     .with_hint(
-        "a decay matrix (`exp(G_n − G_m)`, or any mask other than those) is not recognized; a decay constant per \
-         head is, written as `cumsum(einsum(k, v), positions, decay = λ)` (per-token gates are not fused yet)",
+        "a decay matrix (`exp(G_n − G_m)`, or any mask other than those) is not recognized; write the decay as \
+         `cumsum(einsum(k, v), positions, decay = g)`, with g one per head or a gate per head and position",
     );
     if let Some(span) = g.node(first).span {
         diag = diag.or_at(span);

@@ -86,7 +86,7 @@ pub(crate) fn linear_attention(
 /// `G = cumsum(a)` the weights are `exp(G_n − G_m)`; the pairs in which position n is
 /// the query add `q'_n·dq'_n` to `∂L/∂G_n` and those in which it is the key subtract
 /// `k'_n·dk'_n` (causal; the signs swap for anticausal), the diagonal cancelling; then
-/// `∂L/∂a_j = Σ_{n ≥ j} ∂L/∂G_n`, a reverse cumulative sum. Summed over the batch axes
+/// `∂L/∂a_j = Σ_{n ≥ j} ∂L/∂G_n`, an exclusive cumulative sum (0 for `j = 0`). Summed over the batch axes
 /// the gates broadcast along.
 fn gate_gradient(
     b: &mut Builder,
@@ -106,7 +106,11 @@ fn gate_gradient(
     let kdk = b.reduce_sum(kdk, vec![feat])?;
     let dg = if la.direction == Direction::Anticausal { b.sub(kdk, qdq)? } else { b.sub(qdq, kdk)? };
     let pos = feat - 1;
-    let da = b.add(Op::Scan { axis: pos, reverse: true }, &[dg])?;
+    // `Σ_{n ≥ j} ∂L/∂G_n = −Σ_{n < j} ∂L/∂G_n` (the whole sum is 0: every pair adds to
+    // one position and subtracts from another); the exclusive form makes the gradient of
+    // `a_0`, which weighs no pair, exactly 0 rather than the rounding of that sum.
+    let inclusive = b.add(Op::Scan { axis: pos, reverse: false }, &[dg])?;
+    let da = b.sub(dg, inclusive)?;
     // Sum over the batch axes along which the gates broadcast.
     let want = b.shape(a);
     let full = b.shape(da);

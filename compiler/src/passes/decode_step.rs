@@ -25,8 +25,8 @@
 //! Not part of the default pipeline: `Pipeline::decode_step` runs it after `next_token`.
 
 use super::Pass;
-use crate::ir::normal_form::Direction;
-use crate::ir::{BinaryOp, DType, Dim, EinsumSpec, Graph, NodeId, Op, ReduceOp, TensorType};
+use crate::ir::normal_form::{Decay, Direction, LOG_GATE_FLOOR};
+use crate::ir::{BinaryOp, DType, Dim, EinsumSpec, Graph, NodeId, Op, ReduceOp, TensorType, UnaryOp};
 use std::collections::{HashMap, HashSet};
 use tnc_grammar::{Diagnostic, Span};
 
@@ -398,7 +398,8 @@ impl<'a> Deriver<'a> {
         })
     }
 
-    /// Causal linear attention as its recurrence: `S ← λS + k'ᵀv'`, `o = q'S`.
+    /// Causal linear attention as its recurrence: `S ← λS + k'ᵀv'` (a gate: `λ = e^a` of
+    /// the step's log-gate), `o = q'S`.
     fn linear_attention(&mut self, n: NodeId) -> Result<NodeId, Diagnostic> {
         let node = self.old.node(n);
         let span = node.span;
@@ -433,8 +434,18 @@ impl<'a> Deriver<'a> {
         let carried = match decay {
             Some(lambda) => {
                 let t = self.new.ty(lambda).clone();
-                let shape = [t.shape.clone(), vec![Dim::constant(1), Dim::constant(1)]].concat();
-                let l = self.add(Op::Reshape { shape }, &[lambda], span)?;
+                let l = if a.decay == Decay::PerToken {
+                    // The step's log-gate `[batch…, 1]`, floored as the op floors it: its gate.
+                    let floor = self.scalar(LOG_GATE_FLOOR, DType::F32)?;
+                    let floor = self.splat(floor, &t.shape)?;
+                    let x = self.add(Op::Binary(BinaryOp::Max), &[lambda, floor], span)?;
+                    let x = self.add(Op::Unary(UnaryOp::Exp), &[x], span)?;
+                    let shape = [t.shape[..t.rank() - 1].to_vec(), vec![Dim::constant(1), Dim::constant(1)]].concat();
+                    self.add(Op::Reshape { shape }, &[x], span)?
+                } else {
+                    let shape = [t.shape.clone(), vec![Dim::constant(1), Dim::constant(1)]].concat();
+                    self.add(Op::Reshape { shape }, &[lambda], span)?
+                };
                 let l = self.splat(l, &state_shape)?;
                 self.add(Op::Binary(BinaryOp::Mul), &[l, prev], span)?
             }
