@@ -36,19 +36,16 @@ fn shipped_models_are_fused_without_warnings() {
     }
 }
 
+/// A data-dependent gate per head and position in a cumsum was warned about (2,048 bytes
+/// of state per token) until gates joined the linear-attention normal form: now it is
+/// fused, and nothing is said.
 #[test]
-fn a_data_dependent_gate_in_a_cumsum_is_warned_about() {
+fn a_data_dependent_gate_in_a_cumsum_is_fused_without_warning() {
     let model = "tests/unfused/gated_cumsum.tn";
     for args in [vec!["check", model, "--seq", "4096"], vec!["compile", model, "--report", "--seq", "4096"]] {
         let (code, err) = tnc(&args);
         assert_eq!(code, 0, "{err}");
-        // 2 heads of a 16×16 f32 state: 2 · 256 · 4 bytes per token.
-        let message = "warning: this cumulative sum keeps a 16×16 state for every position: 2,048 bytes per token \
-                       at B = 1, N = 4096";
-        assert_eq!(err.matches(message).count(), 1, "{err}");
-        assert!(err.contains("tests/unfused/gated_cumsum.tn:18:11"), "{err}");
-        assert!(err.contains("because its decay changes from position to position"), "{err}");
-        assert!(!err.contains("error"), "{err}");
+        assert!(!err.contains("cumulative sum keeps") && !err.contains("warning"), "{err}");
     }
 }
 
