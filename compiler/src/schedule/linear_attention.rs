@@ -125,13 +125,7 @@ impl Parts {
     /// λ for the batch index `b_idx` (size-1 axes of λ broadcast).
     pub fn decay_at(&self, lw: &mut Lowering, b_idx: &[Expr]) -> Result<Option<Expr>, String> {
         let Some(l) = self.lam else { return Ok(None) };
-        let lt = lw.g.ty(l).clone();
-        let at: Vec<Expr> = lt
-            .shape
-            .iter()
-            .zip(b_idx)
-            .map(|(dim, i)| if dim.as_const() == Some(1) { Expr::I64(0) } else { i.clone() })
-            .collect();
+        let at = broadcast_index(lw, l, b_idx);
         lw.value(Source::Node(l), &at).map(Some)
     }
 
@@ -139,13 +133,7 @@ impl Parts {
     /// [`LOG_GATE_FLOOR`] (size-1 batch axes of the gates broadcast), or none without a gate.
     pub fn log_gate_at(&self, lw: &mut Lowering, b_idx: &[Expr], pos: Expr) -> Result<Option<Expr>, String> {
         let Some(a) = self.gate else { return Ok(None) };
-        let at_ty = lw.g.ty(a).clone();
-        let mut at: Vec<Expr> = at_ty
-            .shape
-            .iter()
-            .zip(b_idx)
-            .map(|(dim, i)| if dim.as_const() == Some(1) { Expr::I64(0) } else { i.clone() })
-            .collect();
+        let mut at = broadcast_index(lw, a, b_idx);
         at.push(pos);
         let value = lw.value(Source::Node(a), &at)?;
         Ok(Some(bin(Binary::Max, value, Expr::F32(LOG_GATE_FLOOR as f32))))
@@ -159,6 +147,12 @@ impl Parts {
         }
         Ok(extent)
     }
+}
+
+/// The batch index `b_idx` into operand `x`, whose size-1 batch axes broadcast (index 0).
+fn broadcast_index(lw: &Lowering, x: NodeId, b_idx: &[Expr]) -> Vec<Expr> {
+    let shape = &lw.g.ty(x).shape;
+    shape.iter().zip(b_idx).map(|(dim, i)| if dim.as_const() == Some(1) { Expr::I64(0) } else { i.clone() }).collect()
 }
 
 /// λ's powers `λ^0 … λ^C` in an array (local, or shared by a block), or none without
@@ -515,6 +509,9 @@ pub fn kernel(
             // dist(i) = i + 1, keys 0..i0 (every row of the block) then i0..=i;
             // anticausal dist(i) = len − i, keys i..i0 + rows then i0 + R..len.
             inter(lw, &i0, &|lw: &mut Lowering, i: &Expr| {
+                if let Some(ga) = gate {
+                    return Some(Expr::load_array(ga.inter, i.clone()));
+                }
                 // (max: rows past the end of an anticausal chunk would be negative)
                 let dist = if reverse {
                     bin(Binary::Max, Expr::I64(0), sub(len.clone(), i.clone()))
@@ -522,10 +519,7 @@ pub fn kernel(
                     add(i.clone(), Expr::I64(1))
                 };
                 let dist = lw.e.bind(dist);
-                match gate {
-                    Some(ga) => Some(Expr::load_array(ga.inter, i.clone())),
-                    None => powers.at(dist),
-                }
+                powers.at(dist)
             });
             let triangle = |lw: &mut Lowering| {
                 let r = lw.e.open();
