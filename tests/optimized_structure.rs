@@ -30,7 +30,7 @@ fn optimized_graphs_have_the_fused_structure() {
         let plan = fuse(&g).unwrap();
         let (norm, diag) = match name.as_str() {
             "transformer" => (0, 2),
-            "tnl" | "t1_all_norm" | "gla_simple" => (2, 0),
+            "tnl" | "t1_all_norm" | "gla_simple" | "retnet" => (2, 0),
             _ => (1, 1),
         };
         let la = plan.count_ops("linear_attention");

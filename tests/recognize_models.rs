@@ -29,7 +29,7 @@ fn expected_block_attentions(path: &std::path::Path) -> usize {
     let name = path.file_stem().unwrap().to_string_lossy().into_owned();
     match name.as_str() {
         "transformer" => 2,
-        "tnl" | "t1_all_norm" | "gla_simple" => 0,
+        "tnl" | "t1_all_norm" | "gla_simple" | "retnet" => 0,
         _ => 1,
     }
 }
@@ -39,7 +39,7 @@ fn expected_linear_attentions(path: &std::path::Path) -> usize {
     let name = path.file_stem().unwrap().to_string_lossy().into_owned();
     match name.as_str() {
         "transformer" => 0,
-        "tnl" | "t1_all_norm" | "gla_simple" => 2,
+        "tnl" | "t1_all_norm" | "gla_simple" | "retnet" => 2,
         _ => 1, // T1, T2 and the other ablations: the second of two layers
     }
 }

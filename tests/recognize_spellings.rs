@@ -1,7 +1,8 @@
 //! Property test: linear attention written in many equivalent ways — random feature maps
-//! built from primitive ops, random norms, decay on or off, LRPE on or off, causal or
-//! bidirectional, and random spellings (cumsum of outer products, tril-masked quadratic
-//! form, decayed scan, renamed indices, swapped and transposed operands, permuted
+//! built from primitive ops, random norms, no decay, a constant decay or a trained gate,
+//! LRPE on or off, causal or bidirectional, and random spellings (cumsum of outer
+//! products, tril-masked quadratic form, gated quadratic form with a segment-sum mask,
+//! decayed scan, renamed indices, swapped and transposed operands, permuted
 //! layouts) — is always recognized as exactly one linear-attention op, and the optimized
 //! graph matches the unoptimized one forward and in every gradient. Look-alikes that are
 //! different functions are left alone and still match.
@@ -91,8 +92,9 @@ fn attention(c: &Case) -> String {
     let k = format!("{b}{h}{n}{d}");
     let v = format!("{b}{h}{n}{e}");
     let out = format!("{b}{h}{n}{e}");
-    // Decay is only written as a decayed scan; a causal case with decay always uses it.
-    let spelling = if c.decay > 0 && c.causal { 0 } else { c.spelling };
+    // A constant decay is only written as a decayed scan; a gate also as the quadratic
+    // form's segment-sum mask.
+    let spelling = if c.decay == 1 && c.causal { 0 } else { c.spelling };
     if c.causal && spelling != 1 {
         // The cumulative sum of outer products, with the kv state in one of three layouts.
         let (kv, axis, lam_shape, gate) = match c.kv_order {
@@ -137,13 +139,27 @@ fn attention(c: &Case) -> String {
             2 => "iota(N) <= unsqueeze(iota(N), -1)".to_string(),
             _ => "not (unsqueeze(iota(N), -1) < iota(N))".to_string(),
         };
-        let p = match (c.causal, c.mask_style % 2) {
-            (false, _) => "scores".to_string(),
-            (true, 0) => format!("where({mask}, scores, 0.0)"),
-            (true, _) => format!("scores * float({mask})"),
+        // A gate: cumulative log-gates G [B, H, N] (as a cumulative sum, as something
+        // else, or in another layout) and the decay matrix exp(G_n − G_m) [B, H, N, M].
+        let gated = c.decay == 2 && c.causal;
+        let segment_sum = match c.kv_order {
+            0 => "param wg: [dim, heads] ~ xavier\n  G = cumsum(permute(log(sigmoid(x @ wg)), [0, 2, 1]), 2)\n  \
+                  w = exp(unsqueeze(G, -1) - unsqueeze(G, -2))\n  ",
+            1 => "param wg: [dim, heads] ~ xavier\n  G = 0.0 - cumsum(permute(0.0 - log(sigmoid(x @ wg)), [0, 2, 1]), 2)\n  \
+                  w = exp(unsqueeze(G, -1) - unsqueeze(G, -2))\n  ",
+            _ => "param wg: [dim, heads] ~ xavier\n  G = cumsum(log(sigmoid(x @ wg)), 1)\n  \
+                  w = permute(exp(unsqueeze(G, 2) - unsqueeze(G, 1)), [0, 3, 1, 2])\n  ",
         };
+        let p = match (c.causal, gated, c.mask_style % 2) {
+            (false, _, _) => "scores".to_string(),
+            (true, false, 0) => format!("where({mask}, scores, 0.0)"),
+            (true, false, _) => format!("scores * float({mask})"),
+            (true, true, 0) => format!("where({mask}, scores * w, 0.0)"),
+            (true, true, _) => format!("scores * where({mask}, w, 0.0)"),
+        };
+        let gate_def = if gated { segment_sum } else { "" };
         format!(
-            "scores = {scores}\n  p = {p}\n  o = {}",
+            "{gate_def}scores = {scores}\n  p = {p}\n  o = {}",
             einsum((&format!("{b}{h}{n}{m}"), "p"), (&format!("{b}{h}{m}{e}"), "v"), &out, c.swap)
         )
     } else {
@@ -301,6 +317,15 @@ fn look_alikes(eps: Option<&str>) -> (Case, Vec<(&'static str, String)>) {
             ),
         ),
     ];
+    let mut fixtures = fixtures;
+    let gated = source_with_eps(&Case { decay: 2, spelling: 1, mask_style: 0, ..base.clone() }, eps);
+    let segment_sum = "w = exp(unsqueeze(G, -1) - unsqueeze(G, -2))";
+    assert!(gated.contains(segment_sum), "{gated}");
+    fixtures.push((
+        "decay matrix growing with the distance",
+        gated.replace(segment_sum, "w = exp(unsqueeze(G, -2) - unsqueeze(G, -1))"),
+    ));
+    fixtures.push(("decay matrix of one position's gates", gated.replace(segment_sum, "w = exp(unsqueeze(G, -1))")));
     for (what, text) in &fixtures {
         assert_ne!(*text, cumsum, "{what}: the fixture edit did not apply");
         assert_ne!(*text, quadratic, "{what}: the fixture edit did not apply");
@@ -317,6 +342,8 @@ fn look_alikes_are_warned_about_with_the_reason() {
         ("cumsum over a feature axis", vec!["keeps a 4×4 state", "runs over axis 3, of size 4"]),
         ("sum of cumsums over two axes", vec!["not read by an einsum", "runs over axis 1"]),
         ("decay that varies along features", vec!["keeps a 4×4 state", "changes along the state's feature axes"]),
+        ("decay matrix growing with the distance", vec!["values of N×N positions"]),
+        ("decay matrix of one position's gates", vec!["values of N×N positions"]),
     ];
     for (what, text) in look_alikes(None).1 {
         let (sources, g) = elaborate_text("spelled.tn", &text, &[]);
@@ -529,6 +556,36 @@ fn check_compiled(text: &str, n: usize, case: usize) -> Result<(), String> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The gated quadratic form, `where(tril, scores · exp(G_n − G_m), 0) · v` with G the
+/// cumulative log-gates, and its anticausal mirror `where(triu, scores · exp(G_m − G_n),
+/// 0)`: one gated linear attention each, matching forward and in every gradient.
+#[test]
+fn segment_sum_masks_are_recognized_in_both_directions() {
+    let c = Case {
+        phi: vec![0],
+        norm: 0,
+        decay: 2,
+        lrpe: false,
+        causal: true,
+        spelling: 1,
+        letters: b"bhnmde".to_vec(),
+        swap: false,
+        kv_order: 0,
+        mask_style: 0,
+        n: 10,
+        chunk: 3,
+    };
+    let causal = source_with_eps(&c, Some("1e-4"));
+    let (mask, w) = ("where(causal_mask(N), scores * w", "w = exp(unsqueeze(G, -1) - unsqueeze(G, -2))");
+    assert!(causal.contains(mask) && causal.contains(w), "{causal}");
+    let anticausal = causal
+        .replace(mask, "where(unsqueeze(iota(N), -1) <= iota(N), scores * w")
+        .replace(w, "w = exp(unsqueeze(G, -2) - unsqueeze(G, -1))");
+    for text in [causal, anticausal] {
+        check(&text, 1, c.n, c.chunk).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    }
 }
 
 /// A gate per head and position, trained, in both directions: the forward scan and the

@@ -64,6 +64,15 @@ fn check_schedule(path: &std::path::Path, s: &schedule::Schedule, lengths: &[(us
         let got = schedule::run::run(s, &sizes, &[tokens], &params, dropout)
             .unwrap_or_else(|e| panic!("{} B={b} N={n}: {e}", path.display()));
         for (name, w) in want {
+            // RetNet's q and k projections at N = 2: the loss reads position 0 only, and
+            // a per-head norm of (q₀·k₀) v₀ depends on q₀'s and k₀'s scale only through the
+            // norm's eps, so their gradients are what is left of cancelling terms the size
+            // of the other gradients: f32 keeps none of their digits (rel. L2 0.01 … 1.2
+            // here, also `tnc verify`'s). They are checked at the longer lengths.
+            let degenerate = n == 2 && (name.ends_with("retention.wq") || name.ends_with("retention.wk"));
+            if degenerate {
+                continue;
+            }
             let mut t: Tensor = got[&name].clone();
             t.shape = w.shape.clone();
             let c = compare(&t, &w);

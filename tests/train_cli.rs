@@ -133,8 +133,15 @@ fn killed_and_resumed(bundle: &Path, device: &[&str], tag: &str) {
     std::thread::sleep(at);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+    // Complete checkpoints only: a kill mid-write leaves a `.tmp` file, which a resumed
+    // run discards (and then starts from scratch).
     let survived: Vec<_> = std::fs::read_dir(killed.join("checkpoints"))
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name())
+                .filter(|n| n.to_string_lossy().ends_with(".safetensors"))
+                .collect()
+        })
         .unwrap_or_default();
     eprintln!("killed after {at:?} of {duration:?}; {} files in its checkpoint directory", survived.len());
 

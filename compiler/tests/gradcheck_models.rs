@@ -54,11 +54,7 @@ fn model_files() -> Vec<PathBuf> {
 }
 
 fn tiny_sets(text: &str) -> Vec<String> {
-    let mut sets = vec!["vocab=32", "dim=16", "heads=2", "layers=2", "glu_dim=24"];
-    if text.contains("block = ") {
-        sets.push("block=4");
-    }
-    sets.into_iter().map(String::from).collect()
+    common::tiny_sets_of(text)
 }
 
 /// Initial values plus deterministic noise on every tensor (biases are zero at init).

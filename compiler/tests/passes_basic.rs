@@ -4,6 +4,7 @@
 //! it gets smaller. Also: the whole pipeline (with `recognize`) through `dce`, and
 //! snapshots of the tiny TNL model after `canonicalize` and after `dce`.
 
+mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tnc_compiler::frontend::{elaborate, Input, Request};
@@ -37,12 +38,7 @@ fn model_files() -> Vec<PathBuf> {
 }
 
 fn tiny_sets(path: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut sets = vec!["vocab=32", "dim=16", "heads=2", "layers=2", "glu_dim=24"];
-    if text.contains("block = ") {
-        sets.push("block=4");
-    }
-    sets.into_iter().map(String::from).collect()
+    common::tiny_sets_of(&std::fs::read_to_string(path).expect("model readable"))
 }
 
 fn elaborate_with(path: &Path, sets: &[String]) -> Graph {

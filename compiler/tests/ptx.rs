@@ -346,12 +346,7 @@ fn models() -> Vec<PathBuf> {
 
 /// The tiny configuration of the model tests (`tests/common`).
 fn tiny_sets(path: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut sets = vec!["vocab=32", "dim=16", "heads=2", "layers=2", "glu_dim=24"];
-    if text.contains("block = ") {
-        sets.push("block=4");
-    }
-    sets.into_iter().map(String::from).collect()
+    common::tiny_sets_of(&std::fs::read_to_string(path).expect("model readable"))
 }
 
 /// The full pipeline (recognize on), fusion, memory plan, schedule: the model's kernels.
@@ -475,7 +470,13 @@ fn bundles_launch_within_ptxas_figures() {
             }
             let staged = staged.iter().any(|n| entry.name.ends_with(n));
             if staged && kernel.threads.is_some() {
-                assert_eq!(s.stack, 0, "{what} {}: local memory: {s:?}", entry.name);
+                // libdevice's sinf/cosf keep a 7-word table on the stack for the
+                // Payne–Hanek reduction of large arguments (a rotation by position
+                // computed in the kernel, as RetNet's fixed angles are); nothing else may.
+                let text = tnc_compiler::kernel::print::to_text(kernel);
+                let trig = text.contains("sin(") || text.contains("cos(");
+                let allowed = if trig { 32 } else { 0 };
+                assert!(s.stack <= allowed, "{what} {}: local memory: {s:?}", entry.name);
             }
         }
         let blocks: Vec<&str> = manifest

@@ -27,12 +27,15 @@ pub fn model_files() -> Vec<PathBuf> {
 
 /// The tiny configuration used by snapshot and numerical tests.
 pub fn tiny_sets(path: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(path).expect("model readable");
-    let mut sets = vec!["vocab=32", "dim=16", "heads=2", "layers=2", "glu_dim=24"];
-    if text.contains("block = ") {
-        sets.push("block=4");
-    }
-    sets.into_iter().map(String::from).collect()
+    tiny_sets_of(&std::fs::read_to_string(path).expect("model readable"))
+}
+
+/// The tiny configuration of a model (its source `text`): small sizes for each of the
+/// usual hyper-parameters the model declares (`NAME = ` in its header).
+pub fn tiny_sets_of(text: &str) -> Vec<String> {
+    const TINY: [(&str, u32); 7] =
+        [("vocab", 32), ("dim", 16), ("heads", 2), ("layers", 2), ("glu_dim", 24), ("ffn_dim", 24), ("block", 4)];
+    TINY.iter().filter(|(k, _)| text.contains(&format!("{k} = "))).map(|(k, v)| format!("{k}={v}")).collect()
 }
 
 pub fn elaborate_path(path: &Path, sets: &[String]) -> (SourceMap, Result<Graph, Diagnostic>) {

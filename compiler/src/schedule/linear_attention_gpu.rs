@@ -4,17 +4,22 @@
 //!
 //! ```text
 //! block (b, tile) of THREADS threads; value columns j0..j0+E_T of the tile:
-//!   shared S[d×E_T] = 0;  P[k] = λ_b^k for k in 0..=C (decay only)
+//!   shared S[d×E_T] = 0;  P[k] = λ_b^k for k in 0..=C (constant decay only)
 //!   for each chunk (in order; from the end when anticausal), uniform across the block:
 //!     barrier
 //!     stage   Q[len×d], K[len×(d+1)], V[len×E_T]      one element per thread and round
 //!     barrier
+//!     gates   b[i] = Σ_{j≤i} a_{start+j}               (gated only: one i per thread)
+//!             barrier; inter[i], update[i] from b (as on CPUs); barrier
 //!     scores  W[i,m] = λ^{|i−m|} q_i·k_m, m ∈ dir(i)   one (i, m) per thread
+//!             (gated: e^{±(b_i − b_m)} instead of λ^{|i−m|})
 //!     barrier
 //!     output  o[i,j] = λ^{dist(i)} q_i·S[:,j] + Σ_m W[i,m] v[m,j]   one (i, j) per thread,
 //!             stored to global memory (neighbouring threads, neighbouring columns)
+//!             (gated: inter[i] instead of λ^{dist(i)})
 //!     barrier
 //!     update  S[a,j] ← λ^{len} S[a,j] + Σ_m λ^{w(m)} k[m,a] v[m,j]   one (a, j) per thread
+//!             (gated: e^{b_{len−1}} and update[m])
 //! ```
 //!
 //! Every phase deals its elements to the threads round by round (`element = round·T +
@@ -27,17 +32,23 @@
 //! The value tile trades recomputation for shared memory: each block stages the chunk's
 //! Q and K rows (evaluating their prologue regions) for its E_T columns. The chunk length
 //! and E_T are chosen so that the shared arrays fit the 48 KB every block may declare
-//! statically ([`tiles`]); arithmetic is f32 throughout.
+//! statically ([`tiles`]); arithmetic is f32 throughout, the cumulative log-gates too
+//! (sums inside one chunk only, exponentiated as differences: no product of gates can
+//! underflow to 0 and then be divided by).
 
 use super::element::{elem_of, Lowering};
 use super::emit::{add, bin, div, mul, rem, sub};
 use super::linear_attention::{Chunks, Parts, Powers};
+use crate::kernel::Unary;
 use super::threads::{deal, split, THREADS};
 use crate::ir::{Direction, LinearAttention, NodeId};
 use crate::kernel::{Access, Binary, Expr, Kernel, LoopKind, Scalar, Stmt, Var};
 
 /// Bytes of shared memory a block may declare statically.
 pub const SHARED_LIMIT: usize = 48 * 1024;
+
+/// Bytes lost to aligning each of at most eight shared arrays to 16 bytes.
+const ALIGNMENT_SLACK: usize = 8 * 16;
 
 /// The widest value tile: 64 columns keep a d = 128 state tile at 32 KB.
 const MAX_TILE: usize = 64;
@@ -51,11 +62,73 @@ pub struct Tiles {
 
 impl Tiles {
     /// Floats of shared memory a block declares (see the module notes).
-    pub fn shared_floats(self, d: usize, full: bool, decay: bool) -> usize {
+    pub fn shared_floats(self, d: usize, full: bool, decay: ChunkDecay) -> usize {
         let Tiles { chunk: c, cols } = self;
         let scores = if full { 0 } else { c * c };
-        let powers = if decay { c + 1 } else { 0 };
-        d * cols + c * d + c * (d + 1) + c * cols + scores + powers
+        let decay = match decay {
+            ChunkDecay::None => 0,
+            ChunkDecay::Constant => c + 1,
+            ChunkDecay::Gated => 3 * c,
+        };
+        d * cols + c * d + c * (d + 1) + c * cols + scores + decay
+    }
+}
+
+/// What a block stages for the decay: nothing, λ's powers, or a chunk's gate factors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkDecay {
+    None,
+    Constant,
+    Gated,
+}
+
+/// The decay's shared arrays.
+#[derive(Clone, Copy)]
+enum DecayArrays {
+    Powers(Powers),
+    /// Cumulative log-gates of the chunk, and the factors on `q_i S` and on `k_mᵀ v_m`.
+    Gates { cum: Var, inter: Var, update: Var },
+}
+
+fn exp(x: Expr) -> Expr {
+    Expr::Unary(Unary::Exp, Box::new(x))
+}
+
+impl DecayArrays {
+    /// The factor of score (i, m), `lo ≤ hi` being the earlier and later of the two.
+    fn score(self, dot: Expr, (i, m): (&Expr, &Expr), (lo, hi): (&Expr, &Expr), reverse: bool) -> Expr {
+        match self {
+            DecayArrays::Powers(p) => p.scale(dot, sub(hi.clone(), lo.clone())),
+            DecayArrays::Gates { cum, .. } => {
+                let (ci, cm) = (Expr::load_array(cum, i.clone()), Expr::load_array(cum, m.clone()));
+                let x = if reverse { sub(cm, ci) } else { sub(ci, cm) };
+                bin(Binary::Mul, dot, exp(x))
+            }
+        }
+    }
+
+    /// `q_i S` times the factor of row i, whose state is `count` steps away.
+    fn inter(self, state: Expr, i: &Expr, count: Expr) -> Expr {
+        match self {
+            DecayArrays::Powers(p) => p.scale(state, count),
+            DecayArrays::Gates { inter, .. } => bin(Binary::Mul, state, Expr::load_array(inter, i.clone())),
+        }
+    }
+
+    /// The old state's factor in a chunk of `len` tokens (none: 1).
+    fn carry(self, len: &Expr) -> Option<Expr> {
+        match self {
+            DecayArrays::Powers(p) => p.at(len.clone()),
+            DecayArrays::Gates { cum, .. } => Some(exp(Expr::load_array(cum, sub(len.clone(), Expr::I64(1))))),
+        }
+    }
+
+    /// `k_m` times its factor in the update, key m being `steps` from the chunk's end.
+    fn key(self, k: Expr, m: &Expr, steps: Expr) -> Expr {
+        match self {
+            DecayArrays::Powers(p) => p.scale(k, steps),
+            DecayArrays::Gates { update, .. } => bin(Binary::Mul, k, Expr::load_array(update, m.clone())),
+        }
     }
 }
 
@@ -63,9 +136,9 @@ impl Tiles {
 /// chunk: the widest value tile (a divisor of `e`) that still allows chunks of 16 tokens
 /// (or `max_chunk`, if smaller), with the longest chunk that then fits; `None` when not
 /// even one token fits.
-pub fn tiles(d: usize, e: usize, max_chunk: usize, full: bool, decay: bool) -> Option<Tiles> {
-    // Each of the (at most six) arrays starts 16-byte aligned.
-    let fits = |t: Tiles| t.shared_floats(d, full, decay) * 4 + 6 * 16 <= SHARED_LIMIT;
+pub fn tiles(d: usize, e: usize, max_chunk: usize, full: bool, decay: ChunkDecay) -> Option<Tiles> {
+    // Each of the (at most eight) arrays starts 16-byte aligned.
+    let fits = |t: Tiles| t.shared_floats(d, full, decay) * 4 + ALIGNMENT_SLACK <= SHARED_LIMIT;
     // Chunks of powers of two, longest first, up to `max_chunk`.
     let chunks: Vec<usize> = (0..=6).map(|p| 64usize >> p).filter(|&c| c <= max_chunk.max(1)).collect();
     let longest = |cols: usize| chunks.iter().map(|&chunk| Tiles { chunk, cols }).find(|&t| fits(t));
@@ -79,8 +152,7 @@ pub fn tiles(d: usize, e: usize, max_chunk: usize, full: bool, decay: bool) -> O
 }
 
 /// The block kernel of linear attention node `n`; `None` when its shared arrays cannot
-/// fit or the attention is gated (the caller then uses the one-thread-per-batch-index
-/// kernel, which takes gates; the block kernel does not yet).
+/// fit (the caller then uses the one-thread-per-batch-index kernel).
 pub fn kernel(
     lw: &mut Lowering,
     n: NodeId,
@@ -89,12 +161,14 @@ pub fn kernel(
     name: String,
 ) -> Result<Option<(Kernel, Vec<usize>)>, String> {
     let parts = Parts::of(lw, n, la)?;
-    if parts.gate.is_some() {
-        return Ok(None);
-    }
     let (d, e) = (parts.d, parts.e);
     let full = la.direction == Direction::Full;
-    let Some(Tiles { chunk: c, cols: et }) = tiles(d, e, max_chunk, full, parts.lam.is_some()) else {
+    let decay_kind = match (parts.lam.is_some(), parts.gate.is_some()) {
+        (_, true) => ChunkDecay::Gated,
+        (true, false) => ChunkDecay::Constant,
+        (false, false) => ChunkDecay::None,
+    };
+    let Some(Tiles { chunk: c, cols: et }) = tiles(d, e, max_chunk, full, decay_kind) else {
         return Ok(None);
     };
     let (di, ci, eti) = (Expr::I64(d as i64), Expr::I64(c as i64), Expr::I64(et as i64));
@@ -106,7 +180,11 @@ pub fn kernel(
     let ks = lw.e.shared(c * (d + 1));
     let vs = lw.e.shared(c * et);
     let w = if full { None } else { Some(lw.e.shared(c * c)) };
-    let pw = if parts.lam.is_some() { Some(lw.e.shared(c + 1)) } else { None };
+    let pw = if decay_kind == ChunkDecay::Constant { Some(lw.e.shared(c + 1)) } else { None };
+    let decay = match decay_kind {
+        ChunkDecay::Gated => DecayArrays::Gates { cum: lw.e.shared(c), inter: lw.e.shared(c), update: lw.e.shared(c) },
+        _ => DecayArrays::Powers(Powers(pw)),
+    };
 
     // Block → (batch index, value tile).
     let tiles_n = Expr::I64((e / et) as i64);
@@ -129,7 +207,6 @@ pub fn kernel(
         })?;
     }
 
-    let powers = Powers(pw);
     let chunks = Chunks::new(lw, &parts.len_n, c);
     // Every chunk starts with a barrier: the previous chunk's reads of the staged arrays
     // are done before they are overwritten.
@@ -170,6 +247,42 @@ pub fn kernel(
         lw.e.push(Stmt::Barrier);
         Ok(())
     };
+    // A gated chunk's factors (after `stage`'s barrier): the cumulative log-gates, then
+    // from them the factors on `q_i S` and `k_mᵀ v_m`, each phase closed by a barrier.
+    let fill_gates = |lw: &mut Lowering, start: &Expr, len: &Expr, reverse: bool| -> Result<(), String> {
+        let DecayArrays::Gates { cum, inter, update } = decay else { return Ok(()) };
+        deal(lw, len.clone(), |lw, i| {
+            let upto = lw.e.bind(add(i.clone(), Expr::I64(1)));
+            let mut failed = None;
+            let sum = lw.serial_sum(Expr::F32(0.0), upto, |lw, j| {
+                let pos = lw.e.bind(add(start.clone(), j));
+                match parts.log_gate_at(lw, &b_idx, pos) {
+                    Ok(Some(a)) => a,
+                    Ok(None) => Expr::F32(0.0),
+                    Err(e) => {
+                        failed = Some(e);
+                        Expr::F32(0.0)
+                    }
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            lw.e.push(Stmt::StoreArray { array: cum, index: i, value: sum });
+            Ok(())
+        })?;
+        lw.e.push(Stmt::Barrier);
+        deal(lw, len.clone(), |lw, m| {
+            let last = Expr::load_array(cum, sub(len.clone(), Expr::I64(1)));
+            let cm = lw.e.bind(Expr::load_array(cum, m.clone()));
+            let (to_query, to_key) = if reverse { (sub(last, cm.clone()), cm) } else { (cm.clone(), sub(last, cm)) };
+            lw.e.push(Stmt::StoreArray { array: inter, index: m.clone(), value: exp(to_query) });
+            lw.e.push(Stmt::StoreArray { array: update, index: m, value: exp(to_key) });
+            Ok(())
+        })?;
+        lw.e.push(Stmt::Barrier);
+        Ok(())
+    };
     // `q_i · S[:, j]`.
     let inter = |lw: &mut Lowering, i: &Expr, j: &Expr| {
         let qrow = lw.e.bind(mul(i.clone(), di.clone()));
@@ -191,15 +304,15 @@ pub fn kernel(
         deal(lw, Expr::I64((d * et) as i64), |lw, x| {
             let (a, j) = split(lw, &x, &eti);
             let old = Expr::load_array(s, x.clone());
-            let old = match powers.at(len.clone()) {
+            let old = match decay.carry(len) {
                 Some(p) => bin(Binary::Mul, old, p),
                 None => old,
             };
             let new = lw.serial_sum(old, len.clone(), |lw, m| {
                 let ka = Expr::load_array(ks, lw.e.bind(add(mul(m.clone(), kw.clone()), a.clone())));
                 let vj = Expr::load_array(vs, lw.e.bind(add(mul(m.clone(), eti.clone()), j.clone())));
-                let exp = if reverse { m } else { lw.e.bind(sub(sub(len.clone(), Expr::I64(1)), m)) };
-                bin(Binary::Mul, powers.scale(ka, exp), vj)
+                let steps = if reverse { m.clone() } else { lw.e.bind(sub(sub(len.clone(), Expr::I64(1)), m.clone())) };
+                bin(Binary::Mul, decay.key(ka, &m, steps), vj)
             });
             lw.e.push(Stmt::StoreArray { array: s, index: x, value: new });
             Ok(())
@@ -213,6 +326,7 @@ pub fn kernel(
             let reverse = la.direction == Direction::Anticausal;
             let (t, start, len) = open_chunk(lw, reverse);
             stage(lw, &start, &len, (true, true), true)?;
+            fill_gates(lw, &start, &len, reverse)?;
             // Scores of the pairs (i, m) with m in dir(i): causal m ≤ i, anticausal m ≥ i.
             deal(lw, mul(len.clone(), len.clone()), |lw, x| {
                 let (i, m) = split(lw, &x, &len);
@@ -225,8 +339,8 @@ pub fn kernel(
                     let kb = Expr::load_array(ks, lw.e.bind(add(krow.clone(), a)));
                     bin(Binary::Mul, qa, kb)
                 });
-                let distance = lw.e.bind(sub(hi.clone(), lo.clone()));
-                lw.e.push(Stmt::StoreArray { array: w, index: Expr::Var(at), value: powers.scale(dot, distance) });
+                let value = decay.score(dot, (&i, &m), (&lo, &hi), reverse);
+                lw.e.push(Stmt::StoreArray { array: w, index: Expr::Var(at), value });
                 lw.e.close_if(bin(Binary::Le, lo, hi));
                 Ok(())
             })?;
@@ -237,7 +351,7 @@ pub fn kernel(
                 let (i, j) = split(lw, &x, &eti);
                 let count = lw.e.bind(if reverse { sub(len.clone(), i.clone()) } else { add(i.clone(), Expr::I64(1)) });
                 let state = inter(lw, &i, &j);
-                let state = lw.e.bind(powers.scale(state, count.clone()));
+                let state = lw.e.bind(decay.inter(state, &i, count.clone()));
                 let wrow = lw.e.bind(mul(i.clone(), ci.clone()));
                 let value = lw.serial_sum(state, count, |lw, y| {
                     let m = if reverse { lw.e.bind(add(i.clone(), y)) } else { y };
@@ -282,18 +396,22 @@ mod tests {
     #[test]
     fn tiles_fit_the_static_shared_memory() {
         // d = e = 128 (TransNormerLLM's heads): 32 value columns, chunks of 16 tokens.
-        assert_eq!(tiles(128, 128, 64, false, true), Some(Tiles { chunk: 16, cols: 32 }));
+        assert_eq!(tiles(128, 128, 64, false, ChunkDecay::Constant), Some(Tiles { chunk: 16, cols: 32 }));
         // d = e = 64: the whole value width, chunks of 32.
-        assert_eq!(tiles(64, 64, 64, false, false), Some(Tiles { chunk: 32, cols: 64 }));
+        assert_eq!(tiles(64, 64, 64, false, ChunkDecay::None), Some(Tiles { chunk: 32, cols: 64 }));
         // Small heads take the longest chunk asked for.
-        assert_eq!(tiles(8, 8, 64, false, false), Some(Tiles { chunk: 64, cols: 8 }));
-        assert_eq!(tiles(8, 8, 5, false, false), Some(Tiles { chunk: 4, cols: 8 }));
+        assert_eq!(tiles(8, 8, 64, false, ChunkDecay::None), Some(Tiles { chunk: 64, cols: 8 }));
+        assert_eq!(tiles(8, 8, 5, false, ChunkDecay::None), Some(Tiles { chunk: 4, cols: 8 }));
         for (d, e) in [(128, 128), (64, 64), (256, 256), (96, 48)] {
-            let t = tiles(d, e, 64, false, true).unwrap();
-            assert!(t.shared_floats(d, false, true) * 4 + 6 * 16 <= SHARED_LIMIT, "{d}×{e}: {t:?}");
-            assert_eq!(e % t.cols, 0);
+            for decay in [ChunkDecay::None, ChunkDecay::Constant, ChunkDecay::Gated] {
+                let t = tiles(d, e, 64, false, decay).unwrap();
+                assert!(t.shared_floats(d, false, decay) * 4 + ALIGNMENT_SLACK <= SHARED_LIMIT, "{d}×{e}: {t:?}");
+                assert_eq!(e % t.cols, 0);
+            }
         }
+        // A gated d = e = 128 head keeps the tiles of a constant decay.
+        assert_eq!(tiles(128, 128, 64, false, ChunkDecay::Gated), Some(Tiles { chunk: 16, cols: 32 }));
         // Too wide for one token's rows.
-        assert_eq!(tiles(8192, 64, 64, false, false), None);
+        assert_eq!(tiles(8192, 64, 64, false, ChunkDecay::None), None);
     }
 }

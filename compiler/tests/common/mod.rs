@@ -179,3 +179,11 @@ pub fn gradcheck_with(tag: &str, args: Vec<Arg>, opts: &EvalOptions, build: &Bui
 pub fn gradcheck(tag: &str, args: Vec<Arg>, build: &Build<'_>) {
     gradcheck_with(tag, args, &EvalOptions::default(), build)
 }
+
+/// The tiny configuration of a model (its source `text`): small sizes for each of the
+/// usual hyper-parameters the model declares (`NAME = ` in its header).
+pub fn tiny_sets_of(text: &str) -> Vec<String> {
+    const TINY: [(&str, u32); 7] =
+        [("vocab", 32), ("dim", 16), ("heads", 2), ("layers", 2), ("glu_dim", 24), ("ffn_dim", 24), ("block", 4)];
+    TINY.iter().filter(|(k, _)| text.contains(&format!("{k} = "))).map(|(k, v)| format!("{k}={v}")).collect()
+}

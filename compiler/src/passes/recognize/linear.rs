@@ -36,15 +36,28 @@ pub struct Found {
     pub anchor: NodeId,
 }
 
-/// The decay of a decayed scan before broadcasting: a tensor whose shape is the kv
-/// state's with size 1 on both feature axes.
+/// A decay found in a spelling: a tensor `node` whose axes other than `batch` and `pos`
+/// have size 1.
 pub struct ScanDecay {
     pub node: NodeId,
-    /// The positions of the batch axes in it, in batch order.
-    pub batch: Vec<usize>,
+    /// The axes of `node` holding the batch axes, in batch order (`None`: the decay is
+    /// the same along that batch axis, and `node` lacks it).
+    pub batch: Vec<Option<usize>>,
     /// The position axis in it when the decay varies along positions (a gate); `None`
     /// when it has size 1 there too (one λ per batch index).
     pub pos: Option<usize>,
+    pub form: GateForm,
+}
+
+/// What the values of a found decay are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateForm {
+    /// A scan's factor `d_n` in `s_n = x_n + d_n s_(n∓1)`.
+    Factor,
+    /// Log-gates `a_j` whose sum over `(min(n, m), max(n, m)]` is the log-weight.
+    LogGate,
+    /// Cumulative log-gates `G_n`, the log-weight being `G_later − G_earlier`.
+    CumulativeLogGate,
 }
 
 fn einsum2(g: &Graph, n: NodeId) -> Option<(&EinsumSpec, NodeId, NodeId)> {
@@ -142,7 +155,8 @@ pub fn cumsum_form(g: &Graph, o: NodeId) -> Option<Found> {
                         continue;
                     }
                     let pos = (shape[at(t)] != one).then(|| at(t));
-                    Some(ScanDecay { node: src, batch: batch_kv.iter().map(|&l| at(l)).collect(), pos })
+                    let batch = batch_kv.iter().map(|&l| Some(at(l))).collect();
+                    Some(ScanDecay { node: src, batch, pos, form: GateForm::Factor })
                 }
             };
             return Some(Found {
@@ -233,30 +247,13 @@ fn is_splat(g: &Graph, mut n: NodeId, value: f64) -> bool {
 
 /// The authors' spelling: scores `q·k` masked by a constant lower-triangular mask
 /// (diagonal included) with `where(mask, s, 0)` or `s * mask`, then `· v`; unmasked
-/// scores are bidirectional attention.
+/// scores are bidirectional attention. A causal or anticausal mask may carry a decay
+/// matrix `exp(G_n − G_m)` of cumulative log-gates (the segment-sum mask of gated
+/// attention): `s * where(mask, exp(G_n − G_m), 0)` or `where(mask, s * exp(G_n − G_m), 0)`.
 pub fn quadratic_form(g: &Graph, o: NodeId) -> Option<Found> {
     let (spec2, a, b) = einsum2(g, o)?;
     for (p_idx, p_node, v_node) in [(0usize, a, b), (1, b, a)] {
-        // The scores, masked or not.
-        let (scores, mask_node) = match g.node(p_node).op {
-            Op::Select => {
-                let ops = g.operands(p_node);
-                if !is_splat(g, ops[2], 0.0) {
-                    continue;
-                }
-                (ops[1], Some(ops[0]))
-            }
-            Op::Binary(crate::ir::BinaryOp::Mul) => {
-                let ops = g.operands(p_node);
-                if einsum2(g, ops[0]).is_some() {
-                    (ops[0], Some(ops[1]))
-                } else {
-                    (ops[1], Some(ops[0]))
-                }
-            }
-            Op::Einsum(_) => (p_node, None),
-            _ => continue,
-        };
+        let Some((scores, weights)) = masked_scores(g, p_node) else { continue };
         let Some((spec1, s0, s1)) = einsum2(g, scores) else { continue };
         let sout = &spec1.output;
         let pl = &spec2.inputs[p_idx];
@@ -300,12 +297,27 @@ pub fn quadratic_form(g: &Graph, o: NodeId) -> Option<Found> {
             if shape[n_axis] != shape[m_axis] {
                 continue;
             }
-            let direction = match mask_node {
+            let direction = match &weights.mask {
                 None => Direction::Full,
-                Some(m) => match mask::classify(g, m, n_axis, m_axis) {
-                    Some(d) => d,
-                    None => continue,
-                },
+                Some(m) => {
+                    let (Some(n_at), Some(m_at)) = (m.axes[n_axis], m.axes[m_axis]) else { continue };
+                    match mask::classify(g, m.node, n_at, m_at) {
+                        Some(d) => d,
+                        None => continue,
+                    }
+                }
+            };
+            let batch_axes: Vec<usize> = batch_s.iter().map(|l| sout.iter().position(|x| x == l)).collect::<Option<_>>()?;
+            let decay = match &weights.decay {
+                None => None,
+                Some(_) if direction == Direction::Full => continue,
+                Some(d) => {
+                    let (later, earlier) = if direction == Direction::Causal { (n_axis, m_axis) } else { (m_axis, n_axis) };
+                    match segment_sum(g, d, later, earlier, &batch_axes) {
+                        Some(found) => Some(found),
+                        None => continue,
+                    }
+                }
             };
             return Some(Found {
                 direction,
@@ -314,10 +326,139 @@ pub fn quadratic_form(g: &Graph, o: NodeId) -> Option<Found> {
                 v: Operand { node: v_node, roles: roles(vl, &batch_o, pm, e)? },
                 out: roles(outl, &batch_o, pn, e)?,
                 batch_axes: common.len(),
-                decay: None,
+                decay,
                 anchor: scores,
             });
         }
     }
     None
+}
+
+/// A node seen through reshapes, permutations and broadcasts: `axes[i]` is the axis of `node` that
+/// axis i of the viewed value reads (`None`: the value is constant along axis i).
+pub struct View {
+    pub node: NodeId,
+    pub axes: Vec<Option<usize>>,
+}
+
+/// Follow broadcasts, permutations and the reshapes that only insert or drop size-1 axes
+/// down to the node they view.
+fn view_source(g: &Graph, n: NodeId) -> View {
+    let one = crate::ir::Dim::constant(1);
+    let mut view = View { node: n, axes: (0..g.ty(n).rank()).map(Some).collect() };
+    loop {
+        let out = &g.ty(view.node).shape;
+        let step: Vec<Option<usize>> = match &g.node(view.node).op {
+            Op::Broadcast { .. } => {
+                let src = &g.ty(g.operands(view.node)[0]).shape;
+                (0..out.len()).map(|i| (src[i] != one).then_some(i)).collect()
+            }
+            Op::Reshape { .. } => {
+                let src = &g.ty(g.operands(view.node)[0]).shape;
+                let kept = |s: &[crate::ir::Dim]| -> Vec<usize> { (0..s.len()).filter(|&i| s[i] != one).collect() };
+                let (out_kept, src_kept) = (kept(out), kept(src));
+                if out_kept.len() != src_kept.len() || out_kept.iter().zip(&src_kept).any(|(&o, &i)| out[o] != src[i]) {
+                    return view;
+                }
+                (0..out.len()).map(|i| out_kept.iter().position(|&o| o == i).map(|j| src_kept[j])).collect()
+            }
+            Op::Permute { perm } => perm.iter().map(|&p| Some(p)).collect(),
+            _ => return view,
+        };
+        view.axes = view.axes.iter().map(|a| a.and_then(|j| step[j])).collect();
+        view.node = g.operands(view.node)[0];
+    }
+}
+
+/// How the scores are weighted before `· v`: by a 0/1 mask and possibly a decay matrix,
+/// each seen as a view whose axes are the scores' axes.
+struct ScoreWeights {
+    mask: Option<View>,
+    decay: Option<View>,
+}
+
+/// The scores einsum behind `p` and what weighs them: `p` itself (unweighted),
+/// `where(mask, s, 0)`, `s * mask`, `where(mask, s * D, 0)` or `s * where(mask, D, 0)`
+/// with D a decay matrix (`exp` of something).
+fn masked_scores(g: &Graph, p: NodeId) -> Option<(NodeId, ScoreWeights)> {
+    let identity = |n: NodeId| View { node: n, axes: (0..g.ty(n).rank()).map(Some).collect() };
+    let is_exp = |v: &View| matches!(g.node(v.node).op, Op::Unary(crate::ir::UnaryOp::Exp));
+    // `a * b` with one factor an einsum: (the einsum, the other factor).
+    let product = |n: NodeId| -> Option<(NodeId, NodeId)> {
+        let Op::Binary(crate::ir::BinaryOp::Mul) = g.node(n).op else { return None };
+        let ops = g.operands(n);
+        if einsum2(g, ops[0]).is_some() {
+            Some((ops[0], ops[1]))
+        } else {
+            Some((ops[1], ops[0]))
+        }
+    };
+    match g.node(p).op {
+        Op::Einsum(_) => Some((p, ScoreWeights { mask: None, decay: None })),
+        Op::Select => {
+            let ops = g.operands(p);
+            if !is_splat(g, ops[2], 0.0) {
+                return None;
+            }
+            let mask = Some(identity(ops[0]));
+            if let Some((s, d)) = product(ops[1]) {
+                let d = view_source(g, d);
+                return is_exp(&d).then_some((s, ScoreWeights { mask, decay: Some(d) }));
+            }
+            Some((ops[1], ScoreWeights { mask, decay: None }))
+        }
+        Op::Binary(crate::ir::BinaryOp::Mul) => {
+            let (s, w) = product(p)?;
+            let seen = view_source(g, w);
+            if let Op::Select = g.node(seen.node).op {
+                let ops = g.operands(seen.node);
+                let inner = view_source(g, ops[1]);
+                if is_splat(g, ops[2], 0.0) && is_exp(&inner) {
+                    // Both the mask and the decay matrix are read through the view.
+                    let through = |v: View| View {
+                        node: v.node,
+                        axes: seen.axes.iter().map(|a| a.and_then(|j| v.axes[j])).collect(),
+                    };
+                    let mask = through(identity(ops[0]));
+                    return Some((s, ScoreWeights { mask: Some(mask), decay: Some(through(inner)) }));
+                }
+            }
+            Some((s, ScoreWeights { mask: Some(identity(w)), decay: None }))
+        }
+        _ => None,
+    }
+}
+
+/// A decay matrix `exp(G_later − G_earlier)` (viewed with the scores' axes): the same
+/// cumulative log-gates G read along the later and the earlier position, constant along
+/// the other. Returns G's log-gates: the scan's input when G is a plain cumulative sum
+/// along positions, else G itself as cumulative log-gates.
+fn segment_sum(g: &Graph, d: &View, later: usize, earlier: usize, batch_axes: &[usize]) -> Option<ScanDecay> {
+    let Op::Binary(crate::ir::BinaryOp::Sub) = g.node(g.operands(d.node)[0]).op else { return None };
+    let diff = g.operands(d.node)[0];
+    let [x, y] = g.operands(diff)[..] else { return None };
+    let (x, y) = (view_source(g, x), view_source(g, y));
+    if x.node != y.node {
+        return None;
+    }
+    let at = |v: &View, axis: usize| d.axes[axis].and_then(|j| v.axes[j]);
+    let (Some(pos), None, None, Some(pos_y)) = (at(&x, later), at(&x, earlier), at(&y, later), at(&y, earlier)) else {
+        return None;
+    };
+    let batch: Vec<Option<usize>> = batch_axes.iter().map(|&b| at(&x, b)).collect();
+    if pos != pos_y || batch_axes.iter().any(|&b| at(&y, b) != at(&x, b)) {
+        return None;
+    }
+    // Every other axis of G must have size 1 (it is read nowhere else).
+    let shape = &g.ty(x.node).shape;
+    let used: Vec<usize> = batch.iter().flatten().copied().chain([pos]).collect();
+    if (0..shape.len()).any(|i| !used.contains(&i) && shape[i] != crate::ir::Dim::constant(1)) {
+        return None;
+    }
+    let plain_cumsum = matches!(g.node(x.node).op, Op::Scan { axis, reverse: false } if axis == pos)
+        && g.operands(x.node).len() == 1;
+    if plain_cumsum {
+        return Some(ScanDecay { node: g.operands(x.node)[0], batch, pos: Some(pos), form: GateForm::LogGate });
+    }
+    Some(ScanDecay { node: x.node, batch, pos: Some(pos), form: GateForm::CumulativeLogGate })
 }

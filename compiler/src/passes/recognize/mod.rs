@@ -9,15 +9,17 @@
 //!   (one λ per head) or a gate per position (its logarithm becomes the op's log-gates);
 //! - `einsum(where(mask, einsum(q, k), 0), v)` or `einsum(einsum(q, k) * mask, v)`: the
 //!   authors' quadratic form, with a constant mask found by evaluation to be `m ≤ n`,
-//!   `m ≥ n` or all ones;
+//!   `m ≥ n` or all ones; a causal or anticausal one may carry a decay matrix
+//!   `exp(G_n − G_m)` of cumulative log-gates (gated attention's segment-sum mask), whose
+//!   increments become the op's log-gates;
 //! - `einsum(q, einsum(k, v))` summing over positions: bidirectional `Q (Kᵀ V)`.
 //!
 //! Look-alikes are left alone because they do not have these structures: an exclusive
 //! cumsum (`cumsum(kv) - kv` is not a scan feeding the einsum), a cumsum over a feature
 //! axis (the scanned letter is not shared by k and v), a nonlinearity between scores and
 //! v (the scores are not masked by `where`/`*` alone), a mask without its diagonal (its
-//! values are none of the accepted masks). The quadratic form with a decay matrix is not
-//! recognized (its decay is data, not a constant mask); write decay as a decayed cumsum.
+//! values are none of the accepted masks), a decay matrix that grows with the distance
+//! (`exp(G_m − G_n)` under a causal mask) or reads G along other axes.
 
 mod block;
 mod cross_entropy;
@@ -27,7 +29,7 @@ mod region;
 
 use super::Pass;
 use crate::ir::{BlockAttention, Decay, Dim, Graph, LinearAttention, NodeId, Op};
-use linear::{Found, Role, ScanDecay};
+use linear::{Found, GateForm, Role, ScanDecay};
 use petgraph::visit::EdgeRef;
 use std::collections::HashMap;
 use tnc_grammar::Diagnostic;
@@ -117,29 +119,39 @@ fn rewrite(g: &mut Graph, o: NodeId, f: Found) -> Result<(), Diagnostic> {
     let parts = operand_regions(g, [&f.q, &f.k, &f.v], nb, span)?;
     let mut lambda = None;
     let mut decay = Decay::None;
-    if let Some(ScanDecay { node: src, batch: batch_positions, pos: Some(pos) }) = &f.decay {
-        // A gate per position: its logarithm, laid out [batch…, N].
-        let mut perm = batch_positions.clone();
-        perm.push(*pos);
-        let rest: Vec<usize> = (0..g.ty(*src).rank()).filter(|i| !perm.contains(i)).collect();
-        perm.extend(rest);
-        let laid = permute(g, *src, perm.clone(), span)?;
-        let shape: Vec<Dim> = perm[..=batch_positions.len()].iter().map(|&i| g.ty(*src).shape[i].clone()).collect();
-        let gate = g.add(Op::Reshape { shape }, &[laid], span).map_err(internal)?;
-        let mut log_gate = g.add(Op::Unary(crate::ir::UnaryOp::Log), &[gate], span).map_err(internal)?;
-        if f.direction == crate::ir::Direction::Anticausal {
-            // A reverse scan `s_n = x_n + d_n s_{n+1}` weighs key m ≥ n by the gates on
-            // [n, m); the op's weights take them on (n, m]: shift them one position later.
-            let axis = batch_positions.len();
-            let n = g.ty(log_gate).shape[axis].clone();
+    if let Some(ScanDecay { node: src, batch, pos: Some(pos), form }) = &f.decay {
+        // A gate per position: log-gates laid out [batch…, N].
+        let laid = batch_and_positions(g, *src, batch, Some(*pos), span)?;
+        let axis = batch.len();
+        let shift_later = |g: &mut Graph, x: NodeId| -> Result<NodeId, Diagnostic> {
+            let n = g.ty(x).shape[axis].clone();
             let end = n.checked_sub(&Dim::constant(1)).ok_or_else(|| internal("size overflow".into()))?;
-            let head = g.add(Op::Slice { axis, start: Dim::constant(0), end }, &[log_gate], span).map_err(internal)?;
+            let head = g.add(Op::Slice { axis, start: Dim::constant(0), end }, &[x], span).map_err(internal)?;
             let pad = Op::Pad { axis, before: Dim::constant(1), after: Dim::constant(0) };
-            log_gate = g.add(pad, &[head], span).map_err(internal)?;
-        }
+            g.add(pad, &[head], span).map_err(internal)
+        };
+        let log_gate = match form {
+            GateForm::LogGate => laid,
+            // a_n = G_n − G_(n−1); a_0 is never read by the op's weights.
+            GateForm::CumulativeLogGate => {
+                let earlier = shift_later(g, laid)?;
+                g.add(Op::Binary(crate::ir::BinaryOp::Sub), &[laid, earlier], span).map_err(internal)?
+            }
+            GateForm::Factor => {
+                let log = g.add(Op::Unary(crate::ir::UnaryOp::Log), &[laid], span).map_err(internal)?;
+                if f.direction == crate::ir::Direction::Anticausal {
+                    // A reverse scan `s_n = x_n + d_n s_{n+1}` weighs key m ≥ n by the
+                    // gates on [n, m); the op's weights take them on (n, m]: shift them
+                    // one position later.
+                    shift_later(g, log)?
+                } else {
+                    log
+                }
+            }
+        };
         lambda = Some(log_gate);
         decay = Decay::PerToken;
-    } else if let Some(ScanDecay { node: src, batch: batch_positions, pos: None }) = &f.decay {
+    } else if let Some(ScanDecay { node: src, batch, pos: None, .. }) = &f.decay {
         if depends_on_trainable(g, *src) {
             let at = g.node(f.anchor).span;
             let mut d = Diagnostic::error("a trainable per-head decay λ is not supported").with_hint(
@@ -151,8 +163,7 @@ fn rewrite(g: &mut Graph, o: NodeId, f: Found) -> Result<(), Diagnostic> {
             }
             return Err(d);
         }
-        let shape: Vec<Dim> = batch_positions.iter().map(|&i| g.ty(*src).shape[i].clone()).collect();
-        lambda = Some(g.add(Op::Reshape { shape }, &[*src], span).map_err(internal)?);
+        lambda = Some(batch_and_positions(g, *src, batch, None, span)?);
         decay = Decay::PerHead;
     }
     let [(q, qa), (k, ka), (v, va)] = <[_; 3]>::try_from(parts).map_err(|_| internal("three operands".into()))?;
@@ -161,6 +172,24 @@ fn rewrite(g: &mut Graph, o: NodeId, f: Found) -> Result<(), Diagnostic> {
     operands.extend(lambda);
     let attn = g.add(Op::LinearAttention(Box::new(la)), &operands, span).map_err(internal)?;
     finish(g, o, attn, &f.out, nb)
+}
+
+/// `src` laid out as `[batch…]` or `[batch…, N]`: its batch axes in batch order (size 1
+/// where it has none), then its position axis; every other axis has size 1.
+fn batch_and_positions(
+    g: &mut Graph,
+    src: NodeId,
+    batch: &[Option<usize>],
+    pos: Option<usize>,
+    span: Option<tnc_grammar::Span>,
+) -> Result<NodeId, Diagnostic> {
+    let mut perm: Vec<usize> = batch.iter().flatten().copied().chain(pos).collect();
+    perm.extend((0..g.ty(src).rank()).filter(|i| !perm.contains(i)).collect::<Vec<_>>());
+    let src_shape = g.ty(src).shape.clone();
+    let mut shape: Vec<Dim> = batch.iter().map(|b| b.map_or(Dim::constant(1), |i| src_shape[i].clone())).collect();
+    shape.extend(pos.map(|p| src_shape[p].clone()));
+    let laid = permute(g, src, perm, span)?;
+    g.add(Op::Reshape { shape }, &[laid], span).map_err(internal)
 }
 
 /// The regions of q, k and v: each operand permuted to the canonical layout, then its
