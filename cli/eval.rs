@@ -65,6 +65,7 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
     if meta("bundle_sha256") != Some(bundle_hash(&bundle.dir).map_err(fail)?) {
         return Err(fail(format!("{bundle_dir} has changed since {} was written", path.display())));
     }
+    tnc_train::trainer::check_labels(&bundle.manifest, &data).map_err(fail)?;
     tnc_train::trainer::check_vocabulary(&bundle.manifest, &data).map_err(fail)?;
     let target = &bundle.manifest.target.name;
     let device = args.device.unwrap_or_else(|| crate::device::DeviceArg::for_target(target));

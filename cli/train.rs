@@ -351,6 +351,14 @@ pub(crate) fn describe_eval(e: &EvalReport, data: &DataSource) -> String {
         ),
         _ => String::new(),
     };
+    if data.classes().is_some() {
+        // A classifier: a loss per sequence, and its accuracy.
+        let mut s = format!("eval loss {:.4} on {} sequences", e.loss, e.sequences);
+        if let Some(a) = e.accuracy {
+            s.push_str(&format!(", accuracy {:.2}%", 100.0 * a));
+        }
+        return s;
+    }
     let mut s = format!(
         "eval loss {:.4}, perplexity {:.3} per token, bits per token {:.4}{per_byte} on {} tokens ({} sequences)",
         e.loss,

@@ -358,6 +358,35 @@ fn eval_refuses_data_beyond_the_vocabulary() {
     assert!(err.contains("use `--set vocab=256`"), "{err}");
 }
 
+/// A classifier (a model with an input `labels`) needs labelled data and labelled data a
+/// classifier: either mismatch is refused before training, naming the fix (it used to
+/// fail later with "input 'labels': missing").
+#[test]
+fn labelled_data_and_classifiers_go_together() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cases = [
+        ("models/tasks/listops_encoder.tn", "copy:vocab=16", "has no labels: use labelled data, `--data listops`"),
+        (
+            "models/tasks/mqar_t2.tn",
+            "listops:depth=2",
+            "is labelled data (a class per sequence), but the model has no input `labels`",
+        ),
+    ];
+    for (i, (model, data, want)) in cases.into_iter().enumerate() {
+        let out = fresh(&format!("labels-{i}"));
+        let o = tnc()
+            .arg("train")
+            .arg(repo.join(model))
+            .args(["--data", data, "--steps", "1", "--set", "vocab=16", "--set", "dim=16", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{model}: {err}");
+        assert!(err.contains(want), "{model}: {err}");
+    }
+}
+
 /// A run directory holds its own bundle (`RUN/bundle`, named relatively in `run.json` and
 /// the checkpoints): moved elsewhere, it still evaluates and resumes, from that copy.
 #[test]

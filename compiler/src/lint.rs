@@ -146,10 +146,12 @@ fn quadratic_values(g: &Graph, order: &[NodeId], batch: i64, seq: i64) -> Option
     .with_label(format!("one of them, {}", g.ty(first)))
     .with_note(
         "no attention normal form was recognized here: a causal mask `m ≤ n` (diagonal included) or no mask \
-         makes a linear attention; softmax or ReLU scores with a constant mask make a block attention",
+         makes a linear attention, a causal or anticausal one also with a decay matrix `exp(G_n − G_m)` of \
+         cumulative log-gates G; softmax or ReLU scores with a constant mask make a block attention",
     )
     .with_hint(
-        "a decay matrix (`exp(G_n − G_m)`, or any mask other than those) is not recognized; write the decay as \
+        "a decay matrix of another form (not `exp` of one tensor G read at the later minus at the earlier \
+         position), or any mask other than those, is not recognized; write the decay as \
          `cumsum(einsum(k, v), positions, decay = g)`, with g one per head or a gate per head and position",
     );
     if let Some(span) = g.node(first).span {

@@ -163,9 +163,7 @@ fn check_with(
     let (g, names) = graph(direction, decay, prologue, d, e);
     let s = schedule_of(&g, opts);
     assert_eq!(s.kernels.len(), 1, "one kernel");
-    // Gated attention runs as the one-thread-per-sequence kernel on GPUs too (for now).
-    let block = opts.gpu_blocks && decay != Decay::PerToken;
-    assert_eq!(s.kernels[0].threads.is_some(), block, "a block kernel exactly on GPUs, ungated");
+    assert_eq!(s.kernels[0].threads.is_some(), opts.gpu_blocks, "a block kernel exactly on GPUs");
     let mut worst = 0f64;
     for &n in lengths {
         let b = 2;

@@ -5,14 +5,18 @@
 //! the batches an uninterrupted run would have seen from `p` on, and two machines given
 //! the same seed train on the same stream.
 //!
-//! The model is a causal language model whose loss is next-token cross-entropy at every
-//! position, so each task is written as a sequence; [`Batch::answers`] marks the
+//! Most sources feed a causal language model whose loss is next-token cross-entropy at
+//! every position, so each task is written as a sequence; [`Batch::answers`] marks the
 //! predictions that measure the task (e.g. the recalled values of MQAR), for accuracy.
+//! Labelled sources (ListOps, `jsonl:PATH`) feed a classifier: a class per sequence in
+//! [`Batch::labels`], the model's `labels` input.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::labelled::{self, Labelled};
+use crate::listops;
 use crate::tasks;
 use crate::text;
 
@@ -34,6 +38,11 @@ pub enum DataSource {
     /// (`text:PATH?tokenizer=TOKENIZER.json`) its subword tokens. For sequence length N the
     /// last `max(ceil(10% of the tokens), N)` tokens are validation, the rest training.
     Text { path: PathBuf, tokens: Arc<Vec<i32>>, tokenizer: Option<TextTokenizer> },
+    /// ListOps (Long-Range Arena): nested list operations over digits, labelled with
+    /// their value; at most `depth` levels of operators with 2 to `args` operands.
+    ListOps { depth: usize, args: usize },
+    /// Labelled sequences from a JSON-lines file (`labelled.rs` has the format).
+    Jsonl { path: PathBuf, data: Arc<Labelled> },
 }
 
 /// The tokenizer of a text source.
@@ -50,15 +59,35 @@ pub struct TextTokenizer {
 pub struct Batch {
     /// Tokens, B×N row-major.
     pub tokens: Vec<i32>,
-    /// B×(N-1) row-major: `answers[b * (N - 1) + n]` is true when the prediction made at
-    /// position n (of token n + 1) is part of the task's answer.
+    /// For a language model, B×(N-1) row-major: `answers[b * (N - 1) + n]` is true when
+    /// the prediction made at position n (of token n + 1) is part of the task's answer.
+    /// For a classifier, B values, all true (one prediction per sequence).
     pub answers: Vec<bool>,
+    /// A class per sequence (B values) from a labelled source; empty otherwise.
+    pub labels: Vec<i32>,
     pub batch: usize,
     pub seq: usize,
 }
 
-const VALID: &str =
-    "valid data sources: copy[:len=L,vocab=V], mqar[:pairs=K,vocab=V], text:PATH[?tokenizer=TOKENIZER.json]";
+impl Batch {
+    /// An empty labelled batch of `batch` rows to fill.
+    pub(crate) fn labelled(batch: usize, seq: usize) -> Batch {
+        Batch { tokens: Vec::with_capacity(batch * seq), answers: vec![true; batch], labels: Vec::new(), batch, seq }
+    }
+
+    /// How many predictions the loss averages over: a class per sequence, or the next
+    /// token at every position but the last.
+    pub fn predictions(&self) -> usize {
+        if self.labels.is_empty() {
+            self.batch * (self.seq - 1)
+        } else {
+            self.batch
+        }
+    }
+}
+
+const VALID: &str = "valid data sources: copy[:len=L,vocab=V], mqar[:pairs=K,vocab=V], \
+                     text:PATH[?tokenizer=TOKENIZER.json], listops[:depth=D,args=A], jsonl:PATH";
 
 /// What separates a text source's file from its tokenizer in a spec.
 pub(crate) const TOKENIZER_KEY: &str = "?tokenizer=";
@@ -127,6 +156,24 @@ impl DataSource {
                 }
                 _ => Err(format!("data source `{spec}`: text needs a file, as in text:PATH")),
             },
+            "listops" => {
+                let (mut depth, mut operands) = (10, 10);
+                for (key, value) in key_values(spec, args, &["depth", "args"])? {
+                    match key {
+                        "depth" => depth = value,
+                        _ => operands = value,
+                    }
+                }
+                DataSource::ListOps { depth, args: operands }.validated()
+            }
+            "jsonl" => match args.map(str::trim) {
+                Some(path) if !path.is_empty() => {
+                    let path = PathBuf::from(path);
+                    let data = Arc::new(labelled::load(&path)?);
+                    Ok(DataSource::Jsonl { path, data })
+                }
+                _ => Err(format!("data source `{spec}`: jsonl needs a file, as in jsonl:PATH")),
+            },
             _ => Err(format!("unknown data source `{spec}`; {VALID}")),
         }
     }
@@ -137,6 +184,17 @@ impl DataSource {
             DataSource::Copy { vocab, .. } | DataSource::Mqar { vocab, .. } => *vocab,
             DataSource::Text { tokenizer: Some(t), .. } => t.vocab,
             DataSource::Text { tokenizer: None, .. } => 256,
+            DataSource::ListOps { .. } => listops::VOCAB,
+            DataSource::Jsonl { data, .. } => data.vocab,
+        }
+    }
+
+    /// The number of classes of a labelled source (`None`: token sequences, no labels).
+    pub fn classes(&self) -> Option<usize> {
+        match self {
+            DataSource::ListOps { .. } => Some(listops::CLASSES),
+            DataSource::Jsonl { data, .. } => Some(data.classes),
+            _ => None,
         }
     }
 
@@ -153,6 +211,8 @@ impl DataSource {
             DataSource::Text { ref path, ref tokens, .. } => {
                 text::train_batch(path, tokens, seed, position, batch, seq)
             }
+            DataSource::ListOps { depth, args } => listops_batch(seed, TRAIN_SALT, position, batch, seq, depth, args),
+            DataSource::Jsonl { ref data, .. } => Ok(data.train_batch(seed, TRAIN_SALT, position, batch, seq)),
         }
     }
 
@@ -170,6 +230,10 @@ impl DataSource {
                 .map(|i| synthetic(seed, EVAL_SALT, i, batch, seq, |rng| tasks::mqar(rng, pairs, vocab, seq)))
                 .collect(),
             DataSource::Text { ref path, ref tokens, .. } => text::eval_batches(path, tokens, batch, seq, max_batches),
+            DataSource::ListOps { depth, args } => {
+                positions.map(|i| listops_batch(seed, EVAL_SALT, i, batch, seq, depth, args)).collect()
+            }
+            DataSource::Jsonl { ref data, .. } => Ok(data.eval_batches(batch, seq, max_batches)),
         }
     }
 
@@ -193,7 +257,12 @@ impl DataSource {
                     return Err(format!("mqar: {pairs} distinct keys do not fit vocab={vocab}, which has {keys} keys (keys are tokens 1..={keys}, values the rest)"));
                 }
             }
-            DataSource::Text { .. } => {}
+            DataSource::ListOps { depth, args } => {
+                if depth == 0 || args < 2 {
+                    return Err(format!("listops: depth={depth}, args={args}: depth must be ≥ 1 and args ≥ 2"));
+                }
+            }
+            DataSource::Text { .. } | DataSource::Jsonl { .. } => {}
         }
         Ok(self)
     }
@@ -210,6 +279,8 @@ impl fmt::Display for DataSource {
             DataSource::Text { path, tokenizer: Some(t), .. } => {
                 write!(f, "text:{}{TOKENIZER_KEY}{}", path.display(), t.path.display())
             }
+            DataSource::ListOps { depth, args } => write!(f, "listops:depth={depth},args={args}"),
+            DataSource::Jsonl { path, .. } => write!(f, "jsonl:{}", path.display()),
         }
     }
 }
@@ -221,6 +292,7 @@ impl fmt::Debug for DataSource {
             DataSource::Text { path, tokens, tokenizer } => {
                 write!(f, "Text {{ path: {path:?}, tokens: {}, tokenizer: {tokenizer:?} }}", tokens.len())
             }
+            DataSource::Jsonl { path, data } => write!(f, "Jsonl {{ path: {path:?}, rows: {} }}", data.rows.len()),
             other => write!(f, "{other}"),
         }
     }
@@ -257,12 +329,36 @@ fn synthetic(
     seq: usize,
     row_fn: impl Fn(&mut Rng) -> Result<(Vec<i32>, Vec<bool>), String>,
 ) -> Result<Batch, String> {
-    let mut out =
-        Batch { tokens: Vec::with_capacity(batch * seq), answers: Vec::with_capacity(batch * (seq - 1)), batch, seq };
+    let mut out = Batch {
+        tokens: Vec::with_capacity(batch * seq),
+        answers: Vec::with_capacity(batch * (seq - 1)),
+        labels: Vec::new(),
+        batch,
+        seq,
+    };
     for row in 0..batch {
         let (tokens, answers) = row_fn(&mut Rng::new(seed, salt, position, row as u64))?;
         out.tokens.extend(tokens);
         out.answers.extend(answers);
+    }
+    Ok(out)
+}
+
+/// One batch of ListOps rows, each from its own generator.
+fn listops_batch(
+    seed: u64,
+    salt: u64,
+    position: u64,
+    batch: usize,
+    seq: usize,
+    depth: usize,
+    args: usize,
+) -> Result<Batch, String> {
+    let mut out = Batch::labelled(batch, seq);
+    for row in 0..batch {
+        let (tokens, label) = listops::row(&mut Rng::new(seed, salt, position, row as u64), depth, args, seq)?;
+        out.tokens.extend(tokens);
+        out.labels.push(label);
     }
     Ok(out)
 }

@@ -8,7 +8,11 @@ use crate::{Config, Schedule};
 pub struct RunFlags {
     /// Training data: `copy[:len=L,vocab=V]`, `mqar[:pairs=K,vocab=V]` (synthetic tasks
     /// generated from the seed; nothing to download) or `text:PATH` (bytes of a file,
-    /// vocabulary 256; the last 10% is the validation split).
+    /// vocabulary 256; the last 10% is the validation split). For classifiers (a model
+    /// with `input labels: i32[B]`): `listops[:depth=D,args=A]` (LRA's ListOps, 10
+    /// classes, vocabulary 16, generated from the seed; defaults depth 10, args 10) or
+    /// `jsonl:PATH` (one `{"text": …, "label": k}` or `{"tokens": […], "label": k}` per
+    /// line; the last 10% is the validation split).
     #[arg(long, default_value = "copy")]
     pub data: String,
     /// A tokenizer for `text:PATH` data (a Hugging Face `tokenizer.json`, e.g. from `tnc

@@ -10,6 +10,8 @@ pub mod checkpoint;
 pub mod data;
 pub mod flags;
 pub mod interrupt;
+mod labelled;
+mod listops;
 pub mod lr;
 pub mod metrics;
 pub mod plot;

@@ -55,7 +55,7 @@ pub fn train_batch(
         let start = Rng::new(seed, TRAIN_SALT, position, row as u64).below(split - seq + 1);
         rows.extend_from_slice(&tokens[start..start + seq]);
     }
-    Ok(Batch { tokens: rows, answers: vec![true; batch * (seq - 1)], batch, seq })
+    Ok(Batch { tokens: rows, answers: vec![true; batch * (seq - 1)], labels: Vec::new(), batch, seq })
 }
 
 pub fn eval_batches(
@@ -73,6 +73,7 @@ pub fn eval_batches(
         .map(|chunk| Batch {
             tokens: chunk.iter().flat_map(|row| row.iter().copied()).collect(),
             answers: vec![true; chunk.len() * (seq - 1)],
+            labels: Vec::new(),
             batch: chunk.len(),
             seq,
         })

@@ -69,9 +69,10 @@ pub struct StepReport {
 /// An evaluation on the validation batches.
 #[derive(Clone, Debug)]
 pub struct EvalReport {
-    /// Mean next-token loss (nats) over every predicted token.
+    /// Mean loss (nats) over every prediction: every next token, or (for a classifier)
+    /// every sequence's class.
     pub loss: f64,
-    /// Tokens whose prediction was scored.
+    /// Predictions scored: tokens, or a classifier's sequences.
     pub tokens: usize,
     /// Fraction of the task's answer tokens predicted exactly (top-1), when the task has
     /// answers and the bundle an accuracy output.
@@ -106,6 +107,36 @@ pub fn check_vocabulary(m: &Manifest, data: &DataSource) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A classifier (a model with an input `labels`) needs labelled data, and labelled data
+/// a classifier.
+pub fn check_labels(m: &Manifest, data: &DataSource) -> Result<(), String> {
+    let classifier = m.inputs.iter().any(|i| i.name == LABELS);
+    match (classifier, data.classes()) {
+        (true, None) => Err(format!(
+            "the model has an input `{LABELS}` (a classifier), but `{data}` has no labels: use labelled data, \
+             `--data listops` or `--data jsonl:PATH`"
+        )),
+        (false, Some(_)) => Err(format!(
+            "`{data}` is labelled data (a class per sequence), but the model has no input `{LABELS}`: \
+             declare `input {LABELS}: i32[B]` and a loss over it (see models/tasks/listops_encoder.tn)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The input a classifier's labels are fed to.
+pub const LABELS: &str = "labels";
+
+/// Runs the forward pass on a batch: its tokens, and its labels where it has them.
+fn forward(exec: &mut Executor, batch: &Batch) -> Result<(), String> {
+    let tokens = Tensor::i32(vec![batch.batch, batch.seq], batch.tokens.clone());
+    if batch.labels.is_empty() {
+        return exec.forward(&[("tokens", &tokens)]).map_err(|e| e.to_string());
+    }
+    let labels = Tensor::i32(vec![batch.batch], batch.labels.clone());
+    exec.forward(&[("tokens", &tokens), (LABELS, &labels)]).map_err(|e| e.to_string())
 }
 
 /// The SHA-256 of the manifest of the bundle in `dir` (which holds the SHA-256 of every
@@ -179,6 +210,7 @@ impl Trainer {
         if !m.inputs.iter().any(|i| i.name == "tokens") {
             return Err("the model has no input `tokens` (training feeds token sequences)".into());
         }
+        check_labels(&m, &data)?;
         check_vocabulary(&m, &data)?;
         if cfg.batch == 0 || cfg.seq < 2 || cfg.accumulate == 0 {
             return Err("batch and accumulate must be ≥ 1 and seq ≥ 2".into());
@@ -305,8 +337,7 @@ impl Trainer {
                 self.data.train_batch(self.cfg.seed, self.position + micro as u64, self.cfg.batch, self.cfg.seq)?;
             // Dropout's counter: one value per backward pass of the whole run.
             self.exec.set_scalar("step", ((step - 1) * k as u64 + micro as u64) as i64).map_err(|e| e.to_string())?;
-            let tokens = Tensor::i32(vec![batch.batch, batch.seq], batch.tokens);
-            self.exec.forward(&[("tokens", &tokens)]).map_err(|e| e.to_string())?;
+            forward(&mut self.exec, &batch)?;
             let loss = scalar(&self.exec, "loss")?;
             if !loss.is_finite() {
                 return Err(format!("step {step}: the loss is non-finite ({loss}){}", self.intact()));
@@ -532,9 +563,8 @@ pub fn evaluate(exec: &mut Executor, batches: &[Batch]) -> Result<EvalReport, St
     let has_correct = exec.manifest().outputs.iter().any(|o| o.name == "correct");
     let (mut loss_sum, mut tokens, mut hits, mut answers, mut sequences) = (0.0, 0usize, 0usize, 0usize, 0usize);
     for b in batches {
-        let t = Tensor::i32(vec![b.batch, b.seq], b.tokens.clone());
-        exec.forward(&[("tokens", &t)]).map_err(|e| e.to_string())?;
-        let n = b.batch * (b.seq - 1);
+        forward(exec, b)?;
+        let n = b.predictions();
         loss_sum += scalar(exec, "loss")? * n as f64;
         tokens += n;
         sequences += b.batch;

@@ -39,9 +39,9 @@
 use super::element::{elem_of, Lowering};
 use super::emit::{add, bin, div, mul, rem, sub};
 use super::linear_attention::{Chunks, Parts, Powers};
-use crate::kernel::Unary;
 use super::threads::{deal, split, THREADS};
 use crate::ir::{Direction, LinearAttention, NodeId};
+use crate::kernel::Unary;
 use crate::kernel::{Access, Binary, Expr, Kernel, LoopKind, Scalar, Stmt, Var};
 
 /// Bytes of shared memory a block may declare statically.
@@ -87,7 +87,11 @@ pub enum ChunkDecay {
 enum DecayArrays {
     Powers(Powers),
     /// Cumulative log-gates of the chunk, and the factors on `q_i S` and on `k_mᵀ v_m`.
-    Gates { cum: Var, inter: Var, update: Var },
+    Gates {
+        cum: Var,
+        inter: Var,
+        update: Var,
+    },
 }
 
 fn exp(x: Expr) -> Expr {

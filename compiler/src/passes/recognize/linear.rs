@@ -307,12 +307,14 @@ pub fn quadratic_form(g: &Graph, o: NodeId) -> Option<Found> {
                     }
                 }
             };
-            let batch_axes: Vec<usize> = batch_s.iter().map(|l| sout.iter().position(|x| x == l)).collect::<Option<_>>()?;
+            let batch_axes: Vec<usize> =
+                batch_s.iter().map(|l| sout.iter().position(|x| x == l)).collect::<Option<_>>()?;
             let decay = match &weights.decay {
                 None => None,
                 Some(_) if direction == Direction::Full => continue,
                 Some(d) => {
-                    let (later, earlier) = if direction == Direction::Causal { (n_axis, m_axis) } else { (m_axis, n_axis) };
+                    let (later, earlier) =
+                        if direction == Direction::Causal { (n_axis, m_axis) } else { (m_axis, n_axis) };
                     match segment_sum(g, d, later, earlier, &batch_axes) {
                         Some(found) => Some(found),
                         None => continue,
@@ -455,8 +457,8 @@ fn segment_sum(g: &Graph, d: &View, later: usize, earlier: usize, batch_axes: &[
     if (0..shape.len()).any(|i| !used.contains(&i) && shape[i] != crate::ir::Dim::constant(1)) {
         return None;
     }
-    let plain_cumsum = matches!(g.node(x.node).op, Op::Scan { axis, reverse: false } if axis == pos)
-        && g.operands(x.node).len() == 1;
+    let plain_cumsum =
+        matches!(g.node(x.node).op, Op::Scan { axis, reverse: false } if axis == pos) && g.operands(x.node).len() == 1;
     if plain_cumsum {
         return Some(ScanDecay { node: g.operands(x.node)[0], batch, pos: Some(pos), form: GateForm::LogGate });
     }
