@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use std::collections::HashMap;
 use tnc_compiler::interp::{compare, evaluate, EvalOptions, Tensor};
-use tnc_compiler::ir::{Graph, Op};
+use tnc_compiler::ir::{Decay as ir_decay, Graph, Op};
 use tnc_compiler::passes;
 use tnc_compiler::pipeline;
 
@@ -232,8 +232,7 @@ fn outputs(g: &Graph, params: &[Tensor], tokens: &Tensor, chunk: Option<usize>) 
 fn check(text: &str, expected_la: usize, n: usize, chunk: usize) -> Result<(), String> {
     let (sources, g) = elaborate_text("spelled.tn", text, &[]);
     let g = g.map_err(|d| format!("{}\n{text}", d.render(&sources)))?;
-    let reference = passes::differentiate_loss(g.clone()).map_err(|d| d.message)?;
-    let recognized = passes::run_until(g.clone(), "recognize").unwrap().map_err(|d| d.message)?;
+    let recognized = passes::run_until(g, "recognize").unwrap().map_err(|d| d.message)?;
     let found = count_la(&recognized);
     if found != expected_la {
         return Err(format!("{found} linear attentions after recognize, expected {expected_la}\n{text}"));
@@ -243,6 +242,15 @@ fn check(text: &str, expected_la: usize, n: usize, chunk: usize) -> Result<(), S
     if expected_la > 0 && !warnings.is_empty() {
         return Err(format!("recognized, yet warned: {}\n{text}", warnings[0].render(&sources)));
     }
+    check_numerics(text, n, chunk)
+}
+
+/// The optimized graph of `text` against the unoptimized one: loss and every gradient,
+/// naive and by chunks of `chunk`, within 1e-10.
+fn check_numerics(text: &str, n: usize, chunk: usize) -> Result<(), String> {
+    let (sources, g) = elaborate_text("spelled.tn", text, &[]);
+    let g = g.map_err(|d| format!("{}\n{text}", d.render(&sources)))?;
+    let reference = passes::differentiate_loss(g.clone()).map_err(|d| d.message)?;
     let optimized = passes::run_until(g, "autodiff").unwrap().map_err(|d| d.message)?;
     let params = perturbed_params(&reference, n as u64);
     let tokens = token_tensor(2, n, 11, 3);
@@ -613,5 +621,57 @@ fn gated_scans_are_recognized_in_both_directions() {
     let reverse = forward.replace("cumsum(kv, 2, decay", "cumsum(kv, 2, reverse = true, decay");
     for text in [forward, reverse] {
         check(&text, 1, c.n, c.chunk).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    }
+}
+
+/// Gates that are not the decay of the state: one applied to the product after it
+/// (`o = (q S) · g`), and one that depends on an undecayed state of the same keys and
+/// values (`g = sigmoid(Σ cumsum(kv))`, the nearest a dataflow graph comes to a gate of
+/// the state). The first is an ungated linear attention times g; the second a gated one
+/// whose gate's own cumulative sum stays a scan (it is read by a sum, not by queries).
+/// Both compute what they say, forward and in every gradient.
+#[test]
+fn gates_outside_the_decay_are_not_taken_for_it() {
+    let c = Case {
+        phi: vec![0],
+        norm: 0,
+        decay: 2,
+        lrpe: false,
+        causal: true,
+        spelling: 0,
+        letters: b"bhnmde".to_vec(),
+        swap: false,
+        kv_order: 0,
+        mask_style: 0,
+        n: 9,
+        chunk: 4,
+    };
+    let gated = source_with_eps(&c, Some("1e-4"));
+    let decayed = "state = cumsum(kv, 2, decay = reshape(permute(g, [0, 2, 1]), [B, heads, N, 1, 1]))";
+    let product = "o = einsum(\"bhnde,bhnd->bhne\", state, q)";
+    assert!(gated.contains(decayed) && gated.contains(product), "{gated}");
+    let after = gated
+        .replace(decayed, "state = cumsum(kv, 2)")
+        .replace(product, &format!("{product} * unsqueeze(permute(g, [0, 2, 1]), -1)"));
+    let of_state = gated.replace(
+        decayed,
+        "state = cumsum(kv, 2, decay = sigmoid(sum(sum(cumsum(kv, 2), 3), 4) * 0.1))",
+    );
+    for (text, want) in [(&after, ir_decay::None), (&of_state, ir_decay::PerToken)] {
+        let (sources, g) = elaborate_text("spelled.tn", text, &[]);
+        let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+        let recognized = passes::run_until(g, "recognize").unwrap().unwrap();
+        let decays: Vec<ir_decay> = recognized
+            .dag
+            .node_weights()
+            .filter_map(|n| match &n.op {
+                Op::LinearAttention(la) => Some(la.decay),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(decays, [want], "{text}");
+        let lint = tnc_compiler::lint::unfused_state_warnings(&recognized, 1, 64);
+        assert_eq!(lint.is_empty(), want == ir_decay::None, "{text}: the gate's own scan is warned about");
+        check_numerics(text, c.n, c.chunk).unwrap_or_else(|e| panic!("{e}\n{text}"));
     }
 }
