@@ -235,3 +235,16 @@ fn block_kernels_as_thread_loops_give_bit_identical_results() {
         }
     }
 }
+
+/// A pad of a slice that is empty at N = 1 (`tests/edge_cases/pad_of_empty_slice.tn`),
+/// on both schedules: the GPU-semantics executor checks the bounds of every load, and the
+/// pad's discarded load used to read position 1 of the one-position tensor it slices
+/// (`load b3[6] is out of bounds (length 4)`). Values match at N = 1, 2 and 7.
+#[test]
+fn a_pad_of_an_empty_slice_loads_inside_the_sliced_tensor() {
+    let path = repo().join("tests/edge_cases/pad_of_empty_slice.tn");
+    let gpu = schedule::ScheduleOptions { chunk: 4, token_parts: 4, ..schedule::ScheduleOptions::gpu() };
+    for opts in [schedule::ScheduleOptions::cpu(), gpu] {
+        check_with(&path, true, &[(1, 1), (2, 2), (3, 7)], &opts);
+    }
+}

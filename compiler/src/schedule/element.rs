@@ -358,7 +358,16 @@ impl<'g> Lowering<'g> {
             }
             Op::Slice { axis, start, .. } => {
                 let mut at = idx.to_vec();
-                at[*axis] = self.e.bind(add(idx[*axis].clone(), self.e.dim(start)?));
+                let mut i = add(idx[*axis].clone(), self.e.dim(start)?);
+                if ty.shape[*axis].as_const().is_none_or(|len| len < 1) {
+                    // A slice that may be empty (`x[:, 1:]` at N = 1) is read nowhere in
+                    // exact terms, but a pad or concat around it still loads from it with
+                    // a clamped index (and discards the value): keep that load inside the
+                    // sliced tensor.
+                    let size = self.e.dim(&self.ty(&xs[0]).shape[*axis].clone())?;
+                    i = bin(Binary::Max, bin(Binary::Min, i, sub(size, Expr::I64(1))), Expr::I64(0));
+                }
+                at[*axis] = self.e.bind(i);
                 self.value(xs[0].clone(), &at)?
             }
             Op::Pad { axis, before, .. } => {
