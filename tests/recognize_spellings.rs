@@ -653,10 +653,8 @@ fn gates_outside_the_decay_are_not_taken_for_it() {
     let after = gated
         .replace(decayed, "state = cumsum(kv, 2)")
         .replace(product, &format!("{product} * unsqueeze(permute(g, [0, 2, 1]), -1)"));
-    let of_state = gated.replace(
-        decayed,
-        "state = cumsum(kv, 2, decay = sigmoid(sum(sum(cumsum(kv, 2), 3), 4) * 0.1))",
-    );
+    let of_state =
+        gated.replace(decayed, "state = cumsum(kv, 2, decay = sigmoid(sum(sum(cumsum(kv, 2), 3), 4) * 0.1))");
     for (text, want) in [(&after, ir_decay::None), (&of_state, ir_decay::PerToken)] {
         let (sources, g) = elaborate_text("spelled.tn", text, &[]);
         let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));

@@ -42,7 +42,7 @@ pub enum DataSource {
     /// their value; at most `depth` levels of operators with 2 to `args` operands.
     ListOps { depth: usize, args: usize },
     /// Labelled sequences from a JSON-lines file (`labelled.rs` has the format).
-    Jsonl { path: PathBuf, data: Arc<Labelled> },
+    Jsonl { path: PathBuf, data: Arc<Labelled>, tokenizer: Option<PathBuf> },
 }
 
 /// The tokenizer of a text source.
@@ -87,7 +87,8 @@ impl Batch {
 }
 
 const VALID: &str = "valid data sources: copy[:len=L,vocab=V], mqar[:pairs=K,vocab=V], \
-                     text:PATH[?tokenizer=TOKENIZER.json], listops[:depth=D,args=A], jsonl:PATH";
+                     text:PATH[?tokenizer=TOKENIZER.json], listops[:depth=D,args=A], \
+                     jsonl:PATH[?tokenizer=TOKENIZER.json]";
 
 /// What separates a text source's file from its tokenizer in a spec.
 pub(crate) const TOKENIZER_KEY: &str = "?tokenizer=";
@@ -97,13 +98,16 @@ impl DataSource {
     pub fn spec_with_tokenizer(spec: &str, tokenizer: Option<&Path>) -> Result<String, String> {
         match tokenizer {
             None => Ok(spec.to_string()),
-            Some(t) if spec.trim_start().starts_with("text:") && !spec.contains(TOKENIZER_KEY) => {
+            Some(t)
+                if (spec.trim_start().starts_with("text:") || spec.trim_start().starts_with("jsonl:"))
+                    && !spec.contains(TOKENIZER_KEY) =>
+            {
                 Ok(format!("{spec}{TOKENIZER_KEY}{}", t.display()))
             }
             Some(_) if spec.contains(TOKENIZER_KEY) => {
                 Err(format!("data source `{spec}` already names a tokenizer; drop `--tokenizer`"))
             }
-            Some(_) => Err(format!("`--tokenizer` applies to text data (`text:PATH`), not to `{spec}`")),
+            Some(_) => Err(format!("`--tokenizer` applies to text data (`text:PATH`, `jsonl:PATH`), not to `{spec}`")),
         }
     }
 
@@ -166,11 +170,12 @@ impl DataSource {
                 }
                 DataSource::ListOps { depth, args: operands }.validated()
             }
-            "jsonl" => match args.map(str::trim) {
-                Some(path) if !path.is_empty() => {
+            "jsonl" => match args.map(|a| a.trim().rsplit_once(TOKENIZER_KEY).unwrap_or((a.trim(), ""))) {
+                Some((path, tok)) if !path.is_empty() => {
                     let path = PathBuf::from(path);
-                    let data = Arc::new(labelled::load(&path)?);
-                    Ok(DataSource::Jsonl { path, data })
+                    let tokenizer = (!tok.is_empty()).then(|| PathBuf::from(tok));
+                    let data = Arc::new(labelled::load(&path, tokenizer.as_deref())?);
+                    Ok(DataSource::Jsonl { path, data, tokenizer })
                 }
                 _ => Err(format!("data source `{spec}`: jsonl needs a file, as in jsonl:PATH")),
             },
@@ -280,7 +285,10 @@ impl fmt::Display for DataSource {
                 write!(f, "text:{}{TOKENIZER_KEY}{}", path.display(), t.path.display())
             }
             DataSource::ListOps { depth, args } => write!(f, "listops:depth={depth},args={args}"),
-            DataSource::Jsonl { path, .. } => write!(f, "jsonl:{}", path.display()),
+            DataSource::Jsonl { path, tokenizer: None, .. } => write!(f, "jsonl:{}", path.display()),
+            DataSource::Jsonl { path, tokenizer: Some(t), .. } => {
+                write!(f, "jsonl:{}{TOKENIZER_KEY}{}", path.display(), t.display())
+            }
         }
     }
 }
@@ -292,7 +300,9 @@ impl fmt::Debug for DataSource {
             DataSource::Text { path, tokens, tokenizer } => {
                 write!(f, "Text {{ path: {path:?}, tokens: {}, tokenizer: {tokenizer:?} }}", tokens.len())
             }
-            DataSource::Jsonl { path, data } => write!(f, "Jsonl {{ path: {path:?}, rows: {} }}", data.rows.len()),
+            DataSource::Jsonl { path, data, tokenizer } => {
+                write!(f, "Jsonl {{ path: {path:?}, rows: {}, tokenizer: {tokenizer:?} }}", data.rows.len())
+            }
             other => write!(f, "{other}"),
         }
     }

@@ -17,7 +17,8 @@ pub struct RunFlags {
     pub data: String,
     /// A tokenizer for `text:PATH` data (a Hugging Face `tokenizer.json`, e.g. from `tnc
     /// tokenizer train`): the file's subword tokens instead of its bytes, tokenized once
-    /// and cached next to it. The model's vocabulary must hold the tokenizer's.
+    /// and cached next to it. The model's vocabulary must hold the tokenizer's. Also for
+    /// `jsonl:PATH` text rows (ids shifted by one: 0 stays padding).
     #[arg(long, value_name = "TOKENIZER.json")]
     pub tokenizer: Option<std::path::PathBuf>,
     /// Optimizer steps.

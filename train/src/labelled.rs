@@ -9,7 +9,9 @@
 //!
 //! Every line has the same kind (all `text` or all `tokens`); labels are integers ≥ 0.
 //! A row is cut to the sequence length N or padded after its end with token 0 (so 0 is
-//! padding: a tokens file should not use it otherwise). The last 10% of the lines (at
+//! padding: a tokens file should not use it otherwise). With a tokenizer
+//! (`jsonl:PATH?tokenizer=T.json`, or `--tokenizer`), each `text` is its subword tokens,
+//! shifted by one so that 0 stays padding: vocabulary the tokenizer's + 1. The last 10% of the lines (at
 //! least one) are the validation split, the rest training; training rows are drawn by
 //! the seed and the batch position, so a resumed run sees the same batches.
 
@@ -26,9 +28,10 @@ pub struct Labelled {
     pub split: usize,
 }
 
-pub fn load(path: &Path) -> Result<Labelled, String> {
+pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<Labelled, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("jsonl data {}: {e}", path.display()))?;
     let mut rows = Vec::new();
+    let mut texts: Vec<String> = Vec::new();
     let mut kind: Option<&str> = None;
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let at = || format!("{}:{}", path.display(), i + 1);
@@ -42,6 +45,7 @@ pub fn load(path: &Path) -> Result<Labelled, String> {
         let (this, tokens) = match (value.get("text"), value.get("tokens")) {
             (Some(t), None) => {
                 let t = t.as_str().ok_or_else(|| format!("{}: `text` must be a string", at()))?;
+                texts.push(t.to_string());
                 ("text", t.bytes().map(i32::from).collect())
             }
             (None, Some(t)) => {
@@ -61,8 +65,19 @@ pub fn load(path: &Path) -> Result<Labelled, String> {
     if rows.len() < 2 {
         return Err(format!("jsonl data {}: needs at least 2 rows (training and validation)", path.display()));
     }
-    let vocab = match kind {
-        Some("text") => 256,
+    let vocab = match (kind, tokenizer) {
+        (Some("text"), None) => 256,
+        (Some("text"), Some(t)) => {
+            let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let (ids, vocab) = crate::tokenizer::encode_texts(&texts, t)?;
+            for ((tokens, _), ids) in rows.iter_mut().zip(ids) {
+                *tokens = ids.into_iter().map(|id| id + 1).collect();
+            }
+            vocab + 1
+        }
+        (_, Some(_)) => {
+            return Err(format!("jsonl data {}: a tokenizer applies to `text` rows, not to `tokens`", path.display()))
+        }
         _ => rows.iter().flat_map(|(t, _)| t.iter().copied()).max().unwrap_or(0) as usize + 1,
     };
     let classes = rows.iter().map(|&(_, l)| l).max().unwrap_or(0) as usize + 1;
@@ -118,7 +133,7 @@ mod tests {
         let lines: String =
             (0..20).map(|i| format!("{{\"tokens\": [{}, 2, 3], \"label\": {}}}\n", i + 1, i % 3)).collect();
         let f = file(&lines);
-        let l = load(f.path()).unwrap();
+        let l = load(f.path(), None).unwrap();
         assert_eq!((l.rows.len(), l.split, l.vocab, l.classes), (20, 18, 21, 3));
         let eval = l.eval_batches(4, 5, 10);
         assert_eq!(eval.len(), 1);
@@ -130,9 +145,27 @@ mod tests {
         assert_eq!(b, l.train_batch(3, 1, 0, 8, 2), "a pure function of (seed, position)");
 
         let f = file("{\"text\": \"ab\", \"label\": 1}\n\n{\"text\": \"c\", \"label\": 0}\n");
-        let l = load(f.path()).unwrap();
+        let l = load(f.path(), None).unwrap();
         assert_eq!((l.vocab, l.classes, l.split), (256, 2, 1));
         assert_eq!(l.rows[0], (vec![97, 98], 1));
+    }
+
+    #[test]
+    fn text_rows_take_a_tokenizer_with_ids_shifted_past_padding() {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = dir.path().join("corpus.txt");
+        std::fs::write(&corpus, "the cat sat on the mat\nthe dog sat on the log\n".repeat(50)).unwrap();
+        let tok = dir.path().join("tokenizer.json");
+        let vocab = crate::tokenizer::train_bpe(&[corpus], 300, &tok).unwrap();
+        let f = file("{\"text\": \"the cat\", \"label\": 1}\n{\"text\": \"the dog sat\", \"label\": 0}\n");
+        let l = load(f.path(), Some(&tok)).unwrap();
+        assert_eq!(l.vocab, vocab + 1);
+        let (ids, _) = crate::tokenizer::encode_texts(&["the cat"], &tok).unwrap();
+        let shifted: Vec<i32> = ids[0].iter().map(|i| i + 1).collect();
+        assert_eq!(l.rows[0], (shifted, 1));
+        assert!(l.rows.iter().all(|(t, _)| t.iter().all(|&i| i >= 1)), "0 is padding only");
+        let tokens = file("{\"tokens\": [1], \"label\": 0}\n{\"tokens\": [2], \"label\": 1}\n");
+        assert!(load(tokens.path(), Some(&tok)).unwrap_err().contains("applies to `text` rows"));
     }
 
     #[test]
@@ -151,7 +184,7 @@ mod tests {
         ];
         for (text, want) in cases {
             let f = file(text);
-            let e = load(f.path()).unwrap_err();
+            let e = load(f.path(), None).unwrap_err();
             assert!(e.contains(want), "{text}: {e}");
         }
     }

@@ -82,6 +82,24 @@ pub fn encode_file(text: &Path, tokenizer: &Path, warn: &mut dyn FnMut(&str)) ->
     Ok(done(tokens, false))
 }
 
+/// Each of `texts` encoded by the tokenizer in `tokenizer`: (the ids of each, the
+/// tokenizer's vocabulary).
+pub fn encode_texts(texts: &[&str], tokenizer: &Path) -> Result<(Vec<Vec<i32>>, usize), String> {
+    let json = std::fs::read(tokenizer).map_err(|e| format!("tokenizer {}: {e}", tokenizer.display()))?;
+    let tok = Tokenizer::from_bytes(&json).map_err(|e| format!("tokenizer {}: {e}", tokenizer.display()))?;
+    let encodings = tok.encode_batch(texts.to_vec(), false).map_err(|e| format!("tokenizing: {e}"))?;
+    let ids = encodings
+        .iter()
+        .map(|e| {
+            e.get_ids()
+                .iter()
+                .map(|&id| i32::try_from(id).map_err(|_| format!("token id {id} does not fit an i32")))
+                .collect()
+        })
+        .collect::<Result<_, String>>()?;
+    Ok((ids, tok.get_vocab_size(true)))
+}
+
 /// The whole text, encoded in pieces of about 1 MiB cut after a newline (byte-level
 /// pre-tokenization never joins across one), in parallel.
 fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<i32>, String> {
