@@ -31,6 +31,7 @@ pub struct Labelled {
 pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<Labelled, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("jsonl data {}: {e}", path.display()))?;
     let mut rows = Vec::new();
+    let mut line_of = Vec::new();
     let mut texts: Vec<String> = Vec::new();
     let mut kind: Option<&str> = None;
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
@@ -61,6 +62,7 @@ pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<Labelled, String> {
         }
         kind = Some(this);
         rows.push((tokens, label));
+        line_of.push(i + 1);
     }
     if rows.len() < 2 {
         return Err(format!("jsonl data {}: needs at least 2 rows (training and validation)", path.display()));
@@ -80,6 +82,11 @@ pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<Labelled, String> {
         }
         _ => rows.iter().flat_map(|(t, _)| t.iter().copied()).max().unwrap_or(0) as usize + 1,
     };
+    // A row of padding only would leave a classifier nothing to pool (a mean over no
+    // positions, NaN): refuse it here, naming the line.
+    if let Some(r) = rows.iter().position(|(t, _)| t.iter().all(|&x| x == 0)) {
+        return Err(format!("{}:{}: the row has no tokens (or only padding, id 0)", path.display(), line_of[r]));
+    }
     let classes = rows.iter().map(|&(_, l)| l).max().unwrap_or(0) as usize + 1;
     let split = rows.len() - rows.len().div_ceil(10).max(1);
     Ok(Labelled { rows, vocab, classes, split })
@@ -181,6 +188,8 @@ mod tests {
             ("{\"tokens\": [1, -2], \"label\": 0}\n", "integers ≥ 0"),
             ("not json\n", ":1: not a JSON object"),
             ("{\"text\": \"a\", \"label\": 1}\n", "at least 2 rows"),
+            ("{\"text\": \"a\", \"label\": 1}\n\n{\"text\": \"\", \"label\": 0}\n", ":3: the row has no tokens"),
+            ("{\"tokens\": [0, 0], \"label\": 1}\n{\"tokens\": [1], \"label\": 0}\n", ":1: the row has no tokens"),
         ];
         for (text, want) in cases {
             let f = file(text);

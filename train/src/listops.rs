@@ -66,7 +66,7 @@ fn node(rng: &mut Rng, depth: usize, max_depth: usize, args: usize, out: &mut Ve
     let op = OPERATORS[rng.below(OPERATORS.len())];
     out.push(op.token());
     let count = 2 + rng.below(args - 1);
-    let mut values = Vec::with_capacity(count);
+    let mut values = Vec::new(); // `count` comes from the user's `args`: no reservation
     for _ in 0..count {
         values.push(node(rng, depth + 1, max_depth, args, out, budget)?);
     }

@@ -18,8 +18,8 @@
 //! cumsum (`cumsum(kv) - kv` is not a scan feeding the einsum), a cumsum over a feature
 //! axis (the scanned letter is not shared by k and v), a nonlinearity between scores and
 //! v (the scores are not masked by `where`/`*` alone), a mask without its diagonal (its
-//! values are none of the accepted masks), a decay matrix that grows with the distance
-//! (`exp(G_m − G_n)` under a causal mask) or reads G along other axes.
+//! values are none of the accepted masks), a decay matrix of the opposite sign
+//! (`exp(G_m − G_n)` under a causal mask: the inverse of the gates' product) or reads G along other axes.
 
 mod block;
 mod cross_entropy;
