@@ -172,6 +172,25 @@ fn attention(c: &Case) -> String {
     }
 }
 
+/// A hand-picked case: φ = elu, SRMSNorm, no LRPE, causal, the cumulative-sum spelling
+/// with the kv state `[b, h, n, d, e]`, the given decay (as [`Case::decay`]), length and chunk.
+fn pinned(decay: usize, n: usize, chunk: usize) -> Case {
+    Case {
+        phi: vec![0],
+        norm: 0,
+        decay,
+        lrpe: false,
+        causal: true,
+        spelling: 0,
+        letters: b"bhnmde".to_vec(),
+        swap: false,
+        kv_order: 0,
+        mask_style: 0,
+        n,
+        chunk,
+    }
+}
+
 fn source(c: &Case) -> String {
     source_with_eps(c, None)
 }
@@ -232,7 +251,7 @@ fn outputs(g: &Graph, params: &[Tensor], tokens: &Tensor, chunk: Option<usize>) 
 fn check(text: &str, expected_la: usize, n: usize, chunk: usize) -> Result<(), String> {
     let (sources, g) = elaborate_text("spelled.tn", text, &[]);
     let g = g.map_err(|d| format!("{}\n{text}", d.render(&sources)))?;
-    let recognized = passes::run_until(g, "recognize").unwrap().map_err(|d| d.message)?;
+    let recognized = passes::run_until(g.clone(), "recognize").unwrap().map_err(|d| d.message)?;
     let found = count_la(&recognized);
     if found != expected_la {
         return Err(format!("{found} linear attentions after recognize, expected {expected_la}\n{text}"));
@@ -242,14 +261,12 @@ fn check(text: &str, expected_la: usize, n: usize, chunk: usize) -> Result<(), S
     if expected_la > 0 && !warnings.is_empty() {
         return Err(format!("recognized, yet warned: {}\n{text}", warnings[0].render(&sources)));
     }
-    check_numerics(text, n, chunk)
+    check_numerics(g, text, n, chunk)
 }
 
-/// The optimized graph of `text` against the unoptimized one: loss and every gradient,
-/// naive and by chunks of `chunk`, within 1e-10.
-fn check_numerics(text: &str, n: usize, chunk: usize) -> Result<(), String> {
-    let (sources, g) = elaborate_text("spelled.tn", text, &[]);
-    let g = g.map_err(|d| format!("{}\n{text}", d.render(&sources)))?;
+/// The optimized graph `g` (elaborated from `text`) against the unoptimized one: loss and
+/// every gradient, naive and by chunks of `chunk`, within 1e-10.
+fn check_numerics(g: Graph, text: &str, n: usize, chunk: usize) -> Result<(), String> {
     let reference = passes::differentiate_loss(g.clone()).map_err(|d| d.message)?;
     let optimized = passes::run_until(g, "autodiff").unwrap().map_err(|d| d.message)?;
     let params = perturbed_params(&reference, n as u64);
@@ -285,20 +302,7 @@ fn every_spelling_is_recognized_and_exact() {
 /// quadratic spellings that change what they compute (made on the source with the norm's
 /// `eps` given, when `eps` is).
 fn look_alikes(eps: Option<&str>) -> (Case, Vec<(&'static str, String)>) {
-    let base = Case {
-        phi: vec![0],
-        norm: 0,
-        decay: 0,
-        lrpe: false,
-        causal: true,
-        spelling: 0,
-        letters: b"bhnmde".to_vec(),
-        swap: false,
-        kv_order: 0,
-        mask_style: 1,
-        n: 9,
-        chunk: 4,
-    };
+    let base = Case { mask_style: 1, ..pinned(0, 9, 4) };
     let cumsum = source_with_eps(&base, eps);
     let quadratic = source_with_eps(&Case { spelling: 1, mask_style: 2, ..base.clone() }, eps);
     let fixtures = vec![
@@ -469,20 +473,7 @@ fn check_scheduled_source(text: &str, n: usize) -> Result<(), String> {
 /// (its gradient, Σ_t t·(q_t·dq_t − k_t·dk_t), is not generated yet).
 #[test]
 fn a_trainable_decay_is_a_diagnostic() {
-    let base = Case {
-        phi: vec![0],
-        norm: 0,
-        decay: 1,
-        lrpe: false,
-        causal: true,
-        spelling: 0,
-        letters: b"bhnmde".to_vec(),
-        swap: false,
-        kv_order: 0,
-        mask_style: 0,
-        n: 5,
-        chunk: 2,
-    };
+    let base = pinned(1, 5, 2);
     let text = source(&base).replace("buffer lam: [heads]", "param lam: [heads]");
     assert!(text.contains("param lam"), "{text}");
     let (sources, g) = elaborate_text("trained_decay.tn", &text, &[]);
@@ -571,20 +562,7 @@ fn check_compiled(text: &str, n: usize, case: usize) -> Result<(), String> {
 /// 0)`: one gated linear attention each, matching forward and in every gradient.
 #[test]
 fn segment_sum_masks_are_recognized_in_both_directions() {
-    let c = Case {
-        phi: vec![0],
-        norm: 0,
-        decay: 2,
-        lrpe: false,
-        causal: true,
-        spelling: 1,
-        letters: b"bhnmde".to_vec(),
-        swap: false,
-        kv_order: 0,
-        mask_style: 0,
-        n: 10,
-        chunk: 3,
-    };
+    let c = Case { spelling: 1, ..pinned(2, 10, 3) };
     let causal = source_with_eps(&c, Some("1e-4"));
     let (mask, w) = ("where(causal_mask(N), scores * w", "w = exp(unsqueeze(G, -1) - unsqueeze(G, -2))");
     assert!(causal.contains(mask) && causal.contains(w), "{causal}");
@@ -602,20 +580,7 @@ fn segment_sum_masks_are_recognized_in_both_directions() {
 /// match the unrecognized scan, naive and chunked (chunks of 3 over 10 positions).
 #[test]
 fn gated_scans_are_recognized_in_both_directions() {
-    let c = Case {
-        phi: vec![0],
-        norm: 0,
-        decay: 2,
-        lrpe: false,
-        causal: true,
-        spelling: 0,
-        letters: b"bhnmde".to_vec(),
-        swap: false,
-        kv_order: 0,
-        mask_style: 0,
-        n: 10,
-        chunk: 3,
-    };
+    let c = pinned(2, 10, 3);
     let forward = source_with_eps(&c, Some("1e-4"));
     assert!(forward.contains("cumsum(kv, 2, decay = reshape(permute(g"), "{forward}");
     let reverse = forward.replace("cumsum(kv, 2, decay", "cumsum(kv, 2, reverse = true, decay");
@@ -632,20 +597,7 @@ fn gated_scans_are_recognized_in_both_directions() {
 /// Both compute what they say, forward and in every gradient.
 #[test]
 fn gates_outside_the_decay_are_not_taken_for_it() {
-    let c = Case {
-        phi: vec![0],
-        norm: 0,
-        decay: 2,
-        lrpe: false,
-        causal: true,
-        spelling: 0,
-        letters: b"bhnmde".to_vec(),
-        swap: false,
-        kv_order: 0,
-        mask_style: 0,
-        n: 9,
-        chunk: 4,
-    };
+    let c = pinned(2, 9, 4);
     let gated = source_with_eps(&c, Some("1e-4"));
     let decayed = "state = cumsum(kv, 2, decay = reshape(permute(g, [0, 2, 1]), [B, heads, N, 1, 1]))";
     let product = "o = einsum(\"bhnde,bhnd->bhne\", state, q)";
@@ -658,7 +610,7 @@ fn gates_outside_the_decay_are_not_taken_for_it() {
     for (text, want) in [(&after, ir_decay::None), (&of_state, ir_decay::PerToken)] {
         let (sources, g) = elaborate_text("spelled.tn", text, &[]);
         let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
-        let recognized = passes::run_until(g, "recognize").unwrap().unwrap();
+        let recognized = passes::run_until(g.clone(), "recognize").unwrap().unwrap();
         let decays: Vec<ir_decay> = recognized
             .dag
             .node_weights()
@@ -670,6 +622,6 @@ fn gates_outside_the_decay_are_not_taken_for_it() {
         assert_eq!(decays, [want], "{text}");
         let lint = tnc_compiler::lint::unfused_state_warnings(&recognized, 1, 64);
         assert_eq!(lint.is_empty(), want == ir_decay::None, "{text}: the gate's own scan is warned about");
-        check_numerics(text, c.n, c.chunk).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        check_numerics(g, text, c.n, c.chunk).unwrap_or_else(|e| panic!("{e}\n{text}"));
     }
 }

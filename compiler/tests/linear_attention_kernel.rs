@@ -205,19 +205,22 @@ fn chunked_kernel_matches_the_naive_interpreter() {
     }
 }
 
+/// The directions and decays the blocking and GPU tests cover (a full attention has no decay).
+const KINDS: [(Direction, Decay); 6] = [
+    (Direction::Causal, Decay::None),
+    (Direction::Causal, Decay::PerHead),
+    (Direction::Causal, Decay::PerToken),
+    (Direction::Anticausal, Decay::PerHead),
+    (Direction::Anticausal, Decay::PerToken),
+    (Direction::Full, Decay::None),
+];
+
 /// Head widths that change the kernel's blocking: e = 40 takes rows 4 at a time (8 for
 /// e = 3), d = 6 updates S 2 rows at a time; with chunks of 64 and 7 (rounded up to whole
 /// row blocks) and lengths that end inside a row block and inside a chunk.
 #[test]
 fn row_blocks_of_every_width_match_the_naive_interpreter() {
-    for (direction, decay) in [
-        (Direction::Causal, Decay::None),
-        (Direction::Causal, Decay::PerHead),
-        (Direction::Causal, Decay::PerToken),
-        (Direction::Anticausal, Decay::PerHead),
-        (Direction::Anticausal, Decay::PerToken),
-        (Direction::Full, Decay::None),
-    ] {
+    for (direction, decay) in KINDS {
         for chunk in [64, 7] {
             let opts = ScheduleOptions { chunk, ..Default::default() };
             let worst = check_with(direction, decay, Prologue::Elu, (6, 40), &opts, &[3, 66, 131]);
@@ -232,14 +235,7 @@ fn row_blocks_of_every_width_match_the_naive_interpreter() {
 /// one value tile (e = 3) and two (e = 80: tiles of 40 columns).
 #[test]
 fn gpu_block_kernel_matches_the_naive_interpreter() {
-    for (direction, decay) in [
-        (Direction::Causal, Decay::None),
-        (Direction::Causal, Decay::PerHead),
-        (Direction::Causal, Decay::PerToken),
-        (Direction::Anticausal, Decay::PerHead),
-        (Direction::Anticausal, Decay::PerToken),
-        (Direction::Full, Decay::None),
-    ] {
+    for (direction, decay) in KINDS {
         for chunk in [64, 4] {
             let opts = ScheduleOptions { chunk, ..ScheduleOptions::gpu() };
             let worst = check_with(direction, decay, Prologue::Elu, (4, 3), &opts, &[1, 5, 13, 65]);

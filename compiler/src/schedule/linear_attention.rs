@@ -246,24 +246,38 @@ impl GateArrays {
         let last = lw.e.bind(Expr::load_array(self.cum, sub(len.clone(), Expr::I64(1))));
         let m = lw.e.open();
         let cm = lw.e.bind(Expr::load_array(self.cum, Expr::Var(m)));
-        let exp = |x: Expr| Expr::Unary(Unary::Exp, Box::new(x));
-        let (inter, update) = if reverse {
-            (exp(sub(last.clone(), cm.clone())), exp(cm))
-        } else {
-            (exp(cm.clone()), exp(sub(last.clone(), cm)))
-        };
+        let (inter, update) = gate_factors(last.clone(), cm, reverse);
         lw.e.push(Stmt::StoreArray { array: self.inter, index: Expr::Var(m), value: inter });
         lw.e.push(Stmt::StoreArray { array: self.update, index: Expr::Var(m), value: update });
         lw.e.close(m, len.clone(), LoopKind::Vector);
         Ok(lw.e.bind(exp(last)))
     }
 
-    /// The factor of the score of row i against key m: `exp(b_i − b_m)` (causal) or
-    /// `exp(b_m − b_i)` (anticausal).
+    /// The factor of the score of row i against key m.
     pub fn score(self, i: Expr, m: Expr, reverse: bool) -> Expr {
-        let (ci, cm) = (Expr::load_array(self.cum, i), Expr::load_array(self.cum, m));
-        let x = if reverse { sub(cm, ci) } else { sub(ci, cm) };
-        Expr::Unary(Unary::Exp, Box::new(x))
+        gate_score(self.cum, i, m, reverse)
+    }
+}
+
+pub(super) fn exp(x: Expr) -> Expr {
+    Expr::Unary(Unary::Exp, Box::new(x))
+}
+
+/// The factor of the score of row i against key m, from the chunk's cumulative
+/// log-gates `cum`: `exp(b_i − b_m)` (causal) or `exp(b_m − b_i)` (anticausal).
+pub(super) fn gate_score(cum: Var, i: Expr, m: Expr, reverse: bool) -> Expr {
+    let (ci, cm) = (Expr::load_array(cum, i), Expr::load_array(cum, m));
+    exp(if reverse { sub(cm, ci) } else { sub(ci, cm) })
+}
+
+/// The factors of position m of a chunk whose cumulative log-gates end at `last`, with
+/// `cm = b_m`: (on `q_m S`, on `k_mᵀ v_m`) — causal `(e^{b_m}, e^{b_last − b_m})`,
+/// anticausal `(e^{b_last − b_m}, e^{b_m})`.
+pub(super) fn gate_factors(last: Expr, cm: Expr, reverse: bool) -> (Expr, Expr) {
+    if reverse {
+        (exp(sub(last, cm.clone())), exp(cm))
+    } else {
+        (exp(cm.clone()), exp(sub(last, cm)))
     }
 }
 

@@ -38,10 +38,9 @@
 
 use super::element::{elem_of, Lowering};
 use super::emit::{add, bin, div, mul, rem, sub};
-use super::linear_attention::{Chunks, Parts, Powers};
+use super::linear_attention::{exp, gate_factors, gate_score, Chunks, Parts, Powers};
 use super::threads::{deal, split, THREADS};
 use crate::ir::{Direction, LinearAttention, NodeId};
-use crate::kernel::Unary;
 use crate::kernel::{Access, Binary, Expr, Kernel, LoopKind, Scalar, Stmt, Var};
 
 /// Bytes of shared memory a block may declare statically.
@@ -94,20 +93,12 @@ enum DecayArrays {
     },
 }
 
-fn exp(x: Expr) -> Expr {
-    Expr::Unary(Unary::Exp, Box::new(x))
-}
-
 impl DecayArrays {
     /// The factor of score (i, m), `lo ≤ hi` being the earlier and later of the two.
     fn score(self, dot: Expr, (i, m): (&Expr, &Expr), (lo, hi): (&Expr, &Expr), reverse: bool) -> Expr {
         match self {
             DecayArrays::Powers(p) => p.scale(dot, sub(hi.clone(), lo.clone())),
-            DecayArrays::Gates { cum, .. } => {
-                let (ci, cm) = (Expr::load_array(cum, i.clone()), Expr::load_array(cum, m.clone()));
-                let x = if reverse { sub(cm, ci) } else { sub(ci, cm) };
-                bin(Binary::Mul, dot, exp(x))
-            }
+            DecayArrays::Gates { cum, .. } => bin(Binary::Mul, dot, gate_score(cum, i.clone(), m.clone(), reverse)),
         }
     }
 
@@ -256,32 +247,24 @@ pub fn kernel(
     let fill_gates = |lw: &mut Lowering, start: &Expr, len: &Expr, reverse: bool| -> Result<(), String> {
         let DecayArrays::Gates { cum, inter, update } = decay else { return Ok(()) };
         deal(lw, len.clone(), |lw, i| {
+            // b_i = Σ_{j ≤ i} a_{start+j}, in order.
             let upto = lw.e.bind(add(i.clone(), Expr::I64(1)));
-            let mut failed = None;
-            let sum = lw.serial_sum(Expr::F32(0.0), upto, |lw, j| {
-                let pos = lw.e.bind(add(start.clone(), j));
-                match parts.log_gate_at(lw, &b_idx, pos) {
-                    Ok(Some(a)) => a,
-                    Ok(None) => Expr::F32(0.0),
-                    Err(e) => {
-                        failed = Some(e);
-                        Expr::F32(0.0)
-                    }
-                }
-            });
-            if let Some(e) = failed {
-                return Err(e);
-            }
-            lw.e.push(Stmt::StoreArray { array: cum, index: i, value: sum });
+            let sum = lw.e.accumulator(lw.e.depth(), Scalar::F32, Expr::F32(0.0));
+            let j = lw.e.open();
+            let pos = lw.e.bind(add(start.clone(), Expr::Var(j)));
+            let a = parts.log_gate_at(lw, &b_idx, pos)?.expect("a gated attention");
+            lw.e.push(Stmt::Assign { var: sum, value: bin(Binary::Add, Expr::Var(sum), a) });
+            lw.e.close(j, upto, LoopKind::Serial);
+            lw.e.push(Stmt::StoreArray { array: cum, index: i, value: Expr::Var(sum) });
             Ok(())
         })?;
         lw.e.push(Stmt::Barrier);
         deal(lw, len.clone(), |lw, m| {
             let last = Expr::load_array(cum, sub(len.clone(), Expr::I64(1)));
             let cm = lw.e.bind(Expr::load_array(cum, m.clone()));
-            let (to_query, to_key) = if reverse { (sub(last, cm.clone()), cm) } else { (cm.clone(), sub(last, cm)) };
-            lw.e.push(Stmt::StoreArray { array: inter, index: m.clone(), value: exp(to_query) });
-            lw.e.push(Stmt::StoreArray { array: update, index: m, value: exp(to_key) });
+            let (to_query, to_key) = gate_factors(last, cm, reverse);
+            lw.e.push(Stmt::StoreArray { array: inter, index: m.clone(), value: to_query });
+            lw.e.push(Stmt::StoreArray { array: update, index: m, value: to_key });
             Ok(())
         })?;
         lw.e.push(Stmt::Barrier);

@@ -28,7 +28,7 @@ mod mask;
 mod region;
 
 use super::Pass;
-use crate::ir::{BlockAttention, Decay, Dim, Graph, LinearAttention, NodeId, Op};
+use crate::ir::{BinaryOp, BlockAttention, Decay, Dim, Direction, Graph, LinearAttention, NodeId, Op, UnaryOp};
 use linear::{Found, GateForm, Role, ScanDecay};
 use petgraph::visit::EdgeRef;
 use std::collections::HashMap;
@@ -120,36 +120,7 @@ fn rewrite(g: &mut Graph, o: NodeId, f: Found) -> Result<(), Diagnostic> {
     let mut lambda = None;
     let mut decay = Decay::None;
     if let Some(ScanDecay { node: src, batch, pos: Some(pos), form }) = &f.decay {
-        // A gate per position: log-gates laid out [batch…, N].
-        let laid = batch_and_positions(g, *src, batch, Some(*pos), span)?;
-        let axis = batch.len();
-        let shift_later = |g: &mut Graph, x: NodeId| -> Result<NodeId, Diagnostic> {
-            let n = g.ty(x).shape[axis].clone();
-            let end = n.checked_sub(&Dim::constant(1)).ok_or_else(|| internal("size overflow".into()))?;
-            let head = g.add(Op::Slice { axis, start: Dim::constant(0), end }, &[x], span).map_err(internal)?;
-            let pad = Op::Pad { axis, before: Dim::constant(1), after: Dim::constant(0) };
-            g.add(pad, &[head], span).map_err(internal)
-        };
-        let log_gate = match form {
-            GateForm::LogGate => laid,
-            // a_n = G_n − G_(n−1); a_0 is never read by the op's weights.
-            GateForm::CumulativeLogGate => {
-                let earlier = shift_later(g, laid)?;
-                g.add(Op::Binary(crate::ir::BinaryOp::Sub), &[laid, earlier], span).map_err(internal)?
-            }
-            GateForm::Factor => {
-                let log = g.add(Op::Unary(crate::ir::UnaryOp::Log), &[laid], span).map_err(internal)?;
-                if f.direction == crate::ir::Direction::Anticausal {
-                    // A reverse scan `s_n = x_n + d_n s_{n+1}` weighs key m ≥ n by the
-                    // gates on [n, m); the op's weights take them on (n, m]: shift them
-                    // one position later.
-                    shift_later(g, log)?
-                } else {
-                    log
-                }
-            }
-        };
-        lambda = Some(log_gate);
+        lambda = Some(log_gates(g, *src, batch, *pos, *form, f.direction, span)?);
         decay = Decay::PerToken;
     } else if let Some(ScanDecay { node: src, batch, pos: None, .. }) = &f.decay {
         if depends_on_trainable(g, *src) {
@@ -172,6 +143,49 @@ fn rewrite(g: &mut Graph, o: NodeId, f: Found) -> Result<(), Diagnostic> {
     operands.extend(lambda);
     let attn = g.add(Op::LinearAttention(Box::new(la)), &operands, span).map_err(internal)?;
     finish(g, o, attn, &f.out, nb)
+}
+
+/// The op's log-gates `[batch…, N]` from a gate found in a spelling: `src` with the given
+/// batch and position axes, holding values of `form`.
+fn log_gates(
+    g: &mut Graph,
+    src: NodeId,
+    batch: &[Option<usize>],
+    pos: usize,
+    form: GateForm,
+    direction: Direction,
+    span: Option<tnc_grammar::Span>,
+) -> Result<NodeId, Diagnostic> {
+    let laid = batch_and_positions(g, src, batch, Some(pos), span)?;
+    let axis = batch.len();
+    Ok(match form {
+        GateForm::LogGate => laid,
+        // a_n = G_n − G_(n−1); a_0 is never read by the op's weights.
+        GateForm::CumulativeLogGate => {
+            let earlier = shift_later(g, laid, axis, span)?;
+            g.add(Op::Binary(BinaryOp::Sub), &[laid, earlier], span).map_err(internal)?
+        }
+        GateForm::Factor => {
+            let log = g.add(Op::Unary(UnaryOp::Log), &[laid], span).map_err(internal)?;
+            if direction == Direction::Anticausal {
+                // A reverse scan `s_n = x_n + d_n s_{n+1}` weighs key m ≥ n by the gates
+                // on [n, m); the op's weights take them on (n, m]: shift them one
+                // position later.
+                shift_later(g, log, axis, span)?
+            } else {
+                log
+            }
+        }
+    })
+}
+
+/// `x` shifted one position later along `axis`: `[0, x_0, …, x_(N−2)]`.
+fn shift_later(g: &mut Graph, x: NodeId, axis: usize, span: Option<tnc_grammar::Span>) -> Result<NodeId, Diagnostic> {
+    let n = g.ty(x).shape[axis].clone();
+    let end = n.checked_sub(&Dim::constant(1)).ok_or_else(|| internal("size overflow".into()))?;
+    let head = g.add(Op::Slice { axis, start: Dim::constant(0), end }, &[x], span).map_err(internal)?;
+    let pad = Op::Pad { axis, before: Dim::constant(1), after: Dim::constant(0) };
+    g.add(pad, &[head], span).map_err(internal)
 }
 
 /// `src` laid out as `[batch…]` or `[batch…, N]`: its batch axes in batch order (size 1
