@@ -12,6 +12,7 @@ use crate::{elaborate, Failure, ModelArgs};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use tnc_compiler::ir::Graph;
+use tnc_compiler::pipeline::Program;
 use tnc_grammar::FileId;
 use tnc_grammar::{Diagnostic, SourceMap};
 
@@ -56,21 +57,19 @@ pub fn training_bundle(model: &ModelArgs, choices: Choices, status: &mut dyn FnM
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     Training,
-    /// The decode step (`passes/decode_step.rs`), its KV caches of `context` rows.
-    DecodeStep {
-        context: i64,
-    },
+    /// A generation program (the prefill, the decode step).
+    Generation(Program),
 }
 
-/// A decode-step bundle for `model` (KV caches of `context` rows), cached as training
-/// bundles are.
-pub fn decode_step_bundle(
+/// A bundle of the generation program `program` for `model` (the prefill or the decode
+/// step, `tnc generate`), cached as training bundles are.
+pub fn generation_bundle(
     model: &ModelArgs,
     choices: Choices,
-    context: i64,
+    program: Program,
     status: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, Failure> {
-    cached_bundle(model, elaborate(model)?, choices, Kind::DecodeStep { context }, status)
+    cached_bundle(model, elaborate(model)?, choices, Kind::Generation(program), status)
 }
 
 /// `model` as elaborated (`graph`, `sources`), compiled into the cache unless it is there.
@@ -83,7 +82,14 @@ fn cached_bundle(
 ) -> Result<PathBuf, Failure> {
     let (suffix, kind_line, kind_name) = match kind {
         Kind::Training => (String::new(), "training".to_string(), "training"),
-        Kind::DecodeStep { context } => (format!("-step{context}"), format!("decode step {context}"), "generation"),
+        Kind::Generation(p) => {
+            let suffix = match p {
+                Program::Prefill { context } => format!("-prefill{context}"),
+                Program::DecodeStep { context } => format!("-step{context}"),
+                _ => format!("-{}", p.describe().replace(' ', "-")),
+            };
+            (suffix, p.describe(), "generation")
+        }
     };
     let mut h = Sha256::new();
     h.update(format!("tnc {} {}\ntarget {target}\n{kind_line}\n", env!("CARGO_PKG_VERSION"), build_id()));
@@ -121,9 +127,9 @@ fn cached_bundle(
     let started = std::time::Instant::now();
     let opts = tnc_compiler::driver::Options {
         train: kind == Kind::Training,
-        decode_step: match kind {
-            Kind::DecodeStep { context } => Some(context),
-            _ => None,
+        program: match kind {
+            Kind::Generation(p) => p,
+            Kind::Training => Program::Model,
         },
         precision,
         codegen,

@@ -46,17 +46,8 @@ pub struct CompileArgs {
     /// The element type of products' operands.
     #[arg(long, value_enum, default_value_t)]
     pub precision: crate::PrecisionArg,
-    /// A generation bundle (as `tnc generate` compiles): its forward maps `tokens [B, N]`
-    /// to the next token's logits `logits [B, 1, V]`; no backward. The model's loss must
-    /// be `lm_loss(…)`.
-    #[arg(long, conflicts_with = "train")]
-    pub next_token: bool,
-    /// A decode-step bundle (as `tnc generate` compiles): its forward maps one token per
-    /// sequence (`tokens [B, 1]`, `position i32[1]`) and every layer's state (`state.i`,
-    /// `kv_cache.i`) to the next token's logits and the new states (`next_state.i` …).
-    /// The value is the rows of a KV cache (softmax attention over the whole sequence).
-    #[arg(long, value_name = "CONTEXT", conflicts_with_all = ["train", "next_token"], value_parser = clap::value_parser!(u32).range(1..))]
-    pub decode_step: Option<u32>,
+    #[command(flatten)]
+    pub program: crate::ProgramArgs,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,12 +66,7 @@ pub fn run(args: &CompileArgs) -> Result<(), Failure> {
     let (graph, sources) = elaborate(&args.model)?;
     crate::warn_unfused(&graph, &sources, args.batch, args.seq);
     let backend = backend_for(&target, args.backend.codegen()).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
-    let mut pipeline = Pipeline::new(&*backend, args.train, args.precision.policy());
-    if let Some(context) = args.decode_step {
-        pipeline = pipeline.decode_step(context.into());
-    } else if args.next_token {
-        pipeline = pipeline.next_token();
-    }
+    let pipeline = Pipeline::new(&*backend, args.train, args.precision.policy()).program(args.program.program());
     let lowered =
         pipeline.run_until(graph, "plan_memory").map_err(|d| Failure { diagnostic: d, sources, status: 1 })?;
     let graph = lowered.graph;
@@ -154,8 +140,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         train: args.train,
         precision: args.precision.policy(),
         codegen: args.backend.codegen(),
-        next_token: args.next_token,
-        decode_step: args.decode_step.map(i64::from),
+        program: args.program.program(),
     };
     let compiled = tnc_compiler::driver::compile(graph, target, &out, opts, vec![("parse + elaborate", front)])
         .map_err(crate::fail)?;

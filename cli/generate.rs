@@ -1,20 +1,25 @@
 //! `tnc generate RUN_DIR|CHECKPOINT --prompt TEXT`: text from a trained language model,
 //! streamed to stdout as it is generated, with tokens/s on stderr at the end.
 //!
-//! The model is compiled as a decode-step bundle (`tnc compile --decode-step`,
-//! `passes/decode_step.rs`, cached like training bundles) for this CPU, its parameters
-//! come from the run's checkpoint, and prompts and output are spelled as the run's data
-//! spells them (bytes, a tokenizer's subwords, or token ids for the synthetic tasks). The
-//! prompt runs through the step one token at a time, carrying every layer's state; each
-//! new token then costs one step, the same at any position for linear attention and
-//! DiagAttention.
+//! The model is compiled twice, as a prefill bundle (`tnc compile --prefill`,
+//! `passes/prefill.rs`) and a decode-step bundle (`--decode-step`, `passes/decode_step.rs`),
+//! cached like training bundles, for this CPU or a GPU; its parameters come from the run's
+//! checkpoint, and prompts and output are spelled as the run's data spells them (bytes, a
+//! tokenizer's subwords, or token ids for the synthetic tasks). The prompt runs through
+//! the chunked forward at once, which returns every layer's state after it; each new token
+//! then costs one step, the same at any position for linear attention and DiagAttention.
 
+use crate::device::DeviceArg;
 use crate::eval::find_checkpoint;
 use crate::train::RunInfo;
 use crate::{fail, Failure, ModelArgs};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use tnc_compiler::passes::decode_step::{KV_CACHE, NEXT, POSITION, STATE};
+use tnc_compiler::passes::next_token::LOGITS;
+use tnc_compiler::pipeline::Program;
 use tnc_grammar::Diagnostic;
+use tnc_runtime::{Executor, Tensor};
 use tnc_train::sampling::Sampling;
 use tnc_train::text_codec::TextCodec;
 use tnc_train::trainer::restore;
@@ -26,8 +31,13 @@ pub struct GenerateArgs {
     pub run: PathBuf,
     /// The text to continue; for a model trained on a task (`copy`, `mqar`), token ids
     /// separated by spaces, as `5 9 1`.
-    #[arg(long)]
-    pub prompt: String,
+    #[arg(long, required_unless_present = "batch", conflicts_with = "batch")]
+    pub prompt: Option<String>,
+    /// A file of prompts, one per line, generated together: prompts of the same length in
+    /// token form one batch. Each is printed after a line `# prompt I` when it is done,
+    /// in the file's order, and draws the same tokens as it would alone.
+    #[arg(long, value_name = "PROMPTS")]
+    pub batch: Option<PathBuf>,
     /// Tokens to generate.
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
@@ -51,6 +61,14 @@ pub struct GenerateArgs {
     /// Worker threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// The target compiled for (default: this CPU, or `sm80` with a GPU `--device`).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Where the bundles run: `cpu`, `cuda` (an NVIDIA GPU), or `emulated` (a GPU
+    /// bundle's kernels on the CPU with GPU semantics; slow, for testing). Default: the
+    /// target's.
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceArg>,
 }
 
 pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
@@ -58,6 +76,9 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
     let sampling = Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed }
         .validated()
         .map_err(usage)?;
+    let target = args.target.clone().unwrap_or_else(|| args.device.unwrap_or_default().default_target().into());
+    let device = args.device.unwrap_or_else(|| DeviceArg::for_target(&target));
+    device.check(&target)?;
     let (ckpt_path, ckpt) = find_checkpoint(&args.run)?;
     let run_dir = match ckpt_path.parent().and_then(Path::parent) {
         Some(d) if args.run.is_file() => d.to_path_buf(),
@@ -71,7 +92,23 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
             fail(format!("{}: {e} (generation needs the run directory of `tnc train`)", info_path.display()))
         })?;
     let codec = TextCodec::for_data(&info.data).map_err(fail)?;
-    let prompt = codec.encode(&args.prompt).map_err(usage)?;
+    let texts: Vec<String> = match (&args.prompt, &args.batch) {
+        (Some(p), _) => vec![p.clone()],
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(file).map_err(|e| fail(format!("{}: {e}", file.display())))?;
+            let lines: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
+            if lines.is_empty() {
+                return Err(usage(format!("{}: no prompts (one per line)", file.display())));
+            }
+            lines
+        }
+        (None, None) => unreachable!("clap requires --prompt or --batch"),
+    };
+    let prompts = texts.iter().map(|t| codec.encode(t).map_err(usage)).collect::<Result<Vec<_>, _>>()?;
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        let which = if args.batch.is_some() { format!("prompt {} is empty", i + 1) } else { "the prompt is empty".into() };
+        return Err(usage(format!("{which}: generation starts after at least one token")));
+    }
     let model = ModelArgs { file: PathBuf::from(&info.model), sets: info.sets.clone(), model: None };
     if !model.file.exists() {
         return Err(fail(format!(
@@ -79,124 +116,194 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
             model.file.display()
         )));
     }
-    let choices = ("native", tnc_compiler::passes::Policy::F32, tnc_compiler::backend::CodeGen::default());
     let context = args.context.map_or(info.config.seq, |c| c as usize);
-    let dir = crate::bundle_cache::decode_step_bundle(&model, choices, context as i64, &mut |s| eprintln!("{s}"))?;
-    let bundle = tnc_runtime::Bundle::load(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
-    let vocab = logits_width(&bundle.manifest).ok_or_else(|| fail("the decode-step bundle has no `logits` output"))?;
-    if let Some(&t) = prompt.iter().find(|&&t| t < 0 || t as usize >= vocab) {
-        return Err(usage(format!("the prompt's token {t} is outside the model's vocabulary 0 … {}", vocab - 1)));
-    }
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let mut exec = crate::device::open(&bundle, crate::device::DeviceArg::Cpu, threads)?;
-    restore(&mut exec, &ckpt, &[]).map_err(|e| fail(format!("{}: {e}", ckpt_path.display())))?;
-    if bundle.manifest.scalars.iter().any(|s| s == "train") {
-        exec.set_scalar("train", 0).map_err(|e| fail(e.to_string()))?;
+    let open = |program: Program| -> Result<Executor, Failure> {
+        let choices = (target.as_str(), tnc_compiler::passes::Policy::F32, tnc_compiler::backend::CodeGen::default());
+        let dir = crate::bundle_cache::generation_bundle(&model, choices, program, &mut |s| eprintln!("{s}"))?;
+        let bundle = crate::device::load(&dir)?;
+        let mut exec = crate::device::open(&bundle, device, threads)?;
+        restore(&mut exec, &ckpt, &[]).map_err(|e| fail(format!("{}: {e}", ckpt_path.display())))?;
+        if bundle.manifest.scalars.iter().any(|s| s == "train") {
+            exec.set_scalar("train", 0).map_err(|e| fail(e.to_string()))?;
+        }
+        Ok(exec)
+    };
+    let context_i = context as i64;
+    let mut decoder = Decoder {
+        prefill: open(Program::Prefill { context: context_i })?,
+        step: open(Program::DecodeStep { context: context_i })?,
+        states: Vec::new(),
+    };
+    let vocab = logits_width(decoder.step.manifest()).ok_or_else(|| fail("the decode-step bundle has no `logits` output"))?;
+    for p in &prompts {
+        if let Some(&t) = p.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+            return Err(usage(format!("the prompt's token {t} is outside the model's vocabulary 0 … {}", vocab - 1)));
+        }
     }
-    if prompt.is_empty() {
-        return Err(usage("the prompt is empty: generation starts after at least one token".into()));
-    }
-    let mut decoder = Decoder::new(&bundle.manifest).map_err(fail)?;
     // A KV cache (softmax attention over the whole sequence) holds `context` positions.
-    let limit = decoder.has_kv_cache.then_some(context);
-    if limit.is_some_and(|l| prompt.len() > l) {
+    let limit = decoder.has_kv_cache().then_some(context);
+    if let (Some(l), Some(p)) = (limit, prompts.iter().find(|p| p.len() > context)) {
         return Err(usage(format!(
-            "the prompt has {} tokens but the model's KV cache holds {context} (raise --context)",
-            prompt.len()
+            "the prompt has {} tokens but the model's KV cache holds {l} (raise --context)",
+            p.len()
         )));
     }
-    let end_of_text = codec.end_of_text();
-
-    let mut tokens = prompt.clone();
-    let mut shown = codec.printable(&tokens).map_err(fail)?;
+    let job = Job { sampling, max_tokens: args.max_tokens, limit, end_of_text: codec.end_of_text() };
+    let started = std::time::Instant::now();
+    let (mut prefill_secs, mut generated) = (0.0, 0);
     let mut out = std::io::stdout().lock();
     let io = |e: std::io::Error| fail(format!("writing the text: {e}"));
-    write!(out, "{shown}").and_then(|_| out.flush()).map_err(io)?;
-    // Prefill: the prompt one token at a time through the step, which carries the states.
-    let started = std::time::Instant::now();
-    let mut logits = Vec::new();
-    for (p, &t) in prompt.iter().enumerate() {
-        logits = decoder.step(&mut exec, t, p).map_err(fail)?;
-    }
-    let prefill_secs = started.elapsed().as_secs_f64();
-    let started = std::time::Instant::now();
-    let mut generated = 0;
-    while generated < args.max_tokens {
-        let next = sampling.choose(&logits, generated as u64).map_err(fail)?;
-        generated += 1;
-        if Some(next) == end_of_text {
-            break;
-        }
-        tokens.push(next as i32);
-        let text = codec.printable(&tokens).map_err(fail)?;
-        if let Some(new) = text.strip_prefix(shown.as_str()) {
-            write!(out, "{new}").and_then(|_| out.flush()).map_err(io)?;
-            shown = text;
-        }
-        if generated == args.max_tokens {
-            break;
-        }
-        if limit.is_some_and(|l| tokens.len() >= l) {
-            writeln!(out).map_err(io)?;
+    if args.batch.is_none() {
+        let mut shown = codec.printable(&prompts[0]).map_err(fail)?;
+        write!(out, "{shown}").and_then(|_| out.flush()).map_err(io)?;
+        let mut show = |tokens: &[Vec<i32>]| -> Result<(), Failure> {
+            let text = codec.printable(&tokens[0]).map_err(fail)?;
+            if let Some(new) = text.strip_prefix(shown.as_str()) {
+                write!(out, "{new}").and_then(|_| out.flush()).map_err(io)?;
+                shown = text;
+            }
+            Ok(())
+        };
+        let (_, secs, n, full) = decoder.generate(&prompts, &job, &mut show)?;
+        writeln!(out).map_err(io)?;
+        (prefill_secs, generated) = (secs, n);
+        if full {
             eprintln!("stopped at {context} tokens: the model's KV cache is full (raise --context)");
-            break;
         }
-        logits = decoder.step(&mut exec, next as i32, tokens.len() - 1).map_err(fail)?;
+    } else {
+        // Prompts of one length in token form run as one batch.
+        let mut by_length: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for (i, p) in prompts.iter().enumerate() {
+            by_length.entry(p.len()).or_default().push(i);
+        }
+        let mut results = vec![Vec::new(); prompts.len()];
+        for rows in by_length.values() {
+            let group: Vec<Vec<i32>> = rows.iter().map(|&i| prompts[i].clone()).collect();
+            let (tokens, secs, n, _) = decoder.generate(&group, &job, &mut |_| Ok(()))?;
+            prefill_secs += secs;
+            generated += n;
+            for (&i, t) in rows.iter().zip(tokens) {
+                results[i] = t;
+            }
+        }
+        for (i, tokens) in results.iter().enumerate() {
+            let text = codec.printable(tokens).map_err(fail)?;
+            writeln!(out, "# prompt {}\n{text}", i + 1).map_err(io)?;
+        }
     }
-    writeln!(out).map_err(io)?;
-    let secs = started.elapsed().as_secs_f64();
+    let secs = started.elapsed().as_secs_f64() - prefill_secs;
+    let total: usize = prompts.iter().map(Vec::len).sum();
     eprintln!(
-        "prompt: {} tokens in {prefill_secs:.2} s; generated {generated} tokens in {secs:.2} s ({:.1} tokens/s, \
-         recurrent decode step)",
-        prompt.len(),
-        generated as f64 / secs.max(1e-9)
+        "prompt{}: {total} tokens in {prefill_secs:.2} s (prefill); generated {generated} tokens in {secs:.2} s \
+         ({:.1} tokens/s, recurrent decode step, {})",
+        if prompts.len() > 1 { "s" } else { "" },
+        generated as f64 / secs.max(1e-9),
+        decoder.step.describe_device()
     );
     Ok(())
 }
 
-/// Runs the decode step, carrying its states from one token to the next.
+/// How tokens are drawn and when a sequence stops.
+struct Job {
+    sampling: Sampling,
+    max_tokens: usize,
+    /// The rows of a KV cache, when the model has one.
+    limit: Option<usize>,
+    end_of_text: Option<usize>,
+}
+
+/// The prefill and the decode step, carrying the states from one to the other and from
+/// one token to the next.
 struct Decoder {
-    /// (input name, value), zeros before the first token.
-    states: Vec<(String, tnc_runtime::Tensor)>,
-    has_kv_cache: bool,
+    prefill: Executor,
+    step: Executor,
+    /// (input name of the step, value) of every state, for the sequences in flight.
+    states: Vec<(String, Tensor)>,
 }
 
 impl Decoder {
-    fn new(m: &tnc_runtime::Manifest) -> Result<Decoder, String> {
-        use tnc_compiler::passes::decode_step::{KV_CACHE, STATE};
-        let env = std::collections::HashMap::from([("B", 1i64)]);
-        let mut states = Vec::new();
-        for io in m.inputs.iter().filter(|io| io.name.starts_with(STATE) || io.name.starts_with(KV_CACHE)) {
-            let shape = io
-                .shape
-                .iter()
-                .map(|d| d.eval(&env).map(|v| v as usize).map_err(|e| format!("the state {}: {e}", io.name)))
-                .collect::<Result<Vec<_>, _>>()?;
-            let len = shape.iter().product();
-            states.push((io.name.clone(), tnc_runtime::Tensor::f32(shape, vec![0.0; len])));
-        }
-        let has_kv_cache = states.iter().any(|(n, _)| n.starts_with(KV_CACHE));
-        Ok(Decoder { states, has_kv_cache })
+    fn has_kv_cache(&self) -> bool {
+        self.step.manifest().inputs.iter().any(|io| io.name.starts_with(KV_CACHE))
     }
 
-    /// The logits after `token` at `position`.
-    fn step(&mut self, exec: &mut tnc_runtime::Executor, token: i32, position: usize) -> Result<Vec<f32>, String> {
-        use tnc_compiler::passes::decode_step::{NEXT, POSITION};
-        let token = tnc_runtime::Tensor::i32(vec![1, 1], vec![token]);
-        let position = tnc_runtime::Tensor::i32(vec![1], vec![position as i32]);
-        let mut inputs: Vec<(&str, &tnc_runtime::Tensor)> = vec![("tokens", &token), (POSITION, &position)];
-        inputs.extend(self.states.iter().map(|(n, t)| (n.as_str(), t)));
-        exec.forward(&inputs).map_err(|e| e.to_string())?;
-        for (name, t) in &mut self.states {
-            *t = exec.output(&format!("{NEXT}{name}")).map_err(|e| e.to_string())?;
+    /// Continues `prompts` (one length) together, one row each: the prefill, then the step
+    /// until every row has `max_tokens` or ended. `show` sees the tokens after every step.
+    /// Returns each row's tokens (prompt and continuation), the prefill's seconds, the
+    /// tokens generated, and whether a KV cache filled up.
+    fn generate(
+        &mut self,
+        prompts: &[Vec<i32>],
+        job: &Job,
+        show: &mut dyn FnMut(&[Vec<i32>]) -> Result<(), Failure>,
+    ) -> Result<(Vec<Vec<i32>>, f64, usize, bool), Failure> {
+        let started = std::time::Instant::now();
+        let mut logits = self.run_prefill(prompts).map_err(fail)?;
+        let prefill_secs = started.elapsed().as_secs_f64();
+        let mut tokens = prompts.to_vec();
+        let mut done = vec![false; prompts.len()];
+        let mut generated = 0;
+        for step in 0..job.max_tokens {
+            let mut next = Vec::with_capacity(prompts.len());
+            for (row, l) in logits.chunks(logits.len() / prompts.len()).enumerate() {
+                let t = job.sampling.choose(l, step as u64).map_err(fail)?;
+                if !done[row] {
+                    if Some(t) == job.end_of_text {
+                        done[row] = true;
+                    } else {
+                        tokens[row].push(t as i32);
+                        generated += 1;
+                    }
+                }
+                next.push(t as i32);
+            }
+            show(&tokens)?;
+            let length = prompts[0].len() + step + 1;
+            if done.iter().all(|&d| d) || step + 1 == job.max_tokens {
+                break;
+            }
+            if job.limit.is_some_and(|l| length >= l) {
+                return Ok((tokens, prefill_secs, generated, true));
+            }
+            logits = self.run_step(&next, length - 1).map_err(fail)?;
         }
-        let logits = exec.output(tnc_compiler::passes::next_token::LOGITS).map_err(|e| e.to_string())?;
-        logits.as_f32().map(<[f32]>::to_vec).ok_or_else(|| "the logits are not f32".to_string())
+        Ok((tokens, prefill_secs, generated, false))
     }
+
+    /// The logits after the prompts `[B, N]`, and the states after them.
+    fn run_prefill(&mut self, prompts: &[Vec<i32>]) -> Result<Vec<f32>, String> {
+        let tokens = Tensor::i32(vec![prompts.len(), prompts[0].len()], prompts.concat());
+        self.prefill.forward(&[("tokens", &tokens)]).map_err(|e| e.to_string())?;
+        let names = self.step.manifest().inputs.iter().map(|io| &io.name);
+        let names: Vec<String> = names.filter(|n| n.starts_with(STATE) || n.starts_with(KV_CACHE)).cloned().collect();
+        self.states = names
+            .into_iter()
+            .map(|n| Ok((n.clone(), self.prefill.output(&format!("{NEXT}{n}")).map_err(|e| e.to_string())?)))
+            .collect::<Result<_, String>>()?;
+        logits_of(&self.prefill)
+    }
+
+    /// The logits after `tokens` (one per row) at `position`, carrying the states.
+    fn run_step(&mut self, tokens: &[i32], position: usize) -> Result<Vec<f32>, String> {
+        let tokens = Tensor::i32(vec![tokens.len(), 1], tokens.to_vec());
+        let position = Tensor::i32(vec![1], vec![position as i32]);
+        let mut inputs: Vec<(&str, &Tensor)> = vec![("tokens", &tokens), (POSITION, &position)];
+        inputs.extend(self.states.iter().map(|(n, t)| (n.as_str(), t)));
+        self.step.forward(&inputs).map_err(|e| e.to_string())?;
+        for (name, t) in &mut self.states {
+            *t = self.step.output(&format!("{NEXT}{name}")).map_err(|e| e.to_string())?;
+        }
+        logits_of(&self.step)
+    }
+}
+
+fn logits_of(exec: &Executor) -> Result<Vec<f32>, String> {
+    let logits = exec.output(LOGITS).map_err(|e| e.to_string())?;
+    logits.as_f32().map(<[f32]>::to_vec).ok_or_else(|| "the logits are not f32".to_string())
 }
 
 /// V of the `logits [B, 1, V]` output.
 fn logits_width(m: &tnc_runtime::Manifest) -> Option<usize> {
-    let io = m.outputs.iter().find(|o| o.name == tnc_compiler::passes::next_token::LOGITS)?;
+    let io = m.outputs.iter().find(|o| o.name == LOGITS)?;
     usize::try_from(io.shape.last()?.as_const()?).ok()
 }

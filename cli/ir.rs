@@ -6,23 +6,18 @@ use crate::{elaborate, Failure, ModelArgs};
 use tnc_compiler::backend::{backend_for, CodeGen, Target};
 use tnc_compiler::ir::print::to_dot;
 use tnc_compiler::passes::Policy;
-use tnc_compiler::pipeline::Pipeline;
+use tnc_compiler::pipeline::{Pipeline, Program};
 use tnc_grammar::Diagnostic;
 
 pub fn run(
     args: &ModelArgs,
     dot: bool,
     after: &str,
-    (target, train, next_token, decode_step, precision): (&str, bool, bool, Option<u32>, Policy),
+    (target, train, program, precision): (&str, bool, Program, Policy),
 ) -> Result<(), Failure> {
     let target = Target::parse(target).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
     let backend = backend_for(&target, CodeGen::default()).map_err(|e| Failure::usage(Diagnostic::error(e)))?;
-    let mut pipeline = Pipeline::new(&*backend, train, precision);
-    if let Some(context) = decode_step {
-        pipeline = pipeline.decode_step(context.into());
-    } else if next_token {
-        pipeline = pipeline.next_token();
-    }
+    let pipeline = Pipeline::new(&*backend, train, precision).program(program);
     let names = pipeline.names();
     if !names.contains(&after) {
         // The pipeline's own error, before elaborating: it lists every stage.

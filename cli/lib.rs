@@ -66,6 +66,40 @@ pub enum PrecisionArg {
     F16,
 }
 
+/// Which program a bundle's forward computes (`tnc compile`, `tnc ir`): the model's
+/// outputs unless one of the generation programs is asked for.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct ProgramArgs {
+    /// A generation bundle: the forward maps `tokens [B, N]` to the next token's logits
+    /// `logits [B, 1, V]`; no backward. The model's loss must be `lm_loss(…)`.
+    #[arg(long, conflicts_with = "train")]
+    pub next_token: bool,
+    /// A prefill bundle (as `tnc generate` compiles): the forward maps a prompt `tokens
+    /// [B, N]` to the next token's logits and every state the decode step carries after
+    /// it (`next_state.i`, `next_kv_cache.i`), computed by the chunked kernels. The value
+    /// is the rows of a KV cache (softmax attention over the whole sequence).
+    #[arg(long, value_name = "CONTEXT", conflicts_with_all = ["train", "next_token"], value_parser = clap::value_parser!(u32).range(1..))]
+    pub prefill: Option<u32>,
+    /// A decode-step bundle (as `tnc generate` compiles): the forward maps one token per
+    /// sequence (`tokens [B, 1]`, `position i32[1]`) and every layer's state (`state.i`,
+    /// `kv_cache.i`) to the next token's logits and the new states (`next_state.i` …).
+    /// The value is the rows of a KV cache.
+    #[arg(long, value_name = "CONTEXT", conflicts_with_all = ["train", "next_token", "prefill"], value_parser = clap::value_parser!(u32).range(1..))]
+    pub decode_step: Option<u32>,
+}
+
+impl ProgramArgs {
+    pub fn program(&self) -> tnc_compiler::pipeline::Program {
+        use tnc_compiler::pipeline::Program;
+        match (self.next_token, self.prefill, self.decode_step) {
+            (_, _, Some(c)) => Program::DecodeStep { context: c.into() },
+            (_, Some(c), _) => Program::Prefill { context: c.into() },
+            (true, ..) => Program::NextToken,
+            _ => Program::Model,
+        }
+    }
+}
+
 impl PrecisionArg {
     pub fn policy(self) -> tnc_compiler::passes::Policy {
         use tnc_compiler::passes::Policy;
@@ -134,14 +168,8 @@ pub enum Command {
         /// The pipeline of a training bundle: adds the `accuracy` and `optimizer` stages.
         #[arg(long)]
         train: bool,
-        /// The pipeline of a generation bundle (`tnc compile --next-token`): `next_token`
-        /// in place of `autodiff`.
-        #[arg(long, conflicts_with = "train")]
-        next_token: bool,
-        /// The pipeline of a decode-step bundle (`tnc compile --decode-step CONTEXT`):
-        /// `next_token`, then `decode_step`.
-        #[arg(long, value_name = "CONTEXT", conflicts_with_all = ["train", "next_token"], value_parser = clap::value_parser!(u32).range(1..))]
-        decode_step: Option<u32>,
+        #[command(flatten)]
+        program: ProgramArgs,
         /// The element type of products' operands (the `precision` pass).
         #[arg(long, value_enum, default_value_t)]
         precision: PrecisionArg,
@@ -191,8 +219,8 @@ where
     };
     let result = match cli.command {
         Command::Check(args) => check::run(&args),
-        Command::Ir { model, dot, after, target, train, next_token, decode_step, precision } => {
-            ir::run(&model, dot, &after, (&target, train, next_token, decode_step, precision.policy()))
+        Command::Ir { model, dot, after, target, train, program, precision } => {
+            ir::run(&model, dot, &after, (&target, train, program.program(), precision.policy()))
         }
         Command::Run(args) => run::run(&args),
         Command::Init(args) => run::init(&args),

@@ -4,6 +4,9 @@
 //! fed the tokens one at a time from zero states, the step's logits at position `p` are
 //! the forward's logits after the first `p + 1` tokens, for every model in `models/` over
 //! three of DiagAttention's blocks (tiny block 4, 11 positions: not a multiple of it).
+//! The prefill (`passes/prefill.rs`: the chunked forward over a prompt, returning the
+//! states after it) is checked the same way: its logits are the forward's, and stepping
+//! on from its states gives the forward's logits at every later position.
 
 mod common;
 use common::*;
@@ -14,7 +17,7 @@ use tnc_compiler::interp::{evaluate, EvalOptions, Tensor};
 use tnc_compiler::ir::Graph;
 use tnc_compiler::passes::decode_step::{KV_CACHE, NEXT, POSITION, STATE};
 use tnc_compiler::passes::Policy;
-use tnc_compiler::pipeline::Pipeline;
+use tnc_compiler::pipeline::{Pipeline, Program};
 
 const CONTEXT: i64 = 16;
 
@@ -54,52 +57,98 @@ fn max_relative(a: &Tensor, b: &Tensor) -> f64 {
     a.data.iter().zip(&b.data).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
+/// Feeds `tokens[p]` for `p` in `from … n` through `step` starting from `states`, and
+/// checks each position's logits against `forward` on the prefix (f64: relative 1e-10,
+/// the recurrence sums in another order than the chunked form); the worst difference.
+fn step_from(
+    (forward, step): (&Graph, &Graph),
+    params: &[Tensor],
+    tokens: &Tensor,
+    from: usize,
+    mut states: HashMap<String, Tensor>,
+    what: &str,
+) -> f64 {
+    let mut worst = 0f64;
+    for p in from..tokens.shape[1] {
+        let mut inputs = std::mem::take(&mut states);
+        inputs.insert("tokens".into(), columns(tokens, p..p + 1));
+        inputs.insert(POSITION.into(), Tensor::new(vec![1], vec![p as f64]).unwrap());
+        let out = outputs(step, &inputs, params);
+        let want = &outputs(forward, &HashMap::from([("tokens".into(), columns(tokens, 0..p + 1))]), params)["logits"];
+        let got = &out["logits"];
+        assert_eq!(got.shape, want.shape, "{what}");
+        let err = max_relative(got, want);
+        assert!(err <= 1e-10, "{what} at position {p}: logits differ by {err:e} (relative)");
+        worst = worst.max(err);
+        states = next_states(out);
+    }
+    worst
+}
+
+/// The `next_…` outputs of a step or prefill, by the name of the state they feed.
+fn next_states<T>(out: impl IntoIterator<Item = (String, T)>) -> HashMap<String, T> {
+    out.into_iter().filter_map(|(name, s)| Some((name.strip_prefix(NEXT)?.to_string(), s))).collect()
+}
+
 #[test]
 fn stepping_one_token_at_a_time_gives_the_forward_logits_for_every_model() {
     let mut checked = Vec::new();
     for path in model_files() {
         let (sources, g) = elaborate_path(&path, &tiny_sets(&path));
         let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
-        let forward = pipeline().next_token().run_until(g.clone(), "dce").expect("next_token").graph;
-        let step = match pipeline().decode_step(CONTEXT).run_until(g.clone(), "dce") {
+        let forward = pipeline().program(Program::NextToken).run_until(g.clone(), "dce").expect("next_token").graph;
+        let step = match pipeline().program(Program::DecodeStep { context: CONTEXT }).run_until(g.clone(), "dce") {
             Ok(l) => l.graph,
             Err(d) => panic!("{}: {}", path.display(), d.render(&sources)),
         };
         let params = perturbed_params(&g, 3);
         let vocab = g.params.iter().find(|p| p.name == "embedding").unwrap().ty.shape[0].as_const().unwrap();
-        let (b, n) = (2usize, 11usize);
-        let tokens = token_tensor(b, n, vocab as usize, 29);
-        let mut states = zero_states(&step, b as i64);
-        let mut worst = 0f64;
+        let tokens = token_tensor(2, 11, vocab as usize, 29);
+        let states = zero_states(&step, 2);
         assert!(!states.is_empty(), "{}: a step without state", path.display());
-        for p in 0..n {
-            let mut inputs = std::mem::take(&mut states);
-            inputs.insert("tokens".into(), columns(&tokens, p..p + 1));
-            inputs.insert(POSITION.into(), Tensor::new(vec![1], vec![p as f64]).unwrap());
-            let out = outputs(&step, &inputs, &params);
-            let want =
-                &outputs(&forward, &HashMap::from([("tokens".into(), columns(&tokens, 0..p + 1))]), &params)["logits"];
-            let got = &out["logits"];
-            assert_eq!(got.shape, want.shape, "{}", path.display());
-            // f64 throughout; the recurrence sums in another order than the chunked form.
-            let err = max_relative(got, want);
-            assert!(err <= 1e-10, "{} at position {p}: logits differ by {err:e} (relative)", path.display());
-            worst = worst.max(err);
-            for (name, s) in out {
-                if let Some(state) = name.strip_prefix(NEXT) {
-                    states.insert(state.to_string(), s);
-                }
-            }
-        }
+        let count = states.len();
+        let worst = step_from((&forward, &step), &params, &tokens, 0, states, &path.display().to_string());
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        eprintln!("{name}: {} states, worst relative difference {worst:.1e}", states.len());
+        eprintln!("{name}: {count} states, worst relative difference {worst:.1e}");
         checked.push(name);
     }
     assert!(checked.len() >= 4, "checked {checked:?}");
 }
 
-/// Every model's step bundle compiled for the host, run token by token by the runtime with
-/// its states fed back, against the forward in the interpreter (f32: relative L2 1e-5).
+/// Prompts of 1, 5 (a block of 4 and one position) and 8 (two whole blocks) tokens
+/// through the prefill, then the step on to position 10: every logit as the forward's.
+#[test]
+fn a_prefill_then_steps_give_the_forward_logits_for_every_model() {
+    let mut checked = 0;
+    for path in model_files() {
+        let (sources, g) = elaborate_path(&path, &tiny_sets(&path));
+        let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+        let run = |program| match pipeline().program(program).run_until(g.clone(), "dce") {
+            Ok(l) => l.graph,
+            Err(d) => panic!("{}: {}", path.display(), d.render(&sources)),
+        };
+        let forward = run(Program::NextToken);
+        let step = run(Program::DecodeStep { context: CONTEXT });
+        let prefill = run(Program::Prefill { context: CONTEXT });
+        let params = perturbed_params(&g, 5);
+        let vocab = g.params.iter().find(|p| p.name == "embedding").unwrap().ty.shape[0].as_const().unwrap();
+        let tokens = token_tensor(2, 11, vocab as usize, 37);
+        for len in [1, 5, 8] {
+            let what = format!("{} after a prompt of {len}", path.display());
+            let out = outputs(&prefill, &HashMap::from([("tokens".into(), columns(&tokens, 0..len))]), &params);
+            let want = &outputs(&forward, &HashMap::from([("tokens".into(), columns(&tokens, 0..len))]), &params);
+            // The same program as the forward's up to the logits.
+            assert_eq!(out["logits"].data, want["logits"].data, "{what}");
+            let states = next_states(out);
+            assert_eq!(states.len(), zero_states(&step, 2).len(), "{what}: states");
+            step_from((&forward, &step), &params, &tokens, len, states, &what);
+        }
+        checked += 1;
+    }
+    assert!(checked >= 4);
+}
+
+/// Every model's step and prefill bundles compiled for the host (`check_compiled_step`).
 #[test]
 fn a_compiled_step_bundle_matches_the_forward_for_every_model() {
     for path in model_files() {
@@ -114,62 +163,84 @@ fn a_long_kv_cache_window_runs_as_the_composed_kernel() {
     check_compiled_step(&repo().join("models/transformer.tn"), 300);
 }
 
+/// A bundle of `program` compiled for the host with the parameters `params` set.
+fn compiled(g: &Graph, program: Program, params: &[Tensor]) -> tnc_runtime::Executor {
+    // A directory per bundle: the loader keeps a library it opened by its path.
+    let what = program.describe().replace(' ', "-");
+    let dir = &std::env::temp_dir().join(format!("tnc-{what}-{}-{}", g.name, std::process::id()));
+    let _ = std::fs::remove_dir_all(dir);
+    let opts = driver::Options { program, ..Default::default() };
+    driver::compile(g.clone(), "native", dir, opts, Vec::new()).unwrap_or_else(|e| panic!("{}: {e}", g.name));
+    let bundle = tnc_runtime::Bundle::load_cpu(dir).unwrap();
+    let mut exec = tnc_runtime::Executor::cpu(&bundle, 2).unwrap();
+    for (p, t) in g.params.iter().zip(params) {
+        exec.set_param(&p.name, &t.data.iter().map(|&x| x as f32).collect::<Vec<_>>()).unwrap();
+    }
+    if bundle.manifest.scalars.iter().any(|s| s == "train") {
+        exec.set_scalar("train", 0).unwrap();
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    exec
+}
+
+fn runtime_tokens(t: &Tensor) -> tnc_runtime::Tensor {
+    tnc_runtime::Tensor::i32(t.shape.clone(), t.data.iter().map(|&x| x as i32).collect())
+}
+
+/// The step bundle run by the runtime token by token with its states fed back, from zero
+/// states and from a prefill bundle's states after 6 tokens, against the forward in the
+/// interpreter (f32: relative L2 1e-5).
 fn check_compiled_step(path: &std::path::Path, context: i64) {
-    {
-        let (sources, g) = elaborate_path(path, &tiny_sets(path));
-        let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
-        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-        let dir = std::env::temp_dir().join(format!("tnc-decode-step-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let opts = driver::Options { decode_step: Some(context), ..Default::default() };
-        driver::compile(g.clone(), "native", &dir, opts, Vec::new()).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let bundle = tnc_runtime::Bundle::load_cpu(&dir).unwrap();
-        let mut exec = tnc_runtime::Executor::cpu(&bundle, 2).unwrap();
-        let params = rounded_to_f32(perturbed_params(&g, 3));
-        for (p, t) in g.params.iter().zip(&params) {
-            exec.set_param(&p.name, &t.data.iter().map(|&x| x as f32).collect::<Vec<_>>()).unwrap();
-        }
-        if bundle.manifest.scalars.iter().any(|s| s == "train") {
-            exec.set_scalar("train", 0).unwrap();
-        }
-        let forward = pipeline().next_token().run_until(g.clone(), "dce").expect("next_token").graph;
-        let vocab = g.params.iter().find(|p| p.name == "embedding").unwrap().ty.shape[0].as_const().unwrap();
-        let (b, n) = (2usize, 11usize);
-        let tokens = token_tensor(b, n, vocab as usize, 31);
-        let f32_tensor =
-            |t: &Tensor| tnc_runtime::Tensor::f32(t.shape.clone(), t.data.iter().map(|&x| x as f32).collect());
-        let mut states: Vec<(String, tnc_runtime::Tensor)> =
-            zero_states(&step_graph(&g, context), b as i64).iter().map(|(k, t)| (k.clone(), f32_tensor(t))).collect();
-        for p in 0..n {
-            let column = columns(&tokens, p..p + 1);
-            let t = tnc_runtime::Tensor::i32(column.shape.clone(), column.data.iter().map(|&x| x as i32).collect());
+    let (sources, g) = elaborate_path(path, &tiny_sets(path));
+    let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+    let params = rounded_to_f32(perturbed_params(&g, 3));
+    let mut step = compiled(&g, Program::DecodeStep { context }, &params);
+    let mut prefill = compiled(&g, Program::Prefill { context }, &params);
+    let forward = pipeline().program(Program::NextToken).run_until(g.clone(), "dce").expect("next_token").graph;
+    let vocab = g.params.iter().find(|p| p.name == "embedding").unwrap().ty.shape[0].as_const().unwrap();
+    let (b, n) = (2usize, 11usize);
+    let tokens = token_tensor(b, n, vocab as usize, 31);
+    let relative_l2 = |got: &tnc_runtime::Tensor, p: usize| {
+        let want = &outputs(&forward, &HashMap::from([("tokens".into(), columns(&tokens, 0..p + 1))]), &params)["logits"];
+        let got = got.as_f32().unwrap();
+        let err = got.iter().zip(&want.data).map(|(&a, b)| (a as f64 - b).powi(2)).sum::<f64>().sqrt();
+        err / want.data.iter().map(|b| b * b).sum::<f64>().sqrt()
+    };
+    let zeros: Vec<(String, tnc_runtime::Tensor)> = zero_states(&step_graph(&g, context), b as i64)
+        .iter()
+        .map(|(k, t)| (k.clone(), tnc_runtime::Tensor::f32(t.shape.clone(), t.data.iter().map(|&x| x as f32).collect())))
+        .collect();
+    let prompt = 6;
+    prefill.forward(&[("tokens", &runtime_tokens(&columns(&tokens, 0..prompt)))]).unwrap();
+    let err = relative_l2(&prefill.output("logits").unwrap(), prompt - 1);
+    assert!(err <= 1e-5, "{name}: the prefill's logits after {prompt} tokens: relative L2 {err:e}");
+    let prefilled: Vec<(String, tnc_runtime::Tensor)> =
+        zeros.iter().map(|(k, _)| (k.clone(), prefill.output(&format!("{NEXT}{k}")).unwrap())).collect();
+    for (from, mut states) in [(0, zeros), (prompt, prefilled)] {
+        for p in from..n {
+            let t = runtime_tokens(&columns(&tokens, p..p + 1));
             let position = tnc_runtime::Tensor::i32(vec![1], vec![p as i32]);
             let mut inputs: Vec<(&str, &tnc_runtime::Tensor)> = vec![("tokens", &t), (POSITION, &position)];
             inputs.extend(states.iter().map(|(k, v)| (k.as_str(), v)));
-            exec.forward(&inputs).unwrap_or_else(|e| panic!("{name} at {p}: {e}"));
-            let got = exec.output("logits").unwrap();
-            let got: Vec<f64> = got.as_f32().unwrap().iter().map(|&x| x as f64).collect();
-            let want =
-                &outputs(&forward, &HashMap::from([("tokens".into(), columns(&tokens, 0..p + 1))]), &params)["logits"];
-            let err = got.iter().zip(&want.data).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
-            let norm = want.data.iter().map(|b| b * b).sum::<f64>().sqrt();
-            assert!(err <= 1e-5 * norm, "{name} at position {p}: relative L2 {:e}", err / norm);
+            step.forward(&inputs).unwrap_or_else(|e| panic!("{name} at {p}: {e}"));
+            let err = relative_l2(&step.output("logits").unwrap(), p);
+            assert!(err <= 1e-5, "{name} at position {p} (stepping from {from}): relative L2 {err:e}");
             for (k, v) in &mut states {
-                *v = exec.output(&format!("{NEXT}{k}")).unwrap();
+                *v = step.output(&format!("{NEXT}{k}")).unwrap();
             }
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
 fn step_graph(g: &Graph, context: i64) -> Graph {
-    pipeline().decode_step(context).run_until(g.clone(), "dce").expect("decode_step").graph
+    pipeline().program(Program::DecodeStep { context }).run_until(g.clone(), "dce").expect("decode_step").graph
 }
 
 fn refusal(text: &str) -> tnc_grammar::Diagnostic {
     let (sources, g) = elaborate_text("variant.tn", text, &[]);
     let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
-    pipeline().decode_step(CONTEXT).run_until(g, "dce").err().expect("refused")
+    pipeline().program(Program::DecodeStep { context: CONTEXT }).run_until(g, "dce").err().expect("refused")
 }
 
 #[test]

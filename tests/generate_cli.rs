@@ -50,6 +50,7 @@ fn a_copy_model_copies_its_prompt_under_greedy_decoding() {
     assert_eq!(code, 0, "{err}");
     let prompts = [[4, 11, 15, 14, 14, 3, 6], [2, 9, 9, 13, 5, 7, 12], [15, 3, 8, 2, 10, 6, 4]];
     let mut right = 0;
+    let mut greedy = Vec::new();
     for p in &prompts {
         let content: Vec<String> = p.iter().map(|t| t.to_string()).collect();
         let prompt = format!("{} 1", content.join(" "));
@@ -64,8 +65,32 @@ fn a_copy_model_copies_its_prompt_under_greedy_decoding() {
         // Greedy decoding is deterministic.
         let again = generate(&cache, &run_dir, &["--prompt", &prompt, "--max-tokens", "7", "--temperature", "0"]);
         assert_eq!(again.1, out);
+        greedy.push((prompt, out));
     }
     assert!(right >= 19, "{right} of 21 tokens copied");
+
+    // A batch: the three prompts (one length, one batch) and a shorter one (a batch of its
+    // own), each continued as it is alone, printed in the file's order.
+    let (_, short, _) = generate(&cache, &run_dir, &["--prompt", "4 5 1", "--max-tokens", "7", "--temperature", "0"]);
+    let file = dir.join("prompts.txt");
+    let lines: Vec<&str> = vec![&greedy[0].0, "4 5 1", &greedy[1].0, &greedy[2].0];
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let (code, out, err) =
+        generate(&cache, &run_dir, &["--batch", file.to_str().unwrap(), "--max-tokens", "7", "--temperature", "0"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("generated 28 tokens"), "{err}");
+    let alone = [&greedy[0].1, &short, &greedy[1].1, &greedy[2].1];
+    let want: String = alone.iter().enumerate().map(|(i, o)| format!("# prompt {}\n{o}", i + 1)).collect();
+    assert_eq!(out, want);
+
+    // On GPU schedules (the GPU-semantics executor): the same greedy text.
+    let (code, out, err) = generate(
+        &cache,
+        &run_dir,
+        &["--prompt", &greedy[0].0, "--max-tokens", "7", "--temperature", "0", "--target", "sm80", "--device", "emulated"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, greedy[0].1, "{err}");
 
     // Sampling: the same seed, the same tokens.
     let sampled = |seed: &str| generate(&cache, &run_dir, &["--prompt", "4 5 1", "--max-tokens", "12", "--seed", seed]);

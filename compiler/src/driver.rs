@@ -9,7 +9,7 @@ use crate::fusion::FusionPlan;
 use crate::ir::Graph;
 use crate::memory::MemoryPlan;
 use crate::passes;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Program};
 use crate::schedule::Schedule;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -27,12 +27,9 @@ pub struct Options {
     pub precision: passes::Policy,
     /// The code generator of a CPU target (`--backend`).
     pub codegen: backend::CodeGen,
-    /// A generation bundle: its forward computes the next token's logits
-    /// (`passes/next_token.rs`); no backward.
-    pub next_token: bool,
-    /// A decode-step bundle (`passes/decode_step.rs`): one token and the states in, the
-    /// logits and the new states out; the value is the KV cache's rows (`context`).
-    pub decode_step: Option<i64>,
+    /// What the forward computes: the model's outputs, or a generation program (the next
+    /// token's logits, the prefill, the decode step; no backward).
+    pub program: Program,
 }
 
 pub struct Compiled {
@@ -62,15 +59,10 @@ pub fn compile(
 ) -> Result<Compiled, String> {
     let backend = backend::backend_for(&Target::parse(target)?, opts.codegen)?;
     let model = model_hash(&graph, &opts);
-    if (opts.next_token || opts.decode_step.is_some()) && opts.train {
+    if opts.program != Program::Model && opts.train {
         return Err("a generation bundle cannot be a training bundle".into());
     }
-    let mut pipeline = Pipeline::new(&*backend, opts.train, opts.precision);
-    if let Some(context) = opts.decode_step {
-        pipeline = pipeline.decode_step(context);
-    } else if opts.next_token {
-        pipeline = pipeline.next_token();
-    }
+    let pipeline = Pipeline::new(&*backend, opts.train, opts.precision).program(opts.program);
     let lowered = pipeline.run(graph).map_err(|d| d.message)?;
     stages.extend(lowered.stages);
     let (graph, sched) = (lowered.graph, lowered.schedule.expect("the pipeline schedules"));
@@ -102,12 +94,14 @@ pub fn compile(
 /// elaborated graph, the precision and whether it trains.
 fn model_hash(graph: &Graph, opts: &Options) -> String {
     let text = format!(
-        "{}\nprecision {}\ntrain {}\n{}{}",
+        "{}\nprecision {}\ntrain {}\n{}",
         crate::ir::print::to_text(graph),
         opts.precision.name(),
         opts.train,
-        if opts.next_token { "next token\n" } else { "" },
-        opts.decode_step.map_or(String::new(), |c| format!("decode step {c}\n"))
+        match opts.program {
+            Program::Model => String::new(),
+            p => format!("{}\n", p.describe()),
+        }
     );
     tnc_runtime::manifest::sha256_hex(text.as_bytes())
 }

@@ -39,6 +39,34 @@ impl Lowered {
     }
 }
 
+/// What a bundle's forward computes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Program {
+    /// The model's outputs (a training bundle: and its gradients).
+    #[default]
+    Model,
+    /// `next_token`: the logits after the last position, `logits [B, 1, V]`.
+    NextToken,
+    /// `next_token`, then `prefill`: those logits and every state of the decode step after
+    /// the whole prompt (`passes/prefill.rs`). `context`: the rows of a KV cache.
+    Prefill { context: i64 },
+    /// `next_token`, then `decode_step`: one token and the states in, its logits and the
+    /// new states out (`passes/decode_step.rs`). `context`: the rows of a KV cache.
+    DecodeStep { context: i64 },
+}
+
+impl Program {
+    /// How `tnc compile --report` and the bundle's hash name it ("" for the model's).
+    pub fn describe(self) -> String {
+        match self {
+            Program::Model => String::new(),
+            Program::NextToken => "next token".into(),
+            Program::Prefill { context } => format!("prefill {context}"),
+            Program::DecodeStep { context } => format!("decode step {context}"),
+        }
+    }
+}
+
 /// The sizes a memory plan is printed at.
 pub const PLAN_SIZES: (i64, i64) = (1, 2048);
 
@@ -105,24 +133,19 @@ impl Pipeline {
         self
     }
 
-    /// The pipeline of a generation bundle: `next_token` (the logits after the last
-    /// position) in place of `autodiff`, so the bundle has a forward and no backward.
-    pub fn next_token(mut self) -> Pipeline {
-        for s in &mut self.stages {
-            if s.name() == "autodiff" {
-                *s = Stage::Graph(Box::new(passes::NextToken));
+    /// The pipeline of `program`: a generation program's passes in place of `autodiff`,
+    /// so the bundle has a forward and no backward.
+    pub fn program(mut self, program: Program) -> Pipeline {
+        let passes: Vec<Box<dyn Pass>> = match program {
+            Program::Model => return self,
+            Program::NextToken => vec![Box::new(passes::NextToken)],
+            Program::Prefill { context } => vec![Box::new(passes::NextToken), Box::new(passes::Prefill { context })],
+            Program::DecodeStep { context } => {
+                vec![Box::new(passes::NextToken), Box::new(passes::DecodeStep { context })]
             }
-        }
-        self
-    }
-
-    /// The pipeline of a decode-step bundle: `next_token`, then `decode_step` (one token
-    /// in, its logits and every layer's new state out), in place of `autodiff`.
-    /// `context`: the rows of the KV cache of an attention over the whole sequence.
-    pub fn decode_step(mut self, context: i64) -> Pipeline {
+        };
         if let Some(i) = self.stages.iter().position(|s| s.name() == "autodiff") {
-            self.stages[i] = Stage::Graph(Box::new(passes::NextToken));
-            self.stages.insert(i + 1, Stage::Graph(Box::new(passes::DecodeStep { context })));
+            self.stages.splice(i..=i, passes.into_iter().map(Stage::Graph));
         }
         self
     }

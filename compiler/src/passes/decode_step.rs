@@ -51,17 +51,48 @@ impl Pass for DecodeStep {
     }
 
     fn run(&self, g: Graph) -> Result<Graph, Diagnostic> {
-        let seq = match g.inputs.iter().find(|i| i.name == "tokens").map(|i| i.ty.shape.last().cloned()) {
-            Some(Some(n)) if n.symbols().len() == 1 && n.degree_in(&n.symbols()[0]) == 1 => n.symbols()[0].clone(),
-            _ => {
-                return Err(Diagnostic::error(format!(
-                    "model `{}` has no decode step: it needs an input `tokens` whose last axis is the sequence",
-                    g.name
-                )))
-            }
-        };
-        Deriver::new(&g, seq, self.context)?.run()
+        Ok(derive(&g, self.context)?.0)
     }
+}
+
+/// The symbol of the sequence length: the last axis of the input `tokens`.
+pub(super) fn sequence_symbol(g: &Graph) -> Result<String, Diagnostic> {
+    match g.inputs.iter().find(|i| i.name == "tokens").map(|i| i.ty.shape.last().cloned()) {
+        Some(Some(n)) if n.symbols().len() == 1 && n.degree_in(&n.symbols()[0]) == 1 => Ok(n.symbols()[0].clone()),
+        _ => Err(Diagnostic::error(format!(
+            "model `{}` has no decode step: it needs an input `tokens` whose last axis is the sequence",
+            g.name
+        ))),
+    }
+}
+
+/// The step program of `g` (a `next_token` program), and each state's name (its input;
+/// the output is `next_` + it) with where it comes from in `g`.
+pub(super) fn derive(g: &Graph, context: i64) -> Result<(Graph, Vec<(String, Origin)>), Diagnostic> {
+    Deriver::new(g, sequence_symbol(g)?, context)?.run()
+}
+
+/// What a state of the step holds, in terms of the forward it is derived from: what
+/// `prefill` (`passes/prefill.rs`) computes the state after a whole prompt from.
+#[derive(Clone, Debug)]
+pub(super) enum Origin {
+    /// The `d×e` state per head of this causal linear attention.
+    LinearAttention(NodeId),
+    /// The rows of `operand` (of a block attention) along `axis`, in the last window of
+    /// `rows` positions: a block (`kv_cache: false`), or the KV cache of the whole context.
+    Window { operand: NodeId, axis: usize, rows: i64, kv_cache: bool },
+    /// The running sum of this scan along `axis`.
+    Scan { node: NodeId, axis: usize },
+    /// A scan inside an attention's region: not a node of the forward.
+    ScanInRegion(Option<Span>),
+}
+
+struct State {
+    /// The input's name (`state.0`).
+    name: String,
+    /// Its new value in the step.
+    value: NodeId,
+    origin: Origin,
 }
 
 struct Deriver<'a> {
@@ -78,8 +109,9 @@ struct Deriver<'a> {
     window: HashMap<(NodeId, i64), NodeId>,
     /// `p`, an i32 scalar.
     position: NodeId,
-    /// (input name, its new value) of each state.
-    states: Vec<(String, NodeId)>,
+    states: Vec<State>,
+    /// The forward's node being derived, outside attention regions.
+    current: Option<NodeId>,
 }
 
 fn fail(op: &Op, span: Option<Span>, why: &str) -> Diagnostic {
@@ -135,6 +167,7 @@ impl<'a> Deriver<'a> {
             window: HashMap::new(),
             position,
             states: Vec::new(),
+            current: None,
         })
     }
 
@@ -160,11 +193,12 @@ impl<'a> Deriver<'a> {
         self.new.add(op, operands, span).map_err(internal)
     }
 
-    fn run(mut self) -> Result<Graph, Diagnostic> {
+    fn run(mut self) -> Result<(Graph, Vec<(String, Origin)>), Diagnostic> {
         let outputs: Vec<(String, NodeId)> = self.old.outputs.clone();
         let needed = self.needed_locally(outputs.iter().map(|o| o.1).collect());
         for n in self.old.topo_order() {
             if needed.contains(&n) && !self.local.contains_key(&n) {
+                self.current = Some(n);
                 let v = self.local_node(n)?;
                 self.local.insert(n, v);
             }
@@ -172,10 +206,12 @@ impl<'a> Deriver<'a> {
         for (name, o) in &outputs {
             self.new.add_output(name.clone(), self.local[o]);
         }
-        for (name, s) in std::mem::take(&mut self.states) {
-            self.new.add_output(format!("{NEXT}{name}"), s);
+        let mut origins = Vec::new();
+        for s in std::mem::take(&mut self.states) {
+            self.new.add_output(format!("{NEXT}{}", s.name), s.value);
+            origins.push((s.name, s.origin));
         }
-        Ok(self.new)
+        Ok((self.new, origins))
     }
 
     /// The nodes whose value at the step's position is read: every ancestor of `roots`,
@@ -201,11 +237,12 @@ impl<'a> Deriver<'a> {
 
     /// A new state input of type `ty` and its index in `states`, whose value the caller
     /// then sets to the state's update.
-    fn state_input(&mut self, ty: TensorType, kv_cache: bool) -> (NodeId, usize) {
+    fn state_input(&mut self, ty: TensorType, origin: Origin) -> (NodeId, usize) {
         let i = self.states.len();
+        let kv_cache = matches!(origin, Origin::Window { kv_cache: true, .. });
         let name = format!("{}{i}", if kv_cache { KV_CACHE } else { STATE });
         let id = self.new.add_input(name.clone(), ty, None);
-        self.states.push((name, id));
+        self.states.push(State { name, value: id, origin });
         (id, i)
     }
 
@@ -292,13 +329,17 @@ impl<'a> Deriver<'a> {
                 }
                 // s = x + d·s_prev.
                 let ty = self.new.ty(ops[0]).clone();
-                let (prev, i) = self.state_input(ty, false);
+                let origin = match self.current {
+                    Some(node) => Origin::Scan { node, axis: *axis },
+                    None => Origin::ScanInRegion(span),
+                };
+                let (prev, i) = self.state_input(ty, origin);
                 let carried = match ops.get(1) {
                     Some(&d) => self.add(Op::Binary(BinaryOp::Mul), &[d, prev], span)?,
                     None => prev,
                 };
                 let s = self.add(Op::Binary(BinaryOp::Add), &[ops[0], carried], span)?;
-                self.states[i].1 = s;
+                self.states[i].value = s;
                 Ok(s)
             }
             Op::LinearAttention(_) | Op::BlockAttention(_) => mixes("cannot appear here"),
@@ -372,6 +413,7 @@ impl<'a> Deriver<'a> {
         span: Option<Span>,
     ) -> Result<NodeId, Diagnostic> {
         use crate::ir::region::RegionValue;
+        self.current = None;
         let mut ids: Vec<NodeId> = Vec::new();
         for n in &r.nodes {
             let orig_in: Vec<TensorType> = n
@@ -422,7 +464,7 @@ impl<'a> Deriver<'a> {
         let batch = &qt.shape[..r - 2];
         let mut state_shape = batch.to_vec();
         state_shape.extend([qt.shape[r - 1].clone(), vt.shape[r - 1].clone()]);
-        let (prev, i) = self.state_input(TensorType::new(DType::F32, state_shape.clone()), false);
+        let (prev, i) = self.state_input(TensorType::new(DType::F32, state_shape.clone()), Origin::LinearAttention(n));
         let lead: Vec<u8> = (0..r as u8 - 2).map(|i| b'a' + i).collect();
         let (x, d, e) = (b'x', b'y', b'z');
         let spec = |a: &[u8], b: &[u8], out: &[u8]| EinsumSpec {
@@ -452,7 +494,7 @@ impl<'a> Deriver<'a> {
             None => prev,
         };
         let state = self.add(Op::Binary(BinaryOp::Add), &[carried, kv], span)?;
-        self.states[i].1 = state;
+        self.states[i].value = state;
         self.add(Op::Einsum(spec(&[x, d], &[d, e], &[x, e])), &[q, state], span)
     }
 
@@ -515,12 +557,13 @@ impl<'a> Deriver<'a> {
                     let zero = self.scalar(0.0, cache_ty.dtype)?;
                     (self.splat(zero, &cache_ty.shape)?, None)
                 } else {
-                    let (cache, i) = self.state_input(cache_ty.clone(), !blocked);
+                    let origin = Origin::Window { operand: o, axis, rows: window, kv_cache: !blocked };
+                    let (cache, i) = self.state_input(cache_ty.clone(), origin);
                     (cache, Some(i))
                 };
                 let rows = self.add(Op::Select, &[hit, row, rest], span)?;
                 if let Some(i) = state {
-                    self.states[i].1 = rows;
+                    self.states[i].value = rows;
                 }
                 operands.push(rows);
             }

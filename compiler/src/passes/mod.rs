@@ -10,6 +10,7 @@ pub mod dce;
 pub mod decode_step;
 pub mod next_token;
 pub mod precision;
+pub mod prefill;
 mod recognize;
 pub mod simplify;
 
@@ -21,6 +22,7 @@ pub use dce::Dce;
 pub use decode_step::DecodeStep;
 pub use next_token::NextToken;
 pub use precision::{Policy, Precision};
+pub use prefill::Prefill;
 pub use recognize::Recognize;
 pub use simplify::Simplify;
 
