@@ -130,11 +130,8 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
         Ok(exec)
     };
     let context_i = context as i64;
-    let mut decoder = Decoder {
-        prefill: open(Program::Prefill { context: context_i })?,
-        step: open(Program::DecodeStep { context: context_i })?,
-        states: Vec::new(),
-    };
+    let mut decoder =
+        Decoder::new(open(Program::Prefill { context: context_i })?, open(Program::DecodeStep { context: context_i })?);
     let vocab = logits_width(decoder.step.manifest()).ok_or_else(|| fail("the decode-step bundle has no `logits` output"))?;
     for p in &prompts {
         if let Some(&t) = p.iter().find(|&&t| t < 0 || t as usize >= vocab) {
@@ -218,11 +215,21 @@ struct Job {
 struct Decoder {
     prefill: Executor,
     step: Executor,
-    /// (input name of the step, value) of every state, for the sequences in flight.
+    /// (input name of the step, value) of every state after the prefill, given to the
+    /// first step; later steps find their states on the device (`Executor::carry`).
     states: Vec<(String, Tensor)>,
+    /// (output, input) of every state: `next_state.0` → `state.0`, ….
+    carried: Vec<(String, String)>,
 }
 
 impl Decoder {
+    fn new(prefill: Executor, step: Executor) -> Decoder {
+        let names = step.manifest().inputs.iter().map(|io| &io.name);
+        let names = names.filter(|n| n.starts_with(STATE) || n.starts_with(KV_CACHE));
+        let carried = names.map(|n| (format!("{NEXT}{n}"), n.clone())).collect();
+        Decoder { prefill, step, states: Vec::new(), carried }
+    }
+
     fn has_kv_cache(&self) -> bool {
         self.step.manifest().inputs.iter().any(|io| io.name.starts_with(KV_CACHE))
     }
@@ -274,25 +281,25 @@ impl Decoder {
     fn run_prefill(&mut self, prompts: &[Vec<i32>]) -> Result<Vec<f32>, String> {
         let tokens = Tensor::i32(vec![prompts.len(), prompts[0].len()], prompts.concat());
         self.prefill.forward(&[("tokens", &tokens)]).map_err(|e| e.to_string())?;
-        let names = self.step.manifest().inputs.iter().map(|io| &io.name);
-        let names: Vec<String> = names.filter(|n| n.starts_with(STATE) || n.starts_with(KV_CACHE)).cloned().collect();
-        self.states = names
-            .into_iter()
-            .map(|n| Ok((n.clone(), self.prefill.output(&format!("{NEXT}{n}")).map_err(|e| e.to_string())?)))
+        self.states = self
+            .carried
+            .iter()
+            .map(|(next, n)| Ok((n.clone(), self.prefill.output(next).map_err(|e| e.to_string())?)))
             .collect::<Result<_, String>>()?;
         logits_of(&self.prefill)
     }
 
-    /// The logits after `tokens` (one per row) at `position`, carrying the states.
+    /// The logits after `tokens` (one per row) at `position`. The states stay on the
+    /// device: each step's new states are copied into its state inputs for the next.
     fn run_step(&mut self, tokens: &[i32], position: usize) -> Result<Vec<f32>, String> {
         let tokens = Tensor::i32(vec![tokens.len(), 1], tokens.to_vec());
         let position = Tensor::i32(vec![1], vec![position as i32]);
         let mut inputs: Vec<(&str, &Tensor)> = vec![("tokens", &tokens), (POSITION, &position)];
-        inputs.extend(self.states.iter().map(|(n, t)| (n.as_str(), t)));
+        let after_prefill = std::mem::take(&mut self.states);
+        inputs.extend(after_prefill.iter().map(|(n, t)| (n.as_str(), t)));
         self.step.forward(&inputs).map_err(|e| e.to_string())?;
-        for (name, t) in &mut self.states {
-            *t = self.step.output(&format!("{NEXT}{name}")).map_err(|e| e.to_string())?;
-        }
+        let pairs: Vec<(&str, &str)> = self.carried.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        self.step.carry(&pairs).map_err(|e| e.to_string())?;
         logits_of(&self.step)
     }
 }

@@ -217,20 +217,34 @@ fn check_compiled_step(path: &std::path::Path, context: i64) {
     assert!(err <= 1e-5, "{name}: the prefill's logits after {prompt} tokens: relative L2 {err:e}");
     let prefilled: Vec<(String, tnc_runtime::Tensor)> =
         zeros.iter().map(|(k, _)| (k.clone(), prefill.output(&format!("{NEXT}{k}")).unwrap())).collect();
+    // From zero states fed back through the host; from the prefill's states kept on the
+    // device (`Executor::carry`), as `tnc generate` runs.
+    let names: Vec<(String, String)> = zeros.iter().map(|(k, _)| (format!("{NEXT}{k}"), k.clone())).collect();
+    let pairs: Vec<(&str, &str)> = names.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
     for (from, mut states) in [(0, zeros), (prompt, prefilled)] {
+        let on_device = from > 0;
         for p in from..n {
             let t = runtime_tokens(&columns(&tokens, p..p + 1));
             let position = tnc_runtime::Tensor::i32(vec![1], vec![p as i32]);
             let mut inputs: Vec<(&str, &tnc_runtime::Tensor)> = vec![("tokens", &t), (POSITION, &position)];
-            inputs.extend(states.iter().map(|(k, v)| (k.as_str(), v)));
+            if !on_device || p == from {
+                inputs.extend(states.iter().map(|(k, v)| (k.as_str(), v)));
+            }
             step.forward(&inputs).unwrap_or_else(|e| panic!("{name} at {p}: {e}"));
             let err = relative_l2(&step.output("logits").unwrap(), p);
             assert!(err <= 1e-5, "{name} at position {p} (stepping from {from}): relative L2 {err:e}");
-            for (k, v) in &mut states {
-                *v = step.output(&format!("{NEXT}{k}")).unwrap();
+            if on_device {
+                step.carry(&pairs).unwrap();
+            } else {
+                for (k, v) in &mut states {
+                    *v = step.output(&format!("{NEXT}{k}")).unwrap();
+                }
             }
         }
     }
+    // A carry between values of different sizes is refused (logits [2, 1, 32] into a state).
+    let err = step.carry(&[("logits", &names[0].1)]).unwrap_err().to_string();
+    assert!(err.contains("cannot take output `logits`"), "{name}: {err}");
 }
 
 fn step_graph(g: &Graph, context: i64) -> Graph {

@@ -312,6 +312,21 @@ impl Device for CpuDevice {
         crate::device::download_from_host(self.bufs[buffer].bytes(), buffer, len)
     }
 
+    fn copy(&mut self, from: usize, to: usize, len: usize) -> Result<(), ExecError> {
+        if from == to || len > self.bufs[from].len.min(self.bufs[to].len) {
+            return Err(ExecError::Sizes(format!("cannot copy {len} bytes from buffer {from} to buffer {to}")));
+        }
+        let (src, dst) = if from < to {
+            let (a, b) = self.bufs.split_at_mut(to);
+            (&a[from], &mut b[0])
+        } else {
+            let (a, b) = self.bufs.split_at_mut(from);
+            (&b[0], &mut a[to])
+        };
+        dst.bytes_mut()[..len].copy_from_slice(&src.bytes()[..len]);
+        Ok(())
+    }
+
     fn fill(&mut self, buffer: usize, byte: u8) -> Result<(), ExecError> {
         self.bufs[buffer].bytes_mut().fill(byte);
         Ok(())

@@ -574,6 +574,20 @@ impl Device for CudaDevice {
         Ok(())
     }
 
+    fn copy(&mut self, from: usize, to: usize, len: usize) -> Result<(), ExecError> {
+        self.ctx.bind()?;
+        let (src, dst) = (&self.bufs[from], &self.bufs[to]);
+        if from == to || len > src.len.min(dst.len) {
+            return Err(ExecError::Sizes(format!("cannot copy {len} bytes from buffer {from} to buffer {to}")));
+        }
+        if len > 0 {
+            // SAFETY: both allocations hold `len` bytes and are distinct; stream-ordered.
+            unsafe { result::memcpy_dtod_async(dst.ptr, src.ptr, len, self.stream) }
+                .map_err(cuda_err(format!("copying {len} bytes on the GPU")))?;
+        }
+        Ok(())
+    }
+
     fn download(&self, buffer: usize, len: usize) -> Result<Vec<u8>, ExecError> {
         self.ctx.bind()?;
         let b = &self.bufs[buffer];

@@ -57,6 +57,14 @@ pub trait Device: Send {
     /// The first `len` bytes of `buffer`, after everything queued has run.
     fn download(&self, buffer: usize, len: usize) -> Result<Vec<u8>, ExecError>;
 
+    /// Copies the first `len` bytes of buffer `from` to the start of buffer `to` (ordered
+    /// after everything queued); the two are different buffers. This default goes through
+    /// the host; a device that can copy in place does.
+    fn copy(&mut self, from: usize, to: usize, len: usize) -> Result<(), ExecError> {
+        let bytes = self.download(from, len)?;
+        self.upload(to, &bytes)
+    }
+
     /// Sets every byte of `buffer` to `byte` (the debug NaN fill uses `0xff`).
     fn fill(&mut self, buffer: usize, byte: u8) -> Result<(), ExecError>;
 

@@ -50,6 +50,9 @@ pub struct Executor {
     bound: HashSet<String>,
     /// Entry points whose inputs are on the device for the current allocation.
     given: HashSet<String>,
+    /// Inputs whose value an earlier [`Executor::carry`] put on the device for the current
+    /// sizes: a run may leave them out.
+    resident: HashSet<String>,
 }
 
 impl Executor {
@@ -119,6 +122,7 @@ impl Executor {
             ran: HashSet::new(),
             bound: HashSet::new(),
             given: HashSet::new(),
+            resident: HashSet::new(),
         })
     }
 
@@ -321,7 +325,7 @@ impl Executor {
                 "parameters are not set: call set_params_from_seed or set_params_from_file first".into(),
             ));
         }
-        let sizes = bind_sizes(&self.manifest, &self.sizes, entry, inputs)?;
+        let sizes = bind_sizes(&self.manifest, &self.sizes, entry, inputs, &self.resident)?;
         self.sizes = sizes.iter().map(|&v| Some(v)).collect();
         self.allocate(&sizes)?;
         self.check_order(entry)?;
@@ -402,6 +406,44 @@ impl Executor {
             ))));
         }
         Ok(Tensor::from_bytes(io.dtype, shape, &self.device.download(io.buffer, n)?))
+    }
+
+    /// Copies each output `from` of the last run into the input `to` on the device, where
+    /// the next run of `to`'s entry point finds it without it being given: a decode step's
+    /// new states become its next states with no copy through the host. The two must have
+    /// the same element type and bytes at the current sizes.
+    pub fn carry(&mut self, pairs: &[(&str, &str)]) -> Result<(), ExecError> {
+        let sizes = self.allocated_for.clone().ok_or_else(|| ExecError::Order("carry before any run".into()))?;
+        let env = self.env(&sizes);
+        let bytes = |shape: &[crate::manifest::Poly], dtype: crate::manifest::DType| {
+            shape.iter().try_fold(dtype.bytes() as i64, |a, d| d.eval(&env).map(|v| a * v)).ok()
+        };
+        let mut copies = Vec::with_capacity(pairs.len());
+        for &(from, to) in pairs {
+            let out = self.manifest.outputs.iter().find(|o| o.name == from);
+            let out = out.ok_or_else(|| ExecError::Output(format!("the bundle has no output `{from}`")))?;
+            if !self.ran.contains(&out.entry) {
+                return Err(ExecError::Order(format!("output `{from}` is produced by `{}`, which has not run", out.entry)));
+            }
+            let input = self.manifest.inputs.iter().find(|i| i.name == to);
+            let input = input.ok_or_else(|| ExecError::Input { name: to.into(), message: "no such input".into() })?;
+            match (bytes(&out.shape, out.dtype), bytes(&input.shape, input.dtype)) {
+                (Some(n), Some(m)) if n == m && n >= 0 && out.dtype == input.dtype => {
+                    copies.push((out.buffer, input.buffer, n as usize))
+                }
+                _ => {
+                    return Err(ExecError::Input {
+                        name: to.into(),
+                        message: format!("cannot take output `{from}`: their types differ"),
+                    })
+                }
+            }
+        }
+        for (&(_, to), (from, into, n)) in pairs.iter().zip(copies) {
+            self.device.copy(from, into, n)?;
+            self.resident.insert(to.to_string());
+        }
+        Ok(())
     }
 
     /// Every output of the last runs, by name.
@@ -523,6 +565,7 @@ impl Executor {
         self.ran.clear();
         self.bound.clear();
         self.given.clear();
+        self.resident.clear();
         Ok(())
     }
 
@@ -638,6 +681,7 @@ fn bind_sizes(
     current: &[Option<i64>],
     entry: &str,
     inputs: &[(&str, &Tensor)],
+    resident: &HashSet<String>,
 ) -> Result<Vec<i64>, ExecError> {
     let expected: Vec<_> = m.inputs.iter().filter(|io| io.entry == entry).collect();
     let mut given: Vec<(&str, &crate::manifest::IoEntry, &Tensor)> = Vec::new();
@@ -668,7 +712,7 @@ fn bind_sizes(
             });
         }
     }
-    if let Some(io) = expected.iter().find(|io| !given.iter().any(|g| g.0 == io.name)) {
+    if let Some(io) = expected.iter().find(|io| !given.iter().any(|g| g.0 == io.name) && !resident.contains(&io.name)) {
         return Err(ExecError::Input { name: io.name.clone(), message: format!("missing (needed by `{entry}`)") });
     }
     let shape_err = |io: &crate::manifest::IoEntry, t: &Tensor, env: Option<&HashMap<&str, i64>>| {
