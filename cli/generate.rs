@@ -106,7 +106,8 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
     };
     let prompts = texts.iter().map(|t| codec.encode(t).map_err(usage)).collect::<Result<Vec<_>, _>>()?;
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
-        let which = if args.batch.is_some() { format!("prompt {} is empty", i + 1) } else { "the prompt is empty".into() };
+        let which =
+            if args.batch.is_some() { format!("prompt {} is empty", i + 1) } else { "the prompt is empty".into() };
         return Err(usage(format!("{which}: generation starts after at least one token")));
     }
     let model = ModelArgs { file: PathBuf::from(&info.model), sets: info.sets.clone(), model: None };
@@ -132,7 +133,8 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
     let context_i = context as i64;
     let mut decoder =
         Decoder::new(open(Program::Prefill { context: context_i })?, open(Program::DecodeStep { context: context_i })?);
-    let vocab = logits_width(decoder.step.manifest()).ok_or_else(|| fail("the decode-step bundle has no `logits` output"))?;
+    let vocab =
+        logits_width(decoder.step.manifest()).ok_or_else(|| fail("the decode-step bundle has no `logits` output"))?;
     for p in &prompts {
         if let Some(&t) = p.iter().find(|&&t| t < 0 || t as usize >= vocab) {
             return Err(usage(format!("the prompt's token {t} is outside the model's vocabulary 0 … {}", vocab - 1)));

@@ -202,14 +202,17 @@ fn check_compiled_step(path: &std::path::Path, context: i64) {
     let (b, n) = (2usize, 11usize);
     let tokens = token_tensor(b, n, vocab as usize, 31);
     let relative_l2 = |got: &tnc_runtime::Tensor, p: usize| {
-        let want = &outputs(&forward, &HashMap::from([("tokens".into(), columns(&tokens, 0..p + 1))]), &params)["logits"];
+        let want =
+            &outputs(&forward, &HashMap::from([("tokens".into(), columns(&tokens, 0..p + 1))]), &params)["logits"];
         let got = got.as_f32().unwrap();
         let err = got.iter().zip(&want.data).map(|(&a, b)| (a as f64 - b).powi(2)).sum::<f64>().sqrt();
         err / want.data.iter().map(|b| b * b).sum::<f64>().sqrt()
     };
     let zeros: Vec<(String, tnc_runtime::Tensor)> = zero_states(&step_graph(&g, context), b as i64)
         .iter()
-        .map(|(k, t)| (k.clone(), tnc_runtime::Tensor::f32(t.shape.clone(), t.data.iter().map(|&x| x as f32).collect())))
+        .map(|(k, t)| {
+            (k.clone(), tnc_runtime::Tensor::f32(t.shape.clone(), t.data.iter().map(|&x| x as f32).collect()))
+        })
         .collect();
     let prompt = 6;
     prefill.forward(&[("tokens", &runtime_tokens(&columns(&tokens, 0..prompt)))]).unwrap();

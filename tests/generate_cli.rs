@@ -87,7 +87,18 @@ fn a_copy_model_copies_its_prompt_under_greedy_decoding() {
     let (code, out, err) = generate(
         &cache,
         &run_dir,
-        &["--prompt", &greedy[0].0, "--max-tokens", "7", "--temperature", "0", "--target", "sm80", "--device", "emulated"],
+        &[
+            "--prompt",
+            &greedy[0].0,
+            "--max-tokens",
+            "7",
+            "--temperature",
+            "0",
+            "--target",
+            "sm80",
+            "--device",
+            "emulated",
+        ],
     );
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, greedy[0].1, "{err}");

@@ -44,7 +44,11 @@ fn summed_cross_entropy(logits: &Tensor, targets: &[f64]) -> f64 {
 /// The graph passes of a generation bundle.
 fn next_token_graph(g: Graph) -> Graph {
     let backend = backend_for(&Target::parse("x86-64-v3").unwrap(), CodeGen::default()).unwrap();
-    Pipeline::new(&*backend, false, Policy::F32).program(Program::NextToken).run_until(g, "dce").expect("the passes run").graph
+    Pipeline::new(&*backend, false, Policy::F32)
+        .program(Program::NextToken)
+        .run_until(g, "dce")
+        .expect("the passes run")
+        .graph
 }
 
 #[test]
@@ -77,8 +81,14 @@ fn a_generation_bundle_matches_the_interpreter() {
     let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
     let dir = std::env::temp_dir().join(format!("tnc-next-token-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    driver::compile(g.clone(), "native", &dir, driver::Options { program: Program::NextToken, ..Default::default() }, Vec::new())
-        .unwrap();
+    driver::compile(
+        g.clone(),
+        "native",
+        &dir,
+        driver::Options { program: Program::NextToken, ..Default::default() },
+        Vec::new(),
+    )
+    .unwrap();
     let bundle = tnc_runtime::Bundle::load_cpu(&dir).unwrap();
     assert!(bundle.manifest.entry_points["backward"].is_empty());
     let mut exec = tnc_runtime::Executor::cpu(&bundle, 2).unwrap();
@@ -111,7 +121,11 @@ fn a_model_without_a_language_model_loss_cannot_generate() {
     );
     let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
     let backend = backend_for(&Target::parse("x86-64-v3").unwrap(), CodeGen::default()).unwrap();
-    let err = Pipeline::new(&*backend, false, Policy::F32).program(Program::NextToken).run_until(g, "dce").err().expect("refused");
+    let err = Pipeline::new(&*backend, false, Policy::F32)
+        .program(Program::NextToken)
+        .run_until(g, "dce")
+        .err()
+        .expect("refused");
     assert!(
         err.message.contains("cannot generate text") && err.message.contains("0 cross-entropies"),
         "{}",

@@ -423,7 +423,10 @@ impl Executor {
             let out = self.manifest.outputs.iter().find(|o| o.name == from);
             let out = out.ok_or_else(|| ExecError::Output(format!("the bundle has no output `{from}`")))?;
             if !self.ran.contains(&out.entry) {
-                return Err(ExecError::Order(format!("output `{from}` is produced by `{}`, which has not run", out.entry)));
+                return Err(ExecError::Order(format!(
+                    "output `{from}` is produced by `{}`, which has not run",
+                    out.entry
+                )));
             }
             let input = self.manifest.inputs.iter().find(|i| i.name == to);
             let input = input.ok_or_else(|| ExecError::Input { name: to.into(), message: "no such input".into() })?;

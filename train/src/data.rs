@@ -19,6 +19,7 @@ use crate::labelled::{self, Labelled};
 use crate::listops;
 use crate::tasks;
 use crate::text;
+use crate::token_file::Tokens;
 
 /// Randomness salts: training and evaluation draw from unrelated streams, so the
 /// validation set is disjoint from training in its randomness (a short sequence over a
@@ -37,7 +38,7 @@ pub enum DataSource {
     /// A text file's tokens: its bytes (vocabulary 256), or with a tokenizer
     /// (`text:PATH?tokenizer=TOKENIZER.json`) its subword tokens. For sequence length N the
     /// last `max(ceil(10% of the tokens), N)` tokens are validation, the rest training.
-    Text { path: PathBuf, tokens: Arc<Vec<i32>>, tokenizer: Option<TextTokenizer> },
+    Text { path: PathBuf, tokens: Arc<Tokens>, tokenizer: Option<TextTokenizer> },
     /// ListOps (Long-Range Arena): nested list operations over digits, labelled with
     /// their value; at most `depth` levels of operators with 2 to `args` operands.
     ListOps { depth: usize, args: usize },
@@ -156,7 +157,7 @@ impl DataSource {
                 Some((path, _)) if !path.is_empty() => {
                     let path = PathBuf::from(path);
                     let tokens = text::load(&path)?.into_iter().map(i32::from).collect();
-                    Ok(DataSource::Text { path, tokens: Arc::new(tokens), tokenizer: None })
+                    Ok(DataSource::Text { path, tokens: Arc::new(Tokens::Owned(tokens)), tokenizer: None })
                 }
                 _ => Err(format!("data source `{spec}`: text needs a file, as in text:PATH")),
             },

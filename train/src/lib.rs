@@ -19,6 +19,7 @@ pub mod sampling;
 mod tasks;
 mod text;
 pub mod text_codec;
+pub mod token_file;
 pub mod tokenizer;
 pub mod trainer;
 

@@ -6,7 +6,10 @@
 //! text's bytes (so an edited file or another tokenizer never reuses it): an 8-byte magic
 //! `TNCTOK1\n`, the token count (u64 LE), then every id as u32 LE. It is written to a
 //! temporary file and renamed; a cache that cannot be written is skipped with the reason.
+//! A cache that is there is memory-mapped (`token_file.rs`), not read: renaming a new
+//! cache over it leaves a mapping of the old file intact.
 
+use crate::token_file::{Mapping, Tokens};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
@@ -18,7 +21,7 @@ const MAGIC: &[u8; 8] = b"TNCTOK1\n";
 
 /// A text file encoded by a tokenizer.
 pub struct Encoded {
-    pub tokens: Vec<i32>,
+    pub tokens: Tokens,
     /// The tokenizer's vocabulary, special tokens included.
     pub vocab: usize,
     /// Bytes of text per token over the whole file (for bits per byte).
@@ -68,7 +71,7 @@ pub fn encode_file(text: &Path, tokenizer: &Path, warn: &mut dyn FnMut(&str)) ->
         return Err(format!("text data {}: the file is empty", text.display()));
     }
     let cache = cache_path(text, &json, &bytes);
-    let done = |tokens: Vec<i32>, cached| {
+    let done = |tokens: Tokens, cached| {
         let bytes_per_token = bytes.len() as f64 / tokens.len().max(1) as f64;
         Encoded { tokens, vocab, bytes_per_token, cached }
     };
@@ -79,7 +82,7 @@ pub fn encode_file(text: &Path, tokenizer: &Path, warn: &mut dyn FnMut(&str)) ->
     if let Err(e) = write_cache(&cache, &tokens) {
         warn(&format!("the tokenized corpus is not cached ({}: {e})", cache.display()));
     }
-    Ok(done(tokens, false))
+    Ok(done(Tokens::Owned(tokens), false))
 }
 
 /// Each of `texts` encoded by the tokenizer in `tokenizer`: (the ids of each, the
@@ -137,14 +140,25 @@ fn cache_path(text: &Path, tokenizer_json: &[u8], bytes: &[u8]) -> PathBuf {
     text.with_file_name(name)
 }
 
-fn read_cache(path: &Path) -> Option<Vec<i32>> {
-    let b = std::fs::read(path).ok()?;
-    let (head, body) = (b.get(..16)?, &b[16..]);
-    let count = u64::from_le_bytes(head[8..16].try_into().ok()?) as usize;
-    if &head[..8] != MAGIC || body.len() != count.checked_mul(4)? {
+/// The cached ids, memory-mapped where the machine allows, else read.
+fn read_cache(path: &Path) -> Option<Tokens> {
+    use std::io::Read;
+    let mut head = [0u8; 16];
+    std::fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
+    let count = usize::try_from(u64::from_le_bytes(head[8..16].try_into().ok()?)).ok()?;
+    if &head[..8] != MAGIC {
         return None;
     }
-    body.chunks_exact(4).map(|c| i32::try_from(u32::from_le_bytes(c.try_into().ok()?)).ok()).collect()
+    if let Some(m) = Mapping::open(path, 16, count) {
+        return Some(Tokens::Mapped(m));
+    }
+    let b = std::fs::read(path).ok()?;
+    let body = &b[16..];
+    if body.len() != count.checked_mul(4)? {
+        return None;
+    }
+    let ids = body.chunks_exact(4).map(|c| i32::try_from(u32::from_le_bytes(c.try_into().ok()?)).ok());
+    ids.collect::<Option<Vec<i32>>>().map(Tokens::Owned)
 }
 
 fn write_cache(path: &Path, tokens: &[i32]) -> std::io::Result<()> {
@@ -191,7 +205,9 @@ mod tests {
         assert_eq!(tok.decode(&ids, false).unwrap(), text);
         let second = encode_file(&corpus, &tok_path, &mut |_| {}).unwrap();
         assert!(second.cached);
-        assert_eq!(second.tokens, first.tokens);
+        assert_eq!(*second.tokens, *first.tokens);
+        // The cache is memory-mapped (little-endian machines).
+        assert_eq!(matches!(second.tokens, Tokens::Mapped(_)), cfg!(target_endian = "little"));
         let other = dir.path().join("other.json");
         train_bpe(std::slice::from_ref(&corpus), 300, &other).unwrap();
         let third = encode_file(&corpus, &other, &mut |_| {}).unwrap();

@@ -569,6 +569,14 @@ impl<'a> Deriver<'a> {
             }
         }
         let op = self.sized(&node.op, window)?;
+        let want = self.ty_at(&out, 1)?;
+        if !blocked {
+            if let Some(row) = self.query_row_attention(n, &op, &operands, slot)? {
+                if *self.new.ty(row) == want {
+                    return Ok(row);
+                }
+            }
+        }
         let all = self.add(op, &operands, span)?;
         // This position's row, at slot 0 of the one-token forward's layout.
         let all_ty = self.new.ty(all).clone();
@@ -580,7 +588,6 @@ impl<'a> Deriver<'a> {
         let mut shape = all_ty.shape.clone();
         shape[r - 2] = Dim::constant(1);
         let row = self.add(Op::Reshape { shape }, &[row], span)?;
-        let want = self.ty_at(&out, 1)?;
         let after = want.shape[r - 2].checked_add(&Dim::constant(-1)).ok_or_else(|| internal("size".into()))?;
         let local = if after.as_const() == Some(0) {
             row
@@ -591,6 +598,52 @@ impl<'a> Deriver<'a> {
             return Err(fail(&node.op, span, "groups positions in a way the decode step does not know"));
         }
         Ok(local)
+    }
+
+    /// A block attention over a KV cache (`sized`: the op at the window's size, `window`:
+    /// its operands there) for the step's query alone: `q'` at the step's position, the
+    /// scores against the window's keys `[…, 1, C]`, that row of the weights region
+    /// (`query_row.rs`) and its product with the values: O(C·d) instead of the window's
+    /// O(C²·d). `None` when a q operand is not at hand for one position or the weights
+    /// region has no row form; the caller then evaluates the whole window.
+    fn query_row_attention(
+        &mut self,
+        n: NodeId,
+        sized: &Op,
+        window: &[NodeId],
+        slot: NodeId,
+    ) -> Result<Option<NodeId>, Diagnostic> {
+        let (Op::BlockAttention(a), Op::BlockAttention(at)) = (&self.old.node(n).op, sized) else {
+            return Ok(None);
+        };
+        let span = self.old.node(n).span;
+        let operands = self.old.operands(n);
+        let mut q_args = Vec::new();
+        for &o in &operands[..a.q.args.len()] {
+            let whole_sequence = self.old.ty(o).shape.iter().any(|d| self.depends(d));
+            match self.local.get(&o) {
+                Some(&v) if self.token_dependent.contains(&o) || !whole_sequence => q_args.push(v),
+                _ => return Ok(None),
+            }
+        }
+        let q = self.inline(&a.q, &q_args, span)?;
+        let (_, ka, va) = at.split(window);
+        let k = at.k.inline(&mut self.new, ka, span).map_err(internal)?;
+        let v = at.v.inline(&mut self.new, va, span).map_err(internal)?;
+        let r = self.new.ty(q).rank();
+        let lead: Vec<u8> = (0..r as u8 - 2).map(|i| b'a' + i).collect();
+        let spec = |x: &[u8], y: &[u8], out: &[u8]| EinsumSpec {
+            inputs: vec![[lead.as_slice(), x].concat(), [lead.as_slice(), y].concat()],
+            output: [lead.as_slice(), out].concat(),
+            pinned: true,
+        };
+        let Ok(scores) = self.new.add(Op::Einsum(spec(b"wy", b"xy", b"wx")), &[q, k], span) else {
+            return Ok(None);
+        };
+        let Some(weights) = super::query_row::query_row(&mut self.new, &at.weights, scores, slot) else {
+            return Ok(None);
+        };
+        Ok(self.new.add(Op::Einsum(spec(b"wx", b"xz", b"wz")), &[weights, v], span).ok())
     }
 
     /// Token-independent node `n` over a window of `len` positions (`N := len`); `blocked`:

@@ -11,6 +11,7 @@ pub mod decode_step;
 pub mod next_token;
 pub mod precision;
 pub mod prefill;
+mod query_row;
 mod recognize;
 pub mod simplify;
 

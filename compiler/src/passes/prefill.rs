@@ -176,8 +176,7 @@ impl Builder {
         let a = self.add(Op::Binary(BinaryOp::Max), &[gates, floor], None)?;
         let suffix = self.add(Op::Scan { axis, reverse: true }, &[a], None)?;
         let later = self.add(Op::Slice { axis, start: Dim::constant(1), end: self.n.clone() }, &[suffix], None)?;
-        let later =
-            self.add(Op::Pad { axis, before: Dim::constant(0), after: Dim::constant(1) }, &[later], None)?;
+        let later = self.add(Op::Pad { axis, before: Dim::constant(0), after: Dim::constant(1) }, &[later], None)?;
         self.add(Op::Unary(UnaryOp::Exp), &[later], None)
     }
 
