@@ -156,10 +156,11 @@ fn a_compiled_step_bundle_matches_the_forward_for_every_model() {
     }
 }
 
-/// A KV-cache window too wide to stage per block (300 rows: the composed kernel of the
-/// whole-sequence case, `schedule/block_attention.rs`) — once a stack overflow.
+/// A KV cache of 300 rows, wider than a block kernel stages (once a stack overflow when
+/// the step evaluated the whole window), scored one query row at a time
+/// (`passes/query_row.rs`); the prefill's cache padded to 300 rows.
 #[test]
-fn a_long_kv_cache_window_runs_as_the_composed_kernel() {
+fn a_long_kv_cache_is_scored_one_query_row_at_a_time() {
     check_compiled_step(&repo().join("models/transformer.tn"), 300);
 }
 
