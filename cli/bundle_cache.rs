@@ -86,7 +86,8 @@ fn cached_bundle(
             let suffix = match p {
                 Program::Prefill { context } => format!("-prefill{context}"),
                 Program::DecodeStep { context } => format!("-step{context}"),
-                _ => format!("-{}", p.describe().replace(' ', "-")),
+                Program::NextToken => "-next-token".into(),
+                Program::Model => String::new(),
             };
             (suffix, p.describe(), "generation")
         }

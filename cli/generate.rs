@@ -33,9 +33,10 @@ pub struct GenerateArgs {
     /// separated by spaces, as `5 9 1`.
     #[arg(long, required_unless_present = "batch", conflicts_with = "batch")]
     pub prompt: Option<String>,
-    /// A file of prompts, one per line, generated together: prompts of the same length in
-    /// token form one batch. Each is printed after a line `# prompt I` when it is done,
-    /// in the file's order, and draws the same tokens as it would alone.
+    /// A file of prompts, one per line (empty lines skipped), generated together: prompts
+    /// of the same length in tokens form one batch. When all are done each is printed
+    /// after a line `# prompt I` (I counts the prompts), in the file's order; a prompt
+    /// draws the same tokens as it would alone.
     #[arg(long, value_name = "PROMPTS")]
     pub batch: Option<PathBuf>,
     /// Tokens to generate.
@@ -131,23 +132,36 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
         Ok(exec)
     };
     let context_i = context as i64;
-    let mut decoder =
-        Decoder::new(open(Program::Prefill { context: context_i })?, open(Program::DecodeStep { context: context_i })?);
+    let step = open(Program::DecodeStep { context: context_i })?;
+    let prefill = match open(Program::Prefill { context: context_i }) {
+        Ok(p) => Some(p),
+        Err(f) => {
+            eprintln!(
+                "no prefill ({}): the prompt goes through the decode step one token at a time",
+                f.diagnostic.message
+            );
+            None
+        }
+    };
+    let mut decoder = Decoder::new(prefill, step);
     let vocab =
         logits_width(decoder.step.manifest()).ok_or_else(|| fail("the decode-step bundle has no `logits` output"))?;
-    for p in &prompts {
+    let which = |i: usize| if args.batch.is_some() { format!("prompt {}", i + 1) } else { "the prompt".into() };
+    for (i, p) in prompts.iter().enumerate() {
         if let Some(&t) = p.iter().find(|&&t| t < 0 || t as usize >= vocab) {
-            return Err(usage(format!("the prompt's token {t} is outside the model's vocabulary 0 … {}", vocab - 1)));
+            return Err(usage(format!("{}'s token {t} is outside the model's vocabulary 0 … {}", which(i), vocab - 1)));
         }
     }
     // A KV cache (softmax attention over the whole sequence) holds `context` positions.
     let limit = decoder.has_kv_cache().then_some(context);
-    if let (Some(l), Some(p)) = (limit, prompts.iter().find(|p| p.len() > context)) {
+    if let (Some(l), Some(i)) = (limit, prompts.iter().position(|p| p.len() > context)) {
         return Err(usage(format!(
-            "the prompt has {} tokens but the model's KV cache holds {l} (raise --context)",
-            p.len()
+            "{} has {} tokens but the model's KV cache holds {l} (raise --context)",
+            which(i),
+            prompts[i].len()
         )));
     }
+    let full = || eprintln!("stopped at a full KV cache of {context} tokens (raise --context)");
     let job = Job { sampling, max_tokens: args.max_tokens, limit, end_of_text: codec.end_of_text() };
     let started = std::time::Instant::now();
     let (mut prefill_secs, mut generated) = (0.0, 0);
@@ -164,11 +178,11 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
             }
             Ok(())
         };
-        let (_, secs, n, full) = decoder.generate(&prompts, &job, &mut show)?;
+        let (_, secs, n, stopped) = decoder.generate(&prompts, &job, &mut show)?;
         writeln!(out).map_err(io)?;
         (prefill_secs, generated) = (secs, n);
-        if full {
-            eprintln!("stopped at {context} tokens: the model's KV cache is full (raise --context)");
+        if stopped {
+            full();
         }
     } else {
         // Prompts of one length in token form run as one batch.
@@ -179,7 +193,10 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
         let mut results = vec![Vec::new(); prompts.len()];
         for rows in by_length.values() {
             let group: Vec<Vec<i32>> = rows.iter().map(|&i| prompts[i].clone()).collect();
-            let (tokens, secs, n, _) = decoder.generate(&group, &job, &mut |_| Ok(()))?;
+            let (tokens, secs, n, stopped) = decoder.generate(&group, &job, &mut |_| Ok(()))?;
+            if stopped {
+                full();
+            }
             prefill_secs += secs;
             generated += n;
             for (&i, t) in rows.iter().zip(tokens) {
@@ -215,7 +232,8 @@ struct Job {
 /// The prefill and the decode step, carrying the states from one to the other and from
 /// one token to the next.
 struct Decoder {
-    prefill: Executor,
+    /// `None` where the model has no prefill: the prompt then goes through the step.
+    prefill: Option<Executor>,
     step: Executor,
     /// (input name of the step, value) of every state after the prefill, given to the
     /// first step; later steps find their states on the device (`Executor::carry`).
@@ -225,7 +243,7 @@ struct Decoder {
 }
 
 impl Decoder {
-    fn new(prefill: Executor, step: Executor) -> Decoder {
+    fn new(prefill: Option<Executor>, step: Executor) -> Decoder {
         let names = step.manifest().inputs.iter().map(|io| &io.name);
         let names = names.filter(|n| n.starts_with(STATE) || n.starts_with(KV_CACHE));
         let carried = names.map(|n| (format!("{NEXT}{n}"), n.clone())).collect();
@@ -271,7 +289,8 @@ impl Decoder {
             if done.iter().all(|&d| d) || step + 1 == job.max_tokens {
                 break;
             }
-            if job.limit.is_some_and(|l| length >= l) {
+            // The step at position `length − 1` writes the cache's last row at `l − 1`.
+            if job.limit.is_some_and(|l| length > l) {
                 return Ok((tokens, prefill_secs, generated, true));
             }
             logits = self.run_step(&next, length - 1).map_err(fail)?;
@@ -281,14 +300,38 @@ impl Decoder {
 
     /// The logits after the prompts `[B, N]`, and the states after them.
     fn run_prefill(&mut self, prompts: &[Vec<i32>]) -> Result<Vec<f32>, String> {
+        let Some(prefill) = &mut self.prefill else {
+            return self.step_through(prompts);
+        };
         let tokens = Tensor::i32(vec![prompts.len(), prompts[0].len()], prompts.concat());
-        self.prefill.forward(&[("tokens", &tokens)]).map_err(|e| e.to_string())?;
+        prefill.forward(&[("tokens", &tokens)]).map_err(|e| e.to_string())?;
+        let prefill = &*prefill;
         self.states = self
             .carried
             .iter()
-            .map(|(next, n)| Ok((n.clone(), self.prefill.output(next).map_err(|e| e.to_string())?)))
+            .map(|(next, n)| Ok((n.clone(), prefill.output(next).map_err(|e| e.to_string())?)))
             .collect::<Result<_, String>>()?;
-        logits_of(&self.prefill)
+        logits_of(prefill)
+    }
+
+    /// The prompts through the step one position at a time from zero states (a model
+    /// without a prefill).
+    fn step_through(&mut self, prompts: &[Vec<i32>]) -> Result<Vec<f32>, String> {
+        let b = prompts.len() as i64;
+        let env = std::collections::HashMap::from([("B", b)]);
+        self.states.clear();
+        for io in self.step.manifest().inputs.iter().filter(|io| self.carried.iter().any(|(_, n)| *n == io.name)) {
+            let shape = io.shape.iter().map(|d| d.eval(&env).map(|v| v as usize).map_err(|e| e.to_string()));
+            let shape = shape.collect::<Result<Vec<_>, _>>()?;
+            let len = shape.iter().product();
+            self.states.push((io.name.clone(), Tensor::f32(shape, vec![0.0; len])));
+        }
+        let mut logits = Vec::new();
+        for p in 0..prompts[0].len() {
+            let column: Vec<i32> = prompts.iter().map(|row| row[p]).collect();
+            logits = self.run_step(&column, p)?;
+        }
+        Ok(logits)
     }
 
     /// The logits after `tokens` (one per row) at `position`. The states stay on the

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use tnc_compiler::backend::{backend_for, CodeGen, Target};
 use tnc_compiler::driver;
 use tnc_compiler::interp::{evaluate, EvalOptions, Tensor};
-use tnc_compiler::ir::Graph;
+use tnc_compiler::ir::{Graph, Op};
 use tnc_compiler::passes::decode_step::{KV_CACHE, NEXT, POSITION, STATE};
 use tnc_compiler::passes::Policy;
 use tnc_compiler::pipeline::{Pipeline, Program};
@@ -246,6 +246,12 @@ fn check_compiled_step(path: &std::path::Path, context: i64) {
             }
         }
     }
+    // States kept on the device belong to the sizes they were kept at: a run at another
+    // batch size must give them.
+    let one = tnc_runtime::Tensor::i32(vec![1, 1], vec![0]);
+    let position = tnc_runtime::Tensor::i32(vec![1], vec![0]);
+    let err = step.forward(&[("tokens", &one), (POSITION, &position)]).unwrap_err().to_string();
+    assert!(err.contains("the sizes changed since it was kept on the device"), "{name}: {err}");
     // A carry between values of different sizes is refused (logits [2, 1, 32] into a state).
     let err = step.carry(&[("logits", &names[0].1)]).unwrap_err().to_string();
     assert!(err.contains("cannot take output `logits`"), "{name}: {err}");
@@ -267,6 +273,12 @@ fn ops_that_read_other_positions_have_no_decode_step_and_say_which() {
     for (body, op, why) in [
         ("x = concat([e[:, :1], e[:, :-1]], 1)", "slice", "shifts the sequence"),
         ("x = e - mean(e, 1)", "reduce_sum", "reduces over the sequence"),
+        // Learned positions read from a fixed-size table: row p at the step, not row 0.
+        (
+            "param table: [32, dim] ~ normal(0.5)\n  x = e + unsqueeze(table[:N], 0)",
+            "slice",
+            "cuts or pads a tensor of fixed size to the sequence's length",
+        ),
     ] {
         let text = format!(
             "use std\nmodel variant(vocab = 8, dim = 4) {{\n  input tokens: i32[B, N]\n  param embedding: [vocab, dim] ~ \
@@ -324,4 +336,42 @@ fn blocks_with_positions_from_the_sequence_start_have_no_decode_step() {
         "{}",
         d.message
     );
+}
+
+/// The softmax step over a KV cache scores one query row where its weights region has a
+/// row form (the transformer's), and the whole window where it has not (here a reshape
+/// merges the query and key axes): the same logits as the forward either way.
+#[test]
+fn a_weights_region_without_a_row_form_scores_the_whole_window() {
+    let flat = "use std\n\
+        fn flat_attention(x: [B, N, D], heads) {\n\
+          E = D / heads\n\
+          param wq, wk, wv: [D, D] ~ xavier\n\
+          s = einsum(\"bhne,bhme->bhnm\", split_heads(x @ wq, heads), split_heads(x @ wk, heads)) * E ** -0.5\n\
+          w = where(causal_mask(N), s, -1e9)\n\
+          flat = reshape(reshape(w, [B, heads, N * N]) - 1.0, [B, heads, N, N])\n\
+          merge_heads(einsum(\"bhnm,bhme->bhne\", softmax(flat), split_heads(x @ wv, heads)))\n\
+        }\n\
+        model variant(vocab = 8, dim = 4) {\n\
+          input tokens: i32[B, N]\n\
+          param embedding: [vocab, dim] ~ normal(0.5)\n\
+          x = embed(tokens, embedding)\n\
+          x = x + flat_attention(x, 2)\n\
+          output loss = lm_loss(x, embedding, tokens)\n\
+        }\n";
+    let (sources, flat) = elaborate_text("flat.tn", flat, &[]);
+    let flat = flat.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    let path = repo().join("models/transformer.tn");
+    let (sources, transformer) = elaborate_path(&path, &tiny_sets(&path));
+    let transformer = transformer.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    for (g, whole_window) in [(flat, true), (transformer, false)] {
+        let forward = pipeline().program(Program::NextToken).run_until(g.clone(), "dce").expect("next_token").graph;
+        let step = step_graph(&g, CONTEXT);
+        let windows = step.topo_order().into_iter().filter(|&n| matches!(step.node(n).op, Op::BlockAttention(_)));
+        assert_eq!(windows.count() > 0, whole_window, "{}", g.name);
+        let params = perturbed_params(&g, 7);
+        let vocab = g.params.iter().find(|p| p.name == "embedding").unwrap().ty.shape[0].as_const().unwrap();
+        let tokens = token_tensor(2, 11, vocab as usize, 41);
+        step_from((&forward, &step), &params, &tokens, 0, zero_states(&step, 2), &g.name);
+    }
 }

@@ -173,3 +173,32 @@ fn a_model_trained_on_a_text_generates_its_words() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A softmax transformer keeps a KV cache of `--context` rows: it generates until the
+/// cache is full (the step at position C − 1 writes its last row; the token after it is
+/// the last), says so, and refuses a prompt longer than the cache.
+#[test]
+fn a_softmax_model_stops_at_a_full_kv_cache() {
+    let dir = fresh("kv-cache");
+    let cache = dir.join("cache");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/transformer.tn");
+    let mut c = tnc(&cache);
+    c.arg("train").arg(&model).args(["--data", "copy:vocab=16", "--steps", "3", "--seq", "16", "--batch", "2"]);
+    c.args(["--eval-batches", "1", "--threads", "2", "--seed", "0", "--quiet"]);
+    for s in ["vocab=16", "dim=16", "heads=2", "layers=1", "glu_dim=24"] {
+        c.args(["--set", s]);
+    }
+    let run_dir = dir.join("run");
+    c.arg("--out").arg(&run_dir);
+    let (code, _, err) = run(c);
+    assert_eq!(code, 0, "{err}");
+    let args = ["--prompt", "4 5 1", "--context", "8", "--max-tokens", "20", "--temperature", "0"];
+    let (code, out, err) = generate(&cache, &run_dir, &args);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.split_whitespace().count(), 9, "8 rows of cache and the token after them: {out}");
+    assert!(err.contains("full KV cache of 8 tokens") && err.contains("generated 6 tokens"), "{err}");
+    let (code, out, err) = generate(&cache, &run_dir, &["--prompt", "1 2 3 4 5 6 7 8 9", "--context", "8"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(out.is_empty() && err.contains("has 9 tokens but the model's KV cache holds 8"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -56,7 +56,7 @@ pub enum Program {
 }
 
 impl Program {
-    /// How `tnc compile --report` and the bundle's hash name it ("" for the model's).
+    /// Its name in a bundle's hash and in the bundle cache ("" for the model's).
     pub fn describe(self) -> String {
         match self {
             Program::Model => String::new(),

@@ -326,6 +326,16 @@ impl Executor {
             ));
         }
         let sizes = bind_sizes(&self.manifest, &self.sizes, entry, inputs, &self.resident)?;
+        if self.allocated_for.as_deref() != Some(&sizes[..]) {
+            // New sizes reallocate: what `carry` kept on the device is gone.
+            let kept = self.manifest.inputs.iter().filter(|io| io.entry == entry && self.resident.contains(&io.name));
+            if let Some(io) = kept.into_iter().find(|io| !inputs.iter().any(|(n, _)| *n == io.name)) {
+                return Err(ExecError::Input {
+                    name: io.name.clone(),
+                    message: "missing: the sizes changed since it was kept on the device (`carry`)".into(),
+                });
+            }
+        }
         self.sizes = sizes.iter().map(|&v| Some(v)).collect();
         self.allocate(&sizes)?;
         self.check_order(entry)?;

@@ -31,9 +31,10 @@ impl std::fmt::Debug for Tokens {
 }
 
 /// A read-only private mapping of a whole file whose bytes from `offset` on are u32 LE
-/// ids below 2³¹ (checked when mapped).
+/// ids. They are not checked here (that would touch every page): an id outside the
+/// vocabulary, a negative one included, is refused by the executor's index bounds check.
 pub struct Mapping {
-    base: *mut libc::c_void,
+    base: *mut std::ffi::c_void,
     bytes: usize,
     offset: usize,
     count: usize,
@@ -45,34 +46,39 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Maps `path` and checks that it holds `count` ids after `offset` bytes (every id a
-    /// valid i32); `None` where it does not, or on a big-endian machine, or when mapping
-    /// fails (the caller reads the file instead).
+    /// Maps `path` if it holds `count` ids after `offset` bytes; `None` where it does not,
+    /// on a big-endian or non-Unix machine, or when mapping fails (the caller reads the
+    /// file instead).
+    ///
+    /// The file must not be truncated or rewritten in place while mapped (a read would
+    /// fault, or the ids change underneath): tnc writes its caches to a temporary file and
+    /// renames it, which leaves a mapped file as it was.
+    #[cfg(unix)]
     pub fn open(path: &Path, offset: usize, count: usize) -> Option<Mapping> {
-        if cfg!(target_endian = "big") || offset % 4 != 0 {
+        if cfg!(target_endian = "big") || offset % 4 != 0 || count == 0 {
             return None;
         }
         let file = std::fs::File::open(path).ok()?;
         let bytes = usize::try_from(file.metadata().ok()?.len()).ok()?;
-        if bytes != offset.checked_add(count.checked_mul(4)?)? || count == 0 {
+        if bytes != offset.checked_add(count.checked_mul(4)?)? {
             return None;
         }
         use std::os::fd::AsRawFd;
-        // SAFETY: a fresh read-only private mapping of the whole open file; checked below.
+        // SAFETY: a fresh read-only private mapping of the whole open file, `bytes` long.
         let base =
             unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ, libc::MAP_PRIVATE, file.as_raw_fd(), 0) };
-        if base == libc::MAP_FAILED {
-            return None;
-        }
-        let m = Mapping { base, bytes, offset, count };
-        // A u32 id of 2³¹ or more would be a negative i32: not ids this cache writes.
-        m.ids().iter().all(|&id| id >= 0).then_some(m)
+        (base != libc::MAP_FAILED).then_some(Mapping { base, bytes, offset, count })
+    }
+
+    #[cfg(not(unix))]
+    pub fn open(_: &Path, _: usize, _: usize) -> Option<Mapping> {
+        None
     }
 
     fn ids(&self) -> &[i32] {
         // SAFETY: `offset + 4·count == bytes` are mapped, the base is page-aligned and
         // `offset` a multiple of 4, the mapping lives as long as `self`, and the machine
-        // is little-endian, so the u32 LE ids read as i32 (all checked non-negative).
+        // is little-endian, so the u32 LE ids read as i32.
         unsafe { std::slice::from_raw_parts(self.base.cast::<u8>().add(self.offset).cast::<i32>(), self.count) }
     }
 }
@@ -80,6 +86,9 @@ impl Mapping {
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `open`, unmapped once.
-        unsafe { libc::munmap(self.base, self.bytes) };
+        #[cfg(unix)]
+        unsafe {
+            libc::munmap(self.base, self.bytes)
+        };
     }
 }

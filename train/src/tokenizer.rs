@@ -153,7 +153,7 @@ fn read_cache(path: &Path) -> Option<Tokens> {
         return Some(Tokens::Mapped(m));
     }
     let b = std::fs::read(path).ok()?;
-    let body = &b[16..];
+    let body = b.get(16..)?;
     if body.len() != count.checked_mul(4)? {
         return None;
     }

@@ -16,17 +16,20 @@
 //!   or `context` rows: the KV cache), the new row written at slot `p mod w`; the op runs
 //!   on that window (`N := w`, positions counted from the window's start, as the chunked
 //!   form counts them inside a block) and the row at the slot is the output. Rows after
-//!   the slot hold an older block's values, which the causal weights give weight 0;
+//!   the slot hold an older block's values, which the causal weights give weight 0. Over
+//!   a KV cache only the step's query row is scored (`query_row.rs`) where the weights
+//!   region allows;
 //! - a scan along the sequence (`cumsum`): its running sum.
 //!
 //! Any other op that reads several positions (a reduction or contraction over the
 //! sequence, a shift, a concatenation along it) is refused, naming the op.
 //!
-//! Not part of the default pipeline: `Pipeline::decode_step` runs it after `next_token`.
+//! Not part of the default pipeline: `Pipeline::program(Program::DecodeStep {..})` runs it
+//! after `next_token`. `prefill.rs` computes the same states after a whole prompt.
 
-use super::Pass;
+use super::{graph_build, Pass};
 use crate::ir::normal_form::{Decay, Direction, LOG_GATE_FLOOR};
-use crate::ir::{BinaryOp, DType, Dim, EinsumSpec, Graph, NodeId, Op, ReduceOp, TensorType, UnaryOp};
+use crate::ir::{BinaryOp, DType, Dim, Graph, NodeId, Op, ReduceOp, TensorType, UnaryOp};
 use std::collections::{HashMap, HashSet};
 use tnc_grammar::{Diagnostic, Span};
 
@@ -318,6 +321,10 @@ impl<'a> Deriver<'a> {
             {
                 mixes("shifts the sequence")
             }
+            // `table[:N]` is row p of the table at the step, not row 0 (nor a pad to N).
+            Op::Slice { axis, .. } | Op::Pad { axis, .. } if !seq_axis(&orig_in[0], *axis) && seq_axis(orig_out, *axis) => {
+                mixes("cuts or pads a tensor of fixed size to the sequence's length (a table of positions): the decode step cannot index it by the step's position yet")
+            }
             Op::Concat { axis } if seq_axis(orig_out, *axis) => mixes("joins tensors along the sequence"),
             Op::Reshape { .. } if self.splits_sequence(&orig_in[0], orig_out) => {
                 mixes("groups the sequence into blocks outside a recognized attention (positions then meet along an axis the decode step cannot follow)")
@@ -376,22 +383,12 @@ impl<'a> Deriver<'a> {
     }
 
     fn scalar(&mut self, value: f64, dtype: DType) -> Result<NodeId, Diagnostic> {
-        self.add(Op::Constant { value: crate::ir::F64Bits::new(value), dtype }, &[], None)
+        graph_build::scalar(&mut self.new, value, dtype).map_err(internal)
     }
 
     /// `x` (size-1 axes, or a scalar) broadcast to `shape`.
     fn splat(&mut self, x: NodeId, shape: &[Dim]) -> Result<NodeId, Diagnostic> {
-        let t = self.new.ty(x).clone();
-        let x = if t.rank() != shape.len() {
-            let ones = vec![Dim::constant(1); shape.len() - t.rank()];
-            self.add(Op::Reshape { shape: [ones, t.shape.clone()].concat() }, &[x], None)?
-        } else {
-            x
-        };
-        if self.new.ty(x).shape == shape {
-            return Ok(x);
-        }
-        self.add(Op::Broadcast { shape: shape.to_vec() }, &[x], None)
+        graph_build::splat(&mut self.new, x, shape).map_err(internal)
     }
 
     /// `[iota(len) == at]` along `axis` of `shape`, a bool tensor of that shape.
@@ -465,13 +462,8 @@ impl<'a> Deriver<'a> {
         let mut state_shape = batch.to_vec();
         state_shape.extend([qt.shape[r - 1].clone(), vt.shape[r - 1].clone()]);
         let (prev, i) = self.state_input(TensorType::new(DType::F32, state_shape.clone()), Origin::LinearAttention(n));
-        let lead: Vec<u8> = (0..r as u8 - 2).map(|i| b'a' + i).collect();
+        let spec = |a: &[u8], b: &[u8], out: &[u8]| graph_build::batched(r - 2, a, b, out);
         let (x, d, e) = (b'x', b'y', b'z');
-        let spec = |a: &[u8], b: &[u8], out: &[u8]| EinsumSpec {
-            inputs: vec![[lead.as_slice(), a].concat(), [lead.as_slice(), b].concat()],
-            output: [lead.as_slice(), out].concat(),
-            pinned: true,
-        };
         let kv = self.add(Op::Einsum(spec(&[x, d], &[x, e], &[d, e])), &[k, v], span)?;
         let carried = match decay {
             Some(lambda) => {
@@ -600,7 +592,7 @@ impl<'a> Deriver<'a> {
         Ok(local)
     }
 
-    /// A block attention over a KV cache (`sized`: the op at the window's size, `window`:
+    /// A block attention over a KV cache (`sized`: the op at the window's size, `operands`:
     /// its operands there) for the step's query alone: `q'` at the step's position, the
     /// scores against the window's keys `[…, 1, C]`, that row of the weights region
     /// (`query_row.rs`) and its product with the values: O(C·d) instead of the window's
@@ -610,33 +602,32 @@ impl<'a> Deriver<'a> {
         &mut self,
         n: NodeId,
         sized: &Op,
-        window: &[NodeId],
+        operands: &[NodeId],
         slot: NodeId,
     ) -> Result<Option<NodeId>, Diagnostic> {
         let (Op::BlockAttention(a), Op::BlockAttention(at)) = (&self.old.node(n).op, sized) else {
             return Ok(None);
         };
+        // A scan in the q region would carry a state of its own: keep the whole window.
+        if a.q.nodes.iter().any(|m| matches!(m.op, Op::Scan { .. })) {
+            return Ok(None);
+        }
         let span = self.old.node(n).span;
-        let operands = self.old.operands(n);
         let mut q_args = Vec::new();
-        for &o in &operands[..a.q.args.len()] {
+        for &o in &self.old.operands(n)[..a.q.args.len()] {
             let whole_sequence = self.old.ty(o).shape.iter().any(|d| self.depends(d));
             match self.local.get(&o) {
                 Some(&v) if self.token_dependent.contains(&o) || !whole_sequence => q_args.push(v),
                 _ => return Ok(None),
             }
         }
-        let q = self.inline(&a.q, &q_args, span)?;
-        let (_, ka, va) = at.split(window);
+        // What the q region cannot compute at one position, the window can.
+        let Ok(q) = self.inline(&a.q, &q_args, span) else { return Ok(None) };
+        let (_, ka, va) = at.split(operands);
         let k = at.k.inline(&mut self.new, ka, span).map_err(internal)?;
         let v = at.v.inline(&mut self.new, va, span).map_err(internal)?;
         let r = self.new.ty(q).rank();
-        let lead: Vec<u8> = (0..r as u8 - 2).map(|i| b'a' + i).collect();
-        let spec = |x: &[u8], y: &[u8], out: &[u8]| EinsumSpec {
-            inputs: vec![[lead.as_slice(), x].concat(), [lead.as_slice(), y].concat()],
-            output: [lead.as_slice(), out].concat(),
-            pinned: true,
-        };
+        let spec = |x: &[u8], y: &[u8], out: &[u8]| graph_build::batched(r - 2, x, y, out);
         let Ok(scores) = self.new.add(Op::Einsum(spec(b"wy", b"xy", b"wx")), &[q, k], span) else {
             return Ok(None);
         };

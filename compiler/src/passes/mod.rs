@@ -8,6 +8,7 @@ pub mod canonicalize;
 pub mod cse;
 pub mod dce;
 pub mod decode_step;
+mod graph_build;
 pub mod next_token;
 pub mod precision;
 pub mod prefill;

@@ -8,7 +8,7 @@
 //! outputs become that one (`dce` removes what only the loss needed). Every position
 //! before the last runs as in training: the chunked kernels over the whole prompt.
 //!
-//! Not part of the default pipeline: `Pipeline::next_token` swaps it in for `autodiff`.
+//! Not part of the default pipeline: `Pipeline::program` swaps it in for `autodiff`.
 
 use super::Pass;
 use crate::ir::rewrite::dependencies;

@@ -18,9 +18,9 @@
 //! after `next_token`.
 
 use super::decode_step::{derive, sequence_symbol, Origin, NEXT};
-use super::Pass;
+use super::{graph_build, Pass};
 use crate::ir::normal_form::{Decay, LOG_GATE_FLOOR};
-use crate::ir::{BinaryOp, DType, Dim, EinsumSpec, F64Bits, Graph, NodeId, Op, UnaryOp};
+use crate::ir::{BinaryOp, DType, Dim, Graph, NodeId, Op, UnaryOp};
 use tnc_grammar::{Diagnostic, Span};
 
 /// `context`: the rows of a KV cache (as the decode step it feeds has them).
@@ -93,22 +93,11 @@ impl Builder {
     }
 
     fn scalar(&mut self, value: f64) -> Result<NodeId, Diagnostic> {
-        self.add(Op::Constant { value: F64Bits::new(value), dtype: DType::F32 }, &[], None)
+        graph_build::scalar(&mut self.g, value, DType::F32).map_err(internal)
     }
 
-    /// `x` with size-1 axes in front up to `shape`'s rank, broadcast to `shape`.
     fn splat(&mut self, x: NodeId, shape: &[Dim]) -> Result<NodeId, Diagnostic> {
-        let t = self.g.ty(x).clone();
-        let x = if t.rank() < shape.len() {
-            let ones = vec![Dim::constant(1); shape.len() - t.rank()];
-            self.add(Op::Reshape { shape: [ones, t.shape.clone()].concat() }, &[x], None)?
-        } else {
-            x
-        };
-        if self.g.ty(x).shape == shape {
-            return Ok(x);
-        }
-        self.add(Op::Broadcast { shape: shape.to_vec() }, &[x], None)
+        graph_build::splat(&mut self.g, x, shape).map_err(internal)
     }
 
     /// `x` with a size-1 axis appended.
@@ -141,13 +130,7 @@ impl Builder {
                 self.add(Op::Binary(BinaryOp::Mul), &[k, w], span)?
             }
         };
-        let lead: Vec<u8> = (0..r as u8 - 2).map(|i| b'a' + i).collect();
-        let (x, dk, dv) = (b'x', b'y', b'z');
-        let spec = EinsumSpec {
-            inputs: vec![[lead.as_slice(), &[x, dk]].concat(), [lead.as_slice(), &[x, dv]].concat()],
-            output: [lead.as_slice(), &[dk, dv]].concat(),
-            pinned: true,
-        };
+        let spec = graph_build::batched(r - 2, b"xy", b"xz", b"yz");
         self.add(Op::Einsum(spec), &[k, v], span)
     }
 
