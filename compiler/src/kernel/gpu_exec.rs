@@ -1,6 +1,7 @@
 //! The GPU-semantics executor: runs block kernels (`Kernel::threads`) on the CPU the way
 //! a GPU may, and reports what a GPU would silently get wrong. Used by the reference
-//! executor ([`super::exec::run`]) for every block kernel, so schedules for GPUs are tested
+//! executor ([`super::exec::run`]) for every block kernel, evaluating each thread with its
+//! machine (`machine.rs`),, so schedules for GPUs are tested
 //! on machines without one.
 //!
 //! Each block runs its threads together, statement by statement, in a random order
@@ -14,7 +15,7 @@
 //! multiplies as `kernel::mma` defines, and hands each thread its elements of D, so a
 //! fragment loaded from the wrong place gives a wrong number here.
 //!
-//! Shared memory is checked element by element:
+//! Shared memory is checked element by element (`shared_memory.rs`):
 //! - an index outside the array is an error;
 //! - reading an element no thread has written is an error (shared memory is not
 //!   initialized on a GPU);
@@ -23,97 +24,11 @@
 //!
 //! Global memory is checked for bounds by the reference executor, as for every kernel.
 
-use super::exec::{Machine, Slots, Val};
 use super::ir::{Elem, Stmt, Var};
+use super::machine::Machine;
 use super::mma;
-
-/// One shared array of a block.
-struct SharedArray {
-    values: Vec<Option<Val>>,
-    /// The last write of each element: (thread, epoch).
-    written: Vec<Option<(u32, u64)>>,
-    /// The reads of each element in its last-read epoch.
-    read: Vec<Reads>,
-}
-
-/// Who read an element in one epoch: the first reader, and whether another thread did
-/// too (all a write needs to know to tell a race).
-#[derive(Clone, Copy)]
-struct Reads {
-    epoch: u64,
-    first: u32,
-    others: bool,
-}
-
-impl Reads {
-    const NONE: Reads = Reads { epoch: u64::MAX, first: 0, others: false };
-}
-
-/// A block's shared memory and the thread now running.
-pub(super) struct BlockState {
-    pub(super) thread: u32,
-    /// Barriers passed so far: accesses in one epoch are not ordered between threads.
-    epoch: u64,
-    shared: Slots<SharedArray>,
-}
-
-impl BlockState {
-    pub(super) fn is_shared(&self, array: Var) -> bool {
-        self.shared.contains(array)
-    }
-
-    fn element(&mut self, array: Var, i: i64) -> Result<(&mut SharedArray, usize), String> {
-        let a = self.shared.get_mut(array).ok_or_else(|| format!("shared array {array} is not declared"))?;
-        let len = a.values.len();
-        let at = usize::try_from(i).ok().filter(|&i| i < len);
-        let at = at.ok_or_else(|| format!("shared {array}[{i}] is out of bounds (length {len})"))?;
-        Ok((a, at))
-    }
-
-    pub(super) fn read(&mut self, array: Var, i: i64) -> Result<Val, String> {
-        let (thread, epoch) = (self.thread, self.epoch);
-        let (a, at) = self.element(array, i)?;
-        let v = a.values[at].ok_or_else(|| {
-            format!("thread {thread} reads shared {array}[{i}], which no thread has written (it is uninitialized)")
-        })?;
-        if let Some((w, e)) = a.written[at] {
-            if w != thread && e == epoch {
-                return Err(format!(
-                    "race: thread {thread} reads shared {array}[{i}], written by thread {w} with no barrier between"
-                ));
-            }
-        }
-        let r = &mut a.read[at];
-        if r.epoch != epoch {
-            *r = Reads { epoch, first: thread, others: false };
-        } else if r.first != thread {
-            r.others = true;
-        }
-        Ok(v)
-    }
-
-    pub(super) fn write(&mut self, array: Var, i: i64, v: Val) -> Result<(), String> {
-        let (thread, epoch) = (self.thread, self.epoch);
-        let (a, at) = self.element(array, i)?;
-        if let Some((w, e)) = a.written[at] {
-            if w != thread && e == epoch {
-                return Err(format!(
-                    "race: threads {w} and {thread} write shared {array}[{i}] with no barrier between"
-                ));
-            }
-        }
-        let r = a.read[at];
-        if r.epoch == epoch && (r.others || r.first != thread) {
-            let reader = if r.first != thread { format!("thread {}", r.first) } else { "another thread".into() };
-            return Err(format!(
-                "race: thread {thread} writes shared {array}[{i}], read by {reader} with no barrier between"
-            ));
-        }
-        a.values[at] = Some(v);
-        a.written[at] = Some((thread, epoch));
-        Ok(())
-    }
-}
+use super::shared_memory::BlockState;
+use super::value::{Slots, Val};
 
 /// Each thread's own variables and local arrays.
 #[derive(Default)]
@@ -148,7 +63,7 @@ pub(super) fn run_blocks(m: &mut Machine, threads: u32, begin: i64, end: i64) ->
         for s in &mut states {
             s.vars.insert(kernel.index, Val::I(block));
         }
-        m.gpu = Some(BlockState { thread: 0, epoch: 0, shared: Slots::default() });
+        m.gpu = Some(BlockState::new());
         let mut run = Block { states, order: Order(0x9e37_79b9_7f4a_7c15 ^ (block as u64).wrapping_mul(0x1000_0001)) };
         run.stmts(m, &kernel.body).map_err(|e| format!("kernel `{name}`, block {block}: {e}"))?;
     }
@@ -213,20 +128,8 @@ impl Block {
     fn stmts(&mut self, m: &mut Machine, body: &[Stmt]) -> Result<(), String> {
         for s in body {
             match s {
-                Stmt::Barrier => m.gpu.as_mut().expect("in a block").epoch += 1,
-                Stmt::Shared { var, len, .. } => {
-                    let gpu = m.gpu.as_mut().expect("in a block");
-                    if !gpu.shared.contains(*var) {
-                        gpu.shared.insert(
-                            *var,
-                            SharedArray {
-                                values: vec![None; *len],
-                                written: vec![None; *len],
-                                read: vec![Reads::NONE; *len],
-                            },
-                        );
-                    }
-                }
+                Stmt::Barrier => m.gpu.as_mut().expect("in a block").barrier(),
+                Stmt::Shared { var, len, .. } => m.gpu.as_mut().expect("in a block").declare(*var, *len),
                 Stmt::Mma { input, acc, a, b } => self.mma(*input, acc, a, b)?,
                 Stmt::For { var, extent, body, .. } if has_collective(body) => {
                     let n = self.uniform(m, "a loop's extent", extent)?.i()?;

@@ -13,11 +13,14 @@ pub mod gpu_exec;
 pub mod interchange;
 pub mod ir;
 pub mod lanes;
+mod machine;
 pub mod math;
 pub mod mma;
 pub mod print;
+mod shared_memory;
 pub mod split_vector;
 pub mod thread_loops;
 pub mod valid;
+mod value;
 
 pub use ir::*;
