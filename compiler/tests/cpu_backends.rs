@@ -143,83 +143,172 @@ fn check(lib: &Lib, target: &str, k: &Kernel, inputs: &[Buffer], sizes: &[i64], 
 
 // ---- tests ----
 
+/// A kernel, its inputs and sizes, how many iterations to run, and the tolerance.
+struct Case {
+    kernel: Kernel,
+    inputs: Vec<Buffer>,
+    sizes: Vec<i64>,
+    n: i64,
+    tol: f32,
+}
+
+impl Case {
+    fn new(kernel: Kernel, inputs: Vec<Buffer>, sizes: &[i64], n: i64, tol: f32) -> Case {
+        Case { kernel, inputs, sizes: sizes.to_vec(), n, tol }
+    }
+
+    fn check(&self, lib: &Lib, target: &str) {
+        check(lib, target, &self.kernel, &self.inputs, &self.sizes, self.n, self.tol);
+    }
+
+    /// The same computation with the kernel's body inside a vector loop: iteration `r`
+    /// runs the old body for index `r·chunk + l`, `l` in `0..min(chunk, n − r·chunk)`
+    /// (`n` an extra scalar argument), so that every operation of the corpus runs in
+    /// vector loops with a remainder.
+    fn in_vector_loops(self, chunk: i64) -> Case {
+        let k = &self.kernel;
+        let (r, l) = (k.next_var(), k.next_var() + 1);
+        let count = size(k.sizes.len() + k.scalars.len());
+        let start = mul(var(r), i(chunk));
+        let mut body = vec![Stmt::Let { var: k.index, value: add(start.clone(), var(l)) }];
+        body.extend(k.body.iter().cloned());
+        let left = bin(Binary::Sub, count.clone(), start);
+        let kernel = Kernel {
+            name: format!("{}_in_vector_loops", k.name),
+            scalars: k.scalars.iter().cloned().chain(["count".to_string()]).collect(),
+            index: v(r),
+            extent: bin(Binary::Div, add(count, i(chunk - 1)), i(chunk)),
+            body: vec![for_(l, bin(Binary::Min, i(chunk), left), LoopKind::Vector, body)],
+            ..k.clone()
+        };
+        let sizes = self.sizes.iter().copied().chain([self.n]).collect();
+        Case { kernel, sizes, n: (self.n + chunk - 1) / chunk, ..self }
+    }
+}
+
+/// The corpus with inputs: special values included, loops with remainders.
+fn cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    // broadcast: B=3, N=5, D=37 (a vector loop with a remainder).
+    let (b, n, d) = (3usize, 5usize, 37usize);
+    let inputs = vec![
+        Buffer::F32(data(b * n * d, 1)),
+        Buffer::F32(data(d, 2)),
+        Buffer::F32(data(n, 3)),
+        Buffer::F32(vec![0.0; b * n * d]),
+    ];
+    cases.push(Case::new(broadcast_kernel(), inputs, &[b as i64, n as i64, d as i64], (b * n) as i64, 0.0));
+
+    // math, with special values among the inputs.
+    let mut x = data(203, 4);
+    x[..8].copy_from_slice(&[0.0, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-30, 88.0, -100.0]);
+    let n = x.len();
+    let inputs = vec![Buffer::F32(x), Buffer::F32(vec![0.0; n * MATH_ROWS])];
+    cases.push(Case::new(math_kernel(), inputs, &[n as i64], n as i64, 1e-5));
+
+    // reduce: 19 rows of 101.
+    let (r, c) = (19usize, 101usize);
+    let mut x = data(r * c, 5);
+    x[3 * c + 7] = f32::NAN;
+    let inputs = vec![Buffer::F32(x), Buffer::F32(vec![0.0; r]), Buffer::F32(vec![0.0; r])];
+    cases.push(Case::new(reduce_kernel(), inputs, &[r as i64, c as i64], r as i64, 0.0));
+
+    // branch
+    let r = 41usize;
+    let inputs = vec![
+        Buffer::F32(data(r * 4, 6)),
+        Buffer::F32(data(r * 4, 7)),
+        Buffer::I32(vec![0; r]),
+        Buffer::U8(vec![0; r]),
+        Buffer::F32(vec![0.0; r]),
+    ];
+    cases.push(Case::new(branch_kernel(), inputs, &[r as i64], r as i64, 0.0));
+
+    // casts
+    let mut a: Vec<i32> = (0..64).map(|j| (j * 7919 - 200_000) * if j % 3 == 0 { 1000 } else { 1 }).collect();
+    a[..4].copy_from_slice(&[i32::MIN, i32::MAX, 0, -1]);
+    let mut x = data(64, 8).into_iter().map(|v| v * 1e3).collect::<Vec<_>>();
+    x[..6].copy_from_slice(&[f32::NAN, 3e9, -3e9, f32::INFINITY, -0.0, 1e19]);
+    let m: Vec<u8> = (0..64).map(|j| (j % 3 == 1) as u8).collect();
+    let inputs = vec![
+        Buffer::I32(a),
+        Buffer::F32(x),
+        Buffer::U8(m),
+        Buffer::I32(vec![0; 64 * CAST_INTS]),
+        Buffer::F32(vec![0.0; 64 * CAST_FLOATS]),
+        Buffer::U8(vec![0; 64 * CAST_BOOLS]),
+    ];
+    cases.push(Case::new(cast_kernel(), inputs, &[64], 64, 0.0));
+
+    // arrays
+    let r = 23usize;
+    let inputs = vec![Buffer::F32(data(r * 8, 9)), Buffer::F32(vec![0.0; r]), Buffer::F32(vec![0.0; r])];
+    cases.push(Case::new(array_kernel(), inputs, &[r as i64], r as i64, 0.0));
+
+    // dropout: seed with the high bit set, a step beyond 2^32.
+    let n = 1000usize;
+    let inputs = vec![Buffer::F32(data(n, 10)), Buffer::F32(vec![0.0; n]), Buffer::U8(vec![0; 4 * n])];
+    let sizes = [n as i64, 0xDEAD_BEEF_1234_5678u64 as i64, (1i64 << 32) + 17];
+    cases.push(Case::new(dropout_kernel(), inputs, &sizes, n as i64, 0.0));
+    cases
+}
+
+fn check_all(cases: &[Case], gens: &[Gen]) {
+    let kernels: Vec<Kernel> = cases.iter().map(|c| c.kernel.clone()).collect();
+    for gen in gens {
+        let lib = compile(&kernels, gen);
+        for case in cases {
+            case.check(&lib, &gen.name);
+        }
+    }
+}
+
 #[test]
 fn kernels_match_the_executor() {
-    let kernels = [
-        broadcast_kernel(),
-        math_kernel(),
-        reduce_kernel(),
-        branch_kernel(),
-        cast_kernel(),
-        array_kernel(),
-        dropout_kernel(),
-    ];
-    for gen in targets() {
-        let lib = compile(&kernels, &gen);
-        let t = gen.name.as_str();
+    check_all(&cases(), &targets());
+}
 
-        // broadcast: B=3, N=5, D=37 (a vector loop with a remainder).
-        let (b, n, d) = (3usize, 5usize, 37usize);
-        let inputs = [
-            Buffer::F32(data(b * n * d, 1)),
-            Buffer::F32(data(d, 2)),
-            Buffer::F32(data(n, 3)),
-            Buffer::F32(vec![0.0; b * n * d]),
-        ];
-        check(&lib, t, &kernels[0], &inputs, &[b as i64, n as i64, d as i64], (b * n) as i64, 0.0);
+/// A Cranelift target with SSE4.2 and no FMA: vector loops stay scalar (`vector.rs`
+/// needs fused multiply-adds on vectors).
+fn without_fma() -> Gen {
+    let features = ["sse3", "ssse3", "sse4.1", "sse4.2", "popcnt"];
+    let target = CpuTarget {
+        name: "sse4.2-only".into(),
+        triple: "x86_64-unknown-linux-gnu".into(),
+        cpu: "x86-64-v2".into(),
+        features: features.iter().map(|f| format!("+{f}")).collect::<Vec<_>>().join(","),
+        required_features: features.iter().map(|f| f.to_string()).collect(),
+    };
+    Gen { name: "sse4.2-only (cranelift)".into(), target, codegen: CodeGen::Cranelift }
+}
 
-        // math, with special values among the inputs.
-        let mut x = data(203, 4);
-        x[..8].copy_from_slice(&[0.0, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-30, 88.0, -100.0]);
-        let n = x.len();
-        let inputs = [Buffer::F32(x), Buffer::F32(vec![0.0; n * MATH_ROWS])];
-        check(&lib, t, &kernels[1], &inputs, &[n as i64], n as i64, 1e-5);
+/// Every kernel of the corpus with its body in vector loops of 11 (two four-lane steps
+/// of Cranelift's SIMD and three left over): bit for bit the executor's, on every
+/// target and back end, and on Cranelift's scalar fallback.
+#[test]
+fn vector_loops_match_the_executor() {
+    let all = cases().into_iter().chain([sixteen_bit_case()]);
+    let cases: Vec<Case> = all.map(|c| c.in_vector_loops(11)).collect();
+    let mut gens = targets();
+    gens.push(without_fma());
+    check_all(&cases, &gens);
+}
 
-        // reduce: 19 rows of 101.
-        let (r, c) = (19usize, 101usize);
-        let mut x = data(r * c, 5);
-        x[3 * c + 7] = f32::NAN;
-        let inputs = [Buffer::F32(x), Buffer::F32(vec![0.0; r]), Buffer::F32(vec![0.0; r])];
-        check(&lib, t, &kernels[2], &inputs, &[r as i64, c as i64], r as i64, 0.0);
-
-        // branch
-        let r = 41usize;
-        let inputs = [
-            Buffer::F32(data(r * 4, 6)),
-            Buffer::F32(data(r * 4, 7)),
-            Buffer::I32(vec![0; r]),
-            Buffer::U8(vec![0; r]),
-            Buffer::F32(vec![0.0; r]),
-        ];
-        check(&lib, t, &kernels[3], &inputs, &[r as i64], r as i64, 0.0);
-
-        // casts
-        let mut a: Vec<i32> = (0..64).map(|j| (j * 7919 - 200_000) * if j % 3 == 0 { 1000 } else { 1 }).collect();
-        a[..4].copy_from_slice(&[i32::MIN, i32::MAX, 0, -1]);
-        let mut x = data(64, 8).into_iter().map(|v| v * 1e3).collect::<Vec<_>>();
-        x[..6].copy_from_slice(&[f32::NAN, 3e9, -3e9, f32::INFINITY, -0.0, 1e19]);
-        let m: Vec<u8> = (0..64).map(|j| (j % 3 == 1) as u8).collect();
-        let inputs = [
-            Buffer::I32(a),
-            Buffer::F32(x),
-            Buffer::U8(m),
-            Buffer::I32(vec![0; 64 * CAST_INTS]),
-            Buffer::F32(vec![0.0; 64 * CAST_FLOATS]),
-            Buffer::U8(vec![0; 64 * CAST_BOOLS]),
-        ];
-        check(&lib, t, &kernels[4], &inputs, &[64], 64, 0.0);
-
-        // arrays
-        let r = 23usize;
-        let inputs = [Buffer::F32(data(r * 8, 9)), Buffer::F32(vec![0.0; r]), Buffer::F32(vec![0.0; r])];
-        check(&lib, t, &kernels[5], &inputs, &[r as i64], r as i64, 0.0);
-
-        // dropout: seed with the high bit set, a step beyond 2^32.
-        let n = 1000usize;
-        let inputs = [Buffer::F32(data(n, 10)), Buffer::F32(vec![0.0; n]), Buffer::U8(vec![0; 4 * n])];
-        let sizes = [n as i64, 0xDEAD_BEEF_1234_5678u64 as i64, (1i64 << 32) + 17];
-        check(&lib, t, &kernels[6], &inputs, &sizes, n as i64, 0.0);
-    }
+/// Cranelift writes a vector loop in packed SIMD instructions where the target has FMA
+/// and SSE4.1, and one element at a time without.
+#[test]
+fn cranelift_vector_loops_are_simd_where_the_target_allows() {
+    let asm = |gen: &Gen| {
+        let backend = backend::backend_for(&Target::Cpu(gen.target.clone()), gen.codegen).unwrap();
+        let written = backend.write(&[broadcast_kernel()], backend::Emit { llvm: false, asm: true }).unwrap();
+        String::from_utf8(written.extras.iter().find(|(ext, _)| *ext == "s").unwrap().1.clone()).unwrap()
+    };
+    let packed = |s: &str| ["mulps", "addps"].iter().filter(|op| s.contains(*op)).count();
+    let v3 = asm(&Gen::new("x86-64-v3", CodeGen::Cranelift));
+    assert_eq!(packed(&v3), 2, "x86-64-v3 should multiply and add four lanes at a time:\n{v3}");
+    let sse = asm(&without_fma());
+    assert_eq!(packed(&sse), 0, "without FMA the loop should stay scalar:\n{sse}");
+    assert!(sse.contains("mulss") && sse.contains("addss"), "{sse}");
 }
 
 #[test]
@@ -435,8 +524,7 @@ fn fused_multiply_add_rounds_once_everywhere() {
     }
 }
 
-#[test]
-fn sixteen_bit_floats_round_like_the_executor() {
+fn sixteen_bit_case() -> Case {
     let k = sixteen_bit_kernel();
     let mut x = data(300, 12);
     let special = [
@@ -460,12 +548,19 @@ fn sixteen_bit_floats_round_like_the_executor() {
     x[..special.len()].copy_from_slice(&special);
     let n = x.len();
     let b: Vec<u16> = (0..n as u16).map(|i| i.wrapping_mul(40503)).collect();
-    let inputs =
-        [Buffer::F32(x), Buffer::BF16(b), Buffer::BF16(vec![0; n]), Buffer::F16(vec![0; n]), Buffer::F32(vec![0.0; n])];
-    for gen in targets() {
-        let lib = compile(std::slice::from_ref(&k), &gen);
-        check(&lib, &gen.name, &k, &inputs, &[n as i64], n as i64, 0.0);
-    }
+    let inputs = vec![
+        Buffer::F32(x),
+        Buffer::BF16(b),
+        Buffer::BF16(vec![0; n]),
+        Buffer::F16(vec![0; n]),
+        Buffer::F32(vec![0.0; n]),
+    ];
+    Case::new(k, inputs, &[n as i64], n as i64, 0.0)
+}
+
+#[test]
+fn sixteen_bit_floats_round_like_the_executor() {
+    check_all(&[sixteen_bit_case()], &targets());
 }
 
 #[test]

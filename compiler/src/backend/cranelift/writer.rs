@@ -31,10 +31,11 @@
 //! refused. Type errors are reported as `Err` naming the kernel, before Cranelift's own
 //! verifier runs.
 
-use super::math;
+use super::math::{self, Width};
+use super::vector::Lanes;
 use crate::kernel::print;
 use crate::kernel::valid::Class;
-use crate::kernel::{Binary, Elem, Expr, Kernel, Scalar, Stmt, Unary, Var};
+use crate::kernel::{Binary, Elem, Expr, Kernel, LoopKind, Scalar, Stmt, Unary, Var};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, AbiParam, FuncRef, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_codegen::ir::{StackSlot, StackSlotData, StackSlotKind};
@@ -45,7 +46,7 @@ use std::collections::HashMap;
 
 /// The Cranelift type of a value class (`kernel::valid`): every integer is an i64, as in
 /// the reference executor, a bool an i8 0 or 1.
-fn clif(c: Class) -> Type {
+pub(super) fn clif(c: Class) -> Type {
     match c {
         Class::F32 => types::F32,
         Class::Int => types::I64,
@@ -99,21 +100,28 @@ pub(super) struct Fx<'a, 'b, M: Module> {
     libm: &'a Libm,
     calls: HashMap<&'static str, FuncRef>,
     config: TargetFrontendConfig,
-    kernel: &'a Kernel,
+    pub(super) kernel: &'a Kernel,
+    /// Whether vector loops run four lanes at a time (`vector.rs`).
+    pub(super) simd: bool,
     /// Buffer base pointers, loaded once in the entry block.
     buffers: Vec<Value>,
     /// Sizes and scalars, loaded once in the entry block.
     sizes: Vec<Value>,
-    vars: HashMap<Var, (Variable, Class)>,
+    pub(super) vars: HashMap<Var, (Variable, Class)>,
     arrays: HashMap<Var, (StackSlot, Class, usize)>,
+    /// Inside a vector loop's four-lane body: the values that differ from lane to lane
+    /// (the loop index and what depends on it). Uniform values live in `vars`.
+    pub(super) lanes: HashMap<Var, Lanes>,
 }
 
-/// Write the body of `kernel` into `b`, whose function has the kernel signature.
+/// Write the body of `kernel` into `b`, whose function has the kernel signature; with
+/// `simd`, vector loops run four lanes at a time.
 pub(super) fn write_kernel<M: Module>(
     b: FunctionBuilder<'_>,
     module: &mut M,
     libm: &Libm,
     kernel: &Kernel,
+    simd: bool,
 ) -> Result<(), String> {
     let config = module.isa().frontend_config();
     let mut fx = Fx {
@@ -123,10 +131,12 @@ pub(super) fn write_kernel<M: Module>(
         calls: HashMap::new(),
         config,
         kernel,
+        simd,
         buffers: vec![],
         sizes: vec![],
         vars: HashMap::new(),
         arrays: HashMap::new(),
+        lanes: HashMap::new(),
     };
     fx.write().map_err(|e| format!("kernel `{}`: {e}", kernel.name))?;
     fx.b.seal_all_blocks();
@@ -163,7 +173,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
     }
 
     /// The variable of kernel variable `v` of class `t`, declared on first definition.
-    fn var(&mut self, v: Var, t: Class) -> Result<Variable, String> {
+    pub(super) fn var(&mut self, v: Var, t: Class) -> Result<Variable, String> {
         if let Some(&(var, old)) = self.vars.get(&v) {
             if old != t {
                 return Err(format!("{v} is redefined as {} (it was {})", t, old));
@@ -176,9 +186,23 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
     }
 
     /// `for var in begin..end { body }`.
-    fn emit_loop(&mut self, var: Var, begin: Value, end: Value, body: &[Stmt]) -> Result<(), String> {
-        let counter = self.b.declare_var(types::I64);
+    pub(super) fn emit_loop(&mut self, var: Var, begin: Value, end: Value, body: &[Stmt]) -> Result<(), String> {
         let slot = self.var(var, Class::Int)?;
+        self.counted_loop(begin, end, 1, |fx, i| {
+            fx.b.def_var(slot, i);
+            fx.block(body)
+        })
+    }
+
+    /// `i = begin; while i < end { body(i); i += step }`.
+    pub(super) fn counted_loop(
+        &mut self,
+        begin: Value,
+        end: Value,
+        step: i64,
+        mut body: impl FnMut(&mut Self, Value) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let counter = self.b.declare_var(types::I64);
         let (header, body_bb, exit) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
         self.b.def_var(counter, begin);
         self.b.ins().jump(header, &[]);
@@ -188,10 +212,9 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
         self.b.ins().brif(more, body_bb, &[], exit, &[]);
         self.b.switch_to_block(body_bb);
         self.b.seal_block(body_bb);
-        self.b.def_var(slot, i);
-        self.block(body)?;
+        body(self, i)?;
         let i = self.b.use_var(counter);
-        let next = self.b.ins().iadd_imm_s(i, 1);
+        let next = self.b.ins().iadd_imm_s(i, step);
         self.b.def_var(counter, next);
         self.b.ins().jump(header, &[]);
         self.b.seal_block(header);
@@ -200,11 +223,11 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
         Ok(())
     }
 
-    fn block(&mut self, body: &[Stmt]) -> Result<(), String> {
+    pub(super) fn block(&mut self, body: &[Stmt]) -> Result<(), String> {
         body.iter().try_for_each(|s| self.stmt(s))
     }
 
-    fn expect(&mut self, e: &Expr, t: Class, what: &str) -> Result<Value, String> {
+    pub(super) fn expect(&mut self, e: &Expr, t: Class, what: &str) -> Result<Value, String> {
         let (v, got) = self.expr(e)?;
         if got != t {
             return Err(format!("{what} must be {}, got {}: `{}`", t, got, print::expr(self.kernel, e)));
@@ -212,18 +235,27 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
         Ok(v)
     }
 
-    fn int(&mut self, e: &Expr, what: &str) -> Result<Value, String> {
+    pub(super) fn int(&mut self, e: &Expr, what: &str) -> Result<Value, String> {
         self.expect(e, Class::Int, what)
     }
 
     /// The address of element `index` of buffer `buffer`, and the buffer's element type.
     fn element(&mut self, buffer: usize, index: &Expr) -> Result<(Value, Elem), String> {
-        let Some(&base) = self.buffers.get(buffer) else {
-            return Err(format!("buffer {buffer} is not declared ({} buffers)", self.kernel.buffers.len()));
-        };
-        let decl = &self.kernel.buffers[buffer];
-        let (elem, what) = (decl.elem, format!("an index of `{}`", decl.name));
-        let i = self.int(index, &what)?;
+        let decl = self.buffer(buffer)?;
+        let i = self.int(index, &format!("an index of `{}`", decl.name))?;
+        self.element_at(buffer, i)
+    }
+
+    /// The declaration of buffer `buffer`.
+    pub(super) fn buffer(&self, buffer: usize) -> Result<&'a crate::kernel::BufferDecl, String> {
+        let k = self.kernel;
+        k.buffers.get(buffer).ok_or_else(|| format!("buffer {buffer} is not declared ({} buffers)", k.buffers.len()))
+    }
+
+    /// The address of element `i` (an i64) of buffer `buffer`, and its element type.
+    pub(super) fn element_at(&mut self, buffer: usize, i: Value) -> Result<(Value, Elem), String> {
+        let elem = self.buffer(buffer)?.elem;
+        let base = self.buffers[buffer];
         Ok((self.offset(base, i, elem.bytes() as i64), elem))
     }
 
@@ -235,19 +267,76 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
 
     /// The address of element `index` of local array `array`, and its class.
     fn array_element(&mut self, array: Var, index: &Expr) -> Result<(Value, Class), String> {
-        let &(slot, t, _) =
-            self.arrays.get(&array).ok_or_else(|| format!("array {array} is used before it is defined"))?;
+        self.array_class(array)?;
         let i = self.int(index, &format!("an index of {array}"))?;
+        self.array_element_at(array, i)
+    }
+
+    /// The class of local array `array`'s elements.
+    pub(super) fn array_class(&self, array: Var) -> Result<Class, String> {
+        let found = self.arrays.get(&array);
+        found.map(|a| a.1).ok_or_else(|| format!("array {array} is used before it is defined"))
+    }
+
+    /// The address of element `i` (an i64) of local array `array`, and its class.
+    pub(super) fn array_element_at(&mut self, array: Var, i: Value) -> Result<(Value, Class), String> {
+        let (slot, t) = match self.arrays.get(&array) {
+            Some(&(slot, t, _)) => (slot, t),
+            None => return Err(format!("array {array} is used before it is defined")),
+        };
         let base = self.b.ins().stack_addr(types::I64, slot, 0);
         Ok((self.offset(base, i, array_bytes(t) as i64), t))
     }
 
-    fn stmt(&mut self, s: &Stmt) -> Result<(), String> {
+    /// Store `v` (of the element's class) as a buffer element at `addr`.
+    pub(super) fn store_element(&mut self, addr: Value, elem: Elem, v: Value) {
+        match elem {
+            Elem::F32 => self.b.ins().store(flags(), v, addr, 0),
+            Elem::BF16 => {
+                let bits = math::bf16_bits(&mut self.b, v);
+                self.b.ins().istore16(flags(), bits, addr, 0)
+            }
+            Elem::F16 => {
+                let bits = math::f16_bits(&mut self.b, v);
+                self.b.ins().istore16(flags(), bits, addr, 0)
+            }
+            Elem::I32 => self.b.ins().istore32(flags(), v, addr, 0),
+            Elem::U8 => self.b.ins().store(flags(), v, addr, 0),
+        };
+    }
+
+    /// The buffer element at `addr`, as a value of its class.
+    pub(super) fn load_element(&mut self, addr: Value, elem: Elem) -> (Value, Class) {
+        let ins = self.b.ins();
+        match elem {
+            Elem::F32 => (ins.load(types::F32, flags(), addr, 0), Class::F32),
+            Elem::BF16 => {
+                let h = ins.uload16(types::I32, flags(), addr, 0);
+                let bits = self.b.ins().ishl_imm_s(h, 16);
+                (self.b.ins().bitcast(types::F32, MemFlagsData::new(), bits), Class::F32)
+            }
+            Elem::F16 => {
+                let h = ins.uload16(types::I32, flags(), addr, 0);
+                (math::f16_value(&mut self.b, h), Class::F32)
+            }
+            Elem::I32 => (ins.sload32(flags(), addr, 0), Class::Int),
+            Elem::U8 => {
+                let byte = ins.load(types::I8, flags(), addr, 0);
+                (self.b.ins().icmp_imm_s(IntCC::NotEqual, byte, 0), Class::Bool)
+            }
+        }
+    }
+
+    pub(super) fn stmt(&mut self, s: &Stmt) -> Result<(), String> {
         match s {
-            Stmt::For { var, extent, kind: _, body } => {
+            Stmt::For { var, extent, kind, body } => {
                 let n = self.int(extent, "a loop extent")?;
-                let zero = self.b.ins().iconst(types::I64, 0);
-                self.emit_loop(*var, zero, n, body)?;
+                if *kind == LoopKind::Vector && self.simd {
+                    self.vector_loop(*var, n, body)?;
+                } else {
+                    let zero = self.b.ins().iconst(types::I64, 0);
+                    self.emit_loop(*var, zero, n, body)?;
+                }
             }
             Stmt::Let { var, value } => {
                 let (v, t) = self.expr(value)?;
@@ -269,19 +358,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                 let (addr, elem) = self.element(*buffer, index)?;
                 let name = &self.kernel.buffers[*buffer].name;
                 let v = self.expect(value, Class::of(elem.scalar()), &format!("a value stored into `{name}`"))?;
-                match elem {
-                    Elem::F32 => self.b.ins().store(flags(), v, addr, 0),
-                    Elem::BF16 => {
-                        let bits = math::bf16_bits(&mut self.b, v);
-                        self.b.ins().istore16(flags(), bits, addr, 0)
-                    }
-                    Elem::F16 => {
-                        let bits = math::f16_bits(&mut self.b, v);
-                        self.b.ins().istore16(flags(), bits, addr, 0)
-                    }
-                    Elem::I32 => self.b.ins().istore32(flags(), v, addr, 0),
-                    Elem::U8 => self.b.ins().store(flags(), v, addr, 0),
-                };
+                self.store_element(addr, elem, v);
             }
             Stmt::Array { var, elem, len } => {
                 let t = Class::of(*elem);
@@ -330,7 +407,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
         Ok(())
     }
 
-    fn expr(&mut self, e: &Expr) -> Result<(Value, Class), String> {
+    pub(super) fn expr(&mut self, e: &Expr) -> Result<(Value, Class), String> {
         Ok(match e {
             Expr::F32(x) => (self.b.ins().f32const(*x), Class::F32),
             Expr::I64(i) => (self.b.ins().iconst(types::I64, *i), Class::Int),
@@ -348,24 +425,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
             },
             Expr::Load { buffer, index } => {
                 let (addr, elem) = self.element(*buffer, index)?;
-                let ins = self.b.ins();
-                match elem {
-                    Elem::F32 => (ins.load(types::F32, flags(), addr, 0), Class::F32),
-                    Elem::BF16 => {
-                        let h = ins.uload16(types::I32, flags(), addr, 0);
-                        let bits = self.b.ins().ishl_imm_s(h, 16);
-                        (self.b.ins().bitcast(types::F32, MemFlagsData::new(), bits), Class::F32)
-                    }
-                    Elem::F16 => {
-                        let h = ins.uload16(types::I32, flags(), addr, 0);
-                        (math::f16_value(&mut self.b, h), Class::F32)
-                    }
-                    Elem::I32 => (ins.sload32(flags(), addr, 0), Class::Int),
-                    Elem::U8 => {
-                        let byte = ins.load(types::I8, flags(), addr, 0);
-                        (self.b.ins().icmp_imm_s(IntCC::NotEqual, byte, 0), Class::Bool)
-                    }
-                }
+                self.load_element(addr, elem)
             }
             Expr::LoadArray { array, index } => {
                 let (addr, t) = self.array_element(*array, index)?;
@@ -453,7 +513,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
         self.b.inst_results(call)[0]
     }
 
-    fn unary(&mut self, op: Unary, v: Value, t: Class) -> Result<(Value, Class), String> {
+    pub(super) fn unary(&mut self, op: Unary, v: Value, t: Class) -> Result<(Value, Class), String> {
         match (op, t) {
             (Unary::Not, Class::Bool) => Ok((self.b.ins().bxor_imm_s(v, 1), Class::Bool)),
             (Unary::Neg, Class::Int) => Ok((self.b.ins().ineg(v), Class::Int)),
@@ -463,9 +523,9 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
             (_, Class::F32) => {
                 let r = match op {
                     Unary::Neg => self.b.ins().fneg(v),
-                    Unary::Exp => math::exp(&mut self.b, v),
-                    Unary::Sin => math::sin(&mut self.b, v),
-                    Unary::Cos => math::cos(&mut self.b, v),
+                    Unary::Exp => math::exp(&mut self.b, Width::One, v),
+                    Unary::Sin => math::sin(&mut self.b, Width::One, v),
+                    Unary::Cos => math::cos(&mut self.b, Width::One, v),
                     Unary::Log => self.libm("logf", &[v]),
                     Unary::Tanh => self.libm("tanhf", &[v]),
                     Unary::Sqrt => self.b.ins().sqrt(v),
@@ -478,7 +538,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                         self.b.ins().fdiv(one, v)
                     }
                     Unary::Abs => self.b.ins().fabs(v),
-                    Unary::RoundBf16 => math::round_bf16(&mut self.b, v),
+                    Unary::RoundBf16 => math::round_bf16(&mut self.b, Width::One, v),
                     Unary::RoundF16 => {
                         let bits = math::f16_bits(&mut self.b, v);
                         math::f16_value(&mut self.b, bits)
@@ -491,7 +551,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
         }
     }
 
-    fn binary(&mut self, op: Binary, x: Value, y: Value, t: Class) -> Result<(Value, Class), String> {
+    pub(super) fn binary(&mut self, op: Binary, x: Value, y: Value, t: Class) -> Result<(Value, Class), String> {
         use Binary::*;
         match t {
             Class::F32 => {
@@ -581,7 +641,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
         acc
     }
 
-    fn cast(&mut self, to: Scalar, v: Value, from: Class) -> Value {
+    pub(super) fn cast(&mut self, to: Scalar, v: Value, from: Class) -> Value {
         let ins = self.b.ins();
         match (to, from) {
             (Scalar::F32, Class::F32) | (Scalar::I64, Class::Int) | (Scalar::Bool, Class::Bool) => v,
