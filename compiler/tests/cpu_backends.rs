@@ -311,6 +311,50 @@ fn cranelift_vector_loops_are_simd_where_the_target_allows() {
     assert!(sse.contains("mulss") && sse.contains("addss"), "{sse}");
 }
 
+/// A vector loop whose bindings the same in every iteration run once before it (a load
+/// before the first store, arithmetic), and one that reads what the body stores does not:
+/// `c = mark[r]` after `mark[r] = s + 1` must see the store, lane by lane as in order.
+#[test]
+fn vector_loop_invariants_are_hoisted_only_where_that_is_safe() {
+    let (r, l, a, s, e, c, d) = (0, 1, 2, 3, 4, 5, 6);
+    let body = vec![
+        let_(a, ld(0, var(r))),
+        let_(s, mul(var(a), f(2.0))),
+        let_(e, add(mul(var(r), size(1)), var(l))),
+        store(2, var(e), add(mul(ld(1, var(e)), var(s)), var(a))),
+        store(3, var(r), add(var(s), f(1.0))),
+        let_(c, ld(3, var(r))),
+        let_(d, mul(var(c), f(3.0))),
+        store(4, var(e), add(var(d), ld(1, var(e)))),
+    ];
+    let k = kernel(
+        "invariants",
+        vec![
+            buf("x", Elem::F32, Access::Read),
+            buf("y", Elem::F32, Access::Read),
+            buf("out", Elem::F32, Access::Write),
+            buf("mark", Elem::F32, Access::ReadWrite),
+            buf("out2", Elem::F32, Access::Write),
+        ],
+        &["R", "K"],
+        &[],
+        size(0),
+        vec![for_(l, size(1), LoopKind::Vector, body)],
+    );
+    let (rows, width) = (7usize, 19usize);
+    let inputs = vec![
+        Buffer::F32(data(rows, 21)),
+        Buffer::F32(data(rows * width, 22)),
+        Buffer::F32(vec![0.0; rows * width]),
+        Buffer::F32(vec![0.0; rows]),
+        Buffer::F32(vec![0.0; rows * width]),
+    ];
+    let case = Case::new(k, inputs, &[rows as i64, width as i64], rows as i64, 0.0);
+    let mut gens = targets();
+    gens.push(without_fma());
+    check_all(&[case], &gens);
+}
+
 #[test]
 fn dropout_matches_runtime_rng() {
     // Directly against tnc_runtime::rng, not only through the executor.

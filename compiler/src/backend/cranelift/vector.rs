@@ -1,6 +1,8 @@
 //! The kernel IR's vector loops in Cranelift's 128-bit SIMD: `for vector i in 0..n` runs
-//! four iterations at a time, then the `n mod 4` left over one at a time with the scalar
-//! writer's code.
+//! four iterations at a time (two such steps per turn of the loop, then one), then the
+//! `n mod 4` left over one at a time with the scalar writer's code. Bindings that are the
+//! same in every iteration (a row's scale, an element of the other operand) are computed
+//! once before the steps ([`split_invariant`]); Cranelift then hoists their splats.
 //!
 //! A vector loop's iterations are independent (`LoopKind::Vector`), so the four lanes of
 //! one step may run side by side. Each value of the four-lane body is a [`Lanes`]:
@@ -25,6 +27,7 @@ use crate::kernel::{Binary, Elem, Expr, Scalar, Stmt, Unary, Var};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, InstBuilder, InstructionData, MemFlagsData, Opcode, Value, ValueDef};
 use cranelift_module::Module;
+use std::collections::HashSet;
 
 /// Lanes of f32 in one 128-bit vector.
 const WIDTH: i64 = 4;
@@ -67,6 +70,40 @@ fn four_lane_body(body: &[Stmt]) -> bool {
     body.iter().all(|s| matches!(s, Stmt::Let { .. } | Stmt::Store { .. } | Stmt::StoreArray { .. }))
 }
 
+/// A vector loop's body over `var` split into the bindings that are the same in every
+/// iteration, in order, and the rest. A binding is invariant when it reads neither `var`
+/// nor a binding that is not; one that may trap or read memory only if no store comes
+/// before it (a store of an earlier lane could change what it reads). A body binding a
+/// variable twice is left whole.
+fn split_invariant(var: Var, body: &[Stmt]) -> (Vec<&Stmt>, Vec<&Stmt>) {
+    let mut bound = HashSet::new();
+    if !body.iter().all(|s| !matches!(s, Stmt::Let { var, .. } if !bound.insert(*var))) {
+        return (Vec::new(), body.iter().collect());
+    }
+    let (mut invariant, mut per_step) = (Vec::new(), Vec::new());
+    let mut changing = HashSet::from([var]);
+    let mut stored = false;
+    for s in body {
+        match s {
+            Stmt::Let { var, value } => {
+                let mut reads_changing = false;
+                value.visit_vars(&mut |v| reads_changing |= changing.contains(&v));
+                if reads_changing || (stored && value.may_trap()) {
+                    changing.insert(*var);
+                    per_step.push(s);
+                } else {
+                    invariant.push(s);
+                }
+            }
+            _ => {
+                stored = true;
+                per_step.push(s);
+            }
+        }
+    }
+    (invariant, per_step)
+}
+
 /// The flags of a vector access: it never traps (as every access here), and it may be
 /// unaligned (buffers and local arrays are aligned to one element).
 fn vector_flags() -> MemFlagsData {
@@ -80,16 +117,50 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
         if !four_lane_body(body) {
             return self.emit_loop(var, zero, n, body);
         }
+        let (invariant, per_step) = split_invariant(var, body);
         let count = self.b.ins().smax(n, zero);
         let whole = self.b.ins().band_imm_s(count, -WIDTH);
-        self.counted_loop(zero, whole, WIDTH, |fx, i| {
-            fx.lanes.clear();
-            fx.lanes.insert(var, Lanes::Affine { base: i, coef: 1 });
-            let written = body.iter().try_for_each(|s| fx.four_lane_stmt(s));
-            fx.lanes.clear();
-            written
+        let pairs = self.b.ins().band_imm_s(count, -2 * WIDTH);
+        // The bindings that do not change from one iteration to the next run once, before
+        // the first step, where there is one (so a load among them reads what the first
+        // iteration would). Steps go two at a time, then one, then the scalar remainder.
+        let (steps, rest) = (self.b.create_block(), self.b.create_block());
+        let any = self.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, whole, 0);
+        self.b.ins().brif(any, steps, &[], rest, &[]);
+        self.b.switch_to_block(steps);
+        self.b.seal_block(steps);
+        invariant.iter().try_for_each(|s| self.stmt(s))?;
+        // Their f32 values in every lane, made here once (Cranelift leaves a splat where
+        // it is written).
+        for s in &invariant {
+            if let Stmt::Let { var, .. } = s {
+                if let Some(&(v, Class::F32)) = self.vars.get(var) {
+                    let scalar = self.b.use_var(v);
+                    let splat = self.b.ins().splat(types::F32X4, scalar);
+                    self.splats.insert(scalar, splat);
+                }
+            }
+        }
+        self.counted_loop(zero, pairs, 2 * WIDTH, |fx, i| {
+            fx.four_lanes(var, i, &per_step)?;
+            let next = fx.b.ins().iadd_imm_s(i, WIDTH);
+            fx.four_lanes(var, next, &per_step)
         })?;
+        self.counted_loop(pairs, whole, WIDTH, |fx, i| fx.four_lanes(var, i, &per_step))?;
+        self.splats.clear();
+        self.b.ins().jump(rest, &[]);
+        self.b.switch_to_block(rest);
+        self.b.seal_block(rest);
         self.emit_loop(var, whole, n, body)
+    }
+
+    /// One four-lane step of a vector loop over `var`: lanes `i..i + 4`.
+    fn four_lanes(&mut self, var: Var, i: Value, body: &[&Stmt]) -> Result<(), String> {
+        self.lanes.clear();
+        self.lanes.insert(var, Lanes::Affine { base: i, coef: 1 });
+        let written = body.iter().try_for_each(|s| self.four_lane_stmt(s));
+        self.lanes.clear();
+        written
     }
 
     fn four_lane_stmt(&mut self, s: &Stmt) -> Result<(), String> {
@@ -188,6 +259,10 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                 let t = self.array_class(*array)?;
                 let i = self.expect_lanes(index, Class::Int, &format!("an index of {array}"))?;
                 match i {
+                    Lanes::Uniform(i, _) => {
+                        let (addr, t) = self.array_element_at(*array, i)?;
+                        Lanes::Uniform(self.b.ins().load(super::writer::clif(t), MemFlagsData::trusted(), addr, 0), t)
+                    }
                     Lanes::Affine { base, coef: 1 } if t == Class::F32 => {
                         let (addr, _) = self.array_element_at(*array, base)?;
                         Lanes::Floats(self.b.ins().load(types::F32X4, vector_flags(), addr, 0))
@@ -343,7 +418,10 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
     fn floats(&mut self, l: Lanes) -> Value {
         match l {
             Lanes::Floats(v) => v,
-            Lanes::Uniform(v, _) => self.b.ins().splat(types::F32X4, v),
+            Lanes::Uniform(v, _) => match self.splats.get(&v) {
+                Some(&splat) => splat,
+                None => self.b.ins().splat(types::F32X4, v),
+            },
             Lanes::Each(vs, _) => self.build(types::F32X4, vs),
             Lanes::Affine { .. } | Lanes::Mask(_) => unreachable!("the caller checked the class"),
         }

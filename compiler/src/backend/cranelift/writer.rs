@@ -112,6 +112,8 @@ pub(super) struct Fx<'a, 'b, M: Module> {
     /// Inside a vector loop's four-lane body: the values that differ from lane to lane
     /// (the loop index and what depends on it). Uniform values live in `vars`.
     pub(super) lanes: HashMap<Var, Lanes>,
+    /// Inside a vector loop: splats of its invariant f32 bindings, made before its steps.
+    pub(super) splats: HashMap<Value, Value>,
 }
 
 /// Write the body of `kernel` into `b`, whose function has the kernel signature; with
@@ -137,6 +139,7 @@ pub(super) fn write_kernel<M: Module>(
         vars: HashMap::new(),
         arrays: HashMap::new(),
         lanes: HashMap::new(),
+        splats: HashMap::new(),
     };
     fx.write().map_err(|e| format!("kernel `{}`: {e}", kernel.name))?;
     fx.b.seal_all_blocks();
