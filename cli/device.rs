@@ -94,7 +94,7 @@ pub fn open(bundle: &Bundle, device: DeviceArg, threads: usize) -> Result<Execut
         DeviceArg::Cpu => Executor::cpu(bundle, threads),
         DeviceArg::Cuda => Executor::cuda(bundle),
         DeviceArg::Emulated => {
-            tnc_compiler::kernel::emulated_gpu::EmulatedGpu::new(bundle).and_then(|d| Executor::on(bundle, Box::new(d)))
+            crate::emulated_gpu::EmulatedGpu::new(bundle).and_then(|d| Executor::on(bundle, Box::new(d)))
         }
     };
     exec.map_err(|e| fail(format!("{}: {e}", bundle.dir.display())))

@@ -10,6 +10,7 @@ mod bundle_run;
 mod check;
 mod compile;
 mod device;
+pub mod emulated_gpu;
 mod eval;
 mod generate;
 mod ir;

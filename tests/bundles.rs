@@ -143,7 +143,7 @@ fn compiled_for_matches_the_interpreter(
         tnc_runtime::Executor::cpu(&tnc_runtime::Bundle::load_cpu(&dir).unwrap(), 2).unwrap()
     } else {
         let bundle = tnc_runtime::Bundle::load(&dir).unwrap();
-        let gpu = tnc_compiler::kernel::emulated_gpu::EmulatedGpu::new(&bundle).unwrap();
+        let gpu = tnc::emulated_gpu::EmulatedGpu::new(&bundle).unwrap();
         tnc_runtime::Executor::on(&bundle, Box::new(gpu)).unwrap()
     };
     exec.set_debug_nan(true);
@@ -232,6 +232,24 @@ fn the_runtime_links_neither_llvm_nor_the_compiler() {
     assert!(tree.contains("tnc-runtime"), "{tree}");
     for forbidden in ["inkwell", "llvm-sys", "tnc-compiler", "cranelift"] {
         assert!(!tree.contains(forbidden), "the runtime depends on {forbidden}:\n{tree}");
+    }
+}
+
+/// The compiler shares the bundle format and the bit-for-bit numerics with the runtime
+/// through `tnc-bundle`, and depends on neither the runtime nor a device (no CUDA driver
+/// bindings, no command-line parser).
+#[test]
+fn the_compiler_does_not_depend_on_the_runtime() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["tree", "-p", "tnc-compiler", "--edges", "normal,build", "--prefix", "none"])
+        .current_dir(repo())
+        .output()
+        .expect("cargo tree runs");
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(tree.contains("tnc-compiler") && tree.contains("tnc-bundle"), "{tree}");
+    for forbidden in ["tnc-runtime", "cudarc", "clap"] {
+        assert!(!tree.contains(forbidden), "the compiler depends on {forbidden}:\n{tree}");
     }
 }
 

@@ -113,7 +113,7 @@ fn untied_projection_in_three_chunks_matches_the_interpreter() {
     check("untied", model("cross_entropy(h @ w_out, y)"));
 }
 
-/// The chunks' launches are written to the manifest as runs (`runtime/src/launch_runs.rs`):
+/// The chunks' launches are written to the manifest as runs (`bundle/src/launch_runs.rs`):
 /// a training bundle's manifest is as large at 2^20 words (1,024 chunks) as at 2^13, and
 /// loads back as every chunk's launches (listed one by one, each of the 6,150 backward
 /// launches at 2^20 cost ~45 bytes). Only the sizes' digits differ (82 bytes measured).

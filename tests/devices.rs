@@ -56,7 +56,7 @@ fn cpu() -> Executor {
 
 fn emulated() -> Executor {
     let b = bundle("sm80");
-    let device = tnc_compiler::kernel::emulated_gpu::EmulatedGpu::new(&b).unwrap();
+    let device = tnc::emulated_gpu::EmulatedGpu::new(&b).unwrap();
     Executor::on(&b, Box::new(device)).unwrap()
 }
 
@@ -240,7 +240,7 @@ fn cuda_passes_the_device_suite_where_there_is_a_gpu() {
 /// A GPU with little memory: the emulated GPU, reporting `capacity` less what it holds as
 /// free, and counting every allocation (shared, so the test sees it after a refusal).
 struct SmallGpu {
-    inner: tnc_compiler::kernel::emulated_gpu::EmulatedGpu,
+    inner: tnc::emulated_gpu::EmulatedGpu,
     capacity: usize,
     resizes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -294,7 +294,7 @@ fn a_gpu_too_small_is_refused_before_allocating() {
     let b = bundle("sm80");
     let small = |capacity: usize| {
         let resizes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let inner = tnc_compiler::kernel::emulated_gpu::EmulatedGpu::new(&b).unwrap();
+        let inner = tnc::emulated_gpu::EmulatedGpu::new(&b).unwrap();
         (Box::new(SmallGpu { inner, capacity, resizes: resizes.clone() }), resizes)
     };
     let (device, resizes) = small(1024);

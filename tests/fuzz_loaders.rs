@@ -318,7 +318,7 @@ fn mutate_manifest(seed: &[u8], m: &Mutation) -> Vec<u8> {
 
 /// The manifest with every launch of every entry point written as a run of one
 /// repetition (the tiny vocabulary has no chunks to repeat), so the mutations reach the
-/// runs' reader (`runtime/src/launch_runs.rs`) too.
+/// runs' reader (`bundle/src/launch_runs.rs`) too.
 fn with_runs(manifest: &[u8]) -> Vec<u8> {
     let mut v: Value = serde_json::from_slice(manifest).unwrap();
     for (_, steps) in v["entry_points"].as_object_mut().unwrap() {

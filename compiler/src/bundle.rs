@@ -1,4 +1,4 @@
-//! Writing a bundle: the manifest (`tnc_runtime::manifest`) that describes a scheduled
+//! Writing a bundle: the manifest (`tnc_bundle::manifest`) that describes a scheduled
 //! program — kernels, buffers as polynomials in B and N, parameters with their
 //! initializers, inputs, outputs, entry points — and the code (`kernels.so` for CPUs).
 //! Initializers the runtime cannot compute (`Init::Computed`, e.g. LRPE's angles) are
@@ -10,7 +10,7 @@ use crate::ir::{DType, Dim, Graph, Init};
 use crate::kernel::{self, Binary, Expr, Kernel};
 use crate::schedule::{Role, Schedule};
 use std::collections::BTreeMap;
-use tnc_runtime::manifest::{self as m, Manifest, Poly};
+use tnc_bundle::manifest::{self as m, Manifest, Poly};
 
 pub const INIT_FILE: &str = "init.safetensors";
 

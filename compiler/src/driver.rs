@@ -103,10 +103,10 @@ fn model_hash(graph: &Graph, opts: &Options) -> String {
             p => format!("{}\n", p.describe()),
         }
     );
-    tnc_runtime::manifest::sha256_hex(text.as_bytes())
+    tnc_bundle::manifest::sha256_hex(text.as_bytes())
 }
 
-fn write(out: &Path, manifest: &tnc_runtime::Manifest, files: &[(&str, &[u8])]) -> Result<(), String> {
+fn write(out: &Path, manifest: &tnc_bundle::Manifest, files: &[(&str, &[u8])]) -> Result<(), String> {
     let non_bundle = out.exists()
         && !out.join("manifest.json").exists()
         && out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false);

@@ -17,7 +17,7 @@ use common::kernels::*;
 // ---- test data ----
 
 fn data(n: usize, seed: u64) -> Vec<f32> {
-    (0..n).map(|i| (tnc_runtime::rng::normal(seed, 1, i as u64, 0) * 3.0) as f32).collect()
+    (0..n).map(|i| (tnc_bundle::rng::normal(seed, 1, i as u64, 0) * 3.0) as f32).collect()
 }
 
 // ---- compiling, loading, comparing ----
@@ -357,7 +357,7 @@ fn vector_loop_invariants_are_hoisted_only_where_that_is_safe() {
 
 #[test]
 fn dropout_matches_runtime_rng() {
-    // Directly against tnc_runtime::rng, not only through the executor.
+    // Directly against tnc_bundle::rng, not only through the executor.
     let k = dropout_kernel();
     for codegen in CodeGen::ALL {
         let lib = compile(std::slice::from_ref(&k), &Gen::new("native", codegen));
@@ -371,7 +371,7 @@ fn dropout_matches_runtime_rng() {
         let sizes = [n as i64, seed as i64, step];
         unsafe { f(ptrs.as_ptr(), sizes.as_ptr(), 0, n as i64) };
         for j in 0..n {
-            let keep = tnc_runtime::rng::dropout_keep(seed, 0x1234_5678_9abc, j as u64, step as u64, 0.3);
+            let keep = tnc_bundle::rng::dropout_keep(seed, 0x1234_5678_9abc, j as u64, step as u64, 0.3);
             assert_eq!(mask[4 * j] != 0, keep, "{}: element {j}", codegen.name());
         }
         let kept = mask.iter().step_by(4).filter(|&&m| m != 0).count() as f64 / n as f64;

@@ -11,12 +11,12 @@ mod common;
 use common::*;
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
+use tnc_bundle::rng;
 use tnc_compiler::autodiff::{differentiate, grad_name, GradOptions};
 use tnc_compiler::frontend::{elaborate, Input, Request};
 use tnc_compiler::interp::{compare, evaluate, init_params, EvalOptions, Tensor};
 use tnc_compiler::ir::verify::verify;
 use tnc_compiler::ir::{DType, Graph};
-use tnc_runtime::rng;
 
 const VOCAB: usize = 32;
 const BATCH: usize = 2;

@@ -7,13 +7,13 @@
 mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use tnc_bundle::rng;
 use tnc_compiler::frontend::{elaborate, Input, Request};
 use tnc_compiler::interp::{compare, evaluate, init_params, EvalOptions, Tensor};
 use tnc_compiler::ir::print::to_text;
 use tnc_compiler::ir::verify::verify;
 use tnc_compiler::ir::Graph;
 use tnc_compiler::passes::{self, Autodiff, Canonicalize, Cse, Dce, Pass, Simplify};
-use tnc_runtime::rng;
 
 const BATCH: usize = 2;
 const LENGTHS: [usize; 2] = [7, 13];

@@ -425,7 +425,7 @@ fn bundles_launch_within_ptxas_figures() {
         ));
         let compiled =
             driver::compile(g, target, &dir, Default::default(), Vec::new()).unwrap_or_else(|e| panic!("{what}: {e}"));
-        let manifest: tnc_runtime::Manifest =
+        let manifest: tnc_bundle::Manifest =
             serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
         let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
@@ -529,7 +529,7 @@ fn bf16_bundles_use_tensor_cores() {
             let opts =
                 driver::Options { train: true, precision: tnc_compiler::passes::Policy::Bf16, ..Default::default() };
             let compiled = driver::compile(g, target, &dir, opts, Vec::new()).unwrap_or_else(|e| panic!("{what}: {e}"));
-            let manifest: tnc_runtime::Manifest =
+            let manifest: tnc_bundle::Manifest =
                 serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
             let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
             let _ = std::fs::remove_dir_all(&dir);
@@ -601,7 +601,7 @@ fn fill(elem: Elem, n: usize, seed: u64) -> exec::Buffer {
 }
 
 fn data(n: usize, seed: u64) -> Vec<f32> {
-    (0..n).map(|i| (tnc_runtime::rng::normal(seed, 1, i as u64, 0) * 3.0) as f32).collect()
+    (0..n).map(|i| (tnc_bundle::rng::normal(seed, 1, i as u64, 0) * 3.0) as f32).collect()
 }
 
 fn bytes(b: &exec::Buffer) -> Vec<u8> {

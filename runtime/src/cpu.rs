@@ -159,11 +159,7 @@ fn execute(launches: &Launches, args: &[i64], pool: &Pool) {
     });
 }
 
-/// Thread `t`'s contiguous part of `0..extent` when split `threads` ways.
-pub fn chunk(extent: i64, t: usize, threads: usize) -> (i64, i64) {
-    let at = |i: usize| (extent as i128 * i as i128 / threads as i128) as i64;
-    (at(t), at(t + 1))
-}
+pub use tnc_bundle::split::chunk;
 
 /// CPU threads running a CPU bundle. See the module documentation.
 pub struct CpuDevice {

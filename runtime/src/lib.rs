@@ -1,8 +1,6 @@
 //! The tnc runtime. It must never depend on LLVM or on the compiler crate: it loads
 //! what the compiler wrote and runs it.
 //!
-//! - [`manifest`]: the bundle format (`manifest.json`, checksums, size polynomials);
-//! - [`launch_runs`]: repeated launches written as runs in `manifest.json`;
 //! - [`bundle`]: loading and verifying a bundle ([`Bundle::load`]);
 //! - [`executor`]: [`Executor`], which runs a bundle's entry points on any [`Device`]
 //!   (sizes, parameters, optimizer state, inputs, outputs, gradients, errors);
@@ -10,13 +8,14 @@
 //! - [`cpu`]: the CPU device, running `kernels.so` on threads;
 //! - [`cuda`] (feature `cuda`, on by default): the CUDA device, running `kernels.ptx`
 //!   through the driver API, with CUDA graphs;
-//! - [`gemm`]: library GEMM nodes, run with the `gemm` crate (f32) or on AMX
-//!   ([`amx`], bf16);
-//! - [`init`]: parameter initialization from a seed, shared bit for bit with the
-//!   compiler's reference interpreter;
 //! - [`pool`]: the CPU device's worker threads;
-//! - [`rng`]: the counter-based random generator behind dropout and initialization;
 //! - [`tensor`]: host tensors in and out.
+//!
+//! The bundle format and what the compiler must compute bit for bit alike are the
+//! `tnc-bundle` crate's, re-exported here under their paths: [`manifest`] (the format,
+//! checksums, size polynomials), [`launch_runs`], [`gemm`] and [`bf16_gemm`] (library
+//! GEMM nodes), [`init`] (parameter initialization from a seed), [`rng`] (dropout's and
+//! initialization's counter-based generator), [`index_bounds`].
 //!
 //! ```no_run
 //! use tnc_runtime::{Bundle, Executor, Tensor};
@@ -31,7 +30,6 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-pub mod bf16_gemm;
 pub mod bundle;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -39,16 +37,14 @@ pub mod cuda;
 pub mod device;
 pub mod error;
 pub mod executor;
-pub mod gemm;
 pub mod host_memory;
-pub mod index_bounds;
-pub mod init;
-pub mod launch_runs;
-pub mod manifest;
 pub mod pipes;
 pub mod pool;
-pub mod rng;
 pub mod tensor;
+
+// The bundle format and the numerics shared bit for bit with the compiler live in
+// `tnc-bundle`; they are re-exported under their old paths.
+pub use tnc_bundle::{bf16_gemm, gemm, index_bounds, init, launch_runs, manifest, rng};
 
 pub use bundle::{Bundle, BundleError};
 pub use cpu::CpuDevice;

@@ -10,7 +10,7 @@ use crate::bundle::TargetInfo;
 use crate::kernel::Kernel;
 use crate::schedule::{Schedule, ScheduleOptions};
 use std::time::Duration;
-use tnc_runtime::Manifest;
+use tnc_bundle::Manifest;
 
 /// What `--emit` asks for besides the bundle.
 #[derive(Clone, Copy, Debug, Default)]

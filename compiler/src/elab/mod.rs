@@ -240,6 +240,6 @@ impl Elaborator<'_> {
     /// A stable salt for a dropout site: its scope path and its order within the model.
     fn dropout_salt(&mut self) -> u64 {
         self.dropout_sites += 1;
-        tnc_runtime::rng::stable_hash(&format!("{}#dropout{}", self.scope.join("."), self.dropout_sites))
+        tnc_bundle::rng::stable_hash(&format!("{}#dropout{}", self.scope.join("."), self.dropout_sites))
     }
 }

@@ -104,7 +104,7 @@ mod tests {
 
     /// A deterministic `[2, rows, cols]` tensor.
     fn t(rows: usize, cols: usize, salt: u64) -> Tensor {
-        let data = (0..2 * rows * cols).map(|i| tnc_runtime::rng::normal(salt, 3, i as u64, 0)).collect();
+        let data = (0..2 * rows * cols).map(|i| tnc_bundle::rng::normal(salt, 3, i as u64, 0)).collect();
         Tensor::new(vec![2, rows, cols], data).unwrap()
     }
 

@@ -179,7 +179,7 @@ fn bind_symbols(
             .iter()
             .map(|b| b.eval(&|s| symbols.get(s).copied()).ok_or_else(|| format!("cannot evaluate the bound `{b}`")))
             .collect::<Result<_, _>>()?;
-        tnc_runtime::index_bounds::check_values(t.data.iter().map(|&v| v as i64), &limits)
+        tnc_bundle::index_bounds::check_values(t.data.iter().map(|&v| v as i64), &limits)
             .map_err(|e| format!("input `{}` {e}", info.name))?;
     }
     Ok(symbols)

@@ -7,8 +7,8 @@ use super::eval::{evaluate, EvalOptions};
 use super::tensor::{checked_numel, Tensor};
 use crate::ir::{Graph, Init, ParamInfo};
 use std::collections::HashMap;
-use tnc_runtime::init;
-use tnc_runtime::manifest::InitSpec;
+use tnc_bundle::init;
+use tnc_bundle::manifest::InitSpec;
 
 /// Initial values of every parameter and buffer of `g`, in `g.params` order.
 pub fn init_params(g: &Graph, seed: u64) -> Result<Vec<Tensor>, String> {
@@ -35,7 +35,7 @@ pub fn init_param(p: &ParamInfo, seed: u64) -> Result<Tensor, String> {
         Init::Xavier { gain } => InitSpec::Xavier { gain: *gain },
         Init::Computed(graph) => return computed(p, graph, shape),
     };
-    // Shared with the runtime (`tnc_runtime::init`), so bundles initialize bit for bit alike.
+    // Shared with the runtime (`tnc_bundle::init`), so bundles initialize bit for bit alike.
     let data = init::init_values(&spec, &shape, &p.name, p.seed.unwrap_or(seed))
         .map_err(|e| format!("parameter `{}`: {e}", p.name))?;
     debug_assert_eq!(data.len(), n);

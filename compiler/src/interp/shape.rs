@@ -2,7 +2,7 @@
 //! slice, pad, concat, gather and dropout. Sizes arrive already evaluated (symbols bound).
 
 use super::tensor::{checked_numel, strides, walk, Tensor};
-use tnc_runtime::rng;
+use tnc_bundle::rng;
 
 pub fn reshape(x: &Tensor, shape: Vec<usize>) -> Result<Tensor, String> {
     if checked_numel(&shape)? != x.numel() {

@@ -6,7 +6,7 @@
 //! padding (zeros) or concatenation, which move values without changing them — gets the
 //! bounds of the tables it indexes, and every run checks them before computing anything:
 //! the interpreter (`interp::eval`) and every bundle executor (the manifest's
-//! `IoEntry::bounds`), both with `tnc_runtime::index_bounds::check_values`.
+//! `IoEntry::bounds`), both with `tnc_bundle::index_bounds::check_values`.
 
 use super::{Dim, Graph, NodeId, Op};
 

@@ -97,7 +97,7 @@ impl Machine<'_> {
     /// A library GEMM node, naively: each element a sequential f32 sum over k. The row
     /// blocks and bounds checks are the runtime's own, so both agree on the semantics.
     pub(super) fn gemm(&mut self, g: &super::gemm::Gemm, begin: i64, end: i64) -> Result<(), String> {
-        use tnc_runtime::gemm::{Shape, View};
+        use tnc_bundle::gemm::{Shape, View};
         let mut int = |e: &Expr| self.eval(e)?.i();
         let mut view = |v: &super::gemm::Matrix| -> Result<View, String> {
             Ok(View { offset: int(&v.offset)?, rows: int(&v.rows)?, cols: int(&v.cols)? })
@@ -213,7 +213,7 @@ impl Machine<'_> {
                 let seed = self.eval(seed)?.i()? as u64;
                 let index = self.eval(index)?.i()? as u64;
                 let step = self.eval(step)?.i()? as u64;
-                Val::B(tnc_runtime::rng::dropout_keep(seed, *salt, index, step, *rate))
+                Val::B(tnc_bundle::rng::dropout_keep(seed, *salt, index, step, *rate))
             }
         })
     }

@@ -1,5 +1,5 @@
 //! A block kernel as a plain kernel: its threads become loops, so the CPU back end can
-//! compile a GPU schedule for the host (the emulated GPU's fast path, `emulated_gpu.rs`).
+//! compile a GPU schedule for the host (the emulated GPU's fast path, `cli/emulated_gpu.rs`).
 //!
 //! The body of a block kernel is uniform structure — the kernel body, and loops or `if`s
 //! that contain a barrier (which every thread of a block must reach together) — around

@@ -14,7 +14,7 @@
 //! - `step`: AdamW on every trainable parameter, then `grad_sum.p = 0`.
 //!
 //! The hyper-parameters (learning rate, betas, bias corrections, …) live in one small
-//! buffer the host writes before `grad_norm` (layout: `tnc_runtime::manifest::Hyper`), so
+//! buffer the host writes before `grad_norm` (layout: `tnc_bundle::manifest::Hyper`), so
 //! a schedule of learning rates needs no recompilation.
 //!
 //! Weight decay applies to every trainable parameter except those with the `no_decay`
@@ -24,7 +24,7 @@ use super::{BufferInfo, Entry, Role, Schedule, Step};
 use crate::ir::{Dim, Graph};
 use crate::kernel::{print, Access, Binary, BufferDecl, Elem, Expr, Kernel, LoopKind, Scalar, Stmt, Unary, Var};
 use std::collections::HashMap;
-use tnc_runtime::manifest::{Hyper, OPTIMIZER_HYPER};
+use tnc_bundle::manifest::{Hyper, OPTIMIZER_HYPER};
 
 /// The attribute that exempts a parameter from weight decay.
 pub const NO_DECAY: &str = "no_decay";

@@ -5,11 +5,11 @@
 pub mod kernels;
 
 use std::collections::HashMap;
+use tnc_bundle::rng;
 use tnc_compiler::autodiff::{differentiate_wrt, grad_name};
 use tnc_compiler::interp::{compare, evaluate, EvalOptions, Tensor};
 use tnc_compiler::ir::verify::verify;
 use tnc_compiler::ir::{DType, Dim, Graph, NodeId, Op, ReduceOp, TensorType};
-use tnc_runtime::rng;
 
 /// The tolerance every finite-difference check in f64 must meet (relative L2).
 pub const FD_TOL: f64 = 1e-6;

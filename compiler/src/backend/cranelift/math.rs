@@ -1,6 +1,6 @@
 //! The kernel IR's own math as inline Cranelift instructions: `kernel::math`'s exp, sin
 //! and cos (SLEEF's algorithms), the roundings to bfloat16 and IEEE half, and dropout's
-//! Philox4x32-10 (`tnc_runtime::rng`). Each is the reference executor's sequence of IEEE
+//! Philox4x32-10 (`tnc_bundle::rng`). Each is the reference executor's sequence of IEEE
 //! operations, operation for operation, so that Cranelift's code agrees with it (and
 //! with LLVM's) bit for bit; `kernel::math` documents the algorithms.
 //!
@@ -310,7 +310,7 @@ pub fn f16_value(b: B, h: Value) -> Value {
     float_of(b, Width::One, r)
 }
 
-/// `tnc_runtime::rng::dropout_keep(seed, salt, index, step, rate)` (an i8 0 or 1):
+/// `tnc_bundle::rng::dropout_keep(seed, salt, index, step, rate)` (an i8 0 or 1):
 /// Philox4x32-10 with key = split(seed ^ rotl(salt, 29)·φ64) and counter = (index lo,
 /// index hi, step lo, step hi); kept iff (word0 >> 8) ≥ rate·2^24.
 pub fn dropout_keep(b: B, seed: Value, salt: u64, index: Value, step: Value, rate: f64) -> Value {

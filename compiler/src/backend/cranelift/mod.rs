@@ -24,7 +24,7 @@ use cranelift_codegen::{isa, Context};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{Linkage, Module};
 use cranelift_object::{ObjectBuilder, ObjectModule};
-use tnc_runtime::manifest::TargetKind;
+use tnc_bundle::manifest::TargetKind;
 
 pub struct CraneliftNative {
     cpu: CpuTarget,
@@ -61,11 +61,11 @@ impl Backend for CraneliftNative {
         // a host without AVX-512.
         let used: Vec<&str> = enabled_features(&self.cpu).into_iter().map(|(llvm, _)| llvm).collect();
         let cpu_features = (super::target::runtime_names(&used).into_iter())
-            .filter(|f| tnc_runtime::bundle::host_has_feature(f).is_some())
+            .filter(|f| tnc_bundle::cpu_features::host_has_feature(f).is_some())
             .collect();
         Ok(Written {
             info: TargetInfo { name: self.cpu.name.clone(), kind: TargetKind::Cpu, cpu_features },
-            files: vec![(tnc_runtime::manifest::CPU_KERNELS_FILE, so)],
+            files: vec![(tnc_bundle::manifest::CPU_KERNELS_FILE, so)],
             extras,
             stages,
         })

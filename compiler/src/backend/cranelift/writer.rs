@@ -17,7 +17,7 @@
 //! - a fused multiply-add is Cranelift's `fma` (`vfmadd` with the `fma` feature, else a
 //!   call to libm's `fmaf`), rounded once as everywhere;
 //! - exp, sin, cos, the bf16 and f16 roundings and dropout's Philox are `kernel::math`'s
-//!   and `tnc_runtime::rng`'s operation sequences, inlined (`math.rs`); log, pow, tanh and
+//!   and `tnc_bundle::rng`'s operation sequences, inlined (`math.rs`); log, pow, tanh and
 //!   the float remainder call libm (`logf`, `powf`, `tanhf`, `fmodf`, the functions LLVM
 //!   calls too), so the shared object links `-lm`;
 //! - `Select` evaluates only the chosen operand when one may trap (a load, an integer

@@ -6,7 +6,7 @@ use crate::backend::target::CpuTarget;
 use crate::bundle::TargetInfo;
 use crate::kernel::Kernel;
 use crate::schedule::ScheduleOptions;
-use tnc_runtime::manifest::TargetKind;
+use tnc_bundle::manifest::TargetKind;
 
 pub struct LlvmNative {
     cpu: CpuTarget,
@@ -43,12 +43,12 @@ impl Backend for LlvmNative {
         // Features the runtime can check; `native` lists every host feature LLVM knows,
         // some of which no run-time check exists for (the checked ones imply them).
         let cpu_features = (self.cpu.required_features.iter())
-            .filter(|f| tnc_runtime::bundle::host_has_feature(f).is_some())
+            .filter(|f| tnc_bundle::cpu_features::host_has_feature(f).is_some())
             .cloned()
             .collect();
         Ok(Written {
             info: TargetInfo { name: self.cpu.name.clone(), kind: TargetKind::Cpu, cpu_features },
-            files: vec![(tnc_runtime::manifest::CPU_KERNELS_FILE, linked?)],
+            files: vec![(tnc_bundle::manifest::CPU_KERNELS_FILE, linked?)],
             extras,
             stages,
         })

@@ -8,8 +8,8 @@ use crate::backend::target::GpuTarget;
 use crate::bundle::TargetInfo;
 use crate::kernel::Kernel;
 use crate::schedule::{Schedule, ScheduleOptions};
-use tnc_runtime::manifest::{GpuLaunch, Poly, TargetKind};
-use tnc_runtime::Manifest;
+use tnc_bundle::manifest::{GpuLaunch, Poly, TargetKind};
+use tnc_bundle::Manifest;
 
 pub struct LlvmNvptx {
     gpu: GpuTarget,
@@ -63,8 +63,8 @@ impl Backend for LlvmNvptx {
         Ok(Written {
             info: TargetInfo { name: self.gpu.name.clone(), kind: TargetKind::Cuda, cpu_features: Vec::new() },
             files: vec![
-                (tnc_runtime::manifest::CUDA_KERNELS_FILE, ptx.into_bytes()),
-                (tnc_runtime::manifest::KERNEL_IR_FILE, kernel_ir),
+                (tnc_bundle::manifest::CUDA_KERNELS_FILE, ptx.into_bytes()),
+                (tnc_bundle::manifest::KERNEL_IR_FILE, kernel_ir),
             ],
             extras,
             stages,

@@ -36,7 +36,7 @@
 //! - `Select` evaluates only the chosen operand when an operand may trap (a load, an
 //!   integer division), as the executor does; otherwise it is an LLVM `select`;
 //! - `DropoutKeep` is Philox4x32-10 inlined, the same function as
-//!   `tnc_runtime::rng::dropout_keep`.
+//!   `tnc_bundle::rng::dropout_keep`.
 //!
 //! What the executor reports as an error at run time (an out-of-bounds access, integer
 //! division by zero) is undefined behaviour in generated code. Type errors (a store of an
@@ -1010,7 +1010,7 @@ impl<'a, 'ctx> Fx<'a, 'ctx> {
         })
     }
 
-    /// `tnc_runtime::rng::dropout_keep(seed, salt, index, step, rate)`: Philox4x32-10 with
+    /// `tnc_bundle::rng::dropout_keep(seed, salt, index, step, rate)`: Philox4x32-10 with
     /// key = split(seed ^ rotl(salt, 29)·φ64) and counter = (index lo, index hi, step lo,
     /// step hi); kept iff (word0 >> 8) ≥ rate·2^24.
     fn dropout_keep(

@@ -3,9 +3,9 @@
 //! models on GPU schedules on machines without a GPU, so CI tests them.
 //!
 //! Kernels run compiled for the host: block kernels with their threads as loops
-//! (`thread_loops.rs`), through the CPU back end. The first time a kernel is launched at
+//! (`compiler/src/kernel/thread_loops.rs`), through the CPU back end. The first time a kernel is launched at
 //! a set of sizes, its first and last [`CHECKED_BLOCKS`] blocks (iterations, for a kernel
-//! without blocks) run in the GPU-semantics executor instead (`gpu_exec.rs`: each block's
+//! without blocks) run in the GPU-semantics executor instead (`compiler/src/kernel/gpu_exec.rs`: each block's
 //! threads in a random order, shared memory checked for races, out-of-bounds and
 //! uninitialized reads, control flow around barriers checked for uniformity), and the
 //! blocks between them compiled: blocks never read what other blocks of the launch write,
@@ -14,15 +14,15 @@
 //! while training goes at compiled speed. `TNC_EMULATED_CHECK=all` checks every block of
 //! every launch (slow: an interpreter).
 //!
-//! It lives in the compiler crate because the kernel IR, its executor and the code
-//! generator do: the runtime never depends on the compiler, so `tnc-run` has no emulated
-//! device.
+//! It lives in the `tnc` crate, which depends on both the compiler (the kernel IR, its
+//! executor and the code generator) and the runtime (the device interface): neither of
+//! those depends on the other, so `tnc-run` has no emulated device.
 
-use super::exec::{self, Buffer};
-use super::ir::{Access, Kernel};
-use crate::schedule::run::{to_bytes, to_typed};
 use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
+use tnc_compiler::kernel::exec::{self, Buffer};
+use tnc_compiler::kernel::{Access, Kernel};
+use tnc_compiler::schedule::run::{to_bytes, to_typed};
 use tnc_runtime::cpu::KernelFn;
 use tnc_runtime::device::{download_from_host, upload_to_host, Device, Launch};
 use tnc_runtime::manifest::{TargetKind, KERNEL_IR_FILE};
@@ -151,11 +151,12 @@ impl EmulatedGpu {
 fn compile_for_host(kernels: &[Kernel]) -> Result<Compiled, ExecError> {
     let fail = |m: String| ExecError::Unsupported(format!("compiling the GPU kernels for the host: {m}"));
     let plain: Vec<Kernel> =
-        kernels.iter().map(super::thread_loops::thread_loops).collect::<Result<_, _>>().map_err(fail)?;
-    let target = crate::backend::Target::Cpu(crate::backend::CpuTarget::native().map_err(fail)?);
+        kernels.iter().map(tnc_compiler::kernel::thread_loops::thread_loops).collect::<Result<_, _>>().map_err(fail)?;
+    let target = tnc_compiler::backend::Target::Cpu(tnc_compiler::backend::CpuTarget::native().map_err(fail)?);
     // The default code generator of this build writes the host's shared object.
-    let backend = crate::backend::backend_for(&target, crate::backend::CodeGen::default()).map_err(fail)?;
-    let written = backend.write(&plain, crate::backend::Emit::default()).map_err(fail)?;
+    let backend =
+        tnc_compiler::backend::backend_for(&target, tnc_compiler::backend::CodeGen::default()).map_err(fail)?;
+    let written = backend.write(&plain, tnc_compiler::backend::Emit::default()).map_err(fail)?;
     let so_bytes = written.file(tnc_runtime::manifest::CPU_KERNELS_FILE);
     let so_bytes = so_bytes.ok_or_else(|| fail("the CPU back end wrote no shared object".into()))?;
     let dir = tempdir().map_err(|e| fail(format!("a temporary directory: {e}")))?;

@@ -192,12 +192,12 @@ pub unsafe fn run_part(
 ) {
     let split_columns = shape.batch.is_empty() && shape.n > shape.m && threads > 1;
     if !split_columns {
-        let (begin, end) = crate::cpu::chunk(shape.extent().unwrap_or(0), t, threads);
+        let (begin, end) = crate::split::chunk(shape.extent().unwrap_or(0), t, threads);
         // SAFETY: as documented; the row ranges are disjoint.
         return unsafe { run(shape, operands, a, b, c, begin, end) };
     }
     let blocks = (shape.n + 31) / 32;
-    let (first, last) = crate::cpu::chunk(blocks, t, threads);
+    let (first, last) = crate::split::chunk(blocks, t, threads);
     let (j0, j1) = (first * 32, (last * 32).min(shape.n));
     if j0 >= j1 {
         return;
