@@ -10,18 +10,21 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use tnc_runtime::bf16_gemm::Kernel;
 use tnc_runtime::gemm::{run, Operands, Shape, View};
 
-/// (name, m, n, k, A transposed): a projection, the GLU's up and down products, a weight
-/// gradient (Aᵀ·B over the tokens), the logits of one vocabulary chunk.
-const SHAPES: [(&str, i64, i64, i64, bool); 6] = [
-    ("proj 2048x256x256", 2048, 256, 256, false),
-    ("glu_up 2048x683x256", 2048, 683, 256, false),
-    ("glu_down 2048x256x683", 2048, 256, 683, false),
-    ("weight_grad 256x683x2048", 256, 683, 2048, true),
-    ("logits 2048x1024x256", 2048, 1024, 256, false),
-    ("square 1024", 1024, 1024, 1024, false),
+/// (name, m, n, k, A transposed, B transposed): a projection, the GLU's up and down
+/// products, a weight gradient (Aᵀ·B over the tokens), the logits of one vocabulary
+/// chunk, and of the whole vocabulary against a tied embedding table (B = Eᵀ, read with
+/// the table's rows as its columns, as the cross-entropy's product does).
+const SHAPES: [(&str, i64, i64, i64, bool, bool); 7] = [
+    ("proj 2048x256x256", 2048, 256, 256, false, false),
+    ("glu_up 2048x683x256", 2048, 683, 256, false, false),
+    ("glu_down 2048x256x683", 2048, 256, 683, false, false),
+    ("weight_grad 256x683x2048", 256, 683, 2048, true, false),
+    ("logits 2048x1024x256", 2048, 1024, 256, false, false),
+    ("tied_logits 2048x4096x256", 2048, 4096, 256, false, true),
+    ("square 1024", 1024, 1024, 1024, false, false),
 ];
 
-fn shape(m: i64, n: i64, k: i64, a_transposed: bool) -> Shape {
+fn shape(m: i64, n: i64, k: i64, a_transposed: bool, b_transposed: bool) -> Shape {
     let a = if a_transposed { View { offset: 0, rows: 1, cols: m } } else { View { offset: 0, rows: k, cols: 1 } };
     Shape {
         batch: Vec::new(),
@@ -29,7 +32,7 @@ fn shape(m: i64, n: i64, k: i64, a_transposed: bool) -> Shape {
         n,
         k,
         a,
-        b: View { offset: 0, rows: n, cols: 1 },
+        b: if b_transposed { View { offset: 0, rows: 1, cols: k } } else { View { offset: 0, rows: n, cols: 1 } },
         c: View { offset: 0, rows: n, cols: 1 },
         accumulate: false,
     }
@@ -37,8 +40,8 @@ fn shape(m: i64, n: i64, k: i64, a_transposed: bool) -> Shape {
 
 fn gemms(c: &mut Criterion) {
     let mut group = c.benchmark_group("gemm");
-    for (name, m, n, k, at) in SHAPES {
-        let s = shape(m, n, k, at);
+    for (name, m, n, k, at, bt) in SHAPES {
+        let s = shape(m, n, k, at, bt);
         group.throughput(Throughput::Elements((m * n * k) as u64));
         let a32: Vec<f32> = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) / 9.0).collect();
         let b32: Vec<f32> = (0..k * n).map(|i| ((i % 13) as f32 - 6.0) / 7.0).collect();
