@@ -8,8 +8,8 @@
 //! The `gemm` crate has no bf16 kernels that use these instructions, so they are here.
 //! A call computes a block of rows of one product. A and B are first packed (`pack.rs`) into
 //! zero-padded scratch (A row-major with rows of 32 values per step of k; B in the
-//! "VNNI" layout both instructions read: for each pair of k, the pairs (B[k][n],
-//! B[k+1][n]) of 32 columns side by side), so any strides and any sizes work. Then every
+//! "VNNI" layout both instructions read: for each pair of k, the pairs (`B[k][n]`,
+//! `B[k+1][n]`) of 32 columns side by side), so any strides and any sizes work. Then every
 //! 32 × 32 block of C is one call of the kernel's `block`, stored to a scratch block
 //! copied (or added) into C unless it can be accumulated in place. The k-steps run in
 //! order, and each lane's sum in a fixed order, so results do not depend on the thread

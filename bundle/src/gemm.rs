@@ -1,4 +1,4 @@
-//! Library GEMM nodes (kernels with `library: true` and a [`GemmEntry`](crate::manifest::GemmEntry)):
+//! Library GEMM nodes (kernels with `library: true` and a [`GemmEntry`]):
 //! the only arithmetic the runtime does itself. The compiler hands dense projections and
 //! their gradients to the `gemm` crate because it is an order of magnitude faster than
 //! generated loop nests on CPUs (AVX-512 with the crate's `x86-v4` feature).

@@ -24,7 +24,7 @@ const GROUP: usize = 8;
 
 /// One 32 × 32 block of C: `C (+)= A·B` over `kp` values of k (even), with the operands
 /// packed as for AMX (`bf16_gemm.rs`): A row-major, rows `lda` values apart (`lda` even);
-/// B as `kp/2` rows of 32 pairs (B[k][n], B[k+1][n]), 64-byte aligned. C at `cp`, rows
+/// B as `kp/2` rows of 32 pairs (`B[k][n]`, `B[k+1][n]`), 64-byte aligned. C at `cp`, rows
 /// `c_stride` bytes apart, read first when `from_c` (else from zero).
 ///
 /// Each lane's sum runs over k in order, so results do not depend on where the block lies

@@ -1,6 +1,6 @@
 //! Packing a bf16 product's operands into the zero-padded layouts both kernels read: A
 //! row-major with 32-value steps of k, B in "VNNI" panels (for each pair of k, the pairs
-//! (B[k][n], B[k+1][n]) of 32 columns side by side).
+//! (`B[k][n]`, `B[k+1][n]`) of 32 columns side by side).
 //!
 //! Packing is memory-bound work done on every call (the operands arrive from the
 //! previous kernel), and in a training step it took a tenth of the time: the weight
@@ -175,7 +175,7 @@ unsafe fn transpose_columns(out: *mut u16, lda: usize, (m, k): (usize, usize), a
 }
 
 /// B (`k × n`) into `out` in 32-column panels, each `kp/2` rows of 32 pairs
-/// (B[k][n], B[k+1][n]) — the layout `tdpbf16ps` reads — zero-padded to `np` columns and
+/// (`B[k][n]`, `B[k+1][n]`) — the layout `tdpbf16ps` reads — zero-padded to `np` columns and
 /// `kp` values of k.
 ///
 /// # Safety
