@@ -70,6 +70,27 @@ fn four_lane_body(body: &[Stmt]) -> bool {
     body.iter().all(|s| matches!(s, Stmt::Let { .. } | Stmt::Store { .. } | Stmt::StoreArray { .. }))
 }
 
+/// The value of a loop extent made of integer constants (`64`, `64 % 16`), if it is one.
+pub(super) fn constant(e: &Expr) -> Option<i64> {
+    match e {
+        Expr::I64(c) => Some(*c),
+        Expr::Binary(op, a, b) => {
+            let (a, b) = (constant(a)?, constant(b)?);
+            match op {
+                Binary::Add => a.checked_add(b),
+                Binary::Sub => a.checked_sub(b),
+                Binary::Mul => a.checked_mul(b),
+                Binary::Div => a.checked_div(b),
+                Binary::Rem => a.checked_rem(b),
+                Binary::Min => Some(a.min(b)),
+                Binary::Max => Some(a.max(b)),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
 /// A vector loop's body over `var` split into the bindings that are the same in every
 /// iteration, in order, and the rest. A binding is invariant when it reads neither `var`
 /// nor a binding that is not; one that may trap or read memory only if no store comes
@@ -112,46 +133,64 @@ fn vector_flags() -> MemFlagsData {
 
 impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
     /// `for vector var in 0..n { body }`.
-    pub(super) fn vector_loop(&mut self, var: Var, n: Value, body: &[Stmt]) -> Result<(), String> {
+    /// `for vector var in 0..n { body }`; `extent` is `n` where it is a constant, so that
+    /// the parts of the loop that cannot run are not written.
+    pub(super) fn vector_loop(&mut self, var: Var, n: Value, extent: Option<i64>, body: &[Stmt]) -> Result<(), String> {
         let zero = self.b.ins().iconst(types::I64, 0);
         if !four_lane_body(body) {
             return self.emit_loop(var, zero, n, body);
         }
-        let (invariant, per_step) = split_invariant(var, body);
+        // Which parts run: whole pairs of steps, one more step, a scalar remainder.
+        let (pairs_run, step_runs, rest_runs) = match extent {
+            Some(c) if c <= 0 => return Ok(()),
+            Some(c) => (c >= 2 * WIDTH, c % (2 * WIDTH) >= WIDTH, c % WIDTH != 0),
+            None => (true, true, true),
+        };
         let count = self.b.ins().smax(n, zero);
         let whole = self.b.ins().band_imm_s(count, -WIDTH);
-        let pairs = self.b.ins().band_imm_s(count, -2 * WIDTH);
-        // The bindings that do not change from one iteration to the next run once, before
-        // the first step, where there is one (so a load among them reads what the first
-        // iteration would). Steps go two at a time, then one, then the scalar remainder.
-        let (steps, rest) = (self.b.create_block(), self.b.create_block());
-        let any = self.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, whole, 0);
-        self.b.ins().brif(any, steps, &[], rest, &[]);
-        self.b.switch_to_block(steps);
-        self.b.seal_block(steps);
-        invariant.iter().try_for_each(|s| self.stmt(s))?;
-        // Their f32 values in every lane, made here once (Cranelift leaves a splat where
-        // it is written).
-        for s in &invariant {
-            if let Stmt::Let { var, .. } = s {
-                if let Some(&(v, Class::F32)) = self.vars.get(var) {
-                    let scalar = self.b.use_var(v);
-                    let splat = self.b.ins().splat(types::F32X4, scalar);
-                    self.splats.insert(scalar, splat);
+        if pairs_run || step_runs {
+            let (invariant, per_step) = split_invariant(var, body);
+            let pairs = self.b.ins().band_imm_s(count, -2 * WIDTH);
+            // The bindings that do not change from one iteration to the next run once,
+            // before the first step, where there is one (so a load among them reads what
+            // the first iteration would). Steps go two at a time, then one, then the
+            // scalar remainder.
+            let (steps, rest) = (self.b.create_block(), self.b.create_block());
+            let any = self.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, whole, 0);
+            self.b.ins().brif(any, steps, &[], rest, &[]);
+            self.b.switch_to_block(steps);
+            self.b.seal_block(steps);
+            invariant.iter().try_for_each(|s| self.stmt(s))?;
+            // Their f32 values in every lane, made here once (Cranelift leaves a splat
+            // where it is written).
+            for s in &invariant {
+                if let Stmt::Let { var, .. } = s {
+                    if let Some(&(v, Class::F32)) = self.vars.get(var) {
+                        let scalar = self.b.use_var(v);
+                        let splat = self.b.ins().splat(types::F32X4, scalar);
+                        self.splats.insert(scalar, splat);
+                    }
                 }
             }
+            if pairs_run {
+                self.counted_loop(zero, pairs, 2 * WIDTH, |fx, i| {
+                    fx.four_lanes(var, i, &per_step)?;
+                    let next = fx.b.ins().iadd_imm_s(i, WIDTH);
+                    fx.four_lanes(var, next, &per_step)
+                })?;
+            }
+            if step_runs {
+                self.counted_loop(pairs, whole, WIDTH, |fx, i| fx.four_lanes(var, i, &per_step))?;
+            }
+            self.splats.clear();
+            self.b.ins().jump(rest, &[]);
+            self.b.switch_to_block(rest);
+            self.b.seal_block(rest);
         }
-        self.counted_loop(zero, pairs, 2 * WIDTH, |fx, i| {
-            fx.four_lanes(var, i, &per_step)?;
-            let next = fx.b.ins().iadd_imm_s(i, WIDTH);
-            fx.four_lanes(var, next, &per_step)
-        })?;
-        self.counted_loop(pairs, whole, WIDTH, |fx, i| fx.four_lanes(var, i, &per_step))?;
-        self.splats.clear();
-        self.b.ins().jump(rest, &[]);
-        self.b.switch_to_block(rest);
-        self.b.seal_block(rest);
-        self.emit_loop(var, whole, n, body)
+        if rest_runs {
+            self.emit_loop(var, whole, n, body)?;
+        }
+        Ok(())
     }
 
     /// One four-lane step of a vector loop over `var`: lanes `i..i + 4`.

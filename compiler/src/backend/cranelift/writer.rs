@@ -335,7 +335,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
             Stmt::For { var, extent, kind, body } => {
                 let n = self.int(extent, "a loop extent")?;
                 if *kind == LoopKind::Vector && self.simd {
-                    self.vector_loop(*var, n, body)?;
+                    self.vector_loop(*var, n, super::vector::constant(extent), body)?;
                 } else {
                     let zero = self.b.ins().iconst(types::I64, 0);
                     self.emit_loop(*var, zero, n, body)?;
