@@ -220,15 +220,22 @@ fn unknown_targets_list_the_valid_ones() {
     assert!(err.contains("x86-64-v4") && err.contains("native"), "{err}");
 }
 
-#[test]
-fn the_runtime_links_neither_llvm_nor_the_compiler() {
+/// `cargo tree` of `package`'s normal and build dependencies, one crate per line, with
+/// `args` (features) added.
+fn cargo_tree(package: &str, args: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO"))
-        .args(["tree", "-p", "tnc-runtime", "--edges", "normal,build", "--prefix", "none"])
+        .args(["tree", "-p", package, "--edges", "normal,build", "--prefix", "none"])
+        .args(args)
         .current_dir(repo())
         .output()
         .expect("cargo tree runs");
-    let tree = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_runtime_links_neither_llvm_nor_the_compiler() {
+    let tree = cargo_tree("tnc-runtime", &[]);
     assert!(tree.contains("tnc-runtime"), "{tree}");
     for forbidden in ["inkwell", "llvm-sys", "tnc-compiler", "cranelift"] {
         assert!(!tree.contains(forbidden), "the runtime depends on {forbidden}:\n{tree}");
@@ -240,13 +247,7 @@ fn the_runtime_links_neither_llvm_nor_the_compiler() {
 /// bindings, no command-line parser).
 #[test]
 fn the_compiler_does_not_depend_on_the_runtime() {
-    let out = std::process::Command::new(env!("CARGO"))
-        .args(["tree", "-p", "tnc-compiler", "--edges", "normal,build", "--prefix", "none"])
-        .current_dir(repo())
-        .output()
-        .expect("cargo tree runs");
-    let tree = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tree = cargo_tree("tnc-compiler", &[]);
     assert!(tree.contains("tnc-compiler") && tree.contains("tnc-bundle"), "{tree}");
     for forbidden in ["tnc-runtime", "cudarc", "clap"] {
         assert!(!tree.contains(forbidden), "the compiler depends on {forbidden}:\n{tree}");
@@ -258,22 +259,12 @@ fn the_compiler_does_not_depend_on_the_runtime() {
 /// CI builds that configuration too (`.ci/run`).
 #[test]
 fn without_the_llvm_feature_tnc_depends_on_no_llvm() {
-    let tree = |features: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO"))
-            .args(["tree", "-p", "tnc", "--edges", "normal,build", "--prefix", "none"])
-            .args(features)
-            .current_dir(repo())
-            .output()
-            .expect("cargo tree runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let without = tree(&["--no-default-features", "--features", "cranelift"]);
+    let without = cargo_tree("tnc", &["--no-default-features", "--features", "cranelift"]);
     assert!(without.contains("cranelift-codegen") && without.contains("tnc-compiler"), "{without}");
     for forbidden in ["inkwell", "llvm-sys"] {
         assert!(!without.contains(forbidden), "tnc without `llvm` depends on {forbidden}:\n{without}");
     }
-    let with = tree(&[]);
+    let with = cargo_tree("tnc", &[]);
     assert!(with.contains("inkwell") && with.contains("cranelift-codegen"), "{with}");
 }
 

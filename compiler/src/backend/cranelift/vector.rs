@@ -20,7 +20,7 @@
 //! arrays declared inside) are written as scalar loops.
 
 use super::math::{self, Width};
-use super::writer::Fx;
+use super::writer::{clif, flags, Fx};
 use crate::kernel::print;
 use crate::kernel::valid::Class;
 use crate::kernel::{Binary, Elem, Expr, Scalar, Stmt, Unary, Var};
@@ -248,7 +248,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                         for j in 0..4 {
                             let (ij, vj) = (self.lane(i, j), self.lane(v, j));
                             let (addr, _) = self.array_element_at(*array, ij)?;
-                            self.b.ins().store(MemFlagsData::trusted(), vj, addr, 0);
+                            self.b.ins().store(flags(), vj, addr, 0);
                         }
                     }
                 }
@@ -300,7 +300,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                 match i {
                     Lanes::Uniform(i, _) => {
                         let (addr, t) = self.array_element_at(*array, i)?;
-                        Lanes::Uniform(self.b.ins().load(super::writer::clif(t), MemFlagsData::trusted(), addr, 0), t)
+                        Lanes::Uniform(self.b.ins().load(clif(t), flags(), addr, 0), t)
                     }
                     Lanes::Affine { base, coef: 1 } if t == Class::F32 => {
                         let (addr, _) = self.array_element_at(*array, base)?;
@@ -309,7 +309,7 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                     _ => self.each(|fx, j| {
                         let ij = fx.lane(i, j);
                         let (addr, t) = fx.array_element_at(*array, ij)?;
-                        Ok((fx.b.ins().load(super::writer::clif(t), MemFlagsData::trusted(), addr, 0), t))
+                        Ok((fx.b.ins().load(clif(t), flags(), addr, 0), t))
                     })?,
                 }
             }
@@ -338,13 +338,12 @@ impl<'a, 'b, M: Module> Fx<'a, 'b, M> {
                     }
                 }
             }
-            Expr::Select(c, x, y) if x.may_trap() || y.may_trap() => {
+            Expr::Select(_, x, y) if x.may_trap() || y.may_trap() => {
                 if self.is_uniform(e) {
                     let (v, t) = self.expr(e)?;
                     Lanes::Uniform(v, t)
                 } else {
                     // Lane by lane, each evaluating only what its condition chooses.
-                    let _ = c;
                     self.each(|fx, j| {
                         fx.bind_lane(e, j)?;
                         fx.expr(e)

@@ -90,7 +90,7 @@ impl Libm {
 /// The memory flags of every buffer, table and local array access: aligned to its
 /// element, and never trapping (the runtime checked the bounds of what it passes, as for
 /// LLVM's code: an out-of-bounds access is the executor's error and undefined here).
-fn flags() -> MemFlagsData {
+pub(super) fn flags() -> MemFlagsData {
     MemFlagsData::trusted()
 }
 
