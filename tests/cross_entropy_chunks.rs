@@ -113,6 +113,48 @@ fn untied_projection_in_three_chunks_matches_the_interpreter() {
     check("untied", model("cross_entropy(h @ w_out, y)"));
 }
 
+/// With a vocabulary small enough that the logits are kept (`Shared::keeps`), a training
+/// program computes them once: the forward's one product serves the loss and the
+/// accuracy (which once ran a second product on a copy of the hidden states), and the
+/// backward's two products (dX, dE) read them too. Loss, gradients and accuracy still
+/// match the interpreter, tied and untied.
+#[test]
+fn kept_logits_are_computed_once_for_the_loss_and_the_accuracy() {
+    for (tag, loss) in [("tied", "lm_loss(x, embedding, tokens)"), ("untied", "cross_entropy(h @ w_out, y)")] {
+        let g = model_of(32, loss);
+        let reference = passes::differentiate_loss(g.clone()).unwrap();
+        let mut optimized = g;
+        for p in passes::pipeline() {
+            optimized = p.run(optimized).unwrap_or_else(|d| panic!("{tag}: {}", d.message));
+        }
+        optimized = passes::Accuracy.run(optimized).unwrap();
+        let s = pipeline::scheduled_with(&optimized, &schedule::ScheduleOptions::cpu()).unwrap();
+        let products = |entry: schedule::Entry| {
+            s.steps
+                .iter()
+                .filter(|st| st.entry == entry)
+                .map(|st| &s.kernels[st.kernel])
+                .filter(|k| k.gemm.is_some() && k.name.contains("cross_entropy"))
+                .count()
+        };
+        assert_eq!(products(schedule::Entry::Forward), 1, "{tag}: logits products in the forward");
+        assert_eq!(products(schedule::Entry::Backward), 2, "{tag}: products in the backward (dX, dE)");
+        let params = perturbed_params(&reference, 3);
+        // The first sequence repeats one token (with the tied table its targets are
+        // largest logits: hits for the accuracy), the second is random (so the mean loss
+        // is not the near-zero loss of the first, which f32 resolves only to an ulp of z).
+        let random = token_tensor(2, 7, 32, 5);
+        let mut half_repeated = random.clone();
+        half_repeated.data[..7].fill(random.data[0]);
+        let hits: usize = [random, half_repeated]
+            .into_iter()
+            .map(|t| check_tokens(tag, &reference, &optimized, &s, &params, t))
+            .sum();
+        assert!(hits < 24, "{tag}: every token correct");
+        assert!(tag != "tied" || hits >= 6, "{tag}: {hits} tokens correct: the accuracy was not exercised");
+    }
+}
+
 /// The chunks' launches are written to the manifest as runs (`bundle/src/launch_runs.rs`):
 /// a training bundle's manifest is as large at 2^20 words (1,024 chunks) as at 2^13, and
 /// loads back as every chunk's launches (listed one by one, each of the 6,150 backward

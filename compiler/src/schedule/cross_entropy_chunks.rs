@@ -14,7 +14,8 @@
 //! - dE: Z and P computed again (dX and dE are separate ops, in separate groups; sharing
 //!   P would save a third of the backward's logits work), then `dE_c = Pᵀ·X` into the
 //!   chunk's rows of dE;
-//! - correct: `Z = X·E_cᵀ`, a running maximum per token, then `z_y ≥ max`.
+//! - correct: `Z = X·E_cᵀ`, a running maximum per token, then `z_y ≥ max`; on kept
+//!   logits (below) no product at all, whichever of loss and accuracy runs first.
 //!
 //! The loss itself (`lse − z_y`) needs no sweep and keeps its generic kernel.
 //!
@@ -24,7 +25,8 @@
 //! `Z = X·Eᵀ` stays in a buffer of its own, the first gradient op sweeps it once into
 //! `P`, and `dX = P·E` and `dE = Pᵀ·X` are one product each. That saves the backward's
 //! recomputation of the logits (a third of its cross-entropy FLOPs, twice over: dX and
-//! dE sat in separate groups) and its per-chunk launches. A 268K-word vocabulary stays
+//! dE sat in separate groups) and its per-chunk launches; a training bundle's accuracy op
+//! sweeps the same `Z` instead of a product of its own. A 268K-word vocabulary stays
 //! chunked (2 MiB of logits per token).
 //!
 //! The sweeps' reductions over a row (the maximum, the compensated sum) are serial loops:
@@ -213,6 +215,9 @@ pub fn kernels(
         // The logsumexp was swept by another op: the loss's generic kernel.
         return sink.kernel(|lw| super::cross_entropy::op_kernel(lw, n, lse, name.to_string()));
     }
+    if let Some(z) = kept_logits_of_correct(sink, n, shared) {
+        return correct_from_kept_logits(sink, n, z, out, name);
+    }
     let ce = prepare(sink, reads, n, name)?;
     let token_count = crate::ir::dim::numel(&ce.tokens).ok_or("size overflow")?;
     let keep = shared.keeps(sink.g, n, ce.vocab);
@@ -248,9 +253,13 @@ pub fn kernels(
     };
     // P in the products' element type: in place in Z when that is f32.
     let p_ty = z_ty.with_dtype(ce.dtype);
+    // Kept logits that another op of the program (the accuracy) has already computed.
+    let filled = keep && shared.logits.get(&xe) == Some(&(z, true));
     if let (Some((lse, _)), true) = (lse, fill_lse) {
         for (c, &(v0, w)) in chunks.iter().enumerate() {
-            logits(sink, v0, w, "lse")?;
+            if !filled {
+                logits(sink, v0, w, "lse")?;
+            }
             let part = Part { first: c == 0, last: c + 1 == chunks.len() };
             let bufs = [m, s, comp, lse, zy];
             sink.kernel_with_args(&[(WORD0, v0)], |lw| {
@@ -299,15 +308,14 @@ pub fn kernels(
         CeOp::Correct => {
             for (c, &(v0, w)) in chunks.iter().enumerate() {
                 logits(sink, v0, w, "max")?;
+                if keep {
+                    shared.logits.insert(xe.clone(), (z, true));
+                }
                 let first = c == 0;
                 sink.kernel_with_args(&[(WORD0, v0)], |lw| {
                     running_max(lw, n, &ce.tokens, z, w, first, [m, zy], format!("{name}_max{c}"))
                 })?;
             }
-            // 1 where the target's logit reaches the maximum.
-            let hit = |zy, best| {
-                Expr::Select(Box::new(bin(Binary::Ge, zy, best)), Box::new(Expr::F32(1.0)), Box::new(Expr::F32(0.0)))
-            };
             sink.kernel(|lw| per_token(lw, &token_count, [zy, m], out, hit, format!("{name}_correct")))
         }
         // ℓ = lse − z_y, both from the same logits: exact cancellation when the target
@@ -317,6 +325,43 @@ pub fn kernels(
             sink.kernel(|lw| per_token(lw, &token_count, [lse, zy], out, sub, name.to_string()))
         }
     }
+}
+
+/// The kept logits an accuracy op `n` can read instead of computing them again: those of
+/// its (x, E), filled by the forward's logsumexp (a training bundle's forward sweeps the
+/// loss first, then the accuracy, on the same hidden states and table).
+fn kept_logits_of_correct(sink: &Sink, n: NodeId, shared: &Shared) -> Option<usize> {
+    if !matches!(which(&sink.g.node(n).op), Some((CeOp::Correct, _))) {
+        return None;
+    }
+    match shared.logits.get(&sink.g.operands(n)[..2]) {
+        Some(&(z, true)) => Some(z),
+        _ => None,
+    }
+}
+
+/// The accuracy op on kept logits `Z [T…, V]`: one sweep for the maximum and the target's
+/// logit, then `z_y ≥ max` — no product, and no copy of the hidden states.
+fn correct_from_kept_logits(sink: &mut Sink, n: NodeId, z: usize, out: usize, name: &str) -> Result<(), String> {
+    let g = sink.g;
+    let (_, transposed) = which(&g.node(n).op).ok_or("not a cross-entropy op")?;
+    let ops = g.operands(n);
+    let x_ty = g.ty(ops[0]);
+    let tokens = x_ty.shape[..x_ty.rank() - 1].to_vec();
+    let table = &g.ty(ops[1]).shape;
+    let vocab = (if transposed { &table[1] } else { &table[0] }).as_const().ok_or("the vocabulary is not a constant")?;
+    let token_count = crate::ir::dim::numel(&tokens).ok_or("size overflow")?;
+    let token_values = TensorType::new(DType::F32, tokens.clone());
+    let (m, zy) = (sink.workspace(&token_values)?, sink.workspace(&token_values)?);
+    sink.kernel_with_args(&[(WORD0, 0)], |lw| {
+        running_max(lw, n, &tokens, z, vocab, true, [m, zy], format!("{name}_max"))
+    })?;
+    sink.kernel(|lw| per_token(lw, &token_count, [zy, m], out, hit, format!("{name}_correct")))
+}
+
+/// 1 where the target's logit `zy` reaches the maximum `best`, else 0.
+fn hit(zy: Expr, best: Expr) -> Expr {
+    Expr::Select(Box::new(bin(Binary::Ge, zy, best)), Box::new(Expr::F32(1.0)), Box::new(Expr::F32(0.0)))
 }
 
 /// The gradient op's product for the chunk `(v0, w)` of `P`: `dX (+)= P·E_c` (accumulating
