@@ -115,10 +115,14 @@ fn word_chunk(table: &Layout, transposed: bool) -> Result<Operand, String> {
 /// Whether `n` is a cross-entropy op these kernels can run: a constant vocabulary and
 /// f32 operands.
 pub fn applies(g: &Graph, n: NodeId) -> bool {
-    let Some((_, transposed)) = which(&g.node(n).op) else { return false };
+    vocab_of(g, n).is_some_and(|v| v > 0)
+}
+
+/// The vocabulary size of cross-entropy op `n`, if it is a constant.
+fn vocab_of(g: &Graph, n: NodeId) -> Option<i64> {
+    let (_, transposed) = which(&g.node(n).op)?;
     let table = &g.ty(g.operands(n)[1]).shape;
-    let vocab = if transposed { &table[1] } else { &table[0] };
-    vocab.as_const().is_some_and(|v| v > 0)
+    (if transposed { &table[1] } else { &table[0] }).as_const()
 }
 
 fn prepare(sink: &mut Sink, reads: &HashMap<NodeId, usize>, n: NodeId, name: &str) -> Result<Chunks, String> {
@@ -145,10 +149,7 @@ fn prepare(sink: &mut Sink, reads: &HashMap<NodeId, usize>, n: NodeId, name: &st
     };
     let x = in_memory(ops[0], true, 0)?;
     let table = in_memory(ops[1], false, 1)?;
-    let table_shape = &g.ty(ops[1]).shape;
-    let vocab = (if transposed { &table_shape[1] } else { &table_shape[0] })
-        .as_const()
-        .ok_or("the vocabulary size is not a constant")?;
+    let vocab = vocab_of(g, n).ok_or("the vocabulary size is not a constant")?;
     let mut letters: Vec<u8> = (0..tokens.len() as u8).map(|i| b'a' + i).collect();
     let mut extent: HashMap<u8, Dim> = letters.iter().copied().zip(tokens.iter().cloned()).collect();
     extent.insert(WIDTH, width);
@@ -215,7 +216,9 @@ pub fn kernels(
         // The logsumexp was swept by another op: the loss's generic kernel.
         return sink.kernel(|lw| super::cross_entropy::op_kernel(lw, n, lse, name.to_string()));
     }
-    if let Some(z) = kept_logits_of_correct(sink, n, shared) {
+    // The accuracy on logits the loss has kept: no product, no copy of the hidden states.
+    let kept = shared.logits.get(&sink.g.operands(n)[..2]);
+    if let (Some((CeOp::Correct, _)), Some(&(z, true))) = (which(&sink.g.node(n).op), kept) {
         return correct_from_kept_logits(sink, n, z, out, name);
     }
     let ce = prepare(sink, reads, n, name)?;
@@ -327,29 +330,14 @@ pub fn kernels(
     }
 }
 
-/// The kept logits an accuracy op `n` can read instead of computing them again: those of
-/// its (x, E), filled by the forward's logsumexp (a training bundle's forward sweeps the
-/// loss first, then the accuracy, on the same hidden states and table).
-fn kept_logits_of_correct(sink: &Sink, n: NodeId, shared: &Shared) -> Option<usize> {
-    if !matches!(which(&sink.g.node(n).op), Some((CeOp::Correct, _))) {
-        return None;
-    }
-    match shared.logits.get(&sink.g.operands(n)[..2]) {
-        Some(&(z, true)) => Some(z),
-        _ => None,
-    }
-}
-
-/// The accuracy op on kept logits `Z [T…, V]`: one sweep for the maximum and the target's
-/// logit, then `z_y ≥ max` — no product, and no copy of the hidden states.
+/// The accuracy op on the kept logits `Z [T…, V]` of its (x, E), filled by the loss's
+/// logsumexp (a training bundle's forward sweeps the loss first, then the accuracy): one
+/// sweep for the maximum and the target's logit, then `z_y ≥ max`.
 fn correct_from_kept_logits(sink: &mut Sink, n: NodeId, z: usize, out: usize, name: &str) -> Result<(), String> {
     let g = sink.g;
-    let (_, transposed) = which(&g.node(n).op).ok_or("not a cross-entropy op")?;
-    let ops = g.operands(n);
-    let x_ty = g.ty(ops[0]);
+    let x_ty = g.ty(g.operands(n)[0]);
     let tokens = x_ty.shape[..x_ty.rank() - 1].to_vec();
-    let table = &g.ty(ops[1]).shape;
-    let vocab = (if transposed { &table[1] } else { &table[0] }).as_const().ok_or("the vocabulary is not a constant")?;
+    let vocab = vocab_of(g, n).ok_or("the vocabulary size is not a constant")?;
     let token_count = crate::ir::dim::numel(&tokens).ok_or("size overflow")?;
     let token_values = TensorType::new(DType::F32, tokens.clone());
     let (m, zy) = (sink.workspace(&token_values)?, sink.workspace(&token_values)?);
