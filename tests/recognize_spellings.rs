@@ -265,23 +265,67 @@ fn check(text: &str, expected_la: usize, n: usize, chunk: usize) -> Result<(), S
 }
 
 /// The optimized graph `g` (elaborated from `text`) against the unoptimized one: loss and
-/// every gradient, naive and by chunks of `chunk`, within 1e-10.
+/// every gradient, naive and by chunks of `chunk`, within 1e-10 — or within ten times the
+/// reference's own rounding noise where that is larger.
+///
+/// Why the noise: a random feature map such as `1 + exp(exp(t) ** 2)` spans many orders of
+/// magnitude, and its gradients cancel in sums; there, moving every parameter by one ulp
+/// already moves the unoptimized graph's `grad.wk` by 5e-11 rel. L2 (CI's case of 2026-12-07,
+/// pinned below), so two exact spellings that only sum in another order differ by 1.3e-10.
+/// A wrong rewrite differs by O(1). Cases whose noise passes 1e-7 say nothing about
+/// exactness and are rejected.
 fn check_numerics(g: Graph, text: &str, n: usize, chunk: usize) -> Result<(), String> {
     let reference = passes::differentiate_loss(g.clone()).map_err(|d| d.message)?;
     let optimized = passes::run_until(g, "autodiff").unwrap().map_err(|d| d.message)?;
     let params = perturbed_params(&reference, n as u64);
     let tokens = token_tensor(2, n, 11, 3);
     let want = outputs(&reference, &params, &tokens, None);
+    let noise = rounding_noise(&reference, &params, &tokens, &want);
     for c in [None, Some(chunk)] {
         let got = outputs(&optimized, &params, &tokens, c);
         for (name, w) in &want {
+            if noise[name] > 1e-7 {
+                return Err(format!("{ILL_CONDITIONED}: `{name}` moves by {:e} under a one-ulp change", noise[name]));
+            }
             let cl = compare(&got[name], w);
-            if !cl.within(1e-10) {
-                return Err(format!("`{name}` differs (chunk {c:?}): {cl:?}\n{text}"));
+            if !cl.within(f64::max(1e-10, 10.0 * noise[name])) {
+                return Err(format!(
+                    "`{name}` differs (chunk {c:?}; rounding noise {:e}): {cl:?}\n{text}",
+                    noise[name]
+                ));
             }
         }
     }
     Ok(())
+}
+
+/// Marks a case [`check_numerics`] cannot judge; the property tests reject it.
+const ILL_CONDITIONED: &str = "too ill-conditioned to test exactness";
+
+/// Per output, how far the unoptimized graph's value moves (rel. L2) when every parameter
+/// moves by one ulp, alternately up and down: the rounding noise of the reference itself.
+fn rounding_noise(
+    reference: &Graph,
+    params: &[Tensor],
+    tokens: &Tensor,
+    want: &HashMap<String, Tensor>,
+) -> HashMap<String, f64> {
+    let mut nudged = params.to_vec();
+    for (j, t) in nudged.iter_mut().enumerate() {
+        for (i, v) in t.data.iter_mut().enumerate() {
+            *v *= 1.0 + if (i + j) % 2 == 0 { f64::EPSILON } else { -f64::EPSILON };
+        }
+    }
+    let moved = outputs(reference, &nudged, tokens, None);
+    want.iter().map(|(name, w)| (name.clone(), compare(&moved[name], w).rel_l2)).collect()
+}
+
+/// A property-test verdict from [`check`]: an ill-conditioned case is rejected, not failed.
+fn verdict(result: Result<(), String>) -> Result<(), TestCaseError> {
+    match result {
+        Err(e) if e.starts_with(ILL_CONDITIONED) => Err(TestCaseError::reject(e)),
+        r => r.map_err(TestCaseError::fail),
+    }
 }
 
 #[test]
@@ -291,7 +335,7 @@ fn every_spelling_is_recognized_and_exact() {
         .run(&case(), |c| {
             // `eps = 1e-4`: a norm of a nearly zero row with the default 1e-8 amplifies
             // rounding past 1e-10 (see the pinned case below); recognition is what is tested.
-            check(&source_with_eps(&c, Some("1e-4")), 1, c.n, c.chunk).map_err(TestCaseError::fail)?;
+            verdict(check(&source_with_eps(&c, Some("1e-4")), 1, c.n, c.chunk))?;
             Ok(())
         })
         .unwrap();
@@ -490,7 +534,27 @@ fn a_trainable_decay_is_a_diagnostic() {
 /// graph); with `eps = 1e-4` both agree to rounding, so recognition is exact here.
 #[test]
 fn a_relu_feature_map_with_lrpe_is_exact_when_the_norm_is_well_conditioned() {
-    let c = Case {
+    let c = pinned_ci_shape();
+    check(&source_with_eps(&c, Some("1e-4")), 1, c.n, c.chunk).unwrap();
+}
+
+/// The case CI's exactness property test failed on 2026-12-07 under a flat 1e-10: φ =
+/// `1 + exp(exp(t) ** 2)` with LRPE, the gated quadratic spelling, N = 9. The recognized
+/// graph's `grad.wk` differs from the original's by 1.27e-10 rel. L2, while a one-ulp change
+/// of the parameters moves the original's own `grad.wk` by 5.3e-11: rounding noise, which
+/// [`check_numerics`] now allows ten times of.
+#[test]
+fn a_doubly_exponential_feature_map_agrees_to_its_rounding_noise() {
+    let c = Case { phi: vec![39, 42], n: 9, ..pinned_ci_shape() };
+    let text = source_with_eps(&c, Some("1e-4"));
+    assert!(text.contains("phi = |t| 1 + exp(exp(t) ** 2)"), "{text}");
+    check(&text, 1, c.n, c.chunk).unwrap();
+}
+
+/// The shape of the property-test cases found by CI: SRMSNorm, no decay, LRPE, causal,
+/// the gated quadratic spelling with letters `abcdef`, chunk 1.
+fn pinned_ci_shape() -> Case {
+    Case {
         phi: vec![27],
         norm: 0,
         decay: 0,
@@ -503,8 +567,7 @@ fn a_relu_feature_map_with_lrpe_is_exact_when_the_norm_is_well_conditioned() {
         mask_style: 0,
         n: 4,
         chunk: 1,
-    };
-    check(&source_with_eps(&c, Some("1e-4")), 1, c.n, c.chunk).unwrap();
+    }
 }
 
 /// 100 random spellings compiled to bundles by the Cranelift back end (the whole pipeline,
