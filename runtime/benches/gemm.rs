@@ -4,6 +4,11 @@
 //! (`TNC_BF16_GEMM`, see `bf16_gemm.rs`) and widened to f32. Throughput is in elements of
 //! C·k, so criterion's "elem/s" × 2 is FLOP/s.
 //!
+//! Group `peak`: this core's f32 FMA peak, a loop of independent fused multiply-adds on
+//! registers only (AVX-512 where the CPU has it, else AVX2), the figure the library GEMMs
+//! and the training step are stated as fractions of (`benches/README.md`); elements are
+//! FLOPs here.
+//!
 //!     cargo bench -p tnc-runtime --bench gemm -- --warm-up-time 1 --measurement-time 3
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -68,5 +73,80 @@ fn gemms(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, gemms);
+/// Rounds of the FMA loops, and their independent accumulator chains: 12 chains hide
+/// the FMA latency (4 cycles, 2 issued a cycle: 8 in flight) on every x86 core we run on.
+const FMA_ROUNDS: usize = 1 << 16;
+const FMA_CHAINS: usize = 12;
+
+/// `FMA_ROUNDS` rounds of one FMA on each of `FMA_CHAINS` accumulators, on registers.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn fma_chains<V: Copy>(zero: V, x: V, y: V, fma: impl Fn(V, V, V) -> V) -> [V; FMA_CHAINS] {
+    let mut acc = [zero; FMA_CHAINS];
+    for _ in 0..FMA_ROUNDS {
+        for a in acc.iter_mut() {
+            *a = fma(*a, x, y);
+        }
+    }
+    acc
+}
+
+/// # Safety
+/// AVX-512 F is present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_loop_avx512() -> f32 {
+    use std::arch::x86_64::*;
+    let acc = fma_chains(_mm512_setzero_ps(), _mm512_set1_ps(1.0 - 1e-7), _mm512_set1_ps(1e-7), |a, x, y| {
+        _mm512_fmadd_ps(a, x, y)
+    });
+    acc.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
+}
+
+/// # Safety
+/// AVX2 and FMA are present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_loop_avx2() -> f32 {
+    use std::arch::x86_64::*;
+    let acc = fma_chains(_mm256_setzero_ps(), _mm256_set1_ps(1.0 - 1e-7), _mm256_set1_ps(1e-7), |a, x, y| {
+        _mm256_fmadd_ps(a, x, y)
+    });
+    let mut lanes = [0f32; 8];
+    acc.iter()
+        .map(|&v| {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+            lanes.iter().sum::<f32>()
+        })
+        .sum()
+}
+
+fn peak(c: &mut Criterion) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut group = c.benchmark_group("peak");
+        let runs: [(&str, usize, bool, unsafe fn() -> f32); 2] = [
+            ("f32 FMA avx512, one core", 16, is_x86_feature_detected!("avx512f"), fma_loop_avx512),
+            (
+                "f32 FMA avx2, one core",
+                8,
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+                fma_loop_avx2,
+            ),
+        ];
+        for (name, lanes, available, run) in runs {
+            if !available {
+                continue;
+            }
+            group.throughput(Throughput::Elements((2 * lanes * FMA_ROUNDS * FMA_CHAINS) as u64));
+            // SAFETY: the loop's instructions are present (checked above).
+            group.bench_function(name, |bench| bench.iter(|| std::hint::black_box(unsafe { run() })));
+        }
+        group.finish();
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = c;
+}
+
+criterion_group!(benches, gemms, peak);
 criterion_main!(benches);
