@@ -539,7 +539,7 @@ fn a_relu_feature_map_with_lrpe_is_exact_when_the_norm_is_well_conditioned() {
 }
 
 /// The case CI's exactness property test failed on 2026-12-07 under a flat 1e-10: φ =
-/// `1 + exp(exp(t) ** 2)` with LRPE, the gated quadratic spelling, N = 9. The recognized
+/// `1 + exp(exp(t) ** 2)` with LRPE, the decayed-scan spelling, N = 9. The recognized
 /// graph's `grad.wk` differs from the original's by 1.27e-10 rel. L2, while a one-ulp change
 /// of the parameters moves the original's own `grad.wk` by 5.3e-11: rounding noise, which
 /// [`check_numerics`] now allows ten times of.
@@ -552,7 +552,7 @@ fn a_doubly_exponential_feature_map_agrees_to_its_rounding_noise() {
 }
 
 /// The shape of the property-test cases found by CI: SRMSNorm, no decay, LRPE, causal,
-/// the gated quadratic spelling with letters `abcdef`, chunk 1.
+/// the decayed-scan spelling (`cumsum(kv, 2, decay = 1.0)`) with letters `abcdef`, chunk 1.
 fn pinned_ci_shape() -> Case {
     Case {
         phi: vec![27],
