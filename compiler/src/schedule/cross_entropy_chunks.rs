@@ -311,13 +311,13 @@ pub fn kernels(
         CeOp::Correct => {
             for (c, &(v0, w)) in chunks.iter().enumerate() {
                 logits(sink, v0, w, "max")?;
-                if keep {
-                    shared.logits.insert(xe.clone(), (z, true));
-                }
                 let first = c == 0;
                 sink.kernel_with_args(&[(WORD0, v0)], |lw| {
                     running_max(lw, n, &ce.tokens, z, w, first, [m, zy], format!("{name}_max{c}"))
                 })?;
+            }
+            if keep {
+                shared.logits.insert(xe.clone(), (z, true));
             }
             sink.kernel(|lw| per_token(lw, &token_count, [zy, m], out, hit, format!("{name}_correct")))
         }
