@@ -77,6 +77,11 @@ impl Shape {
         self.batch.iter().try_fold(self.m, |acc, b| acc.checked_mul(b.0))
     }
 
+    /// The node's arithmetic, `2 · batch · m · n · k` (a multiply and an add per term).
+    pub fn flops(&self) -> f64 {
+        2.0 * self.extent().unwrap_or(0) as f64 * self.n as f64 * self.k as f64
+    }
+
     /// Checks that every element the node touches lies inside buffers of `lens` elements
     /// (A, B, C), that nothing is negative, and that no two elements of C coincide (threads
     /// write disjoint rows), so a corrupt manifest is an error, never an access out of

@@ -236,37 +236,26 @@ impl CpuDevice {
 
     /// Runs the launches one at a time and prints the kernels that took the longest.
     fn profile(&self, entry: &str, launches: &Launches, args: &[i64]) {
-        let mut times: HashMap<usize, (usize, f64)> = HashMap::new();
-        let total = std::time::Instant::now();
+        let mut profile = crate::profile::Profile::default();
         for l in &launches.0 {
-            let t = std::time::Instant::now();
+            let (work, flops) = match &l.work {
+                Work::Kernel(f) => (Work::Kernel(*f), None),
+                Work::Gemm(s, o) => (Work::Gemm(s.clone(), *o), Some(s.flops())),
+            };
             let one = Launches(vec![Launch {
                 kernel: l.kernel,
-                work: match &l.work {
-                    Work::Kernel(f) => Work::Kernel(*f),
-                    Work::Gemm(s, o) => Work::Gemm(s.clone(), *o),
-                },
+                work,
                 ptrs: l.ptrs.clone(),
                 extent: l.extent,
                 step_args: Vec::new(),
                 args: l.args.clone(),
             }]);
+            let t = std::time::Instant::now();
             execute(&one, args, &self.pool);
-            let e = times.entry(l.kernel).or_default();
-            e.0 += 1;
-            e.1 += t.elapsed().as_secs_f64();
+            profile.add(&self.names[l.kernel], t.elapsed().as_secs_f64(), flops);
         }
-        let total = total.elapsed().as_secs_f64();
-        let mut v: Vec<_> = times.into_iter().collect();
-        v.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-        eprintln!("profile of `{entry}`: {:.3} ms in {} launches", total * 1e3, launches.0.len());
-        for (k, (count, secs)) in v.into_iter().take(200) {
-            eprintln!(
-                "  {:>10.3} ms {:>5.1}%  {count}× {}",
-                secs * 1e3,
-                100.0 * secs / total.max(1e-12),
-                self.names[k]
-            );
+        for line in profile.report(entry) {
+            eprintln!("{line}");
         }
     }
 }

@@ -467,8 +467,7 @@ impl CudaDevice {
             result::event::create(flags).map_err(cuda_err("creating an event"))?,
             result::event::create(flags).map_err(cuda_err("creating an event"))?,
         );
-        let mut times: HashMap<&str, (usize, f64)> = HashMap::new();
-        let mut total = 0.0;
+        let mut profile = crate::profile::Profile::default();
         let r = (|| -> Result<(), ExecError> {
             for (i, l) in t.launches.iter().enumerate() {
                 // SAFETY: events created above, recorded on our stream.
@@ -477,10 +476,8 @@ impl CudaDevice {
                 unsafe { result::event::record(end, self.stream) }.map_err(cuda_err("recording an event"))?;
                 self.synchronize()?;
                 let ms = unsafe { result::event::elapsed(start, end) }.map_err(cuda_err("reading an event"))? as f64;
-                let e = times.entry(l.name.as_str()).or_default();
-                e.0 += 1;
-                e.1 += ms;
-                total += ms;
+                // The tiled products' arithmetic is not in the manifest: no rate for them.
+                profile.add(l.name.as_str(), ms / 1e3, None);
             }
             Ok(())
         })();
@@ -490,11 +487,8 @@ impl CudaDevice {
             let _ = result::event::destroy(end);
         }
         r?;
-        let mut v: Vec<_> = times.into_iter().collect();
-        v.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-        eprintln!("profile of `{entry}`: {total:.3} ms of kernels in {} launches", t.launches.len());
-        for (name, (count, ms)) in v.into_iter().take(200) {
-            eprintln!("  {ms:>10.3} ms {:>5.1}%  {count}× {name}", 100.0 * ms / total.max(1e-12));
+        for line in profile.report(entry) {
+            eprintln!("{line}");
         }
         Ok(())
     }

@@ -40,6 +40,7 @@ pub mod executor;
 pub mod host_memory;
 pub mod pipes;
 pub mod pool;
+mod profile;
 pub mod tensor;
 
 // The bundle format and the numerics shared bit for bit with the compiler live in
