@@ -65,6 +65,9 @@ fn pairs(spec: &str, what: &str) -> Result<Vec<String>, Failure> {
         .collect()
 }
 
+/// The files an ablation writes in `--out` next to the variants' run directories.
+const OUTPUT_FILES: [&str; 2] = ["ablation.md", "loss.svg"];
+
 fn variants(args: &AblateArgs) -> Result<Vec<Variant>, Failure> {
     let stem = |p: &std::path::Path| p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let mut out = Vec::new();
@@ -91,6 +94,21 @@ fn variants(args: &AblateArgs) -> Result<Vec<Variant>, Failure> {
         let mut sets = args.sets.clone();
         sets.extend(pairs(spec, &format!("--variant-file {v}"))?);
         out.push(Variant { name: stem(&file), file, sets });
+    }
+    // Each variant's run is the directory `--out/NAME`: a name must be one plain path
+    // component, or a run would land outside `--out` (`../x`) or on top of another.
+    for v in &out {
+        let plain = !v.name.is_empty()
+            && v.name != "."
+            && v.name != ".."
+            && !v.name.contains(['/', '\\', '\0'])
+            && !OUTPUT_FILES.contains(&v.name.as_str());
+        if !plain {
+            return Err(Failure::usage(
+                Diagnostic::error(format!("`{}` cannot name a variant: its run would be `--out/{}`", v.name, v.name))
+                    .with_hint("a variant's name is a plain directory name, e.g. `--variant no_lrpe:lrpe=false`"),
+            ));
+        }
     }
     let mut names: Vec<&str> = out.iter().map(|v| v.name.as_str()).collect();
     names.sort();

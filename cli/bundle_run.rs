@@ -15,12 +15,20 @@ pub fn is_bundle(path: &Path) -> bool {
     path.is_dir()
 }
 
-/// An interpreter tensor (f64) as a runtime tensor of the given element type.
-pub fn to_runtime(t: &Tensor, dtype: DType) -> tnc_runtime::Tensor {
-    match dtype {
-        DType::I32 => tnc_runtime::Tensor::i32(t.shape.clone(), t.data.iter().map(|&x| x as i32).collect()),
+/// An interpreter tensor (f64) as a runtime tensor of the given element type; an i32
+/// input must hold integers that fit (1.5 or NaN is an error, never truncated).
+pub fn to_runtime(t: &Tensor, dtype: DType) -> Result<tnc_runtime::Tensor, String> {
+    Ok(match dtype {
+        DType::I32 => {
+            let ints = t.data.iter().map(|&x| {
+                let fits = x.fract() == 0.0 && (i32::MIN as f64..=i32::MAX as f64).contains(&x);
+                fits.then_some(x as i32).ok_or(x)
+            });
+            let v = ints.collect::<Result<Vec<i32>, f64>>().map_err(|x| format!("holds {x}, not an i32"))?;
+            tnc_runtime::Tensor::i32(t.shape.clone(), v)
+        }
         _ => tnc_runtime::Tensor::f32(t.shape.clone(), t.data.iter().map(|&x| x as f32).collect()),
-    }
+    })
 }
 
 /// A runtime tensor as an interpreter tensor.
@@ -60,10 +68,15 @@ pub fn execute(
         }
     }
     let manifest = exec.manifest().clone();
+    let expected: Vec<&str> =
+        manifest.inputs.iter().filter(|io| io.entry == "forward").map(|io| io.name.as_str()).collect();
+    if let Some(extra) = inputs.keys().filter(|n| !expected.contains(&n.as_str())).min() {
+        return Err(fail(format!("the bundle has no input `{extra}` (its inputs are {expected:?})")));
+    }
     let mut owned = Vec::new();
     for io in manifest.inputs.iter().filter(|io| io.entry == "forward") {
         let t = inputs.get(&io.name).ok_or_else(|| fail(format!("missing input `{}`", io.name)))?;
-        owned.push((io.name.clone(), to_runtime(t, io.dtype)));
+        owned.push((io.name.clone(), to_runtime(t, io.dtype).map_err(|e| fail(format!("input `{}` {e}", io.name)))?));
     }
     let refs: Vec<(&str, &tnc_runtime::Tensor)> = owned.iter().map(|(n, t)| (n.as_str(), t)).collect();
     exec.forward(&refs).map_err(|e| fail(e.to_string()))?;

@@ -23,10 +23,10 @@ pub struct EvalArgs {
     #[arg(long, value_name = "TOKENIZER.json", requires = "data")]
     pub tokenizer: Option<PathBuf>,
     /// Validation batches (default: the run's `--eval-batches`).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::count_at_least::<1>)]
     pub batches: Option<usize>,
     /// Sequences per batch (default: the run's).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::count_at_least::<1>)]
     pub batch: Option<usize>,
     /// Tokens per sequence (default: the run's).
     #[arg(long)]
@@ -75,7 +75,11 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
     eprintln!("evaluating on {}", exec.describe_device());
     restore(&mut exec, &ckpt, &[]).map_err(|e| fail(format!("{}: {e}", path.display())))?;
     let (b, n) = (args.batch.unwrap_or(config.batch), args.seq.unwrap_or(config.seq));
-    let batches = data.eval_batches(config.seed, b, n, args.batches.unwrap_or(config.eval_batches)).map_err(fail)?;
+    let count = args.batches.unwrap_or(config.eval_batches);
+    // The batches are made in host memory before any runs: refuse sizes it cannot hold.
+    let token_bytes = 4 * (count as u128) * (b as u128) * (n as u128);
+    tnc_runtime::host_memory::check_fits(token_bytes, &format!("{count} batches of {b} × {n} tokens")).map_err(fail)?;
+    let batches = data.eval_batches(config.seed, b, n, count).map_err(fail)?;
     let report = evaluate(&mut exec, &batches).map_err(fail)?;
     println!("{} at step {} on {data} (validation split):", path.display(), ckpt.step);
     println!("  {}", describe_eval(&report, &data));

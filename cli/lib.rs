@@ -247,6 +247,16 @@ pub(crate) fn fail(message: impl Into<String>) -> Failure {
     Failure { diagnostic: Diagnostic::error(message.into()), sources: SourceMap::new(), status: 1 }
 }
 
+/// A clap value parser for counts (batches, sequences, tokens) of at least `MIN`: fewer
+/// would compute a loss over nothing (NaN) and report it as a result.
+pub(crate) fn count_at_least<const MIN: usize>(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(v) if v >= MIN => Ok(v),
+        Ok(_) => Err(format!("must be at least {MIN}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// A failed command: the diagnostic, the sources it points into, and the exit status.
 pub struct Failure {
     pub diagnostic: Diagnostic,

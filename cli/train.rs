@@ -217,6 +217,9 @@ pub(crate) fn train_one(
     if sizes.len() == bundle.manifest.sizes.len() {
         exec.reserve(&sizes).map_err(|e| fail(e.to_string()))?;
     }
+    // Data the model cannot take is refused before the run directory is made too.
+    tnc_train::trainer::check_labels(&bundle.manifest, &data).map_err(fail)?;
+    tnc_train::trainer::check_vocabulary(&bundle.manifest, &data).map_err(fail)?;
     std::fs::create_dir_all(out).map_err(|e| fail(format!("cannot create {}: {e}", out.display())))?;
     let info = RunInfo {
         model: model.display().to_string(),

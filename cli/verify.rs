@@ -29,17 +29,20 @@ pub struct VerifyArgs {
     /// The code generator when FILE is a model compiled for a CPU: `llvm` or `cranelift`.
     #[arg(long, value_enum, default_value_t)]
     pub backend: crate::BackendArg,
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = crate::count_at_least::<1>)]
     pub batch: usize,
-    #[arg(long, default_value_t = 13)]
+    /// Tokens per sequence (at least 2: a language model's loss predicts token i + 1 from i).
+    #[arg(long, default_value_t = 13, value_parser = crate::count_at_least::<2>)]
     pub seq: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Largest relative L2 error accepted per tensor. Default: 1e-4 for f32 kernels
     /// against the f64 interpreter; 1e-2 with 16-bit products, where a value computed in
     /// another order can round to the neighbouring 16-bit number (a relative change of
-    /// 2^-8 in bf16), which ill-conditioned gradients amplify.
-    #[arg(long)]
+    /// 2^-8 in bf16), which ill-conditioned gradients amplify. A tensor whose every
+    /// element is within 1e-6 of the reference passes whatever its relative error (small
+    /// gradients).
+    #[arg(long, value_parser = tolerance)]
     pub tol: Option<f64>,
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
@@ -48,6 +51,15 @@ pub struct VerifyArgs {
     /// in f32.
     #[arg(long, value_enum, default_value_t)]
     pub precision: crate::PrecisionArg,
+}
+
+/// A tolerance: a finite number > 0 (at 0, or NaN, no tensor could pass or every would).
+fn tolerance(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        Ok(_) => Err("must be a finite number > 0".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Rows of the tables an integer input indexes (so random ids stay in range).

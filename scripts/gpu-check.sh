@@ -23,15 +23,20 @@
 #    H100/H200 SXM dense); and the linear attention against flash-linear-attention's
 #    chunk_simple_gla (the wheels in wheels/, installed into out/pylib with --no-deps).
 #
-# Each part finishes in under 10 minutes (each command has a timeout; the peers stop
-# starting new measurements past a time budget). Exit status 1 when a correctness check
+# Each part finishes in under 10 minutes: no step starts past TNC_CHECK_DEADLINE, each
+# command's timeout is cut to what is left, and the peers stop starting new measurements
+# past their time budget. Exit status 1 when a correctness check
 # fails.
 # Environment: TNC_CHECK_DEVICE (default cuda; `cpu` exercises the script with a CPU
 # bundle set), TNC_CHECK_QUICK=1 (N 2K only), TNC_CHECK_SEQS ("2048 8192 32768"),
 # TNC_CHECK_BATCH (4), TNC_CHECK_T1_SEQ (2048), TNC_CHECK_BENCH_TIMEOUT (150 s per
 # bench), TNC_CHECK_PEERS=0 (skip the PyTorch peers), TNC_CHECK_PART (f32, the default;
-# bf16; all), OUT_DIR (default out/).
+# bf16; all), OUT_DIR (default out/), TNC_CHECK_DEADLINE (480 s: no step starts later,
+# and each step's timeout is cut to what is left). Where the device tool's $OUT is set,
+# what must come back is copied there at the end (results.jsonl, summary.txt and the logs
+# as logs.tgz: three files, within its limit of eight).
 set -u
+DEVICE_OUT=${OUT:-}
 cd "$(dirname "$0")"
 DEVICE=${TNC_CHECK_DEVICE:-cuda}
 OUT=${OUT_DIR:-out}
@@ -42,7 +47,44 @@ RESULTS=$OUT/results.jsonl
 : >"$RESULTS"
 START=$(date +%s)
 elapsed() { echo $(($(date +%s) - START)); }
+DEADLINE=${TNC_CHECK_DEADLINE:-480}
+# limit T: T seconds, or what is left before the deadline if less; fails (prints 0) when
+# under 20 s are left, so the step is skipped rather than cut off mid-way.
+limit() {
+    local left=$((DEADLINE - $(elapsed)))
+    if [ "$left" -lt 20 ]; then
+        echo 0
+        return 1
+    fi
+    [ "$1" -lt "$left" ] && echo "$1" || echo "$left"
+}
+# run_for T CMD…: CMD under `timeout` with limit T, killed 10 s after its SIGTERM (a
+# trainer finishes its step first); exit status 124 without running when out of time.
+run_for() {
+    local t
+    t=$(limit "$1") || {
+        echo "(skipped, past the ${DEADLINE} s deadline: $2 …)" >&2
+        return 124
+    }
+    shift
+    timeout -k 10 "$t" "$@"
+}
 status=0
+# At exit, however it comes: the table, and the files the device tool brings back.
+finish() {
+    [ -n "${SUMMARY_DONE:-}" ] && return
+    SUMMARY_DONE=1
+    {
+        echo "== results ($(elapsed) s, part $PART; tnc's dtype as labelled (its attention kernels are f32); peers as labelled, TF32 off)"
+        $PY table.py "$RESULTS"
+        if [ $status = 0 ]; then echo "check: correctness OK"; else echo "check: correctness FAILED"; fi
+    } | tee "$OUT/summary.txt"
+    if [ -n "$DEVICE_OUT" ] && [ -d "$DEVICE_OUT" ]; then
+        cp "$RESULTS" "$OUT/summary.txt" "$DEVICE_OUT/" 2>/dev/null
+        tar czf "$DEVICE_OUT/logs.tgz" --exclude='*.safetensors' --exclude=pylib -C "$OUT" . 2>/dev/null
+    fi
+}
+trap finish EXIT
 PY=python3
 PART=${TNC_CHECK_PART:-f32}
 # part NAME: whether this run includes part NAME (f32 or bf16).
@@ -60,7 +102,7 @@ $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cu
 
 if part f32 && [ -x bin/runtime-cuda-tests ] && [ "$DEVICE" = cuda ]; then
     echo "== runtime CUDA tests (hand-written PTX)"
-    if TNC_RUN_BIN=$RUN timeout 120 bin/runtime-cuda-tests --test-threads 1 >"$OUT/runtime-tests.log" 2>&1; then
+    if TNC_RUN_BIN=$RUN run_for 120 bin/runtime-cuda-tests --test-threads 1 >"$OUT/runtime-tests.log" 2>&1; then
         grep -E "^test |test result" "$OUT/runtime-tests.log"
     else
         tail -40 "$OUT/runtime-tests.log"
@@ -78,13 +120,13 @@ for case in cases/*/; do
     tol=$(cat "$case/tol" 2>/dev/null || echo 1e-3)
     bundle=$case/bundle
     [ -f "$case/bundle_ref" ] && bundle=$(cat "$case/bundle_ref")
-    if timeout 180 $RUN "$bundle" --device "$DEVICE" --inputs "$case/inputs.safetensors" \
+    if run_for 180 $RUN "$bundle" --device "$DEVICE" --inputs "$case/inputs.safetensors" \
         --params "$case/params.safetensors" --out "$OUT/$name.safetensors" --grad >"$OUT/$name.log" 2>&1; then
         $PY compare.py "$case/ref.safetensors" "$OUT/$name.safetensors" --label "$name" --tol "$tol" || status=1
         if [ "$DEVICE" = cuda ]; then
             # Again with every written buffer NaN-filled first: a kernel that misses part of
             # its output shows up as non-finite values.
-            if timeout 180 $RUN "$bundle" --device "$DEVICE" --inputs "$case/inputs.safetensors" --debug-nan \
+            if run_for 180 $RUN "$bundle" --device "$DEVICE" --inputs "$case/inputs.safetensors" --debug-nan \
                 --params "$case/params.safetensors" --out "$OUT/$name.nan.safetensors" --grad >"$OUT/$name.nan.log" 2>&1; then
                 $PY compare.py "$case/ref.safetensors" "$OUT/$name.nan.safetensors" --label "$name (NaN-filled)" --tol "$tol" |
                     tail -1
@@ -111,7 +153,7 @@ train() {
     [ -d "train/$name" ] || { echo "(no train/$name: prepare with scripts/gpu-prepare.sh)"; return 1; }
     rm -rf "$OUT/train-$name"
     # shellcheck disable=SC2046
-    timeout "${TNC_CHECK_TRAIN_TIMEOUT:-150}" $TRAIN "train/$name" --device "$DEVICE" $(cat "train/$name.flags") \
+    run_for "${TNC_CHECK_TRAIN_TIMEOUT:-150}" $TRAIN "train/$name" --device "$DEVICE" $(cat "train/$name.flags") \
         --out "$OUT/train-$name" "$@" >"$OUT/train-$name${TAG:-}.log" 2>&1 || {
         echo "FAIL tnc-train train/$name $*:"
         tail -5 "$OUT/train-$name${TAG:-}.log"
@@ -158,13 +200,13 @@ bench() {
     fi
     local log=$OUT/bench-$model-$b-$n.log
     echo "tnc-run bench $bundle --batch $b --seq $n --iters $iters $*"
-    timeout "${TNC_CHECK_BENCH_TIMEOUT:-150}" $RUN bench "$bundle" --device "$DEVICE" --batch "$b" --seq "$n" --iters "$iters" "$@" >"$log" 2>&1
+    run_for "${TNC_CHECK_BENCH_TIMEOUT:-150}" $RUN bench "$bundle" --device "$DEVICE" --batch "$b" --seq "$n" --iters "$iters" "$@" >"$log" 2>&1
     local rc=$?
     if [ $rc = 0 ]; then
         grep '^BENCH_JSON' "$log" | sed 's/^BENCH_JSON //' >>"$RESULTS"
     else
         local why
-        why=$(grep -m1 '^error' "$log" | cut -c1-100 | tr '"' "'")
+        why=$(grep -m1 -E '^(error|\(skipped)' "$log" | cut -c1-100 | tr '"' "'")
         [ -n "$why" ] || why="exit status $rc (124: timeout; see $log)"
         printf '{"impl": "tnc", "dtype": "f32", "model": "%s", "sizes": {"B": %s, "N": %s}, "error": "%s"}\n' \
             "$model" "$b" "$n" "$why" >>"$RESULTS"
@@ -187,9 +229,9 @@ bench bench/transnormer_t1 "$BATCH" "${TNC_CHECK_T1_SEQ:-2048}" 5 --warmup 1 --v
 if [ "$DEVICE" = cuda ] && [ "${TNC_CHECK_PEERS:-1}" = 1 ]; then
     echo "python3 peers.py (PyTorch)"
     seqs=$(echo "$SEQS" | tr ' ' ',')
-    budget=$((400 - $(elapsed)))
+    budget=$((DEADLINE - 80 - $(elapsed)))
     [ "$budget" -gt 20 ] || budget=20
-    timeout $((budget + 60)) $PY peers.py --batch "$BATCH" --heads 32 --dim 128 --seqs "$seqs" --iters 10,5,3 \
+    run_for $((budget + 60)) $PY peers.py --batch "$BATCH" --heads 32 --dim 128 --seqs "$seqs" --iters 10,5,3 \
         --budget-s "$budget" >>"$RESULTS" 2>"$OUT/peers.log" || {
         echo "peers.py failed or timed out:"
         tail -5 "$OUT/peers.log"
@@ -214,10 +256,10 @@ if part bf16; then
             part f32 || bench bench/linear_attention "$BATCH" "$n" "$iters" --warmup 1
         done
         seqs=$(echo "$SEQS" | tr ' ' ',')
-        budget=$((400 - $(elapsed)))
+        budget=$((DEADLINE - 80 - $(elapsed)))
         [ "$budget" -gt 20 ] || budget=20
         echo "python3 peers.py --peers fla,chunk_loop --dtypes bf16"
-        PYTHONPATH=$OUT/pylib${PYTHONPATH:+:$PYTHONPATH} timeout $((budget + 60)) $PY peers.py --batch "$BATCH" --heads 32 \
+        PYTHONPATH=$OUT/pylib${PYTHONPATH:+:$PYTHONPATH} run_for $((budget + 60)) $PY peers.py --batch "$BATCH" --heads 32 \
             --dim 128 --seqs "$seqs" --iters 10,5,3 --peers fla,chunk_loop --dtypes bf16 --budget-s "$budget" \
             >>"$RESULTS" 2>"$OUT/peers-bf16.log" || {
             echo "peers.py (bf16) failed or timed out:"
@@ -226,7 +268,7 @@ if part bf16; then
     fi
     if [ "$DEVICE" = cuda ] && [ -f bench/t1_gemms_bf16.json ] && [ "$(elapsed)" -lt 480 ]; then
         echo "== bf16 GEMM tiles (mma.sync) against cuBLAS in bf16 (T1's products at B 4, N 2048)"
-        if TNC_PROFILE=1 timeout 120 $RUN bench bench/transnormer_t1_bf16 --device cuda --batch 4 --seq 2048 --iters 1 \
+        if TNC_PROFILE=1 run_for 120 $RUN bench bench/transnormer_t1_bf16 --device cuda --batch 4 --seq 2048 --iters 1 \
             --warmup 0 --vocab 267744 >"$OUT/t1-bf16-profile.out" 2>"$OUT/t1-bf16-profile.log"; then
             $PY gemms.py compare bench/t1_gemms_bf16.json "$OUT/t1-bf16-profile.log" --dtype bf16 \
                 --peak "${TNC_CHECK_BF16_PEAK:-989}" 2>>"$RESULTS" || echo "(gemms.py failed)"
@@ -239,7 +281,7 @@ fi
 
 if part f32 && [ "$DEVICE" = cuda ] && [ -f bench/t1_gemms.json ] && [ "$(elapsed)" -lt 480 ]; then
     echo "== GEMM tiles against cuBLAS (T1's products at B 4, N 2048; TNC_PROFILE=1 times each launch)"
-    if TNC_PROFILE=1 timeout 120 $RUN bench bench/transnormer_t1 --device cuda --batch 4 --seq 2048 --iters 1 \
+    if TNC_PROFILE=1 run_for 120 $RUN bench bench/transnormer_t1 --device cuda --batch 4 --seq 2048 --iters 1 \
         --warmup 0 --vocab 267744 >"$OUT/t1-profile.out" 2>"$OUT/t1-profile.log"; then
         $PY gemms.py compare bench/t1_gemms.json "$OUT/t1-profile.log" 2>>"$RESULTS" || echo "(gemms.py failed)"
     else
@@ -248,7 +290,5 @@ if part f32 && [ "$DEVICE" = cuda ] && [ -f bench/t1_gemms.json ] && [ "$(elapse
     fi
 fi
 
-echo "== results ($(elapsed) s, part $PART; tnc's dtype as labelled (its attention kernels are f32); peers as labelled, TF32 off)"
-$PY table.py "$RESULTS"
-if [ $status = 0 ]; then echo "check: correctness OK"; else echo "check: correctness FAILED"; fi
+finish
 exit $status

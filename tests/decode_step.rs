@@ -215,6 +215,23 @@ fn check_compiled_step(path: &std::path::Path, context: i64) {
             (k.clone(), tnc_runtime::Tensor::f32(t.shape.clone(), t.data.iter().map(|&x| x as f32).collect()))
         })
         .collect();
+    // A KV cache has `context` rows: a step past them would write no row and return wrong
+    // logits, so it is refused as a token outside the vocabulary is. Without a KV cache
+    // (states and windows only) any position runs.
+    let kv_cache = zeros.iter().any(|(k, _)| k.starts_with(KV_CACHE));
+    let first = runtime_tokens(&columns(&tokens, 0..1));
+    for p in [context, -1, 1_000_000] {
+        let position = tnc_runtime::Tensor::i32(vec![1], vec![p as i32]);
+        let mut inputs: Vec<(&str, &tnc_runtime::Tensor)> = vec![("tokens", &first), (POSITION, &position)];
+        inputs.extend(zeros.iter().map(|(k, v)| (k.as_str(), v)));
+        match step.forward(&inputs) {
+            Err(e) if kv_cache => {
+                assert!(e.to_string().contains(&format!("outside 0..{context}")), "{name} at {p}: {e}")
+            }
+            Ok(()) if !kv_cache => {}
+            other => panic!("{name} at {p}: {other:?} (a KV cache: {kv_cache})"),
+        }
+    }
     let prompt = 6;
     prefill.forward(&[("tokens", &runtime_tokens(&columns(&tokens, 0..prompt)))]).unwrap();
     let err = relative_l2(&prefill.output("logits").unwrap(), prompt - 1);

@@ -385,6 +385,26 @@ fn labelled_data_and_classifiers_go_together() {
         assert_eq!(o.status.code(), Some(1), "{model}: {err}");
         assert!(err.contains(want), "{model}: {err}");
     }
+    // A label past the model's classes is refused before training, not at the first batch
+    // that holds it (it once trained and checkpointed 60 steps first).
+    let dir = fresh("labels-past-classes");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rows: String =
+        (0..40).map(|i| format!("{{\"tokens\": [1, 2, {}], \"label\": {}}}\n", 3 + i % 5, i % 8)).collect();
+    std::fs::write(dir.join("rows.jsonl"), rows).unwrap();
+    let o = tnc()
+        .arg("train")
+        .arg(repo.join("models/tasks/listops_encoder.tn"))
+        .args(["--set", "classes=4", "--set", "vocab=16", "--set", "dim=16", "--steps", "1", "--data"])
+        .arg(format!("jsonl:{}", dir.join("rows.jsonl").display()))
+        .arg("--out")
+        .arg(dir.join("run"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("has labels up to 7") && err.contains("--set classes=8"), "{err}");
+    assert!(!dir.join("run").exists(), "nothing trained");
 }
 
 /// A run directory holds its own bundle (`RUN/bundle`, named relatively in `run.json` and
@@ -469,6 +489,34 @@ fn ablate_trains_every_variant_and_writes_one_table_and_one_plot() {
         let records = tnc_train::metrics::read(&out.join(name).join("metrics.jsonl")).unwrap();
         assert_eq!(records.iter().filter(|r| r.get("loss").is_some()).count(), 3, "{name}: not retrained");
     }
+}
+
+/// A variant's run is `--out/NAME`, so a name that is not one plain directory name is bad
+/// usage, refused before anything trains or is written (`../x` once replaced the files of
+/// a directory beside `--out`).
+#[test]
+fn ablate_refuses_variant_names_that_are_not_directory_names() {
+    let dir = fresh("ablate-names");
+    let beside = dir.join("v");
+    std::fs::create_dir_all(&beside).unwrap();
+    std::fs::write(beside.join("run.json"), "mine").unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tasks/mqar_t2.tn");
+    for name in ["../v", "", ".", "a/b", "loss.svg"] {
+        let o = tnc()
+            .arg("ablate")
+            .arg(&model)
+            .args(["--set", "vocab=16", "--set", "dim=16", "--set", "heads=2", "--set", "layers=1"])
+            .args(["--no-base", "--variant", &format!("{name}:block=2")])
+            .args(["--data", "mqar:pairs=2,vocab=16", "--steps", "1", "--batch", "2", "--seq", "16", "--out"])
+            .arg(dir.join("out"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "`{name}`: {err}");
+        assert!(err.contains(&format!("`{name}` cannot name a variant")), "`{name}`: {err}");
+    }
+    assert_eq!(std::fs::read_to_string(beside.join("run.json")).unwrap(), "mine");
+    assert!(!dir.join("out").exists(), "nothing was written");
 }
 
 /// `tnc train --target sm80` trains on CUDA; without a driver it says so in one line
@@ -622,6 +670,23 @@ fn text_data_through_a_trained_tokenizer() {
     c.args(["tokenizer", "train"]).arg(&corpus).args(["--vocab", "512", "-o"]).arg(&tok);
     let (out, _) = run_ok(c);
     assert!(out.contains("512 tokens"), "{out}");
+    // The tokenizer is never written over its own text, another file, or with a vocabulary
+    // too large to train; the files stay as they were.
+    let text = std::fs::read(&corpus).unwrap();
+    let notes = dir.join("notes.txt");
+    std::fs::write(&notes, "mine").unwrap();
+    for (o, vocab, why) in [
+        (&corpus, "512", "is one of the text files"),
+        (&notes, "512", "exists and is not a tokenizer"),
+        (&tok, "18446744073709551615", "too large"),
+    ] {
+        let mut c = tnc();
+        let r = c.args(["tokenizer", "train"]).arg(&corpus).args(["--vocab", vocab, "-o"]).arg(o).output().unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(r.status.code() == Some(1) && err.contains(why), "{why}: {err}");
+    }
+    assert_eq!(std::fs::read(&corpus).unwrap(), text);
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "mine");
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/transnormer_t1.tn");
     let train = |vocab: &str, data: &str, run: &Path| {
         let mut c = tnc();

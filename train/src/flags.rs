@@ -31,7 +31,7 @@ pub struct RunFlags {
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(2..))]
     pub seq: u64,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = non_negative)]
     pub lr: f64,
     /// Batches (forward + backward) per optimizer step.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
@@ -43,19 +43,19 @@ pub struct RunFlags {
     #[arg(long, default_value = "cosine", value_parser = Schedule::parse)]
     pub schedule: Schedule,
     /// Clip the global gradient norm to this value (0: no clipping).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative)]
     pub clip: f64,
     /// AdamW's decoupled weight decay (not applied to `@no_decay` parameters).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = non_negative)]
     pub weight_decay: f64,
-    /// AdamW's β1.
-    #[arg(long, default_value_t = 0.9)]
+    /// AdamW's β1, in [0, 1).
+    #[arg(long, default_value_t = 0.9, value_parser = decay_rate)]
     pub beta1: f64,
-    /// AdamW's β2.
-    #[arg(long, default_value_t = 0.98)]
+    /// AdamW's β2, in [0, 1).
+    #[arg(long, default_value_t = 0.98, value_parser = decay_rate)]
     pub beta2: f64,
-    /// AdamW's ε.
-    #[arg(long, default_value_t = 1e-8)]
+    /// AdamW's ε (positive).
+    #[arg(long, default_value_t = 1e-8, value_parser = positive)]
     pub eps: f64,
     /// Seed of the parameters, the data and dropout.
     #[arg(long, default_value_t = 0)]
@@ -81,6 +81,31 @@ pub struct RunFlags {
     /// resume step on (the rate jumps where cosine decay differs).
     #[arg(long, value_delimiter = ',', value_name = "FLAGS")]
     pub allow_changed: Vec<String>,
+}
+
+/// A finite number ≥ 0 (a learning rate, a clipping norm, a weight decay): a negative
+/// one would climb the loss, an infinite one write NaN parameters.
+fn non_negative(s: &str) -> Result<f64, String> {
+    number(s).and_then(|x| if x >= 0.0 { Ok(x) } else { Err("must be ≥ 0".into()) })
+}
+
+/// A finite number > 0 (AdamW's ε, which divides).
+fn positive(s: &str) -> Result<f64, String> {
+    number(s).and_then(|x| if x > 0.0 { Ok(x) } else { Err("must be > 0".into()) })
+}
+
+/// A moment's decay rate, in [0, 1): at 1 or past it the moments never forget, below 0
+/// they alternate in sign (and the second moment's square root is NaN).
+fn decay_rate(s: &str) -> Result<f64, String> {
+    number(s).and_then(|x| if (0.0..1.0).contains(&x) { Ok(x) } else { Err("must be in [0, 1)".into()) })
+}
+
+fn number(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() => Ok(x),
+        Ok(_) => Err("must be a finite number".into()),
+        Err(e) => Err(format!("not a number ({e})")),
+    }
 }
 
 impl RunFlags {
@@ -111,6 +136,42 @@ impl RunFlags {
             save_every: self.save_every,
             keep_last: self.keep_last as usize,
             threads: self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RunFlags;
+    use clap::{Args, FromArgMatches};
+
+    fn parse(args: &[&str]) -> Result<RunFlags, String> {
+        let cmd = RunFlags::augment_args(clap::Command::new("t"));
+        let m =
+            cmd.try_get_matches_from(std::iter::once("t").chain(args.iter().copied())).map_err(|e| e.to_string())?;
+        RunFlags::from_arg_matches(&m).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn optimizer_settings_out_of_their_range_are_refused() {
+        let f = parse(&[]).unwrap();
+        assert_eq!((f.lr, f.clip, f.weight_decay, f.beta1, f.beta2, f.eps), (1e-3, 1.0, 0.01, 0.9, 0.98, 1e-8));
+        let f = parse(&["--lr", "0", "--clip", "0", "--weight-decay", "0", "--beta1", "0", "--eps", "1e-12"]).unwrap();
+        assert_eq!((f.lr, f.clip, f.weight_decay, f.beta1, f.eps), (0.0, 0.0, 0.0, 0.0, 1e-12));
+        for (flag, value, why) in [
+            ("--lr", "-1", "must be ≥ 0"),
+            ("--lr", "inf", "finite"),
+            ("--clip", "nan", "finite"),
+            ("--clip", "-1", "must be ≥ 0"),
+            ("--weight-decay", "-5", "must be ≥ 0"),
+            ("--beta1", "1.5", "[0, 1)"),
+            ("--beta2", "1", "[0, 1)"),
+            ("--beta2", "-0.1", "[0, 1)"),
+            ("--eps", "0", "must be > 0"),
+            ("--eps", "x", "not a number"),
+        ] {
+            let err = parse(&[&format!("{flag}={value}")]).map(|_| ()).unwrap_err();
+            assert!(err.contains(flag) && err.contains(why), "{flag} {value}: {err}");
         }
     }
 }

@@ -30,15 +30,42 @@ pub struct Encoded {
     pub cached: bool,
 }
 
+/// The largest `--vocab` a tokenizer is trained for: 2^21, eight times the largest
+/// vocabularies in use, and far below what token ids (i32) and memory allow.
+pub const MAX_VOCAB: usize = 1 << 21;
+
+/// Where a tokenizer may be written: not over one of the text files it learns from, and
+/// not over an existing file unless that is a tokenizer too (a new one replaces it).
+fn check_output(files: &[PathBuf], out: &Path) -> Result<(), String> {
+    let Ok(existing) = std::fs::canonicalize(out) else { return Ok(()) };
+    if files.iter().any(|f| std::fs::canonicalize(f).is_ok_and(|f| f == existing)) {
+        return Err(format!("-o {} is one of the text files: writing the tokenizer would replace it", out.display()));
+    }
+    let is_tokenizer = std::fs::read(out).is_ok_and(|json| Tokenizer::from_bytes(&json).is_ok());
+    if !is_tokenizer {
+        return Err(format!(
+            "-o {} exists and is not a tokenizer: remove it or write the tokenizer elsewhere",
+            out.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Trains a byte-level BPE of `vocab` tokens (256 bytes, one special `<|endoftext|>`,
 /// and merges) on `files` and writes it to `out` as a `tokenizer.json`.
 pub fn train_bpe(files: &[PathBuf], vocab: usize, out: &Path) -> Result<usize, String> {
     if vocab < 257 {
         return Err(format!("--vocab {vocab} is too small: a byte-level BPE has 256 byte tokens and a special one"));
     }
+    if vocab > MAX_VOCAB {
+        return Err(format!(
+            "--vocab {vocab} is too large: at most {MAX_VOCAB} tokens (the trainer's tables grow with it)"
+        ));
+    }
     for f in files {
         std::fs::metadata(f).map_err(|e| format!("{}: {e}", f.display()))?;
     }
+    check_output(files, out)?;
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(vocab)
         .min_frequency(2)

@@ -122,6 +122,20 @@ pub fn check_labels(m: &Manifest, data: &DataSource) -> Result<(), String> {
             "`{data}` is labelled data (a class per sequence), but the model has no input `{LABELS}`: \
              declare `input {LABELS}: i32[B]` and a loss over it (see models/tasks/listops_encoder.tn)"
         )),
+        (true, Some(classes)) => {
+            // The model's own bound on its labels (its classes), where it is a constant:
+            // a label past it would stop the run at the first batch that holds one.
+            let io = m.inputs.iter().find(|i| i.name == LABELS).expect("a classifier");
+            let empty = std::collections::HashMap::new();
+            match io.bounds.iter().filter_map(|b| b.eval(&empty).ok()).min() {
+                Some(bound) if classes as i64 > bound => Err(format!(
+                    "`{data}` has labels up to {}, but the model's `{LABELS}` must lie in 0..{bound} (its classes): \
+                     use `--set classes={classes}` or relabel the data",
+                    classes - 1
+                )),
+                _ => Ok(()),
+            }
+        }
         _ => Ok(()),
     }
 }

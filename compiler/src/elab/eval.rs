@@ -481,8 +481,9 @@ fn int_binary(op: BinOp, x: i64, y: i64, span: Span, sy: Span) -> R<Value> {
                 return Err(Diagnostic::at("division by zero", sy).with_label("this is 0"));
             }
             // Exact integer division stays an integer (sizes); otherwise it is a number.
-            if x % y == 0 {
-                Int(x / y)
+            // (`i64::MIN / -1` is the one quotient that does not fit.)
+            if x.checked_rem(y).ok_or_else(ov)? == 0 {
+                Int(x.checked_div(y).ok_or_else(ov)?)
             } else {
                 Float(x as f64 / y as f64)
             }
@@ -491,7 +492,7 @@ fn int_binary(op: BinOp, x: i64, y: i64, span: Span, sy: Span) -> R<Value> {
             if y == 0 {
                 return Err(Diagnostic::at("division by zero", sy).with_label("this is 0"));
             }
-            Int(x.rem_euclid(y))
+            Int(x.checked_rem_euclid(y).ok_or_else(ov)?)
         }
         BinOp::Pow => {
             if y >= 0 {

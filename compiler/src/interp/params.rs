@@ -29,10 +29,15 @@ pub fn bind_params(g: &Graph, named: Vec<(String, Tensor)>) -> Result<Vec<Tensor
     Ok(out)
 }
 
-/// Check that every input of `g` is present; integer inputs must hold integers.
+/// Check that every input of `g` is present and not empty; integer inputs must hold
+/// integers.
 pub fn check_inputs(g: &Graph, inputs: &HashMap<String, Tensor>) -> Result<(), String> {
     for i in &g.inputs {
         let t = inputs.get(&i.name).ok_or_else(|| format!("missing input `{}` ({})", i.name, i.ty))?;
+        // An empty batch or sequence computes a loss over nothing: NaN, never a result.
+        if t.shape.contains(&0) {
+            return Err(format!("input `{}` is empty (shape {:?}; {})", i.name, t.shape, i.ty));
+        }
         if i.ty.dtype == DType::I32 && t.data.iter().any(|x| x.fract() != 0.0) {
             return Err(format!("input `{}` must hold integers ({})", i.name, i.ty));
         }

@@ -4,7 +4,8 @@
 //! errors, a loss against a target ≥ V is finite and meaningless). So every integer input
 //! that reaches an index operand — through reshapes, slices, permutations, broadcasts,
 //! padding (zeros) or concatenation, which move values without changing them — gets the
-//! bounds of the tables it indexes, and every run checks them before computing anything:
+//! bounds of the tables it indexes (and of the positions `0..L` it is compared with: a
+//! one-hot over L rows, such as the row a decode step writes into its KV cache), and every run checks them before computing anything:
 //! the interpreter (`interp::eval`) and every bundle executor (the manifest's
 //! `IoEntry::bounds`), both with `tnc_bundle::index_bounds::check_values`.
 
@@ -41,6 +42,12 @@ fn bounds_of(g: &Graph, input: NodeId) -> Vec<Dim> {
                         None
                     }
                     Op::Gather if pos == 1 => table(0),
+                    // Compared with the positions 0..L (a one-hot over L rows, as a decode
+                    // step writes its KV cache's row): a value outside selects no row.
+                    Op::Binary(super::BinaryOp::Eq) => match &g.node(operands[1 - pos]).op {
+                        Op::Iota { len, .. } => Some(len.clone()),
+                        _ => None,
+                    },
                     Op::ScatterAdd { rows } if pos == 1 => Some(rows.clone()),
                     Op::CrossEntropy(ce)
                     | Op::CrossEntropyGradX(ce)

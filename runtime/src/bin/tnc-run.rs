@@ -244,6 +244,15 @@ fn bench(a: &BenchArgs) -> Result<(), Error> {
     let vocab = a.vocab.unwrap_or_else(|| {
         m.params.iter().filter(|p| p.shape.len() == 2).map(|p| p.shape[0]).min().unwrap_or(2).max(1)
     });
+    // The generated inputs live in host memory first: refuse sizes it cannot hold.
+    let input_bytes = m
+        .inputs
+        .iter()
+        .filter(|io| io.entry == "forward")
+        .map(|io| io.shape.iter().try_fold(4u128, |acc, d| Some(acc * d.eval(&env).ok()?.max(0) as u128)))
+        .try_fold(0u128, |acc, b| Some(acc + b?))
+        .unwrap_or(u128::MAX);
+    tnc_runtime::host_memory::check_fits(input_bytes, &format!("the inputs at B {} and N {}", a.batch, a.seq))?;
     let mut owned = Vec::new();
     let mut file = a.inputs.as_deref().map(read_tensors).transpose()?;
     for (i, io) in m.inputs.iter().filter(|io| io.entry == "forward").enumerate() {
