@@ -7,6 +7,7 @@ use crate::Failure;
 use std::collections::HashMap;
 use std::path::Path;
 use tnc_compiler::interp::{self, FileDType, Tensor};
+use tnc_grammar::Diagnostic;
 use tnc_runtime::manifest::DType;
 
 /// A directory is run as a bundle (one without a manifest is refused as not a bundle);
@@ -68,6 +69,13 @@ pub fn execute(
         }
     }
     let manifest = exec.manifest().clone();
+    if grad && !manifest.entry_points.get("backward").is_some_and(|s| !s.is_empty()) {
+        return Err(Failure::usage(
+            Diagnostic::error(format!("{} has no backward pass: it computes no gradients", dir.display())).with_hint(
+                "drop `--grad`, or compile the model without `--next-token` / `--decode-step` / `--prefill`",
+            ),
+        ));
+    }
     let expected: Vec<&str> =
         manifest.inputs.iter().filter(|io| io.entry == "forward").map(|io| io.name.as_str()).collect();
     if let Some(extra) = inputs.keys().filter(|n| !expected.contains(&n.as_str())).min() {
@@ -76,6 +84,10 @@ pub fn execute(
     let mut owned = Vec::new();
     for io in manifest.inputs.iter().filter(|io| io.entry == "forward") {
         let t = inputs.get(&io.name).ok_or_else(|| fail(format!("missing input `{}`", io.name)))?;
+        // An empty batch or sequence computes a loss over nothing: NaN, never a result.
+        if t.shape.contains(&0) {
+            return Err(fail(format!("input `{}` is empty (shape {:?})", io.name, t.shape)));
+        }
         owned.push((io.name.clone(), to_runtime(t, io.dtype).map_err(|e| fail(format!("input `{}` {e}", io.name)))?));
     }
     let refs: Vec<(&str, &tnc_runtime::Tensor)> = owned.iter().map(|(n, t)| (n.as_str(), t)).collect();

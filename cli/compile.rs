@@ -37,7 +37,7 @@ pub struct CompileArgs {
     pub out: Option<std::path::PathBuf>,
     /// Also write the LLVM IR (`llvm`; with `--backend cranelift` the Cranelift IR, `.clif`)
     /// or assembly (`asm`) next to the bundle.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, conflicts_with = "report")]
     pub emit: Vec<EmitKind>,
     /// A training bundle: adds AdamW (`accumulate`, `grad_norm` and `step` entry points)
     /// and a per-token accuracy output `correct`, as `tnc train` uses.

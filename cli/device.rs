@@ -52,7 +52,7 @@ impl DeviceArg {
                 DeviceArg::Cpu => Diagnostic::error(format!("`--device cpu` cannot run a bundle for {target}"))
                     .with_hint("pass `--device cuda` (or `--device emulated`), or a CPU target"),
                 _ => Diagnostic::error(format!("`--device {}` runs GPU bundles, not ones for {target}", self.name()))
-                    .with_hint("pass a GPU target such as `--target sm80`"),
+                    .with_hint("use a bundle compiled for a GPU target (`--target sm80`), or `--device cpu`"),
             };
             return Err(Failure::usage(d));
         }

@@ -110,6 +110,57 @@ fn missing_and_misshapen_inputs_are_named() {
     assert!(err.contains("does_not_exist.st"), "{err}");
 }
 
+/// Inputs a run cannot honour are refused, by the interpreter and by a compiled bundle
+/// alike: tokens that are not integers (1.5 was once truncated to 1, NaN to 0), an empty
+/// batch (its loss was NaN, exit 0), a tensor the model has no input for, and `--grad` on
+/// a bundle without a backward pass (it was ignored).
+#[test]
+fn inputs_a_run_cannot_honour_are_refused() {
+    let s = Scratch::new("refused-inputs");
+    let model = "models/tnl.tn";
+    let bundle = s.path("b.tnb");
+    let next = s.path("next.tnb");
+    for (out, extra) in [(&bundle, None), (&next, Some("--next-token"))] {
+        let mut a = vec!["compile", model, "--target", "native", "-o", out];
+        a.extend(TINY);
+        a.extend(extra);
+        let (code, _, err) = tnc(&a);
+        assert_eq!(code, 0, "{err}");
+    }
+    let half = Tensor::new(vec![1, 4], vec![1.5, 2.0, 3.0, 4.0]).unwrap();
+    write_safetensors(s.path("half.st").as_ref(), &[("tokens".into(), &half)], FileDType::F32).unwrap();
+    let empty = Tensor::new(vec![0, 16], vec![]).unwrap();
+    write_safetensors(s.path("empty.st").as_ref(), &[("tokens".into(), &empty)], FileDType::I32).unwrap();
+    let extra = [("tokens".to_string(), &tokens(1, 4, 32)), ("labels".to_string(), &tokens(1, 4, 32))];
+    write_safetensors(s.path("extra.st").as_ref(), &extra, FileDType::I32).unwrap();
+    write_safetensors(s.path("ok.st").as_ref(), &[("tokens".into(), &tokens(1, 4, 32))], FileDType::I32).unwrap();
+    let run = |what: &str, inputs: &str, extra: &[&str]| {
+        let (i, o) = (s.path(inputs), s.path("o.st"));
+        let mut a = vec!["run", what, "--inputs", &i, "--out", &o];
+        if what == model {
+            a.extend(TINY);
+        }
+        a.extend(extra);
+        tnc(&a)
+    };
+    for (what, inputs, want) in [
+        (&bundle, "half.st", "input `tokens` holds 1.5, not an i32"),
+        (&bundle, "empty.st", "input `tokens` is empty (shape [0, 16])"),
+        (&bundle, "extra.st", "the bundle has no input `labels`"),
+        (&model.to_string(), "half.st", "input `tokens` must hold integers"),
+        (&model.to_string(), "empty.st", "input `tokens` is empty (shape [0, 16]"),
+    ] {
+        let (code, _, err) = run(what, inputs, &[]);
+        assert_eq!(code, 1, "{what} {inputs}: {err}");
+        assert!(err.contains(want), "{what} {inputs}: {err}");
+    }
+    let (code, _, err) = run(&next, "ok.st", &["--grad"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("has no backward pass"), "{err}");
+    let (code, _, err) = run(&next, "ok.st", &[]);
+    assert_eq!(code, 0, "{err}");
+}
+
 #[test]
 fn joint_graph_after_autodiff() {
     let path = repo().join("models/tnl.tn");

@@ -776,10 +776,6 @@ fn bind_sizes(
             })
         })
         .collect::<Result<_, _>>()?;
-    // An empty batch or sequence computes a loss over nothing: NaN, never a result.
-    if let Some((s, v)) = m.sizes.iter().zip(&sizes).find(|(_, &v)| v < 1) {
-        return Err(ExecError::Sizes(format!("size `{s}` is {v}: every size must be at least 1")));
-    }
     let env: HashMap<&str, i64> = m.sizes.iter().map(String::as_str).zip(sizes.iter().copied()).collect();
     for &(_, io, t) in &given {
         let ok = io.shape.iter().zip(&t.shape).all(|(d, &v)| d.eval(&env).ok() == Some(v as i64));

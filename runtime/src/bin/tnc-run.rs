@@ -188,6 +188,10 @@ fn run(a: &RunArgs) -> Result<(), Error> {
         let t = file.get(name).ok_or_else(|| {
             format!("{} has no tensor `{name}` (the bundle's inputs are {wanted:?})", a.inputs.display())
         })?;
+        // An empty batch or sequence computes a loss over nothing: NaN, never a result.
+        if t.shape.contains(&0) {
+            return Err(format!("input `{name}` of {} is empty (shape {:?})", a.inputs.display(), t.shape).into());
+        }
         inputs.push((name.as_str(), t));
     }
     let t0 = Instant::now();
