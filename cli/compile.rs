@@ -107,7 +107,7 @@ fn kernel_report(g: &Graph, plan: &FusionPlan, b: i64, n: i64) -> String {
 }
 
 /// A `--target` name, or a usage error listing the valid ones.
-fn parse_target(name: &str) -> Result<Target, Failure> {
+pub(crate) fn parse_target(name: &str) -> Result<Target, Failure> {
     Target::parse(name).map_err(|e| Failure::usage(Diagnostic::error(e)))
 }
 

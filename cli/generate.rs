@@ -78,6 +78,7 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
         .validated()
         .map_err(usage)?;
     let target = args.target.clone().unwrap_or_else(|| args.device.unwrap_or_default().default_target().into());
+    crate::compile::parse_target(&target)?;
     let device = args.device.unwrap_or_else(|| DeviceArg::for_target(&target));
     device.check(&target)?;
     let (ckpt_path, ckpt) = find_checkpoint(&args.run)?;

@@ -68,6 +68,8 @@ impl TrainFlags {
             (None, Some(d)) => (d.default_target().to_string(), d),
             (None, None) => ("native".to_string(), DeviceArg::Cpu),
         };
+        // An unknown target is bad usage, found before anything compiles (as in `tnc compile`).
+        crate::compile::parse_target(&target)?;
         device.check(&target)?;
         self.backend.check(&target)?;
         Ok((target, device))

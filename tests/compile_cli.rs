@@ -86,6 +86,20 @@ fn errors_keep_their_exit_codes() {
     assert_eq!(tnc(&["compile", "models/transnormer_t1.tn", "--report", "--seq", "0"]).0, 2, "N ≥ 1");
     assert_eq!(tnc(&["compile", "models/transnormer_t1.tn", "--report", "--set", "layres=2"]).0, 2);
     assert_eq!(tnc(&["compile", "tests/malformed/unknown_name_typo.tn", "--report"]).0, 1);
+    // An unknown target is bad usage in every command that compiles, found before compiling.
+    assert_eq!(tnc(&["compile", "models/tnl.tn", "--report", "--emit", "llvm"]).0, 2, "--emit with --report");
+    for cmd in
+        [&["train", "models/tasks/mqar_t2.tn", "--out"][..], &["generate", "models/tasks/mqar_t2.tn", "--prompt", "1"]]
+    {
+        let mut args = cmd.to_vec();
+        if cmd[0] == "train" {
+            args.push("/nonexistent/run");
+        }
+        args.extend(["--target", "sm100"]);
+        let (code, _, err) = tnc(&args);
+        assert_eq!(code, 2, "{cmd:?}: {err}");
+        assert!(err.contains("sm90a") && !err.contains("compiling"), "{cmd:?}: {err}");
+    }
 }
 
 #[test]
