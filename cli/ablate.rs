@@ -65,6 +65,22 @@ fn pairs(spec: &str, what: &str) -> Result<Vec<String>, Failure> {
         .collect()
 }
 
+/// A variant's own `k=v` pairs after the shared `--set` values: each replaces the shared
+/// value of its name (the front end refuses a name set twice).
+fn override_sets(sets: &mut Vec<String>, own: Vec<String>, what: &str) -> Result<(), Failure> {
+    let name = |kv: &str| kv.split_once('=').map_or(kv, |(k, _)| k.trim()).to_string();
+    let mut names: Vec<String> = own.iter().map(|kv| name(kv)).collect();
+    names.sort();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Failure::usage(Diagnostic::error(format!("{what} sets `{}` twice", w[0]))));
+    }
+    for kv in own {
+        sets.retain(|s| name(s) != name(&kv));
+        sets.push(kv);
+    }
+    Ok(())
+}
+
 /// The files an ablation writes in `--out` next to the variants' run directories.
 const OUTPUT_FILES: [&str; 2] = ["ablation.md", "loss.svg"];
 
@@ -82,7 +98,7 @@ fn variants(args: &AblateArgs) -> Result<Vec<Variant>, Failure> {
             ));
         };
         let mut sets = args.sets.clone();
-        sets.extend(pairs(spec, &format!("--variant {v}"))?);
+        override_sets(&mut sets, pairs(spec, &format!("--variant {v}"))?, &format!("--variant {v}"))?;
         out.push(Variant { name: name.trim().to_string(), file: args.model.clone(), sets });
     }
     for v in &args.variant_files {
@@ -92,7 +108,7 @@ fn variants(args: &AblateArgs) -> Result<Vec<Variant>, Failure> {
         };
         let file = PathBuf::from(file);
         let mut sets = args.sets.clone();
-        sets.extend(pairs(spec, &format!("--variant-file {v}"))?);
+        override_sets(&mut sets, pairs(spec, &format!("--variant-file {v}"))?, &format!("--variant-file {v}"))?;
         out.push(Variant { name: stem(&file), file, sets });
     }
     // Each variant's run is the directory `--out/NAME`: a name must be one plain path

@@ -86,6 +86,10 @@ fn errors_keep_their_exit_codes() {
     assert_eq!(tnc(&["compile", "models/transnormer_t1.tn", "--report", "--seq", "0"]).0, 2, "N ≥ 1");
     assert_eq!(tnc(&["compile", "models/transnormer_t1.tn", "--report", "--set", "layres=2"]).0, 2);
     assert_eq!(tnc(&["compile", "tests/malformed/unknown_name_typo.tn", "--report"]).0, 1);
+    // A hyper-parameter set twice is refused, not decided by order.
+    let (code, _, err) = tnc(&["compile", "models/tnl.tn", "--report", "--set", "dim=32", "--set", "dim=64"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("`dim` is set twice") && err.contains("set here first"), "{err}");
     // An unknown target is bad usage in every command that compiles, found before compiling.
     assert_eq!(tnc(&["compile", "models/tnl.tn", "--report", "--emit", "llvm"]).0, 2, "--emit with --report");
     for cmd in

@@ -64,6 +64,11 @@ pub fn parse_overrides(sets: &[String], sources: &mut SourceMap) -> R<Vec<Overri
         }
         let offset = 6 + name.len() + 1;
         let padded = format!("{}{}", " ".repeat(offset), value);
+        if let Some(first) = out.iter().find(|o: &&Override| o.target == name) {
+            return Err(Diagnostic::at(format!("`{name}` is set twice"), name_span)
+                .with_secondary(first.span, "set here first")
+                .with_hint("keep one `--set` for it"));
+        }
         let expr = tnc_grammar::parse::parse_expr(&padded, id)?;
         out.push(Override { target: name.to_string(), value: expr, span: Span::new(id, 6..6 + s.len()) });
     }
