@@ -538,7 +538,12 @@ impl Builder {
             }
             Rule::boolean => ExprKind::Bool(p.as_str() == "true"),
             Rule::ident => ExprKind::Name(p.as_str().to_string()),
-            Rule::paren => return self.expr_deep(p.into_inner().next().expect("grammar: paren")),
+            Rule::paren => {
+                // The parentheses belong to the expression: a caret under `(a - 1) / b` starts at `(`.
+                let (mut e, depth) = self.expr_deep(p.into_inner().next().expect("grammar: paren"))?;
+                e.span = span;
+                return Ok((e, depth));
+            }
             Rule::list => {
                 let mut items = Vec::new();
                 for q in p.into_inner() {
