@@ -70,7 +70,7 @@ fn a_decay_matrix_of_another_form_is_warned_about_as_n_by_n_values() {
         let message =
             format!("warning: 8 values of N×N positions: up to {bytes} bytes per token each at B = 1, N = {n}");
         assert!(err.contains(&message), "{err}");
-        assert!(err.contains("gaussian_decay.tn:17:19") && err.contains("f32[B, 2, N, N]"), "{err}");
+        assert!(err.contains("gaussian_decay.tn:17:18") && err.contains("f32[B, 2, N, N]"), "{err}");
         assert!(err.contains("a decay matrix of another form"), "{err}");
     }
 }
