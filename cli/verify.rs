@@ -42,7 +42,7 @@ pub struct VerifyArgs {
     /// 2^-8 in bf16), which ill-conditioned gradients amplify. A tensor whose every
     /// element is within 1e-6 of the reference passes whatever its relative error (small
     /// gradients).
-    #[arg(long, value_parser = tolerance)]
+    #[arg(long, value_parser = tnc_train::flags::positive)]
     pub tol: Option<f64>,
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
@@ -51,15 +51,6 @@ pub struct VerifyArgs {
     /// in f32.
     #[arg(long, value_enum, default_value_t)]
     pub precision: crate::PrecisionArg,
-}
-
-/// A tolerance: a finite number > 0 (at 0, or NaN, no tensor could pass or every would).
-fn tolerance(s: &str) -> Result<f64, String> {
-    match s.trim().parse::<f64>() {
-        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
-        Ok(_) => Err("must be a finite number > 0".into()),
-        Err(e) => Err(e.to_string()),
-    }
 }
 
 /// Rows of the tables an integer input indexes (so random ids stay in range).

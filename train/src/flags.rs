@@ -89,8 +89,8 @@ fn non_negative(s: &str) -> Result<f64, String> {
     number(s).and_then(|x| if x >= 0.0 { Ok(x) } else { Err("must be ≥ 0".into()) })
 }
 
-/// A finite number > 0 (AdamW's ε, which divides).
-fn positive(s: &str) -> Result<f64, String> {
+/// A finite number > 0 (AdamW's ε, which divides; `tnc verify`'s tolerance).
+pub fn positive(s: &str) -> Result<f64, String> {
     number(s).and_then(|x| if x > 0.0 { Ok(x) } else { Err("must be > 0".into()) })
 }
 

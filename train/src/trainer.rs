@@ -112,20 +112,19 @@ pub fn check_vocabulary(m: &Manifest, data: &DataSource) -> Result<(), String> {
 /// A classifier (a model with an input `labels`) needs labelled data, and labelled data
 /// a classifier.
 pub fn check_labels(m: &Manifest, data: &DataSource) -> Result<(), String> {
-    let classifier = m.inputs.iter().any(|i| i.name == LABELS);
-    match (classifier, data.classes()) {
-        (true, None) => Err(format!(
+    let labels = m.inputs.iter().find(|i| i.name == LABELS);
+    match (labels, data.classes()) {
+        (Some(_), None) => Err(format!(
             "the model has an input `{LABELS}` (a classifier), but `{data}` has no labels: use labelled data, \
              `--data listops` or `--data jsonl:PATH`"
         )),
-        (false, Some(_)) => Err(format!(
+        (None, Some(_)) => Err(format!(
             "`{data}` is labelled data (a class per sequence), but the model has no input `{LABELS}`: \
              declare `input {LABELS}: i32[B]` and a loss over it (see models/tasks/listops_encoder.tn)"
         )),
-        (true, Some(classes)) => {
+        (Some(io), Some(classes)) => {
             // The model's own bound on its labels (its classes), where it is a constant:
             // a label past it would stop the run at the first batch that holds one.
-            let io = m.inputs.iter().find(|i| i.name == LABELS).expect("a classifier");
             let empty = std::collections::HashMap::new();
             match io.bounds.iter().filter_map(|b| b.eval(&empty).ok()).min() {
                 Some(bound) if classes as i64 > bound => Err(format!(

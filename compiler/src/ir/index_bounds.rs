@@ -5,9 +5,10 @@
 //! that reaches an index operand — through reshapes, slices, permutations, broadcasts,
 //! padding (zeros) or concatenation, which move values without changing them — gets the
 //! bounds of the tables it indexes (and of the positions `0..L` it is compared with: a
-//! one-hot over L rows, such as the row a decode step writes into its KV cache), and every run checks them before computing anything:
-//! the interpreter (`interp::eval`) and every bundle executor (the manifest's
-//! `IoEntry::bounds`), both with `tnc_bundle::index_bounds::check_values`.
+//! one-hot over L rows, such as the row a decode step writes into its KV cache), and every
+//! run checks them before computing anything: the interpreter (`interp::eval`) and every
+//! bundle executor (the manifest's `IoEntry::bounds`), both with
+//! `tnc_bundle::index_bounds::check_values`.
 
 use super::{Dim, Graph, NodeId, Op};
 
