@@ -46,8 +46,30 @@ pub struct CompileArgs {
     /// The element type of products' operands.
     #[arg(long, value_enum, default_value_t)]
     pub precision: crate::PrecisionArg,
+    /// How a GPU target computes dense products: `tiles` (generated tiled kernels, tensor
+    /// cores for bf16; needs only the driver) or `cublas` (cuBLAS calls where cuBLAS can
+    /// express the product; the bundle then needs libcublas where it runs, found through
+    /// `TNC_CUBLAS` or the library path). CPU targets always call their GEMM library.
+    #[arg(long, value_enum, default_value_t)]
+    pub gemm: GemmArg,
     #[command(flatten)]
     pub program: crate::ProgramArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GemmArg {
+    #[default]
+    Tiles,
+    Cublas,
+}
+
+impl GemmArg {
+    pub fn gemm(self) -> tnc_compiler::backend::GpuGemm {
+        match self {
+            GemmArg::Tiles => tnc_compiler::backend::GpuGemm::Tiles,
+            GemmArg::Cublas => tnc_compiler::backend::GpuGemm::Cublas,
+        }
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,8 +142,17 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
                 .with_hint("or use `--report` to see the kernels and the memory plan without generating code"),
         ));
     };
-    parse_target(target)?;
+    let parsed = parse_target(target)?;
     args.backend.check(target)?;
+    if args.gemm != GemmArg::Tiles && !parsed.is_gpu() {
+        return Err(Failure::usage(
+            Diagnostic::error(format!(
+                "`--gemm {}` is for GPU targets, and `{target}` is a CPU",
+                args.gemm.gemm().name()
+            ))
+            .with_note("a CPU bundle's dense products always call the host's GEMM library"),
+        ));
+    }
     let started = std::time::Instant::now();
     let (graph, sources) = elaborate(&args.model)?;
     let front = started.elapsed();
@@ -141,6 +172,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
         precision: args.precision.policy(),
         codegen: args.backend.codegen(),
         program: args.program.program(),
+        gemm: args.gemm.gemm(),
     };
     let compiled = tnc_compiler::driver::compile(graph, target, &out, opts, vec![("parse + elaborate", front)])
         .map_err(crate::fail)?;
@@ -148,6 +180,10 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     let with = match args.backend {
         crate::BackendArg::Llvm => String::new(),
         other => format!(" with {}", other.codegen().name()),
+    };
+    let with = match args.gemm {
+        GemmArg::Tiles => with,
+        GemmArg::Cublas => format!("{with} (cuBLAS for {} products)", library_products(&compiled)),
     };
     let _ = writeln!(s, "compiled {} for {target}{with} into {}", compiled.graph.name, out.display());
     use tnc_compiler::schedule::Entry;
@@ -178,4 +214,9 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     }
     print!("{s}");
     Ok(())
+}
+
+/// How many of the schedule's kernels are library products (cuBLAS calls on a GPU).
+fn library_products(compiled: &tnc_compiler::driver::Compiled) -> usize {
+    compiled.schedule.kernels.iter().filter(|k| k.gemm.is_some()).count()
 }

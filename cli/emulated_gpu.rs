@@ -128,6 +128,28 @@ impl EmulatedGpu {
         Ok(())
     }
 
+    /// Runs a library product (a `--gemm cublas` bundle's) as the CUDA device does — the
+    /// cuBLAS calls of its plan — with cuBLAS's semantics on the host, so every plan a
+    /// model makes is run and checked (cuBLAS's argument rules, bounds) without a GPU.
+    fn run_library(&mut self, l: &Launch) -> Result<(), ExecError> {
+        use tnc_runtime::gemm::{SLOT_A, SLOT_B, SLOT_C};
+        let k = &self.kernels[l.kernel];
+        let (shape, _) = l.gemm.as_ref().expect("a library launch");
+        let calls = tnc_runtime::cublas_plan::plan(shape).map_err(|e| {
+            ExecError::Unsupported(format!("library kernel `{}`: cuBLAS cannot compute this product ({e})", k.name))
+        })?;
+        let fault = |message: String| ExecError::Fault { kernel: k.name.clone(), message };
+        let floats = |slot: usize| to_typed(self.memory[l.buffers[slot]].bytes(), k.buffers[slot].elem).widened();
+        let (Some(a), Some(b), Some(mut c)) = (floats(SLOT_A), floats(SLOT_B), floats(SLOT_C)) else {
+            return Err(fault("a library product's buffers hold floats".into()));
+        };
+        tnc_runtime::cublas_plan::run_on_host(&calls, &a, &b, &mut c).map_err(fault)?;
+        let m = &mut self.memory[l.buffers[SLOT_C]];
+        let bytes = to_bytes(&Buffer::F32(c), m.len);
+        m.bytes_mut().copy_from_slice(&bytes);
+        Ok(())
+    }
+
     /// Runs blocks `begin..end` of launch `l` compiled, on the calling thread.
     fn run_compiled(&mut self, l: &Launch, args: &[i64], (begin, end): (i64, i64)) -> Result<(), ExecError> {
         let k = &self.kernels[l.kernel];
@@ -245,7 +267,9 @@ impl Device for EmulatedGpu {
         let mut r = Ok(());
         for l in &launches {
             let args: Vec<i64> = args.iter().chain(&l.args).copied().collect();
-            r = if self.check_all {
+            r = if l.gemm.is_some() {
+                self.run_library(l)
+            } else if self.check_all {
                 self.run_checked(l, &args, &[(0, l.extent)])
             } else if self.checked.insert(l.kernel) {
                 // The edge blocks checked, the ones between them compiled.

@@ -14,7 +14,11 @@
 #    of TransNormer T1 at B 4, N 2048, and PyTorch peers at the same attention shapes
 #    (masked quadratic and a chunked loop, each in f32 and bf16), printed as one table.
 # 5. GEMM tiles against cuBLAS: every product of T1 (B 4, N 2048) timed in tnc's tiled
-#    kernel (`TNC_PROFILE=1`) and with torch.matmul.
+#    kernel (`TNC_PROFILE=1`) and with torch.matmul; and T1 compiled with cuBLAS products
+#    (`--gemm cublas`: tnc's runtime calling cuBLAS) timed next to the tiles bundle, with
+#    its profile's line of the products' time and rate. The cases/*_cublas correctness
+#    cases run in section 2. libcublas comes from PyTorch's wheels (TNC_CUBLAS, found here
+#    unless set).
 #
 # 6. With TNC_CHECK_PART=bf16 (or all), the bf16 part instead: tiny T1 with bf16 products
 #    (tensor cores, mma.sync) against the interpreter run as compiled (rel L2 < 1e-2);
@@ -95,7 +99,23 @@ case $PART in f32 | bf16 | all) ;; *)
     ;;
 esac
 
+# cuBLAS for the `--gemm cublas` bundles: the runtime loads TNC_CUBLAS, else libcublas.so.13
+# (.12, .so) from the library path; PyTorch's wheels carry it under site-packages/nvidia.
+if [ -z "${TNC_CUBLAS:-}" ]; then
+    TNC_CUBLAS=$($PY -c 'import glob, os, site
+dirs = site.getsitepackages() + [site.getusersitepackages()]
+hits = [h for d in dirs for p in ("nvidia/cu13/lib", "nvidia/cublas/lib", "nvidia/cu12/lib")
+        for h in sorted(glob.glob(os.path.join(d, p, "libcublas.so.*")))]
+print(hits[0] if hits else "")' 2>/dev/null)
+fi
+if [ -n "${TNC_CUBLAS:-}" ]; then
+    export TNC_CUBLAS
+    # libcublasLt sits beside it.
+    export LD_LIBRARY_PATH=$(dirname "$TNC_CUBLAS")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
+
 echo "== host"
+echo "cuBLAS for --gemm cublas bundles: ${TNC_CUBLAS:-(not found; those cases fail)}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
 ldd --version 2>/dev/null | head -1
 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>/dev/null || echo "(no torch)"
@@ -225,6 +245,7 @@ for n in $SEQS; do
     bench bench/linear_attention "$BATCH" "$n" "$iters" --warmup 1
 done
 bench bench/transnormer_t1 "$BATCH" "${TNC_CHECK_T1_SEQ:-2048}" 5 --warmup 1 --vocab 267744
+bench bench/transnormer_t1_cublas "$BATCH" "${TNC_CHECK_T1_SEQ:-2048}" 5 --warmup 1 --vocab 267744
 
 if [ "$DEVICE" = cuda ] && [ "${TNC_CHECK_PEERS:-1}" = 1 ]; then
     echo "python3 peers.py (PyTorch)"
@@ -243,6 +264,7 @@ fi
 if part bf16; then
     echo "== bf16 (tensor cores)"
     bench bench/transnormer_t1_bf16 "$BATCH" "${TNC_CHECK_T1_SEQ:-2048}" 5 --warmup 1 --vocab 267744
+    bench bench/transnormer_t1_bf16_cublas "$BATCH" "${TNC_CHECK_T1_SEQ:-2048}" 5 --warmup 1 --vocab 267744
     if [ "$DEVICE" = cuda ] && [ "${TNC_CHECK_PEERS:-1}" = 1 ]; then
         # flash-linear-attention next to tnc's linear attention (f32 kernels: the attention
         # ops keep f32 operands under --precision bf16) and the PyTorch chunked loop in bf16.
@@ -289,6 +311,23 @@ if part f32 && [ "$DEVICE" = cuda ] && [ -f bench/t1_gemms.json ] && [ "$(elapse
         tail -3 "$OUT/t1-profile.log"
     fi
 fi
+
+# profile_products LABEL BUNDLE: TNC_PROFILE=1 of one forward + backward, and the line of
+# the library products' share and rate (cuBLAS calls, in a `--gemm cublas` bundle).
+profile_products() {
+    local label=$1 bundle=$2
+    [ "$DEVICE" = cuda ] && [ -d "$bundle" ] && [ "$(elapsed)" -lt 450 ] || return 0
+    echo "== $label: cuBLAS products in tnc's runtime (TNC_PROFILE=1, B 4, N 2048)"
+    if TNC_PROFILE=1 run_for 90 $RUN bench "$bundle" --device cuda --batch 4 --seq 2048 --iters 1 --warmup 0 \
+        --vocab 267744 >"$OUT/$label-profile.out" 2>"$OUT/$label-profile.log"; then
+        grep -E "^profile of|library products" "$OUT/$label-profile.log"
+    else
+        echo "(the profiled $label run failed: see $OUT/$label-profile.log)"
+        tail -3 "$OUT/$label-profile.log"
+    fi
+}
+part f32 && profile_products t1-cublas bench/transnormer_t1_cublas
+part bf16 && profile_products t1-bf16-cublas bench/transnormer_t1_bf16_cublas
 
 finish
 exit $status

@@ -19,6 +19,8 @@
 #                           and full-size T1 (timed with and without CUDA graphs)
 #   cases/t1_tiny_bf16/, bench/transnormer_t1_bf16/, bench/t1_gemms_bf16.json
 #                           the bf16 part (`TNC_CHECK_PART=bf16 check.sh`): tensor cores
+#   cases/*_cublas/, bench/transnormer_t1*_cublas/
+#                           the same with cuBLAS products (`tnc compile --gemm cublas`)
 #   wheels/                 fla-core and einops (pip download --no-deps; PyPI needed
 #                           here, none there) for flash-linear-attention as a peer
 #   check.sh, *.py          the check itself
@@ -118,6 +120,20 @@ say "reference for t1_tiny_bf16 (interpreter, bf16 products, f32)"
 echo 1e-2 >"$C/tol"
 echo bf16 >"$C/part"
 
+# The same two with cuBLAS products (`--gemm cublas`, GPU targets only), against the same
+# references.
+for base in t1_tiny t1_tiny_bf16; do
+    [[ $TARGET == sm* ]] || break
+    C=$DEST/cases/${base}_cublas
+    mkdir -p "$C"
+    precision=()
+    [ "$base" = t1_tiny_bf16 ] && precision=(--precision bf16)
+    compile "$C/bundle" models/transnormer_t1.tn "${T1_TINY[@]}" "${precision[@]}" --gemm cublas
+    for f in inputs.safetensors params.safetensors ref.safetensors tol part; do
+        [ -f "$DEST/cases/$base/$f" ] && cp "$DEST/cases/$base/$f" "$C/"
+    done
+done
+
 say "compiling the linear attention (B any, H 32, d 128) for $TARGET"
 LA=$DEST/bench/linear_attention
 compile "$LA" models/bench/linear_attention.tn
@@ -138,6 +154,11 @@ say "compiling TransNormer T1 (full size) with bf16 products for $TARGET"
 compile "$DEST/bench/transnormer_t1_bf16" models/transnormer_t1.tn --precision bf16
 "$TNC" compile models/transnormer_t1.tn --target native --precision bf16 -o "$SCRATCH/t1_cpu_bf16" >/dev/null
 python3 "$GPU/gemms.py" extract "$SCRATCH/t1_cpu_bf16/manifest.json" 4 2048 >"$DEST/bench/t1_gemms_bf16.json"
+say "compiling TransNormer T1 (full size) with cuBLAS products, f32 and bf16, for $TARGET"
+if [[ $TARGET == sm* ]]; then
+    compile "$DEST/bench/transnormer_t1_cublas" models/transnormer_t1.tn --gemm cublas
+    compile "$DEST/bench/transnormer_t1_bf16_cublas" models/transnormer_t1.tn --precision bf16 --gemm cublas
+fi
 
 # flash-linear-attention (its ops live in fla-core; Triton and PyTorch are on the GPU
 # machine already), pinned, for check.sh to install with --no-deps.

@@ -9,6 +9,7 @@
 mod common;
 use common::*;
 use std::collections::HashMap;
+use tnc_compiler::backend::GpuGemm;
 use tnc_compiler::interp::{compare, evaluate, EvalOptions, Precision};
 use tnc_compiler::passes::Policy;
 use tnc_compiler::{driver, passes};
@@ -74,7 +75,7 @@ fn bf16_products_on_tensor_cores_match_the_interpreter() {
         let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
         let tag = format!("{}-sm80-bf16", path.file_stem().unwrap().to_string_lossy());
         let start = std::time::Instant::now();
-        compiled_for_matches_the_interpreter(&tag, g, &[(2, 9), (1, 21)], Policy::Bf16, "sm80");
+        compiled_for_matches_the_interpreter(&tag, g, &[(2, 9), (1, 21)], Policy::Bf16, "sm80", GpuGemm::Tiles);
         eprintln!("{tag}: {:.1} s", start.elapsed().as_secs_f64());
     }
 }
@@ -92,6 +93,22 @@ fn a_vocabulary_in_three_chunks_matches_the_interpreter() {
     compiled_matches_the_interpreter("chunks", g.clone(), &[(2, 7)], Policy::F32);
     // The chunks' probabilities in bf16, a workspace of their own (not in place).
     compiled_matches_the_interpreter("chunks-bf16", g, &[(2, 7)], Policy::Bf16);
+}
+
+/// `--gemm cublas` on the emulated GPU, which runs each product as the cuBLAS calls the
+/// CUDA device would make (`cublas_plan`), with cuBLAS's semantics: T1's projections and
+/// their gradients (row-major, transposed, weight gradients) in f32 and bf16, and the
+/// cross-entropy's vocabulary chunks (launch arguments in the views, `C +=` products).
+#[test]
+fn cublas_products_on_the_emulated_gpu_match_the_interpreter() {
+    let wide: Vec<String> = ["vocab=2100", "dim=40", "heads=2", "layers=1", "glu_dim=56"].map(String::from).into();
+    let path = repo().join("models/transnormer_t1.tn");
+    let (sources, g) = elaborate_path(&path, &wide);
+    let g = g.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    for precision in [Policy::F32, Policy::Bf16] {
+        let tag = format!("t1-sm80-cublas-{}", precision.name());
+        compiled_for_matches_the_interpreter(&tag, g.clone(), &[(2, 9)], precision, "sm80", GpuGemm::Cublas);
+    }
 }
 
 /// How a bundle's outputs are compared with a reference.
@@ -118,19 +135,21 @@ fn compiled_matches_the_interpreter(
     lengths: &[(usize, usize)],
     precision: Policy,
 ) {
-    compiled_for_matches_the_interpreter(tag, g, lengths, precision, "native")
+    compiled_for_matches_the_interpreter(tag, g, lengths, precision, "native", GpuGemm::Tiles)
 }
 
-/// The same for `target`: the host CPU, or a GPU target run on the emulated GPU.
+/// The same for `target`: the host CPU, or a GPU target (its products as `gemm` says) run
+/// on the emulated GPU.
 fn compiled_for_matches_the_interpreter(
     tag: &str,
     g: tnc_compiler::ir::Graph,
     lengths: &[(usize, usize)],
     precision: Policy,
     target: &str,
+    gemm: GpuGemm,
 ) {
     let dir = scratch(tag);
-    let opts = driver::Options { precision, ..Default::default() };
+    let opts = driver::Options { precision, gemm, ..Default::default() };
     driver::compile(g.clone(), target, &dir, opts, Vec::new()).unwrap_or_else(|e| panic!("{tag}: {e}"));
     let narrowed = (precision != Policy::F32).then(|| {
         let last = passes::names().last().copied().unwrap();
@@ -143,6 +162,8 @@ fn compiled_for_matches_the_interpreter(
         tnc_runtime::Executor::cpu(&tnc_runtime::Bundle::load_cpu(&dir).unwrap(), 2).unwrap()
     } else {
         let bundle = tnc_runtime::Bundle::load(&dir).unwrap();
+        let library = bundle.manifest.kernels.iter().filter(|k| k.library).count();
+        assert_eq!(library > 0, gemm == GpuGemm::Cublas, "{tag}: {library} library products");
         let gpu = tnc::emulated_gpu::EmulatedGpu::new(&bundle).unwrap();
         tnc_runtime::Executor::on(&bundle, Box::new(gpu)).unwrap()
     };

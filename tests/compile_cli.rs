@@ -3,6 +3,7 @@
 
 mod common;
 use common::repo;
+use std::path::Path;
 use std::process::Command;
 
 fn tnc(args: &[&str]) -> (i32, String, String) {
@@ -202,6 +203,55 @@ fn bf16_products_from_the_command_line() {
     let (code, _, err) = tnc(&["run", &bundle, "--inputs", "x", "--out", "y", "--precision", "bf16"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("compiled with"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--gemm cublas`: a GPU bundle whose dense products are cuBLAS calls (library nodes,
+/// no PTX of ours), said in the summary; the emulated GPU runs it (each product as the
+/// cuBLAS calls the CUDA device would make) and gives the tiles bundle's outputs and
+/// gradients (both sum each element's terms in order in f32: within 1e-5); a CPU target
+/// or an unknown choice is bad usage.
+#[test]
+fn cublas_products_from_the_command_line() {
+    let dir = std::env::temp_dir().join(format!("tnc-compile-cli-cublas-{}", std::process::id()));
+    let inputs = dir.join("in.safetensors");
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens = tnc_compiler::interp::Tensor::new(vec![2, 5], (0..10).map(|i| (i * 7 % 32) as f64).collect()).unwrap();
+    tnc_compiler::interp::write_safetensors(
+        &inputs,
+        &[("tokens".into(), &tokens)],
+        tnc_compiler::interp::FileDType::I32,
+    )
+    .unwrap();
+    let mut results = Vec::new();
+    for gemm in ["tiles", "cublas"] {
+        let out = dir.join(format!("{gemm}.tnb")).display().to_string();
+        let mut args = vec!["compile", "models/transnormer_t1.tn", "--target", "sm80", "--gemm", gemm, "-o", &out];
+        args.extend(TINY);
+        let (code, stdout, err) = tnc(&args);
+        assert_eq!(code, 0, "{err}");
+        let manifest = std::fs::read_to_string(Path::new(&out).join("manifest.json")).unwrap();
+        assert_eq!(stdout.contains("(cuBLAS for "), gemm == "cublas", "{stdout}");
+        assert_eq!(manifest.contains("\"library\": true"), gemm == "cublas", "{gemm}");
+        let res = dir.join(format!("{gemm}.out.safetensors"));
+        let (inp, res_s) = (inputs.display().to_string(), res.display().to_string());
+        let (code, _, err) = tnc(&["run", &out, "--device", "emulated", "--inputs", &inp, "--out", &res_s, "--grad"]);
+        assert_eq!(code, 0, "{gemm}: {err}");
+        results.push(tnc_compiler::interp::read_safetensors(&res).unwrap());
+    }
+    let (tiles, cublas) = (&results[0], &results[1]);
+    assert!(tiles.len() > 10 && tiles.len() == cublas.len(), "{} and {} tensors", tiles.len(), cublas.len());
+    for ((name, t), (other, c)) in tiles.iter().zip(cublas) {
+        assert_eq!(name, other);
+        let close = t.data.iter().zip(&c.data).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + a.abs()));
+        assert!(close, "`{name}` differs between the tiles and the cuBLAS bundle");
+    }
+    let (code, _, err) = tnc(&["compile", "models/tnl.tn", "--target", "native", "--gemm", "cublas"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("`--gemm cublas` is for GPU targets"), "{err}");
+    let (code, _, err) = tnc(&["compile", "models/tnl.tn", "--target", "sm80", "--gemm", "cutlass"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("tiles") && err.contains("cublas"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -18,6 +18,7 @@ mod common;
 use common::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use tnc_compiler::backend::GpuGemm;
 use tnc_compiler::driver;
 use tnc_compiler::interp::{compare, evaluate, init_params, EvalOptions, Tensor};
 use tnc_compiler::passes;
@@ -34,20 +35,36 @@ fn model() -> tnc_compiler::ir::Graph {
 
 /// The training bundle for `target`, compiled once per test process.
 fn bundle(target: &str) -> Bundle {
-    static DIRS: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    bundle_with(target, GpuGemm::Tiles)
+}
+
+/// The training bundle for `target` with GPU products as `gemm` says.
+fn bundle_with(target: &str, gemm: GpuGemm) -> Bundle {
+    static DIRS: std::sync::Mutex<Vec<(String, GpuGemm, PathBuf)>> = std::sync::Mutex::new(Vec::new());
     let mut dirs = DIRS.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = match dirs.iter().find(|(t, _)| t == target) {
-        Some((_, d)) => d.clone(),
+    let dir = match dirs.iter().find(|(t, g, _)| t == target && *g == gemm) {
+        Some((_, _, d)) => d.clone(),
         None => {
-            let d = std::env::temp_dir().join(format!("tnc-devices-{target}-{}", std::process::id()));
+            let d = std::env::temp_dir().join(format!("tnc-devices-{target}-{}-{}", gemm.name(), std::process::id()));
             let _ = std::fs::remove_dir_all(&d);
-            let opts = driver::Options { train: true, ..Default::default() };
+            let opts = driver::Options { train: true, gemm, ..Default::default() };
             driver::compile(model(), target, &d, opts, Vec::new()).unwrap();
-            dirs.push((target.to_string(), d.clone()));
+            dirs.push((target.to_string(), gemm, d.clone()));
             d
         }
     };
     Bundle::load(&dir).unwrap()
+}
+
+/// The sm80 bundle with cuBLAS products (`--gemm cublas`): every dense product a library
+/// node with no launch shape of ours, the rest tiles as usual.
+fn cublas_bundle() -> Bundle {
+    let b = bundle_with("sm80", GpuGemm::Cublas);
+    let library: Vec<_> = b.manifest.kernels.iter().filter(|k| k.library).collect();
+    assert!(library.len() >= 4, "{} library products", library.len());
+    assert!(library.iter().all(|k| k.gpu.is_none() && k.gemm.is_some()));
+    assert!(bundle("sm80").manifest.kernels.iter().all(|k| !k.library), "tiles by default");
+    b
 }
 
 fn cpu() -> Executor {
@@ -55,18 +72,25 @@ fn cpu() -> Executor {
 }
 
 fn emulated() -> Executor {
-    let b = bundle("sm80");
+    on_emulated(bundle("sm80"))
+}
+
+fn on_emulated(b: Bundle) -> Executor {
     let device = tnc::emulated_gpu::EmulatedGpu::new(&b).unwrap();
     Executor::on(&b, Box::new(device)).unwrap()
 }
 
 /// A CUDA executor, or `None` (said on standard error) without a driver or a GPU.
 fn cuda() -> Option<Executor> {
+    on_cuda(bundle("sm80"))
+}
+
+fn on_cuda(b: Bundle) -> Option<Executor> {
     if !tnc_runtime::cuda::driver_present() {
         eprintln!("CUDA skipped: no driver on this host");
         return None;
     }
-    match Executor::cuda(&bundle("sm80")) {
+    match Executor::cuda(&b) {
         Ok(e) => Some(e),
         Err(ExecError::Cuda { message, .. }) if message.contains("no device") => {
             eprintln!("CUDA skipped: {message}");
@@ -229,11 +253,26 @@ fn the_emulated_gpu_passes_the_device_suite() {
     same_step_as_the_cpu("emulated", emulated());
 }
 
+/// `--gemm cublas`: the products are cuBLAS calls, which the emulated GPU runs with
+/// cuBLAS's semantics (`cublas_plan::run_on_host`), so every call the plan makes for this
+/// model, at both sets of sizes and in every entry point, is checked against cuBLAS's
+/// argument rules and gives the interpreter's results.
+#[test]
+fn the_emulated_gpu_passes_the_device_suite_with_cublas_products() {
+    suite("emulated-cublas", on_emulated(cublas_bundle()), &scratch("emulated-cublas"));
+    same_step_as_the_cpu("emulated-cublas", on_emulated(cublas_bundle()));
+}
+
 #[test]
 fn cuda_passes_the_device_suite_where_there_is_a_gpu() {
     if let Some(ex) = cuda() {
         suite("cuda", ex, &scratch("cuda"));
         same_step_as_the_cpu("cuda", cuda().unwrap());
+    }
+    // With cuBLAS products, where libcublas loads too (it is looked for only then).
+    if let Some(ex) = on_cuda(cublas_bundle()) {
+        suite("cuda-cublas", ex, &scratch("cuda-cublas"));
+        same_step_as_the_cpu("cuda-cublas", on_cuda(cublas_bundle()).unwrap());
     }
 }
 

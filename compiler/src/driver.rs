@@ -30,6 +30,9 @@ pub struct Options {
     /// What the forward computes: the model's outputs, or a generation program (the next
     /// token's logits, the prefill, the decode step; no backward).
     pub program: Program,
+    /// How a GPU target computes dense products (`--gemm`); CPU targets always call their
+    /// GEMM library, so anything but the default is an error for them.
+    pub gemm: backend::GpuGemm,
 }
 
 pub struct Compiled {
@@ -57,7 +60,19 @@ pub fn compile(
     opts: Options,
     mut stages: Vec<(&'static str, Duration)>,
 ) -> Result<Compiled, String> {
-    let backend = backend::backend_for(&Target::parse(target)?, opts.codegen)?;
+    let mut target = Target::parse(target)?;
+    match &mut target {
+        Target::Gpu(gpu) => gpu.gemm = opts.gemm,
+        Target::Cpu(cpu) if opts.gemm != backend::GpuGemm::Tiles => {
+            return Err(format!(
+                "`--gemm {}` is for GPU targets; `{}` is a CPU, whose products always call its GEMM library",
+                opts.gemm.name(),
+                cpu.name
+            ))
+        }
+        Target::Cpu(_) => {}
+    }
+    let backend = backend::backend_for(&target, opts.codegen)?;
     let model = model_hash(&graph, &opts);
     if opts.program != Program::Model && opts.train {
         return Err("a generation bundle cannot be a training bundle".into());

@@ -17,16 +17,25 @@
 //! gives its own block (and grid polynomials, evaluated at the current sizes) and dynamic
 //! shared memory.
 //!
+//! # Library products
+//!
+//! A `--gemm cublas` bundle keeps some dense products as library GEMM nodes; each is one or
+//! more cuBLAS calls on the same stream ([`crate::cublas`], planned by
+//! [`crate::cublas_plan`]), loaded only when a bundle has such nodes.
+//!
 //! # CUDA graphs
 //!
 //! A full-size training step is thousands of launches. With graphs on (the default), the
-//! first run of an entry point after binding is captured from the stream into a graph,
-//! and every later run replays it with one `cuGraphLaunch`. Kernels read their sizes and
+//! first run of an entry point after binding runs eagerly (a warm-up, outside any
+//! capture), the second is captured from the stream into a graph, and every later run
+//! replays it with one `cuGraphLaunch`. Kernels read their sizes and
 //! scalars through device pointers, so a new `step` or `seed` is an upload before the
 //! replay, not a new graph; new sizes reallocate the buffers and bind again, which drops
 //! the graphs.
 
 use crate::bundle::Bundle;
+use crate::cublas::{Cublas, WORKSPACE_BYTES};
+use crate::cublas_plan::{self, Call};
 use crate::device::{Device, Launch as Step};
 use crate::error::ExecError;
 use crate::manifest::{GpuLaunch, TargetKind, CUDA_KERNELS_FILE};
@@ -200,19 +209,28 @@ impl DevBuf {
     }
 }
 
-/// One bound kernel launch.
+/// One bound step: a kernel launch or a library product's cuBLAS calls.
 struct Launch {
-    function: sys::CUfunction,
-    /// Byte offset of this step's pointer array in the entry's pointer table.
-    table_offset: usize,
-    grid: (u32, u32, u32),
-    block: (u32, u32, u32),
-    shared: u32,
+    work: Work,
     extent: i64,
     /// The step's launch arguments, passed after the sizes and scalars.
     args: Vec<i64>,
     /// The kernel's name, for errors.
     name: String,
+}
+
+enum Work {
+    Kernel {
+        function: sys::CUfunction,
+        /// Byte offset of this step's pointer array in the entry's pointer table.
+        table_offset: usize,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared: u32,
+    },
+    /// A library GEMM node: its calls, operand type, arithmetic (`2·m·n·k` per product),
+    /// and the device addresses of its A, B and C buffers.
+    Cublas { calls: Vec<Call>, operands: crate::gemm::Operands, flops: f64, pointers: [u64; 3] },
 }
 
 /// A captured entry point, and the argument pointers its launches were captured with.
@@ -243,6 +261,8 @@ struct EntryTable {
     args_dev: DevBuf,
     args_host: Vec<i64>,
     graph: Option<Graph>,
+    /// Whether the entry has run once since binding (eagerly, before any capture).
+    warmed: bool,
 }
 
 impl EntryTable {
@@ -290,6 +310,9 @@ pub struct CudaDevice {
     profile: bool,
     stream: sys::CUstream,
     module: sys::CUmodule,
+    /// cuBLAS and its workspace, when the bundle has library products.
+    cublas: Option<Cublas>,
+    cublas_workspace: DevBuf,
     // Declared last: dropped after everything above is freed (see `Drop`).
     ctx: Context,
 }
@@ -308,6 +331,9 @@ impl Drop for CudaDevice {
         unsafe {
             let _ = result::stream::synchronize(self.stream);
         }
+        // The handle before its workspace and the context.
+        self.cublas = None;
+        self.cublas_workspace.free();
         for b in &mut self.bufs {
             b.free();
         }
@@ -331,13 +357,10 @@ impl CudaDevice {
     pub fn new(bundle: &Bundle, graphs: bool) -> Result<CudaDevice, ExecError> {
         bundle.check_kind(TargetKind::Cuda)?;
         let m = &bundle.manifest;
-        let used: HashSet<usize> = m.entry_points.values().flatten().map(|s| s.kernel).collect();
-        if let Some(k) = m.kernels.iter().enumerate().find(|(i, k)| k.library && used.contains(i)).map(|(_, k)| k) {
-            return Err(ExecError::Unsupported(format!(
-                "kernel `{}` is a library (GEMM) node; cuBLAS calls are not implemented yet",
-                k.name
-            )));
-        }
+        let all: HashSet<usize> = m.entry_points.values().flatten().map(|s| s.kernel).collect();
+        let products = all.iter().any(|&i| m.kernels[i].library);
+        // Library nodes are cuBLAS calls, every other kernel is in the PTX.
+        let used: HashSet<usize> = all.into_iter().filter(|&i| !m.kernels[i].library).collect();
         let ctx = Context::new()?;
         if let Some(sm) = target_sm(&m.target.name) {
             let (ma, mi) = ctx.info.compute_capability;
@@ -361,8 +384,15 @@ impl CudaDevice {
             profile: std::env::var_os("TNC_PROFILE").is_some(),
             stream,
             module: std::ptr::null_mut(),
+            cublas: None,
+            cublas_workspace: DevBuf::empty(),
             ctx,
         };
+        if products {
+            ex.cublas_workspace.resize(WORKSPACE_BYTES, stream)?;
+            // SAFETY: our stream and workspace, freed after the handle (see `Drop`).
+            ex.cublas = Some(unsafe { Cublas::new(stream as *mut c_void, ex.cublas_workspace.ptr) }?);
+        }
         let manifest = m;
         if !used.is_empty() {
             let path = bundle.path(CUDA_KERNELS_FILE);
@@ -429,10 +459,24 @@ impl CudaDevice {
         base: u64,
     ) -> Result<(), ExecError> {
         for (l, start) in t.launches[range.clone()].iter().zip(&starts[range]) {
-            if l.extent == 0 || l.grid.0 == 0 || l.grid.1 == 0 || l.grid.2 == 0 {
+            let (function, table_offset, grid, block, shared) = match &l.work {
+                Work::Kernel { function, table_offset, grid, block, shared } => {
+                    (*function, *table_offset, *grid, *block, *shared)
+                }
+                Work::Cublas { calls, operands, pointers, .. } => {
+                    let cublas = self.cublas.as_ref().expect("bound only with cuBLAS loaded");
+                    for call in calls {
+                        // SAFETY: the executor checked the node's shape against its buffers,
+                        // whose addresses are those of the current allocation.
+                        unsafe { cublas.gemm(call, *operands, *pointers, &l.name) }?;
+                    }
+                    continue;
+                }
+            };
+            if l.extent == 0 || grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
                 continue;
             }
-            let mut a_buffers: u64 = t.pointers.ptr + l.table_offset as u64;
+            let mut a_buffers: u64 = t.pointers.ptr + table_offset as u64;
             let mut a_sizes: u64 = match start {
                 Some(i) => t.args_dev.ptr + (i * 8) as u64,
                 None => base,
@@ -447,14 +491,12 @@ impl CudaDevice {
             ];
             // SAFETY: the function takes (u64, u64, s64, s64) by the calling convention;
             // every pointer it receives addresses live device memory sized by the plan.
-            unsafe { result::launch_kernel(l.function, l.grid, l.block, l.shared, self.stream, &mut params) }.map_err(
-                |e| {
-                    cuda_err(format!(
-                        "launching kernel `{}` (grid {:?}, block {:?}, extent {})",
-                        l.name, l.grid, l.block, l.extent
-                    ))(e)
-                },
-            )?;
+            unsafe { result::launch_kernel(function, grid, block, shared, self.stream, &mut params) }.map_err(|e| {
+                cuda_err(format!(
+                    "launching kernel `{}` (grid {grid:?}, block {block:?}, extent {})",
+                    l.name, l.extent
+                ))(e)
+            })?;
         }
         Ok(())
     }
@@ -477,7 +519,11 @@ impl CudaDevice {
                 self.synchronize()?;
                 let ms = unsafe { result::event::elapsed(start, end) }.map_err(cuda_err("reading an event"))? as f64;
                 // The tiled products' arithmetic is not in the manifest: no rate for them.
-                profile.add(l.name.as_str(), ms / 1e3, None);
+                let flops = match &l.work {
+                    Work::Cublas { flops, .. } => Some(*flops),
+                    Work::Kernel { .. } => None,
+                };
+                profile.add(l.name.as_str(), ms / 1e3, flops);
             }
             Ok(())
         })();
@@ -520,13 +566,14 @@ impl Device for CudaDevice {
     fn describe(&self) -> String {
         let d = &self.ctx.info;
         format!(
-            "cuda:{} {} (compute capability {}.{}, {:.1} GiB{})",
+            "cuda:{} {} (compute capability {}.{}, {:.1} GiB{}{})",
             d.ordinal,
             d.name,
             d.compute_capability.0,
             d.compute_capability.1,
             d.total_bytes as f64 / (1u64 << 30) as f64,
-            if self.graphs { ", CUDA graphs" } else { ", no CUDA graphs" }
+            if self.graphs { ", CUDA graphs" } else { ", no CUDA graphs" },
+            self.cublas.as_ref().map(|c| format!(", products through {}", c.describe)).unwrap_or_default()
         )
     }
 
@@ -619,20 +666,29 @@ impl Device for CudaDevice {
         let mut launches = Vec::with_capacity(steps.len());
         for s in steps {
             let (name, gpu) = &self.kernels[s.kernel];
-            let LaunchShape { grid, block, shared } = launch_shape(name, gpu.as_ref(), s.extent, sizes)?;
-            let function = self.functions[s.kernel]
-                .ok_or_else(|| ExecError::Unsupported(format!("kernel `{name}` has no code in {CUDA_KERNELS_FILE}")))?;
-            launches.push(Launch {
-                function,
-                table_offset: ptrs.len() * 8,
-                grid,
-                block,
-                shared,
-                extent: s.extent,
-                args: s.args,
-                name: name.clone(),
-            });
-            ptrs.extend(s.buffers.iter().map(|&b| self.bufs[b].ptr));
+            let work = match &s.gemm {
+                Some((shape, operands)) => {
+                    let calls = cublas_plan::plan(shape).map_err(|e| {
+                        ExecError::Unsupported(format!(
+                            "library kernel `{name}`: cuBLAS cannot compute this product ({e}); compile with \
+                             `--gemm tiles`"
+                        ))
+                    })?;
+                    let pointers = [crate::gemm::SLOT_A, crate::gemm::SLOT_B, crate::gemm::SLOT_C]
+                        .map(|slot| self.bufs[s.buffers[slot]].ptr);
+                    Work::Cublas { calls, operands: *operands, flops: shape.flops(), pointers }
+                }
+                None => {
+                    let LaunchShape { grid, block, shared } = launch_shape(name, gpu.as_ref(), s.extent, sizes)?;
+                    let function = self.functions[s.kernel].ok_or_else(|| {
+                        ExecError::Unsupported(format!("kernel `{name}` has no code in {CUDA_KERNELS_FILE}"))
+                    })?;
+                    let table_offset = ptrs.len() * 8;
+                    ptrs.extend(s.buffers.iter().map(|&b| self.bufs[b].ptr));
+                    Work::Kernel { function, table_offset, grid, block, shared }
+                }
+            };
+            launches.push(Launch { work, extent: s.extent, args: s.args, name: name.clone() });
         }
         let mut table = DevBuf::empty();
         table.resize(ptrs.len() * 8, self.stream)?;
@@ -641,7 +697,14 @@ impl Device for CudaDevice {
             unsafe { result::memcpy_htod_async(table.ptr, &ptrs, self.stream) }
                 .map_err(cuda_err("uploading buffer pointers"))?;
         }
-        let t = EntryTable { pointers: table, launches, args_dev: DevBuf::empty(), args_host: Vec::new(), graph: None };
+        let t = EntryTable {
+            pointers: table,
+            launches,
+            args_dev: DevBuf::empty(),
+            args_host: Vec::new(),
+            graph: None,
+            warmed: false,
+        };
         self.tables.insert(entry.to_string(), t);
         Ok(())
     }
@@ -687,7 +750,11 @@ impl Device for CudaDevice {
             if self.profile {
                 return self.profile(entry, &t, &starts);
             }
-            if !self.graphs {
+            // The first run after binding is eager, as PyTorch warms up before capturing:
+            // whatever a library or the driver sets up on a first call (cuBLAS's kernels
+            // and heuristics, lazily loaded functions) happens outside a capture.
+            if !self.graphs || !t.warmed {
+                t.warmed = true;
                 return self.enqueue(&t, 0..t.launches.len(), &starts, self.args_dev.ptr);
             }
             let pointers = (self.args_dev.ptr, t.args_dev.ptr);

@@ -8,6 +8,8 @@
 //! - [`cpu`]: the CPU device, running `kernels.so` on threads;
 //! - [`cuda`] (feature `cuda`, on by default): the CUDA device, running `kernels.ptx`
 //!   through the driver API, with CUDA graphs;
+//! - [`cublas_plan`]: a library GEMM node as cuBLAS calls (the CUDA device's `--gemm
+//!   cublas` bundles);
 //! - [`pool`]: the CPU device's worker threads;
 //! - [`tensor`]: host tensors in and out.
 //!
@@ -32,6 +34,9 @@
 
 pub mod bundle;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cublas;
+pub mod cublas_plan;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;

@@ -33,7 +33,7 @@ pub use link::link_shared;
 pub use llvm::ptx::{emit_nvptx_ir, emit_ptx, gpu_launch, libdevice_path, GPU_BLOCK};
 #[cfg(feature = "llvm")]
 pub use llvm::{emit_asm, emit_llvm_ir, emit_object, emit_objects};
-pub use target::{CpuTarget, GpuTarget, Target, CPU_TARGETS, GPU_TARGETS};
+pub use target::{CpuTarget, GpuGemm, GpuTarget, Target, CPU_TARGETS, GPU_TARGETS};
 
 /// Kernels with duplicates removed: two kernels are identical when their text forms
 /// (`kernel::print::to_text`) are equal modulo the kernel name, e.g. the same layer

@@ -231,6 +231,31 @@ pub struct GpuTarget {
     pub ptx_version: u32,
     /// The LLVM feature string pinning the PTX version, e.g. `+ptx80`.
     pub features: String,
+    /// How the bundle computes dense products (`--gemm`; generated tiles unless asked).
+    pub gemm: GpuGemm,
+}
+
+/// How a GPU bundle computes its dense products (the scheduler's library GEMM nodes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GpuGemm {
+    /// Generated block kernels of shared-memory tiles, on tensor cores for 16-bit operands
+    /// (`kernel/gemm_tiles.rs`): the bundle needs nothing but the driver.
+    #[default]
+    Tiles,
+    /// cuBLAS calls where cuBLAS can express the product (each matrix has a unit stride),
+    /// tiles elsewhere: the runtime loads libcublas when the bundle runs. For putting the
+    /// tiles side by side with the vendor's library on a model's own shapes.
+    Cublas,
+}
+
+impl GpuGemm {
+    /// The `--gemm` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            GpuGemm::Tiles => "tiles",
+            GpuGemm::Cublas => "cublas",
+        }
+    }
 }
 
 impl GpuTarget {
@@ -257,6 +282,7 @@ impl GpuTarget {
             sm: sm.to_string(),
             ptx_version,
             features: format!("+ptx{ptx_version}"),
+            gemm: GpuGemm::Tiles,
         })
     }
 

@@ -101,6 +101,32 @@ impl Body {
     }
 }
 
+/// `k` as a tiled block kernel unless cuBLAS can compute it ([`cublas_can_run`]), in
+/// which case it stays a library node (`--gemm cublas`); any other kernel unchanged.
+pub fn tile_gemm_unless_cublas(k: &Kernel) -> Kernel {
+    if cublas_can_run(k) {
+        k.clone()
+    } else {
+        tile_gemm(k)
+    }
+}
+
+/// Whether `k` is a library GEMM node that cuBLAS's column-major strided-batched GEMM can
+/// express at every size: A and B of one element type (f32, bf16 or f16) and C f32, and
+/// each matrix with the constant stride 1 along one of its axes (rows or columns), so
+/// that it is column-major or transposed with the other stride as its leading dimension.
+/// Batch axes of any strides are loops of calls (the runtime's `cublas_plan.rs`).
+pub fn cublas_can_run(k: &Kernel) -> bool {
+    let Some(g) = &k.gemm else { return false };
+    let unit = |m: &super::gemm::Matrix| matches!(m.rows, Expr::I64(1)) || matches!(m.cols, Expr::I64(1));
+    let elems = (k.buffers[A_BUF].elem, k.buffers[B_BUF].elem, k.buffers[C_BUF].elem);
+    let types = matches!(
+        elems,
+        (Elem::F32, Elem::F32, Elem::F32) | (Elem::BF16, Elem::BF16, Elem::F32) | (Elem::F16, Elem::F16, Elem::F32)
+    );
+    types && unit(&g.a) && unit(&g.b) && unit(&g.c)
+}
+
 /// `k` as a tiled block kernel when it is a GEMM library node, else unchanged: on tensor
 /// cores when both operands are bf16 or both f16.
 pub fn tile_gemm(k: &Kernel) -> Kernel {

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
-use tnc_runtime::manifest::DType;
+use tnc_runtime::manifest::{DType, TargetKind};
 use tnc_runtime::{Bundle, Executor, Tensor, TensorData};
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -315,10 +315,12 @@ fn bench(a: &BenchArgs) -> Result<(), Error> {
     let sizes_json = m.sizes.iter().map(|s| format!("\"{s}\": {}", env[s.as_str()])).collect::<Vec<_>>().join(", ");
     let all = |v: &[f64]| v.iter().map(|t| format!("{t:.4}")).collect::<Vec<_>>().join(", ");
     println!(
-        "BENCH_JSON {{\"impl\": \"tnc\", \"dtype\": \"{}\", \"device\": \"{:?}\", \"model\": {:?}, \
+        "BENCH_JSON {{\"impl\": \"{}\", \"dtype\": \"{}\", \"device\": \"{:?}\", \"model\": {:?}, \
          \"sizes\": {{{sizes_json}}}, \"iters\": {}, \"forward_ms\": {:.4}, \"fwd_bwd_ms\": {}, \
          \"forward_all_ms\": [{}], \"fwd_bwd_all_ms\": [{}], \"launches\": {{\"forward\": {}, \"backward\": {}}}, \
          \"graphs\": {}, \"device_name\": {:?}, \"allocated_bytes\": {}}}",
+        // A GPU bundle's library products are cuBLAS calls (`--gemm cublas`).
+        if m.target.kind == TargetKind::Cuda && m.kernels.iter().any(|k| k.library) { "tnc+cuBLAS" } else { "tnc" },
         products_dtype(&m),
         device,
         m.model,

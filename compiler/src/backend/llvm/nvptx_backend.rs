@@ -4,7 +4,7 @@
 //! their own thread count and shared memory; the manifest carries each launch's shape.
 
 use crate::backend::contract::{timed, Backend, Emit, KernelPass, Written};
-use crate::backend::target::GpuTarget;
+use crate::backend::target::{GpuGemm, GpuTarget};
 use crate::bundle::TargetInfo;
 use crate::kernel::Kernel;
 use crate::schedule::{Schedule, ScheduleOptions};
@@ -38,14 +38,17 @@ impl Backend for LlvmNvptx {
     }
 
     /// Library GEMM nodes become tiled block kernels (`kernel/gemm_tiles.rs`, on tensor
-    /// cores for 16-bit operands), then row kernels blocks whose threads share each row
-    /// (`kernel/blocks.rs`).
+    /// cores for 16-bit operands) — with `--gemm cublas` those cuBLAS cannot express —,
+    /// then row kernels blocks whose threads share each row (`kernel/blocks.rs`).
     fn kernel_passes(&self) -> Vec<KernelPass> {
         use crate::kernel::{blocks, gemm_tiles};
-        vec![
-            KernelPass { name: "tile_gemm", run: |s| each_but_flat(s, gemm_tiles::tile_gemm) },
-            KernelPass { name: "coalesce_rows", run: |s| each_but_flat(s, blocks::coalesce_rows) },
-        ]
+        let tile_gemm = match self.gpu.gemm {
+            GpuGemm::Tiles => KernelPass { name: "tile_gemm", run: |s| each_but_flat(s, gemm_tiles::tile_gemm) },
+            GpuGemm::Cublas => {
+                KernelPass { name: "tile_gemm", run: |s| each_but_flat(s, gemm_tiles::tile_gemm_unless_cublas) }
+            }
+        };
+        vec![tile_gemm, KernelPass { name: "coalesce_rows", run: |s| each_but_flat(s, blocks::coalesce_rows) }]
     }
 
     fn write(&self, kernels: &[Kernel], emit: Emit) -> Result<Written, String> {
@@ -71,13 +74,17 @@ impl Backend for LlvmNvptx {
         })
     }
 
-    /// Each kernel's launch shape: a block kernel runs one block of its threads per
+    /// Each generated kernel's launch shape: a block kernel runs one block of its threads per
     /// iteration, with the dynamic shared memory its arrays need beyond the static 48 KB
     /// (below it they are static, in the PTX); any other kernel one thread per iteration,
     /// grid = ceil(range / block).
     fn complete_manifest(&self, manifest: &mut Manifest, kernels: &[Kernel]) -> Result<(), String> {
         let one = || Poly::constant(1);
         for (k, kernel) in manifest.kernels.iter_mut().zip(kernels) {
+            // A library node left for cuBLAS (`--gemm cublas`) is no launch of ours.
+            if k.library {
+                continue;
+            }
             k.gpu = Some(match kernel.threads {
                 Some(t) => GpuLaunch {
                     block: [t, 1, 1],
