@@ -42,8 +42,9 @@ fn build_id() -> String {
     }
 }
 
-/// The target, precision and code generator a bundle is compiled with.
-pub type Choices<'a> = (&'a str, tnc_compiler::passes::Policy, tnc_compiler::backend::CodeGen);
+/// The target, precision, code generator and GPU products a bundle is compiled with.
+pub type Choices<'a> =
+    (&'a str, tnc_compiler::passes::Policy, tnc_compiler::backend::CodeGen, tnc_compiler::backend::GpuGemm);
 
 /// A training bundle for `model` and `target`, from the cache or freshly compiled.
 /// `status` hears what happens ("compiling …", "using cached …").
@@ -76,7 +77,7 @@ pub fn generation_bundle(
 fn cached_bundle(
     model: &ModelArgs,
     (graph, sources): (Graph, SourceMap),
-    (target, precision, codegen): Choices,
+    (target, precision, codegen, gemm): Choices,
     kind: Kind,
     status: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, Failure> {
@@ -96,6 +97,9 @@ fn cached_bundle(
     h.update(format!("tnc {} {}\ntarget {target}\n{kind_line}\n", env!("CARGO_PKG_VERSION"), build_id()));
     h.update(format!("precision {}\n", precision.name()));
     h.update(format!("backend {}\n", codegen.name()));
+    if gemm != tnc_compiler::backend::GpuGemm::Tiles {
+        h.update(format!("gemm {}\n", gemm.name()));
+    }
     h.update(format!("model {:?}\n", model.model));
     for s in &model.sets {
         h.update(format!("set {s}\n"));
@@ -115,11 +119,14 @@ fn cached_bundle(
     std::fs::create_dir_all(&parent).map_err(|e| crate::fail(format!("cannot create {}: {e}", parent.display())))?;
     let tmp = parent.join(format!(".{}-{key}.{}.tmp", graph.name, std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    let with = if codegen == tnc_compiler::backend::CodeGen::Llvm {
+    let mut with = if codegen == tnc_compiler::backend::CodeGen::Llvm {
         String::new()
     } else {
         format!(" with {}", codegen.name())
     };
+    if gemm == tnc_compiler::backend::GpuGemm::Cublas {
+        with += " with cuBLAS products";
+    }
     status(&format!(
         "compiling {} for {target}{with} ({kind_name} bundle, {} products)",
         model.file.display(),
@@ -134,6 +141,7 @@ fn cached_bundle(
         },
         precision,
         codegen,
+        gemm,
         ..Default::default()
     };
     tnc_compiler::driver::compile(graph, target, &tmp, opts, Vec::new()).map_err(crate::fail)?;

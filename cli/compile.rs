@@ -70,6 +70,21 @@ impl GemmArg {
             GemmArg::Cublas => tnc_compiler::backend::GpuGemm::Cublas,
         }
     }
+
+    /// Bad usage unless the choice suits `target`: CPUs always call their GEMM library.
+    pub fn check(self, target: &Target) -> Result<(), Failure> {
+        if self == GemmArg::Tiles || target.is_gpu() {
+            return Ok(());
+        }
+        Err(Failure::usage(
+            Diagnostic::error(format!(
+                "`--gemm {}` is for GPU targets, and `{}` is a CPU",
+                self.gemm().name(),
+                target.name()
+            ))
+            .with_note("a CPU bundle's dense products always call the host's GEMM library"),
+        ))
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,15 +159,7 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     };
     let parsed = parse_target(target)?;
     args.backend.check(target)?;
-    if args.gemm != GemmArg::Tiles && !parsed.is_gpu() {
-        return Err(Failure::usage(
-            Diagnostic::error(format!(
-                "`--gemm {}` is for GPU targets, and `{target}` is a CPU",
-                args.gemm.gemm().name()
-            ))
-            .with_note("a CPU bundle's dense products always call the host's GEMM library"),
-        ));
-    }
+    args.gemm.check(&parsed)?;
     let started = std::time::Instant::now();
     let (graph, sources) = elaborate(&args.model)?;
     let front = started.elapsed();

@@ -122,7 +122,12 @@ pub fn run(args: &GenerateArgs) -> Result<(), Failure> {
     let context = args.context.map_or(info.config.seq, |c| c as usize);
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let open = |program: Program| -> Result<Executor, Failure> {
-        let choices = (target.as_str(), tnc_compiler::passes::Policy::F32, tnc_compiler::backend::CodeGen::default());
+        let choices = (
+            target.as_str(),
+            tnc_compiler::passes::Policy::F32,
+            tnc_compiler::backend::CodeGen::default(),
+            tnc_compiler::backend::GpuGemm::Tiles,
+        );
         let dir = crate::bundle_cache::generation_bundle(&model, choices, program, &mut |s| eprintln!("{s}"))?;
         let bundle = crate::device::load(&dir)?;
         let mut exec = crate::device::open(&bundle, device, threads)?;

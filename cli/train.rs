@@ -37,6 +37,10 @@ pub struct TrainFlags {
     /// The element type of products' operands (a .tn model is compiled with it).
     #[arg(long, value_enum, default_value_t)]
     pub precision: crate::PrecisionArg,
+    /// How a GPU target computes dense products (a .tn model is compiled with it): `tiles`
+    /// (generated kernels) or `cublas` (cuBLAS calls; libcublas must load where it runs).
+    #[arg(long, value_enum, default_value_t)]
+    pub gemm: crate::compile::GemmArg,
     /// No progress bar or progress lines; warnings, errors and the summary still print.
     #[arg(long)]
     pub quiet: bool,
@@ -69,9 +73,10 @@ impl TrainFlags {
             (None, None) => ("native".to_string(), DeviceArg::Cpu),
         };
         // An unknown target is bad usage, found before anything compiles (as in `tnc compile`).
-        crate::compile::parse_target(&target)?;
+        let parsed = crate::compile::parse_target(&target)?;
         device.check(&target)?;
         self.backend.check(&target)?;
+        self.gemm.check(&parsed)?;
         Ok((target, device))
     }
 
@@ -102,7 +107,8 @@ pub(crate) fn resolve_bundle(
     }
     let args = ModelArgs { file: model.to_path_buf(), sets, model: None };
     let (target, _) = flags.target_and_device()?;
-    bundle_cache::training_bundle(&args, (&target, flags.precision.policy(), flags.backend.codegen()), status)
+    let choices = (target.as_str(), flags.precision.policy(), flags.backend.codegen(), flags.gemm.gemm());
+    bundle_cache::training_bundle(&args, choices, status)
 }
 
 /// The run directory's copy of its bundle, relative to the run directory (as `run.json`

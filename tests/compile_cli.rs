@@ -252,6 +252,11 @@ fn cublas_products_from_the_command_line() {
     let (code, _, err) = tnc(&["compile", "models/tnl.tn", "--target", "sm80", "--gemm", "cutlass"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("tiles") && err.contains("cublas"), "{err}");
+    // `tnc train` takes the choice too, checked before anything compiles.
+    let args = ["train", "models/tasks/mqar_t2.tn", "--out", "/nonexistent/run", "--gemm", "cublas"];
+    let (code, _, err) = tnc(&args);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("`--gemm cublas` is for GPU targets") && !err.contains("compiling"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
