@@ -261,6 +261,23 @@ fi
 
 fi
 
+# profile_products LABEL BUNDLE: TNC_PROFILE=1 of one forward + backward, and the line of
+# the library products' share and rate (cuBLAS calls, in a `--gemm cublas` bundle).
+profile_products() {
+    local label=$1 bundle=$2
+    [ "$DEVICE" = cuda ] && [ -d "$bundle" ] && [ "$(elapsed)" -lt 450 ] || return 0
+    echo "== $label: cuBLAS products in tnc's runtime (TNC_PROFILE=1, B 4, N 2048)"
+    if TNC_PROFILE=1 run_for 90 $RUN bench "$bundle" --device cuda --batch 4 --seq 2048 --iters 1 --warmup 0 \
+        --vocab 267744 >"$OUT/$label-profile.out" 2>"$OUT/$label-profile.log"; then
+        grep -E "^profile of|library products" "$OUT/$label-profile.log"
+    else
+        echo "(the profiled $label run failed: see $OUT/$label-profile.log)"
+        tail -3 "$OUT/$label-profile.log"
+    fi
+}
+part f32 && profile_products t1-cublas bench/transnormer_t1_cublas
+part bf16 && profile_products t1-bf16-cublas bench/transnormer_t1_bf16_cublas
+
 if part bf16; then
     echo "== bf16 (tensor cores)"
     bench bench/transnormer_t1_bf16 "$BATCH" "${TNC_CHECK_T1_SEQ:-2048}" 5 --warmup 1 --vocab 267744
@@ -292,8 +309,10 @@ if part bf16; then
         echo "== bf16 GEMM tiles (mma.sync) against cuBLAS in bf16 (T1's products at B 4, N 2048)"
         if TNC_PROFILE=1 run_for 120 $RUN bench bench/transnormer_t1_bf16 --device cuda --batch 4 --seq 2048 --iters 1 \
             --warmup 0 --vocab 267744 >"$OUT/t1-bf16-profile.out" 2>"$OUT/t1-bf16-profile.log"; then
+            via=()
+            [ -s "$OUT/t1-bf16-cublas-profile.log" ] && via=(--runtime-cublas "$OUT/t1-bf16-cublas-profile.log")
             $PY gemms.py compare bench/t1_gemms_bf16.json "$OUT/t1-bf16-profile.log" --dtype bf16 \
-                --peak "${TNC_CHECK_BF16_PEAK:-989}" 2>>"$RESULTS" || echo "(gemms.py failed)"
+                --peak "${TNC_CHECK_BF16_PEAK:-989}" "${via[@]}" 2>>"$RESULTS" || echo "(gemms.py failed)"
         else
             echo "(the profiled bf16 T1 run failed: see $OUT/t1-bf16-profile.log)"
             tail -3 "$OUT/t1-bf16-profile.log"
@@ -305,29 +324,16 @@ if part f32 && [ "$DEVICE" = cuda ] && [ -f bench/t1_gemms.json ] && [ "$(elapse
     echo "== GEMM tiles against cuBLAS (T1's products at B 4, N 2048; TNC_PROFILE=1 times each launch)"
     if TNC_PROFILE=1 run_for 120 $RUN bench bench/transnormer_t1 --device cuda --batch 4 --seq 2048 --iters 1 \
         --warmup 0 --vocab 267744 >"$OUT/t1-profile.out" 2>"$OUT/t1-profile.log"; then
-        $PY gemms.py compare bench/t1_gemms.json "$OUT/t1-profile.log" 2>>"$RESULTS" || echo "(gemms.py failed)"
+        via=()
+        [ -s "$OUT/t1-cublas-profile.log" ] && via=(--runtime-cublas "$OUT/t1-cublas-profile.log")
+        $PY gemms.py compare bench/t1_gemms.json "$OUT/t1-profile.log" "${via[@]}" 2>>"$RESULTS" ||
+            echo "(gemms.py failed)"
     else
         echo "(the profiled T1 run failed: see $OUT/t1-profile.log)"
         tail -3 "$OUT/t1-profile.log"
     fi
 fi
 
-# profile_products LABEL BUNDLE: TNC_PROFILE=1 of one forward + backward, and the line of
-# the library products' share and rate (cuBLAS calls, in a `--gemm cublas` bundle).
-profile_products() {
-    local label=$1 bundle=$2
-    [ "$DEVICE" = cuda ] && [ -d "$bundle" ] && [ "$(elapsed)" -lt 450 ] || return 0
-    echo "== $label: cuBLAS products in tnc's runtime (TNC_PROFILE=1, B 4, N 2048)"
-    if TNC_PROFILE=1 run_for 90 $RUN bench "$bundle" --device cuda --batch 4 --seq 2048 --iters 1 --warmup 0 \
-        --vocab 267744 >"$OUT/$label-profile.out" 2>"$OUT/$label-profile.log"; then
-        grep -E "^profile of|library products" "$OUT/$label-profile.log"
-    else
-        echo "(the profiled $label run failed: see $OUT/$label-profile.log)"
-        tail -3 "$OUT/$label-profile.log"
-    fi
-}
-part f32 && profile_products t1-cublas bench/transnormer_t1_cublas
-part bf16 && profile_products t1-bf16-cublas bench/transnormer_t1_bf16_cublas
 
 finish
 exit $status
