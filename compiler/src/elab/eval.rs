@@ -67,6 +67,15 @@ impl Elaborator<'_> {
             Stmt::For { var, start, end, body, span } => {
                 let lo = self.int_of(start, frame, "a loop bound")?;
                 let hi = self.int_of(end, frame, "a loop bound")?;
+                // `0..layers` with `layers = -1` would silently build a model without
+                // layers: a bound below the start is an error, an empty `n..n` is not.
+                if hi < lo {
+                    return Err(Diagnostic::at(format!("this loop runs backwards, from {lo} down to {hi}"), end.span)
+                        .with_label(format!("the end is {hi}, below the start {lo}"))
+                        .with_hint(
+                            "a loop `a..b` runs b - a times and needs b ≥ a; check the value given for its bound",
+                        ));
+                }
                 if hi.saturating_sub(lo) > MAX_LOOP_TRIPS {
                     return Err(Diagnostic::at(
                         format!("this loop runs {} times", hi.saturating_sub(lo)),
