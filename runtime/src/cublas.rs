@@ -61,34 +61,29 @@ type GemmFn = unsafe extern "C" fn(
     c_int,
 ) -> Status;
 
-/// A loaded cuBLAS and one handle on the device's stream.
-pub struct Cublas {
-    handle: Handle,
+/// libcublas's functions, loaded once per process and never unloaded: it links the CUDA
+/// runtime statically, and unloading it while graphs hold its kernels (or at exit) is a
+/// known source of crashes; a second device reuses it.
+struct Library {
+    create: unsafe extern "C" fn(*mut Handle) -> Status,
+    set_stream: unsafe extern "C" fn(Handle, *mut c_void) -> Status,
+    set_workspace: unsafe extern "C" fn(Handle, *mut c_void, usize) -> Status,
+    version: unsafe extern "C" fn(Handle, *mut c_int) -> Status,
     gemm: GemmFn,
     destroy: unsafe extern "C" fn(Handle) -> Status,
     status_string: unsafe extern "C" fn(Status) -> *const c_char,
-    /// `libcublas.so.13 (cuBLAS 13.0.2)`, for the run's first line.
-    pub describe: String,
-    // Declared last: unloaded after the handle is destroyed.
+    name: String,
     _lib: libloading::Library,
 }
 
-fn unavailable(message: String) -> ExecError {
-    ExecError::Unsupported(format!(
-        "{message}; the bundle was compiled with `--gemm cublas`: set {CUBLAS_ENV} to the path of \
-         libcublas.so (PyTorch's CUDA wheels have it under site-packages/nvidia/cu13/lib or \
-         nvidia/cublas/lib), add its folder to LD_LIBRARY_PATH, or compile with `--gemm tiles`"
-    ))
-}
+impl Library {
+    /// The library, loaded on first use; the error says where it was looked for.
+    fn get() -> Result<&'static Library, ExecError> {
+        static LOADED: std::sync::OnceLock<Result<Library, String>> = std::sync::OnceLock::new();
+        LOADED.get_or_init(Library::load).as_ref().map_err(|message| unavailable(message.clone()))
+    }
 
-impl Cublas {
-    /// Loads the library, creates a handle in the current context, and sets its stream and
-    /// its workspace.
-    ///
-    /// # Safety
-    /// `stream` must be a stream of the current context and `workspace` the address of
-    /// [`WORKSPACE_BYTES`] of device memory, both outliving the handle.
-    pub unsafe fn new(stream: *mut c_void, workspace: u64) -> Result<Cublas, ExecError> {
+    fn load() -> Result<Library, String> {
         let names: Vec<String> = match std::env::var(CUBLAS_ENV) {
             Ok(path) => vec![path],
             Err(_) => NAMES.iter().map(|s| s.to_string()).collect(),
@@ -107,44 +102,69 @@ impl Cublas {
             }
         }
         let Some((name, lib)) = found else {
-            return Err(unavailable(format!("cuBLAS could not be loaded ({})", errors.join("; "))));
+            return Err(format!("cuBLAS could not be loaded ({})", errors.join("; ")));
         };
-        let symbol = |s: &str| unavailable(format!("{name} has no `{s}`"));
-        // SAFETY: each symbol is looked up with the signature of cublas_api.h.
+        let symbol = |s: &str| format!("{name} has no `{s}`");
+        // SAFETY: each symbol is looked up with the signature of cublas_api.h; the function
+        // pointers stay valid because the library is never unloaded.
         unsafe {
-            let create: unsafe extern "C" fn(*mut Handle) -> Status =
-                *lib.get(b"cublasCreate_v2").map_err(|_| symbol("cublasCreate_v2"))?;
-            let set_stream: unsafe extern "C" fn(Handle, *mut c_void) -> Status =
-                *lib.get(b"cublasSetStream_v2").map_err(|_| symbol("cublasSetStream_v2"))?;
-            let set_workspace: unsafe extern "C" fn(Handle, *mut c_void, usize) -> Status =
-                *lib.get(b"cublasSetWorkspace_v2").map_err(|_| symbol("cublasSetWorkspace_v2"))?;
-            let version: unsafe extern "C" fn(Handle, *mut c_int) -> Status =
-                *lib.get(b"cublasGetVersion_v2").map_err(|_| symbol("cublasGetVersion_v2"))?;
-            let gemm: GemmFn =
-                *lib.get(b"cublasGemmStridedBatchedEx").map_err(|_| symbol("cublasGemmStridedBatchedEx"))?;
-            let destroy = *lib.get(b"cublasDestroy_v2").map_err(|_| symbol("cublasDestroy_v2"))?;
-            let status_string = *lib.get(b"cublasGetStatusString").map_err(|_| symbol("cublasGetStatusString"))?;
-            let mut handle: Handle = std::ptr::null_mut();
-            let mut cublas = Cublas {
-                handle: std::ptr::null_mut(),
-                gemm,
-                destroy,
-                status_string,
-                describe: String::new(),
+            Ok(Library {
+                create: *lib.get(b"cublasCreate_v2").map_err(|_| symbol("cublasCreate_v2"))?,
+                set_stream: *lib.get(b"cublasSetStream_v2").map_err(|_| symbol("cublasSetStream_v2"))?,
+                set_workspace: *lib.get(b"cublasSetWorkspace_v2").map_err(|_| symbol("cublasSetWorkspace_v2"))?,
+                version: *lib.get(b"cublasGetVersion_v2").map_err(|_| symbol("cublasGetVersion_v2"))?,
+                gemm: *lib.get(b"cublasGemmStridedBatchedEx").map_err(|_| symbol("cublasGemmStridedBatchedEx"))?,
+                destroy: *lib.get(b"cublasDestroy_v2").map_err(|_| symbol("cublasDestroy_v2"))?,
+                status_string: *lib.get(b"cublasGetStatusString").map_err(|_| symbol("cublasGetStatusString"))?,
+                name,
                 _lib: lib,
-            };
-            cublas.check(create(&mut handle), "creating a cuBLAS handle")?;
-            cublas.handle = handle;
-            cublas.check(set_stream(handle, stream), "setting cuBLAS's stream")?;
-            cublas.check(
-                set_workspace(handle, workspace as *mut c_void, WORKSPACE_BYTES),
-                "setting cuBLAS's workspace",
-            )?;
-            let mut v: c_int = 0;
-            cublas.check(version(handle, &mut v), "reading cuBLAS's version")?;
-            cublas.describe = format!("{name} (cuBLAS {}.{}.{})", v / 10000, v / 100 % 100, v % 100);
-            Ok(cublas)
+            })
         }
+    }
+}
+
+/// One cuBLAS handle on the device's stream.
+pub struct Cublas {
+    handle: Handle,
+    lib: &'static Library,
+    /// `libcublas.so.13 (cuBLAS 13.0.2)`, for the run's first line.
+    pub describe: String,
+}
+
+fn unavailable(message: String) -> ExecError {
+    ExecError::Unsupported(format!(
+        "{message}; the bundle was compiled with `--gemm cublas`: set {CUBLAS_ENV} to the path of \
+         libcublas.so (PyTorch's CUDA wheels have it under site-packages/nvidia/cu13/lib or \
+         nvidia/cublas/lib), add its folder to LD_LIBRARY_PATH, or compile with `--gemm tiles`"
+    ))
+}
+
+impl Cublas {
+    /// Loads the library (once per process), creates a handle in the current context, and
+    /// sets its stream and its workspace.
+    ///
+    /// # Safety
+    /// `stream` must be a stream of the current context and `workspace` the address of
+    /// [`WORKSPACE_BYTES`] of device memory, both outliving the handle.
+    pub unsafe fn new(stream: *mut c_void, workspace: u64) -> Result<Cublas, ExecError> {
+        let lib = Library::get()?;
+        let mut cublas = Cublas { handle: std::ptr::null_mut(), lib, describe: String::new() };
+        let mut handle: Handle = std::ptr::null_mut();
+        cublas.check(
+            (lib.create)(&mut handle),
+            &format!("creating a cuBLAS handle with {} (is the driver as new as this cuBLAS needs?)", lib.name),
+        )?;
+        cublas.handle = handle;
+        // The stream first: setting it resets the handle's workspace.
+        cublas.check((lib.set_stream)(handle, stream), "setting cuBLAS's stream")?;
+        cublas.check(
+            (lib.set_workspace)(handle, workspace as *mut c_void, WORKSPACE_BYTES),
+            "setting cuBLAS's workspace",
+        )?;
+        let mut v: c_int = 0;
+        cublas.check((lib.version)(handle, &mut v), "reading cuBLAS's version")?;
+        cublas.describe = format!("{} (cuBLAS {}.{}.{})", lib.name, v / 10000, v / 100 % 100, v % 100);
+        Ok(cublas)
     }
 
     fn check(&self, status: Status, what: &str) -> Result<(), ExecError> {
@@ -152,7 +172,7 @@ impl Cublas {
             return Ok(());
         }
         // SAFETY: cublasGetStatusString returns a static string for any status.
-        let text = unsafe { CStr::from_ptr((self.status_string)(status)) }.to_string_lossy().into_owned();
+        let text = unsafe { CStr::from_ptr((self.lib.status_string)(status)) }.to_string_lossy().into_owned();
         Err(ExecError::Cuda { what: what.to_string(), message: format!("cuBLAS status {status}: {text}") })
     }
 
@@ -178,7 +198,7 @@ impl Cublas {
         let at = |slot: usize, offset: i64| (pointers[slot] + (offset as u64) * bytes) as *const c_void;
         let c = (pointers[crate::gemm::SLOT_C] + (call.c_offset as u64) * 4) as *mut c_void;
         let (alpha, beta) = (1.0f32, if call.accumulate { 1.0f32 } else { 0.0 });
-        let status = (self.gemm)(
+        let status = (self.lib.gemm)(
             self.handle,
             op(call.a.op),
             op(call.b.op),
@@ -216,7 +236,7 @@ impl Drop for Cublas {
             // SAFETY: created in `new`, destroyed once, with the context current (the
             // device binds it before dropping us).
             unsafe {
-                let _ = (self.destroy)(self.handle);
+                let _ = (self.lib.destroy)(self.handle);
             }
         }
     }

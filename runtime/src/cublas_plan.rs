@@ -16,7 +16,7 @@
 //! call computes `Cᵀ = Bᵀ·Aᵀ` instead, with the node's B as cuBLAS's first operand.
 //!
 //! Batch axes of extent 1 are dropped, neighbours whose strides nest are merged, the
-//! innermost one is cuBLAS's batch and any outer ones are a loop of calls. An axis of
+//! longest one is cuBLAS's batch and any others are a loop of calls. An axis of
 //! extent 1 may have any stride, so the leading dimensions of degenerate matrices (one row
 //! or one column) are chosen to satisfy cuBLAS (`ld ≥ max(1, rows)`).
 
@@ -108,7 +108,7 @@ pub fn plan(shape: &Shape) -> Result<Vec<Call>, String> {
         Ok((slot, op, int(&format!("the leading dimension of {name}"), ld)?))
     };
     let (x, y) = (operand(x)?, operand(y)?);
-    // Batch axes: drop extent 1, merge nested neighbours, the innermost is cuBLAS's batch.
+    // Batch axes: drop extent 1, merge nested neighbours.
     let mut axes: Vec<(i64, i64, i64, i64)> = Vec::new();
     for &ax in s.batch.iter().filter(|b| b.0 != 1) {
         match axes.last_mut() {
@@ -122,7 +122,9 @@ pub fn plan(shape: &Shape) -> Result<Vec<Call>, String> {
             _ => axes.push(ax),
         }
     }
-    let (count, sa, sb, sc) = axes.pop().unwrap_or((1, 0, 0, 0));
+    // The longest axis is cuBLAS's batch (fewest calls); the others are loops.
+    let longest = (0..axes.len()).max_by_key(|&i| axes[i].0);
+    let (count, sa, sb, sc) = longest.map(|i| axes.remove(i)).unwrap_or((1, 0, 0, 0));
     let stride = |slot: usize| if slot == SLOT_A { sa } else { sb };
     let offset = |slot: usize| if slot == SLOT_A { s.a.offset } else { s.b.offset };
     let base = Call {
@@ -327,6 +329,11 @@ mod tests {
         agrees(s.clone());
         let calls = plan(&s).unwrap();
         assert_eq!((calls.len(), calls[0].batch), (2, 3));
+        // The longer axis is cuBLAS's batch wherever it is: 2 calls of 5, not 5 calls of 2.
+        s.batch = vec![(5, m * d, 0, m * 3 * n), (2, k, 0, n)];
+        agrees(s.clone());
+        let calls = plan(&s).unwrap();
+        assert_eq!((calls.len(), calls[0].batch), (2, 5));
         // An axis of extent 1 changes nothing; an empty one means no call at all.
         s.batch.insert(1, (1, 12345, 678, 9));
         agrees(s.clone());

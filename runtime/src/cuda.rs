@@ -331,14 +331,15 @@ impl Drop for CudaDevice {
         unsafe {
             let _ = result::stream::synchronize(self.stream);
         }
-        // The handle before its workspace and the context.
+        // The graphs (which may hold cuBLAS's kernels) first, then the handle, then its
+        // workspace and every buffer.
+        for t in self.tables.values_mut() {
+            t.free();
+        }
         self.cublas = None;
         self.cublas_workspace.free();
         for b in &mut self.bufs {
             b.free();
-        }
-        for t in self.tables.values_mut() {
-            t.free();
         }
         self.args_dev.free();
         unsafe {
@@ -464,8 +465,18 @@ impl CudaDevice {
                     (*function, *table_offset, *grid, *block, *shared)
                 }
                 Work::Cublas { calls, operands, pointers, .. } => {
-                    let cublas = self.cublas.as_ref().expect("bound only with cuBLAS loaded");
+                    let cublas = self.cublas.as_ref().ok_or_else(|| {
+                        ExecError::Unsupported(format!("library kernel `{}` needs cuBLAS, which is not loaded", l.name))
+                    })?;
                     for call in calls {
+                        if call.k == 0 {
+                            // Nothing to sum: C = 0 (or unchanged), without relying on what
+                            // cuBLAS does with k = 0, which its documentation does not say.
+                            if !call.accumulate {
+                                self.zero(call, pointers[crate::gemm::SLOT_C], &l.name)?;
+                            }
+                            continue;
+                        }
                         // SAFETY: the executor checked the node's shape against its buffers,
                         // whose addresses are those of the current allocation.
                         unsafe { cublas.gemm(call, *operands, *pointers, &l.name) }?;
@@ -497,6 +508,22 @@ impl CudaDevice {
                     l.name, l.extent
                 ))(e)
             })?;
+        }
+        Ok(())
+    }
+
+    /// Sets the C of a call with k = 0 to zero: for each batch entry, `n` columns of `m`
+    /// floats, `ldc` floats apart (C is f32; zero bits are 0.0).
+    fn zero(&self, call: &Call, c: u64, name: &str) -> Result<(), ExecError> {
+        for p in 0..call.batch as i64 {
+            let at = c + ((call.c_offset + p * call.c_stride) as u64) * 4;
+            // SAFETY: the executor checked that C holds every element the node writes,
+            // which are these.
+            unsafe {
+                sys::cuMemsetD2D32Async(at, call.ldc as usize * 4, 0, call.m as usize, call.n as usize, self.stream)
+            }
+            .result()
+            .map_err(cuda_err(format!("zeroing the product of kernel `{name}` (k = 0)")))?;
         }
         Ok(())
     }
@@ -547,7 +574,15 @@ impl CudaDevice {
         let queued = self.enqueue(t, 0..t.launches.len(), starts, self.args_dev.ptr);
         // SAFETY: capture began above; ending it restores the stream even after an error.
         let graph = unsafe { result::stream::end_capture(self.stream) };
-        queued?;
+        if let Err(e) = queued {
+            if let Ok(g) = graph {
+                // SAFETY: captured above, never instantiated.
+                unsafe {
+                    let _ = result::graph::destroy(g);
+                }
+            }
+            return Err(e);
+        }
         let graph = graph.map_err(cuda_err("capturing a CUDA graph"))?;
         // SAFETY: `graph` was just captured.
         match unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) } {
