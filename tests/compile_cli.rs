@@ -1,5 +1,5 @@
-//! `tnc compile`: `--report` prints kernels and the memory plan; code generation is not
-//! implemented yet, so without `--report` it is a usage error (exit 2).
+//! `tnc compile`: `--report` prints kernels and the memory plan; without it, a bundle for
+//! a CPU or GPU target (`--precision`, `--backend`, `--gemm`), and bad usage is exit 2.
 
 mod common;
 use common::repo;
