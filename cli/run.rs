@@ -119,7 +119,7 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
     interp::check_inputs(&graph, &inputs).map_err(fail)?;
     let params = match &args.params {
         Some(p) => {
-            let named = interp::read_safetensors(p).map_err(fail)?;
+            let named = interp::read_params(p).map_err(fail)?;
             interp::bind_params(&graph, named).map_err(|e| fail(format!("{}: {e}", p.display())))?
         }
         None => interp::init_params(&graph, args.seed.unwrap_or(0)).map_err(fail)?,

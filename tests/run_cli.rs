@@ -154,6 +154,24 @@ fn inputs_a_run_cannot_honour_are_refused() {
         assert_eq!(code, 1, "{what} {inputs}: {err}");
         assert!(err.contains(want), "{what} {inputs}: {err}");
     }
+    // Integer parameters: refused by the compiled model and by the interpreter alike.
+    let init = s.path("init.st");
+    let mut a = vec!["init", model, "--seed", "1", "--out", &init];
+    a.extend(TINY);
+    assert_eq!(tnc(&a).0, 0);
+    let rounded: Vec<(String, Tensor)> = tnc_compiler::interp::read_safetensors(init.as_ref())
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, Tensor::new(t.shape.clone(), t.data.iter().map(|x| x.round()).collect()).unwrap()))
+        .collect();
+    let named: Vec<(String, &Tensor)> = rounded.iter().map(|(n, t)| (n.clone(), t)).collect();
+    write_safetensors(s.path("int-params.st").as_ref(), &named, FileDType::I32).unwrap();
+    let int_params = s.path("int-params.st");
+    for what in [bundle.as_str(), model] {
+        let (code, _, err) = run(what, "ok.st", &["--params", &int_params]);
+        assert_eq!(code, 1, "{what}: {err}");
+        assert!(err.contains("I32; expected F32, F64, BF16 or F16"), "{what}: {err}");
+    }
     let (code, _, err) = run(&next, "ok.st", &["--grad"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("has no backward pass"), "{err}");

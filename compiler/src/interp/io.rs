@@ -48,6 +48,38 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, &Tensor)], dtype: File
     safetensors::serialize_to_file(views, None, path).map_err(|e| format!("{file}: {e}"))
 }
 
+/// Parameters from a safetensors file, as bundles take them (`Executor::set_params_from_file`):
+/// floats only — F32, F64, or BF16/F16 widened exactly — so that a file the compiled model
+/// refuses (integer tensors) is refused by the interpreter too.
+pub fn read_params(path: &Path) -> Result<Vec<(String, Tensor)>, String> {
+    let file = path.display();
+    let bytes = std::fs::read(path).map_err(|e| format!("{file}: {e}"))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| format!("{file}: {e}"))?;
+    let mut out = Vec::with_capacity(st.len());
+    let mut entries = st.tensors();
+    entries.sort_by_key(|(_, v)| v.data().as_ptr() as usize);
+    for (name, view) in entries {
+        let raw = view.data();
+        let data: Vec<f64> = match view.dtype() {
+            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
+            Dtype::F64 => raw
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect(),
+            Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
+            Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
+            other => {
+                return Err(format!(
+                    "{file}: parameter `{name}` is stored as {other:?}; expected F32, F64, BF16 or F16"
+                ))
+            }
+        };
+        let t = Tensor::new(view.shape().to_vec(), data).map_err(|e| format!("{file}: tensor `{name}`: {e}"))?;
+        out.push((name, t));
+    }
+    Ok(out)
+}
+
 /// Every tensor of a safetensors file of F32, F64 or I32 tensors, in file order.
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, String> {
     let file = path.display();

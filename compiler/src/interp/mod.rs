@@ -19,6 +19,6 @@ pub mod tensor;
 pub use closeness::{compare, Closeness};
 pub use eval::{evaluate, EvalOptions, Evaluation};
 pub use init::{init_param, init_params, xavier_bound};
-pub use io::{read_safetensors, write_safetensors, FileDType};
+pub use io::{read_params, read_safetensors, write_safetensors, FileDType};
 pub use params::{bind_params, check_inputs};
 pub use tensor::{Precision, Tensor};
