@@ -86,12 +86,19 @@ pub fn train_bpe(files: &[PathBuf], vocab: usize, out: &Path) -> Result<usize, S
     Ok(tok.get_vocab_size(true))
 }
 
+/// The ids a tokenizer can produce: one past its largest id. Not its count of tokens,
+/// which is less when the ids have gaps (a hand-edited or merged tokenizer.json), so a
+/// model sized by the count would meet ids past its vocabulary.
+fn id_space(tok: &Tokenizer) -> usize {
+    tok.get_vocab(true).values().max().map_or(0, |&id| id as usize + 1)
+}
+
 /// `text` encoded by the tokenizer in `tokenizer`, from the cache when it holds this
 /// pair; `warn` hears why a cache could not be written.
 pub fn encode_file(text: &Path, tokenizer: &Path, warn: &mut dyn FnMut(&str)) -> Result<Encoded, String> {
     let json = std::fs::read(tokenizer).map_err(|e| format!("tokenizer {}: {e}", tokenizer.display()))?;
     let tok = Tokenizer::from_bytes(&json).map_err(|e| format!("tokenizer {}: {e}", tokenizer.display()))?;
-    let vocab = tok.get_vocab_size(true);
+    let vocab = id_space(&tok);
     let bytes = std::fs::read(text).map_err(|e| format!("text data {}: {e}", text.display()))?;
     let utf8 = std::str::from_utf8(&bytes).map_err(|e| format!("text data {}: not UTF-8 ({e})", text.display()))?;
     if bytes.is_empty() {
@@ -127,7 +134,7 @@ pub fn encode_texts(texts: &[&str], tokenizer: &Path) -> Result<(Vec<Vec<i32>>, 
                 .collect()
         })
         .collect::<Result<_, String>>()?;
-    Ok((ids, tok.get_vocab_size(true)))
+    Ok((ids, id_space(&tok)))
 }
 
 /// The whole text, encoded in pieces of about 1 MiB cut after a newline (byte-level
@@ -240,5 +247,25 @@ mod tests {
         let third = encode_file(&corpus, &other, &mut |_| {}).unwrap();
         assert!(!third.cached && third.vocab == 300);
         assert!(train_bpe(&[corpus], 100, &other).unwrap_err().contains("too small"));
+    }
+
+    /// A tokenizer whose ids have a gap (a token moved to id 999, after at most 320) gives
+    /// the data a vocabulary of 1,000 ids, not its count of tokens, so the model is sized
+    /// to every id it can meet.
+    #[test]
+    fn the_vocabulary_covers_the_largest_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = dir.path().join("corpus.txt");
+        std::fs::write(&corpus, "a state of d by e per head\n".repeat(200)).unwrap();
+        let tok_path = dir.path().join("tokenizer.json");
+        assert!(train_bpe(std::slice::from_ref(&corpus), 320, &tok_path).unwrap() <= 320);
+        let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&tok_path).unwrap()).unwrap();
+        // The token for "Ġhead" moves to id 999, leaving a gap.
+        json["model"]["vocab"]["Ġhead"] = serde_json::json!(999);
+        std::fs::write(&tok_path, serde_json::to_vec(&json).unwrap()).unwrap();
+        let (ids, vocab) = encode_texts(&["per head"], &tok_path).unwrap();
+        assert_eq!(vocab, 1000);
+        assert_eq!(ids[0].last(), Some(&999));
+        assert_eq!(encode_file(&corpus, &tok_path, &mut |_| {}).unwrap().vocab, 1000);
     }
 }
