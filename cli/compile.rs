@@ -208,6 +208,18 @@ fn compile(args: &CompileArgs) -> Result<(), Failure> {
     );
     if let Some(n) = compiled.memory.report().eval(args.batch, args.seq) {
         let _ = writeln!(s, "  peak memory at B = {}, N = {}: {:.1} MiB", args.batch, args.seq, mib(n.peak));
+        // A CPU bundle that can never run here at these sizes (a huge `--decode-step`
+        // context, say) is worth a word now rather than a refusal when it runs.
+        let total = tnc_runtime::host_memory::total_bytes().filter(|_| !parsed.is_gpu());
+        if let Some(total) = total.filter(|&t| n.peak as u128 > t as u128) {
+            eprintln!(
+                "warning: at B = {}, N = {} the bundle needs {}, more than this machine's {} of memory",
+                args.batch,
+                args.seq,
+                tnc_runtime::host_memory::human(n.peak as u128),
+                tnc_runtime::host_memory::human(total as u128)
+            );
+        }
     }
     let _ = writeln!(s, "  compile time:");
     let mut total = std::time::Duration::ZERO;

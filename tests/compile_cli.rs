@@ -206,6 +206,31 @@ fn bf16_products_from_the_command_line() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A CPU bundle that cannot fit this machine at the summary's sizes is compiled, with a
+/// warning naming both figures: a softmax decode step with a KV cache of 2³² positions
+/// (over a terabyte, more than any machine the suite runs on).
+#[test]
+fn a_bundle_larger_than_this_machine_is_warned_about() {
+    let dir = std::env::temp_dir().join(format!("tnc-compile-cli-huge-{}", std::process::id()));
+    let out = dir.join("huge.tnb").display().to_string();
+    let mut args = vec!["compile", "models/transformer.tn", "--target", "native", "--decode-step", "4294967295"];
+    args.extend(["-o", &out]);
+    args.extend(TINY);
+    let (code, stdout, err) = tnc(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("warning: at B = 1, N = 2048 the bundle needs") && err.contains("TiB"), "{err}");
+    assert!(err.contains("more than this machine's"), "{err}");
+    assert!(stdout.contains("compiled transformer"), "{stdout}");
+    // A bundle that fits says nothing of it.
+    let small = dir.join("small.tnb").display().to_string();
+    let mut args = vec!["compile", "models/transformer.tn", "--target", "native", "--decode-step", "64", "-o", &small];
+    args.extend(TINY);
+    let (code, _, err) = tnc(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("warning"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--gemm cublas`: a GPU bundle whose dense products are cuBLAS calls (library nodes,
 /// no PTX of ours), said in the summary; the emulated GPU runs it (each product as the
 /// cuBLAS calls the CUDA device would make) and gives the tiles bundle's outputs and

@@ -11,6 +11,15 @@ pub fn available_bytes() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
+/// This machine's memory (`MemTotal` in `/proc/meminfo`), in bytes; `None` where that is
+/// unknown. For warnings about sizes that can never fit, not for checks before allocating.
+pub fn total_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// An error naming `what` when this process cannot be given `bytes` more: the allocator is
 /// asked for them (and they are returned untouched), so the answer is the one the real
 /// allocation would get, not a guess from `MemAvailable` (which on some VMs starts small
