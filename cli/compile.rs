@@ -100,6 +100,7 @@ pub fn run(args: &CompileArgs) -> Result<(), Failure> {
     // The report is of the target's pipeline through memory planning (the host's when
     // no target is given).
     let target = parse_target(args.target.as_deref().unwrap_or("native"))?;
+    args.gemm.check(&target)?;
     let (graph, sources) = elaborate(&args.model)?;
     crate::warn_unfused(&graph, &sources, args.batch, args.seq);
     let backend = backend_for(&target, args.backend.codegen()).map_err(|e| Failure::usage(Diagnostic::error(e)))?;

@@ -73,10 +73,9 @@ impl TrainFlags {
             (None, None) => ("native".to_string(), DeviceArg::Cpu),
         };
         // An unknown target is bad usage, found before anything compiles (as in `tnc compile`).
-        let parsed = crate::compile::parse_target(&target)?;
+        crate::compile::parse_target(&target)?;
         device.check(&target)?;
         self.backend.check(&target)?;
-        self.gemm.check(&parsed)?;
         Ok((target, device))
     }
 
@@ -93,10 +92,13 @@ pub(crate) fn resolve_bundle(
     status: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, Failure> {
     if model.is_dir() {
-        if !sets.is_empty() || flags.dropout.is_some() {
+        let compiled_in = flags.precision != crate::PrecisionArg::F32 || flags.gemm != crate::compile::GemmArg::Tiles;
+        if !sets.is_empty() || flags.dropout.is_some() || compiled_in {
             return Err(Failure::usage(
-                Diagnostic::error("`--set` and `--dropout` need a .tn model; a bundle is already compiled")
-                    .with_hint("pass the model file instead, or recompile the bundle with the new values"),
+                Diagnostic::error(
+                    "`--set`, `--dropout`, `--precision` and `--gemm` need a .tn model; a bundle is already compiled",
+                )
+                .with_hint("pass the model file instead, or recompile the bundle with the new values"),
             ));
         }
         return Ok(model.to_path_buf());
@@ -107,6 +109,7 @@ pub(crate) fn resolve_bundle(
     }
     let args = ModelArgs { file: model.to_path_buf(), sets, model: None };
     let (target, _) = flags.target_and_device()?;
+    flags.gemm.check(&crate::compile::parse_target(&target)?)?;
     let choices = (target.as_str(), flags.precision.policy(), flags.backend.codegen(), flags.gemm.gemm());
     bundle_cache::training_bundle(&args, choices, status)
 }

@@ -29,6 +29,10 @@ pub struct VerifyArgs {
     /// The code generator when FILE is a model compiled for a CPU: `llvm` or `cranelift`.
     #[arg(long, value_enum, default_value_t)]
     pub backend: crate::BackendArg,
+    /// How a model compiled for a GPU computes dense products: `tiles` or `cublas`
+    /// (`--device emulated` runs cuBLAS's calls on the host).
+    #[arg(long, value_enum, default_value_t)]
+    pub gemm: crate::compile::GemmArg,
     #[arg(long, default_value_t = 2, value_parser = crate::count_at_least::<1>)]
     pub batch: usize,
     /// Tokens per sequence (at least 2: a language model's loss predicts token i + 1 from i).
@@ -66,6 +70,12 @@ fn id_range(g: &Graph, input: usize) -> usize {
 
 pub fn run(args: &VerifyArgs) -> Result<(), Failure> {
     let bundle_given = is_bundle(&args.model.file);
+    if bundle_given && args.gemm != crate::compile::GemmArg::Tiles {
+        return Err(Failure::usage(
+            Diagnostic::error("`--gemm` applies to a model file; a bundle keeps the products it was compiled with")
+                .with_hint("compile it with `tnc compile --gemm …`"),
+        ));
+    }
     let source_args = if bundle_given {
         let Some(src) = &args.source else {
             return Err(Failure::usage(
@@ -86,9 +96,11 @@ pub fn run(args: &VerifyArgs) -> Result<(), Failure> {
         let target = args.target.as_deref().unwrap_or(args.device.default_target());
         args.device.check(target)?;
         args.backend.check(target)?;
+        args.gemm.check(&crate::compile::parse_target(target)?)?;
         let opts = tnc_compiler::driver::Options {
             precision: args.precision.policy(),
             codegen: args.backend.codegen(),
+            gemm: args.gemm.gemm(),
             ..Default::default()
         };
         tnc_compiler::driver::compile(graph.clone(), target, &dir, opts, Vec::new()).map_err(fail)?;

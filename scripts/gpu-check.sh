@@ -206,16 +206,19 @@ echo "== timing"
 bench() {
     local bundle=$1 b=$2 n=$3 iters=$4
     shift 4
-    local model
+    local model impl=tnc dtype=f32
     model=$(basename "$bundle")
+    # A row for a bundle that did not run is labelled as its BENCH_JSON would be.
+    [[ $model == *_cublas ]] && impl=tnc+cuBLAS
+    [[ $model == *_bf16* ]] && dtype=bf16
     if [ ! -d "$bundle" ]; then
-        printf '{"impl": "tnc", "dtype": "f32", "model": "%s", "sizes": {"B": %s, "N": %s}, "error": "no bundle"}\n' \
-            "$model" "$b" "$n" >>"$RESULTS"
+        printf '{"impl": "%s", "dtype": "%s", "model": "%s", "sizes": {"B": %s, "N": %s}, "error": "no bundle"}\n' \
+            "$impl" "$dtype" "$model" "$b" "$n" >>"$RESULTS"
         return
     fi
     if [ "$(elapsed)" -gt 330 ]; then
-        printf '{"impl": "tnc", "dtype": "f32", "model": "%s", "sizes": {"B": %s, "N": %s}, "error": "skipped (time budget)"}\n' \
-            "$model" "$b" "$n" >>"$RESULTS"
+        printf '{"impl": "%s", "dtype": "%s", "model": "%s", "sizes": {"B": %s, "N": %s}, "error": "skipped (time budget)"}\n' \
+            "$impl" "$dtype" "$model" "$b" "$n" >>"$RESULTS"
         return
     fi
     local log=$OUT/bench-$model-$b-$n.log
@@ -228,8 +231,8 @@ bench() {
         local why
         why=$(grep -m1 -E '^(error|\(skipped)' "$log" | cut -c1-100 | tr '"' "'")
         [ -n "$why" ] || why="exit status $rc (124: timeout; see $log)"
-        printf '{"impl": "tnc", "dtype": "f32", "model": "%s", "sizes": {"B": %s, "N": %s}, "error": "%s"}\n' \
-            "$model" "$b" "$n" "$why" >>"$RESULTS"
+        printf '{"impl": "%s", "dtype": "%s", "model": "%s", "sizes": {"B": %s, "N": %s}, "error": "%s"}\n' \
+            "$impl" "$dtype" "$model" "$b" "$n" "$why" >>"$RESULTS"
         tail -3 "$log"
     fi
 }
@@ -261,22 +264,23 @@ fi
 
 fi
 
-# profile_products LABEL BUNDLE: TNC_PROFILE=1 of one forward + backward, and the line of
-# the library products' share and rate (cuBLAS calls, in a `--gemm cublas` bundle).
+# profile_products LABEL BUNDLE: TNC_PROFILE=1 of one forward + backward of a `--gemm cublas`
+# bundle, and the lines of its library products' share and rate; sets VIA to the
+# `gemms.py compare` arguments of its log when it ran (empty otherwise).
 profile_products() {
     local label=$1 bundle=$2
-    [ "$DEVICE" = cuda ] && [ -d "$bundle" ] && [ "$(elapsed)" -lt 450 ] || return 0
+    VIA=()
+    [ "$DEVICE" = cuda ] && [ -d "$bundle" ] || return 0
     echo "== $label: cuBLAS products in tnc's runtime (TNC_PROFILE=1, B 4, N 2048)"
     if TNC_PROFILE=1 run_for 90 $RUN bench "$bundle" --device cuda --batch 4 --seq 2048 --iters 1 --warmup 0 \
         --vocab 267744 >"$OUT/$label-profile.out" 2>"$OUT/$label-profile.log"; then
         grep -E "^profile of|library products" "$OUT/$label-profile.log"
+        VIA=(--runtime-cublas "$OUT/$label-profile.log")
     else
         echo "(the profiled $label run failed: see $OUT/$label-profile.log)"
         tail -3 "$OUT/$label-profile.log"
     fi
 }
-part f32 && profile_products t1-cublas bench/transnormer_t1_cublas
-part bf16 && profile_products t1-bf16-cublas bench/transnormer_t1_bf16_cublas
 
 if part bf16; then
     echo "== bf16 (tensor cores)"
@@ -309,10 +313,9 @@ if part bf16; then
         echo "== bf16 GEMM tiles (mma.sync) against cuBLAS in bf16 (T1's products at B 4, N 2048)"
         if TNC_PROFILE=1 run_for 120 $RUN bench bench/transnormer_t1_bf16 --device cuda --batch 4 --seq 2048 --iters 1 \
             --warmup 0 --vocab 267744 >"$OUT/t1-bf16-profile.out" 2>"$OUT/t1-bf16-profile.log"; then
-            via=()
-            [ -s "$OUT/t1-bf16-cublas-profile.log" ] && via=(--runtime-cublas "$OUT/t1-bf16-cublas-profile.log")
+            profile_products t1-bf16-cublas bench/transnormer_t1_bf16_cublas
             $PY gemms.py compare bench/t1_gemms_bf16.json "$OUT/t1-bf16-profile.log" --dtype bf16 \
-                --peak "${TNC_CHECK_BF16_PEAK:-989}" "${via[@]}" 2>>"$RESULTS" || echo "(gemms.py failed)"
+                --peak "${TNC_CHECK_BF16_PEAK:-989}" "${VIA[@]}" 2>>"$RESULTS" || echo "(gemms.py failed)"
         else
             echo "(the profiled bf16 T1 run failed: see $OUT/t1-bf16-profile.log)"
             tail -3 "$OUT/t1-bf16-profile.log"
@@ -324,9 +327,8 @@ if part f32 && [ "$DEVICE" = cuda ] && [ -f bench/t1_gemms.json ] && [ "$(elapse
     echo "== GEMM tiles against cuBLAS (T1's products at B 4, N 2048; TNC_PROFILE=1 times each launch)"
     if TNC_PROFILE=1 run_for 120 $RUN bench bench/transnormer_t1 --device cuda --batch 4 --seq 2048 --iters 1 \
         --warmup 0 --vocab 267744 >"$OUT/t1-profile.out" 2>"$OUT/t1-profile.log"; then
-        via=()
-        [ -s "$OUT/t1-cublas-profile.log" ] && via=(--runtime-cublas "$OUT/t1-cublas-profile.log")
-        $PY gemms.py compare bench/t1_gemms.json "$OUT/t1-profile.log" "${via[@]}" 2>>"$RESULTS" ||
+        profile_products t1-cublas bench/transnormer_t1_cublas
+        $PY gemms.py compare bench/t1_gemms.json "$OUT/t1-profile.log" "${VIA[@]}" 2>>"$RESULTS" ||
             echo "(gemms.py failed)"
     else
         echo "(the profiled T1 run failed: see $OUT/t1-profile.log)"

@@ -271,17 +271,55 @@ fn cublas_products_from_the_command_line() {
         let close = t.data.iter().zip(&c.data).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + a.abs()));
         assert!(close, "`{name}` differs between the tiles and the cuBLAS bundle");
     }
-    let (code, _, err) = tnc(&["compile", "models/tnl.tn", "--target", "native", "--gemm", "cublas"]);
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("`--gemm cublas` is for GPU targets"), "{err}");
+    // `tnc verify` compiles with the choice and checks it against the interpreter.
+    let mut args = vec!["verify", "models/tnl.tn", "--device", "emulated", "--gemm", "cublas"];
+    args.extend(TINY);
+    let (code, out, err) = tnc(&args);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("match within 0.0001"), "{out}");
+    for cmd in [&["compile", "models/tnl.tn", "--target", "native"][..], &["compile", "models/tnl.tn", "--report"]] {
+        let (code, _, err) = tnc(&[cmd, &["--gemm", "cublas"]].concat());
+        assert_eq!(code, 2, "{cmd:?}: {err}");
+        assert!(err.contains("`--gemm cublas` is for GPU targets"), "{cmd:?}: {err}");
+    }
     let (code, _, err) = tnc(&["compile", "models/tnl.tn", "--target", "sm80", "--gemm", "cutlass"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("tiles") && err.contains("cublas"), "{err}");
-    // `tnc train` takes the choice too, checked before anything compiles.
+    // `tnc train` takes the choice too, checked before anything compiles, and refuses it
+    // with a bundle, which is compiled already.
     let args = ["train", "models/tasks/mqar_t2.tn", "--out", "/nonexistent/run", "--gemm", "cublas"];
     let (code, _, err) = tnc(&args);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("`--gemm cublas` is for GPU targets") && !err.contains("compiling"), "{err}");
+    let bundle = dir.join("cublas.tnb").display().to_string();
+    let (code, _, err) =
+        tnc(&["train", &bundle, "--data", "copy:vocab=16", "--out", "/nonexistent/run", "--gemm", "cublas"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("need a .tn model"), "{err}");
+    // The choice is part of the compile cache's key: tiles, then cuBLAS, then cuBLAS again.
+    let cache = dir.join("cache");
+    let train = |gemm: &str, run: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tnc"))
+            .current_dir(repo())
+            .env("TNC_CACHE_DIR", &cache)
+            .args(["train", "models/tasks/mqar_t2.tn", "--data", "copy:vocab=16", "--steps", "2", "--seq", "16"])
+            .args(["--batch", "2", "--eval-batches", "1", "--device", "emulated", "--gemm", gemm, "--quiet"])
+            .args(["--set", "vocab=16", "--set", "dim=16", "--set", "heads=2", "--set", "layers=1", "--set", "block=8"])
+            .arg("--out")
+            .arg(dir.join(run))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    let tiles = train("tiles", "run-tiles");
+    assert!(tiles.contains("compiling") && !tiles.contains("cuBLAS"), "{tiles}");
+    let cublas = train("cublas", "run-cublas");
+    assert!(cublas.contains("compiling") && cublas.contains("with cuBLAS products"), "{cublas}");
+    assert!(train("cublas", "run-cublas-again").contains("using the cached bundle"));
+    let kept = std::fs::read_to_string(dir.join("run-cublas/bundle/manifest.json")).unwrap();
+    assert!(kept.contains("\"library\": true"), "the cuBLAS run's bundle has library products");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -96,6 +96,11 @@ fn on_cuda(b: Bundle) -> Option<Executor> {
             eprintln!("CUDA skipped: {message}");
             None
         }
+        // A GPU without libcublas on the library path (PyTorch keeps it in site-packages).
+        Err(ExecError::Unsupported(message)) if message.contains("cuBLAS could not be loaded") => {
+            eprintln!("CUDA with cuBLAS skipped: {message}");
+            None
+        }
         Err(e) => panic!("{e}"),
     }
 }

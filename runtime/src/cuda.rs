@@ -27,8 +27,8 @@
 //!
 //! A full-size training step is thousands of launches. With graphs on (the default), the
 //! first run of an entry point after binding runs eagerly (a warm-up, outside any
-//! capture), the second is captured from the stream into a graph, and every later run
-//! replays it with one `cuGraphLaunch`. Kernels read their sizes and
+//! capture) and is then captured from the stream into a graph (capturing runs nothing),
+//! and every later run replays it with one `cuGraphLaunch`. Kernels read their sizes and
 //! scalars through device pointers, so a new `step` or `seed` is an upload before the
 //! replay, not a new graph; new sizes reallocate the buffers and bind again, which drops
 //! the graphs.
@@ -785,12 +785,20 @@ impl Device for CudaDevice {
             if self.profile {
                 return self.profile(entry, &t, &starts);
             }
+            if !self.graphs {
+                return self.enqueue(&t, 0..t.launches.len(), &starts, self.args_dev.ptr);
+            }
             // The first run after binding is eager, as PyTorch warms up before capturing:
             // whatever a library or the driver sets up on a first call (cuBLAS's kernels
-            // and heuristics, lazily loaded functions) happens outside a capture.
-            if !self.graphs || !t.warmed {
+            // and heuristics, lazily loaded functions) happens outside a capture. The
+            // capture follows at once, once that run is done, so that its cost falls on
+            // the first run too, not on the first one a benchmark times.
+            if !t.warmed {
                 t.warmed = true;
-                return self.enqueue(&t, 0..t.launches.len(), &starts, self.args_dev.ptr);
+                self.enqueue(&t, 0..t.launches.len(), &starts, self.args_dev.ptr)?;
+                self.synchronize()?;
+                t.graph = Some(self.capture(&t, &starts)?);
+                return Ok(());
             }
             let pointers = (self.args_dev.ptr, t.args_dev.ptr);
             if t.graph.as_ref().is_some_and(|g| g.pointers != pointers) {

@@ -33,13 +33,13 @@ def main(argv):
     steps = [r for r in recs if r.get("kind") == "training step"]
     recs = [r for r in recs if r.get("kind") != "training step"]
     if steps:
-        print("%-18s %3s %6s  %-12s %10s %12s %12s  %s" % ("training step", "B", "N", "launches", "step ms", "tokens/s", "alloc. GiB", "note"))
-        print("-" * 100)
+        print("%-26s %3s %6s  %-12s %10s %12s %12s  %s" % ("training step", "B", "N", "launches", "step ms", "tokens/s", "alloc. GiB", "note"))
+        print("-" * 108)
         for r in steps:
             s = r.get("sizes", {})
             alloc = r.get("allocated_bytes")
             print(
-                "%-18s %3s %6s  %-12s %s %s %s  %s"
+                "%-26s %3s %6s  %-12s %s %s %s  %s"
                 % (
                     r.get("model", "?"),
                     s.get("B", "?"),
@@ -53,12 +53,12 @@ def main(argv):
             )
         print()
     recs.sort(key=lambda r: (r.get("model", ""), r.get("sizes", {}).get("N", 0), r.get("impl", ""), r.get("dtype", "")))
-    print("%-18s %3s %6s  %-22s %-5s %10s %10s  %s" % ("model", "B", "N", "implementation", "dtype", "fwd ms", "fwd+bwd ms", "note"))
-    print("-" * 100)
+    print("%-26s %3s %6s  %-22s %-5s %10s %10s  %s" % ("model", "B", "N", "implementation", "dtype", "fwd ms", "fwd+bwd ms", "note"))
+    print("-" * 108)
     for r in recs:
         s = r.get("sizes", {})
         print(
-            "%-18s %3s %6s  %-22s %-5s %s %s  %s"
+            "%-26s %3s %6s  %-22s %-5s %s %s  %s"
             % (
                 r.get("model", "?"),
                 s.get("B", "?"),

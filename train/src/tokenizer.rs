@@ -22,7 +22,7 @@ const MAGIC: &[u8; 8] = b"TNCTOK1\n";
 /// A text file encoded by a tokenizer.
 pub struct Encoded {
     pub tokens: Tokens,
-    /// The tokenizer's vocabulary, special tokens included.
+    /// The ids the tokenizer can produce, special tokens included: one past its largest id.
     pub vocab: usize,
     /// Bytes of text per token over the whole file (for bits per byte).
     pub bytes_per_token: f64,
@@ -119,8 +119,8 @@ pub fn encode_file(text: &Path, tokenizer: &Path, warn: &mut dyn FnMut(&str)) ->
     Ok(done(Tokens::Owned(tokens), false))
 }
 
-/// Each of `texts` encoded by the tokenizer in `tokenizer`: (the ids of each, the
-/// tokenizer's vocabulary).
+/// Each of `texts` encoded by the tokenizer in `tokenizer`: (the ids of each, one past the
+/// tokenizer's largest id).
 pub fn encode_texts(texts: &[&str], tokenizer: &Path) -> Result<(Vec<Vec<i32>>, usize), String> {
     let json = std::fs::read(tokenizer).map_err(|e| format!("tokenizer {}: {e}", tokenizer.display()))?;
     let tok = Tokenizer::from_bytes(&json).map_err(|e| format!("tokenizer {}: {e}", tokenizer.display()))?;

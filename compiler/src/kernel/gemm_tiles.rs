@@ -115,7 +115,10 @@ pub fn tile_gemm_unless_cublas(k: &Kernel) -> Kernel {
 /// express at every size: A and B of one element type (f32, bf16 or f16) and C f32, and
 /// each matrix with the constant stride 1 along one of its axes (rows or columns), so
 /// that it is column-major or transposed with the other stride as its leading dimension.
-/// Batch axes of any strides are loops of calls (the runtime's `cublas_plan.rs`).
+/// Batch axes of any strides are loops of calls (the runtime's `cublas_plan.rs`). What
+/// only sizes decide — a leading dimension below a row's length (rows that overlap, which
+/// the scheduler's views never have) or a size past 2³¹ — is checked when the bundle
+/// binds, with an error that names `--gemm tiles`.
 pub fn cublas_can_run(k: &Kernel) -> bool {
     let Some(g) = &k.gemm else { return false };
     let unit = |m: &super::gemm::Matrix| matches!(m.rows, Expr::I64(1)) || matches!(m.cols, Expr::I64(1));

@@ -213,7 +213,8 @@ fn with_module<R>(
     })
 }
 
-/// The PTX module of `kernels` for `target`: one `.entry` per kernel, named as the kernel,
+/// The PTX module of `kernels` for `target`: one `.entry` per generated kernel (library
+/// GEMM nodes have none: the runtime calls cuBLAS for them), named as the kernel,
 /// with the parameters `(buffers, sizes, begin, end)` of the kernel IR's calling convention
 /// (see the module documentation for the launch). Kernels should be deduplicated first
 /// (`backend::dedup_kernels`); two kernels of the same name are an error.
