@@ -261,8 +261,6 @@ struct EntryTable {
     args_dev: DevBuf,
     args_host: Vec<i64>,
     graph: Option<Graph>,
-    /// Whether the entry has run once since binding (eagerly, before any capture).
-    warmed: bool,
 }
 
 impl EntryTable {
@@ -465,22 +463,7 @@ impl CudaDevice {
                     (*function, *table_offset, *grid, *block, *shared)
                 }
                 Work::Cublas { calls, operands, pointers, .. } => {
-                    let cublas = self.cublas.as_ref().ok_or_else(|| {
-                        ExecError::Unsupported(format!("library kernel `{}` needs cuBLAS, which is not loaded", l.name))
-                    })?;
-                    for call in calls {
-                        if call.k == 0 {
-                            // Nothing to sum: C = 0 (or unchanged), without relying on what
-                            // cuBLAS does with k = 0, which its documentation does not say.
-                            if !call.accumulate {
-                                self.zero(call, pointers[crate::gemm::SLOT_C], &l.name)?;
-                            }
-                            continue;
-                        }
-                        // SAFETY: the executor checked the node's shape against its buffers,
-                        // whose addresses are those of the current allocation.
-                        unsafe { cublas.gemm(call, *operands, *pointers, &l.name) }?;
-                    }
+                    self.products(&l.name, calls, *operands, *pointers)?;
                     continue;
                 }
             };
@@ -508,6 +491,31 @@ impl CudaDevice {
                     l.name, l.extent
                 ))(e)
             })?;
+        }
+        Ok(())
+    }
+
+    /// Queues a library node's cuBLAS calls; `pointers` are its A, B and C buffers.
+    fn products(
+        &self,
+        name: &str,
+        calls: &[Call],
+        operands: crate::gemm::Operands,
+        pointers: [u64; 3],
+    ) -> Result<(), ExecError> {
+        let cublas = self.cublas.as_ref().ok_or_else(|| {
+            ExecError::Unsupported(format!("library kernel `{name}` needs cuBLAS, which is not loaded"))
+        })?;
+        for call in calls {
+            if call.k > 0 {
+                // SAFETY: the executor checked the node's shape against its buffers, whose
+                // addresses are those of the current allocation.
+                unsafe { cublas.gemm(call, operands, pointers, name) }?;
+            } else if !call.accumulate {
+                // Nothing to sum: C = 0, without relying on what cuBLAS does with k = 0,
+                // which its documentation does not say.
+                self.zero(call, pointers[crate::gemm::SLOT_C], name)?;
+            }
         }
         Ok(())
     }
@@ -732,14 +740,7 @@ impl Device for CudaDevice {
             unsafe { result::memcpy_htod_async(table.ptr, &ptrs, self.stream) }
                 .map_err(cuda_err("uploading buffer pointers"))?;
         }
-        let t = EntryTable {
-            pointers: table,
-            launches,
-            args_dev: DevBuf::empty(),
-            args_host: Vec::new(),
-            graph: None,
-            warmed: false,
-        };
+        let t = EntryTable { pointers: table, launches, args_dev: DevBuf::empty(), args_host: Vec::new(), graph: None };
         self.tables.insert(entry.to_string(), t);
         Ok(())
     }
@@ -788,27 +789,22 @@ impl Device for CudaDevice {
             if !self.graphs {
                 return self.enqueue(&t, 0..t.launches.len(), &starts, self.args_dev.ptr);
             }
-            // The first run after binding is eager, as PyTorch warms up before capturing:
-            // whatever a library or the driver sets up on a first call (cuBLAS's kernels
-            // and heuristics, lazily loaded functions) happens outside a capture. The
-            // capture follows at once, once that run is done, so that its cost falls on
-            // the first run too, not on the first one a benchmark times.
-            if !t.warmed {
-                t.warmed = true;
-                self.enqueue(&t, 0..t.launches.len(), &starts, self.args_dev.ptr)?;
-                self.synchronize()?;
-                t.graph = Some(self.capture(&t, &starts)?);
-                return Ok(());
-            }
             let pointers = (self.args_dev.ptr, t.args_dev.ptr);
             if t.graph.as_ref().is_some_and(|g| g.pointers != pointers) {
                 self.synchronize()?;
                 t.graph.take().expect("checked").destroy();
             }
-            if t.graph.is_none() {
+            // Without a graph the run is eager, as PyTorch warms up before capturing:
+            // whatever a library or the driver sets up on a first call (cuBLAS's kernels
+            // and heuristics, lazily loaded functions) happens outside a capture. The
+            // capture follows at once, once that run is done, so that its cost falls on
+            // this run too, not on the first one a benchmark times.
+            let Some(g) = t.graph.as_ref() else {
+                self.enqueue(&t, 0..t.launches.len(), &starts, self.args_dev.ptr)?;
+                self.synchronize()?;
                 t.graph = Some(self.capture(&t, &starts)?);
-            }
-            let g = t.graph.as_ref().expect("captured above");
+                return Ok(());
+            };
             // SAFETY: the graph was instantiated in this context; its pointers are live.
             unsafe { result::graph::launch(g.exec, stream) }
                 .map_err(cuda_err(format!("launching the CUDA graph of `{entry}`")))

@@ -52,36 +52,47 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, &Tensor)], dtype: File
 /// floats only — F32, F64, or BF16/F16 widened exactly — so that a file the compiled model
 /// refuses (integer tensors) is refused by the interpreter too.
 pub fn read_params(path: &Path) -> Result<Vec<(String, Tensor)>, String> {
-    let file = path.display();
-    let bytes = std::fs::read(path).map_err(|e| format!("{file}: {e}"))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| format!("{file}: {e}"))?;
-    let mut out = Vec::with_capacity(st.len());
-    let mut entries = st.tensors();
-    entries.sort_by_key(|(_, v)| v.data().as_ptr() as usize);
-    for (name, view) in entries {
-        let raw = view.data();
-        let data: Vec<f64> = match view.dtype() {
-            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
-            Dtype::F64 => raw
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                .collect(),
-            Dtype::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
-            Dtype::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
-            other => {
-                return Err(format!(
-                    "{file}: parameter `{name}` is stored as {other:?}; expected F32, F64, BF16 or F16"
-                ))
-            }
-        };
-        let t = Tensor::new(view.shape().to_vec(), data).map_err(|e| format!("{file}: tensor `{name}`: {e}"))?;
-        out.push((name, t));
-    }
-    Ok(out)
+    read_tensors(path, |name, view| match view.dtype() {
+        Dtype::BF16 => {
+            Ok(view.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect())
+        }
+        Dtype::F16 => {
+            Ok(view.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect())
+        }
+        other => floats(view)
+            .ok_or_else(|| format!("parameter `{name}` is stored as {other:?}; expected F32, F64, BF16 or F16")),
+    })
 }
 
 /// Every tensor of a safetensors file of F32, F64 or I32 tensors, in file order.
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, String> {
+    read_tensors(path, |name, view| match view.dtype() {
+        Dtype::I32 => {
+            Ok(view.data().chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect())
+        }
+        other => floats(view)
+            .ok_or_else(|| format!("tensor `{name}` has element type {other:?}; only F32, F64 and I32 are supported")),
+    })
+}
+
+/// An F32 or F64 tensor's values (`None` for any other element type).
+fn floats(view: &TensorView<'_>) -> Option<Vec<f64>> {
+    let raw = view.data();
+    match view.dtype() {
+        Dtype::F32 => Some(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect()),
+        Dtype::F64 => Some(
+            raw.chunks_exact(8).map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// Every tensor of a safetensors file in file order, its values from `values` (which says
+/// which element types the caller takes).
+fn read_tensors(
+    path: &Path,
+    values: impl Fn(&str, &TensorView<'_>) -> Result<Vec<f64>, String>,
+) -> Result<Vec<(String, Tensor)>, String> {
     let file = path.display();
     let bytes = std::fs::read(path).map_err(|e| format!("{file}: {e}"))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| format!("{file}: {e}"))?;
@@ -90,20 +101,7 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, String> {
     let mut entries = st.tensors();
     entries.sort_by_key(|(_, v)| v.data().as_ptr() as usize);
     for (name, view) in entries {
-        let raw = view.data();
-        let data: Vec<f64> = match view.dtype() {
-            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
-            Dtype::F64 => raw
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                .collect(),
-            Dtype::I32 => raw.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
-            other => {
-                return Err(format!(
-                    "{file}: tensor `{name}` has element type {other:?}; only F32, F64 and I32 are supported"
-                ))
-            }
-        };
+        let data = values(&name, &view).map_err(|e| format!("{file}: {e}"))?;
         let t = Tensor::new(view.shape().to_vec(), data).map_err(|e| format!("{file}: tensor `{name}`: {e}"))?;
         out.push((name, t));
     }
